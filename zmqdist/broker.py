@@ -1,0 +1,227 @@
+"""The broker runtime: one thread owns the ROUTER socket and drives :class:`BrokerCore`.
+
+The loop: wait for the socket, the mailbox or the core's next deadline; drain up to a batch of
+messages with plain ``recv``; feed the core; send what it returns with NOBLOCK; tick. A send that
+fails (peer gone: EHOSTUNREACH with ROUTER_MANDATORY; its queue full: EAGAIN) is reported to the
+core, which requeues a task that did not leave. Nothing here decides where a request goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from zmqdist import protocol as p
+from zmqdist.clock import Clock, MonotonicClock
+from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints
+from zmqdist.core.broker import BrokerCore, Out
+from zmqdist.errors import ClosedError, RemoteProtocolError, ZmqdistError
+from zmqdist.transport import Mailbox, RateLimitedLog, bind_router, poll_timeout_ms
+from zmqdist.transport.sockets import NB, SNDMORE_NB
+
+log = logging.getLogger(__name__)
+
+BATCH = 2000
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class Broker:
+    """A broker embeddable in any process: ``Broker(bind=[...]).start()`` ... ``.stop()``."""
+
+    def __init__(
+        self,
+        bind: list[str] | tuple[str, ...] | str,
+        *,
+        name: str = "broker",
+        heartbeat_s: float = 0.25,
+        liveness: int = 4,
+        max_queue: int = 10_000,
+        max_queue_bytes: int = 256 * 1024 * 1024,
+        max_attempts: int = 3,
+        max_message_size: int = DEFAULT_MAX_MESSAGE,
+        clock: Clock | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.settings = BrokerSettings(
+            name=name,
+            heartbeat=HeartbeatSettings(heartbeat_s, liveness),
+            max_queue=max_queue,
+            max_queue_bytes=max_queue_bytes,
+            max_attempts=max_attempts,
+        )
+        self._bind = check_endpoints(bind, "broker bind")
+        self._max_message = max_message_size
+        self._clock = clock or MonotonicClock()
+        self._ctx = context or zmq.Context.instance()
+        self._mailbox = Mailbox()
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._done = threading.Event()
+        self._startup_error: BaseException | None = None
+        self.endpoints: list[str] = []
+        self.incarnation = secrets.token_hex(8)
+        self._core: BrokerCore | None = None
+        self._stopping = False
+        self._ratelog = RateLimitedLog(log)
+        self._enc = p.Encoder()  # used by the loop thread only
+
+    # --- public ---------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        """Run the broker in a background thread; return once it is bound (or raise why not)."""
+        if self._thread is not None:
+            raise ZmqdistError("broker already started")
+        self._thread = threading.Thread(target=self._main, name=f"zmqdist-broker-{self.settings.name}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise ZmqdistError(f"broker did not start within {timeout}s")
+        if self._startup_error is not None:
+            raise self._startup_error
+        return self
+
+    def run(self) -> None:
+        """Run the broker in this thread until :meth:`stop` is called (e.g. from a signal handler)."""
+        if self._thread is not None:
+            raise ZmqdistError("broker already started")
+        self._thread = threading.current_thread()
+        self._main()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving: tell workers BYE, close the socket, end the thread. Safe to call twice."""
+        self._stopping = True
+        self._mailbox.post(("stop",))
+        t = self._thread
+        if t is not None and t is not threading.current_thread() and t.is_alive():
+            t.join(timeout)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop, without waiting (safe in a signal handler)."""
+        self._stopping = True
+        self._mailbox.post(("stop",))
+
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Return the broker's status snapshot (workers, services, queues, counters)."""
+        if self._done.is_set() or self._thread is None:
+            raise ClosedError("broker is not running")
+        fut: Future[dict[str, Any]] = Future()
+        self._mailbox.post(("status", fut))
+        return fut.result(timeout)
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            sock, self.endpoints = bind_router(self._ctx, self._bind, self._max_message)
+        except BaseException as exc:
+            self._startup_error = exc
+            self._ready.set()
+            self._done.set()
+            return
+        clock = self._clock
+        core = self._core = BrokerCore(self.settings, self.incarnation, clock.now())
+        log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._mailbox.fileno(), zmq.POLLIN)
+        mailbox_fd = self._mailbox.fileno()
+        try:
+            while True:
+                now = clock.now()
+                out = core.tick(now)
+                if out:
+                    self._send(sock, core, out, now)
+                events = dict(poller.poll(poll_timeout_ms(core.next_deadline(), now)))
+                if sock in events:
+                    self._drain(sock, core)
+                if mailbox_fd in events and self._commands(core):
+                    break
+        except Exception:
+            log.exception("broker %s loop failed", self.settings.name)
+            raise
+        finally:
+            try:
+                self._send(sock, core, core.shutdown(), clock.now())
+            finally:
+                sock.close(100)
+                self._mailbox.close()
+                self._done.set()
+                log.info("broker %s stopped", self.settings.name)
+
+    def _commands(self, core: BrokerCore) -> bool:
+        stop = False
+        for cmd in self._mailbox.drain():
+            if cmd[0] == "stop":
+                stop = True
+            elif cmd[0] == "status":
+                cmd[1].set_result(core.status(self._clock.now()))
+        return stop
+
+    def _drain(self, sock: zmq.Socket[Any], core: BrokerCore) -> None:
+        """Read up to BATCH messages; the hot path, written for few Python-level calls."""
+        now = self._clock.now()
+        recv = sock.recv
+        decode = p.decode
+        receive = core.receive
+        for _ in range(BATCH):
+            try:
+                ident = recv(NB)
+            except zmq.Again:
+                return
+            head = recv(0, copy=False)
+            if not head.more:
+                out = core.bad_input(ident, RemoteProtocolError("message has 1 frame, expected 2", p.E_FRAMES), b"")
+                self._bad(ident, now, "a message of 1 frame")
+            else:
+                payload = recv(0, copy=False)
+                if payload.more:
+                    while recv(0, copy=False).more:
+                        pass
+                    out = core.bad_input(ident, RemoteProtocolError("message has more than 2 frames", p.E_FRAMES), b"")
+                    self._bad(ident, now, "a message of more than 2 frames")
+                else:
+                    hb = head.bytes
+                    try:
+                        msg = decode(hb, payload.bytes)
+                    except RemoteProtocolError as exc:
+                        out = core.bad_input(ident, exc, hb)
+                        self._bad(ident, now, str(exc))
+                    else:
+                        out = receive(ident, msg, now)
+            if out:
+                self._send(sock, core, out, now)
+
+    def _send(self, sock: zmq.Socket[Any], core: BrokerCore, out: list[Out], now: float) -> None:
+        send = sock.send
+        encode = self._enc.encode
+        work = out
+        while work:
+            failed: list[Out] = []
+            for peer, msg in work:
+                head, payload = encode(msg)
+                try:
+                    send(peer, SNDMORE_NB)
+                except zmq.ZMQError as exc:
+                    # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full): never block the loop.
+                    self._ratelog.warning("send", now, "cannot send %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror)
+                    failed += core.send_failed(peer, msg, now)
+                    continue
+                send(head, SNDMORE_NB)
+                send(payload, NB)
+            work = failed
+
+    def _bad(self, ident: bytes, now: float, what: str) -> None:
+        self._ratelog.warning("bad-input", now, "bad message from %s: %s", ident.hex(), what)

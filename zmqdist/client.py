@@ -1,0 +1,246 @@
+"""The client runtimes: :class:`Client` (threads and futures) and :class:`AsyncClient` (asyncio).
+
+One thread owns the DEALER socket and drives :class:`ClientCore`; callers' threads encode their
+values and post submissions through a mailbox, and get ``concurrent.futures.Future`` objects that
+the socket thread resolves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import zmq
+
+from zmqdist import protocol as p
+from zmqdist.clock import Clock, MonotonicClock
+from zmqdist.config import HeartbeatSettings, check_endpoints
+from zmqdist.core.client import ClientCore, ClientOut, Completed
+from zmqdist.core.link import Connect, Problem
+from zmqdist.errors import (
+    Busy,
+    ClosedError,
+    ConfigError,
+    InvalidRequest,
+    RemoteError,
+    RequestError,
+    RequestTimeout,
+    WorkerLost,
+)
+from zmqdist.transport import DealerLink, Mailbox, poll_timeout_ms
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[int, type[RequestError]] = {
+    p.ST_BUSY: Busy,
+    p.ST_TIMEOUT: RequestTimeout,
+    p.ST_LOST: WorkerLost,
+    p.ST_INVALID: InvalidRequest,
+}
+
+
+def outcome(c: Completed, service: str) -> tuple[bool, Any]:
+    """Return (True, value) for a success, or (False, the exception a caller should see)."""
+    if c.status == p.ST_OK:
+        try:
+            return True, p.unpack_value(c.payload)
+        except ValueError as exc:
+            return False, RequestError(f"reply to {service!r} could not be decoded: {exc}", c.rid, service)
+    if c.status == p.ST_FAILED:
+        t, m, tb = p.unpack_error(c.payload)
+        return False, RemoteError(
+            f"handler of {service!r} raised {t}: {m}",
+            remote_type=t,
+            remote_message=m,
+            remote_traceback=tb,
+            rid=c.rid,
+            service=service,
+        )
+    cls = _ERRORS.get(c.status, RequestError)
+    return False, cls(f"{service!r}: {c.message}", c.rid, service)
+
+
+class Client:
+    """Sends requests to a broker; ``endpoints`` is the failover order. Thread-safe."""
+
+    def __init__(
+        self,
+        endpoints: list[str] | tuple[str, ...] | str,
+        *,
+        timeout: float = 5.0,
+        name: str | None = None,
+        heartbeat_s: float = 0.25,
+        liveness: int = 4,
+        clock: Clock | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoints = check_endpoints(endpoints, "client")
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be greater than 0, got {timeout!r}")
+        self.timeout = float(timeout)
+        self.name = name or f"client-{secrets.token_hex(3)}"
+        self._hb = HeartbeatSettings(heartbeat_s, liveness)
+        self._clock = clock or MonotonicClock()
+        self._ctx = context or zmq.Context.instance()
+        self._mailbox = Mailbox()
+        self._ids = itertools.count(1)
+        self._futures: dict[int, tuple[Future[Any], str]] = {}
+        self._closed = False
+        self._core: ClientCore | None = None
+        self._thread = threading.Thread(target=self._main, name=f"zmqdist-client-{self.name}", daemon=True)
+        self._thread.start()
+
+    # --- public ---------------------------------------------------------------------------------
+
+    def submit(self, service: str, value: Any = None, *, timeout: float | None = None) -> Future[Any]:
+        """Send a request; return a Future of the reply value (or of the request's error)."""
+        if self._closed:
+            raise ClosedError("client is closed")
+        if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
+            raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
+        t = self.timeout if timeout is None else float(timeout)
+        if not t > 0:
+            raise ConfigError(f"timeout must be greater than 0, got {timeout!r}")
+        payload = p.pack_value(value)
+        rid = next(self._ids)
+        fut: Future[Any] = Future()
+        self._futures[rid] = (fut, service)
+        self._mailbox.post((rid, service, payload, t))
+        return fut
+
+    def call(self, service: str, value: Any = None, *, timeout: float | None = None) -> Any:
+        """Send a request and return its reply value; raise its error (see zmqdist.errors)."""
+        return self.submit(service, value, timeout=timeout).result()
+
+    def map(
+        self, service: str, values: Iterable[Any], *, timeout: float | None = None, window: int = 1000
+    ) -> Iterator[Any]:
+        """Call ``service`` on every value, keeping up to ``window`` in flight; yield in input order."""
+        if window < 1:
+            raise ConfigError("window must be at least 1")
+        futs: deque[Future[Any]] = deque()
+        for v in values:
+            futs.append(self.submit(service, v, timeout=timeout))
+            if len(futs) >= window:
+                yield futs.popleft().result()
+        while futs:
+            yield futs.popleft().result()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the client; requests still pending fail with ClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        self._mailbox.post(None)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        clock = self._clock
+        link = DealerLink(self._ctx, f"C-{secrets.token_hex(8)}".encode(), log)
+        core = self._core = ClientCore(self.endpoints, self.name, self._hb, clock.now())
+        mailbox_fd = self._mailbox.fileno()
+        running = True
+        try:
+            self._handle(link, core.start(clock.now()))
+            poller = self._poller(link)
+            while running:
+                now = clock.now()
+                self._handle(link, core.tick(now))
+                if link.sock is not poller.sockets[0][0]:
+                    poller = self._poller(link)
+                timeout = poll_timeout_ms(core.next_deadline(), now)
+                if link.backlog and not link.flush():
+                    timeout = min(timeout, 20)
+                events = dict(poller.poll(timeout))
+                now = clock.now()
+                if link.sock in events:
+                    for msg in link.recv_batch(now):
+                        self._handle(link, core.receive(msg, now))
+                if mailbox_fd in events:
+                    for item in self._mailbox.drain():
+                        if item is None:
+                            running = False
+                            break
+                        self._handle(link, core.submit(item[0], item[1], item[2], item[3], now))
+        except BaseException:
+            log.exception("client %s failed", self.name)
+        finally:
+            self._closed = True
+            link.close()
+            for fut, _ in self._futures.values():
+                if not fut.done():
+                    fut.set_exception(ClosedError("client closed before the reply arrived"))
+            self._futures.clear()
+            for item in self._mailbox.drain():
+                if item is not None:
+                    entry = self._futures.pop(item[0], None)
+                    if entry is not None:
+                        entry[0].set_exception(ClosedError("client closed"))
+            self._mailbox.close()
+
+    def _poller(self, link: DealerLink) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(link.sock, zmq.POLLIN)
+        poller.register(self._mailbox.fileno(), zmq.POLLIN)
+        return poller
+
+    def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:
+        for o in outs:
+            t = type(o)
+            if t is Completed:
+                entry = self._futures.pop(o.rid, None)  # type: ignore[union-attr]
+                if entry is not None:
+                    fut, service = entry
+                    ok, value = outcome(o, service)  # type: ignore[arg-type]
+                    if ok:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(value)
+            elif t is Connect:
+                log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)  # type: ignore[union-attr]
+                link.connect(o.endpoint)  # type: ignore[union-attr]
+            elif t is Problem:
+                log.warning("client %s: %s", self.name, o.message)  # type: ignore[union-attr]
+            else:
+                link.send(o)  # type: ignore[arg-type]
+
+
+class AsyncClient:
+    """The asyncio face of :class:`Client`: ``await ac.call(...)``; same arguments."""
+
+    def __init__(self, endpoints: list[str] | tuple[str, ...] | str, **kwargs: Any) -> None:
+        self._client = Client(endpoints, **kwargs)
+
+    async def call(self, service: str, value: Any = None, *, timeout: float | None = None) -> Any:
+        """Send a request and await its reply value; raise its error."""
+        return await asyncio.wrap_future(self._client.submit(service, value, timeout=timeout))
+
+    async def gather(self, service: str, values: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+        """Call ``service`` on every value concurrently; return the results in order."""
+        futs = [asyncio.wrap_future(self._client.submit(service, v, timeout=timeout)) for v in values]
+        return list(await asyncio.gather(*futs))
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,39 @@
+"""Clocks. The only module of zmqdist that reads time; the I/O loops ask a :class:`Clock`.
+
+Core machines never read a clock: they are handed ``now`` (float seconds, monotonic).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """A source of monotonic time in float seconds."""
+
+    def now(self) -> float:
+        """Return the current time in seconds; never goes backwards."""
+        ...
+
+
+class MonotonicClock:
+    """The real clock: ``time.monotonic``."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+def wall_time() -> float:
+    """Return wall-clock seconds since the epoch (for display only, never for deadlines)."""
+    return time.time()
+
+
+def process_cpu_time() -> float:
+    """Return this process's CPU seconds (benchmarks use it for CPU per request)."""
+    return time.process_time()
+
+
+def perf_counter() -> float:
+    """Return a high-resolution monotonic counter in seconds (benchmarks, latency samples)."""
+    return time.perf_counter()

@@ -1,0 +1,197 @@
+"""The worker machine: registration, credit, task bookkeeping, drain, broker failover. Sans-IO.
+
+Rules of this module:
+1. Outputs are protocol messages (send to the broker) or actions: :class:`Execute` (run a handler),
+   :class:`~zmqdist.core.link.Connect` (new socket to an endpoint), :class:`~zmqdist.core.link.Stopped`.
+2. Each connection is a *session*. A result is sent only in the session its task came from: after a
+   failover or a broker restart the broker has requeued that work, so a late result is dropped here.
+3. The broker is told the capacity it may use: concurrency minus tasks still running from old
+   sessions, raised again by CREDIT as those finish. It is never sent more than it can run.
+4. A TASK beyond capacity, before registration or while draining is answered REFUSED (the broker
+   requeues it without spending an attempt).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Union
+
+from zmqdist import protocol as p
+from zmqdist.config import HeartbeatSettings
+from zmqdist.core.link import BrokerLink, Connect, Problem, Stopped
+
+
+class Execute(NamedTuple):
+    """Action: run the handler of ``service`` on ``payload``; report with ``task_done``."""
+
+    ticket: int
+    session: int
+    service: str
+    payload: bytes
+    key: str
+    attempt: int
+    deadline: float
+
+
+WorkerOut = Union[p.Message, Execute, Connect, Stopped, Problem]
+
+
+class WorkerCore:
+    """Sans-IO worker: feed it broker messages, task completions and time."""
+
+    def __init__(
+        self,
+        endpoints: tuple[str, ...],
+        services: tuple[str, ...],
+        concurrency: int,
+        name: str,
+        hb: HeartbeatSettings,
+        now: float,
+    ) -> None:
+        self.services = services
+        self.concurrency = concurrency
+        self.name = name
+        self.link = BrokerLink(endpoints, hb, now)
+        self.session = 0
+        self.registered = False
+        self.draining = False
+        self.stopped = False
+        self._drain_deadline: float | None = None
+        self.inflight: dict[int, int] = {}  # ticket -> session, current session only
+        self.stale = 0  # tasks still running from earlier sessions
+        self.counters = {"tasks": 0, "refused": 0, "void_results": 0, "failovers": 0, "broker_restarts": 0}
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[WorkerOut]:
+        """Connect to the first endpoint and register."""
+        return self._new_session(now, "start")
+
+    def drain(self, now: float, timeout_s: float) -> list[WorkerOut]:
+        """Stop taking work, finish what is in flight (at most ``timeout_s``), then say BYE."""
+        if self.stopped:
+            return []
+        self.draining = True
+        self._drain_deadline = now + timeout_s
+        out: list[WorkerOut] = [p.Credit(0)]
+        if not self.inflight:
+            out += self._finish("drained")
+        return out
+
+    def stop(self) -> list[WorkerOut]:
+        """Leave at once: BYE (the broker requeues what we held) and stop."""
+        if self.stopped:
+            return []
+        return self._finish("stopped")
+
+    # --- inputs -----------------------------------------------------------------------------------
+
+    def receive(self, msg: p.Message, now: float) -> list[WorkerOut]:
+        """Handle one message from the broker."""
+        if self.stopped:
+            return []
+        link = self.link
+        link.last_heard = now
+        t = type(msg)
+        if t is p.Task:
+            return self._on_task(msg, now)  # type: ignore[arg-type]
+        if t is p.Heartbeat:
+            if link.restarted(msg.incarnation):  # type: ignore[union-attr]
+                self.counters["broker_restarts"] += 1
+                return self._rehello(now)
+            return []
+        if t is p.Welcome:
+            link.welcome(msg)  # type: ignore[arg-type]
+            self.registered = True
+            return []
+        if t is p.Reconnect:
+            return self._rehello(now)
+        if t is p.Bye:
+            self.counters["failovers"] += 1
+            return self._new_session(now, f"broker said bye: {msg.reason}")  # type: ignore[union-attr]
+        if t is p.Error:
+            return [Problem(f"broker refused a message: {msg.message}")]  # type: ignore[union-attr]
+        return [Problem(f"unexpected {t.__name__} from broker ignored")]
+
+    def task_done(self, ticket: int, session: int, ok: bool, payload: bytes, now: float) -> list[WorkerOut]:
+        """A handler finished. Return the RESULT to send (if its session is still current)."""
+        out: list[WorkerOut] = []
+        if session != self.session or self.inflight.get(ticket) != session:
+            self.counters["void_results"] += 1
+            if session != self.session and self.stale > 0:
+                self.stale -= 1
+                if self.registered and not self.draining and not self.stopped:
+                    out.append(p.Credit(self._capacity()))
+            return out
+        del self.inflight[ticket]
+        if self.stopped:
+            return out
+        out.append(p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload))
+        if self.draining and not self.inflight:
+            out += self._finish("drained")
+        return out
+
+    def tick(self, now: float) -> list[WorkerOut]:
+        """Heartbeat, detect a silent broker (fail over), enforce the drain timeout."""
+        if self.stopped:
+            return []
+        out: list[WorkerOut] = []
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            return self._finish(f"drain timed out with {len(self.inflight)} tasks unfinished")
+        link = self.link
+        if link.silent(now):
+            self.counters["failovers"] += 1
+            return self._new_session(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
+        if link.heartbeat_due(now):
+            out.append(p.Heartbeat(p.ROLE_WORKER, link.incarnation or ""))
+        return out
+
+    def next_deadline(self) -> float | None:
+        """Return when ``tick`` has something to do next."""
+        if self.stopped:
+            return None
+        d = self.link.next_deadline()
+        if self._drain_deadline is not None:
+            d = min(d, self._drain_deadline)
+        return d
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _on_task(self, m: p.Task, now: float) -> list[WorkerOut]:
+        if not self.registered or self.draining or len(self.inflight) + self.stale >= self.concurrency:
+            self.counters["refused"] += 1
+            return [p.Result(m.ticket, p.RS_REFUSED, b"")]
+        if m.ticket in self.inflight:
+            return []  # the same task twice in one session: already running
+        self.counters["tasks"] += 1
+        self.inflight[m.ticket] = self.session
+        return [Execute(m.ticket, self.session, m.service, m.payload, m.key, m.attempt, now + m.budget_ms / 1000.0)]
+
+    def _capacity(self) -> int:
+        return max(0, self.concurrency - self.stale)
+
+    def _hello(self) -> p.Hello:
+        return p.Hello(p.ROLE_WORKER, self.name, self.services, self._capacity(), round(self.link.hb_s * 1000))
+
+    def _void_session(self) -> None:
+        self.session += 1
+        self.stale += len(self.inflight)
+        self.inflight.clear()
+        self.registered = False
+
+    def _rehello(self, now: float) -> list[WorkerOut]:
+        """Register again on the same connection (the broker forgot us or restarted)."""
+        self._void_session()
+        self.link.incarnation = None
+        if self.draining:
+            return self._finish("broker forgot us while draining")
+        return [self._hello()]
+
+    def _new_session(self, now: float, reason: str) -> list[WorkerOut]:
+        self._void_session()
+        if self.draining:
+            return self._finish(f"broker lost while draining ({reason})")
+        return [self.link.connect_next(now, reason), self._hello()]
+
+    def _finish(self, reason: str) -> list[WorkerOut]:
+        self.stopped = True
+        return [p.Bye(reason), Stopped(reason)]

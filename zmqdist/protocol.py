@@ -1,0 +1,368 @@
+"""The zmqdist wire protocol, version 1: message types, encode/decode, validation. Pure.
+
+Rules of this module:
+1. It never imports zmq, time, threading, socket or os; it turns frames into messages and back.
+2. Every message is exactly two frames after any routing identity: a *head* and a *payload*.
+   head = b"ZD" + version byte + command byte + msgpack array of the header fields;
+   payload = opaque bytes that brokers never decode (empty for control messages).
+3. msgpack is called from this module only.
+4. Decoding validates every field and raises :class:`RemoteProtocolError` with an error code (and the
+   request id when one could be read), so a broker can answer instead of crashing. Trailing header
+   fields it does not know are ignored: a newer minor revision may append fields.
+
+Messages are ``NamedTuple``s: immutable and slotted like frozen dataclasses, but 2-4x cheaper to
+build, which matters on the broker's per-request path (measured: 0.25 us against 0.58 us).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, NamedTuple, Union
+
+import msgpack
+
+from zmqdist.errors import LocalProtocolError, RemoteProtocolError
+
+MAGIC: Final = b"ZD"
+VERSION: Final = 1
+PREFIX: Final = MAGIC + bytes([VERSION])
+
+# Roles a peer announces in HELLO and HEARTBEAT.
+ROLE_BROKER: Final = 0
+ROLE_CLIENT: Final = 1
+ROLE_WORKER: Final = 2
+ROLES: Final = (ROLE_BROKER, ROLE_CLIENT, ROLE_WORKER)
+
+# REPLY statuses (broker -> client).
+ST_OK: Final = 0
+ST_FAILED: Final = 1  # the handler raised; payload = pack_error(...)
+ST_BUSY: Final = 2
+ST_TIMEOUT: Final = 3
+ST_LOST: Final = 4
+ST_INVALID: Final = 5
+REPLY_STATUSES: Final = (ST_OK, ST_FAILED, ST_BUSY, ST_TIMEOUT, ST_LOST, ST_INVALID)
+
+# RESULT statuses (worker -> broker).
+RS_OK: Final = 0
+RS_FAILED: Final = 1
+RS_REFUSED: Final = 2  # the worker did not run it (draining or full): requeue, no attempt spent
+RESULT_STATUSES: Final = (RS_OK, RS_FAILED, RS_REFUSED)
+
+# ERROR codes (broker -> any peer, when no request id could be read).
+E_FRAMES: Final = 1
+E_VERSION: Final = 2
+E_COMMAND: Final = 3
+E_HEADER: Final = 4
+E_ROLE: Final = 5
+
+MAX_NAME: Final = 255
+MAX_BUDGET_MS: Final = 7 * 24 * 3600 * 1000
+MAX_CAPACITY: Final = 65535
+MAX_HOPS: Final = 32
+MAX_ID: Final = 2**63 - 1
+RESERVED_PREFIX: Final = "zmqdist."
+
+
+class Hello(NamedTuple):
+    """Peer -> broker: register (workers name services and capacity; clients send none)."""
+
+    role: int
+    name: str
+    services: tuple[str, ...]
+    capacity: int
+    heartbeat_ms: int
+
+
+class Welcome(NamedTuple):
+    """Broker -> peer: registration accepted; the heartbeat settings to use from now on."""
+
+    broker: str
+    incarnation: str
+    heartbeat_ms: int
+    liveness: int
+
+
+class Request(NamedTuple):
+    """Client -> broker: a call. ``budget_ms`` is the time left, not an absolute deadline."""
+
+    rid: int
+    service: str
+    budget_ms: int
+    hops: tuple[str, ...]
+    payload: bytes
+
+
+class Task(NamedTuple):
+    """Broker -> worker: run this. ``key`` is the idempotency key (stable across retries)."""
+
+    ticket: int
+    service: str
+    budget_ms: int
+    attempt: int
+    key: str
+    payload: bytes
+
+
+class Result(NamedTuple):
+    """Worker -> broker: the outcome of a task; frees one slot of the worker's capacity."""
+
+    ticket: int
+    status: int
+    payload: bytes
+
+
+class Reply(NamedTuple):
+    """Broker -> client: the one answer to a request."""
+
+    rid: int
+    status: int
+    message: str
+    payload: bytes
+
+
+class Heartbeat(NamedTuple):
+    """Both ways. Peers send one every interval; the broker answers each with its own."""
+
+    role: int
+    incarnation: str
+
+
+class Credit(NamedTuple):
+    """Worker -> broker: set my capacity (0 while draining)."""
+
+    capacity: int
+
+
+class Reconnect(NamedTuple):
+    """Broker -> peer: I do not know you; send HELLO again."""
+
+    reason: str
+
+
+class Bye(NamedTuple):
+    """Either way: I am leaving (a worker deregisters; a broker shuts down)."""
+
+    reason: str
+
+
+class Error(NamedTuple):
+    """Broker -> peer: your message was refused and no request id could be read."""
+
+    code: int
+    message: str
+
+
+Message = Union[Hello, Welcome, Request, Task, Result, Reply, Heartbeat, Credit, Reconnect, Bye, Error]
+
+CMD_OF: Final[dict[type, int]] = {
+    Hello: 1,
+    Welcome: 2,
+    Request: 3,
+    Task: 4,
+    Result: 5,
+    Reply: 6,
+    Heartbeat: 7,
+    Credit: 8,
+    Reconnect: 9,
+    Bye: 10,
+    Error: 11,
+}
+TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
+HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
+# Types whose last field travels in the payload frame.
+_WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply})
+
+
+def _is_name(v: object) -> bool:
+    return type(v) is str and 0 < len(v) <= MAX_NAME
+
+
+def _is_int(v: object, lo: int, hi: int) -> bool:
+    return type(v) is int and lo <= v <= hi
+
+
+def _names(v: object, limit: int) -> bool:
+    return type(v) is tuple and len(v) <= limit and all(_is_name(s) for s in v)
+
+
+def _check_hello(f: tuple[Any, ...]) -> str | None:
+    if f[0] not in ROLES or type(f[0]) is not int:
+        return "role must be 0 (broker), 1 (client) or 2 (worker)"
+    if type(f[1]) is not str or len(f[1]) > MAX_NAME:
+        return "name must be a string of at most 255 characters"
+    if not _names(f[2], 4096):
+        return "services must be a list of non-empty names of at most 255 characters"
+    if not _is_int(f[3], 0, MAX_CAPACITY):
+        return f"capacity must be an integer from 0 to {MAX_CAPACITY}"
+    if not _is_int(f[4], 1, 3_600_000):
+        return "heartbeat_ms must be an integer from 1 to 3600000"
+    return None
+
+
+def _check_welcome(f: tuple[Any, ...]) -> str | None:
+    if type(f[0]) is not str or type(f[1]) is not str:
+        return "broker and incarnation must be strings"
+    if not _is_int(f[2], 1, 3_600_000) or not _is_int(f[3], 1, 1000):
+        return "heartbeat_ms and liveness must be positive integers"
+    return None
+
+
+def _check_request(f: tuple[Any, ...]) -> str | None:
+    if not _is_name(f[1]):
+        return "service must be a non-empty string of at most 255 characters"
+    if not _is_int(f[2], 0, MAX_BUDGET_MS):
+        return f"budget_ms must be an integer from 0 to {MAX_BUDGET_MS}"
+    if not _names(f[3], MAX_HOPS):
+        return f"hops must be a list of at most {MAX_HOPS} broker names"
+    return None
+
+
+def _check_task(f: tuple[Any, ...]) -> str | None:
+    if not _is_name(f[1]):
+        return "service must be a non-empty string"
+    if not _is_int(f[2], 0, MAX_BUDGET_MS) or not _is_int(f[3], 1, 1000):
+        return "budget_ms and attempt out of range"
+    if type(f[4]) is not str:
+        return "key must be a string"
+    return None
+
+
+def _check_result(f: tuple[Any, ...]) -> str | None:
+    return None if f[1] in RESULT_STATUSES and type(f[1]) is int else "unknown result status"
+
+
+def _check_reply(f: tuple[Any, ...]) -> str | None:
+    if f[1] not in REPLY_STATUSES or type(f[1]) is not int:
+        return "unknown reply status"
+    return None if type(f[2]) is str else "message must be a string"
+
+
+def _check_heartbeat(f: tuple[Any, ...]) -> str | None:
+    if f[0] not in ROLES or type(f[0]) is not int or type(f[1]) is not str:
+        return "heartbeat must be [role, incarnation]"
+    return None
+
+
+def _check_credit(f: tuple[Any, ...]) -> str | None:
+    return None if _is_int(f[0], 0, MAX_CAPACITY) else "capacity out of range"
+
+
+def _check_text(f: tuple[Any, ...]) -> str | None:
+    return None if type(f[0]) is str else "reason must be a string"
+
+
+def _check_error(f: tuple[Any, ...]) -> str | None:
+    return None if type(f[0]) is int and type(f[1]) is str else "error must be [code, message]"
+
+
+# Per type: number of header fields (payload excluded), whether field 0 is an id, validator.
+_SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
+    Hello: (5, False, _check_hello),
+    Welcome: (4, False, _check_welcome),
+    Request: (4, True, _check_request),
+    Task: (5, True, _check_task),
+    Result: (2, True, _check_result),
+    Reply: (3, True, _check_reply),
+    Heartbeat: (2, False, _check_heartbeat),
+    Credit: (1, False, _check_credit),
+    Reconnect: (1, False, _check_text),
+    Bye: (1, False, _check_text),
+    Error: (2, False, _check_error),
+}
+_SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
+
+
+def decode(head: bytes, payload: bytes) -> Message:
+    """Return the message carried by ``head`` and ``payload``.
+
+    Raises :class:`RemoteProtocolError` (with ``code`` and, where readable, ``rid``) for a wrong
+    magic or version, an unknown command, or a header that is not valid for its command.
+    """
+    if head[:3] != PREFIX:
+        if head[:2] == MAGIC and len(head) >= 3:
+            raise RemoteProtocolError(
+                f"unsupported protocol version {head[2]} (this broker speaks ZD version {VERSION})",
+                E_VERSION,
+            )
+        raise RemoteProtocolError("not a zmqdist message (bad protocol tag)", E_VERSION)
+    spec = _SPEC_BY_CMD.get(head[3]) if len(head) > 3 else None
+    if spec is None:
+        raise RemoteProtocolError(f"unknown command {head[3:4]!r}", E_COMMAND)
+    cls, nfields, has_id, check = spec
+    try:
+        fields = msgpack.unpackb(head[4:], use_list=False)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise RemoteProtocolError(f"{cls.__name__}: header is not valid msgpack", E_HEADER) from exc
+    if type(fields) is not tuple or len(fields) < nfields:
+        raise RemoteProtocolError(
+            f"{cls.__name__}: header must be an array of {nfields} fields", E_HEADER
+        )
+    if len(fields) > nfields:
+        fields = fields[:nfields]
+    rid = fields[0] if has_id and _is_int(fields[0], 0, MAX_ID) else None
+    if has_id and rid is None:
+        raise RemoteProtocolError(f"{cls.__name__}: id must be an integer from 0 to 2**63-1", E_HEADER)
+    problem = check(fields)
+    if problem is not None:
+        raise RemoteProtocolError(f"{cls.__name__}: {problem}", E_HEADER, rid)
+    if cls in _WITH_PAYLOAD:
+        return cls._make((*fields, payload))  # type: ignore[no-any-return]
+    if payload:
+        raise RemoteProtocolError(f"{cls.__name__}: unexpected payload", E_HEADER)
+    return cls._make(fields)  # type: ignore[no-any-return]
+
+
+class Encoder:
+    """Encodes messages to (head, payload). Holds a msgpack Packer: one Encoder per thread."""
+
+    __slots__ = ("_pack",)
+
+    def __init__(self) -> None:
+        self._pack = msgpack.Packer().pack
+
+    def encode(self, msg: Message) -> tuple[bytes, bytes]:
+        """Return the two frames of ``msg``. Raises :class:`LocalProtocolError` for a non-message."""
+        cls = type(msg)
+        prefix = HEAD_PREFIX.get(cls)
+        if prefix is None:
+            raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
+        if cls in _WITH_PAYLOAD:
+            return prefix + self._pack(msg[:-1]), msg[-1]  # type: ignore[misc]
+        return prefix + self._pack(tuple(msg)), b""
+
+
+def encode(msg: Message) -> tuple[bytes, bytes]:
+    """Return the two frames of ``msg`` (thread-safe, slower than a per-thread :class:`Encoder`)."""
+    return Encoder().encode(msg)
+
+
+# --- payload values (what client and worker APIs put in the opaque payload frame) -------------
+
+
+def pack_value(value: Any) -> bytes:
+    """Return ``value`` as msgpack bytes. Raises :class:`TypeError` if it cannot be encoded."""
+    try:
+        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"value of type {type(value).__name__} is not msgpack-serialisable: {exc}") from exc
+
+
+def unpack_value(data: bytes) -> Any:
+    """Return the value packed in ``data``. Raises :class:`ValueError` for bad msgpack."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise ValueError(f"payload is not valid msgpack: {exc}") from exc
+
+
+def pack_error(type_name: str, message: str, traceback_text: str) -> bytes:
+    """Return the payload of a failed result: the remote exception's type, message, traceback."""
+    return msgpack.packb((type_name, message, traceback_text))  # type: ignore[no-any-return]
+
+
+def unpack_error(data: bytes) -> tuple[str, str, str]:
+    """Return (type, message, traceback) from a failed result's payload, tolerating garbage."""
+    try:
+        t, m, tb = msgpack.unpackb(data, raw=False)
+        return str(t), str(m), str(tb)
+    except Exception:
+        return "UnknownError", repr(data[:200]), ""

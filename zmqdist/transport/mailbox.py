@@ -1,0 +1,58 @@
+"""A cross-thread mailbox: a deque plus a self-pipe that a poller can wait on.
+
+Any thread may ``post``; only the owning I/O thread ``drain``s. A self-pipe (not an inproc zmq
+socket) so that foreign threads, executor callbacks included, can post without owning a socket.
+Only the first post after a drain writes a wake-up byte, so a busy loop pays no syscall per item.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Any
+
+
+class Mailbox:
+    """Thread-safe inbox for one I/O thread."""
+
+    def __init__(self) -> None:
+        self._q: deque[Any] = deque()
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._armed = False
+        self._closed = False
+
+    def fileno(self) -> int:
+        """The descriptor that becomes readable when items wait."""
+        return self._r
+
+    def post(self, item: Any) -> None:
+        """Queue ``item`` and wake the owner (from any thread)."""
+        self._q.append(item)
+        if not self._armed:
+            self._armed = True
+            try:
+                os.write(self._w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # pipe full (owner will wake anyway) or closed during shutdown
+
+    def drain(self) -> list[Any]:
+        """Return every queued item (owner thread only)."""
+        try:
+            os.read(self._r, 65536)
+        except (BlockingIOError, OSError):
+            pass
+        self._armed = False  # disarm before draining: a post racing with us re-arms and wakes
+        q = self._q
+        items = []
+        while q:
+            items.append(q.popleft())
+        return items
+
+    def close(self) -> None:
+        """Release the pipe (owner thread, after its loop ended)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self._r)
+            os.close(self._w)

@@ -1,0 +1,200 @@
+"""Socket setup, frame I/O and zmq error translation for the runtimes.
+
+Every message is two frames (head, payload) after a ROUTER's identity frame. Reads use plain
+``recv`` and ``Frame.more`` (cheaper than ``recv_multipart``, see docs/performance.md); writes use
+precomputed integer flags and NOBLOCK, so a slow peer never blocks a loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import zmq
+
+from zmqdist import protocol as p
+from zmqdist.errors import RemoteProtocolError, TransportError
+
+SNDMORE_NB = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+NB = int(zmq.NOBLOCK)
+LINGER_MS = 200
+MAX_POLL_MS = 1000
+
+
+@contextlib.contextmanager
+def map_zmq_errors(what: str) -> Iterator[None]:
+    """Translate ``zmq.ZMQError`` raised inside into :class:`TransportError` naming ``what``."""
+    try:
+        yield
+    except zmq.ZMQError as exc:
+        raise TransportError(f"{what}: {exc.strerror} (errno {exc.errno})") from exc
+
+
+def poll_timeout_ms(deadline: float | None, now: float) -> int:
+    """Milliseconds to wait for ``deadline`` (rounded up, so the wake-up is never early)."""
+    if deadline is None:
+        return MAX_POLL_MS
+    return max(0, min(MAX_POLL_MS, math.ceil((deadline - now) * 1000)))
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` messages per ``period_s`` per key; counts and reports the rest."""
+
+    def __init__(self, logger: logging.Logger, period_s: float = 10.0, burst: int = 5) -> None:
+        self._log = logger
+        self._period = period_s
+        self._burst = burst
+        self._windows: dict[str, list[float]] = {}
+
+    def warning(self, key: str, now: float, msg: str, *args: Any) -> None:
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self._period:
+            if w is not None and w[2] > 0:
+                self._log.warning("%d more %r messages suppressed in the last %.0fs", int(w[2]), key, self._period)
+            if len(self._windows) > 1000:
+                self._windows.clear()
+            w = self._windows[key] = [now, 0, 0]
+        if w[1] < self._burst:
+            w[1] += 1
+            self._log.warning(msg, *args)
+        else:
+            w[2] += 1
+
+
+def bind_router(ctx: zmq.Context[Any], endpoints: tuple[str, ...], max_message_size: int) -> tuple[zmq.Socket[Any], list[str]]:
+    """Return a ROUTER bound to ``endpoints`` and the endpoints actually bound (wildcards resolved).
+
+    ROUTER_MANDATORY makes unroutable sends fail loudly instead of vanishing; ROUTER_HANDOVER lets a
+    peer that reconnects with its fixed identity take its place; MAXMSGSIZE drops oversized frames in
+    libzmq before Python sees them.
+    """
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        bound = []
+        for ep in endpoints:
+            with map_zmq_errors(f"cannot bind {ep}"):
+                sock.bind(ep)
+            bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    except BaseException:
+        sock.close(0)
+        raise
+    return sock, bound
+
+
+class DealerLink:
+    """The DEALER socket of a worker or client, owned by its I/O thread.
+
+    Sends that cannot go out at once (no connection yet: IMMEDIATE is set) wait in a small backlog
+    and are retried on every wake-up, so a result is never dropped by a reconnect; heartbeats are
+    not kept (a fresh one follows). ``connect`` makes a new socket: a failover leaves nothing queued
+    on the old connection.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], identity: bytes, logger: logging.Logger) -> None:
+        self._ctx = ctx
+        self.identity = identity
+        self.sock: zmq.Socket[Any] | None = None
+        self._enc = p.Encoder()
+        self._backlog: deque[tuple[bytes, bytes]] = deque()
+        self._log = RateLimitedLog(logger)
+        self.bad_input = 0
+        self.endpoint = ""
+
+    def connect(self, endpoint: str) -> zmq.Socket[Any]:
+        """Close the current socket (if any) and return a new one connected to ``endpoint``."""
+        self.close()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        with map_zmq_errors(f"cannot connect to {endpoint}"):
+            sock.connect(endpoint)
+        self.sock = sock
+        self.endpoint = endpoint
+        self._backlog.clear()
+        return sock
+
+    def send(self, msg: p.Message) -> None:
+        """Send ``msg`` now, or keep it for :meth:`flush` if the connection is not ready."""
+        head, payload = self._enc.encode(msg)
+        if self._backlog:
+            if type(msg) is not p.Heartbeat:
+                self._backlog.append((head, payload))
+            self.flush()
+            return
+        if not self._send(head, payload) and type(msg) is not p.Heartbeat:
+            self._backlog.append((head, payload))
+
+    def _send(self, head: bytes, payload: bytes) -> bool:
+        sock = self.sock
+        if sock is None:
+            return False
+        try:
+            sock.send(head, SNDMORE_NB)
+        except zmq.Again:
+            return False
+        sock.send(payload, NB)  # the rest of a started multipart message cannot hit the HWM
+        return True
+
+    def flush(self) -> bool:
+        """Retry the backlog; return True when it is empty."""
+        b = self._backlog
+        while b:
+            if not self._send(*b[0]):
+                return False
+            b.popleft()
+        return True
+
+    @property
+    def backlog(self) -> int:
+        return len(self._backlog)
+
+    def recv_batch(self, now: float, limit: int = 1000) -> list[p.Message]:
+        """Return up to ``limit`` decoded messages waiting on the socket (bad ones counted, logged)."""
+        sock = self.sock
+        msgs: list[p.Message] = []
+        if sock is None:
+            return msgs
+        recv = sock.recv
+        for _ in range(limit):
+            try:
+                head = recv(NB, copy=False)
+            except zmq.Again:
+                break
+            if not head.more:
+                self._bad(now, "a message of 1 frame")
+                continue
+            payload = recv(0, copy=False)
+            if payload.more:
+                while recv(0, copy=False).more:
+                    pass
+                self._bad(now, "a message of more than 2 frames")
+                continue
+            try:
+                msgs.append(p.decode(head.bytes, payload.bytes))
+            except RemoteProtocolError as exc:
+                self._bad(now, str(exc))
+        return msgs
+
+    def _bad(self, now: float, what: str) -> None:
+        self.bad_input += 1
+        self._log.warning("bad-input", now, "dropped bad message from broker at %s: %s", self.endpoint, what)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(0)
+            self.sock = None

@@ -1,0 +1,202 @@
+"""The worker runtime: serve Python functions to a broker.
+
+One thread owns the DEALER socket and drives :class:`WorkerCore`; handlers run on executor threads
+(or an asyncio loop, or child processes with ``isolation="process"``) and report back through a
+mailbox, so a busy handler never stops heartbeats.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import zmq
+
+from zmqdist import protocol as p
+from zmqdist._handlers import Executors, Handler
+from zmqdist.clock import Clock, MonotonicClock
+from zmqdist.config import HeartbeatSettings, check_endpoints
+from zmqdist.core.link import Connect, Problem, Stopped
+from zmqdist.core.worker import Execute, WorkerCore, WorkerOut
+from zmqdist.errors import ConfigError, ZmqdistError
+from zmqdist.transport import DealerLink, Mailbox, poll_timeout_ms
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+ISOLATIONS = ("thread", "process")
+
+
+class Worker:
+    """Serves handlers to a broker. ``endpoints`` is the failover order."""
+
+    def __init__(
+        self,
+        endpoints: list[str] | tuple[str, ...] | str,
+        *,
+        concurrency: int = 4,
+        name: str | None = None,
+        heartbeat_s: float = 0.25,
+        liveness: int = 4,
+        isolation: str = "thread",
+        clock: Clock | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoints = check_endpoints(endpoints, "worker")
+        if not isinstance(concurrency, int) or not 1 <= concurrency <= p.MAX_CAPACITY:
+            raise ConfigError(f"concurrency must be an integer from 1 to {p.MAX_CAPACITY}, got {concurrency!r}")
+        if isolation not in ISOLATIONS:
+            raise ConfigError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+        self.concurrency = concurrency
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        self.isolation = isolation
+        self._hb = HeartbeatSettings(heartbeat_s, liveness)
+        self._clock = clock or MonotonicClock()
+        self._ctx = context or zmq.Context.instance()
+        self._handlers: dict[str, Handler] = {}
+        self._mailbox = Mailbox()
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._core: WorkerCore | None = None
+        self.stop_reason = ""
+        self.error: BaseException | None = None
+
+    # --- registration of handlers ----------------------------------------------------------------
+
+    def service(self, name: str) -> Callable[[F], F]:
+        """Decorator: serve the function under ``name``."""
+
+        def deco(fn: F) -> F:
+            self.add_service(name, fn)
+            return fn
+
+        return deco
+
+    def add_service(self, name: str, fn: Handler) -> None:
+        """Serve ``fn`` (sync or ``async def``) under service ``name``."""
+        if not isinstance(name, str) or not 0 < len(name) <= p.MAX_NAME:
+            raise ConfigError(f"service name must be 1 to {p.MAX_NAME} characters, got {name!r}")
+        if name.startswith(p.RESERVED_PREFIX):
+            raise ConfigError(f"service names starting with {p.RESERVED_PREFIX!r} are reserved")
+        if not callable(fn):
+            raise ConfigError(f"handler for {name!r} is not callable")
+        if self._thread is not None:
+            raise ZmqdistError("add services before the worker starts")
+        self._handlers[name] = fn
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return tuple(self._handlers)
+
+    # --- running --------------------------------------------------------------------------------
+
+    def start(self) -> Worker:
+        """Serve in a background thread; return at once."""
+        self._check_startable()
+        self._thread = threading.Thread(target=self._main, name=f"zmqdist-worker-{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        """Serve in this thread until :meth:`stop`, SIGINT or SIGTERM (which drain first)."""
+        self._check_startable()
+        self._thread = threading.current_thread()
+        restore = []
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                restore.append((sig, signal.signal(sig, lambda *_: self._mailbox.post(("drain", 30.0)))))
+        try:
+            self._main()
+        finally:
+            for sig, old in restore:
+                signal.signal(sig, old)
+        if self.error is not None:
+            raise self.error
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking work; with ``drain`` finish what is in flight first (at most ``timeout`` s)."""
+        self._mailbox.post(("drain", timeout) if drain else ("stop",))
+        t = self._thread
+        if t is not None and t is not threading.current_thread() and t.is_alive():
+            t.join(timeout + 5.0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the worker stopped; return True if it did."""
+        return self._done.wait(timeout)
+
+    def _check_startable(self) -> None:
+        if self._thread is not None:
+            raise ZmqdistError("worker already started")
+        if not self._handlers:
+            raise ConfigError("worker has no services: add one with @worker.service(NAME)")
+
+    def _main(self) -> None:
+        clock = self._clock
+        link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log)
+        core = self._core = WorkerCore(self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now())
+        executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox)
+        mailbox_fd = self._mailbox.fileno()
+        try:
+            self._handle(link, executors, core.start(clock.now()))
+            poller = self._poller(link)
+            log.info("worker %s serving %s on %s (concurrency %d)", self.name, ", ".join(self.services), link.endpoint, self.concurrency)
+            while not core.stopped:
+                now = clock.now()
+                self._handle(link, executors, core.tick(now))
+                if core.stopped:
+                    break
+                if link.sock is not poller.sockets[0][0]:
+                    poller = self._poller(link)
+                timeout = poll_timeout_ms(core.next_deadline(), now)
+                if link.backlog and not link.flush():
+                    timeout = min(timeout, 20)
+                events = dict(poller.poll(timeout))
+                now = clock.now()
+                if link.sock in events:
+                    for msg in link.recv_batch(now):
+                        self._handle(link, executors, core.receive(msg, now))
+                if mailbox_fd in events:
+                    for item in self._mailbox.drain():
+                        kind = item[0]
+                        if kind == "done":
+                            self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now))
+                        elif kind == "drain":
+                            self._handle(link, executors, core.drain(now, item[1]))
+                        elif kind == "stop":
+                            self._handle(link, executors, core.stop())
+        except BaseException as exc:
+            self.error = exc
+            log.exception("worker %s failed", self.name)
+        finally:
+            link.flush()
+            executors.shutdown(wait=False)
+            link.close()
+            self._mailbox.close()
+            self._done.set()
+            log.info("worker %s stopped: %s", self.name, self.stop_reason or "error")
+
+    def _poller(self, link: DealerLink) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(link.sock, zmq.POLLIN)
+        poller.register(self._mailbox.fileno(), zmq.POLLIN)
+        return poller
+
+    def _handle(self, link: DealerLink, executors: Executors, outs: list[WorkerOut]) -> None:
+        for o in outs:
+            t = type(o)
+            if t is Execute:
+                executors.submit(o)  # type: ignore[arg-type]
+            elif t is Connect:
+                log.info("worker %s connecting to %s (%s)", self.name, o.endpoint, o.reason)  # type: ignore[union-attr]
+                link.connect(o.endpoint)  # type: ignore[union-attr]
+            elif t is Stopped:
+                self.stop_reason = o.reason  # type: ignore[union-attr]
+            elif t is Problem:
+                log.warning("worker %s: %s", self.name, o.message)  # type: ignore[union-attr]
+            else:
+                link.send(o)  # type: ignore[arg-type]
