@@ -92,13 +92,15 @@ class Request(NamedTuple):
 
 
 class Task(NamedTuple):
-    """Broker -> worker: run this. ``key`` is the idempotency key (stable across retries)."""
+    """Broker -> worker: run this. ``key`` is the idempotency key (stable across retries);
+    ``seq`` numbers the tasks sent to this worker, so lost ones can be found (see Heartbeat)."""
 
     ticket: int
     service: str
     budget_ms: int
     attempt: int
     key: str
+    seq: int
     payload: bytes
 
 
@@ -120,10 +122,17 @@ class Reply(NamedTuple):
 
 
 class Heartbeat(NamedTuple):
-    """Both ways. Peers send one every interval; the broker answers each with its own."""
+    """Both ways. Peers send one every interval; the broker answers each with its own.
+
+    Broker -> worker: ``seq`` is the last task seq sent to it. Worker -> broker: ``seq`` is the
+    highest seq it has seen and ``held`` the tickets it holds; a ticket sent at or below ``seq``
+    that the worker does not hold was lost in transit, and the broker requeues it.
+    """
 
     role: int
     incarnation: str
+    seq: int
+    held: tuple[int, ...]
 
 
 class Credit(NamedTuple):
@@ -223,6 +232,8 @@ def _check_task(f: tuple[Any, ...]) -> str | None:
         return "budget_ms and attempt out of range"
     if type(f[4]) is not str:
         return "key must be a string"
+    if not _is_int(f[5], 0, MAX_ID):
+        return "seq must be a non-negative integer"
     return None
 
 
@@ -238,7 +249,12 @@ def _check_reply(f: tuple[Any, ...]) -> str | None:
 
 def _check_heartbeat(f: tuple[Any, ...]) -> str | None:
     if f[0] not in ROLES or type(f[0]) is not int or type(f[1]) is not str:
-        return "heartbeat must be [role, incarnation]"
+        return "heartbeat must be [role, incarnation, seq, held]"
+    if not _is_int(f[2], 0, MAX_ID):
+        return "seq must be a non-negative integer"
+    h = f[3]
+    if type(h) is not tuple or len(h) > MAX_CAPACITY or not all(_is_int(t, 0, MAX_ID) for t in h):
+        return "held must be a list of at most 65535 tickets"
     return None
 
 
@@ -259,10 +275,10 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
     Hello: (5, False, _check_hello),
     Welcome: (4, False, _check_welcome),
     Request: (4, True, _check_request),
-    Task: (5, True, _check_task),
+    Task: (6, True, _check_task),
     Result: (2, True, _check_result),
     Reply: (3, True, _check_reply),
-    Heartbeat: (2, False, _check_heartbeat),
+    Heartbeat: (4, False, _check_heartbeat),
     Credit: (1, False, _check_credit),
     Reconnect: (1, False, _check_text),
     Bye: (1, False, _check_text),

@@ -46,6 +46,7 @@ class _Worker:
         "seen",
         "alive",
         "served",
+        "seq",
     )
 
     def __init__(self, ident: bytes, name: str, services: tuple[str, ...], capacity: int, serial: int, now: float):
@@ -53,13 +54,14 @@ class _Worker:
         self.name = name
         self.services = services
         self.capacity = capacity
-        self.inflight: set[int] = set()
+        self.inflight: dict[int, int] = {}  # ticket -> seq of the task that carried it
         self.last_used = -1
         self.serial = serial
         self.version = 0
         self.seen = now
         self.alive = True
         self.served = 0
+        self.seq = 0
 
 
 class _Req:
@@ -105,7 +107,7 @@ class BrokerCore:
             max(1, round(settings.heartbeat.heartbeat_s * 1000)),
             settings.heartbeat.liveness,
         )
-        self._pong = p.Heartbeat(p.ROLE_BROKER, incarnation)
+        self._pong = p.Heartbeat(p.ROLE_BROKER, incarnation, 0, ())
         self._workers: dict[bytes, _Worker] = {}
         self._pools: dict[str, _Pool] = {}
         self._reqs: dict[int, _Req] = {}
@@ -136,6 +138,7 @@ class BrokerCore:
                 "workers_left",
                 "bad_input",
                 "send_drops",
+                "lost_in_transit",
             ),
             0,
         )
@@ -272,7 +275,7 @@ class BrokerCore:
         if w is None:
             out.append((peer, p.Reconnect("unknown worker: register again")))
         elif ticket in w.inflight:
-            w.inflight.discard(ticket)
+            del w.inflight[ticket]
             self._offer(w)
         if req is None:
             self.counters["late_results"] += 1
@@ -305,9 +308,37 @@ class BrokerCore:
         return out
 
     def _on_heartbeat(self, peer: bytes, w: _Worker | None, m: p.Heartbeat, now: float) -> list[Out]:
-        if w is None and m.role == p.ROLE_WORKER:
-            return [(peer, p.Reconnect("unknown worker: register again"))]
-        return [(peer, self._pong)]
+        if w is None:
+            if m.role == p.ROLE_WORKER:
+                return [(peer, p.Reconnect("unknown worker: register again"))]
+            return [(peer, self._pong)]
+        out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, ()))]
+        if w.inflight and m.seq:
+            self._reconcile(w, m.seq, m.held, now, out)
+        return out
+
+    def _reconcile(self, w: _Worker, seen: int, held: tuple[int, ...], now: float, out: list[Out]) -> None:
+        """Requeue tasks the worker has seen past (by seq) but does not hold: lost in transit.
+
+        Messages on one connection arrive in order and a worker sends every RESULT before the
+        heartbeat that no longer lists it, so this is exact, not a timing guess.
+        """
+        keep = set(held)
+        lost = [t for t, s in w.inflight.items() if s <= seen and t not in keep]
+        if not lost:
+            return
+        for ticket in lost:
+            del w.inflight[ticket]
+            req = self._reqs.get(ticket)
+            if req is not None and req.worker is w:
+                self.counters["lost_in_transit"] += 1
+                req.attempt -= 1
+                self._requeue(req, now)
+        self._offer(w)
+        for s in w.services:
+            pool = self._pools[s]
+            if pool.queue:
+                self._pump(pool, now, out)
 
     def _on_hello(self, peer: bytes, w: _Worker | None, m: p.Hello, now: float) -> list[Out]:
         out: list[Out] = []
@@ -400,7 +431,8 @@ class BrokerCore:
             req.state = ASSIGNED
             req.worker = w
             req.attempt += 1
-            w.inflight.add(ticket)
+            w.seq += 1
+            w.inflight[ticket] = w.seq
             w.last_used = self._seq
             self._seq += 1
             self._offer(w)
@@ -411,7 +443,9 @@ class BrokerCore:
             out.append(
                 (
                     w.ident,
-                    p.Task(ticket, req.service, max(1, int((req.deadline - now) * 1000)), req.attempt, key, req.payload),
+                    p.Task(
+                        ticket, req.service, max(1, int((req.deadline - now) * 1000)), req.attempt, key, w.seq, req.payload
+                    ),
                 )
             )
 

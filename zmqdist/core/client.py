@@ -132,7 +132,7 @@ class ClientCore:
         if link.silent(now):
             out += self._failover(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         elif link.heartbeat_due(now):
-            out.append(p.Heartbeat(p.ROLE_CLIENT, link.incarnation or ""))
+            out.append(p.Heartbeat(p.ROLE_CLIENT, link.incarnation or "", 0, ()))
         return out
 
     def next_deadline(self) -> float | None:

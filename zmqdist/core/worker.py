@@ -58,6 +58,7 @@ class WorkerCore:
         self._drain_deadline: float | None = None
         self.inflight: dict[int, int] = {}  # ticket -> session, current session only
         self.stale = 0  # tasks still running from earlier sessions
+        self.seq_seen = 0  # highest task seq the broker is known to have sent this session
         self.counters = {"tasks": 0, "refused": 0, "void_results": 0, "failovers": 0, "broker_restarts": 0}
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -98,6 +99,8 @@ class WorkerCore:
             if link.restarted(msg.incarnation):  # type: ignore[union-attr]
                 self.counters["broker_restarts"] += 1
                 return self._rehello(now)
+            if msg.seq > self.seq_seen:  # type: ignore[union-attr]
+                self.seq_seen = msg.seq  # type: ignore[union-attr]
             return []
         if t is p.Welcome:
             link.welcome(msg)  # type: ignore[arg-type]
@@ -142,7 +145,8 @@ class WorkerCore:
             self.counters["failovers"] += 1
             return self._new_session(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         if link.heartbeat_due(now):
-            out.append(p.Heartbeat(p.ROLE_WORKER, link.incarnation or ""))
+            held = tuple(self.inflight) if self.registered else ()
+            out.append(p.Heartbeat(p.ROLE_WORKER, link.incarnation or "", self.seq_seen if self.registered else 0, held))
         return out
 
     def next_deadline(self) -> float | None:
@@ -157,6 +161,8 @@ class WorkerCore:
     # --- internals --------------------------------------------------------------------------------
 
     def _on_task(self, m: p.Task, now: float) -> list[WorkerOut]:
+        if m.seq > self.seq_seen:
+            self.seq_seen = m.seq
         if not self.registered or self.draining or len(self.inflight) + self.stale >= self.concurrency:
             self.counters["refused"] += 1
             return [p.Result(m.ticket, p.RS_REFUSED, b"")]
@@ -174,6 +180,7 @@ class WorkerCore:
 
     def _void_session(self) -> None:
         self.session += 1
+        self.seq_seen = 0
         self.stale += len(self.inflight)
         self.inflight.clear()
         self.registered = False

@@ -1,0 +1,306 @@
+"""The broker machine, driven with plain numbers for time."""
+
+import pytest
+
+from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings, HeartbeatSettings
+from zmqdist.core.broker import EPSILON, BrokerCore
+from zmqdist.errors import RemoteProtocolError
+
+HB = HeartbeatSettings(heartbeat_s=0.25, liveness=4)  # ttl 1.0 s
+
+
+def make(**kw):
+    return BrokerCore(BrokerSettings(name="b", heartbeat=HB, **kw), "inc1", now=0.0)
+
+
+def hello(core, ident, capacity=1, services=("echo",), now=0.0):
+    out = core.receive(ident, p.Hello(p.ROLE_WORKER, ident.decode(), services, capacity, 250), now)
+    assert out[0] == (ident, p.Welcome("b", "inc1", 250, 4))
+    return out[1:]
+
+
+def request(core, rid, service="echo", budget_ms=5000, client=b"C", now=0.0, payload=b"x"):
+    return core.receive(client, p.Request(rid, service, budget_ms, (), payload), now)
+
+
+def tasks(out):
+    return [(peer, m) for peer, m in out if type(m) is p.Task]
+
+
+def replies(out):
+    return [m for _, m in out if type(m) is p.Reply]
+
+
+def test_least_loaded_by_free_fraction_then_least_recently_used():
+    core = make()
+    hello(core, b"A", capacity=2)
+    hello(core, b"B", capacity=4)
+    order = [tasks(request(core, i))[0][0] for i in range(6)]
+    # loads: A 0/2, B 0/4 tie -> A (registered first, never used, lower serial) ... always least loaded
+    assert order == [b"A", b"B", b"B", b"A", b"B", b"B"]
+    assert core.worker_load() == {b"A": (2, 2), b"B": (4, 4)}
+    # full: the next request queues
+    assert tasks(request(core, 6)) == [] and core.queued == 1
+
+
+def test_lru_breaks_ties():
+    core = make()
+    for w in (b"A", b"B", b"C"):
+        hello(core, w, capacity=10)
+    first = [tasks(request(core, i))[0][0] for i in range(3)]
+    assert sorted(first) == [b"A", b"B", b"C"]
+    # All at 1/10: the one used longest ago goes next.
+    assert tasks(request(core, 3))[0][0] == first[0]
+
+
+def test_capacity_is_never_exceeded_and_result_frees_a_slot():
+    core = make()
+    hello(core, b"A", capacity=1)
+    (peer, t1), = tasks(request(core, 1))
+    assert tasks(request(core, 2)) == []
+    out = core.receive(b"A", p.Result(t1.ticket, p.RS_OK, b"r1"), 0.1)
+    assert replies(out) == [p.Reply(1, p.ST_OK, "", b"r1")]
+    (peer, t2), = tasks(out)
+    assert peer == b"A" and t2.attempt == 1
+    assert core.worker_load()[b"A"] == (1, 1)
+
+
+def test_task_carries_remaining_budget_and_stable_key():
+    core = make()
+    request(core, 5, budget_ms=2000, now=0.0)
+    out = hello(core, b"A", now=0.5)
+    (_, t), = tasks(out)
+    assert t.budget_ms == 1500
+    assert t.key == f"{b'C'.hex()}:5"
+
+
+def test_worker_alive_at_ttl_and_expired_just_past_it():
+    core = make()
+    hello(core, b"A", now=0.0)
+    assert core.next_deadline() == pytest.approx(1.0 + EPSILON)
+    assert core.tick(1.0) == [] and b"A" in core.worker_load()
+    core.tick(1.0 + EPSILON)
+    assert b"A" not in core.worker_load()
+    assert core.counters["workers_expired"] == 1
+
+
+def test_any_message_counts_as_a_sign_of_life():
+    core = make()
+    hello(core, b"A", now=0.0)
+    core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ()), 0.9)
+    core.tick(1.5)
+    assert b"A" in core.worker_load()
+    core.tick(1.9 + 2 * EPSILON)
+    assert b"A" not in core.worker_load()
+
+
+def test_dead_worker_requests_are_requeued_to_live_workers_with_attempt_spent():
+    core = make()
+    hello(core, b"A")
+    (_, t), = tasks(request(core, 1))
+    hello(core, b"B", now=0.5)
+    core.receive(b"B", p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ()), 1.0)
+    out = core.tick(1.0 + 2 * EPSILON)
+    (peer, t2), = tasks(out)
+    assert peer == b"B" and t2.ticket == t.ticket and t2.attempt == 2
+    assert core.counters["requeues"] == 1
+
+
+def test_attempt_cap_gives_worker_lost():
+    core = make(max_attempts=2)
+    hello(core, b"A")
+    request(core, 1)
+    now = 0.0
+    for w in (b"B",):
+        core.tick(now + 1.0 + 2 * EPSILON)  # A dies, request requeued (attempt 1 spent)
+        now += 1.0 + 2 * EPSILON
+        hello(core, w, now=now)
+    out = core.tick(now + 1.0 + 2 * EPSILON)  # B dies holding it: attempt 2 = cap
+    (r,) = replies(out)
+    assert r.rid == 1 and r.status == p.ST_LOST and "attempt cap 2" in r.message
+    assert core.open_requests == 0
+
+
+def test_queued_request_times_out_at_deadline_and_is_never_dispatched():
+    core = make()
+    request(core, 1, budget_ms=300)
+    assert core.next_deadline() == pytest.approx(0.3)
+    assert core.tick(0.299) == []
+    (r,) = replies(core.tick(0.3))
+    assert r.status == p.ST_TIMEOUT and "no worker for service 'echo' was registered" in r.message
+    assert tasks(hello(core, b"A", now=0.31)) == []
+
+
+def test_expired_request_is_not_dispatched_when_a_slot_frees_late():
+    core = make()
+    hello(core, b"A")
+    (_, t), = tasks(request(core, 1, budget_ms=10_000))
+    request(core, 2, budget_ms=100)
+    out = core.receive(b"A", p.Result(t.ticket, p.RS_OK, b""), 0.1)  # exactly at request 2's deadline
+    assert tasks(out) == []
+    assert [r.status for r in replies(out)] == [p.ST_OK, p.ST_TIMEOUT]
+    assert "busy" in replies(out)[1].message
+
+
+def test_spent_budget_is_refused_at_once():
+    core = make()
+    (r,) = replies(request(core, 1, budget_ms=0))
+    assert r.status == p.ST_TIMEOUT
+
+
+def test_full_queue_answers_busy_at_once():
+    core = make(max_queue=3)
+    for i in range(3):
+        assert request(core, i) == []
+    (r,) = replies(request(core, 3))
+    assert r.status == p.ST_BUSY and "busy" in r.message
+    assert core.counters["busy"] == 1
+
+
+def test_queue_bytes_bound():
+    core = make(max_queue_bytes=10)
+    assert request(core, 1, payload=b"x" * 8) == []
+    (r,) = replies(request(core, 2, payload=b"x" * 8))
+    assert r.status == p.ST_BUSY
+
+
+def test_duplicate_request_in_progress_is_absorbed():
+    core = make()
+    hello(core, b"A")
+    request(core, 1)
+    assert request(core, 1) == []
+    assert core.counters["duplicates"] == 1
+    request(core, 1, client=b"D")  # the same rid from another client is another request
+    assert core.open_requests == 2 and core.counters["duplicates"] == 1
+
+
+def test_one_reply_even_if_former_holder_and_new_holder_both_answer():
+    core = make()
+    hello(core, b"A")
+    (_, t), = tasks(request(core, 1))
+    hello(core, b"B", now=0.9)
+    core.tick(1.0 + 2 * EPSILON)  # A expired, task requeued to B
+    assert core.worker_load()[b"B"] == (1, 1)
+    out = core.receive(b"A", p.Result(t.ticket, p.RS_OK, b"from A"), 1.1)
+    assert replies(out) == [p.Reply(1, p.ST_OK, "", b"from A")]
+    assert (b"A", p.Reconnect("unknown worker: register again")) in out
+    assert core.worker_load()[b"B"] == (1, 1)  # B still runs it: its slot stays taken
+    out = core.receive(b"B", p.Result(t.ticket, p.RS_OK, b"from B"), 1.2)
+    assert replies(out) == [] and core.counters["late_results"] == 1
+    assert core.worker_load()[b"B"] == (0, 1)
+
+
+def test_refused_task_is_requeued_without_spending_an_attempt():
+    core = make()
+    hello(core, b"A")
+    (_, t), = tasks(request(core, 1))
+    out = core.receive(b"A", p.Result(t.ticket, p.RS_REFUSED, b""), 0.1)
+    (_, t2), = tasks(out)
+    assert t2.ticket == t.ticket and t2.attempt == 1
+
+
+def test_result_for_a_ticket_never_given_is_bogus():
+    core = make()
+    hello(core, b"A")
+    hello(core, b"B")
+    (peer, t), = tasks(request(core, 1))
+    other = b"B" if peer == b"A" else b"A"
+    assert core.receive(other, p.Result(t.ticket, p.RS_OK, b""), 0.1) == []
+    assert core.counters["bogus_results"] == 1 and core.open_requests == 1
+
+
+def test_unknown_worker_heartbeat_gets_reconnect_and_client_gets_pong():
+    core = make()
+    assert core.receive(b"W", p.Heartbeat(p.ROLE_WORKER, "", 0, ()), 0) == [(b"W", p.Reconnect("unknown worker: register again"))]
+    assert core.receive(b"C", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 0) == [(b"C", p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()))]
+
+
+def test_credit_zero_drains_then_bye_requeues():
+    core = make()
+    hello(core, b"A", capacity=2)
+    hello(core, b"B", capacity=2)
+    core.receive(b"A", p.Credit(0), 0.0)
+    assert {peer for peer, _ in (tasks(request(core, i))[0] for i in range(2))} == {b"B"}
+    hello(core, b"C", capacity=1)
+    (_, t), = tasks(request(core, 9))
+    out = core.receive(b"C", p.Bye("leaving"), 0.1)
+    assert core.counters["workers_left"] == 1
+    assert core.queued == 1 and tasks(out) == []  # A has no credit, B is full
+
+
+def test_reserved_service_names_are_refused_and_status_answers():
+    core = make()
+    out = core.receive(b"A", p.Hello(p.ROLE_WORKER, "a", ("zmqdist.status",), 1, 250), 0)
+    assert type(out[0][1]) is p.Error and "reserved" in out[0][1].message
+    (r,) = replies(request(core, 1, service="zmqdist.status"))
+    st = p.unpack_value(r.payload)
+    assert r.status == p.ST_OK and st["broker"] == "b" and st["counters"]["requests"] == 1
+    (r,) = replies(request(core, 2, service="zmqdist.nope"))
+    assert r.status == p.ST_INVALID
+
+
+def test_bad_input_is_answered_and_counted():
+    core = make()
+    err = RemoteProtocolError("Request: service bad", p.E_HEADER, rid=5)
+    head = p.HEAD_PREFIX[p.Request] + b"..."
+    assert core.bad_input(b"X", err, head) == [(b"X", p.Reply(5, p.ST_INVALID, "Request: service bad", b""))]
+    out = core.bad_input(b"X", RemoteProtocolError("bad tag", p.E_VERSION), b"GET /")
+    assert out == [(b"X", p.Error(p.E_VERSION, "bad tag"))]
+    assert core.receive(b"X", p.Welcome("x", "y", 1, 1), 0)[0][1].code == p.E_COMMAND
+    assert core.counters["bad_input"] == 3
+
+
+def test_unreachable_worker_is_dropped_and_its_task_requeued():
+    core = make()
+    hello(core, b"A")
+    hello(core, b"B")
+    (peer, t), = tasks(request(core, 1))
+    out = core.send_failed(peer, t, 0.0)
+    (peer2, t2), = tasks(out)
+    assert peer2 != peer and t2.ticket == t.ticket and t2.attempt == 1
+
+
+def test_reregistration_voids_what_the_worker_held():
+    core = make()
+    hello(core, b"A")
+    (_, t), = tasks(request(core, 1))
+    out = hello(core, b"A", now=0.5)
+    (_, t2), = tasks(out)
+    assert t2.ticket == t.ticket and t2.attempt == 1  # not the worker's fault: no attempt spent
+
+
+def test_unknown_service_pools_do_not_accumulate():
+    core = make()
+    for i in range(100):
+        request(core, i, service=f"s{i}", budget_ms=10)
+    core.tick(1.0)
+    assert core.status(1.0)["services"] == {} and core.open_requests == 0
+
+
+def test_deadline_heap_is_compacted():
+    core = make()
+    hello(core, b"A", capacity=1)
+    (_, t), = tasks(request(core, 0))
+    for i in range(1, 3000):
+        request(core, i)
+        out = core.receive(b"A", p.Result(t.ticket, p.RS_OK, b""), 0.0)
+        (_, t), = tasks(out)
+    assert len(core._deadlines) <= 2 * core.queued + 1024
+
+
+def test_task_lost_in_transit_is_found_by_seq_and_requeued():
+    core = make()
+    hello(core, b"A", capacity=2)
+    (_, t1), = tasks(request(core, 1))
+    (_, t2), = tasks(request(core, 2))
+    assert (t1.seq, t2.seq) == (1, 2)
+    # The worker saw up to seq 1 and holds nothing: t1 was lost (or its result was); t2 may be in flight.
+    out = core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "inc1", 1, ()), 0.1)
+    assert out[0] == (b"A", p.Heartbeat(p.ROLE_BROKER, "inc1", 2, ()))
+    (_, again), = tasks(out)
+    assert again.ticket == t1.ticket and again.attempt == 1 and again.seq == 3
+    assert core.counters["lost_in_transit"] == 1
+    # Holding what it was sent: nothing is requeued.
+    assert tasks(core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "inc1", 3, (t2.ticket, t1.ticket)), 0.2)) == []
+    assert core.worker_load()[b"A"] == (2, 2)

@@ -1,0 +1,114 @@
+"""One round-trip and malformed-input tests per message type of the wire protocol."""
+
+import msgpack
+import pytest
+
+from zmqdist import protocol as p
+from zmqdist.errors import LocalProtocolError, RemoteProtocolError
+
+SAMPLES = [
+    p.Hello(p.ROLE_WORKER, "w1", ("echo", "sum"), 4, 250),
+    p.Welcome("broker", "abc123", 250, 4),
+    p.Request(7, "echo", 5000, ("b1",), b"\x01payload"),
+    p.Task(9, "echo", 4999, 1, "C-1:7", 3, b"payload"),
+    p.Result(9, p.RS_FAILED, b"err"),
+    p.Reply(7, p.ST_BUSY, "queue full", b""),
+    p.Heartbeat(p.ROLE_WORKER, "abc123", 5, (1, 2)),
+    p.Credit(0),
+    p.Reconnect("unknown worker"),
+    p.Bye("leaving"),
+    p.Error(p.E_HEADER, "bad header"),
+]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    head, payload = p.Encoder().encode(msg)
+    assert head[:2] == b"ZD" and head[2] == p.VERSION and head[3] == p.CMD_OF[type(msg)]
+    assert p.decode(head, payload) == msg
+
+
+def test_every_message_type_has_a_sample():
+    assert {type(m) for m in SAMPLES} == set(p.CMD_OF)
+
+
+# For each type: a header that is well-formed msgpack but invalid for that command.
+MALFORMED = {
+    p.Hello: [(9, "w", (), 1, 250), (2, "w", ("",), 1, 250), (2, "w", ("a",), -1, 250), (2, "w", ("a",), 1, 0)],
+    p.Welcome: [("b", 5, 250, 4), ("b", "i", 0, 4)],
+    p.Request: [(1, "", 10, ()), (1, "s", -5, ()), (-1, "s", 10, ()), (1, "s", 10, ("x",) * 40), ("1", "s", 10, ())],
+    p.Task: [(1, "s", 10, 0, "k", 1), (1, "s", 10, 1, 5, 1), (1, "s", 10, 1, "k", -1)],
+    p.Result: [(1, 9), (1, "ok")],
+    p.Reply: [(1, 99, ""), (1, 0, 5)],
+    p.Heartbeat: [(7, "", 0, ()), (1, 2, 0, ()), (2, "", -1, ()), (2, "", 0, ("x",))],
+    p.Credit: [(-1,), (70000,)],
+    p.Reconnect: [(5,)],
+    p.Bye: [(None,)],
+    p.Error: [("x", "y")],
+}
+
+
+@pytest.mark.parametrize("cls", list(p.CMD_OF), ids=lambda c: c.__name__)
+def test_malformed_headers_raise_remote_protocol_error(cls):
+    prefix = p.HEAD_PREFIX[cls]
+    for fields in MALFORMED[cls]:
+        with pytest.raises(RemoteProtocolError) as ei:
+            p.decode(prefix + msgpack.packb(fields), b"")
+        assert ei.value.code == p.E_HEADER
+    # too few fields, not an array, not msgpack at all
+    for head in (prefix + msgpack.packb([]), prefix + msgpack.packb({"a": 1}), prefix + b"\xc1\xc1"):
+        with pytest.raises(RemoteProtocolError):
+            p.decode(head, b"")
+
+
+def test_request_error_carries_rid_when_readable():
+    head = p.HEAD_PREFIX[p.Request] + msgpack.packb((42, "", 10, ()))
+    with pytest.raises(RemoteProtocolError) as ei:
+        p.decode(head, b"x")
+    assert ei.value.rid == 42
+
+
+def test_wrong_version_and_tag_and_command():
+    good, _ = p.encode(p.Credit(1))
+    with pytest.raises(RemoteProtocolError, match="version 9") as ei:
+        p.decode(b"ZD\x09" + good[3:], b"")
+    assert ei.value.code == p.E_VERSION
+    with pytest.raises(RemoteProtocolError, match="bad protocol tag"):
+        p.decode(b"HTTP/1.1", b"")
+    with pytest.raises(RemoteProtocolError) as ei:
+        p.decode(b"ZD\x01\x63" + good[4:], b"")
+    assert ei.value.code == p.E_COMMAND
+    with pytest.raises(RemoteProtocolError):
+        p.decode(b"", b"")
+    with pytest.raises(RemoteProtocolError):
+        p.decode(b"ZD\x01", b"")
+
+
+def test_control_message_with_payload_is_refused():
+    head, _ = p.encode(p.Credit(1))
+    with pytest.raises(RemoteProtocolError, match="unexpected payload"):
+        p.decode(head, b"junk")
+
+
+def test_extra_trailing_fields_are_ignored_for_forward_compatibility():
+    head = p.HEAD_PREFIX[p.Credit] + msgpack.packb((3, "future-field"))
+    assert p.decode(head, b"") == p.Credit(3)
+
+
+def test_encode_refuses_non_messages():
+    with pytest.raises(LocalProtocolError):
+        p.Encoder().encode(("not", "a", "message"))  # type: ignore[arg-type]
+
+
+def test_values_round_trip_and_bytes_pass_through():
+    for v in (None, 1, -2.5, "text", b"\x00\xffraw", [1, {"a": b"b"}], {1: 2}):
+        assert p.unpack_value(p.pack_value(v)) == v
+    with pytest.raises(TypeError, match="not msgpack-serialisable"):
+        p.pack_value(object())
+    with pytest.raises(ValueError):
+        p.unpack_value(b"\xc1")
+
+
+def test_error_payload_tolerates_garbage():
+    assert p.unpack_error(p.pack_error("ValueError", "bad", "tb")) == ("ValueError", "bad", "tb")
+    assert p.unpack_error(b"\xc1")[0] == "UnknownError"

@@ -1,0 +1,129 @@
+"""The worker and client machines, driven with plain numbers for time."""
+
+from zmqdist import protocol as p
+from zmqdist.config import HeartbeatSettings
+from zmqdist.core.client import ClientCore, Completed
+from zmqdist.core.link import EPSILON, Connect, Stopped
+from zmqdist.core.worker import Execute, WorkerCore
+
+HB = HeartbeatSettings(0.25, 4)
+WELCOME = p.Welcome("b", "inc1", 250, 4)
+
+
+def worker(concurrency=2, eps=("tcp://a:1", "tcp://b:1")):
+    w = WorkerCore(eps, ("echo",), concurrency, "w", HB, 0.0)
+    out = w.start(0.0)
+    assert out == [Connect("tcp://a:1", "start"), p.Hello(p.ROLE_WORKER, "w", ("echo",), concurrency, 250)]
+    w.receive(WELCOME, 0.0)
+    return w
+
+
+def task(ticket, budget_ms=1000):
+    return p.Task(ticket, "echo", budget_ms, 1, f"k{ticket}", ticket, b"v")
+
+
+def test_worker_executes_within_capacity_and_refuses_beyond():
+    w = worker(concurrency=1)
+    (ex,) = w.receive(task(1), 0.0)
+    assert type(ex) is Execute and ex.deadline == 1.0 and ex.key == "k1"
+    assert w.receive(task(2), 0.0) == [p.Result(2, p.RS_REFUSED, b"")]
+    assert w.task_done(1, ex.session, True, b"r", 0.1) == [p.Result(1, p.RS_OK, b"r")]
+
+
+def test_worker_heartbeats_every_interval_and_fails_over_after_ttl():
+    w = worker()
+    assert w.tick(0.24) == []
+    assert w.tick(0.25) == [p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ())]
+    assert w.tick(1.0) == [p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ())]  # silent exactly ttl: still alive
+    out = w.tick(1.0 + EPSILON)
+    assert type(out[0]) is Connect and out[0].endpoint == "tcp://b:1"
+    assert type(out[1]) is p.Hello
+
+
+def test_worker_drops_results_from_a_void_session_and_advertises_reduced_capacity():
+    w = worker(concurrency=2)
+    (ex,) = w.receive(task(1), 0.0)
+    out = w.receive(p.Heartbeat(p.ROLE_BROKER, "inc2", 0, ()), 0.1)  # broker restarted
+    assert out == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250)]  # one slot still busy
+    w.receive(p.Welcome("b", "inc2", 250, 4), 0.1)
+    assert w.task_done(1, ex.session, True, b"r", 0.2) == [p.Credit(2)]
+    assert w.counters["void_results"] == 1
+
+
+def test_worker_drain_sends_credit_zero_finishes_then_bye():
+    w = worker()
+    (ex,) = w.receive(task(1), 0.0)
+    assert w.drain(0.1, timeout_s=5) == [p.Credit(0)]
+    assert w.receive(task(2), 0.1) == [p.Result(2, p.RS_REFUSED, b"")]
+    out = w.task_done(1, ex.session, True, b"r", 0.2)
+    assert out == [p.Result(1, p.RS_OK, b"r"), p.Bye("drained"), Stopped("drained")]
+    assert w.stopped and w.tick(9.0) == []
+
+
+def test_worker_drain_timeout():
+    w = worker()
+    w.receive(task(1), 0.0)
+    w.drain(0.0, timeout_s=2.0)
+    assert w.next_deadline() is not None
+    out = w.tick(2.0)
+    assert type(out[-1]) is Stopped and "timed out" in out[-1].reason
+
+
+def test_worker_reconnect_command_registers_again():
+    w = worker()
+    assert w.receive(p.Reconnect("who?"), 0.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250)]
+    assert not w.registered
+    assert w.receive(task(1), 0.1) == [p.Result(1, p.RS_REFUSED, b"")]
+
+
+def client():
+    c = ClientCore(("tcp://a:1", "tcp://b:1"), "c", HB, 0.0)
+    out = c.start(0.0)
+    assert type(out[0]) is Connect and type(out[1]) is p.Hello
+    c.receive(WELCOME, 0.0)
+    return c
+
+
+def test_client_request_budget_undercuts_deadline_and_reply_completes_once():
+    c = client()
+    (req,) = c.submit(1, "echo", b"v", 2.0, 0.0)
+    assert req == p.Request(1, "echo", 1950, (), b"v")
+    assert c.receive(p.Reply(1, p.ST_OK, "", b"r"), 0.1) == [Completed(1, p.ST_OK, "", b"r")]
+    assert c.receive(p.Reply(1, p.ST_OK, "", b"r"), 0.1) == []
+    assert c.counters["duplicates"] == 1
+
+
+def test_client_local_timeout_at_deadline():
+    c = client()
+    c.submit(1, "echo", b"v", 0.5, 0.0)
+    assert c.next_deadline() <= 0.25
+    c.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.4)
+    assert [o for o in c.tick(0.49) if type(o) is Completed] == []
+    (done,) = [o for o in c.tick(0.5) if type(o) is Completed]
+    assert done.status == p.ST_TIMEOUT and "before the deadline" in done.message
+
+
+def test_client_resends_pending_with_same_rid_when_broker_restarted():
+    c = client()
+    c.submit(1, "echo", b"v", 5.0, 0.0)
+    c.submit(2, "echo", b"w", 5.0, 0.0)
+    c.receive(p.Reply(2, p.ST_OK, "", b""), 0.1)
+    out = c.receive(p.Heartbeat(p.ROLE_BROKER, "inc2", 0, ()), 1.0)
+    assert out == [p.Request(1, "echo", 4000, (), b"v")]
+    assert c.counters["broker_restarts"] == 1
+
+
+def test_client_fails_over_to_next_endpoint_and_resends():
+    c = client()
+    c.submit(1, "echo", b"v", 5.0, 0.0)
+    out = c.tick(1.0 + EPSILON)
+    assert out[0] == Connect("tcp://b:1", out[0].reason) and "silent" in out[0].reason
+    assert type(out[1]) is p.Hello
+    assert out[2].rid == 1 and out[2].budget_ms == 3999
+
+
+def test_client_rejects_reused_rid_and_nonpositive_timeout():
+    c = client()
+    c.submit(1, "echo", b"", 1.0, 0.0)
+    assert c.submit(1, "echo", b"", 1.0, 0.0)[0].status == p.ST_INVALID
+    assert c.submit(2, "echo", b"", 0.0, 0.0)[0].status == p.ST_TIMEOUT

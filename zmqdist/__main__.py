@@ -1,0 +1,5 @@
+"""``python -m zmqdist``: the command line."""
+
+from zmqdist.cli import main
+
+main()

@@ -1,0 +1,247 @@
+"""The ``zmqdist`` command line: parse options, load config, call a runtime. No socket code here.
+
+Every option can come from the command line, a ``ZMQDIST_<COMMAND>_<OPTION>`` environment
+variable, a TOML file (``--config``, one table per command), or its default, in that order.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from zmqdist.broker import Broker
+from zmqdist.client import Client
+from zmqdist.config import load_toml
+from zmqdist.errors import ConfigError, RequestError, ZmqdistError
+from zmqdist.worker import Worker
+
+HELP_HB = "heartbeat interval in seconds"
+HELP_LIVE = "missed heartbeats before a peer is declared dead"
+
+
+def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if not value:
+        return
+    try:
+        data = load_toml(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    bad = [k for k, v in data.items() if not isinstance(v, dict)]
+    if bad:
+        raise click.BadParameter(f"top-level keys must be tables named after commands ([broker], ...): {bad}")
+    ctx.default_map = {cmd: {k.replace("-", "_"): v for k, v in opts.items()} for cmd, opts in data.items()}
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    logging.basicConfig(level=max(logging.DEBUG, min(logging.CRITICAL, level)), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"auto_envvar_prefix": "ZMQDIST", "show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False, help="TOML file with one table per command, e.g. [broker].")
+@click.option("-v", "--verbose", count=True, help="more logging (repeatable)")
+@click.option("-q", "--quiet", count=True, help="less logging (repeatable)")
+@click.version_option(package_name="zmqdist")
+def main(verbose: int, quiet: int) -> None:
+    """zmqdist: share request/reply work among processes and machines over ZeroMQ."""
+    _setup_logging(verbose, quiet)
+
+
+def _run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:
+    """Run ``start`` (blocking) with SIGINT/SIGTERM calling ``stop``."""
+    old = {s: signal.signal(s, lambda *_: stop()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        start()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _fail(exc: BaseException) -> None:
+    raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--bind", multiple=True, default=["tcp://*:5555"], help="endpoint to bind (repeatable)")
+@click.option("--name", default="broker", help="broker name shown in status and errors")
+@click.option("--heartbeat", type=float, default=0.25, help=HELP_HB)
+@click.option("--liveness", type=int, default=4, help=HELP_LIVE)
+@click.option("--max-queue", type=int, default=10_000, help="queued requests before new ones get Busy")
+@click.option("--max-queue-bytes", type=int, default=256 * 1024 * 1024, help="queued payload bytes before Busy")
+@click.option("--max-attempts", type=int, default=3, help="dispatches of one request before WorkerLost")
+@click.option("--max-message-size", type=int, default=64 * 1024 * 1024, help="larger messages are refused by the socket")
+def broker(bind: tuple[str, ...], name: str, heartbeat: float, liveness: int, max_queue: int, max_queue_bytes: int, max_attempts: int, max_message_size: int) -> None:
+    """Run a broker until SIGINT or SIGTERM."""
+    try:
+        b = Broker(
+            bind=list(bind),
+            name=name,
+            heartbeat_s=heartbeat,
+            liveness=liveness,
+            max_queue=max_queue,
+            max_queue_bytes=max_queue_bytes,
+            max_attempts=max_attempts,
+            max_message_size=max_message_size,
+        )
+        _run_until_signal(b.run, b.request_stop)
+    except ZmqdistError as exc:
+        _fail(exc)
+
+
+def load_object(spec: str) -> Any:
+    """Return the object named by ``MODULE:OBJECT`` (the current directory is importable)."""
+    if ":" not in spec:
+        raise ConfigError(f"{spec!r} is not MODULE:OBJECT (for example myapp.workers:worker)")
+    mod_name, _, attr = spec.partition(":")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {mod_name!r}: {exc}") from exc
+    obj: Any = mod
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            raise ConfigError(f"module {mod_name!r} has no attribute {attr!r}") from exc
+    return obj
+
+
+@main.command()
+@click.argument("target")
+@click.option("--connect", multiple=True, help="broker endpoint (repeatable, failover order)")
+@click.option("--concurrency", type=int, default=None, help="requests served at once [default: the Worker's, or 4]")
+@click.option("--service", default=None, help="service name for a plain function [default: its name]")
+@click.option("--name", default=None, help="worker name shown in status")
+@click.option("--isolation", type=click.Choice(["thread", "process"]), default=None, help="run handlers in threads or child processes")
+@click.option("--heartbeat", type=float, default=0.25, help=HELP_HB)
+@click.option("--liveness", type=int, default=4, help=HELP_LIVE)
+def worker(target: str, connect: tuple[str, ...], concurrency: int | None, service: str | None, name: str | None, isolation: str | None, heartbeat: float, liveness: int) -> None:
+    """Serve TARGET (MODULE:OBJECT, a Worker or a plain function) until SIGINT/SIGTERM (drains first)."""
+    try:
+        obj = load_object(target)
+        if isinstance(obj, Worker):
+            endpoints = list(connect) or list(obj.endpoints)
+            w = Worker(
+                endpoints,
+                concurrency=concurrency or obj.concurrency,
+                name=name or obj.name,
+                heartbeat_s=heartbeat,
+                liveness=liveness,
+                isolation=isolation or obj.isolation,
+            )
+            for svc, fn in obj._handlers.items():
+                w.add_service(svc, fn)
+        elif callable(obj):
+            if not connect:
+                raise ConfigError("--connect is required when TARGET is a function")
+            w = Worker(list(connect), concurrency=concurrency or 4, name=name, heartbeat_s=heartbeat, liveness=liveness, isolation=isolation or "thread")
+            w.add_service(service or getattr(obj, "__name__", "service"), obj)
+        else:
+            raise ConfigError(f"{target} is a {type(obj).__name__}, not a Worker or a function")
+        w.run()
+    except ZmqdistError as exc:
+        _fail(exc)
+
+
+def to_json(value: Any) -> str:
+    """Return ``value`` as JSON; bytes become {"$bytes": base64}."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, bytes):
+            return {"$bytes": base64.b64encode(o).decode()}
+        return repr(o)
+
+    return json.dumps(value, default=default, sort_keys=False)
+
+
+@main.command()
+@click.argument("service")
+@click.argument("value", required=False, default=None)
+@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint (repeatable)")
+@click.option("--timeout", type=float, default=5.0, help="seconds before giving up")
+def call(service: str, value: str | None, connect: tuple[str, ...], timeout: float) -> None:
+    """Call SERVICE with VALUE (JSON, default null) and print the reply as JSON."""
+    try:
+        arg = None if value is None else json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="VALUE") from exc
+    try:
+        with Client(list(connect), timeout=timeout) as c:
+            result = c.call(service, arg)
+    except RequestError as exc:
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    except ZmqdistError as exc:
+        _fail(exc)
+    click.echo(to_json(result))
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """Return a broker status snapshot as a human-readable table."""
+    lines = [
+        f"broker {st['broker']} (run {st['incarnation']}) up {st['uptime_s']:.0f}s  "
+        f"heartbeat {st['heartbeat_s']}s x {st['liveness']}  queued {st['queued']}  open {st['requests_open']}",
+        "",
+        f"{'SERVICE':24} {'WORKERS':>7} {'CAPACITY':>8} {'INFLIGHT':>8} {'QUEUED':>7}",
+    ]
+    for name, s in st["services"].items():
+        lines.append(f"{name:24} {s['workers']:>7} {s['capacity']:>8} {s['inflight']:>8} {s['queued']:>7}")
+    lines += ["", f"{'WORKER':28} {'SERVICES':20} {'CAP':>4} {'BUSY':>5} {'SERVED':>8} {'SILENT':>7}"]
+    for w in st["workers"]:
+        lines.append(
+            f"{w['name'][:28]:28} {','.join(w['services'])[:20]:20} {w['capacity']:>4} {w['inflight']:>5} {w['served']:>8} {w['silent_s']:>6.2f}s"
+        )
+    lines += ["", "counters: " + "  ".join(f"{k}={v}" for k, v in st["counters"].items() if v)]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint")
+@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@click.option("--timeout", type=float, default=3.0, help="seconds before giving up")
+def status(connect: tuple[str, ...], as_json: bool, timeout: float) -> None:
+    """Show a broker's workers, services, queues and counters."""
+    try:
+        with Client(list(connect), timeout=timeout) as c:
+            st = c.call("zmqdist.status")
+    except RequestError as exc:
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    except ZmqdistError as exc:
+        _fail(exc)
+    click.echo(to_json(st) if as_json else format_status(st))
+
+
+@main.command()
+@click.option("--duration", type=float, default=2.0, help="seconds per measured run")
+@click.option("--rounds", type=int, default=2, help="alternating rounds of every setup")
+@click.option("--only", multiple=True, type=click.Choice(["sync", "pipelined", "api", "scale"]), help="run only these parts")
+@click.option("--payload", type=int, default=100, help="payload bytes")
+def bench(duration: float, rounds: int, only: tuple[str, ...], payload: int) -> None:
+    """Measure throughput, latency and broker CPU against zmq.proxy and direct sockets."""
+    from zmqdist import _bench
+
+    _bench.main(duration=duration, rounds=rounds, only=set(only), payload=payload)
+
+
+@main.command()
+@click.option("--duration", type=float, default=6.0, help="seconds of load before the summary")
+@click.option("--kill/--no-kill", default=True, help="SIGKILL one worker halfway to show requeue")
+def demo(duration: float, kill: bool) -> None:
+    """Start a broker, three workers of different speeds and a client load; show how work is shared."""
+    from zmqdist import demo as demo_mod
+
+    sys.exit(demo_mod.run(duration=duration, kill=kill))
+
+
