@@ -127,7 +127,10 @@ class Executors:
         if wait:
             for t in self._threads:
                 t.join(5.0)
-        if self._loop is not None:
+        if self._loop is not None and self._loop_thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5.0)
+            if not self._loop.is_running():
+                self._loop.close()
         if self._pool is not None:
             self._pool.shutdown(wait=wait, cancel_futures=not wait)

@@ -1,0 +1,121 @@
+"""The zmqdist command line: CliRunner for parsing and precedence, one run of real processes."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from tests.integration.helpers import ROOT, Procs, wait_for
+from zmqdist import cli
+
+
+class FakeBroker:
+    seen: dict = {}
+
+    def __init__(self, **kw):
+        FakeBroker.seen = kw
+
+    def run(self):
+        pass
+
+    def request_stop(self):
+        pass
+
+
+@pytest.fixture
+def fake_broker(monkeypatch):
+    monkeypatch.setattr(cli, "Broker", FakeBroker)
+    FakeBroker.seen = {}
+    return FakeBroker
+
+
+def test_help_lists_every_command():
+    r = CliRunner().invoke(cli.main, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("broker", "worker", "call", "status", "bench", "demo"):
+        assert cmd in r.output
+
+
+def test_precedence_command_line_over_env_over_file_over_default(fake_broker, tmp_path):
+    cfg = tmp_path / "z.toml"
+    cfg.write_text('[broker]\nname = "from-file"\nliveness = 7\nmax-queue = 11\n')
+    run = CliRunner().invoke
+    r = run(cli.main, ["broker"])
+    assert r.exit_code == 0, r.output
+    assert fake_broker.seen["name"] == "broker" and fake_broker.seen["liveness"] == 4
+    r = run(cli.main, ["--config", str(cfg), "broker"])
+    assert fake_broker.seen["name"] == "from-file" and fake_broker.seen["max_queue"] == 11
+    r = run(cli.main, ["--config", str(cfg), "broker"], env={"ZMQDIST_BROKER_NAME": "from-env"})
+    assert fake_broker.seen["name"] == "from-env" and fake_broker.seen["liveness"] == 7
+    r = run(cli.main, ["--config", str(cfg), "broker", "--name", "from-cli"], env={"ZMQDIST_BROKER_NAME": "from-env"})
+    assert fake_broker.seen["name"] == "from-cli"
+    r = run(cli.main, ["broker"], env={"ZMQDIST_BROKER_BIND": "tcp://*:1 tcp://*:2"})
+    assert fake_broker.seen["bind"] == ["tcp://*:1", "tcp://*:2"]
+
+
+def test_bad_config_and_bad_options_give_clear_errors(tmp_path):
+    run = CliRunner().invoke
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[broker\n")
+    r = run(cli.main, ["--config", str(bad), "broker"])
+    assert r.exit_code == 2 and "not valid TOML" in r.output
+    r = run(cli.main, ["--config", str(tmp_path / "missing.toml"), "broker"])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = run(cli.main, ["broker", "--bind", "nonsense"])
+    assert r.exit_code == 1 and "not an endpoint" in r.output
+    r = run(cli.main, ["broker", "--liveness", "0"])
+    assert r.exit_code == 1 and "liveness" in r.output
+    r = run(cli.main, ["call", "echo", "{not json"])
+    assert r.exit_code == 2 and "not valid JSON" in r.output
+    r = run(cli.main, ["worker", "nomodule_xyz:thing", "--connect", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 1 and "cannot import module" in r.output
+    r = run(cli.main, ["worker", "json", "--connect", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 1 and "MODULE:OBJECT" in r.output
+
+
+def test_call_without_broker_fails_with_one_line_and_nonzero_status():
+    r = CliRunner().invoke(cli.main, ["-q", "call", "echo", "1", "--connect", "tcp://127.0.0.1:1", "--timeout", "0.3"])
+    assert r.exit_code == 1
+    assert r.output.strip().startswith("error: RequestTimeout") and r.output.strip().count("\n") == 0
+
+
+def test_status_formatting():
+    st = {
+        "broker": "b", "incarnation": "i", "uptime_s": 3.0, "heartbeat_s": 0.25, "liveness": 4, "queued": 0,
+        "requests_open": 0, "services": {"echo": {"workers": 1, "capacity": 2, "inflight": 1, "queued": 0}},
+        "workers": [{"name": "w1", "services": ["echo"], "capacity": 2, "inflight": 1, "served": 9, "silent_s": 0.1}],
+        "counters": {"requests": 10, "busy": 0},
+    }
+    text = cli.format_status(st)
+    assert "echo" in text and "w1" in text and "requests=10" in text and "busy=" not in text
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_real_processes_broker_worker_call_status(tmp_path):
+    ep = f"ipc://{tmp_path}/b.sock"
+    procs = Procs()
+    try:
+        broker = procs.spawn("broker", "--bind", ep)
+        procs.spawn("worker", "testworkers:echo_fn", "--service", "echo2", "--connect", ep)
+        env_cmd = [sys.executable, "-m", "zmqdist", "-q"]
+
+        def call():
+            r = subprocess.run([*env_cmd, "call", "echo2", '{"a": [1, 2]}', "--connect", ep, "--timeout", "2"],
+                               capture_output=True, text=True, cwd=ROOT, timeout=30)
+            return r if r.returncode == 0 else None
+
+        r = wait_for(call, 30, "zmqdist call to succeed", interval=0.2)
+        assert json.loads(r.stdout) == {"a": [1, 2]}
+        r = subprocess.run([*env_cmd, "status", "--json", "--connect", ep], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        st = json.loads(r.stdout)
+        assert st["services"]["echo2"]["workers"] == 1
+        r = subprocess.run([*env_cmd, "call", "nope", "--connect", ep, "--timeout", "0.5"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert r.returncode == 1 and "no worker for service 'nope'" in r.stderr
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(10) == 0
+    finally:
+        procs.cleanup()

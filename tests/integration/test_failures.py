@@ -1,0 +1,165 @@
+"""Real processes over real sockets: worker kills, broker restart, GIL-bound handlers."""
+
+import random
+import signal
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+from tests.integration.helpers import status, wait_for
+from zmqdist import Client, RequestTimeout, WorkerLost
+
+pytestmark = pytest.mark.integration
+
+
+def start_broker(procs, ep, *extra):
+    b = procs.spawn("broker", "--bind", ep, "--name", "itest", *extra)
+    return b
+
+
+def start_workers(procs, ep, n, target="testworkers:echo", *extra):
+    return [procs.spawn("worker", target, "--connect", ep, "--name", f"w{i}", *extra) for i in range(n)]
+
+
+def wait_workers(client, n, timeout=20):
+    return wait_for(lambda: len(status(client)["workers"]) == n, timeout, f"{n} workers registered")
+
+
+@pytest.mark.timeout(180)
+def test_5000_requests_while_two_of_four_workers_are_sigkilled(procs, ipc_ep):
+    start_broker(procs, ipc_ep)
+    workers = start_workers(procs, ipc_ep, 4)
+    rng = random.Random()
+    kill_at = sorted(rng.sample(range(300, 4000), 2))
+    with Client([ipc_ep], timeout=60) as c:
+        wait_workers(c, 4)
+        futs = []
+        victims = iter(rng.sample(workers, 2))
+        killed = []
+        for i in range(5000):
+            futs.append(c.submit("echo", i))
+            if kill_at and i == kill_at[0]:
+                kill_at.pop(0)
+                v = next(victims)
+                v.send_signal(signal.SIGKILL)
+                killed.append(v.pid)
+            if i % 200 == 199:
+                futs[i - 150].result(60)  # keep a bounded window, like a real pipelined client
+        results = [f.result(60) for f in futs]
+        st = status(c)
+    assert [r[0] for r in results] == list(range(5000)), "a reply was lost, wrong or out of place"
+    served = Counter(r[1] for r in results)
+    assert len(killed) == 2 and all(served[pid] < 5000 for pid in killed)
+    assert st["counters"]["workers_expired"] == 2
+    assert st["counters"]["lost"] == 0 and st["counters"]["replies_ok"] == 5000
+    assert st["requests_open"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_broker_restart_under_load_requests_complete_under_same_ids(procs, ipc_ep):
+    broker = start_broker(procs, ipc_ep)
+    start_workers(procs, ipc_ep, 2)
+    with Client([ipc_ep], timeout=30) as c:
+        wait_workers(c, 2)
+        futs = [c.submit("echo", i) for i in range(300)]
+        wait_for(lambda: sum(f.done() for f in futs) >= 50, 20, "first replies")
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(10)
+        futs += [c.submit("echo", i) for i in range(300, 600)]  # sent while no broker is there
+        time.sleep(0.3)  # the outage itself (not an assertion wait)
+        start_broker(procs, ipc_ep)
+        results = [f.result(40)[0] for f in futs]
+        assert results == list(range(600))
+        assert c._core.counters["broker_restarts"] + c._core.counters["failovers"] >= 1
+        wait_workers(c, 2)
+
+
+@pytest.mark.timeout(90)
+def test_pure_python_cpu_bound_handler_for_10s_keeps_heartbeating(procs, ipc_ep):
+    start_broker(procs, ipc_ep)
+    procs.spawn("worker", "testworkers:gil", "--connect", ipc_ep)
+    with Client([ipc_ep], timeout=30) as c:
+        wait_workers(c, 1)
+        assert c.call("spin", 10.0) > 0
+        st = status(c)
+    assert st["counters"]["workers_expired"] == 0 and st["counters"]["requeues"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_c_code_holding_the_gil_expires_a_thread_worker_but_not_a_process_worker(procs, ipc_ep):
+    start_broker(procs, ipc_ep, "--max-attempts", "1")
+    procs.spawn("worker", "testworkers:gil", "--connect", ipc_ep, "--name", "threaded")
+    with Client([ipc_ep], timeout=30) as c:
+        wait_workers(c, 1)
+        with pytest.raises(WorkerLost, match="attempt cap 1"):
+            c.call("hold_gil", 3.0)  # no heartbeat for ~3 s > 1 s ttl: declared dead
+        assert status(c)["counters"]["workers_expired"] == 1
+    ep2 = ipc_ep + "2"
+    start_broker(procs, ep2, "--max-attempts", "1")
+    procs.spawn("worker", "testworkers:gil", "--connect", ep2, "--isolation", "process")
+    with Client([ep2], timeout=30) as c:
+        wait_workers(c, 1)
+        assert c.call("hold_gil", 3.0) >= 1.0
+        assert status(c)["counters"]["workers_expired"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drains_in_flight_work_and_deregisters(procs, ipc_ep):
+    start_broker(procs, ipc_ep)
+    w = procs.spawn("worker", "testworkers:echo", "--connect", ipc_ep)
+    with Client([ipc_ep], timeout=20) as c:
+        wait_workers(c, 1)
+        futs = [c.submit("slow", 1.0) for _ in range(2)]
+        wait_for(lambda: status(c)["services"]["slow"]["inflight"] == 2, 10, "both in flight")
+        w.send_signal(signal.SIGTERM)
+        assert [f.result(10) for f in futs] == [w.pid, w.pid]
+        assert w.wait(10) == 0
+        st = status(c)
+    assert st["counters"]["workers_left"] == 1 and st["counters"]["requeues"] == 0 and st["workers"] == []
+
+
+@pytest.mark.timeout(60)
+def test_broker_sigterm_stops_cleanly(procs, ipc_ep):
+    b = start_broker(procs, ipc_ep)
+    with Client([ipc_ep], timeout=5) as c:
+        wait_for(lambda: status(c), 10, "broker up")
+    b.send_signal(signal.SIGTERM)
+    assert b.wait(10) == 0
+
+
+@pytest.mark.timeout(60)
+def test_deadline_budget_travels_and_no_worker_times_out_with_reason(procs, ipc_ep):
+    start_broker(procs, ipc_ep)
+    start_workers(procs, ipc_ep, 1)
+    with Client([ipc_ep], timeout=5) as c:
+        wait_workers(c, 1)
+        ctx = c.call("ctx", None, timeout=3.0)
+        assert 2.0 < ctx["remaining"] < 3.0 and ctx["attempt"] == 1 and ":" in ctx["key"]
+        t0 = time.monotonic()
+        with pytest.raises(RequestTimeout, match="no worker for service 'nobody' was registered"):
+            c.call("nobody", 1, timeout=0.5)
+        assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.timeout(60)
+def test_many_client_threads_share_one_client(procs, ipc_ep):
+    start_broker(procs, ipc_ep)
+    start_workers(procs, ipc_ep, 2)
+    with Client([ipc_ep], timeout=20) as c:
+        wait_workers(c, 2)
+        errors = []
+
+        def run(k):
+            try:
+                assert [r[0] for r in c.map("echo", range(k * 1000, k * 1000 + 300))] == list(range(k * 1000, k * 1000 + 300))
+            except BaseException as e:
+                errors.append(e)
+
+        ts = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+        assert not errors

@@ -1,0 +1,199 @@
+"""Garbage, mutated and hostile messages never stop a broker serving others."""
+
+import asyncio
+import os
+import random
+import socket
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from tests.integration.helpers import wait_for
+from zmqdist import AsyncClient, Broker, Busy, Client, RemoteError, Worker
+from zmqdist import protocol as p
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def stack(tmp_path):
+    broker = Broker(bind=[f"ipc://{tmp_path}/b.sock", "tcp://127.0.0.1:*"], name="fuzz", max_message_size=1 << 20).start()
+    w = Worker([broker.endpoints[0]], concurrency=4, name="real")
+
+    @w.service("echo")
+    def echo(x):
+        return x
+
+    @w.service("fail")
+    def fail(x):
+        raise KeyError(x)
+
+    @w.service("aecho")
+    async def aecho(x):
+        await asyncio.sleep(0.001)
+        return x
+
+    w.start()
+    wait_for(lambda: broker.status()["workers"], 10, "worker registered")
+    yield broker
+    w.stop(drain=False)
+    broker.stop()
+
+
+def _random_value(rng, depth=0):
+    kind = rng.randrange(8 if depth < 2 else 5)
+    if kind == 0:
+        return rng.randrange(-(2**40), 2**40)
+    if kind == 1:
+        return "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(0, 20)))
+    if kind == 2:
+        return os.urandom(rng.randrange(0, 20))
+    if kind == 3:
+        return rng.choice([None, True, False, 0.5])
+    if kind == 4:
+        return rng.randrange(0, 300)
+    if kind == 5:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 7))]
+    if kind == 6:
+        return {str(i): _random_value(rng, depth + 1) for i in range(rng.randrange(0, 3))}
+    return tuple(_random_value(rng, depth + 1) for _ in range(rng.randrange(0, 7)))
+
+
+VALID = [
+    p.Hello(p.ROLE_WORKER, "fz", ("fuzzsvc",), 2, 250),
+    p.Hello(p.ROLE_CLIENT, "fz", (), 0, 250),
+    p.Request(1, "echo", 100, (), b"\xc0"),
+    p.Result(1, p.RS_OK, b"\xc0"),
+    p.Heartbeat(p.ROLE_WORKER, "", 3, (1, 2)),
+    p.Credit(3),
+    p.Bye("x"),
+    p.Task(1, "echo", 100, 1, "k", 1, b""),
+    p.Reply(1, 0, "", b""),
+]
+
+
+def fuzz_frames(rng):
+    """One message's frames: random, mutated valid, or valid-looking with random fields."""
+    mode = rng.randrange(4)
+    if mode == 0:
+        return [os.urandom(rng.randrange(0, 40)) for _ in range(rng.randrange(1, 5))]
+    head, payload = p.encode(rng.choice(VALID))
+    if mode == 1:  # flip, truncate or extend bytes of a valid message
+        b = bytearray(head)
+        for _ in range(rng.randrange(1, 4)):
+            op = rng.randrange(3)
+            if op == 0 and b:
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            elif op == 1:
+                del b[rng.randrange(len(b) + 1) :]
+            else:
+                b += os.urandom(rng.randrange(1, 8))
+        return [bytes(b), payload]
+    if mode == 2:  # right tag and command, random header fields
+        cmd = rng.choice(list(p.TYPE_OF))
+        return [p.PREFIX + bytes([cmd]) + msgpack.packb(_random_value(rng)), os.urandom(rng.randrange(0, 8))]
+    frames = [head, payload]  # valid message with a wrong frame count
+    return frames[: rng.randrange(1, 2)] if rng.random() < 0.5 else [*frames, b"extra"]
+
+
+@pytest.mark.timeout(120)
+def test_thousands_of_random_and_mutated_messages_then_normal_calls_work(stack):
+    broker = stack
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    ctx = zmq.Context.instance()
+    socks = []
+    for i in range(8):  # several peers, some posing as workers, some as clients
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.setsockopt(zmq.ROUTING_ID, f"fuzz{i}".encode())
+        s.sndhwm = 0
+        s.connect(broker.endpoints[0])
+        socks.append(s)
+    sent = 0
+    with Client([broker.endpoints[0]], timeout=10) as c:
+        for round_ in range(10):
+            for _ in range(1000):
+                rng.choice(socks).send_multipart(fuzz_frames(rng))
+                sent += 1
+            # normal calls keep succeeding during the campaign
+            assert c.call("echo", round_) == round_, f"seed {seed}"
+        # drain the answers the broker sent back (they must not block it)
+        for s in socks:
+            while s.poll(0):
+                s.recv_multipart()
+        assert list(c.map("echo", range(500))) == list(range(500)), f"seed {seed}"
+        st = c.call("zmqdist.status")
+    for s in socks:
+        s.close(0)
+    assert sent == 10_000
+    assert st["counters"]["bad_input"] > 2000, st["counters"]
+    assert st["counters"]["replies_ok"] >= 510
+
+
+@pytest.mark.timeout(60)
+def test_raw_tcp_garbage_and_oversized_messages_are_refused_without_harm(stack):
+    broker = stack
+    tcp = broker.endpoints[1]
+    host, port = tcp.rsplit("/", 1)[1].rsplit(":", 1)
+    for blob in (b"GET / HTTP/1.1\r\n\r\n", os.urandom(5000), b"\xff" + b"\x00" * 8 + b"\x7f" + os.urandom(100)):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(blob)
+                s.settimeout(0.5)
+                s.recv(100)
+            except OSError:
+                pass
+    with Client([tcp], timeout=10) as c:
+        big = b"x" * (2 << 20)  # over the broker's 1 MiB MAXMSGSIZE: the connection is dropped
+        fut = c.submit("echo", big, timeout=1.5)
+        with Client([tcp], timeout=10) as other:
+            assert other.call("echo", "still fine") == "still fine"
+        with pytest.raises(Exception):
+            fut.result(10)
+        # the client reconnects by itself: normal-sized calls work again
+        assert wait_for(lambda: _try(c), 15, "client recovered") == "ok"
+
+
+def _try(c):
+    try:
+        return c.call("echo", "ok", timeout=1.0)
+    except Exception:
+        return None
+
+
+@pytest.mark.timeout(60)
+def test_flood_gets_busy_at_once_and_memory_stays_bounded(tmp_path):
+    broker = Broker(bind=[f"ipc://{tmp_path}/b.sock"], max_queue=100).start()
+    try:
+        with Client(broker.endpoints, timeout=30) as c:
+            futs = [c.submit("nobody", i) for i in range(2000)]
+            t0 = time.monotonic()
+            busy = [f for f in futs[100:] if isinstance(f.exception(10), Busy)]
+            assert len(busy) == 1900 and time.monotonic() - t0 < 10
+            assert "busy" in str(busy[0].exception())
+            st = broker.status()
+            assert st["queued"] == 100 and st["counters"]["busy"] == 1900
+    finally:
+        broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_remote_error_and_async_paths(stack):
+    broker = stack
+
+    async def main():
+        async with AsyncClient(broker.endpoints[:1], timeout=10) as ac:
+            assert await ac.call("aecho", {"a": [1, 2]}) == {"a": [1, 2]}
+            assert await ac.gather("echo", range(50)) == list(range(50))
+            with pytest.raises(RemoteError) as ei:
+                await ac.call("fail", "k")
+            return ei.value
+
+    err = asyncio.run(main())
+    assert err.remote_type == "KeyError" and "'k'" in err.remote_message and "raise KeyError" in err.remote_traceback
+    with Client(broker.endpoints[:1], timeout=10) as c:
+        assert c.call("echo", b"\x00raw") == b"\x00raw"
+        assert c.call("aecho", 5) == 5
