@@ -8,6 +8,7 @@ they work; see docs/worker.md for what C code that holds the GIL does, and ``iso
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import queue
@@ -87,7 +88,7 @@ class Executors:
             self._mailbox.post(("done", task.ticket, task.session, False, _failure(err)))
         elif self._pool is not None:
             fut = self._pool.submit(_process_entry, fn, task)
-            fut.add_done_callback(lambda f, t=task: self._process_done(t, f))
+            fut.add_done_callback(functools.partial(self._process_done, task))
         elif self._loop is not None and inspect.iscoroutinefunction(fn):
             asyncio.run_coroutine_threadsafe(self._run_async(fn, task), self._loop)
         else:

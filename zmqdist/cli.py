@@ -43,11 +43,22 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
 
 def _setup_logging(verbose: int, quiet: int) -> None:
     level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(level=max(logging.DEBUG, min(logging.CRITICAL, level)), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(logging.DEBUG, min(logging.CRITICAL, level)), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
-@click.group(context_settings={"auto_envvar_prefix": "ZMQDIST", "show_default": True, "help_option_names": ["-h", "--help"]})
-@click.option("--config", type=click.Path(dir_okay=False), callback=_load_config, is_eager=True, expose_value=False, help="TOML file with one table per command, e.g. [broker].")
+@click.group(
+    context_settings={"auto_envvar_prefix": "ZMQDIST", "show_default": True, "help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    callback=_load_config,
+    is_eager=True,
+    expose_value=False,
+    help="TOML file with one table per command, e.g. [broker].",
+)
 @click.option("-v", "--verbose", count=True, help="more logging (repeatable)")
 @click.option("-q", "--quiet", count=True, help="less logging (repeatable)")
 @click.version_option(package_name="zmqdist")
@@ -78,8 +89,19 @@ def _fail(exc: BaseException) -> None:
 @click.option("--max-queue", type=int, default=10_000, help="queued requests before new ones get Busy")
 @click.option("--max-queue-bytes", type=int, default=256 * 1024 * 1024, help="queued payload bytes before Busy")
 @click.option("--max-attempts", type=int, default=3, help="dispatches of one request before WorkerLost")
-@click.option("--max-message-size", type=int, default=64 * 1024 * 1024, help="larger messages are refused by the socket")
-def broker(bind: tuple[str, ...], name: str, heartbeat: float, liveness: int, max_queue: int, max_queue_bytes: int, max_attempts: int, max_message_size: int) -> None:
+@click.option(
+    "--max-message-size", type=int, default=64 * 1024 * 1024, help="larger messages are refused by the socket"
+)
+def broker(
+    bind: tuple[str, ...],
+    name: str,
+    heartbeat: float,
+    liveness: int,
+    max_queue: int,
+    max_queue_bytes: int,
+    max_attempts: int,
+    max_message_size: int,
+) -> None:
     """Run a broker until SIGINT or SIGTERM."""
     try:
         b = Broker(
@@ -123,10 +145,24 @@ def load_object(spec: str) -> Any:
 @click.option("--concurrency", type=int, default=None, help="requests served at once [default: the Worker's, or 4]")
 @click.option("--service", default=None, help="service name for a plain function [default: its name]")
 @click.option("--name", default=None, help="worker name shown in status")
-@click.option("--isolation", type=click.Choice(["thread", "process"]), default=None, help="run handlers in threads or child processes")
+@click.option(
+    "--isolation",
+    type=click.Choice(["thread", "process"]),
+    default=None,
+    help="run handlers in threads or child processes",
+)
 @click.option("--heartbeat", type=float, default=0.25, help=HELP_HB)
 @click.option("--liveness", type=int, default=4, help=HELP_LIVE)
-def worker(target: str, connect: tuple[str, ...], concurrency: int | None, service: str | None, name: str | None, isolation: str | None, heartbeat: float, liveness: int) -> None:
+def worker(
+    target: str,
+    connect: tuple[str, ...],
+    concurrency: int | None,
+    service: str | None,
+    name: str | None,
+    isolation: str | None,
+    heartbeat: float,
+    liveness: int,
+) -> None:
     """Serve TARGET (MODULE:OBJECT, a Worker or a plain function) until SIGINT/SIGTERM (drains first)."""
     try:
         obj = load_object(target)
@@ -145,8 +181,15 @@ def worker(target: str, connect: tuple[str, ...], concurrency: int | None, servi
         elif callable(obj):
             if not connect:
                 raise ConfigError("--connect is required when TARGET is a function")
-            w = Worker(list(connect), concurrency=concurrency or 4, name=name, heartbeat_s=heartbeat, liveness=liveness, isolation=isolation or "thread")
-            w.add_service(service or getattr(obj, "__name__", "service"), obj)
+            w = Worker(
+                list(connect),
+                concurrency=concurrency or 4,
+                name=name,
+                heartbeat_s=heartbeat,
+                liveness=liveness,
+                isolation=isolation or "thread",
+            )
+            w.add_service(service or str(getattr(obj, "__name__", "service")), obj)
         else:
             raise ConfigError(f"{target} is a {type(obj).__name__}, not a Worker or a function")
         w.run()
@@ -200,7 +243,8 @@ def format_status(st: dict[str, Any]) -> str:
     lines += ["", f"{'WORKER':28} {'SERVICES':20} {'CAP':>4} {'BUSY':>5} {'SERVED':>8} {'SILENT':>7}"]
     for w in st["workers"]:
         lines.append(
-            f"{w['name'][:28]:28} {','.join(w['services'])[:20]:20} {w['capacity']:>4} {w['inflight']:>5} {w['served']:>8} {w['silent_s']:>6.2f}s"
+            f"{w['name'][:28]:28} {','.join(w['services'])[:20]:20} {w['capacity']:>4} "
+            f"{w['inflight']:>5} {w['served']:>8} {w['silent_s']:>6.2f}s"
         )
     lines += ["", "counters: " + "  ".join(f"{k}={v}" for k, v in st["counters"].items() if v)]
     return "\n".join(lines)
@@ -226,7 +270,9 @@ def status(connect: tuple[str, ...], as_json: bool, timeout: float) -> None:
 @main.command()
 @click.option("--duration", type=float, default=2.0, help="seconds per measured run")
 @click.option("--rounds", type=int, default=2, help="alternating rounds of every setup")
-@click.option("--only", multiple=True, type=click.Choice(["sync", "pipelined", "api", "scale"]), help="run only these parts")
+@click.option(
+    "--only", multiple=True, type=click.Choice(["sync", "pipelined", "api", "scale"]), help="run only these parts"
+)
 @click.option("--payload", type=int, default=100, help="payload bytes")
 def bench(duration: float, rounds: int, only: tuple[str, ...], payload: int) -> None:
     """Measure throughput, latency and broker CPU against zmq.proxy and direct sockets."""
@@ -243,5 +289,3 @@ def demo(duration: float, kill: bool) -> None:
     from zmqdist import demo as demo_mod
 
     sys.exit(demo_mod.run(duration=duration, kill=kill))
-
-

@@ -76,7 +76,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def check_endpoints(endpoints: list[str] | tuple[str, ...], what: str) -> tuple[str, ...]:
+def check_endpoints(endpoints: list[str] | tuple[str, ...] | str, what: str) -> tuple[str, ...]:
     """Return ``endpoints`` as a tuple after checking each looks like a ZeroMQ endpoint."""
     if isinstance(endpoints, str):
         endpoints = [endpoints]

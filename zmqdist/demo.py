@@ -92,7 +92,10 @@ def run(duration: float = 6.0, kill: bool = True, out: Any = None) -> int:
                 if not killed and now - start >= duration / 2:
                     procs["medium"].send_signal(signal.SIGKILL)
                     killed = True
-                    print(f"  t={now - start:4.1f}s  SIGKILL worker 'medium' (its in-flight requests will be requeued)", file=out)
+                    print(
+                        f"  t={now - start:4.1f}s  SIGKILL worker 'medium' (its in-flight requests will be requeued)",
+                        file=out,
+                    )
                 if now >= next_show:
                     next_show += 0.5
                     total = sum(served.values())
@@ -102,9 +105,15 @@ def run(duration: float = 6.0, kill: bool = True, out: Any = None) -> int:
         st = broker.status()
         latencies.sort()
         print("\nsummary", file=out)
-        print(f"  requests {i}, replies {total}, errors {sum(errors.values())} {dict(errors) or ''}, wrong replies {wrong}", file=out)
+        print(
+            f"  requests {i}, replies {total}, errors {sum(errors.values())} {dict(errors) or ''}, "
+            f"wrong replies {wrong}",
+            file=out,
+        )
         for n in SPEEDS:
-            print(f"  {n:7} {_bar(served[n], total)} {served[n]:6d} ({100 * served[n] / max(total, 1):4.1f}%)", file=out)
+            print(
+                f"  {n:7} {_bar(served[n], total)} {served[n]:6d} ({100 * served[n] / max(total, 1):4.1f}%)", file=out
+            )
         if latencies:
             p50 = latencies[len(latencies) // 2] * 1000
             p99 = latencies[int(len(latencies) * 0.99)] * 1000

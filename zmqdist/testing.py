@@ -9,6 +9,7 @@ restart the broker.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from heapq import heappop, heappush
@@ -68,7 +69,7 @@ class SimWorker:
                 self.executed.append(o.key)
                 self.running += 1
                 self.max_running = max(self.max_running, self.running)
-                self.sim.at(self.sim.clock.now() + self.service_time, lambda o=o: self._done(o))
+                self.sim.at(self.sim.clock.now() + self.service_time, functools.partial(self._done, o))
             elif t is Connect or t is Stopped or t is Problem:
                 continue
             else:
@@ -223,7 +224,7 @@ class Simulation:
             if self._lost(ident):
                 continue
             frames = p.encode(msg)
-            self.at(now + self.latency, lambda i=ident, f=frames: self._node_receive(i, f))
+            self.at(now + self.latency, functools.partial(self._node_receive, ident, frames))
         for ident, (n, cap) in self.broker.worker_load().items():
             if n > cap:
                 raise InvariantError(f"worker {ident!r} holds {n} tasks, capacity {cap}")

@@ -138,13 +138,21 @@ class Worker:
     def _main(self) -> None:
         clock = self._clock
         link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log)
-        core = self._core = WorkerCore(self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now())
+        core = self._core = WorkerCore(
+            self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now()
+        )
         executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox)
         mailbox_fd = self._mailbox.fileno()
         try:
             self._handle(link, executors, core.start(clock.now()))
             poller = self._poller(link)
-            log.info("worker %s serving %s on %s (concurrency %d)", self.name, ", ".join(self.services), link.endpoint, self.concurrency)
+            log.info(
+                "worker %s serving %s on %s (concurrency %d)",
+                self.name,
+                ", ".join(self.services),
+                link.endpoint,
+                self.concurrency,
+            )
             while not core.stopped:
                 now = clock.now()
                 self._handle(link, executors, core.tick(now))

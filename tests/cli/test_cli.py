@@ -84,8 +84,14 @@ def test_call_without_broker_fails_with_one_line_and_nonzero_status():
 
 def test_status_formatting():
     st = {
-        "broker": "b", "incarnation": "i", "uptime_s": 3.0, "heartbeat_s": 0.25, "liveness": 4, "queued": 0,
-        "requests_open": 0, "services": {"echo": {"workers": 1, "capacity": 2, "inflight": 1, "queued": 0}},
+        "broker": "b",
+        "incarnation": "i",
+        "uptime_s": 3.0,
+        "heartbeat_s": 0.25,
+        "liveness": 4,
+        "queued": 0,
+        "requests_open": 0,
+        "services": {"echo": {"workers": 1, "capacity": 2, "inflight": 1, "queued": 0}},
         "workers": [{"name": "w1", "services": ["echo"], "capacity": 2, "inflight": 1, "served": 9, "silent_s": 0.1}],
         "counters": {"requests": 10, "busy": 0},
     }
@@ -104,16 +110,29 @@ def test_real_processes_broker_worker_call_status(tmp_path):
         env_cmd = [sys.executable, "-m", "zmqdist", "-q"]
 
         def call():
-            r = subprocess.run([*env_cmd, "call", "echo2", '{"a": [1, 2]}', "--connect", ep, "--timeout", "2"],
-                               capture_output=True, text=True, cwd=ROOT, timeout=30)
+            r = subprocess.run(
+                [*env_cmd, "call", "echo2", '{"a": [1, 2]}', "--connect", ep, "--timeout", "2"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=30,
+            )
             return r if r.returncode == 0 else None
 
         r = wait_for(call, 30, "zmqdist call to succeed", interval=0.2)
         assert json.loads(r.stdout) == {"a": [1, 2]}
-        r = subprocess.run([*env_cmd, "status", "--json", "--connect", ep], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        r = subprocess.run(
+            [*env_cmd, "status", "--json", "--connect", ep], capture_output=True, text=True, cwd=ROOT, timeout=30
+        )
         st = json.loads(r.stdout)
         assert st["services"]["echo2"]["workers"] == 1
-        r = subprocess.run([*env_cmd, "call", "nope", "--connect", ep, "--timeout", "0.5"], capture_output=True, text=True, cwd=ROOT, timeout=30)
+        r = subprocess.run(
+            [*env_cmd, "call", "nope", "--connect", ep, "--timeout", "0.5"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=30,
+        )
         assert r.returncode == 1 and "no worker for service 'nope'" in r.stderr
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(10) == 0

@@ -153,7 +153,9 @@ def test_many_client_threads_share_one_client(procs, ipc_ep):
 
         def run(k):
             try:
-                assert [r[0] for r in c.map("echo", range(k * 1000, k * 1000 + 300))] == list(range(k * 1000, k * 1000 + 300))
+                assert [r[0] for r in c.map("echo", range(k * 1000, k * 1000 + 300))] == list(
+                    range(k * 1000, k * 1000 + 300)
+                )
             except BaseException as e:
                 errors.append(e)
 

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def stack(tmp_path):
-    broker = Broker(bind=[f"ipc://{tmp_path}/b.sock", "tcp://127.0.0.1:*"], name="fuzz", max_message_size=1 << 20).start()
+    broker = Broker(
+        bind=[f"ipc://{tmp_path}/b.sock", "tcp://127.0.0.1:*"], name="fuzz", max_message_size=1 << 20
+    ).start()
     w = Worker([broker.endpoints[0]], concurrency=4, name="real")
 
     @w.service("echo")

@@ -138,7 +138,9 @@ def test_property_every_request_ends_exactly_once(data, n_workers, n_requests, d
     sim = Simulation(seed=seed)
     for i in range(n_workers):
         sim.add_worker(
-            f"w{i}", concurrency=data.draw(st.integers(1, 4)), service_time=data.draw(st.sampled_from([0.001, 0.01, 0.1]))
+            f"w{i}",
+            concurrency=data.draw(st.integers(1, 4)),
+            service_time=data.draw(st.sampled_from([0.001, 0.01, 0.1])),
         )
     c = sim.add_client()
     sim.run_for(0.01)

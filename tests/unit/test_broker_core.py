@@ -57,11 +57,11 @@ def test_lru_breaks_ties():
 def test_capacity_is_never_exceeded_and_result_frees_a_slot():
     core = make()
     hello(core, b"A", capacity=1)
-    (peer, t1), = tasks(request(core, 1))
+    ((peer, t1),) = tasks(request(core, 1))
     assert tasks(request(core, 2)) == []
     out = core.receive(b"A", p.Result(t1.ticket, p.RS_OK, b"r1"), 0.1)
     assert replies(out) == [p.Reply(1, p.ST_OK, "", b"r1")]
-    (peer, t2), = tasks(out)
+    ((peer, t2),) = tasks(out)
     assert peer == b"A" and t2.attempt == 1
     assert core.worker_load()[b"A"] == (1, 1)
 
@@ -70,7 +70,7 @@ def test_task_carries_remaining_budget_and_stable_key():
     core = make()
     request(core, 5, budget_ms=2000, now=0.0)
     out = hello(core, b"A", now=0.5)
-    (_, t), = tasks(out)
+    ((_, t),) = tasks(out)
     assert t.budget_ms == 1500
     assert t.key == f"{b'C'.hex()}:5"
 
@@ -98,11 +98,11 @@ def test_any_message_counts_as_a_sign_of_life():
 def test_dead_worker_requests_are_requeued_to_live_workers_with_attempt_spent():
     core = make()
     hello(core, b"A")
-    (_, t), = tasks(request(core, 1))
+    ((_, t),) = tasks(request(core, 1))
     hello(core, b"B", now=0.5)
     core.receive(b"B", p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ()), 1.0)
     out = core.tick(1.0 + 2 * EPSILON)
-    (peer, t2), = tasks(out)
+    ((peer, t2),) = tasks(out)
     assert peer == b"B" and t2.ticket == t.ticket and t2.attempt == 2
     assert core.counters["requeues"] == 1
 
@@ -135,7 +135,7 @@ def test_queued_request_times_out_at_deadline_and_is_never_dispatched():
 def test_expired_request_is_not_dispatched_when_a_slot_frees_late():
     core = make()
     hello(core, b"A")
-    (_, t), = tasks(request(core, 1, budget_ms=10_000))
+    ((_, t),) = tasks(request(core, 1, budget_ms=10_000))
     request(core, 2, budget_ms=100)
     out = core.receive(b"A", p.Result(t.ticket, p.RS_OK, b""), 0.1)  # exactly at request 2's deadline
     assert tasks(out) == []
@@ -178,7 +178,7 @@ def test_duplicate_request_in_progress_is_absorbed():
 def test_one_reply_even_if_former_holder_and_new_holder_both_answer():
     core = make()
     hello(core, b"A")
-    (_, t), = tasks(request(core, 1))
+    ((_, t),) = tasks(request(core, 1))
     hello(core, b"B", now=0.9)
     core.tick(1.0 + 2 * EPSILON)  # A expired, task requeued to B
     assert core.worker_load()[b"B"] == (1, 1)
@@ -194,9 +194,9 @@ def test_one_reply_even_if_former_holder_and_new_holder_both_answer():
 def test_refused_task_is_requeued_without_spending_an_attempt():
     core = make()
     hello(core, b"A")
-    (_, t), = tasks(request(core, 1))
+    ((_, t),) = tasks(request(core, 1))
     out = core.receive(b"A", p.Result(t.ticket, p.RS_REFUSED, b""), 0.1)
-    (_, t2), = tasks(out)
+    ((_, t2),) = tasks(out)
     assert t2.ticket == t.ticket and t2.attempt == 1
 
 
@@ -204,7 +204,7 @@ def test_result_for_a_ticket_never_given_is_bogus():
     core = make()
     hello(core, b"A")
     hello(core, b"B")
-    (peer, t), = tasks(request(core, 1))
+    ((peer, t),) = tasks(request(core, 1))
     other = b"B" if peer == b"A" else b"A"
     assert core.receive(other, p.Result(t.ticket, p.RS_OK, b""), 0.1) == []
     assert core.counters["bogus_results"] == 1 and core.open_requests == 1
@@ -212,8 +212,12 @@ def test_result_for_a_ticket_never_given_is_bogus():
 
 def test_unknown_worker_heartbeat_gets_reconnect_and_client_gets_pong():
     core = make()
-    assert core.receive(b"W", p.Heartbeat(p.ROLE_WORKER, "", 0, ()), 0) == [(b"W", p.Reconnect("unknown worker: register again"))]
-    assert core.receive(b"C", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 0) == [(b"C", p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()))]
+    assert core.receive(b"W", p.Heartbeat(p.ROLE_WORKER, "", 0, ()), 0) == [
+        (b"W", p.Reconnect("unknown worker: register again"))
+    ]
+    assert core.receive(b"C", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 0) == [
+        (b"C", p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()))
+    ]
 
 
 def test_credit_zero_drains_then_bye_requeues():
@@ -223,7 +227,7 @@ def test_credit_zero_drains_then_bye_requeues():
     core.receive(b"A", p.Credit(0), 0.0)
     assert {peer for peer, _ in (tasks(request(core, i))[0] for i in range(2))} == {b"B"}
     hello(core, b"C", capacity=1)
-    (_, t), = tasks(request(core, 9))
+    ((_, _t),) = tasks(request(core, 9))
     out = core.receive(b"C", p.Bye("leaving"), 0.1)
     assert core.counters["workers_left"] == 1
     assert core.queued == 1 and tasks(out) == []  # A has no credit, B is full
@@ -255,18 +259,18 @@ def test_unreachable_worker_is_dropped_and_its_task_requeued():
     core = make()
     hello(core, b"A")
     hello(core, b"B")
-    (peer, t), = tasks(request(core, 1))
+    ((peer, t),) = tasks(request(core, 1))
     out = core.send_failed(peer, t, 0.0)
-    (peer2, t2), = tasks(out)
+    ((peer2, t2),) = tasks(out)
     assert peer2 != peer and t2.ticket == t.ticket and t2.attempt == 1
 
 
 def test_reregistration_voids_what_the_worker_held():
     core = make()
     hello(core, b"A")
-    (_, t), = tasks(request(core, 1))
+    ((_, t),) = tasks(request(core, 1))
     out = hello(core, b"A", now=0.5)
-    (_, t2), = tasks(out)
+    ((_, t2),) = tasks(out)
     assert t2.ticket == t.ticket and t2.attempt == 1  # not the worker's fault: no attempt spent
 
 
@@ -281,24 +285,24 @@ def test_unknown_service_pools_do_not_accumulate():
 def test_deadline_heap_is_compacted():
     core = make()
     hello(core, b"A", capacity=1)
-    (_, t), = tasks(request(core, 0))
+    ((_, t),) = tasks(request(core, 0))
     for i in range(1, 3000):
         request(core, i)
         out = core.receive(b"A", p.Result(t.ticket, p.RS_OK, b""), 0.0)
-        (_, t), = tasks(out)
+        ((_, t),) = tasks(out)
     assert len(core._deadlines) <= 2 * core.queued + 1024
 
 
 def test_task_lost_in_transit_is_found_by_seq_and_requeued():
     core = make()
     hello(core, b"A", capacity=2)
-    (_, t1), = tasks(request(core, 1))
-    (_, t2), = tasks(request(core, 2))
+    ((_, t1),) = tasks(request(core, 1))
+    ((_, t2),) = tasks(request(core, 2))
     assert (t1.seq, t2.seq) == (1, 2)
     # The worker saw up to seq 1 and holds nothing: t1 was lost (or its result was); t2 may be in flight.
     out = core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "inc1", 1, ()), 0.1)
     assert out[0] == (b"A", p.Heartbeat(p.ROLE_BROKER, "inc1", 2, ()))
-    (_, again), = tasks(out)
+    ((_, again),) = tasks(out)
     assert again.ticket == t1.ticket and again.attempt == 1 and again.seq == 3
     assert core.counters["lost_in_transit"] == 1
     # Holding what it was sent: nothing is requeued.

@@ -18,8 +18,9 @@ worker's version; stale ones are skipped and the heap is rebuilt when mostly sta
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from heapq import heapify, heappop, heappush, heapreplace
-from typing import Any, Callable
+from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
@@ -35,18 +36,18 @@ _NONE: list[Out] = []  # shared empty result; callers never mutate returned list
 
 class _Worker:
     __slots__ = (
-        "ident",
-        "name",
-        "services",
+        "alive",
         "capacity",
+        "ident",
         "inflight",
         "last_used",
-        "serial",
-        "version",
+        "name",
         "seen",
-        "alive",
-        "served",
         "seq",
+        "serial",
+        "served",
+        "services",
+        "version",
     )
 
     def __init__(self, ident: bytes, name: str, services: tuple[str, ...], capacity: int, serial: int, now: float):
@@ -65,7 +66,19 @@ class _Worker:
 
 
 class _Req:
-    __slots__ = ("ticket", "client", "rid", "service", "payload", "deadline", "attempt", "worker", "tried", "state", "key")
+    __slots__ = (
+        "attempt",
+        "client",
+        "deadline",
+        "key",
+        "payload",
+        "rid",
+        "service",
+        "state",
+        "ticket",
+        "tried",
+        "worker",
+    )
 
     def __init__(self, ticket: int, client: bytes, rid: int, service: str, payload: bytes, deadline: float):
         self.ticket = ticket
@@ -84,7 +97,7 @@ class _Req:
 class _Pool:
     """Workers of one service (a heap by load, then least recently used) and its FIFO queue."""
 
-    __slots__ = ("name", "heap", "queue", "workers")
+    __slots__ = ("heap", "name", "queue", "workers")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -101,6 +114,8 @@ class BrokerCore:
         self.incarnation = incarnation
         self.started = now
         self._ttl = settings.heartbeat.ttl_s
+        self._max_queue = settings.max_queue
+        self._max_queue_bytes = settings.max_queue_bytes
         self._welcome = p.Welcome(
             settings.name,
             incarnation,
@@ -234,7 +249,7 @@ class BrokerCore:
             c["timeouts"] += 1
             return [(peer, p.Reply(m.rid, p.ST_TIMEOUT, "request arrived with its time budget spent", b""))]
         size = len(m.payload)
-        if self._queued >= self.settings.max_queue or self._queued_bytes + size > self.settings.max_queue_bytes:
+        if self._queued >= self._max_queue or self._queued_bytes + size > self._max_queue_bytes:
             c["busy"] += 1
             return [
                 (
@@ -444,7 +459,13 @@ class BrokerCore:
                 (
                     w.ident,
                     p.Task(
-                        ticket, req.service, max(1, int((req.deadline - now) * 1000)), req.attempt, key, w.seq, req.payload
+                        ticket,
+                        req.service,
+                        max(1, int((req.deadline - now) * 1000)),
+                        req.attempt,
+                        key,
+                        w.seq,
+                        req.payload,
                     ),
                 )
             )
@@ -528,9 +549,7 @@ class BrokerCore:
 
     def _compact_deadlines(self) -> None:
         reqs = self._reqs
-        self._deadlines = [
-            (d, t) for d, t in self._deadlines if (r := reqs.get(t)) is not None and r.state == QUEUED
-        ]
+        self._deadlines = [(d, t) for d, t in self._deadlines if (r := reqs.get(t)) is not None and r.state == QUEUED]
         heapify(self._deadlines)
 
     # --- internal services ----------------------------------------------------------------------
@@ -593,5 +612,3 @@ class BrokerCore:
     def open_requests(self) -> int:
         """Requests accepted and not yet answered."""
         return len(self._reqs)
-
-

@@ -13,7 +13,7 @@ Rules of this module:
 from __future__ import annotations
 
 from heapq import heappop, heappush
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
@@ -29,11 +29,11 @@ class Completed(NamedTuple):
     payload: bytes
 
 
-ClientOut = Union[p.Message, Completed, Connect, Problem]
+ClientOut = p.Message | Completed | Connect | Problem
 
 
 class _Pending:
-    __slots__ = ("service", "payload", "deadline")
+    __slots__ = ("deadline", "payload", "service")
 
     def __init__(self, service: str, payload: bytes, deadline: float) -> None:
         self.service = service

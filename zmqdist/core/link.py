@@ -38,7 +38,7 @@ class Problem(NamedTuple):
 class BrokerLink:
     """Heartbeat and failover bookkeeping shared by the worker and client machines."""
 
-    __slots__ = ("endpoints", "index", "hb_s", "ttl_s", "last_heard", "next_hb", "incarnation", "broker", "connects")
+    __slots__ = ("broker", "connects", "endpoints", "hb_s", "incarnation", "index", "last_heard", "next_hb", "ttl_s")
 
     def __init__(self, endpoints: tuple[str, ...], hb: HeartbeatSettings, now: float) -> None:
         self.endpoints = endpoints

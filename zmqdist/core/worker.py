@@ -13,7 +13,7 @@ Rules of this module:
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
@@ -32,7 +32,7 @@ class Execute(NamedTuple):
     deadline: float
 
 
-WorkerOut = Union[p.Message, Execute, Connect, Stopped, Problem]
+WorkerOut = p.Message | Execute | Connect | Stopped | Problem
 
 
 class WorkerCore:
@@ -99,8 +99,7 @@ class WorkerCore:
             if link.restarted(msg.incarnation):  # type: ignore[union-attr]
                 self.counters["broker_restarts"] += 1
                 return self._rehello(now)
-            if msg.seq > self.seq_seen:  # type: ignore[union-attr]
-                self.seq_seen = msg.seq  # type: ignore[union-attr]
+            self.seq_seen = max(self.seq_seen, msg.seq)  # type: ignore[union-attr]
             return []
         if t is p.Welcome:
             link.welcome(msg)  # type: ignore[arg-type]
@@ -146,7 +145,9 @@ class WorkerCore:
             return self._new_session(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         if link.heartbeat_due(now):
             held = tuple(self.inflight) if self.registered else ()
-            out.append(p.Heartbeat(p.ROLE_WORKER, link.incarnation or "", self.seq_seen if self.registered else 0, held))
+            out.append(
+                p.Heartbeat(p.ROLE_WORKER, link.incarnation or "", self.seq_seen if self.registered else 0, held)
+            )
         return out
 
     def next_deadline(self) -> float | None:
@@ -161,8 +162,7 @@ class WorkerCore:
     # --- internals --------------------------------------------------------------------------------
 
     def _on_task(self, m: p.Task, now: float) -> list[WorkerOut]:
-        if m.seq > self.seq_seen:
-            self.seq_seen = m.seq
+        self.seq_seen = max(self.seq_seen, m.seq)
         if not self.registered or self.draining or len(self.inflight) + self.stale >= self.concurrency:
             self.counters["refused"] += 1
             return [p.Result(m.ticket, p.RS_REFUSED, b"")]

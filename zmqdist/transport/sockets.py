@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import types
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,17 @@ from zmqdist import protocol as p
 from zmqdist.errors import RemoteProtocolError, TransportError
 
 SNDMORE_NB = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+# pyzmq's Python-level Socket.send wrapper handles options we never use (routing_id, group,
+# tracking); calling the backend method directly halves the cost of a 3-frame send (measured
+# 0.83 -> 0.44 us). Same semantics for bytes with copy=True.
+_BACKEND_SEND = getattr(getattr(zmq, "backend", None), "Socket", zmq.Socket).send
+
+
+def fast_send(sock: zmq.Socket[Any]) -> Any:
+    """Return ``sock.send`` without pyzmq's Python wrapper: ``send(data: bytes, flags: int)``."""
+    return types.MethodType(_BACKEND_SEND, sock)
+
+
 NB = int(zmq.NOBLOCK)
 LINGER_MS = 200
 MAX_POLL_MS = 1000
@@ -65,7 +77,9 @@ class RateLimitedLog:
             w[2] += 1
 
 
-def bind_router(ctx: zmq.Context[Any], endpoints: tuple[str, ...], max_message_size: int) -> tuple[zmq.Socket[Any], list[str]]:
+def bind_router(
+    ctx: zmq.Context[Any], endpoints: tuple[str, ...], max_message_size: int
+) -> tuple[zmq.Socket[Any], list[str]]:
     """Return a ROUTER bound to ``endpoints`` and the endpoints actually bound (wildcards resolved).
 
     ROUTER_MANDATORY makes unroutable sends fail loudly instead of vanishing; ROUTER_HANDOVER lets a
@@ -104,6 +118,7 @@ class DealerLink:
         self._ctx = ctx
         self.identity = identity
         self.sock: zmq.Socket[Any] | None = None
+        self._fsend: Any = None
         self._enc = p.Encoder()
         self._backlog: deque[tuple[bytes, bytes]] = deque()
         self._log = RateLimitedLog(logger)
@@ -113,7 +128,7 @@ class DealerLink:
     def connect(self, endpoint: str) -> zmq.Socket[Any]:
         """Close the current socket (if any) and return a new one connected to ``endpoint``."""
         self.close()
-        sock = self._ctx.socket(zmq.DEALER)
+        sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
@@ -124,6 +139,7 @@ class DealerLink:
         with map_zmq_errors(f"cannot connect to {endpoint}"):
             sock.connect(endpoint)
         self.sock = sock
+        self._fsend = fast_send(sock)
         self.endpoint = endpoint
         self._backlog.clear()
         return sock
@@ -140,14 +156,14 @@ class DealerLink:
             self._backlog.append((head, payload))
 
     def _send(self, head: bytes, payload: bytes) -> bool:
-        sock = self.sock
-        if sock is None:
+        send = self._fsend
+        if send is None:
             return False
         try:
-            sock.send(head, SNDMORE_NB)
+            send(head, SNDMORE_NB)
         except zmq.Again:
             return False
-        sock.send(payload, NB)  # the rest of a started multipart message cannot hit the HWM
+        send(payload, NB)  # the rest of a started multipart message cannot hit the HWM
         return True
 
     def flush(self) -> bool:
@@ -198,3 +214,4 @@ class DealerLink:
         if self.sock is not None:
             self.sock.close(0)
             self.sock = None
+            self._fsend = None

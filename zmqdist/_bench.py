@@ -1,0 +1,425 @@
+"""``zmqdist bench``: throughput, latency and broker CPU against baselines in the same run.
+
+Every setup runs in separate processes on 127.0.0.1 with 100-byte payloads and 2 workers:
+
+* ``direct``  - minimal DEALER client straight to 2 minimal ROUTER echo workers (no broker);
+* ``device``  - the same loops through the C-level ``zmq.proxy`` ROUTER/DEALER device;
+* ``zmqdist`` - minimal loops speaking the zmqdist protocol through a ``zmqdist broker``
+  (least-loaded dispatch, heartbeats, request tracking all on);
+* ``api``     - the public ``Client`` / ``Worker`` APIs through a ``zmqdist broker``.
+
+Loads: ``sync`` (one call at a time) and ``pipelined`` (100 requests in flight). Rounds alternate
+the setups so drift on a shared machine hits them alike. CPU per request is read from /proc for the
+broker (or device) process over the measured window. ``scale`` shows the broker's CPU per request
+with 10, 100 and 1,000 connected workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import time
+from typing import Any
+
+PIPELINE = 100
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of process ``pid`` (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+# --- roles (each runs in its own process: python -m zmqdist._bench ROLE ARGS) ------------------
+
+
+def role_rawworker(ep: str, bind: str) -> None:
+    import zmq
+
+    s = zmq.Context.instance().socket(zmq.ROUTER)
+    s.linger = 0
+    s.bind(ep) if bind == "bind" else s.connect(ep)
+    recv, send = s.recv_multipart, s.send_multipart
+    while True:
+        send(recv())
+
+
+def role_device(front: str, back: str) -> None:
+    import zmq
+
+    ctx = zmq.Context.instance()
+    f = ctx.socket(zmq.ROUTER)
+    b = ctx.socket(zmq.DEALER)
+    f.bind(front)
+    b.bind(back)
+    zmq.proxy(f, b)
+
+
+def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
+    """Minimal zmqdist workers: ``count`` DEALER sockets, each registered with ``capacity``."""
+    import zmq
+
+    from zmqdist import protocol as p
+
+    ctx = zmq.Context.instance()
+    enc = p.Encoder()
+    socks = []
+    for _ in range(int(count)):
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(ep)
+        socks.append(s)
+    hello = enc.encode(p.Hello(p.ROLE_WORKER, "bench", ("echo",), int(capacity), 250))
+    for s in socks:
+        s.send_multipart(hello)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
+    next_hb = time.monotonic() + 0.2
+    seq = 0
+    ok = p.RS_OK
+    sm = zmq.SNDMORE
+    while True:
+        for s, _ in poller.poll(100):
+            for _ in range(1000):
+                try:
+                    head = s.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                payload = s.recv()
+                msg = p.decode(head, payload)
+                if type(msg) is p.Task:
+                    h, pl = enc.encode(p.Result(msg.ticket, ok, msg.payload))
+                    s.send(h, sm)
+                    s.send(pl)
+                elif type(msg) is p.Heartbeat:
+                    seq = max(seq, msg.seq)
+                elif type(msg) is p.Reconnect:
+                    s.send_multipart(hello)
+        now = time.monotonic()
+        if now >= next_hb:
+            next_hb = now + 0.2
+            hb = enc.encode(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))
+            for s in socks:
+                s.send_multipart(hb)
+
+
+def api_echo(x: Any) -> Any:
+    return x
+
+
+def _client_loop(send: Any, recv: Any, mode: str, duration: float, payload_size: int) -> dict[str, Any]:
+    """Drive ``send(seq, payload)`` / ``recv() -> seq`` for ``duration``; return figures."""
+    pad = b"x" * max(0, payload_size - 8)
+    window = 1 if mode == "sync" else PIPELINE
+    t0s: dict[int, float] = {}
+    lat: list[float] = []
+    seq = 0
+    pc = time.perf_counter
+    warm_end = pc() + min(0.5, duration / 4)
+    for _ in range(window):
+        seq += 1
+        t0s[seq] = pc()
+        send(seq, struct.pack("Q", seq) + pad)
+    counting = False
+    start = end = 0.0
+    n = 0
+    while True:
+        got = recv()
+        now = pc()
+        t0 = t0s.pop(got)
+        if counting:
+            n += 1
+            lat.append(now - t0)
+            if now >= end:
+                break
+        elif now >= warm_end:
+            counting = True
+            start = now
+            end = now + duration
+            print("GO", flush=True)  # the parent starts its CPU window here
+        seq += 1
+        t0s[seq] = pc()
+        send(seq, struct.pack("Q", seq) + pad)
+    elapsed = pc() - start
+    lat.sort()
+    return {
+        "rps": n / elapsed,
+        "p50_us": lat[len(lat) // 2] * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+        "n": n,
+        "elapsed": elapsed,
+    }
+
+
+def role_rawclient(eps: str, mode: str, duration: str, payload: str) -> None:
+    import zmq
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    for ep in eps.split(","):
+        s.connect(ep)
+    time.sleep(0.3)  # let both connections finish so round-robin covers both workers
+    unpack = struct.Struct("Q").unpack_from
+
+    def send(seq: int, pl: bytes) -> None:
+        s.send(pl)
+
+    def recv() -> int:
+        return int(unpack(s.recv())[0])
+
+    print(json.dumps(_client_loop(send, recv, mode, float(duration), int(payload))), flush=True)
+
+
+def role_zdclient(ep: str, mode: str, duration: str, payload: str) -> None:
+    import zmq
+
+    from zmqdist import protocol as p
+
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(ep)
+    enc = p.Encoder()
+    sm = zmq.SNDMORE
+    unpack = struct.Struct("Q").unpack_from
+
+    def send(seq: int, pl: bytes) -> None:
+        h, b = enc.encode(p.Request(seq, "echo", 30_000, (), pl))
+        s.send(h, sm)
+        s.send(b)
+
+    def recv() -> int:
+        while True:
+            head = s.recv()
+            body = s.recv()
+            msg = p.decode(head, body)
+            if type(msg) is p.Reply:
+                if msg.status != p.ST_OK:
+                    raise SystemExit(f"bench request failed: {msg}")
+                return int(unpack(msg.payload)[0])
+
+    print(json.dumps(_client_loop(send, recv, mode, float(duration), int(payload))), flush=True)
+
+
+def role_apiclient(ep: str, mode: str, duration: str, payload: str) -> None:
+    from zmqdist import Client
+
+    pad = b"x" * int(payload)
+    with Client([ep], timeout=30) as c:
+        c.call("echo", pad)
+        pc = time.perf_counter
+        warm = pc() + 0.5
+        while pc() < warm:
+            if mode == "sync":
+                c.call("echo", pad)
+            else:
+                list(c.map("echo", [pad] * 200, window=PIPELINE))
+        print("GO", flush=True)
+        lat: list[float] = []
+        n = 0
+        start = pc()
+        end = start + float(duration)
+        if mode == "sync":
+            while pc() < end:
+                t0 = pc()
+                c.call("echo", pad)
+                lat.append(pc() - t0)
+                n += 1
+        else:
+            from collections import deque
+
+            q: deque[Any] = deque()
+            while True:
+                now = pc()
+                if now >= end:
+                    break
+                while len(q) < PIPELINE:
+                    q.append((pc(), c.submit("echo", pad)))
+                t0, f = q.popleft()
+                f.result()
+                lat.append(pc() - t0)
+                n += 1
+            for _, f in q:
+                f.result()
+        elapsed = pc() - start
+        lat.sort()
+        print(
+            json.dumps(
+                {
+                    "rps": n / elapsed,
+                    "p50_us": lat[len(lat) // 2] * 1e6,
+                    "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+                    "n": n,
+                    "elapsed": elapsed,
+                }
+            ),
+            flush=True,
+        )
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zmqdist._bench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _spawn_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "zmqdist", "-q", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _measure(client: subprocess.Popen[str], busy_pid: int | None) -> dict[str, Any]:
+    assert client.stdout is not None
+    line = client.stdout.readline()
+    if line.strip() != "GO":
+        err = client.stderr.read() if client.stderr else ""
+        raise RuntimeError(f"bench client failed: {line} {err}")
+    c0 = cpu_seconds(busy_pid) if busy_pid else 0.0
+    result = json.loads(client.stdout.readline())
+    c1 = cpu_seconds(busy_pid) if busy_pid else 0.0
+    client.wait(30)
+    if busy_pid:
+        result["cpu_us"] = (c1 - c0) / max(result["n"], 1) * 1e6
+    return result
+
+
+def _stop(procs: list[subprocess.Popen[str]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        for f in (p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+
+
+def run_setup(
+    setup: str, mode: str, duration: float, payload: int, workers: int = 2, capacity: int = 50
+) -> dict[str, Any]:
+    """Start one setup's processes, measure one load, stop everything; return the figures."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        busy: int | None = None
+        if setup == "direct":
+            eps = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+            procs += [_spawn("rawworker", ep, "bind") for ep in eps]
+            time.sleep(0.3)
+            client = _spawn("rawclient", ",".join(eps), mode, str(duration), str(payload))
+        elif setup == "device":
+            front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+            dev = _spawn("device", front, back)
+            procs.append(dev)
+            busy = dev.pid
+            time.sleep(0.3)
+            procs += [_spawn("rawworker", back, "connect") for _ in range(2)]
+            time.sleep(0.3)
+            client = _spawn("rawclient", front, mode, str(duration), str(payload))
+        else:
+            ep = f"tcp://127.0.0.1:{free_port()}"
+            b = _spawn_cli("broker", "--bind", ep, "--name", "bench")
+            procs.append(b)
+            busy = b.pid
+            time.sleep(0.4)
+            if setup == "api":
+                procs += [
+                    _spawn_cli(
+                        "worker", "zmqdist._bench:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "4"
+                    )
+                    for _ in range(workers)
+                ]
+                time.sleep(1.0)
+                client = _spawn("apiclient", ep, mode, str(duration), str(payload))
+            else:
+                per_proc = max(1, workers // 2)
+                n_procs = max(1, min(2, workers))
+                procs += [_spawn("zdworker", ep, str(capacity), str(per_proc)) for _ in range(n_procs)]
+                time.sleep(0.5 + workers / 500)
+                client = _spawn("zdclient", ep, mode, str(duration), str(payload))
+        procs.append(client)
+        return _measure(client, busy)
+    finally:
+        _stop(procs)
+
+
+def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps") -> str:
+    s = f"{r['rps']:>9,.0f} req/s  p50 {r['p50_us']:>7.0f} us  p99 {r['p99_us']:>7.0f} us"
+    if "cpu_us" in r:
+        s += f"  cpu {r['cpu_us']:5.2f} us/req"
+    return s
+
+
+def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {k: statistics.fmean(r[k] for r in rs) for k in ("rps", "p50_us", "p99_us")}
+    if all("cpu_us" in r for r in rs):
+        out["cpu_us"] = statistics.fmean(r["cpu_us"] for r in rs)
+    return out
+
+
+def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, payload: int = 100) -> None:
+    """Run the benchmark and print figures with ratios to the baselines of the same run."""
+    only = only or {"sync", "pipelined", "api", "scale"}
+    print(f"zmqdist bench: {os.cpu_count()} cores, python {sys.version.split()[0]}, payload {payload} B, ")
+    print(f"  2 workers, tcp 127.0.0.1, {rounds} alternating rounds of {duration:.1f} s; figures are means\n")
+    for mode in ("sync", "pipelined"):
+        if mode not in only and "api" not in only:
+            continue
+        setups = [
+            s
+            for s in ("direct", "device", "zmqdist", "api")
+            if (s != "api" and mode in only) or (s == "api" and "api" in only)
+        ]
+        if "api" in only and mode not in only:
+            setups = ["device", "api"]
+        res: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
+        for _ in range(rounds):
+            for s in setups:
+                res[s].append(run_setup(s, mode, duration, payload))
+        m = {s: _mean(v) for s, v in res.items()}
+        print(f"{mode} ({'1 call at a time' if mode == 'sync' else f'{PIPELINE} in flight'})")
+        dev = m.get("device")
+        for s in setups:
+            line = f"  {s:8} {_fmt(m[s])}"
+            if dev and s != "device":
+                line += f"   x{m[s]['rps'] / dev['rps']:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"
+            print(line, flush=True)
+        print()
+    if "scale" in only:
+        print("scale: minimal zmqdist workers connected, pipelined, broker CPU per request")
+        base = None
+        for n in (10, 100, 1000):
+            cap = max(1, 200 // n)
+            r = _mean(
+                [run_setup("zmqdist", "pipelined", duration, payload, workers=n, capacity=cap) for _ in range(rounds)]
+            )
+            base = base or r["cpu_us"]
+            print(
+                f"  {n:5d} workers (capacity {cap:3d} each) {_fmt(r)}   x{r['cpu_us'] / base:.2f} the 10-worker cost",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    globals()[f"role_{role}"](*sys.argv[2:])
