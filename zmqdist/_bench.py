@@ -49,7 +49,7 @@ def cpu_seconds(pid: int) -> float:
 def role_rawworker(ep: str, bind: str) -> None:
     import zmq
 
-    s = zmq.Context.instance().socket(zmq.ROUTER)
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     s.linger = 0
     s.bind(ep) if bind == "bind" else s.connect(ep)
     recv, send = s.recv_multipart, s.send_multipart
@@ -60,7 +60,7 @@ def role_rawworker(ep: str, bind: str) -> None:
 def role_device(front: str, back: str) -> None:
     import zmq
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     f = ctx.socket(zmq.ROUTER)
     b = ctx.socket(zmq.DEALER)
     f.bind(front)
@@ -74,7 +74,7 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
 
     from zmqdist import protocol as p
 
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     enc = p.Encoder()
     socks = []
     for _ in range(int(count)):
@@ -168,7 +168,7 @@ def _client_loop(send: Any, recv: Any, mode: str, duration: float, payload_size:
 def role_rawclient(eps: str, mode: str, duration: str, payload: str) -> None:
     import zmq
 
-    s = zmq.Context.instance().socket(zmq.DEALER)
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     s.linger = 0
     for ep in eps.split(","):
         s.connect(ep)
@@ -189,7 +189,7 @@ def role_zdclient(ep: str, mode: str, duration: str, payload: str) -> None:
 
     from zmqdist import protocol as p
 
-    s = zmq.Context.instance().socket(zmq.DEALER)
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     s.linger = 0
     s.connect(ep)
     enc = p.Encoder()
@@ -285,18 +285,33 @@ def _spawn_cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _measure(client: subprocess.Popen[str], busy_pid: int | None) -> dict[str, Any]:
+def _loop_cpu(ep: str) -> float:
+    from zmqdist import Client
+
+    with Client([ep], timeout=10) as c:
+        return float(c.call("zmqdist.status")["loop_cpu_s"])
+
+
+def _measure(
+    client: subprocess.Popen[str], busy_pid: int | None, idle_cpu_per_s: float = 0.0, broker_ep: str | None = None
+) -> dict[str, Any]:
     assert client.stdout is not None
     line = client.stdout.readline()
     if line.strip() != "GO":
         err = client.stderr.read() if client.stderr else ""
         raise RuntimeError(f"bench client failed: {line} {err}")
     c0 = cpu_seconds(busy_pid) if busy_pid else 0.0
-    result = json.loads(client.stdout.readline())
+    l0 = _loop_cpu(broker_ep) if broker_ep else 0.0
+    result: dict[str, Any] = json.loads(client.stdout.readline())
     c1 = cpu_seconds(busy_pid) if busy_pid else 0.0
+    l1 = _loop_cpu(broker_ep) if broker_ep else 0.0
     client.wait(30)
+    n = max(result["n"], 1)
     if busy_pid:
-        result["cpu_us"] = (c1 - c0) / max(result["n"], 1) * 1e6
+        result["cpu_us"] = (c1 - c0) / n * 1e6
+        result["idle_us"] = idle_cpu_per_s * result["elapsed"] / n * 1e6
+    if broker_ep:
+        result["loop_us"] = (l1 - l0) / n * 1e6
     return result
 
 
@@ -316,12 +331,13 @@ def _stop(procs: list[subprocess.Popen[str]]) -> None:
 
 
 def run_setup(
-    setup: str, mode: str, duration: float, payload: int, workers: int = 2, capacity: int = 50
+    setup: str, mode: str, duration: float, payload: int, workers: int = 2, capacity: int = 50, idle: bool = False
 ) -> dict[str, Any]:
     """Start one setup's processes, measure one load, stop everything; return the figures."""
     procs: list[subprocess.Popen[str]] = []
     try:
         busy: int | None = None
+        idle_cpu = 0.0
         if setup == "direct":
             eps = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
             procs += [_spawn("rawworker", ep, "bind") for ep in eps]
@@ -356,9 +372,13 @@ def run_setup(
                 n_procs = max(1, min(2, workers))
                 procs += [_spawn("zdworker", ep, str(capacity), str(per_proc)) for _ in range(n_procs)]
                 time.sleep(0.5 + workers / 500)
+                if idle:  # the broker's background cost (heartbeats of every connected worker)
+                    c0 = cpu_seconds(b.pid)
+                    time.sleep(2.0)
+                    idle_cpu = (cpu_seconds(b.pid) - c0) / 2.0
                 client = _spawn("zdclient", ep, mode, str(duration), str(payload))
         procs.append(client)
-        return _measure(client, busy)
+        return _measure(client, busy, idle_cpu, None if setup in ("direct", "device") else ep)
     finally:
         _stop(procs)
 
@@ -367,13 +387,16 @@ def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps"
     s = f"{r['rps']:>9,.0f} req/s  p50 {r['p50_us']:>7.0f} us  p99 {r['p99_us']:>7.0f} us"
     if "cpu_us" in r:
         s += f"  cpu {r['cpu_us']:5.2f} us/req"
+    if "loop_us" in r:
+        s += f" (loop thread {r['loop_us']:5.2f})"
     return s
 
 
 def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: statistics.fmean(r[k] for r in rs) for k in ("rps", "p50_us", "p99_us")}
-    if all("cpu_us" in r for r in rs):
-        out["cpu_us"] = statistics.fmean(r["cpu_us"] for r in rs)
+    for k in ("cpu_us", "idle_us", "loop_us"):
+        if all(k in r for r in rs):
+            out[k] = statistics.fmean(r[k] for r in rs)
     return out
 
 
@@ -402,20 +425,27 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
         for s in setups:
             line = f"  {s:8} {_fmt(m[s])}"
             if dev and s != "device":
-                line += f"   x{m[s]['rps'] / dev['rps']:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"
+                ratio = m[s]["rps"] / dev["rps"]
+                line += f"   x{ratio:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"
             print(line, flush=True)
         print()
     if "scale" in only:
-        print("scale: minimal zmqdist workers connected, pipelined, broker CPU per request")
+        print("scale: minimal zmqdist workers connected, pipelined; broker process CPU per request, the same")
+        print("       net of the heartbeats of every connected worker (measured idle beforehand), and the CPU of")
+        print("       the broker's loop thread alone (dispatch logic; libzmq's I/O thread excluded)")
         base = None
         for n in (10, 100, 1000):
             cap = max(1, 200 // n)
-            r = _mean(
-                [run_setup("zmqdist", "pipelined", duration, payload, workers=n, capacity=cap) for _ in range(rounds)]
-            )
-            base = base or r["cpu_us"]
+            runs = [
+                run_setup("zmqdist", "pipelined", duration, payload, workers=n, capacity=cap, idle=True)
+                for _ in range(rounds)
+            ]
+            r = _mean(runs)
+            net = r["cpu_us"] - r["idle_us"]
+            base = base or r["loop_us"]
             print(
-                f"  {n:5d} workers (capacity {cap:3d} each) {_fmt(r)}   x{r['cpu_us'] / base:.2f} the 10-worker cost",
+                f"  {n:5d} workers (capacity {cap:3d} each) {_fmt(r)}  net of heartbeats {net:5.2f}"
+                f"  loop x{r['loop_us'] / base:.2f} the 10-worker cost",
                 flush=True,
             )
 

@@ -65,6 +65,8 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 def main(verbose: int, quiet: int) -> None:
     """zmqdist: share request/reply work among processes and machines over ZeroMQ."""
     _setup_logging(verbose, quiet)
+    if verbose:
+        logging.getLogger("zmqdist").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
 
 def _run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:

@@ -37,3 +37,8 @@ def process_cpu_time() -> float:
 def perf_counter() -> float:
     """Return a high-resolution monotonic counter in seconds (benchmarks, latency samples)."""
     return time.perf_counter()
+
+
+def thread_cpu_time() -> float:
+    """Return the calling thread's CPU seconds (a broker reports its loop thread's in status)."""
+    return time.thread_time()

@@ -6,6 +6,7 @@ worker halfway (its in-flight requests are requeued: nothing is lost), then prin
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -47,6 +48,9 @@ def _bar(n: int, total: int, width: int = 30) -> str:
 def run(duration: float = 6.0, kill: bool = True, out: Any = None) -> int:
     """Run the demo; return the exit status (0 when every request got its correct reply)."""
     out = out or sys.stdout
+    zlog = logging.getLogger("zmqdist")
+    if zlog.getEffectiveLevel() >= logging.INFO:
+        zlog.setLevel(logging.WARNING)  # the demo's own lines tell the story; -v brings logs back
     broker = Broker(bind=["tcp://127.0.0.1:*"], name="demo").start()
     ep = broker.endpoints[0]
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -97,7 +101,7 @@ def run(duration: float = 6.0, kill: bool = True, out: Any = None) -> int:
                         file=out,
                     )
                 if now >= next_show:
-                    next_show += 0.5
+                    next_show = now + 0.5
                     total = sum(served.values())
                     shares = "  ".join(f"{n}:{served[n]:6d}" for n in SPEEDS)
                     print(f"  t={now - start:4.1f}s  done {total:6d}  {shares}", file=out)

@@ -157,6 +157,7 @@ class BrokerCore:
             ),
             0,
         )
+        self.status_hook: Callable[[], dict[str, Any]] | None = None  # runtime facts (CPU) for status
         self._handlers: dict[type, Callable[[bytes, _Worker | None, Any, float], list[Out]]] = {
             p.Request: self._on_request,
             p.Result: self._on_result,
@@ -556,7 +557,10 @@ class BrokerCore:
 
     def _internal(self, m: p.Request, now: float) -> p.Reply:
         if m.service == STATUS_SERVICE:
-            return p.Reply(m.rid, p.ST_OK, "", p.pack_value(self.status(now)))
+            st = self.status(now)
+            if self.status_hook is not None:
+                st.update(self.status_hook())
+            return p.Reply(m.rid, p.ST_OK, "", p.pack_value(st))
         self.counters["invalid"] += 1
         return p.Reply(m.rid, p.ST_INVALID, f"unknown internal service {m.service!r}", b"")
 
