@@ -17,6 +17,7 @@ with 10, 100 and 1,000 connected workers.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import statistics
@@ -403,6 +404,7 @@ def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, payload: int = 100) -> None:
     """Run the benchmark and print figures with ratios to the baselines of the same run."""
     only = only or {"sync", "pipelined", "api", "scale"}
+    logging.getLogger("zmqdist").setLevel(logging.WARNING)  # the status probes' connect lines
     print(f"zmqdist bench: {os.cpu_count()} cores, python {sys.version.split()[0]}, payload {payload} B, ")
     print(f"  2 workers, tcp 127.0.0.1, {rounds} alternating rounds of {duration:.1f} s; figures are means\n")
     for mode in ("sync", "pipelined"):

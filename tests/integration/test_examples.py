@@ -14,7 +14,9 @@ pytestmark = pytest.mark.integration
 @pytest.mark.timeout(90)
 def test_parallel_example_shares_load_by_speed(tmp_path):
     env = dict(os.environ, ENDPOINT=f"ipc://{tmp_path}/ex.sock")
-    r = subprocess.run([sys.executable, "examples/parallel/run.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
+    r = subprocess.run(
+        [sys.executable, "examples/parallel/run.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=80
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "every reply correct" in r.stdout
     counts = {line.split()[0]: int(line.split()[1]) for line in r.stdout.splitlines()[1:] if line.strip()}
@@ -24,10 +26,12 @@ def test_parallel_example_shares_load_by_speed(tmp_path):
 @pytest.mark.timeout(90)
 def test_demo_runs_kills_a_worker_and_loses_nothing():
     r = subprocess.run(
-        [sys.executable, "-m", "zmqdist", "demo", "--duration", "3"], cwd=ROOT, capture_output=True, text=True, timeout=80
+        [sys.executable, "-m", "zmqdist", "demo", "--duration", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=80,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SIGKILL worker 'medium'" in r.stdout and "every request got exactly one correct reply" in r.stdout
     assert "lost 0" in r.stdout
-
-

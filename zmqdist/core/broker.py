@@ -30,6 +30,7 @@ Out = tuple[bytes, p.Message]
 EPSILON = 1e-6  # timers fire just past a boundary: alive at ttl, expired at ttl + EPSILON
 
 QUEUED, ASSIGNED = 0, 1
+_COUNTER_OF = {p.ST_OK: "replies_ok", p.ST_FAILED: "replies_failed", p.ST_LOST: "lost", p.ST_TIMEOUT: "timeouts"}
 STATUS_SERVICE = "zmqdist.status"
 _NONE: list[Out] = []  # shared empty result; callers never mutate returned lists
 
@@ -70,6 +71,7 @@ class _Req:
         "attempt",
         "client",
         "deadline",
+        "dkey",
         "key",
         "payload",
         "rid",
@@ -80,7 +82,16 @@ class _Req:
         "worker",
     )
 
-    def __init__(self, ticket: int, client: bytes, rid: int, service: str, payload: bytes, deadline: float):
+    def __init__(
+        self,
+        ticket: int,
+        client: bytes,
+        rid: int,
+        service: str,
+        payload: bytes,
+        deadline: float,
+        dkey: tuple[bytes, int],
+    ) -> None:
         self.ticket = ticket
         self.client = client
         self.rid = rid
@@ -92,6 +103,7 @@ class _Req:
         self.tried: list[bytes] | None = None
         self.state = QUEUED
         self.key = ""
+        self.dkey = dkey  # (client, rid): the duplicate-detection key
 
 
 class _Pool:
@@ -266,7 +278,7 @@ class BrokerCore:
             ]
         ticket = self._next_ticket
         self._next_ticket = ticket + 1
-        req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0)
+        req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0, key)
         self._reqs[ticket] = req
         self._by_key[key] = ticket
         pool = self._pools.get(service)
@@ -534,17 +546,16 @@ class BrokerCore:
 
     def _finish(self, req: _Req, status: int, message: str, payload: bytes, count: bool = True) -> Out:
         del self._reqs[req.ticket]
-        self._by_key.pop((req.client, req.rid), None)
+        del self._by_key[req.dkey]
         if count:
-            name = {p.ST_OK: "replies_ok", p.ST_FAILED: "replies_failed", p.ST_LOST: "lost"}[status]
-            self.counters[name] += 1
+            self.counters[_COUNTER_OF[status]] += 1
         pool = self._pools.get(req.service)
-        if pool is not None:
+        if pool is not None and not pool.workers:
             queue = pool.queue
             reqs = self._reqs
             while queue and ((r := reqs.get(queue[0])) is None or r.state != QUEUED):
                 queue.popleft()
-            if not pool.workers and not queue:
+            if not queue:
                 del self._pools[req.service]  # services nobody serves must not accumulate
         return (req.client, p.Reply(req.rid, status, message, payload))
 
