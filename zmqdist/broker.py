@@ -146,14 +146,18 @@ class Broker:
         poller.register(self._mailbox.fileno(), zmq.POLLIN)
         mailbox_fd = self._mailbox.fileno()
         try:
+            backlog = False
             while True:
                 now = clock.now()
-                out = core.tick(now)
-                if out:
-                    self._send(sock, core, out, now)
-                events = dict(poller.poll(poll_timeout_ms(core.next_deadline(), now)))
-                if sock in events:
-                    self._drain(sock, core)
+                if not backlog:
+                    # Timers only once every message that has arrived is read: a heartbeat waiting
+                    # in the socket must not let a live worker expire after a long batch or a stall.
+                    out = core.tick(now)
+                    if out:
+                        self._send(sock, core, out, now)
+                timeout = 0 if backlog else poll_timeout_ms(core.next_deadline(), now)
+                events = dict(poller.poll(timeout))
+                backlog = sock in events and self._drain(sock, core)
                 if mailbox_fd in events and self._commands(core):
                     break
         except Exception:
@@ -177,8 +181,8 @@ class Broker:
                 cmd[1].set_result({**core.status(self._clock.now()), "loop_cpu_s": thread_cpu_time()})
         return stop
 
-    def _drain(self, sock: zmq.Socket[Any], core: BrokerCore) -> None:
-        """Read up to BATCH messages; the hot path, written for few Python-level calls.
+    def _drain(self, sock: zmq.Socket[Any], core: BrokerCore) -> bool:
+        """Read up to BATCH messages; return True if more are waiting. The hot path.
 
         Outputs are sent every FLUSH messages rather than per message: one loop over many sends.
         """
@@ -188,14 +192,17 @@ class Broker:
         receive = core.receive
         pending: list[Out] = []
         events = sock.get
+        more = True
         for i in range(BATCH):
             # poll said readable, so message 0 is there; for the next few ask EVENTS (0.6 us)
             # rather than raise zmq.Again (2-3 us): one message per wake-up is the sync case.
             if 0 < i <= 4 and not int(events(EVENTS)) & POLLIN:
+                more = False
                 break
             try:
                 ident = recv(NB)
             except zmq.Again:
+                more = False
                 break
             head = recv(0, copy=False)
             if not head.more:
@@ -224,6 +231,7 @@ class Broker:
                 pending = []
         if pending:
             self._send(sock, core, pending, now)
+        return more
 
     def _send(self, sock: zmq.Socket[Any], core: BrokerCore, out: list[Out], now: float) -> None:
         send = self._fsend or fast_send(sock)

@@ -161,10 +161,11 @@ class Client:
             poller = self._poller(link)
             while running:
                 now = clock.now()
-                self._handle(link, core.tick(now))
+                if not link.more:  # timers only after every arrived message is read (see Broker)
+                    self._handle(link, core.tick(now))
                 if link.sock is not poller.sockets[0][0]:
                     poller = self._poller(link)
-                timeout = poll_timeout_ms(core.next_deadline(), now)
+                timeout = 0 if link.more else poll_timeout_ms(core.next_deadline(), now)
                 if link.backlog and not link.flush():
                     timeout = min(timeout, 20)
                 events = dict(poller.poll(timeout))

@@ -50,14 +50,35 @@ def test_worker_drops_results_from_a_void_session_and_advertises_reduced_capacit
     assert w.counters["void_results"] == 1
 
 
-def test_worker_drain_sends_credit_zero_finishes_then_bye():
+def test_worker_drain_runs_tasks_in_transit_and_says_bye_after_the_broker_answered():
     w = worker()
-    (ex,) = w.receive(task(1), 0.0)
-    assert w.drain(0.1, timeout_s=5) == [p.Credit(0)]
-    assert w.receive(task(2), 0.1) == [p.Result(2, p.RS_REFUSED, b"")]
-    out = w.task_done(1, ex.session, True, b"r", 0.2)
-    assert out == [p.Result(1, p.RS_OK, b"r"), p.Bye("drained"), Stopped("drained")]
+    (ex1,) = w.receive(task(1), 0.0)
+    assert w.drain(0.1, timeout_s=5) == [p.Credit(0), p.Heartbeat(p.ROLE_WORKER, "inc1", 1, (1,))]
+    (ex2,) = w.receive(task(2), 0.1)  # sent before the broker saw CREDIT(0): run it, don't bounce it
+    assert type(ex2) is Execute
+    assert w.task_done(1, ex1.session, True, b"r", 0.2) == [p.Result(1, p.RS_OK, b"r")]
+    assert w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 2, ()), 0.3) == []  # answered; task 2 still runs
+    out = w.task_done(2, ex2.session, True, b"s", 0.4)
+    assert out == [p.Result(2, p.RS_OK, b"s"), p.Bye("drained"), Stopped("drained")]
     assert w.stopped and w.tick(9.0) == []
+
+
+def test_worker_drain_ignores_the_answer_to_a_heartbeat_sent_before_credit_zero():
+    w = worker()
+    assert type(w.tick(0.25)[0]) is p.Heartbeat  # sent before the drain; its answer is still coming
+    w.drain(0.3, timeout_s=5)
+    assert w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.31) == []  # the old answer
+    (ex,) = w.receive(task(7), 0.32)  # dispatched before the broker saw CREDIT(0)
+    assert w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 7, ()), 0.33) == []  # drain answered, task runs
+    assert w.task_done(7, ex.session, True, b"", 0.4)[-1] == Stopped("drained")
+
+
+def test_worker_drain_with_nothing_in_flight_waits_only_for_the_broker_answer():
+    w = worker()
+    assert w.drain(0.0, timeout_s=5)[0] == p.Credit(0)
+    assert not w.stopped
+    out = w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.01)
+    assert out == [p.Bye("drained"), Stopped("drained")]
 
 
 def test_worker_drain_timeout():

@@ -7,8 +7,11 @@ Rules of this module:
    failover or a broker restart the broker has requeued that work, so a late result is dropped here.
 3. The broker is told the capacity it may use: concurrency minus tasks still running from old
    sessions, raised again by CREDIT as those finish. It is never sent more than it can run.
-4. A TASK beyond capacity, before registration or while draining is answered REFUSED (the broker
-   requeues it without spending an attempt).
+4. A TASK beyond capacity or before registration is answered REFUSED (the broker requeues it
+   without spending an attempt).
+5. Draining is exact: CREDIT(0) and a HEARTBEAT go out together, and BYE waits for the broker's
+   answer to that heartbeat. Messages on one connection arrive in order, so every TASK the broker
+   sent before it saw CREDIT(0) has arrived by then, and is run, not bounced.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ class WorkerCore:
         self.draining = False
         self.stopped = False
         self._drain_deadline: float | None = None
+        self._drain_acked = False  # the broker answered a heartbeat sent after CREDIT(0)
+        self._unanswered = 0  # heartbeats sent this session and not yet answered (answers are FIFO)
+        self._drain_wait = 0  # answers still due before the drain heartbeat's own
         self.inflight: dict[int, int] = {}  # ticket -> session, current session only
         self.stale = 0  # tasks still running from earlier sessions
         self.seq_seen = 0  # highest task seq the broker is known to have sent this session
@@ -71,11 +77,14 @@ class WorkerCore:
         """Stop taking work, finish what is in flight (at most ``timeout_s``), then say BYE."""
         if self.stopped:
             return []
+        if self.draining:
+            return []
         self.draining = True
         self._drain_deadline = now + timeout_s
-        out: list[WorkerOut] = [p.Credit(0)]
-        if not self.inflight:
-            out += self._finish("drained")
+        if not self.registered:
+            return self._finish("drained before registration")
+        out: list[WorkerOut] = [p.Credit(0), self._heartbeat()]
+        self._drain_wait = self._unanswered  # the answer to the heartbeat just made is the last due
         return out
 
     def stop(self) -> list[WorkerOut]:
@@ -100,6 +109,13 @@ class WorkerCore:
                 self.counters["broker_restarts"] += 1
                 return self._rehello(now)
             self.seq_seen = max(self.seq_seen, msg.seq)  # type: ignore[union-attr]
+            self._unanswered = max(0, self._unanswered - 1)
+            if self.draining and self.registered and not self._drain_acked:
+                self._drain_wait -= 1
+                if self._drain_wait <= 0:
+                    self._drain_acked = True
+                    if not self.inflight:
+                        return self._finish("drained")
             return []
         if t is p.Welcome:
             link.welcome(msg)  # type: ignore[arg-type]
@@ -128,7 +144,7 @@ class WorkerCore:
         if self.stopped:
             return out
         out.append(p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload))
-        if self.draining and not self.inflight:
+        if self.draining and self._drain_acked and not self.inflight:
             out += self._finish("drained")
         return out
 
@@ -144,10 +160,7 @@ class WorkerCore:
             self.counters["failovers"] += 1
             return self._new_session(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         if link.heartbeat_due(now):
-            held = tuple(self.inflight) if self.registered else ()
-            out.append(
-                p.Heartbeat(p.ROLE_WORKER, link.incarnation or "", self.seq_seen if self.registered else 0, held)
-            )
+            out.append(self._heartbeat())
         return out
 
     def next_deadline(self) -> float | None:
@@ -161,9 +174,15 @@ class WorkerCore:
 
     # --- internals --------------------------------------------------------------------------------
 
+    def _heartbeat(self) -> p.Heartbeat:
+        if not self.registered:
+            return p.Heartbeat(p.ROLE_WORKER, self.link.incarnation or "", 0, ())
+        self._unanswered += 1
+        return p.Heartbeat(p.ROLE_WORKER, self.link.incarnation or "", self.seq_seen, tuple(self.inflight))
+
     def _on_task(self, m: p.Task, now: float) -> list[WorkerOut]:
         self.seq_seen = max(self.seq_seen, m.seq)
-        if not self.registered or self.draining or len(self.inflight) + self.stale >= self.concurrency:
+        if not self.registered or len(self.inflight) + self.stale >= self.concurrency:
             self.counters["refused"] += 1
             return [p.Result(m.ticket, p.RS_REFUSED, b"")]
         if m.ticket in self.inflight:
@@ -181,6 +200,7 @@ class WorkerCore:
     def _void_session(self) -> None:
         self.session += 1
         self.seq_seen = 0
+        self._unanswered = 0
         self.stale += len(self.inflight)
         self.inflight.clear()
         self.registered = False

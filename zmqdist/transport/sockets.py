@@ -124,6 +124,7 @@ class DealerLink:
         self._log = RateLimitedLog(logger)
         self.bad_input = 0
         self.endpoint = ""
+        self.more = False  # the last recv_batch stopped at its limit: messages are still waiting
 
     def connect(self, endpoint: str) -> zmq.Socket[Any]:
         """Close the current socket (if any) and return a new one connected to ``endpoint``."""
@@ -183,17 +184,18 @@ class DealerLink:
         """Return up to ``limit`` decoded messages waiting on the socket (bad ones counted, logged)."""
         sock = self.sock
         msgs: list[p.Message] = []
+        self.more = False
         if sock is None:
             return msgs
         recv = sock.recv
         events = sock.get
         for i in range(limit):
             if 0 < i <= 4 and not int(events(zmq.EVENTS)) & zmq.POLLIN:
-                break  # cheaper than raising zmq.Again when one message came (see broker._drain)
+                return msgs  # cheaper than raising zmq.Again when one message came (see broker._drain)
             try:
                 head = recv(NB, copy=False)
             except zmq.Again:
-                break
+                return msgs
             if not head.more:
                 self._bad(now, "a message of 1 frame")
                 continue
@@ -207,6 +209,7 @@ class DealerLink:
                 msgs.append(p.decode(head.bytes, payload.bytes))
             except RemoteProtocolError as exc:
                 self._bad(now, str(exc))
+        self.more = True
         return msgs
 
     def _bad(self, now: float, what: str) -> None:
