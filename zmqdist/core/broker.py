@@ -162,6 +162,7 @@ class BrokerCore:
                 "bogus_results",
                 "workers_registered",
                 "workers_expired",
+                "workers_unreachable",
                 "workers_left",
                 "bad_input",
                 "send_drops",
@@ -207,6 +208,7 @@ class BrokerCore:
             w = self._workers.get(peer)
             if w is not None:
                 # The worker is unreachable: treat it as dead so its tasks (this one too) requeue.
+                self.counters["workers_unreachable"] += 1
                 return self._drop_worker(w, now, "unreachable", spend_attempt=False)
         return _NONE
 
