@@ -34,7 +34,7 @@ from zmqdist.errors import (
     RequestTimeout,
     WorkerLost,
 )
-from zmqdist.transport import DealerLink, Mailbox, poll_timeout_ms
+from zmqdist.transport import DealerLink, Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -158,22 +158,16 @@ class Client:
         running = True
         try:
             self._handle(link, core.start(clock.now()))
-            poller = self._poller(link)
             while running:
                 now = clock.now()
                 if not link.more:  # timers only after every arrived message is read (see Broker)
                     self._handle(link, core.tick(now))
-                if link.sock is not poller.sockets[0][0]:
-                    poller = self._poller(link)
-                timeout = 0 if link.more else poll_timeout_ms(core.next_deadline(), now)
-                if link.backlog and not link.flush():
-                    timeout = min(timeout, 20)
-                events = dict(poller.poll(timeout))
+                sock_ready, mail_ready = link.wait(core.next_deadline(), now, mailbox_fd)
                 now = clock.now()
-                if link.sock in events:
+                if sock_ready:
                     for msg in link.recv_batch(now):
                         self._handle(link, core.receive(msg, now))
-                if mailbox_fd in events:
+                if mail_ready:
                     for item in self._mailbox.drain():
                         if item is None:
                             running = False
@@ -194,12 +188,6 @@ class Client:
                     if entry is not None:
                         entry[0].set_exception(ClosedError("client closed"))
             self._mailbox.close()
-
-    def _poller(self, link: DealerLink) -> zmq.Poller:
-        poller = zmq.Poller()
-        poller.register(link.sock, zmq.POLLIN)
-        poller.register(self._mailbox.fileno(), zmq.POLLIN)
-        return poller
 
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:
         for o in outs:

@@ -25,7 +25,7 @@ from zmqdist.config import HeartbeatSettings, check_endpoints
 from zmqdist.core.link import Connect, Problem, Stopped
 from zmqdist.core.worker import Execute, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
-from zmqdist.transport import DealerLink, Mailbox, poll_timeout_ms
+from zmqdist.transport import DealerLink, Mailbox
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -145,7 +145,6 @@ class Worker:
         mailbox_fd = self._mailbox.fileno()
         try:
             self._handle(link, executors, core.start(clock.now()))
-            poller = self._poller(link)
             log.info(
                 "worker %s serving %s on %s (concurrency %d)",
                 self.name,
@@ -159,17 +158,12 @@ class Worker:
                     self._handle(link, executors, core.tick(now))
                 if core.stopped:
                     break
-                if link.sock is not poller.sockets[0][0]:
-                    poller = self._poller(link)
-                timeout = 0 if link.more else poll_timeout_ms(core.next_deadline(), now)
-                if link.backlog and not link.flush():
-                    timeout = min(timeout, 20)
-                events = dict(poller.poll(timeout))
+                sock_ready, mail_ready = link.wait(core.next_deadline(), now, mailbox_fd)
                 now = clock.now()
-                if link.sock in events:
+                if sock_ready:
                     for msg in link.recv_batch(now):
                         self._handle(link, executors, core.receive(msg, now))
-                if mailbox_fd in events:
+                if mail_ready:
                     for item in self._mailbox.drain():
                         kind = item[0]
                         if kind == "done":
@@ -188,12 +182,6 @@ class Worker:
             self._mailbox.close()
             self._done.set()
             log.info("worker %s stopped: %s", self.name, self.stop_reason or "error")
-
-    def _poller(self, link: DealerLink) -> zmq.Poller:
-        poller = zmq.Poller()
-        poller.register(link.sock, zmq.POLLIN)
-        poller.register(self._mailbox.fileno(), zmq.POLLIN)
-        return poller
 
     def _handle(self, link: DealerLink, executors: Executors, outs: list[WorkerOut]) -> None:
         for o in outs:

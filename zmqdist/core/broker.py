@@ -329,10 +329,7 @@ class BrokerCore:
                     w.served += 1
                 out.append(self._finish(req, p.ST_OK if m.status == p.RS_OK else p.ST_FAILED, "", m.payload))
         if w is not None:
-            for s in w.services:
-                pool = self._pools[s]
-                if pool.queue:
-                    self._pump(pool, now, out)
+            self._pump_services(w, now, out)
         elif req is not None and req.state == QUEUED and req.ticket in self._reqs:
             self._pump(self._pools[req.service], now, out)
         return out
@@ -365,10 +362,7 @@ class BrokerCore:
                 req.attempt -= 1
                 self._requeue(req, now)
         self._offer(w)
-        for s in w.services:
-            pool = self._pools[s]
-            if pool.queue:
-                self._pump(pool, now, out)
+        self._pump_services(w, now, out)
 
     def _on_hello(self, peer: bytes, w: _Worker | None, m: p.Hello, now: float) -> list[Out]:
         out: list[Out] = []
@@ -397,10 +391,7 @@ class BrokerCore:
             pool.workers.add(nw)
         out.append((peer, self._welcome))
         self._offer(nw)
-        for s in nw.services:
-            pool = self._pools[s]
-            if pool.queue:
-                self._pump(pool, now, out)
+        self._pump_services(nw, now, out)
         return out
 
     def _on_credit(self, peer: bytes, w: _Worker | None, m: p.Credit, now: float) -> list[Out]:
@@ -409,10 +400,7 @@ class BrokerCore:
         w.capacity = m.capacity
         out: list[Out] = []
         self._offer(w)
-        for s in w.services:
-            pool = self._pools[s]
-            if pool.queue:
-                self._pump(pool, now, out)
+        self._pump_services(w, now, out)
         return out
 
     def _on_bye(self, peer: bytes, w: _Worker | None, m: p.Bye, now: float) -> list[Out]:
@@ -484,6 +472,13 @@ class BrokerCore:
                     ),
                 )
             )
+
+    def _pump_services(self, w: _Worker, now: float, out: list[Out]) -> None:
+        """Dispatch what waits for any service of ``w`` (it has just gained free capacity)."""
+        for s in w.services:
+            pool = self._pools[s]
+            if pool.queue:
+                self._pump(pool, now, out)
 
     def _requeue(self, req: _Req, now: float) -> None:
         pool = self._pools[req.service]

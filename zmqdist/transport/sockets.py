@@ -125,6 +125,8 @@ class DealerLink:
         self.bad_input = 0
         self.endpoint = ""
         self.more = False  # the last recv_batch stopped at its limit: messages are still waiting
+        self._poller: zmq.Poller | None = None
+        self._polled: zmq.Socket[Any] | None = None
 
     def connect(self, endpoint: str) -> zmq.Socket[Any]:
         """Close the current socket (if any) and return a new one connected to ``endpoint``."""
@@ -176,9 +178,23 @@ class DealerLink:
             b.popleft()
         return True
 
-    @property
-    def backlog(self) -> int:
-        return len(self._backlog)
+    def wait(self, deadline: float | None, now: float, mailbox_fd: int) -> tuple[bool, bool]:
+        """Retry the backlog, then wait for the socket or the mailbox until ``deadline``.
+
+        Returns (socket readable, mailbox readable). Does not wait while messages are known to be
+        waiting, and retries a stuck backlog every 20 ms.
+        """
+        if self._poller is None or self._polled is not self.sock:
+            self._poller = zmq.Poller()
+            if self.sock is not None:
+                self._poller.register(self.sock, zmq.POLLIN)
+            self._poller.register(mailbox_fd, zmq.POLLIN)
+            self._polled = self.sock
+        timeout = 0 if self.more else poll_timeout_ms(deadline, now)
+        if self._backlog and not self.flush():
+            timeout = min(timeout, 20)
+        events = dict(self._poller.poll(timeout))
+        return self.sock is not None and self.sock in events, mailbox_fd in events
 
     def recv_batch(self, now: float, limit: int = 1000) -> list[p.Message]:
         """Return up to ``limit`` decoded messages waiting on the socket (bad ones counted, logged)."""
