@@ -171,3 +171,24 @@ def test_many_client_threads_share_one_client(procs, ipc_ep):
         for t in ts:
             t.join(30)
         assert not errors
+
+
+@pytest.mark.timeout(60)
+def test_hung_worker_sigstop_is_given_up_then_rejoins_after_sigcont(procs, ipc_ep):
+    start_broker(procs, ipc_ep)
+    a, b = start_workers(procs, ipc_ep, 2)
+    with Client([ipc_ep], timeout=30) as c:
+        wait_workers(c, 2)
+        futs = [c.submit("slow", 0.3) for _ in range(8)]
+        wait_for(lambda: status(c)["services"]["slow"]["inflight"] == 4, 10, "both workers busy")
+        a.send_signal(signal.SIGSTOP)  # hung: no heartbeats, no FIN, its connection stays open
+        try:
+            assert sorted({f.result(20) for f in futs}) == [b.pid]  # A's requests were requeued to B
+            st = status(c)
+            assert st["counters"]["workers_expired"] >= 1 and [w["name"] for w in st["workers"]] == ["w1"]
+        finally:
+            a.send_signal(signal.SIGCONT)
+        wait_workers(c, 2)  # A finds it was forgotten and registers again
+        st = status(c)
+    assert st["counters"]["replies_ok"] == 8 and st["requests_open"] == 0
+    assert c._core.counters["duplicates"] == 0
