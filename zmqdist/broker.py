@@ -68,8 +68,6 @@ class Broker:
         self._startup_error: BaseException | None = None
         self.endpoints: list[str] = []
         self.incarnation = secrets.token_hex(8)
-        self._core: BrokerCore | None = None
-        self._stopping = False
         self._ratelog = RateLimitedLog(log)
         self._enc = p.Encoder()  # used by the loop thread only
         self._fsend: Any = None
@@ -99,7 +97,6 @@ class Broker:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving: tell workers BYE, close the socket, end the thread. Safe to call twice."""
-        self._stopping = True
         self._mailbox.post(("stop",))
         t = self._thread
         if t is not None and t is not threading.current_thread() and t.is_alive():
@@ -107,7 +104,6 @@ class Broker:
 
     def request_stop(self) -> None:
         """Ask the loop to stop, without waiting (safe in a signal handler)."""
-        self._stopping = True
         self._mailbox.post(("stop",))
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
@@ -136,7 +132,7 @@ class Broker:
             return
         self._fsend = fast_send(sock)
         clock = self._clock
-        core = self._core = BrokerCore(self.settings, self.incarnation, clock.now())
+        core = BrokerCore(self.settings, self.incarnation, clock.now())
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
         core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time()}
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))

@@ -8,13 +8,14 @@ the socket thread resolves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
 import zmq
@@ -113,6 +114,10 @@ class Client:
         fut: Future[Any] = Future()
         self._futures[rid] = (fut, service)
         self._mailbox.post((rid, service, payload, t))
+        if self._closed and self._futures.pop(rid, None) is not None:
+            # closed while we posted: the loop may have finished its clean-up already
+            with contextlib.suppress(InvalidStateError):
+                fut.set_exception(ClosedError("client closed"))
         return fut
 
     def call(self, service: str, value: Any = None, *, timeout: float | None = None) -> Any:

@@ -62,7 +62,6 @@ class Worker:
         self._mailbox = Mailbox()
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
-        self._core: WorkerCore | None = None
         self.stop_reason = ""
         self.error: BaseException | None = None
 
@@ -138,9 +137,7 @@ class Worker:
     def _main(self) -> None:
         clock = self._clock
         link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log)
-        core = self._core = WorkerCore(
-            self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now()
-        )
+        core = WorkerCore(self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now())
         executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox)
         mailbox_fd = self._mailbox.fileno()
         try:

@@ -199,3 +199,16 @@ def test_remote_error_and_async_paths(stack):
     with Client(broker.endpoints[:1], timeout=10) as c:
         assert c.call("echo", b"\x00raw") == b"\x00raw"
         assert c.call("aecho", 5) == 5
+
+
+@pytest.mark.timeout(30)
+def test_client_close_fails_pending_and_later_submissions_instead_of_hanging(tmp_path):
+    from zmqdist import ClosedError
+
+    c = Client([f"ipc://{tmp_path}/nobody.sock"], timeout=30)
+    fut = c.submit("echo", 1)
+    c.close()
+    with pytest.raises(ClosedError):
+        fut.result(5)
+    with pytest.raises(ClosedError):
+        c.submit("echo", 2)

@@ -28,7 +28,10 @@ class Mailbox:
         return self._r
 
     def post(self, item: Any) -> None:
-        """Queue ``item`` and wake the owner (from any thread)."""
+        """Queue ``item`` and wake the owner (from any thread). Ignored once the mailbox is closed:
+        its descriptor numbers may already belong to another file."""
+        if self._closed:
+            return
         self._q.append(item)
         if not self._armed:
             self._armed = True
@@ -53,6 +56,6 @@ class Mailbox:
     def close(self) -> None:
         """Release the pipe (owner thread, after its loop ended)."""
         if not self._closed:
-            self._closed = True
+            self._closed = True  # set first: a racing post() sees it before the fds are reused
             os.close(self._r)
             os.close(self._w)

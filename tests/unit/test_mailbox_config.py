@@ -1,0 +1,44 @@
+"""Leaves and small transport pieces: mailbox, settings, endpoint checks."""
+
+import pytest
+
+from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints, load_toml
+from zmqdist.errors import ConfigError
+from zmqdist.transport import Mailbox, poll_timeout_ms
+
+
+def test_mailbox_delivers_in_order_and_ignores_posts_after_close():
+    m = Mailbox()
+    for i in range(3):
+        m.post(i)
+    assert m.drain() == [0, 1, 2]
+    assert m.drain() == []
+    m.close()
+    m.post("late")  # must not write to a closed (possibly reused) descriptor
+    m.close()
+
+
+def test_settings_refuse_nonsense_with_clear_errors():
+    with pytest.raises(ConfigError, match="heartbeat"):
+        HeartbeatSettings(heartbeat_s=0)
+    with pytest.raises(ConfigError, match="liveness"):
+        HeartbeatSettings(liveness=0)
+    with pytest.raises(ConfigError, match="max_queue"):
+        BrokerSettings(max_queue=0)
+    assert HeartbeatSettings(0.5, 3).ttl_s == 1.5
+
+
+def test_endpoints_are_checked(tmp_path):
+    assert check_endpoints("tcp://a:1", "x") == ("tcp://a:1",)
+    for bad in ([], ["nope"], ["udp://a:1"]):
+        with pytest.raises(ConfigError):
+            check_endpoints(bad, "x")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "missing.toml")
+
+
+def test_poll_timeout_rounds_up_and_caps():
+    assert poll_timeout_ms(None, 0.0) == 1000
+    assert poll_timeout_ms(1.0001, 1.0) == 1
+    assert poll_timeout_ms(0.5, 1.0) == 0
+    assert poll_timeout_ms(100.0, 0.0) == 1000
