@@ -192,3 +192,21 @@ def test_hung_worker_sigstop_is_given_up_then_rejoins_after_sigcont(procs, ipc_e
         st = status(c)
     assert st["counters"]["replies_ok"] == 8 and st["requests_open"] == 0
     assert c._core.counters["duplicates"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_client_and_worker_fail_over_to_the_next_endpoint_when_their_broker_dies(procs, tmp_path):
+    a_ep, b_ep = f"ipc://{tmp_path}/a.sock", f"ipc://{tmp_path}/b.sock"
+    a = start_broker(procs, a_ep)
+    start_broker(procs, b_ep)
+    procs.spawn("worker", "testworkers:echo", "--connect", a_ep, "--connect", b_ep, "--name", "w0")
+    with Client([a_ep, b_ep], timeout=30) as c, Client([b_ep], timeout=10) as watch_b:
+        wait_workers(c, 1)
+        futs = [c.submit("echo", i) for i in range(400)]
+        wait_for(lambda: sum(f.done() for f in futs) >= 50, 20, "first replies through A")
+        a.send_signal(signal.SIGKILL)
+        futs += [c.submit("echo", i) for i in range(400, 600)]
+        assert [f.result(30)[0] for f in futs] == list(range(600))
+        assert c._core.counters["failovers"] >= 1 and c._core.link.endpoint == b_ep
+        st = status(watch_b)
+        assert [w["name"] for w in st["workers"]] == ["w0"] and st["counters"]["replies_ok"] >= 1
