@@ -6,7 +6,7 @@ Every setup runs in separate processes on 127.0.0.1 with 100-byte payloads and 2
 * ``device``  - the same loops through the C-level ``zmq.proxy`` ROUTER/DEALER device;
 * ``zmqdist`` - minimal loops speaking the zmqdist protocol through a ``zmqdist broker``
   (least-loaded dispatch, heartbeats, request tracking all on);
-* ``api``     - the public ``Client`` / ``Worker`` APIs through a ``zmqdist broker``.
+* ``api``     - the public ``Client`` / ``Worker`` (concurrency 16) APIs through a ``zmqdist broker``.
 
 Loads: ``sync`` (one call at a time) and ``pipelined`` (100 requests in flight). Rounds alternate
 the setups so drift on a shared machine hits them alike. CPU per request is read from /proc for the
@@ -362,7 +362,7 @@ def run_setup(
             if setup == "api":
                 procs += [
                     _spawn_cli(
-                        "worker", "zmqdist._bench:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "4"
+                        "worker", "zmqdist._bench:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "16"
                     )
                     for _ in range(workers)
                 ]
