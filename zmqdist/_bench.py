@@ -240,21 +240,16 @@ def role_apiclient(ep: str, mode: str, duration: str, payload: str) -> None:
                 lat.append(pc() - t0)
                 n += 1
         else:
-            from collections import deque
+            sent: list[float] = []
 
-            q: deque[Any] = deque()
-            while True:
-                now = pc()
-                if now >= end:
-                    break
-                while len(q) < PIPELINE:
-                    q.append((pc(), c.submit("echo", pad)))
-                t0, f = q.popleft()
-                f.result()
-                lat.append(pc() - t0)
+            def values() -> Any:
+                while pc() < end:
+                    sent.append(pc())
+                    yield pad
+
+            for k, _ in enumerate(c.map("echo", values(), window=PIPELINE)):
+                lat.append(pc() - sent[k])
                 n += 1
-            for _, f in q:
-                f.result()
         elapsed = pc() - start
         lat.sort()
         print(

@@ -22,13 +22,11 @@ from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints
 from zmqdist.core.broker import BrokerCore, Out
 from zmqdist.errors import ClosedError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import Mailbox, RateLimitedLog, bind_router, poll_timeout_ms
-from zmqdist.transport.sockets import NB, SNDMORE_NB, fast_send
+from zmqdist.transport.sockets import EVENTS, NB, POLLIN, SNDMORE_NB, fast_send
 
 log = logging.getLogger(__name__)
 
 BATCH = 2000
-EVENTS = int(zmq.EVENTS)
-POLLIN = int(zmq.POLLIN)
 FLUSH = 64
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 

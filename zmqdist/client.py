@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import queue
 import secrets
 import threading
 from collections import deque
@@ -68,6 +69,21 @@ def outcome(c: Completed, service: str) -> tuple[bool, Any]:
     return False, cls(f"{service!r}: {c.message}", c.rid, service)
 
 
+Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]]
+
+
+def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
+    """Hand an outcome to a Future (submit) or to a map call's queue."""
+    if type(target) is Future:
+        with contextlib.suppress(InvalidStateError):  # e.g. cancelled by its caller
+            if ok:
+                target.set_result(value)
+            else:
+                target.set_exception(value)
+    else:
+        target.put((rid, ok, value))  # type: ignore[union-attr]
+
+
 class Client:
     """Sends requests to a broker; ``endpoints`` is the failover order. Thread-safe."""
 
@@ -92,7 +108,7 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._mailbox = Mailbox()
         self._ids = itertools.count(1)
-        self._futures: dict[int, tuple[Future[Any], str]] = {}
+        self._futures: dict[int, tuple[Target, str]] = {}
         self._closed = False
         self._core: ClientCore | None = None
         self._thread = threading.Thread(target=self._main, name=f"zmqdist-client-{self.name}", daemon=True)
@@ -102,6 +118,12 @@ class Client:
 
     def submit(self, service: str, value: Any = None, *, timeout: float | None = None) -> Future[Any]:
         """Send a request; return a Future of the reply value (or of the request's error)."""
+        fut: Future[Any] = Future()
+        self._submit(service, value, timeout, fut)
+        return fut
+
+    def _submit(self, service: str, value: Any, timeout: float | None, target: Target) -> int:
+        """Send a request whose outcome goes to ``target``; return its id."""
         if self._closed:
             raise ClosedError("client is closed")
         if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
@@ -111,14 +133,12 @@ class Client:
             raise ConfigError(f"timeout must be greater than 0, got {timeout!r}")
         payload = p.pack_value(value)
         rid = next(self._ids)
-        fut: Future[Any] = Future()
-        self._futures[rid] = (fut, service)
+        self._futures[rid] = (target, service)
         self._mailbox.post((rid, service, payload, t))
         if self._closed and self._futures.pop(rid, None) is not None:
             # closed while we posted: the loop may have finished its clean-up already
-            with contextlib.suppress(InvalidStateError):
-                fut.set_exception(ClosedError("client closed"))
-        return fut
+            _deliver(target, rid, False, ClosedError("client closed"))
+        return rid
 
     def call(self, service: str, value: Any = None, *, timeout: float | None = None) -> Any:
         """Send a request and return its reply value; raise its error (see zmqdist.errors)."""
@@ -130,13 +150,31 @@ class Client:
         """Call ``service`` on every value, keeping up to ``window`` in flight; yield in input order."""
         if window < 1:
             raise ConfigError("window must be at least 1")
-        futs: deque[Future[Any]] = deque()
-        for v in values:
-            futs.append(self.submit(service, v, timeout=timeout))
-            if len(futs) >= window:
-                yield futs.popleft().result()
-        while futs:
-            yield futs.popleft().result()
+        # One queue for the whole call instead of a Future per request: outcomes arrive as
+        # (rid, ok, value); every request ends (reply, local timeout or close), so get() returns.
+        sink: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
+        order: deque[int] = deque()
+        done: dict[int, tuple[bool, Any]] = {}
+        it = iter(values)
+        exhausted = False
+        while True:
+            while not exhausted and len(order) < window:
+                try:
+                    v = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                order.append(self._submit(service, v, timeout, sink))
+            if not order:
+                return
+            head = order.popleft()
+            while head not in done:
+                rid, ok, value = sink.get()
+                done[rid] = (ok, value)
+            ok, value = done.pop(head)
+            if not ok:
+                raise value
+            yield value
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the client; requests still pending fail with ClosedError."""
@@ -183,15 +221,14 @@ class Client:
         finally:
             self._closed = True
             link.close()
-            for fut, _ in self._futures.values():
-                if not fut.done():
-                    fut.set_exception(ClosedError("client closed before the reply arrived"))
+            for rid, (target, _) in list(self._futures.items()):
+                _deliver(target, rid, False, ClosedError("client closed before the reply arrived"))
             self._futures.clear()
             for item in self._mailbox.drain():
                 if item is not None:
                     entry = self._futures.pop(item[0], None)
                     if entry is not None:
-                        entry[0].set_exception(ClosedError("client closed"))
+                        _deliver(entry[0], item[0], False, ClosedError("client closed"))
             self._mailbox.close()
 
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:
@@ -200,12 +237,9 @@ class Client:
             if t is Completed:
                 entry = self._futures.pop(o.rid, None)  # type: ignore[union-attr]
                 if entry is not None:
-                    fut, service = entry
+                    target, service = entry
                     ok, value = outcome(o, service)  # type: ignore[arg-type]
-                    if ok:
-                        fut.set_result(value)
-                    else:
-                        fut.set_exception(value)
+                    _deliver(target, o.rid, ok, value)  # type: ignore[union-attr]
             elif t is Connect:
                 log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)  # type: ignore[union-attr]
                 link.connect(o.endpoint)  # type: ignore[union-attr]

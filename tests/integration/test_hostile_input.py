@@ -32,6 +32,12 @@ def stack(tmp_path):
     def fail(x):
         raise KeyError(x)
 
+    @w.service("fail_on")
+    def fail_on(x):
+        if x < 0:
+            raise KeyError(x)
+        return x
+
     @w.service("aecho")
     async def aecho(x):
         await asyncio.sleep(0.001)
@@ -212,3 +218,15 @@ def test_client_close_fails_pending_and_later_submissions_instead_of_hanging(tmp
         fut.result(5)
     with pytest.raises(ClosedError):
         c.submit("echo", 2)
+
+
+@pytest.mark.timeout(60)
+def test_map_yields_in_order_and_raises_at_the_failing_item(stack):
+    broker = stack
+    with Client(broker.endpoints[:1], timeout=10) as c:
+        assert list(c.map("aecho", range(300), window=7)) == list(range(300))
+        got = []
+        with pytest.raises(RemoteError, match="KeyError"):
+            for x in c.map("fail_on", [1, 2, 3, -1, 5], window=3):
+                got.append(x)
+        assert got == [1, 2, 3]

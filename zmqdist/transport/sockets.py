@@ -33,6 +33,8 @@ def fast_send(sock: zmq.Socket[Any]) -> Any:
 
 
 NB = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)  # plain ints: IntEnum arithmetic costs about 0.45 us per operation
+POLLIN = int(zmq.POLLIN)
 LINGER_MS = 200
 MAX_POLL_MS = 1000
 
@@ -206,7 +208,7 @@ class DealerLink:
         recv = sock.recv
         events = sock.get
         for i in range(limit):
-            if 0 < i <= 4 and not int(events(zmq.EVENTS)) & zmq.POLLIN:
+            if 0 < i <= 4 and not int(events(EVENTS)) & POLLIN:
                 return msgs  # cheaper than raising zmq.Again when one message came (see broker._drain)
             try:
                 head = recv(NB, copy=False)
