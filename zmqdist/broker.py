@@ -108,6 +108,8 @@ class Broker:
         """Return the broker's status snapshot (workers, services, queues, counters)."""
         if self._done.is_set() or self._thread is None:
             raise ClosedError("broker is not running")
+        if self._thread is threading.current_thread():
+            raise ZmqdistError("status() waits for the broker's loop: call it from another thread")
         fut: Future[dict[str, Any]] = Future()
         self._mailbox.post(("status", fut))
         return fut.result(timeout)

@@ -538,14 +538,12 @@ class BrokerCore:
             why = f"no worker for service {req.service!r} was registered at broker {self.settings.name}"
         else:
             why = f"all {len(pool.workers)} workers of service {req.service!r} stayed busy"
-        self.counters["timeouts"] += 1
-        return self._finish(req, p.ST_TIMEOUT, f"deadline passed before dispatch: {why}", b"", count=False)
+        return self._finish(req, p.ST_TIMEOUT, f"deadline passed before dispatch: {why}", b"")
 
-    def _finish(self, req: _Req, status: int, message: str, payload: bytes, count: bool = True) -> Out:
+    def _finish(self, req: _Req, status: int, message: str, payload: bytes) -> Out:
         del self._reqs[req.ticket]
         del self._by_key[req.dkey]
-        if count:
-            self.counters[_COUNTER_OF[status]] += 1
+        self.counters[_COUNTER_OF[status]] += 1
         pool = self._pools.get(req.service)
         if pool is not None and not pool.workers:
             queue = pool.queue
