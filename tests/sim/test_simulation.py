@@ -132,8 +132,9 @@ def test_attempt_cap_reports_lost_when_every_worker_dies():
     drop_rate=st.sampled_from([0.0, 0.0, 0.01, 0.05]),
 )
 def test_property_every_request_ends_exactly_once(data, n_workers, n_requests, drop_rate):
-    """Random kills, partitions and message loss: no task to a dead worker (checked on every send
-    by the simulation), in-flight never above capacity (ditto), and every request ends once."""
+    """Random kills, partitions, broker restarts and message loss: no task to a dead worker (checked
+    on every send by the simulation), in-flight never above capacity (ditto), every request ends
+    once, and nothing is left open in the broker."""
     seed = data.draw(st.integers(0, 2**32 - 1))
     sim = Simulation(seed=seed)
     for i in range(n_workers):
@@ -150,8 +151,12 @@ def test_property_every_request_ends_exactly_once(data, n_workers, n_requests, d
     for _ in range(data.draw(st.integers(0, 4))):
         sim.run_for(data.draw(st.floats(0.0, 1.0)))
         victim = f"w{data.draw(st.integers(0, n_workers - 1))}"
-        action = data.draw(st.sampled_from(["kill", "partition", "heal", "add"]))
-        if action == "kill":
+        action = data.draw(st.sampled_from(["kill", "partition", "heal", "add", "restart_broker"]))
+        if action == "restart_broker":
+            sim.kill_broker()
+            sim.run_for(data.draw(st.floats(0.0, 2.0)))
+            sim.restart_broker()
+        elif action == "kill":
             sim.kill(victim)
         elif action == "partition":
             sim.partition(victim)
