@@ -112,3 +112,40 @@ def test_values_round_trip_and_bytes_pass_through():
 def test_error_payload_tolerates_garbage():
     assert p.unpack_error(p.pack_error("ValueError", "bad", "tb")) == ("ValueError", "bad", "tb")
     assert p.unpack_error(b"\xc1")[0] == "UnknownError"
+
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_fields = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=300) | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=5).map(tuple),
+    max_leaves=8,
+)
+
+
+_near_valid = st.one_of(
+    st.tuples(  # REQUEST-shaped, around every boundary
+        st.integers(-1, 2**63) | st.booleans(),
+        st.text(max_size=258),
+        st.integers(-1, p.MAX_BUDGET_MS + 1),
+        st.just(()) | st.lists(st.text(max_size=3), max_size=2).map(tuple),
+    ),
+    st.tuples(st.integers(-1, 2**63), st.integers(-1, 3) | st.booleans()),  # RESULT-shaped
+)
+
+
+@given(
+    cmd=st.sampled_from([p.Request, p.Result]),
+    fields=st.lists(_fields, max_size=6).map(tuple) | _near_valid,
+)
+def test_fast_paths_accept_and_refuse_exactly_what_the_general_decoder_does(cmd, fields):
+    head = p.HEAD_PREFIX[cmd] + msgpack.packb(fields)
+    try:
+        expected = p._decode_general(head, b"pl")
+    except RemoteProtocolError as exc:
+        with pytest.raises(RemoteProtocolError):
+            p.decode(head, b"pl")
+        assert exc.code == p.E_HEADER
+    else:
+        assert p.decode(head, b"pl") == expected
