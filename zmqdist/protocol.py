@@ -287,6 +287,7 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
 _CMD_REQUEST: Final = bytes([CMD_OF[Request]])
 _CMD_RESULT: Final = bytes([CMD_OF[Result]])
+_FAST_CMDS: Final = frozenset((_CMD_REQUEST, _CMD_RESULT))
 _unpackb = msgpack.unpackb
 
 
@@ -300,37 +301,24 @@ def decode(head: bytes, payload: bytes) -> Message:
         # Fast paths for the two commands on every request (same checks, fewer calls); anything
         # unusual falls through to the general path, which names the problem.
         cmd = head[3:4]
-        if cmd == _CMD_REQUEST:
+        if cmd in _FAST_CMDS:
             try:
                 f = _unpackb(head[4:], use_list=False)
             except Exception:
                 f = None
-            if (
-                type(f) is tuple
-                and len(f) == 4
-                and type(f[0]) is int
-                and 0 <= f[0] <= MAX_ID
-                and type(f[1]) is str
-                and 0 < len(f[1]) <= MAX_NAME
-                and type(f[2]) is int
-                and 0 <= f[2] <= MAX_BUDGET_MS
-                and f[3] == ()
-            ):
-                return tuple.__new__(Request, (*f, payload))
-        elif cmd == _CMD_RESULT:
-            try:
-                f = _unpackb(head[4:], use_list=False)
-            except Exception:
-                f = None
-            if (
-                type(f) is tuple
-                and len(f) == 2
-                and type(f[0]) is int
-                and 0 <= f[0] <= MAX_ID
-                and type(f[1]) is int
-                and f[1] in RESULT_STATUSES
-            ):
-                return tuple.__new__(Result, (*f, payload))
+            if type(f) is tuple and type(f[0] if f else None) is int and 0 <= f[0] <= MAX_ID:
+                if cmd == _CMD_REQUEST:
+                    if (
+                        len(f) == 4
+                        and type(f[1]) is str
+                        and 0 < len(f[1]) <= MAX_NAME
+                        and type(f[2]) is int
+                        and 0 <= f[2] <= MAX_BUDGET_MS
+                        and f[3] == ()
+                    ):
+                        return tuple.__new__(Request, (*f, payload))
+                elif len(f) == 2 and type(f[1]) is int and f[1] in RESULT_STATUSES:
+                    return tuple.__new__(Result, (*f, payload))
     return _decode_general(head, payload)
 
 
