@@ -68,7 +68,7 @@ class Broker:
         self.incarnation = secrets.token_hex(8)
         self._ratelog = RateLimitedLog(log)
         self._enc = p.Encoder()  # used by the loop thread only
-        self._fsend: Any = None
+        self._fsend: Any = None  # backend send of the ROUTER, set by the loop thread
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -150,7 +150,7 @@ class Broker:
                     # in the socket must not let a live worker expire after a long batch or a stall.
                     out = core.tick(now)
                     if out:
-                        self._send(sock, core, out, now)
+                        self._send(core, out, now)
                 timeout = 0 if backlog else poll_timeout_ms(core.next_deadline(), now)
                 events = dict(poller.poll(timeout))
                 backlog = sock in events and self._drain(sock, core)
@@ -161,7 +161,7 @@ class Broker:
             raise
         finally:
             try:
-                self._send(sock, core, core.shutdown(), clock.now())
+                self._send(core, core.shutdown(), clock.now())
             finally:
                 sock.close(100)
                 self._mailbox.close()
@@ -174,7 +174,7 @@ class Broker:
             if cmd[0] == "stop":
                 stop = True
             elif cmd[0] == "status":
-                cmd[1].set_result({**core.status(self._clock.now()), "loop_cpu_s": thread_cpu_time()})
+                cmd[1].set_result(core.status(self._clock.now()))
         return stop
 
     def _drain(self, sock: zmq.Socket[Any], core: BrokerCore) -> bool:
@@ -223,14 +223,14 @@ class Broker:
                 continue
             pending += receive(ident, msg, now)
             if i % FLUSH == FLUSH - 1 and pending:
-                self._send(sock, core, pending, now)
+                self._send(core, pending, now)
                 pending = []
         if pending:
-            self._send(sock, core, pending, now)
+            self._send(core, pending, now)
         return more
 
-    def _send(self, sock: zmq.Socket[Any], core: BrokerCore, out: list[Out], now: float) -> None:
-        send = self._fsend or fast_send(sock)
+    def _send(self, core: BrokerCore, out: list[Out], now: float) -> None:
+        send = self._fsend
         encode = self._enc.encode
         work = out
         while work:

@@ -24,21 +24,6 @@ class MonotonicClock:
         return time.monotonic()
 
 
-def wall_time() -> float:
-    """Return wall-clock seconds since the epoch (for display only, never for deadlines)."""
-    return time.time()
-
-
-def process_cpu_time() -> float:
-    """Return this process's CPU seconds (benchmarks use it for CPU per request)."""
-    return time.process_time()
-
-
-def perf_counter() -> float:
-    """Return a high-resolution monotonic counter in seconds (benchmarks, latency samples)."""
-    return time.perf_counter()
-
-
 def thread_cpu_time() -> float:
     """Return the calling thread's CPU seconds (a broker reports its loop thread's in status)."""
     return time.thread_time()

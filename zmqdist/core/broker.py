@@ -71,7 +71,6 @@ class _Req:
         "attempt",
         "client",
         "deadline",
-        "dkey",
         "key",
         "payload",
         "rid",
@@ -90,7 +89,6 @@ class _Req:
         service: str,
         payload: bytes,
         deadline: float,
-        dkey: tuple[bytes, int],
     ) -> None:
         self.ticket = ticket
         self.client = client
@@ -103,7 +101,6 @@ class _Req:
         self.tried: list[bytes] | None = None
         self.state = QUEUED
         self.key = ""
-        self.dkey = dkey  # (client, rid): the duplicate-detection key
 
 
 class _Pool:
@@ -126,8 +123,6 @@ class BrokerCore:
         self.incarnation = incarnation
         self.started = now
         self._ttl = settings.heartbeat.ttl_s
-        self._max_queue = settings.max_queue
-        self._max_queue_bytes = settings.max_queue_bytes
         self._welcome = p.Welcome(
             settings.name,
             incarnation,
@@ -264,7 +259,7 @@ class BrokerCore:
             c["timeouts"] += 1
             return [(peer, p.Reply(m.rid, p.ST_TIMEOUT, "request arrived with its time budget spent", b""))]
         size = len(m.payload)
-        if self._queued >= self._max_queue or self._queued_bytes + size > self._max_queue_bytes:
+        if self._queued >= self.settings.max_queue or self._queued_bytes + size > self.settings.max_queue_bytes:
             c["busy"] += 1
             return [
                 (
@@ -280,7 +275,7 @@ class BrokerCore:
             ]
         ticket = self._next_ticket
         self._next_ticket = ticket + 1
-        req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0, key)
+        req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0)
         self._reqs[ticket] = req
         self._by_key[key] = ticket
         pool = self._pools.get(service)
@@ -542,7 +537,7 @@ class BrokerCore:
 
     def _finish(self, req: _Req, status: int, message: str, payload: bytes) -> Out:
         del self._reqs[req.ticket]
-        del self._by_key[req.dkey]
+        del self._by_key[(req.client, req.rid)]
         self.counters[_COUNTER_OF[status]] += 1
         pool = self._pools.get(req.service)
         if pool is not None and not pool.workers:
@@ -563,10 +558,7 @@ class BrokerCore:
 
     def _internal(self, m: p.Request, now: float) -> p.Reply:
         if m.service == STATUS_SERVICE:
-            st = self.status(now)
-            if self.status_hook is not None:
-                st.update(self.status_hook())
-            return p.Reply(m.rid, p.ST_OK, "", p.pack_value(st))
+            return p.Reply(m.rid, p.ST_OK, "", p.pack_value(self.status(now)))
         self.counters["invalid"] += 1
         return p.Reply(m.rid, p.ST_INVALID, f"unknown internal service {m.service!r}", b"")
 
@@ -605,6 +597,7 @@ class BrokerCore:
             "workers": workers,
             "services": services,
             "counters": dict(self.counters),
+            **(self.status_hook() if self.status_hook is not None else {}),
         }
 
     # --- introspection for tests and invariants -------------------------------------------------

@@ -59,9 +59,8 @@ class WorkerCore:
         self.draining = False
         self.stopped = False
         self._drain_deadline: float | None = None
-        self._drain_acked = False  # the broker answered a heartbeat sent after CREDIT(0)
         self._unanswered = 0  # heartbeats sent this session and not yet answered (answers are FIFO)
-        self._drain_wait = 0  # answers still due before the drain heartbeat's own
+        self._drain_wait = 0  # answers due until the drain heartbeat's own (<= 0: drain answered)
         self.inflight: dict[int, int] = {}  # ticket -> session, current session only
         self.stale = 0  # tasks still running from earlier sessions
         self.seq_seen = 0  # highest task seq the broker is known to have sent this session
@@ -110,12 +109,10 @@ class WorkerCore:
                 return self._rehello(now)
             self.seq_seen = max(self.seq_seen, msg.seq)  # type: ignore[union-attr]
             self._unanswered = max(0, self._unanswered - 1)
-            if self.draining and self.registered and not self._drain_acked:
+            if self.draining and self.registered:
                 self._drain_wait -= 1
-                if self._drain_wait <= 0:
-                    self._drain_acked = True
-                    if not self.inflight:
-                        return self._finish("drained")
+                if self._drain_wait <= 0 and not self.inflight:
+                    return self._finish("drained")
             return []
         if t is p.Welcome:
             link.welcome(msg)  # type: ignore[arg-type]
@@ -144,7 +141,7 @@ class WorkerCore:
         if self.stopped:
             return out
         out.append(p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload))
-        if self.draining and self._drain_acked and not self.inflight:
+        if self.draining and self._drain_wait <= 0 and not self.inflight:
             out += self._finish("drained")
         return out
 
