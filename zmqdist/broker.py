@@ -4,12 +4,18 @@ The loop: wait for the socket, the mailbox or the core's next deadline; drain up
 messages with plain ``recv``; feed the core; send what it returns with NOBLOCK; tick. A send that
 fails (peer gone: EHOSTUNREACH with ROUTER_MANDATORY; its queue full: EAGAIN) is reported to the
 core, which requeues a task that did not leave. Nothing here decides where a request goes.
+
+A proxy (``upstream`` set) also owns a DEALER to its upstream broker, in the same thread: the core
+addresses it as peer ``UPSTREAM`` and asks for (re)connections with ``Connect``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
 import secrets
+import socket
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -19,9 +25,10 @@ import zmq
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock, thread_cpu_time
 from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints
-from zmqdist.core.broker import BrokerCore, Out
+from zmqdist.core.broker import UPSTREAM, BrokerCore, Out
+from zmqdist.core.link import Connect, Problem
 from zmqdist.errors import ClosedError, RemoteProtocolError, ZmqdistError
-from zmqdist.transport import Mailbox, RateLimitedLog, bind_router, poll_timeout_ms
+from zmqdist.transport import DealerLink, Mailbox, RateLimitedLog, bind_router, poll_timeout_ms
 from zmqdist.transport.sockets import EVENTS, NB, POLLIN, SNDMORE_NB, fast_send
 
 log = logging.getLogger(__name__)
@@ -38,7 +45,8 @@ class Broker:
         self,
         bind: list[str] | tuple[str, ...] | str,
         *,
-        name: str = "broker",
+        name: str | None = None,
+        upstream: list[str] | tuple[str, ...] | str = (),
         heartbeat_s: float = 0.25,
         liveness: int = 4,
         max_queue: int = 10_000,
@@ -49,7 +57,9 @@ class Broker:
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.settings = BrokerSettings(
-            name=name,
+            # Names are hop ids in tiers: the default is unique per process.
+            name=name or f"{socket.gethostname()}-{os.getpid()}",
+            upstream=check_endpoints(upstream, "broker upstream") if upstream else (),
             heartbeat=HeartbeatSettings(heartbeat_s, liveness),
             max_queue=max_queue,
             max_queue_bytes=max_queue_bytes,
@@ -69,6 +79,8 @@ class Broker:
         self._ratelog = RateLimitedLog(log)
         self._enc = p.Encoder()  # used by the loop thread only
         self._fsend: Any = None  # backend send of the ROUTER, set by the loop thread
+        self._up: DealerLink | None = None  # a proxy's link to its upstream, owned by the loop thread
+        self._poller: zmq.Poller | None = None
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -132,16 +144,17 @@ class Broker:
             return
         self._fsend = fast_send(sock)
         clock = self._clock
-        core = BrokerCore(self.settings, self.incarnation, clock.now())
+        core = BrokerCore(self.settings, self.incarnation, clock.now(), rng=random.random)
+        if self.settings.upstream:
+            self._up = DealerLink(self._ctx, b"B" + secrets.token_bytes(8), log)
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
         core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time()}
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
         self._ready.set()
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(self._mailbox.fileno(), zmq.POLLIN)
         mailbox_fd = self._mailbox.fileno()
+        up = self._up
         try:
+            self._send(core, core.start(clock.now()), clock.now())
             backlog = False
             while True:
                 now = clock.now()
@@ -152,8 +165,20 @@ class Broker:
                     if out:
                         self._send(core, out, now)
                 timeout = 0 if backlog else poll_timeout_ms(core.next_deadline(), now)
-                events = dict(poller.poll(timeout))
+                if up is not None and not up.flush():
+                    timeout = min(timeout, 20)  # retry what waits for the upstream connection
+                if self._poller is None:
+                    self._poller = self._make_poller(sock, mailbox_fd)
+                events = dict(self._poller.poll(timeout))
                 backlog = sock in events and self._drain(sock, core)
+                if up is not None and up.sock is not None and up.sock in events:
+                    now = clock.now()
+                    out = []
+                    for msg in up.recv_batch(now):
+                        out += core.receive(UPSTREAM, msg, now)
+                    backlog = backlog or up.more
+                    if out:
+                        self._send(core, out, now)
                 if mailbox_fd in events and self._commands(core):
                     break
         except Exception:
@@ -164,9 +189,19 @@ class Broker:
                 self._send(core, core.shutdown(), clock.now())
             finally:
                 sock.close(100)
+                if up is not None:
+                    up.close()
                 self._mailbox.close()
                 self._done.set()
                 log.info("broker %s stopped", self.settings.name)
+
+    def _make_poller(self, sock: zmq.Socket[Any], mailbox_fd: int) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(mailbox_fd, zmq.POLLIN)
+        if self._up is not None and self._up.sock is not None:
+            poller.register(self._up.sock, zmq.POLLIN)
+        return poller
 
     def _commands(self, core: BrokerCore) -> bool:
         stop = False
@@ -236,7 +271,10 @@ class Broker:
         while work:
             failed: list[Out] = []
             for peer, msg in work:
-                head, payload = encode(msg)
+                if not peer:
+                    self._send_up(msg, now)
+                    continue
+                head, payload = encode(msg)  # type: ignore[arg-type]
                 try:
                     send(peer, SNDMORE_NB)
                 except zmq.ZMQError as exc:
@@ -244,11 +282,24 @@ class Broker:
                     self._ratelog.warning(
                         "send", now, "cannot send %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror
                     )
-                    failed += core.send_failed(peer, msg, now)
+                    failed += core.send_failed(peer, msg, now)  # type: ignore[arg-type]
                     continue
                 send(head, SNDMORE_NB)
                 send(payload, NB)
             work = failed
+
+    def _send_up(self, msg: p.Message | Connect | Problem, now: float) -> None:
+        up = self._up
+        if up is None:
+            return
+        if isinstance(msg, Connect):
+            log.info("broker %s: connecting upstream to %s (%s)", self.settings.name, msg.endpoint, msg.reason)
+            up.connect(msg.endpoint)
+            self._poller = None  # the new socket must be polled
+        elif isinstance(msg, Problem):
+            self._ratelog.warning("upstream", now, "broker %s: %s", self.settings.name, msg.message)
+        else:
+            up.send(msg)
 
     def _bad(self, ident: bytes, now: float, what: str) -> None:
         self._ratelog.warning("bad-input", now, "bad message from %s: %s", ident.hex(), what)

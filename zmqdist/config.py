@@ -49,10 +49,22 @@ class BrokerSettings:
     max_queue: int = 10_000
     max_queue_bytes: int = 256 * 1024 * 1024
     max_attempts: int = 3
+    upstream: tuple[str, ...] = ()  # a proxy's upstream broker endpoints, in failover order
+    advert_interval_s: float = 0.005  # a proxy tells its upstream about capacity changes at most this often
+    backoff_s: float = 0.25  # first jittered pause before re-registering upstream; doubles per failure
+    backoff_max_s: float = 4.0
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name) > 255:
             raise ConfigError("broker name must be 1 to 255 characters")
+        if not all(isinstance(e, str) and e for e in self.upstream):
+            raise ConfigError(f"upstream must be a list of endpoints, got {self.upstream!r}")
+        if not 0 <= self.advert_interval_s <= 60:
+            raise ConfigError(f"advert_interval_s must be between 0 and 60 seconds, got {self.advert_interval_s!r}")
+        if not 0 <= self.backoff_s <= self.backoff_max_s <= 3600:
+            raise ConfigError(
+                f"need 0 <= backoff_s <= backoff_max_s <= 3600, got {self.backoff_s!r} and {self.backoff_max_s!r}"
+            )
         if self.max_queue < 1:
             raise ConfigError(f"max_queue must be at least 1, got {self.max_queue!r}")
         if self.max_queue_bytes < 1:

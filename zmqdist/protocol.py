@@ -58,6 +58,7 @@ MAX_NAME: Final = 255
 MAX_BUDGET_MS: Final = 7 * 24 * 3600 * 1000
 MAX_CAPACITY: Final = 65535
 MAX_HOPS: Final = 32
+MAX_SERVICES: Final = 4096
 MAX_ID: Final = 2**63 - 1
 RESERVED_PREFIX: Final = "zmqdist."
 
@@ -92,8 +93,10 @@ class Request(NamedTuple):
 
 
 class Task(NamedTuple):
-    """Broker -> worker: run this. ``key`` is the idempotency key (stable across retries);
-    ``seq`` numbers the tasks sent to this worker, so lost ones can be found (see Heartbeat)."""
+    """Broker -> worker (or downstream broker): run this. ``key`` is the idempotency key (stable
+    across retries); ``seq`` numbers the tasks sent to this peer, so lost ones can be found (see
+    Heartbeat); ``hops`` names the brokers the request has passed (a broker never sends it to one
+    of them; workers ignore it)."""
 
     ticket: int
     service: str
@@ -101,6 +104,7 @@ class Task(NamedTuple):
     attempt: int
     key: str
     seq: int
+    hops: tuple[str, ...]
     payload: bytes
 
 
@@ -141,6 +145,18 @@ class Credit(NamedTuple):
     capacity: int
 
 
+class Advert(NamedTuple):
+    """Downstream broker -> upstream broker: the spare capacity it offers, per service.
+
+    ``spare`` lists every service the downstream broker can serve below it, with the number of
+    tasks it can take now. It was computed after the task with sequence number ``seq`` had arrived:
+    the upstream subtracts the tasks it sent after that one. An advert is valid for one ttl.
+    """
+
+    seq: int
+    spare: tuple[tuple[str, int], ...]
+
+
 class Reconnect(NamedTuple):
     """Broker -> peer: I do not know you; send HELLO again."""
 
@@ -160,7 +176,7 @@ class Error(NamedTuple):
     message: str
 
 
-Message = Hello | Welcome | Request | Task | Result | Reply | Heartbeat | Credit | Reconnect | Bye | Error
+Message = Hello | Welcome | Request | Task | Result | Reply | Heartbeat | Credit | Reconnect | Bye | Error | Advert
 
 CMD_OF: Final[dict[type, int]] = {
     Hello: 1,
@@ -174,6 +190,7 @@ CMD_OF: Final[dict[type, int]] = {
     Reconnect: 9,
     Bye: 10,
     Error: 11,
+    Advert: 12,
 }
 TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
@@ -198,7 +215,7 @@ def _check_hello(f: tuple[Any, ...]) -> str | None:
         return "role must be 0 (broker), 1 (client) or 2 (worker)"
     if type(f[1]) is not str or len(f[1]) > MAX_NAME:
         return "name must be a string of at most 255 characters"
-    if not _names(f[2], 4096):
+    if not _names(f[2], MAX_SERVICES):
         return "services must be a list of non-empty names of at most 255 characters"
     if not _is_int(f[3], 0, MAX_CAPACITY):
         return f"capacity must be an integer from 0 to {MAX_CAPACITY}"
@@ -234,6 +251,8 @@ def _check_task(f: tuple[Any, ...]) -> str | None:
         return "key must be a string"
     if not _is_int(f[5], 0, MAX_ID):
         return "seq must be a non-negative integer"
+    if f[6] != () and not _names(f[6], MAX_HOPS):
+        return f"hops must be a list of at most {MAX_HOPS} broker names"
     return None
 
 
@@ -262,6 +281,18 @@ def _check_credit(f: tuple[Any, ...]) -> str | None:
     return None if _is_int(f[0], 0, MAX_CAPACITY) else "capacity out of range"
 
 
+def _check_advert(f: tuple[Any, ...]) -> str | None:
+    if not _is_int(f[0], 0, MAX_ID):
+        return "seq must be a non-negative integer"
+    s = f[1]
+    if type(s) is not tuple or len(s) > MAX_SERVICES:
+        return f"spare must be a list of at most {MAX_SERVICES} [service, count] pairs"
+    for e in s:
+        if type(e) is not tuple or len(e) != 2 or not _is_name(e[0]) or not _is_int(e[1], 0, MAX_CAPACITY):
+            return f"spare entries must be [service name, count from 0 to {MAX_CAPACITY}]"
+    return None
+
+
 def _check_text(f: tuple[Any, ...]) -> str | None:
     return None if type(f[0]) is str else "reason must be a string"
 
@@ -275,7 +306,7 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
     Hello: (5, False, _check_hello),
     Welcome: (4, False, _check_welcome),
     Request: (4, True, _check_request),
-    Task: (6, True, _check_task),
+    Task: (7, True, _check_task),
     Result: (2, True, _check_result),
     Reply: (3, True, _check_reply),
     Heartbeat: (4, False, _check_heartbeat),
@@ -283,6 +314,7 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
     Reconnect: (1, False, _check_text),
     Bye: (1, False, _check_text),
     Error: (2, False, _check_error),
+    Advert: (2, False, _check_advert),
 }
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
 _CMD_REQUEST: Final = bytes([CMD_OF[Request]])

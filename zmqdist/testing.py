@@ -1,10 +1,14 @@
 """Test helpers shipped with zmqdist: a fake clock and an in-memory network of core machines.
 
-:class:`Simulation` wires one :class:`~zmqdist.core.broker.BrokerCore` to any number of worker and
-client machines. Every message goes through the real encoder and decoder. Time is a
-:class:`FakeClock` that jumps to the next deadline, so seconds of heartbeats and failures run in
-milliseconds without a single sleep. Knobs: kill a node, partition it, drop messages at random,
-restart the broker.
+:class:`Simulation` wires :class:`~zmqdist.core.broker.BrokerCore` machines (one by default; any
+tree of proxies with ``add_broker``) to any number of worker and client machines. Every message
+goes through the real encoder and decoder. Time is a :class:`FakeClock` that jumps to the next
+deadline, so seconds of heartbeats and failures run in milliseconds without a single sleep. Knobs:
+kill a node or a broker, partition it, drop messages at random, restart a broker.
+
+Peers follow the ``Connect`` actions of their machines, like DEALER sockets: a message goes to the
+broker at the endpoint a peer is connected to, and a broker's send to a peer that is connected
+elsewhere fails (as ROUTER_MANDATORY reports EHOSTUNREACH) and is reported with ``send_failed``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
-from zmqdist.core.broker import BrokerCore
+from zmqdist.core.broker import UPSTREAM, BrokerCore
 from zmqdist.core.client import ClientCore, Completed
 from zmqdist.core.link import Connect, Problem, Stopped
 from zmqdist.core.worker import Execute, WorkerCore
@@ -49,18 +53,32 @@ class InvariantError(AssertionError):
     """Raised by :class:`Simulation` when a dispatch invariant breaks."""
 
 
-class SimWorker:
+class _Node:
+    """A peer that connects to a broker endpoint (worker, client, or a proxy's upstream link)."""
+
+    def __init__(self, sim: Simulation, ident: bytes) -> None:
+        self.sim = sim
+        self.ident = ident
+        self.alive = True
+        self.endpoint = ""
+
+    def deliver(self, msg: p.Message) -> None:
+        raise NotImplementedError
+
+
+class SimWorker(_Node):
     """A worker machine in the simulation with a fixed service time per task."""
 
     def __init__(self, sim: Simulation, ident: bytes, core: WorkerCore, service_time: float) -> None:
-        self.sim = sim
-        self.ident = ident
+        super().__init__(sim, ident)
         self.core = core
         self.service_time = service_time
-        self.alive = True
         self.executed: list[str] = []  # idempotency keys, in order
         self.running = 0
         self.max_running = 0
+
+    def deliver(self, msg: p.Message) -> None:
+        self.handle(self.core.receive(msg, self.sim.clock.now()))
 
     def handle(self, outs: list[Any]) -> None:
         for o in outs:
@@ -70,10 +88,12 @@ class SimWorker:
                 self.running += 1
                 self.max_running = max(self.max_running, self.running)
                 self.sim.at(self.sim.clock.now() + self.service_time, functools.partial(self._done, o))
-            elif t is Connect or t is Stopped or t is Problem:
+            elif t is Connect:
+                self.endpoint = o.endpoint
+            elif t is Stopped or t is Problem:
                 continue
             else:
-                self.sim.send_to_broker(self.ident, o)
+                self.sim.send_to_broker(self, o)
 
     def _done(self, o: Execute) -> None:
         if not self.alive:
@@ -83,14 +103,12 @@ class SimWorker:
         self.handle(self.core.task_done(o.ticket, o.session, True, p.pack_value(value), self.sim.clock.now()))
 
 
-class SimClient:
+class SimClient(_Node):
     """A client machine that records every completion (duplicates would show as a list > 1)."""
 
     def __init__(self, sim: Simulation, ident: bytes, core: ClientCore) -> None:
-        self.sim = sim
-        self.ident = ident
+        super().__init__(sim, ident)
         self.core = core
-        self.alive = True
         self.completed: dict[int, list[Completed]] = {}
         self._rid = 0
 
@@ -100,19 +118,107 @@ class SimClient:
         self.handle(self.core.submit(self._rid, service, p.pack_value(value), timeout, self.sim.clock.now()))
         return self._rid
 
+    def deliver(self, msg: p.Message) -> None:
+        self.handle(self.core.receive(msg, self.sim.clock.now()))
+
     def handle(self, outs: list[Any]) -> None:
         for o in outs:
             t = type(o)
             if t is Completed:
                 self.completed.setdefault(o.rid, []).append(o)
-            elif t is Connect or t is Problem:
+            elif t is Connect:
+                self.endpoint = o.endpoint
+            elif t is Problem:
                 continue
             else:
-                self.sim.send_to_broker(self.ident, o)
+                self.sim.send_to_broker(self, o)
+
+
+class SimBroker(_Node):
+    """A broker machine at ``endpoint``; as a node it is its own upstream link (a DEALER)."""
+
+    def __init__(self, sim: Simulation, name: str, endpoint: str, settings: BrokerSettings) -> None:
+        super().__init__(sim, b"")
+        self.name = name
+        self.at_endpoint = endpoint
+        self.settings = settings
+        self.runs = 0
+        self.problems: list[str] = []
+        self.core = self._new_core()
+
+    def _new_core(self) -> BrokerCore:
+        self.runs += 1
+        self.ident = f"b:{self.name}#{self.runs}".encode()  # a new run has a new DEALER identity
+        self.endpoint = ""
+        self.expired_at: dict[bytes, float] = {}
+        core = BrokerCore(self.settings, f"{self.name}-inc{self.runs}", self.sim.clock.now(), rng=self.sim.rng.random)
+        return core
+
+    def start(self) -> None:
+        self.out(self.core.start(self.sim.clock.now()))
+
+    def restart(self) -> None:
+        """A new run (empty tables, new incarnation) at the same endpoint."""
+        self.core = self._new_core()
+        self.alive = True
+        self.sim.nodes[self.ident] = self
+        self.start()
+
+    def deliver(self, msg: p.Message) -> None:
+        self.out(self.core.receive(UPSTREAM, msg, self.sim.clock.now()))
+
+    def receive_from(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
+        if self.alive:
+            self.out(self.core.receive(ident, p.decode(*frames), self.sim.clock.now()))
+
+    def out(self, outs: list[Any]) -> None:
+        sim = self.sim
+        now = sim.clock.now()
+        for ident, msg in outs:
+            t = type(msg)
+            if not ident:
+                if t is Connect:
+                    self.endpoint = msg.endpoint
+                elif t is Problem:
+                    self.problems.append(msg.message)
+                else:
+                    sim.send_to_broker(self, msg)
+                continue
+            if t is p.Task:
+                if ident in self.expired_at and ident not in self.core.members():
+                    raise InvariantError(f"{self.name} sent a task to {ident!r}, which it had declared dead")
+                sim.tasks_sent.append((now, ident))
+            node = sim.nodes.get(ident)
+            if node is None or node.endpoint != self.at_endpoint:
+                # The peer's connection is not with us (it moved on): the ROUTER cannot route it.
+                self.out(self.core.send_failed(ident, msg, now))
+                continue
+            if sim.lost(self.ident_of_endpoint(), ident):
+                continue
+            frames = p.encode(msg)
+            sim.at(now + sim.latency, functools.partial(sim.deliver_to_node, ident, frames))
+        for ident, (n, cap) in self.core.worker_load().items():
+            if n > cap:
+                raise InvariantError(f"worker {ident!r} holds {n} tasks at {self.name}, capacity {cap}")
+
+    def ident_of_endpoint(self) -> bytes:
+        return self.at_endpoint.encode()
+
+    def tick(self) -> None:
+        now = self.sim.clock.now()
+        before = self.core.members()
+        self.out(self.core.tick(now))
+        for ident in before - self.core.members():
+            self.expired_at[ident] = now
 
 
 class Simulation:
-    """An in-memory network of one broker, workers and clients on a fake clock."""
+    """An in-memory network of brokers, workers and clients on a fake clock.
+
+    ``Simulation()`` has one broker, named ``broker`` at :attr:`BROKER`; :meth:`add_broker` adds
+    more (``upstream`` makes a proxy). Workers and clients connect to the default broker unless
+    given ``endpoints``.
+    """
 
     BROKER = "sim://broker"
 
@@ -132,67 +238,120 @@ class Simulation:
         self.drop_rate = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
-        self._incarnations = 0
-        self.broker = self._new_broker()
-        self.broker_alive = True
+        self.brokers: dict[str, SimBroker] = {}  # by name
+        self._at: dict[str, SimBroker] = {}  # by endpoint
         self.workers: dict[str, SimWorker] = {}
         self.clients: dict[str, SimClient] = {}
+        self.nodes: dict[bytes, _Node] = {}
         self.partitioned: set[bytes] = set()
-        self._nodes: dict[bytes, SimWorker | SimClient] = {}
         self.tasks_sent: list[tuple[float, bytes]] = []
-        self.expired_at: dict[bytes, float] = {}
+        self.add_broker("broker", settings=self.settings)
 
     # --- building -------------------------------------------------------------------------------
 
-    def _new_broker(self) -> BrokerCore:
-        self._incarnations += 1
-        return BrokerCore(self.settings, f"inc{self._incarnations}", self.clock.now())
+    @staticmethod
+    def endpoint(name: str) -> str:
+        """The endpoint of the broker named ``name``."""
+        return f"sim://{name}"
+
+    def add_broker(
+        self, name: str, upstream: tuple[str, ...] = (), settings: BrokerSettings | None = None
+    ) -> SimBroker:
+        """Add a broker named ``name``; ``upstream`` lists broker names in failover order (a proxy)."""
+        base = settings or self.settings
+        settings = BrokerSettings(
+            name=name,
+            heartbeat=base.heartbeat,
+            max_queue=base.max_queue,
+            max_queue_bytes=base.max_queue_bytes,
+            max_attempts=base.max_attempts,
+            upstream=tuple(self.endpoint(u) for u in upstream),
+            advert_interval_s=base.advert_interval_s,
+            backoff_s=base.backoff_s,
+            backoff_max_s=base.backoff_max_s,
+        )
+        b = SimBroker(self, name, self.endpoint(name), settings)
+        self.brokers[name] = b
+        self._at[b.at_endpoint] = b
+        self.nodes[b.ident] = b
+        b.start()
+        return b
+
+    @property
+    def broker(self) -> BrokerCore:
+        """The default broker's machine."""
+        return self.brokers["broker"].core
+
+    @property
+    def expired_at(self) -> dict[bytes, float]:
+        """When the default broker declared each member dead (fake seconds), by identity."""
+        return self.brokers["broker"].expired_at
+
+    def _endpoints(self, endpoints: tuple[str, ...] | None, via: tuple[str, ...] | None) -> tuple[str, ...]:
+        if via is not None:
+            return tuple(self.endpoint(v) for v in via)
+        return endpoints or (self.BROKER,)
 
     def add_worker(
-        self, name: str, services: tuple[str, ...] = ("echo",), concurrency: int = 1, service_time: float = 0.01
+        self,
+        name: str,
+        services: tuple[str, ...] = ("echo",),
+        concurrency: int = 1,
+        service_time: float = 0.01,
+        *,
+        via: tuple[str, ...] | None = None,
+        endpoints: tuple[str, ...] | None = None,
     ) -> SimWorker:
-        """Add a worker and start it (it registers after one network latency)."""
+        """Add a worker and start it; ``via`` names the brokers it connects to, in failover order."""
         ident = f"w:{name}".encode()
-        core = WorkerCore((self.BROKER,), services, concurrency, name, self.hb, self.clock.now())
+        eps = self._endpoints(endpoints, via)
+        core = WorkerCore(eps, services, concurrency, name, self.hb, self.clock.now())
         w = SimWorker(self, ident, core, service_time)
         self.workers[name] = w
-        self._nodes[ident] = w
+        self.nodes[ident] = w
         w.handle(core.start(self.clock.now()))
         return w
 
-    def add_client(self, name: str = "client") -> SimClient:
-        """Add a client and start it."""
+    def add_client(
+        self, name: str = "client", *, via: tuple[str, ...] | None = None, endpoints: tuple[str, ...] | None = None
+    ) -> SimClient:
+        """Add a client and start it; ``via`` names the brokers it connects to, in failover order."""
         ident = f"c:{name}".encode()
-        core = ClientCore((self.BROKER,), name, self.hb, self.clock.now())
+        core = ClientCore(self._endpoints(endpoints, via), name, self.hb, self.clock.now())
         c = SimClient(self, ident, core)
         self.clients[name] = c
-        self._nodes[ident] = c
+        self.nodes[ident] = c
         c.handle(core.start(self.clock.now()))
         return c
 
     # --- knobs ----------------------------------------------------------------------------------
 
+    def _node(self, name: str) -> _Node:
+        return self.workers.get(name) or self.clients.get(name) or self.brokers[name]
+
     def kill(self, name: str) -> None:
-        """Kill a worker or client: it sends and receives nothing more, like SIGKILL."""
-        node = self.workers.get(name) or self.clients[name]
-        node.alive = False
+        """Kill a worker, client or broker: it sends and receives nothing more, like SIGKILL."""
+        self._node(name).alive = False
 
     def partition(self, name: str) -> None:
-        """Cut a node off from the broker (both directions) until :meth:`heal`."""
-        node = self.workers.get(name) or self.clients[name]
+        """Cut a node (for a broker: its endpoint and its upstream link) off until :meth:`heal`."""
+        node = self._node(name)
         self.partitioned.add(node.ident)
+        if isinstance(node, SimBroker):
+            self.partitioned.add(node.ident_of_endpoint())
 
     def heal(self, name: str) -> None:
-        node = self.workers.get(name) or self.clients[name]
+        node = self._node(name)
         self.partitioned.discard(node.ident)
+        if isinstance(node, SimBroker):
+            self.partitioned.discard(node.ident_of_endpoint())
 
-    def kill_broker(self) -> None:
-        self.broker_alive = False
+    def kill_broker(self, name: str = "broker") -> None:
+        self.brokers[name].alive = False
 
-    def restart_broker(self) -> None:
-        """Start a new broker run (empty tables, new incarnation) at the same endpoint."""
-        self.broker = self._new_broker()
-        self.broker_alive = True
+    def restart_broker(self, name: str = "broker") -> None:
+        """Start a new run of a broker (empty tables, new incarnation) at the same endpoint."""
+        self.brokers[name].restart()
 
     # --- network --------------------------------------------------------------------------------
 
@@ -200,52 +359,40 @@ class Simulation:
         self._seq += 1
         heappush(self._events, (t, self._seq, fn))
 
-    def _lost(self, ident: bytes) -> bool:
-        return ident in self.partitioned or (self.drop_rate > 0 and self.rng.random() < self.drop_rate)
+    def lost(self, a: bytes, b: bytes) -> bool:
+        """Return True if a message between ``a`` and ``b`` is lost (partition or random drop)."""
+        part = self.partitioned
+        return a in part or b in part or (self.drop_rate > 0 and self.rng.random() < self.drop_rate)
 
-    def send_to_broker(self, ident: bytes, msg: p.Message) -> None:
-        if self._lost(ident):
+    def send_to_broker(self, node: _Node, msg: p.Message) -> None:
+        """``node`` sends ``msg`` on its connection (to the broker at its endpoint)."""
+        broker = self._at.get(node.endpoint)
+        if broker is None or self.lost(node.ident, node.endpoint.encode()):
             return
         frames = p.encode(msg)
-        self.at(self.clock.now() + self.latency, lambda: self._broker_receive(ident, frames))
+        ident = node.ident
+        self.at(self.clock.now() + self.latency, functools.partial(self._to_broker, broker, node, ident, frames))
 
-    def _broker_receive(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
-        if not self.broker_alive:
+    def _to_broker(self, broker: SimBroker, node: _Node, ident: bytes, frames: tuple[bytes, bytes]) -> None:
+        # A connection carries messages only while both ends are on it.
+        if node.endpoint == broker.at_endpoint and node.ident == ident:
+            broker.receive_from(ident, frames)
+
+    def deliver_to_node(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
+        node = self.nodes.get(ident)
+        if node is None or not node.alive or node.ident != ident:
             return
-        self._broker_out(self.broker.receive(ident, p.decode(*frames), self.clock.now()))
-
-    def _broker_out(self, outs: list[tuple[bytes, p.Message]]) -> None:
-        now = self.clock.now()
-        for ident, msg in outs:
-            if type(msg) is p.Task:
-                if ident in self.expired_at and ident not in self.broker.worker_load():
-                    raise InvariantError(f"task sent to {ident!r}, which the broker declared dead")
-                self.tasks_sent.append((now, ident))
-            if self._lost(ident):
-                continue
-            frames = p.encode(msg)
-            self.at(now + self.latency, functools.partial(self._node_receive, ident, frames))
-        for ident, (n, cap) in self.broker.worker_load().items():
-            if n > cap:
-                raise InvariantError(f"worker {ident!r} holds {n} tasks, capacity {cap}")
-
-    def _node_receive(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
-        node = self._nodes.get(ident)
-        if node is None or not node.alive:
-            return
-        node.handle(node.core.receive(p.decode(*frames), self.clock.now()))
+        node.deliver(p.decode(*frames))
 
     # --- running --------------------------------------------------------------------------------
 
     def _tick_all(self) -> None:
         now = self.clock.now()
-        before = set(self.broker.worker_load())
-        if self.broker_alive:
-            self._broker_out(self.broker.tick(now))
-        for ident in before - set(self.broker.worker_load()):
-            self.expired_at[ident] = now
-        for node in list(self._nodes.values()):
-            if node.alive:
+        for b in list(self.brokers.values()):
+            if b.alive and (d := b.core.next_deadline()) is not None and d <= now:
+                b.tick()
+        for node in list(self.nodes.values()):
+            if node.alive and isinstance(node, (SimWorker, SimClient)):
                 d = node.core.next_deadline()
                 if d is not None and d <= now:
                     node.handle(node.core.tick(now))
@@ -254,11 +401,14 @@ class Simulation:
         times = []
         if self._events:
             times.append(self._events[0][0])
-        if self.broker_alive and (d := self.broker.next_deadline()) is not None:
-            times.append(d)
-        for node in self._nodes.values():
-            if node.alive and (d := node.core.next_deadline()) is not None:
+        for b in self.brokers.values():
+            if b.alive and (d := b.core.next_deadline()) is not None:
                 times.append(d)
+        for node in self.nodes.values():
+            if node.alive and isinstance(node, (SimWorker, SimClient)):
+                d = node.core.next_deadline()
+                if d is not None:
+                    times.append(d)
         return min(times) if times else None
 
     def run_until(self, t_end: float, max_steps: int = 2_000_000) -> None:

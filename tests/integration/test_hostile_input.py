@@ -77,7 +77,7 @@ VALID = [
     p.Heartbeat(p.ROLE_WORKER, "", 3, (1, 2)),
     p.Credit(3),
     p.Bye("x"),
-    p.Task(1, "echo", 100, 1, "k", 1, b""),
+    p.Task(1, "echo", 100, 1, "k", 1, (), b""),
     p.Reply(1, 0, "", b""),
 ]
 

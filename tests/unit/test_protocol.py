@@ -10,7 +10,10 @@ SAMPLES = [
     p.Hello(p.ROLE_WORKER, "w1", ("echo", "sum"), 4, 250),
     p.Welcome("broker", "abc123", 250, 4),
     p.Request(7, "echo", 5000, ("b1",), b"\x01payload"),
-    p.Task(9, "echo", 4999, 1, "C-1:7", 3, b"payload"),
+    p.Task(9, "echo", 4999, 1, "C-1:7", 3, (), b"payload"),
+    p.Task(9, "echo", 4999, 1, "C-1:7", 3, ("proxy-a", "master"), b"payload"),
+    p.Advert(7, (("echo", 3), ("sum", 0))),
+    p.Advert(0, ()),
     p.Result(9, p.RS_FAILED, b"err"),
     p.Reply(7, p.ST_BUSY, "queue full", b""),
     p.Heartbeat(p.ROLE_WORKER, "abc123", 5, (1, 2)),
@@ -37,7 +40,13 @@ MALFORMED = {
     p.Hello: [(9, "w", (), 1, 250), (2, "w", ("",), 1, 250), (2, "w", ("a",), -1, 250), (2, "w", ("a",), 1, 0)],
     p.Welcome: [("b", 5, 250, 4), ("b", "i", 0, 4)],
     p.Request: [(1, "", 10, ()), (1, "s", -5, ()), (-1, "s", 10, ()), (1, "s", 10, ("x",) * 40), ("1", "s", 10, ())],
-    p.Task: [(1, "s", 10, 0, "k", 1), (1, "s", 10, 1, 5, 1), (1, "s", 10, 1, "k", -1)],
+    p.Task: [
+        (1, "s", 10, 0, "k", 1, ()),
+        (1, "s", 10, 1, 5, 1, ()),
+        (1, "s", 10, 1, "k", -1, ()),
+        (1, "s", 10, 1, "k", 1, ("x",) * 40),
+        (1, "s", 10, 1, "k", 1, ("",)),
+    ],
     p.Result: [(1, 9), (1, "ok")],
     p.Reply: [(1, 99, ""), (1, 0, 5)],
     p.Heartbeat: [(7, "", 0, ()), (1, 2, 0, ()), (2, "", -1, ()), (2, "", 0, ("x",))],
@@ -45,6 +54,7 @@ MALFORMED = {
     p.Reconnect: [(5,)],
     p.Bye: [(None,)],
     p.Error: [("x", "y")],
+    p.Advert: [(-1, ()), (1, (("s", -1),)), (1, (("", 1),)), (1, (("s",),)), (1, "s"), (1, (("s", 1),) * 5000)],
 }
 
 

@@ -19,7 +19,7 @@ def worker(concurrency=2, eps=("tcp://a:1", "tcp://b:1")):
 
 
 def task(ticket, budget_ms=1000):
-    return p.Task(ticket, "echo", budget_ms, 1, f"k{ticket}", ticket, b"v")
+    return p.Task(ticket, "echo", budget_ms, 1, f"k{ticket}", ticket, (), b"v")
 
 
 def test_worker_executes_within_capacity_and_refuses_beyond():

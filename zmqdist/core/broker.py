@@ -10,6 +10,13 @@ Rules of this module:
    it held is requeued (front of the queue) with one attempt spent, up to ``max_attempts``.
 4. A queued request whose deadline has come is answered TIMEOUT and never dispatched.
 5. Time is ``now`` passed in; a peer is alive while ``now - last_seen <= ttl``.
+6. Tiers. A downstream broker (a proxy) registers like a worker (HELLO with the broker role) and
+   joins the pool of every service it advertises (ADVERT), with the spare capacity it advertised
+   less the tasks sent since; it answers each TASK with a REPLY. A broker with ``upstream`` set is
+   a proxy: it serves with its own pool first and forwards what that cannot take at once
+   (REQUEST, answered by REPLY); what its upstream hands down is served locally or refused with
+   BUSY, never sent back up. A request is never sent to a broker named in its hops, and each hop
+   spends at least ``HOP_MARGIN_MS`` of its budget.
 
 Cost per request is O(log workers): per-service heaps with lazy invalidation (entries carry the
 worker's version; stale ones are skipped and the heap is rebuilt when mostly stale).
@@ -24,30 +31,51 @@ from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
+from zmqdist.core.link import Connect, Problem
+from zmqdist.core.upstream import Upstream, half
 from zmqdist.errors import RemoteProtocolError
 
-Out = tuple[bytes, p.Message]
+Out = tuple[bytes, p.Message | Connect | Problem]
+UPSTREAM = b""  # the peer of messages to and from the upstream link; never a ROUTER identity
 EPSILON = 1e-6  # timers fire just past a boundary: alive at ttl, expired at ttl + EPSILON
+HOP_MARGIN_MS = 1  # budget every broker-to-broker hop spends at least (transit)
 
-QUEUED, ASSIGNED = 0, 1
-_COUNTER_OF = {p.ST_OK: "replies_ok", p.ST_FAILED: "replies_failed", p.ST_LOST: "lost", p.ST_TIMEOUT: "timeouts"}
+QUEUED, ASSIGNED, FORWARDED = 0, 1, 2
+_COUNTER_OF = {
+    p.ST_OK: "replies_ok",
+    p.ST_FAILED: "replies_failed",
+    p.ST_LOST: "lost",
+    p.ST_TIMEOUT: "timeouts",
+    p.ST_BUSY: "busy",
+    p.ST_INVALID: "invalid",
+}
 STATUS_SERVICE = "zmqdist.status"
 _NONE: list[Out] = []  # shared empty result; callers never mutate returned lists
 
 
 class _Worker:
+    """A pool member: a worker, or a downstream broker (``spare`` is not None)."""
+
     __slots__ = (
+        "adv_at",
         "alive",
         "capacity",
+        "down_spare",
         "ident",
         "inflight",
         "last_used",
+        "load",
         "name",
+        "recv_n",
         "seen",
         "seq",
         "serial",
         "served",
         "services",
+        "spare",
+        "svc_of",
+        "unseen",
+        "unseen_n",
         "version",
     )
 
@@ -64,6 +92,21 @@ class _Worker:
         self.alive = True
         self.served = 0
         self.seq = 0
+        # Downstream brokers only: advertised spare per service (as of task ``seq`` in ADVERT), the
+        # tasks sent since (seq, service) and their count per service, in-flight per service.
+        self.spare: dict[str, int] | None = None
+        self.adv_at = now
+        self.unseen: deque[tuple[int, str]] = deque()
+        self.unseen_n: dict[str, int] = {}
+        self.load: dict[str, int] = {}
+        self.svc_of: dict[int, str] = {}
+        self.recv_n = 0  # requests received from this downstream broker (the seq of our adverts to it)
+        self.down_spare: tuple[tuple[str, int], ...] | None = None  # our last advert to it
+
+    def allowed(self, service: str) -> int:
+        """Tasks of ``service`` this downstream broker can take now."""
+        assert self.spare is not None
+        return self.spare.get(service, 0) - self.unseen_n.get(service, 0)
 
 
 class _Req:
@@ -71,13 +114,17 @@ class _Req:
         "attempt",
         "client",
         "deadline",
+        "hops",
         "key",
         "payload",
         "rid",
         "service",
+        "session",
         "state",
         "ticket",
         "tried",
+        "up_block",
+        "went_up",
         "worker",
     )
 
@@ -89,6 +136,7 @@ class _Req:
         service: str,
         payload: bytes,
         deadline: float,
+        hops: tuple[str, ...] = (),
     ) -> None:
         self.ticket = ticket
         self.client = client
@@ -96,15 +144,19 @@ class _Req:
         self.service = service
         self.payload = payload
         self.deadline = deadline
+        self.hops = hops
         self.attempt = 0
         self.worker: _Worker | None = None
         self.tried: list[bytes] | None = None
         self.state = QUEUED
         self.key = ""
+        self.session = 0  # the upstream session a request handed down from upstream belongs to
+        self.went_up = False  # forwarded upstream at least once: a reply from there completes it
+        self.up_block = -1  # the upstream returned it: not forwarded again before a newer advert
 
 
 class _Pool:
-    """Workers of one service (a heap by load, then least recently used) and its FIFO queue."""
+    """Members of one service (a heap by load, then least recently used) and its FIFO queue."""
 
     __slots__ = ("heap", "name", "queue", "workers")
 
@@ -116,10 +168,21 @@ class _Pool:
 
 
 class BrokerCore:
-    """Sans-IO broker: feed it messages and time, send what it returns."""
+    """Sans-IO broker: feed it messages and time, send what it returns.
 
-    def __init__(self, settings: BrokerSettings, incarnation: str, now: float) -> None:
+    ``rng`` (uniform in [0, 1)) jitters a proxy's re-registration; inject ``random.random`` in a
+    runtime and a seeded source in simulations.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        incarnation: str,
+        now: float,
+        rng: Callable[[], float] = half,
+    ) -> None:
         self.settings = settings
+        self.name = settings.name
         self.incarnation = incarnation
         self.started = now
         self._ttl = settings.heartbeat.ttl_s
@@ -141,6 +204,14 @@ class BrokerCore:
         self._queued_bytes = 0
         self._deadlines: list[tuple[float, int]] = []
         self._expiry: list[tuple[float, int, _Worker]] = []
+        self._up = Upstream(settings, rng, now) if settings.upstream else None
+        self._from_up: dict[int, _Req] = {}  # local ticket -> request handed down by upstream
+        self._sent_up: dict[int, _Req] = {}  # local ticket -> request forwarded upstream, unanswered
+        self._changes = 0  # bumped whenever spare capacity may have changed
+        self._up_mark = -1  # _changes when the last advert went upstream
+        self._down_mark = -1  # _changes when the last adverts went to downstream brokers
+        self._down_at = -1.0
+        self._brokers = 0  # downstream brokers registered
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "requests",
@@ -162,6 +233,15 @@ class BrokerCore:
                 "bad_input",
                 "send_drops",
                 "lost_in_transit",
+                "brokers_registered",
+                "abandoned",
+                "loops",
+                "forwarded_up",
+                "tasks_from_up",
+                "refused_up",
+                "returned",
+                "returned_from_up",
+                "upstream_losses",
             ),
             0,
         )
@@ -173,12 +253,23 @@ class BrokerCore:
             p.Hello: self._on_hello,
             p.Credit: self._on_credit,
             p.Bye: self._on_bye,
+            p.Advert: self._on_advert,
+            p.Reply: self._on_reply,
         }
 
     # --- inputs ---------------------------------------------------------------------------------
 
+    def start(self, now: float) -> list[Out]:
+        """Return what to send at start (a proxy connects and registers upstream)."""
+        out: list[Out] = []
+        if self._up is not None:
+            self._tick_upstream(now, out)
+        return out
+
     def receive(self, peer: bytes, msg: p.Message, now: float) -> list[Out]:
-        """Handle one message from ``peer``; return the messages to send."""
+        """Handle one message from ``peer`` (``UPSTREAM`` for the upstream link); return what to send."""
+        if not peer:
+            return self._from_upstream(msg, now)
         w = self._workers.get(peer)
         if w is not None:
             w.seen = now
@@ -191,6 +282,8 @@ class BrokerCore:
     def bad_input(self, peer: bytes, err: RemoteProtocolError, head: bytes) -> list[Out]:
         """Count a message that failed to decode; return the error answer to send."""
         self.counters["bad_input"] += 1
+        if not peer:
+            return [(peer, Problem(f"bad message from upstream dropped: {err}"))]
         if err.rid is not None and head[3:4] == bytes([p.CMD_OF[p.Request]]):
             self.counters["invalid"] += 1
             return [(peer, p.Reply(err.rid, p.ST_INVALID, str(err), b""))]
@@ -208,7 +301,7 @@ class BrokerCore:
         return _NONE
 
     def tick(self, now: float) -> list[Out]:
-        """Expire silent workers and queued requests past their deadline."""
+        """Expire silent workers and queued requests past their deadline; run the upstream link."""
         out: list[Out] = []
         expiry = self._expiry
         while expiry and expiry[0][0] <= now:
@@ -220,14 +313,28 @@ class BrokerCore:
                 self.counters["workers_expired"] += 1
                 out += self._drop_worker(w, now, "expired", spend_attempt=True)
             else:
+                if w.spare and now - w.adv_at > self._ttl:
+                    w.spare = {}  # its advert outlived its ttl: no more tasks until the next one
+                    self._offer(w)
                 heapreplace(expiry, (w.seen + self._ttl + EPSILON, serial, w))
         dl = self._deadlines
         reqs = self._reqs
         while dl and dl[0][0] <= now:
             _, ticket = heappop(dl)
             req = reqs.get(ticket)
-            if req is not None and req.state == QUEUED and req.deadline <= now:
-                out.append(self._expire(req))
+            if req is None or req.deadline > now:
+                continue
+            if req.state == QUEUED:
+                self._expire(req, out)
+            elif req.state == FORWARDED:
+                # The upstream answers TIMEOUT before this (its budget was shorter); past it, the
+                # request or its answer was lost with a connection.
+                del self._sent_up[ticket]
+                self._finish(req, p.ST_TIMEOUT, "deadline passed with no answer from the upstream broker", b"", out)
+        if self._up is not None:
+            self._tick_upstream(now, out)
+        if self._brokers and self._down_advert_due(now):
+            self._advert_down(now, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -237,17 +344,31 @@ class BrokerCore:
             times.append(self._expiry[0][0])
         if self._deadlines:
             times.append(self._deadlines[0][0])
+        if self._up is not None:
+            times.append(self._up.next_deadline(self._changes != self._up_mark))
+        if self._brokers:
+            gap = (
+                self.settings.advert_interval_s
+                if self._changes != self._down_mark
+                else self.settings.heartbeat.heartbeat_s
+            )
+            times.append(self._down_at + gap)
         return min(times) if times else None
 
     def shutdown(self) -> list[Out]:
-        """Say BYE to every worker so they move on at once instead of waiting out the ttl."""
-        return [(w.ident, p.Bye("broker shutting down")) for w in self._workers.values()]
+        """Say BYE to every worker and downstream broker (and upstream) so they move on at once."""
+        out: list[Out] = [(w.ident, p.Bye("broker shutting down")) for w in self._workers.values()]
+        if self._up is not None and self._up.registered:
+            out.append((UPSTREAM, p.Bye("proxy shutting down")))
+        return out
 
     # --- handlers -------------------------------------------------------------------------------
 
     def _on_request(self, peer: bytes, w: _Worker | None, m: p.Request, now: float) -> list[Out]:
         c = self.counters
         c["requests"] += 1
+        if w is not None and w.spare is not None:
+            w.recv_n += 1  # before anything else: the downstream's credit counts every request
         service = m.service
         if service.startswith(p.RESERVED_PREFIX):
             return [(peer, self._internal(m, now))]
@@ -258,6 +379,11 @@ class BrokerCore:
         if m.budget_ms <= 0:
             c["timeouts"] += 1
             return [(peer, p.Reply(m.rid, p.ST_TIMEOUT, "request arrived with its time budget spent", b""))]
+        hops = m.hops
+        if hops and self.name in hops:
+            c["loops"] += 1
+            c["invalid"] += 1
+            return [(peer, p.Reply(m.rid, p.ST_INVALID, f"request looped: it has passed {self.name} already", b""))]
         size = len(m.payload)
         if self._queued >= self.settings.max_queue or self._queued_bytes + size > self.settings.max_queue_bytes:
             c["busy"] += 1
@@ -267,7 +393,7 @@ class BrokerCore:
                     p.Reply(
                         m.rid,
                         p.ST_BUSY,
-                        f"broker {self.settings.name} is busy: {self._queued} requests "
+                        f"broker {self.name} is busy: {self._queued} requests "
                         f"({self._queued_bytes} bytes) queued, limit {self.settings.max_queue}",
                         b"",
                     ),
@@ -275,7 +401,7 @@ class BrokerCore:
             ]
         ticket = self._next_ticket
         self._next_ticket = ticket + 1
-        req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0)
+        req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0, hops)
         self._reqs[ticket] = req
         self._by_key[key] = ticket
         pool = self._pools.get(service)
@@ -284,8 +410,9 @@ class BrokerCore:
         pool.queue.append(ticket)
         self._queued += 1
         self._queued_bytes += size
+        self._changes += 1
         out: list[Out] = []
-        if pool.heap:
+        if pool.heap or self._up is not None:
             self._pump(pool, now, out)
         if req.state == QUEUED:
             heappush(self._deadlines, (req.deadline, ticket))
@@ -294,13 +421,36 @@ class BrokerCore:
         return out
 
     def _on_result(self, peer: bytes, w: _Worker | None, m: p.Result, now: float) -> list[Out]:
-        ticket = m.ticket
+        status = p.ST_OK if m.status == p.RS_OK else p.ST_FAILED
+        return self._settle(peer, w, m.ticket, status, "", m.payload, m.status == p.RS_REFUSED, now)
+
+    def _on_reply(self, peer: bytes, w: _Worker | None, m: p.Reply, now: float) -> list[Out]:
+        """A downstream broker's answer to a task (BUSY: it could not take it, requeue)."""
+        if w is None or w.spare is None:
+            if w is None and m.rid in self._reqs:
+                return [(peer, p.Reconnect("unknown broker: register again"))]
+            self.counters["bad_input"] += 1
+            return [(peer, p.Error(p.E_COMMAND, "REPLY is accepted from registered downstream brokers only"))]
+        return self._settle(peer, w, m.rid, m.status, m.message, m.payload, m.status == p.ST_BUSY, now)
+
+    def _settle(
+        self,
+        peer: bytes,
+        w: _Worker | None,
+        ticket: int,
+        status: int,
+        message: str,
+        payload: bytes,
+        refused: bool,
+        now: float,
+    ) -> list[Out]:
+        """A member answered ``ticket``: free its slot, then end, requeue or ignore the request."""
         req = self._reqs.get(ticket)
         out: list[Out] = []
         if w is None:
             out.append((peer, p.Reconnect("unknown worker: register again")))
         elif ticket in w.inflight:
-            del w.inflight[ticket]
+            self._release(w, ticket)
             self._offer(w)
         if req is None:
             self.counters["late_results"] += 1
@@ -309,7 +459,7 @@ class BrokerCore:
             from_holder = holder is not None and holder.ident == peer
             if not from_holder and not (req.tried is not None and peer in req.tried):
                 self.counters["bogus_results"] += 1
-            elif m.status == p.RS_REFUSED:
+            elif refused:
                 if from_holder:
                     self.counters["refused"] += 1
                     req.attempt -= 1
@@ -320,9 +470,11 @@ class BrokerCore:
                 if req.state == QUEUED:
                     self._queued -= 1
                     self._queued_bytes -= len(req.payload)
+                elif req.state == FORWARDED:
+                    del self._sent_up[ticket]
                 if w is not None:
                     w.served += 1
-                out.append(self._finish(req, p.ST_OK if m.status == p.RS_OK else p.ST_FAILED, "", m.payload))
+                self._finish(req, status, message, payload, out)
         if w is not None:
             self._pump_services(w, now, out)
         elif req is not None and req.state == QUEUED and req.ticket in self._reqs:
@@ -331,8 +483,9 @@ class BrokerCore:
 
     def _on_heartbeat(self, peer: bytes, w: _Worker | None, m: p.Heartbeat, now: float) -> list[Out]:
         if w is None:
-            if m.role == p.ROLE_WORKER:
-                return [(peer, p.Reconnect("unknown worker: register again"))]
+            if m.role != p.ROLE_CLIENT:
+                who = "worker" if m.role == p.ROLE_WORKER else "broker"
+                return [(peer, p.Reconnect(f"unknown {who}: register again"))]
             return [(peer, self._pong)]
         out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, ()))]
         if w.inflight and m.seq:
@@ -340,9 +493,9 @@ class BrokerCore:
         return out
 
     def _reconcile(self, w: _Worker, seen: int, held: tuple[int, ...], now: float, out: list[Out]) -> None:
-        """Requeue tasks the worker has seen past (by seq) but does not hold: lost in transit.
+        """Requeue tasks the member has seen past (by seq) but does not hold: lost in transit.
 
-        Messages on one connection arrive in order and a worker sends every RESULT before the
+        Messages on one connection arrive in order and a member sends every answer before the
         heartbeat that no longer lists it, so this is exact, not a timing guess.
         """
         keep = set(held)
@@ -350,7 +503,7 @@ class BrokerCore:
         if not lost:
             return
         for ticket in lost:
-            del w.inflight[ticket]
+            self._release(w, ticket)
             req = self._reqs.get(ticket)
             if req is not None and req.worker is w:
                 self.counters["lost_in_transit"] += 1
@@ -363,30 +516,73 @@ class BrokerCore:
         out: list[Out] = []
         if m.role == p.ROLE_CLIENT:
             return [(peer, self._welcome)]
-        if m.role != p.ROLE_WORKER:
-            self.counters["bad_input"] += 1
-            return [(peer, p.Error(p.E_ROLE, "this broker accepts clients and workers only"))]
-        reserved = [s for s in m.services if s.startswith(p.RESERVED_PREFIX)]
-        if reserved or not m.services:
-            self.counters["bad_input"] += 1
-            why = f"service names starting with {p.RESERVED_PREFIX!r} are reserved" if reserved else "no services"
-            return [(peer, p.Error(p.E_HEADER, f"registration refused: {why}"))]
+        if m.role == p.ROLE_BROKER:
+            if m.name == self.name:
+                self.counters["bad_input"] += 1
+                return [(peer, p.Error(p.E_ROLE, f"registration refused: {m.name!r} is this broker's own name"))]
+            services: tuple[str, ...] = ()
+            for other in [x for x in self._workers.values() if x.spare is not None and x.name == m.name]:
+                if other.ident != peer:  # the same proxy on a new connection: the old one is gone
+                    out += self._drop_worker(other, now, "replaced by a new registration", spend_attempt=False)
+        else:
+            reserved = [s for s in m.services if s.startswith(p.RESERVED_PREFIX)]
+            if reserved or not m.services:
+                self.counters["bad_input"] += 1
+                why = f"service names starting with {p.RESERVED_PREFIX!r} are reserved" if reserved else "no services"
+                return [(peer, p.Error(p.E_HEADER, f"registration refused: {why}"))]
+            services = tuple(dict.fromkeys(m.services))
         if w is not None:
-            # The worker began a new session (it thinks we restarted): what it held is void.
+            # The peer began a new session (it thinks we restarted): what it held is void.
             out += self._drop_worker(w, now, "re-registered", spend_attempt=False)
         self._serial += 1
-        nw = _Worker(peer, m.name, tuple(dict.fromkeys(m.services)), m.capacity, self._serial, now)
+        nw = _Worker(peer, m.name, services, m.capacity, self._serial, now)
+        if m.role == p.ROLE_BROKER:
+            nw.spare = {}
+            self._brokers += 1
+            self.counters["brokers_registered"] += 1
+        else:
+            self.counters["workers_registered"] += 1
         self._workers[peer] = nw
-        self.counters["workers_registered"] += 1
         heappush(self._expiry, (now + self._ttl + EPSILON, nw.serial, nw))
-        for s in nw.services:
+        self._join(nw, services)
+        out.append((peer, self._welcome))
+        if nw.spare is not None:
+            self._advert_to(nw, self._spare_totals(), now, out, force=True)
+        self._offer(nw)
+        self._pump_services(nw, now, out)
+        return out
+
+    def _join(self, w: _Worker, services: tuple[str, ...]) -> None:
+        for s in services:
             pool = self._pools.get(s)
             if pool is None:
                 pool = self._pools[s] = _Pool(s)
-            pool.workers.add(nw)
-        out.append((peer, self._welcome))
-        self._offer(nw)
-        self._pump_services(nw, now, out)
+            pool.workers.add(w)
+
+    def _on_advert(self, peer: bytes, w: _Worker | None, m: p.Advert, now: float) -> list[Out]:
+        if w is None:
+            return [(peer, p.Reconnect("unknown broker: register again"))]
+        if w.spare is None:
+            self.counters["bad_input"] += 1
+            return [(peer, p.Error(p.E_ROLE, "ADVERT is accepted from downstream brokers only"))]
+        unseen = w.unseen
+        counts = w.unseen_n
+        while unseen and unseen[0][0] <= m.seq:
+            counts[unseen.popleft()[1]] -= 1
+        w.spare = dict(m.spare)
+        w.adv_at = now
+        services = tuple(w.spare)
+        if services != w.services:
+            gone = set(w.services) - set(services)
+            for s in gone:
+                pool = self._pools.get(s)
+                if pool is not None:
+                    pool.workers.discard(w)
+            w.services = services
+            self._join(w, services)
+        self._offer(w)
+        out: list[Out] = []
+        self._pump_services(w, now, out)
         return out
 
     def _on_credit(self, peer: bytes, w: _Worker | None, m: p.Credit, now: float) -> list[Out]:
@@ -409,64 +605,143 @@ class BrokerCore:
     def _offer(self, w: _Worker) -> None:
         """Re-enter ``w`` in its services' heaps after its load changed."""
         w.version += 1
-        n = len(w.inflight)
-        if n < w.capacity and w.alive:
+        self._changes += 1
+        if not w.alive:
+            return
+        spare = w.spare
+        if spare is None:
+            n = len(w.inflight)
+            if n >= w.capacity:
+                return
             entry = (n / w.capacity, w.last_used, w.serial, w.version, w)
-            for s in w.services:
-                pool = self._pools[s]
-                heap = pool.heap
-                heappush(heap, entry)
-                if len(heap) > 4 * len(pool.workers) + 64:
-                    pool.heap = [e for e in heap if e[3] == e[4].version and e[4].alive]
-                    heapify(pool.heap)
+        for s in w.services:
+            if spare is not None:
+                free = w.allowed(s)
+                if free <= 0:
+                    continue
+                n = w.load.get(s, 0)
+                entry = (n / (n + free), w.last_used, w.serial, w.version, w)
+            pool = self._pools[s]
+            heap = pool.heap
+            heappush(heap, entry)
+            if len(heap) > 4 * len(pool.workers) + 64:
+                pool.heap = [e for e in heap if e[3] == e[4].version and e[4].alive]
+                heapify(pool.heap)
 
-    def _pump(self, pool: _Pool, now: float, out: list[Out]) -> None:
-        """Dispatch queued requests of ``pool`` while it has workers with free slots."""
-        queue = pool.queue
+    def _take(self, pool: _Pool, req: _Req) -> _Worker | None:
+        """Pop and return the least-loaded member of ``pool`` that may take ``req`` (or None)."""
         heap = pool.heap
-        reqs = self._reqs
-        while queue and heap:
-            _, _, _, version, w = heap[0]
-            if version != w.version or not w.alive:
+        skipped = None
+        found = None
+        while heap:
+            entry = heap[0]
+            w = entry[4]
+            if entry[3] != w.version or not w.alive:
                 heappop(heap)
                 continue
-            ticket = queue.popleft()
-            req = reqs.get(ticket)
-            if req is None or req.state != QUEUED:
-                continue
-            self._queued -= 1
-            self._queued_bytes -= len(req.payload)
-            if req.deadline <= now:
-                out.append(self._expire(req, dequeued=True))
+            if req.hops and w.spare is not None and w.name in req.hops:
+                if skipped is None:
+                    skipped = []
+                skipped.append(heappop(heap))  # never back to a broker the request has passed
                 continue
             heappop(heap)
-            # assign
-            req.state = ASSIGNED
-            req.worker = w
-            req.attempt += 1
-            w.seq += 1
-            w.inflight[ticket] = w.seq
-            w.last_used = self._seq
-            self._seq += 1
-            self._offer(w)
-            heap = pool.heap
-            key = req.key
-            if not key:
-                key = req.key = f"{req.client.hex()}:{req.rid}"
-            out.append(
-                (
-                    w.ident,
-                    p.Task(
-                        ticket,
-                        req.service,
-                        max(1, int((req.deadline - now) * 1000)),
-                        req.attempt,
-                        key,
-                        w.seq,
-                        req.payload,
-                    ),
-                )
-            )
+            found = w
+            break
+        if skipped:
+            for e in skipped:
+                heappush(heap, e)
+        return found
+
+    def _pump(self, pool: _Pool, now: float, out: list[Out]) -> None:
+        """Dispatch queued requests of ``pool``: to its members while they have free slots, then
+        (a proxy) upstream; a request handed down from upstream that no member can take is refused."""
+        queue = pool.queue
+        reqs = self._reqs
+        up = self._up
+        aside: list[int] | None = None
+        while queue:
+            ticket = queue[0]
+            req = reqs.get(ticket)
+            if req is None or req.state != QUEUED:
+                queue.popleft()
+                continue
+            w = self._take(pool, req) if pool.heap else None
+            if w is None:
+                d = self._workers.get(req.client)
+                if d is not None and d.spare is not None and req.service in d.services:
+                    # From a downstream broker that serves this itself: give it back (BUSY)
+                    # rather than hold it here, where it can never go back down to that broker.
+                    queue.popleft()
+                    self._dequeued(req)
+                    self.counters["returned"] += 1
+                    self._finish(req, p.ST_BUSY, f"{self.name} has no spare capacity for it now", b"", out)
+                    continue
+                if up is None:
+                    break
+                if not req.client:
+                    queue.popleft()
+                    self._dequeued(req)
+                    self._refuse_up(req, now, out)
+                    continue
+                if not up.registered or (up.credit(req.service) <= 0 and pool.workers):
+                    break  # wait for a member's slot or for credit from upstream
+                queue.popleft()
+                if req.up_block < up.adverts and self._may_forward(req, up.name, now):
+                    self._dequeued(req)
+                    self._forward_up(req, now, out)
+                else:
+                    if aside is None:
+                        aside = []
+                    aside.append(ticket)
+                continue
+            queue.popleft()
+            self._dequeued(req)
+            if req.deadline <= now:
+                self._offer(w)
+                self._expire(req, out, dequeued=True)
+                continue
+            self._assign(req, w, now, out)
+        if aside:
+            queue.extendleft(reversed(aside))
+
+    def _dequeued(self, req: _Req) -> None:
+        self._queued -= 1
+        self._queued_bytes -= len(req.payload)
+
+    def _assign(self, req: _Req, w: _Worker, now: float, out: list[Out]) -> None:
+        """Send ``req`` to member ``w`` (whose heap entry the caller has popped)."""
+        ticket = req.ticket
+        req.state = ASSIGNED
+        req.worker = w
+        req.attempt += 1
+        w.seq += 1
+        seq = w.seq
+        w.inflight[ticket] = seq
+        w.last_used = self._seq
+        self._seq += 1
+        key = req.key
+        if not key:
+            key = req.key = f"{req.client.hex()}:{req.rid}"
+        budget = int((req.deadline - now) * 1000)
+        if w.spare is None:
+            task = p.Task(ticket, req.service, max(1, budget), req.attempt, key, seq, (), req.payload)
+        else:
+            s = req.service
+            w.svc_of[ticket] = s
+            w.load[s] = w.load.get(s, 0) + 1
+            w.unseen.append((seq, s))
+            w.unseen_n[s] = w.unseen_n.get(s, 0) + 1
+            hops = (*req.hops, self.name)
+            task = p.Task(ticket, s, max(1, budget - HOP_MARGIN_MS), req.attempt, key, seq, hops, req.payload)
+        self._offer(w)
+        out.append((w.ident, task))
+
+    def _release(self, w: _Worker, ticket: int) -> None:
+        """``w`` no longer holds ``ticket``."""
+        del w.inflight[ticket]
+        if w.spare is not None:
+            s = w.svc_of.pop(ticket)
+            w.load[s] -= 1
 
     def _pump_services(self, w: _Worker, now: float, out: list[Out]) -> None:
         """Dispatch what waits for any service of ``w`` (it has just gained free capacity)."""
@@ -476,12 +751,15 @@ class BrokerCore:
                 self._pump(pool, now, out)
 
     def _requeue(self, req: _Req, now: float) -> None:
-        pool = self._pools[req.service]
+        pool = self._pools.get(req.service)
+        if pool is None:
+            pool = self._pools[req.service] = _Pool(req.service)
         req.state = QUEUED
         req.worker = None
         pool.queue.appendleft(req.ticket)
         self._queued += 1
         self._queued_bytes += len(req.payload)
+        self._changes += 1
         heappush(self._deadlines, (req.deadline, req.ticket))
 
     def _drop_worker(self, w: _Worker, now: float, why: str, *, spend_attempt: bool) -> list[Out]:
@@ -489,13 +767,17 @@ class BrokerCore:
         out: list[Out] = []
         w.alive = False
         w.version += 1
+        self._changes += 1
         if self._workers.get(w.ident) is w:
             del self._workers[w.ident]
+            if w.spare is not None:
+                self._brokers -= 1
         for s in w.services:
             pool = self._pools.get(s)
             if pool is not None:
                 pool.workers.discard(w)
         touched: set[str] = set()
+        kind = "workers" if w.spare is None else "brokers"
         for ticket in sorted(w.inflight, reverse=True):  # appendleft: oldest ends up first
             req = self._reqs.get(ticket)
             if req is None or req.worker is not w:
@@ -505,40 +787,62 @@ class BrokerCore:
             req.tried.append(w.ident)
             if not spend_attempt:
                 req.attempt -= 1
-            if req.attempt >= self.settings.max_attempts:
-                out.append(
-                    self._finish(
-                        req,
-                        p.ST_LOST,
-                        f"request lost: {req.attempt} workers of service {req.service!r} died while "
-                        f"holding it (attempt cap {self.settings.max_attempts}; last: {w.name} {why})",
-                        b"",
-                    )
-                )
-            else:
-                self.counters["requeues"] += 1
-                self._requeue(req, now)
-                touched.add(req.service)
+            self._retry(
+                req,
+                f"{req.attempt} {kind} serving {req.service!r} died while holding it",
+                f"{w.name} {why}",
+                now,
+                out,
+                touched,
+            )
         w.inflight.clear()
+        w.svc_of.clear()
+        w.load.clear()
+        if w.spare is not None:
+            self._abandon_from(w.ident)
         for s in touched:
-            self._pump(self._pools[s], now, out)
+            if s in self._pools:
+                self._pump(self._pools[s], now, out)
         return out
 
-    def _expire(self, req: _Req, dequeued: bool = False) -> Out:
+    def _retry(self, req: _Req, lost: str, last: str, now: float, out: list[Out], touched: set[str]) -> None:
+        """Requeue ``req`` after its holder was lost, or end it LOST at the attempt cap."""
+        cap = self.settings.max_attempts
+        if req.attempt >= cap:
+            self._finish(req, p.ST_LOST, f"request lost: {lost} (attempt cap {cap}; last: {last})", b"", out)
+        else:
+            self.counters["requeues"] += 1
+            self._requeue(req, now)
+            touched.add(req.service)
+
+    def _abandon_from(self, client: bytes) -> None:
+        """Forget queued requests a departed downstream broker forwarded: no one can take the reply."""
+        for req in [r for r in self._reqs.values() if r.client == client and r.state == QUEUED]:
+            self.counters["abandoned"] += 1
+            self._dequeued(req)
+            self._forget(req)
+
+    def _expire(self, req: _Req, out: list[Out], dequeued: bool = False) -> None:
         if not dequeued:
-            self._queued -= 1
-            self._queued_bytes -= len(req.payload)
+            self._dequeued(req)
+        self._changes += 1
         pool = self._pools.get(req.service)
         if pool is None or not pool.workers:
-            why = f"no worker for service {req.service!r} was registered at broker {self.settings.name}"
+            why = f"no worker for service {req.service!r} was registered at broker {self.name}"
+            if self._up is not None:
+                why += " and its upstream could not take it" if self._up.registered else " and its upstream is down"
         else:
             why = f"all {len(pool.workers)} workers of service {req.service!r} stayed busy"
-        return self._finish(req, p.ST_TIMEOUT, f"deadline passed before dispatch: {why}", b"")
+        self._finish(req, p.ST_TIMEOUT, f"deadline passed before dispatch: {why}", b"", out)
 
-    def _finish(self, req: _Req, status: int, message: str, payload: bytes) -> Out:
+    def _forget(self, req: _Req) -> None:
+        """Remove ``req`` from the tables (its ticket may linger in a queue; pumps skip it)."""
         del self._reqs[req.ticket]
-        del self._by_key[(req.client, req.rid)]
-        self.counters[_COUNTER_OF[status]] += 1
+        key = (req.client, req.rid)
+        if self._by_key.get(key) == req.ticket:
+            del self._by_key[key]
+        if not req.client:
+            self._from_up.pop(req.ticket, None)
         pool = self._pools.get(req.service)
         if pool is not None and not pool.workers:
             queue = pool.queue
@@ -547,12 +851,269 @@ class BrokerCore:
                 queue.popleft()
             if not queue:
                 del self._pools[req.service]  # services nobody serves must not accumulate
-        return (req.client, p.Reply(req.rid, status, message, payload))
+
+    def _finish(self, req: _Req, status: int, message: str, payload: bytes, out: list[Out]) -> None:
+        """End ``req``: forget it and append its one reply (none for void upstream work)."""
+        self._forget(req)
+        self.counters[_COUNTER_OF[status]] += 1
+        if req.client:
+            out.append((req.client, p.Reply(req.rid, status, message, payload)))
+        elif self._up is not None and req.session == self._up.session:
+            out.append((UPSTREAM, p.Reply(req.rid, status, message, payload)))
 
     def _compact_deadlines(self) -> None:
         reqs = self._reqs
         self._deadlines = [(d, t) for d, t in self._deadlines if (r := reqs.get(t)) is not None and r.state == QUEUED]
         heapify(self._deadlines)
+
+    # --- the upstream link (proxies) ------------------------------------------------------------
+
+    def _may_forward(self, req: _Req, upstream_name: str, now: float) -> bool:
+        hops = req.hops
+        return len(hops) < p.MAX_HOPS and upstream_name not in hops and (req.deadline - now) * 1000 >= HOP_MARGIN_MS + 1
+
+    def _forward_up(self, req: _Req, now: float, out: list[Out]) -> None:
+        up = self._up
+        assert up is not None
+        req.state = FORWARDED
+        req.went_up = True
+        req.attempt += 1
+        self._sent_up[req.ticket] = req
+        self.counters["forwarded_up"] += 1
+        up.forwarded(req.service)
+        heappush(self._deadlines, (req.deadline, req.ticket))
+        budget = int((req.deadline - now) * 1000) - HOP_MARGIN_MS
+        out.append((UPSTREAM, p.Request(req.ticket, req.service, budget, (*req.hops, self.name), req.payload)))
+
+    def _refuse_up(self, req: _Req, now: float, out: list[Out]) -> None:
+        """Hand work back to the upstream (BUSY: it requeues without spending an attempt), with a
+        fresh advert first so that it does not offer us the same work again."""
+        self.counters["refused_up"] += 1
+        self._advert(now, out, force=True)
+        self._finish(req, p.ST_BUSY, f"proxy {self.name} has no free capacity for {req.service!r}", b"", out)
+
+    def _from_upstream(self, msg: p.Message, now: float) -> list[Out]:
+        up = self._up
+        if up is None:
+            return _NONE
+        out: list[Out] = []
+        if up.wait_until is not None:
+            return out  # between sessions: whatever the old connection still delivers is void
+        link = up.link
+        link.last_heard = now
+        t = type(msg)
+        if t is p.Task:
+            self._on_up_task(msg, now, out)  # type: ignore[arg-type]
+        elif t is p.Reply:
+            self._on_up_reply(msg, now, out)  # type: ignore[arg-type]
+        elif t is p.Heartbeat:
+            if link.restarted(msg.incarnation):  # type: ignore[union-attr]
+                self._lose_upstream(now, "upstream broker restarted", False, out)
+            else:
+                up.seq_seen = max(up.seq_seen, msg.seq)  # type: ignore[union-attr]
+        elif t is p.Welcome:
+            link.welcome(msg)  # type: ignore[arg-type]
+            up.welcomed(msg.broker)  # type: ignore[union-attr]
+            self._advert(now, out, force=True)
+            for pool in list(self._pools.values()):
+                if pool.queue:
+                    self._pump(pool, now, out)
+        elif t is p.Advert:
+            up.advert(msg.seq, msg.spare)  # type: ignore[union-attr]
+            self._changes += 1  # what we offer our own downstream brokers includes this credit
+            for pool in list(self._pools.values()):
+                if pool.queue:
+                    self._pump(pool, now, out)
+        elif t is p.Reconnect:
+            self._lose_upstream(now, "upstream broker does not know us", False, out)
+        elif t is p.Bye:
+            self._lose_upstream(now, f"upstream said bye: {msg.reason}", True, out)  # type: ignore[union-attr]
+        elif t is p.Error:
+            out.append((UPSTREAM, Problem(f"upstream refused a message: {msg.message}")))  # type: ignore[union-attr]
+            if not up.registered:
+                self._lose_upstream(now, f"registration refused: {msg.message}", True, out)  # type: ignore[union-attr]
+        else:
+            self.counters["bad_input"] += 1
+            out.append((UPSTREAM, Problem(f"unexpected {t.__name__} from upstream ignored")))
+        return out
+
+    def _on_up_task(self, m: p.Task, now: float, out: list[Out]) -> None:
+        """Work handed down by the upstream: serve it with our own pool, or refuse it (BUSY)."""
+        up = self._up
+        assert up is not None
+        up.seq_seen = max(up.seq_seen, m.seq)
+        self.counters["tasks_from_up"] += 1
+        key = (UPSTREAM, m.ticket)
+        if key in self._by_key:
+            self.counters["duplicates"] += 1
+            return
+        ticket = self._next_ticket
+        self._next_ticket = ticket + 1
+        req = _Req(ticket, UPSTREAM, m.ticket, m.service, m.payload, now + m.budget_ms / 1000.0, m.hops)
+        req.session = up.session
+        req.key = m.key
+        if self.name in m.hops:
+            self.counters["loops"] += 1
+            self._reqs[ticket] = req
+            self._finish(req, p.ST_INVALID, f"request looped: it has passed {self.name} already", b"", out)
+            return
+        pool = self._pools.get(m.service)
+        w = self._take(pool, req) if pool is not None and pool.heap else None
+        self._reqs[ticket] = req
+        if w is None:
+            self._refuse_up(req, now, out)
+            return
+        self._by_key[key] = ticket
+        self._from_up[ticket] = req
+        self._assign(req, w, now, out)
+
+    def _on_up_reply(self, m: p.Reply, now: float, out: list[Out]) -> None:
+        """The upstream's answer to a request we forwarded: it ends the request, wherever it is."""
+        req = self._reqs.get(m.rid)
+        if req is None or not req.went_up:
+            self.counters["late_results"] += 1
+            return
+        if m.status == p.ST_BUSY:
+            # The upstream could not place it now: it waits here (for a member of ours, or for a
+            # newer advert before it goes up again), within its deadline. A BUSY for a request
+            # that is no longer with the upstream (taken back after a lost session) is stale.
+            if req.state != FORWARDED:
+                self.counters["late_results"] += 1
+                return
+            up = self._up
+            assert up is not None
+            del self._sent_up[req.ticket]
+            self.counters["returned_from_up"] += 1
+            req.attempt -= 1
+            req.up_block = up.adverts
+            self._requeue(req, now)
+            self._pump(self._pools[req.service], now, out)
+            return
+        if req.state == QUEUED:
+            self._dequeued(req)
+        elif req.state == FORWARDED:
+            del self._sent_up[req.ticket]
+        self._finish(req, m.status, m.message, m.payload, out)
+
+    def _lose_upstream(self, now: float, reason: str, move: bool, out: list[Out]) -> None:
+        """The upstream session ended: void what it handed down, take back what we sent it."""
+        up = self._up
+        assert up is not None
+        up.lose(now, reason, move=move)
+        self.counters["upstream_losses"] += 1
+        out.append((UPSTREAM, Problem(f"upstream link lost ({reason}); registering again")))
+        for req in list(self._from_up.values()):
+            key = (UPSTREAM, req.rid)
+            if self._by_key.get(key) == req.ticket:
+                del self._by_key[key]
+            if req.state == QUEUED:
+                self._dequeued(req)
+                self._forget(req)
+        touched: set[str] = set()
+        for ticket in sorted(self._sent_up, reverse=True):
+            req = self._sent_up.pop(ticket)
+            self._retry(
+                req, f"its upstream broker was lost {req.attempt} times while holding it", reason, now, out, touched
+            )
+        for s in touched:
+            self._pump(self._pools[s], now, out)
+
+    def _tick_upstream(self, now: float, out: list[Out]) -> None:
+        up = self._up
+        assert up is not None
+        link = up.link
+        if up.wait_until is not None:
+            if now < up.wait_until:
+                return
+            up.wait_until = None
+            if up.move:
+                out.append((UPSTREAM, link.connect_next(now, up.reason)))
+            else:
+                link.last_heard = now
+                link.next_hb = now + link.hb_s
+                link.incarnation = None
+            hb_ms = max(1, round(self.settings.heartbeat.heartbeat_s * 1000))
+            out.append((UPSTREAM, p.Hello(p.ROLE_BROKER, self.name, (), 0, hb_ms)))
+            return
+        if link.silent(now):
+            self._lose_upstream(now, f"upstream at {link.endpoint} silent for {now - link.last_heard:.2f}s", True, out)
+            return
+        if up.registered:
+            if link.heartbeat_due(now):
+                held = tuple(r.rid for r in self._from_up.values() if r.session == up.session)
+                out.append((UPSTREAM, p.Heartbeat(p.ROLE_BROKER, link.incarnation or "", up.seq_seen, held)))
+            if up.advert_due(now, self._changes != self._up_mark):
+                self._advert(now, out)
+
+    def spare(self) -> tuple[tuple[str, int], ...]:
+        """What this broker can take now, per service it can serve below it (for its upstream)."""
+        held = sum(1 for r in self._from_up.values() if self._up is not None and r.session == self._up.session)
+        budget = p.MAX_CAPACITY - held  # keep held + spare within what a heartbeat may list
+        out = []
+        for name in sorted(self._pools):
+            pool = self._pools[name]
+            if not pool.workers:
+                continue
+            free = 0
+            for w in pool.workers:
+                if w.alive:
+                    free += (w.capacity - len(w.inflight)) if w.spare is None else w.allowed(name)
+            n = max(0, min(free - len(pool.queue), budget))
+            budget -= n
+            out.append((name, n))
+        return tuple(out)
+
+    def _advert(self, now: float, out: list[Out], force: bool = False) -> None:
+        up = self._up
+        if up is None or not up.registered:
+            return
+        self._up_mark = self._changes
+        spare = self.spare()
+        if force or spare != up.last_spare or now >= up.advert_at + up.link.hb_s:
+            up.last_spare = spare
+            up.advert_at = now
+            out.append((UPSTREAM, p.Advert(up.seq_seen, spare)))
+
+    def _spare_totals(self) -> dict[str, int]:
+        """Per service: free slots of every member plus upstream credit, less what is queued."""
+        totals: dict[str, int] = {}
+        for name, pool in self._pools.items():
+            free = 0
+            for w in pool.workers:
+                if w.alive:
+                    free += (w.capacity - len(w.inflight)) if w.spare is None else max(0, w.allowed(name))
+            totals[name] = free - len(pool.queue)
+        up = self._up
+        if up is not None and up.registered:
+            for name in up.spare:
+                totals[name] = totals.get(name, 0) + max(0, up.credit(name))
+        return totals
+
+    def _advert_to(self, d: _Worker, totals: dict[str, int], now: float, out: list[Out], force: bool) -> None:
+        """Tell downstream broker ``d`` what it may forward to us: our spare outside its subtree."""
+        spare = []
+        for name in sorted(totals):
+            n = totals[name] - (max(0, d.allowed(name)) if name in d.services else 0)
+            if n > 0:
+                spare.append((name, min(n, p.MAX_CAPACITY)))
+        t = tuple(spare)
+        if force or t != d.down_spare:
+            d.down_spare = t
+            out.append((d.ident, p.Advert(d.recv_n, t)))
+
+    def _down_advert_due(self, now: float) -> bool:
+        if self._changes != self._down_mark and now >= self._down_at + self.settings.advert_interval_s:
+            return True
+        return now >= self._down_at + self.settings.heartbeat.heartbeat_s
+
+    def _advert_down(self, now: float, out: list[Out]) -> None:
+        refresh = now >= self._down_at + self.settings.heartbeat.heartbeat_s
+        self._down_mark = self._changes
+        self._down_at = now
+        totals = self._spare_totals()
+        for w in self._workers.values():
+            if w.spare is not None:
+                self._advert_to(w, totals, now, out, force=refresh)
 
     # --- internal services ----------------------------------------------------------------------
 
@@ -563,7 +1124,7 @@ class BrokerCore:
         return p.Reply(m.rid, p.ST_INVALID, f"unknown internal service {m.service!r}", b"")
 
     def status(self, now: float) -> dict[str, Any]:
-        """Return a snapshot for ``zmqdist status``: workers, services, queues, counters."""
+        """Return a snapshot for ``zmqdist status``: workers, brokers below, services, queues, counters."""
         workers = [
             {
                 "name": w.name,
@@ -575,18 +1136,42 @@ class BrokerCore:
                 "silent_s": round(now - w.seen, 3),
             }
             for w in self._workers.values()
+            if w.spare is None
+        ]
+        brokers = [
+            {
+                "name": w.name,
+                "id": w.ident.hex(),
+                "spare": {s: max(0, w.allowed(s)) for s in w.services},
+                "inflight": len(w.inflight),
+                "served": w.served,
+                "silent_s": round(now - w.seen, 3),
+            }
+            for w in self._workers.values()
+            if w.spare is not None
         ]
         services = {
             name: {
                 "workers": len(pool.workers),
-                "capacity": sum(w.capacity for w in pool.workers),
-                "inflight": sum(len(w.inflight) for w in pool.workers),
+                "capacity": sum(w.capacity if w.spare is None else max(0, w.allowed(name)) for w in pool.workers),
+                "inflight": sum(len(w.inflight) if w.spare is None else w.load.get(name, 0) for w in pool.workers),
                 "queued": sum(1 for t in pool.queue if (r := self._reqs.get(t)) and r.state == QUEUED),
             }
             for name, pool in sorted(self._pools.items())
         }
+        up = self._up
+        upstream = None
+        if up is not None:
+            upstream = {
+                "endpoint": up.link.endpoint if up.link.index >= 0 else None,
+                "broker": up.name or None,
+                "registered": up.registered,
+                "forwarded": len(self._sent_up),
+                "held": sum(1 for r in self._from_up.values() if r.session == up.session),
+                "losses": up.losses,
+            }
         return {
-            "broker": self.settings.name,
+            "broker": self.name,
             "incarnation": self.incarnation,
             "uptime_s": round(now - self.started, 3),
             "heartbeat_s": self.settings.heartbeat.heartbeat_s,
@@ -595,6 +1180,8 @@ class BrokerCore:
             "queued_bytes": self._queued_bytes,
             "requests_open": len(self._reqs),
             "workers": workers,
+            "brokers": brokers,
+            "upstream": upstream,
             "services": services,
             "counters": dict(self.counters),
             **(self.status_hook() if self.status_hook is not None else {}),
@@ -603,8 +1190,17 @@ class BrokerCore:
     # --- introspection for tests and invariants -------------------------------------------------
 
     def worker_load(self) -> dict[bytes, tuple[int, int]]:
-        """Return ``{worker id: (in-flight, capacity)}`` for live workers."""
-        return {i: (len(w.inflight), w.capacity) for i, w in self._workers.items()}
+        """Return ``{worker id: (in-flight, capacity)}`` for live workers (not downstream brokers)."""
+        return {i: (len(w.inflight), w.capacity) for i, w in self._workers.items() if w.spare is None}
+
+    def members(self) -> set[bytes]:
+        """Identities of every live member: workers and downstream brokers."""
+        return set(self._workers)
+
+    @property
+    def upstream(self) -> Upstream | None:
+        """The upstream link's state (None unless this broker is a proxy)."""
+        return self._up
 
     @property
     def queued(self) -> int:

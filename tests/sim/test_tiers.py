@@ -1,0 +1,294 @@
+"""Proxy tiers in simulation: local first, capacity-aware funnelling, loops, failure isolation.
+
+Topologies are built from broker names; ``broker`` is the master (the default broker). Every test
+runs on the fake clock: seconds of heartbeats and failures take milliseconds, with no sleeps.
+"""
+
+from collections import Counter
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings
+from zmqdist.core.broker import HOP_MARGIN_MS
+from zmqdist.testing import Simulation
+
+
+def statuses(client):
+    return Counter(v[0].status for v in client.completed.values())
+
+
+def assert_each_ended_once(client, n):
+    assert len(client.completed) == n, f"{n - len(client.completed)} requests never ended"
+    assert all(len(v) == 1 for v in client.completed.values()), "a request ended twice"
+
+
+def two_regions(**kw):
+    """master <- A, master <- B; workers 'wa' under A and 'wb' under B (2 slots each)."""
+    sim = Simulation(**kw)
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_broker("B", upstream=("broker",))
+    sim.add_worker("wa", concurrency=2, service_time=0.01, via=("A", "B"))
+    sim.add_worker("wb", concurrency=2, service_time=0.01, via=("B", "A"))
+    return sim
+
+
+def test_local_first_while_local_capacity_is_free():
+    sim = two_regions()
+    ca = sim.add_client("ca", via=("A",))
+    sim.run_for(0.1)
+    for i in range(40):  # one at a time: the local worker is always free
+        ca.submit("echo", i, timeout=5)
+        sim.run_for(0.02)
+    assert_each_ended_once(ca, 40)
+    assert statuses(ca) == {p.ST_OK: 40}
+    assert len(sim.workers["wa"].executed) == 40 and not sim.workers["wb"].executed
+    assert sim.brokers["A"].core.counters["forwarded_up"] == 0
+
+
+def test_overflow_funnels_into_the_other_region_in_proportion_to_capacity():
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_broker("B", upstream=("broker",))
+    sim.add_worker("wa", concurrency=2, service_time=0.01, via=("A",))
+    sim.add_worker("wb", concurrency=6, service_time=0.01, via=("B",))
+    ca = sim.add_client("ca", via=("A",))
+    sim.run_for(0.1)
+    for i in range(800):
+        ca.submit("echo", i, timeout=30)
+    sim.run_for(10)
+    assert_each_ended_once(ca, 800)
+    assert statuses(ca) == {p.ST_OK: 800}
+    for rid, (done,) in ca.completed.items():
+        assert p.unpack_value(done.payload) == rid - 1  # replies travel back along the same path
+    a, b = len(sim.workers["wa"].executed), len(sim.workers["wb"].executed)
+    assert a + b == 800
+    assert b / a == pytest.approx(3, rel=0.2)  # slots 2 : 6, same speed
+    # Work flowed down into region B through the master, never back into A.
+    assert sim.brokers["B"].core.counters["tasks_from_up"] == b
+    assert sim.brokers["A"].core.counters["tasks_from_up"] == 0
+
+
+def test_no_local_worker_goes_upstream_and_queues_there():
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_worker("wm", services=("rare",), concurrency=1, service_time=0.05)
+    ca = sim.add_client("ca", via=("A",))
+    sim.run_for(0.1)
+    for i in range(20):
+        ca.submit("rare", i, timeout=30)
+    sim.run_for(0.01)
+    # Nothing below A serves 'rare': all of it went up at once and waits in the master's queue.
+    assert sim.brokers["A"].core.counters["forwarded_up"] == 20
+    sim.run_for(5)
+    assert statuses(ca) == {p.ST_OK: 20}
+
+
+def test_three_tiers_site_to_region_to_master_and_back_down():
+    sim = Simulation()
+    for region in ("R1", "R2"):
+        sim.add_broker(region, upstream=("broker",))
+    sim.add_broker("S1", upstream=("R1",))
+    sim.add_broker("S2", upstream=("R2",))
+    w = sim.add_worker("w2", concurrency=2, service_time=0.01, via=("S2",))
+    c = sim.add_client("c1", via=("S1",))
+    sim.run_for(0.2)
+    budgets = []
+    orig = w.core._on_task
+
+    def spy(m, now):
+        budgets.append(m.budget_ms)
+        return orig(m, now)
+
+    w.core._on_task = spy
+    for i in range(50):
+        c.submit("echo", i, timeout=10)
+    sim.run_for(3)
+    assert statuses(c) == {p.ST_OK: 50}
+    assert len(w.executed) == 50
+    # S1 -> R1 -> master -> R2 -> S2 -> worker: five hops, each spends at least HOP_MARGIN_MS.
+    assert max(budgets) <= 10_000 - 5 * HOP_MARGIN_MS
+    # The path is recorded: the task S2 got names every broker the request passed.
+    assert sim.brokers["S2"].core.counters["tasks_from_up"] == 50
+
+
+def test_a_request_is_never_sent_back_to_a_broker_it_passed():
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_worker("wa", concurrency=1, service_time=0.2, via=("A",))
+    sim.add_worker("wm", concurrency=1, service_time=0.2)
+    ca = sim.add_client("ca", via=("A",))
+    sim.run_for(0.1)
+    for i in range(10):
+        ca.submit("echo", i, timeout=30)
+    sim.run_for(10)
+    assert statuses(ca) == {p.ST_OK: 10}
+    # A forwarded overflow up; the master served it with its own worker and never handed it
+    # back down to A, even when A's worker was free again.
+    assert sim.brokers["A"].core.counters["forwarded_up"] > 0
+    assert sim.brokers["A"].core.counters["tasks_from_up"] == 0
+
+
+def test_a_looping_request_is_refused_with_a_clear_error():
+    sim = Simulation()
+    sim.run_for(0.01)
+    core = sim.broker
+    out = core.receive(b"peer", p.Request(1, "echo", 1000, ("x", "broker"), b""), sim.clock.now())
+    assert out[0][1].status == p.ST_INVALID and "looped" in out[0][1].message
+    assert core.counters["loops"] == 1
+
+
+def test_killed_proxy_costs_only_its_own_clients_who_fail_over():
+    sim = two_regions()
+    ca = sim.add_client("ca", via=("A", "B"))  # failover list
+    cb = sim.add_client("cb", via=("B",))
+    sim.run_for(0.1)
+    for i in range(300):
+        ca.submit("echo", i, timeout=30)
+        cb.submit("echo", i, timeout=30)
+    sim.run_for(0.3)
+    sim.kill("A")
+    sim.run_for(20)
+    # B's clients saw nothing; A's completed everything through B, same ids, no duplicates.
+    assert_each_ended_once(cb, 300)
+    assert statuses(cb) == {p.ST_OK: 300}
+    assert_each_ended_once(ca, 300)
+    assert statuses(ca) == {p.ST_OK: 300}
+    assert ca.core.counters["failovers"] >= 1 and ca.core.counters["duplicates"] == 0
+    # A's worker moved on to B; the master dropped A and kept serving.
+    assert sim.workers["wa"].core.link.endpoint == Simulation.endpoint("B")
+    assert sim.broker.counters["workers_expired"] == 1  # A, detected by heartbeats
+
+
+def test_master_outage_proxies_keep_serving_local_and_upstream_work_waits():
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_worker("wa", services=("local",), concurrency=2, service_time=0.01, via=("A",))
+    sim.add_worker("wm", services=("central",), concurrency=2, service_time=0.01)
+    ca = sim.add_client("ca", via=("A",))
+    sim.run_for(0.1)
+    sim.kill_broker()
+    sim.run_for(0.2)
+    for i in range(20):
+        ca.submit("local", i, timeout=30)
+        ca.submit("central", i, timeout=30)
+    sim.run_for(3)
+    done = {rid: v[0].status for rid, v in ca.completed.items()}
+    assert sorted(done.values()) == [p.ST_OK] * 20  # the local service went on during the outage
+    a = sim.brokers["A"].core
+    assert a.counters["upstream_losses"] >= 1 and not a.upstream.registered
+    sim.restart_broker()  # the master comes back; A registers again by itself
+    sim.run_for(10)
+    assert_each_ended_once(ca, 40)
+    assert statuses(ca) == {p.ST_OK: 40}
+    assert a.upstream.registered
+
+
+def test_silent_downstream_broker_is_dropped_and_its_work_requeued():
+    sim = Simulation(BrokerSettings(max_attempts=3))
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_broker("B", upstream=("broker",))
+    sim.add_worker("wa", concurrency=4, service_time=0.5, via=("A",))
+    sim.add_worker("wb", concurrency=4, service_time=0.01, via=("B",))
+    c = sim.add_client("cm")  # a client of the master: its work flows down into A and B
+    sim.run_for(0.1)
+    for i in range(40):
+        c.submit("echo", i, timeout=30)
+    sim.run_for(0.05)
+    held_by_a = sim.brokers["A"].core.counters["tasks_from_up"]
+    assert held_by_a > 0
+    sim.partition("A")
+    sim.run_for(10)
+    assert_each_ended_once(c, 40)
+    assert statuses(c) == {p.ST_OK: 40}
+    m = sim.broker.counters
+    assert m["workers_expired"] >= 1 and m["requeues"] >= held_by_a - 4  # a few may have finished
+
+
+def test_re_registration_after_a_master_restart_is_jittered():
+    sim = Simulation(BrokerSettings(backoff_s=0.5, backoff_max_s=4.0), seed=7)
+    names = [f"P{i}" for i in range(20)]
+    for n in names:
+        sim.add_broker(n, upstream=("broker",))
+    sim.run_for(0.5)
+    assert sim.broker.counters["brokers_registered"] == 20
+    sim.kill_broker()
+    sim.run_for(0.1)
+    sim.restart_broker()
+    times = []
+    for _ in range(300):
+        before = sim.broker.counters["brokers_registered"]
+        sim.run_for(0.01)
+        times += [sim.clock.now()] * (sim.broker.counters["brokers_registered"] - before)
+    assert len(times) == 20
+    spread = max(times) - min(times)
+    assert spread > 0.25, f"all proxies came back within {spread:.3f}s: not jittered"
+    assert len({round(t, 2) for t in times}) >= 10, "registrations bunched together"
+
+
+@given(
+    data=st.data(),
+    n_requests=st.integers(1, 120),
+    drop_rate=st.sampled_from([0.0, 0.0, 0.01]),
+)
+def test_property_tiers_every_request_ends_exactly_once(data, n_requests, drop_rate):
+    """Three tiers with failover lists; random kills, partitions and restarts of proxies, the master
+    and workers. Every request of every client ends exactly once with a correct value or a clear
+    error; the simulation checks on every send that no task goes to a member declared dead and no
+    worker is over capacity."""
+    seed = data.draw(st.integers(0, 2**32 - 1))
+    sim = Simulation(seed=seed)
+    sim.add_broker("R1", upstream=("broker",))
+    sim.add_broker("R2", upstream=("broker",))
+    sim.add_broker("S1", upstream=("R1", "R2"))
+    proxies = ["R1", "R2", "S1"]
+    places = [("S1", "R1"), ("R1", "R2"), ("R2", "R1"), ("broker",)]
+    for i in range(data.draw(st.integers(1, 4))):
+        sim.add_worker(
+            f"w{i}",
+            concurrency=data.draw(st.integers(1, 3)),
+            service_time=data.draw(st.sampled_from([0.001, 0.01, 0.1])),
+            via=data.draw(st.sampled_from(places)),
+        )
+    clients = [sim.add_client(f"c{i}", via=places[i]) for i in range(3)]
+    sim.run_for(0.2)
+    sim.drop_rate = drop_rate
+    sent = Counter()
+    for i in range(n_requests):
+        c = clients[i % 3]
+        c.submit("echo", i, timeout=data.draw(st.sampled_from([0.5, 5.0, 30.0])))
+        sent[c.ident] += 1
+    for _ in range(data.draw(st.integers(0, 4))):
+        sim.run_for(data.draw(st.floats(0.0, 1.0)))
+        action = data.draw(st.sampled_from(["kill", "partition", "heal", "restart", "kill_worker"]))
+        target = data.draw(st.sampled_from([*proxies, "broker"]))
+        if action == "kill":
+            sim.kill(target)
+        elif action == "partition":
+            sim.partition(target)
+        elif action == "heal":
+            sim.heal(target)
+        elif action == "restart":
+            sim.kill_broker(target)
+            sim.run_for(data.draw(st.floats(0.0, 2.0)))
+            sim.restart_broker(target)
+        else:
+            sim.kill(f"w{data.draw(st.integers(0, len(sim.workers) - 1))}")
+    # A healthy run needs some ten thousand steps; a message storm between brokers would not end.
+    sim.run_until(sim.clock.now() + 40, max_steps=300_000)
+    for idx, c in enumerate(clients):
+        assert all(len(v) == 1 for v in c.completed.values()), "a request ended twice"
+        assert len(c.completed) == sent[c.ident], "a request never ended"
+        for rid, (done,) in c.completed.items():
+            if done.status == p.ST_OK:
+                assert p.unpack_value(done.payload) % 3 == idx  # its own value came back
+            else:
+                assert done.status in (p.ST_TIMEOUT, p.ST_LOST), done
+    if drop_rate == 0.0:
+        for b in sim.brokers.values():
+            if b.alive:
+                assert b.core.open_requests == 0, f"{b.name} kept a request no one will answer"
+    for w in sim.workers.values():
+        assert w.max_running <= w.core.concurrency
