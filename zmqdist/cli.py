@@ -85,7 +85,16 @@ def _fail(exc: BaseException) -> None:
 
 @main.command()
 @click.option("--bind", multiple=True, default=["tcp://*:5555"], help="endpoint to bind (repeatable)")
-@click.option("--name", default="broker", help="broker name shown in status and errors")
+@click.option(
+    "--name",
+    default=None,
+    help="broker name shown in status and errors; unique in a topology [default: HOST-PID]",
+)
+@click.option(
+    "--upstream",
+    multiple=True,
+    help="run as a proxy of this upstream broker (repeatable, failover order)",
+)
 @click.option("--heartbeat", type=float, default=0.25, help=HELP_HB)
 @click.option("--liveness", type=int, default=4, help=HELP_LIVE)
 @click.option("--max-queue", type=int, default=10_000, help="queued requests before new ones get Busy")
@@ -96,7 +105,8 @@ def _fail(exc: BaseException) -> None:
 )
 def broker(
     bind: tuple[str, ...],
-    name: str,
+    name: str | None,
+    upstream: tuple[str, ...],
     heartbeat: float,
     liveness: int,
     max_queue: int,
@@ -104,11 +114,12 @@ def broker(
     max_attempts: int,
     max_message_size: int,
 ) -> None:
-    """Run a broker until SIGINT or SIGTERM."""
+    """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM."""
     try:
         b = Broker(
             bind=list(bind),
             name=name,
+            upstream=list(upstream),
             heartbeat_s=heartbeat,
             liveness=liveness,
             max_queue=max_queue,

@@ -45,7 +45,7 @@ def test_precedence_command_line_over_env_over_file_over_default(fake_broker, tm
     run = CliRunner().invoke
     r = run(cli.main, ["broker"])
     assert r.exit_code == 0, r.output
-    assert fake_broker.seen["name"] == "broker" and fake_broker.seen["liveness"] == 4
+    assert fake_broker.seen["name"] is None and fake_broker.seen["liveness"] == 4 and fake_broker.seen["upstream"] == []
     r = run(cli.main, ["--config", str(cfg), "broker"])
     assert fake_broker.seen["name"] == "from-file" and fake_broker.seen["max_queue"] == 11
     r = run(cli.main, ["--config", str(cfg), "broker"], env={"ZMQDIST_BROKER_NAME": "from-env"})
@@ -54,6 +54,11 @@ def test_precedence_command_line_over_env_over_file_over_default(fake_broker, tm
     assert fake_broker.seen["name"] == "from-cli"
     r = run(cli.main, ["broker"], env={"ZMQDIST_BROKER_BIND": "tcp://*:1 tcp://*:2"})
     assert fake_broker.seen["bind"] == ["tcp://*:1", "tcp://*:2"]
+    r = run(cli.main, ["broker", "--upstream", "tcp://m:1", "--upstream", "tcp://m2:1"])
+    assert fake_broker.seen["upstream"] == ["tcp://m:1", "tcp://m2:1"]
+    cfg.write_text('[broker]\nupstream = ["tcp://from-file:1"]\n')
+    r = run(cli.main, ["--config", str(cfg), "broker"])
+    assert fake_broker.seen["upstream"] == ["tcp://from-file:1"]
 
 
 def test_bad_config_and_bad_options_give_clear_errors(tmp_path):

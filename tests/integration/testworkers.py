@@ -61,3 +61,12 @@ def echo_fn(x):
 gil = Worker(["tcp://127.0.0.1:5555"], concurrency=1)
 gil.add_service("spin", spin)
 gil.add_service("hold_gil", hold_gil)
+
+
+regional = Worker(["tcp://127.0.0.1:5555"], concurrency=2)
+
+
+@regional.service("regional")
+def _regional(x):
+    time.sleep(0.001)
+    return [x, os.getpid()]

@@ -1,0 +1,139 @@
+"""Proxy tiers with real processes: a master, two regional proxies, their workers and clients.
+
+master (M) <- proxy A <- worker (2 slots), clients of region A
+           <- proxy B <- 2 workers (2 slots each), clients of region B
+"""
+
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from tests.integration.helpers import status, wait_for
+from zmqdist import Client
+
+pytestmark = pytest.mark.integration
+
+
+class Topology:
+    def __init__(self, procs, tmp_path):
+        self.procs = procs
+        self.ep = {n: f"ipc://{tmp_path}/{n}.sock" for n in ("M", "A", "B")}
+        self.brokers = {}
+        self.workers = {}
+
+    def broker(self, name, *extra):
+        up = () if name == "M" else ("--upstream", self.ep["M"])
+        self.brokers[name] = self.procs.spawn("broker", "--bind", self.ep[name], "--name", name, *up, *extra)
+        return self.brokers[name]
+
+    def worker(self, name, at, target="testworkers:echo"):
+        eps = [x for n in at for x in ("--connect", self.ep[n])]
+        self.workers[name] = self.procs.spawn("worker", target, *eps, "--name", name)
+        return self.workers[name]
+
+    def client(self, *at, timeout=30):
+        return Client([self.ep[n] for n in at], timeout=timeout)
+
+    def wait_ready(self, proxies=("A", "B"), workers=None):
+        """Each proxy registered upstream and holding its workers; the master knows every proxy."""
+        workers = workers or {}
+        with self.client("M", timeout=5) as cm:
+            wait_for(lambda: len(status(cm)["brokers"]) == len(proxies), 20, "proxies registered at the master")
+        for n in proxies:
+            with self.client(n, timeout=5) as c:
+                wait_for(
+                    lambda c=c, n=n: (
+                        (s := status(c))["upstream"]["registered"] and len(s["workers"]) == workers.get(n, 0)
+                    ),
+                    20,
+                    f"proxy {n} ready",
+                )
+
+
+def regions(procs, tmp_path):
+    t = Topology(procs, tmp_path)
+    for n in ("M", "A", "B"):
+        t.broker(n)
+    t.worker("a1", ("A", "B"))
+    t.worker("b1", ("B",))
+    t.worker("b2", ("B",))
+    t.wait_ready(workers={"A": 1, "B": 2})
+    return t
+
+
+@pytest.mark.timeout(120)
+def test_local_first_then_overflow_into_the_other_region(procs, tmp_path):
+    t = regions(procs, tmp_path)
+    with t.client("A") as ca, t.client("A") as cs:
+        a_pid = t.workers["a1"].pid
+        # One call at a time: the local worker always has a free slot, so nothing leaves region A.
+        assert {cs.call("echo", i)[1] for i in range(30)} == {a_pid}
+        # A pipelined load of slow calls saturates A's 2 slots: the rest funnels through the master
+        # into region B's 4 slots, and the replies come back along the same path.
+        results = list(ca.map("slow", [0.05] * 120))
+        pids = Counter(results)
+        b_pids = {t.workers["b1"].pid, t.workers["b2"].pid}
+        assert sum(pids.values()) == 120
+        assert pids[a_pid] > 0 and sum(pids[p] for p in b_pids) > pids[a_pid], pids
+        sa = status(ca)
+    with t.client("B", timeout=5) as cb:
+        sb = status(cb)
+    assert sa["counters"]["forwarded_up"] > 0 and sa["counters"]["tasks_from_up"] == 0
+    assert sb["counters"]["tasks_from_up"] == sum(pids[p] for p in b_pids)
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_a_proxy_under_load_loses_nothing_and_spares_the_other_region(procs, tmp_path):
+    t = regions(procs, tmp_path)
+    n = 1500
+    with t.client("A", "B") as ca, t.client("B") as cb:
+        fa, fb = [], []
+        for i in range(n):
+            fa.append(ca.submit("echo", i))
+            fb.append(cb.submit("echo", i))
+            if i == 400:
+                t.brokers["A"].send_signal(signal.SIGKILL)  # region A's proxy dies under load
+            if i % 100 == 99:
+                fa[i - 80].result(60)  # bounded pipelines, like real clients
+                fb[i - 80].result(60)
+        ra = [f.result(60)[0] for f in fa]
+        rb = [f.result(60)[0] for f in fb]
+        assert rb == list(range(n)), "a client of region B saw an error or a wrong reply"
+        assert ra == list(range(n)), "a request of region A was lost or answered wrongly"
+        assert ca._core.counters["failovers"] >= 1
+        assert ca._core.counters["duplicates"] == 0 and cb._core.counters["duplicates"] == 0
+        assert cb._core.counters["failovers"] == 0
+        # A's worker moved to B by itself.
+        wait_for(lambda: "a1" in {w["name"] for w in status(cb)["workers"]}, 20, "worker a1 at B")
+    with t.client("M", timeout=5) as cm:
+        st = wait_for(lambda: (s := status(cm)) and len(s["brokers"]) == 1 and s, 20, "A dropped at the master")
+        assert st["brokers"][0]["name"] == "B"
+
+
+@pytest.mark.timeout(150)
+def test_master_restart_under_load_local_work_goes_on_and_upstream_work_completes(procs, tmp_path):
+    t = Topology(procs, tmp_path)
+    master = t.broker("M")
+    t.broker("A")
+    t.worker("local", ("A",), target="testworkers:regional")  # serves 'regional' inside region A
+    t.worker("central", ("M",))  # serves 'echo' at the master only
+    t.wait_ready(proxies=("A",), workers={"A": 1})
+    with t.client("A") as c:
+        up = [c.submit("echo", i) for i in range(200)]
+        wait_for(lambda: sum(f.done() for f in up) >= 20, 20, "first upstream replies")
+        master.send_signal(signal.SIGKILL)
+        master.wait(10)
+        outage_start = time.monotonic()
+        up += [c.submit("echo", i) for i in range(200, 400)]  # bound upstream while it is gone
+        local = [c.call("regional", i)[0] for i in range(50)]  # region A keeps serving
+        local_done = time.monotonic()
+        t.broker("M")  # the master comes back at the same endpoint
+        assert local == list(range(50))
+        assert local_done - outage_start < 5, "local work stalled during the master outage"
+        results = [f.result(60)[0] for f in up]
+        assert results == list(range(400))
+        s = status(c)
+        assert s["upstream"]["losses"] >= 1
+        wait_for(lambda: status(c)["upstream"]["registered"], 20, "A registered again")
