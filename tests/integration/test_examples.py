@@ -35,3 +35,14 @@ def test_demo_runs_kills_a_worker_and_loses_nothing():
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SIGKILL worker 'medium'" in r.stdout and "every request got exactly one correct reply" in r.stdout
     assert "lost 0" in r.stdout
+
+
+@pytest.mark.timeout(90)
+def test_tiers_example_overflows_into_the_other_region_and_survives_a_proxy_kill():
+    r = subprocess.run([sys.executable, "examples/tiers/run.py"], cwd=ROOT, capture_output=True, text=True, timeout=80)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "every one answered once and in order" in r.stdout
+    first = next(line for line in r.stdout.splitlines() if "first half" in line).split()
+    # east's one worker (2 slots) served some, west's two (4 slots) took the overflow
+    east, west = int(first[-3].rstrip(",")), int(first[-1])
+    assert east > 0 and west > east

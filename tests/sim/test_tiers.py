@@ -292,3 +292,49 @@ def test_property_tiers_every_request_ends_exactly_once(data, n_requests, drop_r
                 assert b.core.open_requests == 0, f"{b.name} kept a request no one will answer"
     for w in sim.workers.values():
         assert w.max_running <= w.core.concurrency
+
+
+def test_silence_on_an_inter_broker_link_is_detected_within_the_ttl_on_both_sides():
+    sim = Simulation()
+    ttl = sim.settings.heartbeat.ttl_s
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_worker("wa", concurrency=2, service_time=0.01, via=("A",))
+    sim.run_for(0.5)
+    a = sim.brokers["A"].core
+    assert sim.broker.status(sim.clock.now())["brokers"][0]["spare"] == {"echo": 2}
+    cut = sim.clock.now()
+    sim.partition("A")
+    step = 0.01
+    master_saw = a_saw = None
+    for _ in range(300):
+        sim.run_for(step)
+        if master_saw is None and not sim.broker.status(sim.clock.now())["brokers"]:
+            master_saw = sim.clock.now() - cut  # A's capacity is gone from the master's pool
+        if a_saw is None and a.counters["upstream_losses"]:
+            a_saw = sim.clock.now() - cut
+    # Heartbeats every ttl/liveness: the last one before the cut is at most one interval old.
+    hb = sim.settings.heartbeat.heartbeat_s
+    assert master_saw is not None and ttl - hb <= master_saw <= ttl + 2 * step
+    assert a_saw is not None and ttl - hb <= a_saw <= ttl + 2 * step
+    assert a.upstream.credit("echo") == 0
+
+
+def test_a_site_fails_over_to_its_second_region_and_its_forwarded_work_completes():
+    sim = Simulation()
+    sim.add_broker("R1", upstream=("broker",))
+    sim.add_broker("R2", upstream=("broker",))
+    sim.add_broker("S", upstream=("R1", "R2"))
+    sim.add_worker("wm", concurrency=2, service_time=0.05)  # only the master serves 'echo'
+    c = sim.add_client("c", via=("S",))
+    sim.run_for(0.3)
+    for i in range(60):
+        c.submit("echo", i, timeout=30)
+    sim.run_for(0.2)
+    assert sim.brokers["S"].core.counters["forwarded_up"] == 60
+    sim.kill("R1")
+    sim.run_for(10)
+    assert_each_ended_once(c, 60)
+    assert statuses(c) == {p.ST_OK: 60}
+    s = sim.brokers["S"].core
+    assert s.upstream.registered and s.upstream.link.endpoint == Simulation.endpoint("R2")
+    assert s.counters["requeues"] > 0  # what R1 held came back and went up again through R2
