@@ -259,6 +259,21 @@ def format_status(st: dict[str, Any]) -> str:
             f"{w['name'][:28]:28} {','.join(w['services'])[:20]:20} {w['capacity']:>4} "
             f"{w['inflight']:>5} {w['served']:>8} {w['silent_s']:>6.2f}s"
         )
+    if st.get("brokers"):
+        lines += ["", f"{'PROXY BELOW':28} {'SPARE':28} {'BUSY':>5} {'SERVED':>8} {'SILENT':>7}"]
+        for b in st["brokers"]:
+            spare = ",".join(f"{k}:{v}" for k, v in b["spare"].items()) or "-"
+            lines.append(
+                f"{b['name'][:28]:28} {spare[:28]:28} {b['inflight']:>5} {b['served']:>8} {b['silent_s']:>6.2f}s"
+            )
+    up = st.get("upstream")
+    if up:
+        state = f"registered with {up['broker']}" if up["registered"] else "NOT registered"
+        lines += [
+            "",
+            f"upstream {up['endpoint']}: {state}; {up['forwarded']} forwarded and {up['held']} handed down "
+            f"in flight; {up['losses']} losses",
+        ]
     lines += ["", "counters: " + "  ".join(f"{k}={v}" for k, v in st["counters"].items() if v)]
     return "\n".join(lines)
 

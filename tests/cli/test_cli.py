@@ -102,6 +102,19 @@ def test_status_formatting():
     }
     text = cli.format_status(st)
     assert "echo" in text and "w1" in text and "requests=10" in text and "busy=" not in text
+    assert "PROXY BELOW" not in text and "upstream" not in text
+    st["brokers"] = [{"name": "east", "spare": {"echo": 3}, "inflight": 2, "served": 7, "silent_s": 0.05}]
+    st["upstream"] = {
+        "endpoint": "tcp://m:1",
+        "broker": "master",
+        "registered": True,
+        "forwarded": 4,
+        "held": 1,
+        "losses": 2,
+    }
+    text = cli.format_status(st)
+    assert "east" in text and "echo:3" in text
+    assert "upstream tcp://m:1: registered with master; 4 forwarded and 1 handed down in flight; 2 losses" in text
 
 
 @pytest.mark.integration

@@ -32,9 +32,11 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def spawn(self, *args: str, quiet: bool = True) -> subprocess.Popen[bytes]:
+    def spawn(self, *args: str, quiet: bool = True, netns: str | None = None) -> subprocess.Popen[bytes]:
+        """Start ``zmqdist ARGS`` (inside network namespace ``netns`` if given)."""
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
-        cmd = [sys.executable, "-m", "zmqdist", *(["-q"] if quiet else []), *args]
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        cmd = [*prefix, sys.executable, "-m", "zmqdist", *(["-q"] if quiet else []), *args]
         p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(p)
         return p
