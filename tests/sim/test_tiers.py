@@ -338,3 +338,20 @@ def test_a_site_fails_over_to_its_second_region_and_its_forwarded_work_completes
     s = sim.brokers["S"].core
     assert s.upstream.registered and s.upstream.link.endpoint == Simulation.endpoint("R2")
     assert s.counters["requeues"] > 0  # what R1 held came back and went up again through R2
+
+
+def test_a_region_passes_a_sites_overflow_up_to_the_master_rather_than_back():
+    sim = Simulation()
+    sim.add_broker("R", upstream=("broker",))
+    sim.add_broker("S", upstream=("R",))
+    ws = sim.add_worker("ws", concurrency=1, service_time=0.1, via=("S",))
+    wm = sim.add_worker("wm", concurrency=4, service_time=0.01)  # at the master, two tiers up
+    c = sim.add_client("c", via=("S",))
+    sim.run_for(0.3)
+    for i in range(100):
+        c.submit("echo", i, timeout=30)
+    sim.run_for(10)
+    assert statuses(c) == {p.ST_OK: 100}
+    # 4 fast slots at the master against 1 slow slot at the site: the master serves the bulk.
+    assert len(wm.executed) > 8 * len(ws.executed), (len(wm.executed), len(ws.executed))
+    assert sim.brokers["R"].core.counters["forwarded_up"] == len(wm.executed)

@@ -667,6 +667,18 @@ class BrokerCore:
                 continue
             w = self._take(pool, req) if pool.heap else None
             if w is None:
+                if not req.client:  # handed down by our upstream and no member can take it
+                    queue.popleft()
+                    self._dequeued(req)
+                    self._refuse_up(req, now, out)
+                    continue
+                # Upstream within its credit (or always, for a service nothing below us serves).
+                can_up = up is not None and up.registered and (up.credit(req.service) > 0 or not pool.workers)
+                if can_up and up is not None and req.up_block < up.adverts and self._may_forward(req, up.name, now):
+                    queue.popleft()
+                    self._dequeued(req)
+                    self._forward_up(req, now, out)
+                    continue
                 d = self._workers.get(req.client)
                 if d is not None and d.spare is not None and req.service in d.services:
                     # From a downstream broker that serves this itself: give it back (BUSY)
@@ -676,23 +688,12 @@ class BrokerCore:
                     self.counters["returned"] += 1
                     self._finish(req, p.ST_BUSY, f"{self.name} has no spare capacity for it now", b"", out)
                     continue
-                if up is None:
-                    break
-                if not req.client:
-                    queue.popleft()
-                    self._dequeued(req)
-                    self._refuse_up(req, now, out)
-                    continue
-                if not up.registered or (up.credit(req.service) <= 0 and pool.workers):
-                    break  # wait for a member's slot or for credit from upstream
-                queue.popleft()
-                if req.up_block < up.adverts and self._may_forward(req, up.name, now):
-                    self._dequeued(req)
-                    self._forward_up(req, now, out)
-                else:
-                    if aside is None:
-                        aside = []
-                    aside.append(ticket)
+                if not can_up:
+                    break  # wait for a member's slot, or for credit from upstream
+                queue.popleft()  # this one may not go up (hops, returned): others behind may
+                if aside is None:
+                    aside = []
+                aside.append(ticket)
                 continue
             queue.popleft()
             self._dequeued(req)
@@ -863,7 +864,9 @@ class BrokerCore:
 
     def _compact_deadlines(self) -> None:
         reqs = self._reqs
-        self._deadlines = [(d, t) for d, t in self._deadlines if (r := reqs.get(t)) is not None and r.state == QUEUED]
+        self._deadlines = [
+            (d, t) for d, t in self._deadlines if (r := reqs.get(t)) is not None and r.state in (QUEUED, FORWARDED)
+        ]
         heapify(self._deadlines)
 
     # --- the upstream link (proxies) ------------------------------------------------------------
@@ -941,6 +944,8 @@ class BrokerCore:
         """Work handed down by the upstream: serve it with our own pool, or refuse it (BUSY)."""
         up = self._up
         assert up is not None
+        if not up.registered:
+            return  # from a registration we replaced: the upstream has requeued it
         up.seq_seen = max(up.seq_seen, m.seq)
         self.counters["tasks_from_up"] += 1
         key = (UPSTREAM, m.ticket)
