@@ -355,3 +355,24 @@ def test_a_region_passes_a_sites_overflow_up_to_the_master_rather_than_back():
     # 4 fast slots at the master against 1 slow slot at the site: the master serves the bulk.
     assert len(wm.executed) > 8 * len(ws.executed), (len(wm.executed), len(ws.executed))
     assert sim.brokers["R"].core.counters["forwarded_up"] == len(wm.executed)
+
+
+def test_funnelled_work_keeps_the_remote_slots_busy():
+    """Adverts go out when the seq moves even if the count looks unchanged (16 -> 0 -> 16 between
+    two adverts): otherwise the upstream sees 16 - 16 = 0 until the next heartbeat refresh, and a
+    region is fed 16 tasks per heartbeat interval."""
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_broker("B", upstream=("broker",))
+    sim.add_worker("wb", services=("far",), concurrency=16, service_time=0.0005, via=("B",))
+    c = sim.add_client("c", via=("A",))
+    sim.run_for(0.5)
+    t0 = sim.clock.now()
+    for i in range(3000):
+        c.submit("far", i, timeout=60)
+    # 16 slots at 0.5 ms serve 3000 in about 0.1 s; each refill waits one advert (5 ms) and a few
+    # hops. Fed only on heartbeat refreshes it would take 3000 / 16 * 0.25 s = 47 s.
+    while len(c.completed) < 3000 and sim.clock.now() - t0 < 60:
+        sim.run_for(0.05)
+    assert statuses(c) == {p.ST_OK: 3000}
+    assert sim.clock.now() - t0 <= 2.0, f"took {sim.clock.now() - t0:.2f} fake seconds"

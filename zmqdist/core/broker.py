@@ -60,6 +60,7 @@ class _Worker:
         "adv_at",
         "alive",
         "capacity",
+        "down_seq",
         "down_spare",
         "ident",
         "inflight",
@@ -102,6 +103,7 @@ class _Worker:
         self.svc_of: dict[int, str] = {}
         self.recv_n = 0  # requests received from this downstream broker (the seq of our adverts to it)
         self.down_spare: tuple[tuple[str, int], ...] | None = None  # our last advert to it
+        self.down_seq = -1  # and its seq
 
     def allowed(self, service: str) -> int:
         """Tasks of ``service`` this downstream broker can take now."""
@@ -1074,8 +1076,10 @@ class BrokerCore:
             return
         self._up_mark = self._changes
         spare = self.spare()
-        if force or spare != up.last_spare or now >= up.advert_at + up.link.hb_s:
+        # The seq matters as much as the counts: the upstream subtracts what it sent after it.
+        if force or spare != up.last_spare or up.seq_seen != up.last_seq or now >= up.advert_at + up.link.hb_s:
             up.last_spare = spare
+            up.last_seq = up.seq_seen
             up.advert_at = now
             out.append((UPSTREAM, p.Advert(up.seq_seen, spare)))
 
@@ -1102,8 +1106,9 @@ class BrokerCore:
             if n > 0:
                 spare.append((name, min(n, p.MAX_CAPACITY)))
         t = tuple(spare)
-        if force or t != d.down_spare:
+        if force or t != d.down_spare or d.recv_n != d.down_seq:
             d.down_spare = t
+            d.down_seq = d.recv_n
             out.append((d.ident, p.Advert(d.recv_n, t)))
 
     def _down_advert_due(self, now: float) -> bool:

@@ -37,6 +37,7 @@ class Upstream:
         "advert_at",
         "adverts",
         "failures",
+        "last_seq",
         "last_spare",
         "link",
         "losses",
@@ -70,6 +71,7 @@ class Upstream:
         self.name = ""  # the upstream broker's name once welcomed (for loop prevention)
         self.advert_at = -1.0  # when the last advert went out
         self.last_spare: tuple[tuple[str, int], ...] | None = None
+        self.last_seq = -1
         # Credit from the upstream: its advert, and the requests sent since (index, service).
         self.spare: dict[str, int] = {}
         self.adverts = 0  # adverts received (a request the upstream returned waits for a newer one)
