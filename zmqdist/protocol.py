@@ -146,15 +146,14 @@ class Credit(NamedTuple):
 
 
 class Advert(NamedTuple):
-    """Downstream broker -> upstream broker: the spare capacity it offers, per service.
+    """Between brokers, both ways: the capacity one offers the other, per service.
 
-    ``spare`` lists every service the downstream broker can serve below it, with the number of
-    tasks it can take now. It was computed after the task with sequence number ``seq`` had arrived:
-    the upstream subtracts the tasks it sent after that one. An advert is valid for one ttl.
+    ``offer`` = tasks (or requests) the sender can take now + those of the receiver's it holds
+    now, so the receiver's credit is ``offer`` less what it has in flight there, kept exact by
+    every answer without a new advert (like a worker's capacity). Valid for one ttl.
     """
 
-    seq: int
-    spare: tuple[tuple[str, int], ...]
+    offer: tuple[tuple[str, int], ...]
 
 
 class Reconnect(NamedTuple):
@@ -282,14 +281,12 @@ def _check_credit(f: tuple[Any, ...]) -> str | None:
 
 
 def _check_advert(f: tuple[Any, ...]) -> str | None:
-    if not _is_int(f[0], 0, MAX_ID):
-        return "seq must be a non-negative integer"
-    s = f[1]
+    s = f[0]
     if type(s) is not tuple or len(s) > MAX_SERVICES:
-        return f"spare must be a list of at most {MAX_SERVICES} [service, count] pairs"
+        return f"offer must be a list of at most {MAX_SERVICES} [service, count] pairs"
     for e in s:
         if type(e) is not tuple or len(e) != 2 or not _is_name(e[0]) or not _is_int(e[1], 0, MAX_CAPACITY):
-            return f"spare entries must be [service name, count from 0 to {MAX_CAPACITY}]"
+            return f"offer entries must be [service name, count from 0 to {MAX_CAPACITY}]"
     return None
 
 
@@ -314,7 +311,7 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
     Reconnect: (1, False, _check_text),
     Bye: (1, False, _check_text),
     Error: (2, False, _check_error),
-    Advert: (2, False, _check_advert),
+    Advert: (1, False, _check_advert),
 }
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
 _CMD_REQUEST: Final = bytes([CMD_OF[Request]])

@@ -12,8 +12,8 @@ SAMPLES = [
     p.Request(7, "echo", 5000, ("b1",), b"\x01payload"),
     p.Task(9, "echo", 4999, 1, "C-1:7", 3, (), b"payload"),
     p.Task(9, "echo", 4999, 1, "C-1:7", 3, ("proxy-a", "master"), b"payload"),
-    p.Advert(7, (("echo", 3), ("sum", 0))),
-    p.Advert(0, ()),
+    p.Advert((("echo", 3), ("sum", 0))),
+    p.Advert(()),
     p.Result(9, p.RS_FAILED, b"err"),
     p.Reply(7, p.ST_BUSY, "queue full", b""),
     p.Heartbeat(p.ROLE_WORKER, "abc123", 5, (1, 2)),
@@ -54,7 +54,7 @@ MALFORMED = {
     p.Reconnect: [(5,)],
     p.Bye: [(None,)],
     p.Error: [("x", "y")],
-    p.Advert: [(-1, ()), (1, (("s", -1),)), (1, (("", 1),)), (1, (("s",),)), (1, "s"), (1, (("s", 1),) * 5000)],
+    p.Advert: [((("s", -1),),), ((("", 1),),), ((("s",),),), ("s",), ((("s", 1),) * 5000,), ((("s", 70000),),)],
 }
 
 

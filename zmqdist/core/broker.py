@@ -60,14 +60,13 @@ class _Worker:
         "adv_at",
         "alive",
         "capacity",
-        "down_seq",
         "down_spare",
+        "held_from",
         "ident",
         "inflight",
         "last_used",
         "load",
         "name",
-        "recv_n",
         "seen",
         "seq",
         "serial",
@@ -75,8 +74,6 @@ class _Worker:
         "services",
         "spare",
         "svc_of",
-        "unseen",
-        "unseen_n",
         "version",
     )
 
@@ -93,22 +90,19 @@ class _Worker:
         self.alive = True
         self.served = 0
         self.seq = 0
-        # Downstream brokers only: advertised spare per service (as of task ``seq`` in ADVERT), the
-        # tasks sent since (seq, service) and their count per service, in-flight per service.
+        # Downstream brokers only: what it offers per service (its ADVERT), our tasks it holds per
+        # service, its requests we hold per service, and our last advert to it.
         self.spare: dict[str, int] | None = None
         self.adv_at = now
-        self.unseen: deque[tuple[int, str]] = deque()
-        self.unseen_n: dict[str, int] = {}
         self.load: dict[str, int] = {}
         self.svc_of: dict[int, str] = {}
-        self.recv_n = 0  # requests received from this downstream broker (the seq of our adverts to it)
-        self.down_spare: tuple[tuple[str, int], ...] | None = None  # our last advert to it
-        self.down_seq = -1  # and its seq
+        self.held_from: dict[str, int] = {}
+        self.down_spare: tuple[tuple[str, int], ...] | None = None
 
     def allowed(self, service: str) -> int:
         """Tasks of ``service`` this downstream broker can take now."""
         assert self.spare is not None
-        return self.spare.get(service, 0) - self.unseen_n.get(service, 0)
+        return self.spare.get(service, 0) - self.load.get(service, 0)
 
 
 class _Req:
@@ -126,6 +120,7 @@ class _Req:
         "ticket",
         "tried",
         "up_block",
+        "via",
         "went_up",
         "worker",
     )
@@ -155,6 +150,7 @@ class _Req:
         self.session = 0  # the upstream session a request handed down from upstream belongs to
         self.went_up = False  # forwarded upstream at least once: a reply from there completes it
         self.up_block = -1  # the upstream returned it: not forwarded again before a newer advert
+        self.via: _Worker | None = None  # the downstream broker registration it came from
 
 
 class _Pool:
@@ -331,7 +327,7 @@ class BrokerCore:
             elif req.state == FORWARDED:
                 # The upstream answers TIMEOUT before this (its budget was shorter); past it, the
                 # request or its answer was lost with a connection.
-                del self._sent_up[ticket]
+                self._unforward(req)
                 self._finish(req, p.ST_TIMEOUT, "deadline passed with no answer from the upstream broker", b"", out)
         if self._up is not None:
             self._tick_upstream(now, out)
@@ -369,8 +365,6 @@ class BrokerCore:
     def _on_request(self, peer: bytes, w: _Worker | None, m: p.Request, now: float) -> list[Out]:
         c = self.counters
         c["requests"] += 1
-        if w is not None and w.spare is not None:
-            w.recv_n += 1  # before anything else: the downstream's credit counts every request
         service = m.service
         if service.startswith(p.RESERVED_PREFIX):
             return [(peer, self._internal(m, now))]
@@ -404,6 +398,9 @@ class BrokerCore:
         ticket = self._next_ticket
         self._next_ticket = ticket + 1
         req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0, hops)
+        if w is not None and w.spare is not None:
+            req.via = w  # counted in what we offer that broker until it ends
+            w.held_from[service] = w.held_from.get(service, 0) + 1
         self._reqs[ticket] = req
         self._by_key[key] = ticket
         pool = self._pools.get(service)
@@ -473,7 +470,7 @@ class BrokerCore:
                     self._queued -= 1
                     self._queued_bytes -= len(req.payload)
                 elif req.state == FORWARDED:
-                    del self._sent_up[ticket]
+                    self._unforward(req)
                 if w is not None:
                     w.served += 1
                 self._finish(req, status, message, payload, out)
@@ -567,11 +564,7 @@ class BrokerCore:
         if w.spare is None:
             self.counters["bad_input"] += 1
             return [(peer, p.Error(p.E_ROLE, "ADVERT is accepted from downstream brokers only"))]
-        unseen = w.unseen
-        counts = w.unseen_n
-        while unseen and unseen[0][0] <= m.seq:
-            counts[unseen.popleft()[1]] -= 1
-        w.spare = dict(m.spare)
+        w.spare = dict(m.offer)
         w.adv_at = now
         services = tuple(w.spare)
         if services != w.services:
@@ -732,8 +725,6 @@ class BrokerCore:
             s = req.service
             w.svc_of[ticket] = s
             w.load[s] = w.load.get(s, 0) + 1
-            w.unseen.append((seq, s))
-            w.unseen_n[s] = w.unseen_n.get(s, 0) + 1
             hops = (*req.hops, self.name)
             task = p.Task(ticket, s, max(1, budget - HOP_MARGIN_MS), req.attempt, key, seq, hops, req.payload)
         self._offer(w)
@@ -846,6 +837,9 @@ class BrokerCore:
             del self._by_key[key]
         if not req.client:
             self._from_up.pop(req.ticket, None)
+        if req.via is not None:
+            req.via.held_from[req.service] -= 1
+            req.via = None
         pool = self._pools.get(req.service)
         if pool is not None and not pool.workers:
             queue = pool.queue
@@ -890,6 +884,12 @@ class BrokerCore:
         budget = int((req.deadline - now) * 1000) - HOP_MARGIN_MS
         out.append((UPSTREAM, p.Request(req.ticket, req.service, budget, (*req.hops, self.name), req.payload)))
 
+    def _unforward(self, req: _Req) -> None:
+        """``req`` is no longer with the upstream: it frees a unit of credit."""
+        del self._sent_up[req.ticket]
+        if self._up is not None:
+            self._up.forwarded(req.service, -1)
+
     def _refuse_up(self, req: _Req, now: float, out: list[Out]) -> None:
         """Hand work back to the upstream (BUSY: it requeues without spending an attempt), with a
         fresh advert first so that it does not offer us the same work again."""
@@ -924,7 +924,7 @@ class BrokerCore:
                 if pool.queue:
                     self._pump(pool, now, out)
         elif t is p.Advert:
-            up.advert(msg.seq, msg.spare)  # type: ignore[union-attr]
+            up.advert(msg.offer)  # type: ignore[union-attr]
             self._changes += 1  # what we offer our own downstream brokers includes this credit
             for pool in list(self._pools.values()):
                 if pool.queue:
@@ -989,7 +989,7 @@ class BrokerCore:
                 return
             up = self._up
             assert up is not None
-            del self._sent_up[req.ticket]
+            self._unforward(req)
             self.counters["returned_from_up"] += 1
             req.attempt -= 1
             req.up_block = up.adverts
@@ -999,8 +999,11 @@ class BrokerCore:
         if req.state == QUEUED:
             self._dequeued(req)
         elif req.state == FORWARDED:
-            del self._sent_up[req.ticket]
+            self._unforward(req)
         self._finish(req, m.status, m.message, m.payload, out)
+        pool = self._pools.get(req.service)
+        if pool is not None and pool.queue:
+            self._pump(pool, now, out)  # the answer freed a unit of credit upstream
 
     def _lose_upstream(self, now: float, reason: str, move: bool, out: list[Out]) -> None:
         """The upstream session ended: void what it handed down, take back what we sent it."""
@@ -1053,9 +1056,14 @@ class BrokerCore:
                 self._advert(now, out)
 
     def spare(self) -> tuple[tuple[str, int], ...]:
-        """What this broker can take now, per service it can serve below it (for its upstream)."""
-        held = sum(1 for r in self._from_up.values() if self._up is not None and r.session == self._up.session)
-        budget = p.MAX_CAPACITY - held  # keep held + spare within what a heartbeat may list
+        """What this broker offers its upstream, per service it can serve below it: free slots less
+        what is queued, plus the upstream's tasks it holds (so each answer frees upstream credit)."""
+        up = self._up
+        held: dict[str, int] = {}
+        for r in self._from_up.values():
+            if up is not None and r.session == up.session:
+                held[r.service] = held.get(r.service, 0) + 1
+        budget = p.MAX_CAPACITY  # held tickets and offer stay within what a heartbeat may list
         out = []
         for name in sorted(self._pools):
             pool = self._pools[name]
@@ -1065,7 +1073,7 @@ class BrokerCore:
             for w in pool.workers:
                 if w.alive:
                     free += (w.capacity - len(w.inflight)) if w.spare is None else w.allowed(name)
-            n = max(0, min(free - len(pool.queue), budget))
+            n = max(0, min(free - len(pool.queue) + held.get(name, 0), budget))
             budget -= n
             out.append((name, n))
         return tuple(out)
@@ -1076,12 +1084,10 @@ class BrokerCore:
             return
         self._up_mark = self._changes
         spare = self.spare()
-        # The seq matters as much as the counts: the upstream subtracts what it sent after it.
-        if force or spare != up.last_spare or up.seq_seen != up.last_seq or now >= up.advert_at + up.link.hb_s:
+        if force or spare != up.last_spare or now >= up.advert_at + up.link.hb_s:
             up.last_spare = spare
-            up.last_seq = up.seq_seen
             up.advert_at = now
-            out.append((UPSTREAM, p.Advert(up.seq_seen, spare)))
+            out.append((UPSTREAM, p.Advert(spare)))
 
     def _spare_totals(self) -> dict[str, int]:
         """Per service: free slots of every member plus upstream credit, less what is queued."""
@@ -1099,17 +1105,18 @@ class BrokerCore:
         return totals
 
     def _advert_to(self, d: _Worker, totals: dict[str, int], now: float, out: list[Out], force: bool) -> None:
-        """Tell downstream broker ``d`` what it may forward to us: our spare outside its subtree."""
+        """Tell downstream broker ``d`` what we offer it: our spare capacity outside its subtree plus
+        its requests we hold (its credit is this less its requests in flight here)."""
         spare = []
-        for name in sorted(totals):
-            n = totals[name] - (max(0, d.allowed(name)) if name in d.services else 0)
+        held = d.held_from
+        for name in sorted(totals.keys() | held.keys()):
+            n = totals.get(name, 0) - (max(0, d.allowed(name)) if name in d.services else 0) + held.get(name, 0)
             if n > 0:
                 spare.append((name, min(n, p.MAX_CAPACITY)))
         t = tuple(spare)
-        if force or t != d.down_spare or d.recv_n != d.down_seq:
+        if force or t != d.down_spare:
             d.down_spare = t
-            d.down_seq = d.recv_n
-            out.append((d.ident, p.Advert(d.recv_n, t)))
+            out.append((d.ident, p.Advert(t)))
 
     def _down_advert_due(self, now: float) -> bool:
         if self._changes != self._down_mark and now >= self._down_at + self.settings.advert_interval_s:

@@ -7,18 +7,17 @@ Rules of this module:
 2. After a session ends the proxy waits a random pause before it registers again ("full jitter":
    uniform in [0, min(backoff_max, backoff * 2**(failures-1))]), so that a recovering master is not
    flooded by every proxy at the same instant. The pause resets once a registration succeeds.
-3. Credit both ways. The upstream advertises to each proxy what it can take from it (its spare
-   capacity outside that proxy's own subtree: split horizon, so no capacity is counted twice);
-   the proxy forwards a request upstream only within that credit, less the requests it sent after
-   the ones the advert had counted (ADVERT ``seq`` = requests received from the proxy this
-   session), unless nothing below the proxy serves the service at all.
+3. Credit both ways. The upstream advertises to each proxy what it offers it: its spare capacity
+   outside that proxy's own subtree (split horizon, so no capacity is counted twice) plus the
+   proxy's requests it holds. The proxy's credit is that offer less its requests in flight there,
+   so every answer frees credit at once; it forwards a request only within credit, unless nothing
+   below the proxy serves the service at all.
 4. The link only keeps state and decides *when*; :class:`~zmqdist.core.broker.BrokerCore` decides
    what to send.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 from zmqdist.config import BrokerSettings
@@ -37,22 +36,19 @@ class Upstream:
         "advert_at",
         "adverts",
         "failures",
-        "last_seq",
         "last_spare",
         "link",
         "losses",
         "move",
         "name",
+        "out_n",
         "reason",
         "registered",
         "rng",
-        "sent",
         "seq_seen",
         "session",
         "settings",
         "spare",
-        "unseen",
-        "unseen_n",
         "wait_until",
     )
 
@@ -71,31 +67,22 @@ class Upstream:
         self.name = ""  # the upstream broker's name once welcomed (for loop prevention)
         self.advert_at = -1.0  # when the last advert went out
         self.last_spare: tuple[tuple[str, int], ...] | None = None
-        self.last_seq = -1
-        # Credit from the upstream: its advert, and the requests sent since (index, service).
+        # Credit from the upstream: its offer, and our requests in flight there, per service.
         self.spare: dict[str, int] = {}
+        self.out_n: dict[str, int] = {}
         self.adverts = 0  # adverts received (a request the upstream returned waits for a newer one)
-        self.sent = 0
-        self.unseen: deque[tuple[int, str]] = deque()
-        self.unseen_n: dict[str, int] = {}
 
     def credit(self, service: str) -> int:
         """Requests of ``service`` the upstream can take from us now."""
-        return self.spare.get(service, 0) - self.unseen_n.get(service, 0)
+        return self.spare.get(service, 0) - self.out_n.get(service, 0)
 
-    def forwarded(self, service: str) -> None:
-        """Count a request sent upstream against the credit."""
-        self.sent += 1
-        self.unseen.append((self.sent, service))
-        self.unseen_n[service] = self.unseen_n.get(service, 0) + 1
+    def forwarded(self, service: str, n: int = 1) -> None:
+        """Count a request sent upstream (``n=-1``: it came back or ended)."""
+        self.out_n[service] = self.out_n.get(service, 0) + n
 
-    def advert(self, seq: int, spare: tuple[tuple[str, int], ...]) -> None:
-        """The upstream's advert: ``spare`` as of our first ``seq`` requests."""
-        unseen = self.unseen
-        counts = self.unseen_n
-        while unseen and unseen[0][0] <= seq:
-            counts[unseen.popleft()[1]] -= 1
-        self.spare = dict(spare)
+    def advert(self, offer: tuple[tuple[str, int], ...]) -> None:
+        """The upstream's advert: what it offers us, our requests it holds included."""
+        self.spare = dict(offer)
         self.adverts += 1
 
     def lose(self, now: float, reason: str, *, move: bool) -> None:
@@ -107,9 +94,7 @@ class Upstream:
         self.losses += 1
         self.last_spare = None
         self.spare = {}
-        self.sent = 0
-        self.unseen.clear()
-        self.unseen_n.clear()
+        self.out_n = {}
         s = self.settings
         window = min(s.backoff_max_s, s.backoff_s * 2 ** min(self.failures - 1, 30))
         self.wait_until = now + window * self.rng()
