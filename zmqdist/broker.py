@@ -5,6 +5,9 @@ messages with plain ``recv``; feed the core; send what it returns with NOBLOCK; 
 fails (peer gone: EHOSTUNREACH with ROUTER_MANDATORY; its queue full: EAGAIN) is reported to the
 core, which requeues a task that did not leave. Nothing here decides where a request goes.
 
+Majordomo (MDP 0.1/0.2) peers share the ROUTER: their messages start with an empty frame or an MDP
+header, and :class:`~zmqdist.core.mdp.MdpBridge` translates them (docs/mdp.md).
+
 A proxy (``upstream`` set) also owns a DEALER to its upstream broker, in the same thread: the core
 addresses it as peer ``UPSTREAM`` and asks for (re)connections with ``Connect``.
 """
@@ -27,7 +30,8 @@ from zmqdist.clock import Clock, MonotonicClock, thread_cpu_time
 from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints
 from zmqdist.core.broker import UPSTREAM, BrokerCore, Out
 from zmqdist.core.link import Connect, Problem
-from zmqdist.errors import ClosedError, RemoteProtocolError, ZmqdistError
+from zmqdist.core.mdp import MAX_FRAMES, MdpBridge
+from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import DealerLink, Mailbox, RateLimitedLog, bind_router, poll_timeout_ms
 from zmqdist.transport.sockets import EVENTS, NB, POLLIN, SNDMORE_NB, fast_send
 
@@ -53,6 +57,9 @@ class Broker:
         max_queue_bytes: int = 256 * 1024 * 1024,
         max_attempts: int = 3,
         max_message_size: int = DEFAULT_MAX_MESSAGE,
+        mdp_heartbeat_s: float = 2.5,
+        mdp_liveness: int = 3,
+        mdp_timeout_s: float = 60.0,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
@@ -66,6 +73,12 @@ class Broker:
             max_attempts=max_attempts,
         )
         self._bind = check_endpoints(bind, "broker bind")
+        # MDP workers heartbeat at their own pace (the RFCs suggest 2.5 s, liveness 3 to 5).
+        mdp_hb = HeartbeatSettings(mdp_heartbeat_s, mdp_liveness)
+        if not 0 < mdp_timeout_s <= p.MAX_BUDGET_MS / 1000:
+            raise ConfigError(f"mdp_timeout_s must be positive and at most 7 days, got {mdp_timeout_s!r}")
+        self._mdp_ttl = mdp_hb.ttl_s
+        self._mdp = MdpBridge(mdp_timeout_s, round(mdp_hb.heartbeat_s * 1000))
         self._max_message = max_message_size
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
@@ -148,7 +161,7 @@ class Broker:
         if self.settings.upstream:
             self._up = DealerLink(self._ctx, b"B" + secrets.token_bytes(8), log)
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
-        core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time()}
+        core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(self._mdp.counters)}
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
         self._ready.set()
         mailbox_fd = self._mailbox.fileno()
@@ -236,6 +249,10 @@ class Broker:
                 more = False
                 break
             head = recv(0, copy=False)
+            hb = head.bytes
+            if hb[:2] != b"ZD" and (not hb or hb[:3] == b"MDP"):  # Majordomo: a delimiter or its header
+                pending += self._mdp_in(sock, core, ident, hb, head.more, now)
+                continue
             if not head.more:
                 pending += core.bad_input(
                     ident, RemoteProtocolError("message has 1 frame, expected 2", p.E_FRAMES), b""
@@ -249,7 +266,6 @@ class Broker:
                 pending += core.bad_input(ident, RemoteProtocolError("message has more than 2 frames", p.E_FRAMES), b"")
                 self._bad(ident, now, "a message of more than 2 frames")
                 continue
-            hb = head.bytes
             try:
                 msg = decode(hb, payload.bytes)
             except RemoteProtocolError as exc:
@@ -264,15 +280,46 @@ class Broker:
             self._send(core, pending, now)
         return more
 
+    def _mdp_in(
+        self, sock: zmq.Socket[Any], core: BrokerCore, ident: bytes, first: bytes, more: bool, now: float
+    ) -> list[Out]:
+        """Read the rest of an MDP message (its first frame is read) and feed it to the core."""
+        frames = [first]
+        while more:
+            f = sock.recv(0, copy=False)
+            more = f.more
+            if len(frames) <= MAX_FRAMES + 8:
+                frames.append(f.bytes)
+        out: list[Out] = []
+        try:
+            if len(frames) > MAX_FRAMES + 8:
+                raise RemoteProtocolError(f"MDP: more than {MAX_FRAMES} frames", p.E_FRAMES)
+            msgs = self._mdp.inbound(ident, frames)
+        except RemoteProtocolError as exc:
+            core.counters["bad_input"] += 1
+            self._bad(ident, now, str(exc))
+            if self._mdp.speaks_mdp(ident):  # a known MDP worker is told DISCONNECT
+                out.append((ident, p.Error(exc.code or p.E_HEADER, str(exc))))
+            return out
+        for msg in msgs:
+            out += core.receive(ident, msg, now)
+            if type(msg) is p.Hello:
+                core.set_ttl(ident, self._mdp_ttl)
+        return out
+
     def _send(self, core: BrokerCore, out: list[Out], now: float) -> None:
         send = self._fsend
         encode = self._enc.encode
+        mdp = self._mdp.peers
         work = out
         while work:
             failed: list[Out] = []
             for peer, msg in work:
                 if not peer:
                     self._send_up(msg, now)
+                    continue
+                if mdp and peer in mdp:
+                    failed += self._send_mdp(core, peer, msg, now)  # type: ignore[arg-type]
                     continue
                 head, payload = encode(msg)  # type: ignore[arg-type]
                 try:
@@ -287,6 +334,23 @@ class Broker:
                 send(head, SNDMORE_NB)
                 send(payload, NB)
             work = failed
+
+    def _send_mdp(self, core: BrokerCore, peer: bytes, msg: p.Message, now: float) -> list[Out]:
+        frames = self._mdp.outbound(peer, msg)
+        if frames is None:
+            return []
+        send = self._fsend
+        try:
+            send(peer, SNDMORE_NB)
+        except zmq.ZMQError as exc:
+            self._ratelog.warning(
+                "send", now, "cannot send MDP %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror
+            )
+            return core.send_failed(peer, msg, now)
+        last = len(frames) - 1
+        for i, f in enumerate(frames):
+            send(f, NB if i == last else SNDMORE_NB)
+        return []
 
     def _send_up(self, msg: p.Message | Connect | Problem, now: float) -> None:
         up = self._up

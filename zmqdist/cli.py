@@ -103,6 +103,9 @@ def _fail(exc: BaseException) -> None:
 @click.option(
     "--max-message-size", type=int, default=64 * 1024 * 1024, help="larger messages are refused by the socket"
 )
+@click.option("--mdp-heartbeat", type=float, default=2.5, help="seconds between heartbeats of Majordomo workers")
+@click.option("--mdp-liveness", type=int, default=3, help="missed heartbeats that expire a Majordomo worker")
+@click.option("--mdp-timeout", type=float, default=60.0, help="deadline in seconds of Majordomo client requests")
 def broker(
     bind: tuple[str, ...],
     name: str | None,
@@ -113,8 +116,13 @@ def broker(
     max_queue_bytes: int,
     max_attempts: int,
     max_message_size: int,
+    mdp_heartbeat: float,
+    mdp_liveness: int,
+    mdp_timeout: float,
 ) -> None:
-    """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM."""
+    """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM.
+
+    Every endpoint also accepts Majordomo (MDP 0.1 and 0.2) clients and workers."""
     try:
         b = Broker(
             bind=list(bind),
@@ -126,6 +134,9 @@ def broker(
             max_queue_bytes=max_queue_bytes,
             max_attempts=max_attempts,
             max_message_size=max_message_size,
+            mdp_heartbeat_s=mdp_heartbeat,
+            mdp_liveness=mdp_liveness,
+            mdp_timeout_s=mdp_timeout,
         )
         _run_until_signal(b.run, b.request_stop)
     except ZmqdistError as exc:

@@ -61,6 +61,8 @@ MAX_HOPS: Final = 32
 MAX_SERVICES: Final = 4096
 MAX_ID: Final = 2**63 - 1
 RESERVED_PREFIX: Final = "zmqdist."
+MMI_PREFIX: Final = "mmi."  # Majordomo's service discovery namespace (RFC 8/MMI), answered by brokers
+INTERNAL_PREFIXES: Final = (RESERVED_PREFIX, MMI_PREFIX)
 
 
 class Hello(NamedTuple):

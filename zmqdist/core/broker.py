@@ -74,6 +74,7 @@ class _Worker:
         "services",
         "spare",
         "svc_of",
+        "ttl",
         "version",
     )
 
@@ -90,6 +91,7 @@ class _Worker:
         self.alive = True
         self.served = 0
         self.seq = 0
+        self.ttl = 0.0  # set by the broker at registration
         # Downstream brokers only: what it offers per service (its ADVERT), our tasks it holds per
         # service, its requests we hold per service, and our last advert to it.
         self.spare: dict[str, int] | None = None
@@ -306,15 +308,15 @@ class BrokerCore:
             _, serial, w = expiry[0]
             if not w.alive:
                 heappop(expiry)
-            elif now - w.seen > self._ttl:
+            elif now - w.seen > w.ttl:
                 heappop(expiry)
                 self.counters["workers_expired"] += 1
                 out += self._drop_worker(w, now, "expired", spend_attempt=True)
             else:
-                if w.spare and now - w.adv_at > self._ttl:
+                if w.spare and now - w.adv_at > w.ttl:
                     w.spare = {}  # its advert outlived its ttl: no more tasks until the next one
                     self._offer(w)
-                heapreplace(expiry, (w.seen + self._ttl + EPSILON, serial, w))
+                heapreplace(expiry, (w.seen + w.ttl + EPSILON, serial, w))
         dl = self._deadlines
         reqs = self._reqs
         while dl and dl[0][0] <= now:
@@ -366,7 +368,7 @@ class BrokerCore:
         c = self.counters
         c["requests"] += 1
         service = m.service
-        if service.startswith(p.RESERVED_PREFIX):
+        if service.startswith(p.INTERNAL_PREFIXES):
             return [(peer, self._internal(m, now))]
         key = (peer, m.rid)
         if key in self._by_key:
@@ -524,10 +526,11 @@ class BrokerCore:
                 if other.ident != peer:  # the same proxy on a new connection: the old one is gone
                     out += self._drop_worker(other, now, "replaced by a new registration", spend_attempt=False)
         else:
-            reserved = [s for s in m.services if s.startswith(p.RESERVED_PREFIX)]
+            reserved = [s for s in m.services if s.startswith(p.INTERNAL_PREFIXES)]
             if reserved or not m.services:
                 self.counters["bad_input"] += 1
-                why = f"service names starting with {p.RESERVED_PREFIX!r} are reserved" if reserved else "no services"
+                why = f"service names starting with {' or '.join(map(repr, p.INTERNAL_PREFIXES))} are reserved"
+                why = why if reserved else "no services"
                 return [(peer, p.Error(p.E_HEADER, f"registration refused: {why}"))]
             services = tuple(dict.fromkeys(m.services))
         if w is not None:
@@ -535,6 +538,7 @@ class BrokerCore:
             out += self._drop_worker(w, now, "re-registered", spend_attempt=False)
         self._serial += 1
         nw = _Worker(peer, m.name, services, m.capacity, self._serial, now)
+        nw.ttl = self._ttl
         if m.role == p.ROLE_BROKER:
             nw.spare = {}
             self._brokers += 1
@@ -1137,8 +1141,33 @@ class BrokerCore:
     def _internal(self, m: p.Request, now: float) -> p.Reply:
         if m.service == STATUS_SERVICE:
             return p.Reply(m.rid, p.ST_OK, "", p.pack_value(self.status(now)))
+        if m.service.startswith(p.MMI_PREFIX):
+            return p.Reply(m.rid, p.ST_OK, "", p.pack_value(self._mmi(m)))
         self.counters["invalid"] += 1
         return p.Reply(m.rid, p.ST_INVALID, f"unknown internal service {m.service!r}", b"")
+
+    def _mmi(self, m: p.Request) -> bytes:
+        """RFC 8/MMI: ``mmi.service`` answers b"200" if the service named in the body is served
+        here (a member of ours, or our upstream's offer lists it), b"404" if not; other ``mmi.``
+        services b"501"."""
+        if m.service != "mmi.service":
+            return b"501"
+        try:
+            v = p.unpack_value(m.payload)
+        except ValueError:
+            return b"404"
+        name = v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+        pool = self._pools.get(name)
+        served = pool is not None and bool(pool.workers)
+        if not served and self._up is not None and self._up.registered:
+            served = name in self._up.spare
+        return b"200" if served else b"404"
+
+    def set_ttl(self, peer: bytes, ttl_s: float) -> None:
+        """Give member ``peer`` its own liveness ttl (MDP workers heartbeat at their own pace)."""
+        w = self._workers.get(peer)
+        if w is not None:
+            w.ttl = ttl_s
 
     def status(self, now: float) -> dict[str, Any]:
         """Return a snapshot for ``zmqdist status``: workers, brokers below, services, queues, counters."""

@@ -1,0 +1,153 @@
+"""Majordomo compatibility with real processes, against majortomo (an MDP 0.2 implementation from
+PyPI that zmqdist did not write): its client to native workers, native clients to its worker, its
+worker dying mid-request, MMI, and MDP through a proxy tier."""
+
+import signal
+import subprocess
+import sys
+
+import pytest
+from majortomo import Client as MdpClient
+
+from tests.integration.helpers import ROOT, status, wait_for
+from zmqdist import Client
+
+pytestmark = pytest.mark.integration
+
+FAST_HB = ("--mdp-heartbeat", "0.2", "--mdp-liveness", "3")
+
+
+def mdp_worker(procs, ep, service, delay=0.0, hb=0.2):
+    cmd = [sys.executable, str(ROOT / "tests" / "integration" / "mdpworker.py"), ep, service, str(delay), str(hb)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    procs.procs.append(p)
+    return p
+
+
+def services(c):
+    return status(c)["services"]
+
+
+@pytest.mark.timeout(60)
+def test_majortomo_client_calls_a_native_worker(procs, tmp_path):
+    ep = f"ipc://{tmp_path}/b.sock"
+    procs.spawn("broker", "--bind", ep)
+    procs.spawn("worker", "testworkers:echo_fn", "--service", "echo", "--connect", ep)
+    with Client([ep], timeout=10) as c:
+        wait_for(lambda: "echo" in services(c), 20, "native worker registered")
+    with MdpClient(ep) as mc:
+        for i in range(20):
+            mc.send(b"echo", f"hello {i}".encode())
+            # RFC 18: FINAL, service name, body (majortomo's client returns the frames after FINAL)
+            assert mc.recv_all_as_list(timeout=10) == [b"echo", f"hello {i}".encode()]
+
+
+@pytest.mark.timeout(60)
+def test_native_client_calls_a_majortomo_worker_and_errors_reach_mdp_clients(procs, tmp_path):
+    ep = f"ipc://{tmp_path}/b.sock"
+    procs.spawn("broker", "--bind", ep, "--mdp-timeout", "1", *FAST_HB)
+    w = mdp_worker(procs, ep, "upper")
+    procs.spawn("worker", "testworkers:gil", "--connect", ep)  # serves spin(), raises on bad input
+    with Client([ep], timeout=10) as c:
+        wait_for(lambda: "upper" in services(c) and "spin" in services(c), 20, "workers registered")
+        # one body frame arrives as bytes; the reply frames come back as a list of bytes
+        assert c.call("upper", b"abc") == [b"ABC", str(w.pid).encode()]
+        assert c.call("upper", [b"a", b"b"]) == [b"A", b"B", str(w.pid).encode()]
+    with MdpClient(ep) as mc:
+        mc.send(b"upper", b"x", b"y")  # MDP to MDP through zmqdist: frames survive
+        assert mc.recv_all_as_list(timeout=10) == [b"upper", b"X", b"Y", str(w.pid).encode()]
+        mc.send(b"spin", b"not a number")  # the native handler raises
+        reply = mc.recv_all_as_list(timeout=10)
+        assert reply[:3] == [b"spin", b"zmqdist.error", b"FAILED"] and b"TypeError" in reply[3]
+        mc.send(b"nosuch", b"x")  # nobody serves it: deadline (1 s here)
+        reply = mc.recv_all_as_list(timeout=10)
+        assert reply[:3] == [b"nosuch", b"zmqdist.error", b"TIMEOUT"] and b"no worker" in reply[3]
+
+
+@pytest.mark.timeout(60)
+def test_majortomo_worker_dying_mid_request_is_requeued_to_another(procs, tmp_path):
+    ep = f"ipc://{tmp_path}/b.sock"
+    procs.spawn("broker", "--bind", ep, *FAST_HB)
+    w1 = mdp_worker(procs, ep, "slow", delay=1.5)
+    with Client([ep], timeout=30) as c:
+        wait_for(lambda: services(c).get("slow", {}).get("workers") == 1, 20, "first MDP worker")
+        fut = c.submit("slow", b"job")
+        wait_for(lambda: services(c)["slow"]["inflight"] == 1, 10, "the request at the first worker")
+        w2 = mdp_worker(procs, ep, "slow", delay=0.0)
+        wait_for(lambda: services(c)["slow"]["workers"] == 2, 20, "second MDP worker")
+        w1.send_signal(signal.SIGKILL)  # dies holding the request
+        assert fut.result(20) == [b"JOB", str(w2.pid).encode()]
+        st = status(c)
+        assert st["counters"]["requeues"] >= 1 and st["counters"]["workers_expired"] >= 1
+
+
+@pytest.mark.timeout(60)
+def test_mmi_service_discovery(procs, tmp_path):
+    ep = f"ipc://{tmp_path}/b.sock"
+    procs.spawn("broker", "--bind", ep, *FAST_HB)
+    mdp_worker(procs, ep, "upper")
+    with Client([ep], timeout=10) as c:
+        wait_for(lambda: "upper" in services(c), 20, "MDP worker registered")
+        assert c.call("mmi.service", b"upper") == b"200"  # native clients may ask too
+    with MdpClient(ep) as mc:
+        mc.send(b"mmi.service", b"upper")
+        assert mc.recv_all_as_list(timeout=10) == [b"mmi.service", b"200"]
+        mc.send(b"mmi.service", b"nosuch")
+        assert mc.recv_all_as_list(timeout=10) == [b"mmi.service", b"404"]
+        mc.send(b"mmi.other", b"")
+        assert mc.recv_all_as_list(timeout=10) == [b"mmi.other", b"501"]
+
+
+@pytest.mark.timeout(60)
+def test_mdp_traffic_crosses_a_proxy_tier_like_native_traffic(procs, tmp_path):
+    master, proxy = f"ipc://{tmp_path}/m.sock", f"ipc://{tmp_path}/p.sock"
+    procs.spawn("broker", "--bind", master, "--name", "master", *FAST_HB)
+    procs.spawn("broker", "--bind", proxy, "--name", "proxy", "--upstream", master, *FAST_HB)
+    w = mdp_worker(procs, master, "upper")  # a Majordomo worker at the master
+    with Client([proxy], timeout=10) as c:
+        wait_for(lambda: status(c)["upstream"]["registered"], 20, "proxy registered")
+        with Client([master], timeout=10) as cm:
+            wait_for(lambda: "upper" in services(cm), 20, "MDP worker at the master")
+        with MdpClient(proxy) as mc:  # a Majordomo client at the proxy
+            for i in range(10):
+                mc.send(b"upper", f"m{i}".encode())
+                assert mc.recv_all_as_list(timeout=10) == [b"upper", f"M{i}".encode(), str(w.pid).encode()]
+        assert status(c)["counters"]["forwarded_up"] >= 10
+
+
+def recv(sock, timeout_s=10):
+    assert sock.poll(int(timeout_s * 1000)), "no message in time"
+    return sock.recv_multipart()
+
+
+@pytest.mark.timeout(60)
+def test_rfc_strict_peers_on_raw_sockets(procs, tmp_path):
+    """The RFCs to the letter: an MDP/0.1 client on a REQ socket, an MDP/0.2 worker and client on
+    DEALER sockets with no delimiter frame and the RFC 18 client codes (REQUEST 0x01, FINAL 0x03)."""
+    import zmq
+
+    ep = f"ipc://{tmp_path}/b.sock"
+    procs.spawn("broker", "--bind", ep, *FAST_HB)
+    ctx = zmq.Context.instance()
+    socks = [ctx.socket(t) for t in (zmq.DEALER, zmq.REQ, zmq.DEALER)]
+    worker, req_client, dealer_client = socks
+    try:
+        for s in socks:
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+        worker.send_multipart([b"MDPW02", b"\x01", b"raw"])
+        with Client([ep], timeout=10) as c:
+            wait_for(lambda: "raw" in services(c), 20, "raw worker registered")
+        for client, request, expect_head in (
+            (req_client, [b"MDPC01", b"raw", b"ping"], [b"MDPC01", b"raw"]),
+            (dealer_client, [b"MDPC02", b"\x01", b"raw", b"ping"], [b"MDPC02", b"\x03", b"raw"]),
+        ):
+            client.send_multipart(request)
+            task = recv(worker)
+            assert task[:2] == [b"MDPW02", b"\x02"] and len(task[2]) == 8 and task[3] == b""
+            assert task[4:] == [b"ping"]
+            worker.send_multipart([b"MDPW02", b"\x04", task[2], b"", b"pong"])
+            assert recv(client) == [*expect_head, b"pong"]
+    finally:
+        for s in socks:
+            s.close(0)

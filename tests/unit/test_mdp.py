@@ -1,0 +1,197 @@
+"""Majordomo translation, sans-IO: MDP frames in, the core's decisions, MDP frames out.
+
+Every frame list the broker sends to an MDP peer is checked against the grammar of RFC 7 (MDP/0.1)
+or RFC 18 (MDP/0.2), as the peer sees it after the ROUTER strips the identity.
+"""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings
+from zmqdist.core import mdp
+from zmqdist.core.broker import BrokerCore
+from zmqdist.errors import RemoteProtocolError
+
+# --- the RFCs' grammar for what a broker sends ------------------------------------------------------
+
+
+def rfc7_client_reply(f):
+    """RFC 7: Frame 0 empty (REQ envelope); 1 "MDPC01"; 2 service name; 3+ reply body."""
+    assert f[0] == b"" and f[1] == b"MDPC01" and len(f) >= 4 and f[2], f
+
+
+def rfc7_worker(f, cmd):
+    """RFC 7: Frame 0 empty; 1 "MDPW01"; 2 command; REQUEST: 3 client address, 4 empty, 5+ body;
+    HEARTBEAT and DISCONNECT: nothing more."""
+    assert f[0] == b"" and f[1] == b"MDPW01" and f[2] == cmd, f
+    if cmd == b"\x02":
+        assert len(f) >= 6 and f[3] and f[4] == b"", f
+    else:
+        assert len(f) == 3, f
+
+
+def rfc18_client_final(f):
+    """RFC 18: Frame 0 "MDPC02"; 1 0x03 (FINAL); 2 service name; 3+ reply body."""
+    assert f[0] == b"MDPC02" and f[1] == b"\x03" and len(f) >= 4 and f[2], f
+
+
+def rfc18_worker(f, cmd):
+    """RFC 18: Frame 0 "MDPW02"; 1 command; REQUEST: 2 client address, 3 empty, 4+ body;
+    HEARTBEAT (0x05) and DISCONNECT (0x06): 2 frames."""
+    assert f[0] == b"MDPW02" and f[1] == cmd, f
+    if cmd == b"\x02":
+        assert len(f) >= 5 and f[2] and f[3] == b"", f
+    else:
+        assert len(f) == 2, f
+
+
+# --- harness: a bridge in front of a core -----------------------------------------------------------
+
+
+class Pair:
+    def __init__(self):
+        self.core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0)
+        self.bridge = mdp.MdpBridge(timeout_s=30, heartbeat_ms=2500)
+        self.now = 0.0
+
+    def send(self, ident, frames):
+        """Feed an MDP message; return {peer: [frames, ...]} of what MDP peers get back."""
+        out = []
+        for msg in self.bridge.inbound(ident, frames):
+            out += self.core.receive(ident, msg, self.now)
+        got = {}
+        for peer, msg in out:
+            f = self.bridge.outbound(peer, msg)
+            if f is not None:
+                got.setdefault(peer, []).append(f)
+        return got
+
+
+def test_rfc18_client_and_worker_without_delimiters():
+    t = Pair()
+    assert t.send(b"W", [b"MDPW02", b"\x01", b"echo"]) == {}  # READY has no answer
+    assert t.core.worker_load() == {b"W": (0, 1)}  # a worker of capacity 1
+    got = t.send(b"C", [b"MDPC02", b"\x01", b"echo", b"hi", b"there"])
+    (task,) = got[b"W"]
+    rfc18_worker(task, b"\x02")
+    assert task[4:] == [b"hi", b"there"]
+    got = t.send(b"W", [b"MDPW02", b"\x04", task[2], b"", b"HI"])
+    (reply,) = got[b"C"]
+    rfc18_client_final(reply)
+    assert reply[2:] == [b"echo", b"HI"]
+    (hb,) = t.send(b"W", [b"MDPW02", b"\x05"])[b"W"]
+    rfc18_worker(hb, b"\x05")
+
+
+def test_rfc7_client_on_req_and_worker():
+    t = Pair()
+    t.send(b"W", [b"", b"MDPW01", b"\x01", b"echo"])
+    (task,) = t.send(b"C", [b"", b"MDPC01", b"echo", b"a", b"b"])[b"W"]
+    rfc7_worker(task, b"\x02")
+    assert task[5:] == [b"a", b"b"]
+    (reply,) = t.send(b"W", [b"", b"MDPW01", b"\x03", task[3], b"", b"x"])[b"C"]
+    rfc7_client_reply(reply)
+    assert reply[2:] == [b"echo", b"x"]
+    (hb,) = t.send(b"W", [b"", b"MDPW01", b"\x04"])[b"W"]
+    rfc7_worker(hb, b"\x04")
+
+
+def test_majortomo_dialect_is_answered_in_kind():
+    """A delimiter before MDPC02/MDPW02 and client REQUEST 0x02: the reply keeps both habits."""
+    t = Pair()
+    t.send(b"W", [b"", b"MDPW02", b"\x01", b"echo"])
+    (task,) = t.send(b"C", [b"", b"MDPC02", b"\x02", b"echo", b"v"])[b"W"]
+    assert task[0] == b"" and task[1:3] == [b"MDPW02", b"\x02"]
+    (reply,) = t.send(b"W", [b"", b"MDPW02", b"\x04", task[3], b"", b"V"])[b"C"]
+    assert reply == [b"", b"MDPC02", b"\x04", b"echo", b"V"]
+
+
+def test_unknown_worker_gets_disconnect_and_is_forgotten():
+    t = Pair()
+    (d,) = t.send(b"W", [b"MDPW02", b"\x05"])[b"W"]  # a heartbeat before READY
+    rfc18_worker(d, b"\x06")
+    assert not t.bridge.speaks_mdp(b"W")
+    (d,) = t.send(b"V", [b"", b"MDPW01", b"\x03", b"\0" * 8, b"", b"late"])[b"V"]
+    rfc7_worker(d, b"\x05")
+
+
+def test_worker_disconnect_requeues_and_partials_are_joined():
+    t = Pair()
+    t.send(b"W1", [b"MDPW02", b"\x01", b"s"])
+    (task,) = t.send(b"C", [b"MDPC02", b"\x01", b"s", b"job"])[b"W1"]
+    assert task[4:] == [b"job"]
+    t.send(b"W2", [b"MDPW02", b"\x01", b"s"])
+    got = t.send(b"W1", [b"MDPW02", b"\x06"])  # W1 leaves holding the request: it goes to W2
+    (task2,) = got[b"W2"]
+    assert t.send(b"W2", [b"MDPW02", b"\x03", task2[2], b"", b"part1"]) == {}
+    (reply,) = t.send(b"W2", [b"MDPW02", b"\x04", task2[2], b"", b"part2"])[b"C"]
+    assert reply[2:] == [b"s", b"part1", b"part2"]
+    assert t.bridge.counters["mdp_partials"] == 1
+
+
+def test_native_failure_reaches_an_mdp_client_as_an_error_body():
+    t = Pair()
+    t.core.receive(b"N", p.Hello(p.ROLE_WORKER, "native", ("calc",), 1, 250), 0)
+    out = []
+    for msg in t.bridge.inbound(b"C", [b"MDPC02", b"\x01", b"calc", b"x"]):
+        out += t.core.receive(b"C", msg, 0)
+    (_, task) = out[0]
+    assert p.unpack_value(task.payload) == b"x"  # one body frame -> a bytes value
+    out = t.core.receive(b"N", p.Result(task.ticket, p.RS_FAILED, p.pack_error("ValueError", "bad x", "tb")), 0)
+    (peer, reply) = next(o for o in out if o[0] == b"C")
+    frames = t.bridge.outbound(peer, reply)
+    rfc18_client_final(frames)
+    assert frames[2:] == [b"calc", b"zmqdist.error", b"FAILED", b"ValueError: bad x"]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [b"MDPW02"],
+        [b"", b"MDPC01"],
+        [b"MDPX01", b"\x01", b"s"],
+        [b"MDPC02", b"\x09", b"s", b"b"],
+        [b"MDPC02", b"\x01"],
+        [b"MDPW02", b"\x01"],  # READY without a service
+        [b"MDPW02", b"\x01", b"a", b"b"],
+        [b"MDPW02", b"\x01", b"\xff\xfe"],  # not UTF-8
+        [b"MDPW02", b"\x01", b""],
+        [b"MDPW02", b"\x04", b"short", b"", b"x"],  # client address is not a ticket
+        [b"MDPW02", b"\x04", b"\0" * 8, b"not empty", b"x"],
+        [b"MDPW02", b"\x42"],
+        [b"MDPC02", b"\x01", b"s", *([b"x"] * (mdp.MAX_FRAMES + 1))],
+    ],
+)
+def test_malformed_mdp_messages_raise_remote_protocol_errors(frames):
+    with pytest.raises(RemoteProtocolError):
+        mdp.MdpBridge(30, 2500).inbound(b"P", frames)
+
+
+def test_mmi_service_discovery_in_the_core():
+    core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0)
+    core.receive(b"W", p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250), 0)
+
+    def ask(service, body):
+        ((_, reply),) = core.receive(b"C", p.Request(1, service, 1000, (), p.pack_value(body)), 0)
+        return p.unpack_value(reply.payload)
+
+    assert ask("mmi.service", b"echo") == b"200"
+    assert ask("mmi.service", b"nosuch") == b"404"
+    assert ask("mmi.discovery", b"") == b"501"
+    # nobody may register under mmi.
+    ((_, err),) = core.receive(b"X", p.Hello(p.ROLE_WORKER, "x", ("mmi.service",), 1, 250), 0)
+    assert type(err) is p.Error and "reserved" in err.message
+
+
+@given(st.lists(st.binary(max_size=20), min_size=1, max_size=6))
+def test_body_frames_survive_the_payload_mapping(frames):
+    assert mdp.unpack_body(mdp.pack_body(frames)) == frames
+
+
+def test_native_values_become_frames():
+    assert mdp.unpack_body(p.pack_value("text")) == [b"text"]
+    assert mdp.unpack_body(p.pack_value([b"a", "b"])) == [b"a", b"b"]
+    assert mdp.unpack_body(p.pack_value({"k": 1})) == [p.pack_value({"k": 1})]  # msgpack as is
+    assert mdp.unpack_body(b"\xc1not msgpack") == [b"\xc1not msgpack"]

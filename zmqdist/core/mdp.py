@@ -1,0 +1,283 @@
+"""Majordomo peers (RFC 7/MDP 0.1 and RFC 18/MDP 0.2) on a zmqdist broker endpoint. Sans-IO.
+
+Rules of this module:
+1. An MDP message is told from a native one by its first frame after the routing identity: ``ZD...``
+   is zmqdist; an MDP header (``MDPC0x``/``MDPW0x``) or an empty frame (the REQ envelope delimiter
+   MDP 0.1 peers, and some 0.2 libraries, put first) is Majordomo. Each peer is answered in its own
+   dialect: with or without that empty frame, and with the client FINAL code that matches its
+   REQUEST code (RFC 18: REQUEST 0x01, FINAL 0x03; some libraries, majortomo among them, number
+   client commands like worker ones: REQUEST 0x02, FINAL 0x04).
+2. The bridge turns MDP frames into the native messages :class:`~zmqdist.core.broker.BrokerCore`
+   understands, and the core's messages to an MDP peer back into MDP frames. The core does not know
+   which peers speak MDP: MDP workers are workers of capacity 1, MDP clients are clients.
+3. Bodies. MDP bodies are frames; zmqdist payloads are msgpack values. One body frame travels as a
+   msgpack bytes value, several as a list of bytes, so a native handler receives ``bytes`` (or a
+   list of them) and an MDP peer receives the frames that were sent. A native value goes to an MDP
+   peer as its frames when it is bytes, a string (UTF-8) or a list of those, else as one frame
+   holding its msgpack encoding.
+4. MDP has no error replies. A request that ends without a result (the handler raised, deadline,
+   busy, lost, invalid) is answered with the body ``[b"zmqdist.error", STATUS, message]``.
+5. An MDP 0.2 worker's PARTIAL replies are collected and delivered with its FINAL as one reply;
+   MDP 0.2 clients get one FINAL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from zmqdist import protocol as p
+from zmqdist.errors import RemoteProtocolError
+
+MDPC01: Final = b"MDPC01"
+MDPC02: Final = b"MDPC02"
+MDPW01: Final = b"MDPW01"
+MDPW02: Final = b"MDPW02"
+
+# Worker commands: MDP 0.1 and 0.2 number them differently after REQUEST.
+READY: Final = b"\x01"
+REQUEST: Final = b"\x02"
+W1_REPLY: Final = b"\x03"
+W1_HEARTBEAT: Final = b"\x04"
+W1_DISCONNECT: Final = b"\x05"
+W2_PARTIAL: Final = b"\x03"
+W2_FINAL: Final = b"\x04"
+W2_HEARTBEAT: Final = b"\x05"
+W2_DISCONNECT: Final = b"\x06"
+C2_REQUEST: Final = b"\x01"  # RFC 18
+C2_FINAL: Final = b"\x03"
+C2_REQUEST_ALT: Final = b"\x02"  # the worker numbering some libraries use for clients too
+C2_FINAL_ALT: Final = b"\x04"
+
+ERROR_TAG: Final = b"zmqdist.error"
+STATUS_NAMES: Final = {
+    p.ST_FAILED: b"FAILED",
+    p.ST_BUSY: b"BUSY",
+    p.ST_TIMEOUT: b"TIMEOUT",
+    p.ST_LOST: b"LOST",
+    p.ST_INVALID: b"INVALID",
+}
+MAX_FRAMES: Final = 10_000  # body frames of one message, partial replies included
+MAX_PEERS: Final = 100_000  # MDP peers remembered at once (clients are forgotten when idle)
+
+
+def pack_body(frames: list[bytes]) -> bytes:
+    """Return the zmqdist payload for MDP body ``frames`` (rule 3)."""
+    return p.pack_value(frames[0] if len(frames) == 1 else list(frames))
+
+
+def _frame(v: Any) -> bytes | None:
+    if type(v) is bytes:
+        return v
+    if type(v) is str:
+        return v.encode()
+    return None
+
+
+def unpack_body(payload: bytes) -> list[bytes]:
+    """Return the MDP body frames for a zmqdist payload (rule 3)."""
+    try:
+        v = p.unpack_value(payload)
+    except ValueError:
+        return [payload]
+    f = _frame(v)
+    if f is not None:
+        return [f]
+    if isinstance(v, list) and v:
+        frames = [_frame(x) for x in v]
+        if all(x is not None for x in frames):
+            return frames  # type: ignore[return-value]
+    return [payload]
+
+
+def error_body(status: int, message: str, payload: bytes) -> list[bytes]:
+    """The body that tells an MDP client its request ended without a result (rule 4)."""
+    if status == p.ST_FAILED:
+        kind, text, _ = p.unpack_error(payload)
+        message = f"{kind}: {text}"
+    return [ERROR_TAG, STATUS_NAMES.get(status, b"ERROR"), message.encode()]
+
+
+def ticket_frame(ticket: int) -> bytes:
+    """The 'client address' frame of a REQUEST to an MDP worker: the broker's ticket."""
+    return ticket.to_bytes(8, "big")
+
+
+class _Client:
+    __slots__ = ("delim", "final", "header", "next_rid", "pending")
+
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+        self.delim = True  # answer with the empty frame first
+        self.final = C2_FINAL
+        self.next_rid = 1
+        self.pending: dict[int, bytes] = {}  # rid -> service name (the reply repeats it)
+
+
+class _Worker:
+    __slots__ = ("delim", "header", "partial", "partial_n", "service")
+
+    def __init__(self, header: bytes, service: bytes, delim: bool) -> None:
+        self.header = header
+        self.delim = delim
+        self.service = service
+        self.partial: dict[int, list[bytes]] = {}  # ticket -> body frames of PARTIAL replies so far
+        self.partial_n = 0
+
+
+class MdpBridge:
+    """Translates between MDP peers and the broker core (see the module rules).
+
+    ``timeout_s`` is the budget given to MDP client requests (MDP carries none).
+    """
+
+    def __init__(self, timeout_s: float, heartbeat_ms: int) -> None:
+        self.budget_ms = max(1, min(p.MAX_BUDGET_MS, round(timeout_s * 1000)))
+        self.heartbeat_ms = heartbeat_ms
+        self.peers: dict[bytes, _Client | _Worker] = {}
+        self.counters = {"mdp_requests": 0, "mdp_replies": 0, "mdp_workers": 0, "mdp_partials": 0}
+
+    # --- MDP -> native ----------------------------------------------------------------------------
+
+    def inbound(self, ident: bytes, frames: list[bytes]) -> list[p.Message]:
+        """Return the native messages for one MDP message (``frames`` after the identity, with or
+        without the empty delimiter first). Raises :class:`RemoteProtocolError` for a message
+        that breaks the RFCs."""
+        delim = bool(frames) and not frames[0]
+        if delim:
+            frames = frames[1:]
+        if len(frames) < 2:
+            raise RemoteProtocolError("MDP: a message needs a protocol header and a command", p.E_FRAMES)
+        header = frames[0]
+        if header == MDPC01:
+            return [self._request(ident, header, delim, C2_FINAL, frames[1], frames[2:])]
+        if header == MDPC02:
+            cmd = frames[1]
+            if cmd not in (C2_REQUEST, C2_REQUEST_ALT) or len(frames) < 3:
+                raise RemoteProtocolError("MDP/0.2: a client sends REQUEST, service, body", p.E_COMMAND)
+            final = C2_FINAL if cmd == C2_REQUEST else C2_FINAL_ALT
+            return [self._request(ident, header, delim, final, frames[2], frames[3:])]
+        if header in (MDPW01, MDPW02):
+            return self._from_worker(ident, header, delim, frames[1], frames[2:])
+        raise RemoteProtocolError(f"MDP: unknown protocol header {header[:16]!r}", p.E_VERSION)
+
+    def _request(
+        self, ident: bytes, header: bytes, delim: bool, final: bytes, service: bytes, body: list[bytes]
+    ) -> p.Request:
+        name = _service_name(service)
+        if len(body) > MAX_FRAMES:
+            raise RemoteProtocolError(f"MDP: more than {MAX_FRAMES} body frames", p.E_FRAMES)
+        c = self.peers.get(ident)
+        if not isinstance(c, _Client):
+            self._make_room()
+            c = self.peers[ident] = _Client(header)
+        c.header = header
+        c.delim = delim
+        c.final = final
+        rid = c.next_rid
+        c.next_rid += 1
+        c.pending[rid] = service
+        self.counters["mdp_requests"] += 1
+        return p.Request(rid, name, self.budget_ms, (), pack_body(body))
+
+    def _from_worker(self, ident: bytes, header: bytes, delim: bool, cmd: bytes, rest: list[bytes]) -> list[p.Message]:
+        v2 = header == MDPW02
+        w = self.peers.get(ident)
+        known = isinstance(w, _Worker)
+        if cmd == READY:
+            if len(rest) != 1:
+                raise RemoteProtocolError("MDP: READY carries exactly one service name", p.E_FRAMES)
+            name = _service_name(rest[0])
+            self._make_room()
+            self.peers[ident] = _Worker(header, rest[0], delim)
+            self.counters["mdp_workers"] += 1
+            return [p.Hello(p.ROLE_WORKER, f"mdp-{ident.hex()}", (name,), 1, self.heartbeat_ms)]
+        if not known:
+            # Anything but READY from a worker we do not know: the core answers RECONNECT, which
+            # becomes DISCONNECT (the RFCs' rule); remember the header to say it in.
+            self.peers[ident] = _Worker(header, b"", delim)
+        if cmd == (W2_HEARTBEAT if v2 else W1_HEARTBEAT):
+            return [p.Heartbeat(p.ROLE_WORKER, "", 0, ())]
+        if cmd == (W2_DISCONNECT if v2 else W1_DISCONNECT):
+            self.peers.pop(ident, None)
+            return [p.Bye("MDP worker disconnected")]
+        final = cmd == (W2_FINAL if v2 else W1_REPLY)
+        if final or (v2 and cmd == W2_PARTIAL):
+            if len(rest) < 2 or rest[1] or len(rest[0]) != 8:
+                raise RemoteProtocolError(
+                    "MDP: a reply needs the client address frame, an empty frame, body", p.E_FRAMES
+                )
+            ticket = int.from_bytes(rest[0], "big")
+            body = rest[2:]
+            wk = self.peers[ident]
+            assert isinstance(wk, _Worker)
+            parts = wk.partial.get(ticket)
+            if not final:
+                self.counters["mdp_partials"] += 1
+                if wk.partial_n + len(body) > MAX_FRAMES:
+                    raise RemoteProtocolError(f"MDP: more than {MAX_FRAMES} partial reply frames held", p.E_FRAMES)
+                wk.partial.setdefault(ticket, []).extend(body)
+                wk.partial_n += len(body)
+                return []
+            if parts is not None:
+                del wk.partial[ticket]
+                wk.partial_n -= len(parts)
+                body = parts + body
+            return [p.Result(ticket, p.RS_OK, pack_body(body))]
+        raise RemoteProtocolError(f"MDP: unknown worker command {cmd[:4]!r}", p.E_COMMAND)
+
+    def _make_room(self) -> None:
+        if len(self.peers) >= MAX_PEERS:
+            # Forget idle clients first (nothing is lost: they have no pending request).
+            for ident in [i for i, x in self.peers.items() if isinstance(x, _Client) and not x.pending]:
+                del self.peers[ident]
+            if len(self.peers) >= MAX_PEERS:
+                del self.peers[next(iter(self.peers))]
+
+    # --- native -> MDP ----------------------------------------------------------------------------
+
+    def outbound(self, ident: bytes, msg: p.Message) -> list[bytes] | None:
+        """Return the MDP frames (identity excluded) carrying ``msg`` to MDP peer ``ident``, or
+        None when MDP has nothing to say for it (WELCOME, or a reply to a forgotten request)."""
+        peer = self.peers.get(ident)
+        if isinstance(peer, _Client):
+            if type(msg) is not p.Reply:
+                return None
+            service = peer.pending.pop(msg.rid, None)
+            if not peer.pending:
+                del self.peers[ident]  # re-learned on the next request
+            if service is None:
+                return None
+            st = msg.status
+            body = unpack_body(msg.payload) if st == p.ST_OK else error_body(st, msg.message, msg.payload)
+            self.counters["mdp_replies"] += 1
+            first = [b""] if peer.delim else []
+            if peer.header == MDPC01:
+                return [*first, MDPC01, service, *body]
+            return [*first, MDPC02, peer.final, service, *body]
+        if isinstance(peer, _Worker):
+            v2 = peer.header == MDPW02
+            first = [b""] if peer.delim else []
+            t = type(msg)
+            if t is p.Task:
+                return [*first, peer.header, REQUEST, ticket_frame(msg.ticket), b"", *unpack_body(msg.payload)]  # type: ignore[union-attr]
+            if t is p.Heartbeat:
+                return [*first, peer.header, W2_HEARTBEAT if v2 else W1_HEARTBEAT]
+            if t is p.Reconnect or t is p.Bye or t is p.Error:
+                del self.peers[ident]
+                return [*first, peer.header, W2_DISCONNECT if v2 else W1_DISCONNECT]
+            return None
+        return None
+
+    def speaks_mdp(self, ident: bytes) -> bool:
+        """True if ``ident`` is an MDP peer the bridge is translating for."""
+        return ident in self.peers
+
+
+def _service_name(raw: bytes) -> str:
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("MDP: a service name must be UTF-8", p.E_HEADER) from None
+    if not 0 < len(name) <= p.MAX_NAME:
+        raise RemoteProtocolError("MDP: a service name must be 1 to 255 characters", p.E_HEADER)
+    return name
