@@ -31,8 +31,10 @@ from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints
 from zmqdist.core.broker import UPSTREAM, BrokerCore, Out
 from zmqdist.core.link import Connect, Problem
 from zmqdist.core.mdp import MAX_FRAMES, MdpBridge
+from zmqdist.core.rights import refusal
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import DealerLink, Mailbox, RateLimitedLog, bind_router, poll_timeout_ms
+from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_handler
 from zmqdist.transport.sockets import EVENTS, NB, POLLIN, SNDMORE_NB, fast_send
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,16 @@ class Broker:
         max_queue: int = 10_000,
         max_queue_bytes: int = 256 * 1024 * 1024,
         max_attempts: int = 3,
+        max_client_inflight: int = 2500,
         max_message_size: int = DEFAULT_MAX_MESSAGE,
         mdp_heartbeat_s: float = 2.5,
         mdp_liveness: int = 3,
         mdp_timeout_s: float = 60.0,
+        key: str | None = None,
+        allow_clients: str | None = None,
+        allow_workers: str | None = None,
+        allow_brokers: str | None = None,
+        upstream_server_key: str | None = None,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
@@ -71,6 +79,7 @@ class Broker:
             max_queue=max_queue,
             max_queue_bytes=max_queue_bytes,
             max_attempts=max_attempts,
+            max_client_inflight=max_client_inflight,
         )
         self._bind = check_endpoints(bind, "broker bind")
         # MDP workers heartbeat at their own pace (the RFCs suggest 2.5 s, liveness 3 to 5).
@@ -79,6 +88,17 @@ class Broker:
             raise ConfigError(f"mdp_timeout_s must be positive and at most 7 days, got {mdp_timeout_s!r}")
         self._mdp_ttl = mdp_hb.ttl_s
         self._mdp = MdpBridge(mdp_timeout_s, round(mdp_hb.heartbeat_s * 1000))
+        # CURVE: with a secret key every link this broker owns is encrypted and every peer's key
+        # must be in an allow-list (docs/security.md).
+        self._secret: bytes | None = None
+        self._ring: KeyRing | None = None
+        if key is not None:
+            _, self._secret = load_secret(key)
+            self._ring = KeyRing({"clients": allow_clients, "workers": allow_workers, "brokers": allow_brokers})
+        elif allow_clients or allow_workers or allow_brokers:
+            raise ConfigError("allow-lists need the broker's own secret key (key=... / --key)")
+        self._up_keys = ClientKeys.load(upstream_server_key, key if upstream_server_key else None, "broker upstream")
+        self._zap_domain = f"zmqdist-{secrets.token_hex(8)}"
         self._max_message = max_message_size
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
@@ -129,6 +149,12 @@ class Broker:
         """Ask the loop to stop, without waiting (safe in a signal handler)."""
         self._mailbox.post(("stop",))
 
+    def reload_allow_lists(self) -> None:
+        """Re-read the allow-lists (SIGHUP): connected peers stay, a removed key is refused from its
+        next connection. Safe to call from a signal handler."""
+        if self._ring is not None:
+            zap_handler(self._ctx).reload(self._zap_domain)
+
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """Return the broker's status snapshot (workers, services, queues, counters)."""
         if self._done.is_set() or self._thread is None:
@@ -149,7 +175,9 @@ class Broker:
 
     def _main(self) -> None:
         try:
-            sock, self.endpoints = bind_router(self._ctx, self._bind, self._max_message)
+            if self._ring is not None:
+                zap_handler(self._ctx).add(self._zap_domain, self._ring)  # before the first handshake
+            sock, self.endpoints = bind_router(self._ctx, self._bind, self._max_message, self._secret, self._zap_domain)
         except BaseException as exc:
             self._startup_error = exc
             self._ready.set()
@@ -159,7 +187,7 @@ class Broker:
         clock = self._clock
         core = BrokerCore(self.settings, self.incarnation, clock.now(), rng=random.random)
         if self.settings.upstream:
-            self._up = DealerLink(self._ctx, b"B" + secrets.token_bytes(8), log)
+            self._up = DealerLink(self._ctx, b"B" + secrets.token_bytes(8), log, self._up_keys)
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
         core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(self._mdp.counters)}
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
@@ -202,6 +230,8 @@ class Broker:
                 self._send(core, core.shutdown(), clock.now())
             finally:
                 sock.close(100)
+                if self._ring is not None:
+                    zap_handler(self._ctx).remove(self._zap_domain)
                 if up is not None:
                     up.close()
                 self._mailbox.close()
@@ -236,6 +266,7 @@ class Broker:
         receive = core.receive
         pending: list[Out] = []
         events = sock.get
+        secure = self._ring is not None
         more = True
         for i in range(BATCH):
             # poll said readable, so message 0 is there; for the next few ask EVENTS (0.6 us)
@@ -250,8 +281,10 @@ class Broker:
                 break
             head = recv(0, copy=False)
             hb = head.bytes
+            # the rights the ZAP handler gave this connection (it sets both on every CURVE peer)
+            rights = (str(head.get("X-Roles")), str(head.get("X-Services"))) if secure else None
             if hb[:2] != b"ZD" and (not hb or hb[:3] == b"MDP"):  # Majordomo: a delimiter or its header
-                pending += self._mdp_in(sock, core, ident, hb, head.more, now)
+                pending += self._mdp_in(sock, core, ident, hb, head.more, now, rights)
                 continue
             if not head.more:
                 pending += core.bad_input(
@@ -272,6 +305,9 @@ class Broker:
                 pending += core.bad_input(ident, exc, hb)
                 self._bad(ident, now, str(exc))
                 continue
+            if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
+                pending += self._refuse(core, ident, msg, why, now)
+                continue
             pending += receive(ident, msg, now)
             if i % FLUSH == FLUSH - 1 and pending:
                 self._send(core, pending, now)
@@ -280,8 +316,23 @@ class Broker:
             self._send(core, pending, now)
         return more
 
+    def _refuse(self, core: BrokerCore, ident: bytes, msg: p.Message, why: str, now: float) -> list[Out]:
+        """A secured peer sent what its key may not: count, log, answer with the reason."""
+        core.counters["refused_by_role"] = core.counters.get("refused_by_role", 0) + 1
+        self._ratelog.warning("rights", now, "refused %s from %s: %s", type(msg).__name__, ident.hex(), why)
+        if type(msg) is p.Request:
+            return [(ident, p.Reply(msg.rid, p.ST_INVALID, f"refused: {why}", b""))]
+        return [(ident, p.Error(p.E_ROLE, f"refused: {why}"))]
+
     def _mdp_in(
-        self, sock: zmq.Socket[Any], core: BrokerCore, ident: bytes, first: bytes, more: bool, now: float
+        self,
+        sock: zmq.Socket[Any],
+        core: BrokerCore,
+        ident: bytes,
+        first: bytes,
+        more: bool,
+        now: float,
+        rights: tuple[str, str] | None = None,
     ) -> list[Out]:
         """Read the rest of an MDP message (its first frame is read) and feed it to the core."""
         frames = [first]
@@ -302,6 +353,9 @@ class Broker:
                 out.append((ident, p.Error(exc.code or p.E_HEADER, str(exc))))
             return out
         for msg in msgs:
+            if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
+                out += self._refuse(core, ident, msg, why, now)
+                continue
             out += core.receive(ident, msg, now)
             if type(msg) is p.Hello:
                 core.set_ttl(ident, self._mdp_ttl)

@@ -79,6 +79,12 @@ def _run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> No
             signal.signal(s, h)
 
 
+def _key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--server-key and --key: CURVE toward a broker that has keys (docs/security.md)."""
+    fn = click.option("--key", default=None, help="our secret certificate (NAME.key_secret) for CURVE")(fn)
+    return click.option("--server-key", default=None, help="the broker's public certificate (NAME.key) for CURVE")(fn)
+
+
 def _fail(exc: BaseException) -> None:
     raise click.ClickException(str(exc)) from exc
 
@@ -100,12 +106,18 @@ def _fail(exc: BaseException) -> None:
 @click.option("--max-queue", type=int, default=10_000, help="queued requests before new ones get Busy")
 @click.option("--max-queue-bytes", type=int, default=256 * 1024 * 1024, help="queued payload bytes before Busy")
 @click.option("--max-attempts", type=int, default=3, help="dispatches of one request before WorkerLost")
+@click.option("--max-client-inflight", type=int, default=2500, help="open requests per client before it gets Busy")
 @click.option(
     "--max-message-size", type=int, default=64 * 1024 * 1024, help="larger messages are refused by the socket"
 )
 @click.option("--mdp-heartbeat", type=float, default=2.5, help="seconds between heartbeats of Majordomo workers")
 @click.option("--mdp-liveness", type=int, default=3, help="missed heartbeats that expire a Majordomo worker")
 @click.option("--mdp-timeout", type=float, default=60.0, help="deadline in seconds of Majordomo client requests")
+@click.option("--key", default=None, help="the broker's secret certificate: CURVE on every link it owns")
+@click.option("--allow-clients", default=None, help="directory of public certificates of allowed clients")
+@click.option("--allow-workers", default=None, help="directory of public certificates of allowed workers")
+@click.option("--allow-brokers", default=None, help="directory of public certificates of allowed proxies")
+@click.option("--upstream-server-key", default=None, help="the upstream broker's public certificate (proxies)")
 def broker(
     bind: tuple[str, ...],
     name: str | None,
@@ -115,14 +127,21 @@ def broker(
     max_queue: int,
     max_queue_bytes: int,
     max_attempts: int,
+    max_client_inflight: int,
     max_message_size: int,
     mdp_heartbeat: float,
     mdp_liveness: int,
     mdp_timeout: float,
+    key: str | None,
+    allow_clients: str | None,
+    allow_workers: str | None,
+    allow_brokers: str | None,
+    upstream_server_key: str | None,
 ) -> None:
     """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM.
 
-    Every endpoint also accepts Majordomo (MDP 0.1 and 0.2) clients and workers."""
+    Every endpoint also accepts Majordomo (MDP 0.1 and 0.2) clients and workers. With --key, every
+    link is encrypted (CURVE) and peers must be in an allow-list; SIGHUP re-reads the lists."""
     try:
         b = Broker(
             bind=list(bind),
@@ -133,12 +152,22 @@ def broker(
             max_queue=max_queue,
             max_queue_bytes=max_queue_bytes,
             max_attempts=max_attempts,
+            max_client_inflight=max_client_inflight,
             max_message_size=max_message_size,
             mdp_heartbeat_s=mdp_heartbeat,
             mdp_liveness=mdp_liveness,
             mdp_timeout_s=mdp_timeout,
+            key=key,
+            allow_clients=allow_clients,
+            allow_workers=allow_workers,
+            allow_brokers=allow_brokers,
+            upstream_server_key=upstream_server_key,
         )
-        _run_until_signal(b.run, b.request_stop)
+        old_hup = signal.signal(signal.SIGHUP, lambda *_: b.reload_allow_lists())
+        try:
+            _run_until_signal(b.run, b.request_stop)
+        finally:
+            signal.signal(signal.SIGHUP, old_hup)
     except ZmqdistError as exc:
         _fail(exc)
 
@@ -177,6 +206,7 @@ def load_object(spec: str) -> Any:
 )
 @click.option("--heartbeat", type=float, default=0.25, help=HELP_HB)
 @click.option("--liveness", type=int, default=4, help=HELP_LIVE)
+@_key_options
 def worker(
     target: str,
     connect: tuple[str, ...],
@@ -186,6 +216,8 @@ def worker(
     isolation: str | None,
     heartbeat: float,
     liveness: int,
+    server_key: str | None,
+    key: str | None,
 ) -> None:
     """Serve TARGET (MODULE:OBJECT, a Worker or a plain function) until SIGINT/SIGTERM (drains first)."""
     try:
@@ -199,6 +231,8 @@ def worker(
                 heartbeat_s=heartbeat,
                 liveness=liveness,
                 isolation=isolation or obj.isolation,
+                server_key=server_key,
+                key=key,
             )
             for svc, fn in obj._handlers.items():
                 w.add_service(svc, fn)
@@ -212,6 +246,8 @@ def worker(
                 heartbeat_s=heartbeat,
                 liveness=liveness,
                 isolation=isolation or "thread",
+                server_key=server_key,
+                key=key,
             )
             w.add_service(service or str(getattr(obj, "__name__", "service")), obj)
         else:
@@ -237,14 +273,17 @@ def to_json(value: Any) -> str:
 @click.argument("value", required=False, default=None)
 @click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint (repeatable)")
 @click.option("--timeout", type=float, default=5.0, help="seconds before giving up")
-def call(service: str, value: str | None, connect: tuple[str, ...], timeout: float) -> None:
+@_key_options
+def call(
+    service: str, value: str | None, connect: tuple[str, ...], timeout: float, server_key: str | None, key: str | None
+) -> None:
     """Call SERVICE with VALUE (JSON, default null) and print the reply as JSON."""
     try:
         arg = None if value is None else json.loads(value)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}", param_hint="VALUE") from exc
     try:
-        with Client(list(connect), timeout=timeout) as c:
+        with Client(list(connect), timeout=timeout, server_key=server_key, key=key) as c:
             result = c.call(service, arg)
     except RequestError as exc:
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
@@ -293,10 +332,11 @@ def format_status(st: dict[str, Any]) -> str:
 @click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint")
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 @click.option("--timeout", type=float, default=3.0, help="seconds before giving up")
-def status(connect: tuple[str, ...], as_json: bool, timeout: float) -> None:
+@_key_options
+def status(connect: tuple[str, ...], as_json: bool, timeout: float, server_key: str | None, key: str | None) -> None:
     """Show a broker's workers, services, queues and counters."""
     try:
-        with Client(list(connect), timeout=timeout) as c:
+        with Client(list(connect), timeout=timeout, server_key=server_key, key=key) as c:
             st = c.call("zmqdist.status")
     except RequestError as exc:
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
@@ -304,6 +344,26 @@ def status(connect: tuple[str, ...], as_json: bool, timeout: float) -> None:
     except ZmqdistError as exc:
         _fail(exc)
     click.echo(to_json(st) if as_json else format_status(st))
+
+
+@main.group()
+def keys() -> None:
+    """Manage CURVE certificates (the files zmq.auth reads)."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", show_default=True, help="where to write the two files")
+@click.option("--services", default=None, help="comma-separated services this key is limited to")
+def keys_generate(name: str, directory: str, services: str | None) -> None:
+    """Write DIR/NAME.key (public, for allow-lists) and DIR/NAME.key_secret (keep it private)."""
+    from zmqdist.transport.security import generate
+
+    try:
+        public, secret = generate(name, directory, [s.strip() for s in services.split(",")] if services else None)
+    except ZmqdistError as exc:
+        _fail(exc)
+    click.echo(f"public: {public}\nsecret: {secret}")
 
 
 @main.command()

@@ -37,6 +37,7 @@ from zmqdist.errors import (
     WorkerLost,
 )
 from zmqdist.transport import DealerLink, Mailbox
+from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +96,14 @@ class Client:
         name: str | None = None,
         heartbeat_s: float = 0.25,
         liveness: int = 4,
+        server_key: str | None = None,
+        key: str | None = None,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoints = check_endpoints(endpoints, "client")
+        # CURVE: the broker's public certificate and our secret one (docs/security.md)
+        self._curve = ClientKeys.load(server_key, key, "client")
         if not timeout > 0:
             raise ConfigError(f"timeout must be greater than 0, got {timeout!r}")
         self.timeout = float(timeout)
@@ -195,7 +200,7 @@ class Client:
 
     def _main(self) -> None:
         clock = self._clock
-        link = DealerLink(self._ctx, f"C-{secrets.token_hex(8)}".encode(), log)
+        link = DealerLink(self._ctx, f"C-{secrets.token_hex(8)}".encode(), log, self._curve)
         core = self._core = ClientCore(self.endpoints, self.name, self._hb, clock.now())
         mailbox_fd = self._mailbox.fileno()
         running = True

@@ -49,6 +49,7 @@ class BrokerSettings:
     max_queue: int = 10_000
     max_queue_bytes: int = 256 * 1024 * 1024
     max_attempts: int = 3
+    max_client_inflight: int = 2500  # open requests per client before Busy: a quarter of the queue (proxies exempt)
     upstream: tuple[str, ...] = ()  # a proxy's upstream broker endpoints, in failover order
     advert_interval_s: float = 0.005  # a proxy tells its upstream about capacity changes at most this often
     backoff_s: float = 0.25  # first jittered pause before re-registering upstream; doubles per failure
@@ -69,6 +70,8 @@ class BrokerSettings:
             raise ConfigError(f"max_queue must be at least 1, got {self.max_queue!r}")
         if self.max_queue_bytes < 1:
             raise ConfigError(f"max_queue_bytes must be at least 1, got {self.max_queue_bytes!r}")
+        if self.max_client_inflight < 1:
+            raise ConfigError(f"max_client_inflight must be at least 1, got {self.max_client_inflight!r}")
         if not 1 <= self.max_attempts <= 100:
             raise ConfigError(f"max_attempts must be between 1 and 100, got {self.max_attempts!r}")
 

@@ -13,6 +13,7 @@ elsewhere fails (as ROUTER_MANDATORY reports EHOSTUNREACH) and is reported with 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from collections.abc import Callable
@@ -259,17 +260,7 @@ class Simulation:
     ) -> SimBroker:
         """Add a broker named ``name``; ``upstream`` lists broker names in failover order (a proxy)."""
         base = settings or self.settings
-        settings = BrokerSettings(
-            name=name,
-            heartbeat=base.heartbeat,
-            max_queue=base.max_queue,
-            max_queue_bytes=base.max_queue_bytes,
-            max_attempts=base.max_attempts,
-            upstream=tuple(self.endpoint(u) for u in upstream),
-            advert_interval_s=base.advert_interval_s,
-            backoff_s=base.backoff_s,
-            backoff_max_s=base.backoff_max_s,
-        )
+        settings = dataclasses.replace(base, name=name, upstream=tuple(self.endpoint(u) for u in upstream))
         b = SimBroker(self, name, self.endpoint(name), settings)
         self.brokers[name] = b
         self._at[b.at_endpoint] = b

@@ -26,6 +26,7 @@ from zmqdist.core.link import Connect, Problem, Stopped
 from zmqdist.core.worker import Execute, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
 from zmqdist.transport import DealerLink, Mailbox
+from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,10 +45,14 @@ class Worker:
         heartbeat_s: float = 0.25,
         liveness: int = 4,
         isolation: str = "thread",
+        server_key: str | None = None,
+        key: str | None = None,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoints = check_endpoints(endpoints, "worker")
+        # CURVE: the broker's public certificate and our secret one (docs/security.md)
+        self._curve = ClientKeys.load(server_key, key, "worker")
         if not isinstance(concurrency, int) or not 1 <= concurrency <= p.MAX_CAPACITY:
             raise ConfigError(f"concurrency must be an integer from 1 to {p.MAX_CAPACITY}, got {concurrency!r}")
         if isolation not in ISOLATIONS:
@@ -136,7 +141,7 @@ class Worker:
 
     def _main(self) -> None:
         clock = self._clock
-        link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log)
+        link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log, self._curve)
         core = WorkerCore(self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now())
         executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox)
         mailbox_fd = self._mailbox.fileno()

@@ -31,7 +31,7 @@ def test_fake_clock_refuses_to_go_backwards():
 
 
 def test_faster_workers_serve_proportionally_more():
-    sim = Simulation()
+    sim = Simulation(BrokerSettings(max_client_inflight=10_000))
     for name, t in (("fast", 0.001), ("medium", 0.002), ("slow", 0.004)):
         sim.add_worker(name, concurrency=2, service_time=t)
     c = sim.add_client()
@@ -40,6 +40,7 @@ def test_faster_workers_serve_proportionally_more():
         c.submit("echo", i, timeout=60)
     sim.run_for(30)
     assert_each_ended_once(c, 7000)
+    assert statuses(c) == {p.ST_OK: 7000}
     served = {n: len(w.executed) for n, w in sim.workers.items()}
     # service rates 1000:500:250 per slot -> shares 4:2:1
     assert served["fast"] / served["slow"] == pytest.approx(4, rel=0.15)

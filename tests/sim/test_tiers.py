@@ -362,7 +362,7 @@ def test_funnelled_work_keeps_the_remote_slots_busy():
     without waiting for an advert. 16 remote slots at 0.5 ms serve 3000 requests in about 0.1 s
     plus hops; refilled one advert at a time (5 ms) it took 0.95 s, and fed only on heartbeat
     refreshes, 47 s (both were bugs)."""
-    sim = Simulation()
+    sim = Simulation(BrokerSettings(max_client_inflight=10_000))
     sim.add_broker("A", upstream=("broker",))
     sim.add_broker("B", upstream=("broker",))
     sim.add_worker("wb", services=("far",), concurrency=16, service_time=0.0005, via=("B",))

@@ -308,3 +308,26 @@ def test_task_lost_in_transit_is_found_by_seq_and_requeued():
     # Holding what it was sent: nothing is requeued.
     assert tasks(core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "inc1", 3, (t2.ticket, t1.ticket)), 0.2)) == []
     assert core.worker_load()[b"A"] == (2, 2)
+
+
+def test_per_client_quota_answers_busy_and_frees_as_requests_end():
+    core = make(max_client_inflight=2)
+    hello(core, b"W", capacity=1)
+    assert core.receive(b"A", p.Request(1, "echo", 1000, (), b""), 0)[0][1].ticket  # dispatched
+    assert core.receive(b"A", p.Request(2, "echo", 1000, (), b""), 0) == []  # queued
+    ((_, busy),) = core.receive(b"A", p.Request(3, "echo", 1000, (), b""), 0)
+    assert busy.status == p.ST_BUSY and "limit is 2" in busy.message
+    assert core.receive(b"B", p.Request(1, "echo", 1000, (), b""), 0) == []  # another client is not affected
+    out = core.receive(b"W", p.Result(1, p.RS_OK, b"r"), 0)
+    assert (b"A", p.Reply(1, p.ST_OK, "", b"r")) in out
+    assert core.receive(b"A", p.Request(4, "echo", 1000, (), b""), 0) == []  # a slot was freed
+    assert core.counters["over_quota"] == 1
+
+
+def test_downstream_brokers_are_exempt_from_the_client_quota():
+    core = make(max_client_inflight=1)
+    core.receive(b"P", p.Hello(p.ROLE_BROKER, "proxy", (), 0, 250), 0)
+    for rid in range(1, 6):
+        out = core.receive(b"P", p.Request(rid, "nosvc", 1000, ("proxy",), b""), 0)
+        assert all(m.status != p.ST_BUSY for _, m in out if type(m) is p.Reply)
+    assert core.open_requests == 5

@@ -212,6 +212,7 @@ class BrokerCore:
         self._down_mark = -1  # _changes when the last adverts went to downstream brokers
         self._down_at = -1.0
         self._brokers = 0  # downstream brokers registered
+        self._open_by_client: dict[bytes, int] = {}  # open requests per client (quota)
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "requests",
@@ -242,6 +243,7 @@ class BrokerCore:
                 "returned",
                 "returned_from_up",
                 "upstream_losses",
+                "over_quota",
             ),
             0,
         )
@@ -383,6 +385,15 @@ class BrokerCore:
             c["invalid"] += 1
             return [(peer, p.Reply(m.rid, p.ST_INVALID, f"request looped: it has passed {self.name} already", b""))]
         size = len(m.payload)
+        by_client = self._open_by_client
+        mine = by_client.get(peer, 0)
+        if mine >= self.settings.max_client_inflight and (w is None or w.spare is None):
+            c["busy"] += 1
+            c["over_quota"] += 1
+            limit = self.settings.max_client_inflight
+            return [
+                (peer, p.Reply(m.rid, p.ST_BUSY, f"this client has {mine} requests open, its limit is {limit}", b""))
+            ]
         if self._queued >= self.settings.max_queue or self._queued_bytes + size > self.settings.max_queue_bytes:
             c["busy"] += 1
             return [
@@ -405,6 +416,7 @@ class BrokerCore:
             w.held_from[service] = w.held_from.get(service, 0) + 1
         self._reqs[ticket] = req
         self._by_key[key] = ticket
+        by_client[peer] = mine + 1
         pool = self._pools.get(service)
         if pool is None:
             pool = self._pools[service] = _Pool(service)
@@ -836,9 +848,15 @@ class BrokerCore:
     def _forget(self, req: _Req) -> None:
         """Remove ``req`` from the tables (its ticket may linger in a queue; pumps skip it)."""
         del self._reqs[req.ticket]
-        key = (req.client, req.rid)
+        client = req.client
+        key = (client, req.rid)
         if self._by_key.get(key) == req.ticket:
             del self._by_key[key]
+        n = self._open_by_client.get(client, 0) - 1
+        if n > 0:
+            self._open_by_client[client] = n
+        else:
+            self._open_by_client.pop(client, None)
         if not req.client:
             self._from_up.pop(req.ticket, None)
         if req.via is not None:

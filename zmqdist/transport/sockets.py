@@ -80,13 +80,18 @@ class RateLimitedLog:
 
 
 def bind_router(
-    ctx: zmq.Context[Any], endpoints: tuple[str, ...], max_message_size: int
+    ctx: zmq.Context[Any],
+    endpoints: tuple[str, ...],
+    max_message_size: int,
+    curve_secret: bytes | None = None,
+    zap_domain: str = "",
 ) -> tuple[zmq.Socket[Any], list[str]]:
     """Return a ROUTER bound to ``endpoints`` and the endpoints actually bound (wildcards resolved).
 
     ROUTER_MANDATORY makes unroutable sends fail loudly instead of vanishing; ROUTER_HANDOVER lets a
     peer that reconnects with its fixed identity take its place; MAXMSGSIZE drops oversized frames in
-    libzmq before Python sees them.
+    libzmq before Python sees them. With ``curve_secret`` every connection is a CURVE server whose
+    peers are checked by the ZAP handler of ``zap_domain``.
     """
     sock = ctx.socket(zmq.ROUTER)
     try:
@@ -96,6 +101,10 @@ def bind_router(
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        if curve_secret is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret)
+            sock.setsockopt_string(zmq.ZAP_DOMAIN, zap_domain)
         bound = []
         for ep in endpoints:
             with map_zmq_errors(f"cannot bind {ep}"):
@@ -116,8 +125,9 @@ class DealerLink:
     on the old connection.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], identity: bytes, logger: logging.Logger) -> None:
+    def __init__(self, ctx: zmq.Context[Any], identity: bytes, logger: logging.Logger, curve: Any = None) -> None:
         self._ctx = ctx
+        self._curve = curve  # security.ClientKeys or None
         self.identity = identity
         self.sock: zmq.Socket[Any] | None = None
         self._fsend: Any = None
@@ -141,6 +151,8 @@ class DealerLink:
         sock.setsockopt(zmq.RCVHWM, 100_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._curve is not None:
+            self._curve.apply(sock)
         with map_zmq_errors(f"cannot connect to {endpoint}"):
             sock.connect(endpoint)
         self.sock = sock

@@ -1,0 +1,49 @@
+"""What a key's roles allow it to send to a broker. Pure.
+
+Roles come from the allow-lists a key is in (``clients``, ``workers``, ``brokers``); services
+limit a key to named services (``*`` for any). A broker asks :func:`refusal` about every message
+of a secured connection, with the rights the connection was admitted with.
+"""
+
+from __future__ import annotations
+
+from zmqdist import protocol as p
+
+_CLIENT = (p.Request, p.Hello, p.Heartbeat, p.Bye)
+_WORKER = (p.Hello, p.Heartbeat, p.Result, p.Credit, p.Bye)
+_BROKER = (p.Hello, p.Heartbeat, p.Request, p.Reply, p.Advert, p.Bye)
+_HELLO_ROLE = {p.ROLE_CLIENT: "clients", p.ROLE_WORKER: "workers", p.ROLE_BROKER: "brokers"}
+
+
+def refusal(roles: str, services: str, msg: p.Message) -> str | None:
+    """Return why ``msg`` is refused for a peer with ``roles`` and ``services`` (comma-separated,
+    as the ZAP handler put them in the connection's metadata), or None if it is allowed."""
+    have = roles.split(",") if roles else []
+    t = type(msg)
+    if t is p.Hello or t is p.Heartbeat:
+        need = _HELLO_ROLE.get(msg.role, "")  # type: ignore[union-attr]
+        if need not in have:
+            return f"a key in the {'/'.join(have) or 'no'} allow-list cannot act as {need or 'that role'}"
+        if t is p.Hello and need == "workers":
+            return _services_refusal(services, msg.services)  # type: ignore[union-attr]
+        return None
+    allowed = (
+        ("clients" in have and t in _CLIENT)
+        or ("workers" in have and t in _WORKER)
+        or ("brokers" in have and t in _BROKER)
+    )
+    if not allowed:
+        return f"{t.__name__} is not allowed to a key in the {'/'.join(have) or 'no'} allow-list"
+    if t is p.Request and "brokers" not in have:
+        service = msg.service  # type: ignore[union-attr]
+        if not service.startswith(p.INTERNAL_PREFIXES):
+            return _services_refusal(services, (service,))
+    return None
+
+
+def _services_refusal(services: str, wanted: tuple[str, ...]) -> str | None:
+    if services == "*":
+        return None
+    allowed = set(services.split(",")) if services else set()
+    denied = [s for s in wanted if s not in allowed]
+    return f"this key is not allowed service(s) {', '.join(denied)}" if denied else None
