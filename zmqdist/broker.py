@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock, thread_cpu_time
@@ -114,6 +115,7 @@ class Broker:
         self._fsend: Any = None  # backend send of the ROUTER, set by the loop thread
         self._up: DealerLink | None = None  # a proxy's link to its upstream, owned by the loop thread
         self._poller: zmq.Poller | None = None
+        self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -186,6 +188,11 @@ class Broker:
         self._fsend = fast_send(sock)
         clock = self._clock
         core = BrokerCore(self.settings, self.incarnation, clock.now(), rng=random.random)
+        if self._ring is not None:
+            # Peers that fail the CURVE handshake (plaintext, wrong server key) never reach ZAP:
+            # the socket's monitor is how they are seen and logged.
+            failed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            self._monitor = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         if self.settings.upstream:
             self._up = DealerLink(self._ctx, b"B" + secrets.token_bytes(8), log, self._up_keys)
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
@@ -220,6 +227,8 @@ class Broker:
                     backlog = backlog or up.more
                     if out:
                         self._send(core, out, now)
+                if self._monitor is not None and self._monitor in events:
+                    self._handshake_failures(core, now)
                 if mailbox_fd in events and self._commands(core):
                     break
         except Exception:
@@ -229,6 +238,9 @@ class Broker:
             try:
                 self._send(core, core.shutdown(), clock.now())
             finally:
+                if self._monitor is not None:
+                    sock.disable_monitor()
+                    self._monitor.close(0)
                 sock.close(100)
                 if self._ring is not None:
                     zap_handler(self._ctx).remove(self._zap_domain)
@@ -244,7 +256,23 @@ class Broker:
         poller.register(mailbox_fd, zmq.POLLIN)
         if self._up is not None and self._up.sock is not None:
             poller.register(self._up.sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         return poller
+
+    def _handshake_failures(self, core: BrokerCore, now: float) -> None:
+        assert self._monitor is not None
+        while self._monitor.poll(0):
+            ev = recv_monitor_message(self._monitor)
+            core.counters["handshakes_failed"] = core.counters.get("handshakes_failed", 0) + 1
+            self._ratelog.warning(
+                "handshake",
+                now,
+                "broker %s: a peer failed the CURVE handshake on %s (%s: plaintext, or a wrong server key)",
+                self.settings.name,
+                ev["endpoint"].decode(errors="replace") if isinstance(ev["endpoint"], bytes) else ev["endpoint"],
+                zmq.Event(ev["event"]).name,
+            )
 
     def _commands(self, core: BrokerCore) -> bool:
         stop = False

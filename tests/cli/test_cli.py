@@ -156,3 +156,22 @@ def test_real_processes_broker_worker_call_status(tmp_path):
         assert broker.wait(10) == 0
     finally:
         procs.cleanup()
+
+
+def test_keys_generate_writes_a_zmq_auth_certificate_pair(tmp_path):
+    import zmq.auth
+
+    from zmqdist.transport.security import KeyRing
+
+    run = CliRunner().invoke
+    r = run(cli.main, ["keys", "generate", "alice", "--dir", str(tmp_path), "--services", "echo, sum"])
+    assert r.exit_code == 0, r.output
+    public, secret = zmq.auth.load_certificate(str(tmp_path / "alice.key_secret"))
+    assert zmq.auth.load_certificate(str(tmp_path / "alice.key"))[0] == public and secret
+    assert (tmp_path / "alice.key_secret").stat().st_mode & 0o077 == 0  # private
+    ring = KeyRing({"clients": str(tmp_path)})
+    assert ring.keys[public].services == frozenset({"echo", "sum"})
+    r = run(cli.main, ["keys", "generate", "alice", "--dir", str(tmp_path)])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = run(cli.main, ["broker", "--allow-clients", str(tmp_path)])  # allow-lists need a key
+    assert r.exit_code == 1 and "secret key" in r.output

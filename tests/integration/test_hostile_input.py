@@ -230,3 +230,101 @@ def test_map_yields_in_order_and_raises_at_the_failing_item(stack):
             for x in c.map("fail_on", [1, 2, 3, -1, 5], window=3):
                 got.append(x)
         assert got == [1, 2, 3]
+
+
+MDP_VALID = [
+    [b"", b"MDPC01", b"echo", b"x"],
+    [b"MDPC02", b"\x01", b"echo", b"x"],
+    [b"MDPW02", b"\x01", b"fuzzsvc"],
+    [b"", b"MDPW01", b"\x01", b"fuzzsvc"],
+    [b"MDPW02", b"\x05"],
+    [b"MDPW02", b"\x04", b"\0" * 8, b"", b"r"],
+]
+BROKER_VALID = [
+    p.Hello(p.ROLE_BROKER, "fuzzproxy", (), 0, 250),
+    p.Advert((("fuzzsvc", 3),)),
+    p.Request(7, "echo", 100, ("fuzzproxy",), b"\xc0"),
+]
+
+
+def fuzz_any_role(rng):
+    """Frames posing as any role: native clients and workers, proxies, Majordomo peers."""
+    r = rng.random()
+    if r < 0.25:
+        frames = [bytes(f) for f in rng.choice(MDP_VALID)]
+        if rng.random() < 0.6:  # mutate one frame, drop or add one
+            i = rng.randrange(len(frames))
+            op = rng.randrange(3)
+            if op == 0:
+                frames[i] = os.urandom(rng.randrange(0, 12))
+            elif op == 1 and len(frames) > 1:
+                del frames[i]
+            else:
+                frames.insert(i, os.urandom(rng.randrange(0, 8)))
+        return frames
+    if r < 0.35:
+        head, payload = p.encode(rng.choice(BROKER_VALID))
+        return [head, payload]
+    return fuzz_frames(rng)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+@pytest.mark.timeout(240)
+def test_hundred_thousand_messages_from_every_role_with_bounded_memory(procs, tmp_path):
+    """The fuzz campaign of issue 5: 100,000 random and mutated messages from 12 peers posing as
+    clients, workers, proxies and Majordomo peers. The broker (a real process) never crashes,
+    normal calls succeed during and after, and its memory grows by less than 32 MiB."""
+    ep = f"ipc://{tmp_path}/f.sock"
+    broker = procs.spawn("broker", "--bind", ep, "--name", "fuzz", "--max-message-size", str(1 << 20))
+    procs.spawn("worker", "testworkers:echo_fn", "--service", "echo", "--connect", ep, "--concurrency", "8")
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    ctx = zmq.Context.instance()
+    socks = []
+    for i in range(12):
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.setsockopt(zmq.ROUTING_ID, f"fz{i}".encode())
+        s.sndhwm = 0
+        s.connect(ep)
+        socks.append(s)
+
+    def drain():
+        for s in socks:
+            while s.poll(0):
+                s.recv_multipart()
+
+    sent = 0
+    rss = []
+    try:
+        with Client([ep], timeout=20) as c:
+            wait_for(lambda: "echo" in c.call("zmqdist.status")["services"], 20, "worker registered")
+            for round_ in range(100):
+                for _ in range(1000):
+                    rng.choice(socks).send_multipart(fuzz_any_role(rng))
+                    sent += 1
+                drain()
+                assert c.call("echo", round_) == round_, f"seed {seed}"  # served during the campaign
+                if round_ == 9:
+                    rss.append(rss_kib(broker.pid))
+            drain()
+            assert list(c.map("echo", range(500))) == list(range(500)), f"seed {seed}"
+            wait_for(lambda: sum(c.call("zmqdist.status")["counters"].values()) > 0, 5, "status")
+            st = c.call("zmqdist.status")
+            handled = st["counters"]["bad_input"] + st["counters"]["requests"] + st["counters"]["workers_registered"]
+            assert handled > 80_000, f"the broker has not worked through the campaign: {st['counters']}"
+            rss.append(rss_kib(broker.pid))
+    finally:
+        for s in socks:
+            s.close(0)
+    assert broker.poll() is None, "the broker died"
+    assert sent == 100_000
+    grown = rss[1] - rss[0]
+    print(f"fuzz seed {seed}: {sent} messages, bad_input {st['counters']['bad_input']}, "
+          f"rss {rss[0]} -> {rss[1]} KiB (+{grown}), counters {st['counters']}")  # fmt: skip
+    assert grown < 32 * 1024, f"broker memory grew by {grown} KiB over 90,000 messages (seed {seed})"
+    assert st["counters"]["bad_input"] > 20_000
