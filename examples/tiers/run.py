@@ -7,7 +7,8 @@ The client keeps 40 requests in flight against east. East serves what its own wo
 funnels the rest through the master into west. Halfway, east is SIGKILLed: the client fails over to
 west and nothing is lost. Prints where the requests were served.
 
-python examples/tiers/run.py
+python examples/tiers/run.py            (add --secure for the same with CURVE on every link: keys
+                                        and allow-lists are generated in a temporary directory)
 """
 
 from __future__ import annotations
@@ -22,27 +23,53 @@ from collections import Counter
 from pathlib import Path
 
 from zmqdist import Client
+from zmqdist.transport.security import generate
 
 HERE = Path(__file__).resolve().parent
 N = 1200
 
 
-def main() -> int:
+def make_pki(tmp: str) -> dict[str, str]:
+    """One key per broker (brokers share a key: clients follow failover lists), one for the
+    workers, one for the client; allow-lists per role, as docs/security.md describes."""
+    keys = Path(tmp) / "keys"
+    for name in ("broker", "worker", "client"):
+        generate(name, keys)
+    for role, name in (("clients", "client"), ("workers", "worker"), ("brokers", "broker")):
+        (keys / role).mkdir()
+        (keys / role / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
+    return {"dir": str(keys), "pub": str(keys / "broker.key")}
+
+
+def main(secure: bool = False) -> int:
     tmp = tempfile.mkdtemp(prefix="zmqdist-tiers-")
     ep = {n: f"ipc://{tmp}/{n}.sock" for n in ("master", "east", "west")}
     zd = [sys.executable, "-m", "zmqdist", "-q"]
     env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    procs = {"master": subprocess.Popen([*zd, "broker", "--bind", ep["master"], "--name", "master"])}
+    broker_sec: list[str] = []
+    up_sec: list[str] = []
+    worker_sec: list[str] = []
+    client_sec: dict[str, str] = {}
+    if secure:
+        pki = make_pki(tmp)
+        k = pki["dir"]
+        broker_sec = ["--key", f"{k}/broker.key_secret", "--allow-clients", f"{k}/clients"]
+        broker_sec += ["--allow-workers", f"{k}/workers", "--allow-brokers", f"{k}/brokers"]
+        up_sec = ["--upstream-server-key", pki["pub"]]
+        worker_sec = ["--server-key", pki["pub"], "--key", f"{k}/worker.key_secret"]
+        client_sec = {"server_key": pki["pub"], "key": f"{k}/client.key_secret"}
+        print("CURVE on every link; keys in", k)
+    procs = {"master": subprocess.Popen([*zd, "broker", "--bind", ep["master"], "--name", "master", *broker_sec])}
     for region in ("east", "west"):
         procs[region] = subprocess.Popen(
-            [*zd, "broker", "--bind", ep[region], "--name", region, "--upstream", ep["master"]]
+            [*zd, "broker", "--bind", ep[region], "--name", region, "--upstream", ep["master"], *up_sec, *broker_sec]
         )
     workers = [("east", ep["east"], ep["west"]), ("west", ep["west"], ep["east"]), ("west", ep["west"], ep["east"])]
     for i, (region, first, second) in enumerate(workers):
         cmd = [*zd, "worker", "workers:worker", "--connect", first, "--connect", second, "--name", f"{region}-{i}"]
-        procs[f"w{i}"] = subprocess.Popen(cmd, env=dict(env, REGION=region))
+        procs[f"w{i}"] = subprocess.Popen([*cmd, *worker_sec], env=dict(env, REGION=region))
     try:
-        with Client([ep["east"], ep["west"]], timeout=30) as client:
+        with Client([ep["east"], ep["west"]], timeout=30, **client_sec) as client:
             deadline = time.monotonic() + 20
             while len(client.call("zmqdist.status")["workers"]) < 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -75,4 +102,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(secure="--secure" in sys.argv[1:]))

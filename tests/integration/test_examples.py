@@ -38,9 +38,12 @@ def test_demo_runs_kills_a_worker_and_loses_nothing():
 
 
 @pytest.mark.timeout(90)
-def test_tiers_example_overflows_into_the_other_region_and_survives_a_proxy_kill():
-    r = subprocess.run([sys.executable, "examples/tiers/run.py"], cwd=ROOT, capture_output=True, text=True, timeout=80)
+@pytest.mark.parametrize("variant", [[], ["--secure"]], ids=["plain", "curve"])
+def test_tiers_example_overflows_into_the_other_region_and_survives_a_proxy_kill(variant):
+    cmd = [sys.executable, "examples/tiers/run.py", *variant]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=80)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert ("CURVE on every link" in r.stdout) == bool(variant)
     assert "every one answered once and in order" in r.stdout
     first = next(line for line in r.stdout.splitlines() if "first half" in line).split()
     # east's one worker (2 slots) served some, west's two (4 slots) took the overflow

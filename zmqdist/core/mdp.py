@@ -47,6 +47,7 @@ C2_REQUEST: Final = b"\x01"  # RFC 18
 C2_FINAL: Final = b"\x03"
 C2_REQUEST_ALT: Final = b"\x02"  # the worker numbering some libraries use for clients too
 C2_FINAL_ALT: Final = b"\x04"
+MDP_HEADERS: Final = frozenset((MDPC01, MDPC02, MDPW01, MDPW02))
 
 ERROR_TAG: Final = b"zmqdist.error"
 STATUS_NAMES: Final = {
