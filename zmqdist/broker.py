@@ -46,7 +46,14 @@ DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 
 
 class Broker:
-    """A broker embeddable in any process: ``Broker(bind=[...]).start()`` ... ``.stop()``."""
+    """A broker embeddable in any process: ``Broker(bind=[...]).start()`` ... ``.stop()``.
+
+    Every option matches a ``zmqdist broker`` flag (``--help`` explains each). In short: ``name``
+    is the hop id in tiers (unique in a topology; default HOST-PID-RANDOM); ``upstream`` makes a
+    proxy (endpoints in failover order); ``mdp_*`` are the Majordomo peers' settings; ``key`` (our
+    secret certificate) with ``allow_clients``/``allow_workers``/``allow_brokers`` (directories of
+    public certificates) turn CURVE on, and ``upstream_server_key`` secures a proxy's upstream link.
+    """
 
     def __init__(
         self,
@@ -74,7 +81,7 @@ class Broker:
     ) -> None:
         self.settings = BrokerSettings(
             # Names are hop ids in tiers: the default is unique per process.
-            name=name or f"{socket.gethostname()}-{os.getpid()}",
+            name=name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
             upstream=check_endpoints(upstream, "broker upstream") if upstream else (),
             heartbeat=HeartbeatSettings(heartbeat_s, liveness),
             max_queue=max_queue,

@@ -94,7 +94,7 @@ def _fail(exc: BaseException) -> None:
 @click.option(
     "--name",
     default=None,
-    help="broker name shown in status and errors; unique in a topology [default: HOST-PID]",
+    help="broker name shown in status and errors; unique in a topology [default: HOST-PID-RANDOM]",
 )
 @click.option(
     "--upstream",
