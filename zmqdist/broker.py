@@ -35,7 +35,7 @@ from zmqdist.core.mdp import MAX_FRAMES, MdpBridge
 from zmqdist.core.rights import refusal
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import DealerLink, Mailbox, RateLimitedLog, bind_router, poll_timeout_ms
-from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_handler
+from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
 from zmqdist.transport.sockets import EVENTS, NB, POLLIN, SNDMORE_NB, fast_send
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ class Broker:
         """Re-read the allow-lists (SIGHUP): connected peers stay, a removed key is refused from its
         next connection. Safe to call from a signal handler."""
         if self._ring is not None:
-            zap_handler(self._ctx).reload(self._zap_domain)
+            zap_reload(self._ctx, self._zap_domain)
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """Return the broker's status snapshot (workers, services, queues, counters)."""
@@ -185,9 +185,11 @@ class Broker:
     def _main(self) -> None:
         try:
             if self._ring is not None:
-                zap_handler(self._ctx).add(self._zap_domain, self._ring)  # before the first handshake
+                zap_register(self._ctx, self._zap_domain, self._ring)  # before the first handshake
             sock, self.endpoints = bind_router(self._ctx, self._bind, self._max_message, self._secret, self._zap_domain)
         except BaseException as exc:
+            if self._ring is not None:
+                zap_unregister(self._ctx, self._zap_domain)
             self._startup_error = exc
             self._ready.set()
             self._done.set()
@@ -250,7 +252,7 @@ class Broker:
                     self._monitor.close(0)
                 sock.close(100)
                 if self._ring is not None:
-                    zap_handler(self._ctx).remove(self._zap_domain)
+                    zap_unregister(self._ctx, self._zap_domain)
                 if up is not None:
                     up.close()
                 self._mailbox.close()

@@ -230,3 +230,21 @@ def test_a_flood_far_past_the_quota_gets_busy_and_leaves_others_latency_within_2
     busy = counts.get(str(2), 0)
     assert counts["sent"] > 20_000 and busy > counts["sent"] // 2, counts  # Busy, not silence
     assert loud <= 2 * quiet, f"p50 {loud * 1e6:.0f} us under flood against {quiet * 1e6:.0f} us quiet"
+
+
+@pytest.mark.timeout(60)
+def test_a_secured_broker_on_its_own_context_lets_the_context_terminate(pki, tmp_path):
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    b = secure_broker(pki, f"ipc://{tmp_path}/own.sock", context=ctx)
+    assert any(t.name == "zmqdist-zap" for t in threading.enumerate())
+    b.stop()
+    # the ZAP handler stopped with its last broker (it does not die later of ETERM in term())
+    wait_for(lambda: not any(t.name == "zmqdist-zap" for t in threading.enumerate()), 10, "ZAP thread gone")
+    t = threading.Thread(target=ctx.term, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "ctx.term() hangs: a socket of the broker or its ZAP handler is still open"

@@ -136,7 +136,8 @@ def _metadata(props: dict[str, str]) -> bytes:
 
 class ZapHandler:
     """The ZAP handler of one zmq context: one thread that owns the ZAP socket and answers for every
-    broker of the context, each under its own ZAP domain. Use :func:`zap_handler`."""
+    broker of the context, each under its own ZAP domain. It stops (closing its socket, so the
+    context can terminate) when the last broker unregisters. Use :func:`zap_register`."""
 
     def __init__(self, ctx: zmq.Context[Any]) -> None:
         self._ctx = ctx
@@ -161,9 +162,18 @@ class ZapHandler:
         with self._lock:
             self._rings.pop(domain, None)
 
+    @property
+    def domains(self) -> int:
+        with self._lock:
+            return len(self._rings)
+
     def reload(self, domain: str) -> None:
         """Re-read the allow-lists of ``domain`` (safe from a signal handler: done in the thread)."""
         self._mailbox.post(("reload", domain))
+
+    def stop(self) -> None:
+        self._mailbox.post(("stop", ""))
+        self._thread.join(5)
 
     def _main(self) -> None:
         try:
@@ -183,6 +193,8 @@ class ZapHandler:
                 events = dict(poller.poll())
                 if self._mailbox.fileno() in events:
                     for cmd in self._mailbox.drain():
+                        if cmd[0] == "stop":
+                            return
                         with self._lock:
                             ring = self._rings.get(cmd[1])
                         if ring is not None:
@@ -191,6 +203,7 @@ class ZapHandler:
                     sock.send_multipart(self._answer(sock.recv_multipart()))
         finally:
             sock.close(0)
+            self._mailbox.close()
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         if len(frames) < 6:
@@ -225,13 +238,32 @@ _handlers: dict[int, ZapHandler] = {}
 _handlers_lock = threading.Lock()
 
 
-def zap_handler(ctx: zmq.Context[Any]) -> ZapHandler:
-    """Return the ZAP handler of ``ctx``, starting it on first use."""
+def zap_register(ctx: zmq.Context[Any], domain: str, ring: KeyRing) -> None:
+    """Have the ZAP handler of ``ctx`` (started on first use) admit peers of ``domain`` by ``ring``."""
     with _handlers_lock:
         h = _handlers.get(id(ctx))
         if h is None:
             h = _handlers[id(ctx)] = ZapHandler(ctx)
-        return h
+        h.add(domain, ring)
+
+
+def zap_unregister(ctx: zmq.Context[Any], domain: str) -> None:
+    """Forget ``domain``; stop the context's ZAP handler when it served the last one."""
+    with _handlers_lock:
+        h = _handlers.get(id(ctx))
+        if h is None:
+            return
+        h.remove(domain)
+        if not h.domains:
+            del _handlers[id(ctx)]
+            h.stop()
+
+
+def zap_reload(ctx: zmq.Context[Any], domain: str) -> None:
+    """Re-read the allow-lists of ``domain`` in the ZAP handler's thread (signal-handler safe)."""
+    h = _handlers.get(id(ctx))
+    if h is not None:
+        h.reload(domain)
 
 
 @dataclass(frozen=True, slots=True)
