@@ -195,6 +195,7 @@ class MdpBridge:
         if not known:
             # Anything but READY from a worker we do not know: the core answers RECONNECT, which
             # becomes DISCONNECT (the RFCs' rule); remember the header to say it in.
+            self._make_room()
             self.peers[ident] = _Worker(header, b"", delim)
         if cmd == (W2_HEARTBEAT if v2 else W1_HEARTBEAT):
             return [p.Heartbeat(p.ROLE_WORKER, "", 0, ())]
