@@ -106,6 +106,11 @@ class _Worker:
         assert self.spare is not None
         return self.spare.get(service, 0) - self.load.get(service, 0)
 
+    def free(self, service: str) -> int:
+        """Tasks of ``service`` this member can take now (never negative)."""
+        n = self.capacity - len(self.inflight) if self.spare is None else self.allowed(service)
+        return n if n > 0 and self.alive else 0
+
 
 class _Req:
     __slots__ = (
@@ -1091,10 +1096,7 @@ class BrokerCore:
             pool = self._pools[name]
             if not pool.workers:
                 continue
-            free = 0
-            for w in pool.workers:
-                if w.alive:
-                    free += (w.capacity - len(w.inflight)) if w.spare is None else w.allowed(name)
+            free = sum(w.free(name) for w in pool.workers)
             n = max(0, min(free - len(pool.queue) + held.get(name, 0), budget))
             budget -= n
             out.append((name, n))
@@ -1115,11 +1117,7 @@ class BrokerCore:
         """Per service: free slots of every member plus upstream credit, less what is queued."""
         totals: dict[str, int] = {}
         for name, pool in self._pools.items():
-            free = 0
-            for w in pool.workers:
-                if w.alive:
-                    free += (w.capacity - len(w.inflight)) if w.spare is None else max(0, w.allowed(name))
-            totals[name] = free - len(pool.queue)
+            totals[name] = sum(w.free(name) for w in pool.workers) - len(pool.queue)
         up = self._up
         if up is not None and up.registered:
             for name in up.spare:
