@@ -185,6 +185,17 @@ def role_rawclient(eps: str, mode: str, duration: str, payload: str) -> None:
     print(json.dumps(_client_loop(send, recv, mode, float(duration), int(payload))), flush=True)
 
 
+def role_scraper(url: str, seconds: str) -> None:
+    """Scrape ``url`` once a second for ``seconds`` (a Prometheus server scrapes every 15 s or so)."""
+    import urllib.request
+
+    end = time.monotonic() + float(seconds)
+    while time.monotonic() < end:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            r.read()
+        time.sleep(1.0)
+
+
 def role_zdclient(ep: str, mode: str, duration: str, payload: str) -> None:
     import zmq
 
@@ -350,10 +361,13 @@ def run_setup(
             client = _spawn("rawclient", front, mode, str(duration), str(payload))
         else:
             ep = f"tcp://127.0.0.1:{free_port()}"
-            b = _spawn_cli("broker", "--bind", ep, "--name", "bench")
+            metrics = ["--metrics-port", str(free_port())] if setup == "metrics" else []
+            b = _spawn_cli("broker", "--bind", ep, "--name", "bench", *metrics)
             procs.append(b)
             busy = b.pid
             time.sleep(0.4)
+            if metrics:  # histograms on, and scraped once a second through the run
+                procs.append(_spawn("scraper", f"http://127.0.0.1:{metrics[1]}/metrics", str(duration + 2)))
             if setup == "api":
                 procs += [
                     _spawn_cli(
@@ -407,8 +421,10 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
             continue
         setups = [
             s
-            for s in ("direct", "device", "zmqdist", "api")
-            if (s != "api" and mode in only) or (s == "api" and "api" in only)
+            for s in ("direct", "device", "zmqdist", "metrics", "api")
+            if (s not in ("api", "metrics") and mode in only)
+            or (s == "api" and "api" in only)
+            or (s == "metrics" and mode == "pipelined" and mode in only)
         ]
         if "api" in only and mode not in only:
             setups = ["device", "api"]
@@ -421,7 +437,9 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
         dev = m.get("device")
         for s in setups:
             line = f"  {s:8} {_fmt(m[s])}"
-            if dev and s != "device":
+            if s == "metrics" and "zmqdist" in m:
+                line += f"   x{m[s]['rps'] / m['zmqdist']['rps']:.3f} zmqdist throughput (histograms on, scraped 1/s)"
+            elif dev and s != "device":
                 ratio = m[s]["rps"] / dev["rps"]
                 line += f"   x{ratio:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"
             print(line, flush=True)

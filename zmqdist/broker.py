@@ -76,6 +76,8 @@ class Broker:
         allow_workers: str | None = None,
         allow_brokers: str | None = None,
         upstream_server_key: str | None = None,
+        metrics_port: int | None = None,
+        metrics_addr: str = "127.0.0.1",
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
@@ -107,6 +109,11 @@ class Broker:
             raise ConfigError("allow-lists need the broker's own secret key (key=... / --key)")
         self._up_keys = ClientKeys.load(upstream_server_key, key if upstream_server_key else None, "broker upstream")
         self._zap_domain = f"zmqdist-{secrets.token_hex(8)}"
+        if metrics_port is not None and not 0 <= metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be from 0 to 65535, got {metrics_port!r}")
+        self._metrics_at = (metrics_port, metrics_addr)
+        self._metrics_server: Any = None
+        self.metrics_port: int | None = None  # the bound port once started
         self._max_message = max_message_size
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
@@ -138,6 +145,18 @@ class Broker:
             raise self._startup_error
         return self
 
+    def _start_metrics(self) -> None:
+        port, addr = self._metrics_at
+        if port is None or self._metrics_server is not None:
+            return
+        from zmqdist.metrics import serve_metrics  # prometheus_client only when asked for
+
+        try:
+            self._metrics_server, self.metrics_port = serve_metrics(self, port, addr)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve metrics on {addr}:{port}: {exc}") from exc
+        log.info("broker %s: metrics on http://%s:%d/metrics", self.settings.name, addr, self.metrics_port)
+
     def run(self) -> None:
         """Run the broker in this thread until :meth:`stop` is called (e.g. from a signal handler)."""
         if self._thread is not None:
@@ -150,6 +169,10 @@ class Broker:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving: tell workers BYE, close the socket, end the thread. Safe to call twice."""
         self._mailbox.post(("stop",))
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         t = self._thread
         if t is not None and t is not threading.current_thread() and t.is_alive():
             t.join(timeout)
@@ -197,6 +220,8 @@ class Broker:
         self._fsend = fast_send(sock)
         clock = self._clock
         core = BrokerCore(self.settings, self.incarnation, clock.now(), rng=random.random)
+        if self._metrics_at[0] is not None:
+            core.enable_histograms()
         if self._ring is not None:
             # Peers that fail the CURVE handshake (plaintext, wrong server key) never reach ZAP:
             # the socket's monitor is how they are seen and logged.
@@ -207,6 +232,16 @@ class Broker:
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
         core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(self._mdp.counters)}
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
+        try:
+            self._start_metrics()  # its scrapes wait for this loop, through the mailbox
+        except ConfigError as exc:
+            self._startup_error = exc
+            sock.close(0)
+            if self._ring is not None:
+                zap_unregister(self._ctx, self._zap_domain)
+            self._ready.set()
+            self._done.set()
+            return
         self._ready.set()
         mailbox_fd = self._mailbox.fileno()
         up = self._up

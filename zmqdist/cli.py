@@ -118,6 +118,8 @@ def _fail(exc: BaseException) -> None:
 @click.option("--allow-workers", default=None, help="directory of public certificates of allowed workers")
 @click.option("--allow-brokers", default=None, help="directory of public certificates of allowed proxies")
 @click.option("--upstream-server-key", default=None, help="the upstream broker's public certificate (proxies)")
+@click.option("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any free one)")
+@click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address of the metrics endpoint")
 def broker(
     bind: tuple[str, ...],
     name: str | None,
@@ -137,6 +139,8 @@ def broker(
     allow_workers: str | None,
     allow_brokers: str | None,
     upstream_server_key: str | None,
+    metrics_port: int | None,
+    metrics_addr: str,
 ) -> None:
     """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM.
 
@@ -162,6 +166,8 @@ def broker(
             allow_workers=allow_workers,
             allow_brokers=allow_brokers,
             upstream_server_key=upstream_server_key,
+            metrics_port=metrics_port,
+            metrics_addr=metrics_addr,
         )
         old_hup = signal.signal(signal.SIGHUP, lambda *_: b.reload_allow_lists())
         try:

@@ -1,0 +1,83 @@
+"""The Prometheus endpoint, scraped over HTTP: counters match a known load exactly."""
+
+import re
+import urllib.request
+
+import pytest
+
+from tests.integration.helpers import wait_for
+from zmqdist import Broker, Client, RemoteError, Worker
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def value(text, name, **labels):
+    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pat = re.escape(name) + (r"\{" + re.escape(lab) + r"\}" if lab else "") + r" ([0-9.e+-]+)$"
+    m = re.search(pat, text, re.M)
+    assert m, f"{name} {labels} not in the scrape"
+    return float(m.group(1))
+
+
+@pytest.mark.timeout(60)
+def test_metrics_match_1000_calls_with_10_handler_errors(tmp_path):
+    b = Broker(bind=[f"ipc://{tmp_path}/m.sock"], metrics_port=0).start()
+    w = Worker(b.endpoints, concurrency=4, name="mw")
+
+    @w.service("calc")
+    def calc(x):
+        if x % 100 == 0:
+            raise ValueError(f"bad {x}")
+        return x * 2
+
+    w.start()
+    try:
+        wait_for(lambda: b.status()["workers"], 10, "worker")
+        errors = 0
+        with Client(b.endpoints, timeout=10) as c:
+            futs = [c.submit("calc", i) for i in range(1000)]
+            for i, f in enumerate(futs):
+                if i % 100 == 0:
+                    with pytest.raises(RemoteError):
+                        f.result(10)
+                    errors += 1
+                else:
+                    assert f.result(10) == i * 2
+        text = scrape(b.metrics_port)
+        assert errors == 10
+        assert value(text, "zmqdist_requests_total") == 1000
+        assert value(text, "zmqdist_replies_total", status="ok") == 990
+        assert value(text, "zmqdist_replies_total", status="failed") == 10
+        assert value(text, "zmqdist_replies_total", status="timeout") == 0
+        assert value(text, "zmqdist_requeues_total") == 0
+        assert value(text, "zmqdist_workers_total") == 1
+        assert value(text, "zmqdist_service_capacity", service="calc") == 4
+        assert value(text, "zmqdist_queue_depth") == 0
+        for kind in ("queue_wait", "service", "end_to_end"):
+            assert value(text, "zmqdist_latency_seconds_count", kind=kind) == 1000
+            assert value(text, "zmqdist_latency_seconds_bucket", kind=kind, le="+Inf") == 1000
+        # end to end is never shorter than the service time it contains
+        assert value(text, "zmqdist_latency_seconds_sum", kind="end_to_end") >= value(
+            text, "zmqdist_latency_seconds_sum", kind="service"
+        )
+    finally:
+        w.stop(drain=False)
+        b.stop()
+
+
+def test_a_taken_metrics_port_is_a_clear_startup_error(tmp_path):
+    import socket
+
+    from zmqdist import ConfigError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ConfigError, match="cannot serve metrics"):
+            Broker(bind=[f"ipc://{tmp_path}/x.sock"], metrics_port=port).start()

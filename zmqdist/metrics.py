@@ -1,0 +1,108 @@
+"""Prometheus metrics for a broker, through the official prometheus_client library.
+
+A custom collector turns the broker's status snapshot into metric families at scrape time, so the
+broker's loop pays nothing per request for counters and gauges (only its latency histograms, kept
+in the core, cost about 0.3 us a request). ``serve_metrics`` starts the HTTP endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import CollectorRegistry
+
+if TYPE_CHECKING:
+    from zmqdist.broker import Broker
+
+REPLIES = (
+    ("ok", "replies_ok"),
+    ("failed", "replies_failed"),
+    ("busy", "busy"),
+    ("timeout", "timeouts"),
+    ("lost", "lost"),
+    ("invalid", "invalid"),
+)
+DROPS = (
+    ("send_failed", "send_drops"),
+    ("bad_input", "bad_input"),
+    ("duplicate", "duplicates"),
+    ("late_result", "late_results"),
+    ("bogus_result", "bogus_results"),
+    ("abandoned", "abandoned"),
+    ("over_quota", "over_quota"),
+    ("refused_by_role", "refused_by_role"),
+    ("handshake_failed", "handshakes_failed"),
+)
+
+
+class BrokerCollector:
+    """Collects one broker's metrics from its status snapshot."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._broker.status()
+        c = st["counters"]
+        yield CounterMetricFamily("zmqdist_requests", "Requests received", value=c["requests"])
+        replies = CounterMetricFamily("zmqdist_replies", "Requests ended, by final status", labels=["status"])
+        for label, key in REPLIES:
+            replies.add_metric([label], c.get(key, 0))
+        yield replies
+        yield CounterMetricFamily(
+            "zmqdist_requeues", "Requests requeued after their holder was lost", value=c["requeues"]
+        )
+        drops = CounterMetricFamily("zmqdist_drops", "Messages dropped or refused, by cause", labels=["cause"])
+        for label, key in DROPS:
+            drops.add_metric([label], c.get(key, 0))
+        yield drops
+        yield CounterMetricFamily(
+            "zmqdist_heartbeat_misses",
+            "Members declared dead after missing their heartbeats",
+            value=c["workers_expired"],
+        )
+        yield GaugeMetricFamily("zmqdist_queue_depth", "Requests waiting for a worker", value=st["queued"])
+        yield GaugeMetricFamily(
+            "zmqdist_requests_open", "Requests accepted and not yet answered", value=st["requests_open"]
+        )
+        yield GaugeMetricFamily("zmqdist_workers_total", "Workers registered", value=len(st["workers"]))
+        per: dict[str, GaugeMetricFamily] = {
+            "workers": GaugeMetricFamily("zmqdist_service_workers", "Members serving the service", labels=["service"]),
+            "capacity": GaugeMetricFamily("zmqdist_service_capacity", "Slots of the service", labels=["service"]),
+            "inflight": GaugeMetricFamily(
+                "zmqdist_service_inflight", "Tasks of the service running", labels=["service"]
+            ),
+            "queued": GaugeMetricFamily(
+                "zmqdist_service_queued", "Requests of the service waiting", labels=["service"]
+            ),
+        }
+        util = GaugeMetricFamily("zmqdist_service_utilisation", "In-flight / capacity (0..1)", labels=["service"])
+        for name, s in st["services"].items():
+            for key, fam in per.items():
+                fam.add_metric([name], s[key])
+            util.add_metric([name], s["inflight"] / s["capacity"] if s["capacity"] else 0.0)
+        yield from per.values()
+        yield util
+        hists = st.get("histograms") or {}
+        if hists:
+            lat = HistogramMetricFamily(
+                "zmqdist_latency_seconds",
+                "Queue wait, service time and end-to-end time in this broker",
+                labels=["kind"],
+            )
+            for kind, h in hists.items():
+                buckets = [(repr(b), n) for b, n in zip(h["bounds_s"], h["cumulative"], strict=False)]
+                buckets.append(("+Inf", h["cumulative"][-1]))
+                lat.add_metric([kind], buckets, sum_value=h["sum_s"])
+            yield lat
+
+
+def serve_metrics(broker: Broker, port: int, addr: str) -> tuple[Any, int]:
+    """Start the /metrics HTTP endpoint; return (server, bound port). ``port`` 0 picks a free one."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BrokerCollector(broker))
+    server, _thread = start_http_server(port, addr, registry=registry)
+    return server, int(server.server_port)
