@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 
+from zmqdist import logs
 from zmqdist.broker import Broker
 from zmqdist.client import Client
 from zmqdist.config import load_toml
@@ -41,11 +42,9 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
     ctx.default_map = {cmd: {k.replace("-", "_"): v for k, v in opts.items()} for cmd, opts in data.items()}
 
 
-def _setup_logging(verbose: int, quiet: int) -> None:
+def _setup_logging(verbose: int, quiet: int, fmt: str = "text") -> None:
     level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(
-        level=max(logging.DEBUG, min(logging.CRITICAL, level)), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup(max(logging.DEBUG, min(logging.CRITICAL, level)), fmt)
 
 
 @click.group(
@@ -61,10 +60,16 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 )
 @click.option("-v", "--verbose", count=True, help="more logging (repeatable)")
 @click.option("-q", "--quiet", count=True, help="less logging (repeatable)")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="json: one object per line, for log shippers",
+)
 @click.version_option(package_name="zmqdist")
-def main(verbose: int, quiet: int) -> None:
+def main(verbose: int, quiet: int, log_format: str) -> None:
     """zmqdist: share request/reply work among processes and machines over ZeroMQ."""
-    _setup_logging(verbose, quiet)
+    _setup_logging(verbose, quiet, log_format)
     if verbose:
         logging.getLogger("zmqdist").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 
@@ -309,11 +314,11 @@ def format_status(st: dict[str, Any]) -> str:
     ]
     for name, s in st["services"].items():
         lines.append(f"{name:24} {s['workers']:>7} {s['capacity']:>8} {s['inflight']:>8} {s['queued']:>7}")
-    lines += ["", f"{'WORKER':28} {'SERVICES':20} {'CAP':>4} {'BUSY':>5} {'SERVED':>8} {'SILENT':>7}"]
+    lines += ["", f"{'WORKER':28} {'SERVICES':20} {'CAP':>4} {'BUSY':>5} {'SERVED':>8} {'FAILED':>7} {'SILENT':>7}"]
     for w in st["workers"]:
         lines.append(
             f"{w['name'][:28]:28} {','.join(w['services'])[:20]:20} {w['capacity']:>4} "
-            f"{w['inflight']:>5} {w['served']:>8} {w['silent_s']:>6.2f}s"
+            f"{w['inflight']:>5} {w['served']:>8} {w.get('failed', 0):>7} {w['silent_s']:>6.2f}s"
         )
     if st.get("brokers"):
         lines += ["", f"{'PROXY BELOW':28} {'SPARE':28} {'BUSY':>5} {'SERVED':>8} {'SILENT':>7}"]

@@ -86,6 +86,19 @@ class BrokerCollector:
             util.add_metric([name], s["inflight"] / s["capacity"] if s["capacity"] else 0.0)
         yield from per.values()
         yield util
+        served = CounterMetricFamily("zmqdist_worker_served", "Answers from each worker", labels=["worker"])
+        failed = CounterMetricFamily("zmqdist_worker_failed", "Answers whose handler raised", labels=["worker"])
+        busy = GaugeMetricFamily("zmqdist_worker_utilisation", "In-flight / capacity of each worker", labels=["worker"])
+        mean = GaugeMetricFamily(
+            "zmqdist_worker_service_seconds_mean", "Mean dispatch-to-answer time", labels=["worker"]
+        )
+        for w in st["workers"]:
+            served.add_metric([w["name"]], w["served"])
+            failed.add_metric([w["name"]], w["failed"])
+            busy.add_metric([w["name"]], w["inflight"] / w["capacity"] if w["capacity"] else 0.0)
+            if w["mean_service_ms"] is not None:
+                mean.add_metric([w["name"]], w["mean_service_ms"] / 1000)
+        yield from (served, failed, busy, mean)
         hists = st.get("histograms") or {}
         if hists:
             lat = HistogramMetricFamily(

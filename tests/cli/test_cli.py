@@ -175,3 +175,19 @@ def test_keys_generate_writes_a_zmq_auth_certificate_pair(tmp_path):
     assert r.exit_code == 1 and "already exists" in r.output
     r = run(cli.main, ["broker", "--allow-clients", str(tmp_path)])  # allow-lists need a key
     assert r.exit_code == 1 and "secret key" in r.output
+
+
+def test_log_format_json_writes_one_object_per_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "zmqdist", "--log-format", "json", "-v", "call", "echo", "1",
+         "--connect", f"ipc://{tmp_path}/none.sock", "--timeout", "0.3"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 1
+    records = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert records, r.stderr
+    assert all({"time", "level", "logger", "message"} <= rec.keys() for rec in records)

@@ -58,6 +58,10 @@ def test_metrics_match_1000_calls_with_10_handler_errors(tmp_path):
         assert value(text, "zmqdist_workers_total") == 1
         assert value(text, "zmqdist_service_capacity", service="calc") == 4
         assert value(text, "zmqdist_queue_depth") == 0
+        # the failing handler is visible per worker
+        assert value(text, "zmqdist_worker_served_total", worker="mw") == 1000
+        assert value(text, "zmqdist_worker_failed_total", worker="mw") == 10
+        assert value(text, "zmqdist_worker_service_seconds_mean", worker="mw") > 0
         for kind in ("queue_wait", "service", "end_to_end"):
             assert value(text, "zmqdist_latency_seconds_count", kind=kind) == 1000
             assert value(text, "zmqdist_latency_seconds_bucket", kind=kind, le="+Inf") == 1000

@@ -42,3 +42,22 @@ def test_poll_timeout_rounds_up_and_caps():
     assert poll_timeout_ms(1.0001, 1.0) == 1
     assert poll_timeout_ms(0.5, 1.0) == 0
     assert poll_timeout_ms(100.0, 0.0) == 1000
+
+
+def test_json_log_formatter_keeps_extra_fields_and_exceptions():
+    import json
+    import logging
+
+    from zmqdist.logs import JsonFormatter
+
+    rec = logging.LogRecord("zmqdist.broker", logging.WARNING, "f.py", 1, "refused %s", ("alice",), None)
+    rec.trace = "t-123"  # as logging's extra= would set it
+    out = json.loads(JsonFormatter().format(rec))
+    assert out["message"] == "refused alice" and out["level"] == "WARNING" and out["trace"] == "t-123"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        rec.exc_info = sys.exc_info()
+    assert "ValueError: boom" in json.loads(JsonFormatter().format(rec))["exception"]

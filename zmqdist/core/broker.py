@@ -60,8 +60,10 @@ class _Worker:
     __slots__ = (
         "adv_at",
         "alive",
+        "busy_s",
         "capacity",
         "down_spare",
+        "failed",
         "held_from",
         "ident",
         "inflight",
@@ -91,6 +93,8 @@ class _Worker:
         self.seen = now
         self.alive = True
         self.served = 0
+        self.failed = 0  # answers whose handler raised: a worker that keeps failing shows here
+        self.busy_s = 0.0  # sum of dispatch-to-answer times of what it served
         self.seq = 0
         self.ttl = 0.0  # set by the broker at registration
         # Downstream brokers only: what it offers per service (its ADVERT), our tasks it holds per
@@ -510,6 +514,10 @@ class BrokerCore:
                     self._unforward(req)
                 if w is not None:
                     w.served += 1
+                    if status == p.ST_FAILED:
+                        w.failed += 1
+                    if from_holder:
+                        w.busy_s += now - req.t_out
                 if self._h_service is not None and from_holder:
                     self._h_service.observe(now - req.t_out)
                 self._finish(req, status, message, payload, out)
@@ -1221,6 +1229,8 @@ class BrokerCore:
                 "capacity": w.capacity,
                 "inflight": len(w.inflight),
                 "served": w.served,
+                "failed": w.failed,
+                "mean_service_ms": round(1000 * w.busy_s / w.served, 3) if w.served else None,
                 "silent_s": round(now - w.seen, 3),
             }
             for w in self._workers.values()
