@@ -12,6 +12,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -355,6 +356,67 @@ def status(connect: tuple[str, ...], as_json: bool, timeout: float, server_key: 
     except ZmqdistError as exc:
         _fail(exc)
     click.echo(to_json(st) if as_json else format_status(st))
+
+
+def format_top(st: dict[str, Any], prev: dict[str, Any] | None, dt: float) -> str:
+    """The status view plus rates (per second, since ``prev``) and per-worker utilisation."""
+    c, p0 = st["counters"], (prev or st)["counters"]
+
+    def rate(key: str) -> float:
+        return (c.get(key, 0) - p0.get(key, 0)) / dt if prev and dt > 0 else 0.0
+
+    done = sum(rate(k) for k in ("replies_ok", "replies_failed", "timeouts", "lost"))
+    head = (
+        f"broker {st['broker']}  up {st['uptime_s']:.0f}s  requests {rate('requests'):.0f}/s  "
+        f"replies {done:.0f}/s  failed {rate('replies_failed'):.0f}/s  busy {rate('busy'):.0f}/s  "
+        f"requeues {rate('requeues'):.0f}/s  queued {st['queued']}"
+    )
+    lines = [head, "", f"{'WORKER':28} {'UTIL':>5} {'BUSY':>9} {'SERVED/s':>9} {'FAILED':>7} {'MEAN ms':>8}"]
+    before = {w["id"]: w for w in (prev or {}).get("workers", [])}
+    for w in sorted(st["workers"], key=lambda x: x["name"]):
+        old = before.get(w["id"])
+        served = (w["served"] - old["served"]) / dt if old and dt > 0 else 0.0
+        util = w["inflight"] / w["capacity"] if w["capacity"] else 0.0
+        mean = w.get("mean_service_ms")
+        lines.append(
+            f"{w['name'][:28]:28} {util:>5.0%} {w['inflight']:>4}/{w['capacity']:<4} {served:>9.0f} "
+            f"{w.get('failed', 0):>7} {mean if mean is not None else '-':>8}"
+        )
+    for b in st.get("brokers", []):
+        lines.append(f"{'proxy ' + b['name'][:22]:28} {'':>5} {b['inflight']:>9} {'':>9} {'':>7} {'':>8}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint")
+@click.option("--interval", type=float, default=1.0, help="seconds between refreshes")
+@click.option("--count", type=int, default=0, help="stop after this many refreshes (0: until Ctrl-C)")
+@_key_options
+def top(connect: tuple[str, ...], interval: float, count: int, server_key: str | None, key: str | None) -> None:
+    """Show a broker's load live: request rates, per-worker utilisation, failures."""
+    if not interval > 0:
+        _fail(ConfigError(f"--interval must be positive, got {interval}"))
+    prev: dict[str, Any] | None = None
+    t_prev = 0.0
+    n = 0
+    try:
+        with Client(list(connect), timeout=max(3.0, interval), server_key=server_key, key=key) as c:
+            while True:
+                st = c.call("zmqdist.status")
+                now = time.monotonic()
+                screen = format_top(st, prev, now - t_prev)
+                click.echo(("\x1b[H\x1b[2J" if sys.stdout.isatty() else "") + screen + "\n", nl=False)
+                prev, t_prev, n = st, now, n + 1
+                if count and n >= count:
+                    return
+                time.sleep(interval)
+    except RequestError as exc:
+        click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(1)
+    except ZmqdistError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        return
 
 
 @main.group()

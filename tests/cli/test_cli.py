@@ -35,7 +35,7 @@ def fake_broker(monkeypatch):
 def test_help_lists_every_command():
     r = CliRunner().invoke(cli.main, ["--help"])
     assert r.exit_code == 0
-    for cmd in ("broker", "worker", "call", "status", "bench", "demo"):
+    for cmd in ("broker", "worker", "call", "status", "top", "keys", "bench", "demo"):
         assert cmd in r.output
 
 
@@ -191,3 +191,48 @@ def test_log_format_json_writes_one_object_per_line(tmp_path):
     records = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     assert records, r.stderr
     assert all({"time", "level", "logger", "message"} <= rec.keys() for rec in records)
+
+
+def test_top_shows_rates_and_per_worker_utilisation():
+    def st(requests, ok, served, inflight):
+        return {
+            "broker": "b",
+            "uptime_s": 10.0,
+            "queued": 0,
+            "counters": {"requests": requests, "replies_ok": ok},
+            "workers": [
+                {"id": "01", "name": "w1", "capacity": 4, "inflight": inflight, "served": served, "failed": 2,
+                 "mean_service_ms": 1.5},
+            ],
+            "brokers": [],
+        }  # fmt: skip
+
+    text = cli.format_top(st(1500, 1400, 1400, 3), st(500, 400, 400, 1), 2.0)
+    assert "requests 500/s" in text and "replies 500/s" in text
+    row = next(line for line in text.splitlines() if line.startswith("w1"))
+    assert "75%" in row and "3/4" in row and " 500 " in row and "1.5" in row
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_top_against_a_real_broker(tmp_path):
+    import subprocess
+    import sys
+
+    from zmqdist import Broker, Client, Worker
+
+    b = Broker(bind=[f"ipc://{tmp_path}/t.sock"]).start()
+    w = Worker(b.endpoints, concurrency=2, name="topw")
+    w.add_service("echo", lambda x: x)
+    w.start()
+    try:
+        with Client(b.endpoints, timeout=10) as c:
+            futs = [c.submit("echo", i) for i in range(2000)]
+            cmd = [sys.executable, "-m", "zmqdist", "top", "--connect", b.endpoints[0], "--count", "2"]
+            r = subprocess.run([*cmd, "--interval", "0.3"], capture_output=True, text=True, timeout=30)
+            assert [f.result(10) for f in futs] == list(range(2000))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("broker ") == 2 and "topw" in r.stdout
+    finally:
+        w.stop(drain=False)
+        b.stop()
