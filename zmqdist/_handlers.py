@@ -33,13 +33,14 @@ def _failure(exc: BaseException) -> bytes:
 
 def run_sync(fn: Handler, task: Execute) -> tuple[bool, bytes]:
     """Decode, call ``fn``, encode; return (ok, payload). Never raises."""
-    token = set_current(RequestContext(task.key, task.service, task.attempt, task.deadline))
+    token = set_current(RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace))
     try:
         result = fn(p.unpack_value(task.payload))
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
         return True, p.pack_value(result)
     except BaseException as exc:  # a handler may raise anything; the worker must survive it
+        log.info("handler of %s raised %s: %s (trace %s)", task.service, type(exc).__name__, exc, task.trace)
         return False, _failure(exc)
     finally:
         reset_current(token)
@@ -106,11 +107,12 @@ class Executors:
             post(("done", task.ticket, task.session, ok, payload))
 
     async def _run_async(self, fn: Handler, task: Execute) -> None:
-        set_current(RequestContext(task.key, task.service, task.attempt, task.deadline))
+        set_current(RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace))
         try:
             result = await fn(p.unpack_value(task.payload))
             ok, payload = True, p.pack_value(result)
         except BaseException as exc:
+            log.info("handler of %s raised %s: %s (trace %s)", task.service, type(exc).__name__, exc, task.trace)
             ok, payload = False, _failure(exc)
         self._mailbox.post(("done", task.ticket, task.session, ok, payload))
 

@@ -437,10 +437,13 @@ class Broker:
         send = self._fsend
         encode = self._enc.encode
         mdp = self._mdp.peers
+        debug = log.isEnabledFor(logging.DEBUG)  # per batch: traces are logged only at debug level
         work = out
         while work:
             failed: list[Out] = []
             for peer, msg in work:
+                if debug:
+                    self._trace(peer, msg)
                 if not peer:
                     self._send_up(msg, now)
                     continue
@@ -460,6 +463,15 @@ class Broker:
                 send(head, SNDMORE_NB)
                 send(payload, NB)
             work = failed
+
+    def _trace(self, peer: bytes, msg: Any) -> None:
+        t = type(msg)
+        if t is p.Task:
+            log.debug(
+                "broker %s: %s to %s (trace %s)", self.settings.name, msg.service, peer.hex() or "upstream", msg.trace
+            )
+        elif t is p.Request and not peer:
+            log.debug("broker %s: %s forwarded upstream (trace %s)", self.settings.name, msg.service, msg.trace)
 
     def _send_mdp(self, core: BrokerCore, peer: bytes, msg: p.Message, now: float) -> list[Out]:
         frames = self._mdp.outbound(peer, msg)

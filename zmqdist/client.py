@@ -49,7 +49,7 @@ _ERRORS: dict[int, type[RequestError]] = {
 }
 
 
-def outcome(c: Completed, service: str) -> tuple[bool, Any]:
+def outcome(c: Completed, service: str, trace: str = "") -> tuple[bool, Any]:
     """Return (True, value) for a success, or (False, the exception a caller should see)."""
     if c.status == p.ST_OK:
         try:
@@ -59,12 +59,13 @@ def outcome(c: Completed, service: str) -> tuple[bool, Any]:
     if c.status == p.ST_FAILED:
         t, m, tb = p.unpack_error(c.payload)
         return False, RemoteError(
-            f"handler of {service!r} raised {t}: {m}",
+            f"handler of {service!r} raised {t}: {m}" + (f" [trace {trace}]" if trace else ""),
             remote_type=t,
             remote_message=m,
             remote_traceback=tb,
             rid=c.rid,
             service=service,
+            trace=trace,
         )
     cls = _ERRORS.get(c.status, RequestError)
     return False, cls(f"{service!r}: {c.message}", c.rid, service)
@@ -113,7 +114,8 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._mailbox = Mailbox()
         self._ids = itertools.count(1)
-        self._futures: dict[int, tuple[Target, str]] = {}
+        self._futures: dict[int, tuple[Target, str, str]] = {}  # rid -> (target, service, trace)
+        self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
         self._closed = False
         self._core: ClientCore | None = None
         self._thread = threading.Thread(target=self._main, name=f"zmqdist-client-{self.name}", daemon=True)
@@ -121,13 +123,18 @@ class Client:
 
     # --- public ---------------------------------------------------------------------------------
 
-    def submit(self, service: str, value: Any = None, *, timeout: float | None = None) -> Future[Any]:
-        """Send a request; return a Future of the reply value (or of the request's error)."""
+    def submit(
+        self, service: str, value: Any = None, *, timeout: float | None = None, trace: str | None = None
+    ) -> Future[Any]:
+        """Send a request; return a Future of the reply value (or of the request's error).
+
+        ``trace`` (default: generated) travels with the request through every broker and worker and
+        appears in their logs and in a :class:`RemoteError`."""
         fut: Future[Any] = Future()
-        self._submit(service, value, timeout, fut)
+        self._submit(service, value, timeout, fut, trace)
         return fut
 
-    def _submit(self, service: str, value: Any, timeout: float | None, target: Target) -> int:
+    def _submit(self, service: str, value: Any, timeout: float | None, target: Target, trace: str | None = None) -> int:
         """Send a request whose outcome goes to ``target``; return its id."""
         if self._closed:
             raise ClosedError("client is closed")
@@ -136,18 +143,21 @@ class Client:
         t = self.timeout if timeout is None else float(timeout)
         if not t > 0:
             raise ConfigError(f"timeout must be greater than 0, got {timeout!r}")
+        if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
+            raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
         payload = p.pack_value(value)
         rid = next(self._ids)
-        self._futures[rid] = (target, service)
-        self._mailbox.post((rid, service, payload, t))
+        tr = trace if trace is not None else f"{self._trace_prefix}{rid:x}"
+        self._futures[rid] = (target, service, tr)
+        self._mailbox.post((rid, service, payload, t, tr))
         if self._closed and self._futures.pop(rid, None) is not None:
             # closed while we posted: the loop may have finished its clean-up already
             _deliver(target, rid, False, ClosedError("client closed"))
         return rid
 
-    def call(self, service: str, value: Any = None, *, timeout: float | None = None) -> Any:
+    def call(self, service: str, value: Any = None, *, timeout: float | None = None, trace: str | None = None) -> Any:
         """Send a request and return its reply value; raise its error (see zmqdist.errors)."""
-        return self.submit(service, value, timeout=timeout).result()
+        return self.submit(service, value, timeout=timeout, trace=trace).result()
 
     def map(
         self, service: str, values: Iterable[Any], *, timeout: float | None = None, window: int = 1000
@@ -220,13 +230,13 @@ class Client:
                         if item is None:
                             running = False
                             break
-                        self._handle(link, core.submit(item[0], item[1], item[2], item[3], now))
+                        self._handle(link, core.submit(item[0], item[1], item[2], item[3], now, item[4]))
         except BaseException:
             log.exception("client %s failed", self.name)
         finally:
             self._closed = True
             link.close()
-            for rid, (target, _) in list(self._futures.items()):
+            for rid, (target, _, _) in list(self._futures.items()):
                 _deliver(target, rid, False, ClosedError("client closed before the reply arrived"))
             self._futures.clear()
             for item in self._mailbox.drain():
@@ -242,8 +252,8 @@ class Client:
             if t is Completed:
                 entry = self._futures.pop(o.rid, None)  # type: ignore[union-attr]
                 if entry is not None:
-                    target, service = entry
-                    ok, value = outcome(o, service)  # type: ignore[arg-type]
+                    target, service, trace = entry
+                    ok, value = outcome(o, service, trace)  # type: ignore[arg-type]
                     _deliver(target, o.rid, ok, value)  # type: ignore[union-attr]
             elif t is Connect:
                 log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)  # type: ignore[union-attr]

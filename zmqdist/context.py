@@ -20,6 +20,7 @@ class RequestContext:
     service: str
     attempt: int
     deadline: float
+    trace: str = ""  # the client's trace id (in the logs of every broker and worker it passed)
 
     def remaining(self) -> float:
         """Seconds left before the client stops waiting."""

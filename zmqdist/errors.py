@@ -66,8 +66,10 @@ class RemoteError(RequestError):
         remote_traceback: str,
         rid: int | None = None,
         service: str | None = None,
+        trace: str = "",
     ) -> None:
         super().__init__(message, rid=rid, service=service)
+        self.trace = trace  # the request's trace id: find it in the logs of every process it passed
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback

@@ -92,6 +92,7 @@ class Request(NamedTuple):
     budget_ms: int
     hops: tuple[str, ...]
     payload: bytes
+    trace: str = ""  # optional trailing header field: travels with the request through every tier
 
 
 class Task(NamedTuple):
@@ -108,6 +109,7 @@ class Task(NamedTuple):
     seq: int
     hops: tuple[str, ...]
     payload: bytes
+    trace: str = ""  # optional trailing header field (see Request)
 
 
 class Result(NamedTuple):
@@ -197,6 +199,8 @@ TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
 # Types whose last field travels in the payload frame.
 _WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply})
+# Types with an optional trace after the payload (sent as one more header field when not empty).
+_TRACED: Final = frozenset({Request, Task})
 
 
 def _is_name(v: object) -> bool:
@@ -339,15 +343,16 @@ def decode(head: bytes, payload: bytes) -> Message:
                 f = None
             if type(f) is tuple and type(f[0] if f else None) is int and 0 <= f[0] <= MAX_ID:
                 if cmd == _CMD_REQUEST:
+                    n = len(f)
                     if (
-                        len(f) == 4
+                        (n == 4 or (n == 5 and type(f[4]) is str and len(f[4]) <= MAX_NAME))
                         and type(f[1]) is str
                         and 0 < len(f[1]) <= MAX_NAME
                         and type(f[2]) is int
                         and 0 <= f[2] <= MAX_BUDGET_MS
                         and f[3] == ()
                     ):
-                        return tuple.__new__(Request, (*f, payload))
+                        return tuple.__new__(Request, (*f[:4], payload, f[4] if n == 5 else ""))
                 elif len(f) == 2 and type(f[1]) is int and f[1] in RESULT_STATUSES:
                     return tuple.__new__(Result, (*f, payload))
     return _decode_general(head, payload)
@@ -372,7 +377,8 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
         raise RemoteProtocolError(f"{cls.__name__}: header is not valid msgpack", E_HEADER) from exc
     if type(fields) is not tuple or len(fields) < nfields:
         raise RemoteProtocolError(f"{cls.__name__}: header must be an array of {nfields} fields", E_HEADER)
-    if len(fields) > nfields:
+    extra = fields[nfields:]
+    if extra:
         fields = fields[:nfields]
     rid = fields[0] if has_id and _is_int(fields[0], 0, MAX_ID) else None
     if has_id and rid is None:
@@ -380,6 +386,13 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
     problem = check(fields)
     if problem is not None:
         raise RemoteProtocolError(f"{cls.__name__}: {problem}", E_HEADER, rid)
+    if cls in _TRACED:
+        trace = extra[0] if extra else ""
+        if type(trace) is not str or len(trace) > MAX_NAME:
+            raise RemoteProtocolError(
+                f"{cls.__name__}: trace must be a string of at most 255 characters", E_HEADER, rid
+            )
+        return tuple.__new__(cls, (*fields, payload, trace))
     if cls in _WITH_PAYLOAD:
         return tuple.__new__(cls, (*fields, payload))
     if payload:
@@ -401,6 +414,11 @@ class Encoder:
         prefix = HEAD_PREFIX.get(cls)
         if prefix is None:
             raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
+        if cls in _TRACED:
+            fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
+            trace = fields[-1]
+            head = (*fields[:-2], trace) if trace else fields[:-2]
+            return prefix + self._pack(head), fields[-2]
         if cls in _WITH_PAYLOAD:
             payload: bytes = msg[-1]  # type: ignore[assignment]
             return prefix + self._pack(msg[:-1]), payload

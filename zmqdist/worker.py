@@ -186,10 +186,13 @@ class Worker:
             log.info("worker %s stopped: %s", self.name, self.stop_reason or "error")
 
     def _handle(self, link: DealerLink, executors: Executors, outs: list[WorkerOut]) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
         for o in outs:
             t = type(o)
-            if t is Execute:
-                executors.submit(o)  # type: ignore[arg-type]
+            if isinstance(o, Execute):
+                if debug:
+                    log.debug("worker %s runs %s attempt %d (trace %s)", self.name, o.service, o.attempt, o.trace)
+                executors.submit(o)
             elif t is Connect:
                 log.info("worker %s connecting to %s (%s)", self.name, o.endpoint, o.reason)  # type: ignore[union-attr]
                 link.connect(o.endpoint)  # type: ignore[union-attr]

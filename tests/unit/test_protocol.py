@@ -10,8 +10,10 @@ SAMPLES = [
     p.Hello(p.ROLE_WORKER, "w1", ("echo", "sum"), 4, 250),
     p.Welcome("broker", "abc123", 250, 4),
     p.Request(7, "echo", 5000, ("b1",), b"\x01payload"),
+    p.Request(7, "echo", 5000, (), b"\x01payload", "trace-1a2b"),
     p.Task(9, "echo", 4999, 1, "C-1:7", 3, (), b"payload"),
     p.Task(9, "echo", 4999, 1, "C-1:7", 3, ("proxy-a", "master"), b"payload"),
+    p.Task(9, "echo", 4999, 1, "C-1:7", 3, (), b"payload", "trace-1a2b"),
     p.Advert((("echo", 3), ("sum", 0))),
     p.Advert(()),
     p.Result(9, p.RS_FAILED, b"err"),
@@ -39,7 +41,14 @@ def test_every_message_type_has_a_sample():
 MALFORMED = {
     p.Hello: [(9, "w", (), 1, 250), (2, "w", ("",), 1, 250), (2, "w", ("a",), -1, 250), (2, "w", ("a",), 1, 0)],
     p.Welcome: [("b", 5, 250, 4), ("b", "i", 0, 4)],
-    p.Request: [(1, "", 10, ()), (1, "s", -5, ()), (-1, "s", 10, ()), (1, "s", 10, ("x",) * 40), ("1", "s", 10, ())],
+    p.Request: [
+        (1, "", 10, ()),
+        (1, "s", -5, ()),
+        (-1, "s", 10, ()),
+        (1, "s", 10, ("x",) * 40),
+        ("1", "s", 10, ()),
+        (1, "s", 10, (), 5),  # a trace that is not a string
+    ],
     p.Task: [
         (1, "s", 10, 0, "k", 1, ()),
         (1, "s", 10, 1, 5, 1, ()),
@@ -140,6 +149,13 @@ _near_valid = st.one_of(
         st.text(max_size=258),
         st.integers(-1, p.MAX_BUDGET_MS + 1),
         st.just(()) | st.lists(st.text(max_size=3), max_size=2).map(tuple),
+    ),
+    st.tuples(  # REQUEST-shaped with a trace
+        st.integers(0, 2**63 - 1),
+        st.text(min_size=1, max_size=5),
+        st.integers(0, 1000),
+        st.just(()),
+        st.text(max_size=258) | st.integers(-(2**63), 2**64 - 1) | st.binary(max_size=3),
     ),
     st.tuples(st.integers(-1, 2**63), st.integers(-1, 3) | st.booleans()),  # RESULT-shaped
 )

@@ -132,6 +132,7 @@ class _Req:
         "t_in",
         "t_out",
         "ticket",
+        "trace",
         "tried",
         "up_block",
         "via",
@@ -166,6 +167,7 @@ class _Req:
         self.up_block = -1  # the upstream returned it: not forwarded again before a newer advert
         self.via: _Worker | None = None  # the downstream broker registration it came from
         self.t_in = 0.0  # accepted (for latency histograms)
+        self.trace = ""  # the client's trace id, passed on to every broker and worker
         self.t_out = 0.0  # last dispatched
 
 
@@ -438,6 +440,7 @@ class BrokerCore:
         self._next_ticket = ticket + 1
         req = _Req(ticket, peer, m.rid, service, m.payload, now + m.budget_ms / 1000.0, hops)
         req.t_in = now
+        req.trace = m.trace
         if w is not None and w.spare is not None:
             req.via = w  # counted in what we offer that broker until it ends
             w.held_from[service] = w.held_from.get(service, 0) + 1
@@ -772,13 +775,15 @@ class BrokerCore:
             key = req.key = f"{req.client.hex()}:{req.rid}"
         budget = int((req.deadline - now) * 1000)
         if w.spare is None:
-            task = p.Task(ticket, req.service, max(1, budget), req.attempt, key, seq, (), req.payload)
+            task = p.Task(ticket, req.service, max(1, budget), req.attempt, key, seq, (), req.payload, req.trace)
         else:
             s = req.service
             w.svc_of[ticket] = s
             w.load[s] = w.load.get(s, 0) + 1
             hops = (*req.hops, self.name)
-            task = p.Task(ticket, s, max(1, budget - HOP_MARGIN_MS), req.attempt, key, seq, hops, req.payload)
+            task = p.Task(
+                ticket, s, max(1, budget - HOP_MARGIN_MS), req.attempt, key, seq, hops, req.payload, req.trace
+            )
         self._offer(w)
         out.append((w.ident, task))
 
@@ -942,7 +947,8 @@ class BrokerCore:
         up.forwarded(req.service)
         heappush(self._deadlines, (req.deadline, req.ticket))
         budget = int((req.deadline - now) * 1000) - HOP_MARGIN_MS
-        out.append((UPSTREAM, p.Request(req.ticket, req.service, budget, (*req.hops, self.name), req.payload)))
+        hops = (*req.hops, self.name)
+        out.append((UPSTREAM, p.Request(req.ticket, req.service, budget, hops, req.payload, req.trace)))
 
     def _unforward(self, req: _Req) -> None:
         """``req`` is no longer with the upstream: it frees a unit of credit."""
@@ -1018,6 +1024,7 @@ class BrokerCore:
         self._next_ticket = ticket + 1
         req = _Req(ticket, UPSTREAM, m.ticket, m.service, m.payload, now + m.budget_ms / 1000.0, m.hops)
         req.t_in = now
+        req.trace = m.trace
         req.session = up.session
         req.key = m.key
         if self.name in m.hops:

@@ -33,12 +33,13 @@ ClientOut = p.Message | Completed | Connect | Problem
 
 
 class _Pending:
-    __slots__ = ("deadline", "payload", "service")
+    __slots__ = ("deadline", "payload", "service", "trace")
 
-    def __init__(self, service: str, payload: bytes, deadline: float) -> None:
+    def __init__(self, service: str, payload: bytes, deadline: float, trace: str = "") -> None:
         self.service = service
         self.payload = payload
         self.deadline = deadline
+        self.trace = trace
 
 
 def budget_margin(timeout_s: float) -> float:
@@ -60,14 +61,16 @@ class ClientCore:
         """Connect to the first endpoint and say HELLO."""
         return [self.link.connect_next(now, "start"), self._hello()]
 
-    def submit(self, rid: int, service: str, payload: bytes, timeout_s: float, now: float) -> list[ClientOut]:
+    def submit(
+        self, rid: int, service: str, payload: bytes, timeout_s: float, now: float, trace: str = ""
+    ) -> list[ClientOut]:
         """Start request ``rid``; return the REQUEST to send (or its immediate completion)."""
         if rid in self.pending:
             return [Completed(rid, p.ST_INVALID, f"request id {rid} is already pending", b"")]
         deadline = now + timeout_s
         if timeout_s <= 0:
             return [Completed(rid, p.ST_TIMEOUT, "timeout must be positive", b"")]
-        self.pending[rid] = _Pending(service, payload, deadline)
+        self.pending[rid] = _Pending(service, payload, deadline, trace)
         heappush(self._deadlines, (deadline, rid))
         if len(self._deadlines) > 2 * len(self.pending) + 1024:
             self._deadlines = [(d, r) for d, r in self._deadlines if r in self.pending]
@@ -147,7 +150,7 @@ class ClientCore:
 
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
         budget_ms = max(0, int((pend.deadline - now - margin) * 1000))
-        return p.Request(rid, pend.service, budget_ms, (), pend.payload)
+        return p.Request(rid, pend.service, budget_ms, (), pend.payload, pend.trace)
 
     def _resend_all(self, now: float) -> list[ClientOut]:
         self.counters["resent"] += len(self.pending)

@@ -33,6 +33,7 @@ class Execute(NamedTuple):
     key: str
     attempt: int
     deadline: float
+    trace: str = ""
 
 
 WorkerOut = p.Message | Execute | Connect | Stopped | Problem
@@ -186,7 +187,8 @@ class WorkerCore:
             return []  # the same task twice in one session: already running
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
-        return [Execute(m.ticket, self.session, m.service, m.payload, m.key, m.attempt, now + m.budget_ms / 1000.0)]
+        deadline = now + m.budget_ms / 1000.0
+        return [Execute(m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace)]
 
     def _capacity(self) -> int:
         return max(0, self.concurrency - self.stale)
