@@ -343,19 +343,36 @@ def format_status(st: dict[str, Any]) -> str:
 @main.command()
 @click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint")
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@click.option("--tree", is_flag=True, help="the whole tree below the broker: its proxies, theirs, their workers")
 @click.option("--timeout", type=float, default=3.0, help="seconds before giving up")
 @_key_options
-def status(connect: tuple[str, ...], as_json: bool, timeout: float, server_key: str | None, key: str | None) -> None:
-    """Show a broker's workers, services, queues and counters."""
+def status(
+    connect: tuple[str, ...], as_json: bool, tree: bool, timeout: float, server_key: str | None, key: str | None
+) -> None:
+    """Show a broker's workers, services, queues and counters (--tree: and every broker below it)."""
     try:
         with Client(list(connect), timeout=timeout, server_key=server_key, key=key) as c:
-            st = c.call("zmqdist.status")
+            st = c.call("zmqdist.tree" if tree else "zmqdist.status")
     except RequestError as exc:
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(1)
     except ZmqdistError as exc:
         _fail(exc)
-    click.echo(to_json(st) if as_json else format_status(st))
+    click.echo(to_json(st) if as_json else format_tree(st) if tree else format_status(st))
+
+
+def format_tree(st: dict[str, Any], depth: int = 0) -> str:
+    """A tree status: each broker's view, the brokers below it indented under it."""
+    pad = "    " * depth
+    parts = ["\n".join(pad + line if line else line for line in format_status(st).splitlines())]
+    if st.get("unreachable"):
+        parts.append(f"{pad}    (no answer from: {', '.join(st['unreachable'])})")
+    for sub in st.get("below", []):
+        if "error" in sub:
+            parts.append(f"{pad}    broker {sub.get('broker', '?')}: {sub['error']}")
+        else:
+            parts.append(format_tree(sub, depth + 1))
+    return "\n\n".join(parts)
 
 
 def format_top(st: dict[str, Any], prev: dict[str, Any] | None, dt: float) -> str:

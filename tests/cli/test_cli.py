@@ -236,3 +236,23 @@ def test_top_against_a_real_broker(tmp_path):
     finally:
         w.stop(drain=False)
         b.stop()
+
+
+def test_status_tree_text_indents_each_broker_under_its_upstream():
+    def node(name, workers, below=(), unreachable=()):
+        return {
+            "broker": name, "incarnation": "i", "uptime_s": 1.0, "heartbeat_s": 0.25, "liveness": 4,
+            "queued": 0, "requests_open": 0, "services": {},
+            "workers": [{"name": w, "services": ["echo"], "capacity": 1, "inflight": 0, "served": 0,
+                         "failed": 0, "silent_s": 0.1} for w in workers],
+            "counters": {}, "below": list(below), "unreachable": list(unreachable),
+        }  # fmt: skip
+
+    t = node("M", ["wm"], [node("R", ["wr"], [node("S", ["ws"])], unreachable=["T"])])
+    text = cli.format_tree(t)
+    lines = text.splitlines()
+    assert next(line for line in lines if "broker M" in line).startswith("broker M")
+    assert next(line for line in lines if "broker R" in line).startswith("    broker R")
+    assert next(line for line in lines if "broker S" in line).startswith("        broker S")
+    assert any(line.startswith("        ws") for line in lines)
+    assert "(no answer from: T)" in text

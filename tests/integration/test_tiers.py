@@ -137,3 +137,44 @@ def test_master_restart_under_load_local_work_goes_on_and_upstream_work_complete
         s = status(c)
         assert s["upstream"]["losses"] >= 1
         wait_for(lambda: status(c)["upstream"]["registered"], 20, "A registered again")
+
+
+def _names(tree):
+    brokers, workers = {tree["broker"]}, {w["name"] for w in tree["workers"]}
+    for sub in tree.get("below", []):
+        b, w = _names(sub)
+        brokers |= b
+        workers |= w
+    return brokers, workers
+
+
+@pytest.mark.timeout(90)
+def test_status_tree_json_lists_every_broker_and_worker_started_and_none_killed(procs, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.integration.helpers import ROOT
+
+    ep = {n: f"ipc://{tmp_path}/{n}.sock" for n in ("M", "R", "S")}
+    procs.spawn("broker", "--bind", ep["M"], "--name", "M")
+    procs.spawn("broker", "--bind", ep["R"], "--name", "R", "--upstream", ep["M"])
+    s = procs.spawn("broker", "--bind", ep["S"], "--name", "S", "--upstream", ep["R"])
+    started = {}
+    for name, at in (("wm", ["M"]), ("wr", ["R"]), ("wr2", ["R"]), ("ws", ["S", "R"])):
+        eps = [x for a in at for x in ("--connect", ep[a])]
+        started[name] = procs.spawn("worker", "testworkers:echo", *eps, "--name", name)
+
+    def tree():
+        cmd = [sys.executable, "-m", "zmqdist", "-q", "status", "--tree", "--json", "--connect", ep["M"]]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    everything = ({"M", "R", "S"}, {"wm", "wr", "wr2", "ws"})
+    wait_for(lambda: (t := tree()) and _names(t) == everything, 30, "the whole tree")
+    started["wr2"].send_signal(signal.SIGKILL)
+    s.send_signal(signal.SIGKILL)  # ws fails over to R
+    survivors = ({"M", "R"}, {"wm", "wr", "ws"})
+    t = wait_for(lambda: (t := tree()) and _names(t) == survivors and t, 30, "the tree without the killed")
+    r = next(b for b in t["below"] if b["broker"] == "R")
+    assert {w["name"] for w in r["workers"]} == {"wr", "ws"} and r["below"] == []

@@ -375,3 +375,44 @@ def test_funnelled_work_keeps_the_remote_slots_busy():
         sim.run_for(0.01)
     assert statuses(c) == {p.ST_OK: 3000}
     assert sim.clock.now() - t0 <= 0.4, f"took {sim.clock.now() - t0:.2f} fake seconds"
+
+
+def _tree_names(tree):
+    """(brokers, workers) named anywhere in a tree status."""
+    brokers, workers = {tree["broker"]}, {w["name"] for w in tree["workers"]}
+    for sub in tree.get("below", []):
+        b, w = _tree_names(sub)
+        brokers |= b
+        workers |= w
+    return brokers, workers
+
+
+def test_tree_status_gathers_every_broker_and_worker_below_and_names_the_silent():
+    sim = Simulation()
+    sim.add_broker("R1", upstream=("broker",))
+    sim.add_broker("R2", upstream=("broker",))
+    sim.add_broker("S1", upstream=("R1",))
+    for name, via in (("wm", ("broker",)), ("w1", ("R1",)), ("w2", ("R2",)), ("ws", ("S1", "R1"))):
+        sim.add_worker(name, via=via)
+    c = sim.add_client("c")
+    sim.run_for(0.5)
+
+    def tree():
+        rid = c.submit("zmqdist.tree", None)
+        sim.run_for(2.5)
+        (done,) = c.completed[rid]
+        assert done.status == p.ST_OK
+        return p.unpack_value(done.payload)
+
+    t = tree()
+    assert _tree_names(t) == ({"broker", "R1", "R2", "S1"}, {"wm", "w1", "w2", "ws"})
+    assert t["unreachable"] == [] and sorted(s["broker"] for s in t["below"]) == ["R1", "R2"]
+    r1 = next(s for s in t["below"] if s["broker"] == "R1")
+    assert [s["broker"] for s in r1["below"]] == ["S1"]
+    sim.partition("S1")  # silent, not yet declared dead: R1 answers without it, naming it
+    t = tree()
+    r1 = next(s for s in t["below"] if s["broker"] == "R1")
+    assert r1["unreachable"] == ["S1"] and r1["below"] == []
+    sim.kill("w2")
+    sim.run_for(3)  # past every ttl: S1 is dropped by R1, ws fails over to R1, w2 expires
+    assert _tree_names(tree()) == ({"broker", "R1", "R2"}, {"wm", "w1", "ws"})

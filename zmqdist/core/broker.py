@@ -51,6 +51,8 @@ _COUNTER_OF = {
     p.ST_INVALID: "invalid",
 }
 STATUS_SERVICE = "zmqdist.status"
+TREE_SERVICE = "zmqdist.tree"  # this broker's status with those of every broker below it
+TREE_WAIT_S = 2.0  # longest a tree status waits for the brokers below
 _NONE: list[Out] = []  # shared empty result; callers never mutate returned lists
 
 
@@ -171,6 +173,21 @@ class _Req:
         self.t_out = 0.0  # last dispatched
 
 
+class _Gather:
+    """A tree status being gathered: our own status, the answers of the brokers below so far."""
+
+    __slots__ = ("answer_to", "below", "deadline", "mine", "rid", "session", "waiting")
+
+    def __init__(self, answer_to: bytes, rid: int, session: int, mine: dict[str, Any], deadline: float) -> None:
+        self.answer_to = answer_to  # a client's identity, or UPSTREAM
+        self.rid = rid
+        self.session = session
+        self.mine = mine
+        self.deadline = deadline
+        self.below: list[Any] = []
+        self.waiting: dict[int, str] = {}  # ticket of our question -> name of the broker asked
+
+
 class _Pool:
     """Members of one service (a heap by load, then least recently used) and its FIFO queue."""
 
@@ -229,6 +246,8 @@ class BrokerCore:
         self._down_at = -1.0
         self._brokers = 0  # downstream brokers registered
         self._open_by_client: dict[bytes, int] = {}  # open requests per client (quota)
+        self._gathers: dict[int, _Gather] = {}  # tree statuses being gathered, by our ticket
+        self._gather_of: dict[int, int] = {}  # ticket of a question to a broker below -> its gather
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "requests",
@@ -365,6 +384,9 @@ class BrokerCore:
             self._tick_upstream(now, out)
         if self._brokers and self._down_advert_due(now):
             self._advert_down(now, out)
+        if self._gathers:
+            for g in [g for g in self._gathers.values() if g.deadline <= now]:
+                self._gather_done(g, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -376,6 +398,8 @@ class BrokerCore:
             times.append(self._deadlines[0][0])
         if self._up is not None:
             times.append(self._up.next_deadline(self._changes != self._up_mark))
+        if self._gathers:
+            times.append(min(g.deadline for g in self._gathers.values()))
         if self._brokers:
             gap = (
                 self.settings.advert_interval_s
@@ -399,6 +423,8 @@ class BrokerCore:
         c["requests"] += 1
         service = m.service
         if service.startswith(p.INTERNAL_PREFIXES):
+            if service == TREE_SERVICE:
+                return self._gather_tree(peer, m.rid, 0, m.budget_ms, m.hops, now)
             return [(peer, self._internal(m, now))]
         key = (peer, m.rid)
         if key in self._by_key:
@@ -474,6 +500,8 @@ class BrokerCore:
                 return [(peer, p.Reconnect("unknown broker: register again"))]
             self.counters["bad_input"] += 1
             return [(peer, p.Error(p.E_COMMAND, "REPLY is accepted from registered downstream brokers only"))]
+        if m.rid in self._gather_of:
+            return self._gathered(m, now)
         return self._settle(peer, w, m.rid, m.status, m.message, m.payload, m.status == p.ST_BUSY, now)
 
     def _settle(
@@ -1015,6 +1043,13 @@ class BrokerCore:
         if not up.registered:
             return  # from a registration we replaced: the upstream has requeued it
         up.seq_seen = max(up.seq_seen, m.seq)
+        if m.service.startswith(p.INTERNAL_PREFIXES):  # answered here, never dispatched
+            if m.service == TREE_SERVICE:
+                out += self._gather_tree(UPSTREAM, m.ticket, up.session, m.budget_ms, m.hops, now)
+            else:
+                r = self._internal(p.Request(m.ticket, m.service, m.budget_ms, m.hops, m.payload), now)
+                out.append((UPSTREAM, r))
+            return
         self.counters["tasks_from_up"] += 1
         key = (UPSTREAM, m.ticket)
         if key in self._by_key:
@@ -1192,6 +1227,58 @@ class BrokerCore:
         for w in self._workers.values():
             if w.spare is not None:
                 self._advert_to(w, totals, now, out, force=refresh)
+
+    def _gather_tree(
+        self, answer_to: bytes, rid: int, session: int, budget_ms: int, hops: tuple[str, ...], now: float
+    ) -> list[Out]:
+        """Answer a tree status: ours, with the trees of the brokers below (asked now, waited for
+        until they all answer or the deadline; the silent ones are listed as unreachable)."""
+        out: list[Out] = []
+        wait_s = min(TREE_WAIT_S, budget_ms / 1000.0 * 0.8)
+        gid = self._next_ticket
+        self._next_ticket += 1
+        g = _Gather(answer_to, rid, session, self.status(now), now + wait_s)
+        self._gathers[gid] = g
+        below = [w for w in self._workers.values() if w.spare is not None and w.name not in hops]
+        child_ms = max(1, int(wait_s * 1000 * 0.8) - HOP_MARGIN_MS)
+        for d in below:
+            t = self._next_ticket
+            self._next_ticket += 1
+            g.waiting[t] = d.name
+            self._gather_of[t] = gid
+            task = p.Task(t, TREE_SERVICE, child_ms, 1, f"tree:{gid}", 0, (*hops, self.name), b"")
+            out.append((d.ident, task))
+        if not below:
+            self._gather_done(g, out)
+        return out
+
+    def _gathered(self, m: p.Reply, now: float) -> list[Out]:
+        gid = self._gather_of.pop(m.rid)
+        g = self._gathers.get(gid)
+        out: list[Out] = []
+        if g is None:
+            return out
+        name = g.waiting.pop(m.rid, "?")
+        try:
+            sub = p.unpack_value(m.payload) if m.status == p.ST_OK else None
+        except ValueError:
+            sub = None
+        g.below.append(sub if isinstance(sub, dict) else {"broker": name, "error": m.message or "bad answer"})
+        if not g.waiting:
+            self._gather_done(g, out)
+        return out
+
+    def _gather_done(self, g: _Gather, out: list[Out]) -> None:
+        gid = next(k for k, v in self._gathers.items() if v is g)
+        del self._gathers[gid]
+        for t in g.waiting:
+            self._gather_of.pop(t, None)
+        tree = {**g.mine, "below": g.below, "unreachable": sorted(g.waiting.values())}
+        reply = p.Reply(g.rid, p.ST_OK, "", p.pack_value(tree))
+        if g.answer_to:
+            out.append((g.answer_to, reply))
+        elif self._up is not None and g.session == self._up.session:
+            out.append((UPSTREAM, reply))
 
     # --- internal services ----------------------------------------------------------------------
 
