@@ -127,10 +127,9 @@ def test_sighup_revokes_a_key_from_its_next_connection_only(procs, pki, tmp_path
         assert connected.call("echo", 1) == 1
         (pki.allow["clients"] / "alice.key").unlink()  # revoke alice
         broker.send_signal(signal.SIGHUP)
-        time.sleep(0.5)  # the reload is asynchronous; nothing to poll for from outside
+        # the reload is asynchronous: a new connection with the revoked key is refused once it is done
+        wait_for(lambda: not _can_call(ep, keys), 20, "the revoked key refused on a new connection")
         assert connected.call("echo", 2) == 2, "a connected peer must not be dropped by a reload"
-        with Client([ep], timeout=1.5, **keys) as fresh, pytest.raises(RequestTimeout):
-            fresh.call("echo", 3)  # a new connection with the revoked key is refused
         shutil.copy(pki.keys / "alice.key", pki.allow["clients"])  # and re-admitted after a reload
         broker.send_signal(signal.SIGHUP)
         wait_for(lambda: _can_call(ep, keys), 10, "alice admitted again")
@@ -222,7 +221,7 @@ def test_a_flood_far_past_the_quota_gets_busy_and_leaves_others_latency_within_2
             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
         )
         procs.procs.append(flood)
-        time.sleep(0.5)  # let the flood build up (not an assertion wait)
+        wait_for(lambda: status(other)["counters"]["over_quota"] > 2000, 20, "the flood under way")
         loud = p50(other)
         out, _ = flood.communicate(timeout=30)
     counts = json.loads(out)
