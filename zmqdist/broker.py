@@ -308,7 +308,7 @@ class Broker:
         assert self._monitor is not None
         while self._monitor.poll(0):
             ev = recv_monitor_message(self._monitor)
-            core.counters["handshakes_failed"] = core.counters.get("handshakes_failed", 0) + 1
+            core.counters["handshakes_failed"] += 1
             self._ratelog.warning(
                 "handshake",
                 now,
@@ -390,7 +390,7 @@ class Broker:
 
     def _refuse(self, core: BrokerCore, ident: bytes, msg: p.Message, why: str, now: float) -> list[Out]:
         """A secured peer sent what its key may not: count, log, answer with the reason."""
-        core.counters["refused_by_role"] = core.counters.get("refused_by_role", 0) + 1
+        core.counters["refused_by_role"] += 1
         self._ratelog.warning("rights", now, "refused %s from %s: %s", type(msg).__name__, ident.hex(), why)
         if type(msg) is p.Request:
             return [(ident, p.Reply(msg.rid, p.ST_INVALID, f"refused: {why}", b""))]

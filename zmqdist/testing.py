@@ -50,6 +50,16 @@ class FakeClock:
         self._now = t
 
 
+def tree_members(tree: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """Return (broker names, worker names) found anywhere in a ``zmqdist.tree`` status."""
+    brokers, workers = {tree["broker"]}, {w["name"] for w in tree["workers"]}
+    for sub in tree.get("below", []):
+        b, w = tree_members(sub)
+        brokers |= b
+        workers |= w
+    return brokers, workers
+
+
 class InvariantError(AssertionError):
     """Raised by :class:`Simulation` when a dispatch invariant breaks."""
 

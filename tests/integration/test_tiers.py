@@ -12,6 +12,7 @@ import pytest
 
 from tests.integration.helpers import status, wait_for
 from zmqdist import Client
+from zmqdist.testing import tree_members
 
 pytestmark = pytest.mark.integration
 
@@ -139,15 +140,6 @@ def test_master_restart_under_load_local_work_goes_on_and_upstream_work_complete
         wait_for(lambda: status(c)["upstream"]["registered"], 20, "A registered again")
 
 
-def _names(tree):
-    brokers, workers = {tree["broker"]}, {w["name"] for w in tree["workers"]}
-    for sub in tree.get("below", []):
-        b, w = _names(sub)
-        brokers |= b
-        workers |= w
-    return brokers, workers
-
-
 @pytest.mark.timeout(90)
 def test_status_tree_json_lists_every_broker_and_worker_started_and_none_killed(procs, tmp_path):
     import json
@@ -171,10 +163,10 @@ def test_status_tree_json_lists_every_broker_and_worker_started_and_none_killed(
         return json.loads(r.stdout) if r.returncode == 0 else None
 
     everything = ({"M", "R", "S"}, {"wm", "wr", "wr2", "ws"})
-    wait_for(lambda: (t := tree()) and _names(t) == everything, 30, "the whole tree")
+    wait_for(lambda: (t := tree()) and tree_members(t) == everything, 30, "the whole tree")
     started["wr2"].send_signal(signal.SIGKILL)
     s.send_signal(signal.SIGKILL)  # ws fails over to R
     survivors = ({"M", "R"}, {"wm", "wr", "ws"})
-    t = wait_for(lambda: (t := tree()) and _names(t) == survivors and t, 30, "the tree without the killed")
+    t = wait_for(lambda: (t := tree()) and tree_members(t) == survivors and t, 30, "the tree without the killed")
     r = next(b for b in t["below"] if b["broker"] == "R")
     assert {w["name"] for w in r["workers"]} == {"wr", "ws"} and r["below"] == []

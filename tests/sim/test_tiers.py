@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.broker import HOP_MARGIN_MS
-from zmqdist.testing import Simulation
+from zmqdist.testing import Simulation, tree_members
 
 
 def statuses(client):
@@ -377,16 +377,6 @@ def test_funnelled_work_keeps_the_remote_slots_busy():
     assert sim.clock.now() - t0 <= 0.4, f"took {sim.clock.now() - t0:.2f} fake seconds"
 
 
-def _tree_names(tree):
-    """(brokers, workers) named anywhere in a tree status."""
-    brokers, workers = {tree["broker"]}, {w["name"] for w in tree["workers"]}
-    for sub in tree.get("below", []):
-        b, w = _tree_names(sub)
-        brokers |= b
-        workers |= w
-    return brokers, workers
-
-
 def test_tree_status_gathers_every_broker_and_worker_below_and_names_the_silent():
     sim = Simulation()
     sim.add_broker("R1", upstream=("broker",))
@@ -405,7 +395,7 @@ def test_tree_status_gathers_every_broker_and_worker_below_and_names_the_silent(
         return p.unpack_value(done.payload)
 
     t = tree()
-    assert _tree_names(t) == ({"broker", "R1", "R2", "S1"}, {"wm", "w1", "w2", "ws"})
+    assert tree_members(t) == ({"broker", "R1", "R2", "S1"}, {"wm", "w1", "w2", "ws"})
     assert t["unreachable"] == [] and sorted(s["broker"] for s in t["below"]) == ["R1", "R2"]
     r1 = next(s for s in t["below"] if s["broker"] == "R1")
     assert [s["broker"] for s in r1["below"]] == ["S1"]
@@ -415,4 +405,4 @@ def test_tree_status_gathers_every_broker_and_worker_below_and_names_the_silent(
     assert r1["unreachable"] == ["S1"] and r1["below"] == []
     sim.kill("w2")
     sim.run_for(3)  # past every ttl: S1 is dropped by R1, ws fails over to R1, w2 expires
-    assert _tree_names(tree()) == ({"broker", "R1", "R2"}, {"wm", "w1", "ws"})
+    assert tree_members(tree()) == ({"broker", "R1", "R2"}, {"wm", "w1", "ws"})

@@ -176,9 +176,12 @@ class _Req:
 class _Gather:
     """A tree status being gathered: our own status, the answers of the brokers below so far."""
 
-    __slots__ = ("answer_to", "below", "deadline", "mine", "rid", "session", "waiting")
+    __slots__ = ("answer_to", "below", "deadline", "gid", "mine", "rid", "session", "waiting")
 
-    def __init__(self, answer_to: bytes, rid: int, session: int, mine: dict[str, Any], deadline: float) -> None:
+    def __init__(
+        self, gid: int, answer_to: bytes, rid: int, session: int, mine: dict[str, Any], deadline: float
+    ) -> None:
+        self.gid = gid
         self.answer_to = answer_to  # a client's identity, or UPSTREAM
         self.rid = rid
         self.session = session
@@ -279,6 +282,8 @@ class BrokerCore:
                 "returned_from_up",
                 "upstream_losses",
                 "over_quota",
+                "refused_by_role",  # counted by the runtime: messages a secured peer's key may not send
+                "handshakes_failed",  # counted by the runtime: CURVE handshakes that failed
             ),
             0,
         )
@@ -1237,7 +1242,7 @@ class BrokerCore:
         wait_s = min(TREE_WAIT_S, budget_ms / 1000.0 * 0.8)
         gid = self._next_ticket
         self._next_ticket += 1
-        g = _Gather(answer_to, rid, session, self.status(now), now + wait_s)
+        g = _Gather(gid, answer_to, rid, session, self.status(now), now + wait_s)
         self._gathers[gid] = g
         below = [w for w in self._workers.values() if w.spare is not None and w.name not in hops]
         child_ms = max(1, int(wait_s * 1000 * 0.8) - HOP_MARGIN_MS)
@@ -1269,8 +1274,7 @@ class BrokerCore:
         return out
 
     def _gather_done(self, g: _Gather, out: list[Out]) -> None:
-        gid = next(k for k, v in self._gathers.items() if v is g)
-        del self._gathers[gid]
+        del self._gathers[g.gid]
         for t in g.waiting:
             self._gather_of.pop(t, None)
         tree = {**g.mine, "below": g.below, "unreachable": sorted(g.waiting.values())}
