@@ -10,6 +10,10 @@ header, and :class:`~zmqdist.core.mdp.MdpBridge` translates them (docs/mdp.md).
 
 A proxy (``upstream`` set) also owns a DEALER to its upstream broker, in the same thread: the core
 addresses it as peer ``UPSTREAM`` and asks for (re)connections with ``Connect``.
+
+A broker of a backup pair (``ha`` set) owns the pair link too, in the same thread: a ROUTER bound
+at ``ha_bind`` that receives the peer's messages and a DEALER connected to the peer's, on which
+the core's messages to ``PAIR`` go (never kept for later: the pair protocol resends state).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import random
 import secrets
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -53,6 +58,9 @@ class Broker:
     proxy (endpoints in failover order); ``mdp_*`` are the Majordomo peers' settings; ``key`` (our
     secret certificate) with ``allow_clients``/``allow_workers``/``allow_brokers`` (directories of
     public certificates) turn CURVE on, and ``upstream_server_key`` secures a proxy's upstream link.
+    ``ha`` ("primary" or "backup") makes one broker of a backup pair: ``ha_bind`` is where the
+    peer's pair link connects, ``peer`` the peer's ``ha_bind``, ``failback`` "manual" or "auto",
+    and ``peer_server_key`` the peer's public certificate when CURVE is on (docs/ha.md).
     """
 
     def __init__(
@@ -76,6 +84,11 @@ class Broker:
         allow_workers: str | None = None,
         allow_brokers: str | None = None,
         upstream_server_key: str | None = None,
+        ha: str | None = None,
+        peer: str | None = None,
+        ha_bind: list[str] | tuple[str, ...] | str = (),
+        failback: str = "manual",
+        peer_server_key: str | None = None,
         metrics_port: int | None = None,
         metrics_addr: str = "127.0.0.1",
         clock: Clock | None = None,
@@ -90,8 +103,19 @@ class Broker:
             max_queue_bytes=max_queue_bytes,
             max_attempts=max_attempts,
             max_client_inflight=max_client_inflight,
+            ha=ha or "",
+            failback=failback,
         )
         self._bind = check_endpoints(bind, "broker bind")
+        if ha:
+            if not peer or not ha_bind:
+                raise ConfigError(f"a {ha} broker of a pair needs both peer (the other's ha_bind) and ha_bind")
+            self._peer: str | None = check_endpoints(peer, "broker peer")[0]
+            self._ha_bind = check_endpoints(ha_bind, "broker ha_bind")
+        elif peer or ha_bind:
+            raise ConfigError("peer and ha_bind are for a broker of a pair: set ha to 'primary' or 'backup'")
+        else:
+            self._peer, self._ha_bind = None, ()
         # MDP workers heartbeat at their own pace (the RFCs suggest 2.5 s, liveness 3 to 5).
         mdp_hb = HeartbeatSettings(mdp_heartbeat_s, mdp_liveness)
         if not 0 < mdp_timeout_s <= p.MAX_BUDGET_MS / 1000:
@@ -108,6 +132,9 @@ class Broker:
         elif allow_clients or allow_workers or allow_brokers:
             raise ConfigError("allow-lists need the broker's own secret key (key=... / --key)")
         self._up_keys = ClientKeys.load(upstream_server_key, key if upstream_server_key else None, "broker upstream")
+        if ha and key is not None and peer_server_key is None:
+            raise ConfigError("with CURVE on, a broker of a pair needs peer_server_key (the peer's public certificate)")
+        self._peer_keys = ClientKeys.load(peer_server_key, key if peer_server_key else None, "broker peer")
         self._zap_domain = f"zmqdist-{secrets.token_hex(8)}"
         if metrics_port is not None and not 0 <= metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be from 0 to 65535, got {metrics_port!r}")
@@ -128,6 +155,9 @@ class Broker:
         self._enc = p.Encoder()  # used by the loop thread only
         self._fsend: Any = None  # backend send of the ROUTER, set by the loop thread
         self._up: DealerLink | None = None  # a proxy's link to its upstream, owned by the loop thread
+        self._pair_in: zmq.Socket[Any] | None = None  # the pair link: the peer's messages come here
+        self._pair_out: DealerLink | None = None  # ... and ours go out here
+        self.ha_endpoints: list[str] = []
         self._poller: zmq.Poller | None = None
         self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
 
@@ -210,6 +240,14 @@ class Broker:
             if self._ring is not None:
                 zap_register(self._ctx, self._zap_domain, self._ring)  # before the first handshake
             sock, self.endpoints = bind_router(self._ctx, self._bind, self._max_message, self._secret, self._zap_domain)
+            if self._ha_bind:
+                try:
+                    self._pair_in, self.ha_endpoints = bind_router(
+                        self._ctx, self._ha_bind, self._max_message, self._secret, self._zap_domain
+                    )
+                except BaseException:
+                    sock.close(0)
+                    raise
         except BaseException as exc:
             if self._ring is not None:
                 zap_unregister(self._ctx, self._zap_domain)
@@ -219,7 +257,9 @@ class Broker:
             return
         self._fsend = fast_send(sock)
         clock = self._clock
-        core = BrokerCore(self.settings, self.incarnation, clock.now(), rng=random.random)
+        core = BrokerCore(
+            self.settings, self.incarnation, clock.now(), rng=random.random, epoch_floor=int(time.time() * 1000)
+        )
         if self._metrics_at[0] is not None:
             core.enable_histograms()
         if self._ring is not None:
@@ -229,6 +269,9 @@ class Broker:
             self._monitor = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         if self.settings.upstream:
             self._up = DealerLink(self._ctx, b"B" + secrets.token_bytes(8), log, self._up_keys)
+        if self._peer is not None:
+            self._pair_out = DealerLink(self._ctx, b"P" + secrets.token_bytes(8), log, self._peer_keys, keep=False)
+            self._pair_out.connect(self._peer)
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
         core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(self._mdp.counters)}
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
@@ -237,6 +280,7 @@ class Broker:
         except ConfigError as exc:
             self._startup_error = exc
             sock.close(0)
+            self._close_pair()
             if self._ring is not None:
                 zap_unregister(self._ctx, self._zap_domain)
             self._ready.set()
@@ -263,6 +307,12 @@ class Broker:
                     self._poller = self._make_poller(sock, mailbox_fd)
                 events = dict(self._poller.poll(timeout))
                 backlog = sock in events and self._drain(sock, core)
+                if self._pair_in is not None:
+                    if self._pair_in in events:
+                        self._drain_pair(core)
+                    out = core.flush(clock.now())  # replication of what this batch changed
+                    if out:
+                        self._send(core, out, clock.now())
                 if up is not None and up.sock is not None and up.sock in events:
                     now = clock.now()
                     out = []
@@ -290,6 +340,7 @@ class Broker:
                     zap_unregister(self._ctx, self._zap_domain)
                 if up is not None:
                     up.close()
+                self._close_pair()
                 self._mailbox.close()
                 self._done.set()
                 log.info("broker %s stopped", self.settings.name)
@@ -300,9 +351,47 @@ class Broker:
         poller.register(mailbox_fd, zmq.POLLIN)
         if self._up is not None and self._up.sock is not None:
             poller.register(self._up.sock, zmq.POLLIN)
+        if self._pair_in is not None:
+            poller.register(self._pair_in, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
         return poller
+
+    def _close_pair(self) -> None:
+        if self._pair_out is not None:
+            self._pair_out.close(linger_ms=200)  # a HANDOVER sent at stop must get out
+        if self._pair_in is not None:
+            self._pair_in.close(0)
+            self._pair_in = None
+
+    def _drain_pair(self, core: BrokerCore) -> None:
+        """Read the peer's messages from the pair link (bounded batch) and feed them to the core."""
+        sock = self._pair_in
+        assert sock is not None
+        secure = self._ring is not None
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(NB, copy=False)
+            except zmq.Again:
+                return
+            now = self._clock.now()
+            if len(frames) != 3:
+                core.counters["bad_input"] += 1
+                self._ratelog.warning("pair", now, "pair link: dropped a message of %d frames", len(frames))
+                continue
+            if secure and "brokers" not in str(frames[1].get("X-Roles")).split(","):
+                core.counters["refused_by_role"] += 1
+                self._ratelog.warning("pair", now, "pair link: refused a peer whose key is not an allowed broker")
+                continue
+            try:
+                msg = p.decode(frames[1].bytes, frames[2].bytes)
+            except RemoteProtocolError as exc:
+                core.counters["bad_input"] += 1
+                self._ratelog.warning("pair", now, "pair link: dropped a bad message: %s", exc)
+                continue
+            out = core.pair_receive(msg, now)
+            if out:
+                self._send(core, out, now)
 
     def _handshake_failures(self, core: BrokerCore, now: float) -> None:
         assert self._monitor is not None
@@ -444,8 +533,11 @@ class Broker:
             for peer, msg in work:
                 if debug:
                     self._trace(peer, msg)
-                if not peer:
-                    self._send_up(msg, now)
+                if len(peer) < 2:  # b"": the upstream link; PAIR (one byte): the pair link
+                    if peer:
+                        self._send_pair(msg)
+                    else:
+                        self._send_up(msg, now)
                     continue
                 if mdp and peer in mdp:
                     failed += self._send_mdp(core, peer, msg, now)  # type: ignore[arg-type]
@@ -502,6 +594,14 @@ class Broker:
             self._ratelog.warning("upstream", now, "broker %s: %s", self.settings.name, msg.message)
         else:
             up.send(msg)
+
+    def _send_pair(self, msg: p.Message | Connect | Problem) -> None:
+        if isinstance(msg, Problem):
+            log.warning("broker %s: %s", self.settings.name, msg.message)  # role changes and resyncs
+        elif isinstance(msg, Connect):
+            pass  # the pair link's endpoint is fixed
+        elif self._pair_out is not None:
+            self._pair_out.send(msg)
 
     def _bad(self, ident: bytes, now: float, what: str) -> None:
         self._ratelog.warning("bad-input", now, "bad message from %s: %s", ident.hex(), what)

@@ -124,6 +124,22 @@ def _fail(exc: BaseException) -> None:
 @click.option("--allow-workers", default=None, help="directory of public certificates of allowed workers")
 @click.option("--allow-brokers", default=None, help="directory of public certificates of allowed proxies")
 @click.option("--upstream-server-key", default=None, help="the upstream broker's public certificate (proxies)")
+@click.option(
+    "--ha",
+    type=click.Choice(["primary", "backup"]),
+    default=None,
+    help="run as one broker of a backup pair (needs --peer and --ha-bind)",
+)
+@click.option("--peer", default=None, help="the other broker's --ha-bind endpoint (backup pairs)")
+@click.option("--ha-bind", multiple=True, help="endpoint the other broker of the pair connects to (repeatable)")
+@click.option(
+    "--failback",
+    type=click.Choice(["manual", "auto"]),
+    default="manual",
+    show_default=True,
+    help="auto: an active backup hands back to its primary once the primary is back and in sync",
+)
+@click.option("--peer-server-key", default=None, help="the other broker's public certificate (pairs with --key)")
 @click.option("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any free one)")
 @click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address of the metrics endpoint")
 def broker(
@@ -145,13 +161,20 @@ def broker(
     allow_workers: str | None,
     allow_brokers: str | None,
     upstream_server_key: str | None,
+    ha: str | None,
+    peer: str | None,
+    ha_bind: tuple[str, ...],
+    failback: str,
+    peer_server_key: str | None,
     metrics_port: int | None,
     metrics_addr: str,
 ) -> None:
     """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM.
 
     Every endpoint also accepts Majordomo (MDP 0.1 and 0.2) clients and workers. With --key, every
-    link is encrypted (CURVE) and peers must be in an allow-list; SIGHUP re-reads the lists."""
+    link is encrypted (CURVE) and peers must be in an allow-list; SIGHUP re-reads the lists. With
+    --ha, it is one broker of a backup pair: the passive one takes over when the active one dies
+    (docs/ha.md); SIGTERM of the active one hands over at once."""
     try:
         b = Broker(
             bind=list(bind),
@@ -172,6 +195,11 @@ def broker(
             allow_workers=allow_workers,
             allow_brokers=allow_brokers,
             upstream_server_key=upstream_server_key,
+            ha=ha,
+            peer=peer,
+            ha_bind=list(ha_bind),
+            failback=failback,
+            peer_server_key=peer_server_key,
             metrics_port=metrics_port,
             metrics_addr=metrics_addr,
         )
@@ -336,6 +364,16 @@ def format_status(st: dict[str, Any]) -> str:
             f"upstream {up['endpoint']}: {state}; {up['forwarded']} forwarded and {up['held']} handed down "
             f"in flight; {up['losses']} losses",
         ]
+    ha = st.get("ha")
+    if ha:
+        peer = ha["peer"]
+        lines += [
+            "",
+            f"pair: {ha['role']} {ha['state'].upper()} epoch {ha['epoch']} (failback {ha['failback']}); "
+            f"peer {peer['name'] or '?'} {peer['state']} epoch {peer['epoch']}"
+            + (f", silent {peer['silent_s']:.2f}s" if peer["silent_s"] is not None else ", never heard")
+            + (f"; {ha['replicated']} requests replicated here" if ha["replicated"] is not None else ""),
+        ]
     lines += ["", "counters: " + "  ".join(f"{k}={v}" for k, v in st["counters"].items() if v)]
     return "\n".join(lines)
 
@@ -359,6 +397,23 @@ def status(
     except ZmqdistError as exc:
         _fail(exc)
     click.echo(to_json(st) if as_json else format_tree(st) if tree else format_status(st))
+
+
+@main.command()
+@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="the active broker's endpoint")
+@click.option("--timeout", type=float, default=3.0, help="seconds before giving up")
+@_key_options
+def handover(connect: tuple[str, ...], timeout: float, server_key: str | None, key: str | None) -> None:
+    """Ask the active broker of a backup pair to hand its work to the passive one (failback)."""
+    try:
+        with Client(list(connect), timeout=timeout, server_key=server_key, key=key) as c:
+            done = c.call("zmqdist.handover")
+    except RequestError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except ZmqdistError as exc:
+        _fail(exc)
+    click.echo(f"handed over to {done['handed_over_to']} (it takes over above epoch {done['epoch']})")
 
 
 def format_tree(st: dict[str, Any], depth: int = 0) -> str:

@@ -54,8 +54,14 @@ class BrokerSettings:
     advert_interval_s: float = 0.005  # a proxy tells its upstream about capacity changes at most this often
     backoff_s: float = 0.25  # first jittered pause before re-registering upstream; doubles per failure
     backoff_max_s: float = 4.0
+    ha: str = ""  # "primary" or "backup": one broker of a backup pair; "" for a broker alone
+    failback: str = "manual"  # "auto": a backup hands the work back to its primary once it is in sync
 
     def __post_init__(self) -> None:
+        if self.ha not in ("", "primary", "backup"):
+            raise ConfigError(f"ha must be 'primary' or 'backup' (or empty for no pair), got {self.ha!r}")
+        if self.failback not in ("manual", "auto"):
+            raise ConfigError(f"failback must be 'manual' or 'auto', got {self.failback!r}")
         if not self.name or len(self.name) > 255:
             raise ConfigError("broker name must be 1 to 255 characters")
         if not all(isinstance(e, str) and e for e in self.upstream):

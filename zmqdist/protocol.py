@@ -73,15 +73,22 @@ class Hello(NamedTuple):
     services: tuple[str, ...]
     capacity: int
     heartbeat_ms: int
+    epoch: int = 0  # optional trailing field: the highest pair epoch this peer has seen (fencing)
 
 
 class Welcome(NamedTuple):
-    """Broker -> peer: registration accepted; the heartbeat settings to use from now on."""
+    """Broker -> peer: registration accepted; the heartbeat settings to use from now on.
+
+    A broker of a backup pair adds its ``epoch`` (term, grown at every takeover) and the name of
+    the other broker of its pair, so that peers can refuse a broker whose epoch is stale.
+    """
 
     broker: str
     incarnation: str
     heartbeat_ms: int
     liveness: int
+    epoch: int = 0  # optional trailing field: 0 for a broker that is not part of a pair
+    peer: str = ""  # optional trailing field: the other broker of the pair
 
 
 class Request(NamedTuple):
@@ -141,6 +148,7 @@ class Heartbeat(NamedTuple):
     incarnation: str
     seq: int
     held: tuple[int, ...]
+    epoch: int = 0  # optional trailing field: a paired broker's epoch (peers send 0)
 
 
 class Credit(NamedTuple):
@@ -158,6 +166,39 @@ class Advert(NamedTuple):
     """
 
     offer: tuple[tuple[str, int], ...]
+
+
+class PairState(NamedTuple):
+    """Between the two brokers of a backup pair, every heartbeat, on the pair link.
+
+    ``state`` is PAIR_PENDING (just started, role not known yet), PAIR_ACTIVE or PAIR_PASSIVE;
+    ``synced`` is the last replication seq a passive broker applied (-1: it needs a snapshot);
+    ``votes`` counts the peers that came to it recently while it was not active.
+    """
+
+    name: str
+    primary: int
+    state: int
+    epoch: int
+    incarnation: str
+    synced: int
+    votes: int
+
+
+class Replicate(NamedTuple):
+    """Active -> passive broker of a pair: changes to the request table (``snapshot``: the whole
+    table, replacing what the passive held). ``ops`` is msgpack (see :func:`pack_ops`)."""
+
+    epoch: int
+    seq: int
+    snapshot: int
+    ops: bytes
+
+
+class Handover(NamedTuple):
+    """Active -> passive broker of a pair: take over now (failback); the sender steps down."""
+
+    epoch: int
 
 
 class Reconnect(NamedTuple):
@@ -179,7 +220,29 @@ class Error(NamedTuple):
     message: str
 
 
-Message = Hello | Welcome | Request | Task | Result | Reply | Heartbeat | Credit | Reconnect | Bye | Error | Advert
+Message = (
+    Hello
+    | Welcome
+    | Request
+    | Task
+    | Result
+    | Reply
+    | Heartbeat
+    | Credit
+    | Reconnect
+    | Bye
+    | Error
+    | Advert
+    | PairState
+    | Replicate
+    | Handover
+)
+
+# Backup pair states (PairState.state).
+PAIR_PENDING: Final = 0
+PAIR_ACTIVE: Final = 1
+PAIR_PASSIVE: Final = 2
+PAIR_STATES: Final = (PAIR_PENDING, PAIR_ACTIVE, PAIR_PASSIVE)
 
 CMD_OF: Final[dict[type, int]] = {
     Hello: 1,
@@ -194,11 +257,14 @@ CMD_OF: Final[dict[type, int]] = {
     Bye: 10,
     Error: 11,
     Advert: 12,
+    PairState: 13,
+    Replicate: 14,
+    Handover: 15,
 }
 TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
 # Types whose last field travels in the payload frame.
-_WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply})
+_WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply, Replicate})
 # Types with an optional trace after the payload (sent as one more header field when not empty).
 _TRACED: Final = frozenset({Request, Task})
 
@@ -296,6 +362,26 @@ def _check_advert(f: tuple[Any, ...]) -> str | None:
     return None
 
 
+def _check_pair_state(f: tuple[Any, ...]) -> str | None:
+    if type(f[0]) is not str or len(f[0]) > MAX_NAME or type(f[4]) is not str or len(f[4]) > MAX_NAME:
+        return "name and incarnation must be strings of at most 255 characters"
+    if f[1] not in (0, 1) or type(f[1]) is not int or f[2] not in PAIR_STATES or type(f[2]) is not int:
+        return "primary must be 0 or 1 and state 0, 1 or 2"
+    if not _is_int(f[3], 0, MAX_ID) or not _is_int(f[5], -1, MAX_ID) or not _is_int(f[6], 0, MAX_ID):
+        return "epoch, synced and votes out of range"
+    return None
+
+
+def _check_replicate(f: tuple[Any, ...]) -> str | None:
+    if not _is_int(f[0], 0, MAX_ID) or not _is_int(f[1], 0, MAX_ID) or f[2] not in (0, 1) or type(f[2]) is not int:
+        return "epoch and seq must be non-negative integers and snapshot 0 or 1"
+    return None
+
+
+def _check_epoch(f: tuple[Any, ...]) -> str | None:
+    return None if _is_int(f[0], 0, MAX_ID) else "epoch must be a non-negative integer"
+
+
 def _check_text(f: tuple[Any, ...]) -> str | None:
     return None if type(f[0]) is str else "reason must be a string"
 
@@ -318,6 +404,15 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
     Bye: (1, False, _check_text),
     Error: (2, False, _check_error),
     Advert: (1, False, _check_advert),
+    PairState: (7, False, _check_pair_state),
+    Replicate: (3, False, _check_replicate),
+    Handover: (1, False, _check_epoch),
+}
+# Optional trailing header fields: per type, a check for each (the default is the field's own).
+_OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
+    Hello: (lambda v: _is_int(v, 0, MAX_ID),),
+    Welcome: (lambda v: _is_int(v, 0, MAX_ID), lambda v: type(v) is str and len(v) <= MAX_NAME),
+    Heartbeat: (lambda v: _is_int(v, 0, MAX_ID),),
 }
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
 _CMD_REQUEST: Final = bytes([CMD_OF[Request]])
@@ -397,6 +492,14 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
         return tuple.__new__(cls, (*fields, payload))
     if payload:
         raise RemoteProtocolError(f"{cls.__name__}: unexpected payload", E_HEADER)
+    optional = _OPTIONAL.get(cls)
+    if optional is not None:
+        extra = extra[: len(optional)]
+        for i, (v, ok) in enumerate(zip(extra, optional, strict=False)):
+            if not ok(v):
+                field = cls._fields[nfields + i]  # type: ignore[attr-defined]
+                raise RemoteProtocolError(f"{cls.__name__}: optional field {field} is invalid", E_HEADER)
+        return tuple.__new__(cls, (*fields, *extra, *_TAIL_DEFAULTS[cls][len(extra) :]))
     return tuple.__new__(cls, fields)
 
 
@@ -423,6 +526,29 @@ class Encoder:
             payload: bytes = msg[-1]  # type: ignore[assignment]
             return prefix + self._pack(msg[:-1]), payload
         return prefix + self._pack(tuple(msg)), b""
+
+
+# The defaults of the optional trailing fields, in order (decode fills in the ones not sent).
+_TAIL_DEFAULTS: Final[dict[type, tuple[Any, ...]]] = {
+    t: tuple(t._field_defaults[n] for n in t._fields[_SPEC[t][0] :])  # type: ignore[attr-defined]
+    for t in _OPTIONAL
+}
+
+
+def pack_ops(ops: list[Any]) -> bytes:
+    """Return a pair's replication ops (lists of plain values and bytes) as msgpack."""
+    return msgpack.packb(ops, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_ops(data: bytes) -> list[Any]:
+    """Return the ops packed by :func:`pack_ops`. Raises :class:`RemoteProtocolError` for garbage."""
+    try:
+        ops = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:
+        raise RemoteProtocolError(f"Replicate: ops are not valid msgpack: {exc}", E_HEADER) from exc
+    if type(ops) is not list:
+        raise RemoteProtocolError("Replicate: ops must be a list", E_HEADER)
+    return ops
 
 
 def encode(msg: Message) -> tuple[bytes, bytes]:

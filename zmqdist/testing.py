@@ -24,6 +24,7 @@ from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
 from zmqdist.core.broker import UPSTREAM, BrokerCore
 from zmqdist.core.client import ClientCore, Completed
+from zmqdist.core.ha import PAIR
 from zmqdist.core.link import Connect, Problem, Stopped
 from zmqdist.core.worker import Execute, WorkerCore
 
@@ -121,6 +122,7 @@ class SimClient(_Node):
         super().__init__(sim, ident)
         self.core = core
         self.completed: dict[int, list[Completed]] = {}
+        self.completed_at: dict[int, float] = {}  # fake time of each request's first completion
         self._rid = 0
 
     def submit(self, service: str, value: Any, timeout: float = 5.0) -> int:
@@ -137,6 +139,7 @@ class SimClient(_Node):
             t = type(o)
             if t is Completed:
                 self.completed.setdefault(o.rid, []).append(o)
+                self.completed_at.setdefault(o.rid, self.sim.clock.now())
             elif t is Connect:
                 self.endpoint = o.endpoint
             elif t is Problem:
@@ -155,6 +158,7 @@ class SimBroker(_Node):
         self.settings = settings
         self.runs = 0
         self.problems: list[str] = []
+        self.pair_peer: SimBroker | None = None  # the other broker of its backup pair
         self.core = self._new_core()
 
     def _new_core(self) -> BrokerCore:
@@ -162,7 +166,11 @@ class SimBroker(_Node):
         self.ident = f"b:{self.name}#{self.runs}".encode()  # a new run has a new DEALER identity
         self.endpoint = ""
         self.expired_at: dict[bytes, float] = {}
-        core = BrokerCore(self.settings, f"{self.name}-inc{self.runs}", self.sim.clock.now(), rng=self.sim.rng.random)
+        now = self.sim.clock.now()
+        # a pair's epoch floor: the (fake) wall clock in milliseconds, as the runtime gives it
+        core = BrokerCore(
+            self.settings, f"{self.name}-inc{self.runs}", now, rng=self.sim.rng.random, epoch_floor=int(now * 1000)
+        )
         return core
 
     def start(self) -> None:
@@ -180,13 +188,28 @@ class SimBroker(_Node):
 
     def receive_from(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
         if self.alive:
-            self.out(self.core.receive(ident, p.decode(*frames), self.sim.clock.now()))
+            now = self.sim.clock.now()
+            self.out(self.core.receive(ident, p.decode(*frames), now))
+            self.out(self.core.flush(now))
+
+    def receive_pair(self, run: int, frames: tuple[bytes, bytes]) -> None:
+        """A message on the pair link, sent to our run ``run`` (a restarted run has a new link)."""
+        if self.alive and run == self.runs:
+            self.out(self.core.pair_receive(p.decode(*frames), self.sim.clock.now()))
 
     def out(self, outs: list[Any]) -> None:
         sim = self.sim
         now = sim.clock.now()
         for ident, msg in outs:
             t = type(msg)
+            if ident == PAIR:
+                if t is Problem:
+                    self.problems.append(msg.message)
+                elif self._pair_link_up():
+                    peer = self.pair_peer
+                    assert peer is not None
+                    sim.at(now + sim.latency, functools.partial(peer.receive_pair, peer.runs, p.encode(msg)))
+                continue
             if not ident:
                 if t is Connect:
                     self.endpoint = msg.endpoint
@@ -212,6 +235,12 @@ class SimBroker(_Node):
             if n > cap:
                 raise InvariantError(f"worker {ident!r} holds {n} tasks at {self.name}, capacity {cap}")
 
+    def _pair_link_up(self) -> bool:
+        peer, sim = self.pair_peer, self.sim
+        if peer is None or not peer.alive or {self.name, peer.name} & sim.pair_cut:
+            return False
+        return self.ident not in sim.partitioned and peer.ident not in sim.partitioned
+
     def ident_of_endpoint(self) -> bytes:
         return self.at_endpoint.encode()
 
@@ -219,6 +248,7 @@ class SimBroker(_Node):
         now = self.sim.clock.now()
         before = self.core.members()
         self.out(self.core.tick(now))
+        self.out(self.core.flush(now))
         for ident in before - self.core.members():
             self.expired_at[ident] = now
 
@@ -255,6 +285,8 @@ class Simulation:
         self.clients: dict[str, SimClient] = {}
         self.nodes: dict[bytes, _Node] = {}
         self.partitioned: set[bytes] = set()
+        self.pair_cut: set[str] = set()  # brokers whose pair link is cut
+        self.cut_links: set[frozenset[bytes]] = set()  # (node, broker endpoint) connections cut
         self.tasks_sent: list[tuple[float, bytes]] = []
         self.add_broker("broker", settings=self.settings)
 
@@ -277,6 +309,40 @@ class Simulation:
         self.nodes[b.ident] = b
         b.start()
         return b
+
+    def add_pair(
+        self,
+        primary: str,
+        backup: str,
+        upstream: tuple[str, ...] = (),
+        settings: BrokerSettings | None = None,
+        failback: str = "manual",
+    ) -> tuple[SimBroker, SimBroker]:
+        """Add a backup pair of brokers (``upstream`` as for :meth:`add_broker`); peers list both
+        names in ``via``."""
+        base = settings or self.settings
+        a = self.add_broker(primary, upstream, dataclasses.replace(base, ha="primary", failback=failback))
+        b = self.add_broker(backup, upstream, dataclasses.replace(base, ha="backup", failback=failback))
+        a.pair_peer, b.pair_peer = b, a
+        return a, b
+
+    def cut_pair(self, name: str) -> None:
+        """Cut the pair link of broker ``name`` (both ways) until :meth:`heal_pair`."""
+        self.pair_cut.add(name)
+
+    def heal_pair(self, name: str) -> None:
+        self.pair_cut.discard(name)
+
+    def cut_link(self, node: str, broker: str) -> None:
+        """Cut the connection between worker or client ``node`` and broker ``broker`` only."""
+        self.cut_links.add(frozenset((self._node(node).ident, self.endpoint(broker).encode())))
+
+    def heal_link(self, node: str, broker: str) -> None:
+        self.cut_links.discard(frozenset((self._node(node).ident, self.endpoint(broker).encode())))
+
+    def active(self, *names: str) -> list[str]:
+        """The names (of those given) of live brokers that are active (brokers alone count)."""
+        return [n for n in names if self.brokers[n].alive and not self.brokers[n].core.standby]
 
     @property
     def broker(self) -> BrokerCore:
@@ -363,7 +429,9 @@ class Simulation:
     def lost(self, a: bytes, b: bytes) -> bool:
         """Return True if a message between ``a`` and ``b`` is lost (partition or random drop)."""
         part = self.partitioned
-        return a in part or b in part or (self.drop_rate > 0 and self.rng.random() < self.drop_rate)
+        if a in part or b in part or (self.cut_links and frozenset((a, b)) in self.cut_links):
+            return True
+        return self.drop_rate > 0 and self.rng.random() < self.drop_rate
 
     def send_to_broker(self, node: _Node, msg: p.Message) -> None:
         """``node`` sends ``msg`` on its connection (to the broker at its endpoint)."""

@@ -9,6 +9,7 @@ from zmqdist.errors import LocalProtocolError, RemoteProtocolError
 SAMPLES = [
     p.Hello(p.ROLE_WORKER, "w1", ("echo", "sum"), 4, 250),
     p.Welcome("broker", "abc123", 250, 4),
+    p.Welcome("broker-b", "abc123", 250, 4, 3, "broker-a"),
     p.Request(7, "echo", 5000, ("b1",), b"\x01payload"),
     p.Request(7, "echo", 5000, (), b"\x01payload", "trace-1a2b"),
     p.Task(9, "echo", 4999, 1, "C-1:7", 3, (), b"payload"),
@@ -19,6 +20,10 @@ SAMPLES = [
     p.Result(9, p.RS_FAILED, b"err"),
     p.Reply(7, p.ST_BUSY, "queue full", b""),
     p.Heartbeat(p.ROLE_WORKER, "abc123", 5, (1, 2)),
+    p.Heartbeat(p.ROLE_BROKER, "abc123", 5, (), 7),
+    p.PairState("broker-a", 1, p.PAIR_ACTIVE, 3, "inc", -1, 0),
+    p.Replicate(3, 41, 0, p.pack_ops([1.5, ["e", 7]])),
+    p.Handover(3),
     p.Credit(0),
     p.Reconnect("unknown worker"),
     p.Bye("leaving"),
@@ -40,7 +45,7 @@ def test_every_message_type_has_a_sample():
 # For each type: a header that is well-formed msgpack but invalid for that command.
 MALFORMED = {
     p.Hello: [(9, "w", (), 1, 250), (2, "w", ("",), 1, 250), (2, "w", ("a",), -1, 250), (2, "w", ("a",), 1, 0)],
-    p.Welcome: [("b", 5, 250, 4), ("b", "i", 0, 4)],
+    p.Welcome: [("b", 5, 250, 4), ("b", "i", 0, 4), ("b", "i", 250, 4, -1), ("b", "i", 250, 4, 1, 5)],
     p.Request: [
         (1, "", 10, ()),
         (1, "s", -5, ()),
@@ -58,7 +63,16 @@ MALFORMED = {
     ],
     p.Result: [(1, 9), (1, "ok")],
     p.Reply: [(1, 99, ""), (1, 0, 5)],
-    p.Heartbeat: [(7, "", 0, ()), (1, 2, 0, ()), (2, "", -1, ()), (2, "", 0, ("x",))],
+    p.Heartbeat: [(7, "", 0, ()), (1, 2, 0, ()), (2, "", -1, ()), (2, "", 0, ("x",)), (0, "", 0, (), "e")],
+    p.PairState: [
+        ("a", 2, 1, 1, "i", 0, 0),
+        ("a", 1, 3, 1, "i", 0, 0),
+        ("a", 1, 1, -1, "i", 0, 0),
+        ("a", 1, 1, 1, "i", -2, 0),
+        (5, 1, 1, 1, "i", 0, 0),
+    ],
+    p.Replicate: [(-1, 0, 0), (0, 0, 2), (0, "1", 0)],
+    p.Handover: [(-1,), ("1",)],
     p.Credit: [(-1,), (70000,)],
     p.Reconnect: [(5,)],
     p.Bye: [(None,)],
@@ -112,6 +126,22 @@ def test_control_message_with_payload_is_refused():
 def test_extra_trailing_fields_are_ignored_for_forward_compatibility():
     head = p.HEAD_PREFIX[p.Credit] + msgpack.packb((3, "future-field"))
     assert p.decode(head, b"") == p.Credit(3)
+
+
+def test_optional_trailing_fields_default_when_absent():
+    welcome = p.decode(p.HEAD_PREFIX[p.Welcome] + msgpack.packb(["b", "i", 250, 4]), b"")
+    assert welcome == p.Welcome("b", "i", 250, 4, 0, "") and welcome.epoch == 0 and welcome.peer == ""
+    welcome = p.decode(p.HEAD_PREFIX[p.Welcome] + msgpack.packb(["b", "i", 250, 4, 9]), b"")
+    assert welcome.epoch == 9 and welcome.peer == ""
+    hb = p.decode(p.HEAD_PREFIX[p.Heartbeat] + msgpack.packb([0, "i", 1, [], 4, "future"]), b"")
+    assert hb.epoch == 4 and len(hb) == 5
+
+
+def test_replication_ops_refuse_garbage():
+    assert p.unpack_ops(p.pack_ops([1.0, ["a", 1, b"c", 2, "s", 3.0, [], "", "", 0, b"x"]]))[1][2] == b"c"
+    for bad in (b"\xc1", msgpack.packb({"a": 1}), msgpack.packb(5)):
+        with pytest.raises(RemoteProtocolError):
+            p.unpack_ops(bad)
 
 
 def test_encode_refuses_non_messages():

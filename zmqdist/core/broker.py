@@ -31,6 +31,26 @@ from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
+from zmqdist.core.ha import (
+    ACTIVE,
+    BECOME_PASSIVE,
+    HAND_OVER,
+    PAIR,
+    R_ATTEMPT,
+    R_CLIENT,
+    R_DEADLINE,
+    R_HOPS,
+    R_KEY,
+    R_MEMBER,
+    R_PAYLOAD,
+    R_RID,
+    R_SERVICE,
+    R_TRACE,
+    STEP_DOWN,
+    TAKE_OVER,
+    TICKET_GAP,
+    Pair,
+)
 from zmqdist.core.link import Connect, Problem
 from zmqdist.core.metrics import Hist
 from zmqdist.core.upstream import Upstream, half
@@ -51,6 +71,7 @@ _COUNTER_OF = {
     p.ST_INVALID: "invalid",
 }
 STATUS_SERVICE = "zmqdist.status"
+HANDOVER_SERVICE = "zmqdist.handover"  # the active broker of a pair hands the work to its peer
 TREE_SERVICE = "zmqdist.tree"  # this broker's status with those of every broker below it
 TREE_WAIT_S = 2.0  # longest a tree status waits for the brokers below
 _NONE: list[Out] = []  # shared empty result; callers never mutate returned lists
@@ -60,10 +81,12 @@ class _Worker:
     """A pool member: a worker, or a downstream broker (``spare`` is not None)."""
 
     __slots__ = (
+        "adopted",
         "adv_at",
         "alive",
         "busy_s",
         "capacity",
+        "carried",
         "down_spare",
         "failed",
         "held_from",
@@ -99,6 +122,10 @@ class _Worker:
         self.busy_s = 0.0  # sum of dispatch-to-answer times of what it served
         self.seq = 0
         self.ttl = 0.0  # set by the broker at registration
+        self.adopted = False  # holds requests adopted at a takeover, not yet confirmed by a heartbeat
+        # Adopted tickets still held: the member runs them beside its declared capacity (it left
+        # them out of it), so they do not count against that capacity.
+        self.carried: set[int] = set()
         # Downstream brokers only: what it offers per service (its ADVERT), our tasks it holds per
         # service, its requests we hold per service, and our last advert to it.
         self.spare: dict[str, int] | None = None
@@ -115,7 +142,7 @@ class _Worker:
 
     def free(self, service: str) -> int:
         """Tasks of ``service`` this member can take now (never negative)."""
-        n = self.capacity - len(self.inflight) if self.spare is None else self.allowed(service)
+        n = self.capacity - len(self.inflight) + len(self.carried) if self.spare is None else self.allowed(service)
         return n if n > 0 and self.alive else 0
 
 
@@ -206,8 +233,10 @@ class _Pool:
 class BrokerCore:
     """Sans-IO broker: feed it messages and time, send what it returns.
 
-    ``rng`` (uniform in [0, 1)) jitters a proxy's re-registration; inject ``random.random`` in a
-    runtime and a seeded source in simulations.
+    ``rng`` (uniform in [0, 1)) jitters a proxy's re-registration and picks a pair's first ticket;
+    inject ``random.random`` in a runtime and a seeded source in simulations. ``epoch_floor``: a
+    broker of a pair never takes over with an epoch below it (the runtime gives the wall clock in
+    milliseconds; see :mod:`zmqdist.core.ha`).
     """
 
     def __init__(
@@ -216,8 +245,10 @@ class BrokerCore:
         incarnation: str,
         now: float,
         rng: Callable[[], float] = half,
+        epoch_floor: int = 0,
     ) -> None:
         self.settings = settings
+        self._rng = rng
         self.name = settings.name
         self.incarnation = incarnation
         self.started = now
@@ -229,28 +260,13 @@ class BrokerCore:
             settings.heartbeat.liveness,
         )
         self._pong = p.Heartbeat(p.ROLE_BROKER, incarnation, 0, ())
-        self._workers: dict[bytes, _Worker] = {}
-        self._pools: dict[str, _Pool] = {}
-        self._reqs: dict[int, _Req] = {}
-        self._by_key: dict[tuple[bytes, int], int] = {}
-        self._next_ticket = 1
-        self._seq = 0
         self._serial = 0
-        self._queued = 0
-        self._queued_bytes = 0
-        self._deadlines: list[tuple[float, int]] = []
-        self._expiry: list[tuple[float, int, _Worker]] = []
-        self._up = Upstream(settings, rng, now) if settings.upstream else None
-        self._from_up: dict[int, _Req] = {}  # local ticket -> request handed down by upstream
-        self._sent_up: dict[int, _Req] = {}  # local ticket -> request forwarded upstream, unanswered
-        self._changes = 0  # bumped whenever spare capacity may have changed
-        self._up_mark = -1  # _changes when the last advert went upstream
-        self._down_mark = -1  # _changes when the last adverts went to downstream brokers
-        self._down_at = -1.0
-        self._brokers = 0  # downstream brokers registered
-        self._open_by_client: dict[bytes, int] = {}  # open requests per client (quota)
-        self._gathers: dict[int, _Gather] = {}  # tree statuses being gathered, by our ticket
-        self._gather_of: dict[int, int] = {}  # ticket of a question to a broker below -> its gather
+        self._pair = Pair(settings, incarnation, now, epoch_floor) if settings.ha else None
+        self._standby = self._pair is not None  # a broker of a pair that is not active refuses work
+        self._ops: list[Any] | None = None  # the active broker of a pair: replication ops to send
+        self._base_incarnation = incarnation
+        self._epoch = 0  # our term as the active broker of a pair (0: not part of a pair)
+        self._reset(now)
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "requests",
@@ -284,6 +300,8 @@ class BrokerCore:
                 "over_quota",
                 "refused_by_role",  # counted by the runtime: messages a secured peer's key may not send
                 "handshakes_failed",  # counted by the runtime: CURVE handshakes that failed
+                "redirected",  # a broker of a pair that is not active sent a peer to the active one
+                "adopted",  # requests a new active broker found still held by their member
             ),
             0,
         )
@@ -304,11 +322,43 @@ class BrokerCore:
             p.Reply: self._on_reply,
         }
 
+    def _reset(self, now: float) -> None:
+        """Empty every table: at start, and when a broker of a pair steps down or takes over."""
+        self._workers: dict[bytes, _Worker] = {}
+        self._pools: dict[str, _Pool] = {}
+        self._reqs: dict[int, _Req] = {}
+        self._by_key: dict[tuple[bytes, int], int] = {}
+        self._next_ticket = 1
+        self._seq = 0
+        self._queued = 0
+        self._queued_bytes = 0
+        self._deadlines: list[tuple[float, int]] = []
+        self._expiry: list[tuple[float, int, _Worker]] = []
+        serving = not self._standby
+        self._up = Upstream(self.settings, self._rng, now) if self.settings.upstream and serving else None
+        self._from_up: dict[int, _Req] = {}  # local ticket -> request handed down by upstream
+        self._sent_up: dict[int, _Req] = {}  # local ticket -> request forwarded upstream, unanswered
+        self._changes = 0  # bumped whenever spare capacity may have changed
+        self._up_mark = -1  # _changes when the last advert went upstream
+        self._down_mark = -1  # _changes when the last adverts went to downstream brokers
+        self._down_at = -1.0
+        self._brokers = 0  # downstream brokers registered
+        self._open_by_client: dict[bytes, int] = {}  # open requests per client (quota)
+        self._clients: dict[bytes, float] = {}  # clients by when last heard (HELLO, HEARTBEAT)
+        self._gathers: dict[int, _Gather] = {}  # tree statuses being gathered, by our ticket
+        self._gather_of: dict[int, int] = {}  # ticket of a question to a broker below -> its gather
+        # A new active broker of a pair: requests the old one had dispatched, by member, waiting
+        # for that member to register here (it may still run them, or have finished them).
+        self._adopt: dict[bytes, list[int]] = {}
+        self._adopt_until: float | None = None
+
     # --- inputs ---------------------------------------------------------------------------------
 
     def start(self, now: float) -> list[Out]:
         """Return what to send at start (a proxy connects and registers upstream)."""
         out: list[Out] = []
+        if self._pair is not None:
+            out.append((PAIR, self._pair.state_message(now)))
         if self._up is not None:
             self._tick_upstream(now, out)
         return out
@@ -323,6 +373,8 @@ class BrokerCore:
         self._now = now
         if not peer:
             return self._from_upstream(msg, now)
+        if self._standby:
+            return self._standby_receive(peer, msg, now)
         w = self._workers.get(peer)
         if w is not None:
             w.seen = now
@@ -392,6 +444,10 @@ class BrokerCore:
         if self._gathers:
             for g in [g for g in self._gathers.values() if g.deadline <= now]:
                 self._gather_done(g, out)
+        if self._adopt_until is not None and now >= self._adopt_until:
+            self._adopt_expired(now, out)
+        if self._pair is not None:
+            self._tick_pair(now, out)
         return out
 
     def next_deadline(self) -> float | None:
@@ -405,6 +461,10 @@ class BrokerCore:
             times.append(self._up.next_deadline(self._changes != self._up_mark))
         if self._gathers:
             times.append(min(g.deadline for g in self._gathers.values()))
+        if self._pair is not None:
+            times.append(self._pair.next_deadline())
+        if self._adopt_until is not None:
+            times.append(self._adopt_until)
         if self._brokers:
             gap = (
                 self.settings.advert_interval_s
@@ -416,10 +476,25 @@ class BrokerCore:
 
     def shutdown(self) -> list[Out]:
         """Say BYE to every worker and downstream broker (and upstream) so they move on at once."""
-        out: list[Out] = [(w.ident, p.Bye("broker shutting down")) for w in self._workers.values()]
+        out: list[Out] = []
+        pair = self._pair
+        if pair is not None and not self._standby and pair.peer_alive(self._now) and pair.peer_state != ACTIVE:
+            # A graceful stop of the active broker of a pair hands over at once (no ttl of silence).
+            self._hand_over(self._now, out)
+            return out
+        bye = p.Bye("broker shutting down")
+        out += [(ident, bye) for ident in self._leavers()]
         if self._up is not None and self._up.registered:
             out.append((UPSTREAM, p.Bye("proxy shutting down")))
         return out
+
+    def _leavers(self) -> list[bytes]:
+        """Everyone to tell BYE when we stop serving: members, clients with open requests, and
+        clients heard within the ttl (so they fail over now, not after a ttl of silence)."""
+        now = self._now
+        clients = {r.client for r in self._reqs.values() if r.client}
+        clients.update(c for c, t in self._clients.items() if now - t <= self._ttl)
+        return [*self._workers, *(clients - self._workers.keys())]
 
     # --- handlers -------------------------------------------------------------------------------
 
@@ -430,6 +505,8 @@ class BrokerCore:
         if service.startswith(p.INTERNAL_PREFIXES):
             if service == TREE_SERVICE:
                 return self._gather_tree(peer, m.rid, 0, m.budget_ms, m.hops, now)
+            if service == HANDOVER_SERVICE:
+                return self._handover_service(peer, m.rid, now)
             return [(peer, self._internal(m, now))]
         key = (peer, m.rid)
         if key in self._by_key:
@@ -478,6 +555,9 @@ class BrokerCore:
         self._reqs[ticket] = req
         self._by_key[key] = ticket
         by_client[peer] = mine + 1
+        ops = self._ops
+        if ops is not None:
+            ops.append(["a", ticket, peer, m.rid, service, req.deadline, hops, m.trace, "", 0, m.payload])
         pool = self._pools.get(service)
         if pool is None:
             pool = self._pools[service] = _Pool(service)
@@ -568,9 +648,13 @@ class BrokerCore:
             if m.role != p.ROLE_CLIENT:
                 who = "worker" if m.role == p.ROLE_WORKER else "broker"
                 return [(peer, p.Reconnect(f"unknown {who}: register again"))]
+            self._clients[peer] = now
             return [(peer, self._pong)]
-        out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, ()))]
-        if w.inflight and m.seq:
+        out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, (), self._epoch))]
+        adopted = w.adopted and m.incarnation == self.incarnation  # its first heartbeat since WELCOME
+        if adopted:
+            w.adopted = False
+        if w.inflight and (m.seq or adopted):
             self._reconcile(w, m.seq, m.held, now, out)
         return out
 
@@ -596,7 +680,12 @@ class BrokerCore:
 
     def _on_hello(self, peer: bytes, w: _Worker | None, m: p.Hello, now: float) -> list[Out]:
         out: list[Out] = []
+        if m.epoch > self._epoch and self._pair is not None:
+            self._outgrown(m.epoch, now, out)
         if m.role == p.ROLE_CLIENT:
+            self._clients[peer] = now
+            if len(self._clients) > 2 * self.settings.max_queue:
+                self._clients = {c: t for c, t in self._clients.items() if now - t <= self._ttl}
             return [(peer, self._welcome)]
         if m.role == p.ROLE_BROKER:
             if m.name == self.name:
@@ -629,6 +718,8 @@ class BrokerCore:
         self._workers[peer] = nw
         heappush(self._expiry, (now + self._ttl + EPSILON, nw.serial, nw))
         self._join(nw, services)
+        if self._adopt and (tickets := self._adopt.pop(peer, None)):
+            self._adopt_member(nw, tickets, now)
         out.append((peer, self._welcome))
         if nw.spare is not None:
             self._advert_to(nw, self._spare_totals(), now, out, force=True)
@@ -691,6 +782,8 @@ class BrokerCore:
         spare = w.spare
         if spare is None:
             n = len(w.inflight)
+            if w.carried:
+                n -= len(w.carried)
             if n >= w.capacity:
                 return
             entry = (n / w.capacity, w.last_used, w.serial, w.version, w)
@@ -819,10 +912,14 @@ class BrokerCore:
             )
         self._offer(w)
         out.append((w.ident, task))
+        if self._ops is not None:
+            self._ops.append(["s", ticket, w.ident, req.attempt])
 
     def _release(self, w: _Worker, ticket: int) -> None:
         """``w`` no longer holds ``ticket``."""
         del w.inflight[ticket]
+        if w.carried:
+            w.carried.discard(ticket)
         if w.spare is not None:
             s = w.svc_of.pop(ticket)
             w.load[s] -= 1
@@ -840,6 +937,8 @@ class BrokerCore:
             pool = self._pools[req.service] = _Pool(req.service)
         req.state = QUEUED
         req.worker = None
+        if self._ops is not None:
+            self._ops.append(["q", req.ticket])
         pool.queue.appendleft(req.ticket)
         self._queued += 1
         self._queued_bytes += len(req.payload)
@@ -880,6 +979,7 @@ class BrokerCore:
                 touched,
             )
         w.inflight.clear()
+        w.carried.clear()
         w.svc_of.clear()
         w.load.clear()
         if w.spare is not None:
@@ -922,6 +1022,8 @@ class BrokerCore:
     def _forget(self, req: _Req) -> None:
         """Remove ``req`` from the tables (its ticket may linger in a queue; pumps skip it)."""
         del self._reqs[req.ticket]
+        if self._ops is not None:
+            self._ops.append(["e", req.ticket])
         client = req.client
         key = (client, req.rid)
         if self._by_key.get(key) == req.ticket:
@@ -1013,9 +1115,14 @@ class BrokerCore:
         elif t is p.Heartbeat:
             if link.restarted(msg.incarnation):  # type: ignore[union-attr]
                 self._lose_upstream(now, "upstream broker restarted", False, out)
+            elif (why := link.fenced(link.broker, "", msg.epoch)) is not None:  # type: ignore[union-attr]
+                self._lose_upstream(now, why, True, out)
             else:
                 up.seq_seen = max(up.seq_seen, msg.seq)  # type: ignore[union-attr]
         elif t is p.Welcome:
+            if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:  # type: ignore[union-attr]
+                self._lose_upstream(now, why, True, out)
+                return out
             link.welcome(msg)  # type: ignore[arg-type]
             up.welcomed(msg.broker)  # type: ignore[union-attr]
             self._advert(now, out, force=True)
@@ -1151,7 +1258,7 @@ class BrokerCore:
                 link.next_hb = now + link.hb_s
                 link.incarnation = None
             hb_ms = max(1, round(self.settings.heartbeat.heartbeat_s * 1000))
-            out.append((UPSTREAM, p.Hello(p.ROLE_BROKER, self.name, (), 0, hb_ms)))
+            out.append((UPSTREAM, p.Hello(p.ROLE_BROKER, self.name, (), 0, hb_ms, link.top_epoch)))
             return
         if link.silent(now):
             self._lose_upstream(now, f"upstream at {link.endpoint} silent for {now - link.last_heard:.2f}s", True, out)
@@ -1284,6 +1391,268 @@ class BrokerCore:
         elif self._up is not None and g.session == self._up.session:
             out.append((UPSTREAM, reply))
 
+    # --- the backup pair ------------------------------------------------------------------------
+
+    def pair_receive(self, msg: p.Message, now: float) -> list[Out]:
+        """Handle a message from the other broker of our pair (the runtime's pair link)."""
+        self._now = now
+        pair = self._pair
+        out: list[Out] = []
+        if pair is None:
+            self.counters["bad_input"] += 1
+            return out
+        t = type(msg)
+        if t is p.PairState:
+            pair.heard(msg, now)  # type: ignore[arg-type]
+            self._decide(now, out)
+        elif t is p.Replicate:
+            problem = pair.apply(msg, now)  # type: ignore[arg-type]
+            if problem is not None:
+                out.append((PAIR, Problem(problem)))
+        elif t is p.Handover:
+            if self._standby and msg.epoch >= pair.epoch:  # type: ignore[union-attr]
+                pair.peer_state = p.PAIR_PASSIVE  # it stepped down as it sent this
+                pair.peer_epoch = max(pair.peer_epoch, msg.epoch)  # type: ignore[union-attr]
+                self._take_over(now, out, f"{pair.peer_name} handed over")
+        else:
+            self.counters["bad_input"] += 1
+            out.append((PAIR, Problem(f"unexpected {t.__name__} on the pair link ignored")))
+        return out
+
+    def flush(self, now: float) -> list[Out]:
+        """Return the replication message for the passive peer, if any (the runtime calls this
+        after each batch of input, so one REPLICATE carries many requests)."""
+        pair = self._pair
+        if pair is None or self._standby:
+            return _NONE
+        m = pair.flush(now, self._snapshot)
+        return [(PAIR, m)] if m is not None else _NONE
+
+    def _tick_pair(self, now: float, out: list[Out]) -> None:
+        pair = self._pair
+        assert pair is not None
+        self._decide(now, out)
+        if now >= pair.next_beat:
+            out.append((PAIR, pair.state_message(now)))
+        if self._standby and pair.held and pair.peer_state == p.PAIR_ACTIVE and pair.peer_fresh(now):
+            self._redirect_held(out)
+        out += self.flush(now)
+
+    def _decide(self, now: float, out: list[Out]) -> None:
+        pair = self._pair
+        assert pair is not None
+        action = pair.decide(now)
+        if action is None:
+            return
+        if action == TAKE_OVER:
+            if pair.peer_alive(now) and pair.state == p.PAIR_PENDING:
+                why = f"both started, {pair.peer_name} too: the primary serves"
+            elif pair.peer_alive(now):
+                why = f"{pair.peer_name} is {'restarting' if pair.peer_state == p.PAIR_PENDING else 'passive'}"
+            else:
+                why = f"{pair.peer_name or 'the peer'} silent, {len(pair.votes)} peers came here"
+            self._take_over(now, out, why)
+        elif action == BECOME_PASSIVE:
+            pair.deactivate(now, stepped_down=False)
+            out.append((PAIR, Problem(f"{self.name} is passive: {pair.peer_name} is active (epoch {pair.epoch})")))
+            self._redirect_held(out)
+        elif action == STEP_DOWN:
+            self._step_down(now, out, f"{pair.peer_name} is active with epoch {pair.peer_epoch} (ours {pair.epoch})")
+        elif action == HAND_OVER:
+            self._hand_over(now, out)
+
+    def _redirect_held(self, out: list[Out]) -> None:
+        pair = self._pair
+        assert pair is not None
+        bye = p.Bye(f"{self.name} is the passive broker of its pair; {pair.peer_name} is active")
+        out += [(ident, bye) for ident in pair.held]
+        self.counters["redirected"] += len(pair.held)
+        pair.held.clear()
+
+    def _standby_receive(self, peer: bytes, msg: p.Message, now: float) -> list[Out]:
+        """A message for a broker of a pair that is not active: answer status; send the peer to
+        the active broker; or, when the active one looks dead, count a vote and wait."""
+        pair = self._pair
+        assert pair is not None
+        t = type(msg)
+        if t is p.Request and msg.service == STATUS_SERVICE:  # type: ignore[union-attr]
+            return [(peer, self._internal(msg, now))]  # type: ignore[arg-type]
+        if t is not p.Hello and t is not p.Request and t is not p.Heartbeat:
+            return _NONE  # for a registration this broker does not hold: it was told to leave
+        if pair.peer_state == p.PAIR_ACTIVE and pair.peer_fresh(now):
+            self.counters["redirected"] += 1
+            return [(peer, p.Bye(f"{self.name} is the passive broker of its pair; {pair.peer_name} is active"))]
+        pair.vote(peer, now)
+        pair.held.add(peer)
+        out: list[Out] = []
+        self._decide(now, out)  # this vote may be what a takeover waited for
+        return out
+
+    def _outgrown(self, seen: int, now: float, out: list[Out]) -> None:
+        """A peer has seen a higher epoch of our pair than ours: the other broker took over while
+        we were cut off, then lost that state (it restarted cold). If it is alive on the pair link
+        and not active, nobody else serves: move above that epoch, or every peer would refuse us
+        for ever. If it is silent, it may be serving beyond a cut: stay fenced (peers refuse us),
+        as fencing is for; if it is active, decide() makes one of us step down."""
+        pair = self._pair
+        assert pair is not None
+        if not pair.peer_alive(now) or pair.peer_state == p.PAIR_ACTIVE:
+            return
+        epoch = self._epoch = pair.raise_epoch(seen)
+        self._welcome = self._welcome._replace(epoch=epoch)
+        self._pong = self._pong._replace(epoch=epoch)
+        out.append((PAIR, Problem(f"{self.name}: a peer has seen epoch {seen} of this pair; now epoch {epoch}")))
+        out.append((PAIR, pair.state_message(now)))
+
+    def _take_over(self, now: float, out: list[Out], why: str) -> None:
+        """Become the active broker: a new epoch, and the replicated table as our own."""
+        pair = self._pair
+        assert pair is not None
+        table, held = pair.table, list(pair.held)
+        epoch = self._epoch = pair.activate(now)
+        self._standby = False
+        self.incarnation = f"{self._base_incarnation}.{epoch}"
+        hb = self.settings.heartbeat
+        self._welcome = p.Welcome(
+            self.name, self.incarnation, max(1, round(hb.heartbeat_s * 1000)), hb.liveness, epoch, pair.peer_name
+        )
+        self._pong = p.Heartbeat(p.ROLE_BROKER, self.incarnation, 0, (), epoch)
+        self._reset(now)
+        self._ops = pair.ops
+        top = max(pair.top, max(table, default=0))
+        self._next_ticket = top + TICKET_GAP if top else 1 + int(self._rng() * 2**61)
+        self._restore(table, now)
+        pair.table = {}
+        out.append(
+            (PAIR, Problem(f"{self.name} is active, epoch {epoch} ({why}); {len(table)} open requests taken over"))
+        )
+        out.append((PAIR, pair.state_message(now)))
+        reconnect = p.Reconnect(f"{self.name} is now the active broker of its pair: register again")
+        out += [(ident, reconnect) for ident in held]
+        if self._up is not None:
+            self._tick_upstream(now, out)
+
+    def _restore(self, table: dict[int, list[Any]], now: float) -> None:
+        """Load the replicated request table: queued requests wait here; dispatched ones wait (a
+        grace of one ttl and a heartbeat) for their member to register and say it still holds them."""
+        for ticket in sorted(table):
+            rec = table[ticket]
+            client, service = rec[R_CLIENT], rec[R_SERVICE]
+            req = _Req(ticket, client, rec[R_RID], service, rec[R_PAYLOAD], rec[R_DEADLINE], rec[R_HOPS])
+            req.trace, req.key, req.attempt, req.t_in = rec[R_TRACE], rec[R_KEY], rec[R_ATTEMPT], now
+            self._reqs[ticket] = req
+            self._by_key[(client, req.rid)] = ticket
+            self._open_by_client[client] = self._open_by_client.get(client, 0) + 1
+            pool = self._pools.get(service)
+            if pool is None:
+                pool = self._pools[service] = _Pool(service)
+            if rec[R_MEMBER] is not None:
+                req.state = ASSIGNED
+                self._adopt.setdefault(rec[R_MEMBER], []).append(ticket)
+            else:
+                pool.queue.append(ticket)
+                self._queued += 1
+                self._queued_bytes += len(req.payload)
+                heappush(self._deadlines, (req.deadline, ticket))
+        if self._adopt:
+            self._adopt_until = now + self._ttl + self.settings.heartbeat.heartbeat_s
+
+    def _adopt_member(self, w: _Worker, tickets: list[int], now: float) -> None:
+        """``w`` registered with us after a takeover: it holds these requests (its first heartbeat
+        confirms which; its results for them are delivered, not run again)."""
+        for t in tickets:
+            req = self._reqs.get(t)
+            if req is None or req.state != ASSIGNED or req.worker is not None:
+                continue
+            req.worker = w
+            req.t_out = now
+            w.inflight[t] = 0  # seq 0: reconciled by its first heartbeat
+            if w.spare is not None:
+                w.svc_of[t] = req.service
+                w.load[req.service] = w.load.get(req.service, 0) + 1
+            else:
+                w.carried.add(t)
+            w.adopted = True
+            self.counters["adopted"] += 1
+            if self._ops is not None:
+                self._ops.append(["s", t, w.ident, req.attempt])
+        if not self._adopt:
+            self._adopt_until = None
+
+    def _adopt_expired(self, now: float, out: list[Out]) -> None:
+        """Members that held requests at the takeover and did not come: requeue what they held
+        (no attempt spent; a result they still send is delivered, see ``tried``)."""
+        self._adopt_until = None
+        touched: set[str] = set()
+        for member, tickets in self._adopt.items():
+            for t in tickets:
+                req = self._reqs.get(t)
+                if req is not None and req.state == ASSIGNED and req.worker is None:
+                    if req.tried is None:
+                        req.tried = []
+                    req.tried.append(member)
+                    self.counters["requeues"] += 1
+                    self._requeue(req, now)
+                    touched.add(req.service)
+        self._adopt.clear()
+        for s in touched:
+            self._pump(self._pools[s], now, out)
+
+    def _snapshot(self) -> list[Any]:
+        """The whole request table as replication ops (for a passive peer that needs it)."""
+        held_by = {t: m for m, ts in self._adopt.items() for t in ts}
+        ops: list[Any] = []
+        for t, r in self._reqs.items():
+            if not r.client:
+                continue  # work handed down by our upstream: it requeues that itself
+            ops.append(["a", t, r.client, r.rid, r.service, r.deadline, r.hops, r.trace, r.key, r.attempt, r.payload])
+            member = r.worker.ident if r.worker is not None else held_by.get(t)
+            if r.state == ASSIGNED and member is not None:
+                ops.append(["s", t, member, r.attempt])
+        return ops
+
+    def _step_down(self, now: float, out: list[Out], why: str) -> None:
+        """Stop serving: tell every peer to go (to the other broker), empty the tables."""
+        pair = self._pair
+        assert pair is not None
+        bye = p.Bye(f"{self.name} is now the passive broker of its pair: {why}")
+        out += [(ident, bye) for ident in self._leavers()]
+        if self._up is not None and self._up.registered:
+            out.append((UPSTREAM, p.Bye(f"proxy {self.name} stepped down")))
+        pair.deactivate(now, stepped_down=True)
+        self._standby = True
+        self._ops = None
+        self._reset(now)
+        out.append((PAIR, Problem(f"{self.name} stepped down to passive: {why}")))
+        out.append((PAIR, pair.state_message(now)))
+
+    def _hand_over(self, now: float, out: list[Out]) -> None:
+        """Give the work to the passive peer: the last ops, HANDOVER, then step down (failback)."""
+        pair = self._pair
+        assert pair is not None
+        out += self.flush(now)
+        out.append((PAIR, p.Handover(pair.epoch)))
+        pair.counters["handovers"] += 1
+        self._step_down(now, out, f"handed over to {pair.peer_name}")
+        pair.peer_state = p.PAIR_ACTIVE  # as soon as it reads HANDOVER: send peers there meanwhile
+
+    def _handover_service(self, peer: bytes, rid: int, now: float) -> list[Out]:
+        """``zmqdist.handover``: an operator asks the active broker of a pair to hand over."""
+        pair = self._pair
+        if pair is None:
+            why = "this broker is not part of a pair"
+        elif not pair.peer_alive(now) or pair.peer_state != p.PAIR_PASSIVE:
+            why = f"its peer {pair.peer_name or ''} is not a live passive broker: nothing to hand over to"
+        elif pair.peer_synced < 0:
+            why = f"its peer {pair.peer_name} has no copy of the request table yet"
+        else:
+            done = {"handed_over_to": pair.peer_name, "epoch": pair.epoch}  # the peer's will be higher
+            out: list[Out] = [(peer, p.Reply(rid, p.ST_OK, "", p.pack_value(done)))]
+            self._hand_over(now, out)
+            return out
+        self.counters["invalid"] += 1
+        return [(peer, p.Reply(rid, p.ST_INVALID, f"cannot hand over: {why}", b""))]
+
     # --- internal services ----------------------------------------------------------------------
 
     def _internal(self, m: p.Request, now: float) -> p.Reply:
@@ -1378,6 +1747,7 @@ class BrokerCore:
             "workers": workers,
             "brokers": brokers,
             "upstream": upstream,
+            "ha": self._pair.status(now) if self._pair is not None else None,
             "services": services,
             "counters": dict(self.counters),
             "histograms": {k: h.snapshot() for k, h in self.hist.items()} if self.hist is not None else {},
@@ -1388,11 +1758,26 @@ class BrokerCore:
 
     def worker_load(self) -> dict[bytes, tuple[int, int]]:
         """Return ``{worker id: (in-flight, capacity)}`` for live workers (not downstream brokers)."""
-        return {i: (len(w.inflight), w.capacity) for i, w in self._workers.items() if w.spare is None}
+        return {i: (len(w.inflight) - len(w.carried), w.capacity) for i, w in self._workers.items() if w.spare is None}
 
     def members(self) -> set[bytes]:
         """Identities of every live member: workers and downstream brokers."""
         return set(self._workers)
+
+    @property
+    def standby(self) -> bool:
+        """True for a broker of a pair that is not active (it refuses work)."""
+        return self._standby
+
+    @property
+    def epoch(self) -> int:
+        """Our epoch as the active broker of a pair (0 if never active, or not paired)."""
+        return self._epoch
+
+    @property
+    def pair(self) -> Pair | None:
+        """The backup pair's state (None unless this broker is one of a pair)."""
+        return self._pair
 
     @property
     def upstream(self) -> Upstream | None:

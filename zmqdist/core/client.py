@@ -55,7 +55,15 @@ class ClientCore:
         self.link = BrokerLink(endpoints, hb, now)
         self.pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int]] = []
-        self.counters = {"sent": 0, "resent": 0, "duplicates": 0, "timeouts": 0, "failovers": 0, "broker_restarts": 0}
+        self.counters = {
+            "sent": 0,
+            "resent": 0,
+            "duplicates": 0,
+            "timeouts": 0,
+            "failovers": 0,
+            "broker_restarts": 0,
+            "fenced": 0,
+        }
 
     def start(self, now: float) -> list[ClientOut]:
         """Connect to the first endpoint and say HELLO."""
@@ -94,12 +102,18 @@ class ClientCore:
                 return []
             return [Completed(msg.rid, msg.status, msg.message, msg.payload)]  # type: ignore[union-attr]
         if t is p.Heartbeat:
+            if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:  # type: ignore[union-attr]
+                self.counters["fenced"] += 1
+                return [Problem(why), *self._failover(now, why)]
             if link.restarted(msg.incarnation):  # type: ignore[union-attr]
                 self.counters["broker_restarts"] += 1
                 link.incarnation = msg.incarnation  # type: ignore[union-attr]
                 return self._resend_all(now)
             return []
         if t is p.Welcome:
+            if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:  # type: ignore[union-attr]
+                self.counters["fenced"] += 1
+                return [Problem(why), *self._failover(now, why)]
             if link.welcome(msg):  # type: ignore[arg-type]
                 self.counters["broker_restarts"] += 1
                 return self._resend_all(now)
@@ -146,7 +160,7 @@ class ClientCore:
         return d
 
     def _hello(self) -> p.Hello:
-        return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000))
+        return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000), self.link.top_epoch)
 
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
         budget_ms = max(0, int((pend.deadline - now - margin) * 1000))

@@ -4,6 +4,10 @@ Rules: the link only decides *when* (heartbeat due, broker silent past ttl, whic
 the worker and client machines decide *what* to send. A broker is alive while
 ``now - last_heard <= ttl``; the first silence past that moves to the next endpoint in the list
 (wrapping around), and the new connection gets a full ttl before it is judged.
+
+Fencing: brokers of a backup pair announce an epoch (WELCOME, HEARTBEAT). The link remembers the
+highest epoch seen per broker name, and for the other broker of its pair too, and refuses a
+broker whose epoch is lower (a primary that came back after its backup took over).
 """
 
 from __future__ import annotations
@@ -38,7 +42,19 @@ class Problem(NamedTuple):
 class BrokerLink:
     """Heartbeat and failover bookkeeping shared by the worker and client machines."""
 
-    __slots__ = ("broker", "connects", "endpoints", "hb_s", "incarnation", "index", "last_heard", "next_hb", "ttl_s")
+    __slots__ = (
+        "broker",
+        "connects",
+        "endpoints",
+        "epochs",
+        "hb_s",
+        "incarnation",
+        "index",
+        "last_heard",
+        "next_hb",
+        "peer",
+        "ttl_s",
+    )
 
     def __init__(self, endpoints: tuple[str, ...], hb: HeartbeatSettings, now: float) -> None:
         self.endpoints = endpoints
@@ -49,7 +65,9 @@ class BrokerLink:
         self.next_hb = now + self.hb_s
         self.incarnation: str | None = None
         self.broker = ""
+        self.peer = ""  # the other broker of the current broker's pair ("" if it has none)
         self.connects = 0
+        self.epochs: dict[str, int] = {}  # highest epoch seen per broker name
 
     @property
     def endpoint(self) -> str:
@@ -72,7 +90,30 @@ class BrokerLink:
         changed = self.incarnation is not None and self.incarnation != m.incarnation
         self.incarnation = m.incarnation
         self.broker = m.broker
+        self.peer = m.peer
         return changed
+
+    @property
+    def top_epoch(self) -> int:
+        """The highest epoch seen from any broker (HELLO carries it, so that a lone active broker
+        whose epoch its peers have outgrown can move above it; see core.ha)."""
+        return max(self.epochs.values(), default=0)
+
+    def fenced(self, broker: str, peer: str, epoch: int) -> str | None:
+        """Return why broker ``broker`` (of a pair with ``peer``) at ``epoch`` must be refused,
+        or None (and remember the epoch). Epoch 0: not part of a pair, never refused."""
+        if not epoch:
+            return None
+        known = max(self.epochs.get(broker, 0), self.epochs.get(peer, 0) if peer else 0)
+        if epoch < known:
+            return (
+                f"broker {broker} announces epoch {epoch} but epoch {known} of its pair was seen: "
+                "it was replaced by its backup; refused"
+            )
+        for name in (broker, peer):
+            if name and self.epochs.get(name, 0) < epoch:
+                self.epochs[name] = epoch
+        return None
 
     def restarted(self, incarnation: str) -> bool:
         """Return True if a heartbeat shows the broker behind this endpoint is a new run."""

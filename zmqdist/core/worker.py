@@ -5,8 +5,16 @@ Rules of this module:
    :class:`~zmqdist.core.link.Connect` (new socket to an endpoint), :class:`~zmqdist.core.link.Stopped`.
 2. Each connection is a *session*. A result is sent only in the session its task came from: after a
    failover or a broker restart the broker has requeued that work, so a late result is dropped here.
+   The exception is a backup pair (WELCOME names the broker's peer): tasks of a session with one
+   broker of a pair are *carried* to the next session with either broker of that pair, whose copy
+   of the request table expects them; their results are sent there (kept while unregistered),
+   and heartbeats list them. A WELCOME from any other broker voids them like any old session's.
+   Results sent to a paired broker are kept until it has answered a heartbeat sent after them
+   (one connection is FIFO); the unconfirmed ones go again to the pair's other broker, so work
+   finished while the active broker died is delivered, not run again.
 3. The broker is told the capacity it may use: concurrency minus tasks still running from old
-   sessions, raised again by CREDIT as those finish. It is never sent more than it can run.
+   sessions (carried ones too), raised again by CREDIT as those finish. It is never sent more
+   than it can run.
 4. A TASK beyond capacity or before registration is answered REFUSED (the broker requeues it
    without spending an attempt).
 5. Draining is exact: CREDIT(0) and a HEARTBEAT go out together, and BYE waits for the broker's
@@ -16,6 +24,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+from collections import deque
 from typing import NamedTuple
 
 from zmqdist import protocol as p
@@ -64,8 +73,24 @@ class WorkerCore:
         self._drain_wait = 0  # answers due until the drain heartbeat's own (<= 0: drain answered)
         self.inflight: dict[int, int] = {}  # ticket -> session, current session only
         self.stale = 0  # tasks still running from earlier sessions
+        self.carry: dict[int, int] = {}  # ticket -> session: running tasks of a pair's earlier session
+        self.parked: list[p.Result] = []  # results of carried tasks finished while unregistered
+        self._pair: tuple[str, ...] = ()  # the last broker's name and its pair peer's (if paired)
+        # Results sent to a paired broker and not yet confirmed: (heartbeats sent before, result).
+        self.unacked: deque[tuple[int, p.Result]] = deque()
+        self._hb_sent = 0  # heartbeats sent since WELCOME this session
+        self._hb_answered = 0  # answers to them received
+        self._hb_early = 0  # heartbeats sent before WELCOME this session (answered first)
         self.seq_seen = 0  # highest task seq the broker is known to have sent this session
-        self.counters = {"tasks": 0, "refused": 0, "void_results": 0, "failovers": 0, "broker_restarts": 0}
+        self.counters = {
+            "tasks": 0,
+            "refused": 0,
+            "void_results": 0,
+            "failovers": 0,
+            "broker_restarts": 0,
+            "carried": 0,
+            "fenced": 0,
+        }
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -108,17 +133,25 @@ class WorkerCore:
             if link.restarted(msg.incarnation):  # type: ignore[union-attr]
                 self.counters["broker_restarts"] += 1
                 return self._rehello(now)
+            if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:  # type: ignore[union-attr]
+                self.counters["fenced"] += 1
+                return [Problem(why), *self._new_session(now, why)]
             self.seq_seen = max(self.seq_seen, msg.seq)  # type: ignore[union-attr]
             self._unanswered = max(0, self._unanswered - 1)
+            if self._hb_early:
+                self._hb_early -= 1
+            else:
+                self._hb_answered += 1
+                unacked = self.unacked
+                while unacked and unacked[0][0] < self._hb_answered:
+                    unacked.popleft()  # a heartbeat sent after it was answered: it arrived
             if self.draining and self.registered:
                 self._drain_wait -= 1
-                if self._drain_wait <= 0 and not self.inflight:
+                if self._drain_wait <= 0 and not self.inflight and not self.carry:
                     return self._finish("drained")
             return []
         if t is p.Welcome:
-            link.welcome(msg)  # type: ignore[arg-type]
-            self.registered = True
-            return []
+            return self._on_welcome(msg, now)  # type: ignore[arg-type]
         if t is p.Reconnect:
             return self._rehello(now)
         if t is p.Bye:
@@ -131,6 +164,19 @@ class WorkerCore:
     def task_done(self, ticket: int, session: int, ok: bool, payload: bytes, now: float) -> list[WorkerOut]:
         """A handler finished. Return the RESULT to send (if its session is still current)."""
         out: list[WorkerOut] = []
+        if self.carry.get(ticket) == session and self.inflight.get(ticket) != session:
+            del self.carry[ticket]
+            result = p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload)
+            if not self.registered:
+                self.parked.append(result)  # for the next broker of the pair
+                return out
+            out.append(result)
+            self.unacked.append((self._hb_sent, result))
+            if not self.draining and not self.stopped:
+                out.append(p.Credit(self._capacity()))
+            if self.draining and self._drain_wait <= 0 and not self.inflight and not self.carry:
+                out += self._finish("drained")
+            return out
         if session != self.session or self.inflight.get(ticket) != session:
             self.counters["void_results"] += 1
             if session != self.session and self.stale > 0:
@@ -141,8 +187,11 @@ class WorkerCore:
         del self.inflight[ticket]
         if self.stopped:
             return out
-        out.append(p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload))
-        if self.draining and self._drain_wait <= 0 and not self.inflight:
+        result = p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload)
+        out.append(result)
+        if self._pair:
+            self.unacked.append((self._hb_sent, result))
+        if self.draining and self._drain_wait <= 0 and not self.inflight and not self.carry:
             out += self._finish("drained")
         return out
 
@@ -174,13 +223,39 @@ class WorkerCore:
 
     def _heartbeat(self) -> p.Heartbeat:
         if not self.registered:
+            self._hb_early += 1
             return p.Heartbeat(p.ROLE_WORKER, self.link.incarnation or "", 0, ())
         self._unanswered += 1
-        return p.Heartbeat(p.ROLE_WORKER, self.link.incarnation or "", self.seq_seen, tuple(self.inflight))
+        self._hb_sent += 1
+        held = (*self.inflight, *self.carry) if self.carry else tuple(self.inflight)
+        return p.Heartbeat(p.ROLE_WORKER, self.link.incarnation or "", self.seq_seen, held)
+
+    def _on_welcome(self, m: p.Welcome, now: float) -> list[WorkerOut]:
+        link = self.link
+        if (why := link.fenced(m.broker, m.peer, m.epoch)) is not None:
+            self.counters["fenced"] += 1
+            return [Problem(why), *self._new_session(now, why)]
+        link.welcome(m)
+        self.registered = True
+        pair = (m.broker, m.peer) if m.peer else ()
+        out: list[WorkerOut] = []
+        if self.carry or self.parked:
+            if pair and (m.broker in self._pair or m.peer in self._pair):
+                # The same pair: its request table expects these (results now, the rest later).
+                self.counters["carried"] += len(self.carry) + len(self.parked)
+                out += self.parked
+                self.unacked.extend((0, r) for r in self.parked)
+            else:
+                self.counters["void_results"] += len(self.parked)
+                self.stale += len(self.carry)  # the same capacity, now as stale work
+                self.carry.clear()
+            self.parked.clear()
+        self._pair = pair
+        return out
 
     def _on_task(self, m: p.Task, now: float) -> list[WorkerOut]:
         self.seq_seen = max(self.seq_seen, m.seq)
-        if not self.registered or len(self.inflight) + self.stale >= self.concurrency:
+        if not self.registered or len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
             self.counters["refused"] += 1
             return [p.Result(m.ticket, p.RS_REFUSED, b"")]
         if m.ticket in self.inflight:
@@ -191,16 +266,25 @@ class WorkerCore:
         return [Execute(m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace)]
 
     def _capacity(self) -> int:
-        return max(0, self.concurrency - self.stale)
+        return max(0, self.concurrency - self.stale - len(self.carry))
 
     def _hello(self) -> p.Hello:
-        return p.Hello(p.ROLE_WORKER, self.name, self.services, self._capacity(), round(self.link.hb_s * 1000))
+        link = self.link
+        return p.Hello(
+            p.ROLE_WORKER, self.name, self.services, self._capacity(), round(link.hb_s * 1000), link.top_epoch
+        )
 
     def _void_session(self) -> None:
         self.session += 1
         self.seq_seen = 0
         self._unanswered = 0
-        self.stale += len(self.inflight)
+        self._hb_sent = self._hb_answered = self._hb_early = 0
+        if self._pair:
+            self.carry.update(self.inflight)  # the other broker of the pair may take them over
+            self.parked.extend(r for _, r in self.unacked)  # maybe lost with the old connection
+        else:
+            self.stale += len(self.inflight)
+        self.unacked.clear()
         self.inflight.clear()
         self.registered = False
 

@@ -125,8 +125,11 @@ class DealerLink:
     on the old connection.
     """
 
-    def __init__(self, ctx: zmq.Context[Any], identity: bytes, logger: logging.Logger, curve: Any = None) -> None:
+    def __init__(
+        self, ctx: zmq.Context[Any], identity: bytes, logger: logging.Logger, curve: Any = None, keep: bool = True
+    ) -> None:
         self._ctx = ctx
+        self._keep = keep  # keep unsendable messages for later (False: drop them, as heartbeats)
         self._curve = curve  # security.ClientKeys or None
         self.identity = identity
         self.sock: zmq.Socket[Any] | None = None
@@ -164,12 +167,13 @@ class DealerLink:
     def send(self, msg: p.Message) -> None:
         """Send ``msg`` now, or keep it for :meth:`flush` if the connection is not ready."""
         head, payload = self._enc.encode(msg)
+        keep = self._keep and type(msg) is not p.Heartbeat
         if self._backlog:
-            if type(msg) is not p.Heartbeat:
+            if keep:
                 self._backlog.append((head, payload))
             self.flush()
             return
-        if not self._send(head, payload) and type(msg) is not p.Heartbeat:
+        if not self._send(head, payload) and keep:
             self._backlog.append((head, payload))
 
     def _send(self, head: bytes, payload: bytes) -> bool:
@@ -246,8 +250,8 @@ class DealerLink:
         self.bad_input += 1
         self._log.warning("bad-input", now, "dropped bad message from broker at %s: %s", self.endpoint, what)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
         if self.sock is not None:
-            self.sock.close(0)
+            self.sock.close(linger_ms)
             self.sock = None
             self._fsend = None

@@ -1,0 +1,150 @@
+"""Backup pairs with real processes: SIGKILL of the active master and of the active proxy under
+load, restart of the killed primary, manual failback through the CLI."""
+
+import signal
+import time
+
+import pytest
+
+from tests.integration.helpers import status, wait_for
+from zmqdist import Client
+
+pytestmark = pytest.mark.integration
+
+
+class Pairs:
+    def __init__(self, procs, tmp_path):
+        self.procs = procs
+        self.tmp = tmp_path
+        self.brokers = {}
+
+    def ep(self, name):
+        return f"ipc://{self.tmp}/{name}.sock"
+
+    def ha_ep(self, name):
+        return f"ipc://{self.tmp}/{name}.ha"
+
+    def broker(self, name, role, peer, *extra):
+        self.brokers[name] = self.procs.spawn(
+            "broker",
+            *("--bind", self.ep(name), "--name", name, "--ha", role),
+            *("--ha-bind", self.ha_ep(name), "--peer", self.ha_ep(peer)),
+            *extra,
+        )
+        return self.brokers[name]
+
+    def pair(self, a, b, *extra):
+        self.broker(a, "primary", b, *extra)
+        self.broker(b, "backup", a, *extra)
+
+    def worker(self, name, *at, concurrency=4):
+        eps = [x for n in at for x in ("--connect", self.ep(n))]
+        return self.procs.spawn("worker", "testworkers:echo", *eps, "--name", name, "--concurrency", str(concurrency))
+
+    def client(self, *at, timeout=30):
+        return Client([self.ep(n) for n in at], timeout=timeout)
+
+    def ha(self, name):
+        with self.client(name, timeout=5) as c:
+            return status(c)["ha"]
+
+    def wait_pair(self, active, passive, epoch=None):
+        """``active`` serves, ``passive`` holds a copy of its table."""
+
+        def ok():
+            a, p = self.ha(active), self.ha(passive)
+            good = a["state"] == "active" and p["state"] == "passive" and p["seq"] >= 0
+            return good and (epoch is None or a["epoch"] == epoch)
+
+        wait_for(ok, 20, f"{active} active and {passive} passive")
+
+
+def pipelined(client, n, kill_at, kill, window=200):
+    """Submit ``n`` echo calls keeping ``window`` in flight; call ``kill`` after ``kill_at``
+    submissions. Return (results, completion times, time of the kill)."""
+    futs, times = [], {}
+    killed = None
+    for i in range(n):
+        f = client.submit("echo", i)
+        f.add_done_callback(lambda _f, i=i: times.setdefault(i, time.monotonic()))
+        futs.append(f)
+        if i == kill_at:
+            killed = time.monotonic()
+            kill()
+        if i >= window:
+            futs[i - window].result(60)
+    return [f.result(60)[0] for f in futs], times, killed
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_the_active_master_under_pipelined_load(procs, tmp_path):
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    for i in range(3):
+        t.worker(f"w{i}", "A", "B")
+    t.wait_pair("A", "B")
+    epoch1 = t.ha("A")["epoch"]
+    with t.client("A") as c:
+        wait_for(lambda: len(status(c)["workers"]) == 3, 20, "3 workers at A")
+    n = 4000
+    with t.client("A", "B") as c:
+        results, times, killed = pipelined(c, n, 1500, lambda: t.brokers["A"].send_signal(signal.SIGKILL))
+        assert results == list(range(n)), "a request was lost or answered wrongly"
+        after = [ts for ts in times.values() if ts > killed]
+        takeover = min(after) - killed
+        print(f"\ntakeover: first reply {takeover:.3f}s after SIGKILL; {len(after)} replies after it")
+        print(f"client: {c._core.counters}")
+        assert takeover < 2.0
+        st = status(c)
+    assert st["broker"] == "B" and st["ha"]["state"] == "active" and st["ha"]["epoch"] > epoch1
+    print(f"B: adopted {st['counters']['adopted']}, requeues {st['counters']['requeues']}")
+
+
+@pytest.mark.timeout(150)
+def test_the_killed_primary_restarted_stays_passive(procs, tmp_path):
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    t.worker("w0", "A", "B")
+    t.wait_pair("A", "B")
+    epoch1 = t.ha("A")["epoch"]
+    t.brokers["A"].send_signal(signal.SIGKILL)
+    t.brokers["A"].wait(10)
+    with t.client("A", "B") as c:
+        assert [c.call("echo", i)[0] for i in range(20)] == list(range(20))  # served by B
+    t.broker("A", "primary", "B")  # back at the same endpoints
+    t.wait_pair("B", "A")
+    with t.client("A", "B") as c:
+        assert [c.call("echo", i)[0] for i in range(50)] == list(range(50))
+        assert status(c)["broker"] == "B"
+    assert t.ha("A")["state"] == "passive" and t.ha("A")["epoch"] == t.ha("B")["epoch"] > epoch1
+    # Manual failback through the CLI: A takes the work back with a new epoch.
+    b_epoch = t.ha("B")["epoch"]
+    out = procs.spawn("handover", "--connect", t.ep("B"), quiet=True)
+    assert out.wait(20) == 0, out.stderr.read().decode()
+    assert f"handed over to A (it takes over above epoch {b_epoch})".encode() in out.stdout.read()
+    t.wait_pair("A", "B")
+    assert t.ha("A")["epoch"] > b_epoch
+    with t.client("A", "B") as c:
+        assert [c.call("echo", i)[0] for i in range(20)] == list(range(20))
+        assert status(c)["broker"] == "A"
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_the_active_proxy_of_a_pair_under_load(procs, tmp_path):
+    t = Pairs(procs, tmp_path)
+    t.procs.spawn("broker", "--bind", t.ep("M"), "--name", "M")
+    t.pair("PA", "PB", "--upstream", t.ep("M"))
+    for i in range(2):
+        t.worker(f"w{i}", "M")
+    t.wait_pair("PA", "PB")
+    with t.client("PA") as c:
+        wait_for(lambda: status(c)["upstream"]["registered"], 20, "PA registered at M")
+    n = 2000
+    with t.client("PA", "PB") as c:
+        results, times, killed = pipelined(c, n, 700, lambda: t.brokers["PA"].send_signal(signal.SIGKILL))
+        assert results == list(range(n))
+        takeover = min(ts for ts in times.values() if ts > killed) - killed
+        print(f"\nproxy takeover: first reply {takeover:.3f}s after SIGKILL")
+        assert takeover < 2.0
+        st = status(c)
+    assert st["broker"] == "PB" and st["ha"]["state"] == "active" and st["upstream"]["registered"]

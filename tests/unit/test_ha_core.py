@@ -1,0 +1,225 @@
+"""The backup pair machine (core.ha.Pair), fencing in BrokerLink, and the worker's carry-over of
+tasks between the two brokers of a pair: plain numbers for time."""
+
+import pytest
+
+from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings, HeartbeatSettings
+from zmqdist.core.ha import (
+    ACTIVE,
+    BECOME_PASSIVE,
+    HAND_OVER,
+    PASSIVE,
+    PENDING,
+    STEP_DOWN,
+    TAKE_OVER,
+    Pair,
+)
+from zmqdist.core.link import BrokerLink, Connect
+from zmqdist.core.worker import WorkerCore
+
+HB = HeartbeatSettings(0.25, 4)  # ttl 1 s
+
+
+def pair(role="backup", failback="manual", now=0.0):
+    return Pair(BrokerSettings(name=f"me-{role}", ha=role, failback=failback), "inc", now)
+
+
+def state(name="peer", primary=1, st=ACTIVE, epoch=1, inc="pinc", synced=0):
+    return p.PairState(name, primary, st, epoch, inc, synced, 0)
+
+
+def test_cold_start_both_pending_the_primary_takes_over_the_backup_waits():
+    a, b = pair("primary"), pair("backup")
+    a.heard(state(primary=0, st=PENDING, epoch=0), 0.1)
+    b.heard(state(primary=1, st=PENDING, epoch=0), 0.1)
+    assert a.decide(0.1) == TAKE_OVER and b.decide(0.1) is None
+    assert a.activate(0.1) == 1
+    b.heard(state(st=ACTIVE, epoch=1), 0.2)
+    assert b.decide(0.2) == BECOME_PASSIVE
+
+
+def test_a_passive_broker_takes_over_only_after_a_ttl_of_silence_and_a_vote():
+    b = pair()
+    b.heard(state(), 0.0)
+    b.deactivate(0.0, stepped_down=False)
+    assert b.decide(1.0) is None  # silent exactly the ttl: still alive
+    assert b.decide(1.5) is None  # silent, but nobody came: the pair link may be what failed
+    b.vote(b"w1", 1.5)
+    assert b.decide(1.5) == TAKE_OVER
+    b.votes.clear()
+    b.vote(b"w1", 0.2)  # a vote older than the ttl no longer counts
+    assert b.decide(1.5) is None
+
+
+def test_a_passive_broker_takes_over_at_once_when_its_peer_restarts():
+    b = pair()
+    b.heard(state(), 0.0)
+    b.deactivate(0.0, stepped_down=False)
+    b.heard(state(st=PENDING, epoch=0, inc="new-run"), 0.5)
+    assert b.decide(0.5) == TAKE_OVER
+    assert b.activate(0.5) == 2  # above the epoch it knew (1), not the restarted peer's 0
+
+
+def test_a_pending_broker_waits_one_ttl_for_its_peer_before_votes_count():
+    a = pair("primary", now=10.0)
+    a.vote(b"c", 10.5)
+    assert a.decide(10.5) is None
+    assert a.decide(11.0 + 1e-3) == TAKE_OVER
+
+
+def test_two_active_the_lower_epoch_steps_down_and_on_a_tie_the_backup():
+    a = pair("primary")
+    a.activate(0.0)  # epoch 1
+    a.heard(state(primary=0, epoch=2), 0.1)
+    assert a.decide(0.1) == STEP_DOWN
+    b = pair("backup")
+    b.activate(0.0)
+    b.heard(state(primary=1, epoch=1), 0.1)
+    assert b.decide(0.1) == STEP_DOWN
+    a2 = pair("primary")
+    a2.activate(0.0)
+    a2.heard(state(primary=0, epoch=1), 0.1)
+    assert a2.decide(0.1) is None
+
+
+def test_epochs_never_go_below_the_floor():
+    a = Pair(BrokerSettings(name="a", ha="primary"), "inc", 0.0, epoch_floor=5000)
+    assert a.activate(0.0) == 5001
+    assert a.raise_epoch(9000) == 9001
+
+
+def test_automatic_failback_waits_for_a_synced_primary_and_one_ttl():
+    b = pair("backup", failback="auto")
+    b.activate(0.0)
+    b.seq = 7
+    b.heard(state(primary=1, st=PASSIVE, synced=6), 0.5)
+    assert b.decide(1.5) is None  # not in sync yet
+    b.heard(state(primary=1, st=PASSIVE, synced=7), 1.5)
+    assert b.decide(1.5) == HAND_OVER
+    manual = pair("backup")
+    manual.activate(0.0)
+    manual.heard(state(primary=1, st=PASSIVE, synced=0), 1.5)
+    assert manual.decide(1.5) is None
+
+
+def _ops(*ops, now=100.0):
+    return p.pack_ops([now, *ops])
+
+
+def add(ticket, member=None):
+    ops = [["a", ticket, b"C-1", ticket, "echo", 105.0, [], "", "", 0, b"v"]]
+    if member:
+        ops.append(["s", ticket, member, 1])
+    return ops
+
+
+def test_replication_deltas_in_order_snapshots_and_deadlines_in_our_clock():
+    b = pair()
+    b.heard(state(), 0.0)
+    b.deactivate(0.0, stepped_down=False)
+    assert b.apply(p.Replicate(1, 5, 0, _ops(*add(1))), 50.0) is None
+    assert not b.table and b.applied == -1  # a delta before any snapshot is ignored
+    assert (
+        b.apply(
+            p.Replicate(
+                1,
+                6,
+                1,
+                _ops(*add(1), *add(2, b"W")),
+            ),
+            50.0,
+        )
+        is None
+    )
+    assert b.applied == 6 and set(b.table) == {1, 2} and b.table[2][-1] == b"W"
+    assert b.table[1][3] == pytest.approx(55.0)  # 5 s left in the sender's clock, in ours
+    assert b.apply(p.Replicate(1, 7, 0, _ops(["e", 1], ["q", 2])), 50.0) is None
+    assert set(b.table) == {2} and b.table[2][-1] is None and b.top == 2
+    problem = b.apply(p.Replicate(1, 9, 0, _ops(*add(3))), 50.0)  # seq 8 is missing
+    assert "gap" in problem and b.applied == -1 and b.counters["gaps"] == 1
+    assert b.state_message(50.0).synced == -1  # asks for a snapshot
+
+
+@pytest.mark.parametrize(
+    "ops",
+    [
+        b"\xc1",
+        p.pack_ops(["not a time"]),
+        _ops(["a", 1, "not bytes", 1, "echo", 1.0, [], "", "", 0, b"v"]),
+        _ops(["s", 1]),
+        _ops(["z", 1]),
+        _ops(["a", -1, b"c", 1, "echo", 1.0, [], "", "", 0, b"v"]),
+        _ops(["a", 1, b"c", 1, "echo", 1.0, [5], "", "", 0, b"v"]),
+    ],
+)
+def test_bad_replication_is_counted_and_asks_for_a_snapshot(ops):
+    b = pair()
+    b.apply(p.Replicate(1, 1, 1, _ops(*add(1))), 0.0)
+    problem = b.apply(p.Replicate(1, 2, 0, ops), 0.0)
+    assert problem is not None and b.applied == -1 and b.counters["bad_ops"] == 1
+
+
+def test_the_active_sends_a_snapshot_to_a_new_peer_run_then_deltas():
+    a = pair("primary")
+    a.activate(0.0)
+    a.heard(state(primary=0, st=PASSIVE, synced=-1, inc="r1"), 0.0)
+    m = a.flush(0.0, lambda: [["e", 9]])
+    assert m is not None and m.snapshot == 1 and p.unpack_ops(m.ops)[1:] == [["e", 9]]
+    a.ops.append(["e", 10])
+    m2 = a.flush(0.1, lambda: [])
+    assert m2 is not None and m2.snapshot == 0 and m2.seq == m.seq + 1  # deltas go on while it catches up
+    assert a.flush(0.2, lambda: []) is None  # nothing new
+    a.heard(state(primary=0, st=PASSIVE, synced=-1, inc="r2"), 0.3)  # it restarted
+    assert a.flush(0.3, lambda: []).snapshot == 1
+    a.peer_seen = -10.0  # silent: ops are dropped, not piled up
+    a.ops.append(["e", 11])
+    assert a.flush(0.4, lambda: []) is None and not a.ops
+
+
+def test_link_fencing_refuses_lower_epochs_of_a_broker_or_its_peer():
+    link = BrokerLink(("tcp://a:1",), HB, 0.0)
+    assert link.fenced("b", "a", 2) is None
+    assert "refused" in link.fenced("a", "b", 1)  # a was replaced by b at epoch 2
+    assert link.fenced("a", "b", 3) is None
+    assert link.fenced("solo", "", 0) is None  # a broker alone is never fenced
+    assert link.top_epoch == 3
+
+
+def test_a_worker_carries_tasks_and_unconfirmed_results_to_the_other_broker_of_the_pair():
+    w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 3, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
+    ex = [w.receive(p.Task(t, "echo", 5000, 1, f"k{t}", t, (), b"v"), 0.0)[0] for t in (1, 2, 3)]
+    assert w.task_done(1, ex[0].session, True, b"r1", 0.1) == [p.Result(1, p.RS_OK, b"r1")]
+    out = w.tick(1.1)  # a silent: fail over to b
+    assert out[-1] == p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, 1)  # 2 slots still busy
+    assert w.task_done(2, ex[1].session, True, b"r2", 1.2) == []  # kept for b
+    out = w.receive(p.Welcome("b", "inc-b", 250, 4, 2, "a"), 1.3)
+    assert out == [p.Result(1, p.RS_OK, b"r1"), p.Result(2, p.RS_OK, b"r2")]  # 1 was never confirmed
+    hb = w.tick(1.55)
+    assert hb == [p.Heartbeat(p.ROLE_WORKER, "inc-b", 0, (3,))]  # task 3 still runs, held for b
+    assert w.task_done(3, ex[2].session, True, b"r3", 1.6) == [p.Result(3, p.RS_OK, b"r3"), p.Credit(3)]
+
+
+def test_a_worker_voids_carried_work_at_a_broker_outside_the_pair():
+    w = WorkerCore(("tcp://a:1", "tcp://x:1"), ("echo",), 2, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
+    (ex,) = w.receive(p.Task(1, "echo", 5000, 1, "k1", 1, (), b"v"), 0.0)
+    w.tick(1.1)
+    assert w.receive(p.Welcome("x", "inc-x", 250, 4), 1.2) == []
+    assert w.carry == {} and w.stale == 1
+    assert w.task_done(1, ex.session, True, b"r", 1.3) == [p.Credit(2)]
+    assert w.counters["void_results"] == 1
+
+
+def test_a_worker_refuses_a_stale_broker_and_moves_on():
+    w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 2, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("b", "inc-b", 250, 4, 5, "a"), 0.0)
+    w.tick(1.1)  # b silent: to a, which answers with its old epoch
+    out = w.receive(p.Welcome("a", "inc-a", 250, 4, 3, "b"), 1.2)
+    assert "refused" in out[0].message and type(out[1]) is Connect and type(out[2]) is p.Hello
+    assert w.link.connects == 3  # start, the failover from b, and the move on from stale a
+    assert not w.registered and w.counters["fenced"] == 1

@@ -1,0 +1,353 @@
+"""A backup pair: which of two brokers is active, its epoch, and the replicated request table. Sans-IO.
+
+Rules of this module:
+1. Each broker of a pair is PENDING (just started), ACTIVE (serves) or PASSIVE (refuses work, sends
+   its peers to the active one, keeps a copy of the active's request table). The two exchange a
+   PairState every heartbeat on their own link.
+2. Decisions (:meth:`Pair.decide`), from what each side last said:
+   - both PENDING (a cold start): the primary becomes active, the backup passive;
+   - a PENDING broker that hears an ACTIVE peer becomes PASSIVE; a PASSIVE one that hears its peer
+     PENDING takes over (the peer restarted and lost its tables; we have a copy of them);
+   - a PASSIVE (or PENDING, after one ttl) broker whose peer has been silent for the ttl takes over
+     only if a client, worker or downstream broker came to it within that ttl (the vote of the
+     ZeroMQ guide's Binary Star). With the pair's own link cut while everyone still reaches the
+     active broker, nobody votes and the passive one stays passive;
+   - two ACTIVE brokers (a healed split): the one with the lower epoch steps down (on a tie, the
+     backup), so a primary restarted after a takeover can never keep serving beside the backup.
+3. Every takeover grows the epoch: max(ours, the peer's, a floor) + 1, where the floor is the
+   wall clock in milliseconds when the broker started (given by the runtime), so a pair whose
+   brokers both restarted cold still outranks every epoch its peers remember. Brokers put the
+   epoch in WELCOME and in every HEARTBEAT; peers remember the highest epoch per broker name (and
+   for its named peer) and refuse a broker whose epoch is lower.
+4. The active broker records every change to its request table as an op and sends them in order
+   (REPLICATE, numbered); a passive broker that misses one, or starts, asks for a snapshot
+   (``synced`` = -1 in its PairState) and ignores deltas until the snapshot comes.
+5. Failback: manual (an operator asks the active backup to hand over) or automatic (``failback
+   = "auto"``): an active backup whose primary is passive and fully in sync hands over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings
+from zmqdist.errors import RemoteProtocolError
+
+PENDING, ACTIVE, PASSIVE = p.PAIR_PENDING, p.PAIR_ACTIVE, p.PAIR_PASSIVE
+STATE_NAMES = {PENDING: "pending", ACTIVE: "active", PASSIVE: "passive"}
+PAIR = b"\x00"  # the peer of messages to and from the other broker of the pair (not a ROUTER id)
+# A new active broker numbers its tickets past every ticket it saw replicated plus this gap (the old
+# active may have issued some it never replicated); a cold start (no copy of any table) begins at a
+# random point of a 61-bit space. Either way no ticket of an earlier run is reused, so a result a
+# worker kept from one can never be taken for the answer to another request.
+TICKET_GAP = 2**32
+
+# What decide() asks the broker to do.
+TAKE_OVER = "take over"
+BECOME_PASSIVE = "become passive"
+STEP_DOWN = "step down"
+HAND_OVER = "hand over"
+
+# Fields of a replicated request record (a list, in this order).
+R_CLIENT, R_RID, R_SERVICE, R_DEADLINE, R_HOPS, R_TRACE, R_KEY, R_ATTEMPT, R_PAYLOAD, R_MEMBER = range(10)
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int and 0 <= v <= p.MAX_ID
+
+
+def _check_op(op: Any) -> bool:
+    """Is ``op`` a well-formed replication op (see :meth:`Pair.apply`)?"""
+    if type(op) is not list or not op or not _is_int(op[1] if len(op) > 1 else None):
+        return False
+    kind, n = op[0], len(op)
+    if kind == "a":
+        return (
+            n == 11
+            and type(op[2]) is bytes
+            and _is_int(op[3])
+            and type(op[4]) is str
+            and isinstance(op[5], (int, float))
+            and type(op[6]) is list
+            and all(type(h) is str for h in op[6])
+            and type(op[7]) is str
+            and type(op[8]) is str
+            and _is_int(op[9])
+            and type(op[10]) is bytes
+        )
+    if kind == "s":
+        return n == 4 and type(op[2]) is bytes and _is_int(op[3])
+    return kind in ("q", "e") and n == 2
+
+
+class Pair:
+    """State of one broker of a backup pair (see the module rules)."""
+
+    def __init__(self, settings: BrokerSettings, incarnation: str, now: float, epoch_floor: int = 0) -> None:
+        self.name = settings.name
+        self.floor = epoch_floor
+        self.primary = settings.ha == "primary"
+        self.auto_failback = settings.failback == "auto"
+        self.incarnation = incarnation
+        self.hb_s = settings.heartbeat.heartbeat_s
+        self.ttl_s = settings.heartbeat.ttl_s
+        self.state = PENDING
+        self.epoch = 0
+        self.started = now
+        self.since = now  # when the current state began
+        self.next_beat = now
+        self.decided = now  # when decide() last ran (its timers after that are still due)
+        # The peer, as last heard.
+        self.peer_name = ""
+        self.peer_primary = not self.primary
+        self.peer_state = PENDING
+        self.peer_epoch = 0
+        self.peer_inc = ""
+        self.peer_synced = -1
+        self.peer_seen: float | None = None
+        self.votes: dict[bytes, float] = {}  # peers that came to us while we were not active, when
+        self.held: set[bytes] = set()  # voters not answered yet (the active looked dead)
+        # Active side: ops since the last flush, the seq of the last REPLICATE, the last snapshot.
+        self.ops: list[Any] = []
+        self.seq = 0
+        self.snap_at: float | None = None
+        self.snap_inc = ""  # the peer run the last snapshot went to
+        # Passive side: the copy of the active's table (ticket -> record) and the last seq applied.
+        self.table: dict[int, list[Any]] = {}
+        self.applied = -1
+        self.top = 0  # the highest ticket seen replicated (0: never had a copy of a table)
+        self.counters = dict.fromkeys(
+            (
+                "takeovers",
+                "step_downs",
+                "handovers",
+                "epoch_raises",
+                "snapshots_sent",
+                "snapshots_applied",
+                "gaps",
+                "bad_ops",
+            ),
+            0,
+        )
+
+    # --- the peer ---------------------------------------------------------------------------------
+
+    def peer_alive(self, now: float) -> bool:
+        """Has the peer been heard within the ttl?"""
+        return self.peer_seen is not None and now - self.peer_seen <= self.ttl_s
+
+    def peer_fresh(self, now: float) -> bool:
+        """Has the peer been heard very recently (two heartbeats)? Then redirecting to it is safe."""
+        return self.peer_seen is not None and now - self.peer_seen <= 2 * self.hb_s
+
+    def heard(self, m: p.PairState, now: float) -> None:
+        """Record the peer's PairState."""
+        self.peer_name = m.name
+        self.peer_primary = bool(m.primary)
+        self.peer_state = m.state
+        self.peer_epoch = m.epoch
+        self.peer_inc = m.incarnation
+        self.peer_synced = m.synced
+        self.peer_seen = now
+
+    def vote(self, ident: bytes, now: float) -> None:
+        """``ident`` came to us while we were not active."""
+        self.votes[ident] = now
+
+    def live_votes(self, now: float) -> int:
+        """Votes cast within the ttl (older ones are forgotten)."""
+        stale = [i for i, t in self.votes.items() if now - t > self.ttl_s]
+        for i in stale:
+            del self.votes[i]
+        return len(self.votes)
+
+    # --- decisions --------------------------------------------------------------------------------
+
+    def decide(self, now: float) -> str | None:
+        """Return what the broker should do now (one of the module constants), or None."""
+        self.decided = now
+        alive = self.peer_alive(now)
+        ps = self.peer_state if alive else None
+        if self.state == ACTIVE:
+            if ps == ACTIVE and (self.peer_epoch > self.epoch or (self.peer_epoch == self.epoch and self.peer_primary)):
+                return STEP_DOWN
+            if (
+                self.auto_failback
+                and not self.primary
+                and ps == PASSIVE
+                and self.peer_primary
+                and self.peer_synced == self.seq
+                and not self.ops
+                and now - self.since >= self.ttl_s
+            ):
+                return HAND_OVER
+            return None
+        if ps == ACTIVE:
+            return BECOME_PASSIVE if self.state == PENDING else None
+        if ps == PENDING:
+            # The peer restarted (it lost its tables; a passive broker has a copy), or a cold start.
+            return TAKE_OVER if self.state == PASSIVE or self.primary else None
+        if ps == PASSIVE:
+            # We are pending: the passive peer takes over when it hears us. Both passive (after a
+            # handover crossed a failure): the primary takes over.
+            return TAKE_OVER if self.state == PASSIVE and self.primary else None
+        # The peer is silent (or was never heard).
+        if self.state == PENDING and now - self.started <= self.ttl_s:
+            return None  # give a peer that is up the time to be heard
+        return TAKE_OVER if self.live_votes(now) else None
+
+    def activate(self, now: float) -> int:
+        """Become active; return the new epoch."""
+        self.epoch = max(self.epoch, self.peer_epoch, self.floor) + 1
+        self.state = ACTIVE
+        self.since = now
+        self.counters["takeovers"] += 1
+        self.ops.clear()
+        self.seq = 0
+        self.snap_at = None
+        self.snap_inc = ""
+        self.votes.clear()
+        self.held.clear()
+        return self.epoch
+
+    def raise_epoch(self, seen: int) -> int:
+        """Active: move our epoch above ``seen`` (an epoch of this pair a peer remembers)."""
+        self.epoch = max(self.epoch, seen, self.floor) + 1
+        self.counters["epoch_raises"] += 1
+        return self.epoch
+
+    def deactivate(self, now: float, *, stepped_down: bool) -> None:
+        """Become passive (after a step-down or a handover, or from pending)."""
+        self.state = PASSIVE
+        self.since = now
+        self.epoch = max(self.epoch, self.peer_epoch)
+        if stepped_down:
+            self.counters["step_downs"] += 1
+        self.ops.clear()
+        self.table = {}
+        self.applied = -1  # ask for a snapshot
+        self.votes.clear()
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def state_message(self, now: float) -> p.PairState:
+        """Our PairState (and schedule the next one)."""
+        self.next_beat = now + self.hb_s
+        synced = self.applied if self.state != ACTIVE else self.seq
+        return p.PairState(
+            self.name,
+            int(self.primary),
+            self.state,
+            self.epoch,
+            self.incarnation,
+            synced,
+            self.live_votes(now) if self.state != ACTIVE else 0,
+        )
+
+    def flush(self, now: float, snapshot: Any) -> p.Replicate | None:
+        """Return the REPLICATE to send now, if any: the ops since the last flush, or (when the
+        peer needs one, at most once per ttl) a snapshot made by calling ``snapshot()``."""
+        peer_inc = self.peer_inc
+        if self.state != ACTIVE or not self.peer_alive(now) or self.peer_state == ACTIVE:
+            self.ops.clear()
+            return None
+        # A snapshot for a new run of the peer, or (at most once per ttl) when it reports a gap;
+        # deltas follow it in order, so they go on even while its reports still lag.
+        stale = self.peer_synced < 0 and (self.snap_at is None or now - self.snap_at > self.ttl_s)
+        if self.snap_inc != peer_inc or stale:
+            self.snap_at = now
+            self.snap_inc = peer_inc
+            self.ops.clear()
+            self.seq += 1
+            self.counters["snapshots_sent"] += 1
+            return p.Replicate(self.epoch, self.seq, 1, p.pack_ops([now, *snapshot()]))
+        if not self.ops:
+            return None
+        ops = self.ops.copy()
+        self.ops.clear()  # in place: the broker appends to this very list
+        self.seq += 1
+        return p.Replicate(self.epoch, self.seq, 0, p.pack_ops([now, *ops]))
+
+    def apply(self, m: p.Replicate, now: float) -> str | None:
+        """Apply the active peer's REPLICATE to our copy; return a problem to log, or None.
+
+        Ops: ``["a", ticket, client, rid, service, deadline, hops, trace, key, attempt, payload]``
+        (accepted; ``deadline`` in the sender's clock, the first element of the list is the
+        sender's now), ``["s", ticket, member, attempt]`` (dispatched to a member),
+        ``["q", ticket]`` (back in the queue), ``["e", ticket]`` (ended).
+        """
+        if self.state == ACTIVE:
+            return "REPLICATE ignored: this broker is active"
+        if m.epoch < self.epoch:
+            return f"REPLICATE of stale epoch {m.epoch} ignored (ours is {self.epoch})"
+        if not m.snapshot and (self.applied < 0 or m.seq != self.applied + 1):
+            if self.applied >= 0:
+                self.counters["gaps"] += 1
+                self.applied = -1  # a gap: wait for a snapshot
+                return f"replication gap (seq {m.seq} after {self.applied}): asking for a snapshot"
+            return None
+        try:
+            ops = p.unpack_ops(m.ops)
+        except RemoteProtocolError as exc:
+            self.counters["bad_ops"] += 1
+            self.applied = -1
+            return f"bad REPLICATE dropped: {exc}"
+        if not ops or not isinstance(ops[0], (int, float)):
+            self.counters["bad_ops"] += 1
+            self.applied = -1
+            return "bad REPLICATE dropped: no sender time"
+        shift = now - float(ops[0])
+        table = {} if m.snapshot else self.table
+        for op in ops[1:]:
+            if not _check_op(op):
+                self.counters["bad_ops"] += 1
+                self.applied = -1
+                return f"bad replication op dropped: {op!r:.100}; asking for a snapshot"
+            kind, ticket = op[0], op[1]
+            self.top = max(self.top, ticket)
+            if kind == "a":
+                table[ticket] = [*op[2:5], float(op[5]) + shift, tuple(op[6]), op[7], op[8], op[9], op[10], None]
+            elif (rec := table.get(ticket)) is not None:
+                if kind == "s":
+                    rec[R_MEMBER] = op[2]
+                    rec[R_ATTEMPT] = op[3]
+                elif kind == "q":
+                    rec[R_MEMBER] = None
+                else:
+                    del table[ticket]
+        self.table = table
+        self.applied = m.seq
+        self.epoch = max(self.epoch, m.epoch)
+        if m.snapshot:
+            self.counters["snapshots_applied"] += 1
+        return None
+
+    def next_deadline(self) -> float:
+        """When :meth:`decide` may change its answer or a PairState is due."""
+        d = self.next_beat
+        if self.state != ACTIVE:  # silence of the peer matters only to a broker that may take over
+            for t in (self.peer_seen, self.started if self.state == PENDING else None):
+                if t is not None and t + self.ttl_s + 1e-6 > self.decided:
+                    d = min(d, t + self.ttl_s + 1e-6)
+        return d
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The pair's part of ``zmqdist status``."""
+        return {
+            "role": "primary" if self.primary else "backup",
+            "state": STATE_NAMES[self.state],
+            "epoch": self.epoch,
+            "failback": "auto" if self.auto_failback else "manual",
+            "peer": {
+                "name": self.peer_name or None,
+                "state": STATE_NAMES[self.peer_state] if self.peer_alive(now) else "silent",
+                "epoch": self.peer_epoch,
+                "silent_s": round(now - self.peer_seen, 3) if self.peer_seen is not None else None,
+                "synced": self.peer_synced,
+            },
+            "replicated": len(self.table) if self.state != ACTIVE else None,
+            "seq": self.seq if self.state == ACTIVE else self.applied,
+            "votes": len(self.votes),
+            **self.counters,
+        }
