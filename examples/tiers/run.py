@@ -22,23 +22,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from zmqdist import Client
-from zmqdist.transport.security import generate
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # examples/shared.py
+
+from shared import make_pki, stop_all  # noqa: E402
+
+from zmqdist import Client  # noqa: E402
+
 N = 1200
-
-
-def make_pki(tmp: str) -> dict[str, str]:
-    """One key per broker (brokers share a key: clients follow failover lists), one for the
-    workers, one for the client; allow-lists per role, as docs/security.md describes."""
-    keys = Path(tmp) / "keys"
-    for name in ("broker", "worker", "client"):
-        generate(name, keys)
-    for role, name in (("clients", "client"), ("workers", "worker"), ("brokers", "broker")):
-        (keys / role).mkdir()
-        (keys / role / f"{name}.key").write_bytes((keys / f"{name}.key").read_bytes())
-    return {"dir": str(keys), "pub": str(keys / "broker.key")}
 
 
 def main(secure: bool = False) -> int:
@@ -91,14 +82,7 @@ def main(secure: bool = False) -> int:
         print(f"  second half (after the kill): by east's worker {second['east']:4d}, west's {second['west']:4d}")
         return 0
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(procs)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def fake_broker(monkeypatch):
 def test_help_lists_every_command():
     r = CliRunner().invoke(cli.main, ["--help"])
     assert r.exit_code == 0
-    for cmd in ("broker", "worker", "call", "status", "top", "keys", "bench", "demo"):
+    for cmd in ("broker", "worker", "call", "status", "top", "keys", "bench", "demo", "handover"):
         assert cmd in r.output
 
 
@@ -73,6 +73,12 @@ def test_bad_config_and_bad_options_give_clear_errors(tmp_path):
     assert r.exit_code == 1 and "not an endpoint" in r.output
     r = run(cli.main, ["broker", "--liveness", "0"])
     assert r.exit_code == 1 and "liveness" in r.output
+    r = run(cli.main, ["broker", "--ha", "primary", "--ha-bind", "tcp://*:1"])
+    assert r.exit_code == 1 and "needs both peer" in r.output
+    r = run(cli.main, ["broker", "--peer", "tcp://x:1"])
+    assert r.exit_code == 1 and "set ha to 'primary' or 'backup'" in r.output
+    r = run(cli.main, ["broker", "--ha", "leader"])
+    assert r.exit_code == 2 and "'primary', 'backup'" in r.output
     r = run(cli.main, ["call", "echo", "{not json"])
     assert r.exit_code == 2 and "not valid JSON" in r.output
     r = run(cli.main, ["worker", "nomodule_xyz:thing", "--connect", "tcp://127.0.0.1:1"])
@@ -112,8 +118,17 @@ def test_status_formatting():
         "held": 1,
         "losses": 2,
     }
+    st["ha"] = {
+        "role": "backup",
+        "state": "active",
+        "epoch": 7,
+        "failback": "manual",
+        "peer": {"name": "a", "state": "passive", "epoch": 7, "silent_s": 0.1, "synced": 3},
+        "replicated": None,
+    }
     text = cli.format_status(st)
     assert "east" in text and "echo:3" in text
+    assert "pair: backup ACTIVE epoch 7 (failback manual); peer a passive epoch 7, silent 0.10s" in text
     assert "upstream tcp://m:1: registered with master; 4 forwarded and 1 handed down in flight; 2 losses" in text
 
 
