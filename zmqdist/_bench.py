@@ -362,10 +362,16 @@ def run_setup(
         else:
             ep = f"tcp://127.0.0.1:{free_port()}"
             metrics = ["--metrics-port", str(free_port())] if setup == "metrics" else []
-            b = _spawn_cli("broker", "--bind", ep, "--name", "bench", *metrics)
+            pair: list[str] = []
+            if setup == "ha":  # the active broker of a pair, replicating to a passive backup
+                ha = [f"tcp://127.0.0.1:{free_port()}" for _ in range(2)]
+                pair = ["--ha", "primary", "--ha-bind", ha[0], "--peer", ha[1]]
+                backup = ["--ha", "backup", "--ha-bind", ha[1], "--peer", ha[0]]
+                procs.append(_spawn_cli("broker", "--bind", f"tcp://127.0.0.1:{free_port()}", "--name", "bk", *backup))
+            b = _spawn_cli("broker", "--bind", ep, "--name", "bench", *metrics, *pair)
             procs.append(b)
             busy = b.pid
-            time.sleep(0.4)
+            time.sleep(1.2 if pair else 0.4)  # a pair: the primary is active once it has heard the backup
             if metrics:  # histograms on, and scraped once a second through the run
                 procs.append(_spawn("scraper", f"http://127.0.0.1:{metrics[1]}/metrics", str(duration + 2)))
             if setup == "api":
@@ -421,10 +427,10 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
             continue
         setups = [
             s
-            for s in ("direct", "device", "zmqdist", "metrics", "api")
-            if (s not in ("api", "metrics") and mode in only)
+            for s in ("direct", "device", "zmqdist", "metrics", "ha", "api")
+            if (s not in ("api", "metrics", "ha") and mode in only)
             or (s == "api" and "api" in only)
-            or (s == "metrics" and mode == "pipelined" and mode in only)
+            or (s in ("metrics", "ha") and mode == "pipelined" and mode in only)
         ]
         if "api" in only and mode not in only:
             setups = ["device", "api"]
@@ -439,6 +445,8 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
             line = f"  {s:8} {_fmt(m[s])}"
             if s == "metrics" and "zmqdist" in m:
                 line += f"   x{m[s]['rps'] / m['zmqdist']['rps']:.3f} zmqdist throughput (histograms on, scraped 1/s)"
+            elif s == "ha" and "zmqdist" in m:
+                line += f"   x{m[s]['rps'] / m['zmqdist']['rps']:.3f} zmqdist throughput (pair: active, replicating)"
             elif dev and s != "device":
                 ratio = m[s]["rps"] / dev["rps"]
                 line += f"   x{ratio:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"

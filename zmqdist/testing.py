@@ -73,6 +73,7 @@ class _Node:
         self.ident = ident
         self.alive = True
         self.endpoint = ""
+        self.conn = 0  # bumped at every Connect: a new socket (what was sent to the old one is lost)
 
     def deliver(self, msg: p.Message) -> None:
         raise NotImplementedError
@@ -102,6 +103,7 @@ class SimWorker(_Node):
                 self.sim.at(self.sim.clock.now() + self.service_time, functools.partial(self._done, o))
             elif t is Connect:
                 self.endpoint = o.endpoint
+                self.conn += 1
             elif t is Stopped or t is Problem:
                 continue
             else:
@@ -142,6 +144,7 @@ class SimClient(_Node):
                 self.completed_at.setdefault(o.rid, self.sim.clock.now())
             elif t is Connect:
                 self.endpoint = o.endpoint
+                self.conn += 1
             elif t is Problem:
                 continue
             else:
@@ -213,6 +216,7 @@ class SimBroker(_Node):
             if not ident:
                 if t is Connect:
                     self.endpoint = msg.endpoint
+                    self.conn += 1
                 elif t is Problem:
                     self.problems.append(msg.message)
                 else:
@@ -230,7 +234,7 @@ class SimBroker(_Node):
             if sim.lost(self.ident_of_endpoint(), ident):
                 continue
             frames = p.encode(msg)
-            sim.at(now + sim.latency, functools.partial(sim.deliver_to_node, ident, frames))
+            sim.at(now + sim.latency, functools.partial(sim.deliver_to_node, ident, frames, node.conn))
         for ident, (n, cap) in self.core.worker_load().items():
             if n > cap:
                 raise InvariantError(f"worker {ident!r} holds {n} tasks at {self.name}, capacity {cap}")
@@ -422,9 +426,13 @@ class Simulation:
 
     # --- network --------------------------------------------------------------------------------
 
+    MAX_IN_FLIGHT = 200_000  # messages and timers pending at once: more is a message storm
+
     def at(self, t: float, fn: Callable[[], None]) -> None:
         self._seq += 1
         heappush(self._events, (t, self._seq, fn))
+        if len(self._events) > self.MAX_IN_FLIGHT:
+            raise InvariantError(f"{len(self._events)} messages in flight at t={self.clock.now():.3f}: a message storm")
 
     def lost(self, a: bytes, b: bytes) -> bool:
         """Return True if a message between ``a`` and ``b`` is lost (partition or random drop)."""
@@ -447,10 +455,12 @@ class Simulation:
         if node.endpoint == broker.at_endpoint and node.ident == ident:
             broker.receive_from(ident, frames)
 
-    def deliver_to_node(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
+    def deliver_to_node(self, ident: bytes, frames: tuple[bytes, bytes], conn: int | None = None) -> None:
         node = self.nodes.get(ident)
         if node is None or not node.alive or node.ident != ident:
             return
+        if conn is not None and node.conn != conn:
+            return  # sent on a connection the node has closed since (a failover): lost, as with zmq
         node.deliver(p.decode(*frames))
 
     # --- running --------------------------------------------------------------------------------

@@ -24,14 +24,20 @@ sys.path.insert(0, str(HERE.parent))  # examples/shared.py
 
 from shared import make_pki, stop_all  # noqa: E402
 
-from zmqdist import Client  # noqa: E402
+from zmqdist import Client, RequestError  # noqa: E402
 
 N = 6000
 
 
 def state(client: Client) -> str:
-    st = client.call("zmqdist.status", timeout=5)
-    return f"{st['broker']} {st['ha']['state']} (epoch {st['ha']['epoch']})"
+    """'NAME STATE (epoch N)' of the broker the client reaches (retried while it is starting)."""
+    for _ in range(5):
+        try:
+            st = client.call("zmqdist.status", timeout=5)
+            return f"{st['broker']} {st['ha']['state']} (epoch {st['ha']['epoch']})"
+        except RequestError:
+            continue
+    return "no answer"
 
 
 def main(secure: bool = False) -> int:
@@ -64,12 +70,15 @@ def main(secure: bool = False) -> int:
         with Client([ep["main-a"], ep["main-b"]], timeout=30, **client_sec) as client:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                st = client.call("zmqdist.status", timeout=5)
+                with Client([ep["main-a"]], timeout=5, **client_sec) as ca:
+                    st = ca.call("zmqdist.status", timeout=5)
                 if st["ha"]["state"] == "active" and len(st["workers"]) == 3:
                     break
                 time.sleep(0.1)
-            with Client([ep["main-b"]], timeout=5, **client_sec) as cb:
-                print("before:", state(client), "|", state(cb))
+            else:
+                print(f"main-a did not become active with 3 workers: {st['ha']}, {len(st['workers'])} workers")
+            with Client([ep["main-a"]], timeout=5, **client_sec) as ca, Client([ep["main-b"]], **client_sec) as cb:
+                print("before:", state(ca), "|", state(cb))
             futs, done_at = [], {}
             killed = 0.0
             for i in range(N):
@@ -89,11 +98,11 @@ def main(secure: bool = False) -> int:
             print(f"takeover: the first request sent after the kill was answered {first:.2f}s after it, by main-b")
             procs["main-a"].wait(10)
             procs["main-a"] = broker("main-a", "primary", "main-b")
-            with Client([ep["main-a"]], timeout=5, **client_sec) as ca:
+            with Client([ep["main-a"]], timeout=5, **client_sec) as ca, Client([ep["main-b"]], **client_sec) as cb:
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline and "passive" not in state(ca):
                     time.sleep(0.1)
-                print("after the restart:", state(ca), "|", state(client))
+                print("after the restart:", state(ca), "|", state(cb))
         return 0
     finally:
         stop_all(procs)

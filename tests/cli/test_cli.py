@@ -77,6 +77,10 @@ def test_bad_config_and_bad_options_give_clear_errors(tmp_path):
     assert r.exit_code == 1 and "needs both peer" in r.output
     r = run(cli.main, ["broker", "--peer", "tcp://x:1"])
     assert r.exit_code == 1 and "set ha to 'primary' or 'backup'" in r.output
+    toml = tmp_path / "pair.toml"
+    toml.write_text('[broker]\nha = "backup"\npeer = "tcp://a:5560"\nfailback = "auto"\n')
+    r = run(cli.main, ["--config", str(toml), "broker"])  # the file's pair settings are read
+    assert r.exit_code == 1 and "needs both peer" in r.output
     r = run(cli.main, ["broker", "--ha", "leader"])
     assert r.exit_code == 2 and "'primary', 'backup'" in r.output
     r = run(cli.main, ["call", "echo", "{not json"])

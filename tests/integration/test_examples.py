@@ -56,10 +56,11 @@ def test_tiers_example_overflows_into_the_other_region_and_survives_a_proxy_kill
 def test_ha_example_takes_over_after_a_sigkill_and_the_primary_comes_back_passive(variant):
     cmd = [sys.executable, "examples/ha/run.py", *variant]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=80)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert ("CURVE on every link" in r.stdout) == bool(variant)
-    assert "every one answered once and in order" in r.stdout
-    assert "before: main-a active" in r.stdout and "main-b passive" in r.stdout
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert ("CURVE on every link" in r.stdout) == bool(variant), out
+    assert "every one answered once and in order" in r.stdout, out
+    assert "before: main-a active" in r.stdout and "main-b passive" in r.stdout, out
     line = next(x for x in r.stdout.splitlines() if x.startswith("takeover:"))
-    assert float(line.split("answered ")[1].split("s")[0]) < 2.0, line
-    assert "after the restart: main-a passive" in r.stdout and "main-b active" in r.stdout
+    assert float(line.split("answered ")[1].split("s")[0]) < 2.0, out
+    assert "after the restart: main-a passive" in r.stdout and "main-b active" in r.stdout, out

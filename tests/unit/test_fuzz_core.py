@@ -75,3 +75,50 @@ def test_fuzzed_frame_streams_never_break_the_broker(stream):
         core.tick(now)
         assert all(n <= cap for n, cap in core.worker_load().values())
         assert 0 <= core.queued <= core.open_requests
+
+
+PAIR_VALID = [
+    p.PairState("peer", 1, p.PAIR_ACTIVE, 3, "pinc", 0, 0),
+    p.PairState("peer", 1, p.PAIR_PENDING, 0, "pinc2", -1, 0),
+    p.PairState("peer", 0, p.PAIR_PASSIVE, 3, "pinc", 5, 1),
+    p.Replicate(3, 1, 1, p.pack_ops([0.0, ["a", 7, b"C", 1, "echo", 5.0, [], "", "", 0, b"\xc0"], ["s", 7, b"W", 1]])),
+    p.Replicate(3, 2, 0, p.pack_ops([0.0, ["e", 7], ["q", 8]])),
+    p.Handover(3),
+]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.booleans(),  # True: on the pair link; False: from a peer on the main endpoint
+            st.one_of(st.sampled_from(PAIR_VALID), st.sampled_from(VALID)),
+            st.binary(max_size=6),  # bytes spliced into the encoded head (none: the message as is)
+            st.floats(0, 1.5),
+        ),
+        max_size=60,
+    )
+)
+def test_fuzzed_pair_link_streams_never_break_a_broker_of_a_pair(stream):
+    """Random and mutated pair-link messages (states, replication, handovers) interleaved with peer
+    traffic: only RemoteProtocolError comes out of decoding, and the broker keeps its invariants."""
+    core = BrokerCore(BrokerSettings(name="fuzz", ha="backup"), "inc", 0.0)
+    core.start(0.0)
+    now = 0.0
+    for on_pair, msg, splice, dt in stream:
+        now += dt
+        head, payload = p.encode(msg)
+        if splice:
+            head = head[:5] + splice + head[5 + len(splice) :]
+        try:
+            m = p.decode(head, payload)
+        except RemoteProtocolError:
+            continue
+        if on_pair:
+            core.pair_receive(m, now)
+        else:
+            core.receive(b"W", m, now)
+        core.tick(now)
+        core.flush(now)
+        assert all(n <= cap for n, cap in core.worker_load().values())
+        assert 0 <= core.queued <= core.open_requests
+        assert core.standby == (core.pair.state != p.PAIR_ACTIVE)

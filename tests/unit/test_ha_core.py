@@ -223,3 +223,24 @@ def test_a_worker_refuses_a_stale_broker_and_moves_on():
     assert "refused" in out[0].message and type(out[1]) is Connect and type(out[2]) is p.Hello
     assert w.link.connects == 3  # start, the failover from b, and the move on from stale a
     assert not w.registered and w.counters["fenced"] == 1
+
+
+def test_a_passive_broker_sends_a_peer_away_once_per_heartbeat_not_once_per_message():
+    """A client resends all its pending requests after a failover; a BYE for each of them would
+    make it fail over once per BYE, resending everything each time: a storm."""
+    from zmqdist.core.broker import BrokerCore
+    from zmqdist.core.ha import PAIR
+
+    core = BrokerCore(BrokerSettings(name="b", ha="backup"), "inc", 0.0)
+    core.pair_receive(state(name="a", st=ACTIVE, epoch=1), 0.0)
+    assert core.standby and core.pair.state == PASSIVE
+    out = core.receive(b"C", p.Hello(p.ROLE_CLIENT, "c", (), 0, 250), 0.01)
+    for rid in range(50):
+        out += core.receive(b"C", p.Request(rid, "echo", 1000, (), b""), 0.01)
+    assert [type(m) for _, m in out] == [p.Bye] and "a is active" in out[0][1].reason
+    assert core.receive(b"C", p.Request(51, "echo", 1000, (), b""), 0.1) == []
+    core.pair_receive(state(name="a", st=ACTIVE, epoch=1), 0.25)
+    assert [type(m) for _, m in core.receive(b"C", p.Request(52, "echo", 1000, (), b""), 0.3)] == [p.Bye]
+    status = core.receive(b"C", p.Request(53, "zmqdist.status", 1000, (), b""), 0.3)
+    assert p.unpack_value(status[0][1].payload)["ha"]["state"] == "passive"  # status is answered
+    assert all(dest != PAIR for dest, _ in out)

@@ -1480,6 +1480,10 @@ class BrokerCore:
         if t is not p.Hello and t is not p.Request and t is not p.Heartbeat:
             return _NONE  # for a registration this broker does not hold: it was told to leave
         if pair.peer_state == p.PAIR_ACTIVE and pair.peer_fresh(now):
+            # One BYE per peer per heartbeat: a client that resends its pending requests must not
+            # get a BYE for each of them (it would fail over once per BYE).
+            if not pair.redirect_due(peer, now):
+                return _NONE
             self.counters["redirected"] += 1
             return [(peer, p.Bye(f"{self.name} is the passive broker of its pair; {pair.peer_name} is active"))]
         pair.vote(peer, now)

@@ -108,6 +108,7 @@ class Pair:
         self.peer_seen: float | None = None
         self.votes: dict[bytes, float] = {}  # peers that came to us while we were not active, when
         self.held: set[bytes] = set()  # voters not answered yet (the active looked dead)
+        self.redirected: dict[bytes, float] = {}  # when each peer was last sent to the active broker
         # Active side: ops since the last flush, the seq of the last REPLICATE, the last snapshot.
         self.ops: list[Any] = []
         self.seq = 0
@@ -154,6 +155,16 @@ class Pair:
     def vote(self, ident: bytes, now: float) -> None:
         """``ident`` came to us while we were not active."""
         self.votes[ident] = now
+
+    def redirect_due(self, ident: bytes, now: float) -> bool:
+        """Should ``ident`` be told (again) to go to the active broker? At most once a heartbeat."""
+        last = self.redirected.get(ident)
+        if last is not None and now - last < self.hb_s:
+            return False
+        if len(self.redirected) > 100_000:  # a bound: forget the old ones
+            self.redirected = {i: t for i, t in self.redirected.items() if now - t < self.hb_s}
+        self.redirected[ident] = now
+        return True
 
     def live_votes(self, now: float) -> int:
         """Votes cast within the ttl (older ones are forgotten)."""
