@@ -47,6 +47,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 2000
 FLUSH = 64
+# After its last messages (BYE to every peer, a pair's HANDOVER) a stopping broker keeps its sockets
+# open this long: closed at once, a connection loses what was just sent to it about half the time
+# (measured: 5 of 10 BYEs arrived when closed at once, even with a linger; 10 of 10 after 0.3 s).
+STOP_GRACE_S = 0.3
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 
 
@@ -330,7 +334,10 @@ class Broker:
             raise
         finally:
             try:
-                self._send(core, core.shutdown(), clock.now())
+                last = core.shutdown()
+                self._send(core, last, clock.now())
+                if last:
+                    time.sleep(STOP_GRACE_S)  # the peers read them and leave (see STOP_GRACE_S)
             finally:
                 if self._monitor is not None:
                     sock.disable_monitor()

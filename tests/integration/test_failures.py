@@ -210,3 +210,24 @@ def test_client_and_worker_fail_over_to_the_next_endpoint_when_their_broker_dies
         assert c._core.counters["failovers"] >= 1 and c._core.link.endpoint == b_ep
         st = status(watch_b)
         assert [w["name"] for w in st["workers"]] == ["w0"] and st["counters"]["replies_ok"] >= 1
+
+
+@pytest.mark.timeout(60)
+def test_a_sigtermed_broker_tells_its_peers_to_move_on_at_once(procs, tmp_path):
+    """BYE reaches every peer (a broker that closed its socket at once lost about half of them:
+    the peers then waited a ttl of silence)."""
+    ep, other = f"ipc://{tmp_path}/a.sock", f"ipc://{tmp_path}/b.sock"
+    broker = procs.spawn("broker", "--bind", ep, "--name", "A")
+    clients = [Client([ep, other], timeout=10) for _ in range(4)]
+    try:
+        for c in clients:
+            wait_for(lambda c=c: c.call("zmqdist.status", timeout=2), 20, "broker up")
+        stopped = time.monotonic()
+        broker.send_signal(signal.SIGTERM)
+        wait_for(lambda: all(c._core.counters["failovers"] for c in clients), 5, "every client moved on")
+        moved = time.monotonic() - stopped
+        assert moved < 0.8, f"{moved:.2f}s: a client waited for silence (ttl 1 s) instead of getting BYE"
+        assert broker.wait(10) == 0
+    finally:
+        for c in clients:
+            c.close()

@@ -147,3 +147,24 @@ def test_sigkill_of_the_active_proxy_of_a_pair_under_load(procs, tmp_path):
         assert takeover < 2.0
         st = status(c)
     assert st["broker"] == "PB" and st["ha"]["state"] == "active" and st["upstream"]["registered"]
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_of_the_active_broker_hands_over_at_once(procs, tmp_path):
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    t.worker("w0", "A", "B")
+    t.wait_pair("A", "B")
+    with t.client("A", "B") as c:
+        assert [c.call("echo", i)[0] for i in range(10)] == list(range(10))
+        futs = [c.submit("echo", i) for i in range(300)]
+        stopped = time.monotonic()
+        t.brokers["A"].send_signal(signal.SIGTERM)  # graceful: HANDOVER to B, BYE to every peer
+        assert t.brokers["A"].wait(10) == 0
+        assert [f.result(30)[0] for f in futs] == list(range(300))
+        first = c.call("echo", "after")[0]
+        handover = time.monotonic() - stopped
+        st = status(c)
+    print(f"\nSIGTERM to the first call served after it: {handover:.3f}s")
+    assert first == "after" and st["broker"] == "B" and st["ha"]["handovers"] == 0
+    assert st["ha"]["takeovers"] == 1 and handover < 1.0  # no ttl of silence to wait for
