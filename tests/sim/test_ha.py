@@ -389,6 +389,11 @@ def test_property_pair_every_request_ends_exactly_once_and_one_broker_ends_activ
         else:
             assert done.status in (p.ST_TIMEOUT, p.ST_LOST), done
     assert len(sim.active("a", "b")) == 1, "not exactly one active broker after healing"
+    (active,) = sim.active("a", "b")
+    load = sim.brokers[active].core.worker_load()
+    for w in sim.workers.values():  # nothing runs any more: every slot is back
+        if w.ident in load:
+            assert load[w.ident] == (0, w.core.concurrency), (w.ident, load[w.ident])
     for i in range(5):
         client.submit("echo", -i, timeout=10)
     sim.run_for(5)

@@ -196,7 +196,8 @@ def test_a_worker_carries_tasks_and_unconfirmed_results_to_the_other_broker_of_t
     assert out[-1] == p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, 1)  # 2 slots still busy
     assert w.task_done(2, ex[1].session, True, b"r2", 1.2) == []  # kept for b
     out = w.receive(p.Welcome("b", "inc-b", 250, 4, 2, "a"), 1.3)
-    assert out == [p.Result(1, p.RS_OK, b"r1"), p.Result(2, p.RS_OK, b"r2")]  # 1 was never confirmed
+    # 1 was never confirmed; 2 finished since HELLO (which had left its slot out): credit back
+    assert out == [p.Result(1, p.RS_OK, b"r1"), p.Result(2, p.RS_OK, b"r2"), p.Credit(2)]
     hb = w.tick(1.55)
     assert hb == [p.Heartbeat(p.ROLE_WORKER, "inc-b", 0, (3,))]  # task 3 still runs, held for b
     assert w.task_done(3, ex[2].session, True, b"r3", 1.6) == [p.Result(3, p.RS_OK, b"r3"), p.Credit(3)]
@@ -208,7 +209,7 @@ def test_a_worker_voids_carried_work_at_a_broker_outside_the_pair():
     w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
     (ex,) = w.receive(p.Task(1, "echo", 5000, 1, "k1", 1, (), b"v"), 0.0)
     w.tick(1.1)
-    assert w.receive(p.Welcome("x", "inc-x", 250, 4), 1.2) == []
+    assert w.receive(p.Welcome("x", "inc-x", 250, 4), 1.2) == [p.Credit(1)]
     assert w.carry == {} and w.stale == 1
     assert w.task_done(1, ex.session, True, b"r", 1.3) == [p.Credit(2)]
     assert w.counters["void_results"] == 1
@@ -244,3 +245,18 @@ def test_a_passive_broker_sends_a_peer_away_once_per_heartbeat_not_once_per_mess
     status = core.receive(b"C", p.Request(53, "zmqdist.status", 1000, (), b""), 0.3)
     assert p.unpack_value(status[0][1].payload)["ha"]["state"] == "passive"  # status is answered
     assert all(dest != PAIR for dest, _ in out)
+
+
+def test_carried_work_that_finished_before_welcome_gives_its_slots_back():
+    """HELLO announces concurrency less the carried tasks; if they all finish before WELCOME,
+    the worker must say so (CREDIT), or the broker would never send it work again."""
+    w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 2, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
+    ex = [w.receive(p.Task(t, "echo", 5000, 1, f"k{t}", t, (), b"v"), 0.0)[0] for t in (1, 2)]
+    out = w.tick(1.1)  # a silent: to b
+    assert out[-1].capacity == 0  # both slots carried
+    for e in ex:
+        assert w.task_done(e.ticket, e.session, True, b"r", 1.2) == []  # parked: not registered
+    out = w.receive(p.Welcome("b", "inc-b", 250, 4, 2, "a"), 1.3)
+    assert out[-1] == p.Credit(2) and len(out) == 3

@@ -250,6 +250,9 @@ class WorkerCore:
                 self.stale += len(self.carry)  # the same capacity, now as stale work
                 self.carry.clear()
             self.parked.clear()
+            if not self.draining:
+                # HELLO left out what was carried then; what finished since frees those slots.
+                out.append(p.Credit(self._capacity()))
         self._pair = pair
         return out
 
