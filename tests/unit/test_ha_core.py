@@ -260,3 +260,14 @@ def test_carried_work_that_finished_before_welcome_gives_its_slots_back():
         assert w.task_done(e.ticket, e.session, True, b"r", 1.2) == []  # parked: not registered
     out = w.receive(p.Welcome("b", "inc-b", 250, 4, 2, "a"), 1.3)
     assert out[-1] == p.Credit(2) and len(out) == 3
+
+
+def test_the_table_of_clients_to_tell_bye_is_bounded_against_a_flood_of_heartbeats():
+    from zmqdist.core.broker import BrokerCore
+
+    core = BrokerCore(BrokerSettings(name="b", max_queue=10), "inc", 0.0)
+    for i in range(500):  # heartbeats from 500 connections that never said HELLO
+        core.receive(f"c{i}".encode(), p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 0.001 * i)
+    assert len(core._clients) == 20  # twice the queue limit
+    core.receive(b"late", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 5.0)  # the old ones are silent: pruned
+    assert set(core._clients) == {b"late"}

@@ -36,6 +36,8 @@ from zmqdist.core.ha import (
     BECOME_PASSIVE,
     HAND_OVER,
     PAIR,
+    PASSIVE,
+    PENDING,
     R_ATTEMPT,
     R_CLIENT,
     R_DEADLINE,
@@ -345,6 +347,7 @@ class BrokerCore:
         self._brokers = 0  # downstream brokers registered
         self._open_by_client: dict[bytes, int] = {}  # open requests per client (quota)
         self._clients: dict[bytes, float] = {}  # clients by when last heard (HELLO, HEARTBEAT)
+        self._clients_pruned = -1e9  # when _clients was last pruned
         self._gathers: dict[int, _Gather] = {}  # tree statuses being gathered, by our ticket
         self._gather_of: dict[int, int] = {}  # ticket of a question to a broker below -> its gather
         # A new active broker of a pair: requests the old one had dispatched, by member, waiting
@@ -487,6 +490,20 @@ class BrokerCore:
         if self._up is not None and self._up.registered:
             out.append((UPSTREAM, p.Bye("proxy shutting down")))
         return out
+
+    def _heard_client(self, peer: bytes, now: float) -> None:
+        """Note a client's HELLO or HEARTBEAT (a stopping broker tells it BYE). Bounded at twice
+        the queue limit: when full, clients silent past the ttl are forgotten (at most once per
+        ttl); a client that finds it still full gets no BYE and notices the silence instead."""
+        clients = self._clients
+        if peer not in clients and len(clients) >= 2 * self.settings.max_queue:
+            if now - self._clients_pruned < self._ttl:
+                return
+            self._clients_pruned = now
+            clients = self._clients = {c: t for c, t in clients.items() if now - t <= self._ttl}
+            if len(clients) >= 2 * self.settings.max_queue:
+                return
+        clients[peer] = now
 
     def _leavers(self) -> list[bytes]:
         """Everyone to tell BYE when we stop serving: members, clients with open requests, and
@@ -648,7 +665,7 @@ class BrokerCore:
             if m.role != p.ROLE_CLIENT:
                 who = "worker" if m.role == p.ROLE_WORKER else "broker"
                 return [(peer, p.Reconnect(f"unknown {who}: register again"))]
-            self._clients[peer] = now
+            self._heard_client(peer, now)
             return [(peer, self._pong)]
         out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, (), self._epoch))]
         adopted = w.adopted and m.incarnation == self.incarnation  # its first heartbeat since WELCOME
@@ -683,9 +700,7 @@ class BrokerCore:
         if m.epoch > self._epoch and self._pair is not None:
             self._outgrown(m.epoch, now, out)
         if m.role == p.ROLE_CLIENT:
-            self._clients[peer] = now
-            if len(self._clients) > 2 * self.settings.max_queue:
-                self._clients = {c: t for c, t in self._clients.items() if now - t <= self._ttl}
+            self._heard_client(peer, now)
             return [(peer, self._welcome)]
         if m.role == p.ROLE_BROKER:
             if m.name == self.name:
@@ -1411,7 +1426,7 @@ class BrokerCore:
                 out.append((PAIR, Problem(problem)))
         elif t is p.Handover:
             if self._standby and msg.epoch >= pair.epoch:  # type: ignore[union-attr]
-                pair.peer_state = p.PAIR_PASSIVE  # it stepped down as it sent this
+                pair.peer_state = PASSIVE  # it stepped down as it sent this
                 pair.peer_epoch = max(pair.peer_epoch, msg.epoch)  # type: ignore[union-attr]
                 self._take_over(now, out, f"{pair.peer_name} handed over")
         else:
@@ -1434,7 +1449,7 @@ class BrokerCore:
         self._decide(now, out)
         if now >= pair.next_beat:
             out.append((PAIR, pair.state_message(now)))
-        if self._standby and pair.held and pair.peer_state == p.PAIR_ACTIVE and pair.peer_fresh(now):
+        if self._standby and pair.held and pair.peer_state == ACTIVE and pair.peer_fresh(now):
             self._redirect_held(out)
         out += self.flush(now)
 
@@ -1445,10 +1460,10 @@ class BrokerCore:
         if action is None:
             return
         if action == TAKE_OVER:
-            if pair.peer_alive(now) and pair.state == p.PAIR_PENDING:
+            if pair.peer_alive(now) and pair.state == PENDING:
                 why = f"both started, {pair.peer_name} too: the primary serves"
             elif pair.peer_alive(now):
-                why = f"{pair.peer_name} is {'restarting' if pair.peer_state == p.PAIR_PENDING else 'passive'}"
+                why = f"{pair.peer_name} is {'restarting' if pair.peer_state == PENDING else 'passive'}"
             else:
                 why = f"{pair.peer_name or 'the peer'} silent, {len(pair.votes)} peers came here"
             self._take_over(now, out, why)
@@ -1479,7 +1494,7 @@ class BrokerCore:
             return [(peer, self._internal(msg, now))]  # type: ignore[arg-type]
         if t is not p.Hello and t is not p.Request and t is not p.Heartbeat:
             return _NONE  # for a registration this broker does not hold: it was told to leave
-        if pair.peer_state == p.PAIR_ACTIVE and pair.peer_fresh(now):
+        if pair.peer_state == ACTIVE and pair.peer_fresh(now):
             # One BYE per peer per heartbeat: a client that resends its pending requests must not
             # get a BYE for each of them (it would fail over once per BYE).
             if not pair.redirect_due(peer, now):
@@ -1500,7 +1515,7 @@ class BrokerCore:
         as fencing is for; if it is active, decide() makes one of us step down."""
         pair = self._pair
         assert pair is not None
-        if not pair.peer_alive(now) or pair.peer_state == p.PAIR_ACTIVE:
+        if not pair.peer_alive(now) or pair.peer_state == ACTIVE:
             return
         epoch = self._epoch = pair.raise_epoch(seen)
         self._welcome = self._welcome._replace(epoch=epoch)
@@ -1638,14 +1653,14 @@ class BrokerCore:
         out.append((PAIR, p.Handover(pair.epoch)))
         pair.counters["handovers"] += 1
         self._step_down(now, out, f"handed over to {pair.peer_name}")
-        pair.peer_state = p.PAIR_ACTIVE  # as soon as it reads HANDOVER: send peers there meanwhile
+        pair.peer_state = ACTIVE  # as soon as it reads HANDOVER: send peers there meanwhile
 
     def _handover_service(self, peer: bytes, rid: int, now: float) -> list[Out]:
         """``zmqdist.handover``: an operator asks the active broker of a pair to hand over."""
         pair = self._pair
         if pair is None:
             why = "this broker is not part of a pair"
-        elif not pair.peer_alive(now) or pair.peer_state != p.PAIR_PASSIVE:
+        elif not pair.peer_alive(now) or pair.peer_state != PASSIVE:
             why = f"its peer {pair.peer_name or ''} is not a live passive broker: nothing to hand over to"
         elif pair.peer_synced < 0:
             why = f"its peer {pair.peer_name} has no copy of the request table yet"
