@@ -432,6 +432,7 @@ class Broker:
         recv = sock.recv
         decode = p.decode
         receive = core.receive
+        plain = core.receive_plain
         pending: list[Out] = []
         events = sock.get
         secure = self._ring is not None
@@ -467,16 +468,20 @@ class Broker:
                 pending += core.bad_input(ident, RemoteProtocolError("message has more than 2 frames", p.E_FRAMES), b"")
                 self._bad(ident, now, "a message of more than 2 frames")
                 continue
-            try:
-                msg = decode(hb, payload.bytes)
-            except RemoteProtocolError as exc:
-                pending += core.bad_input(ident, exc, hb)
-                self._bad(ident, now, str(exc))
-                continue
-            if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
-                pending += self._refuse(core, ident, msg, why, now)
-                continue
-            pending += receive(ident, msg, now)
+            pb = payload.bytes
+            if rights is None and plain(ident, hb, pb, now, pending):
+                pass  # the common REQUEST or RESULT, handled straight from its frames
+            else:
+                try:
+                    msg = decode(hb, pb)
+                except RemoteProtocolError as exc:
+                    pending += core.bad_input(ident, exc, hb)
+                    self._bad(ident, now, str(exc))
+                    continue
+                if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
+                    pending += self._refuse(core, ident, msg, why, now)
+                    continue
+                pending += receive(ident, msg, now)
             if i % FLUSH == FLUSH - 1 and pending:
                 self._send(core, pending, now)
                 pending = []

@@ -415,10 +415,61 @@ _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
     Heartbeat: (lambda v: _is_int(v, 0, MAX_ID),),
 }
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
-_CMD_REQUEST: Final = bytes([CMD_OF[Request]])
-_CMD_RESULT: Final = bytes([CMD_OF[Result]])
-_FAST_CMDS: Final = frozenset((_CMD_REQUEST, _CMD_RESULT))
+_HEAD_REQUEST: Final = HEAD_PREFIX[Request]
+_HEAD_RESULT: Final = HEAD_PREFIX[Result]
+_HEAD_REPLY: Final = HEAD_PREFIX[Reply]
+_HEAD_TASK: Final = HEAD_PREFIX[Task]
 _unpackb = msgpack.unpackb
+
+
+def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
+    """Return (rid, service, budget_ms, trace) of a valid REQUEST head without hops, else None.
+
+    The broker's per-request path reads the common case with this; anything else (hops, extra
+    fields, any invalid field) returns None and goes through :func:`decode`, which names the problem.
+    """
+    if head[:4] != _HEAD_REQUEST:
+        return None
+    try:
+        f = _unpackb(head[4:], use_list=False)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return None
+    if type(f) is not tuple:
+        return None
+    n = len(f)
+    if n == 4:
+        trace = ""
+    elif n == 5 and type(f[4]) is str and len(f[4]) <= MAX_NAME:
+        trace = f[4]
+    else:
+        return None
+    rid, service, budget, hops = f[0], f[1], f[2], f[3]
+    if (
+        type(rid) is int
+        and 0 <= rid <= MAX_ID
+        and type(service) is str
+        and 0 < len(service) <= MAX_NAME
+        and type(budget) is int
+        and 0 <= budget <= MAX_BUDGET_MS
+        and hops == ()
+    ):
+        return rid, service, budget, trace
+    return None
+
+
+def plain_result(head: bytes) -> tuple[int, int] | None:
+    """Return (ticket, status) of a valid RESULT head, else None (see :func:`plain_request`)."""
+    if head[:4] != _HEAD_RESULT:
+        return None
+    try:
+        f = _unpackb(head[4:], use_list=False)
+    except Exception:
+        return None
+    if type(f) is tuple and len(f) == 2:
+        ticket, status = f
+        if type(ticket) is int and 0 <= ticket <= MAX_ID and type(status) is int and status in RESULT_STATUSES:
+            return ticket, status
+    return None
 
 
 def decode(head: bytes, payload: bytes) -> Message:
@@ -427,29 +478,17 @@ def decode(head: bytes, payload: bytes) -> Message:
     Raises :class:`RemoteProtocolError` (with ``code`` and, where readable, ``rid``) for a wrong
     magic or version, an unknown command, or a header that is not valid for its command.
     """
-    if head[:3] == PREFIX:
-        # Fast paths for the two commands on every request (same checks, fewer calls); anything
-        # unusual falls through to the general path, which names the problem.
-        cmd = head[3:4]
-        if cmd in _FAST_CMDS:
-            try:
-                f = _unpackb(head[4:], use_list=False)
-            except Exception:
-                f = None
-            if type(f) is tuple and type(f[0] if f else None) is int and 0 <= f[0] <= MAX_ID:
-                if cmd == _CMD_REQUEST:
-                    n = len(f)
-                    if (
-                        (n == 4 or (n == 5 and type(f[4]) is str and len(f[4]) <= MAX_NAME))
-                        and type(f[1]) is str
-                        and 0 < len(f[1]) <= MAX_NAME
-                        and type(f[2]) is int
-                        and 0 <= f[2] <= MAX_BUDGET_MS
-                        and f[3] == ()
-                    ):
-                        return tuple.__new__(Request, (*f[:4], payload, f[4] if n == 5 else ""))
-                elif len(f) == 2 and type(f[1]) is int and f[1] in RESULT_STATUSES:
-                    return tuple.__new__(Result, (*f, payload))
+    # Fast paths for the two commands on every request (same checks, fewer calls); anything
+    # unusual falls through to the general path, which names the problem.
+    cmd = head[:4]
+    if cmd == _HEAD_REQUEST:
+        r = plain_request(head)
+        if r is not None:
+            return tuple.__new__(Request, (r[0], r[1], r[2], (), payload, r[3]))
+    elif cmd == _HEAD_RESULT:
+        t = plain_result(head)
+        if t is not None:
+            return tuple.__new__(Result, (t[0], t[1], payload))
     return _decode_general(head, payload)
 
 
@@ -514,11 +553,15 @@ class Encoder:
     def encode(self, msg: Message) -> tuple[bytes, bytes]:
         """Return the two frames of ``msg``. Raises :class:`LocalProtocolError` for a non-message."""
         cls = type(msg)
+        fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
+        if cls is Reply:  # the commands of every request first
+            return _HEAD_REPLY + self._pack(fields[:3]), fields[3]
+        if cls is Task:
+            return _HEAD_TASK + self._pack((*fields[:7], fields[8]) if fields[8] else fields[:7]), fields[7]
         prefix = HEAD_PREFIX.get(cls)
         if prefix is None:
             raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
         if cls in _TRACED:
-            fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
             trace = fields[-1]
             head = (*fields[:-2], trace) if trace else fields[:-2]
             return prefix + self._pack(head), fields[-2]

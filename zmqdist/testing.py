@@ -22,7 +22,7 @@ from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
-from zmqdist.core.broker import UPSTREAM, BrokerCore
+from zmqdist.core.broker import UPSTREAM, BrokerCore, Out
 from zmqdist.core.client import ClientCore, Completed
 from zmqdist.core.ha import PAIR
 from zmqdist.core.link import Connect, Problem, Stopped
@@ -80,7 +80,8 @@ class _Node:
 
 
 class SimWorker(_Node):
-    """A worker machine in the simulation with a fixed service time per task."""
+    """A worker machine in the simulation with a fixed service time per task. It echoes the value,
+    except that a string starting with ``fail`` makes it fail (as if the handler raised)."""
 
     def __init__(self, sim: Simulation, ident: bytes, core: WorkerCore, service_time: float) -> None:
         super().__init__(sim, ident)
@@ -114,6 +115,10 @@ class SimWorker(_Node):
             return
         self.running -= 1
         value = p.unpack_value(o.payload)
+        if type(value) is str and value.startswith("fail"):  # the handler raises
+            error = p.pack_error("ValueError", value, "")
+            self.handle(self.core.task_done(o.ticket, o.session, False, error, self.sim.clock.now()))
+            return
         self.handle(self.core.task_done(o.ticket, o.session, True, p.pack_value(value), self.sim.clock.now()))
 
 
@@ -192,7 +197,10 @@ class SimBroker(_Node):
     def receive_from(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
         if self.alive:
             now = self.sim.clock.now()
-            self.out(self.core.receive(ident, p.decode(*frames), now))
+            out: list[Out] = []
+            if not (self.sim.plain and self.core.receive_plain(ident, frames[0], frames[1], now, out)):
+                out = self.core.receive(ident, p.decode(*frames), now)  # as the runtime: the general path
+            self.out(out)
             self.out(self.core.flush(now))
 
     def receive_pair(self, run: int, frames: tuple[bytes, bytes]) -> None:
@@ -205,6 +213,8 @@ class SimBroker(_Node):
         now = sim.clock.now()
         for ident, msg in outs:
             t = type(msg)
+            if sim.sent is not None:
+                sim.sent.append((now, self.name, ident, msg))
             if ident == PAIR:
                 if t is Problem:
                     self.problems.append(msg.message)
@@ -274,8 +284,15 @@ class Simulation:
         latency: float = 0.0001,
         seed: int = 0,
         hb: HeartbeatSettings | None = None,
+        plain: bool = True,
     ) -> None:
         self.clock = FakeClock()
+        # Brokers take the per-request path (BrokerCore.receive_plain) first, as the runtime does;
+        # False sends every message through decode and receive (the equivalence test runs both).
+        self.plain = plain
+        self.sent: list[tuple[float, str, bytes, p.Message | Connect | Problem]] | None = (
+            None  # a list: every message brokers send is recorded
+        )
         self.settings = settings or BrokerSettings()
         self.hb = hb or self.settings.heartbeat
         self.latency = latency
