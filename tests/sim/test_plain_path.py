@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from zmqdist import protocol as p
@@ -82,7 +82,6 @@ def _run(s: dict[str, Any], plain: bool) -> tuple[list[Any], list[dict[str, int]
     return sim.sent, [dict(b.core.counters) for b in sim.brokers.values()], completed
 
 
-@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_property_the_plain_path_changes_nothing_but_speed(data: st.DataObject) -> None:
     s = _schedule(data)
