@@ -443,7 +443,7 @@ class BrokerCore:
             return False
         self._now = now
         w.seen = now
-        del w.inflight[ticket]
+        self._release(w, ticket)
         self._offer(w)
         w.served += 1
         if rstatus == p.RS_OK:
@@ -455,11 +455,7 @@ class BrokerCore:
         if self._h_service is not None:
             self._h_service.observe(now - req.t_out)
         self._finish(req, status, "", payload, out)
-        pools = self._pools
-        for s in w.services:
-            pool = pools[s]
-            if pool.queue:
-                self._pump(pool, now, out)
+        self._pump_services(w, now, out)
         return True
 
     def bad_input(self, peer: bytes, err: RemoteProtocolError, head: bytes) -> list[Out]:
