@@ -1,9 +1,14 @@
 """zmqdist: share request/reply work among many processes and machines over ZeroMQ."""
 
-from zmqdist.broker import Broker
-from zmqdist.client import AsyncClient, Client
-from zmqdist.context import RequestContext, current_request
-from zmqdist.errors import (
+from zmqdist import _native
+
+_native.install()  # compiled or pure-Python hot modules: chosen before any of them is imported
+
+from zmqdist import protocol as _protocol  # noqa: E402
+from zmqdist.broker import Broker  # noqa: E402
+from zmqdist.client import AsyncClient, Client  # noqa: E402
+from zmqdist.context import RequestContext, current_request  # noqa: E402
+from zmqdist.errors import (  # noqa: E402
     Busy,
     ClosedError,
     ConfigError,
@@ -18,7 +23,9 @@ from zmqdist.errors import (
     WorkerLost,
     ZmqdistError,
 )
-from zmqdist.worker import Worker
+from zmqdist.worker import Worker  # noqa: E402
+
+_native.confirm(_protocol)
 
 __version__ = "0.1.0"
 

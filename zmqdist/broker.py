@@ -149,7 +149,7 @@ class Broker:
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
         self._mailbox = Mailbox()
-        self._thread: threading.Thread | None = None
+        self._runner: threading.Thread | None = None
         self._ready = threading.Event()
         self._done = threading.Event()
         self._startup_error: BaseException | None = None
@@ -169,10 +169,10 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> Broker:
         """Run the broker in a background thread; return once it is bound (or raise why not)."""
-        if self._thread is not None:
+        if self._runner is not None:
             raise ZmqdistError("broker already started")
-        self._thread = threading.Thread(target=self._main, name=f"zmqdist-broker-{self.settings.name}", daemon=True)
-        self._thread.start()
+        self._runner = threading.Thread(target=self._main, name=f"zmqdist-broker-{self.settings.name}", daemon=True)
+        self._runner.start()
         if not self._ready.wait(timeout):
             raise ZmqdistError(f"broker did not start within {timeout}s")
         if self._startup_error is not None:
@@ -193,9 +193,9 @@ class Broker:
 
     def run(self) -> None:
         """Run the broker in this thread until :meth:`stop` is called (e.g. from a signal handler)."""
-        if self._thread is not None:
+        if self._runner is not None:
             raise ZmqdistError("broker already started")
-        self._thread = threading.current_thread()
+        self._runner = threading.current_thread()
         self._main()
         if self._startup_error is not None:
             raise self._startup_error
@@ -207,7 +207,7 @@ class Broker:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
-        t = self._thread
+        t = self._runner
         if t is not None and t is not threading.current_thread() and t.is_alive():
             t.join(timeout)
 
@@ -223,9 +223,9 @@ class Broker:
 
     def status(self, timeout: float = 5.0) -> dict[str, Any]:
         """Return the broker's status snapshot (workers, services, queues, counters)."""
-        if self._done.is_set() or self._thread is None:
+        if self._done.is_set() or self._runner is None:
             raise ClosedError("broker is not running")
-        if self._thread is threading.current_thread():
+        if self._runner is threading.current_thread():
             raise ZmqdistError("status() waits for the broker's loop: call it from another thread")
         fut: Future[dict[str, Any]] = Future()
         self._mailbox.post(("status", fut))

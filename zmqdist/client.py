@@ -118,8 +118,8 @@ class Client:
         self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
         self._closed = False
         self._core: ClientCore | None = None
-        self._thread = threading.Thread(target=self._main, name=f"zmqdist-client-{self.name}", daemon=True)
-        self._thread.start()
+        self._runner = threading.Thread(target=self._main, name=f"zmqdist-client-{self.name}", daemon=True)
+        self._runner.start()
 
     # --- public ---------------------------------------------------------------------------------
 
@@ -197,8 +197,8 @@ class Client:
             return
         self._closed = True
         self._mailbox.post(None)
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        if self._runner is not threading.current_thread():
+            self._runner.join(timeout)
 
     def __enter__(self) -> Client:
         return self

@@ -165,6 +165,7 @@ class SimBroker(_Node):
         self.at_endpoint = endpoint
         self.settings = settings
         self.runs = 0
+        self.plain_served = 0  # messages handled by the per-request path (receive_plain)
         self.problems: list[str] = []
         self.pair_peer: SimBroker | None = None  # the other broker of its backup pair
         self.core = self._new_core()
@@ -198,7 +199,9 @@ class SimBroker(_Node):
         if self.alive:
             now = self.sim.clock.now()
             out: list[Out] = []
-            if not (self.sim.plain and self.core.receive_plain(ident, frames[0], frames[1], now, out)):
+            if self.sim.plain and self.core.receive_plain(ident, frames[0], frames[1], now, out):
+                self.plain_served += 1
+            else:
                 out = self.core.receive(ident, p.decode(*frames), now)  # as the runtime: the general path
             self.out(out)
             self.out(self.core.flush(now))

@@ -65,7 +65,7 @@ class Worker:
         self._ctx = context or zmq.Context.instance()
         self._handlers: dict[str, Handler] = {}
         self._mailbox = Mailbox()
-        self._thread: threading.Thread | None = None
+        self._runner: threading.Thread | None = None
         self._done = threading.Event()
         self.stop_reason = ""
         self.error: BaseException | None = None
@@ -89,7 +89,7 @@ class Worker:
             raise ConfigError(f"service names starting with {p.RESERVED_PREFIX!r} are reserved")
         if not callable(fn):
             raise ConfigError(f"handler for {name!r} is not callable")
-        if self._thread is not None:
+        if self._runner is not None:
             raise ZmqdistError("add services before the worker starts")
         self._handlers[name] = fn
 
@@ -102,18 +102,22 @@ class Worker:
     def start(self) -> Worker:
         """Serve in a background thread; return at once."""
         self._check_startable()
-        self._thread = threading.Thread(target=self._main, name=f"zmqdist-worker-{self.name}", daemon=True)
-        self._thread.start()
+        self._runner = threading.Thread(target=self._main, name=f"zmqdist-worker-{self.name}", daemon=True)
+        self._runner.start()
         return self
 
     def run(self) -> None:
         """Serve in this thread until :meth:`stop`, SIGINT or SIGTERM (which drain first)."""
         self._check_startable()
-        self._thread = threading.current_thread()
+        self._runner = threading.current_thread()
         restore = []
+
+        def on_signal(signum: int, frame: object) -> None:
+            self._mailbox.post(("drain", 30.0))
+
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                restore.append((sig, signal.signal(sig, lambda *_: self._mailbox.post(("drain", 30.0)))))
+                restore.append((sig, signal.signal(sig, on_signal)))
         try:
             self._main()
         finally:
@@ -125,7 +129,7 @@ class Worker:
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Stop taking work; with ``drain`` finish what is in flight first (at most ``timeout`` s)."""
         self._mailbox.post(("drain", timeout) if drain else ("stop",))
-        t = self._thread
+        t = self._runner
         if t is not None and t is not threading.current_thread() and t.is_alive():
             t.join(timeout + 5.0)
 
@@ -134,7 +138,7 @@ class Worker:
         return self._done.wait(timeout)
 
     def _check_startable(self) -> None:
-        if self._thread is not None:
+        if self._runner is not None:
             raise ZmqdistError("worker already started")
         if not self._handlers:
             raise ConfigError("worker has no services: add one with @worker.service(NAME)")

@@ -197,9 +197,8 @@ def test_native_values_become_frames():
     assert mdp.unpack_body(b"\xc1not msgpack") == [b"\xc1not msgpack"]
 
 
-def test_the_peer_table_stays_bounded_under_a_spray_of_identities(monkeypatch):
-    monkeypatch.setattr(mdp, "MAX_PEERS", 50)
-    bridge = mdp.MdpBridge(30, 2500)
+def test_the_peer_table_stays_bounded_under_a_spray_of_identities():
+    bridge = mdp.MdpBridge(30, 2500, max_peers=50)
     for i in range(500):
         bridge.inbound(f"w{i}".encode(), [b"MDPW02", b"\x03", b"\0" * 8, b"", b"partial"])  # unknown workers
         bridge.inbound(f"c{i}".encode(), [b"MDPC02", b"\x01", b"echo", b"x"])  # clients never answered

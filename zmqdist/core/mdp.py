@@ -131,7 +131,8 @@ class MdpBridge:
     ``timeout_s`` is the budget given to MDP client requests (MDP carries none).
     """
 
-    def __init__(self, timeout_s: float, heartbeat_ms: int) -> None:
+    def __init__(self, timeout_s: float, heartbeat_ms: int, max_peers: int = MAX_PEERS) -> None:
+        self.max_peers = max_peers
         self.budget_ms = max(1, min(p.MAX_BUDGET_MS, round(timeout_s * 1000)))
         self.heartbeat_ms = heartbeat_ms
         self.peers: dict[bytes, _Client | _Worker] = {}
@@ -228,11 +229,11 @@ class MdpBridge:
         raise RemoteProtocolError(f"MDP: unknown worker command {cmd[:4]!r}", p.E_COMMAND)
 
     def _make_room(self) -> None:
-        if len(self.peers) >= MAX_PEERS:
+        if len(self.peers) >= self.max_peers:
             # Forget idle clients first (nothing is lost: they have no pending request).
             for ident in [i for i, x in self.peers.items() if isinstance(x, _Client) and not x.pending]:
                 del self.peers[ident]
-            if len(self.peers) >= MAX_PEERS:
+            if len(self.peers) >= self.max_peers:
                 del self.peers[next(iter(self.peers))]
 
     # --- native -> MDP ----------------------------------------------------------------------------

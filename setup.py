@@ -1,0 +1,65 @@
+"""Build: compile the per-request path with mypyc where possible, else install pure Python.
+
+Metadata is in setup.cfg; this file only adds the compiled modules (listed in zmqdist/_native.py)
+and writes zmqdist/_native.json, which tells the package at import whether to use them. Set
+ZMQDIST_PURE=1 to install without compiling; set ZMQDIST_REQUIRE_COMPILED=1 to fail the install
+rather than fall back to pure Python when compiling fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_zmqdist_native", HERE / "zmqdist" / "_native.py")
+assert _spec is not None and _spec.loader is not None
+native: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(native)
+
+
+def write_manifest(package_dir: Path, compiled: bool, reason: str = "") -> None:
+    data = {"compiled": compiled, "reason": reason, "sources": native.source_hashes(HERE) if compiled else {}}
+    package_dir.mkdir(parents=True, exist_ok=True)
+    (package_dir / native.MANIFEST).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+class BuildExt(build_ext):  # type: ignore[misc]
+    """Compiles, records the outcome beside the package; falls back to pure Python on failure."""
+
+    def run(self) -> None:
+        targets = [HERE / "zmqdist"]
+        if not self.inplace:
+            targets.append(Path(self.build_lib) / "zmqdist")
+        try:
+            super().run()
+        except Exception as exc:  # a missing compiler or headers: the package still works, slower
+            if os.environ.get("ZMQDIST_REQUIRE_COMPILED", "") not in ("", "0"):
+                raise
+            self.warn(f"zmqdist: compiling with mypyc failed ({exc}): installing the pure-Python modules")
+            for t in targets:
+                write_manifest(t, False, f"compiling failed at install: {exc}")
+            return
+        for t in targets:
+            write_manifest(t, bool(self.extensions))
+
+
+ext_modules: list[Any] = []
+if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
+    write_manifest(HERE / "zmqdist", False, f"installed with {native.PURE_ENV} set")
+else:
+    try:
+        from mypyc.build import mypycify
+    except ImportError as exc:
+        write_manifest(HERE / "zmqdist", False, f"mypyc is not available at install: {exc}")
+    else:
+        paths = [str(native.source_path(Path(), m)) for m in native.MODULES]
+        ext_modules = mypycify(paths, opt_level="3", group_name="zmqdist")
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})

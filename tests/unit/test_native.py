@@ -1,0 +1,93 @@
+"""The choice between the compiled (mypyc) and pure-Python hot modules (zmqdist/_native.py)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import zmqdist
+from zmqdist import _native
+
+ROOT = Path(zmqdist.__file__).resolve().parent.parent
+
+
+def _tree(tmp_path: Path) -> Path:
+    """A copy of every compiled module's source under tmp_path, and a manifest that matches it."""
+    for m in _native.MODULES:
+        f = _native.source_path(tmp_path, m)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(f"# {m}\n")
+    manifest = {"compiled": True, "reason": "", "sources": _native.source_hashes(tmp_path)}
+    (tmp_path / "zmqdist" / _native.MANIFEST).write_text(json.dumps(manifest))
+    return tmp_path
+
+
+def test_a_matching_manifest_selects_the_compiled_modules(tmp_path, monkeypatch):
+    monkeypatch.delenv(_native.PURE_ENV, raising=False)
+    assert _native._compiled_is_current(_tree(tmp_path)) == (True, "")
+
+
+def test_an_edited_source_selects_the_pure_sources_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv(_native.PURE_ENV, raising=False)
+    root = _tree(tmp_path)
+    _native.source_path(root, "zmqdist.core.broker").write_text("# edited after the build\n")
+    with caplog.at_level(logging.WARNING, logger="zmqdist"):
+        ok, why = _native._compiled_is_current(root)
+    assert (ok, why) == (False, "sources changed since the build")
+    assert "core/broker.py changed since the modules were compiled" in caplog.text
+
+
+def test_no_manifest_a_failed_build_and_the_environment_select_pure(tmp_path, monkeypatch):
+    monkeypatch.delenv(_native.PURE_ENV, raising=False)
+    assert _native._compiled_is_current(tmp_path) == (False, "not compiled at install")
+    root = _tree(tmp_path)
+    manifest = root / "zmqdist" / _native.MANIFEST
+    manifest.write_text(json.dumps({"compiled": False, "reason": "compiling failed at install: no gcc"}))
+    assert _native._compiled_is_current(root) == (False, "compiling failed at install: no gcc")
+    manifest.write_text("{not json")
+    assert _native._compiled_is_current(root)[1].startswith("unreadable")
+    _tree(root)
+    monkeypatch.setenv(_native.PURE_ENV, "1")
+    assert _native._compiled_is_current(root) == (False, "ZMQDIST_PURE is set")
+
+
+def test_the_installed_package_runs_what_its_manifest_says():
+    """Compiled where the install compiled (CI must not quietly test pure Python), never a mix."""
+    flags = {m: _native.compiled(sys.modules[m]) for m in _native.MODULES if m in sys.modules}
+    assert flags, "no hot module imported"
+    if _native.STATE != "compiled":
+        assert not any(flags.values()), flags
+        pytest.skip(f"the hot modules run as {_native.STATE}")
+    assert all(flags.values()), flags
+
+
+def test_zmqdist_pure_runs_every_hot_module_from_its_source():
+    code = textwrap.dedent(
+        """
+        import importlib, sys
+        from zmqdist import _native, protocol as p
+        from zmqdist.testing import Simulation
+        for m in _native.MODULES:
+            importlib.import_module(m)
+            assert not _native.compiled(sys.modules[m]), m
+        assert _native.STATE.startswith("pure Python"), _native.STATE
+        sim = Simulation()
+        sim.add_worker("w", concurrency=2)
+        c = sim.add_client()
+        sim.run_for(0.01)
+        for i in range(20):
+            c.submit("echo", i)
+        sim.run_for(1)
+        assert all(c.completed[r][0].status == p.ST_OK for r in range(1, 21)), c.completed
+        print("ok", _native.STATE)
+        """
+    )
+    env = {**os.environ, _native.PURE_ENV: "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok pure Python (ZMQDIST_PURE is set)")

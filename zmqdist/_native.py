@@ -1,0 +1,134 @@
+"""Which implementation of the hot modules runs: compiled with mypyc, or the pure-Python sources.
+
+An install compiles :data:`MODULES` with mypyc when it can (``setup.py``): the per-request path
+costs about half as much CPU compiled (docs/performance.md). The build writes ``_native.json`` beside
+this file: whether it compiled and the SHA-256 of every source it compiled.
+
+At import (``zmqdist/__init__.py`` calls :func:`install` first), the compiled modules are used only
+if every source still matches its hash and ``ZMQDIST_PURE`` is not set. Otherwise a finder loads the
+``.py`` sources of all of them (never a mix: compiled modules call each other directly). A source
+edited after ``pip install -e .`` therefore runs as edited, not as the stale compiled code, and
+says so in a warning. This module imports only the standard library: ``setup.py`` reads it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+# The modules of the per-request path, compiled together (they call each other natively).
+MODULES: tuple[str, ...] = (
+    "zmqdist.protocol",
+    "zmqdist.clock",
+    "zmqdist.core.broker",
+    "zmqdist.core.client",
+    "zmqdist.core.worker",
+    "zmqdist.core.link",
+    "zmqdist.core.upstream",
+    "zmqdist.core.ha",
+    "zmqdist.core.mdp",
+    "zmqdist.core.metrics",
+    "zmqdist.core.rights",
+    "zmqdist.transport.sockets",
+    "zmqdist.transport.mailbox",
+    "zmqdist.broker",
+    "zmqdist.client",
+    "zmqdist.worker",
+    "zmqdist._handlers",
+)
+MANIFEST = "_native.json"
+PURE_ENV = "ZMQDIST_PURE"
+
+log = logging.getLogger("zmqdist")
+
+# "compiled", or "pure Python (<why>)": what benchmarks and status report.
+STATE = "pure Python (not installed yet)"
+
+
+def source_path(root: Path, module: str) -> Path:
+    """The source file of ``module`` under ``root`` (the directory holding the package)."""
+    return root.joinpath(*module.split(".")).with_suffix(".py")
+
+
+def source_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of the source of every module in :data:`MODULES`."""
+    return {m: hashlib.sha256(source_path(root, m).read_bytes()).hexdigest() for m in MODULES}
+
+
+def _compiled_is_current(root: Path) -> tuple[bool, str]:
+    """Whether the compiled modules may be used, and if not why."""
+    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+        return False, f"{PURE_ENV} is set"
+    try:
+        manifest = json.loads((root / "zmqdist" / MANIFEST).read_text())
+    except FileNotFoundError:
+        return False, "not compiled at install"
+    except (OSError, ValueError) as exc:
+        return False, f"unreadable {MANIFEST}: {exc}"
+    if not manifest.get("compiled"):
+        return False, str(manifest.get("reason") or "not compiled at install")
+    built = manifest.get("sources", {})
+    try:
+        changed = [m for m, h in source_hashes(root).items() if built.get(m) != h]
+    except OSError as exc:
+        return False, f"cannot read the sources: {exc}"
+    if changed:
+        names = ", ".join(str(source_path(Path(), m)) for m in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        log.warning(
+            "zmqdist: %s%s changed since the modules were compiled: running the pure-Python sources "
+            "(slower); run `pip install -e .` again to recompile",
+            names,
+            more,
+        )
+        return False, "sources changed since the build"
+    return True, ""
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Loads the ``.py`` source of the modules in :data:`MODULES`, ahead of their compiled form."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MODULES:
+            return None
+        return importlib.util.spec_from_file_location(fullname, source_path(self._root, fullname))
+
+
+def install() -> None:
+    """Choose the implementation before any module of :data:`MODULES` is imported."""
+    global STATE
+    if any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        return
+    root = Path(__file__).resolve().parent.parent
+    ok, why = _compiled_is_current(root)
+    if ok:
+        STATE = "compiled"
+        return
+    STATE = f"pure Python ({why})"
+    sys.meta_path.insert(0, _SourceFinder(root))
+
+
+def compiled(module: ModuleType) -> bool:
+    """Whether ``module`` was loaded from a compiled extension."""
+    return str(getattr(module, "__file__", "")).endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+
+
+def confirm(module: ModuleType) -> None:
+    """After the imports: say pure if ``module`` (one of :data:`MODULES`) was not compiled after all."""
+    global STATE
+    if STATE == "compiled" and not compiled(module):
+        STATE = "pure Python (compiled modules not found)"
