@@ -430,9 +430,8 @@ class Broker:
         """
         now = self._clock.now()
         recv = sock.recv
-        decode = p.decode
-        receive = core.receive
-        plain = core.receive_plain
+        # core.receive_plain, core.receive and p.decode are called by name, not through local
+        # aliases: compiled (mypyc), a direct call is native, an alias goes through Python's call.
         pending: list[Out] = []
         events = sock.get
         secure = self._ring is not None
@@ -469,11 +468,11 @@ class Broker:
                 self._bad(ident, now, "a message of more than 2 frames")
                 continue
             pb = payload.bytes
-            if rights is None and plain(ident, hb, pb, now, pending):
+            if rights is None and core.receive_plain(ident, hb, pb, now, pending):
                 pass  # the common REQUEST or RESULT, handled straight from its frames
             else:
                 try:
-                    msg = decode(hb, pb)
+                    msg = p.decode(hb, pb)
                 except RemoteProtocolError as exc:
                     pending += core.bad_input(ident, exc, hb)
                     self._bad(ident, now, str(exc))
@@ -481,7 +480,7 @@ class Broker:
                 if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
                     pending += self._refuse(core, ident, msg, why, now)
                     continue
-                pending += receive(ident, msg, now)
+                pending += core.receive(ident, msg, now)
             if i % FLUSH == FLUSH - 1 and pending:
                 self._send(core, pending, now)
                 pending = []
@@ -536,7 +535,7 @@ class Broker:
 
     def _send(self, core: BrokerCore, out: list[Out], now: float) -> None:
         send = self._fsend
-        encode = self._enc.encode
+        enc = self._enc  # enc.encode(...): a native call when compiled (see _drain)
         mdp = self._mdp.peers
         debug = log.isEnabledFor(logging.DEBUG)  # per batch: traces are logged only at debug level
         work = out
@@ -554,7 +553,7 @@ class Broker:
                 if mdp and peer in mdp:
                     failed += self._send_mdp(core, peer, msg, now)  # type: ignore[arg-type]
                     continue
-                head, payload = encode(msg)  # type: ignore[arg-type]
+                head, payload = enc.encode(msg)  # type: ignore[arg-type]
                 try:
                     send(peer, SNDMORE_NB)
                 except zmq.ZMQError as exc:
