@@ -58,6 +58,68 @@ def role_rawworker(ep: str, bind: str) -> None:
         send(recv())
 
 
+def role_rawworkers(ep: str, count: str) -> None:
+    """``count`` minimal echo workers (ROUTER sockets) in one process, for the device's scale runs."""
+    import zmq
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    poller = zmq.Poller()
+    for _ in range(int(count)):
+        s = ctx.socket(zmq.ROUTER)
+        s.linger = 0
+        s.connect(ep)
+        poller.register(s, zmq.POLLIN)
+    while True:
+        for s, _ in poller.poll(100):
+            for _ in range(1000):
+                try:
+                    frames = s.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                s.send_multipart(frames)
+
+
+def core_cost(workers: int, capacity: int, n: int = 30_000) -> float:
+    """The broker's dispatch logic alone: sans-IO core and codec, microseconds per request.
+
+    ``workers`` registered with ``capacity`` each, 100 requests in flight, the oldest task answered
+    before each new request, every output encoded: what the loop thread does minus the sockets.
+    """
+    from collections import deque
+
+    from zmqdist import protocol as p
+    from zmqdist.config import BrokerSettings
+    from zmqdist.core.broker import BrokerCore
+
+    enc = p.Encoder()
+    core = BrokerCore(BrokerSettings(name="bench"), "bench", 0.0)
+    for i in range(workers):
+        core.receive(b"w%d" % i, p.Hello(p.ROLE_WORKER, "bench", ("echo",), capacity, 250), 0.0)
+    reqs = [enc.encode(p.Request(i, "echo", 30_000, (), b"x" * 100)) for i in range(n + PIPELINE)]
+    tasks: deque[tuple[bytes, int]] = deque()
+    out: list[Any] = []
+
+    def feed(peer: bytes, head: bytes, body: bytes) -> None:
+        out.clear()
+        if not core.receive_plain(peer, head, body, 1.0, out):
+            out.extend(core.receive(peer, p.decode(head, body), 1.0))
+        for to, msg in out:
+            enc.encode(msg)
+            if type(msg) is p.Task:
+                tasks.append((to, msg.ticket))
+
+    for i in range(PIPELINE):
+        feed(b"client", *reqs[i])
+    first = tasks[0][1]  # tickets are numbered in order of arrival: the workers' answers, made ahead
+    results = {t: enc.encode(p.Result(t, p.RS_OK, b"x" * 100)) for t in range(first, first + n + PIPELINE)}
+    t0 = time.perf_counter()
+    for i in range(PIPELINE, n + PIPELINE):
+        peer, ticket = tasks.popleft()
+        feed(peer, *results[ticket])
+        feed(b"client", *reqs[i])
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def role_device(front: str, back: str) -> None:
     import zmq
 
@@ -356,7 +418,11 @@ def run_setup(
             procs.append(dev)
             busy = dev.pid
             time.sleep(0.3)
-            procs += [_spawn("rawworker", back, "connect") for _ in range(2)]
+            if workers > 2:  # the scale runs: this many worker sockets in 2 processes
+                procs += [_spawn("rawworkers", back, str(workers // 2)) for _ in range(2)]
+                time.sleep(0.5 + workers / 500)
+            else:
+                procs += [_spawn("rawworker", back, "connect") for _ in range(2)]
             time.sleep(0.3)
             client = _spawn("rawclient", front, mode, str(duration), str(payload))
         else:
@@ -420,8 +486,11 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
     """Run the benchmark and print figures with ratios to the baselines of the same run."""
     only = only or {"sync", "pipelined", "api", "scale"}
     logging.getLogger("zmqdist").setLevel(logging.WARNING)  # the status probes' connect lines
-    print(f"zmqdist bench: {os.cpu_count()} cores, python {sys.version.split()[0]}, payload {payload} B, ")
-    print(f"  2 workers, tcp 127.0.0.1, {rounds} alternating rounds of {duration:.1f} s; figures are means\n")
+    from zmqdist import _native
+
+    print(f"zmqdist bench: {os.cpu_count()} cores, python {sys.version.split()[0]}, payload {payload} B,")
+    print(f"  2 workers, tcp 127.0.0.1, {rounds} alternating rounds of {duration:.1f} s; figures are means")
+    print(f"  zmqdist's per-request path: {_native.STATE}\n")
     for mode in ("sync", "pipelined"):
         if mode not in only and "api" not in only:
             continue
@@ -453,24 +522,29 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
             print(line, flush=True)
         print()
     if "scale" in only:
-        print("scale: minimal zmqdist workers connected, pipelined; broker process CPU per request, the same")
-        print("       net of the heartbeats of every connected worker (measured idle beforehand), and the CPU of")
-        print("       the broker's loop thread alone (dispatch logic; libzmq's I/O thread excluded)")
-        base = None
+        print("scale: 10, 100 and 1,000 workers connected, pipelined (100 in flight). Per request:")
+        print("  dispatch  the broker's dispatch logic alone (sans-IO core + codec, measured in this process)")
+        print("  zmqdist   broker process CPU net of the heartbeats of every connected worker (measured idle")
+        print("            beforehand), and its loop thread alone (libzmq's I/O thread excluded)")
+        print("  device    the zmq.proxy device's CPU with as many echo workers connected: what libzmq itself")
+        print("            pays for spreading the same load over more connections")
+        base: dict[str, float] = {}
         for n in (10, 100, 1000):
             cap = max(1, 200 // n)
-            runs = [
-                run_setup("zmqdist", "pipelined", duration, payload, workers=n, capacity=cap, idle=True)
-                for _ in range(rounds)
-            ]
-            r = _mean(runs)
+            core = min(core_cost(n, cap) for _ in range(3))
+            dev_runs, zd_runs = [], []
+            for _ in range(rounds):
+                dev_runs.append(run_setup("device", "pipelined", duration, payload, workers=n))
+                zd_runs.append(run_setup("zmqdist", "pipelined", duration, payload, workers=n, capacity=cap, idle=True))
+            d, r = _mean(dev_runs), _mean(zd_runs)
             net = r["cpu_us"] - r["idle_us"]
-            base = base or r["loop_us"]
-            print(
-                f"  {n:5d} workers (capacity {cap:3d} each) {_fmt(r)}  net of heartbeats {net:5.2f}"
-                f"  loop x{r['loop_us'] / base:.2f} the 10-worker cost",
-                flush=True,
-            )
+            now = {"dispatch": core, "loop": r["loop_us"], "net": net, "device": d["cpu_us"]}
+            base = base or now
+            x = {k: v / base[k] for k, v in now.items()}
+            print(f"  {n:5d} workers (capacity {cap:3d} each)")
+            print(f"    dispatch {core:5.2f} us/req  x{x['dispatch']:.2f} the 10-worker cost")
+            print(f"    zmqdist  {_fmt(r)}  net {net:5.2f}  x{x['net']:.2f}, loop x{x['loop']:.2f}", flush=True)
+            print(f"    device   {_fmt(d)}  x{x['device']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -275,3 +275,11 @@ def test_status_tree_text_indents_each_broker_under_its_upstream():
     assert next(line for line in lines if "broker S" in line).startswith("        broker S")
     assert any(line.startswith("        ws") for line in lines)
     assert "(no answer from: T)" in text
+
+
+def test_bench_dispatch_cost_runs_for_every_scale_point():
+    """The scale section's sans-IO figure: every request of the run answered, at any pool size."""
+    from zmqdist import _bench
+
+    for workers, capacity in ((10, 20), (1000, 1)):
+        assert 0 < _bench.core_cost(workers, capacity, n=300) < 10_000
