@@ -182,9 +182,12 @@ class DealerLink:
             return False
         try:
             send(head, SNDMORE_NB)
+            # The second frame can fail too: when the pipe the head went into closes between the
+            # two (the peer died), libzmq drops the whole message and says EAGAIN. Nothing of it
+            # went out, so it is kept and retried like one that could not start.
+            send(payload, NB)
         except zmq.Again:
             return False
-        send(payload, NB)  # the rest of a started multipart message cannot hit the HWM
         return True
 
     def flush(self) -> bool:
