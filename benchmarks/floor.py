@@ -27,10 +27,13 @@ def minimal_broker(front: str, back: str) -> None:
     """Clients on ``front`` (ROUTER), workers on ``back`` (ROUTER): the worker with most credit."""
     import zmq
 
+    from zmqdist.transport.sockets import fast_send
+
     ctx = zmq.Context.instance()
     f, w = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     f.bind(front)
     w.bind(back)
+    fsend, wsend = fast_send(f), fast_send(w)
     credit: dict[bytes, int] = {}
     poller = zmq.Poller()
     poller.register(w, zmq.POLLIN)
@@ -51,8 +54,8 @@ def minimal_broker(front: str, back: str) -> None:
                     credit[ident] = credit.get(ident, 0) + int(last.bytes)
                     continue
                 credit[ident] += 1
-                f.send(client, SNDMORE)
-                f.send(last.bytes)
+                fsend(client, SNDMORE)
+                fsend(last.bytes, 0)
         if f in ready and credit:
             for _ in range(1000):
                 ident = max(credit, key=credit.__getitem__)
@@ -66,23 +69,26 @@ def minimal_broker(front: str, back: str) -> None:
                 if payload.more:
                     raise SystemExit("floor: a client sent more than 2 frames")
                 credit[ident] -= 1
-                w.send(ident, SNDMORE)
-                w.send(client, SNDMORE)
-                w.send(payload.bytes)
+                wsend(ident, SNDMORE)
+                wsend(client, SNDMORE)
+                wsend(payload.bytes, 0)
 
 
 def minimal_worker(back: str, capacity: str) -> None:
     import zmq
 
+    from zmqdist.transport.sockets import fast_send
+
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.connect(back)
     s.send(b"READY", SNDMORE)
     s.send(capacity.encode())
+    send = fast_send(s)
     while True:
         client = s.recv()
         payload = s.recv()
-        s.send(client, SNDMORE)
-        s.send(payload)
+        send(client, SNDMORE)
+        send(payload, 0)
 
 
 def _here(*args: str) -> subprocess.Popen[str]:

@@ -47,20 +47,42 @@ def cpu_seconds(pid: int) -> float:
 # --- roles (each runs in its own process: python -m zmqdist._bench ROLE ARGS) ------------------
 
 
+# Every loop below is as cheap as pyzmq allows, the baselines' as much as zmqdist's: plain recv()
+# on a fixed number of frames, libzmq's send without pyzmq's Python wrapper (fast_send), flags as
+# plain ints. A baseline loop left heavier (recv_multipart / send_multipart cost 2.5 + 1.7 us) would
+# make the device look slower than it is and every ratio to it better than it is.
+SNDMORE = 2  # zmq.SNDMORE as a plain int
+
+
 def role_rawworker(ep: str, bind: str) -> None:
+    """Minimal echo worker: a ROUTER bound (``direct``: frames client-id, payload) or connected to
+    the device's DEALER (frames device-id, client-id, payload)."""
     import zmq
+
+    from zmqdist.transport.sockets import fast_send
 
     s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     s.linger = 0
     s.bind(ep) if bind == "bind" else s.connect(ep)
-    recv, send = s.recv_multipart, s.send_multipart
+    recv, send = s.recv, fast_send(s)
+    if bind == "bind":
+        while True:
+            client = recv()
+            send(client, SNDMORE)
+            send(recv(), 0)
     while True:
-        send(recv())
+        dev = recv()
+        client = recv()
+        send(dev, SNDMORE)
+        send(client, SNDMORE)
+        send(recv(), 0)
 
 
 def role_rawworkers(ep: str, count: str) -> None:
     """``count`` minimal echo workers (ROUTER sockets) in one process, for the device's scale runs."""
     import zmq
+
+    from zmqdist.transport.sockets import fast_send
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     poller = zmq.Poller()
@@ -71,12 +93,16 @@ def role_rawworkers(ep: str, count: str) -> None:
         poller.register(s, zmq.POLLIN)
     while True:
         for s, _ in poller.poll(100):
+            send = fast_send(s)
             for _ in range(1000):
                 try:
-                    frames = s.recv_multipart(zmq.NOBLOCK)
+                    dev = s.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                s.send_multipart(frames)
+                client = s.recv()
+                send(dev, SNDMORE)
+                send(client, SNDMORE)
+                send(s.recv(), 0)
 
 
 def core_cost(workers: int, capacity: int, n: int = 30_000) -> float:
@@ -136,6 +162,7 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
     import zmq
 
     from zmqdist import protocol as p
+    from zmqdist.transport.sockets import fast_send
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     enc = p.Encoder()
@@ -154,9 +181,9 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
     next_hb = time.monotonic() + 0.2
     seq = 0
     ok = p.RS_OK
-    sm = zmq.SNDMORE
     while True:
         for s, _ in poller.poll(100):
+            send = fast_send(s)
             for _ in range(1000):
                 try:
                     head = s.recv(zmq.NOBLOCK)
@@ -166,8 +193,8 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
                 msg = p.decode(head, payload)
                 if type(msg) is p.Task:
                     h, pl = enc.encode(p.Result(msg.ticket, ok, msg.payload))
-                    s.send(h, sm)
-                    s.send(pl)
+                    send(h, SNDMORE)
+                    send(pl, 0)
                 elif type(msg) is p.Heartbeat:
                     seq = max(seq, msg.seq)
                 elif type(msg) is p.Reconnect:
@@ -231,15 +258,18 @@ def _client_loop(send: Any, recv: Any, mode: str, duration: float, payload_size:
 def role_rawclient(eps: str, mode: str, duration: str, payload: str) -> None:
     import zmq
 
+    from zmqdist.transport.sockets import fast_send
+
     s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     s.linger = 0
     for ep in eps.split(","):
         s.connect(ep)
     time.sleep(0.3)  # let both connections finish so round-robin covers both workers
     unpack = struct.Struct("Q").unpack_from
+    fsend = fast_send(s)
 
     def send(seq: int, pl: bytes) -> None:
-        s.send(pl)
+        fsend(pl, 0)
 
     def recv() -> int:
         return int(unpack(s.recv())[0])
@@ -262,18 +292,19 @@ def role_zdclient(ep: str, mode: str, duration: str, payload: str) -> None:
     import zmq
 
     from zmqdist import protocol as p
+    from zmqdist.transport.sockets import fast_send
 
     s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     s.linger = 0
     s.connect(ep)
     enc = p.Encoder()
-    sm = zmq.SNDMORE
+    fsend = fast_send(s)
     unpack = struct.Struct("Q").unpack_from
 
     def send(seq: int, pl: bytes) -> None:
         h, b = enc.encode(p.Request(seq, "echo", 30_000, (), pl))
-        s.send(h, sm)
-        s.send(b)
+        fsend(h, SNDMORE)
+        fsend(b, 0)
 
     def recv() -> int:
         while True:
