@@ -175,12 +175,37 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
     hello = enc.encode(p.Hello(p.ROLE_WORKER, "bench", ("echo",), int(capacity), 250))
     for s in socks:
         s.send_multipart(hello)
-    poller = zmq.Poller()
-    for s in socks:
-        poller.register(s, zmq.POLLIN)
     next_hb = time.monotonic() + 0.2
     seq = 0
     ok = p.RS_OK
+    if len(socks) == 1:
+        # One socket: block in recv() like the raw workers (no poll, no zmq.Again per wake-up);
+        # a receive timeout brings the loop round for its heartbeats when no task comes.
+        s = socks[0]
+        s.rcvtimeo = 100
+        recv, send = s.recv, fast_send(s)
+        mono = time.monotonic
+        hb = enc.encode(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))
+        while True:
+            try:
+                head = recv()
+            except zmq.Again:
+                head = b""
+            if head:
+                msg = p.decode(head, recv())
+                if type(msg) is p.Task:
+                    h, pl = enc.encode(p.Result(msg.ticket, ok, msg.payload))
+                    send(h, SNDMORE)
+                    send(pl, 0)
+                elif type(msg) is p.Reconnect:
+                    s.send_multipart(hello)
+            now = mono()
+            if now >= next_hb:
+                next_hb = now + 0.2
+                s.send_multipart(hb)
+    poller = zmq.Poller()
+    for s in socks:
+        poller.register(s, zmq.POLLIN)
     while True:
         for s, _ in poller.poll(100):
             send = fast_send(s)
