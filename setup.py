@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ _spec.loader.exec_module(native)
 
 
 def write_manifest(package_dir: Path, compiled: bool, reason: str = "") -> None:
+    reason = reason if len(reason) <= 300 else reason[:297] + "..."  # a compiler's whole command line
     data = {"compiled": compiled, "reason": reason, "sources": native.source_hashes(HERE) if compiled else {}}
     package_dir.mkdir(parents=True, exist_ok=True)
     (package_dir / native.MANIFEST).write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
@@ -60,6 +62,12 @@ else:
         write_manifest(HERE / "zmqdist", False, f"mypyc is not available at install: {exc}")
     else:
         paths = [str(native.source_path(Path(), m)) for m in native.MODULES]
-        ext_modules = mypycify(paths, opt_level="3", group_name="zmqdist")
+        try:
+            ext_modules = mypycify(paths, opt_level="3", group_name="zmqdist")
+        except (Exception, SystemExit) as exc:  # mypyc type-checks first, and exits on an error
+            if os.environ.get("ZMQDIST_REQUIRE_COMPILED", "") not in ("", "0"):
+                raise
+            sys.stderr.write(f"zmqdist: mypyc could not compile ({exc!r}): installing the pure-Python modules\n")
+            write_manifest(HERE / "zmqdist", False, f"mypyc could not compile at install: {exc!r}")
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
