@@ -31,6 +31,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from zmqdist import _native
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock, thread_cpu_time
 from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints
@@ -277,7 +278,12 @@ class Broker:
             self._pair_out = DealerLink(self._ctx, b"P" + secrets.token_bytes(8), log, self._peer_keys, keep=False)
             self._pair_out.connect(self._peer)
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
-        core.status_hook = lambda: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(self._mdp.counters)}
+        # (and which implementation of the per-request path runs: compiled or pure Python)
+        core.status_hook = lambda: {
+            "loop_cpu_s": thread_cpu_time(),
+            "mdp": dict(self._mdp.counters),
+            "build": _native.STATE,
+        }
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
         try:
             self._start_metrics()  # its scrapes wait for this loop, through the mailbox

@@ -337,7 +337,8 @@ def format_status(st: dict[str, Any]) -> str:
     """Return a broker status snapshot as a human-readable table."""
     lines = [
         f"broker {st['broker']} (run {st['incarnation']}) up {st['uptime_s']:.0f}s  "
-        f"heartbeat {st['heartbeat_s']}s x {st['liveness']}  queued {st['queued']}  open {st['requests_open']}",
+        f"heartbeat {st['heartbeat_s']}s x {st['liveness']}  queued {st['queued']}  open {st['requests_open']}"
+        + (f"  ({st['build']})" if st.get("build") else ""),
         "",
         f"{'SERVICE':24} {'WORKERS':>7} {'CAPACITY':>8} {'INFLIGHT':>8} {'QUEUED':>7}",
     ]

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from tests.integration.helpers import ROOT, Procs, wait_for
-from zmqdist import cli
+from zmqdist import _native, cli
 
 
 class FakeBroker:
@@ -112,6 +112,9 @@ def test_status_formatting():
     }
     text = cli.format_status(st)
     assert "echo" in text and "w1" in text and "requests=10" in text and "busy=" not in text
+    assert "compiled" not in text.splitlines()[0]
+    st["build"] = "compiled"
+    assert cli.format_status(st).splitlines()[0].endswith("open 0  (compiled)")
     assert "PROXY BELOW" not in text and "upstream" not in text
     st["brokers"] = [{"name": "east", "spare": {"echo": 3}, "inflight": 2, "served": 7, "silent_s": 0.05}]
     st["upstream"] = {
@@ -163,6 +166,7 @@ def test_real_processes_broker_worker_call_status(tmp_path):
         )
         st = json.loads(r.stdout)
         assert st["services"]["echo2"]["workers"] == 1
+        assert st["build"] == _native.STATE  # the broker process runs what this install built
         r = subprocess.run(
             [*env_cmd, "call", "nope", "--connect", ep, "--timeout", "0.5"],
             capture_output=True,
