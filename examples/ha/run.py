@@ -68,15 +68,22 @@ def main(secure: bool = False) -> int:
         procs[f"w{i}"] = subprocess.Popen([*cmd, "--name", f"w{i}", *worker_sec], env=env)
     try:
         with Client([ep["main-a"], ep["main-b"]], timeout=30, **client_sec) as client:
+            # The pair is formed when main-a is active with the 3 workers and main-b has heard it and
+            # gone passive (a backup still starting up, 'pending', has nothing to take over yet).
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 with Client([ep["main-a"]], timeout=5, **client_sec) as ca:
                     st = ca.call("zmqdist.status", timeout=5)
-                if st["ha"]["state"] == "active" and len(st["workers"]) == 3:
+                with Client([ep["main-b"]], timeout=5, **client_sec) as cb:
+                    st_b = cb.call("zmqdist.status", timeout=5)
+                if st["ha"]["state"] == "active" and len(st["workers"]) == 3 and st_b["ha"]["state"] == "passive":
                     break
                 time.sleep(0.1)
             else:
-                print(f"main-a did not become active with 3 workers: {st['ha']}, {len(st['workers'])} workers")
+                print(
+                    f"the pair did not form: main-a {st['ha']['state']} with {len(st['workers'])} workers, "
+                    f"main-b {st_b['ha']['state']}"
+                )
             with Client([ep["main-a"]], timeout=5, **client_sec) as ca, Client([ep["main-b"]], **client_sec) as cb:
                 print("before:", state(ca), "|", state(cb))
             futs, done_at = [], {}
