@@ -25,6 +25,11 @@ native: Any = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(native)
 
 
+def compile_required() -> bool:
+    """ZMQDIST_REQUIRE_COMPILED: fail the install rather than fall back to pure Python."""
+    return os.environ.get("ZMQDIST_REQUIRE_COMPILED", "") not in ("", "0")
+
+
 def write_manifest(package_dir: Path, compiled: bool, reason: str = "") -> None:
     reason = reason if len(reason) <= 300 else reason[:297] + "..."  # a compiler's whole command line
     data = {"compiled": compiled, "reason": reason, "sources": native.source_hashes(HERE) if compiled else {}}
@@ -42,7 +47,7 @@ class BuildExt(build_ext):  # type: ignore[misc]
         try:
             super().run()
         except Exception as exc:  # a missing compiler or headers: the package still works, slower
-            if os.environ.get("ZMQDIST_REQUIRE_COMPILED", "") not in ("", "0"):
+            if compile_required():
                 raise
             self.warn(f"zmqdist: compiling with mypyc failed ({exc}): installing the pure-Python modules")
             for t in targets:
@@ -65,7 +70,7 @@ else:
         try:
             ext_modules = mypycify(paths, opt_level="3", group_name="zmqdist")
         except (Exception, SystemExit) as exc:  # mypyc type-checks first, and exits on an error
-            if os.environ.get("ZMQDIST_REQUIRE_COMPILED", "") not in ("", "0"):
+            if compile_required():
                 raise
             sys.stderr.write(f"zmqdist: mypyc could not compile ({exc!r}): installing the pure-Python modules\n")
             write_manifest(HERE / "zmqdist", False, f"mypyc could not compile at install: {exc!r}")

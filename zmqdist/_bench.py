@@ -175,31 +175,32 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
     hello = enc.encode(p.Hello(p.ROLE_WORKER, "bench", ("echo",), int(capacity), 250))
     for s in socks:
         s.send_multipart(hello)
+    hb = enc.encode(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))
     next_hb = time.monotonic() + 0.2
-    seq = 0
-    ok = p.RS_OK
+
+    def answer(s: Any, send: Any, head: bytes, payload: bytes) -> None:
+        msg = p.decode(head, payload)
+        if type(msg) is p.Task:
+            h, pl = enc.encode(p.Result(msg.ticket, p.RS_OK, msg.payload))
+            send(h, SNDMORE)
+            send(pl, 0)
+        elif type(msg) is p.Reconnect:
+            s.send_multipart(hello)
+
     if len(socks) == 1:
         # One socket: block in recv() like the raw workers (no poll, no zmq.Again per wake-up);
         # a receive timeout brings the loop round for its heartbeats when no task comes.
         s = socks[0]
         s.rcvtimeo = 100
         recv, send = s.recv, fast_send(s)
-        mono = time.monotonic
-        hb = enc.encode(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))
         while True:
             try:
                 head = recv()
             except zmq.Again:
                 head = b""
             if head:
-                msg = p.decode(head, recv())
-                if type(msg) is p.Task:
-                    h, pl = enc.encode(p.Result(msg.ticket, ok, msg.payload))
-                    send(h, SNDMORE)
-                    send(pl, 0)
-                elif type(msg) is p.Reconnect:
-                    s.send_multipart(hello)
-            now = mono()
+                answer(s, send, head, recv())
+            now = time.monotonic()
             if now >= next_hb:
                 next_hb = now + 0.2
                 s.send_multipart(hb)
@@ -214,20 +215,10 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
                     head = s.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                payload = s.recv()
-                msg = p.decode(head, payload)
-                if type(msg) is p.Task:
-                    h, pl = enc.encode(p.Result(msg.ticket, ok, msg.payload))
-                    send(h, SNDMORE)
-                    send(pl, 0)
-                elif type(msg) is p.Heartbeat:
-                    seq = max(seq, msg.seq)
-                elif type(msg) is p.Reconnect:
-                    s.send_multipart(hello)
+                answer(s, send, head, s.recv())
         now = time.monotonic()
         if now >= next_hb:
             next_hb = now + 0.2
-            hb = enc.encode(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))
             for s in socks:
                 s.send_multipart(hb)
 
