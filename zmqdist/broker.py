@@ -487,7 +487,9 @@ class Broker:
                     pending += self._refuse(core, ident, msg, why, now)
                     continue
                 pending += core.receive(ident, msg, now)
-            if i % FLUSH == FLUSH - 1 and pending:
+            # The first message of a wake-up goes out before looking for more: alone (the
+            # synchronous case) it must not wait for that check; in a batch it is one more send call.
+            if (i == 0 or i % FLUSH == FLUSH - 1) and pending:
                 self._send(core, pending, now)
                 pending = []
         if pending:
