@@ -3,7 +3,8 @@
 ``python3 benchmarks/floor.py [ROUNDS]`` runs, alternating, the C ``zmq.proxy`` device with the
 bench's raw loops, a minimal Python credit broker (no request tracking, no deadlines, no heartbeats,
 no validation: what the issue's reference "minimal Python credit broker" did) with its own minimal
-workers, and ``zmqdist broker`` with the bench's zmqdist loops. It prints requests/s and the CPU per
+workers, in two shapes (``minimal``: clients and workers on two ROUTERs; ``single``: one ROUTER, as
+zmqdist's), and ``zmqdist broker`` with the bench's zmqdist loops. It prints requests/s and the CPU per
 request of every process (broker, workers, client), pipelined with 100 requests in flight.
 
 What it shows: the CPU a Python broker needs per request on this machine before any of zmqdist's
@@ -74,6 +75,44 @@ def minimal_broker(front: str, back: str) -> None:
                 wsend(payload.bytes, 0)
 
 
+def single_broker(front: str, back: str) -> None:
+    """The same credit broker on one ROUTER, as zmqdist's: workers send 3 frames, clients 2."""
+    import zmq
+
+    from zmqdist.transport.sockets import fast_send
+
+    s = zmq.Context.instance().socket(zmq.ROUTER)
+    s.bind(front)
+    send, recv = fast_send(s), s.recv
+    credit: dict[bytes, int] = {}
+    poller = zmq.Poller()
+    poller.register(s, zmq.POLLIN)
+    while True:
+        poller.poll(1000)
+        for _ in range(1000):
+            try:
+                ident = recv(NB)
+            except zmq.Again:
+                break
+            second = recv(copy=False)
+            if second.more:  # a worker: [client, payload] or [READY, capacity]
+                last = recv(copy=False)
+                if last.more:
+                    raise SystemExit("floor: a worker sent more than 3 frames")
+                if second.bytes == b"READY":
+                    credit[ident] = credit.get(ident, 0) + int(last.bytes)
+                    continue
+                credit[ident] += 1
+                send(second.bytes, SNDMORE)
+                send(last.bytes, 0)
+            else:  # a client: [payload]; 100 in flight never exceed the workers' 2 x 50 credits
+                worker = max(credit, key=credit.__getitem__)
+                credit[worker] -= 1
+                send(worker, SNDMORE)
+                send(ident, SNDMORE)
+                send(second.bytes, 0)
+
+
 def minimal_worker(back: str, capacity: str) -> None:
     import zmq
 
@@ -105,10 +144,10 @@ def run(setup: str, duration: float = 2.0) -> tuple[float, dict[str, float]]:
             procs.append(("broker", b._spawn("device", front, back)))
             time.sleep(0.3)
             procs += [("workers", b._spawn("rawworker", back, "connect")) for _ in range(2)]
-        elif setup == "minimal":
-            procs.append(("broker", _here("broker", front, back)))
+        elif setup in ("minimal", "single"):
+            procs.append(("broker", _here("broker" if setup == "minimal" else "single", front, back)))
             time.sleep(0.3)
-            procs += [("workers", _here("worker", back, "50")) for _ in range(2)]
+            procs += [("workers", _here("worker", back if setup == "minimal" else front, "50")) for _ in range(2)]
         else:
             procs.append(("broker", b._spawn_cli("broker", "--bind", front, "--name", "floor")))
             time.sleep(0.4)
@@ -135,7 +174,7 @@ def run(setup: str, duration: float = 2.0) -> tuple[float, dict[str, float]]:
 def main(rounds: int) -> None:
     print("pipelined, 100 in flight, 2 workers; CPU per request of each process (us)")
     for _ in range(rounds):
-        for setup in ("device", "minimal", "zmqdist"):
+        for setup in ("device", "minimal", "single", "zmqdist"):
             rps, per = run(setup)
             cpu = "  ".join(f"{k} {v:5.1f}" for k, v in per.items())
             print(f"  {setup:8} {rps:9,.0f} req/s  {cpu}  all {sum(per.values()):5.1f}", flush=True)
@@ -144,6 +183,8 @@ def main(rounds: int) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "broker":
         minimal_broker(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "single":
+        single_broker(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "worker":
         minimal_worker(*sys.argv[2:])
     else:
