@@ -8,7 +8,8 @@ zmqdist's), and ``zmqdist broker`` with the bench's zmqdist loops. It prints req
 request of every process (broker, workers, client), pipelined with 100 requests in flight.
 
 What it shows: the CPU a Python broker needs per request on this machine before any of zmqdist's
-guarantees, i.e. what an absolute CPU target measured on another machine corresponds to here.
+guarantees, and the throughput that leaves. ``benchmarks/calls.py`` checks that the machine's calls
+cost what the issue's reference figures say, so a gap to those figures is not the machine's.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ def minimal_broker(front: str, back: str) -> None:
 
 
 def single_broker(front: str, back: str) -> None:
-    """The same credit broker on one ROUTER, as zmqdist's: workers send 3 frames, clients 2."""
+    """The same credit broker on one ROUTER, as zmqdist's: workers send 3 frames, clients 2.
+
+    ``back`` is not used: the workers connect to ``front`` too.
+    """
     import zmq
 
     from zmqdist.transport.sockets import fast_send
