@@ -19,6 +19,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from zmqdist import protocol as p
+from zmqdist.clock import Clock
 from zmqdist.context import RequestContext, reset_current, set_current
 from zmqdist.core.worker import Execute
 from zmqdist.transport import Mailbox
@@ -31,9 +32,13 @@ def _failure(exc: BaseException) -> bytes:
     return p.pack_error(type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc)))
 
 
-def run_sync(fn: Handler, task: Execute) -> tuple[bool, bytes]:
+def _context(task: Execute, clock: Clock) -> RequestContext:
+    return RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace, clock)
+
+
+def run_sync(fn: Handler, task: Execute, clock: Clock) -> tuple[bool, bytes]:
     """Decode, call ``fn``, encode; return (ok, payload). Never raises."""
-    token = set_current(RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace))
+    token = set_current(_context(task, clock))
     try:
         result = fn(p.unpack_value(task.payload))
         if inspect.isawaitable(result):
@@ -50,15 +55,18 @@ async def _await(aw: Any) -> Any:
     return await aw
 
 
-def _process_entry(fn: Handler, task: Execute) -> tuple[bool, bytes]:
-    return run_sync(fn, task)
+def _process_entry(fn: Handler, task: Execute, clock: Clock) -> tuple[bool, bytes]:
+    return run_sync(fn, task, clock)
 
 
 class Executors:
     """Owns the threads / loop / process pool that run handlers for one worker."""
 
-    def __init__(self, handlers: dict[str, Handler], concurrency: int, isolation: str, mailbox: Mailbox) -> None:
+    def __init__(
+        self, handlers: dict[str, Handler], concurrency: int, isolation: str, mailbox: Mailbox, clock: Clock
+    ) -> None:
         self._handlers = handlers
+        self._clock = clock  # the worker's: a task's deadline was made with it
         self._mailbox = mailbox
         self._isolation = isolation
         self._queue: queue.SimpleQueue[Execute | None] = queue.SimpleQueue()
@@ -88,7 +96,7 @@ class Executors:
             err = LookupError(f"this worker has no handler for service {task.service!r}")
             self._mailbox.post(("done", task.ticket, task.session, False, _failure(err)))
         elif self._pool is not None:
-            fut = self._pool.submit(_process_entry, fn, task)
+            fut = self._pool.submit(_process_entry, fn, task, self._clock)
             fut.add_done_callback(functools.partial(self._process_done, task))
         elif self._loop is not None and inspect.iscoroutinefunction(fn):
             asyncio.run_coroutine_threadsafe(self._run_async(fn, task), self._loop)
@@ -103,11 +111,11 @@ class Executors:
             task = get()
             if task is None:
                 return
-            ok, payload = run_sync(handlers[task.service], task)
+            ok, payload = run_sync(handlers[task.service], task, self._clock)
             post(("done", task.ticket, task.session, ok, payload))
 
     async def _run_async(self, fn: Handler, task: Execute) -> None:
-        set_current(RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace))
+        set_current(_context(task, self._clock))
         try:
             result = await fn(p.unpack_value(task.payload))
             ok, payload = True, p.pack_value(result)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextvars
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from zmqdist.clock import MonotonicClock
+from zmqdist.clock import Clock, MonotonicClock
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,7 +13,8 @@ class RequestContext:
     """What a handler may know about the request it serves.
 
     ``key`` is the idempotency key: the same for every attempt and every resend of one client
-    request, different for every other request. ``deadline`` is in ``time.monotonic()`` seconds.
+    request, different for every other request. ``deadline`` is in seconds of ``clock``, the
+    worker's clock (``time.monotonic()`` unless the worker was given another).
     """
 
     key: str
@@ -21,10 +22,11 @@ class RequestContext:
     attempt: int
     deadline: float
     trace: str = ""  # the client's trace id (in the logs of every broker and worker it passed)
+    clock: Clock = field(default_factory=MonotonicClock, compare=False, repr=False)
 
     def remaining(self) -> float:
-        """Seconds left before the client stops waiting."""
-        return self.deadline - MonotonicClock().now()
+        """Seconds left before the client stops waiting (on the clock the deadline was made with)."""
+        return self.deadline - self.clock.now()
 
 
 _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("zmqdist_request", default=None)

@@ -147,7 +147,7 @@ class Worker:
         clock = self._clock
         link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log, self._curve)
         core = WorkerCore(self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now())
-        executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox)
+        executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock)
         mailbox_fd = self._mailbox.fileno()
         try:
             self._handle(link, executors, core.start(clock.now()))

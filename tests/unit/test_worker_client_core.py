@@ -148,3 +148,14 @@ def test_client_rejects_reused_rid_and_nonpositive_timeout():
     c.submit(1, "echo", b"", 1.0, 0.0)
     assert c.submit(1, "echo", b"", 1.0, 0.0)[0].status == p.ST_INVALID
     assert c.submit(2, "echo", b"", 0.0, 0.0)[0].status == p.ST_TIMEOUT
+
+
+def test_a_handler_reads_time_left_on_the_clock_its_deadline_was_made_with():
+    from zmqdist.context import RequestContext
+    from zmqdist.testing import FakeClock
+
+    clock = FakeClock(100.0)  # a worker's injected clock, far from time.monotonic()
+    ctx = RequestContext("k", "echo", 1, 105.0, "", clock)
+    assert ctx.remaining() == 5.0
+    clock.advance(2.0)
+    assert ctx.remaining() == 3.0
