@@ -36,7 +36,7 @@ from zmqdist.errors import (
     RequestTimeout,
     WorkerLost,
 )
-from zmqdist.transport import DealerLink, Mailbox
+from zmqdist.transport import DealerLink, Loop, Mailbox
 from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
@@ -212,25 +212,28 @@ class Client:
         clock = self._clock
         link = DealerLink(self._ctx, f"C-{secrets.token_hex(8)}".encode(), log, self._curve)
         core = self._core = ClientCore(self.endpoints, self.name, self._hb, clock.now())
-        mailbox_fd = self._mailbox.fileno()
-        running = True
+        loop = Loop(clock, self._mailbox)
+
+        def tick(now: float) -> float | None:
+            self._handle(link, core.tick(now))
+            return core.next_deadline()
+
+        def read(now: float) -> bool:
+            for msg in link.recv_batch(now):
+                self._handle(link, core.receive(msg, now))
+            return link.more
+
+        def mail(items: list[Any], now: float) -> None:
+            for item in items:
+                if item is None:
+                    loop.stop()
+                    return
+                self._handle(link, core.submit(item[0], item[1], item[2], item[3], now, item[4]))
+
+        loop.watch(lambda: link.sock, read)
         try:
             self._handle(link, core.start(clock.now()))
-            while running:
-                now = clock.now()
-                if not link.more:  # timers only after every arrived message is read (see Broker)
-                    self._handle(link, core.tick(now))
-                sock_ready, mail_ready = link.wait(core.next_deadline(), now, mailbox_fd)
-                now = clock.now()
-                if sock_ready:
-                    for msg in link.recv_batch(now):
-                        self._handle(link, core.receive(msg, now))
-                if mail_ready:
-                    for item in self._mailbox.drain():
-                        if item is None:
-                            running = False
-                            break
-                        self._handle(link, core.submit(item[0], item[1], item[2], item[3], now, item[4]))
+            loop.run(tick, mail, stuck=link.stuck)
         except BaseException:
             log.exception("client %s failed", self.name)
         finally:

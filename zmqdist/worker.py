@@ -25,7 +25,7 @@ from zmqdist.config import HeartbeatSettings, check_endpoints
 from zmqdist.core.link import Connect, Problem, Stopped
 from zmqdist.core.worker import Execute, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
-from zmqdist.transport import DealerLink, Mailbox
+from zmqdist.transport import DealerLink, Loop, Mailbox
 from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class Worker:
         self._done = threading.Event()
         self.stop_reason = ""
         self.error: BaseException | None = None
+        self._loop: Loop | None = None
 
     # --- registration of handlers ----------------------------------------------------------------
 
@@ -148,7 +149,28 @@ class Worker:
         link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log, self._curve)
         core = WorkerCore(self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now())
         executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock)
-        mailbox_fd = self._mailbox.fileno()
+        loop = self._loop = Loop(clock, self._mailbox)
+
+        def tick(now: float) -> float | None:
+            self._handle(link, executors, core.tick(now))
+            return core.next_deadline()
+
+        def read(now: float) -> bool:
+            for msg in link.recv_batch(now):
+                self._handle(link, executors, core.receive(msg, now))
+            return link.more
+
+        def mail(items: list[Any], now: float) -> None:
+            for item in items:
+                kind = item[0]
+                if kind == "done":
+                    self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now))
+                elif kind == "drain":
+                    self._handle(link, executors, core.drain(now, item[1]))
+                elif kind == "stop":
+                    self._handle(link, executors, core.stop())
+
+        loop.watch(lambda: link.sock, read)
         try:
             self._handle(link, executors, core.start(clock.now()))
             log.info(
@@ -158,26 +180,7 @@ class Worker:
                 link.endpoint,
                 self.concurrency,
             )
-            while not core.stopped:
-                now = clock.now()
-                if not link.more:  # timers only after every arrived message is read (see Broker)
-                    self._handle(link, executors, core.tick(now))
-                if core.stopped:
-                    break
-                sock_ready, mail_ready = link.wait(core.next_deadline(), now, mailbox_fd)
-                now = clock.now()
-                if sock_ready:
-                    for msg in link.recv_batch(now):
-                        self._handle(link, executors, core.receive(msg, now))
-                if mail_ready:
-                    for item in self._mailbox.drain():
-                        kind = item[0]
-                        if kind == "done":
-                            self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now))
-                        elif kind == "drain":
-                            self._handle(link, executors, core.drain(now, item[1]))
-                        elif kind == "stop":
-                            self._handle(link, executors, core.stop())
+            loop.run(tick, mail, stuck=link.stuck)
         except BaseException as exc:
             self.error = exc
             log.exception("worker %s failed", self.name)
@@ -202,6 +205,8 @@ class Worker:
                 link.connect(o.endpoint)  # type: ignore[union-attr]
             elif t is Stopped:
                 self.stop_reason = o.reason  # type: ignore[union-attr]
+                if self._loop is not None:
+                    self._loop.stop()
             elif t is Problem:
                 log.warning("worker %s: %s", self.name, o.message)  # type: ignore[union-attr]
             else:

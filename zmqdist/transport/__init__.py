@@ -4,6 +4,7 @@ The only package (with the runtimes above it) that touches zmq. ``zmq.ZMQError``
 :class:`zmqdist.errors.TransportError` at one boundary, :func:`map_zmq_errors`.
 """
 
+from zmqdist.transport.loop import Loop
 from zmqdist.transport.mailbox import Mailbox
 from zmqdist.transport.sockets import (
     DealerLink,
@@ -11,6 +12,16 @@ from zmqdist.transport.sockets import (
     bind_router,
     map_zmq_errors,
     poll_timeout_ms,
+    read_payload,
 )
 
-__all__ = ["DealerLink", "Mailbox", "RateLimitedLog", "bind_router", "map_zmq_errors", "poll_timeout_ms"]
+__all__ = [
+    "DealerLink",
+    "Loop",
+    "Mailbox",
+    "RateLimitedLog",
+    "bind_router",
+    "map_zmq_errors",
+    "poll_timeout_ms",
+    "read_payload",
+]

@@ -55,6 +55,20 @@ def poll_timeout_ms(deadline: float | None, now: float) -> int:
     return max(0, min(MAX_POLL_MS, math.ceil((deadline - now) * 1000)))
 
 
+def read_payload(recv: Any, head: Any) -> Any:
+    """Read the payload frame that follows ``head`` (every native message is a head and a
+    payload); return it, or a ``str`` saying why the message is malformed (its extra frames are
+    read and dropped). The one frame-count check of every socket loop."""
+    if not head.more:
+        return "message has 1 frame, expected 2"
+    payload = recv(0, copy=False)
+    if payload.more:
+        while recv(0, copy=False).more:
+            pass
+        return "message has more than 2 frames"
+    return payload
+
+
 class RateLimitedLog:
     """Logs at most ``burst`` messages per ``period_s`` per key; counts and reports the rest."""
 
@@ -140,8 +154,6 @@ class DealerLink:
         self.bad_input = 0
         self.endpoint = ""
         self.more = False  # the last recv_batch stopped at its limit: messages are still waiting
-        self._poller: zmq.Poller | None = None
-        self._polled: zmq.Socket[Any] | None = None
 
     def connect(self, endpoint: str) -> zmq.Socket[Any]:
         """Close the current socket (if any) and return a new one connected to ``endpoint``."""
@@ -199,23 +211,9 @@ class DealerLink:
             b.popleft()
         return True
 
-    def wait(self, deadline: float | None, now: float, mailbox_fd: int) -> tuple[bool, bool]:
-        """Retry the backlog, then wait for the socket or the mailbox until ``deadline``.
-
-        Returns (socket readable, mailbox readable). Does not wait while messages are known to be
-        waiting, and retries a stuck backlog every 20 ms.
-        """
-        if self._poller is None or self._polled is not self.sock:
-            self._poller = zmq.Poller()
-            if self.sock is not None:
-                self._poller.register(self.sock, zmq.POLLIN)
-            self._poller.register(mailbox_fd, zmq.POLLIN)
-            self._polled = self.sock
-        timeout = 0 if self.more else poll_timeout_ms(deadline, now)
-        if self._backlog and not self.flush():
-            timeout = min(timeout, 20)
-        events = dict(self._poller.poll(timeout))
-        return self.sock is not None and self.sock in events, mailbox_fd in events
+    def stuck(self) -> bool:
+        """Retry the backlog; return True if messages still wait for the connection."""
+        return bool(self._backlog) and not self.flush()
 
     def recv_batch(self, now: float, limit: int = 1000) -> list[p.Message]:
         """Return up to ``limit`` decoded messages waiting on the socket (bad ones counted, logged)."""
@@ -233,14 +231,9 @@ class DealerLink:
                 head = recv(NB, copy=False)
             except zmq.Again:
                 return msgs
-            if not head.more:
-                self._bad(now, "a message of 1 frame")
-                continue
-            payload = recv(0, copy=False)
-            if payload.more:
-                while recv(0, copy=False).more:
-                    pass
-                self._bad(now, "a message of more than 2 frames")
+            payload = read_payload(recv, head)
+            if type(payload) is str:
+                self._bad(now, payload)
                 continue
             try:
                 msgs.append(p.decode(head.bytes, payload.bytes))

@@ -1,0 +1,70 @@
+"""The poll loop every runtime uses: timers, ready sockets (also one replaced mid-run), the mailbox."""
+
+import zmq
+
+from zmqdist.clock import MonotonicClock
+from zmqdist.transport import Loop, Mailbox
+
+
+def _pair(ctx, ep):
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.linger = b.linger = 0
+    b.bind(ep)
+    a.connect(ep)
+    return a, b
+
+
+def test_the_loop_reads_ready_sockets_follows_a_replaced_socket_and_stops_from_the_mailbox():
+    ctx = zmq.Context.instance()
+    (a1, b1), (a2, b2) = _pair(ctx, "inproc://loop-1"), _pair(ctx, "inproc://loop-2")
+    mailbox = Mailbox()
+    loop = Loop(MonotonicClock(), mailbox)
+    current = [b1]
+    got, ticks, mail = [], [], []
+
+    def read(now):
+        got.append(current[0].recv())
+        if got[-1] == b"one":
+            current[0] = b2  # a failover replaced the socket: the loop must poll the new one
+            a2.send(b"two")
+        else:
+            mailbox.post("stop")
+        return False
+
+    def on_mail(items, now):
+        mail.extend(items)
+        if "stop" in items:
+            loop.stop()
+
+    loop.watch(lambda: current[0], read)
+    a1.send(b"one")
+    loop.run(tick=lambda now: ticks.append(now) or now + 0.5, mail=on_mail)
+    assert got == [b"one", b"two"] and mail == ["stop"]
+    assert len(ticks) >= 2  # timers ran before each wait
+    for s in (a1, b1, a2, b2):
+        s.close()
+    mailbox.close()
+
+
+def test_a_loop_with_messages_still_waiting_reads_again_before_its_timers():
+    ctx = zmq.Context.instance()
+    a, b = _pair(ctx, "inproc://loop-3")
+    mailbox = Mailbox()
+    loop = Loop(MonotonicClock(), mailbox)
+    order = []
+
+    def read(now):
+        order.append("read")
+        b.recv()
+        if len(order) > 4:
+            loop.stop()
+        return True  # a batch limit was hit: more may wait
+
+    loop.watch(lambda: b, read)
+    for _ in range(5):
+        a.send(b"x")
+    loop.run(tick=lambda now: order.append("tick") or None, mail=lambda items, now: None)
+    assert order[0] == "tick" and "tick" not in order[1:]  # no timers while a backlog is read
+    a.close()
+    b.close()
+    mailbox.close()
