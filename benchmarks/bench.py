@@ -1,6 +1,8 @@
-"""The benchmark behind ``zmqdist bench`` (same options): python benchmarks/bench.py --help"""
+"""The benchmark behind ``zmqdist bench`` (same options): ``python3 benchmarks/bench.py --help``."""
+
+import sys
 
 from zmqdist.cli import main
 
 if __name__ == "__main__":
-    main(["bench", *__import__("sys").argv[1:]])
+    main(["bench", *sys.argv[1:]])

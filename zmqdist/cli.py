@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import base64
 import importlib
+import importlib.util
 import json
 import logging
 import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import click
 from zmqdist import logs
 from zmqdist.broker import Broker
 from zmqdist.client import Client
-from zmqdist.config import load_toml
+from zmqdist.config import BrokerSettings, load_toml
 from zmqdist.errors import ConfigError, RequestError, ZmqdistError
 from zmqdist.worker import Worker
 
@@ -95,80 +97,50 @@ def _fail(exc: BaseException) -> None:
     raise click.ClickException(str(exc)) from exc
 
 
+def _setting_option(f: Field[Any]) -> tuple[str, Callable[[Callable[..., Any]], Callable[..., Any]]]:
+    """The click option for one settings field (its flag, type, range, default and help), and the
+    name of the parameter it fills."""
+    meta = f.metadata
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    param = flag.lstrip("-").replace("-", "_")
+    kind = str(f.type).removesuffix(" | None")
+    default = meta["cli_default"]
+    kw: dict[str, Any] = {"help": meta["help"], "show_envvar": True}
+    if meta["multiple"]:
+        kw.update(multiple=True, default=list(default))
+    elif meta["choices"]:
+        kw.update(type=click.Choice(meta["choices"]), default=default or None)
+    elif meta["path"]:
+        kw.update(type=click.Path(exists=True, dir_okay=meta["path"] == "dir", file_okay=meta["path"] == "file"))
+    elif kind == "int":
+        kw.update(type=click.IntRange(meta["lo"], meta["hi"]), default=default)
+    elif kind == "float":
+        kw.update(type=click.FloatRange(meta["lo"], meta["hi"]), default=default)
+    else:
+        kw.update(default=default)
+    if default is None or default == "":
+        kw["show_default"] = False
+    return param, click.option(flag, param, **kw)
+
+
+# The broker's options, generated from BrokerSettings: (parameter name, field name, decorator).
+BROKER_OPTIONS = [
+    (param, f.name, deco)
+    for f in fields(BrokerSettings)
+    if f.init and f.metadata.get("cli", True)
+    for param, deco in [_setting_option(f)]
+]
+
+
+def _broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for _, _, deco in reversed(BROKER_OPTIONS):
+        fn = deco(fn)
+    return fn
+
+
 @main.command()
-@click.option("--bind", multiple=True, default=["tcp://*:5555"], help="endpoint to bind (repeatable)")
-@click.option(
-    "--name",
-    default=None,
-    help="broker name shown in status and errors; unique in a topology [default: HOST-PID-RANDOM]",
-)
-@click.option(
-    "--upstream",
-    multiple=True,
-    help="run as a proxy of this upstream broker (repeatable, failover order)",
-)
-@click.option("--heartbeat", type=float, default=0.25, help=HELP_HB)
-@click.option("--liveness", type=int, default=4, help=HELP_LIVE)
-@click.option("--max-queue", type=int, default=10_000, help="queued requests before new ones get Busy")
-@click.option("--max-queue-bytes", type=int, default=256 * 1024 * 1024, help="queued payload bytes before Busy")
-@click.option("--max-attempts", type=int, default=3, help="dispatches of one request before WorkerLost")
-@click.option("--max-client-inflight", type=int, default=2500, help="open requests per client before it gets Busy")
-@click.option(
-    "--max-message-size", type=int, default=64 * 1024 * 1024, help="larger messages are refused by the socket"
-)
-@click.option("--mdp-heartbeat", type=float, default=2.5, help="seconds between heartbeats of Majordomo workers")
-@click.option("--mdp-liveness", type=int, default=3, help="missed heartbeats that expire a Majordomo worker")
-@click.option("--mdp-timeout", type=float, default=60.0, help="deadline in seconds of Majordomo client requests")
-@click.option("--key", default=None, help="the broker's secret certificate: CURVE on every link it owns")
-@click.option("--allow-clients", default=None, help="directory of public certificates of allowed clients")
-@click.option("--allow-workers", default=None, help="directory of public certificates of allowed workers")
-@click.option("--allow-brokers", default=None, help="directory of public certificates of allowed proxies")
-@click.option("--upstream-server-key", default=None, help="the upstream broker's public certificate (proxies)")
-@click.option(
-    "--ha",
-    type=click.Choice(["primary", "backup"]),
-    default=None,
-    help="run as one broker of a backup pair (needs --peer and --ha-bind)",
-)
-@click.option("--peer", default=None, help="the other broker's --ha-bind endpoint (backup pairs)")
-@click.option("--ha-bind", multiple=True, help="endpoint the other broker of the pair connects to (repeatable)")
-@click.option(
-    "--failback",
-    type=click.Choice(["manual", "auto"]),
-    default="manual",
-    show_default=True,
-    help="auto: an active backup hands back to its primary once the primary is back and in sync",
-)
-@click.option("--peer-server-key", default=None, help="the other broker's public certificate (pairs with --key)")
-@click.option("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (0: any free one)")
-@click.option("--metrics-addr", default="127.0.0.1", show_default=True, help="address of the metrics endpoint")
-def broker(
-    bind: tuple[str, ...],
-    name: str | None,
-    upstream: tuple[str, ...],
-    heartbeat: float,
-    liveness: int,
-    max_queue: int,
-    max_queue_bytes: int,
-    max_attempts: int,
-    max_client_inflight: int,
-    max_message_size: int,
-    mdp_heartbeat: float,
-    mdp_liveness: int,
-    mdp_timeout: float,
-    key: str | None,
-    allow_clients: str | None,
-    allow_workers: str | None,
-    allow_brokers: str | None,
-    upstream_server_key: str | None,
-    ha: str | None,
-    peer: str | None,
-    ha_bind: tuple[str, ...],
-    failback: str,
-    peer_server_key: str | None,
-    metrics_port: int | None,
-    metrics_addr: str,
-) -> None:
+@_broker_options
+def broker(**params: Any) -> None:
     """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM.
 
     Every endpoint also accepts Majordomo (MDP 0.1 and 0.2) clients and workers. With --key, every
@@ -176,33 +148,7 @@ def broker(
     --ha, it is one broker of a backup pair: the passive one takes over when the active one dies
     (docs/ha.md); SIGTERM of the active one hands over at once."""
     try:
-        b = Broker(
-            bind=list(bind),
-            name=name,
-            upstream=list(upstream),
-            heartbeat_s=heartbeat,
-            liveness=liveness,
-            max_queue=max_queue,
-            max_queue_bytes=max_queue_bytes,
-            max_attempts=max_attempts,
-            max_client_inflight=max_client_inflight,
-            max_message_size=max_message_size,
-            mdp_heartbeat_s=mdp_heartbeat,
-            mdp_liveness=mdp_liveness,
-            mdp_timeout_s=mdp_timeout,
-            key=key,
-            allow_clients=allow_clients,
-            allow_workers=allow_workers,
-            allow_brokers=allow_brokers,
-            upstream_server_key=upstream_server_key,
-            ha=ha,
-            peer=peer,
-            ha_bind=list(ha_bind),
-            failback=failback,
-            peer_server_key=peer_server_key,
-            metrics_port=metrics_port,
-            metrics_addr=metrics_addr,
-        )
+        b = Broker(**{name: params[param] for param, name, _ in BROKER_OPTIONS})
         old_hup = signal.signal(signal.SIGHUP, lambda *_: b.reload_allow_lists())
         try:
             _run_until_signal(b.run, b.request_stop)
@@ -521,9 +467,24 @@ def keys_generate(name: str, directory: str, services: str | None) -> None:
 @click.option("--payload", type=int, default=100, help="payload bytes")
 def bench(duration: float, rounds: int, only: tuple[str, ...], payload: int) -> None:
     """Measure throughput, latency and broker CPU against zmq.proxy and direct sockets."""
-    from zmqdist import _bench
+    lab = load_bench_lab()
+    lab.main(duration=duration, rounds=rounds, only=set(only), payload=payload)
 
-    _bench.main(duration=duration, rounds=rounds, only=set(only), payload=payload)
+
+def load_bench_lab() -> Any:
+    """The benchmark lab (benchmarks/lab.py of a source checkout: it is not part of the package)."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "lab.py"
+    if not path.is_file():
+        raise click.ClickException(
+            f"zmqdist bench runs the benchmarks of a source checkout ({path} is missing): "
+            "clone the repository and install it with pip install -e ."
+        )
+    spec = importlib.util.spec_from_file_location("lab", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lab"] = module  # its roles are also loaded by name (lab:api_echo)
+    spec.loader.exec_module(module)
+    return module
 
 
 @main.command()

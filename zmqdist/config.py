@@ -1,12 +1,16 @@
 """Settings objects (frozen, validated) and TOML loading. A leaf: imports nothing of zmqdist's but errors.
 
-Durations are float seconds (``*_s``); they become milliseconds only on the wire and at poll calls.
+Every option of a broker is written once, as a field of :class:`BrokerSettings` with its help text,
+its flag and its range in the field's metadata: the ``zmqdist broker`` options, the TOML/environment
+layer and :class:`zmqdist.Broker` are all made from it. Durations are float seconds (``*_s``); they
+become milliseconds only on the wire and at poll calls.
 """
 
 from __future__ import annotations
 
+import difflib
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,7 @@ from zmqdist.errors import ConfigError
 
 DEFAULT_HEARTBEAT_S = 0.25
 DEFAULT_LIVENESS = 4  # a silent peer is declared dead after liveness * heartbeat = 1 s by default
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
 
 
 def _positive(name: str, value: float) -> None:
@@ -29,9 +34,9 @@ class HeartbeatSettings:
     liveness: int = DEFAULT_LIVENESS
 
     def __post_init__(self) -> None:
-        if not 0.001 <= self.heartbeat_s <= 3600:
+        if not isinstance(self.heartbeat_s, (int, float)) or not 0.001 <= self.heartbeat_s <= 3600:
             raise ConfigError(f"heartbeat must be between 0.001 and 3600 seconds, got {self.heartbeat_s!r}")
-        if not 1 <= self.liveness <= 1000:
+        if not isinstance(self.liveness, int) or not 1 <= self.liveness <= 1000:
             raise ConfigError(f"liveness must be between 1 and 1000 heartbeats, got {self.liveness!r}")
 
     @property
@@ -40,46 +45,172 @@ class HeartbeatSettings:
         return self.heartbeat_s * self.liveness
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    path: str = "",
+    multiple: bool = False,
+    cli: bool = True,
+    cli_default: Any = ...,
+) -> Any:
+    """A settings field with what the command line needs to offer it (flag, range, choices;
+    ``path`` "file" or "dir": an existing file or directory).
+
+    ``cli_default``: the command line's own default where it differs (None: the runtime chooses)."""
+    meta = {
+        "help": help,
+        "flag": flag,
+        "lo": lo,
+        "hi": hi,
+        "choices": choices,
+        "path": path,
+        "multiple": multiple,
+        "cli": cli,
+        "cli_default": default if cli_default is ... else cli_default,  # what --help shows
+    }
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerSettings:
-    """What a broker's core needs to know; see ``zmqdist broker --help`` for each."""
+    """Every option of a broker (``zmqdist broker --help`` lists them, generated from this class)."""
 
-    name: str = "broker"
-    heartbeat: HeartbeatSettings = field(default_factory=HeartbeatSettings)
-    max_queue: int = 10_000
-    max_queue_bytes: int = 256 * 1024 * 1024
-    max_attempts: int = 3
-    max_client_inflight: int = 2500  # open requests per client before Busy: a quarter of the queue (proxies exempt)
-    upstream: tuple[str, ...] = ()  # a proxy's upstream broker endpoints, in failover order
-    advert_interval_s: float = 0.005  # a proxy tells its upstream about capacity changes at most this often
-    backoff_s: float = 0.25  # first jittered pause before re-registering upstream; doubles per failure
-    backoff_max_s: float = 4.0
-    ha: str = ""  # "primary" or "backup": one broker of a backup pair; "" for a broker alone
-    failback: str = "manual"  # "auto": a backup hands the work back to its primary once it is in sync
+    bind: tuple[str, ...] = option(("tcp://*:5555",), "endpoint to bind (repeatable)", multiple=True)
+    name: str = option(
+        "broker",
+        "broker name shown in status and errors; unique in a topology [default: HOST-PID-RANDOM]",
+        cli_default=None,
+    )
+    upstream: tuple[str, ...] = option(
+        (), "run as a proxy of this upstream broker (repeatable, failover order)", multiple=True
+    )
+    heartbeat_s: float = option(
+        DEFAULT_HEARTBEAT_S, "heartbeat interval in seconds", flag="--heartbeat", lo=0.001, hi=3600
+    )
+    liveness: int = option(DEFAULT_LIVENESS, "missed heartbeats before a peer is declared dead", lo=1, hi=1000)
+    max_queue: int = option(10_000, "queued requests before new ones get Busy", lo=1)
+    max_queue_bytes: int = option(256 * 1024 * 1024, "queued payload bytes before Busy", lo=1)
+    max_attempts: int = option(3, "dispatches of one request before WorkerLost", lo=1, hi=100)
+    max_client_inflight: int = option(2500, "open requests per client before it gets Busy (proxies exempt)", lo=1)
+    max_message_size: int = option(DEFAULT_MAX_MESSAGE, "larger messages are refused by the socket", lo=1)
+    mdp_heartbeat_s: float = option(
+        2.5, "seconds between heartbeats of Majordomo workers", flag="--mdp-heartbeat", lo=0.001, hi=3600
+    )
+    mdp_liveness: int = option(3, "missed heartbeats that expire a Majordomo worker", lo=1, hi=1000)
+    mdp_timeout_s: float = option(
+        60.0, "deadline in seconds of Majordomo client requests", flag="--mdp-timeout", lo=0.001, hi=7 * 24 * 3600
+    )
+    key: str | None = option(None, "the broker's secret certificate: CURVE on every link it owns", path="file")
+    allow_clients: str | None = option(None, "directory of public certificates of allowed clients", path="dir")
+    allow_workers: str | None = option(None, "directory of public certificates of allowed workers", path="dir")
+    allow_brokers: str | None = option(None, "directory of public certificates of allowed proxies", path="dir")
+    upstream_server_key: str | None = option(None, "the upstream broker's public certificate (proxies)", path="file")
+    ha: str = option(
+        "", "run as one broker of a backup pair (needs --peer and --ha-bind)", choices=("primary", "backup")
+    )
+    peer: str = option("", "the other broker's --ha-bind endpoint (backup pairs)")
+    ha_bind: tuple[str, ...] = option(
+        (), "endpoint the other broker of the pair connects to (repeatable)", multiple=True
+    )
+    failback: str = option(
+        "manual",
+        "auto: an active backup hands back to its primary once the primary is back and in sync",
+        choices=("manual", "auto"),
+    )
+    peer_server_key: str | None = option(None, "the other broker's public certificate (pairs with --key)", path="file")
+    metrics_port: int | None = option(None, "serve Prometheus metrics on this port (0: any free one)", lo=0, hi=65535)
+    metrics_addr: str = option("127.0.0.1", "address of the metrics endpoint")
+    advert_interval_s: float = option(
+        0.005, "a proxy tells its upstream about capacity changes at most this often (seconds)", lo=0, hi=60
+    )
+    backoff_s: float = option(0.25, "first jittered pause before a proxy registers upstream again (seconds)", lo=0)
+    backoff_max_s: float = option(4.0, "longest pause before a proxy registers upstream again (seconds)", lo=0, hi=3600)
+    heartbeat: HeartbeatSettings = field(init=False, repr=False, compare=False, metadata={"cli": False})
 
     def __post_init__(self) -> None:
-        if self.ha not in ("", "primary", "backup"):
-            raise ConfigError(f"ha must be 'primary' or 'backup' (or empty for no pair), got {self.ha!r}")
-        if self.failback not in ("manual", "auto"):
-            raise ConfigError(f"failback must be 'manual' or 'auto', got {self.failback!r}")
+        for f in fields(self):
+            if f.init:
+                _check_field(f, getattr(self, f.name))
+        object.__setattr__(self, "heartbeat", HeartbeatSettings(self.heartbeat_s, self.liveness))
         if not self.name or len(self.name) > 255:
             raise ConfigError("broker name must be 1 to 255 characters")
-        if not all(isinstance(e, str) and e for e in self.upstream):
-            raise ConfigError(f"upstream must be a list of endpoints, got {self.upstream!r}")
-        if not 0 <= self.advert_interval_s <= 60:
-            raise ConfigError(f"advert_interval_s must be between 0 and 60 seconds, got {self.advert_interval_s!r}")
-        if not 0 <= self.backoff_s <= self.backoff_max_s <= 3600:
-            raise ConfigError(
-                f"need 0 <= backoff_s <= backoff_max_s <= 3600, got {self.backoff_s!r} and {self.backoff_max_s!r}"
-            )
-        if self.max_queue < 1:
-            raise ConfigError(f"max_queue must be at least 1, got {self.max_queue!r}")
-        if self.max_queue_bytes < 1:
-            raise ConfigError(f"max_queue_bytes must be at least 1, got {self.max_queue_bytes!r}")
-        if self.max_client_inflight < 1:
-            raise ConfigError(f"max_client_inflight must be at least 1, got {self.max_client_inflight!r}")
-        if not 1 <= self.max_attempts <= 100:
-            raise ConfigError(f"max_attempts must be between 1 and 100, got {self.max_attempts!r}")
+        if not self.ha and (self.peer or self.ha_bind):
+            raise ConfigError("peer and ha_bind are for a broker of a pair: set ha to 'primary' or 'backup'")
+        if not self.backoff_s <= self.backoff_max_s:
+            raise ConfigError(f"need backoff_s <= backoff_max_s, got {self.backoff_s!r} and {self.backoff_max_s!r}")
+        if self.key is None and (self.allow_clients or self.allow_workers or self.allow_brokers):
+            raise ConfigError("allow-lists need the broker's own secret key (key=... / --key)")
+        if self.ha and self.key is not None and self.peer_server_key is None:
+            raise ConfigError("with CURVE on, a broker of a pair needs peer_server_key (the peer's public certificate)")
+
+    @property
+    def mdp_heartbeat(self) -> HeartbeatSettings:
+        """Majordomo workers' heartbeat settings (they heartbeat at their own pace)."""
+        return HeartbeatSettings(self.mdp_heartbeat_s, self.mdp_liveness)
+
+    @classmethod
+    def from_options(cls, **options: Any) -> BrokerSettings:
+        """Return settings from keyword options as a caller gives them: lists for the repeatable
+        ones (or one string), None for "not set". Unknown ones are refused with the nearest name."""
+        spec = {f.name: f for f in fields(cls) if f.init}
+        given: dict[str, Any] = {}
+        for k, v in options.items():
+            f = spec.get(k)
+            if f is None:
+                raise ConfigError(f"unknown broker option {k!r}{did_you_mean(k, list(spec))}")
+            if v is None and not str(f.type).endswith("| None"):
+                continue  # not set: the default
+            if str(f.type) == "tuple[str, ...]" and isinstance(v, (str, list)):
+                given[k] = (v,) if isinstance(v, str) else tuple(v)
+            else:
+                given[k] = v
+        return cls(**given)
+
+
+def option_names(cls: type) -> list[str]:
+    """The names of the options of a settings class (the fields set at construction)."""
+    return [f.name for f in fields(cls) if f.init]
+
+
+def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """``"; did you mean 'x'?"`` for the nearest of ``choices``, or ``""``."""
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {near[0]!r}?" if near else ""
+
+
+def _check_field(f: Field[Any], v: Any) -> None:
+    """Check one option's type and range against its field (a clear error naming the option)."""
+    kind = str(f.type)
+    name = f.name
+    if v is None and kind.endswith("| None"):
+        return
+    kind = kind.removesuffix(" | None")
+    meta = f.metadata
+    if kind == "tuple[str, ...]":
+        if not isinstance(v, tuple) or not all(isinstance(e, str) and e for e in v):
+            raise ConfigError(f"{name} must be a list of non-empty strings, got {v!r}")
+    elif kind == "str":
+        if not isinstance(v, str):
+            raise ConfigError(f"{name} must be a string, got {v!r}")
+        choices = meta.get("choices")
+        if choices and v and v not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    elif kind in ("int", "float"):
+        whole = kind == "int"
+        if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)):
+            raise ConfigError(f"{name} must be {'a whole number' if whole else 'a number'}, got {v!r}")
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if lo is not None and hi is not None:
+                rng = f"from {lo:g} to {hi:g}"
+            else:
+                rng = f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
+            raise ConfigError(f"{name} must be {rng}, got {v!r}")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -97,17 +228,39 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+SCHEMES = ("tcp", "ipc", "inproc")
+
+
+def check_endpoint(ep: str, what: str) -> str:
+    """Return ``ep`` after checking it is a complete ZeroMQ endpoint (scheme, host and port, or a
+    path); raise :class:`ConfigError` naming ``what`` and the problem."""
+    example = "tcp://127.0.0.1:5555"
+    if not isinstance(ep, str) or "://" not in ep:
+        raise ConfigError(f"{what}: {ep!r} is not an endpoint like {example}")
+    scheme, _, rest = ep.partition("://")
+    if scheme not in SCHEMES:
+        raise ConfigError(f"{what}: unsupported transport {scheme!r} in {ep!r} (tcp, ipc, inproc)")
+    if scheme != "tcp":
+        if not rest:
+            raise ConfigError(f"{what}: {ep!r} names no {scheme} path")
+        return ep
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"{what}: {ep!r} has no port (like {example})")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"{what}: {ep!r} has an unclosed IPv6 bracket")
+    if port != "*" and not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ConfigError(f"{what}: port {port!r} of {ep!r} must be 1 to 65535 (or * to bind any free one)")
+    return ep
+
+
 def check_endpoints(endpoints: list[str] | tuple[str, ...] | str, what: str) -> tuple[str, ...]:
-    """Return ``endpoints`` as a tuple after checking each looks like a ZeroMQ endpoint."""
+    """Return ``endpoints`` as a tuple after checking each is a complete ZeroMQ endpoint."""
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     eps = tuple(endpoints)
     if not eps:
         raise ConfigError(f"{what}: at least one endpoint is required")
     for ep in eps:
-        if not isinstance(ep, str) or "://" not in ep:
-            raise ConfigError(f"{what}: {ep!r} is not an endpoint like tcp://127.0.0.1:5555")
-        scheme = ep.split("://", 1)[0]
-        if scheme not in ("tcp", "ipc", "inproc"):
-            raise ConfigError(f"{what}: unsupported transport {scheme!r} in {ep!r} (tcp, ipc, inproc)")
+        check_endpoint(ep, what)
     return eps

@@ -7,15 +7,14 @@ in the core, cost about 0.3 us a request). ``serve_metrics`` starts the HTTP end
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
-if TYPE_CHECKING:
-    from zmqdist.broker import Broker
+from zmqdist.core.records import COUNTER_NAMES
 
 REPLIES = (
     ("ok", "replies_ok"),
@@ -38,14 +37,20 @@ DROPS = (
 )
 
 
-class BrokerCollector:
-    """Collects one broker's metrics from its status snapshot."""
+# Every counter a table above names exists (a typo fails at import, not silently at scrape time).
+_unknown = [key for _, key in (*REPLIES, *DROPS) if key not in COUNTER_NAMES]
+if _unknown:
+    raise ImportError(f"zmqdist.metrics names counters the broker does not have: {_unknown}")
 
-    def __init__(self, broker: Broker) -> None:
-        self._broker = broker
+
+class BrokerCollector:
+    """Collects one broker's metrics from its status snapshot (``status()``, as ``Broker.status``)."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
 
     def collect(self) -> Iterator[Metric]:
-        st = self._broker.status()
+        st = self._status()
         c = st["counters"]
         yield CounterMetricFamily("zmqdist_requests", "Requests received", value=c["requests"])
         replies = CounterMetricFamily("zmqdist_replies", "Requests ended, by final status", labels=["status"])
@@ -113,9 +118,10 @@ class BrokerCollector:
             yield lat
 
 
-def serve_metrics(broker: Broker, port: int, addr: str) -> tuple[Any, int]:
-    """Start the /metrics HTTP endpoint; return (server, bound port). ``port`` 0 picks a free one."""
+def serve_metrics(status: Callable[[], dict[str, Any]], port: int, addr: str) -> tuple[Any, int]:
+    """Start the /metrics HTTP endpoint for a broker's ``status``; return (server, bound port).
+    ``port`` 0 picks a free one."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(BrokerCollector(broker))
+    registry.register(BrokerCollector(status))
     server, _thread = start_http_server(port, addr, registry=registry)
     return server, int(server.server_port)

@@ -263,6 +263,8 @@ CMD_OF: Final[dict[type, int]] = {
 }
 TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
+CMD_REQUEST: Final = 3  # CMD_OF[Request], as a constant for the per-request path
+CMD_RESULT: Final = 5  # CMD_OF[Result]
 # Types whose last field travels in the payload frame.
 _WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply, Replicate})
 # Types with an optional trace after the payload (sent as one more header field when not empty).
@@ -578,20 +580,126 @@ _TAIL_DEFAULTS: Final[dict[type, tuple[Any, ...]]] = {
 }
 
 
-def pack_ops(ops: list[Any]) -> bytes:
-    """Return a pair's replication ops (lists of plain values and bytes) as msgpack."""
-    return msgpack.packb(ops, use_bin_type=True)  # type: ignore[no-any-return]
+# --- replication ops (the active broker of a pair -> the passive one, inside REPLICATE) ----------
 
 
-def unpack_ops(data: bytes) -> list[Any]:
-    """Return the ops packed by :func:`pack_ops`. Raises :class:`RemoteProtocolError` for garbage."""
+class OpAccepted(NamedTuple):
+    """A request entered the table. ``deadline`` is in the sender's clock (see :func:`pack_ops`)."""
+
+    ticket: int
+    client: bytes
+    rid: int
+    service: str
+    deadline: float
+    hops: tuple[str, ...]
+    trace: str
+    key: str
+    attempt: int
+    payload: bytes
+
+
+class OpSent(NamedTuple):
+    """A request was dispatched to ``member`` (its ``attempt``-th dispatch)."""
+
+    ticket: int
+    member: bytes
+    attempt: int
+
+
+class OpRequeued(NamedTuple):
+    """A dispatched request went back to the queue."""
+
+    ticket: int
+
+
+class OpEnded(NamedTuple):
+    """A request ended (answered, or forgotten)."""
+
+    ticket: int
+
+
+ReplicationOp = OpAccepted | OpSent | OpRequeued | OpEnded
+# On the wire each op is a list: its kind letter, then its fields in order.
+_OP_KIND: Final[dict[type, str]] = {OpAccepted: "a", OpSent: "s", OpRequeued: "q", OpEnded: "e"}
+_OP_OF_KIND: Final[dict[str, type]] = {k: t for t, k in _OP_KIND.items()}
+
+
+def _is_id(v: object) -> bool:
+    return type(v) is int and 0 <= v <= MAX_ID
+
+
+def _op(raw: Any) -> ReplicationOp | None:
+    """The op a wire list carries, or None if it is malformed."""
+    if type(raw) is not list or not raw or type(raw[0]) is not str:
+        return None
+    cls = _OP_OF_KIND.get(raw[0])
+    f = raw[1:]
+    if cls is None or len(f) != len(cls._fields) or not _is_id(f[0]):  # type: ignore[attr-defined]
+        return None
+    if cls is OpAccepted:
+        ok = (
+            type(f[1]) is bytes
+            and _is_id(f[2])
+            and type(f[3]) is str
+            and type(f[4]) in (int, float)
+            and type(f[5]) is list
+            and all(type(h) is str for h in f[5])
+            and type(f[6]) is str
+            and type(f[7]) is str
+            and _is_id(f[8])
+            and type(f[9]) is bytes
+        )
+        return OpAccepted(f[0], f[1], f[2], f[3], float(f[4]), tuple(f[5]), f[6], f[7], f[8], f[9]) if ok else None
+    if cls is OpSent:
+        return OpSent(f[0], f[1], f[2]) if type(f[1]) is bytes and _is_id(f[2]) else None
+    return cls(f[0])  # type: ignore[no-any-return]
+
+
+def pack_ops(sent_at: float, ops: list[ReplicationOp]) -> bytes:
+    """Return replication ops as msgpack: ``[sent_at, [kind, *fields], ...]``. ``sent_at`` is the
+    sender's clock, so that the receiver can move deadlines into its own."""
+    wire: list[Any] = [sent_at]
+    for op in ops:
+        wire.append([_OP_KIND[type(op)], *op])
+    return msgpack.packb(wire, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_ops(data: bytes) -> tuple[float, list[ReplicationOp]]:
+    """Return (the sender's time, the ops) packed by :func:`pack_ops`.
+
+    Raises :class:`RemoteProtocolError` for garbage or any malformed op (naming it)."""
     try:
-        ops = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+        wire = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
     except Exception as exc:
         raise RemoteProtocolError(f"Replicate: ops are not valid msgpack: {exc}", E_HEADER) from exc
-    if type(ops) is not list:
-        raise RemoteProtocolError("Replicate: ops must be a list", E_HEADER)
-    return ops
+    if type(wire) is not list or not wire or type(wire[0]) not in (int, float):
+        raise RemoteProtocolError("Replicate: ops must be a list that starts with the sender's time", E_HEADER)
+    ops: list[ReplicationOp] = []
+    for raw in wire[1:]:
+        op = _op(raw)
+        if op is None:
+            raise RemoteProtocolError(f"Replicate: bad op {raw!r:.100}", E_HEADER)
+        ops.append(op)
+    return float(wire[0]), ops
+
+
+# --- time budgets: the one conversion between a wire budget and a local deadline --------------
+
+
+def deadline_at(now: float, budget_ms: int) -> float:
+    """The local deadline of a budget received at ``now``."""
+    return now + budget_ms / 1000.0
+
+
+def budget_ms_left(deadline: float, now: float, margin_ms: int = 0, floor: int = 1) -> int:
+    """The budget to send at ``now`` for ``deadline``: whole milliseconds left (truncated, never
+    rounded up), less ``margin_ms`` (a hop's transit), and at least ``floor``."""
+    return max(floor, int((deadline - now) * 1000) - margin_ms)
+
+
+def command_of(head: bytes) -> int:
+    """The command number of a native head of this version, or 0 (another protocol or version)."""
+    return head[3] if len(head) > 3 and head[:3] == PREFIX else 0
 
 
 def encode(msg: Message) -> tuple[bytes, bytes]:

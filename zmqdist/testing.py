@@ -1,8 +1,9 @@
 """Test helpers shipped with zmqdist: a fake clock and an in-memory network of core machines.
 
-:class:`Simulation` wires :class:`~zmqdist.core.broker.BrokerCore` machines (one by default; any
-tree of proxies with ``add_broker``) to any number of worker and client machines. Every message
-goes through the real encoder and decoder. Time is a :class:`FakeClock` that jumps to the next
+:class:`Simulation` wires broker machines (one by default; any tree of proxies with ``add_broker``,
+backup pairs with ``add_pair``) to any number of worker and client machines. Every message goes
+through the real encoder and decoder, and into a broker through its one door for raw frames
+(``receive_frames``), as in the runtime. Time is a :class:`FakeClock` that jumps to the next
 deadline, so seconds of heartbeats and failures run in milliseconds without a single sleep. Knobs:
 kill a node or a broker, partition it, drop messages at random, restart a broker.
 
@@ -22,11 +23,13 @@ from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
-from zmqdist.core.broker import UPSTREAM, BrokerCore, Out
+from zmqdist.core.broker import BrokerMachine
 from zmqdist.core.client import ClientCore, Completed
-from zmqdist.core.ha import PAIR
+from zmqdist.core.failover import make_broker
 from zmqdist.core.link import Connect, Problem, Stopped
+from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.core.worker import Execute, WorkerCore
+from zmqdist.errors import RemoteProtocolError
 
 
 class FakeClock:
@@ -61,8 +64,35 @@ def tree_members(tree: dict[str, Any]) -> tuple[set[str], set[str]]:
     return brokers, workers
 
 
+def feed(machine: BrokerMachine, peer: bytes | Channel, frames: list[bytes], now: float) -> list[Out]:
+    """Give ``machine`` one message of raw ``frames`` from ``peer`` the way the runtime does: from a
+    ROUTER peer through its door, from the upstream link (``UPSTREAM``) decoded first (a message
+    that does not decode is dropped there, as the upstream link's socket loop drops it)."""
+    out: list[Out] = []
+    if isinstance(peer, Channel):
+        try:
+            msg = p.decode(frames[0], frames[1]) if len(frames) == 2 else None
+        except RemoteProtocolError:
+            msg = None
+        return machine.upstream_receive(msg, now) if msg is not None else out
+    machine.receive_message(peer, frames, now, out)
+    return out
+
+
 class InvariantError(AssertionError):
     """Raised by :class:`Simulation` when a dispatch invariant breaks."""
+
+
+def assert_each_ended_once(client: SimClient, n: int, status: int | None = None) -> None:
+    """Every one of the ``n`` requests ``client`` submitted ended exactly once (and, if ``status``
+    is given, every one with that status)."""
+    missing = n - len(client.completed)
+    assert missing == 0, f"{missing} requests never ended"
+    twice = [rid for rid, v in client.completed.items() if len(v) != 1]
+    assert not twice, f"requests that ended more than once: {twice[:5]}"
+    if status is not None:
+        bad = [v[0] for v in client.completed.values() if v[0].status != status]
+        assert not bad, bad[:3]
 
 
 class _Node:
@@ -165,22 +195,21 @@ class SimBroker(_Node):
         self.at_endpoint = endpoint
         self.settings = settings
         self.runs = 0
-        self.plain_served = 0  # messages handled by the per-request path (receive_plain)
+        self.plain_served = 0  # messages the per-request fast path took (straight from their frames)
         self.problems: list[str] = []
         self.pair_peer: SimBroker | None = None  # the other broker of its backup pair
         self.core = self._new_core()
 
-    def _new_core(self) -> BrokerCore:
+    def _new_core(self) -> BrokerMachine:
         self.runs += 1
         self.ident = f"b:{self.name}#{self.runs}".encode()  # a new run has a new DEALER identity
         self.endpoint = ""
         self.expired_at: dict[bytes, float] = {}
         now = self.sim.clock.now()
         # a pair's epoch floor: the (fake) wall clock in milliseconds, as the runtime gives it
-        core = BrokerCore(
+        return make_broker(
             self.settings, f"{self.name}-inc{self.runs}", now, rng=self.sim.rng.random, epoch_floor=int(now * 1000)
         )
-        return core
 
     def start(self) -> None:
         self.out(self.core.start(self.sim.clock.now()))
@@ -193,23 +222,24 @@ class SimBroker(_Node):
         self.start()
 
     def deliver(self, msg: p.Message) -> None:
-        self.out(self.core.receive(UPSTREAM, msg, self.sim.clock.now()))
+        self.out(self.core.upstream_receive(msg, self.sim.clock.now()))
 
     def receive_from(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
         if self.alive:
             now = self.sim.clock.now()
             out: list[Out] = []
-            if self.sim.plain and self.core.receive_plain(ident, frames[0], frames[1], now, out):
-                self.plain_served += 1
+            if self.sim.plain:
+                if self.core.receive_frames(ident, frames[0], frames[1], now, out):  # the door, as the runtime
+                    self.plain_served += 1
             else:
-                out = self.core.receive(ident, p.decode(*frames), now)  # as the runtime: the general path
+                out = self.core.receive(ident, p.decode(*frames), now)  # the general path only
             self.out(out)
             self.out(self.core.flush(now))
 
     def receive_pair(self, run: int, frames: tuple[bytes, bytes]) -> None:
         """A message on the pair link, sent to our run ``run`` (a restarted run has a new link)."""
         if self.alive and run == self.runs:
-            self.out(self.core.pair_receive(p.decode(*frames), self.sim.clock.now()))
+            self.out(self.core.receive_pair_frames(list(frames), self.sim.clock.now()))
 
     def out(self, outs: list[Any]) -> None:
         sim = self.sim
@@ -218,7 +248,7 @@ class SimBroker(_Node):
             t = type(msg)
             if sim.sent is not None:
                 sim.sent.append((now, self.name, ident, msg))
-            if ident == PAIR:
+            if ident is PAIR:
                 if t is Problem:
                     self.problems.append(msg.message)
                 elif self._pair_link_up():
@@ -226,7 +256,10 @@ class SimBroker(_Node):
                     assert peer is not None
                     sim.at(now + sim.latency, functools.partial(peer.receive_pair, peer.runs, p.encode(msg)))
                 continue
-            if not ident:
+            if ident is LOG:
+                self.problems.append(msg.message)
+                continue
+            if ident is UPSTREAM:
                 if t is Connect:
                     self.endpoint = msg.endpoint
                     self.conn += 1
@@ -290,10 +323,10 @@ class Simulation:
         plain: bool = True,
     ) -> None:
         self.clock = FakeClock()
-        # Brokers take the per-request path (BrokerCore.receive_plain) first, as the runtime does;
+        # Brokers take messages through their door (fast path first), as the runtime does;
         # False sends every message through decode and receive (the equivalence test runs both).
         self.plain = plain
-        self.sent: list[tuple[float, str, bytes, p.Message | Connect | Problem]] | None = (
+        self.sent: list[tuple[float, str, object, p.Message | Connect | Problem]] | None = (
             None  # a list: every message brokers send is recorded
         )
         self.settings = settings or BrokerSettings()
@@ -369,7 +402,7 @@ class Simulation:
         return [n for n in names if self.brokers[n].alive and not self.brokers[n].core.standby]
 
     @property
-    def broker(self) -> BrokerCore:
+    def broker(self) -> BrokerMachine:
         """The default broker's machine."""
         return self.brokers["broker"].core
 

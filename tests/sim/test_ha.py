@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zmqdist import protocol as p
+from zmqdist import testing
 from zmqdist.core.ha import PASSIVE
 from zmqdist.testing import Simulation
 
@@ -27,11 +28,7 @@ def pair_sim(workers=2, concurrency=4, service_time=0.05, failback="manual", see
 
 
 def assert_each_ended_once(client, n, status=p.ST_OK):
-    assert len(client.completed) == n, f"{n - len(client.completed)} requests never ended"
-    assert all(len(v) == 1 for v in client.completed.values()), "a request ended twice"
-    if status is not None:
-        bad = [v[0] for v in client.completed.values() if v[0].status != status]
-        assert not bad, bad[:3]
+    testing.assert_each_ended_once(client, n, status)  # these tests expect success unless they say
 
 
 def executions(sim):
@@ -59,9 +56,9 @@ def test_the_passive_broker_holds_a_copy_of_queued_and_dispatched_requests():
     sim.run_for(0.1)
     table = sim.brokers["b"].core.pair.table
     assert len(table) == 5
-    members = [rec[-1] for rec in table.values()]
+    members = [rec.member for rec in table.values()]
     assert sum(m == b"w:w0" for m in members) == 2 and members.count(None) == 3  # 2 dispatched, 3 queued
-    assert {p.unpack_value(rec[8])["n"] for rec in table.values()} == set(range(5))  # payloads too
+    assert {p.unpack_value(rec.accepted.payload)["n"] for rec in table.values()} == set(range(5))  # payloads too
     sim.run_for(17)
     assert_each_ended_once(client, 5)
     assert not sim.brokers["b"].core.pair.table  # the ends replicated as well
@@ -92,7 +89,7 @@ def test_kill_of_the_active_under_load_takeover_under_two_seconds_nothing_lost_o
     assert takeover < 2.0, takeover
     # Work the workers finished while the active died was delivered, not run again.
     assert max(executions(sim).values()) == 1
-    assert sim.brokers["b"].core.counters["adopted"] > 0
+    assert sim.brokers["b"].core.counters.adopted > 0
 
 
 def test_a_primary_restarted_after_a_takeover_stays_passive_and_the_load_goes_on():
@@ -109,7 +106,8 @@ def test_a_primary_restarted_after_a_takeover_stays_passive_and_the_load_goes_on
         client.submit("echo", i)
     sim.run_for(3)
     assert_each_ended_once(client, 50)
-    assert a.counters["requests"] == 0 or a.counters["redirected"] >= 0
+    # the passive a accepted none of them (a takeover beside the active b would show here): b served all
+    assert a.counters.requests == 0 and b.counters.replies_ok >= 50
     assert sim.active("a", "b") == ["b"]
 
 
@@ -136,7 +134,7 @@ def test_a_client_cut_from_the_active_only_is_sent_back_no_takeover():
         client.submit("echo", i, timeout=3)
     sim.run_for(5)
     assert sim.active("a", "b") == ["a"]
-    assert sim.brokers["b"].core.counters["redirected"] > 0
+    assert sim.brokers["b"].core.counters.redirected > 0
     assert_each_ended_once(client, 10, status=p.ST_TIMEOUT)
     sim.heal_link("c", "a")
     client.submit("echo", 99, timeout=3)

@@ -79,7 +79,7 @@ def _run(s: dict[str, Any], plain: bool) -> tuple[list[Any], list[dict[str, int]
             getattr(sim, action)(victim)
     sim.run_for(10)
     completed = [sorted((rid, [(d.status, d.payload) for d in ds]) for rid, ds in c.completed.items()) for c in clients]
-    return sim.sent, [dict(b.core.counters) for b in sim.brokers.values()], completed
+    return sim.sent, [b.core.counters.as_dict() for b in sim.brokers.values()], completed
 
 
 @given(data=st.data())

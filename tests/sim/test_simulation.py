@@ -8,16 +8,11 @@ from hypothesis import strategies as st
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
-from zmqdist.testing import FakeClock, Simulation
+from zmqdist.testing import FakeClock, Simulation, assert_each_ended_once
 
 
 def statuses(client):
     return Counter(v[0].status for v in client.completed.values())
-
-
-def assert_each_ended_once(client, n):
-    assert len(client.completed) == n
-    assert all(len(v) == 1 for v in client.completed.values()), "a request ended twice"
 
 
 def test_fake_clock_refuses_to_go_backwards():
@@ -63,7 +58,7 @@ def test_killed_workers_lose_nothing():
     assert_each_ended_once(c, 2000)
     assert statuses(c) == {p.ST_OK: 2000}
     assert all(p.unpack_value(v[0].payload) == rid - 1 for rid, v in c.completed.items())
-    assert sim.broker.counters["workers_expired"] == 2 and sim.broker.counters["requeues"] >= 2
+    assert sim.broker.counters.workers_expired == 2 and sim.broker.counters.requeues >= 2
 
 
 def test_broker_restart_pending_requests_complete_under_same_id():
@@ -81,7 +76,7 @@ def test_broker_restart_pending_requests_complete_under_same_id():
     assert_each_ended_once(c, 100)
     assert statuses(c) == {p.ST_OK: 100}
     assert c.core.counters["broker_restarts"] + c.core.counters["failovers"] >= 1
-    assert sim.broker.counters["workers_registered"] == 1
+    assert sim.broker.counters.workers_registered == 1
 
 
 def test_no_worker_for_service_times_out_with_reason():

@@ -12,17 +12,12 @@ from hypothesis import strategies as st
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
-from zmqdist.core.broker import HOP_MARGIN_MS
-from zmqdist.testing import Simulation, tree_members
+from zmqdist.core.records import HOP_MARGIN_MS
+from zmqdist.testing import Simulation, assert_each_ended_once, tree_members
 
 
 def statuses(client):
     return Counter(v[0].status for v in client.completed.values())
-
-
-def assert_each_ended_once(client, n):
-    assert len(client.completed) == n, f"{n - len(client.completed)} requests never ended"
-    assert all(len(v) == 1 for v in client.completed.values()), "a request ended twice"
 
 
 def two_regions(**kw):
@@ -45,7 +40,7 @@ def test_local_first_while_local_capacity_is_free():
     assert_each_ended_once(ca, 40)
     assert statuses(ca) == {p.ST_OK: 40}
     assert len(sim.workers["wa"].executed) == 40 and not sim.workers["wb"].executed
-    assert sim.brokers["A"].core.counters["forwarded_up"] == 0
+    assert sim.brokers["A"].core.counters.forwarded_up == 0
 
 
 def test_overflow_funnels_into_the_other_region_in_proportion_to_capacity():
@@ -67,8 +62,8 @@ def test_overflow_funnels_into_the_other_region_in_proportion_to_capacity():
     assert a + b == 800
     assert b / a == pytest.approx(3, rel=0.2)  # slots 2 : 6, same speed
     # Work flowed down into region B through the master, never back into A.
-    assert sim.brokers["B"].core.counters["tasks_from_up"] == b
-    assert sim.brokers["A"].core.counters["tasks_from_up"] == 0
+    assert sim.brokers["B"].core.counters.tasks_from_up == b
+    assert sim.brokers["A"].core.counters.tasks_from_up == 0
 
 
 def test_no_local_worker_goes_upstream_and_queues_there():
@@ -81,7 +76,7 @@ def test_no_local_worker_goes_upstream_and_queues_there():
         ca.submit("rare", i, timeout=30)
     sim.run_for(0.01)
     # Nothing below A serves 'rare': all of it went up at once and waits in the master's queue.
-    assert sim.brokers["A"].core.counters["forwarded_up"] == 20
+    assert sim.brokers["A"].core.counters.forwarded_up == 20
     sim.run_for(5)
     assert statuses(ca) == {p.ST_OK: 20}
 
@@ -106,7 +101,7 @@ def test_three_tiers_site_to_region_to_master_and_back_down():
     assert len(budgets) == 50
     assert max(budgets) <= 10_000 - 5 * HOP_MARGIN_MS
     # The path is recorded: the task S2 got names every broker the request passed.
-    assert sim.brokers["S2"].core.counters["tasks_from_up"] == 50
+    assert sim.brokers["S2"].core.counters.tasks_from_up == 50
 
 
 def test_a_request_is_never_sent_back_to_a_broker_it_passed():
@@ -122,8 +117,8 @@ def test_a_request_is_never_sent_back_to_a_broker_it_passed():
     assert statuses(ca) == {p.ST_OK: 10}
     # A forwarded overflow up; the master served it with its own worker and never handed it
     # back down to A, even when A's worker was free again.
-    assert sim.brokers["A"].core.counters["forwarded_up"] > 0
-    assert sim.brokers["A"].core.counters["tasks_from_up"] == 0
+    assert sim.brokers["A"].core.counters.forwarded_up > 0
+    assert sim.brokers["A"].core.counters.tasks_from_up == 0
 
 
 def test_a_looping_request_is_refused_with_a_clear_error():
@@ -132,7 +127,7 @@ def test_a_looping_request_is_refused_with_a_clear_error():
     core = sim.broker
     out = core.receive(b"peer", p.Request(1, "echo", 1000, ("x", "broker"), b""), sim.clock.now())
     assert out[0][1].status == p.ST_INVALID and "looped" in out[0][1].message
-    assert core.counters["loops"] == 1
+    assert core.counters.loops == 1
 
 
 def test_killed_proxy_costs_only_its_own_clients_who_fail_over():
@@ -154,7 +149,7 @@ def test_killed_proxy_costs_only_its_own_clients_who_fail_over():
     assert ca.core.counters["failovers"] >= 1 and ca.core.counters["duplicates"] == 0
     # A's worker moved on to B; the master dropped A and kept serving.
     assert sim.workers["wa"].core.link.endpoint == Simulation.endpoint("B")
-    assert sim.broker.counters["workers_expired"] == 1  # A, detected by heartbeats
+    assert sim.broker.counters.workers_expired == 1  # A, detected by heartbeats
 
 
 def test_master_outage_proxies_keep_serving_local_and_upstream_work_waits():
@@ -173,7 +168,7 @@ def test_master_outage_proxies_keep_serving_local_and_upstream_work_waits():
     done = {rid: v[0].status for rid, v in ca.completed.items()}
     assert sorted(done.values()) == [p.ST_OK] * 20  # the local service went on during the outage
     a = sim.brokers["A"].core
-    assert a.counters["upstream_losses"] >= 1 and not a.upstream.registered
+    assert a.counters.upstream_losses >= 1 and not a.upstream.registered
     sim.restart_broker()  # the master comes back; A registers again by itself
     sim.run_for(10)
     assert_each_ended_once(ca, 40)
@@ -192,14 +187,14 @@ def test_silent_downstream_broker_is_dropped_and_its_work_requeued():
     for i in range(40):
         c.submit("echo", i, timeout=30)
     sim.run_for(0.05)
-    held_by_a = sim.brokers["A"].core.counters["tasks_from_up"]
+    held_by_a = sim.brokers["A"].core.counters.tasks_from_up
     assert held_by_a > 0
     sim.partition("A")
     sim.run_for(10)
     assert_each_ended_once(c, 40)
     assert statuses(c) == {p.ST_OK: 40}
     m = sim.broker.counters
-    assert m["workers_expired"] >= 1 and m["requeues"] >= held_by_a - 4  # a few may have finished
+    assert m.workers_expired >= 1 and m.requeues >= held_by_a - 4  # a few may have finished
 
 
 def test_re_registration_after_a_master_restart_is_jittered():
@@ -208,15 +203,15 @@ def test_re_registration_after_a_master_restart_is_jittered():
     for n in names:
         sim.add_broker(n, upstream=("broker",))
     sim.run_for(0.5)
-    assert sim.broker.counters["brokers_registered"] == 20
+    assert sim.broker.counters.brokers_registered == 20
     sim.kill_broker()
     sim.run_for(0.1)
     sim.restart_broker()
     times = []
     for _ in range(300):
-        before = sim.broker.counters["brokers_registered"]
+        before = sim.broker.counters.brokers_registered
         sim.run_for(0.01)
-        times += [sim.clock.now()] * (sim.broker.counters["brokers_registered"] - before)
+        times += [sim.clock.now()] * (sim.broker.counters.brokers_registered - before)
     assert len(times) == 20
     spread = max(times) - min(times)
     assert spread > 0.25, f"all proxies came back within {spread:.3f}s: not jittered"
@@ -305,7 +300,7 @@ def test_silence_on_an_inter_broker_link_is_detected_within_the_ttl_on_both_side
         sim.run_for(step)
         if master_saw is None and not sim.broker.status(sim.clock.now())["brokers"]:
             master_saw = sim.clock.now() - cut  # A's capacity is gone from the master's pool
-        if a_saw is None and a.counters["upstream_losses"]:
+        if a_saw is None and a.counters.upstream_losses:
             a_saw = sim.clock.now() - cut
     # Heartbeats every ttl/liveness: the last one before the cut is at most one interval old.
     hb = sim.settings.heartbeat.heartbeat_s
@@ -325,14 +320,14 @@ def test_a_site_fails_over_to_its_second_region_and_its_forwarded_work_completes
     for i in range(60):
         c.submit("echo", i, timeout=30)
     sim.run_for(0.2)
-    assert sim.brokers["S"].core.counters["forwarded_up"] == 60
+    assert sim.brokers["S"].core.counters.forwarded_up == 60
     sim.kill("R1")
     sim.run_for(10)
     assert_each_ended_once(c, 60)
     assert statuses(c) == {p.ST_OK: 60}
     s = sim.brokers["S"].core
     assert s.upstream.registered and s.upstream.link.endpoint == Simulation.endpoint("R2")
-    assert s.counters["requeues"] > 0  # what R1 held came back and went up again through R2
+    assert s.counters.requeues > 0  # what R1 held came back and went up again through R2
 
 
 def test_a_region_passes_a_sites_overflow_up_to_the_master_rather_than_back():
@@ -349,7 +344,7 @@ def test_a_region_passes_a_sites_overflow_up_to_the_master_rather_than_back():
     assert statuses(c) == {p.ST_OK: 100}
     # 4 fast slots at the master against 1 slow slot at the site: the master serves the bulk.
     assert len(wm.executed) > 8 * len(ws.executed), (len(wm.executed), len(ws.executed))
-    assert sim.brokers["R"].core.counters["forwarded_up"] == len(wm.executed)
+    assert sim.brokers["R"].core.counters.forwarded_up == len(wm.executed)
 
 
 def test_funnelled_work_keeps_the_remote_slots_busy():

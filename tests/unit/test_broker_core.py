@@ -1,17 +1,19 @@
 """The broker machine, driven with plain numbers for time."""
 
+import msgpack
 import pytest
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
 from zmqdist.core.broker import EPSILON, BrokerCore
+from zmqdist.core.records import LOG
 from zmqdist.errors import RemoteProtocolError
 
 HB = HeartbeatSettings(heartbeat_s=0.25, liveness=4)  # ttl 1.0 s
 
 
 def make(**kw):
-    return BrokerCore(BrokerSettings(name="b", heartbeat=HB, **kw), "inc1", now=0.0)
+    return BrokerCore(BrokerSettings(name="b", heartbeat_s=HB.heartbeat_s, liveness=HB.liveness, **kw), "inc1", now=0.0)
 
 
 def hello(core, ident, capacity=1, services=("echo",), now=0.0):
@@ -82,7 +84,7 @@ def test_worker_alive_at_ttl_and_expired_just_past_it():
     assert core.tick(1.0) == [] and b"A" in core.worker_load()
     core.tick(1.0 + EPSILON)
     assert b"A" not in core.worker_load()
-    assert core.counters["workers_expired"] == 1
+    assert core.counters.workers_expired == 1
 
 
 def test_any_message_counts_as_a_sign_of_life():
@@ -104,7 +106,7 @@ def test_dead_worker_requests_are_requeued_to_live_workers_with_attempt_spent():
     out = core.tick(1.0 + 2 * EPSILON)
     ((peer, t2),) = tasks(out)
     assert peer == b"B" and t2.ticket == t.ticket and t2.attempt == 2
-    assert core.counters["requeues"] == 1
+    assert core.counters.requeues == 1
 
 
 def test_attempt_cap_gives_worker_lost():
@@ -155,7 +157,7 @@ def test_full_queue_answers_busy_at_once():
         assert request(core, i) == []
     (r,) = replies(request(core, 3))
     assert r.status == p.ST_BUSY and "busy" in r.message
-    assert core.counters["busy"] == 1
+    assert core.counters.busy == 1
 
 
 def test_queue_bytes_bound():
@@ -170,9 +172,9 @@ def test_duplicate_request_in_progress_is_absorbed():
     hello(core, b"A")
     request(core, 1)
     assert request(core, 1) == []
-    assert core.counters["duplicates"] == 1
+    assert core.counters.duplicates == 1
     request(core, 1, client=b"D")  # the same rid from another client is another request
-    assert core.open_requests == 2 and core.counters["duplicates"] == 1
+    assert core.open_requests == 2 and core.counters.duplicates == 1
 
 
 def test_one_reply_even_if_former_holder_and_new_holder_both_answer():
@@ -187,7 +189,7 @@ def test_one_reply_even_if_former_holder_and_new_holder_both_answer():
     assert (b"A", p.Reconnect("unknown worker: register again")) in out
     assert core.worker_load()[b"B"] == (1, 1)  # B still runs it: its slot stays taken
     out = core.receive(b"B", p.Result(t.ticket, p.RS_OK, b"from B"), 1.2)
-    assert replies(out) == [] and core.counters["late_results"] == 1
+    assert replies(out) == [] and core.counters.late_results == 1
     assert core.worker_load()[b"B"] == (0, 1)
 
 
@@ -207,7 +209,7 @@ def test_result_for_a_ticket_never_given_is_bogus():
     ((peer, t),) = tasks(request(core, 1))
     other = b"B" if peer == b"A" else b"A"
     assert core.receive(other, p.Result(t.ticket, p.RS_OK, b""), 0.1) == []
-    assert core.counters["bogus_results"] == 1 and core.open_requests == 1
+    assert core.counters.bogus_results == 1 and core.open_requests == 1
 
 
 def test_unknown_worker_heartbeat_gets_reconnect_and_client_gets_pong():
@@ -229,7 +231,7 @@ def test_credit_zero_drains_then_bye_requeues():
     hello(core, b"C", capacity=1)
     ((_, _t),) = tasks(request(core, 9))
     out = core.receive(b"C", p.Bye("leaving"), 0.1)
-    assert core.counters["workers_left"] == 1
+    assert core.counters.workers_left == 1
     assert core.queued == 1 and tasks(out) == []  # A has no credit, B is full
 
 
@@ -244,15 +246,22 @@ def test_reserved_service_names_are_refused_and_status_answers():
     assert r.status == p.ST_INVALID
 
 
-def test_bad_input_is_answered_and_counted():
+def test_bad_input_through_the_door_is_answered_counted_and_logged():
     core = make()
-    err = RemoteProtocolError("Request: service bad", p.E_HEADER, rid=5)
-    head = p.HEAD_PREFIX[p.Request] + b"..."
-    assert core.bad_input(b"X", err, head) == [(b"X", p.Reply(5, p.ST_INVALID, "Request: service bad", b""))]
-    out = core.bad_input(b"X", RemoteProtocolError("bad tag", p.E_VERSION), b"GET /")
-    assert out == [(b"X", p.Error(p.E_VERSION, "bad tag"))]
+    out = []
+    head = p.HEAD_PREFIX[p.Request] + msgpack.packb([5, "", 100, []])  # an empty service name
+    core.receive_frames(b"X", head, b"", 0.0, out)
+    ((dest, r),) = [(d, m) for d, m in out if d is not LOG]
+    assert dest == b"X" and r.rid == 5 and r.status == p.ST_INVALID and "service" in r.message
+    assert [m.key for d, m in out if d is LOG] == ["bad-input"]
+    out = []
+    core.receive_frames(b"X", b"GET / HTTP/1.1", b"", 0.0, out)
+    assert [m for d, m in out if d is not LOG] == [p.Error(p.E_VERSION, "not a zmqdist message (bad protocol tag)")]
+    out = []
+    core.bad_input(b"X", RemoteProtocolError("message has 1 frame, expected 2", p.E_FRAMES), b"", out)
+    assert [m.code for d, m in out if d is not LOG] == [p.E_FRAMES]
     assert core.receive(b"X", p.Welcome("x", "y", 1, 1), 0)[0][1].code == p.E_COMMAND
-    assert core.counters["bad_input"] == 3
+    assert core.counters.bad_input == 4 and core.counters.invalid == 1
 
 
 def test_unreachable_worker_is_dropped_and_its_task_requeued():
@@ -290,7 +299,7 @@ def test_deadline_heap_is_compacted():
         request(core, i)
         out = core.receive(b"A", p.Result(t.ticket, p.RS_OK, b""), 0.0)
         ((_, t),) = tasks(out)
-    assert len(core._deadlines) <= 2 * core.queued + 1024
+    assert len(core.d.deadlines) <= 2 * core.queued + 1024
 
 
 def test_task_lost_in_transit_is_found_by_seq_and_requeued():
@@ -304,7 +313,7 @@ def test_task_lost_in_transit_is_found_by_seq_and_requeued():
     assert out[0] == (b"A", p.Heartbeat(p.ROLE_BROKER, "inc1", 2, ()))
     ((_, again),) = tasks(out)
     assert again.ticket == t1.ticket and again.attempt == 1 and again.seq == 3
-    assert core.counters["lost_in_transit"] == 1
+    assert core.counters.lost_in_transit == 1
     # Holding what it was sent: nothing is requeued.
     assert tasks(core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "inc1", 3, (t2.ticket, t1.ticket)), 0.2)) == []
     assert core.worker_load()[b"A"] == (2, 2)
@@ -321,7 +330,7 @@ def test_per_client_quota_answers_busy_and_frees_as_requests_end():
     out = core.receive(b"W", p.Result(1, p.RS_OK, b"r"), 0)
     assert (b"A", p.Reply(1, p.ST_OK, "", b"r")) in out
     assert core.receive(b"A", p.Request(4, "echo", 1000, (), b""), 0) == []  # a slot was freed
-    assert core.counters["over_quota"] == 1
+    assert core.counters.over_quota == 1
 
 
 def test_downstream_brokers_are_exempt_from_the_client_quota():

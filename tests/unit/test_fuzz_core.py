@@ -1,8 +1,8 @@
 """Property-based fuzzing of everything a broker does with bytes: streams of random, mutated and
 valid-looking frames from every role (native clients, workers, proxies, the upstream link,
-Majordomo peers) go through the decoders, the Majordomo bridge and the broker core. Only
-RemoteProtocolError may come out, and the core's invariants hold after every message.
-(The same harness runs coverage-guided under atheris: tests/fuzz/fuzz_broker.py.)"""
+Majordomo peers) go into the broker machine through its doors, as in production (the per-request
+fast path first). Nothing may come out of a door, and the machine's invariants hold after every
+message. (The same harness runs coverage-guided under atheris: tests/fuzz/fuzz_broker.py.)"""
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.broker import BrokerCore
-from zmqdist.core.mdp import MDP_HEADERS, MdpBridge
-from zmqdist.errors import RemoteProtocolError
+from zmqdist.core.failover import PairedBroker
+from zmqdist.core.mdp import MDP_HEADERS
+from zmqdist.core.records import UPSTREAM
+from zmqdist.testing import feed
 
 VALID = [
     p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250),
@@ -51,27 +53,17 @@ def frames(draw):
     return draw(st.lists(st.binary(max_size=30), min_size=1, max_size=5))
 
 
-@given(st.lists(st.tuples(st.sampled_from([b"A", b"B", b"W", b"P", b""]), frames(), st.floats(0, 2)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from([b"A", b"B", b"W", b"P", UPSTREAM]), frames(), st.floats(0, 2)), max_size=60))
 def test_fuzzed_frame_streams_never_break_the_broker(stream):
     core = BrokerCore(BrokerSettings(name="fuzz", upstream=("sim://up",)), "inc", 0.0)
-    bridge = MdpBridge(10.0, 2500)
     core.start(0.0)
     now = 0.0
     for peer, fr, dt in stream:
         now += dt
-        try:
-            if fr[0][:2] == b"ZD" and len(fr) == 2:
-                msgs = [p.decode(fr[0], fr[1])]
-            elif peer:
-                msgs = bridge.inbound(peer, fr)
-            else:
-                continue
-        except RemoteProtocolError:
-            continue
-        for m in msgs:
-            for dest, out in core.receive(peer, m, now):
-                if dest and bridge.speaks_mdp(dest) and not hasattr(out, "endpoint"):
-                    bridge.outbound(dest, out)
+        out = feed(core, peer, fr, now)
+        for dest, m in out:
+            if type(dest) is bytes and core.mdp.speaks_mdp(dest) and isinstance(m, tuple) and type(m) in p.CMD_OF:
+                core.mdp.outbound(dest, m)
         core.tick(now)
         assert all(n <= cap for n, cap in core.worker_load().values())
         assert 0 <= core.queued <= core.open_requests
@@ -81,8 +73,10 @@ PAIR_VALID = [
     p.PairState("peer", 1, p.PAIR_ACTIVE, 3, "pinc", 0, 0),
     p.PairState("peer", 1, p.PAIR_PENDING, 0, "pinc2", -1, 0),
     p.PairState("peer", 0, p.PAIR_PASSIVE, 3, "pinc", 5, 1),
-    p.Replicate(3, 1, 1, p.pack_ops([0.0, ["a", 7, b"C", 1, "echo", 5.0, [], "", "", 0, b"\xc0"], ["s", 7, b"W", 1]])),
-    p.Replicate(3, 2, 0, p.pack_ops([0.0, ["e", 7], ["q", 8]])),
+    p.Replicate(
+        3, 1, 1, p.pack_ops(0.0, [p.OpAccepted(7, b"C", 1, "echo", 5.0, (), "", "", 0, b"\xc0"), p.OpSent(7, b"W", 1)])
+    ),
+    p.Replicate(3, 2, 0, p.pack_ops(0.0, [p.OpEnded(7), p.OpRequeued(8)])),
     p.Handover(3),
 ]
 
@@ -101,7 +95,7 @@ PAIR_VALID = [
 def test_fuzzed_pair_link_streams_never_break_a_broker_of_a_pair(stream):
     """Random and mutated pair-link messages (states, replication, handovers) interleaved with peer
     traffic: only RemoteProtocolError comes out of decoding, and the broker keeps its invariants."""
-    core = BrokerCore(BrokerSettings(name="fuzz", ha="backup"), "inc", 0.0)
+    core = PairedBroker(BrokerSettings(name="fuzz", ha="backup"), "inc", 0.0)
     core.start(0.0)
     now = 0.0
     for on_pair, msg, splice, dt in stream:
@@ -109,14 +103,10 @@ def test_fuzzed_pair_link_streams_never_break_a_broker_of_a_pair(stream):
         head, payload = p.encode(msg)
         if splice:
             head = head[:5] + splice + head[5 + len(splice) :]
-        try:
-            m = p.decode(head, payload)
-        except RemoteProtocolError:
-            continue
         if on_pair:
-            core.pair_receive(m, now)
+            core.receive_pair_frames([head, payload], now)
         else:
-            core.receive(b"W", m, now)
+            core.receive_message(b"W", [head, payload], now, [])
         core.tick(now)
         core.flush(now)
         assert all(n <= cap for n, cap in core.worker_load().values())

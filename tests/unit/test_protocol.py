@@ -22,7 +22,7 @@ SAMPLES = [
     p.Heartbeat(p.ROLE_WORKER, "abc123", 5, (1, 2)),
     p.Heartbeat(p.ROLE_BROKER, "abc123", 5, (), 7),
     p.PairState("broker-a", 1, p.PAIR_ACTIVE, 3, "inc", -1, 0),
-    p.Replicate(3, 41, 0, p.pack_ops([1.5, ["e", 7]])),
+    p.Replicate(3, 41, 0, p.pack_ops(1.5, [p.OpEnded(7)])),
     p.Handover(3),
     p.Credit(0),
     p.Reconnect("unknown worker"),
@@ -137,11 +137,42 @@ def test_optional_trailing_fields_default_when_absent():
     assert hb.epoch == 4 and len(hb) == 5
 
 
-def test_replication_ops_refuse_garbage():
-    assert p.unpack_ops(p.pack_ops([1.0, ["a", 1, b"c", 2, "s", 3.0, [], "", "", 0, b"x"]]))[1][2] == b"c"
-    for bad in (b"\xc1", msgpack.packb({"a": 1}), msgpack.packb(5)):
-        with pytest.raises(RemoteProtocolError):
-            p.unpack_ops(bad)
+OPS = [
+    p.OpAccepted(1, b"c", 2, "s", 3.5, ("proxy",), "t", "k", 1, b"x"),
+    p.OpSent(1, b"W", 2),
+    p.OpRequeued(1),
+    p.OpEnded(1),
+]
+
+
+def test_replication_ops_round_trip_as_named_records():
+    assert p.unpack_ops(p.pack_ops(1.25, OPS)) == (1.25, OPS)
+
+
+def _wire(*ops):
+    return msgpack.packb([1.0, *ops], use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"\xc1",  # not msgpack
+        msgpack.packb({"a": 1}),  # not a list
+        msgpack.packb(5),
+        msgpack.packb(["not a time"]),
+        _wire(["a", 1, "not bytes", 2, "s", 3.0, [], "", "", 0, b"x"]),  # OpAccepted: client must be bytes
+        _wire(["a", -1, b"c", 2, "s", 3.0, [], "", "", 0, b"x"]),  # a negative ticket
+        _wire(["a", 1, b"c", 2, "s", 3.0, [5], "", "", 0, b"x"]),  # hops must be names
+        _wire(["s", 1]),  # OpSent: too short
+        _wire(["s", 1, "W", 2]),  # OpSent: member must be bytes
+        _wire(["q", 1, 2]),  # OpRequeued: too long
+        _wire(["e"]),  # OpEnded: no ticket
+        _wire(["z", 1]),  # unknown kind
+    ],
+)
+def test_replication_ops_refuse_garbage_naming_it(bad):
+    with pytest.raises(RemoteProtocolError):
+        p.unpack_ops(bad)
 
 
 def test_encode_refuses_non_messages():

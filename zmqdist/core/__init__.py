@@ -5,8 +5,9 @@ the import contract in setup.cfg); no clock reads; no logging of peer-triggered 
 transport logs, rate-limited); outputs are returned, never sent.
 """
 
-from zmqdist.core.broker import BrokerCore
+from zmqdist.core.broker import BrokerCore, BrokerMachine
 from zmqdist.core.client import ClientCore
+from zmqdist.core.failover import PairedBroker, make_broker
 from zmqdist.core.worker import WorkerCore
 
-__all__ = ["BrokerCore", "ClientCore", "WorkerCore"]
+__all__ = ["BrokerCore", "BrokerMachine", "ClientCore", "PairedBroker", "WorkerCore", "make_broker"]

@@ -28,15 +28,15 @@ Rules of this module:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
+from zmqdist.core.records import Copy
 from zmqdist.errors import RemoteProtocolError
 
 PENDING, ACTIVE, PASSIVE = p.PAIR_PENDING, p.PAIR_ACTIVE, p.PAIR_PASSIVE
 STATE_NAMES = {PENDING: "pending", ACTIVE: "active", PASSIVE: "passive"}
-PAIR = b"\x00"  # the peer of messages to and from the other broker of the pair (not a ROUTER id)
 # A new active broker numbers its tickets past every ticket it saw replicated plus this gap (the old
 # active may have issued some it never replicated); a cold start (no copy of any table) begins at a
 # random point of a 61-bit space. Either way no ticket of an earlier run is reused, so a result a
@@ -48,37 +48,6 @@ TAKE_OVER = "take over"
 BECOME_PASSIVE = "become passive"
 STEP_DOWN = "step down"
 HAND_OVER = "hand over"
-
-# Fields of a replicated request record (a list, in this order).
-R_CLIENT, R_RID, R_SERVICE, R_DEADLINE, R_HOPS, R_TRACE, R_KEY, R_ATTEMPT, R_PAYLOAD, R_MEMBER = range(10)
-
-
-def _is_int(v: object) -> bool:
-    return type(v) is int and 0 <= v <= p.MAX_ID
-
-
-def _check_op(op: Any) -> bool:
-    """Is ``op`` a well-formed replication op (see :meth:`Pair.apply`)?"""
-    if type(op) is not list or not op or not _is_int(op[1] if len(op) > 1 else None):
-        return False
-    kind, n = op[0], len(op)
-    if kind == "a":
-        return (
-            n == 11
-            and type(op[2]) is bytes
-            and _is_int(op[3])
-            and type(op[4]) is str
-            and isinstance(op[5], (int, float))
-            and type(op[6]) is list
-            and all(type(h) is str for h in op[6])
-            and type(op[7]) is str
-            and type(op[8]) is str
-            and _is_int(op[9])
-            and type(op[10]) is bytes
-        )
-    if kind == "s":
-        return n == 4 and type(op[2]) is bytes and _is_int(op[3])
-    return kind in ("q", "e") and n == 2
 
 
 class Pair:
@@ -110,12 +79,12 @@ class Pair:
         self.held: set[bytes] = set()  # voters not answered yet (the active looked dead)
         self.redirected: dict[bytes, float] = {}  # when each peer was last sent to the active broker
         # Active side: ops since the last flush, the seq of the last REPLICATE, the last snapshot.
-        self.ops: list[Any] = []
+        self.ops: list[p.ReplicationOp] = []
         self.seq = 0
         self.snap_at: float | None = None
         self.snap_inc = ""  # the peer run the last snapshot went to
         # Passive side: the copy of the active's table (ticket -> record) and the last seq applied.
-        self.table: dict[int, list[Any]] = {}
+        self.table: dict[int, Copy] = {}
         self.applied = -1
         self.top = 0  # the highest ticket seen replicated (0: never had a copy of a table)
         self.counters = dict.fromkeys(
@@ -256,7 +225,7 @@ class Pair:
             self.live_votes(now) if self.state != ACTIVE else 0,
         )
 
-    def flush(self, now: float, snapshot: Any) -> p.Replicate | None:
+    def flush(self, now: float, snapshot: Callable[[], list[p.ReplicationOp]]) -> p.Replicate | None:
         """Return the REPLICATE to send now, if any: the ops since the last flush, or (when the
         peer needs one, at most once per ttl) a snapshot made by calling ``snapshot()``."""
         peer_inc = self.peer_inc
@@ -272,21 +241,19 @@ class Pair:
             self.ops.clear()
             self.seq += 1
             self.counters["snapshots_sent"] += 1
-            return p.Replicate(self.epoch, self.seq, 1, p.pack_ops([now, *snapshot()]))
+            return p.Replicate(self.epoch, self.seq, 1, p.pack_ops(now, snapshot()))
         if not self.ops:
             return None
         ops = self.ops.copy()
         self.ops.clear()  # in place: the broker appends to this very list
         self.seq += 1
-        return p.Replicate(self.epoch, self.seq, 0, p.pack_ops([now, *ops]))
+        return p.Replicate(self.epoch, self.seq, 0, p.pack_ops(now, ops))
 
     def apply(self, m: p.Replicate, now: float) -> str | None:
         """Apply the active peer's REPLICATE to our copy; return a problem to log, or None.
 
-        Ops: ``["a", ticket, client, rid, service, deadline, hops, trace, key, attempt, payload]``
-        (accepted; ``deadline`` in the sender's clock, the first element of the list is the
-        sender's now), ``["s", ticket, member, attempt]`` (dispatched to a member),
-        ``["q", ticket]`` (back in the queue), ``["e", ticket]`` (ended).
+        The ops (:class:`~zmqdist.protocol.OpAccepted` and the others) come with the sender's time,
+        so that deadlines move into our clock: they keep the time left, not the number.
         """
         if self.state == ACTIVE:
             return "REPLICATE ignored: this broker is active"
@@ -299,34 +266,28 @@ class Pair:
                 return f"replication gap (seq {m.seq} after {self.applied}): asking for a snapshot"
             return None
         try:
-            ops = p.unpack_ops(m.ops)
+            sent_at, ops = p.unpack_ops(m.ops)
         except RemoteProtocolError as exc:
             self.counters["bad_ops"] += 1
             self.applied = -1
-            return f"bad REPLICATE dropped: {exc}"
-        if not ops or not isinstance(ops[0], (int, float)):
-            self.counters["bad_ops"] += 1
-            self.applied = -1
-            return "bad REPLICATE dropped: no sender time"
-        shift = now - float(ops[0])
+            return f"bad REPLICATE dropped: {exc}; asking for a snapshot"
+        shift = now - sent_at
         table = {} if m.snapshot else self.table
-        for op in ops[1:]:
-            if not _check_op(op):
-                self.counters["bad_ops"] += 1
-                self.applied = -1
-                return f"bad replication op dropped: {op!r:.100}; asking for a snapshot"
-            kind, ticket = op[0], op[1]
+        for op in ops:
+            ticket = op.ticket
             self.top = max(self.top, ticket)
-            if kind == "a":
-                table[ticket] = [*op[2:5], float(op[5]) + shift, tuple(op[6]), op[7], op[8], op[9], op[10], None]
-            elif (rec := table.get(ticket)) is not None:
-                if kind == "s":
-                    rec[R_MEMBER] = op[2]
-                    rec[R_ATTEMPT] = op[3]
-                elif kind == "q":
-                    rec[R_MEMBER] = None
-                else:
-                    del table[ticket]
+            match op:
+                case p.OpAccepted():
+                    table[ticket] = Copy(op._replace(deadline=op.deadline + shift))
+                case p.OpSent():
+                    if (rec := table.get(ticket)) is not None:
+                        rec.member = op.member
+                        rec.accepted = rec.accepted._replace(attempt=op.attempt)
+                case p.OpRequeued():
+                    if (rec := table.get(ticket)) is not None:
+                        rec.member = None
+                case p.OpEnded():
+                    table.pop(ticket, None)
         self.table = table
         self.applied = m.seq
         self.epoch = max(self.epoch, m.epoch)
@@ -343,7 +304,7 @@ class Pair:
                     d = min(d, t + self.ttl_s + 1e-6)
         return d
 
-    def status(self, now: float) -> dict[str, Any]:
+    def status(self, now: float) -> dict[str, object]:
         """The pair's part of ``zmqdist status``."""
         return {
             "role": "primary" if self.primary else "backup",

@@ -34,9 +34,11 @@ class Stopped(NamedTuple):
 
 
 class Problem(NamedTuple):
-    """Event: the broker refused something; the runtime should log ``message``."""
+    """Event: something for the runtime to log. ``key`` groups messages a peer can trigger at will,
+    so that the runtime rate-limits them ("" for rare events, always logged)."""
 
     message: str
+    key: str = ""
 
 
 class BrokerLink:

@@ -61,6 +61,12 @@ MAX_FRAMES: Final = 10_000  # body frames of one message, partial replies includ
 MAX_PEERS: Final = 100_000  # MDP peers remembered at once (clients are forgotten when idle)
 
 
+def starts_mdp(first: bytes) -> bool:
+    """Is ``first`` (the frame after the routing identity) the start of a Majordomo message: an
+    empty delimiter or an MDP header? (A native head starts with ``ZD``.)"""
+    return not first or first[:3] == b"MDP"
+
+
 def pack_body(frames: list[bytes]) -> bytes:
     """Return the zmqdist payload for MDP body ``frames`` (rule 3)."""
     return p.pack_value(frames[0] if len(frames) == 1 else list(frames))

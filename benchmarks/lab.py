@@ -1,4 +1,6 @@
-"""``zmqdist bench``: throughput, latency and broker CPU against baselines in the same run.
+"""``zmqdist bench`` (or ``python3 benchmarks/bench.py``): throughput, latency and broker CPU
+against baselines in the same run. It lives beside the package, not in it: a benchmark lab, run from
+a source checkout.
 
 Every setup runs in separate processes on 127.0.0.1 with 100-byte payloads and 2 workers:
 
@@ -25,6 +27,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 PIPELINE = 100
@@ -44,7 +47,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-# --- roles (each runs in its own process: python -m zmqdist._bench ROLE ARGS) ------------------
+# --- roles (each runs in its own process: python benchmarks/lab.py ROLE ARGS) ------------------
 
 
 # Every loop below is as cheap as pyzmq allows, the baselines' as much as zmqdist's: plain recv()
@@ -127,8 +130,7 @@ def core_cost(workers: int, capacity: int, n: int = 30_000) -> float:
 
     def feed(peer: bytes, head: bytes, body: bytes) -> None:
         out.clear()
-        if not core.receive_plain(peer, head, body, 1.0, out):
-            out.extend(core.receive(peer, p.decode(head, body), 1.0))
+        core.receive_frames(peer, head, body, 1.0, out)  # the door the runtime uses
         for to, msg in out:
             enc.encode(msg)
             if type(msg) is p.Task:
@@ -389,15 +391,23 @@ def role_apiclient(ep: str, mode: str, duration: str, payload: str) -> None:
 # --- orchestration ----------------------------------------------------------------------------
 
 
+HERE = Path(__file__).resolve().parent
+_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))}
+
+
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "zmqdist._bench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, str(HERE / "lab.py"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
 def _spawn_cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "zmqdist", "-q", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "zmqdist", "-q", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_ENV,  # api workers serve lab:api_echo
     )
 
 
@@ -489,9 +499,7 @@ def run_setup(
                 procs.append(_spawn("scraper", f"http://127.0.0.1:{metrics[1]}/metrics", str(duration + 2)))
             if setup == "api":
                 procs += [
-                    _spawn_cli(
-                        "worker", "zmqdist._bench:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "16"
-                    )
+                    _spawn_cli("worker", "lab:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "16")
                     for _ in range(workers)
                 ]
                 time.sleep(1.0)

@@ -1,0 +1,659 @@
+"""Dispatch: the request table and the pools of members. Sans-IO.
+
+Rules of this module:
+1. It owns the request table (tickets, the keys of open requests, the quota count per client), the
+   pools (members per service and their FIFO queues), the members, and the timers of both
+   (deadlines of queued requests, liveness of members). Nothing else writes them.
+2. A request ends exactly once: :meth:`Dispatcher.finish` forgets it and appends its one reply.
+3. Least-loaded dispatch: a pool's heap orders its members by load fraction, then least recently
+   used; entries carry the member's version and stale ones are skipped (lazy invalidation), so a
+   request costs O(log members). A member never holds more than it may take (``free``).
+4. A member that dies: what it held is requeued at the front with one attempt spent (none when it
+   was not its fault), up to ``max_attempts``, then answered LOST.
+5. When no member can take a queued request, dispatch asks its :class:`Overflow` hook (a proxy's
+   upstream, in :mod:`zmqdist.core.tiers`); dispatch knows nothing of upstreams.
+6. With ``ops`` set (the active broker of a pair), every change to the table is recorded as a
+   replication op, in order.
+"""
+
+from __future__ import annotations
+
+from heapq import heapify, heappop, heappush, heapreplace
+
+from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings
+from zmqdist.core.metrics import Hist
+from zmqdist.core.records import (
+    ASSIGNED,
+    EPSILON,
+    FORWARDED,
+    QUEUED,
+    BrokerMember,
+    Copy,
+    Counters,
+    Dest,
+    Member,
+    Out,
+    Pool,
+    Req,
+)
+
+# What an Overflow hook says of a request no member can take now.
+WAIT = 0  # nothing can take it: stop dispatching this pool until capacity changes
+SKIP = 1  # this one may not go anywhere else (yet); requests behind it may
+# Any other value is the hook's own: dispatch takes the request out of the queue and calls take().
+
+
+class Overflow:
+    """Where requests go that no member of this broker can take (a broker alone: nowhere)."""
+
+    def active(self) -> bool:
+        """Is there anywhere else to send work at all? (A queue with no member is pumped then.)"""
+        return False
+
+    def place(self, req: Req, pool: Pool, now: float) -> int:
+        """WAIT, SKIP, or a verdict of the hook's own for :meth:`take`."""
+        return WAIT
+
+    def take(self, req: Req, verdict: int, now: float, out: list[Out]) -> None:
+        """Carry out ``verdict`` for ``req``, which has left the queue."""
+
+    def reply(self, req: Req, reply: p.Reply, out: list[Out]) -> None:
+        """Deliver the reply of a request that came from somewhere other than a peer."""
+
+    def recall(self, req: Req) -> None:
+        """A request sent elsewhere (FORWARDED) is no longer there: answered, or given up."""
+
+    def forgotten(self, req: Req) -> None:
+        """A request that came from somewhere other than a peer left the table."""
+
+    def unserved(self) -> str:
+        """Words to add when a request expired because no member serves its service."""
+        return ""
+
+
+class Dispatcher:
+    """The request table and pools of one broker run (see the module rules)."""
+
+    def __init__(self, settings: BrokerSettings, counters: Counters, now: float, first_ticket: int = 1) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.counters = counters
+        self.ttl = settings.heartbeat.ttl_s
+        self.members: dict[bytes, Member] = {}
+        self.brokers = 0  # members that are downstream brokers
+        self.pools: dict[str, Pool] = {}
+        self.reqs: dict[int, Req] = {}
+        self.by_key: dict[tuple[Dest, int], int] = {}  # (origin, its request id) -> ticket
+        self.next_ticket = first_ticket
+        self.seq = 0
+        self.queued = 0
+        self.queued_bytes = 0
+        self.open_by_client: dict[Dest, int] = {}  # open requests per client (quota)
+        self.changes = 0  # bumped whenever spare capacity may have changed
+        self.deadlines: list[tuple[float, int]] = []
+        self.expiry: list[tuple[float, int, Member]] = []
+        self.serial = 0
+        self.overflow = Overflow()
+        self.ops: list[p.ReplicationOp] | None = None  # replication ops to send (the active of a pair)
+        # After a takeover: requests the old active broker had dispatched, by member, waiting for
+        # that member to register here (it may still run them, or have finished them).
+        self.adopting: dict[bytes, list[int]] = {}
+        self.adopt_until: float | None = None
+        self.h_wait: Hist | None = None  # latency histograms, when enabled
+        self.h_service: Hist | None = None
+        self.h_e2e: Hist | None = None
+        self.now = now  # the time of the input being handled (for histograms at the end of a request)
+
+    def new_ticket(self) -> int:
+        """A ticket never used before in this run."""
+        t = self.next_ticket
+        self.next_ticket = t + 1
+        return t
+
+    # --- members ----------------------------------------------------------------------------------
+
+    def register(self, m: Member, now: float) -> None:
+        """Add member ``m`` (a new registration) to the table and to its services' pools."""
+        self.members[m.ident] = m
+        if isinstance(m, BrokerMember):
+            self.brokers += 1
+        heappush(self.expiry, (now + m.ttl + EPSILON, m.serial, m))
+        self.join(m, m.services)
+        if self.adopting and (tickets := self.adopting.pop(m.ident, None)):
+            self.adopt_member(m, tickets, now)
+
+    def next_serial(self) -> int:
+        self.serial += 1
+        return self.serial
+
+    def join(self, m: Member, services: tuple[str, ...]) -> None:
+        """``m`` serves ``services`` (in addition to what it served)."""
+        for s in services:
+            pool = self.pools.get(s)
+            if pool is None:
+                pool = self.pools[s] = Pool(s)
+            pool.members.add(m)
+
+    def leave(self, m: Member, services: set[str]) -> None:
+        """``m`` no longer serves ``services``."""
+        for s in services:
+            pool = self.pools.get(s)
+            if pool is not None:
+                pool.members.discard(m)
+
+    def offer(self, w: Member) -> None:
+        """Re-enter ``w`` in its services' heaps after its load changed."""
+        w.version += 1
+        self.changes += 1
+        if not w.alive:
+            return
+        for s in w.services:
+            entry = w.entry(s)
+            if entry is None:
+                continue
+            pool = self.pools[s]
+            heap = pool.heap
+            heappush(heap, entry)
+            if len(heap) > 4 * len(pool.members) + 64:
+                pool.heap = [e for e in heap if e[3] == e[4].version and e[4].alive]
+                heapify(pool.heap)
+
+    def take(self, pool: Pool, req: Req) -> Member | None:
+        """Pop and return the least-loaded member of ``pool`` that may take ``req`` (or None)."""
+        heap = pool.heap
+        skipped = None
+        found = None
+        hops = req.hops
+        while heap:
+            entry = heap[0]
+            w = entry[4]
+            if entry[3] != w.version or not w.alive:
+                heappop(heap)
+                continue
+            if hops and not w.may_take(hops):
+                if skipped is None:
+                    skipped = []
+                skipped.append(heappop(heap))
+                continue
+            heappop(heap)
+            found = w
+            break
+        if skipped:
+            for e in skipped:
+                heappush(heap, e)
+        return found
+
+    def drop_member(self, w: Member, now: float, why: str, *, spend_attempt: bool) -> list[Out]:
+        """Forget ``w``; requeue what it held (or answer LOST past the attempt cap)."""
+        out: list[Out] = []
+        w.alive = False
+        w.version += 1
+        self.changes += 1
+        if self.members.get(w.ident) is w:
+            del self.members[w.ident]
+            if isinstance(w, BrokerMember):
+                self.brokers -= 1
+        self.leave(w, set(w.services))
+        touched: set[str] = set()
+        kind = w.kind()
+        for ticket in sorted(w.inflight, reverse=True):  # appendleft: oldest ends up first
+            req = self.reqs.get(ticket)
+            if req is None or req.worker is not w:
+                continue
+            if req.tried is None:
+                req.tried = []
+            req.tried.append(w.ident)
+            if not spend_attempt:
+                req.attempt -= 1
+            self.retry(
+                req,
+                f"{req.attempt} {kind} serving {req.service!r} died while holding it",
+                f"{w.name} {why}",
+                now,
+                out,
+                touched,
+            )
+        w.clear()
+        if isinstance(w, BrokerMember):
+            self.abandon_from(w.ident)
+        for s in touched:
+            if s in self.pools:
+                self.pump(self.pools[s], now, out)
+        return out
+
+    def expire_members(self, now: float, out: list[Out]) -> None:
+        """Drop members silent past their ttl; void the advert of a downstream broker that outlived it."""
+        expiry = self.expiry
+        while expiry and expiry[0][0] <= now:
+            _, serial, w = expiry[0]
+            if not w.alive:
+                heappop(expiry)
+            elif now - w.seen > w.ttl:
+                heappop(expiry)
+                self.counters.workers_expired += 1
+                out += self.drop_member(w, now, "expired", spend_attempt=True)
+            else:
+                if isinstance(w, BrokerMember) and w.spare and now - w.adv_at > w.ttl:
+                    w.spare = {}  # its advert outlived its ttl: no more tasks until the next one
+                    self.offer(w)
+                heapreplace(expiry, (w.seen + w.ttl + EPSILON, serial, w))
+
+    def reconcile(self, w: Member, seen: int, held: tuple[int, ...], now: float, out: list[Out]) -> None:
+        """Requeue tasks the member has seen past (by seq) but does not hold: lost in transit.
+
+        Messages on one connection arrive in order and a member sends every answer before the
+        heartbeat that no longer lists it, so this is exact, not a timing guess.
+        """
+        keep = set(held)
+        lost = [t for t, s in w.inflight.items() if s <= seen and t not in keep]
+        if not lost:
+            return
+        for ticket in lost:
+            w.release(ticket)
+            req = self.reqs.get(ticket)
+            if req is not None and req.worker is w:
+                self.counters.lost_in_transit += 1
+                req.attempt -= 1
+                self.requeue(req, now)
+        self.offer(w)
+        self.pump_services(w, now, out)
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def accept(
+        self,
+        peer: Dest,
+        via: Member | None,
+        rid: int,
+        service: str,
+        deadline: float,
+        hops: tuple[str, ...],
+        trace: str,
+        payload: bytes,
+        now: float,
+        out: list[Out],
+    ) -> None:
+        """Take in a request that passed every check (counted in the client's quota already):
+        dispatch it at once to the least-loaded member, or queue it."""
+        ticket = self.next_ticket
+        self.next_ticket = ticket + 1
+        req = Req(ticket, peer, rid, service, payload, deadline, hops)
+        req.t_in = now
+        req.trace = trace
+        if via is not None:
+            req.via = via  # counted in what we offer that member until it ends (a downstream broker)
+            via.requests_held(service, 1)
+        self.reqs[ticket] = req
+        self.by_key[(peer, rid)] = ticket
+        ops = self.ops
+        if ops is not None:
+            ops.append(p.OpAccepted(ticket, peer, rid, service, deadline, hops, trace, "", 0, payload))  # type: ignore[arg-type]
+        self.changes += 1
+        pool = self.pools.get(service)
+        if pool is None:
+            pool = self.pools[service] = Pool(service)
+        elif not pool.queue and not hops and deadline > now:
+            # Nothing waits ahead of it: the least-loaded member takes it now (what pump would do).
+            heap = pool.heap
+            while heap:
+                entry = heap[0]
+                w = entry[4]
+                if entry[3] == w.version and w.alive:
+                    heappop(heap)
+                    self.assign(req, w, now, out)
+                    return
+                heappop(heap)  # stale: the member's load changed or it died since
+        pool.queue.append(ticket)
+        self.queued += 1
+        self.queued_bytes += len(payload)
+        if pool.heap or self.overflow.active():
+            self.pump(pool, now, out)
+        if req.state == QUEUED:
+            self.push_deadline(req)
+
+    def push_deadline(self, req: Req) -> None:
+        """Watch ``req``'s deadline (queued or forwarded upstream)."""
+        heappush(self.deadlines, (req.deadline, req.ticket))
+        if len(self.deadlines) > 2 * self.queued + 1024:
+            reqs = self.reqs
+            self.deadlines = [
+                (d, t) for d, t in self.deadlines if (r := reqs.get(t)) is not None and r.state in (QUEUED, FORWARDED)
+            ]
+            heapify(self.deadlines)
+
+    def pump(self, pool: Pool, now: float, out: list[Out]) -> None:
+        """Dispatch queued requests of ``pool`` to its members while they have free slots; ask the
+        overflow hook about those no member can take."""
+        queue = pool.queue
+        reqs = self.reqs
+        overflow = self.overflow
+        aside: list[int] | None = None
+        while queue:
+            ticket = queue[0]
+            req = reqs.get(ticket)
+            if req is None or req.state != QUEUED:
+                queue.popleft()
+                continue
+            w = self.take(pool, req) if pool.heap else None
+            if w is None:
+                verdict = overflow.place(req, pool, now)
+                if verdict == WAIT:
+                    break  # wait for a member's slot, or for credit elsewhere
+                queue.popleft()
+                if verdict == SKIP:
+                    if aside is None:
+                        aside = []
+                    aside.append(ticket)  # this one may not go: others behind may
+                    continue
+                self.dequeued(req)
+                overflow.take(req, verdict, now, out)
+                continue
+            queue.popleft()
+            self.dequeued(req)
+            if req.deadline <= now:
+                self.offer(w)
+                self.expire(req, out, dequeued=True)
+                continue
+            self.assign(req, w, now, out)
+        if aside:
+            queue.extendleft(reversed(aside))
+
+    def pump_services(self, w: Member, now: float, out: list[Out]) -> None:
+        """Dispatch what waits for any service of ``w`` (it has just gained free capacity)."""
+        for s in w.services:
+            pool = self.pools[s]
+            if pool.queue:
+                self.pump(pool, now, out)
+
+    def pump_all(self, now: float, out: list[Out]) -> None:
+        """Dispatch what waits in every pool (capacity elsewhere changed)."""
+        for pool in list(self.pools.values()):
+            if pool.queue:
+                self.pump(pool, now, out)
+
+    def dequeued(self, req: Req) -> None:
+        self.queued -= 1
+        self.queued_bytes -= len(req.payload)
+
+    def assign(self, req: Req, w: Member, now: float, out: list[Out]) -> None:
+        """Send ``req`` to member ``w`` (whose heap entry the caller has popped)."""
+        if self.h_wait is not None:
+            self.h_wait.observe(now - req.t_in)
+        req.t_out = now
+        req.state = ASSIGNED
+        req.worker = w
+        req.attempt += 1
+        w.seq += 1
+        seq = w.seq
+        w.hold(req.ticket, seq, req.service)
+        w.last_used = self.seq
+        self.seq += 1
+        if not req.key:
+            client = req.client
+            req.key = f"{client.hex() if type(client) is bytes else ''}:{req.rid}"
+        task = w.task(req, seq, now, self.name)
+        self.offer(w)
+        out.append((w.ident, task))
+        if self.ops is not None:
+            self.ops.append(p.OpSent(req.ticket, w.ident, req.attempt))
+
+    def requeue(self, req: Req, now: float) -> None:
+        """Put ``req`` back at the front of its queue."""
+        pool = self.pools.get(req.service)
+        if pool is None:
+            pool = self.pools[req.service] = Pool(req.service)
+        req.state = QUEUED
+        req.worker = None
+        if self.ops is not None:
+            self.ops.append(p.OpRequeued(req.ticket))
+        pool.queue.appendleft(req.ticket)
+        self.queued += 1
+        self.queued_bytes += len(req.payload)
+        self.changes += 1
+        heappush(self.deadlines, (req.deadline, req.ticket))
+
+    def retry(self, req: Req, lost: str, last: str, now: float, out: list[Out], touched: set[str]) -> None:
+        """Requeue ``req`` after its holder was lost, or end it LOST at the attempt cap."""
+        cap = self.settings.max_attempts
+        if req.attempt >= cap:
+            self.finish(req, p.ST_LOST, f"request lost: {lost} (attempt cap {cap}; last: {last})", b"", out)
+        else:
+            self.counters.requeues += 1
+            self.requeue(req, now)
+            touched.add(req.service)
+
+    def settle(
+        self,
+        peer: bytes,
+        w: Member | None,
+        ticket: int,
+        status: int,
+        message: str,
+        payload: bytes,
+        refused: bool,
+        now: float,
+        out: list[Out],
+    ) -> None:
+        """``peer`` (member ``w``, or a member we forgot) answered ``ticket``: free its slot, then
+        end, requeue or ignore the request."""
+        req = self.reqs.get(ticket)
+        if w is not None and ticket in w.inflight:
+            w.release(ticket)
+            self.offer(w)
+        if req is None:
+            self.counters.late_results += 1
+        else:
+            holder = req.worker
+            from_holder = holder is not None and holder.ident == peer
+            if not from_holder and not (req.tried is not None and peer in req.tried):
+                self.counters.bogus_results += 1
+            elif refused:
+                if from_holder:
+                    self.counters.refused += 1
+                    req.attempt -= 1
+                    self.requeue(req, now)
+            else:
+                # A former holder may finish after it was given up: deliver its reply rather than
+                # run the request again. The current holder keeps the slot until it answers.
+                if req.state == QUEUED:
+                    self.dequeued(req)
+                elif req.state == FORWARDED:
+                    self.overflow.recall(req)
+                if w is not None:
+                    w.served += 1
+                    if status == p.ST_FAILED:
+                        w.failed += 1
+                    if from_holder:
+                        w.busy_s += now - req.t_out
+                if self.h_service is not None and from_holder:
+                    self.h_service.observe(now - req.t_out)
+                self.finish(req, status, message, payload, out)
+        if w is not None:
+            self.pump_services(w, now, out)
+        elif req is not None and req.state == QUEUED and req.ticket in self.reqs:
+            self.pump(self.pools[req.service], now, out)
+
+    def settle_plain(self, w: Member, req: Req, ok: bool, payload: bytes, now: float, out: list[Out]) -> None:
+        """The holder ``w`` answered ``req`` (OK or FAILED): :meth:`settle` for the common case."""
+        w.release(req.ticket)
+        self.offer(w)
+        w.served += 1
+        if ok:
+            status = p.ST_OK
+        else:
+            status = p.ST_FAILED
+            w.failed += 1
+        w.busy_s += now - req.t_out
+        if self.h_service is not None:
+            self.h_service.observe(now - req.t_out)
+        self.finish(req, status, "", payload, out)
+        self.pump_services(w, now, out)
+
+    def abandon_from(self, client: Dest) -> None:
+        """Forget queued requests of a departed member: no one can take the reply."""
+        for req in [r for r in self.reqs.values() if r.client == client and r.state == QUEUED]:
+            self.counters.abandoned += 1
+            self.dequeued(req)
+            self.forget(req)
+
+    def expire_queued(self, now: float, out: list[Out]) -> None:
+        """End queued requests whose deadline has come (TIMEOUT); ask the overflow hook about
+        forwarded ones (their answer was lost with a connection)."""
+        dl = self.deadlines
+        reqs = self.reqs
+        while dl and dl[0][0] <= now:
+            _, ticket = heappop(dl)
+            req = reqs.get(ticket)
+            if req is None or req.deadline > now:
+                continue
+            if req.state == QUEUED:
+                self.expire(req, out)
+            elif req.state == FORWARDED:
+                # The upstream answers TIMEOUT before this (its budget was shorter); past it, the
+                # request or its answer was lost with a connection.
+                self.overflow.recall(req)
+                self.finish(req, p.ST_TIMEOUT, "deadline passed with no answer from the upstream broker", b"", out)
+
+    def expire(self, req: Req, out: list[Out], dequeued: bool = False) -> None:
+        """End queued ``req`` TIMEOUT: its deadline came before any member could take it."""
+        if not dequeued:
+            self.dequeued(req)
+        self.changes += 1
+        pool = self.pools.get(req.service)
+        if pool is None or not pool.members:
+            why = f"no worker for service {req.service!r} was registered at broker {self.name}"
+            why += self.overflow.unserved()
+        else:
+            why = f"all {len(pool.members)} workers of service {req.service!r} stayed busy"
+        self.finish(req, p.ST_TIMEOUT, f"deadline passed before dispatch: {why}", b"", out)
+
+    def forget(self, req: Req) -> None:
+        """Remove ``req`` from the tables (its ticket may linger in a queue; pumps skip it)."""
+        del self.reqs[req.ticket]
+        if self.ops is not None:
+            self.ops.append(p.OpEnded(req.ticket))
+        client = req.client
+        key = (client, req.rid)
+        if self.by_key.get(key) == req.ticket:
+            del self.by_key[key]
+        n = self.open_by_client.get(client, 0) - 1
+        if n > 0:
+            self.open_by_client[client] = n
+        else:
+            self.open_by_client.pop(client, None)
+        if type(client) is not bytes:
+            self.overflow.forgotten(req)
+        if req.via is not None:
+            req.via.requests_held(req.service, -1)
+            req.via = None
+        pool = self.pools.get(req.service)
+        if pool is not None and not pool.members:
+            queue = pool.queue
+            reqs = self.reqs
+            while queue and ((r := reqs.get(queue[0])) is None or r.state != QUEUED):
+                queue.popleft()
+            if not queue:
+                del self.pools[req.service]  # services nobody serves must not accumulate
+
+    def finish(self, req: Req, status: int, message: str, payload: bytes, out: list[Out]) -> None:
+        """End ``req``: forget it and append its one reply."""
+        self.forget(req)
+        if self.h_e2e is not None:
+            self.h_e2e.observe(self.now - req.t_in)
+        self.counters.ended(status)
+        client = req.client
+        if type(client) is bytes:
+            out.append((client, tuple.__new__(p.Reply, (req.rid, status, message, payload))))
+        else:
+            self.overflow.reply(req, p.Reply(req.rid, status, message, payload), out)
+
+    # --- after a takeover: the replicated table -------------------------------------------------
+
+    def restore(self, table: dict[int, Copy], now: float) -> None:
+        """Load a replicated request table: queued requests wait here; dispatched ones wait (a
+        grace of one ttl and a heartbeat) for their member to register and say it still holds them."""
+        for ticket in sorted(table):
+            rec = table[ticket]
+            a = rec.accepted
+            req = Req(ticket, a.client, a.rid, a.service, a.payload, a.deadline, a.hops)
+            req.trace, req.key, req.attempt, req.t_in = a.trace, a.key, a.attempt, now
+            self.reqs[ticket] = req
+            self.by_key[(a.client, a.rid)] = ticket
+            self.open_by_client[a.client] = self.open_by_client.get(a.client, 0) + 1
+            pool = self.pools.get(a.service)
+            if pool is None:
+                pool = self.pools[a.service] = Pool(a.service)
+            if rec.member is not None:
+                req.state = ASSIGNED
+                self.adopting.setdefault(rec.member, []).append(ticket)
+            else:
+                pool.queue.append(ticket)
+                self.queued += 1
+                self.queued_bytes += len(req.payload)
+                heappush(self.deadlines, (req.deadline, ticket))
+        if self.adopting:
+            self.adopt_until = now + self.ttl + self.settings.heartbeat.heartbeat_s
+
+    def adopt_member(self, w: Member, tickets: list[int], now: float) -> None:
+        """``w`` registered with us after a takeover: it holds these requests (its first heartbeat
+        confirms which; its results for them are delivered, not run again)."""
+        for t in tickets:
+            req = self.reqs.get(t)
+            if req is None or req.state != ASSIGNED or req.worker is not None:
+                continue
+            req.worker = w
+            req.t_out = now
+            w.adopt(t, req.service)
+            w.adopted = True
+            self.counters.adopted += 1
+            if self.ops is not None:
+                self.ops.append(p.OpSent(t, w.ident, req.attempt))
+        if not self.adopting:
+            self.adopt_until = None
+
+    def adopt_expired(self, now: float, out: list[Out]) -> None:
+        """Members that held requests at the takeover and did not come: requeue what they held
+        (no attempt spent; a result they still send is delivered, see ``tried``)."""
+        self.adopt_until = None
+        touched: set[str] = set()
+        for member, tickets in self.adopting.items():
+            for t in tickets:
+                req = self.reqs.get(t)
+                if req is not None and req.state == ASSIGNED and req.worker is None:
+                    if req.tried is None:
+                        req.tried = []
+                    req.tried.append(member)
+                    self.counters.requeues += 1
+                    self.requeue(req, now)
+                    touched.add(req.service)
+        self.adopting.clear()
+        for s in touched:
+            self.pump(self.pools[s], now, out)
+
+    def snapshot(self) -> list[p.ReplicationOp]:
+        """The whole request table as replication ops (for a passive peer that needs it)."""
+        held_by = {t: m for m, ts in self.adopting.items() for t in ts}
+        ops: list[p.ReplicationOp] = []
+        for t, r in self.reqs.items():
+            client = r.client
+            if type(client) is not bytes:
+                continue  # work handed down by our upstream: it requeues that itself
+            ops.append(
+                p.OpAccepted(t, client, r.rid, r.service, r.deadline, r.hops, r.trace, r.key, r.attempt, r.payload)
+            )
+            member = r.worker.ident if r.worker is not None else held_by.get(t)
+            if r.state == ASSIGNED and member is not None:
+                ops.append(p.OpSent(t, member, r.attempt))
+        return ops
+
+    def next_deadline(self) -> float | None:
+        """The earliest member expiry, queued deadline or end of the adoption grace."""
+        d: float | None = None
+        if self.expiry:
+            d = self.expiry[0][0]
+        if self.deadlines and (d is None or self.deadlines[0][0] < d):
+            d = self.deadlines[0][0]
+        if self.adopt_until is not None and (d is None or self.adopt_until < d):
+            d = self.adopt_until
+        return d

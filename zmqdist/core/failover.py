@@ -1,0 +1,361 @@
+"""A broker of a backup pair: a :class:`PairedBroker` wraps a broker machine. Sans-IO.
+
+Rules of this module:
+1. The pair's state (who is active, the epoch, the replicated table) is :class:`~zmqdist.core.ha.Pair`;
+   this module acts on its decisions. It wraps a :class:`~zmqdist.core.broker.BrokerCore` as h11's
+   ``Connection`` wraps its state machine: the machine knows nothing of the pair but its epoch.
+2. Not active (pending or passive): the broker answers by itself. It answers status, sends a peer
+   to the active broker (BYE, at most once a heartbeat per peer) when that one is alive, and
+   otherwise counts the peer's visit as a vote for a takeover.
+3. A takeover builds a fresh machine from the replicated table (new epoch, new incarnation, tickets
+   past every ticket seen); stepping down drops the machine for an empty one that serves nobody.
+   Counters and histograms belong to the pair's broker and carry over.
+4. :func:`make_broker` gives a runtime the machine its settings ask for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings
+from zmqdist.core.broker import BrokerCore, BrokerMachine
+from zmqdist.core.ha import (
+    ACTIVE,
+    BECOME_PASSIVE,
+    HAND_OVER,
+    PASSIVE,
+    PENDING,
+    STEP_DOWN,
+    TAKE_OVER,
+    TICKET_GAP,
+    Pair,
+)
+from zmqdist.core.link import Problem
+from zmqdist.core.metrics import Hist
+from zmqdist.core.records import NONE, PAIR, Counters, Out
+from zmqdist.core.services import HANDOVER_SERVICE, STATUS_SERVICE, StatusPart
+from zmqdist.core.tiers import Upstream, half
+
+
+def make_broker(
+    settings: BrokerSettings, incarnation: str, now: float, rng: Callable[[], float] = half, epoch_floor: int = 0
+) -> BrokerMachine:
+    """The broker machine for ``settings``: one of a pair when ``settings.ha`` is set, else alone."""
+    if settings.ha:
+        return PairedBroker(settings, incarnation, now, rng, epoch_floor)
+    return BrokerCore(settings, incarnation, now, rng)
+
+
+class PairedBroker(BrokerMachine):
+    """One broker of a backup pair (see the module rules). ``epoch_floor``: it never takes over with
+    an epoch below it (the runtime gives the wall clock in milliseconds; see :mod:`zmqdist.core.ha`)."""
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        incarnation: str,
+        now: float,
+        rng: Callable[[], float] = half,
+        epoch_floor: int = 0,
+    ) -> None:
+        super().__init__(settings, Counters())
+        self.name = settings.name
+        self.pair = Pair(settings, incarnation, now, epoch_floor)
+        self.incarnation = incarnation
+        self._base_incarnation = incarnation
+        self._rng = rng
+        self._started = now
+        self._now = now
+        self._epoch = 0
+        self._active = False
+        self._hist: dict[str, Hist] | None = None
+        self._parts: list[StatusPart] = [self._pair_status]
+        self.inner = self._machine(now, serving=False)
+
+    def _machine(self, now: float, serving: bool, first_ticket: int = 1) -> BrokerCore:
+        """A fresh machine: serving (after a takeover) or an empty one that answers status."""
+        m = BrokerCore(
+            self.settings,
+            self.incarnation,
+            now,
+            self._rng,
+            counters=self.counters,
+            started=self._started,
+            epoch=self._epoch if serving else 0,
+            peer=self.pair.peer_name if serving else "",
+            ops=self.pair.ops if serving else None,
+            first_ticket=first_ticket,
+            serving=serving,
+        )
+        for part in self._parts:
+            m.add_status_part(part)
+        if self._hist is not None:
+            m.use_histograms(self._hist)
+        return m
+
+    def _pair_status(self, now: float) -> dict[str, object]:
+        return {"ha": self.pair.status(now)}
+
+    # --- inputs -----------------------------------------------------------------------------------
+
+    def start(self, now: float) -> list[Out]:
+        return [(PAIR, self.pair.state_message(now))]
+
+    def receive_plain(self, peer: bytes, head: bytes, payload: bytes, now: float, out: list[Out]) -> bool:
+        return self._active and self.inner.receive_plain(peer, head, payload, now, out)
+
+    def receive(self, peer: bytes, msg: p.Message, now: float) -> list[Out]:
+        self._now = now
+        if not self._active:
+            return self._standby_receive(peer, msg, now)
+        match msg:
+            case p.Hello() if msg.epoch > self._epoch:
+                out: list[Out] = []
+                self._outgrown(msg.epoch, now, out)
+                return out + self.inner.receive(peer, msg, now)
+            case p.Request(service=service) if service == HANDOVER_SERVICE:
+                self.counters.requests += 1
+                return self._handover_service(peer, msg.rid, now)
+        return self.inner.receive(peer, msg, now)
+
+    def upstream_receive(self, msg: p.Message, now: float) -> list[Out]:
+        self._now = now
+        return self.inner.upstream_receive(msg, now) if self._active else NONE
+
+    def pair_receive(self, msg: p.Message, now: float) -> list[Out]:
+        """Handle a message from the other broker of our pair (the runtime's pair link)."""
+        self._now = now
+        pair = self.pair
+        out: list[Out] = []
+        match msg:
+            case p.PairState():
+                pair.heard(msg, now)
+                self._decide(now, out)
+            case p.Replicate():
+                problem = pair.apply(msg, now)
+                if problem is not None:
+                    out.append((PAIR, Problem(problem)))
+            case p.Handover():
+                if not self._active and msg.epoch >= pair.epoch:
+                    pair.peer_state = PASSIVE  # it stepped down as it sent this
+                    pair.peer_epoch = max(pair.peer_epoch, msg.epoch)
+                    self._take_over(now, out, f"{pair.peer_name} handed over")
+            case _:
+                self.counters.bad_input += 1
+                out.append((PAIR, Problem(f"unexpected {type(msg).__name__} on the pair link ignored")))
+        return out
+
+    def send_failed(self, peer: bytes, msg: p.Message, now: float) -> list[Out]:
+        if self._active:
+            return self.inner.send_failed(peer, msg, now)
+        self.counters.send_drops += 1
+        return NONE
+
+    # --- timers -----------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Out]:
+        self._now = now
+        out = self.inner.tick(now) if self._active else []
+        pair = self.pair
+        self._decide(now, out)
+        if now >= pair.next_beat:
+            out.append((PAIR, pair.state_message(now)))
+        if not self._active and pair.held and pair.peer_state == ACTIVE and pair.peer_fresh(now):
+            self._redirect_held(out)
+        out += self.flush(now)
+        return out
+
+    def next_deadline(self) -> float | None:
+        d = self.pair.next_deadline()
+        if self._active and (t := self.inner.next_deadline()) is not None and t < d:
+            d = t
+        return d
+
+    def flush(self, now: float) -> list[Out]:
+        """The replication message for the passive peer, if any (the runtime calls this after each
+        batch of input, so one REPLICATE carries many requests)."""
+        if not self._active:
+            return NONE
+        m = self.pair.flush(now, self.inner.snapshot)
+        return [(PAIR, m)] if m is not None else NONE
+
+    def shutdown(self) -> list[Out]:
+        pair = self.pair
+        if self._active and pair.peer_alive(self._now) and pair.peer_state != ACTIVE:
+            # A graceful stop of the active broker of a pair hands over at once (no ttl of silence).
+            out: list[Out] = []
+            self._hand_over(self._now, out)
+            return out
+        return self.inner.shutdown()
+
+    # --- decisions --------------------------------------------------------------------------------
+
+    def _decide(self, now: float, out: list[Out]) -> None:
+        pair = self.pair
+        action = pair.decide(now)
+        if action is None:
+            return
+        if action == TAKE_OVER:
+            if pair.peer_alive(now) and pair.state == PENDING:
+                why = f"both started, {pair.peer_name} too: the primary serves"
+            elif pair.peer_alive(now):
+                why = f"{pair.peer_name} is {'restarting' if pair.peer_state == PENDING else 'passive'}"
+            else:
+                why = f"{pair.peer_name or 'the peer'} silent, {len(pair.votes)} peers came here"
+            self._take_over(now, out, why)
+        elif action == BECOME_PASSIVE:
+            pair.deactivate(now, stepped_down=False)
+            out.append((PAIR, Problem(f"{self.name} is passive: {pair.peer_name} is active (epoch {pair.epoch})")))
+            self._redirect_held(out)
+        elif action == STEP_DOWN:
+            self._step_down(now, out, f"{pair.peer_name} is active with epoch {pair.peer_epoch} (ours {pair.epoch})")
+        elif action == HAND_OVER:
+            self._hand_over(now, out)
+
+    def _redirect_held(self, out: list[Out]) -> None:
+        pair = self.pair
+        bye = p.Bye(f"{self.name} is the passive broker of its pair; {pair.peer_name} is active")
+        out += [(ident, bye) for ident in pair.held]
+        self.counters.redirected += len(pair.held)
+        pair.held.clear()
+
+    def _standby_receive(self, peer: bytes, msg: p.Message, now: float) -> list[Out]:
+        """A message for a broker that is not active: answer status; send the peer to the active
+        broker; or, when the active one looks dead, count a vote and wait."""
+        pair = self.pair
+        out: list[Out] = []
+        match msg:
+            case p.Request(service=service) if service == STATUS_SERVICE:
+                self.inner.services.answer(peer, 0, msg.rid, service, msg.budget_ms, msg.hops, msg.payload, now, out)
+                return out
+            case p.Hello() | p.Request() | p.Heartbeat():
+                pass
+            case _:
+                return NONE  # for a registration this broker does not hold: it was told to leave
+        if pair.peer_state == ACTIVE and pair.peer_fresh(now):
+            # One BYE per peer per heartbeat: a client that resends its pending requests must not
+            # get a BYE for each of them (it would fail over once per BYE).
+            if not pair.redirect_due(peer, now):
+                return NONE
+            self.counters.redirected += 1
+            return [(peer, p.Bye(f"{self.name} is the passive broker of its pair; {pair.peer_name} is active"))]
+        pair.vote(peer, now)
+        pair.held.add(peer)
+        self._decide(now, out)  # this vote may be what a takeover waited for
+        return out
+
+    def _outgrown(self, seen: int, now: float, out: list[Out]) -> None:
+        """A peer has seen a higher epoch of our pair than ours: the other broker took over while
+        we were cut off, then lost that state (it restarted cold). If it is alive on the pair link
+        and not active, nobody else serves: move above that epoch, or every peer would refuse us
+        for ever. If it is silent, it may be serving beyond a cut: stay fenced (peers refuse us),
+        as fencing is for; if it is active, decide() makes one of us step down."""
+        pair = self.pair
+        if not pair.peer_alive(now) or pair.peer_state == ACTIVE:
+            return
+        epoch = self._epoch = pair.raise_epoch(seen)
+        self.inner.set_epoch(epoch)
+        out.append((PAIR, Problem(f"{self.name}: a peer has seen epoch {seen} of this pair; now epoch {epoch}")))
+        out.append((PAIR, pair.state_message(now)))
+
+    def _take_over(self, now: float, out: list[Out], why: str) -> None:
+        """Become the active broker: a new epoch, and a machine built from the replicated table."""
+        pair = self.pair
+        table, held = pair.table, list(pair.held)
+        self._epoch = pair.activate(now)
+        self._active = True
+        self.incarnation = f"{self._base_incarnation}.{self._epoch}"
+        top = max(pair.top, max(table, default=0))
+        first = top + TICKET_GAP if top else 1 + int(self._rng() * 2**61)
+        self.inner = self._machine(now, serving=True, first_ticket=first)
+        self.inner.restore(table, now)
+        pair.table = {}
+        out.append(
+            (
+                PAIR,
+                Problem(f"{self.name} is active, epoch {self._epoch} ({why}); {len(table)} open requests taken over"),
+            )
+        )
+        out.append((PAIR, pair.state_message(now)))
+        reconnect = p.Reconnect(f"{self.name} is now the active broker of its pair: register again")
+        out += [(ident, reconnect) for ident in held]
+        out += self.inner.start(now)  # a proxy registers upstream
+
+    def _step_down(self, now: float, out: list[Out], why: str) -> None:
+        """Stop serving: tell every peer to go (to the other broker), drop the machine."""
+        pair = self.pair
+        bye = p.Bye(f"{self.name} is now the passive broker of its pair: {why}")
+        out += [(ident, bye) for ident in self.inner.leavers()]
+        self.inner.tiers.shutdown(f"proxy {self.name} stepped down", out)
+        pair.deactivate(now, stepped_down=True)
+        self._active = False
+        self.inner = self._machine(now, serving=False)
+        out.append((PAIR, Problem(f"{self.name} stepped down to passive: {why}")))
+        out.append((PAIR, pair.state_message(now)))
+
+    def _hand_over(self, now: float, out: list[Out]) -> None:
+        """Give the work to the passive peer: the last ops, HANDOVER, then step down (failback)."""
+        pair = self.pair
+        out += self.flush(now)
+        out.append((PAIR, p.Handover(pair.epoch)))
+        pair.counters["handovers"] += 1
+        self._step_down(now, out, f"handed over to {pair.peer_name}")
+        pair.peer_state = ACTIVE  # as soon as it reads HANDOVER: send peers there meanwhile
+
+    def _handover_service(self, peer: bytes, rid: int, now: float) -> list[Out]:
+        """``zmqdist.handover``: an operator asks the active broker of a pair to hand over."""
+        pair = self.pair
+        if not pair.peer_alive(now) or pair.peer_state != PASSIVE:
+            why = f"its peer {pair.peer_name or ''} is not a live passive broker: nothing to hand over to"
+        elif pair.peer_synced < 0:
+            why = f"its peer {pair.peer_name} has no copy of the request table yet"
+        else:
+            done = {"handed_over_to": pair.peer_name, "epoch": pair.epoch}  # the peer's will be higher
+            out: list[Out] = [(peer, p.Reply(rid, p.ST_OK, "", p.pack_value(done)))]
+            self._hand_over(now, out)
+            return out
+        self.counters.invalid += 1
+        return [(peer, p.Reply(rid, p.ST_INVALID, f"cannot hand over: {why}", b""))]
+
+    # --- introspection ----------------------------------------------------------------------------
+
+    def set_ttl(self, peer: bytes, ttl_s: float) -> None:
+        self.inner.set_ttl(peer, ttl_s)
+
+    def status(self, now: float) -> dict[str, object]:
+        return self.inner.status(now)
+
+    def add_status_part(self, part: StatusPart) -> None:
+        self._parts.append(part)
+        self.inner.add_status_part(part)
+
+    def enable_histograms(self) -> None:
+        self._hist = {"queue_wait": Hist(), "service": Hist(), "end_to_end": Hist()}
+        self.inner.use_histograms(self._hist)
+
+    def worker_load(self) -> dict[bytes, tuple[int, int]]:
+        return self.inner.worker_load()
+
+    def members(self) -> set[bytes]:
+        return self.inner.members()
+
+    @property
+    def standby(self) -> bool:
+        return not self._active
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def upstream(self) -> Upstream | None:
+        return self.inner.upstream
+
+    @property
+    def queued(self) -> int:
+        return self.inner.queued
+
+    @property
+    def open_requests(self) -> int:
+        return self.inner.open_requests

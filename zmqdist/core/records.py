@@ -1,0 +1,385 @@
+"""The records a broker machine is made of: requests, pools, members, destinations, counters. Pure.
+
+Rules of this module:
+1. Records keep state and answer questions about themselves; where a request goes, and when it
+   ends, is decided in :mod:`zmqdist.core.dispatch` and :mod:`zmqdist.core.tiers`.
+2. A member is a type: :class:`WorkerMember` (a worker: ``capacity`` slots) or :class:`BrokerMember`
+   (a downstream broker: per-service credit from its adverts). Both answer ``free``, ``entry``,
+   ``hold`` and ``release``; code that must tell them apart asks the type, never a flag.
+3. A destination is a type too: a peer's ROUTER identity is ``bytes`` (1 to 255 bytes, whatever its
+   length); the upstream link, the pair link and the log are :class:`Channel` objects.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, fields
+
+from zmqdist import protocol as p
+from zmqdist.core.link import Connect, Problem
+
+EPSILON = 1e-6  # timers fire just past a boundary: alive at ttl, expired at ttl + EPSILON
+HOP_MARGIN_MS = 1  # budget every broker-to-broker hop spends at least (transit)
+QUEUED, ASSIGNED, FORWARDED = 0, 1, 2  # where a request is: waiting here, with a member, upstream
+
+
+class Channel:
+    """A destination that is not a ROUTER peer: the upstream link, the pair link, the log."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+UPSTREAM = Channel("upstream")  # a proxy's DEALER to its upstream broker
+PAIR = Channel("pair")  # the link to the other broker of a backup pair
+LOG = Channel("log")  # a Problem for the runtime to log (rate-limited by its key)
+
+Dest = bytes | Channel
+Out = tuple[Dest, p.Message | Connect | Problem]
+NONE: list[Out] = []  # a shared empty result; callers never mutate returned lists
+
+
+@dataclass(slots=True)
+class Counters:
+    """What a broker counts (``zmqdist status`` and the metrics show every field)."""
+
+    requests: int = 0
+    replies_ok: int = 0
+    replies_failed: int = 0
+    busy: int = 0
+    timeouts: int = 0
+    lost: int = 0
+    invalid: int = 0
+    requeues: int = 0
+    refused: int = 0
+    duplicates: int = 0
+    late_results: int = 0
+    bogus_results: int = 0
+    workers_registered: int = 0
+    workers_expired: int = 0
+    workers_unreachable: int = 0
+    workers_left: int = 0
+    bad_input: int = 0
+    send_drops: int = 0
+    lost_in_transit: int = 0
+    brokers_registered: int = 0
+    abandoned: int = 0
+    loops: int = 0
+    forwarded_up: int = 0
+    tasks_from_up: int = 0
+    refused_up: int = 0
+    returned: int = 0
+    returned_from_up: int = 0
+    upstream_losses: int = 0
+    over_quota: int = 0
+    refused_by_role: int = 0  # messages a secured peer's key may not send
+    handshakes_failed: int = 0  # CURVE handshakes that failed (seen by the runtime's socket monitor)
+    redirected: int = 0  # a broker of a pair that is not active sent a peer to the active one
+    adopted: int = 0  # requests a new active broker found still held by their member
+
+    def ended(self, status: int) -> None:
+        """Count a request that ended with ``status`` (a ``protocol.ST_*`` code)."""
+        if status == p.ST_OK:
+            self.replies_ok += 1
+        elif status == p.ST_FAILED:
+            self.replies_failed += 1
+        elif status == p.ST_BUSY:
+            self.busy += 1
+        elif status == p.ST_TIMEOUT:
+            self.timeouts += 1
+        elif status == p.ST_LOST:
+            self.lost += 1
+        else:
+            self.invalid += 1
+
+    def as_dict(self) -> dict[str, int]:
+        """Every counter by name."""
+        return {name: getattr(self, name) for name in COUNTER_NAMES}
+
+
+COUNTER_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Counters))
+
+# A member's place in a service's heap: (load fraction, last used, serial, version, member).
+HeapEntry = tuple[float, int, int, int, "Member"]
+
+
+class Member:
+    """What a pool holds: something that takes tasks. See :class:`WorkerMember` and :class:`BrokerMember`."""
+
+    __slots__ = (
+        "adopted",
+        "alive",
+        "busy_s",
+        "capacity",
+        "failed",
+        "ident",
+        "inflight",
+        "last_used",
+        "name",
+        "seen",
+        "seq",
+        "serial",
+        "served",
+        "services",
+        "ttl",
+        "version",
+    )
+
+    def __init__(
+        self, ident: bytes, name: str, services: tuple[str, ...], capacity: int, serial: int, now: float, ttl: float
+    ) -> None:
+        self.ident = ident
+        self.name = name
+        self.services = services
+        self.capacity = capacity
+        self.inflight: dict[int, int] = {}  # ticket -> seq of the task that carried it
+        self.last_used = -1
+        self.serial = serial
+        self.version = 0  # bumped at every change of load: older heap entries are stale
+        self.seen = now
+        self.ttl = ttl
+        self.alive = True
+        self.served = 0
+        self.failed = 0  # answers whose handler raised: a worker that keeps failing shows here
+        self.busy_s = 0.0  # sum of dispatch-to-answer times of what it served
+        self.seq = 0
+        self.adopted = False  # holds requests adopted at a takeover, not yet confirmed by a heartbeat
+
+    def kind(self) -> str:
+        """What it is, plural, for messages ("workers", "brokers")."""
+        raise NotImplementedError
+
+    def free(self, service: str) -> int:
+        """Tasks of ``service`` it can take now (never negative)."""
+        raise NotImplementedError
+
+    def entry(self, service: str) -> HeapEntry | None:
+        """Its heap entry for ``service`` now, or None when it can take nothing of it."""
+        raise NotImplementedError
+
+    def may_take(self, hops: tuple[str, ...]) -> bool:
+        """May it take a request that has passed the brokers ``hops``?"""
+        return True
+
+    def hold(self, ticket: int, seq: int, service: str) -> None:
+        """It now holds ``ticket`` (of ``service``), sent with task number ``seq``."""
+        raise NotImplementedError
+
+    def adopt(self, ticket: int, service: str) -> None:
+        """It holds ``ticket`` from before a takeover (its first heartbeat confirms it)."""
+        raise NotImplementedError
+
+    def release(self, ticket: int) -> None:
+        """It no longer holds ``ticket``."""
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        """It holds nothing (it died)."""
+        self.inflight.clear()
+
+    def task(self, req: Req, seq: int, now: float, broker: str) -> p.Task:
+        """The TASK that sends ``req`` to it from broker ``broker``."""
+        raise NotImplementedError
+
+    def requests_held(self, service: str, n: int) -> None:
+        """``n`` more (or fewer) of its own requests of ``service`` are held by this broker."""
+
+
+class WorkerMember(Member):
+    """A worker: ``capacity`` slots. Requests adopted at a takeover (``carried``) run beside its
+    declared capacity (it left them out of it), so they do not count against that capacity."""
+
+    __slots__ = ("carried",)
+
+    def __init__(
+        self, ident: bytes, name: str, services: tuple[str, ...], capacity: int, serial: int, now: float, ttl: float
+    ) -> None:
+        super().__init__(ident, name, services, capacity, serial, now, ttl)
+        self.carried: set[int] = set()
+
+    def kind(self) -> str:
+        return "workers"
+
+    def free(self, service: str) -> int:
+        n = self.capacity - len(self.inflight) + len(self.carried)
+        return n if n > 0 and self.alive else 0
+
+    def entry(self, service: str) -> HeapEntry | None:
+        n = len(self.inflight)
+        if self.carried:
+            n -= len(self.carried)
+        if n >= self.capacity:
+            return None
+        return (n / self.capacity, self.last_used, self.serial, self.version, self)
+
+    def hold(self, ticket: int, seq: int, service: str) -> None:
+        self.inflight[ticket] = seq
+
+    def adopt(self, ticket: int, service: str) -> None:
+        self.inflight[ticket] = 0  # seq 0: reconciled by its first heartbeat
+        self.carried.add(ticket)
+
+    def release(self, ticket: int) -> None:
+        del self.inflight[ticket]
+        if self.carried:
+            self.carried.discard(ticket)
+
+    def clear(self) -> None:
+        self.inflight.clear()
+        self.carried.clear()
+
+    def task(self, req: Req, seq: int, now: float, broker: str) -> p.Task:
+        budget = p.budget_ms_left(req.deadline, now)
+        # tuple.__new__: a NamedTuple's own __new__ costs twice as much on this per-request path
+        return tuple.__new__(
+            p.Task, (req.ticket, req.service, budget, req.attempt, req.key, seq, (), req.payload, req.trace)
+        )
+
+    def load(self) -> int:
+        """Tasks it runs against its declared capacity."""
+        return len(self.inflight) - len(self.carried)
+
+
+class BrokerMember(Member):
+    """A downstream broker (a proxy): it takes tasks of a service within the spare capacity it
+    advertised (``spare``, valid for one ttl) less the tasks sent since (``load``)."""
+
+    __slots__ = ("adv_at", "down_spare", "held_from", "load", "spare", "svc_of")
+
+    def __init__(self, ident: bytes, name: str, serial: int, now: float, ttl: float) -> None:
+        super().__init__(ident, name, (), 0, serial, now, ttl)
+        self.spare: dict[str, int] = {}  # its ADVERT: what it offers per service
+        self.adv_at = now
+        self.load: dict[str, int] = {}  # our tasks it holds, per service
+        self.svc_of: dict[int, str] = {}  # ticket -> service of our tasks it holds
+        self.held_from: dict[str, int] = {}  # its requests we hold, per service
+        self.down_spare: tuple[tuple[str, int], ...] | None = None  # our last advert to it
+
+    def kind(self) -> str:
+        return "brokers"
+
+    def allowed(self, service: str) -> int:
+        """Tasks of ``service`` its advert still allows (may be negative after a smaller advert)."""
+        return self.spare.get(service, 0) - self.load.get(service, 0)
+
+    def free(self, service: str) -> int:
+        n = self.allowed(service)
+        return n if n > 0 and self.alive else 0
+
+    def entry(self, service: str) -> HeapEntry | None:
+        free = self.allowed(service)
+        if free <= 0:
+            return None
+        n = self.load.get(service, 0)
+        return (n / (n + free), self.last_used, self.serial, self.version, self)
+
+    def may_take(self, hops: tuple[str, ...]) -> bool:
+        return self.name not in hops  # never back to a broker the request has passed
+
+    def hold(self, ticket: int, seq: int, service: str) -> None:
+        self.inflight[ticket] = seq
+        self.svc_of[ticket] = service
+        self.load[service] = self.load.get(service, 0) + 1
+
+    def adopt(self, ticket: int, service: str) -> None:
+        self.hold(ticket, 0, service)
+
+    def release(self, ticket: int) -> None:
+        del self.inflight[ticket]
+        self.load[self.svc_of.pop(ticket)] -= 1
+
+    def clear(self) -> None:
+        self.inflight.clear()
+        self.svc_of.clear()
+        self.load.clear()
+
+    def task(self, req: Req, seq: int, now: float, broker: str) -> p.Task:
+        budget = p.budget_ms_left(req.deadline, now, HOP_MARGIN_MS)
+        hops = (*req.hops, broker)
+        return p.Task(req.ticket, req.service, budget, req.attempt, req.key, seq, hops, req.payload, req.trace)
+
+    def requests_held(self, service: str, n: int) -> None:
+        self.held_from[service] = self.held_from.get(service, 0) + n
+
+
+class Req:
+    """One accepted request, from arrival to its one reply."""
+
+    __slots__ = (
+        "attempt",
+        "client",
+        "deadline",
+        "hops",
+        "key",
+        "payload",
+        "rid",
+        "service",
+        "session",
+        "state",
+        "t_in",
+        "t_out",
+        "ticket",
+        "trace",
+        "tried",
+        "up_block",
+        "via",
+        "went_up",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        ticket: int,
+        client: Dest,
+        rid: int,
+        service: str,
+        payload: bytes,
+        deadline: float,
+        hops: tuple[str, ...] = (),
+    ) -> None:
+        self.ticket = ticket
+        self.client = client  # a peer's identity, or UPSTREAM for work handed down by our upstream
+        self.rid = rid
+        self.service = service
+        self.payload = payload
+        self.deadline = deadline
+        self.hops = hops
+        self.attempt = 0
+        self.worker: Member | None = None
+        self.tried: list[bytes] | None = None  # members that held it before (their late answer counts)
+        self.state = QUEUED
+        self.key = ""
+        self.session = 0  # the upstream session a request handed down from upstream belongs to
+        self.went_up = False  # forwarded upstream at least once: a reply from there completes it
+        self.up_block = -1  # the upstream returned it: not forwarded again before a newer advert
+        self.via: Member | None = None  # the registered member it came from (a downstream broker)
+        self.t_in = 0.0  # accepted (for latency histograms)
+        self.trace = ""  # the client's trace id, passed on to every broker and worker
+        self.t_out = 0.0  # last dispatched
+
+
+class Pool:
+    """Members of one service (a heap by load, then least recently used) and its FIFO queue."""
+
+    __slots__ = ("heap", "members", "name", "queue")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.heap: list[HeapEntry] = []
+        self.queue: deque[int] = deque()
+        self.members: set[Member] = set()
+
+
+class Copy:
+    """A passive broker's copy of one open request of the active broker's table."""
+
+    __slots__ = ("accepted", "member")
+
+    def __init__(self, accepted: p.OpAccepted, member: bytes | None = None) -> None:
+        self.accepted = accepted  # as accepted (its deadline moved into our clock), attempt kept current
+        self.member = member  # the member it was dispatched to, or None while queued
