@@ -422,6 +422,8 @@ class Broker:
                 if isinstance(peer, Channel):
                     self._to_channel(peer, msg, now)
                     continue
+                # What goes to a peer is a protocol message (Connect and Problem go to channels): the
+                # three ignores below spare this path a per-message type check.
                 if debug:
                     self._trace(peer, msg)
                 if mdp and peer in mdp:
@@ -447,26 +449,24 @@ class Broker:
     def _to_channel(self, dest: Channel, msg: p.Message | Connect | Problem, now: float) -> None:
         """Send or log what the machine addressed to a channel (upstream, pair link, log)."""
         name = self.settings.name
-        if type(msg) is Problem:
-            if dest is LOG and msg.key:
-                self._ratelog.warning(msg.key, now, "broker %s: %s", name, msg.message)
-            elif dest is UPSTREAM:
-                self._ratelog.warning("upstream", now, "broker %s: %s", name, msg.message)
-            else:
-                log.warning("broker %s: %s", name, msg.message)  # role changes and resyncs
-        elif dest is UPSTREAM:
-            up = self._up
-            if up is None:
-                return
-            if type(msg) is Connect:
-                log.info("broker %s: connecting upstream to %s (%s)", name, msg.endpoint, msg.reason)
-                up.connect(msg.endpoint)
-            else:
-                if log.isEnabledFor(logging.DEBUG) and type(msg) is p.Request:
-                    log.debug("broker %s: %s forwarded upstream (trace %s)", name, msg.service, msg.trace)
-                up.send(msg)  # type: ignore[arg-type]
-        elif dest is PAIR and type(msg) is not Connect and self._pair_out is not None:
-            self._pair_out.send(msg)  # type: ignore[arg-type]
+        match msg:
+            case Problem():
+                if dest is LOG and msg.key:
+                    self._ratelog.warning(msg.key, now, "broker %s: %s", name, msg.message)
+                elif dest is UPSTREAM:
+                    self._ratelog.warning("upstream", now, "broker %s: %s", name, msg.message)
+                else:
+                    log.warning("broker %s: %s", name, msg.message)  # role changes and resyncs
+            case Connect():
+                if dest is UPSTREAM and self._up is not None:
+                    log.info("broker %s: connecting upstream to %s (%s)", name, msg.endpoint, msg.reason)
+                    self._up.connect(msg.endpoint)
+            case _:
+                link = self._up if dest is UPSTREAM else self._pair_out if dest is PAIR else None
+                if link is not None:
+                    if dest is UPSTREAM and type(msg) is p.Request and log.isEnabledFor(logging.DEBUG):
+                        log.debug("broker %s: %s forwarded upstream (trace %s)", name, msg.service, msg.trace)
+                    link.send(msg)
 
     def _trace(self, peer: bytes, msg: Any) -> None:
         if type(msg) is p.Task:

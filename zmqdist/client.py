@@ -76,14 +76,14 @@ Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]]
 
 def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
     """Hand an outcome to a Future (submit) or to a map call's queue."""
-    if type(target) is Future:
+    if isinstance(target, Future):
         with contextlib.suppress(InvalidStateError):  # e.g. cancelled by its caller
             if ok:
                 target.set_result(value)
             else:
                 target.set_exception(value)
     else:
-        target.put((rid, ok, value))  # type: ignore[union-attr]
+        target.put((rid, ok, value))
 
 
 class Client:
@@ -251,20 +251,20 @@ class Client:
 
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:
         for o in outs:
-            t = type(o)
-            if t is Completed:
-                entry = self._futures.pop(o.rid, None)  # type: ignore[union-attr]
-                if entry is not None:
-                    target, service, trace = entry
-                    ok, value = outcome(o, service, trace)  # type: ignore[arg-type]
-                    _deliver(target, o.rid, ok, value)  # type: ignore[union-attr]
-            elif t is Connect:
-                log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)  # type: ignore[union-attr]
-                link.connect(o.endpoint)  # type: ignore[union-attr]
-            elif t is Problem:
-                log.warning("client %s: %s", self.name, o.message)  # type: ignore[union-attr]
-            else:
-                link.send(o)  # type: ignore[arg-type]
+            match o:
+                case Completed():
+                    entry = self._futures.pop(o.rid, None)
+                    if entry is not None:
+                        target, service, trace = entry
+                        ok, value = outcome(o, service, trace)
+                        _deliver(target, o.rid, ok, value)
+                case Connect():
+                    log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)
+                    link.connect(o.endpoint)
+                case Problem():
+                    log.warning("client %s: %s", self.name, o.message)
+                case _:
+                    link.send(o)
 
 
 class AsyncClient:

@@ -262,6 +262,9 @@ CMD_OF: Final[dict[type, int]] = {
     Handover: 15,
 }
 TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
+# Field names and defaults of every message type (NamedTuple class attributes mypy does not type).
+_FIELDS: Final[dict[type, tuple[str, ...]]] = {t: getattr(t, "_fields") for t in CMD_OF}  # noqa: B009
+_DEFAULTS: Final[dict[type, dict[str, Any]]] = {t: getattr(t, "_field_defaults") for t in CMD_OF}  # noqa: B009
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
 CMD_REQUEST: Final = 3  # CMD_OF[Request], as a constant for the per-request path
 CMD_RESULT: Final = 5  # CMD_OF[Result]
@@ -538,7 +541,7 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
         extra = extra[: len(optional)]
         for i, (v, ok) in enumerate(zip(extra, optional, strict=False)):
             if not ok(v):
-                field = cls._fields[nfields + i]  # type: ignore[attr-defined]
+                field = _FIELDS[cls][nfields + i]
                 raise RemoteProtocolError(f"{cls.__name__}: optional field {field} is invalid", E_HEADER)
         return tuple.__new__(cls, (*fields, *extra, *_TAIL_DEFAULTS[cls][len(extra) :]))
     return tuple.__new__(cls, fields)
@@ -568,15 +571,13 @@ class Encoder:
             head = (*fields[:-2], trace) if trace else fields[:-2]
             return prefix + self._pack(head), fields[-2]
         if cls in _WITH_PAYLOAD:
-            payload: bytes = msg[-1]  # type: ignore[assignment]
-            return prefix + self._pack(msg[:-1]), payload
+            return prefix + self._pack(fields[:-1]), fields[-1]
         return prefix + self._pack(tuple(msg)), b""
 
 
 # The defaults of the optional trailing fields, in order (decode fills in the ones not sent).
 _TAIL_DEFAULTS: Final[dict[type, tuple[Any, ...]]] = {
-    t: tuple(t._field_defaults[n] for n in t._fields[_SPEC[t][0] :])  # type: ignore[attr-defined]
-    for t in _OPTIONAL
+    t: tuple(_DEFAULTS[t][n] for n in _FIELDS[t][_SPEC[t][0] :]) for t in _OPTIONAL
 }
 
 
@@ -622,6 +623,7 @@ ReplicationOp = OpAccepted | OpSent | OpRequeued | OpEnded
 # On the wire each op is a list: its kind letter, then its fields in order.
 _OP_KIND: Final[dict[type, str]] = {OpAccepted: "a", OpSent: "s", OpRequeued: "q", OpEnded: "e"}
 _OP_OF_KIND: Final[dict[str, type]] = {k: t for t, k in _OP_KIND.items()}
+_FIELDS.update({t: getattr(t, "_fields") for t in _OP_KIND})  # noqa: B009
 
 
 def _is_id(v: object) -> bool:
@@ -634,7 +636,7 @@ def _op(raw: Any) -> ReplicationOp | None:
         return None
     cls = _OP_OF_KIND.get(raw[0])
     f = raw[1:]
-    if cls is None or len(f) != len(cls._fields) or not _is_id(f[0]):  # type: ignore[attr-defined]
+    if cls is None or len(f) != len(_FIELDS[cls]) or not _is_id(f[0]):
         return None
     if cls is OpAccepted:
         ok = (
@@ -652,7 +654,7 @@ def _op(raw: Any) -> ReplicationOp | None:
         return OpAccepted(f[0], f[1], f[2], f[3], float(f[4]), tuple(f[5]), f[6], f[7], f[8], f[9]) if ok else None
     if cls is OpSent:
         return OpSent(f[0], f[1], f[2]) if type(f[1]) is bytes and _is_id(f[2]) else None
-    return cls(f[0])  # type: ignore[no-any-return]
+    return OpRequeued(f[0]) if cls is OpRequeued else OpEnded(f[0])
 
 
 def pack_ops(sent_at: float, ops: list[ReplicationOp]) -> bytes:
@@ -661,7 +663,8 @@ def pack_ops(sent_at: float, ops: list[ReplicationOp]) -> bytes:
     wire: list[Any] = [sent_at]
     for op in ops:
         wire.append([_OP_KIND[type(op)], *op])
-    return msgpack.packb(wire, use_bin_type=True)  # type: ignore[no-any-return]
+    data: bytes = msgpack.packb(wire, use_bin_type=True)
+    return data
 
 
 def unpack_ops(data: bytes) -> tuple[float, list[ReplicationOp]]:
@@ -713,7 +716,8 @@ def encode(msg: Message) -> tuple[bytes, bytes]:
 def pack_value(value: Any) -> bytes:
     """Return ``value`` as msgpack bytes. Raises :class:`TypeError` if it cannot be encoded."""
     try:
-        return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        data: bytes = msgpack.packb(value, use_bin_type=True)
+        return data
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"value of type {type(value).__name__} is not msgpack-serialisable: {exc}") from exc
 
@@ -728,7 +732,8 @@ def unpack_value(data: bytes) -> Any:
 
 def pack_error(type_name: str, message: str, traceback_text: str) -> bytes:
     """Return the payload of a failed result: the remote exception's type, message, traceback."""
-    return msgpack.packb((type_name, message, traceback_text))  # type: ignore[no-any-return]
+    data: bytes = msgpack.packb((type_name, message, traceback_text))
+    return data
 
 
 def unpack_error(data: bytes) -> tuple[str, str, str]:

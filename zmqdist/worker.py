@@ -195,19 +195,19 @@ class Worker:
     def _handle(self, link: DealerLink, executors: Executors, outs: list[WorkerOut]) -> None:
         debug = log.isEnabledFor(logging.DEBUG)
         for o in outs:
-            t = type(o)
-            if isinstance(o, Execute):
-                if debug:
-                    log.debug("worker %s runs %s attempt %d (trace %s)", self.name, o.service, o.attempt, o.trace)
-                executors.submit(o)
-            elif t is Connect:
-                log.info("worker %s connecting to %s (%s)", self.name, o.endpoint, o.reason)  # type: ignore[union-attr]
-                link.connect(o.endpoint)  # type: ignore[union-attr]
-            elif t is Stopped:
-                self.stop_reason = o.reason  # type: ignore[union-attr]
-                if self._loop is not None:
-                    self._loop.stop()
-            elif t is Problem:
-                log.warning("worker %s: %s", self.name, o.message)  # type: ignore[union-attr]
-            else:
-                link.send(o)  # type: ignore[arg-type]
+            match o:
+                case Execute():
+                    if debug:
+                        log.debug("worker %s runs %s attempt %d (trace %s)", self.name, o.service, o.attempt, o.trace)
+                    executors.submit(o)
+                case Connect():
+                    log.info("worker %s connecting to %s (%s)", self.name, o.endpoint, o.reason)
+                    link.connect(o.endpoint)
+                case Stopped():
+                    self.stop_reason = o.reason
+                    if self._loop is not None:
+                        self._loop.stop()
+                case Problem():
+                    log.warning("worker %s: %s", self.name, o.message)
+                case _:
+                    link.send(o)

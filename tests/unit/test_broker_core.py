@@ -340,3 +340,84 @@ def test_downstream_brokers_are_exempt_from_the_client_quota():
         out = core.receive(b"P", p.Request(rid, "nosvc", 1000, ("proxy",), b""), 0)
         assert all(m.status != p.ST_BUSY for _, m in out if type(m) is p.Reply)
     assert core.open_requests == 5
+
+
+# --- the per-request fast path (receive_plain), on its own ------------------------------------
+
+
+def frames(msg):
+    return p.encode(msg)
+
+
+def state(core):
+    """What a refused fast-path attempt must leave untouched."""
+    return core.counters.as_dict(), core.open_requests, core.queued, dict(core.d.open_by_client), core.d.next_ticket
+
+
+def test_fast_path_takes_a_plain_request_and_dispatches_it_like_the_general_path():
+    core = make()
+    hello(core, b"A", capacity=1)
+    out = []
+    head, payload = frames(p.Request(1, "echo", 2000, (), b"x", "trace-1"))
+    assert core.receive_plain(b"C", head, payload, 0.5, out)
+    ((peer, task),) = tasks(out)
+    assert peer == b"A" and task.budget_ms == 2000 and task.trace == "trace-1" and task.payload == b"x"
+    assert core.counters.requests == 1 and core.open_requests == 1
+    out = []  # the worker is full: the next one queues, on the fast path too
+    assert core.receive_plain(b"C", *frames(p.Request(2, "echo", 2000, (), b"y")), 0.5, out)
+    assert out == [] and core.queued == 1
+
+
+@pytest.mark.parametrize(
+    "msg, why",
+    [
+        (p.Request(1, "echo", 0, (), b""), "budget spent"),
+        (p.Request(1, "zmqdist.status", 100, (), b""), "internal service"),
+        (p.Request(1, "echo", 100, ("up",), b""), "hops (from a proxy)"),
+        (p.Credit(1), "not a request or result"),
+    ],
+)
+def test_fast_path_leaves_unusual_requests_to_the_general_path_untouched(msg, why):
+    core = make()
+    hello(core, b"A")
+    before = state(core)
+    assert not core.receive_plain(b"C", *frames(msg), 0.0, out := []), why
+    assert out == [] and state(core) == before
+
+
+def test_fast_path_leaves_duplicates_quota_full_queues_and_members_to_the_general_path():
+    core = make(max_client_inflight=1, max_queue=1)
+    hello(core, b"A", capacity=1)
+    request(core, 1)  # dispatched; C now has 1 open (its limit)
+    for peer, rid, why in ((b"C", 1, "duplicate"), (b"C", 2, "over quota"), (b"A", 3, "from a member")):
+        before = state(core)
+        assert not core.receive_plain(peer, *frames(p.Request(rid, "echo", 1000, (), b"")), 0.0, out := []), why
+        assert out == [] and state(core) == before
+    request(core, 4, client=b"D")  # queued: the queue (1) is full now
+    before = state(core)
+    assert not core.receive_plain(b"E", *frames(p.Request(5, "echo", 1000, (), b"")), 0.0, out := [])
+    assert out == [] and state(core) == before
+    # ...and the general path answers each of these cases
+    assert replies(request(core, 5, client=b"E"))[0].status == p.ST_BUSY
+
+
+def test_fast_path_takes_the_holders_result_and_nothing_else():
+    core = make()
+    hello(core, b"A", capacity=2)
+    hello(core, b"B", capacity=2)
+    ((held_by, t),) = tasks(request(core, 1))
+    other = b"B" if held_by == b"A" else b"A"
+    for peer, msg in (
+        (other, p.Result(t.ticket, p.RS_OK, b"r")),  # not its holder
+        (held_by, p.Result(t.ticket + 99, p.RS_OK, b"r")),  # a ticket it does not hold
+        (held_by, p.Result(t.ticket, p.RS_REFUSED, b"")),  # refused: requeued by the general path
+        (b"Z", p.Result(t.ticket, p.RS_OK, b"r")),  # not a member
+    ):
+        before = state(core)
+        assert not core.receive_plain(peer, *frames(msg), 0.1, out := [])
+        assert out == [] and state(core) == before
+    out = []
+    assert core.receive_plain(held_by, *frames(p.Result(t.ticket, p.RS_FAILED, b"err")), 0.1, out)
+    assert replies(out) == [p.Reply(1, p.ST_FAILED, "", b"err")]
+    assert core.counters.replies_failed == 1 and core.open_requests == 0
+    assert core.status(0.1)["workers"][0 if held_by == b"A" else 1]["failed"] == 1

@@ -48,7 +48,6 @@ from zmqdist.errors import RemoteProtocolError
 __all__ = ["EPSILON", "BrokerCore", "BrokerMachine", "Out"]
 
 Rights = tuple[str, str]  # (roles, services) a CURVE peer's key was admitted with
-Handler = Callable[[bytes, Member | None, p.Message, float], list[Out]]
 
 
 class BrokerMachine:
@@ -300,16 +299,6 @@ class BrokerCore(BrokerMachine):
         tiers.internal = self.services.answer_up
         self._clients: dict[bytes, float] = {}  # clients by when last heard (HELLO, HEARTBEAT)
         self._clients_pruned = -1e9  # when _clients was last pruned
-        self._handlers: dict[type, Handler] = {
-            p.Request: self._on_request,  # type: ignore[dict-item]
-            p.Result: self._on_result,  # type: ignore[dict-item]
-            p.Heartbeat: self._on_heartbeat,  # type: ignore[dict-item]
-            p.Hello: self._on_hello,  # type: ignore[dict-item]
-            p.Credit: self._on_credit,  # type: ignore[dict-item]
-            p.Bye: self._on_bye,  # type: ignore[dict-item]
-            p.Advert: self._on_advert,  # type: ignore[dict-item]
-            p.Reply: self._on_reply,  # type: ignore[dict-item]
-        }
 
     # --- inputs -----------------------------------------------------------------------------------
 
@@ -323,11 +312,25 @@ class BrokerCore(BrokerMachine):
         w = self.d.members.get(peer)
         if w is not None:
             w.seen = now
-        handler = self._handlers.get(type(msg))
-        if handler is None:
-            self.counters.bad_input += 1
-            return [(peer, p.Error(p.E_COMMAND, f"{type(msg).__name__} is not accepted by a broker"))]
-        return handler(peer, w, msg, now)
+        match msg:
+            case p.Request():
+                return self._on_request(peer, w, msg, now)
+            case p.Result():
+                return self._on_result(peer, w, msg, now)
+            case p.Heartbeat():
+                return self._on_heartbeat(peer, w, msg, now)
+            case p.Hello():
+                return self._on_hello(peer, w, msg, now)
+            case p.Credit():
+                return self._on_credit(peer, w, msg, now)
+            case p.Bye():
+                return self._on_bye(peer, w, msg, now)
+            case p.Advert():
+                return self._on_advert(peer, w, msg, now)
+            case p.Reply():
+                return self._on_reply(peer, w, msg, now)
+        self.counters.bad_input += 1
+        return [(peer, p.Error(p.E_COMMAND, f"{type(msg).__name__} is not accepted by a broker"))]
 
     def upstream_receive(self, msg: p.Message, now: float) -> list[Out]:
         self.d.now = now

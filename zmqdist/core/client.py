@@ -94,37 +94,37 @@ class ClientCore:
         """Handle one message from the broker."""
         link = self.link
         link.last_heard = now
-        t = type(msg)
-        if t is p.Reply:
-            pend = self.pending.pop(msg.rid, None)  # type: ignore[union-attr]
-            if pend is None:
-                self.counters["duplicates"] += 1
+        match msg:
+            case p.Reply():
+                pend = self.pending.pop(msg.rid, None)
+                if pend is None:
+                    self.counters["duplicates"] += 1
+                    return []
+                return [Completed(msg.rid, msg.status, msg.message, msg.payload)]
+            case p.Heartbeat():
+                if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:
+                    self.counters["fenced"] += 1
+                    return [Problem(why), *self._failover(now, why)]
+                if link.restarted(msg.incarnation):
+                    self.counters["broker_restarts"] += 1
+                    link.incarnation = msg.incarnation
+                    return self._resend_all(now)
                 return []
-            return [Completed(msg.rid, msg.status, msg.message, msg.payload)]  # type: ignore[union-attr]
-        if t is p.Heartbeat:
-            if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:  # type: ignore[union-attr]
-                self.counters["fenced"] += 1
-                return [Problem(why), *self._failover(now, why)]
-            if link.restarted(msg.incarnation):  # type: ignore[union-attr]
-                self.counters["broker_restarts"] += 1
-                link.incarnation = msg.incarnation  # type: ignore[union-attr]
-                return self._resend_all(now)
-            return []
-        if t is p.Welcome:
-            if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:  # type: ignore[union-attr]
-                self.counters["fenced"] += 1
-                return [Problem(why), *self._failover(now, why)]
-            if link.welcome(msg):  # type: ignore[arg-type]
-                self.counters["broker_restarts"] += 1
-                return self._resend_all(now)
-            return []
-        if t is p.Reconnect:
-            return [self._hello(), *self._resend_all(now)]
-        if t is p.Bye:
-            return self._failover(now, f"broker said bye: {msg.reason}")  # type: ignore[union-attr]
-        if t is p.Error:
-            return [Problem(f"broker refused a message: {msg.message}")]  # type: ignore[union-attr]
-        return [Problem(f"unexpected {t.__name__} from broker ignored")]
+            case p.Welcome():
+                if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:
+                    self.counters["fenced"] += 1
+                    return [Problem(why), *self._failover(now, why)]
+                if link.welcome(msg):
+                    self.counters["broker_restarts"] += 1
+                    return self._resend_all(now)
+                return []
+            case p.Reconnect():
+                return [self._hello(), *self._resend_all(now)]
+            case p.Bye():
+                return self._failover(now, f"broker said bye: {msg.reason}")
+            case p.Error():
+                return [Problem(f"broker refused a message: {msg.message}")]
+        return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
 
     def tick(self, now: float) -> list[ClientOut]:
         """Time out pending requests, heartbeat, fail over from a silent broker."""

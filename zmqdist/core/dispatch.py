@@ -263,7 +263,7 @@ class Dispatcher:
 
     def accept(
         self,
-        peer: Dest,
+        peer: bytes,
         via: Member | None,
         rid: int,
         service: str,
@@ -288,7 +288,7 @@ class Dispatcher:
         self.by_key[(peer, rid)] = ticket
         ops = self.ops
         if ops is not None:
-            ops.append(p.OpAccepted(ticket, peer, rid, service, deadline, hops, trace, "", 0, payload))  # type: ignore[arg-type]
+            ops.append(p.OpAccepted(ticket, peer, rid, service, deadline, hops, trace, "", 0, payload))
         self.changes += 1
         pool = self.pools.get(service)
         if pool is None:

@@ -90,9 +90,9 @@ def unpack_body(payload: bytes) -> list[bytes]:
     if f is not None:
         return [f]
     if isinstance(v, list) and v:
-        frames = [_frame(x) for x in v]
-        if all(x is not None for x in frames):
-            return frames  # type: ignore[return-value]
+        frames = [f for x in v if (f := _frame(x)) is not None]
+        if len(frames) == len(v):
+            return frames
     return [payload]
 
 
@@ -267,8 +267,8 @@ class MdpBridge:
             v2 = peer.header == MDPW02
             first = [b""] if peer.delim else []
             t = type(msg)
-            if t is p.Task:
-                return [*first, peer.header, REQUEST, ticket_frame(msg.ticket), b"", *unpack_body(msg.payload)]  # type: ignore[union-attr]
+            if isinstance(msg, p.Task):
+                return [*first, peer.header, REQUEST, ticket_frame(msg.ticket), b"", *unpack_body(msg.payload)]
             if t is p.Heartbeat:
                 return [*first, peer.header, W2_HEARTBEAT if v2 else W1_HEARTBEAT]
             if t is p.Reconnect or t is p.Bye or t is p.Error:

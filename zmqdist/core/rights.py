@@ -20,12 +20,12 @@ def refusal(roles: str, services: str, msg: p.Message) -> str | None:
     as the ZAP handler put them in the connection's metadata), or None if it is allowed."""
     have = roles.split(",") if roles else []
     t = type(msg)
-    if t is p.Hello or t is p.Heartbeat:
-        need = _HELLO_ROLE.get(msg.role, "")  # type: ignore[union-attr]
+    if isinstance(msg, (p.Hello, p.Heartbeat)):
+        need = _HELLO_ROLE.get(msg.role, "")
         if need not in have:
             return f"a key in the {'/'.join(have) or 'no'} allow-list cannot act as {need or 'that role'}"
-        if t is p.Hello and need == "workers":
-            return _services_refusal(services, msg.services)  # type: ignore[union-attr]
+        if isinstance(msg, p.Hello) and need == "workers":
+            return _services_refusal(services, msg.services)
         return None
     allowed = (
         ("clients" in have and t in _CLIENT)
@@ -34,8 +34,8 @@ def refusal(roles: str, services: str, msg: p.Message) -> str | None:
     )
     if not allowed:
         return f"{t.__name__} is not allowed to a key in the {'/'.join(have) or 'no'} allow-list"
-    if t is p.Request and "brokers" not in have:
-        service = msg.service  # type: ignore[union-attr]
+    if isinstance(msg, p.Request) and "brokers" not in have:
+        service = msg.service
         if not service.startswith(p.INTERNAL_PREFIXES):
             return _services_refusal(services, (service,))
     return None

@@ -126,40 +126,44 @@ class WorkerCore:
             return []
         link = self.link
         link.last_heard = now
-        t = type(msg)
-        if t is p.Task:
-            return self._on_task(msg, now)  # type: ignore[arg-type]
-        if t is p.Heartbeat:
-            if link.restarted(msg.incarnation):  # type: ignore[union-attr]
-                self.counters["broker_restarts"] += 1
+        match msg:
+            case p.Task():
+                return self._on_task(msg, now)
+            case p.Heartbeat():
+                return self._on_heartbeat(msg, now)
+            case p.Welcome():
+                return self._on_welcome(msg, now)
+            case p.Reconnect():
                 return self._rehello(now)
-            if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:  # type: ignore[union-attr]
-                self.counters["fenced"] += 1
-                return [Problem(why), *self._new_session(now, why)]
-            self.seq_seen = max(self.seq_seen, msg.seq)  # type: ignore[union-attr]
-            self._unanswered = max(0, self._unanswered - 1)
-            if self._hb_early:
-                self._hb_early -= 1
-            else:
-                self._hb_answered += 1
-                unacked = self.unacked
-                while unacked and unacked[0][0] < self._hb_answered:
-                    unacked.popleft()  # a heartbeat sent after it was answered: it arrived
-            if self.draining and self.registered:
-                self._drain_wait -= 1
-                if self._drain_wait <= 0 and not self.inflight and not self.carry:
-                    return self._finish("drained")
-            return []
-        if t is p.Welcome:
-            return self._on_welcome(msg, now)  # type: ignore[arg-type]
-        if t is p.Reconnect:
+            case p.Bye():
+                self.counters["failovers"] += 1
+                return self._new_session(now, f"broker said bye: {msg.reason}")
+            case p.Error():
+                return [Problem(f"broker refused a message: {msg.message}")]
+        return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
+
+    def _on_heartbeat(self, msg: p.Heartbeat, now: float) -> list[WorkerOut]:
+        link = self.link
+        if link.restarted(msg.incarnation):
+            self.counters["broker_restarts"] += 1
             return self._rehello(now)
-        if t is p.Bye:
-            self.counters["failovers"] += 1
-            return self._new_session(now, f"broker said bye: {msg.reason}")  # type: ignore[union-attr]
-        if t is p.Error:
-            return [Problem(f"broker refused a message: {msg.message}")]  # type: ignore[union-attr]
-        return [Problem(f"unexpected {t.__name__} from broker ignored")]
+        if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:
+            self.counters["fenced"] += 1
+            return [Problem(why), *self._new_session(now, why)]
+        self.seq_seen = max(self.seq_seen, msg.seq)
+        self._unanswered = max(0, self._unanswered - 1)
+        if self._hb_early:
+            self._hb_early -= 1
+        else:
+            self._hb_answered += 1
+            unacked = self.unacked
+            while unacked and unacked[0][0] < self._hb_answered:
+                unacked.popleft()  # a heartbeat sent after it was answered: it arrived
+        if self.draining and self.registered:
+            self._drain_wait -= 1
+            if self._drain_wait <= 0 and not self.inflight and not self.carry:
+                return self._finish("drained")
+        return []
 
     def task_done(self, ticket: int, session: int, ok: bool, payload: bytes, now: float) -> list[WorkerOut]:
         """A handler finished. Return the RESULT to send (if its session is still current)."""

@@ -116,13 +116,14 @@ class KeyRing:
                     mine = services.setdefault(public, set())
                     assert mine is not None
                     mine.update(s.strip() for s in listed.split(",") if s.strip())
-        self.keys = {
-            k: KeyRights(names[k], frozenset(roles[k]), None if services[k] is None else frozenset(services[k]))  # type: ignore[arg-type]
-            for k in names
-        }
+        self.keys = {k: KeyRights(names[k], frozenset(roles[k]), _frozen(services[k])) for k in names}
         log.info(
             "allow-lists loaded: %d keys (%s)", len(self.keys), ", ".join(f"{r} from {d}" for r, d in self.dirs.items())
         )
+
+
+def _frozen(services: set[str] | None) -> frozenset[str] | None:
+    return None if services is None else frozenset(services)
 
 
 def _metadata(props: dict[str, str]) -> bytes:
