@@ -371,13 +371,12 @@ def test_fast_path_takes_a_plain_request_and_dispatches_it_like_the_general_path
 @pytest.mark.parametrize(
     "msg, why",
     [
-        (p.Request(1, "echo", 0, (), b""), "budget spent"),
         (p.Request(1, "zmqdist.status", 100, (), b""), "internal service"),
         (p.Request(1, "echo", 100, ("up",), b""), "hops (from a proxy)"),
         (p.Credit(1), "not a request or result"),
     ],
 )
-def test_fast_path_leaves_unusual_requests_to_the_general_path_untouched(msg, why):
+def test_fast_path_leaves_internal_services_hops_and_other_commands_untouched(msg, why):
     core = make()
     hello(core, b"A")
     before = state(core)
@@ -385,39 +384,62 @@ def test_fast_path_leaves_unusual_requests_to_the_general_path_untouched(msg, wh
     assert out == [] and state(core) == before
 
 
-def test_fast_path_leaves_duplicates_quota_full_queues_and_members_to_the_general_path():
-    core = make(max_client_inflight=1, max_queue=1)
-    hello(core, b"A", capacity=1)
-    request(core, 1)  # dispatched; C now has 1 open (its limit)
-    for peer, rid, why in ((b"C", 1, "duplicate"), (b"C", 2, "over quota"), (b"A", 3, "from a member")):
-        before = state(core)
-        assert not core.receive_plain(peer, *frames(p.Request(rid, "echo", 1000, (), b"")), 0.0, out := []), why
-        assert out == [] and state(core) == before
-    request(core, 4, client=b"D")  # queued: the queue (1) is full now
-    before = state(core)
-    assert not core.receive_plain(b"E", *frames(p.Request(5, "echo", 1000, (), b"")), 0.0, out := [])
-    assert out == [] and state(core) == before
-    # ...and the general path answers each of these cases
-    assert replies(request(core, 5, client=b"E"))[0].status == p.ST_BUSY
+def twins(**kw):
+    """Two brokers in the same state: one hit through the fast path, one through the general path."""
+    cores = []
+    for _ in range(2):
+        core = make(**kw)
+        hello(core, b"A", capacity=1)
+        hello(core, b"B", capacity=1)
+        request(core, 1)  # dispatched to A (registered first)
+        request(core, 2, client=b"D")  # dispatched to B
+        request(core, 3, client=b"F")  # queued: both workers are full
+        cores.append(core)
+    return cores
 
 
-def test_fast_path_takes_the_holders_result_and_nothing_else():
-    core = make()
-    hello(core, b"A", capacity=2)
-    hello(core, b"B", capacity=2)
-    ((held_by, t),) = tasks(request(core, 1))
-    other = b"B" if held_by == b"A" else b"A"
-    for peer, msg in (
-        (other, p.Result(t.ticket, p.RS_OK, b"r")),  # not its holder
-        (held_by, p.Result(t.ticket + 99, p.RS_OK, b"r")),  # a ticket it does not hold
-        (held_by, p.Result(t.ticket, p.RS_REFUSED, b"")),  # refused: requeued by the general path
-        (b"Z", p.Result(t.ticket, p.RS_OK, b"r")),  # not a member
-    ):
-        before = state(core)
-        assert not core.receive_plain(peer, *frames(msg), 0.1, out := [])
-        assert out == [] and state(core) == before
-    out = []
-    assert core.receive_plain(held_by, *frames(p.Result(t.ticket, p.RS_FAILED, b"err")), 0.1, out)
-    assert replies(out) == [p.Reply(1, p.ST_FAILED, "", b"err")]
-    assert core.counters.replies_failed == 1 and core.open_requests == 0
-    assert core.status(0.1)["workers"][0 if held_by == b"A" else 1]["failed"] == 1
+def both_ways(cores, peer, msg, now=0.1):
+    fast, general = cores
+    out_fast = []
+    assert fast.receive_plain(peer, *frames(msg), now, out_fast)
+    out_general = general.receive(peer, p.decode(*frames(msg)), now)
+    assert out_fast == out_general
+    assert state(fast) == state(general)
+    return out_fast
+
+
+@pytest.mark.parametrize(
+    "peer, msg, what",
+    [
+        (b"C", p.Request(1, "echo", 1000, (), b""), "a duplicate is absorbed"),
+        (b"C", p.Request(9, "echo", 0, (), b""), "budget spent: TIMEOUT"),
+        (b"C", p.Request(9, "echo", 1000, (), b""), "over its quota: BUSY"),
+        (b"E", p.Request(9, "echo", 1000, (), b""), "the queue is full: BUSY"),
+        (b"A", p.Request(9, "other", 1000, (), b""), "from a member"),
+    ],
+)
+def test_fast_path_admits_and_refuses_requests_exactly_as_the_general_path(peer, msg, what):
+    out = both_ways(twins(max_client_inflight=1, max_queue=1), peer, msg)
+    if "BUSY" in what or "TIMEOUT" in what:
+        assert [m.status for m in replies(out)] == [p.ST_BUSY if "BUSY" in what else p.ST_TIMEOUT], what
+
+
+@pytest.mark.parametrize(
+    "peer, msg, what",
+    [
+        (b"A", lambda t: p.Result(t, p.RS_OK, b"r"), "the holder answers: a reply, the next task goes"),
+        (b"A", lambda t: p.Result(t, p.RS_FAILED, b"err"), "the handler raised"),
+        (b"A", lambda t: p.Result(t, p.RS_REFUSED, b""), "refused: requeued, no attempt spent"),
+        (b"B", lambda t: p.Result(t, p.RS_OK, b"r"), "not its holder: bogus, ignored"),
+        (b"A", lambda t: p.Result(t + 99, p.RS_OK, b"r"), "a ticket nobody holds: late"),
+        (b"Z", lambda t: p.Result(t, p.RS_OK, b"r"), "not a member: register again"),
+    ],
+)
+def test_fast_path_completes_results_exactly_as_the_general_path(peer, msg, what):
+    cores = twins()
+    ticket = min(cores[0].d.reqs)  # A holds the first request
+    out = both_ways(cores, peer, msg(ticket))
+    if what.startswith("the holder"):
+        assert replies(out) == [p.Reply(1, p.ST_OK, "", b"r")] and len(tasks(out)) == 1
+    if what.startswith("not a member"):
+        assert [type(m) for _, m in out] == [p.Reconnect]

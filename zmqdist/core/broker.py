@@ -29,7 +29,6 @@ from zmqdist.core.link import Problem
 from zmqdist.core.mdp import MAX_FRAMES, MdpBridge, starts_mdp
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import (
-    ASSIGNED,
     EPSILON,
     LOG,
     NONE,
@@ -285,6 +284,10 @@ class BrokerCore(BrokerMachine):
         self.name = settings.name
         self.incarnation = incarnation
         self._ttl = settings.heartbeat.ttl_s
+        # the limits every request is checked against, as plain attributes (read per request)
+        self._max_inflight = settings.max_client_inflight
+        self._max_queue = settings.max_queue
+        self._max_queue_bytes = settings.max_queue_bytes
         self._epoch = epoch
         hb = settings.heartbeat
         self._welcome = p.Welcome(
@@ -341,58 +344,41 @@ class BrokerCore(BrokerMachine):
         return NONE
 
     def receive_plain(self, peer: bytes, head: bytes, payload: bytes, now: float, out: list[Out]) -> bool:
-        """The common case of the per-request path, straight from its two frames: a client's
-        REQUEST that passes every check, or a worker's RESULT for a task it holds. Anything else
-        returns False having changed nothing. Same effects as decode + :meth:`receive` (a property
-        test runs random schedules both ways and compares every output)."""
+        """The per-request fast path: a REQUEST (no hops, not for an internal service) or a RESULT
+        is parsed straight from its frames and handled by the same admission and completion as
+        the general path, without building the message or matching on its type. Anything else
+        returns False having changed nothing. (A property test runs random schedules both ways
+        and compares every output.)"""
         cmd = p.command_of(head)
-        if cmd == p.CMD_RESULT:
-            return self._plain_result(peer, head, payload, now, out)
         if cmd == p.CMD_REQUEST:
-            return self._plain_request(peer, head, payload, now, out)
+            r = p.plain_request(head)
+            if r is None:
+                return False
+            rid, service, budget_ms, trace = r
+            if service.startswith(p.INTERNAL_PREFIXES):
+                return False
+            d = self.d
+            d.now = now
+            w = d.members.get(peer)
+            if w is not None:
+                w.seen = now
+            self.counters.requests += 1
+            self._admit(peer, w, rid, service, budget_ms, (), trace, payload, now, out)
+            return True
+        if cmd == p.CMD_RESULT:
+            f = p.plain_result(head)
+            if f is None:
+                return False
+            d = self.d
+            d.now = now
+            w = d.members.get(peer)
+            if w is not None:
+                w.seen = now
+            ticket, rstatus = f
+            status = p.ST_OK if rstatus == p.RS_OK else p.ST_FAILED
+            self._settle(peer, w, ticket, status, "", payload, rstatus == p.RS_REFUSED, now, out)
+            return True
         return False
-
-    def _plain_request(self, peer: bytes, head: bytes, payload: bytes, now: float, out: list[Out]) -> bool:
-        f = p.plain_request(head)
-        if f is None:
-            return False
-        rid, service, budget_ms, trace = f
-        d = self.d
-        if budget_ms <= 0 or service.startswith(p.INTERNAL_PREFIXES) or peer in d.members:
-            return False
-        if (peer, rid) in d.by_key:
-            return False
-        by_client = d.open_by_client
-        mine = by_client.get(peer, 0)
-        settings = self.settings
-        if (
-            mine >= settings.max_client_inflight
-            or d.queued >= settings.max_queue
-            or d.queued_bytes + len(payload) > settings.max_queue_bytes
-        ):
-            return False
-        d.now = now
-        self.counters.requests += 1
-        by_client[peer] = mine + 1
-        d.accept(peer, None, rid, service, p.deadline_at(now, budget_ms), (), trace, payload, now, out)
-        return True
-
-    def _plain_result(self, peer: bytes, head: bytes, payload: bytes, now: float, out: list[Out]) -> bool:
-        f = p.plain_result(head)
-        if f is None:
-            return False
-        ticket, rstatus = f
-        d = self.d
-        w = d.members.get(peer)
-        if rstatus == p.RS_REFUSED or not isinstance(w, WorkerMember) or w.carried:
-            return False
-        req = d.reqs.get(ticket)
-        if req is None or req.worker is not w or req.state != ASSIGNED or ticket not in w.inflight:
-            return False
-        d.now = now
-        w.seen = now
-        d.settle_plain(w, req, rstatus == p.RS_OK, payload, now, out)
-        return True
 
     def send_failed(self, peer: bytes, msg: p.Message, now: float) -> list[Out]:
         self.counters.send_drops += 1
@@ -465,47 +451,67 @@ class BrokerCore(BrokerMachine):
     # --- handlers ---------------------------------------------------------------------------------
 
     def _on_request(self, peer: bytes, w: Member | None, m: p.Request, now: float) -> list[Out]:
-        c = self.counters
-        c.requests += 1
-        service = m.service
+        self.counters.requests += 1
         out: list[Out] = []
-        if service.startswith(p.INTERNAL_PREFIXES):
-            self.services.answer(peer, 0, m.rid, service, m.budget_ms, m.hops, m.payload, now, out)
-            return out
+        if m.service.startswith(p.INTERNAL_PREFIXES):
+            self.services.answer(peer, 0, m.rid, m.service, m.budget_ms, m.hops, m.payload, now, out)
+        else:
+            self._admit(peer, w, m.rid, m.service, m.budget_ms, m.hops, m.trace, m.payload, now, out)
+        return out
+
+    def _admit(
+        self,
+        peer: bytes,
+        w: Member | None,
+        rid: int,
+        service: str,
+        budget_ms: int,
+        hops: tuple[str, ...],
+        trace: str,
+        payload: bytes,
+        now: float,
+        out: list[Out],
+    ) -> None:
+        """A request for a service: absorb a duplicate, refuse it at once (budget spent, loop,
+        quota, full queue), or accept it. Both paths come here."""
+        c = self.counters
         d = self.d
-        if (peer, m.rid) in d.by_key:
+        if (peer, rid) in d.by_key:
             c.duplicates += 1
-            return NONE
-        if m.budget_ms <= 0:
+            return
+        if budget_ms <= 0:
             c.timeouts += 1
-            return [(peer, p.Reply(m.rid, p.ST_TIMEOUT, "request arrived with its time budget spent", b""))]
-        hops = m.hops
+            out.append((peer, p.Reply(rid, p.ST_TIMEOUT, "request arrived with its time budget spent", b"")))
+            return
         if hops and self.name in hops:
             c.loops += 1
             c.invalid += 1
-            return [(peer, p.Reply(m.rid, p.ST_INVALID, f"request looped: it has passed {self.name} already", b""))]
-        settings = self.settings
-        mine = d.open_by_client.get(peer, 0)
-        if mine >= settings.max_client_inflight and not isinstance(w, BrokerMember):
+            out.append((peer, p.Reply(rid, p.ST_INVALID, f"request looped: it has passed {self.name} already", b"")))
+            return
+        by_client = d.open_by_client
+        mine = by_client.get(peer, 0)
+        if mine >= self._max_inflight and not isinstance(w, BrokerMember):
             c.busy += 1
             c.over_quota += 1
-            limit = settings.max_client_inflight
-            why = f"this client has {mine} requests open, its limit is {limit}"
-            return [(peer, p.Reply(m.rid, p.ST_BUSY, why, b""))]
-        if d.queued >= settings.max_queue or d.queued_bytes + len(m.payload) > settings.max_queue_bytes:
+            why = f"this client has {mine} requests open, its limit is {self._max_inflight}"
+            out.append((peer, p.Reply(rid, p.ST_BUSY, why, b"")))
+            return
+        if d.queued >= self._max_queue or d.queued_bytes + len(payload) > self._max_queue_bytes:
             c.busy += 1
             why = (
                 f"broker {self.name} is busy: {d.queued} requests ({d.queued_bytes} bytes) queued, "
-                f"limit {settings.max_queue}"
+                f"limit {self._max_queue}"
             )
-            return [(peer, p.Reply(m.rid, p.ST_BUSY, why, b""))]
-        d.open_by_client[peer] = mine + 1
-        d.accept(peer, w, m.rid, service, p.deadline_at(now, m.budget_ms), hops, m.trace, m.payload, now, out)
-        return out
+            out.append((peer, p.Reply(rid, p.ST_BUSY, why, b"")))
+            return
+        by_client[peer] = mine + 1
+        d.accept(peer, w, rid, service, p.deadline_at(now, budget_ms), hops, trace, payload, now, out)
 
     def _on_result(self, peer: bytes, w: Member | None, m: p.Result, now: float) -> list[Out]:
+        out: list[Out] = []
         status = p.ST_OK if m.status == p.RS_OK else p.ST_FAILED
-        return self._settle(peer, w, m.ticket, status, "", m.payload, m.status == p.RS_REFUSED, now)
+        self._settle(peer, w, m.ticket, status, "", m.payload, m.status == p.RS_REFUSED, now, out)
+        return out
 
     def _on_reply(self, peer: bytes, w: Member | None, m: p.Reply, now: float) -> list[Out]:
         """A downstream broker's answer to a task (BUSY: it could not take it, requeue)."""
@@ -514,11 +520,12 @@ class BrokerCore(BrokerMachine):
                 return [(peer, p.Reconnect("unknown broker: register again"))]
             self.counters.bad_input += 1
             return [(peer, p.Error(p.E_COMMAND, "REPLY is accepted from registered downstream brokers only"))]
+        out: list[Out] = []
         if self.services.asked(m.rid):
-            out: list[Out] = []
             self.services.gathered(m, out)
-            return out
-        return self._settle(peer, w, m.rid, m.status, m.message, m.payload, m.status == p.ST_BUSY, now)
+        else:
+            self._settle(peer, w, m.rid, m.status, m.message, m.payload, m.status == p.ST_BUSY, now, out)
+        return out
 
     def _settle(
         self,
@@ -530,10 +537,12 @@ class BrokerCore(BrokerMachine):
         payload: bytes,
         refused: bool,
         now: float,
-    ) -> list[Out]:
-        out: list[Out] = [] if w is not None else [(peer, p.Reconnect("unknown worker: register again"))]
+        out: list[Out],
+    ) -> None:
+        """A member answered ``ticket`` (both paths come here); an unknown peer is told to register."""
+        if w is None:
+            out.append((peer, p.Reconnect("unknown worker: register again")))
         self.d.settle(peer, w, ticket, status, message, payload, refused, now, out)
-        return out
 
     def _on_heartbeat(self, peer: bytes, w: Member | None, m: p.Heartbeat, now: float) -> list[Out]:
         if w is None:

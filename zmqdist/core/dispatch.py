@@ -474,22 +474,6 @@ class Dispatcher:
         elif req is not None and req.state == QUEUED and req.ticket in self.reqs:
             self.pump(self.pools[req.service], now, out)
 
-    def settle_plain(self, w: Member, req: Req, ok: bool, payload: bytes, now: float, out: list[Out]) -> None:
-        """The holder ``w`` answered ``req`` (OK or FAILED): :meth:`settle` for the common case."""
-        w.release(req.ticket)
-        self.offer(w)
-        w.served += 1
-        if ok:
-            status = p.ST_OK
-        else:
-            status = p.ST_FAILED
-            w.failed += 1
-        w.busy_s += now - req.t_out
-        if self.h_service is not None:
-            self.h_service.observe(now - req.t_out)
-        self.finish(req, status, "", payload, out)
-        self.pump_services(w, now, out)
-
     def abandon_from(self, client: Dest) -> None:
         """Forget queued requests of a departed member: no one can take the reply."""
         for req in [r for r in self.reqs.values() if r.client == client and r.state == QUEUED]:
