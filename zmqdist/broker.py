@@ -10,7 +10,9 @@ request goes.
 A proxy (``upstream`` set) also owns a DEALER to its upstream broker, in the same thread. A broker
 of a backup pair (``ha`` set) owns the pair link too: a ROUTER bound at ``ha_bind`` that receives
 the peer's messages and a DEALER connected to the peer's (never kept for later: the pair protocol
-resends state).
+resends state). A PairState also goes back on the connection the peer made to us: after the peer
+restarts, our DEALER reconnects only after libzmq's backoff (up to a second), and the peer must
+hear us before its grace ends.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class Broker:
         self._up: DealerLink | None = None  # a proxy's link to its upstream, owned by the loop thread
         self._pair_in: zmq.Socket[Any] | None = None  # the pair link: the peer's messages come here
         self._pair_out: DealerLink | None = None  # ... and ours go out here
+        self._pair_back: bytes | None = None  # the identity of the peer's connection to our ROUTER
         self.ha_endpoints: list[str] = []
         self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
         self._loop: Loop | None = None
@@ -269,8 +272,10 @@ class Broker:
         if pair_in is not None:
             self._pair_out = DealerLink(self._ctx, b"P" + secrets.token_bytes(8), log, self._peer_keys, keep=False)
             assert self._peer is not None
-            self._pair_out.connect(self._peer)
+            pair_out = self._pair_out
+            pair_out.connect(self._peer)
             loop.watch(lambda: pair_in, lambda now: self._drain_pair(pair_in, core))
+            loop.watch(lambda: pair_out.sock, lambda now: self._read_pair_out(pair_out, core, now))
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
         self._ready.set()
         try:
@@ -327,10 +332,20 @@ class Broker:
                 return False
             now = self._clock.now()
             roles = str(frames[-1].get("X-Roles")) if secure else None
+            self._pair_back = frames[0].bytes
             out = core.receive_pair_frames([f.bytes for f in frames[1:]], now, roles)
             if out:
                 self._send(core, out, now)
         return True
+
+    def _read_pair_out(self, link: DealerLink, core: BrokerMachine, now: float) -> bool:
+        """What the peer answered on our own connection to it (a PairState sent back)."""
+        out: list[Out] = []
+        for msg in link.recv_batch(now):
+            out += core.pair_receive(msg, now)
+        if out:
+            self._send(core, out, now)
+        return link.more
 
     def _read_upstream(self, up: DealerLink, core: BrokerMachine, now: float) -> bool:
         out: list[Out] = []
@@ -467,6 +482,20 @@ class Broker:
                     if dest is UPSTREAM and type(msg) is p.Request and log.isEnabledFor(logging.DEBUG):
                         log.debug("broker %s: %s forwarded upstream (trace %s)", name, msg.service, msg.trace)
                     link.send(msg)
+                if dest is PAIR and type(msg) is p.PairState:
+                    self._pair_answer(msg)
+
+    def _pair_answer(self, msg: p.PairState) -> None:
+        """Send our state back on the connection the peer made to us (see the module docstring);
+        duplicates of a PairState are harmless. Nothing is kept if the peer is not there."""
+        back, sock = self._pair_back, self._pair_in
+        if back is None or sock is None:
+            return
+        head, payload = self._enc.encode(msg)
+        try:
+            sock.send_multipart([back, head, payload], NB)
+        except zmq.ZMQError:
+            pass  # the peer's connection is gone (EHOSTUNREACH): our own link will reach it
 
     def _trace(self, peer: bytes, msg: Any) -> None:
         if type(msg) is p.Task:

@@ -233,7 +233,7 @@ class Client:
         loop.watch(lambda: link.sock, read)
         try:
             self._handle(link, core.start(clock.now()))
-            loop.run(tick, mail, stuck=link.stuck)
+            loop.run(tick, mail, stuck=link.stuck, paused=core.resumed)
         except BaseException:
             log.exception("client %s failed", self.name)
         finally:

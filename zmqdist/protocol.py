@@ -173,7 +173,9 @@ class PairState(NamedTuple):
 
     ``state`` is PAIR_PENDING (just started, role not known yet), PAIR_ACTIVE or PAIR_PASSIVE;
     ``synced`` is the last replication seq a passive broker applied (-1: it needs a snapshot);
-    ``votes`` counts the peers that came to it recently while it was not active.
+    ``votes`` counts the peers that came to it recently while it was not active; ``warm`` is 1
+    for an active broker that took over with a synced copy of the pair's table (0: it started
+    cold), so that two active brokers know which one carries the pair's work on.
     """
 
     name: str
@@ -183,6 +185,7 @@ class PairState(NamedTuple):
     incarnation: str
     synced: int
     votes: int
+    warm: int = 0  # optional trailing field
 
 
 class Replicate(NamedTuple):
@@ -208,9 +211,15 @@ class Reconnect(NamedTuple):
 
 
 class Bye(NamedTuple):
-    """Either way: I am leaving (a worker deregisters; a broker shuts down)."""
+    """Either way: I am leaving (a worker deregisters; a broker shuts down or sends a peer away).
+
+    A broker of a pair names itself (``broker``) and, when it sends a peer to the other broker of
+    its pair, that one (``active``): the peer goes there, not to the next endpoint of its list.
+    """
 
     reason: str
+    broker: str = ""  # optional trailing field: the sender, a broker
+    active: str = ""  # optional trailing field: the broker of the sender's pair to go to
 
 
 class Error(NamedTuple):
@@ -413,11 +422,19 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
     Replicate: (3, False, _check_replicate),
     Handover: (1, False, _check_epoch),
 }
+
+
 # Optional trailing header fields: per type, a check for each (the default is the field's own).
+def _is_short(v: object) -> bool:
+    return type(v) is str and len(v) <= MAX_NAME
+
+
 _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
     Hello: (lambda v: _is_int(v, 0, MAX_ID),),
-    Welcome: (lambda v: _is_int(v, 0, MAX_ID), lambda v: type(v) is str and len(v) <= MAX_NAME),
+    Welcome: (lambda v: _is_int(v, 0, MAX_ID), _is_short),
     Heartbeat: (lambda v: _is_int(v, 0, MAX_ID),),
+    Bye: (_is_short, _is_short),
+    PairState: (lambda v: v in (0, 1) and type(v) is int,),
 }
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
 _HEAD_REQUEST: Final = HEAD_PREFIX[Request]

@@ -64,6 +64,16 @@ def tree_members(tree: dict[str, Any]) -> tuple[set[str], set[str]]:
     return brokers, workers
 
 
+def tick_until(machine: WorkerCore | ClientCore | BrokerMachine, t: float) -> list[Any]:
+    """Run a machine's timers the way its runtime does, at each of its deadlines up to ``t`` (and
+    at ``t``); return everything they emitted, in order."""
+    out: list[Any] = []
+    while (d := machine.next_deadline()) is not None and d < t:
+        out += machine.tick(d)
+    out += machine.tick(t)
+    return out
+
+
 def feed(machine: BrokerMachine, peer: bytes | Channel, frames: list[bytes], now: float) -> list[Out]:
     """Give ``machine`` one message of raw ``frames`` from ``peer`` the way the runtime does: from a
     ROUTER peer through its door, from the upstream link (``UPSTREAM``) decoded first (a message
@@ -104,6 +114,7 @@ class _Node:
         self.alive = True
         self.endpoint = ""
         self.conn = 0  # bumped at every Connect: a new socket (what was sent to the old one is lost)
+        self.frozen_until = -1.0  # SIGSTOP: nothing runs until then; what arrives waits in its socket
 
     def deliver(self, msg: p.Message) -> None:
         raise NotImplementedError
@@ -142,6 +153,9 @@ class SimWorker(_Node):
 
     def _done(self, o: Execute) -> None:
         if not self.alive:
+            return
+        if self.frozen_until > self.sim.clock.now():  # its handler threads are stopped too
+            self.sim.at(self.frozen_until, functools.partial(self._done, o))
             return
         self.running -= 1
         value = p.unpack_value(o.payload)
@@ -215,7 +229,10 @@ class SimBroker(_Node):
         self.out(self.core.start(self.sim.clock.now()))
 
     def restart(self) -> None:
-        """A new run (empty tables, new incarnation) at the same endpoint."""
+        """A new run (empty tables, new incarnation) at the same endpoint. The other broker of its
+        pair reconnects to it after ``Simulation.pair_reconnect_s`` (libzmq's backoff)."""
+        if self.pair_peer is not None:
+            self.sim.pair_down_until[self.pair_peer.name] = self.sim.clock.now() + self.sim.pair_reconnect_s
         self.core = self._new_core()
         self.alive = True
         self.sim.nodes[self.ident] = self
@@ -251,7 +268,7 @@ class SimBroker(_Node):
             if ident is PAIR:
                 if t is Problem:
                     self.problems.append(msg.message)
-                elif self._pair_link_up():
+                elif self._pair_link_up(reply=t is p.PairState):
                     peer = self.pair_peer
                     assert peer is not None
                     sim.at(now + sim.latency, functools.partial(peer.receive_pair, peer.runs, p.encode(msg)))
@@ -285,11 +302,19 @@ class SimBroker(_Node):
             if n > cap:
                 raise InvariantError(f"worker {ident!r} holds {n} tasks at {self.name}, capacity {cap}")
 
-    def _pair_link_up(self) -> bool:
+    def _pair_link_up(self, reply: bool = False) -> bool:
+        """Can a message go to the other broker of the pair? On our own connection to it (down
+        while it reconnects, see ``Simulation.pair_reconnect``), or (``reply``: a PairState, which
+        the runtime also answers on the connection the peer made to us) on the peer's."""
         peer, sim = self.pair_peer, self.sim
         if peer is None or not peer.alive or {self.name, peer.name} & sim.pair_cut:
             return False
-        return self.ident not in sim.partitioned and peer.ident not in sim.partitioned
+        if self.ident in sim.partitioned or peer.ident in sim.partitioned:
+            return False
+        now = sim.clock.now()
+        if now >= sim.pair_down_until.get(self.name, 0.0):
+            return True
+        return reply and now >= sim.pair_down_until.get(peer.name, 0.0)
 
     def ident_of_endpoint(self) -> bytes:
         return self.at_endpoint.encode()
@@ -343,6 +368,10 @@ class Simulation:
         self.nodes: dict[bytes, _Node] = {}
         self.partitioned: set[bytes] = set()
         self.pair_cut: set[str] = set()  # brokers whose pair link is cut
+        # broker -> until when its own connection to the other broker of its pair is down (libzmq
+        # reconnects with a backoff after the other one restarted; ``pair_reconnect_s``)
+        self.pair_down_until: dict[str, float] = {}
+        self.pair_reconnect_s = 0.0
         self.cut_links: set[frozenset[bytes]] = set()  # (node, broker endpoint) connections cut
         self.tasks_sent: list[tuple[float, bytes]] = []
         self.add_broker("broker", settings=self.settings)
@@ -453,6 +482,15 @@ class Simulation:
     def _node(self, name: str) -> _Node:
         return self.workers.get(name) or self.clients.get(name) or self.brokers[name]
 
+    def freeze(self, name: str, seconds: float) -> None:
+        """Stop a worker or client for ``seconds`` (SIGSTOP, then SIGCONT): its timers do not run and
+        what is sent to it waits, delivered in order when it resumes, before its timers run. On
+        resuming it is told it was paused (as the runtime's poll loop tells it)."""
+        node = self._node(name)
+        assert isinstance(node, (SimWorker, SimClient)), "freeze stops a worker or a client"
+        node.frozen_until = self.clock.now() + seconds
+        self.at(node.frozen_until, functools.partial(node.core.resumed, seconds, node.frozen_until))
+
     def kill(self, name: str) -> None:
         """Kill a worker, client or broker: it sends and receives nothing more, like SIGKILL."""
         self._node(name).alive = False
@@ -512,6 +550,9 @@ class Simulation:
         node = self.nodes.get(ident)
         if node is None or not node.alive or node.ident != ident:
             return
+        if node.frozen_until > self.clock.now():
+            self.at(node.frozen_until, functools.partial(self.deliver_to_node, ident, frames, conn))
+            return
         if conn is not None and node.conn != conn:
             return  # sent on a connection the node has closed since (a failover): lost, as with zmq
         node.deliver(p.decode(*frames))
@@ -524,7 +565,7 @@ class Simulation:
             if b.alive and (d := b.core.next_deadline()) is not None and d <= now:
                 b.tick()
         for node in list(self.nodes.values()):
-            if node.alive and isinstance(node, (SimWorker, SimClient)):
+            if node.alive and isinstance(node, (SimWorker, SimClient)) and node.frozen_until <= now:
                 d = node.core.next_deadline()
                 if d is not None and d <= now:
                     node.handle(node.core.tick(now))
@@ -533,11 +574,15 @@ class Simulation:
         times = []
         if self._events:
             times.append(self._events[0][0])
+        now = self.clock.now()
         for b in self.brokers.values():
             if b.alive and (d := b.core.next_deadline()) is not None:
                 times.append(d)
         for node in self.nodes.values():
             if node.alive and isinstance(node, (SimWorker, SimClient)):
+                if node.frozen_until > now:
+                    times.append(node.frozen_until)  # its timers wait until it resumes
+                    continue
                 d = node.core.next_deadline()
                 if d is not None:
                     times.append(d)

@@ -180,7 +180,7 @@ class Worker:
                 link.endpoint,
                 self.concurrency,
             )
-            loop.run(tick, mail, stuck=link.stuck)
+            loop.run(tick, mail, stuck=link.stuck, paused=core.resumed)
         except BaseException as exc:
             self.error = exc
             log.exception("worker %s failed", self.name)

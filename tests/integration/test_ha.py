@@ -168,3 +168,47 @@ def test_sigterm_of_the_active_broker_hands_over_at_once(procs, tmp_path):
     print(f"\nSIGTERM to the first call served after it: {handover:.3f}s")
     assert first == "after" and st["broker"] == "B" and st["ha"]["handovers"] == 0
     assert st["ha"]["takeovers"] == 1 and handover < 1.0  # no ttl of silence to wait for
+
+
+@pytest.mark.timeout(150)
+def test_a_restarted_broker_never_deposes_the_live_active_one(procs, tmp_path):
+    """Kill the active A, let B take over, and restart A while a client that lists A first comes
+    to it. B's own pair connection to A reconnects only after libzmq's backoff (up to 1 s), longer
+    than A's grace here (heartbeat 0.1 s x 3): A must hear B on the connection A made, stay
+    passive, and B, which holds open requests, must never step down. Five restarts."""
+    fast = ("--heartbeat", "0.1", "--liveness", "3")
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B", *fast)
+    procs.spawn(
+        "worker",
+        "testworkers:echo",
+        "--connect",
+        t.ep("A"),
+        "--connect",
+        t.ep("B"),
+        "--heartbeat",
+        "0.1",
+        "--liveness",
+        "3",
+        "--concurrency",
+        "4",
+    )
+    t.wait_pair("A", "B")
+    t.brokers["A"].send_signal(signal.SIGKILL)
+    t.brokers["A"].wait(10)
+    with t.client("B") as c:
+        wait_for(lambda: status(c)["ha"]["state"] == "active", 20, "B active")
+    with t.client("A", "B", timeout=60) as load:
+        for round_ in range(5):
+            time.sleep(2.5)  # B's reconnection attempts to the dead A back off to their 1 s maximum
+            slow = [load.submit("slow", 1.0) for _ in range(8)]  # B holds open requests
+            t.broker("A", "primary", "B", *fast)
+            with t.client("A", "B") as voter:  # a peer that lists A first comes to A at once
+                voter.submit("echo", round_)
+                time.sleep(2.0)
+            b, a = t.ha("B"), t.ha("A")
+            assert b["state"] == "active" and b["step_downs"] == 0, (round_, b)
+            assert a["state"] == "passive" and a["takeovers"] == 0, (round_, a)
+            assert [f.result(30) for f in slow]
+            t.brokers["A"].send_signal(signal.SIGKILL)
+            t.brokers["A"].wait(10)

@@ -12,12 +12,14 @@ from zmqdist.core.ha import (
     HAND_OVER,
     PASSIVE,
     PENDING,
+    RAISE_EPOCH,
     STEP_DOWN,
     TAKE_OVER,
     Pair,
 )
 from zmqdist.core.link import BrokerLink, Connect
 from zmqdist.core.worker import WorkerCore
+from zmqdist.testing import tick_until
 
 HB = HeartbeatSettings(0.25, 4)  # ttl 1 s
 
@@ -62,11 +64,33 @@ def test_a_passive_broker_takes_over_at_once_when_its_peer_restarts():
     assert b.activate(0.5) == 2  # above the epoch it knew (1), not the restarted peer's 0
 
 
-def test_a_pending_broker_waits_one_ttl_for_its_peer_before_votes_count():
+def test_a_pending_broker_waits_one_ttl_and_a_heartbeat_for_its_peer_before_votes_count():
     a = pair("primary", now=10.0)
     a.vote(b"c", 10.5)
     assert a.decide(10.5) is None
-    assert a.decide(11.0 + 1e-3) == TAKE_OVER
+    assert a.decide(11.25) is None  # ttl 1 s, heartbeat 0.25 s: the grace of a broker that just started
+    a.vote(b"c", 11.25)
+    assert a.decide(11.25 + 1e-3) == TAKE_OVER
+
+
+def test_two_active_the_one_that_took_over_cold_steps_down_for_the_one_that_carries_the_table():
+    """A broker restarted cold beside a live active one it did not hear: its epoch (the wall-clock
+    floor) is higher, but the other holds the pair's work, so the cold one steps down and the warm
+    one moves its epoch above."""
+    warm = pair("backup")
+    warm.heard(state(primary=1, st=ACTIVE, epoch=1), 0.0)
+    warm.deactivate(0.0, stepped_down=False)
+    warm.apply(p.Replicate(1, 1, 1, p.pack_ops(0.0, [])), 0.0)  # a synced copy (empty is enough)
+    warm.activate(1.0)  # takes over: epoch 2, warm
+    cold = pair("primary", now=5.0)
+    cold.floor = 9_000
+    cold.vote(b"c", 6.0)
+    assert cold.decide(6.5) == TAKE_OVER
+    cold.activate(6.5)  # epoch 9001, cold
+    cold.heard(warm.state_message(6.6), 6.6)
+    warm.heard(cold.state_message(6.6), 6.6)
+    assert cold.decide(6.6) == STEP_DOWN
+    assert warm.decide(6.6) == RAISE_EPOCH and warm.raise_epoch(warm.peer_epoch) > 9_001
 
 
 def test_two_active_the_lower_epoch_steps_down_and_on_a_tie_the_backup():
@@ -191,7 +215,7 @@ def test_a_worker_carries_tasks_and_unconfirmed_results_to_the_other_broker_of_t
     w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
     ex = [w.receive(p.Task(t, "echo", 5000, 1, f"k{t}", t, (), b"v"), 0.0)[0] for t in (1, 2, 3)]
     assert w.task_done(1, ex[0].session, True, b"r1", 0.1) == [p.Result(1, p.RS_OK, b"r1")]
-    out = w.tick(1.1)  # a silent: fail over to b
+    out = tick_until(w, 1.1)  # a silent: fail over to b
     assert out[-1] == p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, 1)  # 2 slots still busy
     assert w.task_done(2, ex[1].session, True, b"r2", 1.2) == []  # kept for b
     out = w.receive(p.Welcome("b", "inc-b", 250, 4, 2, "a"), 1.3)
@@ -207,7 +231,7 @@ def test_a_worker_voids_carried_work_at_a_broker_outside_the_pair():
     w.start(0.0)
     w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
     (ex,) = w.receive(p.Task(1, "echo", 5000, 1, "k1", 1, (), b"v"), 0.0)
-    w.tick(1.1)
+    tick_until(w, 1.1)
     assert w.receive(p.Welcome("x", "inc-x", 250, 4), 1.2) == [p.Credit(1)]
     assert w.carry == {} and w.stale == 1
     assert w.task_done(1, ex.session, True, b"r", 1.3) == [p.Credit(2)]
@@ -218,7 +242,7 @@ def test_a_worker_refuses_a_stale_broker_and_moves_on():
     w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 2, "w", HB, 0.0)
     w.start(0.0)
     w.receive(p.Welcome("b", "inc-b", 250, 4, 5, "a"), 0.0)
-    w.tick(1.1)  # b silent: to a, which answers with its old epoch
+    tick_until(w, 1.1)  # b silent: to a, which answers with its old epoch
     out = w.receive(p.Welcome("a", "inc-a", 250, 4, 3, "b"), 1.2)
     assert "refused" in out[0].message and type(out[1]) is Connect and type(out[2]) is p.Hello
     assert w.link.connects == 3  # start, the failover from b, and the move on from stale a
@@ -253,7 +277,7 @@ def test_carried_work_that_finished_before_welcome_gives_its_slots_back():
     w.start(0.0)
     w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
     ex = [w.receive(p.Task(t, "echo", 5000, 1, f"k{t}", t, (), b"v"), 0.0)[0] for t in (1, 2)]
-    out = w.tick(1.1)  # a silent: to b
+    out = tick_until(w, 1.1)  # a silent: to b
     assert out[-1].capacity == 0  # both slots carried
     for e in ex:
         assert w.task_done(e.ticket, e.session, True, b"r", 1.2) == []  # parked: not registered

@@ -68,3 +68,29 @@ def test_a_loop_with_messages_still_waiting_reads_again_before_its_timers():
     a.close()
     b.close()
     mailbox.close()
+
+
+class ScriptedClock:
+    """Returns the given times in turn (then the last one): a wait that took longer than asked."""
+
+    def __init__(self, *times):
+        self.times = list(times)
+
+    def now(self):
+        return self.times.pop(0) if len(self.times) > 1 else self.times[0]
+
+
+def test_a_wait_that_ends_much_later_than_asked_is_reported_as_a_pause_before_reading():
+    mailbox = Mailbox()
+    mailbox.post("stop")  # the wait returns at once; the clock says 2.5 s passed meanwhile
+    clock = ScriptedClock(0.0, 0.0, 2.5)  # turn start, before the wait, after the wait
+    loop = Loop(clock, mailbox)
+    seen = []
+
+    def on_mail(items, now):
+        seen.append(("mail", now))
+        loop.stop()
+
+    loop.run(tick=lambda now: now + 0.1, mail=on_mail, paused=lambda s, now: seen.append(("paused", round(s, 3))))
+    assert seen == [("paused", 2.4), ("mail", 2.5)]  # asked to wait 0.1 s, woke 2.5 s later: paused 2.4 s
+    mailbox.close()

@@ -34,10 +34,25 @@ def test_worker_heartbeats_every_interval_and_fails_over_after_ttl():
     w = worker()
     assert w.tick(0.24) == []
     assert w.tick(0.25) == [p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ())]
+    for t in (0.5, 0.75):  # ticked at every deadline, as a runtime does
+        w.tick(t)
     assert w.tick(1.0) == [p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ())]  # silent exactly ttl: still alive
     out = w.tick(1.0 + EPSILON)
     assert type(out[0]) is Connect and out[0].endpoint == "tcp://b:1"
     assert type(out[1]) is p.Hello
+
+
+def test_a_machine_that_was_paused_itself_does_not_count_the_pause_as_its_brokers_silence():
+    """SIGSTOP of the worker for 2.5 s (its loop says so): the broker sent nothing because the
+    worker sent nothing, so the pause does not count. Heartbeat at once; judge the rest."""
+    w = worker()
+    w.tick(0.25)  # the broker was last heard at 0.0
+    w.resumed(2.5, 2.8)  # stopped from 0.3 to 2.8
+    assert w.tick(2.8) == [p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ())]  # no failover, a heartbeat
+    for t in (3.05, 3.3, 3.5):
+        assert not any(type(o) is Connect for o in w.tick(t))  # heard at 0.0 + 2.5 paused: alive to 3.5
+    out = w.tick(3.5 + EPSILON)
+    assert type(out[0]) is Connect and out[0].endpoint == "tcp://b:1"  # silent a full ttl it was awake
 
 
 def test_worker_drops_results_from_a_void_session_and_advertises_reduced_capacity():
@@ -137,6 +152,8 @@ def test_client_resends_pending_with_same_rid_when_broker_restarted():
 def test_client_fails_over_to_next_endpoint_and_resends():
     c = client()
     c.submit(1, "echo", b"v", 5.0, 0.0)
+    for t in (0.25, 0.5, 0.75, 1.0):
+        c.tick(t)
     out = c.tick(1.0 + EPSILON)
     assert out[0] == Connect("tcp://b:1", out[0].reason) and "silent" in out[0].reason
     assert type(out[1]) is p.Hello

@@ -417,7 +417,7 @@ class BrokerCore(BrokerMachine):
 
     def shutdown(self) -> list[Out]:
         """Say BYE to every member and client (and upstream) so they move on at once."""
-        bye = p.Bye("broker shutting down")
+        bye = p.Bye("broker shutting down", self.name)
         out: list[Out] = [(ident, bye) for ident in self.leavers()]
         self.tiers.shutdown("proxy shutting down", out)
         return out

@@ -121,7 +121,8 @@ class ClientCore:
             case p.Reconnect():
                 return [self._hello(), *self._resend_all(now)]
             case p.Bye():
-                return self._failover(now, f"broker said bye: {msg.reason}")
+                link.learn(msg.broker, msg.active)
+                return self._failover(now, f"broker said bye: {msg.reason}", to=msg.active)
             case p.Error():
                 return [Problem(f"broker refused a message: {msg.message}")]
         return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
@@ -152,6 +153,10 @@ class ClientCore:
             out.append(p.Heartbeat(p.ROLE_CLIENT, link.incarnation or "", 0, ()))
         return out
 
+    def resumed(self, seconds: float, now: float) -> None:
+        """The client did not run for ``seconds`` (SIGSTOP, a stall): see ``BrokerLink.paused``."""
+        self.link.paused(seconds, now)
+
     def next_deadline(self) -> float | None:
         """Return when ``tick`` has something to do next."""
         d = self.link.next_deadline()
@@ -163,13 +168,14 @@ class ClientCore:
         return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000), self.link.top_epoch)
 
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
-        budget_ms = max(0, int((pend.deadline - now - margin) * 1000))
+        budget_ms = p.budget_ms_left(pend.deadline - margin, now, floor=0)
         return p.Request(rid, pend.service, budget_ms, (), pend.payload, pend.trace)
 
     def _resend_all(self, now: float) -> list[ClientOut]:
         self.counters["resent"] += len(self.pending)
         return [self._request(rid, pend, now, 0.0) for rid, pend in self.pending.items() if pend.deadline > now]
 
-    def _failover(self, now: float, reason: str) -> list[ClientOut]:
+    def _failover(self, now: float, reason: str, to: str = "") -> list[ClientOut]:
+        """Connect elsewhere (to broker ``to`` if a BYE named it), say HELLO, resend what is pending."""
         self.counters["failovers"] += 1
-        return [self.link.connect_next(now, reason), self._hello(), *self._resend_all(now)]
+        return [self.link.connect_named(to, now, reason), self._hello(), *self._resend_all(now)]

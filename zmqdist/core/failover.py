@@ -6,7 +6,10 @@ Rules of this module:
    ``Connection`` wraps its state machine: the machine knows nothing of the pair but its epoch.
 2. Not active (pending or passive): the broker answers by itself. It answers status, sends a peer
    to the active broker (BYE, at most once a heartbeat per peer) when that one is alive, and
-   otherwise counts the peer's visit as a vote for a takeover.
+   otherwise counts the peer's visit as a vote for a takeover. A passive proxy with a synced copy
+   of the table whose peer is silent asks its upstream, every heartbeat, whether the peer is still
+   registered there (``zmqdist.member``); the upstream sees both brokers of the pair, and its
+   "not there, or silent past the ttl" is a vote too (the witness: docs/ha.md).
 3. A takeover builds a fresh machine from the replicated table (new epoch, new incarnation, tickets
    past every ticket seen); stepping down drops the machine for an empty one that serves nobody.
    Counters and histograms belong to the pair's broker and carry over.
@@ -26,16 +29,19 @@ from zmqdist.core.ha import (
     HAND_OVER,
     PASSIVE,
     PENDING,
+    RAISE_EPOCH,
     STEP_DOWN,
     TAKE_OVER,
     TICKET_GAP,
     Pair,
 )
-from zmqdist.core.link import Problem
+from zmqdist.core.link import BrokerLink, Problem
 from zmqdist.core.metrics import Hist
-from zmqdist.core.records import NONE, PAIR, Counters, Out
-from zmqdist.core.services import HANDOVER_SERVICE, STATUS_SERVICE, StatusPart
+from zmqdist.core.records import NONE, PAIR, UPSTREAM, Counters, Out
+from zmqdist.core.services import HANDOVER_SERVICE, MEMBER_SERVICE, STATUS_SERVICE, StatusPart
 from zmqdist.core.tiers import Upstream, half
+
+WITNESS = b"upstream:witness"  # the vote of a proxy pair's upstream (it does not hear our peer)
 
 
 def make_broker(
@@ -72,6 +78,10 @@ class PairedBroker(BrokerMachine):
         self._hist: dict[str, Hist] | None = None
         self._parts: list[StatusPart] = [self._pair_status]
         self.inner = self._machine(now, serving=False)
+        # A passive proxy's question to its upstream about its silent peer (the pair's witness).
+        self._witness = BrokerLink(settings.upstream, settings.heartbeat, now) if settings.upstream else None
+        self._witness_rid = 0
+        self._witness_connected = False
 
     def _machine(self, now: float, serving: bool, first_ticket: int = 1) -> BrokerCore:
         """A fresh machine: serving (after a takeover) or an empty one that answers status."""
@@ -97,10 +107,14 @@ class PairedBroker(BrokerMachine):
     def _pair_status(self, now: float) -> dict[str, object]:
         return {"ha": self.pair.status(now)}
 
+    def _state(self, now: float) -> p.PairState:
+        """Our PairState (with the requests we hold, when active)."""
+        return self.pair.state_message(now)
+
     # --- inputs -----------------------------------------------------------------------------------
 
     def start(self, now: float) -> list[Out]:
-        return [(PAIR, self.pair.state_message(now))]
+        return [(PAIR, self._state(now))]
 
     def receive_plain(self, peer: bytes, head: bytes, payload: bytes, now: float, out: list[Out]) -> bool:
         return self._active and self.inner.receive_plain(peer, head, payload, now, out)
@@ -121,7 +135,23 @@ class PairedBroker(BrokerMachine):
 
     def upstream_receive(self, msg: p.Message, now: float) -> list[Out]:
         self._now = now
-        return self.inner.upstream_receive(msg, now) if self._active else NONE
+        if self._active:
+            return self.inner.upstream_receive(msg, now)
+        out: list[Out] = []
+        w = self._witness
+        if w is not None and self._witness_connected:
+            w.last_heard = now
+            if type(msg) is p.Reply and msg.rid == self._witness_rid and msg.status == p.ST_OK:
+                try:
+                    seen = p.unpack_value(msg.payload)
+                except ValueError:
+                    seen = None
+                silent = seen.get("silent_s") if isinstance(seen, dict) else 0.0
+                pair = self.pair
+                if isinstance(seen, dict) and (not seen.get("registered") or (silent or 0.0) > pair.ttl_s):
+                    pair.vote(WITNESS, now)  # the upstream does not hear our peer either
+                    self._decide(now, out)
+        return out
 
     def pair_receive(self, msg: p.Message, now: float) -> list[Out]:
         """Handle a message from the other broker of our pair (the runtime's pair link)."""
@@ -132,6 +162,9 @@ class PairedBroker(BrokerMachine):
             case p.PairState():
                 pair.heard(msg, now)
                 self._decide(now, out)
+                if msg.state == PENDING and pair.state != PENDING:
+                    # It just started: answer at once (it must hear a live peer within its grace).
+                    out.append((PAIR, self._state(now)))
             case p.Replicate():
                 problem = pair.apply(msg, now)
                 if problem is not None:
@@ -158,9 +191,11 @@ class PairedBroker(BrokerMachine):
         self._now = now
         out = self.inner.tick(now) if self._active else []
         pair = self.pair
+        if not self._active:
+            self._ask_witness(now, out)
         self._decide(now, out)
         if now >= pair.next_beat:
-            out.append((PAIR, pair.state_message(now)))
+            out.append((PAIR, self._state(now)))
         if not self._active and pair.held and pair.peer_state == ACTIVE and pair.peer_fresh(now):
             self._redirect_held(out)
         out += self.flush(now)
@@ -212,10 +247,36 @@ class PairedBroker(BrokerMachine):
             self._step_down(now, out, f"{pair.peer_name} is active with epoch {pair.peer_epoch} (ours {pair.epoch})")
         elif action == HAND_OVER:
             self._hand_over(now, out)
+        elif action == RAISE_EPOCH:
+            # Both active; we carry the pair's table on and the other started cold: it steps down,
+            # and peers must accept us, so our epoch goes above the one it announced.
+            self._epoch = pair.raise_epoch(pair.peer_epoch)
+            self.inner.set_epoch(self._epoch)
+            why = f"{pair.peer_name} is active too, started cold: we carry the work on at epoch {self._epoch}"
+            out.append((PAIR, Problem(f"{self.name}: {why}")))
+            out.append((PAIR, self._state(now)))
+
+    def _ask_witness(self, now: float, out: list[Out]) -> None:
+        """Passive proxy, synced, peer silent: ask the upstream whether it hears our peer."""
+        w, pair = self._witness, self.pair
+        if w is None or pair.state != PASSIVE or pair.applied < 0 or pair.peer_alive(now) or not pair.peer_name:
+            return
+        if not self._witness_connected or w.silent(now):
+            out.append((UPSTREAM, w.connect_next(now, "asking the upstream whether it hears our peer")))
+            out.append((UPSTREAM, p.Hello(p.ROLE_CLIENT, self.name, (), 0, max(1, round(w.hb_s * 1000)))))
+            self._witness_connected = True
+        if w.heartbeat_due(now):
+            self._witness_rid += 1
+            budget = max(1, round(w.ttl_s * 1000))
+            out.append(
+                (UPSTREAM, p.Request(self._witness_rid, MEMBER_SERVICE, budget, (), p.pack_value(pair.peer_name)))
+            )
 
     def _redirect_held(self, out: list[Out]) -> None:
         pair = self.pair
-        bye = p.Bye(f"{self.name} is the passive broker of its pair; {pair.peer_name} is active")
+        bye = p.Bye(
+            f"{self.name} is the passive broker of its pair; {pair.peer_name} is active", self.name, pair.peer_name
+        )
         out += [(ident, bye) for ident in pair.held]
         self.counters.redirected += len(pair.held)
         pair.held.clear()
@@ -239,7 +300,8 @@ class PairedBroker(BrokerMachine):
             if not pair.redirect_due(peer, now):
                 return NONE
             self.counters.redirected += 1
-            return [(peer, p.Bye(f"{self.name} is the passive broker of its pair; {pair.peer_name} is active"))]
+            why = f"{self.name} is the passive broker of its pair; {pair.peer_name} is active"
+            return [(peer, p.Bye(why, self.name, pair.peer_name))]
         pair.vote(peer, now)
         pair.held.add(peer)
         self._decide(now, out)  # this vote may be what a takeover waited for
@@ -257,7 +319,7 @@ class PairedBroker(BrokerMachine):
         epoch = self._epoch = pair.raise_epoch(seen)
         self.inner.set_epoch(epoch)
         out.append((PAIR, Problem(f"{self.name}: a peer has seen epoch {seen} of this pair; now epoch {epoch}")))
-        out.append((PAIR, pair.state_message(now)))
+        out.append((PAIR, self._state(now)))
 
     def _take_over(self, now: float, out: list[Out], why: str) -> None:
         """Become the active broker: a new epoch, and a machine built from the replicated table."""
@@ -270,6 +332,7 @@ class PairedBroker(BrokerMachine):
         first = top + TICKET_GAP if top else 1 + int(self._rng() * 2**61)
         self.inner = self._machine(now, serving=True, first_ticket=first)
         self.inner.restore(table, now)
+        self._witness_connected = False  # the machine's upstream link replaces the witness's connection
         pair.table = {}
         out.append(
             (
@@ -277,7 +340,7 @@ class PairedBroker(BrokerMachine):
                 Problem(f"{self.name} is active, epoch {self._epoch} ({why}); {len(table)} open requests taken over"),
             )
         )
-        out.append((PAIR, pair.state_message(now)))
+        out.append((PAIR, self._state(now)))
         reconnect = p.Reconnect(f"{self.name} is now the active broker of its pair: register again")
         out += [(ident, reconnect) for ident in held]
         out += self.inner.start(now)  # a proxy registers upstream
@@ -285,14 +348,14 @@ class PairedBroker(BrokerMachine):
     def _step_down(self, now: float, out: list[Out], why: str) -> None:
         """Stop serving: tell every peer to go (to the other broker), drop the machine."""
         pair = self.pair
-        bye = p.Bye(f"{self.name} is now the passive broker of its pair: {why}")
+        bye = p.Bye(f"{self.name} is now the passive broker of its pair: {why}", self.name, pair.peer_name)
         out += [(ident, bye) for ident in self.inner.leavers()]
         self.inner.tiers.shutdown(f"proxy {self.name} stepped down", out)
         pair.deactivate(now, stepped_down=True)
         self._active = False
         self.inner = self._machine(now, serving=False)
         out.append((PAIR, Problem(f"{self.name} stepped down to passive: {why}")))
-        out.append((PAIR, pair.state_message(now)))
+        out.append((PAIR, self._state(now)))
 
     def _hand_over(self, now: float, out: list[Out]) -> None:
         """Give the work to the passive peer: the last ops, HANDOVER, then step down (failback)."""

@@ -8,12 +8,19 @@ Rules of this module:
    - both PENDING (a cold start): the primary becomes active, the backup passive;
    - a PENDING broker that hears an ACTIVE peer becomes PASSIVE; a PASSIVE one that hears its peer
      PENDING takes over (the peer restarted and lost its tables; we have a copy of them);
-   - a PASSIVE (or PENDING, after one ttl) broker whose peer has been silent for the ttl takes over
-     only if a client, worker or downstream broker came to it within that ttl (the vote of the
-     ZeroMQ guide's Binary Star). With the pair's own link cut while everyone still reaches the
-     active broker, nobody votes and the passive one stays passive;
-   - two ACTIVE brokers (a healed split): the one with the lower epoch steps down (on a tie, the
-     backup), so a primary restarted after a takeover can never keep serving beside the backup.
+   - a PASSIVE (or PENDING, after one ttl and a heartbeat) broker whose peer has been silent for
+     the ttl takes over only if a client, worker or downstream broker came to it within that ttl
+     (the vote of the ZeroMQ guide's Binary Star), or a witness said the peer is gone (a proxy's
+     upstream, which sees both brokers of the pair). With the pair's own link cut while everyone
+     still reaches the active broker, nobody votes and the passive one stays passive;
+   - a PENDING broker is answered at once by its peer (which hears its first PairState), so a
+     broker that restarts next to a live active one hears it within a heartbeat, before its grace
+     ends; it never acts on a silence it has not waited out;
+   - two ACTIVE brokers (a healed split, or a restart that took over beside a live active one):
+     when one took over with a synced copy of the pair's table (warm) and the other cold, the cold
+     one steps down and the warm one raises its epoch above the other's, so that peers accept it;
+     otherwise the one with the lower epoch steps down (on a tie, the backup). So a broker that
+     restarted cold never deposes the active one that carries the pair's work.
 3. Every takeover grows the epoch: max(ours, the peer's, a floor) + 1, where the floor is the
    wall clock in milliseconds when the broker started (given by the runtime), so a pair whose
    brokers both restarted cold still outranks every epoch its peers remember. Brokers put the
@@ -48,6 +55,7 @@ TAKE_OVER = "take over"
 BECOME_PASSIVE = "become passive"
 STEP_DOWN = "step down"
 HAND_OVER = "hand over"
+RAISE_EPOCH = "raise epoch"  # two active brokers, we hold the work: move above the other's epoch
 
 
 class Pair:
@@ -74,6 +82,8 @@ class Pair:
         self.peer_epoch = 0
         self.peer_inc = ""
         self.peer_synced = -1
+        self.peer_warm = False  # the peer took over with a synced copy of the table (if active)
+        self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
         self.votes: dict[bytes, float] = {}  # peers that came to us while we were not active, when
         self.held: set[bytes] = set()  # voters not answered yet (the active looked dead)
@@ -119,6 +129,7 @@ class Pair:
         self.peer_epoch = m.epoch
         self.peer_inc = m.incarnation
         self.peer_synced = m.synced
+        self.peer_warm = bool(m.warm)
         self.peer_seen = now
 
     def vote(self, ident: bytes, now: float) -> None:
@@ -144,14 +155,24 @@ class Pair:
 
     # --- decisions --------------------------------------------------------------------------------
 
+    @property
+    def grace_s(self) -> float:
+        """How long a just-started broker waits to hear its peer before a silence counts."""
+        return self.ttl_s + self.hb_s
+
     def decide(self, now: float) -> str | None:
         """Return what the broker should do now (one of the module constants), or None."""
         self.decided = now
         alive = self.peer_alive(now)
         ps = self.peer_state if alive else None
         if self.state == ACTIVE:
-            if ps == ACTIVE and (self.peer_epoch > self.epoch or (self.peer_epoch == self.epoch and self.peer_primary)):
-                return STEP_DOWN
+            if ps == ACTIVE:
+                if self.warm != self.peer_warm:  # the one that carries the pair's table on stays
+                    if self.peer_warm:
+                        return STEP_DOWN
+                    return RAISE_EPOCH if self.epoch <= self.peer_epoch else None
+                if self.peer_epoch > self.epoch or (self.peer_epoch == self.epoch and self.peer_primary):
+                    return STEP_DOWN
             if (
                 self.auto_failback
                 and not self.primary
@@ -173,12 +194,13 @@ class Pair:
             # handover crossed a failure): the primary takes over.
             return TAKE_OVER if self.state == PASSIVE and self.primary else None
         # The peer is silent (or was never heard).
-        if self.state == PENDING and now - self.started <= self.ttl_s:
+        if self.state == PENDING and now - self.started <= self.grace_s:
             return None  # give a peer that is up the time to be heard
         return TAKE_OVER if self.live_votes(now) else None
 
     def activate(self, now: float) -> int:
         """Become active; return the new epoch."""
+        self.warm = self.applied >= 0  # we hold a synced copy of the table we take over
         self.epoch = max(self.epoch, self.peer_epoch, self.floor) + 1
         self.state = ACTIVE
         self.since = now
@@ -214,15 +236,16 @@ class Pair:
     def state_message(self, now: float) -> p.PairState:
         """Our PairState (and schedule the next one)."""
         self.next_beat = now + self.hb_s
-        synced = self.applied if self.state != ACTIVE else self.seq
+        active = self.state == ACTIVE
         return p.PairState(
             self.name,
             int(self.primary),
             self.state,
             self.epoch,
             self.incarnation,
-            synced,
-            self.live_votes(now) if self.state != ACTIVE else 0,
+            self.seq if active else self.applied,
+            0 if active else self.live_votes(now),
+            int(active and self.warm),
         )
 
     def flush(self, now: float, snapshot: Callable[[], list[p.ReplicationOp]]) -> p.Replicate | None:
@@ -299,9 +322,10 @@ class Pair:
         """When :meth:`decide` may change its answer or a PairState is due."""
         d = self.next_beat
         if self.state != ACTIVE:  # silence of the peer matters only to a broker that may take over
-            for t in (self.peer_seen, self.started if self.state == PENDING else None):
-                if t is not None and t + self.ttl_s + 1e-6 > self.decided:
-                    d = min(d, t + self.ttl_s + 1e-6)
+            if self.peer_seen is not None and self.peer_seen + self.ttl_s + 1e-6 > self.decided:
+                d = min(d, self.peer_seen + self.ttl_s + 1e-6)
+            if self.state == PENDING and self.started + self.grace_s + 1e-6 > self.decided:
+                d = min(d, self.started + self.grace_s + 1e-6)
         return d
 
     def status(self, now: float) -> dict[str, object]:

@@ -2,8 +2,15 @@
 
 Rules: the link only decides *when* (heartbeat due, broker silent past ttl, which endpoint next);
 the worker and client machines decide *what* to send. A broker is alive while
-``now - last_heard <= ttl``; the first silence past that moves to the next endpoint in the list
-(wrapping around), and the new connection gets a full ttl before it is judged.
+``now - last_heard <= ttl``, counting only time the link itself was running: after a pause of its
+own (SIGSTOP, a stall the poll loop saw) the broker's silence proves nothing, so :meth:`paused`
+moves the silence clock on by the pause and the link heartbeats at once.
+
+Pairs. WELCOME names the broker and the other broker of its pair; a BYE from a broker of a pair
+names the sender and the broker to go to. The link remembers at which endpoint each broker answered.
+Moving on from a broker, it tries the other broker of that one's pair first (wherever it sits in the
+list), then the next endpoint of the list not tried since the last WELCOME (wrapping, and starting
+over when every one was tried); a BYE that names a broker whose endpoint is known goes there.
 
 Fencing: brokers of a backup pair announce an epoch (WELCOME, HEARTBEAT). The link remembers the
 highest epoch seen per broker name, and for the other broker of its pair too, and refuses a
@@ -53,8 +60,11 @@ class BrokerLink:
         "incarnation",
         "index",
         "last_heard",
+        "names",
         "next_hb",
+        "pairs",
         "peer",
+        "tried",
         "ttl_s",
     )
 
@@ -70,6 +80,9 @@ class BrokerLink:
         self.peer = ""  # the other broker of the current broker's pair ("" if it has none)
         self.connects = 0
         self.epochs: dict[str, int] = {}  # highest epoch seen per broker name
+        self.names: dict[str, int] = {}  # broker name -> the endpoint (index) where it answered
+        self.pairs: dict[str, str] = {}  # broker name -> the other broker of its pair
+        self.tried: set[int] = set()  # endpoints moved away from since the last WELCOME
 
     @property
     def endpoint(self) -> str:
@@ -77,13 +90,57 @@ class BrokerLink:
         return self.endpoints[self.index]
 
     def connect_next(self, now: float, reason: str) -> Connect:
-        """Move to the next endpoint (the first one at start) and forget the broker's identity."""
-        self.index = (self.index + 1) % len(self.endpoints)
+        """Move on from the current endpoint (to the first one at start): see the module rules."""
+        return self._move(self._next_index(), now, reason)
+
+    def connect_named(self, name: str, now: float, reason: str) -> Connect:
+        """Go to broker ``name`` (a BYE named it) if its endpoint is known, else move on."""
+        j = self.names.get(name) if name else None
+        if j is None or j == self.index:
+            return self.connect_next(now, reason)
+        self.tried.add(self.index)
+        return self._move(j, now, reason)
+
+    def _next_index(self) -> int:
+        cur = self.index
+        if cur < 0:
+            return 0
+        self.tried.add(cur)
+        other = self.pairs.get(self.name_at(cur), "")
+        j = self.names.get(other) if other else None
+        if j is not None and j not in self.tried:
+            return j  # the other broker of the current one's pair first
+        n = len(self.endpoints)
+        for k in range(1, n + 1):
+            if (cur + k) % n not in self.tried:
+                return (cur + k) % n
+        self.tried.clear()  # every endpoint was tried since the last WELCOME: round again
+        return (cur + 1) % n
+
+    def _move(self, index: int, now: float, reason: str) -> Connect:
+        self.index = index
         self.last_heard = now
         self.next_hb = now + self.hb_s
         self.incarnation = None
         self.connects += 1
-        return Connect(self.endpoints[self.index], reason)
+        return Connect(self.endpoints[index], reason)
+
+    def name_at(self, index: int) -> str:
+        """The name of the broker last seen at endpoint ``index`` ("" if none answered there)."""
+        for name, i in self.names.items():
+            if i == index:
+                return name
+        return ""
+
+    def learn(self, broker: str, peer: str) -> None:
+        """``broker`` answered at the current endpoint; ``peer`` is the other broker of its pair."""
+        if broker and self.index >= 0:
+            for name in [n for n, i in self.names.items() if i == self.index and n != broker]:
+                del self.names[name]  # another broker runs there now
+            self.names[broker] = self.index
+            if peer:
+                self.pairs[broker] = peer
+                self.pairs[peer] = broker
 
     def welcome(self, m: p.Welcome) -> bool:
         """Adopt the broker's heartbeat settings; return True if this is a different broker run."""
@@ -93,6 +150,8 @@ class BrokerLink:
         self.incarnation = m.incarnation
         self.broker = m.broker
         self.peer = m.peer
+        self.learn(m.broker, m.peer)
+        self.tried.clear()
         return changed
 
     @property
@@ -131,6 +190,12 @@ class BrokerLink:
     def silent(self, now: float) -> bool:
         """Return True once the broker has been silent for longer than the ttl."""
         return now - self.last_heard > self.ttl_s
+
+    def paused(self, seconds: float, now: float) -> None:
+        """We did not run for ``seconds`` (until ``now``): that time does not count as the broker's
+        silence (it sent nothing because we sent nothing). Heartbeat at once."""
+        self.last_heard = min(now, self.last_heard + seconds)
+        self.next_hb = now
 
     def next_deadline(self) -> float:
         """The earliest time at which a heartbeat or the silence check is due."""

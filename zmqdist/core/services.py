@@ -10,6 +10,9 @@ Rules of this module:
    listed as unreachable). A broker never asks one that the question has passed (hops).
 4. ``mmi.service`` (RFC 8/MMI): "200" if the named service is served here (by a member, or by the
    upstream's offer), "404" if not; other ``mmi.`` services "501".
+5. ``zmqdist.member``: is the downstream broker named in the payload registered here, and how long
+   has it been silent? The passive broker of a proxy pair asks its upstream this about its silent
+   peer (the upstream sees both brokers of the pair: it is the pair's witness, docs/ha.md).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from zmqdist.core.tiers import Tiers
 STATUS_SERVICE = "zmqdist.status"
 HANDOVER_SERVICE = "zmqdist.handover"  # the active broker of a pair hands the work to its peer
 TREE_SERVICE = "zmqdist.tree"  # this broker's status with those of every broker below it
-INTERNAL = (STATUS_SERVICE, TREE_SERVICE, HANDOVER_SERVICE, "mmi.service")
+MEMBER_SERVICE = "zmqdist.member"  # is a downstream broker registered here (a pair's witness)
+INTERNAL = (STATUS_SERVICE, TREE_SERVICE, HANDOVER_SERVICE, MEMBER_SERVICE, "mmi.service")
 TREE_WAIT_S = 2.0  # longest a tree status waits for the brokers below
 
 StatusPart = Callable[[float], dict[str, object]]
@@ -106,6 +110,8 @@ class Services:
         elif service == HANDOVER_SERVICE:
             self.counters.invalid += 1
             reply = p.Reply(rid, p.ST_INVALID, "cannot hand over: this broker is not part of a pair", b"")
+        elif service == MEMBER_SERVICE:
+            reply = p.Reply(rid, p.ST_OK, "", p.pack_value(self._member(payload, now)))
         elif service.startswith(p.MMI_PREFIX):
             reply = p.Reply(rid, p.ST_OK, "", p.pack_value(self._mmi(service, payload)))
         else:
@@ -124,6 +130,16 @@ class Services:
     def answer_up(self, m: p.Task, session: int, now: float, out: list[Out]) -> None:
         """Answer an internal service the upstream asked of us (``Tiers.internal``)."""
         self.answer(UPSTREAM, session, m.ticket, m.service, m.budget_ms, m.hops, m.payload, now, out)
+
+    def _member(self, payload: bytes, now: float) -> dict[str, object]:
+        try:
+            name = p.unpack_value(payload)
+        except ValueError:
+            name = None
+        for m in self.d.members.values():
+            if isinstance(m, BrokerMember) and m.name == name:
+                return {"registered": True, "silent_s": now - m.seen}
+        return {"registered": False, "silent_s": None}
 
     def _mmi(self, service: str, payload: bytes) -> bytes:
         if service != "mmi.service":

@@ -224,7 +224,11 @@ class Tiers(Overflow):
 
     def _may_forward(self, req: Req, upstream_name: str, now: float) -> bool:
         hops = req.hops
-        return len(hops) < p.MAX_HOPS and upstream_name not in hops and (req.deadline - now) * 1000 >= HOP_MARGIN_MS + 1
+        return (
+            len(hops) < p.MAX_HOPS
+            and upstream_name not in hops
+            and p.budget_ms_left(req.deadline, now, HOP_MARGIN_MS, floor=0) >= 1
+        )
 
     def _forward_up(self, req: Req, now: float, out: list[Out]) -> None:
         up = self.up

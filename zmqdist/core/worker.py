@@ -137,7 +137,8 @@ class WorkerCore:
                 return self._rehello(now)
             case p.Bye():
                 self.counters["failovers"] += 1
-                return self._new_session(now, f"broker said bye: {msg.reason}")
+                link.learn(msg.broker, msg.active)
+                return self._new_session(now, f"broker said bye: {msg.reason}", to=msg.active)
             case p.Error():
                 return [Problem(f"broker refused a message: {msg.message}")]
         return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
@@ -214,6 +215,10 @@ class WorkerCore:
             out.append(self._heartbeat())
         return out
 
+    def resumed(self, seconds: float, now: float) -> None:
+        """The worker did not run for ``seconds`` (SIGSTOP, a stall): see ``BrokerLink.paused``."""
+        self.link.paused(seconds, now)
+
     def next_deadline(self) -> float | None:
         """Return when ``tick`` has something to do next."""
         if self.stopped:
@@ -269,7 +274,7 @@ class WorkerCore:
             return []  # the same task twice in one session: already running
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
-        deadline = now + m.budget_ms / 1000.0
+        deadline = p.deadline_at(now, m.budget_ms)
         return [Execute(m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace)]
 
     def _capacity(self) -> int:
@@ -303,11 +308,12 @@ class WorkerCore:
             return self._finish("broker forgot us while draining")
         return [self._hello()]
 
-    def _new_session(self, now: float, reason: str) -> list[WorkerOut]:
+    def _new_session(self, now: float, reason: str, to: str = "") -> list[WorkerOut]:
+        """A new connection: to broker ``to`` if named (a BYE sent us there), else the next one."""
         self._void_session()
         if self.draining:
             return self._finish(f"broker lost while draining ({reason})")
-        return [self.link.connect_next(now, reason), self._hello()]
+        return [self.link.connect_named(to, now, reason), self._hello()]
 
     def _finish(self, reason: str) -> list[WorkerOut]:
         self.stopped = True

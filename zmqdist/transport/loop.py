@@ -19,6 +19,7 @@ from zmqdist.transport.mailbox import Mailbox
 from zmqdist.transport.sockets import poll_timeout_ms
 
 RETRY_MS = 20  # how soon a loop with unsent messages (no connection yet) tries again
+PAUSE_S = 0.2  # a wait that ends this much later than asked for: the thread did not run (SIGSTOP)
 
 Pollable = Callable[[], Any]  # returns a zmq socket, a file descriptor, or None (nothing to watch now)
 Reader = Callable[[float], bool]  # reads a bounded batch at ``now``; True when messages may still wait
@@ -65,10 +66,13 @@ class Loop:
         mail: Callable[[list[Any], float], None],
         stuck: Callable[[], bool] | None = None,
         after: Callable[[float], None] | None = None,
+        paused: Callable[[float, float], None] | None = None,
     ) -> None:
         """Turn until :meth:`stop`. ``tick(now)`` runs the timers and returns the next deadline;
         ``mail(items, now)`` handles the mailbox; ``stuck()`` says messages wait for a connection
-        (retry soon); ``after(now)`` runs after every wake-up (a pair's replication flush)."""
+        (retry soon); ``after(now)`` runs after every wake-up (a pair's replication flush);
+        ``paused(seconds, now)`` is told when a wait ended much later than asked (the thread was
+        stopped), before anything that arrived meanwhile is read."""
         clock = self._clock
         mailbox_fd = self._mailbox.fileno()
         backlog = False
@@ -82,7 +86,10 @@ class Loop:
             if stuck is not None and stuck():
                 timeout = min(timeout, RETRY_MS)
             poller, current = self._poll_set()
+            t0 = clock.now()
             events = dict(poller.poll(timeout))
+            if paused is not None and (late := clock.now() - t0 - timeout / 1000) > PAUSE_S:
+                paused(late, clock.now())
             backlog = False
             for sock, (_, read) in zip(current, self._sources, strict=True):
                 if sock is not None and sock in events and read(clock.now()):

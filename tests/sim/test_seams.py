@@ -1,0 +1,135 @@
+"""Where capabilities meet: peers of a backup pair that is also a proxy tier, with failover lists
+that go on to the master. Each test here reproduces a defect a chaos soak found (issue 16).
+
+Topology: a master ``m``; a proxy pair ``pa`` (primary) / ``pb`` (backup) below it; a worker
+``w`` and a client ``c`` of the region that list ``[pa, pb, m]``.
+"""
+
+from zmqdist import protocol as p
+from zmqdist.testing import Simulation, assert_each_ended_once
+
+REGION = ("pa", "pb", "m")
+
+
+def region(seed=0):
+    sim = Simulation(seed=seed)
+    sim.add_broker("m")
+    sim.add_pair("pa", "pb", upstream=("m",))
+    w = sim.add_worker("w", concurrency=2, service_time=0.01, via=REGION)
+    c = sim.add_client("c", via=REGION)
+    sim.run_for(2)
+    assert sim.active("pa", "pb") == ["pa"] and w.endpoint == Simulation.endpoint("pa")
+    return sim, w, c
+
+
+def served_in_region(sim, c, n=20):
+    """Submit ``n`` requests; every one must end OK, served by the region's worker."""
+    before = len(sim.workers["w"].executed)
+    first = c.core.counters["sent"] + 1
+    for i in range(n):
+        c.submit("echo", i, timeout=10)
+    sim.run_for(2)
+    done = {rid: v for rid, v in c.completed.items() if rid >= first}
+    assert len(done) == n and all(v[0].status == p.ST_OK for v in done.values())
+    assert len(sim.workers["w"].executed) - before >= n  # the region's worker ran them
+
+
+def test_a_worker_stopped_for_a_while_comes_back_to_its_active_proxy_not_the_master():
+    """SIGSTOP 2.5 s: on resume the worker cannot tell its broker's silence from its own pause.
+    It must stay in its region (at the active proxy), not drift to the master for good."""
+    sim, w, c = region()
+    sim.run_for(0.1)  # between heartbeats: nothing is on its way to the worker when it stops
+    sim.freeze("w", 2.5)
+    sim.run_for(5)
+    assert w.endpoint == Simulation.endpoint("pa"), w.endpoint
+    served_in_region(sim, c)
+
+
+def test_a_worker_follows_its_pair_through_restarts_of_both_proxies():
+    """Kill and restart the active proxy, then the other: the worker ends at the active one of
+    the pair (it tries the pair's other broker first, and a BYE that names the active one sends
+    it there), never at the master."""
+    sim, w, c = region()
+    sim.kill_broker("pa")
+    sim.run_for(3)
+    assert sim.active("pa", "pb") == ["pb"] and w.endpoint == Simulation.endpoint("pb")
+    sim.restart_broker("pa")
+    sim.run_for(3)
+    sim.kill_broker("pb")
+    sim.run_for(3)
+    assert sim.active("pa", "pb") == ["pa"], sim.active("pa", "pb")
+    sim.restart_broker("pb")
+    sim.run_for(3)
+    assert w.endpoint == Simulation.endpoint("pa"), w.endpoint
+    served_in_region(sim, c)
+
+
+def test_a_passive_proxy_takes_over_when_its_active_peer_dies_for_good():
+    """pa came back passive after a restart, pb is active with every peer. pb dies and stays down:
+    its peers try pa (the other broker of the pair) before the master, so pa takes over."""
+    sim, w, c = region()
+    sim.kill_broker("pa")
+    sim.run_for(3)
+    sim.restart_broker("pa")
+    sim.run_for(3)
+    assert sim.active("pa", "pb") == ["pb"]
+    sim.kill_broker("pb")
+    sim.run_for(3)
+    assert sim.active("pa", "pb") == ["pa"]
+    assert w.endpoint == Simulation.endpoint("pa") and c.endpoint == Simulation.endpoint("pa")
+    served_in_region(sim, c)
+    assert_each_ended_once(c, c.core.counters["sent"])
+
+
+def test_a_restarted_broker_hears_the_live_active_one_and_never_deposes_it():
+    """Kill the active a, let b take over, restart a while a peer that lists a first talks to it.
+    b's own connection to a comes back only after libzmq's reconnect backoff (1.5 s here, longer
+    than a's grace), so a must hear b on the connection a made (b answers a new broker's state at
+    once), stay passive, and b, which holds the requests, must never step down."""
+    sim = Simulation()
+    sim.add_pair("a", "b")
+    sim.add_worker("w", concurrency=4, service_time=0.2, via=("a", "b"))
+    c = sim.add_client("c", via=("a", "b"))
+    sim.run_for(1.5)
+    sim.kill_broker("a")
+    sim.run_for(3)
+    assert sim.active("a", "b") == ["b"]
+    for i in range(40):
+        c.submit("echo", i, timeout=20)
+    sim.run_for(0.1)
+    assert sim.brokers["b"].core.open_requests > 0
+    sim.pair_reconnect_s = 1.5
+    sim.restart_broker("a")
+    sim.add_client("new", via=("a", "b")).submit("echo", "vote", timeout=20)  # it comes to a first
+    sim.run_for(5)
+    assert sim.active("a", "b") == ["b"]
+    assert sim.brokers["b"].core.pair.counters["step_downs"] == 0
+    assert sim.brokers["a"].core.pair.counters["takeovers"] == 0
+    assert_each_ended_once(c, 40, p.ST_OK)
+
+
+def test_a_passive_proxy_with_no_peer_coming_by_takes_over_on_its_upstreams_word():
+    """No peer lists the passive pb (the region's work comes down from the master), so no vote
+    comes: pb asks the master, which sees both brokers of the pair; the master no longer hears pa,
+    and pb takes over. With the pair link cut but pa still registered at the master, it does not."""
+    sim = Simulation()
+    sim.add_broker("m")
+    sim.add_pair("pa", "pb", upstream=("m",))
+    sim.add_worker("w", concurrency=2, service_time=0.01, via=("pa",))  # a worker that knows pa only
+    c = sim.add_client("c", via=("m",))
+    sim.run_for(3)
+    sim.cut_pair("pa")  # a cut link: pa is alive and registered at the master
+    sim.run_for(3)
+    assert sim.active("pa", "pb") == ["pa"], "the witness must not vote while the master hears pa"
+    sim.heal_pair("pa")
+    sim.run_for(2)
+    sim.kill_broker("pa")
+    sim.run_for(4)
+    pb = sim.brokers["pb"].core
+    assert sim.active("pa", "pb") == ["pb"] and pb.upstream.registered  # it took over, and serves the tier
+    sim.add_worker("w2", concurrency=2, service_time=0.01, via=("pb",))
+    sim.run_for(1)
+    for i in range(10):
+        c.submit("echo", i, timeout=10)
+    sim.run_for(3)
+    assert_each_ended_once(c, 10, p.ST_OK)  # the master's requests flow down to the new active proxy
