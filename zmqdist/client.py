@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import queue
+import random
 import secrets
 import threading
 from collections import deque
@@ -25,7 +26,7 @@ from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.config import HeartbeatSettings, check_endpoints
 from zmqdist.core.client import ClientCore, ClientOut, Completed
-from zmqdist.core.link import Connect, Problem
+from zmqdist.core.link import Connect, EndProbe, Probe, Problem
 from zmqdist.errors import (
     Busy,
     ClosedError,
@@ -87,7 +88,13 @@ def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
 
 
 class Client:
-    """Sends requests to a broker; ``endpoints`` is the failover order. Thread-safe."""
+    """Sends requests to a broker; ``endpoints`` is the failover order. Thread-safe.
+
+    The client never has more requests open at its broker than the broker allows one client (its
+    WELCOME says): it keeps the rest and sends them in order as replies free room, their deadlines
+    counting from ``submit``. It holds at most ``backlog`` unanswered requests in all; past that,
+    ``submit`` blocks until one ends, and raises :class:`~zmqdist.errors.Busy` if none does within
+    the request's timeout."""
 
     def __init__(
         self,
@@ -99,10 +106,16 @@ class Client:
         liveness: int = 4,
         server_key: str | None = None,
         key: str | None = None,
+        backlog: int = 100_000,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoints = check_endpoints(endpoints, "client")
+        if not isinstance(backlog, int) or backlog < 1:
+            raise ConfigError(f"backlog must be a whole number of at least 1, got {backlog!r}")
+        self.backlog = backlog
+        self._room = threading.Condition()  # submit waits on it while the backlog is full
+        self._waiting_room = 0
         # CURVE: the broker's public certificate and our secret one (docs/security.md)
         self._curve = ClientKeys.load(server_key, key, "client")
         if not timeout > 0:
@@ -118,6 +131,7 @@ class Client:
         self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
         self._closed = False
         self._core: ClientCore | None = None
+        self._probe: DealerLink | None = None  # a look at the first choice while away from it
         self._runner = threading.Thread(target=self._main, name=f"zmqdist-client-{self.name}", daemon=True)
         self._runner.start()
 
@@ -146,6 +160,8 @@ class Client:
         if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
             raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
         payload = p.pack_value(value)
+        if len(self._futures) >= self.backlog:
+            self._wait_for_room(t)
         rid = next(self._ids)
         tr = trace if trace is not None else f"{self._trace_prefix}{rid:x}"
         self._futures[rid] = (target, service, tr)
@@ -154,6 +170,21 @@ class Client:
             # closed while we posted: the loop may have finished its clean-up already
             _deliver(target, rid, False, ClosedError("client closed"))
         return rid
+
+    def _wait_for_room(self, timeout: float) -> None:
+        """Block while the client holds ``backlog`` unanswered requests (at most ``timeout``)."""
+        with self._room:
+            self._waiting_room += 1
+            try:
+                ok = self._room.wait_for(lambda: len(self._futures) < self.backlog or self._closed, timeout)
+            finally:
+                self._waiting_room -= 1
+        if self._closed:
+            raise ClosedError("client is closed")
+        if not ok:
+            raise Busy(
+                f"the client holds {self.backlog} unanswered requests (its backlog) and none ended in {timeout}s"
+            )
 
     def call(self, service: str, value: Any = None, *, timeout: float | None = None, trace: str | None = None) -> Any:
         """Send a request and return its reply value; raise its error (see zmqdist.errors)."""
@@ -196,6 +227,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        with self._room:
+            self._room.notify_all()  # a submit waiting for room gives up
         self._mailbox.post(None)
         if self._runner is not threading.current_thread():
             self._runner.join(timeout)
@@ -211,7 +244,8 @@ class Client:
     def _main(self) -> None:
         clock = self._clock
         link = DealerLink(self._ctx, f"C-{secrets.token_hex(8)}".encode(), log, self._curve)
-        core = self._core = ClientCore(self.endpoints, self.name, self._hb, clock.now())
+        probe = self._probe = DealerLink(self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve)
+        core = self._core = ClientCore(self.endpoints, self.name, self._hb, clock.now(), random.random)
         loop = Loop(clock, self._mailbox)
 
         def tick(now: float) -> float | None:
@@ -230,15 +264,22 @@ class Client:
                     return
                 self._handle(link, core.submit(item[0], item[1], item[2], item[3], now, item[4]))
 
+        def read_probe(now: float) -> bool:
+            for msg in probe.recv_batch(now):
+                self._handle(link, core.probe_receive(msg, now))
+            return probe.more
+
         loop.watch(lambda: link.sock, read)
+        loop.watch(lambda: probe.sock, read_probe)
         try:
             self._handle(link, core.start(clock.now()))
-            loop.run(tick, mail, stuck=link.stuck, paused=core.resumed)
+            loop.run(tick, mail, stuck=lambda: link.stuck() or probe.stuck(), paused=core.resumed)
         except BaseException:
             log.exception("client %s failed", self.name)
         finally:
             self._closed = True
             link.close()
+            probe.close()
             for rid, (target, _, _) in list(self._futures.items()):
                 _deliver(target, rid, False, ClosedError("client closed before the reply arrived"))
             self._futures.clear()
@@ -258,11 +299,21 @@ class Client:
                         target, service, trace = entry
                         ok, value = outcome(o, service, trace)
                         _deliver(target, o.rid, ok, value)
+                        if self._waiting_room:
+                            with self._room:
+                                self._room.notify()
                 case Connect():
                     log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)
                     link.connect(o.endpoint)
                 case Problem():
                     log.warning("client %s: %s", self.name, o.message)
+                case Probe():
+                    if self._probe is not None:
+                        self._probe.connect(o.endpoint)
+                        self._probe.send(o.message)
+                case EndProbe():
+                    if self._probe is not None:
+                        self._probe.close()
                 case _:
                     link.send(o)
 

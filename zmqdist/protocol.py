@@ -80,7 +80,9 @@ class Welcome(NamedTuple):
     """Broker -> peer: registration accepted; the heartbeat settings to use from now on.
 
     A broker of a backup pair adds its ``epoch`` (term, grown at every takeover) and the name of
-    the other broker of its pair, so that peers can refuse a broker whose epoch is stale.
+    the other broker of its pair, so that peers can refuse a broker whose epoch is stale. Every
+    broker tells a client the open requests it allows it (``quota``: the client keeps the rest
+    itself) and the largest message it accepts (``max_message``: larger calls fail at once).
     """
 
     broker: str
@@ -89,6 +91,8 @@ class Welcome(NamedTuple):
     liveness: int
     epoch: int = 0  # optional trailing field: 0 for a broker that is not part of a pair
     peer: str = ""  # optional trailing field: the other broker of the pair
+    quota: int = 0  # optional trailing field: open requests per client (0: not said)
+    max_message: int = 0  # optional trailing field: largest message in bytes (0: not said)
 
 
 class Request(NamedTuple):
@@ -431,7 +435,12 @@ def _is_short(v: object) -> bool:
 
 _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
     Hello: (lambda v: _is_int(v, 0, MAX_ID),),
-    Welcome: (lambda v: _is_int(v, 0, MAX_ID), _is_short),
+    Welcome: (
+        lambda v: _is_int(v, 0, MAX_ID),
+        _is_short,
+        lambda v: _is_int(v, 0, MAX_ID),
+        lambda v: _is_int(v, 0, MAX_ID),
+    ),
     Heartbeat: (lambda v: _is_int(v, 0, MAX_ID),),
     Bye: (_is_short, _is_short),
     PairState: (lambda v: v in (0, 1) and type(v) is int,),

@@ -26,7 +26,7 @@ from zmqdist.config import BrokerSettings, HeartbeatSettings
 from zmqdist.core.broker import BrokerMachine
 from zmqdist.core.client import ClientCore, Completed
 from zmqdist.core.failover import make_broker
-from zmqdist.core.link import Connect, Problem, Stopped
+from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.core.worker import Execute, WorkerCore
 from zmqdist.errors import RemoteProtocolError
@@ -119,6 +119,33 @@ class _Node:
     def deliver(self, msg: p.Message) -> None:
         raise NotImplementedError
 
+    def probe_action(self, o: Probe | EndProbe) -> None:
+        """A look at the first choice on a separate connection (its own identity)."""
+        assert isinstance(self, (SimWorker, SimClient))
+        node = self.sim.probes.get(self.ident)
+        if node is None:
+            node = self.sim.probes[self.ident] = _ProbeNode(self.sim, self.ident + b"~probe", self)
+            self.sim.nodes[node.ident] = node
+        node.conn += 1
+        if type(o) is Probe:
+            node.endpoint = o.endpoint
+            self.sim.send_to_broker(node, o.message)
+        else:
+            node.endpoint = ""
+
+
+class _ProbeNode(_Node):
+    """The probe connection of a worker or client: what comes back goes to ``probe_receive``."""
+
+    def __init__(self, sim: Simulation, ident: bytes, owner: SimWorker | SimClient) -> None:
+        super().__init__(sim, ident)
+        self.owner = owner
+
+    def deliver(self, msg: p.Message) -> None:
+        owner = self.owner
+        if owner.alive:
+            owner.handle(owner.core.probe_receive(msg, self.sim.clock.now()))
+
 
 class SimWorker(_Node):
     """A worker machine in the simulation with a fixed service time per task. It echoes the value,
@@ -146,6 +173,8 @@ class SimWorker(_Node):
             elif t is Connect:
                 self.endpoint = o.endpoint
                 self.conn += 1
+            elif t is Probe or t is EndProbe:
+                self.probe_action(o)
             elif t is Stopped or t is Problem:
                 continue
             else:
@@ -194,6 +223,8 @@ class SimClient(_Node):
             elif t is Connect:
                 self.endpoint = o.endpoint
                 self.conn += 1
+            elif t is Probe or t is EndProbe:
+                self.probe_action(o)
             elif t is Problem:
                 continue
             else:
@@ -366,6 +397,7 @@ class Simulation:
         self.workers: dict[str, SimWorker] = {}
         self.clients: dict[str, SimClient] = {}
         self.nodes: dict[bytes, _Node] = {}
+        self.probes: dict[bytes, _ProbeNode] = {}  # a peer's identity -> its probe connection
         self.partitioned: set[bytes] = set()
         self.pair_cut: set[str] = set()  # brokers whose pair link is cut
         # broker -> until when its own connection to the other broker of its pair is down (libzmq
@@ -458,7 +490,7 @@ class Simulation:
         """Add a worker and start it; ``via`` names the brokers it connects to, in failover order."""
         ident = f"w:{name}".encode()
         eps = self._endpoints(endpoints, via)
-        core = WorkerCore(eps, services, concurrency, name, self.hb, self.clock.now())
+        core = WorkerCore(eps, services, concurrency, name, self.hb, self.clock.now(), self.rng.random)
         w = SimWorker(self, ident, core, service_time)
         self.workers[name] = w
         self.nodes[ident] = w
@@ -470,7 +502,7 @@ class Simulation:
     ) -> SimClient:
         """Add a client and start it; ``via`` names the brokers it connects to, in failover order."""
         ident = f"c:{name}".encode()
-        core = ClientCore(self._endpoints(endpoints, via), name, self.hb, self.clock.now())
+        core = ClientCore(self._endpoints(endpoints, via), name, self.hb, self.clock.now(), self.rng.random)
         c = SimClient(self, ident, core)
         self.clients[name] = c
         self.nodes[ident] = c

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
@@ -22,7 +23,7 @@ from zmqdist import protocol as p
 from zmqdist._handlers import Executors, Handler
 from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.config import HeartbeatSettings, check_endpoints
-from zmqdist.core.link import Connect, Problem, Stopped
+from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
 from zmqdist.core.worker import Execute, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
 from zmqdist.transport import DealerLink, Loop, Mailbox
@@ -70,6 +71,7 @@ class Worker:
         self.stop_reason = ""
         self.error: BaseException | None = None
         self._loop: Loop | None = None
+        self._probe: DealerLink | None = None  # a look at the first choice while away from it
 
     # --- registration of handlers ----------------------------------------------------------------
 
@@ -147,7 +149,10 @@ class Worker:
     def _main(self) -> None:
         clock = self._clock
         link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log, self._curve)
-        core = WorkerCore(self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now())
+        probe = self._probe = DealerLink(self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve)
+        core = WorkerCore(
+            self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now(), random.random
+        )
         executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock)
         loop = self._loop = Loop(clock, self._mailbox)
 
@@ -170,7 +175,13 @@ class Worker:
                 elif kind == "stop":
                     self._handle(link, executors, core.stop())
 
+        def read_probe(now: float) -> bool:
+            for msg in probe.recv_batch(now):
+                self._handle(link, executors, core.probe_receive(msg, now))
+            return probe.more
+
         loop.watch(lambda: link.sock, read)
+        loop.watch(lambda: probe.sock, read_probe)
         try:
             self._handle(link, executors, core.start(clock.now()))
             log.info(
@@ -180,7 +191,7 @@ class Worker:
                 link.endpoint,
                 self.concurrency,
             )
-            loop.run(tick, mail, stuck=link.stuck, paused=core.resumed)
+            loop.run(tick, mail, stuck=lambda: link.stuck() or probe.stuck(), paused=core.resumed)
         except BaseException as exc:
             self.error = exc
             log.exception("worker %s failed", self.name)
@@ -188,6 +199,7 @@ class Worker:
             link.flush()
             executors.shutdown(wait=False)
             link.close()
+            probe.close()
             self._mailbox.close()
             self._done.set()
             log.info("worker %s stopped: %s", self.name, self.stop_reason or "error")
@@ -209,5 +221,12 @@ class Worker:
                         self._loop.stop()
                 case Problem():
                     log.warning("worker %s: %s", self.name, o.message)
+                case Probe():
+                    if self._probe is not None:
+                        self._probe.connect(o.endpoint)
+                        self._probe.send(o.message)
+                case EndProbe():
+                    if self._probe is not None:
+                        self._probe.close()
                 case _:
                     link.send(o)

@@ -5,7 +5,10 @@ Topology: a master ``m``; a proxy pair ``pa`` (primary) / ``pb`` (backup) below 
 ``w`` and a client ``c`` of the region that list ``[pa, pb, m]``.
 """
 
+from collections import Counter
+
 from zmqdist import protocol as p
+from zmqdist.config import BrokerSettings
 from zmqdist.testing import Simulation, assert_each_ended_once
 
 REGION = ("pa", "pb", "m")
@@ -133,3 +136,56 @@ def test_a_passive_proxy_with_no_peer_coming_by_takes_over_on_its_upstreams_word
         c.submit("echo", i, timeout=10)
     sim.run_for(3)
     assert_each_ended_once(c, 10, p.ST_OK)  # the master's requests flow down to the new active proxy
+
+
+def test_peers_that_drifted_to_the_master_go_back_home_when_their_proxy_is_back():
+    """Both proxies of the region die: the worker and the client end at the master (their last
+    choice). pa comes back: their looks home find it (their probes are also the votes that let it
+    take over), and they return, the client without losing or repeating a request."""
+    sim, w, c = region(seed=3)
+    sim.kill_broker("pa")
+    sim.kill_broker("pb")
+    sim.run_for(6)
+    assert w.endpoint == c.endpoint == Simulation.endpoint("m")
+    sim.restart_broker("pa")
+    n = 0
+    for _ in range(300):  # a steady load through the move: 10 requests every 0.1 s for 30 s
+        for _ in range(10):
+            c.submit("echo", n, timeout=10)
+            n += 1
+        sim.run_for(0.1)
+    sim.run_for(5)
+    assert sim.active("pa", "pb") == ["pa"]
+    assert w.endpoint == c.endpoint == Simulation.endpoint("pa")
+    assert w.core.counters["homecomings"] == 1 and c.core.counters["homecomings"] == 1
+    assert_each_ended_once(c, n, p.ST_OK)
+    assert all(v == 1 for v in Counter(w.executed).values()), "a request ran twice"
+    served_in_region(sim, c)
+
+
+def test_a_client_holds_what_its_broker_would_refuse_and_sends_it_as_replies_free_room():
+    """20,000 submits at once from one client, against the default per-client quota of 2,500:
+    the client keeps the excess and none gets Busy; the deadline counts from submit."""
+    sim = Simulation()
+    sim.add_worker("w", concurrency=50, service_time=0.001)
+    c = sim.add_client()
+    sim.run_for(0.1)
+    for i in range(20_000):
+        c.submit("echo", i, timeout=60)
+    assert c.core.sent == 2_500 and len(c.core.waiting) == 17_500
+    sim.run_for(30)
+    assert_each_ended_once(c, 20_000, p.ST_OK)
+    assert sim.broker.counters.over_quota == 0 and sim.broker.counters.busy == 0
+    slow = Simulation(BrokerSettings(max_client_inflight=100))
+    slow.add_worker("w", concurrency=2, service_time=0.05)  # 40 requests a second
+    c2 = slow.add_client()
+    slow.run_for(0.1)
+    assert c2.core.quota == 100  # learned from WELCOME
+    for i in range(300):
+        c2.submit("echo", i, timeout=1.0)  # 100 go, 200 wait here; most cannot be served in time
+    slow.run_for(3)
+    assert_each_ended_once(c2, 300)
+    ok = [v for v in c2.completed.values() if v[0].status == p.ST_OK]
+    waited = [v for v in c2.completed.values() if "waiting here" in v[0].message]
+    assert 20 <= len(ok) <= 60 and len(waited) >= 150  # their deadlines counted from submit
+    assert slow.broker.counters.busy == 0

@@ -18,7 +18,9 @@ def make(**kw):
 
 def hello(core, ident, capacity=1, services=("echo",), now=0.0):
     out = core.receive(ident, p.Hello(p.ROLE_WORKER, ident.decode(), services, capacity, 250), now)
-    assert out[0] == (ident, p.Welcome("b", "inc1", 250, 4))
+    welcome = out[0][1]
+    assert out[0][0] == ident and welcome[:4] == ("b", "inc1", 250, 4)
+    assert welcome.quota == core.settings.max_client_inflight and welcome.max_message == core.settings.max_message_size
     return out[1:]
 
 

@@ -291,7 +291,14 @@ class BrokerCore(BrokerMachine):
         self._epoch = epoch
         hb = settings.heartbeat
         self._welcome = p.Welcome(
-            settings.name, incarnation, max(1, round(hb.heartbeat_s * 1000)), hb.liveness, epoch, peer
+            settings.name,
+            incarnation,
+            max(1, round(hb.heartbeat_s * 1000)),
+            hb.liveness,
+            epoch,
+            peer,
+            settings.max_client_inflight,
+            settings.max_message_size,
         )
         self._pong = p.Heartbeat(p.ROLE_BROKER, incarnation, 0, (), epoch)
         self.d = d = Dispatcher(settings, self.counters, now, first_ticket)

@@ -1,23 +1,36 @@
-"""The client machine: pending requests, deadlines, resend after broker restart or failover. Sans-IO.
+"""The client machine: pending requests, pacing, deadlines, resend after failover, going home. Sans-IO.
 
 Rules of this module:
 1. Every submitted request ends in exactly one :class:`Completed`: a reply, or a local timeout at its
    deadline. A second reply for the same request id is dropped (counted), never reported.
-2. Requests keep their id for life. When the broker is found to be a new run (incarnation changed) or
-   the client fails over to another endpoint, every pending request is sent again with the same id
-   and the time budget it has left; brokers absorb the copies of one still in progress.
-3. The budget sent is a little shorter than the local deadline so that the broker's TIMEOUT, which
+2. Pacing: a client never has more requests open at its broker than the broker allows it (WELCOME
+   says its quota): the rest wait here, in order, and go as replies free room. Their deadlines count
+   from ``submit``; one that expires while it waits ends as a local timeout, never sent.
+3. Requests keep their id for life. When the broker is found to be a new run (incarnation changed) or
+   the client fails over to another endpoint, every request it had sent is sent again with the same
+   id and the time budget it has left; brokers absorb the copies of one still in progress.
+4. The budget sent is a little shorter than the local deadline so that the broker's TIMEOUT, which
    says why (no worker registered, or all busy), normally arrives before the local one.
+5. A payload larger than the broker's message limit (WELCOME says it) fails at once, not at its
+   deadline: the broker's socket would drop it, and the connection with it.
+6. Away from its first choice (after a failover), the client looks home now and then
+   (:class:`~zmqdist.core.link.Homing`); once home answers as a healthy active broker, it stops
+   sending, lets what it has in flight end (a bounded wait), and moves there with what waits.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from heapq import heappop, heappush
 from typing import NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
-from zmqdist.core.link import BrokerLink, Connect, Problem
+from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem
+
+DEFAULT_QUOTA = 2500  # open requests at a broker that did not say its quota (a broker's default)
+MOVE_WAIT_S = 10.0  # longest wait for the requests in flight to end before moving home (else later)
 
 
 class Completed(NamedTuple):
@@ -29,17 +42,19 @@ class Completed(NamedTuple):
     payload: bytes
 
 
-ClientOut = p.Message | Completed | Connect | Problem
+ClientOut = p.Message | Completed | Connect | Problem | Probe | EndProbe
 
 
 class _Pending:
-    __slots__ = ("deadline", "payload", "service", "trace")
+    __slots__ = ("deadline", "margin", "payload", "sent", "service", "trace")
 
-    def __init__(self, service: str, payload: bytes, deadline: float, trace: str = "") -> None:
+    def __init__(self, service: str, payload: bytes, deadline: float, margin: float, trace: str = "") -> None:
         self.service = service
         self.payload = payload
         self.deadline = deadline
+        self.margin = margin
         self.trace = trace
+        self.sent = False  # at the broker (counted in its quota), or still waiting here
 
 
 def budget_margin(timeout_s: float) -> float:
@@ -47,13 +62,32 @@ def budget_margin(timeout_s: float) -> float:
     return min(0.05, timeout_s * 0.1)
 
 
+def _half() -> float:
+    return 0.5
+
+
 class ClientCore:
     """Sans-IO client: feed it submissions, broker messages and time."""
 
-    def __init__(self, endpoints: tuple[str, ...], name: str, hb: HeartbeatSettings, now: float) -> None:
+    def __init__(
+        self,
+        endpoints: tuple[str, ...],
+        name: str,
+        hb: HeartbeatSettings,
+        now: float,
+        rng: Callable[[], float] = _half,
+    ) -> None:
         self.name = name
         self.link = BrokerLink(endpoints, hb, now)
         self.pending: dict[int, _Pending] = {}
+        self.waiting: deque[int] = deque()  # submitted, not sent yet (pacing, or a move home)
+        self.sent = 0  # requests at the broker now
+        self.quota = DEFAULT_QUOTA
+        self.max_message = 0  # the broker's message limit (0: not known)
+        self.registered = False
+        self.homing = Homing(rng)
+        self._moving: int | None = None  # the home endpoint we are moving to once nothing is in flight
+        self._move_until = 0.0
         self._deadlines: list[tuple[float, int]] = []
         self.counters = {
             "sent": 0,
@@ -63,6 +97,8 @@ class ClientCore:
             "failovers": 0,
             "broker_restarts": 0,
             "fenced": 0,
+            "held": 0,
+            "homecomings": 0,
         }
 
     def start(self, now: float) -> list[ClientOut]:
@@ -72,23 +108,33 @@ class ClientCore:
     def submit(
         self, rid: int, service: str, payload: bytes, timeout_s: float, now: float, trace: str = ""
     ) -> list[ClientOut]:
-        """Start request ``rid``; return the REQUEST to send (or its immediate completion)."""
+        """Start request ``rid``; return the REQUEST to send (or its immediate completion, or
+        nothing when it waits its turn here)."""
         if rid in self.pending:
             return [Completed(rid, p.ST_INVALID, f"request id {rid} is already pending", b"")]
-        deadline = now + timeout_s
         if timeout_s <= 0:
             return [Completed(rid, p.ST_TIMEOUT, "timeout must be positive", b"")]
-        self.pending[rid] = _Pending(service, payload, deadline, trace)
+        if self.max_message and len(payload) > self.max_message:
+            limit = self.max_message
+            why = f"payload of {len(payload)} bytes is larger than the broker's limit of {limit} bytes"
+            return [Completed(rid, p.ST_INVALID, why, b"")]
+        deadline = now + timeout_s
+        pend = self.pending[rid] = _Pending(service, payload, deadline, budget_margin(timeout_s), trace)
         heappush(self._deadlines, (deadline, rid))
         if len(self._deadlines) > 2 * len(self.pending) + 1024:
             self._deadlines = [(d, r) for d, r in self._deadlines if r in self.pending]
             self._deadlines.sort()
-        self.counters["sent"] += 1
-        return [self._request(rid, self.pending[rid], now, margin=budget_margin(timeout_s))]
+        if self.sent < self.quota and self._moving is None and not self.waiting:
+            return [self._send(rid, pend, now)]
+        self.waiting.append(rid)
+        self.counters["held"] += 1
+        return []
 
     def cancel(self, rid: int) -> None:
         """Forget ``rid``; a reply that still comes is dropped."""
-        self.pending.pop(rid, None)
+        pend = self.pending.pop(rid, None)
+        if pend is not None and pend.sent:
+            self.sent -= 1
 
     def receive(self, msg: p.Message, now: float) -> list[ClientOut]:
         """Handle one message from the broker."""
@@ -100,7 +146,12 @@ class ClientCore:
                 if pend is None:
                     self.counters["duplicates"] += 1
                     return []
-                return [Completed(msg.rid, msg.status, msg.message, msg.payload)]
+                out: list[ClientOut] = [Completed(msg.rid, msg.status, msg.message, msg.payload)]
+                if pend.sent:
+                    self.sent -= 1
+                    if self.waiting:
+                        self._fill(now, out)
+                return out
             case p.Heartbeat():
                 if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:
                     self.counters["fenced"] += 1
@@ -114,10 +165,15 @@ class ClientCore:
                 if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:
                     self.counters["fenced"] += 1
                     return [Problem(why), *self._failover(now, why)]
+                self.registered = True
+                self.quota = msg.quota or DEFAULT_QUOTA
+                self.max_message = msg.max_message
                 if link.welcome(msg):
                     self.counters["broker_restarts"] += 1
                     return self._resend_all(now)
-                return []
+                out = []
+                self._fill(now, out)
+                return out
             case p.Reconnect():
                 return [self._hello(), *self._resend_all(now)]
             case p.Bye():
@@ -127,8 +183,18 @@ class ClientCore:
                 return [Problem(f"broker refused a message: {msg.message}")]
         return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
 
+    def probe_receive(self, msg: p.Message, now: float) -> list[ClientOut]:
+        """What the broker at home answered on the probe connection."""
+        go, out = self.homing.answer(self.link, msg, now)
+        res: list[ClientOut] = [*out]
+        if go is not None and self._moving is None:
+            self._moving = go  # no more sends here; move once what is in flight has ended
+            self._move_until = now + MOVE_WAIT_S
+            res += self._try_move(now)
+        return res
+
     def tick(self, now: float) -> list[ClientOut]:
-        """Time out pending requests, heartbeat, fail over from a silent broker."""
+        """Time out pending requests, heartbeat, fail over from a silent broker, look home."""
         out: list[ClientOut] = []
         dl = self._deadlines
         while dl and dl[0][0] <= now:
@@ -136,14 +202,14 @@ class ClientCore:
             pend = self.pending.get(rid)
             if pend is not None and pend.deadline <= now:
                 del self.pending[rid]
+                if pend.sent:
+                    self.sent -= 1
                 self.counters["timeouts"] += 1
+                where = "waiting here: the client had as many open as its broker allows"
+                where = f"broker {self.link.broker or self.link.endpoint}" if pend.sent else where
                 out.append(
                     Completed(
-                        rid,
-                        p.ST_TIMEOUT,
-                        f"no reply for service {pend.service!r} before the deadline "
-                        f"(broker {self.link.broker or self.link.endpoint})",
-                        b"",
+                        rid, p.ST_TIMEOUT, f"no reply for service {pend.service!r} before the deadline ({where})", b""
                     )
                 )
         link = self.link
@@ -151,6 +217,12 @@ class ClientCore:
             out += self._failover(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         elif link.heartbeat_due(now):
             out.append(p.Heartbeat(p.ROLE_CLIENT, link.incarnation or "", 0, ()))
+        if self._moving is not None:
+            out += self._try_move(now)
+        else:
+            out += self.homing.tick(link, self.registered, now)
+        if self.waiting:
+            self._fill(now, out)
         return out
 
     def resumed(self, seconds: float, now: float) -> None:
@@ -162,7 +234,12 @@ class ClientCore:
         d = self.link.next_deadline()
         if self._deadlines:
             d = min(d, self._deadlines[0][0])
+        h = self.homing.next_deadline(self.link) if self._moving is None else self._move_until
+        if h is not None:
+            d = min(d, h)
         return d
+
+    # --- internals --------------------------------------------------------------------------------
 
     def _hello(self) -> p.Hello:
         return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000), self.link.top_epoch)
@@ -171,11 +248,46 @@ class ClientCore:
         budget_ms = p.budget_ms_left(pend.deadline - margin, now, floor=0)
         return p.Request(rid, pend.service, budget_ms, (), pend.payload, pend.trace)
 
+    def _send(self, rid: int, pend: _Pending, now: float) -> p.Request:
+        pend.sent = True
+        self.sent += 1
+        self.counters["sent"] += 1
+        return self._request(rid, pend, now, pend.margin)
+
+    def _fill(self, now: float, out: list[ClientOut]) -> None:
+        """Send what waits, in order, while the broker allows more (not while moving home)."""
+        waiting, pending = self.waiting, self.pending
+        while waiting and self.sent < self.quota and self._moving is None and self.registered:
+            rid = waiting.popleft()
+            pend = pending.get(rid)
+            # one whose budget is spent by the time it could go times out here, unsent (rule 2)
+            if pend is not None and not pend.sent and p.budget_ms_left(pend.deadline - pend.margin, now, floor=0) > 0:
+                out.append(self._send(rid, pend, now))
+
     def _resend_all(self, now: float) -> list[ClientOut]:
-        self.counters["resent"] += len(self.pending)
-        return [self._request(rid, pend, now, 0.0) for rid, pend in self.pending.items() if pend.deadline > now]
+        again = [(rid, pend) for rid, pend in self.pending.items() if pend.sent and pend.deadline > now]
+        self.counters["resent"] += len(again)
+        return [self._request(rid, pend, now, 0.0) for rid, pend in again]
 
     def _failover(self, now: float, reason: str, to: str = "") -> list[ClientOut]:
-        """Connect elsewhere (to broker ``to`` if a BYE named it), say HELLO, resend what is pending."""
+        """Connect elsewhere (to broker ``to`` if a BYE named it), say HELLO, resend what was sent."""
         self.counters["failovers"] += 1
-        return [self.link.connect_named(to, now, reason), self._hello(), *self._resend_all(now)]
+        self.registered = False
+        self._moving = None
+        return [self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello(), *self._resend_all(now)]
+
+    def _try_move(self, now: float) -> list[ClientOut]:
+        """Moving home: go once nothing is in flight; give up for now after ``MOVE_WAIT_S``."""
+        j = self._moving
+        assert j is not None
+        if self.sent == 0:
+            self._moving = None
+            self.registered = False
+            self.counters["homecomings"] += 1
+            return [self.link.connect_to(j, now, "going back to the first choice: it is active again"), self._hello()]
+        if now >= self._move_until:
+            self._moving = None  # too busy to find a quiet moment: stay, look again later
+            out: list[ClientOut] = []
+            self._fill(now, out)
+            return out
+        return []

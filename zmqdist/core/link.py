@@ -19,6 +19,7 @@ broker whose epoch is lower (a primary that came back after its backup took over
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 from zmqdist import protocol as p
@@ -100,6 +101,11 @@ class BrokerLink:
             return self.connect_next(now, reason)
         self.tried.add(self.index)
         return self._move(j, now, reason)
+
+    def connect_to(self, index: int, now: float, reason: str) -> Connect:
+        """Go to endpoint ``index`` (home, after a look there found it healthy and active)."""
+        self.tried.clear()
+        return self._move(index, now, reason)
 
     def _next_index(self) -> int:
         cur = self.index
@@ -200,3 +206,107 @@ class BrokerLink:
     def next_deadline(self) -> float:
         """The earliest time at which a heartbeat or the silence check is due."""
         return min(self.next_hb, self.last_heard + self.ttl_s + EPSILON)
+
+
+class Probe(NamedTuple):
+    """Action: on a separate connection to ``endpoint``, send ``message`` and report what comes back
+    (``probe_receive``) until the machine says :class:`EndProbe`."""
+
+    endpoint: str
+    message: p.Message
+
+
+class EndProbe(NamedTuple):
+    """Action: close the probe connection."""
+
+
+PROBE_FIRST_S = 1.0  # the first look home after leaving it (jittered, and at least 4 heartbeats)
+PROBE_MAX_S = 30.0  # looks home back off to this after failures
+
+
+class Homing:
+    """Going back to the first choice. A peer's *home* is the first endpoint of its list and the
+    other broker of the pair there (once WELCOME named it). Away from home, it looks home now and
+    then (jittered, backing off to ``PROBE_MAX_S``): a client HEARTBEAT on a separate connection,
+    which an active broker answers and a passive one does not (it redirects, or counts a vote).
+    An answer from an active broker whose epoch is not stale means home is healthy: the machine
+    then moves there at a quiet moment (nothing in flight), so nothing runs twice."""
+
+    __slots__ = ("backoff_s", "due", "probing", "rng", "sent_at")
+
+    def __init__(self, rng: Callable[[], float]) -> None:
+        self.rng = rng
+        self.backoff_s = 0.0
+        self.due: float | None = None  # when to look home next (None: at home)
+        self.probing: int | None = None  # the endpoint being looked at
+        self.sent_at = 0.0
+
+    def home(self, link: BrokerLink) -> list[int]:
+        """The endpoints of home: the first one, and the other broker of its pair if known."""
+        out = [0]
+        other = link.pairs.get(link.name_at(0), "")
+        j = link.names.get(other) if other else None
+        if j is not None and j != 0:
+            out.append(j)
+        return out
+
+    def tick(self, link: BrokerLink, registered: bool, now: float) -> list[Probe | EndProbe]:
+        """A probe to send, or the end of one that got no answer within the ttl."""
+        if not registered or link.index < 0 or link.index in self.home(link):
+            self.due = None
+            self.backoff_s = 0.0
+            return [EndProbe()] if self._stop() else []
+        if self.probing is not None:
+            if now - self.sent_at > link.ttl_s:  # no answer: not there, or passive and we voted
+                self._stop()
+                self._failed(link, now)
+                return [EndProbe()]
+            return []
+        if self.due is None:
+            self._failed(link, now, first=True)
+            return []
+        if now < self.due:
+            return []
+        homes = self.home(link)
+        self.probing = homes[int(self.rng() * len(homes)) % len(homes)]
+        self.sent_at = now
+        return [Probe(link.endpoints[self.probing], p.Heartbeat(p.ROLE_CLIENT, "", 0, ()))]
+
+    def answer(self, link: BrokerLink, msg: p.Message, now: float) -> tuple[int | None, list[EndProbe]]:
+        """What the probed broker said: (the endpoint to move to, if home is healthy and active, and
+        the end of the probe)."""
+        if self.probing is None:
+            return None, []
+        j = self.probing
+        self._stop()
+        if type(msg) is p.Heartbeat and msg.role == p.ROLE_BROKER:
+            homes = [link.name_at(i) for i in self.home(link)]
+            known = max([link.epochs.get(n, 0) for n in homes if n], default=0)
+            if msg.epoch >= known or not msg.epoch:
+                return j, [EndProbe()]
+        elif type(msg) is p.Bye and msg.broker:
+            link.names[msg.broker] = j  # the passive one of home's pair: look at the other next
+            if msg.active:
+                link.pairs[msg.broker] = msg.active
+                link.pairs[msg.active] = msg.broker
+        self._failed(link, now)
+        return None, [EndProbe()]
+
+    def cancel(self) -> list[EndProbe]:
+        """Stop a look home in progress (the peer is moving anyway)."""
+        return [EndProbe()] if self._stop() else []
+
+    def next_deadline(self, link: BrokerLink) -> float | None:
+        if self.probing is not None:
+            return self.sent_at + link.ttl_s + EPSILON
+        return self.due
+
+    def _stop(self) -> bool:
+        was = self.probing is not None
+        self.probing = None
+        return was
+
+    def _failed(self, link: BrokerLink, now: float, first: bool = False) -> None:
+        base = max(PROBE_FIRST_S, 4 * link.hb_s)
+        self.backoff_s = base if first else min(PROBE_MAX_S, max(base, self.backoff_s * 2))
+        self.due = now + self.backoff_s * (0.5 + self.rng())

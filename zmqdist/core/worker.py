@@ -20,16 +20,28 @@ Rules of this module:
 5. Draining is exact: CREDIT(0) and a HEARTBEAT go out together, and BYE waits for the broker's
    answer to that heartbeat. Messages on one connection arrive in order, so every TASK the broker
    sent before it saw CREDIT(0) has arrived by then, and is run, not bounced.
+6. Away from its first choice (after a failover), the worker looks home now and then
+   (:class:`~zmqdist.core.link.Homing`); once home answers as a healthy active broker, it quiets
+   down exactly as a drain does (CREDIT(0), the answer to its heartbeat, its tasks finished) and
+   then says BYE and registers at home. If that takes longer than ``MOVE_WAIT_S`` it stays (and
+   takes work again) and looks later.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
-from zmqdist.core.link import BrokerLink, Connect, Problem, Stopped
+from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem, Stopped
+
+MOVE_WAIT_S = 10.0  # longest quiet-down before moving home (else stay and look again later)
+
+
+def _half() -> float:
+    return 0.5
 
 
 class Execute(NamedTuple):
@@ -45,7 +57,7 @@ class Execute(NamedTuple):
     trace: str = ""
 
 
-WorkerOut = p.Message | Execute | Connect | Stopped | Problem
+WorkerOut = p.Message | Execute | Connect | Stopped | Problem | Probe | EndProbe
 
 
 class WorkerCore:
@@ -59,6 +71,7 @@ class WorkerCore:
         name: str,
         hb: HeartbeatSettings,
         now: float,
+        rng: Callable[[], float] = _half,
     ) -> None:
         self.services = services
         self.concurrency = concurrency
@@ -82,6 +95,9 @@ class WorkerCore:
         self._hb_answered = 0  # answers to them received
         self._hb_early = 0  # heartbeats sent before WELCOME this session (answered first)
         self.seq_seen = 0  # highest task seq the broker is known to have sent this session
+        self.homing = Homing(rng)
+        self._moving: int | None = None  # the home endpoint we quiet down for
+        self._move_until = 0.0
         self.counters = {
             "tasks": 0,
             "refused": 0,
@@ -90,6 +106,7 @@ class WorkerCore:
             "broker_restarts": 0,
             "carried": 0,
             "fenced": 0,
+            "homecomings": 0,
         }
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -160,11 +177,21 @@ class WorkerCore:
             unacked = self.unacked
             while unacked and unacked[0][0] < self._hb_answered:
                 unacked.popleft()  # a heartbeat sent after it was answered: it arrived
-        if self.draining and self.registered:
+        if (self.draining or self._moving is not None) and self.registered:
             self._drain_wait -= 1
-            if self._drain_wait <= 0 and not self.inflight and not self.carry:
-                return self._finish("drained")
+            return self._quiet(now)
         return []
+
+    def probe_receive(self, msg: p.Message, now: float) -> list[WorkerOut]:
+        """What the broker at home answered on the probe connection."""
+        go, ends = self.homing.answer(self.link, msg, now)
+        out: list[WorkerOut] = [*ends]
+        if go is not None and self.registered and not self.draining and self._moving is None:
+            self._moving = go  # quiet down as a drain does, then move
+            self._move_until = now + MOVE_WAIT_S
+            out += [p.Credit(0), self._heartbeat()]
+            self._drain_wait = self._unanswered
+        return out
 
     def task_done(self, ticket: int, session: int, ok: bool, payload: bytes, now: float) -> list[WorkerOut]:
         """A handler finished. Return the RESULT to send (if its session is still current)."""
@@ -177,16 +204,16 @@ class WorkerCore:
                 return out
             out.append(result)
             self.unacked.append((self._hb_sent, result))
-            if not self.draining and not self.stopped:
+            if not self.draining and not self.stopped and self._moving is None:
                 out.append(p.Credit(self._capacity()))
-            if self.draining and self._drain_wait <= 0 and not self.inflight and not self.carry:
-                out += self._finish("drained")
+            if self.draining or self._moving is not None:
+                out += self._quiet(now)
             return out
         if session != self.session or self.inflight.get(ticket) != session:
             self.counters["void_results"] += 1
             if session != self.session and self.stale > 0:
                 self.stale -= 1
-                if self.registered and not self.draining and not self.stopped:
+                if self.registered and not self.draining and not self.stopped and self._moving is None:
                     out.append(p.Credit(self._capacity()))
             return out
         del self.inflight[ticket]
@@ -196,8 +223,8 @@ class WorkerCore:
         out.append(result)
         if self._pair:
             self.unacked.append((self._hb_sent, result))
-        if self.draining and self._drain_wait <= 0 and not self.inflight and not self.carry:
-            out += self._finish("drained")
+        if self.draining or self._moving is not None:
+            out += self._quiet(now)
         return out
 
     def tick(self, now: float) -> list[WorkerOut]:
@@ -213,6 +240,12 @@ class WorkerCore:
             return self._new_session(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         if link.heartbeat_due(now):
             out.append(self._heartbeat())
+        if self._moving is not None:
+            if now >= self._move_until:  # too busy to quiet down: stay, take work again, look later
+                self._moving = None
+                out.append(p.Credit(self._capacity()))
+        elif not self.draining:
+            out += self.homing.tick(link, self.registered, now)
         return out
 
     def resumed(self, seconds: float, now: float) -> None:
@@ -226,6 +259,9 @@ class WorkerCore:
         d = self.link.next_deadline()
         if self._drain_deadline is not None:
             d = min(d, self._drain_deadline)
+        h = self.homing.next_deadline(self.link) if self._moving is None else self._move_until
+        if h is not None:
+            d = min(d, h)
         return d
 
     # --- internals --------------------------------------------------------------------------------
@@ -311,9 +347,27 @@ class WorkerCore:
     def _new_session(self, now: float, reason: str, to: str = "") -> list[WorkerOut]:
         """A new connection: to broker ``to`` if named (a BYE sent us there), else the next one."""
         self._void_session()
+        self._moving = None
         if self.draining:
             return self._finish(f"broker lost while draining ({reason})")
-        return [self.link.connect_named(to, now, reason), self._hello()]
+        return [self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello()]
+
+    def _quiet(self, now: float) -> list[WorkerOut]:
+        """CREDIT(0) was answered and nothing runs: end the drain, or move home."""
+        if self._drain_wait > 0 or self.inflight or self.carry:
+            return []
+        if self.draining:
+            return self._finish("drained")
+        j = self._moving
+        if j is None:
+            return []
+        # Every result went out on this connection before this BYE: one connection is FIFO.
+        self._moving = None
+        self.unacked.clear()
+        self._void_session()
+        self.counters["homecomings"] += 1
+        reason = "going back to the first choice: it is active again"
+        return [p.Bye(reason), self.link.connect_to(j, now, reason), self._hello()]
 
     def _finish(self, reason: str) -> list[WorkerOut]:
         self.stopped = True
