@@ -351,10 +351,11 @@ class PairedBroker(BrokerMachine):
         bye = p.Bye(f"{self.name} is now the passive broker of its pair: {why}", self.name, pair.peer_name)
         out += [(ident, bye) for ident in self.inner.leavers()]
         self.inner.tiers.shutdown(f"proxy {self.name} stepped down", out)
+        held = (self.inner.open_requests, "warm" if pair.warm else "cold")  # what it carried, for the logs
         pair.deactivate(now, stepped_down=True)
         self._active = False
         self.inner = self._machine(now, serving=False)
-        out.append((PAIR, Problem(f"{self.name} stepped down to passive: {why}")))
+        out.append((PAIR, Problem(f"{self.name} stepped down to passive ({held[0]} open requests, {held[1]}): {why}")))
         out.append((PAIR, self._state(now)))
 
     def _hand_over(self, now: float, out: list[Out]) -> None:

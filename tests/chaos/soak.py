@@ -1,0 +1,472 @@
+"""Chaos soak: a real deployment's topology under random faults, every request accounted for.
+
+    python3 tests/chaos/soak.py --duration 600 --seed 7 [--requests 100000] [--report soak.json]
+
+Topology (every process real, on ipc endpoints in a temporary directory): a master pair MA/MB, two
+regional proxy pairs R1A/R1B and R2A/R2B below it, two workers per region and one at the master.
+Regional workers and clients list their proxy pair first and the master pair next; the master's
+worker lists the master pair. Load: per region, a client that calls one at a time, one that keeps
+up to 200 submits in flight, and one that maps batches of 500.
+
+Faults, one every 2-5 s (seeded; every kind in each round of five, in a random order): SIGKILL of a
+worker (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s, SIGKILL of the active broker of a
+regional pair (twice a round) or of the master pair (restarted 1-3 s later, never while the other
+broker of its pair is down or not yet in sync: then the fault is skipped). Faults stop a few
+seconds before the end so that everything in flight can end.
+
+Every request ends in one of: the right value, a wrong value, an error (counted by type), or no
+end at all (lost). Executions are counted per request from the workers' logs (re-execution after
+a kill is allowed and reported). Broker logs are read for step-downs of a broker that carried the
+pair's table (a defect) and for tracebacks in every process. Exit status 1 if anything was lost,
+wrong or duplicated, a live active broker stepped down, a traceback was printed, or errors passed
+--max-error-rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+from soakworker import answer  # noqa: E402
+
+from zmqdist import Client  # noqa: E402
+from zmqdist.errors import RequestError, RequestTimeout  # noqa: E402
+
+PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
+TIMEOUT_S = 30.0  # a request's deadline: generous, so that any request not answered is lost
+
+
+class Proc:
+    """One process of the topology: its command, its log, restarts."""
+
+    def __init__(self, name: str, args: list[str], logdir: Path, env: dict[str, str]) -> None:
+        self.name, self.args, self.env = name, args, env
+        self.log = logdir / f"{name}.log"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.stopped = False
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            cmd = [sys.executable, "-m", "zmqdist", *self.args]
+            self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        self.starts += 1
+        self.stopped = False
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.popen is not None
+            self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        if self.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(10)
+
+
+class Topology:
+    def __init__(self, tmp: Path, hb: float) -> None:
+        self.tmp = tmp
+        self.logdir = tmp / "logs"
+        self.logdir.mkdir()
+        self.env = dict(os.environ, SOAK_LOG_DIR=str(self.logdir), PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+        self.procs: dict[str, Proc] = {}
+        timing = ["--heartbeat", str(hb)]
+        for region, (a, b) in PAIRS.items():
+            up = [] if region == "M" else ["--upstream", self.ep("MA"), "--upstream", self.ep("MB")]
+            for name, role, other in ((a, "primary", b), (b, "backup", a)):
+                args = ["broker", "--bind", self.ep(name), "--name", name, "--ha", role]
+                args += ["--ha-bind", self.ha(name), "--peer", self.ha(other), *up, *timing]
+                self.procs[name] = Proc(name, args, self.logdir, self.env)
+        for region in ("R1", "R2"):
+            a, b = PAIRS[region]
+            for k in range(2):
+                self.worker(f"W{region}-{k}", [a, b, "MA", "MB"], timing)
+        self.worker("WM-0", ["MA", "MB"], timing)
+
+    def worker(self, name: str, at: list[str], timing: list[str]) -> None:
+        eps = [x for n in at for x in ("--connect", self.ep(n))]
+        self.procs[name] = Proc(
+            name, ["worker", "soakworker:worker", "--name", name, *eps, *timing], self.logdir, self.env
+        )
+
+    def ep(self, name: str) -> str:
+        return f"ipc://{self.tmp}/{name}.sock"
+
+    def ha(self, name: str) -> str:
+        return f"ipc://{self.tmp}/{name}.ha"
+
+    def start(self) -> None:
+        for p in self.procs.values():
+            p.start()
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        """The pair state of broker ``name`` (None if it does not answer)."""
+        if not self.procs[name].alive():
+            return None
+        try:
+            with Client([self.ep(name)], timeout=1.5) as c:
+                st = c.call("zmqdist.status")
+        except Exception:
+            return None
+        return st.get("ha") if isinstance(st, dict) else None
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+
+
+class Load:
+    """Clients that drive calls, submits and maps, and record how each request ended."""
+
+    def __init__(self, topo: Topology, limit: int | None) -> None:
+        self.topo, self.limit = topo, limit
+        self.ids = itertools.count()
+        self.lock = threading.Lock()
+        self.outcome: dict[int, str] = {}
+        self.issued = 0
+        self.stop = threading.Event()
+        self.clients: list[Client] = []
+        self.threads: list[threading.Thread] = []
+
+    def next_id(self) -> int | None:
+        with self.lock:
+            if self.stop.is_set() or (self.limit is not None and self.issued >= self.limit):
+                return None
+            self.issued += 1
+            return next(self.ids)
+
+    def record(self, i: int, result: Any = None, error: BaseException | None = None) -> None:
+        if error is not None:
+            kind = "lost" if isinstance(error, RequestTimeout) and "no reply" in str(error) else type(error).__name__
+        elif isinstance(result, dict) and result.get("i") == i and result.get("v") == answer(i):
+            kind = "ok"
+        else:
+            kind = "wrong"
+        with self.lock:
+            if i in self.outcome:
+                self.outcome[i] = "duplicate"  # a second outcome for one request: never expected
+            else:
+                self.outcome[i] = kind
+
+    def client(self, region: str) -> Client:
+        a, b = PAIRS[region]
+        c = Client([self.topo.ep(n) for n in (a, b, "MA", "MB")], timeout=TIMEOUT_S)
+        self.clients.append(c)
+        return c
+
+    @staticmethod
+    def value(i: int, rng: random.Random) -> dict[str, int]:
+        return {"i": i, "ms": rng.choice((0, 0, 0, 1, 5))}
+
+    def caller(self, region: str, seed: int) -> None:
+        rng, c = random.Random(seed), self.client(region)
+        while (i := self.next_id()) is not None:
+            try:
+                self.record(i, c.call("work", self.value(i, rng)))
+            except RequestError as exc:
+                self.record(i, error=exc)
+
+    def submitter(self, region: str, seed: int) -> None:
+        rng, c = random.Random(seed), self.client(region)
+        window: collections.deque[tuple[int, Any]] = collections.deque()
+        while True:
+            i = self.next_id() if len(window) < 200 else None
+            if i is not None:
+                window.append((i, c.submit("work", self.value(i, rng))))
+                continue
+            if not window:
+                return
+            j, fut = window.popleft()
+            try:
+                self.record(j, fut.result(TIMEOUT_S + 10))
+            except RequestError as exc:
+                self.record(j, error=exc)
+
+    def mapper(self, region: str, seed: int) -> None:
+        rng, c = random.Random(seed), self.client(region)
+        while True:
+            batch = [i for _ in range(500) if (i := self.next_id()) is not None]
+            if not batch:
+                return
+            pos = 0
+            try:
+                for v in c.map("work", [self.value(i, rng) for i in batch], window=200):
+                    self.record(batch[pos], v)
+                    pos += 1
+            except RequestError as exc:  # map stops at the first error: the rest is not awaited
+                self.record(batch[pos], error=exc)
+                with self.lock:
+                    for i in batch[pos + 1 :]:
+                        self.outcome[i] = "not awaited (map stopped at an error)"
+
+    def start(self, seed: int) -> None:
+        for k, region in enumerate(("R1", "R2")):
+            for role in (self.caller, self.submitter, self.mapper):
+                t = threading.Thread(target=role, args=(region, seed * 100 + k * 10 + len(self.threads)), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def finish(self, timeout: float) -> None:
+        self.stop.set()
+        end = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.1, end - time.monotonic()))
+        for c in self.clients:
+            c.close()
+
+
+class Chaos:
+    """Random faults, one every 2-5 s, restarts scheduled."""
+
+    def __init__(self, topo: Topology, rng: random.Random) -> None:
+        self.topo, self.rng = topo, rng
+        self.pending: list[tuple[float, str, str]] = []  # (when, action, process)
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.log: list[str] = []
+        self.kinds: list[str] = []  # the next faults: every kind once per round, in a random order
+        self.takeovers: list[float] = []  # seconds from killing an active broker to the other one active
+        self.watchers: list[threading.Thread] = []
+
+    def due(self, now: float) -> None:
+        for item in [x for x in self.pending if x[0] <= now]:
+            self.pending.remove(item)
+            _, action, name = item
+            proc = self.topo.procs[name]
+            if action == "restart":
+                proc.start()
+            elif action == "cont":
+                proc.signal(signal.SIGCONT)
+                proc.stopped = False
+
+    def busy(self, name: str) -> bool:
+        return any(x[2] == name for x in self.pending)
+
+    def fault(self, now: float) -> None:
+        if not self.kinds:
+            self.kinds = ["kill worker", "stop worker", "kill proxy", "kill proxy", "kill master"]
+            self.rng.shuffle(self.kinds)
+        kind = self.kinds.pop()
+        if kind in ("kill worker", "stop worker"):
+            names = [
+                n for n in self.topo.procs if n.startswith("W") and not self.busy(n) and self.topo.procs[n].alive()
+            ]
+            if not names:
+                return
+            name = self.rng.choice(names)
+            proc = self.topo.procs[name]
+            if kind == "kill worker":
+                proc.kill()
+                self.pending.append((now + self.rng.uniform(0.5, 2.0), "restart", name))
+            else:
+                proc.signal(signal.SIGSTOP)
+                proc.stopped = True
+                self.pending.append((now + self.rng.uniform(1.0, 3.0), "cont", name))
+        else:
+            region = "M" if kind == "kill master" else self.rng.choice(["R1", "R2"])
+            a, b = PAIRS[region]
+            if self.busy(a) or self.busy(b):
+                return
+            sa, sb = self.topo.state(a), self.topo.state(b)
+            states = {a: sa, b: sb}
+            active = [n for n, s in states.items() if s and s["state"] == "active"]
+            ready = [n for n, s in states.items() if s and s["state"] == "passive" and s["seq"] >= 0]
+            if len(active) != 1 or len(ready) != 1:
+                return  # the pair is not settled: killing now could leave it with no copy of its table
+            name = active[0]
+            killed = time.monotonic()
+            self.topo.procs[name].kill()
+            self.pending.append((now + self.rng.uniform(1.0, 3.0), "restart", name))
+            other = ready[0]
+            t = threading.Thread(target=self._watch_takeover, args=(other, killed), daemon=True)
+            t.start()
+            self.watchers.append(t)
+        self.faults[kind] += 1
+        self.log.append(f"{now:8.2f} {kind} {name}")
+
+    def _watch_takeover(self, name: str, killed: float) -> None:
+        """How long the pair had no active broker after its active one was killed."""
+        while time.monotonic() - killed < 20:
+            st = self.topo.state(name)
+            if st is not None and st["state"] == "active":
+                self.takeovers.append(time.monotonic() - killed)
+                return
+            time.sleep(0.05)
+        self.takeovers.append(float("inf"))
+
+    def settle(self) -> None:
+        """Carry out what is scheduled at once (the end of the soak)."""
+        self.due(float("inf"))
+        for t in self.watchers:
+            t.join(25)
+
+
+def takeover_figures(times: list[float]) -> dict[str, Any]:
+    """Seconds from killing an active broker until the other one of its pair was active."""
+    done = sorted(t for t in times if t != float("inf"))
+    if not done:
+        return {"count": len(times), "never": len(times)}
+    return {
+        "count": len(times),
+        "never": len(times) - len(done),
+        "median": round(done[len(done) // 2], 2),
+        "p90": round(done[int(len(done) * 0.9)], 2),
+        "max": round(done[-1], 2),
+    }
+
+
+def executions(logdir: Path) -> collections.Counter[int]:
+    runs: collections.Counter[int] = collections.Counter()
+    for f in logdir.glob("exec-*.log"):
+        for line in f.read_text().splitlines():
+            if line.strip().isdigit():
+                runs[int(line)] += 1
+    return runs
+
+
+STEP_DOWN = re.compile(r"(\S+) stepped down to passive \((\d+) open requests, (warm|cold)\): (.*)")
+
+
+def read_logs(logdir: Path) -> dict[str, Any]:
+    step_downs, tracebacks = [], []
+    for f in sorted(logdir.glob("*.log")):
+        if f.name.startswith("exec-"):
+            continue
+        text = f.read_text(errors="replace")
+        for m in STEP_DOWN.finditer(text):
+            step_downs.append({"broker": m[1], "open": int(m[2]), "carried": m[3], "why": m[4][:120]})
+        for k, line in enumerate(text.splitlines()):
+            if line.startswith("Traceback"):
+                tracebacks.append(f"{f.name}:{k + 1}")
+    live = [s for s in step_downs if s["carried"] == "warm" and not s["why"].startswith("handed over")]
+    return {"step_downs": step_downs, "live_active_step_downs": live, "tracebacks": tracebacks}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="zmqdist-soak-"))
+    topo = Topology(tmp, args.heartbeat)
+    load = Load(topo, args.requests)
+    chaos = Chaos(topo, rng)
+    try:
+        topo.start()
+        for name in ("MA", "R1A", "R2A"):
+            deadline = time.monotonic() + 30
+            while (st := topo.state(name)) is None or st["state"] != "active":
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"soak: {name} did not become active")
+                time.sleep(0.2)
+        time.sleep(2)  # workers register, proxies register upstream, passives sync
+        start = time.monotonic()
+        load.start(args.seed)
+        next_fault = start + rng.uniform(2, 5)
+        quiet_from = start + max(0.0, args.duration - args.settle)
+        while True:
+            now = time.monotonic()
+            chaos.due(now - start)
+            if now >= start + args.duration or (args.requests is not None and load.issued >= args.requests):
+                break
+            if now >= next_fault and now < quiet_from:
+                chaos.fault(now - start)
+                next_fault = now + rng.uniform(2, 5)
+            time.sleep(0.05)
+        chaos.settle()
+        load.finish(TIMEOUT_S + 30)
+        elapsed = time.monotonic() - start
+        outcome = collections.Counter(load.outcome.values())
+        never = load.issued - len(load.outcome)
+        if never:
+            outcome["lost"] += never  # submitted, and no outcome at all by the end
+        runs = executions(topo.logdir)
+        ok_ids = [i for i, k in load.outcome.items() if k == "ok"]
+        report = {
+            "seed": args.seed,
+            "seconds": round(elapsed, 1),
+            "requests": load.issued,
+            "per_second": round(load.issued / elapsed, 1) if elapsed else 0,
+            "outcomes": dict(outcome),
+            "errors": sum(v for k, v in outcome.items() if k not in ("ok", "lost", "wrong", "duplicate")),
+            "faults": dict(chaos.faults),
+            "fault_count": sum(chaos.faults.values()),
+            "restarts": {n: p.starts - 1 for n, p in topo.procs.items() if p.starts > 1},
+            "takeover_s": takeover_figures(chaos.takeovers),
+            "executions": {
+                "never_run_but_ok": sum(1 for i in ok_ids if runs[i] == 0),
+                "ran_twice_or_more": sum(1 for i in load.outcome if runs[i] >= 2),
+                "max_runs": max(runs.values(), default=0),
+            },
+            "duplicates_absorbed_by_clients": sum(c._core.counters["duplicates"] for c in load.clients if c._core),
+            **read_logs(topo.logdir),
+            "fault_log": chaos.log,
+            "logs": str(topo.logdir) if args.keep else None,
+        }
+        return report
+    finally:
+        topo.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
+    """What went wrong (empty: the soak passed)."""
+    o = report["outcomes"]
+    bad = [f"{o[k]} {k}" for k in ("lost", "wrong", "duplicate") if o.get(k)]
+    if report["live_active_step_downs"]:
+        bad.append(f"{len(report['live_active_step_downs'])} step-downs of a live active broker")
+    if report["tracebacks"]:
+        bad.append(f"tracebacks: {report['tracebacks'][:5]}")
+    if report["takeover_s"].get("never"):
+        bad.append(f"{report['takeover_s']['never']} pairs had no active broker 20 s after losing theirs")
+    if report["executions"]["never_run_but_ok"]:
+        bad.append(f"{report['executions']['never_run_but_ok']} answered OK but never run")
+    if report["requests"] and report["errors"] / report["requests"] > max_error_rate:
+        bad.append(f"error rate {report['errors'] / report['requests']:.4%} over {max_error_rate:.4%}")
+    return bad
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of load (faults stop --settle before)")
+    ap.add_argument("--requests", type=int, default=None, help="stop after this many requests (if sooner)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--settle", type=float, default=8.0, help="seconds without faults at the end")
+    ap.add_argument("--heartbeat", type=float, default=0.25)
+    ap.add_argument("--max-error-rate", type=float, default=0.001)
+    ap.add_argument("--report", default=None, help="write the report as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory with every log")
+    args = ap.parse_args()
+    report = run(args)
+    bad = verdict(report, args.max_error_rate)
+    report["verdict"] = bad or "passed"
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    short = {k: v for k, v in report.items() if k != "fault_log"}
+    print(json.dumps(short, indent=1))
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

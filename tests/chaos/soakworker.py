@@ -1,0 +1,35 @@
+"""The soak's worker: ``zmqdist worker soakworker:worker`` (tests/chaos on PYTHONPATH).
+
+Every execution is written (the request's number, one line, flushed before the work) to
+``$SOAK_LOG_DIR/exec-PID.log``, so the soak counts how often each request ran, kills included.
+"""
+
+import os
+import time
+
+from zmqdist import Worker
+
+worker = Worker(["tcp://127.0.0.1:1"], concurrency=8)  # the soak gives --connect
+_log = None
+
+
+def _executions():
+    global _log
+    if _log is None:
+        path = os.path.join(os.environ.get("SOAK_LOG_DIR", "."), f"exec-{os.getpid()}.log")
+        _log = open(path, "a", buffering=1)  # kept open for the process's life
+    return _log
+
+
+def answer(i: int) -> int:
+    """The value a correct worker returns for request ``i`` (the soak checks it)."""
+    return (i * 7919) % 1_000_003
+
+
+@worker.service("work")
+def work(x):
+    i = x["i"]
+    _executions().write(f"{i}\n")
+    if x.get("ms"):
+        time.sleep(x["ms"] / 1000)
+    return {"i": i, "v": answer(i)}
