@@ -33,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zmqdist import _native
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock, thread_cpu_time
-from zmqdist.config import BrokerSettings, check_endpoints
+from zmqdist.config import BrokerSettings, check_endpoints, exposed
 from zmqdist.core.broker import BrokerMachine
 from zmqdist.core.failover import make_broker
 from zmqdist.core.link import Connect, Problem
@@ -277,6 +277,7 @@ class Broker:
             loop.watch(lambda: pair_in, lambda now: self._drain_pair(pair_in, core))
             loop.watch(lambda: pair_out.sock, lambda now: self._read_pair_out(pair_out, core, now))
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
+        self._warn_if_exposed()
         self._ready.set()
         try:
             self._send(core, core.start(clock.now()), clock.now())
@@ -308,6 +309,22 @@ class Broker:
                 self._mailbox.close()
                 self._done.set()
                 log.info("broker %s stopped", self.settings.name)
+
+    def _warn_if_exposed(self) -> None:
+        """A broker hands requests to code: beyond loopback without CURVE, say what is open."""
+        if self.settings.key is not None:
+            return
+        for what, eps in (("serves", self._bind), ("takes its pair's state and tables on", self._ha_bind)):
+            open_eps = [ep for ep in eps if exposed(ep)]
+            if open_eps:
+                log.warning(
+                    "broker %s %s %s beyond loopback with no authentication: anyone who can reach it "
+                    "can register workers, send them requests, or (on a pair link) hand it a table. "
+                    "Bind 127.0.0.1, or turn CURVE on (--key with allow-lists: docs/security.md)",
+                    self.settings.name,
+                    what,
+                    ", ".join(open_eps),
+                )
 
     def _tick(self, core: BrokerMachine, now: float) -> float | None:
         out = core.tick(now)

@@ -7,6 +7,7 @@ variable, a TOML file (``--config``, one table per command), or its default, in 
 from __future__ import annotations
 
 import base64
+import functools
 import importlib
 import importlib.util
 import json
@@ -14,22 +15,53 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import Field, fields
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from zmqdist import logs
 from zmqdist.broker import Broker
 from zmqdist.client import Client
-from zmqdist.config import BrokerSettings, load_toml
+from zmqdist.config import BrokerSettings, did_you_mean, load_toml
 from zmqdist.errors import ConfigError, RequestError, ZmqdistError
 from zmqdist.worker import Worker
 
 HELP_HB = "heartbeat interval in seconds"
 HELP_LIVE = "missed heartbeats before a peer is declared dead"
+LONG_RUNNING = ("broker", "worker", "demo", "up")  # these log at INFO by default; the rest only warn
+
+
+class Setting(click.Option):
+    """An option whose bad value names where it came from: an environment variable or the file."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("show_envvar", True)
+        super().__init__(*args, **kwargs)
+
+    def consume_value(self, ctx: click.Context, opts: Any) -> tuple[Any, ParameterSource]:
+        value, source = super().consume_value(ctx, opts)
+        self._source = source  # where the value came from (process_value needs it for its errors)
+        return value, source
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        try:
+            return super().process_value(ctx, value)
+        except click.BadParameter as exc:
+            source = getattr(self, "_source", None)
+            if source is ParameterSource.ENVIRONMENT:
+                var = self.envvar or f"{ctx.auto_envvar_prefix}_{(self.name or '').upper()}"
+                raise click.BadParameter(f"{exc.message} (from the environment variable {var})", ctx, self) from exc
+            if source is ParameterSource.DEFAULT_MAP:
+                raise click.BadParameter(f"{exc.message} (from the --config file)", ctx, self) from exc
+            raise
+
+
+option = functools.partial(click.option, cls=Setting)
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -39,15 +71,49 @@ def _load_config(ctx: click.Context, _param: click.Parameter, value: str | None)
         data = load_toml(value)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
-    bad = [k for k, v in data.items() if not isinstance(v, dict)]
-    if bad:
-        raise click.BadParameter(f"top-level keys must be tables named after commands ([broker], ...): {bad}")
-    ctx.default_map = {cmd: {k.replace("-", "_"): v for k, v in opts.items()} for cmd, opts in data.items()}
+    group = ctx.command
+    assert isinstance(group, click.Group)
+    commands = {name: cmd for name, cmd in group.commands.items() if not isinstance(cmd, click.Group)}
+    default_map: dict[str, dict[str, Any]] = {}
+    for table, opts in data.items():
+        if table not in commands:
+            near = did_you_mean(table, list(commands))
+            raise click.BadParameter(f"[{table}] is not a command{near} (tables: {', '.join(commands)})")
+        if not isinstance(opts, dict):
+            raise click.BadParameter(f"{table} must be a table ([{table}] with its options), got {opts!r}")
+        params = [p.name for p in commands[table].params if p.name and isinstance(p, click.Option)]
+        default_map[table] = {}
+        for key, v in opts.items():
+            name = key.replace("-", "_")
+            if name not in params:
+                dashed = [x.replace("_", "-") for x in params]
+                raise click.BadParameter(
+                    f"[{table}] has no option {key!r}{did_you_mean(key.replace('_', '-'), dashed)}"
+                )
+            default_map[table][name] = v
+    ctx.default_map = default_map
 
 
-def _setup_logging(verbose: int, quiet: int, fmt: str = "text") -> None:
-    level = logging.INFO - 10 * verbose + 10 * quiet
+def _setup_logging(verbose: int, quiet: int, fmt: str = "text", base: int = logging.INFO) -> None:
+    level = base - 10 * verbose + 10 * quiet
     logs.setup(max(logging.DEBUG, min(logging.CRITICAL, level)), fmt)
+
+
+def _more_logging(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    """-v/-q given after the command: add to what the group was given."""
+    if value:
+        meta = ctx.find_root().meta
+        meta[f"zmqdist.{param.name}"] = meta.get(f"zmqdist.{param.name}", 0) + value
+        _setup_logging(
+            meta.get("zmqdist.verbose", 0), meta.get("zmqdist.quiet", 0), meta["zmqdist.format"], meta["zmqdist.base"]
+        )
+
+
+def _logging_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("-q", "--quiet", count=True, callback=_more_logging, expose_value=False, help="less logging")(fn)
+    return click.option("-v", "--verbose", count=True, callback=_more_logging, expose_value=False, help="more logging")(
+        fn
+    )
 
 
 @click.group(
@@ -55,26 +121,30 @@ def _setup_logging(verbose: int, quiet: int, fmt: str = "text") -> None:
 )
 @click.option(
     "--config",
-    type=click.Path(dir_okay=False),
+    type=click.Path(dir_okay=False, exists=True),
     callback=_load_config,
     is_eager=True,
     expose_value=False,
-    help="TOML file with one table per command, e.g. [broker].",
+    help="TOML file with one table per command, e.g. [broker]; unknown tables and keys are refused.",
 )
-@click.option("-v", "--verbose", count=True, help="more logging (repeatable)")
-@click.option("-q", "--quiet", count=True, help="less logging (repeatable)")
-@click.option(
+@click.option("-v", "--verbose", count=True, help="more logging (repeatable; also after the command)")
+@click.option("-q", "--quiet", count=True, help="less logging (repeatable; also after the command)")
+@option(
     "--log-format",
     type=click.Choice(["text", "json"]),
     default="text",
-    help="json: one object per line, for log shippers",
+    help="json: one object per line (trace and worker ids as fields), for log shippers",
 )
 @click.version_option(package_name="zmqdist")
-def main(verbose: int, quiet: int, log_format: str) -> None:
-    """zmqdist: share request/reply work among processes and machines over ZeroMQ."""
-    _setup_logging(verbose, quiet, log_format)
-    if verbose:
-        logging.getLogger("zmqdist").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: int, log_format: str) -> None:
+    """zmqdist: share request/reply work among processes and machines over ZeroMQ.
+
+    Long-running commands (broker, worker, demo) log at INFO; one-shot commands only warn."""
+    base = logging.INFO if ctx.invoked_subcommand in LONG_RUNNING else logging.WARNING
+    ctx.meta.update({"zmqdist.verbose": verbose, "zmqdist.quiet": quiet, "zmqdist.format": log_format})
+    ctx.meta["zmqdist.base"] = base
+    _setup_logging(verbose, quiet, log_format, base)
 
 
 def _run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:
@@ -87,10 +157,20 @@ def _run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> No
             signal.signal(s, h)
 
 
+KEY_FILE = click.Path(exists=True, dir_okay=False)
+SECONDS = click.FloatRange(min=0, min_open=True)
+
+
 def _key_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--server-key and --key: CURVE toward a broker that has keys (docs/security.md)."""
-    fn = click.option("--key", default=None, help="our secret certificate (NAME.key_secret) for CURVE")(fn)
-    return click.option("--server-key", default=None, help="the broker's public certificate (NAME.key) for CURVE")(fn)
+    fn = option("--key", type=KEY_FILE, default=None, help="our secret certificate (NAME.key_secret) for CURVE")(fn)
+    return option(
+        "--server-key", type=KEY_FILE, default=None, help="the broker's public certificate (NAME.key) for CURVE"
+    )(fn)
+
+
+def _connect_option(help: str = "broker endpoint (repeatable, failover order)") -> Callable[..., Any]:
+    return option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help=help)
 
 
 def _fail(exc: BaseException) -> None:
@@ -120,7 +200,7 @@ def _setting_option(f: Field[Any]) -> tuple[str, Callable[[Callable[..., Any]], 
         kw.update(default=default)
     if default is None or default == "":
         kw["show_default"] = False
-    return param, click.option(flag, param, **kw)
+    return param, option(flag, param, **kw)
 
 
 # The broker's options, generated from BrokerSettings: (parameter name, field name, decorator).
@@ -138,8 +218,9 @@ def _broker_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-@main.command()
+@main.command(short_help="Run a broker (a proxy with --upstream, one of a pair with --ha).")
 @_broker_options
+@_logging_options
 def broker(**params: Any) -> None:
     """Run a broker (a proxy with --upstream) until SIGINT or SIGTERM.
 
@@ -158,8 +239,78 @@ def broker(**params: Any) -> None:
         _fail(exc)
 
 
+@main.command(short_help="Serve MODULE:OBJECT (a Worker, or a function) to a broker.")
+@click.argument("target")
+@option("--connect", multiple=True, help="broker endpoint (repeatable, failover order) [default: the Worker's]")
+@option(
+    "--concurrency",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="requests served at once [default: the Worker's, or 4]",
+)
+@option("--service", default=None, help="service name for a plain function [default: its name]")
+@option("--name", default=None, help="worker name shown in status [default: the Worker's, or HOST-PID-RANDOM]")
+@option(
+    "--isolation",
+    type=click.Choice(["thread", "process"]),
+    default=None,
+    help="run handlers in threads or child processes [default: the Worker's, or thread]",
+)
+@option("--heartbeat", type=click.FloatRange(0.001, 3600), default=None, help=HELP_HB + " [default: 0.25]")
+@option("--liveness", type=click.IntRange(1, 1000), default=None, help=HELP_LIVE + " [default: 4]")
+@_key_options
+@_logging_options
+def worker(
+    target: str,
+    connect: tuple[str, ...],
+    concurrency: int | None,
+    service: str | None,
+    name: str | None,
+    isolation: str | None,
+    heartbeat: float | None,
+    liveness: int | None,
+    server_key: str | None,
+    key: str | None,
+) -> None:
+    """Serve TARGET until SIGINT/SIGTERM (drains first).
+
+    TARGET is MODULE:OBJECT: a Worker (its services and settings are used as they are; each flag
+    given here overrides one) or a plain function (served as --service, --connect required)."""
+    try:
+        obj = load_object(target)
+        overrides: dict[str, Any] = {
+            "endpoints": list(connect) or None,
+            "concurrency": concurrency,
+            "name": name,
+            "heartbeat_s": heartbeat,
+            "liveness": liveness,
+            "isolation": isolation,
+            "server_key": server_key,
+            "key": key,
+        }
+        if isinstance(obj, Worker):
+            w = obj.configure(**overrides)
+        elif isinstance(obj, type):
+            raise ConfigError(
+                f"{target} is a class ({obj.__name__}): give a Worker instance (w = Worker(...)) or a function"
+            )
+        elif callable(obj):
+            if not connect:
+                raise ConfigError("--connect is required when TARGET is a function")
+            w = Worker(list(connect))
+            w.configure(**{**overrides, "concurrency": concurrency or 4, "isolation": isolation or "thread"})
+            w.add_service(service or str(getattr(obj, "__name__", "service")), obj)
+        else:
+            raise ConfigError(f"{target} is a {type(obj).__name__}, not a Worker or a function")
+        w.run()
+    except ZmqdistError as exc:
+        _fail(exc)
+
+
 def load_object(spec: str) -> Any:
-    """Return the object named by ``MODULE:OBJECT`` (the current directory is importable)."""
+    """Return the object named by ``MODULE:OBJECT`` (the current directory is importable).
+
+    Raises :class:`ConfigError` telling a missing module from an error raised while importing it."""
     if ":" not in spec:
         raise ConfigError(f"{spec!r} is not MODULE:OBJECT (for example myapp.workers:worker)")
     mod_name, _, attr = spec.partition(":")
@@ -167,8 +318,15 @@ def load_object(spec: str) -> Any:
         sys.path.insert(0, str(Path.cwd()))
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ConfigError(f"cannot import module {mod_name!r}: {exc}") from exc
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (mod_name == exc.name or mod_name.startswith(exc.name + ".")):
+            raise ConfigError(
+                f"cannot import module {mod_name!r}: no such module (sys.path has the current directory: "
+                f"run from the directory that holds it, or set PYTHONPATH)"
+            ) from exc
+        raise ConfigError(f"importing module {mod_name!r} failed inside it: {_where(exc)}") from exc
+    except Exception as exc:  # the user's module raised while being imported
+        raise ConfigError(f"importing module {mod_name!r} failed inside it: {_where(exc)}") from exc
     obj: Any = mod
     for part in attr.split("."):
         try:
@@ -178,69 +336,11 @@ def load_object(spec: str) -> Any:
     return obj
 
 
-@main.command()
-@click.argument("target")
-@click.option("--connect", multiple=True, help="broker endpoint (repeatable, failover order)")
-@click.option("--concurrency", type=int, default=None, help="requests served at once [default: the Worker's, or 4]")
-@click.option("--service", default=None, help="service name for a plain function [default: its name]")
-@click.option("--name", default=None, help="worker name shown in status")
-@click.option(
-    "--isolation",
-    type=click.Choice(["thread", "process"]),
-    default=None,
-    help="run handlers in threads or child processes",
-)
-@click.option("--heartbeat", type=float, default=0.25, help=HELP_HB)
-@click.option("--liveness", type=int, default=4, help=HELP_LIVE)
-@_key_options
-def worker(
-    target: str,
-    connect: tuple[str, ...],
-    concurrency: int | None,
-    service: str | None,
-    name: str | None,
-    isolation: str | None,
-    heartbeat: float,
-    liveness: int,
-    server_key: str | None,
-    key: str | None,
-) -> None:
-    """Serve TARGET (MODULE:OBJECT, a Worker or a plain function) until SIGINT/SIGTERM (drains first)."""
-    try:
-        obj = load_object(target)
-        if isinstance(obj, Worker):
-            endpoints = list(connect) or list(obj.endpoints)
-            w = Worker(
-                endpoints,
-                concurrency=concurrency or obj.concurrency,
-                name=name or obj.name,
-                heartbeat_s=heartbeat,
-                liveness=liveness,
-                isolation=isolation or obj.isolation,
-                server_key=server_key,
-                key=key,
-            )
-            for svc, fn in obj._handlers.items():
-                w.add_service(svc, fn)
-        elif callable(obj):
-            if not connect:
-                raise ConfigError("--connect is required when TARGET is a function")
-            w = Worker(
-                list(connect),
-                concurrency=concurrency or 4,
-                name=name,
-                heartbeat_s=heartbeat,
-                liveness=liveness,
-                isolation=isolation or "thread",
-                server_key=server_key,
-                key=key,
-            )
-            w.add_service(service or str(getattr(obj, "__name__", "service")), obj)
-        else:
-            raise ConfigError(f"{target} is a {type(obj).__name__}, not a Worker or a function")
-        w.run()
-    except ZmqdistError as exc:
-        _fail(exc)
+def _where(exc: BaseException) -> str:
+    """``Type: message (file:line)`` of where an exception was raised."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    at = f" ({tb[-1].filename}:{tb[-1].lineno})" if tb else ""
+    return f"{type(exc).__name__}: {exc}{at}"
 
 
 def to_json(value: Any) -> str:
@@ -254,12 +354,13 @@ def to_json(value: Any) -> str:
     return json.dumps(value, default=default, sort_keys=False)
 
 
-@main.command()
+@main.command(short_help="Call SERVICE with a JSON VALUE; print the reply as JSON.")
 @click.argument("service")
 @click.argument("value", required=False, default=None)
-@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint (repeatable)")
-@click.option("--timeout", type=float, default=5.0, help="seconds before giving up")
+@_connect_option()
+@option("--timeout", type=SECONDS, default=5.0, help="seconds before giving up")
 @_key_options
+@_logging_options
 def call(
     service: str, value: str | None, connect: tuple[str, ...], timeout: float, server_key: str | None, key: str | None
 ) -> None:
@@ -267,7 +368,10 @@ def call(
     try:
         arg = None if value is None else json.loads(value)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="VALUE") from exc
+        hint = ""
+        if value and value[:1] not in '[{"' and not value[:1].isdigit():
+            hint = f"; a string is quoted in JSON, and the quotes kept from the shell: '\"{value}\"'"
+        raise click.BadParameter(f"not valid JSON: {exc}{hint}", param_hint="VALUE") from exc
     try:
         with Client(list(connect), timeout=timeout, server_key=server_key, key=key) as c:
             result = c.call(service, arg)
@@ -279,8 +383,13 @@ def call(
     click.echo(to_json(result))
 
 
+def _fit(text: str, width: int) -> str:
+    """``text`` in ``width`` columns, cut with an ellipsis (so a cut shows) when longer."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def format_status(st: dict[str, Any]) -> str:
-    """Return a broker status snapshot as a human-readable table."""
+    """Return a broker status snapshot as a human-readable table (``--json`` has every field whole)."""
     lines = [
         f"broker {st['broker']} (run {st['incarnation']}) up {st['uptime_s']:.0f}s  "
         f"heartbeat {st['heartbeat_s']}s x {st['liveness']}  queued {st['queued']}  open {st['requests_open']}"
@@ -289,11 +398,11 @@ def format_status(st: dict[str, Any]) -> str:
         f"{'SERVICE':24} {'WORKERS':>7} {'CAPACITY':>8} {'INFLIGHT':>8} {'QUEUED':>7}",
     ]
     for name, s in st["services"].items():
-        lines.append(f"{name:24} {s['workers']:>7} {s['capacity']:>8} {s['inflight']:>8} {s['queued']:>7}")
+        lines.append(f"{_fit(name, 24):24} {s['workers']:>7} {s['capacity']:>8} {s['inflight']:>8} {s['queued']:>7}")
     lines += ["", f"{'WORKER':28} {'SERVICES':20} {'CAP':>4} {'BUSY':>5} {'SERVED':>8} {'FAILED':>7} {'SILENT':>7}"]
     for w in st["workers"]:
         lines.append(
-            f"{w['name'][:28]:28} {','.join(w['services'])[:20]:20} {w['capacity']:>4} "
+            f"{_fit(w['name'], 28):28} {_fit(','.join(w['services']), 20):20} {w['capacity']:>4} "
             f"{w['inflight']:>5} {w['served']:>8} {w.get('failed', 0):>7} {w['silent_s']:>6.2f}s"
         )
     if st.get("brokers"):
@@ -301,7 +410,8 @@ def format_status(st: dict[str, Any]) -> str:
         for b in st["brokers"]:
             spare = ",".join(f"{k}:{v}" for k, v in b["spare"].items()) or "-"
             lines.append(
-                f"{b['name'][:28]:28} {spare[:28]:28} {b['inflight']:>5} {b['served']:>8} {b['silent_s']:>6.2f}s"
+                f"{_fit(b['name'], 28):28} {_fit(spare, 28):28} {b['inflight']:>5} {b['served']:>8} "
+                f"{b['silent_s']:>6.2f}s"
             )
     up = st.get("upstream")
     if up:
@@ -325,12 +435,13 @@ def format_status(st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@main.command()
-@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint")
-@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
-@click.option("--tree", is_flag=True, help="the whole tree below the broker: its proxies, theirs, their workers")
-@click.option("--timeout", type=float, default=3.0, help="seconds before giving up")
+@main.command(short_help="Show a broker's workers, services, queues and counters.")
+@_connect_option()
+@option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+@option("--tree", is_flag=True, help="the whole tree below the broker: its proxies, theirs, their workers")
+@option("--timeout", type=SECONDS, default=3.0, help="seconds before giving up")
 @_key_options
+@_logging_options
 def status(
     connect: tuple[str, ...], as_json: bool, tree: bool, timeout: float, server_key: str | None, key: str | None
 ) -> None:
@@ -346,10 +457,11 @@ def status(
     click.echo(to_json(st) if as_json else format_tree(st) if tree else format_status(st))
 
 
-@main.command()
-@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="the active broker's endpoint")
-@click.option("--timeout", type=float, default=3.0, help="seconds before giving up")
+@main.command(short_help="Ask the active broker of a pair to hand over (failback).")
+@_connect_option("the active broker's endpoint")
+@option("--timeout", type=SECONDS, default=3.0, help="seconds before giving up")
 @_key_options
+@_logging_options
 def handover(connect: tuple[str, ...], timeout: float, server_key: str | None, key: str | None) -> None:
     """Ask the active broker of a backup pair to hand its work to the passive one (failback)."""
     try:
@@ -406,15 +518,14 @@ def format_top(st: dict[str, Any], prev: dict[str, Any] | None, dt: float) -> st
     return "\n".join(lines)
 
 
-@main.command()
-@click.option("--connect", multiple=True, default=["tcp://127.0.0.1:5555"], help="broker endpoint")
-@click.option("--interval", type=float, default=1.0, help="seconds between refreshes")
-@click.option("--count", type=int, default=0, help="stop after this many refreshes (0: until Ctrl-C)")
+@main.command(short_help="Show a broker's load live: rates, utilisation, failures.")
+@_connect_option()
+@option("--interval", type=SECONDS, default=1.0, help="seconds between refreshes")
+@option("--count", type=click.IntRange(min=0), default=0, help="stop after this many refreshes (0: until Ctrl-C)")
 @_key_options
+@_logging_options
 def top(connect: tuple[str, ...], interval: float, count: int, server_key: str | None, key: str | None) -> None:
     """Show a broker's load live: request rates, per-worker utilisation, failures."""
-    if not interval > 0:
-        _fail(ConfigError(f"--interval must be positive, got {interval}"))
     prev: dict[str, Any] | None = None
     t_prev = 0.0
     n = 0
@@ -438,15 +549,16 @@ def top(connect: tuple[str, ...], interval: float, count: int, server_key: str |
         return
 
 
-@main.group()
+@main.group(short_help="Manage CURVE certificates.")
 def keys() -> None:
     """Manage CURVE certificates (the files zmq.auth reads)."""
 
 
-@keys.command("generate")
+@keys.command("generate", short_help="Write a certificate pair NAME.key / NAME.key_secret.")
 @click.argument("name")
-@click.option("--dir", "directory", default=".", show_default=True, help="where to write the two files")
-@click.option("--services", default=None, help="comma-separated services this key is limited to")
+@option("--dir", "directory", type=click.Path(file_okay=False), default=".", help="where to write the two files")
+@option("--services", default=None, help="comma-separated services this key is limited to")
+@_logging_options
 def keys_generate(name: str, directory: str, services: str | None) -> None:
     """Write DIR/NAME.key (public, for allow-lists) and DIR/NAME.key_secret (keep it private)."""
     from zmqdist.transport.security import generate
@@ -458,13 +570,12 @@ def keys_generate(name: str, directory: str, services: str | None) -> None:
     click.echo(f"public: {public}\nsecret: {secret}")
 
 
-@main.command()
-@click.option("--duration", type=float, default=2.0, help="seconds per measured run")
-@click.option("--rounds", type=int, default=2, help="alternating rounds of every setup")
-@click.option(
-    "--only", multiple=True, type=click.Choice(["sync", "pipelined", "api", "scale"]), help="run only these parts"
-)
-@click.option("--payload", type=int, default=100, help="payload bytes")
+@main.command(short_help="Measure throughput, latency and CPU against zmq.proxy and direct sockets.")
+@option("--duration", type=SECONDS, default=2.0, help="seconds per measured run")
+@option("--rounds", type=click.IntRange(min=1), default=2, help="alternating rounds of every setup")
+@option("--only", multiple=True, type=click.Choice(["sync", "pipelined", "api", "scale"]), help="run only these parts")
+@option("--payload", type=click.IntRange(min=1), default=100, help="payload bytes")
+@_logging_options
 def bench(duration: float, rounds: int, only: tuple[str, ...], payload: int) -> None:
     """Measure throughput, latency and broker CPU against zmq.proxy and direct sockets."""
     lab = load_bench_lab()
@@ -487,9 +598,10 @@ def load_bench_lab() -> Any:
     return module
 
 
-@main.command()
-@click.option("--duration", type=float, default=6.0, help="seconds of load before the summary")
-@click.option("--kill/--no-kill", default=True, help="SIGKILL one worker halfway to show requeue")
+@main.command(short_help="A broker, three workers and a client load, shown live.")
+@option("--duration", type=SECONDS, default=6.0, help="seconds of load before the summary")
+@option("--kill/--no-kill", default=True, help="SIGKILL one worker halfway to show requeue")
+@_logging_options
 def demo(duration: float, kill: bool) -> None:
     """Start a broker, three workers of different speeds and a client load; show how work is shared."""
     from zmqdist import demo as demo_mod

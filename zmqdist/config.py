@@ -80,7 +80,11 @@ def option(
 class BrokerSettings:
     """Every option of a broker (``zmqdist broker --help`` lists them, generated from this class)."""
 
-    bind: tuple[str, ...] = option(("tcp://*:5555",), "endpoint to bind (repeatable)", multiple=True)
+    bind: tuple[str, ...] = option(
+        ("tcp://127.0.0.1:5555",),
+        "endpoint to bind (repeatable); beyond loopback, turn CURVE on (--key): see docs/security.md",
+        multiple=True,
+    )
     name: str = option(
         "broker",
         "broker name shown in status and errors; unique in a topology [default: HOST-PID-RANDOM]",
@@ -252,6 +256,18 @@ def check_endpoint(ep: str, what: str) -> str:
     if port != "*" and not (port.isdigit() and 0 < int(port) <= 65535):
         raise ConfigError(f"{what}: port {port!r} of {ep!r} must be 1 to 65535 (or * to bind any free one)")
     return ep
+
+
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1", "lo")
+
+
+def exposed(ep: str) -> bool:
+    """Is ``ep`` (a bind endpoint) reachable from other hosts? tcp on any interface but loopback."""
+    scheme, _, rest = ep.partition("://")
+    if scheme != "tcp":
+        return False  # ipc and inproc stay on this host
+    host = rest.rpartition(":")[0]
+    return not host.startswith(LOOPBACK_HOSTS)
 
 
 def check_endpoints(endpoints: list[str] | tuple[str, ...] | str, what: str) -> tuple[str, ...]:

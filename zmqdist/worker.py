@@ -51,27 +51,71 @@ class Worker:
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        self.endpoints = check_endpoints(endpoints, "worker")
-        # CURVE: the broker's public certificate and our secret one (docs/security.md)
-        self._curve = ClientKeys.load(server_key, key, "worker")
-        if not isinstance(concurrency, int) or not 1 <= concurrency <= p.MAX_CAPACITY:
-            raise ConfigError(f"concurrency must be an integer from 1 to {p.MAX_CAPACITY}, got {concurrency!r}")
-        if isolation not in ISOLATIONS:
-            raise ConfigError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
-        self.concurrency = concurrency
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
-        self.isolation = isolation
-        self._hb = HeartbeatSettings(heartbeat_s, liveness)
+        self.endpoints: tuple[str, ...] = ()
+        self.concurrency = 0
+        self.name = ""
+        self.isolation = ""
+        self._hb = HeartbeatSettings()
+        self._keys: tuple[str | None, str | None] = (None, None)
+        self._curve: ClientKeys | None = None
+        self._runner: threading.Thread | None = None
+        self.configure(
+            endpoints=endpoints,
+            concurrency=concurrency,
+            name=name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
+            heartbeat_s=heartbeat_s,
+            liveness=liveness,
+            isolation=isolation,
+            server_key=server_key,
+            key=key,
+        )
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
         self._handlers: dict[str, Handler] = {}
         self._mailbox = Mailbox()
-        self._runner: threading.Thread | None = None
         self._done = threading.Event()
         self.stop_reason = ""
         self.error: BaseException | None = None
         self._loop: Loop | None = None
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
+
+    def configure(
+        self,
+        *,
+        endpoints: list[str] | tuple[str, ...] | str | None = None,
+        concurrency: int | None = None,
+        name: str | None = None,
+        heartbeat_s: float | None = None,
+        liveness: int | None = None,
+        isolation: str | None = None,
+        server_key: str | None = None,
+        key: str | None = None,
+    ) -> Worker:
+        """Change settings before the worker starts; ``None`` keeps a setting as it is. The command
+        line (``zmqdist worker MODULE:OBJECT``) uses this: a flag given overrides the object's own."""
+        if self._runner is not None:
+            raise ZmqdistError("configure a worker before it starts")
+        eps = check_endpoints(endpoints, "worker") if endpoints is not None else self.endpoints
+        conc = self.concurrency if concurrency is None else concurrency
+        if not isinstance(conc, int) or isinstance(conc, bool) or not 1 <= conc <= p.MAX_CAPACITY:
+            raise ConfigError(f"concurrency must be a whole number from 1 to {p.MAX_CAPACITY}, got {conc!r}")
+        iso = self.isolation if isolation is None else isolation
+        if iso not in ISOLATIONS:
+            raise ConfigError(f"isolation must be one of {ISOLATIONS}, got {iso!r}")
+        hb = HeartbeatSettings(
+            self._hb.heartbeat_s if heartbeat_s is None else heartbeat_s,
+            self._hb.liveness if liveness is None else liveness,
+        )
+        keys = (server_key or self._keys[0], key or self._keys[1])
+        # CURVE: the broker's public certificate and our secret one (docs/security.md)
+        curve = ClientKeys.load(keys[0], keys[1], "worker") if keys != self._keys else self._curve
+        if name is not None and not (isinstance(name, str) and 0 < len(name) <= p.MAX_NAME):
+            raise ConfigError(f"worker name must be 1 to {p.MAX_NAME} characters, got {name!r}")
+        self.endpoints, self.concurrency, self.isolation, self._hb = eps, conc, iso, hb
+        self._keys, self._curve = keys, curve
+        if name is not None:
+            self.name = name
+        return self
 
     # --- registration of handlers ----------------------------------------------------------------
 

@@ -287,3 +287,102 @@ def test_bench_dispatch_cost_runs_for_every_scale_point():
 
     for workers, capacity in ((10, 20), (1000, 1)):
         assert 0 < _bench.core_cost(workers, capacity, n=300) < 10_000
+
+
+def test_config_files_refuse_unknown_tables_and_keys_naming_the_nearest(tmp_path, fake_broker):
+    run = CliRunner().invoke
+    cfg = tmp_path / "typo.toml"
+    cfg.write_text("[broker]\nmax_queu = 5\n")
+    r = run(cli.main, ["--config", str(cfg), "broker"])
+    assert r.exit_code == 2 and "no option 'max_queu'" in r.output and "did you mean 'max-queue'" in r.output
+    cfg.write_text("[brokr]\nname = 'x'\n")
+    r = run(cli.main, ["--config", str(cfg), "broker"])
+    assert r.exit_code == 2 and "[brokr] is not a command" in r.output and "did you mean 'broker'" in r.output
+    cfg.write_text("[broker]\nmax-queue = 'lots'\n")
+    r = run(cli.main, ["--config", str(cfg), "broker"])
+    assert r.exit_code == 2 and "--max-queue" in r.output and "from the --config file" in r.output
+
+
+def test_a_bad_environment_variable_is_named_in_the_error(fake_broker):
+    r = CliRunner().invoke(cli.main, ["broker"], env={"ZMQDIST_BROKER_MAX_QUEUE": "abc"})
+    assert r.exit_code == 2 and "ZMQDIST_BROKER_MAX_QUEUE" in r.output and "--max-queue" in r.output
+    r = CliRunner().invoke(cli.main, ["call", "x", "--timeout", "0"])
+    assert r.exit_code == 2 and "--timeout" in r.output
+
+
+def test_verbosity_flags_work_after_the_command_too(fake_broker):
+    seen = []
+    r = CliRunner().invoke(cli.main, ["broker", "-v"], catch_exceptions=False)
+    assert r.exit_code == 0
+    import logging
+
+    seen.append(logging.getLogger().level)
+    CliRunner().invoke(cli.main, ["broker", "-q", "-q"], catch_exceptions=False)
+    seen.append(logging.getLogger().level)
+    assert seen == [logging.DEBUG, logging.ERROR]
+
+
+def test_one_shot_commands_only_warn_and_an_unquoted_json_string_gets_a_hint(tmp_path):
+    cmd = [sys.executable, "-m", "zmqdist", "call", "echo", "1", "--connect", f"ipc://{tmp_path}/none.sock"]
+    r = subprocess.run([*cmd, "--timeout", "0.3"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and " INFO " not in r.stderr  # "connecting to ..." is INFO: not shown
+    r = CliRunner().invoke(cli.main, ["call", "echo", "hello"])
+    assert r.exit_code == 2 and "'\"hello\"'" in r.output
+
+
+def test_module_object_errors_say_what_is_wrong(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken_mod.py").write_text("import not_installed_anywhere\n")
+    (tmp_path / "classy.py").write_text("class Handlers:\n    pass\n")
+    run = CliRunner().invoke
+    r = run(cli.main, ["worker", "no_such_module_xyz:w", "--connect", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 1 and "no such module" in r.output
+    r = run(cli.main, ["worker", "broken_mod:w", "--connect", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 1 and "failed inside it" in r.output and "not_installed_anywhere" in r.output
+    assert "broken_mod.py:1" in r.output
+    r = run(cli.main, ["worker", "classy:Handlers", "--connect", "tcp://127.0.0.1:1"])
+    assert r.exit_code == 1 and "is a class" in r.output
+
+
+def test_status_says_when_it_cuts_a_name():
+    st = {
+        "broker": "b", "incarnation": "i", "uptime_s": 1.0, "heartbeat_s": 0.25, "liveness": 4, "queued": 0,
+        "requests_open": 0, "services": {"s" * 40: {"workers": 1, "capacity": 1, "inflight": 0, "queued": 0}},
+        "workers": [{"name": "w" * 40, "services": ["s" * 40], "capacity": 1, "inflight": 0, "served": 0,
+                     "silent_s": 0.1}],
+        "counters": {},
+    }  # fmt: skip
+    text = cli.format_status(st)
+    assert "w" * 27 + "…" in text and "s" * 23 + "…" in text and "w" * 28 not in text
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_zmqdist_worker_runs_the_worker_object_with_its_settings_and_flags_override(tmp_path):
+    from zmqdist import Broker, Client
+
+    b = Broker(bind=[f"ipc://{tmp_path}/o.sock"]).start()
+    (tmp_path / "objmod.py").write_text(
+        "from zmqdist import Worker\n"
+        f"w = Worker(['{b.endpoints[0]}'], concurrency=7, name='from-object', heartbeat_s=0.1)\n"
+        "w.add_service('x', lambda v: v)\n"
+    )
+    procs = Procs()
+    env_cwd = {"cwd": tmp_path}
+    try:
+        cmd = [sys.executable, "-m", "zmqdist", "-q", "worker", "objmod:w"]
+        procs.procs.append(subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, **env_cwd))
+        with Client(b.endpoints, timeout=5) as c:
+            workers = wait_for(lambda: c.call("zmqdist.status")["workers"], 20, "the object's worker")
+            assert [(w["name"], w["capacity"]) for w in workers] == [("from-object", 7)]
+            procs.cleanup()
+            procs.procs = []
+            wait_for(lambda: not c.call("zmqdist.status")["workers"], 20, "gone")
+            procs.procs.append(
+                subprocess.Popen([*cmd, "--concurrency", "3", "--name", "flagged"], stderr=subprocess.PIPE, **env_cwd)
+            )
+            workers = wait_for(lambda: c.call("zmqdist.status")["workers"], 20, "the flagged worker")
+            assert [(w["name"], w["capacity"]) for w in workers] == [("flagged", 3)]
+    finally:
+        procs.cleanup()
+        b.stop()

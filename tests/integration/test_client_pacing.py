@@ -36,7 +36,7 @@ def test_20000_submits_and_a_20000_item_map_on_a_default_broker_are_all_answered
 
 @pytest.mark.timeout(60)
 def test_submit_blocks_while_the_client_backlog_is_full_and_says_busy_if_nothing_frees_room(echo_broker):
-    b, ep = echo_broker
+    _, ep = echo_broker
     gate = threading.Event()
     with Client([ep], timeout=5, backlog=3) as c:
         first = [c.submit("slow", i, timeout=1.0) for i in range(3)]  # nobody serves "slow": 1 s each

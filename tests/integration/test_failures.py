@@ -1,7 +1,9 @@
 """Real processes over real sockets: worker kills, broker restart, GIL-bound handlers."""
 
+import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -9,7 +11,7 @@ from collections import Counter
 import pytest
 
 from tests.integration.helpers import status, wait_for
-from zmqdist import Client, RequestTimeout, WorkerLost
+from zmqdist import Client, RemoteError, RequestTimeout, WorkerLost
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +233,25 @@ def test_a_sigtermed_broker_tells_its_peers_to_move_on_at_once(procs, tmp_path):
     finally:
         for c in clients:
             c.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_handler_process_that_dies_is_replaced_and_the_worker_goes_on(procs, ipc_ep):
+    """isolation="process": a handler calls os._exit(1). That request ends in a clear error, the
+    worker stays registered, and the next requests are served by a new process."""
+    start_broker(procs, ipc_ep)
+    w = procs.spawn("worker", "testworkers:crashy", "--connect", ipc_ep)
+    with Client([ipc_ep], timeout=20) as c:
+        wait_workers(c, 1)
+        first = c.call("pid", 0.0)
+        with pytest.raises(RemoteError, match="process running the handler of 'crash' died"):
+            c.call("crash", None)
+        later = [c.call("pid", 0.0) for _ in range(5)]
+        assert all(pid != first for pid in later)  # a new pool
+        st = status(c)
+        assert len(st["workers"]) == 1 and st["counters"]["workers_expired"] == 0
+        children = subprocess.run(["pgrep", "-P", str(w.pid)], capture_output=True, text=True).stdout.split()
+    assert children
+    w.send_signal(signal.SIGKILL)
+    w.wait(10)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10, "its children to die with it")

@@ -70,3 +70,17 @@ regional = Worker(["tcp://127.0.0.1:5555"], concurrency=2)
 def _regional(x):
     time.sleep(0.001)
     return [x, os.getpid()]
+
+
+crashy = Worker(["tcp://127.0.0.1:5555"], concurrency=2, isolation="process")
+
+
+@crashy.service("crash")
+def _crash(x):
+    os._exit(1)  # the process dies in the middle of the request
+
+
+@crashy.service("pid")
+def _pid(x):
+    time.sleep(x)
+    return os.getpid()
