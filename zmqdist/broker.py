@@ -497,7 +497,13 @@ class Broker:
                 link = self._up if dest is UPSTREAM else self._pair_out if dest is PAIR else None
                 if link is not None:
                     if dest is UPSTREAM and type(msg) is p.Request and log.isEnabledFor(logging.DEBUG):
-                        log.debug("broker %s: %s forwarded upstream (trace %s)", name, msg.service, msg.trace)
+                        log.debug(
+                            "broker %s: %s forwarded upstream (trace %s)",
+                            name,
+                            msg.service,
+                            msg.trace,
+                            extra={"trace": msg.trace},
+                        )
                     link.send(msg)
                 if dest is PAIR and type(msg) is p.PairState:
                     self._pair_answer(msg)
@@ -516,7 +522,14 @@ class Broker:
 
     def _trace(self, peer: bytes, msg: Any) -> None:
         if type(msg) is p.Task:
-            log.debug("broker %s: %s to %s (trace %s)", self.settings.name, msg.service, peer.hex(), msg.trace)
+            log.debug(
+                "broker %s: %s to %s (trace %s)",
+                self.settings.name,
+                msg.service,
+                peer.hex(),
+                msg.trace,
+                extra={"trace": msg.trace, "worker": peer.hex()},
+            )
 
     def _send_mdp(self, core: BrokerMachine, peer: bytes, msg: p.Message, now: float) -> list[Out]:
         frames = core.mdp.outbound(peer, msg)

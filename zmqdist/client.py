@@ -25,13 +25,14 @@ import zmq
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.config import HeartbeatSettings, check_endpoints
-from zmqdist.core.client import ClientCore, ClientOut, Completed
+from zmqdist.core.client import NO_BROKER, ClientCore, ClientOut, Completed
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem
 from zmqdist.errors import (
     Busy,
     ClosedError,
     ConfigError,
     InvalidRequest,
+    NoBroker,
     RemoteError,
     RequestError,
     RequestTimeout,
@@ -50,7 +51,7 @@ _ERRORS: dict[int, type[RequestError]] = {
 }
 
 
-def outcome(c: Completed, service: str, trace: str = "") -> tuple[bool, Any]:
+def outcome(c: Completed, service: str, trace: str = "", endpoints: tuple[str, ...] = ()) -> tuple[bool, Any]:
     """Return (True, value) for a success, or (False, the exception a caller should see)."""
     if c.status == p.ST_OK:
         try:
@@ -68,11 +69,23 @@ def outcome(c: Completed, service: str, trace: str = "") -> tuple[bool, Any]:
             service=service,
             trace=trace,
         )
+    if c.status == NO_BROKER:
+        return False, NoBroker(f"{service!r}: {c.message}", c.rid, service, endpoints)
     cls = _ERRORS.get(c.status, RequestError)
     return False, cls(f"{service!r}: {c.message}", c.rid, service)
 
 
 Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]]
+MAX_TIMEOUT_S = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
+
+
+def _check_timeout(timeout: object) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ConfigError(
+            f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0f} (a week), "
+            f"or None on the Client for no deadline; got {timeout!r}"
+        )
+    return float(timeout)
 
 
 def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
@@ -94,13 +107,15 @@ class Client:
     WELCOME says): it keeps the rest and sends them in order as replies free room, their deadlines
     counting from ``submit``. It holds at most ``backlog`` unanswered requests in all; past that,
     ``submit`` blocks until one ends, and raises :class:`~zmqdist.errors.Busy` if none does within
-    the request's timeout."""
+    the request's timeout. ``timeout`` is each request's deadline in seconds (``None``: no deadline,
+    that is a week, the longest a request's budget can carry). A request that ends because no broker
+    answered on any endpoint raises :class:`~zmqdist.errors.NoBroker` (a ``RequestTimeout``)."""
 
     def __init__(
         self,
         endpoints: list[str] | tuple[str, ...] | str,
         *,
-        timeout: float = 5.0,
+        timeout: float | None = 5.0,
         name: str | None = None,
         heartbeat_s: float = 0.25,
         liveness: int = 4,
@@ -118,9 +133,7 @@ class Client:
         self._waiting_room = 0
         # CURVE: the broker's public certificate and our secret one (docs/security.md)
         self._curve = ClientKeys.load(server_key, key, "client")
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be greater than 0, got {timeout!r}")
-        self.timeout = float(timeout)
+        self.timeout = _check_timeout(MAX_TIMEOUT_S if timeout is None else timeout)
         self.name = name or f"client-{secrets.token_hex(3)}"
         self._hb = HeartbeatSettings(heartbeat_s, liveness)
         self._clock = clock or MonotonicClock()
@@ -143,8 +156,10 @@ class Client:
         """Send a request; return a Future of the reply value (or of the request's error).
 
         ``trace`` (default: generated) travels with the request through every broker and worker and
-        appears in their logs and in a :class:`RemoteError`."""
+        appears in their logs and in a :class:`RemoteError`. The future is running from the start:
+        its ``cancel()`` returns False, as a sent request is not taken back."""
         fut: Future[Any] = Future()
+        fut.set_running_or_notify_cancel()  # sent: cancel() cannot take it back, and says so (False)
         self._submit(service, value, timeout, fut, trace)
         return fut
 
@@ -154,9 +169,7 @@ class Client:
             raise ClosedError("client is closed")
         if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
             raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
-        t = self.timeout if timeout is None else float(timeout)
-        if not t > 0:
-            raise ConfigError(f"timeout must be greater than 0, got {timeout!r}")
+        t = self.timeout if timeout is None else _check_timeout(timeout)
         if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
             raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
         payload = p.pack_value(value)
@@ -297,7 +310,7 @@ class Client:
                     entry = self._futures.pop(o.rid, None)
                     if entry is not None:
                         target, service, trace = entry
-                        ok, value = outcome(o, service, trace)
+                        ok, value = outcome(o, service, trace, self.endpoints)
                         _deliver(target, o.rid, ok, value)
                         if self._waiting_room:
                             with self._room:

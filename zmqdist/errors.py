@@ -54,6 +54,17 @@ class RequestTimeout(RequestError, TimeoutError):
     """Raised when a request's deadline passed before a reply arrived."""
 
 
+class NoBroker(RequestTimeout):
+    """Raised when a request's deadline passed and no broker answered on any endpoint since it was
+    submitted: none runs there, the address is wrong, or (CURVE) the keys do not match."""
+
+    def __init__(
+        self, message: str, rid: int | None = None, service: str | None = None, endpoints: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message, rid=rid, service=service)
+        self.endpoints = endpoints  # where the client looked for a broker
+
+
 class RemoteError(RequestError):
     """Raised when the handler raised; carries the remote type, message and traceback text."""
 

@@ -32,6 +32,7 @@ from zmqdist.transport.security import ClientKeys
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 ISOLATIONS = ("thread", "process")
+NO_BROKER_S = 5.0  # a worker that no broker accepted within this long says why it may be
 
 
 class Worker:
@@ -200,13 +201,38 @@ class Worker:
         executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock)
         loop = self._loop = Loop(clock, self._mailbox)
 
+        started = clock.now()
+        told = [False]  # a worker no broker has answered says so once, after NO_BROKER_S
+
         def tick(now: float) -> float | None:
             self._handle(link, executors, core.tick(now))
+            if not core.registered and not told[0] and now - started > NO_BROKER_S:
+                told[0] = True
+                log.warning(
+                    "worker %s: no broker has accepted it after %.0fs (tried %s): no broker runs there, the "
+                    "address is wrong, or the keys do not match (CURVE: a plaintext worker to a CURVE broker, "
+                    "a wrong server key, or a key not in the broker's allow-list)",
+                    self.name,
+                    now - started,
+                    ", ".join(self.endpoints),
+                    extra={"worker": self.name},
+                )
             return core.next_deadline()
 
         def read(now: float) -> bool:
             for msg in link.recv_batch(now):
+                was = core.registered
                 self._handle(link, executors, core.receive(msg, now))
+                if core.registered and not was:
+                    log.info(
+                        "worker %s registered with broker %s at %s (%s; concurrency %d)",
+                        self.name,
+                        core.link.broker,
+                        link.endpoint,
+                        ", ".join(self.services),
+                        self.concurrency,
+                        extra={"worker": self.name, "broker": core.link.broker},
+                    )
             return link.more
 
         def mail(items: list[Any], now: float) -> None:
@@ -229,11 +255,11 @@ class Worker:
         try:
             self._handle(link, executors, core.start(clock.now()))
             log.info(
-                "worker %s serving %s on %s (concurrency %d)",
+                "worker %s looking for a broker at %s (then %s)",
                 self.name,
-                ", ".join(self.services),
                 link.endpoint,
-                self.concurrency,
+                ", ".join(self.endpoints[1:]) or "the same again",
+                extra={"worker": self.name},
             )
             loop.run(tick, mail, stuck=lambda: link.stuck() or probe.stuck(), paused=core.resumed)
         except BaseException as exc:
@@ -254,7 +280,14 @@ class Worker:
             match o:
                 case Execute():
                     if debug:
-                        log.debug("worker %s runs %s attempt %d (trace %s)", self.name, o.service, o.attempt, o.trace)
+                        log.debug(
+                            "worker %s runs %s attempt %d (trace %s)",
+                            self.name,
+                            o.service,
+                            o.attempt,
+                            o.trace,
+                            extra={"worker": self.name, "trace": o.trace},
+                        )
                     executors.submit(o)
                 case Connect():
                     log.info("worker %s connecting to %s (%s)", self.name, o.endpoint, o.reason)

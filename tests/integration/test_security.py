@@ -268,3 +268,39 @@ def test_a_secured_broker_on_its_own_context_lets_the_context_terminate(pki, tmp
     t.start()
     t.join(10)
     assert not t.is_alive(), "ctx.term() hangs: a socket of the broker or its ZAP handler is still open"
+
+
+@pytest.mark.timeout(60)
+def test_a_plaintext_client_at_a_curve_broker_is_told_no_broker_answered(pki, tmp_path):
+    from zmqdist import NoBroker
+
+    b = secure_broker(pki, f"ipc://{tmp_path}/s.sock")
+    try:
+        with Client(b.endpoints, timeout=0.6) as c, pytest.raises(NoBroker, match="keys do not match"):
+            c.call("echo", 1)
+    finally:
+        b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_zmqdist_worker_keeps_the_worker_objects_curve_keys(pki, tmp_path):
+    """The object's server_key and key are used as they are: it registers at a CURVE broker."""
+    import subprocess
+    import sys
+
+    from tests.integration.helpers import Procs
+
+    b = secure_broker(pki, f"ipc://{tmp_path}/s.sock")
+    (tmp_path / "securemod.py").write_text(
+        "from zmqdist import Worker\n"
+        f"w = Worker(['{b.endpoints[0]}'], server_key={pki.pub('broker')!r}, key={pki.sec('w1')!r}, name='kw')\n"
+        "w.add_service('echo', lambda v: v)\n"
+    )
+    procs = Procs()
+    try:
+        cmd = [sys.executable, "-m", "zmqdist", "-q", "worker", "securemod:w"]
+        procs.procs.append(subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        wait_for(lambda: [w["name"] for w in b.status()["workers"]] == ["kw"], 20, "the worker registered over CURVE")
+    finally:
+        procs.cleanup()
+        b.stop()

@@ -38,3 +38,9 @@ def test_trace_id_in_every_log_on_the_path_and_in_remote_error(procs, tmp_path):
             assert any(trace in r["message"] for r in records), f"{trace} not in the {name}'s log"
     # the worker's log says which request failed
     assert any("trace-fail-43" in r["message"] and "TypeError" in r["message"] for r in logs["worker"])
+    # under --log-format json the trace (and the worker) are fields of their own, not only words
+    for name in ("master", "worker"):
+        assert any(r.get("trace") == "trace-fail-43" for r in logs[name]), f"no trace field in the {name}'s log"
+    assert any(r.get("worker") for r in logs["worker"])
+    failed = next(r for r in logs["worker"] if r.get("trace") == "trace-fail-43" and r["level"] == "WARNING")
+    assert "Traceback" in failed.get("exception", "")  # the handler's exception, with its traceback

@@ -5,6 +5,7 @@ from zmqdist.config import HeartbeatSettings
 from zmqdist.core.client import ClientCore, Completed
 from zmqdist.core.link import EPSILON, Connect, Stopped
 from zmqdist.core.worker import Execute, WorkerCore
+from zmqdist.testing import tick_until
 
 HB = HeartbeatSettings(0.25, 4)
 WELCOME = p.Welcome("b", "inc1", 250, 4)
@@ -176,3 +177,18 @@ def test_a_handler_reads_time_left_on_the_clock_its_deadline_was_made_with():
     assert ctx.remaining() == 5.0
     clock.advance(2.0)
     assert ctx.remaining() == 3.0
+
+
+def test_a_request_no_broker_answered_since_it_was_made_ends_no_broker_not_timeout():
+    from zmqdist.core.client import NO_BROKER
+
+    c = ClientCore(("tcp://a:1", "tcp://b:1"), "c", HB, 0.0)
+    c.start(0.0)
+    c.submit(1, "echo", b"v", 0.5, 0.0)
+    done = [o for o in tick_until(c, 0.5) if type(o) is Completed]
+    assert [d.status for d in done] == [NO_BROKER] and "tcp://a:1, tcp://b:1" in done[0].message
+    c.receive(WELCOME, 0.6)  # a broker answers
+    c.submit(2, "echo", b"v", 0.5, 0.7)
+    c.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.8)  # and is heard after the request was made
+    done = [o for o in tick_until(c, 1.2) if type(o) is Completed]
+    assert [d.status for d in done] == [p.ST_TIMEOUT] and "broker b" in done[0].message

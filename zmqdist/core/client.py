@@ -30,6 +30,7 @@ from zmqdist.config import HeartbeatSettings
 from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem
 
 DEFAULT_QUOTA = 2500  # open requests at a broker that did not say its quota (a broker's default)
+NO_BROKER = 100  # a Completed status of this client's own: the deadline passed and no broker ever answered
 MOVE_WAIT_S = 10.0  # longest wait for the requests in flight to end before moving home (else later)
 
 
@@ -46,9 +47,12 @@ ClientOut = p.Message | Completed | Connect | Problem | Probe | EndProbe
 
 
 class _Pending:
-    __slots__ = ("deadline", "margin", "payload", "sent", "service", "trace")
+    __slots__ = ("deadline", "margin", "payload", "sent", "service", "submitted", "trace")
 
-    def __init__(self, service: str, payload: bytes, deadline: float, margin: float, trace: str = "") -> None:
+    def __init__(
+        self, service: str, payload: bytes, deadline: float, margin: float, trace: str = "", submitted: float = 0.0
+    ) -> None:
+        self.submitted = submitted
         self.service = service
         self.payload = payload
         self.deadline = deadline
@@ -85,6 +89,7 @@ class ClientCore:
         self.quota = DEFAULT_QUOTA
         self.max_message = 0  # the broker's message limit (0: not known)
         self.registered = False
+        self.heard_at = -1.0  # when any broker last sent us anything
         self.homing = Homing(rng)
         self._moving: int | None = None  # the home endpoint we are moving to once nothing is in flight
         self._move_until = 0.0
@@ -119,7 +124,7 @@ class ClientCore:
             why = f"payload of {len(payload)} bytes is larger than the broker's limit of {limit} bytes"
             return [Completed(rid, p.ST_INVALID, why, b"")]
         deadline = now + timeout_s
-        pend = self.pending[rid] = _Pending(service, payload, deadline, budget_margin(timeout_s), trace)
+        pend = self.pending[rid] = _Pending(service, payload, deadline, budget_margin(timeout_s), trace, now)
         heappush(self._deadlines, (deadline, rid))
         if len(self._deadlines) > 2 * len(self.pending) + 1024:
             self._deadlines = [(d, r) for d, r in self._deadlines if r in self.pending]
@@ -139,7 +144,7 @@ class ClientCore:
     def receive(self, msg: p.Message, now: float) -> list[ClientOut]:
         """Handle one message from the broker."""
         link = self.link
-        link.last_heard = now
+        link.last_heard = self.heard_at = now
         match msg:
             case p.Reply():
                 pend = self.pending.pop(msg.rid, None)
@@ -205,13 +210,19 @@ class ClientCore:
                 if pend.sent:
                     self.sent -= 1
                 self.counters["timeouts"] += 1
+                if self.heard_at < pend.submitted:
+                    eps = ", ".join(self.link.endpoints)
+                    why = (
+                        f"no broker answered on any endpoint ({eps}) since the request was made: no broker "
+                        "runs there, the address is wrong, or the keys do not match (a plaintext client to "
+                        "a CURVE broker, or a wrong server key)"
+                    )
+                    out.append(Completed(rid, NO_BROKER, why, b""))
+                    continue
                 where = "waiting here: the client had as many open as its broker allows"
                 where = f"broker {self.link.broker or self.link.endpoint}" if pend.sent else where
-                out.append(
-                    Completed(
-                        rid, p.ST_TIMEOUT, f"no reply for service {pend.service!r} before the deadline ({where})", b""
-                    )
-                )
+                why = f"no reply for service {pend.service!r} before the deadline ({where})"
+                out.append(Completed(rid, p.ST_TIMEOUT, why, b""))
         link = self.link
         if link.silent(now):
             out += self._failover(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
@@ -245,7 +256,7 @@ class ClientCore:
         return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000), self.link.top_epoch)
 
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
-        budget_ms = p.budget_ms_left(pend.deadline - margin, now, floor=0)
+        budget_ms = min(p.MAX_BUDGET_MS, p.budget_ms_left(pend.deadline - margin, now, floor=0))
         return p.Request(rid, pend.service, budget_ms, (), pend.payload, pend.trace)
 
     def _send(self, rid: int, pend: _Pending, now: float) -> p.Request:

@@ -1,0 +1,107 @@
+"""The mistakes of a user's first hour end in errors that say what happened (issue 17)."""
+
+import logging
+import socket
+
+import pytest
+
+from tests.integration.helpers import wait_for
+from zmqdist import Broker, Client, ConfigError, NoBroker, RequestTimeout, Worker
+from zmqdist.config import BrokerSettings
+
+pytestmark = pytest.mark.integration
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(30)
+def test_no_broker_at_the_address_is_told_apart_from_a_slow_worker(tmp_path):
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    with Client([ep, f"ipc://{tmp_path}/nobody.sock"], timeout=0.6) as c, pytest.raises(NoBroker) as ei:
+        c.call("echo", 1)
+    assert "no broker answered on any endpoint" in str(ei.value) and ep in str(ei.value)
+    assert ei.value.endpoints == (ep, f"ipc://{tmp_path}/nobody.sock") and isinstance(ei.value, RequestTimeout)
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    w = Worker(b.endpoints, concurrency=1)
+    w.add_service("slow", lambda s: __import__("time").sleep(s))
+    w.start()
+    try:
+        with Client(b.endpoints, timeout=0.6) as c:
+            wait_for(lambda: c.call("zmqdist.status")["workers"], 10, "worker")
+            with pytest.raises(RequestTimeout) as ei:
+                c.call("slow", 2.0)
+            assert not isinstance(ei.value, NoBroker)  # a broker answered: the worker was slow
+    finally:
+        w.stop(drain=False)
+        b.stop()
+
+
+@pytest.mark.timeout(30)
+def test_endpoints_are_checked_whole_at_construction():
+    cases = [
+        ("tcp://127.0.0.1", "no port"),
+        ("tcp://:5555", "no port"),
+        ("udp://x:1", "unsupported"),
+        ("tcp://h:99999", "port"),
+        ("ipc://", "no ipc path"),
+        ("localhost:5555", "not an endpoint"),
+    ]
+    for bad, why in cases:
+        with pytest.raises(ConfigError, match=why):
+            Client([bad])
+        with pytest.raises(ConfigError, match=why):
+            Worker([bad])
+    with pytest.raises(ConfigError, match="no port"):
+        Broker(bind=["tcp://127.0.0.1"])
+
+
+@pytest.mark.timeout(30)
+def test_timeout_none_means_no_deadline_and_a_sent_request_is_not_claimed_cancelled(tmp_path):
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    w = Worker(b.endpoints, concurrency=1)
+    w.add_service("echo", lambda x: x)
+    w.start()
+    try:
+        with Client(b.endpoints, timeout=None) as c:
+            assert c.timeout == 7 * 24 * 3600
+            fut = c.submit("echo", "x")
+            assert fut.cancel() is False  # it was sent: cancel() does not pretend
+            assert fut.result(10) == "x"
+            with pytest.raises(ConfigError, match="timeout"):
+                c.submit("echo", 1, timeout=-1)
+    finally:
+        w.stop(drain=False)
+        b.stop()
+
+
+@pytest.mark.timeout(30)
+def test_the_broker_binds_loopback_by_default_and_says_what_is_open_beyond_it(tmp_path, caplog):
+    assert BrokerSettings().bind == ("tcp://127.0.0.1:5555",)
+    with caplog.at_level(logging.WARNING, logger="zmqdist.broker"):
+        b = Broker(bind=[f"tcp://*:{free_port()}"], name="open").start()
+        b.stop()
+    assert any("beyond loopback with no authentication" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="zmqdist.broker"):
+        b = Broker(bind=[f"tcp://127.0.0.1:{free_port()}", f"ipc://{tmp_path}/x.sock"], name="closed").start()
+        b.stop()
+    assert not any("beyond loopback" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_says_when_it_registered_and_with_which_broker(tmp_path, caplog):
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"], name="the-broker").start()
+    w = Worker(b.endpoints, concurrency=1, name="w-reg")
+    w.add_service("echo", lambda x: x)
+    try:
+        with caplog.at_level(logging.INFO, logger="zmqdist.worker"):
+            w.start()
+            wait_for(lambda: any("registered with broker the-broker" in r.getMessage() for r in caplog.records), 10,
+                     "the registration log")  # fmt: skip
+    finally:
+        w.stop(drain=False)
+        b.stop()
