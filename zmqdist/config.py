@@ -134,6 +134,12 @@ class BrokerSettings:
     )
     backoff_s: float = option(0.25, "first jittered pause before a proxy registers upstream again (seconds)", lo=0)
     backoff_max_s: float = option(4.0, "longest pause before a proxy registers upstream again (seconds)", lo=0, hi=3600)
+    forget_service_s: float = option(
+        60.0,
+        "seconds a service with no worker and nothing queued stays listed (in status and metrics)",
+        flag="--forget-service",
+        lo=0,
+    )
     heartbeat: HeartbeatSettings = field(init=False, repr=False, compare=False, metadata={"cli": False})
 
     def __post_init__(self) -> None:

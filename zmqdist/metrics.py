@@ -73,7 +73,7 @@ class BrokerCollector:
         yield GaugeMetricFamily(
             "zmqdist_requests_open", "Requests accepted and not yet answered", value=st["requests_open"]
         )
-        yield GaugeMetricFamily("zmqdist_workers_total", "Workers registered", value=len(st["workers"]))
+        yield GaugeMetricFamily("zmqdist_workers", "Workers registered", value=len(st["workers"]))
         per: dict[str, GaugeMetricFamily] = {
             "workers": GaugeMetricFamily("zmqdist_service_workers", "Members serving the service", labels=["service"]),
             "capacity": GaugeMetricFamily("zmqdist_service_capacity", "Slots of the service", labels=["service"]),

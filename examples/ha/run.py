@@ -12,6 +12,7 @@ python examples/ha/run.py            (add --secure for CURVE on every link, the 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # examples/shared.py
 
-from shared import make_pki, stop_all  # noqa: E402
+from shared import make_pki, own_broker, stop_all  # noqa: E402
 
 from zmqdist import Client, RequestError  # noqa: E402
 
@@ -67,6 +68,8 @@ def main(secure: bool = False) -> int:
         cmd = [*zd, "worker", "workers:worker", "--connect", ep["main-a"], "--connect", ep["main-b"]]
         procs[f"w{i}"] = subprocess.Popen([*cmd, "--name", f"w{i}", *worker_sec], env=env)
     try:
+        own_broker(procs["main-a"], ep["main-a"], "main-a", **client_sec)
+        own_broker(procs["main-b"], ep["main-b"], "main-b", **client_sec)
         with Client([ep["main-a"], ep["main-b"]], timeout=30, **client_sec) as client:
             # The pair is formed when main-a is active with the 3 workers and main-b has heard it and
             # gone passive (a backup still starting up, 'pending', has nothing to take over yet).
@@ -113,6 +116,7 @@ def main(secure: bool = False) -> int:
         return 0
     finally:
         stop_all(procs)
+        shutil.rmtree(tmp, ignore_errors=True)  # sockets, and the keys with --secure
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ python examples/tiers/run.py            (add --secure for the same with CURVE on
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # examples/shared.py
 
-from shared import make_pki, stop_all  # noqa: E402
+from shared import make_pki, own_broker, stop_all  # noqa: E402
 
 from zmqdist import Client  # noqa: E402
 
@@ -60,6 +61,8 @@ def main(secure: bool = False) -> int:
         cmd = [*zd, "worker", "workers:worker", "--connect", first, "--connect", second, "--name", f"{region}-{i}"]
         procs[f"w{i}"] = subprocess.Popen([*cmd, *worker_sec], env=dict(env, REGION=region))
     try:
+        for name in ("master", "east", "west"):
+            own_broker(procs[name], ep[name], name, **client_sec)
         with Client([ep["east"], ep["west"]], timeout=30, **client_sec) as client:
             deadline = time.monotonic() + 20
             while len(client.call("zmqdist.status")["workers"]) < 1 and time.monotonic() < deadline:
@@ -83,6 +86,7 @@ def main(secure: bool = False) -> int:
         return 0
     finally:
         stop_all(procs)
+        shutil.rmtree(tmp, ignore_errors=True)  # sockets, and the keys with --secure
 
 
 if __name__ == "__main__":

@@ -64,3 +64,34 @@ def test_ha_example_takes_over_after_a_sigkill_and_the_primary_comes_back_passiv
     line = next(x for x in r.stdout.splitlines() if x.startswith("takeover:"))
     assert float(line.split("answered ")[1].split("s")[0]) < 2.0, out
     assert "after the restart: main-a passive" in r.stdout and "main-b active" in r.stdout, out
+
+
+@pytest.mark.timeout(60)
+def test_the_parallel_example_refuses_to_report_on_a_broker_it_did_not_start(tmp_path):
+    """Another broker already at the example's address: the example's own broker cannot bind, and
+    the example says so and fails, instead of running its checks against the other one."""
+    import socket
+
+    from zmqdist import Broker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ep = f"tcp://127.0.0.1:{s.getsockname()[1]}"  # as the port 5555 it used to take for granted
+    other = Broker(bind=[ep], name="someone-else").start()
+    try:
+        env = dict(os.environ, ENDPOINT=ep)
+        r = subprocess.run([sys.executable, "examples/parallel/run.py"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=50)  # fmt: skip
+        assert r.returncode != 0 and "every reply correct" not in r.stdout
+        assert "exited at once" in r.stderr and "Address already in use" in r.stderr, r.stderr[-2000:]
+    finally:
+        other.stop()
+
+
+@pytest.mark.timeout(90)
+def test_the_examples_leave_no_temporary_folder_behind(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    for cmd in (["examples/parallel/run.py"], ["examples/tiers/run.py", "--secure"]):
+        r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -55,7 +55,7 @@ def test_metrics_match_1000_calls_with_10_handler_errors(tmp_path):
         assert value(text, "zmqdist_replies_total", status="failed") == 10
         assert value(text, "zmqdist_replies_total", status="timeout") == 0
         assert value(text, "zmqdist_requeues_total") == 0
-        assert value(text, "zmqdist_workers_total") == 1
+        assert value(text, "zmqdist_workers") == 1 and "zmqdist_workers_total" not in text
         assert value(text, "zmqdist_service_capacity", service="calc") == 4
         assert value(text, "zmqdist_queue_depth") == 0
         # the failing handler is visible per worker

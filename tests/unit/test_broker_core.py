@@ -445,3 +445,23 @@ def test_fast_path_completes_results_exactly_as_the_general_path(peer, msg, what
         assert replies(out) == [p.Reply(1, p.ST_OK, "", b"r")] and len(tasks(out)) == 1
     if what.startswith("not a member"):
         assert [type(m) for _, m in out] == [p.Reconnect]
+
+
+def test_a_service_nobody_serves_any_more_is_forgotten_after_its_grace():
+    core = make(forget_service_s=60.0)
+    hello(core, b"A", services=("short-lived", "echo"))
+    hello(core, b"B", services=("echo",))
+    core.receive(b"A", p.Bye("done"), 10.0)
+    assert set(core.status(10.0)["services"]) == {"short-lived", "echo"}  # listed, with no worker
+    assert core.status(10.0)["services"]["short-lived"]["workers"] == 0
+    core.receive(b"B", p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ()), 69.0)
+    core.tick(69.9)
+    assert "short-lived" in core.status(69.9)["services"]
+    assert core.next_deadline() <= 70.0
+    core.tick(70.0)
+    assert set(core.status(70.0)["services"]) == {"echo"}  # forgotten; the served one stays
+    hello(core, b"C", services=("again",), now=70.0)  # a worker that comes back in time keeps it
+    core.receive(b"C", p.Bye("brief"), 71.0)
+    hello(core, b"D", services=("again",), now=100.0)
+    core.tick(131.5)
+    assert "again" in core.status(131.5)["services"]

@@ -410,6 +410,8 @@ class BrokerCore(BrokerMachine):
         self.services.tick(now, out)
         if d.adopt_until is not None and now >= d.adopt_until:
             d.adopt_expired(now, out)
+        if d.idle:
+            d.sweep(now)
         return out
 
     def next_deadline(self) -> float | None:

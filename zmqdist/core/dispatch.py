@@ -14,6 +14,8 @@ Rules of this module:
    upstream, in :mod:`zmqdist.core.tiers`); dispatch knows nothing of upstreams.
 6. With ``ops`` set (the active broker of a pair), every change to the table is recorded as a
    replication op, in order.
+7. A service whose last member left, with nothing queued, is forgotten ``forget_service_s`` later
+   (unless a member comes back), so a long-running broker with short-lived services stays small.
 """
 
 from __future__ import annotations
@@ -100,6 +102,7 @@ class Dispatcher:
         # that member to register here (it may still run them, or have finished them).
         self.adopting: dict[bytes, list[int]] = {}
         self.adopt_until: float | None = None
+        self.idle: dict[str, float] = {}  # services with no member and nothing queued, since when
         self.h_wait: Hist | None = None  # latency histograms, when enabled
         self.h_service: Hist | None = None
         self.h_e2e: Hist | None = None
@@ -134,13 +137,31 @@ class Dispatcher:
             if pool is None:
                 pool = self.pools[s] = Pool(s)
             pool.members.add(m)
+            if pool.idle_since is not None:
+                pool.idle_since = None
+                self.idle.pop(s, None)
 
-    def leave(self, m: Member, services: set[str]) -> None:
+    def leave(self, m: Member, services: set[str], now: float) -> None:
         """``m`` no longer serves ``services``."""
         for s in services:
             pool = self.pools.get(s)
             if pool is not None:
                 pool.members.discard(m)
+                if not pool.members and not pool.queue and pool.idle_since is None:
+                    pool.idle_since = self.idle[s] = now
+
+    def sweep(self, now: float) -> None:
+        """Forget the services idle for ``forget_service_s`` (rule 7)."""
+        grace = self.settings.forget_service_s
+        for name, since in list(self.idle.items()):
+            if now - since < grace:
+                continue
+            del self.idle[name]
+            pool = self.pools.get(name)
+            if pool is not None and pool.idle_since == since and not pool.members:
+                reqs = self.reqs
+                if not any((r := reqs.get(t)) is not None and r.state == QUEUED for t in pool.queue):
+                    del self.pools[name]
 
     def offer(self, w: Member) -> None:
         """Re-enter ``w`` in its services' heaps after its load changed."""
@@ -194,7 +215,7 @@ class Dispatcher:
             del self.members[w.ident]
             if isinstance(w, BrokerMember):
                 self.brokers -= 1
-        self.leave(w, set(w.services))
+        self.leave(w, set(w.services), now)
         touched: set[str] = set()
         kind = w.kind()
         for ticket in sorted(w.inflight, reverse=True):  # appendleft: oldest ends up first
@@ -640,4 +661,7 @@ class Dispatcher:
             d = self.deadlines[0][0]
         if self.adopt_until is not None and (d is None or self.adopt_until < d):
             d = self.adopt_until
+        if self.idle:
+            t = min(self.idle.values()) + self.settings.forget_service_s
+            d = t if d is None or t < d else d
         return d

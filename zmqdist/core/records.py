@@ -366,13 +366,14 @@ class Req:
 class Pool:
     """Members of one service (a heap by load, then least recently used) and its FIFO queue."""
 
-    __slots__ = ("heap", "members", "name", "queue")
+    __slots__ = ("heap", "idle_since", "members", "name", "queue")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.heap: list[HeapEntry] = []
         self.queue: deque[int] = deque()
         self.members: set[Member] = set()
+        self.idle_since: float | None = None  # its last member left, nothing queued: forgotten later
 
 
 class Copy:

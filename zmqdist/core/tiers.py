@@ -536,7 +536,7 @@ class Tiers(Overflow):
         w.adv_at = now
         services = tuple(w.spare)
         if services != w.services:
-            self.d.leave(w, set(w.services) - set(services))
+            self.d.leave(w, set(w.services) - set(services), now)
             w.services = services
             self.d.join(w, services)
         self.d.offer(w)
