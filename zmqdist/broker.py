@@ -131,6 +131,7 @@ class Broker:
         self._pair_back: bytes | None = None  # the identity of the peer's connection to our ROUTER
         self.ha_endpoints: list[str] = []
         self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
+        self._max_payload = s.max_message_size
         self._loop: Loop | None = None
 
     # --- public ---------------------------------------------------------------------------------
@@ -213,9 +214,10 @@ class Broker:
         if self._ring is not None:
             zap_register(self._ctx, self._zap_domain, self._ring)  # before the first handshake
         try:
-            sock, self.endpoints = bind_router(
-                self._ctx, self._bind, s.max_message_size, self._secret, self._zap_domain
-            )
+            # libzmq drops a message over its limit with the connection and says nothing: up to twice the
+            # advertised limit the broker reads it itself, to answer and log it (_oversized)
+            hard = 2 * s.max_message_size
+            sock, self.endpoints = bind_router(self._ctx, self._bind, hard, self._secret, self._zap_domain)
             if self._ha_bind:
                 try:
                     self._pair_in, self.ha_endpoints = bind_router(
@@ -421,6 +423,8 @@ class Broker:
                 payload = read_payload(recv, head)
                 if type(payload) is str:
                     core.bad_input(ident, RemoteProtocolError(payload, p.E_FRAMES), b"", pending)
+                elif len(payload) > self._max_payload:
+                    self._oversized(core, ident, hb, len(payload), pending)
                 else:
                     core.receive_frames(ident, hb, payload.bytes, now, pending, rights)
             # The first message of a wake-up goes out before looking for more: alone (the
@@ -431,6 +435,14 @@ class Broker:
         if pending:
             self._send(core, pending, now)
         return more
+
+    def _oversized(self, core: BrokerMachine, peer: bytes, head: bytes, size: int, out: list[Out]) -> None:
+        """A message over --max-message-size: refused with the reason (a request gets an INVALID
+        reply), counted and logged. (Beyond twice the limit, libzmq drops it with its connection.)"""
+        req = p.plain_request(head)
+        limit = self._max_payload
+        why = f"a message of {size} bytes is over this broker's limit of {limit} bytes (--max-message-size)"
+        core.bad_input(peer, RemoteProtocolError(why, p.E_FRAMES, req[0] if req else None), head, out)
 
     def _mdp_frames(self, sock: zmq.Socket[Any], first: bytes, more: bool) -> list[bytes]:
         """The frames of a Majordomo message (its first is read), at most MAX_FRAMES + 9 kept."""

@@ -100,8 +100,15 @@ class BrokerSettings:
     max_queue: int = option(10_000, "queued requests before new ones get Busy", lo=1)
     max_queue_bytes: int = option(256 * 1024 * 1024, "queued payload bytes before Busy", lo=1)
     max_attempts: int = option(3, "dispatches of one request before WorkerLost", lo=1, hi=100)
-    max_client_inflight: int = option(2500, "open requests per client before it gets Busy (proxies exempt)", lo=1)
-    max_message_size: int = option(DEFAULT_MAX_MESSAGE, "larger messages are refused by the socket", lo=1)
+    max_client_inflight: int = option(
+        2500, "open requests per client (a zmqdist client keeps the rest; others get Busy; proxies exempt)", lo=1
+    )
+    max_message_size: int = option(
+        DEFAULT_MAX_MESSAGE,
+        "a larger message is refused with its reason and logged (zmqdist clients refuse it before "
+        "sending); libzmq drops one over twice this with its connection",
+        lo=1,
+    )
     mdp_heartbeat_s: float = option(
         2.5, "seconds between heartbeats of Majordomo workers", flag="--mdp-heartbeat", lo=0.001, hi=3600
     )

@@ -105,3 +105,35 @@ def test_a_worker_says_when_it_registered_and_with_which_broker(tmp_path, caplog
     finally:
         w.stop(drain=False)
         b.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_payload_over_the_brokers_limit_fails_at_once_and_the_broker_says_so(tmp_path, caplog):
+    import time
+
+    import zmq
+
+    from zmqdist import InvalidRequest
+    from zmqdist import protocol as p
+
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"], max_message_size=10_000).start()
+    try:
+        with Client(b.endpoints, timeout=10) as c:
+            c.call("zmqdist.status")  # welcomed: the client knows the limit
+            t = time.monotonic()
+            with pytest.raises(InvalidRequest, match="larger than the broker's limit of 10000"):
+                c.call("echo", b"x" * 20_000)
+            assert time.monotonic() - t < 1.0  # at once, not at the deadline
+        raw = zmq.Context.instance().socket(zmq.DEALER)  # a peer that does not know the limit
+        raw.linger = 0
+        raw.connect(b.endpoints[0])
+        with caplog.at_level(logging.WARNING, logger="zmqdist.broker"):
+            raw.send_multipart(p.encode(p.Request(7, "echo", 5000, (), b"y" * 15_000)))
+            assert raw.poll(5000)
+            reply = p.decode(*raw.recv_multipart())
+        raw.close()
+        assert reply.rid == 7 and reply.status == p.ST_INVALID and "over this broker's limit" in reply.message
+        assert any("over this broker's limit" in r.getMessage() for r in caplog.records)
+        assert b.status()["counters"]["bad_input"] == 1
+    finally:
+        b.stop()
