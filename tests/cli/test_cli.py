@@ -94,7 +94,7 @@ def test_bad_config_and_bad_options_give_clear_errors(tmp_path):
 def test_call_without_broker_fails_with_one_line_and_nonzero_status():
     r = CliRunner().invoke(cli.main, ["-q", "call", "echo", "1", "--connect", "tcp://127.0.0.1:1", "--timeout", "0.3"])
     assert r.exit_code == 1
-    assert r.output.strip().startswith("error: RequestTimeout") and r.output.strip().count("\n") == 0
+    assert r.output.strip().startswith("error: NoBroker") and r.output.strip().count("\n") == 0
 
 
 def test_status_formatting():
