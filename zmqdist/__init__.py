@@ -6,7 +6,7 @@ _native.install()  # compiled or pure-Python hot modules: chosen before any of t
 
 from zmqdist import protocol as _protocol  # noqa: E402
 from zmqdist.broker import Broker  # noqa: E402
-from zmqdist.client import AsyncClient, Client  # noqa: E402
+from zmqdist.client import AsyncClient, AsyncStream, Client, RequestFuture, Stream  # noqa: E402
 from zmqdist.context import RequestContext, current_request  # noqa: E402
 from zmqdist.errors import (  # noqa: E402
     Busy,
@@ -20,11 +20,15 @@ from zmqdist.errors import (  # noqa: E402
     RemoteProtocolError,
     RequestError,
     RequestTimeout,
+    StreamInterrupted,
     TransportError,
     WorkerLost,
     ZmqdistError,
 )
+from zmqdist.policy import Retry  # noqa: E402
 from zmqdist.worker import Worker  # noqa: E402
+
+Codec = _protocol.Codec
 
 _native.confirm(_protocol)
 
@@ -32,10 +36,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient",
+    "AsyncStream",
     "Broker",
     "Busy",
     "Client",
     "ClosedError",
+    "Codec",
     "ConfigError",
     "InvalidRequest",
     "LocalProtocolError",
@@ -45,7 +51,11 @@ __all__ = [
     "RemoteProtocolError",
     "RequestContext",
     "RequestError",
+    "RequestFuture",
     "RequestTimeout",
+    "Retry",
+    "Stream",
+    "StreamInterrupted",
     "TransportError",
     "Worker",
     "WorkerLost",

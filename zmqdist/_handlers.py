@@ -1,54 +1,139 @@
 """Running handlers off the socket thread: threads, an asyncio loop, or child processes.
 
-Every executor reports a finished task by posting ``("done", ticket, session, ok, payload)`` to
-the worker's mailbox. Handlers never run on the socket thread, so heartbeats keep flowing while
-they work; see docs/worker.md for what C code that holds the GIL does, and ``isolation="process"``.
+Executors report to the worker's mailbox (the socket thread turns each into a message):
 
-Child processes (``isolation="process"``) die with their worker, even a SIGKILLed one (Linux's
-parent-death signal), so a worker never leaves processes behind. A child that dies (a crash,
-``os._exit``, a signal) breaks its pool: the pool is replaced at once and the worker goes on. Every
-task that was in the broken pool runs once more in the new one (it may not be the one whose
-process died); a task that is in a pool when it breaks a second time ends in a clear error.
+- ``("done", ticket, session, ok, payload, retry_ms)``: a handler finished; ``retry_ms`` is None,
+  or the delay its retry policy asks before the request runs again;
+- ``("part", ticket, session, payload)``: a streaming handler's next value;
+- ``("progress", ticket, session, payload)``: ``current_request().progress(value)``.
+
+The socket thread tells them :meth:`Executors.abort` (stop a handler: the request's
+``cancelled`` flag for sync handlers, task cancellation for async ones, and for
+``isolation="process"`` the flag in the child, or the child killed if the service asked for it)
+and :meth:`Executors.window` (a stream's consumer took more parts). A streaming handler never runs
+ahead of its consumer by more than the window: the next value is asked of the generator only when
+it may be sent. Handlers never run on the socket thread, so heartbeats keep flowing while they work;
+see docs/worker.md for C code that holds the GIL.
+
+Child processes (``isolation="process"``): one per slot, each with its own pipe, so a task can be
+stopped (or its process killed) without touching the others. A child dies with its worker, even a
+SIGKILLed one (Linux's parent-death signal). A child that dies (a crash, ``os._exit``, a signal) is
+replaced at once; the request it ran ends in a clear error, the others go on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
 import os
 import queue
+import random
 import signal
 import threading
 import traceback
-from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.clock import Clock
 from zmqdist.context import RequestContext, reset_current, set_current
-from zmqdist.core.worker import Execute
+from zmqdist.core.worker import Abort, Execute, Window
+from zmqdist.policy import Retry
 from zmqdist.transport import Mailbox
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Any], Any]
-MAX_TRIES = 2  # runs of a task whose process pool broke under it: the second break fails it
+Post = Callable[[tuple[Any, ...]], None]
+
+
+@dataclass(frozen=True)
+class Service:
+    """A handler and how the worker runs it."""
+
+    fn: Handler
+    retry: Retry | None = None  # the service's retry policy (a caller's own overrides it)
+    terminate_on_cancel: bool = False  # isolation="process": a cancel kills the handler's process
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.fn) or inspect.isasyncgenfunction(self.fn)
+
+
+class Gate:
+    """A running task's cancel flag and, for a stream, its window (thread side)."""
+
+    def __init__(self, window: int) -> None:
+        self._cond = threading.Condition()
+        self.window = window
+        self.acked = 0
+        self.cancelled = False
+
+    def is_set(self) -> bool:
+        """The ``cancelled`` flag a :class:`~zmqdist.context.RequestContext` reads."""
+        return self.cancelled
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    def open(self, acked: int) -> None:
+        with self._cond:
+            if acked > self.acked:
+                self.acked = acked
+                self._cond.notify_all()
+
+    def wait(self, seq: int, timeout: float) -> bool:
+        """Wait until part ``seq`` may be sent; False if the task was stopped (or ``timeout``)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.cancelled or seq < self.acked + self.window, max(0.0, timeout))
+            return not self.cancelled and seq < self.acked + self.window
+
+
+class AsyncGate:
+    """The same for a task on the asyncio loop (opened from the socket thread, thread-safely)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.acked = 0
+        self.cancelled = False
+        self._event = asyncio.Event()
+
+    def is_set(self) -> bool:
+        return self.cancelled
+
+    def open(self, acked: int) -> None:  # on the loop
+        if acked > self.acked:
+            self.acked = acked
+            self._event.set()
+
+    async def wait(self, seq: int) -> None:
+        while seq >= self.acked + self.window:
+            self._event.clear()
+            await self._event.wait()
 
 
 def _failure(exc: BaseException) -> bytes:
     return p.pack_error(type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc)))
 
 
-def _context(task: Execute, clock: Clock) -> RequestContext:
-    return RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace, clock)
-
-
-def _raised(task: Execute, exc: BaseException) -> bytes:
-    """Log a handler's exception (with its traceback; trace and service as log fields) and
-    return the failure payload for the client."""
+def _raised(task: Execute, exc: BaseException, retry_ms: int | None = None) -> bytes:
+    """Log a handler's exception (with its traceback; trace and service as log fields; a run its
+    retry policy runs again at INFO, without) and return the failure payload for the client."""
+    if retry_ms is not None:
+        log.info(
+            "handler of %s raised %s: %s (run %d; it runs again in %d ms; trace %s)",
+            task.service,
+            type(exc).__name__,
+            exc,
+            task.attempt,
+            retry_ms,
+            task.trace,
+            extra={"trace": task.trace, "service": task.service},
+        )
+        return _failure(exc)
     log.warning(
         "handler of %s raised %s: %s (trace %s)",
         task.service,
@@ -61,26 +146,257 @@ def _raised(task: Execute, exc: BaseException) -> bytes:
     return _failure(exc)
 
 
-def run_sync(fn: Handler, task: Execute, clock: Clock) -> tuple[bool, bytes]:
-    """Decode, call ``fn``, encode; return (ok, payload). Never raises."""
-    token = set_current(_context(task, clock))
+def _retry_ms(svc: Service, task: Execute, exc: BaseException, stopped: bool) -> int | None:
+    """The delay the request's retry policy (the caller's, else the service's) asks, or None."""
+    if stopped:
+        return None
+    policy = Retry.from_spec(task.retry) if task.retry else svc.retry
+    return policy.decide(exc, task.attempt, random.random) if policy is not None else None
+
+
+def _context(task: Execute, clock: Clock, flag: Gate | AsyncGate, report: Callable[[Any], None]) -> RequestContext:
+    return RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace, clock, flag, report)
+
+
+def run_task(svc: Service, task: Execute, clock: Clock, codec: p.Codec | None, post: Post, gate: Gate) -> None:
+    """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
+    ticket, session = task.ticket, task.session
+
+    def report(value: Any) -> None:
+        post(("progress", ticket, session, p.pack_value(value, codec)))
+
+    token = set_current(_context(task, clock, gate, report))
+    retry: int | None = None
     try:
-        result = fn(p.unpack_value(task.payload))
+        result = svc.fn(p.unpack_value(task.payload, codec))
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
-        return True, p.pack_value(result)
+        if inspect.isgenerator(result):
+            result = _drain(result, task, clock, codec, post, gate)
+        elif task.window:
+            post(("part", ticket, session, p.pack_value(result, codec)))  # a stream of one value
+            result = None
+        ok, payload = True, p.pack_value(result, codec)
     except BaseException as exc:  # a handler may raise anything; the worker must survive it
-        return False, _raised(task, exc)
+        retry = _retry_ms(svc, task, exc, gate.cancelled)
+        ok, payload = False, _raised(task, exc, retry)
     finally:
         reset_current(token)
+    post(("done", ticket, session, ok, payload, retry))
+
+
+def _drain(gen: Iterator[Any], task: Execute, clock: Clock, codec: p.Codec | None, post: Post, gate: Gate) -> Any:
+    """Run a generator handler: its values as parts of a stream (each asked for only when it may be
+    sent), or, for a caller that did not ask for a stream, as one list. Returns what it returns."""
+    if not task.window:
+        values = []
+        for v in gen:
+            if gate.cancelled:
+                break
+            values.append(v)
+        return values
+    seq = 0
+    try:
+        while True:
+            if not gate.wait(seq, task.deadline - clock.now() + 1.0):
+                return None  # stopped (cancelled, or the deadline passed): the result is CANCELLED
+            try:
+                value = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            post(("part", task.ticket, task.session, p.pack_value(value, codec)))
+            seq += 1
+    finally:
+        close = getattr(gen, "close", None)
+        if close is not None:
+            close()
 
 
 async def _await(aw: Any) -> Any:
     return await aw
 
 
-def _process_entry(fn: Handler, task: Execute, clock: Clock) -> tuple[bool, bytes]:
-    return run_sync(fn, task, clock)
+class _Live:
+    """A task on the asyncio loop: its gate, and whether its outcome was posted."""
+
+    __slots__ = ("future", "gate", "posted")
+
+    def __init__(self, gate: AsyncGate) -> None:
+        self.gate = gate
+        self.future: Any = None
+        self.posted = False
+
+
+class Executors:
+    """Owns the threads / loop / processes that run handlers for one worker."""
+
+    def __init__(
+        self,
+        services: dict[str, Service],
+        concurrency: int,
+        isolation: str,
+        mailbox: Mailbox,
+        clock: Clock,
+        codec: p.Codec | None = None,
+    ) -> None:
+        self._services = services
+        self._clock = clock  # the worker's: a task's deadline was made with it
+        self._mailbox = mailbox
+        self._codec = codec
+        self._queue: queue.SimpleQueue[tuple[Execute, Gate] | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._gates: dict[tuple[int, int], Gate] = {}  # (ticket, session) of thread tasks
+        self._live: dict[tuple[int, int], _Live] = {}  # (ticket, session) of asyncio tasks
+        self._procs: Processes | None = None
+        if isolation == "process":
+            self._procs = Processes(concurrency, mailbox, clock, codec)
+        else:
+            for i in range(concurrency):
+                t = threading.Thread(target=self._thread_main, name=f"zmqdist-handler-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+            if any(s.is_async for s in services.values()):
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="zmqdist-asyncio", daemon=True)
+                self._loop_thread.start()
+
+    @property
+    def pools_replaced(self) -> int:
+        """Handler processes replaced after they died."""
+        return self._procs.replaced if self._procs is not None else 0
+
+    def submit(self, task: Execute) -> None:
+        """Start ``task``; what it produces arrives through the mailbox."""
+        svc = self._services.get(task.service)
+        if svc is None:
+            err = LookupError(f"this worker has no handler for service {task.service!r}")
+            self._mailbox.post(("done", task.ticket, task.session, False, _failure(err), None))
+        elif self._procs is not None:
+            self._procs.submit(svc, task)
+        elif self._loop is not None and svc.is_async:
+            live = self._live[(task.ticket, task.session)] = _Live(AsyncGate(task.window))
+            live.future = asyncio.run_coroutine_threadsafe(self._run_async(svc, task, live), self._loop)
+            live.future.add_done_callback(lambda f: self._async_gone(task, live, f))
+        else:
+            gate = self._gates[(task.ticket, task.session)] = Gate(task.window)
+            self._queue.put((task, gate))
+
+    def abort(self, a: Abort) -> None:
+        """Stop the handler of ``a.ticket`` (see the module docstring)."""
+        key = (a.ticket, a.session)
+        gate = self._gates.get(key)
+        if gate is not None:
+            gate.cancel()
+        live = self._live.get(key)
+        if live is not None:
+            live.gate.cancelled = True
+            live.future.cancel()
+        if self._procs is not None:
+            self._procs.abort(a.ticket, a.session, self._services)
+
+    def window(self, w: Window) -> None:
+        """The consumer of ``w.ticket``'s stream took ``w.acked`` parts."""
+        key = (w.ticket, w.session)
+        gate = self._gates.get(key)
+        if gate is not None:
+            gate.open(w.acked)
+        live = self._live.get(key)
+        if live is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(live.gate.open, w.acked)
+        if self._procs is not None:
+            self._procs.send(w.ticket, w.session, ("window", w.ticket, w.acked))
+
+    def _thread_main(self) -> None:
+        get = self._queue.get
+        post = self._mailbox.post
+        while True:
+            item = get()
+            if item is None:
+                return
+            task, gate = item
+            if gate.cancelled:  # cancelled before a thread was free to start it
+                self._gates.pop((task.ticket, task.session), None)
+                post(("done", task.ticket, task.session, False, b"", None))
+                continue
+            try:
+                run_task(self._services[task.service], task, self._clock, self._codec, post, gate)
+            finally:
+                self._gates.pop((task.ticket, task.session), None)
+
+    async def _run_async(self, svc: Service, task: Execute, live: _Live) -> None:
+        codec, post = self._codec, self._mailbox.post
+        ticket, session = task.ticket, task.session
+
+        def report(value: Any) -> None:
+            post(("progress", ticket, session, p.pack_value(value, codec)))
+
+        set_current(_context(task, self._clock, live.gate, report))
+        retry: int | None = None
+        try:
+            result = svc.fn(p.unpack_value(task.payload, codec))
+            if inspect.isasyncgen(result):
+                result = await self._drain_async(result, task, live.gate)
+            elif inspect.isawaitable(result):
+                result = await result
+            if task.window and not inspect.isasyncgenfunction(svc.fn):
+                post(("part", ticket, session, p.pack_value(result, codec)))
+                result = None
+            ok, payload = True, p.pack_value(result, codec)
+        except BaseException as exc:  # CancelledError included: the outcome is CANCELLED then
+            retry = _retry_ms(svc, task, exc, live.gate.cancelled)
+            ok, payload = False, _raised(task, exc, retry) if not live.gate.cancelled else b""
+        live.posted = True
+        post(("done", ticket, session, ok, payload, retry))
+
+    async def _drain_async(self, agen: AsyncIterator[Any], task: Execute, gate: AsyncGate) -> Any:
+        codec, post = self._codec, self._mailbox.post
+        if not task.window:
+            return [v async for v in agen]
+        seq = 0
+        it = agen.__aiter__()
+        try:
+            while True:
+                await gate.wait(seq)
+                try:
+                    value = await it.__anext__()
+                except StopAsyncIteration:
+                    return None
+                post(("part", task.ticket, task.session, p.pack_value(value, codec)))
+                seq += 1
+        finally:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _async_gone(self, task: Execute, live: _Live, fut: Any) -> None:
+        """An asyncio task ended; if it was cancelled before it could post (before it started),
+        post for it, so that its slot frees."""
+        self._live.pop((task.ticket, task.session), None)
+        if not live.posted:
+            live.posted = True
+            self._mailbox.post(("done", task.ticket, task.session, False, b"", None))
+
+    def shutdown(self, wait: bool) -> None:
+        """Stop the threads (after running tasks when ``wait``) and every child process."""
+        for gate in list(self._gates.values()):
+            gate.cancel()  # a stream waiting for its consumer stops
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:
+            for t in self._threads:
+                t.join(5.0)
+        if self._loop is not None and self._loop_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(5.0)
+            if not self._loop.is_running():
+                self._loop.close()
+        if self._procs is not None:
+            self._procs.shutdown()
+
+
+# --- child processes ---------------------------------------------------------------------------
 
 
 def _child_init(parent: int) -> None:
@@ -95,143 +411,195 @@ def _child_init(parent: int) -> None:
         os._exit(1)
 
 
-class Executors:
-    """Owns the threads / loop / process pool that run handlers for one worker."""
+def child_main(conn: Any, parent: int) -> None:
+    """A handler process: run one task at a time from the worker; a reader thread takes the
+    worker's window updates and cancels while the task runs. Only this thread sends."""
+    _child_init(parent)
+    incoming: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+    current: list[tuple[int, Gate] | None] = [None]
 
-    def __init__(
-        self, handlers: dict[str, Handler], concurrency: int, isolation: str, mailbox: Mailbox, clock: Clock
-    ) -> None:
-        self._handlers = handlers
-        self._clock = clock  # the worker's: a task's deadline was made with it
-        self._mailbox = mailbox
-        self._isolation = isolation
-        self._queue: queue.SimpleQueue[Execute | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
-        self._concurrency = concurrency
-        self._pool: ProcessPoolExecutor | None = None
-        self._pool_lock = threading.Lock()  # the socket thread submits, pool callback threads replace
-        self._tries: dict[int, int] = {}  # ticket -> runs begun in a process pool
-        self.pools_replaced = 0
-        if isolation == "process":
-            self._pool = self._new_pool()
-        else:
-            for i in range(concurrency):
-                t = threading.Thread(target=self._thread_main, name=f"zmqdist-handler-{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
-        if any(inspect.iscoroutinefunction(h) for h in handlers.values()) and isolation != "process":
-            self._loop = asyncio.new_event_loop()
-            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="zmqdist-asyncio", daemon=True)
-            self._loop_thread.start()
-
-    def submit(self, task: Execute) -> None:
-        """Start ``task``; its completion arrives through the mailbox."""
-        fn = self._handlers.get(task.service)
-        if fn is None:
-            err = LookupError(f"this worker has no handler for service {task.service!r}")
-            self._mailbox.post(("done", task.ticket, task.session, False, _failure(err)))
-        elif self._pool is not None:
-            self._to_pool(fn, task)
-        elif self._loop is not None and inspect.iscoroutinefunction(fn):
-            asyncio.run_coroutine_threadsafe(self._run_async(fn, task), self._loop)
-        else:
-            self._queue.put(task)
-
-    def _thread_main(self) -> None:
-        get = self._queue.get
-        post = self._mailbox.post
-        handlers = self._handlers
+    def reader() -> None:
         while True:
-            task = get()
-            if task is None:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)  # the worker is gone
+            kind = msg[0]
+            cur = current[0]
+            if kind == "run":
+                incoming.put(msg)
+            elif kind == "stop":
+                incoming.put(None)
                 return
-            ok, payload = run_sync(handlers[task.service], task, self._clock)
-            post(("done", task.ticket, task.session, ok, payload))
+            elif cur is not None and cur[0] == msg[1]:
+                if kind == "window":
+                    cur[1].open(msg[2])
+                elif kind == "cancel":
+                    cur[1].cancel()
 
-    async def _run_async(self, fn: Handler, task: Execute) -> None:
-        set_current(_context(task, self._clock))
-        try:
-            result = await fn(p.unpack_value(task.payload))
-            ok, payload = True, p.pack_value(result)
-        except BaseException as exc:
-            ok, payload = False, _raised(task, exc)
-        self._mailbox.post(("done", task.ticket, task.session, ok, payload))
+    threading.Thread(target=reader, name="zmqdist-child-reader", daemon=True).start()
+    send = conn.send
+    while True:
+        item = incoming.get()
+        if item is None:
+            return
+        _, svc, task, clock, codec = item
+        gate = Gate(task.window)
+        current[0] = (task.ticket, gate)
+        run_task(svc, task, clock, codec, send, gate)
+        current[0] = None
 
-    # --- child processes ------------------------------------------------------------------------
 
-    def _new_pool(self) -> ProcessPoolExecutor:
+class _Slot:
+    """One handler process, its pipe and the thread that reads it."""
+
+    def __init__(self, ctx: Any, owner: Processes) -> None:
+        here, there = ctx.Pipe()
+        self.proc = ctx.Process(target=child_main, args=(there, os.getpid()), daemon=True)
+        self.proc.start()
+        there.close()
+        self.conn = here
+        self.lock = threading.Lock()  # the socket thread sends; a replacement closes
+        self.task: Execute | None = None
+        self.killed = False  # killed on purpose (a cancel of a service that asked for it)
+        self.reader = threading.Thread(target=owner.read, args=(self,), name="zmqdist-child", daemon=True)
+        self.reader.start()
+
+    def send(self, msg: tuple[Any, ...]) -> bool:
+        """Send ``msg`` to the process. False if it is gone (its reader replaces it). Raises what
+        pickling ``msg`` raised (a handler or a value that cannot go to another process)."""
+        with self.lock:
+            try:
+                self.conn.send(msg)
+                return True
+            except (OSError, ValueError):
+                return False
+
+
+class Processes:
+    """A fixed set of handler processes, one task each at a time (see the module docstring)."""
+
+    def __init__(self, n: int, mailbox: Mailbox, clock: Clock, codec: p.Codec | None) -> None:
         import multiprocessing
 
-        return ProcessPoolExecutor(
-            self._concurrency,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_child_init,
-            initargs=(os.getpid(),),
-        )
+        self._ctx = multiprocessing.get_context("spawn")
+        self._mailbox = mailbox
+        self._clock = clock
+        self._codec = codec
+        self._lock = threading.Lock()
+        self._closed = False
+        self._waiting: list[tuple[Service, Execute]] = []  # more tasks than processes (never, normally)
+        self.replaced = 0
+        self._slots = [_Slot(self._ctx, self) for _ in range(n)]
 
-    def _to_pool(self, fn: Handler, task: Execute) -> None:
-        """Run ``task`` in a child process (from the socket thread or a pool's callback)."""
-        with self._pool_lock:
-            if self._pool is None:
-                return  # shut down
-            try:
-                fut = self._pool.submit(_process_entry, fn, task, self._clock)
-            except BrokenProcessPool:
-                self._replace(self._pool)
-                fut = self._pool.submit(_process_entry, fn, task, self._clock)
-            pool = self._pool
-        self._tries[task.ticket] = self._tries.get(task.ticket, 0) + 1
-        fut.add_done_callback(functools.partial(self._process_done, fn, task, pool))
-
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        """(Lock held.) A process of ``broken`` died: a new pool takes its place."""
-        if self._pool is broken:
-            self.pools_replaced += 1
-            log.warning("a handler process died: its pool of %d processes is replaced", self._concurrency)
-            broken.shutdown(wait=False, cancel_futures=True)
-            self._pool = self._new_pool()
-
-    def _process_done(
-        self, fn: Handler, task: Execute, pool: ProcessPoolExecutor, fut: Future[tuple[bool, bytes]]
-    ) -> None:
-        try:
-            ok, payload = fut.result()
-        except BrokenProcessPool as exc:  # a process of its pool died while the task was in it
-            with self._pool_lock:
-                if self._pool is not None:
-                    self._replace(pool)
-            tries = self._tries.get(task.ticket, 0)
-            if tries < MAX_TRIES and self._pool is not None:
-                self._to_pool(fn, task)
+    def submit(self, svc: Service, task: Execute) -> None:
+        with self._lock:
+            slot = next((s for s in self._slots if s.task is None), None)
+            if slot is None:
+                self._waiting.append((svc, task))
                 return
-            why = RuntimeError(
-                f"the process running the handler of {task.service!r} died ({exc}): the worker replaced it; "
-                f"this request was in the pool each time it broke ({tries} runs)"
-            )
-            ok, payload = False, _failure(why)
-        except BaseException as exc:  # the value or the result could not be pickled
-            ok, payload = False, _failure(exc)
-        self._tries.pop(task.ticket, None)
-        self._mailbox.post(("done", task.ticket, task.session, ok, payload))
+            slot.task = task
+        self._run(slot, svc, task)
 
-    def shutdown(self, wait: bool) -> None:
-        """Stop the threads (after running tasks when ``wait``) and every child process."""
-        for _ in self._threads:
-            self._queue.put(None)
-        if wait:
-            for t in self._threads:
-                t.join(5.0)
-        if self._loop is not None and self._loop_thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._loop_thread.join(5.0)
-            if not self._loop.is_running():
-                self._loop.close()
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            children = getattr(pool, "_processes", None) or {}  # the pool's own table: no public one
-            for proc in list(children.values()):
-                proc.terminate()  # a handler stuck in a loop must not outlive its worker
-            pool.shutdown(wait=True, cancel_futures=True)
+    def _run(self, slot: _Slot, svc: Service, task: Execute) -> None:
+        try:
+            if not slot.send(("run", svc, task, self._clock, self._codec)):
+                log.debug("handler process gone before its task was sent: its reader reports it")
+        except Exception as exc:  # pickling: e.g. a lambda as handler, or a codec of lambdas
+            why = RuntimeError(f"the handler of {task.service!r} cannot run in a child process: {exc}")
+            self._mailbox.post(("done", task.ticket, task.session, False, _failure(why), None))
+            self._next(slot)
+
+    def _find(self, ticket: int, session: int) -> _Slot | None:
+        for s in self._slots:
+            t = s.task
+            if t is not None and t.ticket == ticket and t.session == session:
+                return s
+        return None
+
+    def send(self, ticket: int, session: int, msg: tuple[Any, ...]) -> None:
+        slot = self._find(ticket, session)
+        if slot is not None:
+            slot.send(msg)
+
+    def abort(self, ticket: int, session: int, services: dict[str, Service]) -> None:
+        with self._lock:
+            for i, (_, t) in enumerate(self._waiting):
+                if t.ticket == ticket and t.session == session:
+                    del self._waiting[i]
+                    self._mailbox.post(("done", ticket, session, False, b"", None))
+                    return
+        slot = self._find(ticket, session)
+        if slot is None or slot.task is None:
+            return
+        svc = services.get(slot.task.service)
+        if svc is not None and svc.terminate_on_cancel:
+            slot.killed = True
+            slot.proc.kill()  # its reader sees the pipe close, reports the task, replaces it
+        else:
+            slot.send(("cancel", ticket))
+
+    def read(self, slot: _Slot) -> None:
+        """A slot's reader thread: pass on what its process sends; replace it if it dies."""
+        post = self._mailbox.post
+        while True:
+            try:
+                msg = slot.conn.recv()
+            except (EOFError, OSError):
+                break
+            post(msg)
+            if msg[0] == "done":
+                self._next(slot)
+        self._died(slot)
+
+    def _next(self, slot: _Slot) -> None:
+        with self._lock:
+            slot.task = None
+            if not self._waiting:
+                return
+            svc, task = self._waiting.pop(0)
+            slot.task = task
+        self._run(slot, svc, task)
+
+    def _died(self, slot: _Slot) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            task = slot.task
+            slot.proc.join(1.0)
+            code = slot.proc.exitcode
+            i = self._slots.index(slot)
+            self.replaced += 1
+            self._slots[i] = fresh = _Slot(self._ctx, self)
+        with slot.lock:
+            slot.conn.close()
+        if task is not None:
+            if slot.killed:
+                self._mailbox.post(("done", task.ticket, task.session, False, b"", None))
+            else:
+                log.warning(
+                    "the process running the handler of %s died (exit code %s): replaced",
+                    task.service,
+                    code,
+                    extra={"trace": task.trace, "service": task.service},
+                )
+                why = RuntimeError(
+                    f"the process running the handler of {task.service!r} died (exit code {code}); "
+                    "the worker replaced it"
+                )
+                self._mailbox.post(("done", task.ticket, task.session, False, _failure(why), None))
+        self._next(fresh)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+            slots = list(self._slots)
+        for slot in slots:
+            slot.send(("stop",))
+        for slot in slots:
+            slot.proc.join(0.5)
+            if slot.proc.is_alive():
+                slot.proc.kill()  # a handler stuck in a loop must not outlive its worker
+                slot.proc.join(2.0)
+            with slot.lock:
+                slot.conn.close()

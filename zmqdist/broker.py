@@ -544,18 +544,17 @@ class Broker:
             )
 
     def _send_mdp(self, core: BrokerMachine, peer: bytes, msg: p.Message, now: float) -> list[Out]:
-        frames = core.mdp.outbound(peer, msg)
-        if frames is None:
-            return []
+        messages, more = core.mdp_outbound(peer, msg, now)
         send = self._fsend
-        try:
-            send(peer, SNDMORE_NB)
-        except zmq.ZMQError as exc:
-            self._ratelog.warning(
-                "send", now, "cannot send MDP %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror
-            )
-            return core.send_failed(peer, msg, now)
-        last = len(frames) - 1
-        for i, f in enumerate(frames):
-            send(f, NB if i == last else SNDMORE_NB)
-        return []
+        for frames in messages:
+            try:
+                send(peer, SNDMORE_NB)
+            except zmq.ZMQError as exc:
+                self._ratelog.warning(
+                    "send", now, "cannot send MDP %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror
+                )
+                return core.send_failed(peer, msg, now)
+            last = len(frames) - 1
+            for i, f in enumerate(frames):
+                send(f, NB if i == last else SNDMORE_NB)
+        return more

@@ -196,6 +196,9 @@ def _setting_option(f: Field[Any]) -> tuple[str, Callable[[Callable[..., Any]], 
         kw.update(type=click.IntRange(meta["lo"], meta["hi"]), default=default)
     elif kind == "float":
         kw.update(type=click.FloatRange(meta["lo"], meta["hi"]), default=default)
+    elif kind == "bool":
+        flag = f"{flag}/--no-{flag[2:]}"
+        kw.update(default=default)
     else:
         kw.update(default=default)
     if default is None or default == "":

@@ -16,7 +16,7 @@ import random
 import secrets
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from typing import Any
 
@@ -25,7 +25,7 @@ import zmq
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.config import HeartbeatSettings, check_endpoints
-from zmqdist.core.client import NO_BROKER, ClientCore, ClientOut, Completed
+from zmqdist.core.client import NO_BROKER, ClientCore, ClientOut, Completed, PartIn, Progressed
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem
 from zmqdist.errors import (
     Busy,
@@ -36,8 +36,10 @@ from zmqdist.errors import (
     RemoteError,
     RequestError,
     RequestTimeout,
+    StreamInterrupted,
     WorkerLost,
 )
+from zmqdist.policy import Retry
 from zmqdist.transport import DealerLink, Loop, Mailbox
 from zmqdist.transport.security import ClientKeys
 
@@ -48,14 +50,18 @@ _ERRORS: dict[int, type[RequestError]] = {
     p.ST_TIMEOUT: RequestTimeout,
     p.ST_LOST: WorkerLost,
     p.ST_INVALID: InvalidRequest,
+    p.ST_INTERRUPTED: StreamInterrupted,
 }
+DEFAULT_WINDOW = 64  # stream parts a worker may send ahead of the consumer
 
 
-def outcome(c: Completed, service: str, trace: str = "", endpoints: tuple[str, ...] = ()) -> tuple[bool, Any]:
+def outcome(
+    c: Completed, service: str, trace: str = "", endpoints: tuple[str, ...] = (), codec: p.Codec | None = None
+) -> tuple[bool, Any]:
     """Return (True, value) for a success, or (False, the exception a caller should see)."""
     if c.status == p.ST_OK:
         try:
-            return True, p.unpack_value(c.payload)
+            return True, p.unpack_value(c.payload, codec)
         except ValueError as exc:
             return False, RequestError(f"reply to {service!r} could not be decoded: {exc}", c.rid, service)
     if c.status == p.ST_FAILED:
@@ -75,7 +81,137 @@ def outcome(c: Completed, service: str, trace: str = "", endpoints: tuple[str, .
     return False, cls(f"{service!r}: {c.message}", c.rid, service)
 
 
-Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]]
+class RequestFuture(Future[Any]):
+    """The future of one request (:meth:`Client.submit`). ``cancel()`` really cancels: the
+    request leaves the broker's queue, or its handler is told to stop (``current_request().
+    cancelled``, an async handler's task cancelled); it returns False only once the reply has
+    arrived. ``progress`` is the handler's last progress report (None before the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rid = 0
+        self.progress: Any = None
+        self._on_cancel: Callable[[int], object] | None = None
+        self._progress_callbacks: list[Callable[[Any], object]] = []
+
+    def running(self) -> bool:
+        """True while the request is open (sent, or waiting its turn in the client)."""
+        return not self.done()
+
+    def cancel(self) -> bool:
+        if self.cancelled():
+            return True
+        if not super().cancel():
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel(self.rid)
+        return True
+
+    def add_progress_callback(self, fn: Callable[[Any], object]) -> None:
+        """Call ``fn(value)`` (on the client's thread: keep it short) for each progress report."""
+        self._progress_callbacks.append(fn)
+
+    def _progressed(self, value: Any) -> None:
+        self.progress = value
+        for fn in self._progress_callbacks:
+            try:
+                fn(value)
+            except Exception:
+                log.exception("a progress callback raised")
+
+
+class _Sink:
+    """Where a stream's parts and end go: a thread-safe queue (or an asyncio one, via its loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self.sync: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.aio: asyncio.Queue[tuple[Any, ...]] | None = asyncio.Queue() if loop is not None else None
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        if self.loop is None:
+            self.sync.put(item)
+        else:
+            assert self.aio is not None
+            with contextlib.suppress(RuntimeError):  # its loop closed: nobody reads any more
+                self.loop.call_soon_threadsafe(self.aio.put_nowait, item)
+
+
+class Stream:
+    """The parts of a streamed reply, in order (:meth:`Client.stream`). Iterate it; ``result``
+    is what the handler returned once the stream is exhausted. Leaving a ``with`` block or calling
+    :meth:`cancel` before the end cancels the request. Raises the request's error (a
+    :class:`~zmqdist.errors.StreamInterrupted` if its run was cut) after the parts that arrived."""
+
+    def __init__(self, client: Client, rid: int, sink: _Sink) -> None:
+        self._client = client
+        self.rid = rid
+        self._sink = sink
+        self._taken = 0
+        self._ended = False
+        self.result: Any = None
+
+    def _take(self, item: tuple[Any, ...]) -> Any:
+        if item[0] == "part":
+            self._taken += 1
+            self._client._consumed(self.rid, self._taken)
+            return item[1]
+        self._ended = True
+        ok, value = item[1], item[2]
+        if not ok:
+            raise value
+        self.result = value
+        raise StopIteration
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._ended:
+            raise StopIteration
+        return self._take(self._sink.sync.get())
+
+    def cancel(self) -> bool:
+        """Cancel the request unless it has ended; return True if it was open."""
+        if self._ended:
+            return False
+        self._ended = True
+        return self._client._cancel(self.rid)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+class AsyncStream(Stream):
+    """The asyncio face of :class:`Stream`: ``async for part in stream``."""
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._ended:
+            raise StopAsyncIteration
+        aio = self._sink.aio
+        assert aio is not None
+        try:
+            return self._take(await aio.get())
+        except StopIteration:
+            raise StopAsyncIteration from None
+        except asyncio.CancelledError:
+            self.cancel()  # the task iterating it was cancelled: so is the request
+            raise
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink
 MAX_TIMEOUT_S = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
 
 
@@ -89,13 +225,15 @@ def _check_timeout(timeout: object) -> float:
 
 
 def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
-    """Hand an outcome to a Future (submit) or to a map call's queue."""
+    """Hand an outcome to a Future (submit), a map call's queue, or a stream."""
     if isinstance(target, Future):
         with contextlib.suppress(InvalidStateError):  # e.g. cancelled by its caller
             if ok:
                 target.set_result(value)
             else:
                 target.set_exception(value)
+    elif isinstance(target, _Sink):
+        target.put(("end", ok, value))
     else:
         target.put((rid, ok, value))
 
@@ -109,7 +247,9 @@ class Client:
     ``submit`` blocks until one ends, and raises :class:`~zmqdist.errors.Busy` if none does within
     the request's timeout. ``timeout`` is each request's deadline in seconds (``None``: no deadline,
     that is a week, the longest a request's budget can carry). A request that ends because no broker
-    answered on any endpoint raises :class:`~zmqdist.errors.NoBroker` (a ``RequestTimeout``)."""
+    answered on any endpoint raises :class:`~zmqdist.errors.NoBroker` (a ``RequestTimeout``).
+    ``codec`` turns values into payloads and back (:class:`~zmqdist.Codec`: the same as the
+    workers')."""
 
     def __init__(
         self,
@@ -122,12 +262,16 @@ class Client:
         server_key: str | None = None,
         key: str | None = None,
         backlog: int = 100_000,
+        codec: p.Codec | None = None,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoints = check_endpoints(endpoints, "client")
         if not isinstance(backlog, int) or backlog < 1:
             raise ConfigError(f"backlog must be a whole number of at least 1, got {backlog!r}")
+        if codec is not None and not isinstance(codec, p.Codec):
+            raise ConfigError(f"codec must be a zmqdist.Codec, got {codec!r}")
+        self.codec = codec
         self.backlog = backlog
         self._room = threading.Condition()  # submit waits on it while the backlog is full
         self._waiting_room = 0
@@ -151,19 +295,39 @@ class Client:
     # --- public ---------------------------------------------------------------------------------
 
     def submit(
-        self, service: str, value: Any = None, *, timeout: float | None = None, trace: str | None = None
-    ) -> Future[Any]:
-        """Send a request; return a Future of the reply value (or of the request's error).
+        self,
+        service: str,
+        value: Any = None,
+        *,
+        timeout: float | None = None,
+        trace: str | None = None,
+        key: str | None = None,
+        retry: Retry | None = None,
+    ) -> RequestFuture:
+        """Send a request; return a :class:`RequestFuture` of the reply value (or of its error).
 
         ``trace`` (default: generated) travels with the request through every broker and worker and
-        appears in their logs and in a :class:`RemoteError`. The future is running from the start:
-        its ``cancel()`` returns False, as a sent request is not taken back."""
-        fut: Future[Any] = Future()
-        fut.set_running_or_notify_cancel()  # sent: cancel() cannot take it back, and says so (False)
-        self._submit(service, value, timeout, fut, trace)
+        appears in their logs and in a :class:`RemoteError`. ``key`` is the request's idempotency
+        key (``current_request().key`` on every attempt; default: one per request); brokers started
+        with ``--join-same-key`` run one request per open key and service. ``retry`` overrides the
+        service's retry policy; listing :class:`~zmqdist.errors.Busy` also sends the request again
+        when a full broker refuses it. All within the request's timeout."""
+        fut = RequestFuture()
+        fut._on_cancel = self._cancel
+        fut.rid = self._submit(service, value, timeout, fut, trace, key, retry)
         return fut
 
-    def _submit(self, service: str, value: Any, timeout: float | None, target: Target, trace: str | None = None) -> int:
+    def _submit(
+        self,
+        service: str,
+        value: Any,
+        timeout: float | None,
+        target: Target,
+        trace: str | None = None,
+        key: str | None = None,
+        retry: Retry | None = None,
+        window: int = 0,
+    ) -> int:
         """Send a request whose outcome goes to ``target``; return its id."""
         if self._closed:
             raise ClosedError("client is closed")
@@ -172,17 +336,34 @@ class Client:
         t = self.timeout if timeout is None else _check_timeout(timeout)
         if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
             raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
-        payload = p.pack_value(value)
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= p.MAX_NAME):
+            raise ConfigError(f"key must be a string of 1 to {p.MAX_NAME} characters, got {key!r}")
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
+        payload = p.pack_value(value, self.codec)
+        options = (key or "", window, retry.spec() if retry is not None else ())
+        busy = (retry.attempts, retry.backoff, retry.max_backoff) if retry is not None and retry.retries_busy else None
         if len(self._futures) >= self.backlog:
             self._wait_for_room(t)
         rid = next(self._ids)
         tr = trace if trace is not None else f"{self._trace_prefix}{rid:x}"
         self._futures[rid] = (target, service, tr)
-        self._mailbox.post((rid, service, payload, t, tr))
+        self._mailbox.post(("submit", rid, service, payload, t, tr, options, busy))
         if self._closed and self._futures.pop(rid, None) is not None:
             # closed while we posted: the loop may have finished its clean-up already
             _deliver(target, rid, False, ClosedError("client closed"))
         return rid
+
+    def _cancel(self, rid: int) -> bool:
+        """Cancel request ``rid`` (from its future, stream or map); True if it was open."""
+        if self._futures.pop(rid, None) is None:
+            return False
+        self._mailbox.post(("cancel", rid))
+        self._room_freed()
+        return True
+
+    def _consumed(self, rid: int, n: int) -> None:
+        self._mailbox.post(("ack", rid, n))
 
     def _wait_for_room(self, timeout: float) -> None:
         """Block while the client holds ``backlog`` unanswered requests (at most ``timeout``)."""
@@ -199,14 +380,62 @@ class Client:
                 f"the client holds {self.backlog} unanswered requests (its backlog) and none ended in {timeout}s"
             )
 
-    def call(self, service: str, value: Any = None, *, timeout: float | None = None, trace: str | None = None) -> Any:
+    def _room_freed(self) -> None:
+        if self._waiting_room:
+            with self._room:
+                self._room.notify()
+
+    def call(
+        self,
+        service: str,
+        value: Any = None,
+        *,
+        timeout: float | None = None,
+        trace: str | None = None,
+        key: str | None = None,
+        retry: Retry | None = None,
+    ) -> Any:
         """Send a request and return its reply value; raise its error (see zmqdist.errors)."""
-        return self.submit(service, value, timeout=timeout, trace=trace).result()
+        return self.submit(service, value, timeout=timeout, trace=trace, key=key, retry=retry).result()
+
+    def stream(
+        self,
+        service: str,
+        value: Any = None,
+        *,
+        timeout: float | None = None,
+        window: int = DEFAULT_WINDOW,
+        trace: str | None = None,
+        key: str | None = None,
+        retry: Retry | None = None,
+    ) -> Stream:
+        """Call a streaming service (a generator handler): iterate the returned :class:`Stream`
+        for its values as they come. The worker runs at most ``window`` values ahead of you (it
+        waits, the memory stays bounded); the timeout covers the whole stream."""
+        return self._stream(service, value, timeout, window, trace, key, retry, None)
+
+    def _stream(
+        self,
+        service: str,
+        value: Any,
+        timeout: float | None,
+        window: int,
+        trace: str | None,
+        key: str | None,
+        retry: Retry | None,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> Stream:
+        if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= p.MAX_WINDOW:
+            raise ConfigError(f"window must be a whole number from 1 to {p.MAX_WINDOW}, got {window!r}")
+        sink = _Sink(loop)
+        rid = self._submit(service, value, timeout, sink, trace, key, retry, window)
+        return Stream(self, rid, sink) if loop is None else AsyncStream(self, rid, sink)
 
     def map(
         self, service: str, values: Iterable[Any], *, timeout: float | None = None, window: int = 1000
     ) -> Iterator[Any]:
-        """Call ``service`` on every value, keeping up to ``window`` in flight; yield in input order."""
+        """Call ``service`` on every value, keeping up to ``window`` in flight; yield in input order.
+        Closing the iterator early (or an error) cancels the requests still open."""
         if window < 1:
             raise ConfigError("window must be at least 1")
         # One queue for the whole call instead of a Future per request: outcomes arrive as
@@ -216,24 +445,29 @@ class Client:
         done: dict[int, tuple[bool, Any]] = {}
         it = iter(values)
         exhausted = False
-        while True:
-            while not exhausted and len(order) < window:
-                try:
-                    v = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                order.append(self._submit(service, v, timeout, sink))
-            if not order:
-                return
-            head = order.popleft()
-            while head not in done:
-                rid, ok, value = sink.get()
-                done[rid] = (ok, value)
-            ok, value = done.pop(head)
-            if not ok:
-                raise value
-            yield value
+        try:
+            while True:
+                while not exhausted and len(order) < window:
+                    try:
+                        v = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    order.append(self._submit(service, v, timeout, sink))
+                if not order:
+                    return
+                head = order[0]
+                while head not in done:
+                    rid, ok, value = sink.get()
+                    done[rid] = (ok, value)
+                order.popleft()
+                ok, value = done.pop(head)
+                if not ok:
+                    raise value
+                yield value
+        finally:
+            for rid in order:
+                self._cancel(rid)
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the client; requests still pending fail with ClosedError."""
@@ -275,7 +509,14 @@ class Client:
                 if item is None:
                     loop.stop()
                     return
-                self._handle(link, core.submit(item[0], item[1], item[2], item[3], now, item[4]))
+                kind = item[0]
+                if kind == "submit":
+                    _, rid, service, payload, t, tr, options, busy = item
+                    self._handle(link, core.submit(rid, service, payload, t, now, tr, options, busy))
+                elif kind == "cancel":
+                    self._handle(link, core.cancel(item[1], now))
+                elif kind == "ack":
+                    self._handle(link, core.consumed(item[1], item[2]))
 
         def read_probe(now: float) -> bool:
             for msg in probe.recv_batch(now):
@@ -297,10 +538,10 @@ class Client:
                 _deliver(target, rid, False, ClosedError("client closed before the reply arrived"))
             self._futures.clear()
             for item in self._mailbox.drain():
-                if item is not None:
-                    entry = self._futures.pop(item[0], None)
+                if item is not None and item[0] == "submit":
+                    entry = self._futures.pop(item[1], None)
                     if entry is not None:
-                        _deliver(entry[0], item[0], False, ClosedError("client closed"))
+                        _deliver(entry[0], item[1], False, ClosedError("client closed"))
             self._mailbox.close()
 
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:
@@ -310,11 +551,24 @@ class Client:
                     entry = self._futures.pop(o.rid, None)
                     if entry is not None:
                         target, service, trace = entry
-                        ok, value = outcome(o, service, trace, self.endpoints)
+                        ok, value = outcome(o, service, trace, self.endpoints, self.codec)
                         _deliver(target, o.rid, ok, value)
-                        if self._waiting_room:
-                            with self._room:
-                                self._room.notify()
+                        self._room_freed()
+                case PartIn():
+                    entry = self._futures.get(o.rid)
+                    if entry is not None and isinstance(entry[0], _Sink):
+                        try:
+                            entry[0].put(("part", p.unpack_value(o.payload, self.codec)))
+                        except ValueError as exc:
+                            err = RequestError(f"a part of {entry[1]!r} could not be decoded: {exc}", o.rid)
+                            self._futures.pop(o.rid, None)
+                            _deliver(entry[0], o.rid, False, err)
+                            self._handle(link, self._core.cancel(o.rid, self._clock.now()) if self._core else [])
+                case Progressed():
+                    entry = self._futures.get(o.rid)
+                    if entry is not None and isinstance(entry[0], RequestFuture):
+                        with contextlib.suppress(ValueError):  # an undecodable report is skipped
+                            entry[0]._progressed(p.unpack_value(o.payload, self.codec))
                 case Connect():
                     log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)
                     link.connect(o.endpoint)
@@ -332,19 +586,53 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio face of :class:`Client`: ``await ac.call(...)``; same arguments."""
+    """The asyncio face of :class:`Client`: ``await ac.call(...)``; same arguments. Cancelling
+    the task that awaits a call cancels the request (its handler is told to stop)."""
 
     def __init__(self, endpoints: list[str] | tuple[str, ...] | str, **kwargs: Any) -> None:
         self._client = Client(endpoints, **kwargs)
 
-    async def call(self, service: str, value: Any = None, *, timeout: float | None = None) -> Any:
-        """Send a request and await its reply value; raise its error."""
-        return await asyncio.wrap_future(self._client.submit(service, value, timeout=timeout))
+    async def call(
+        self,
+        service: str,
+        value: Any = None,
+        *,
+        timeout: float | None = None,
+        trace: str | None = None,
+        key: str | None = None,
+        retry: Retry | None = None,
+        on_progress: Callable[[Any], None] | None = None,
+    ) -> Any:
+        """Send a request and await its reply value; raise its error. ``on_progress(value)`` is
+        called (on this loop) with each progress report of the handler."""
+        fut = self._client.submit(service, value, timeout=timeout, trace=trace, key=key, retry=retry)
+        if on_progress is not None:
+            loop = asyncio.get_running_loop()
+            fut.add_progress_callback(lambda v: loop.call_soon_threadsafe(on_progress, v))
+        return await asyncio.wrap_future(fut)
 
     async def gather(self, service: str, values: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
         """Call ``service`` on every value concurrently; return the results in order."""
         futs = [asyncio.wrap_future(self._client.submit(service, v, timeout=timeout)) for v in values]
         return list(await asyncio.gather(*futs))
+
+    def stream(
+        self,
+        service: str,
+        value: Any = None,
+        *,
+        timeout: float | None = None,
+        window: int = DEFAULT_WINDOW,
+        trace: str | None = None,
+        key: str | None = None,
+        retry: Retry | None = None,
+    ) -> AsyncStream:
+        """Call a streaming service: ``async for part in ac.stream(...)`` (see :meth:`Client.stream`).
+        Call it from a coroutine: the parts arrive on the running loop."""
+        loop = asyncio.get_running_loop()
+        s = self._client._stream(service, value, timeout, window, trace, key, retry, loop)
+        assert isinstance(s, AsyncStream)
+        return s
 
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)

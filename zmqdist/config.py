@@ -99,7 +99,12 @@ class BrokerSettings:
     liveness: int = option(DEFAULT_LIVENESS, "missed heartbeats before a peer is declared dead", lo=1, hi=1000)
     max_queue: int = option(10_000, "queued requests before new ones get Busy", lo=1)
     max_queue_bytes: int = option(256 * 1024 * 1024, "queued payload bytes before Busy", lo=1)
-    max_attempts: int = option(3, "dispatches of one request before WorkerLost", lo=1, hi=100)
+    max_attempts: int = option(
+        3, "runs of one request cut by a worker's death before WorkerLost (retry-policy runs not counted)", lo=1, hi=100
+    )
+    join_same_key: bool = option(
+        False, "a request with the same caller key and service as an open one joins it: one run, a reply to each"
+    )
     max_client_inflight: int = option(
         2500, "open requests per client (a zmqdist client keeps the rest; others get Busy; proxies exempt)", lo=1
     )
@@ -217,6 +222,9 @@ def _check_field(f: Field[Any], v: Any) -> None:
         choices = meta.get("choices")
         if choices and v and v not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(map(repr, choices))}, got {v!r}")
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise ConfigError(f"{name} must be true or false, got {v!r}")
     elif kind in ("int", "float"):
         whole = kind == "int"
         if isinstance(v, bool) or not isinstance(v, int if whole else (int, float)):

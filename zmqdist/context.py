@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from zmqdist.clock import Clock, MonotonicClock
+
+
+class Flag(Protocol):
+    """What tells a running handler it should stop (set by the worker's runtime)."""
+
+    def is_set(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
     """What a handler may know about the request it serves.
 
-    ``key`` is the idempotency key: the same for every attempt and every resend of one client
-    request, different for every other request. ``deadline`` is in seconds of ``clock``, the
-    worker's clock (``time.monotonic()`` unless the worker was given another).
+    ``key`` is the idempotency key: the same for every attempt and every resend of one request,
+    different for every other request unless the caller chose it (``call(..., key=...)``).
+    ``attempt`` counts the runs of the request (1 for the first). ``deadline`` is in seconds of
+    ``clock``, the worker's clock (``time.monotonic()`` unless the worker was given another).
     """
 
     key: str
@@ -23,10 +32,24 @@ class RequestContext:
     deadline: float
     trace: str = ""  # the client's trace id (in the logs of every broker and worker it passed)
     clock: Clock = field(default_factory=MonotonicClock, compare=False, repr=False)
+    flag: Flag | None = field(default=None, compare=False, repr=False)
+    report: Callable[[Any], None] | None = field(default=None, compare=False, repr=False)
 
     def remaining(self) -> float:
         """Seconds left before the client stops waiting (on the clock the deadline was made with)."""
         return self.deadline - self.clock.now()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the caller cancelled the request or its deadline passed: a handler that
+        checks it can stop early (its result is discarded; the slot frees when it returns)."""
+        return self.flag is not None and self.flag.is_set()
+
+    def progress(self, value: Any) -> None:
+        """Tell the caller how far the handler got (any serialisable value; the latest wins: at
+        most ten reports a second reach the caller)."""
+        if self.report is not None:
+            self.report(value)
 
 
 _current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("zmqdist_request", default=None)

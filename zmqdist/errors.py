@@ -86,6 +86,12 @@ class RemoteError(RequestError):
         self.remote_traceback = remote_traceback
 
 
+class StreamInterrupted(RequestError):
+    """Raised by a stream whose run was cut after some of its parts had arrived (its worker or
+    broker was lost, or a part went missing): the parts already yielded are all there were, in
+    order, and none is repeated; the rest will not come."""
+
+
 class Busy(RequestError):
     """Raised when the broker refused a request at once because its queue is full."""
 

@@ -23,6 +23,8 @@ REPLIES = (
     ("timeout", "timeouts"),
     ("lost", "lost"),
     ("invalid", "invalid"),
+    ("cancelled", "cancelled"),
+    ("interrupted", "interrupted"),
 )
 DROPS = (
     ("send_failed", "send_drops"),
@@ -59,6 +61,11 @@ class BrokerCollector:
         yield replies
         yield CounterMetricFamily(
             "zmqdist_requeues", "Requests requeued after their holder was lost", value=c["requeues"]
+        )
+        yield CounterMetricFamily("zmqdist_retries", "Runs scheduled again by a retry policy", value=c["retried"])
+        yield CounterMetricFamily("zmqdist_stream_parts", "Parts of streamed replies relayed", value=c["parts"])
+        yield CounterMetricFamily(
+            "zmqdist_joined", "Requests that joined an open one with the same caller key", value=c["joined"]
         )
         drops = CounterMetricFamily("zmqdist_drops", "Messages dropped or refused, by cause", labels=["cause"])
         for label, key in DROPS:

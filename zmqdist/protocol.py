@@ -16,11 +16,12 @@ build, which matters on the broker's per-request path (measured: 0.25 us against
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
 import msgpack
 
-from zmqdist.errors import LocalProtocolError, RemoteProtocolError
+from zmqdist.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 
 MAGIC: Final = b"ZD"
 VERSION: Final = 1
@@ -39,13 +40,17 @@ ST_BUSY: Final = 2
 ST_TIMEOUT: Final = 3
 ST_LOST: Final = 4
 ST_INVALID: Final = 5
-REPLY_STATUSES: Final = (ST_OK, ST_FAILED, ST_BUSY, ST_TIMEOUT, ST_LOST, ST_INVALID)
+ST_CANCELLED: Final = 6  # the request was cancelled (a broker's answer for work a broker above handed it)
+ST_INTERRUPTED: Final = 7  # a stream's run was cut after some of its parts had gone out
+REPLY_STATUSES: Final = (ST_OK, ST_FAILED, ST_BUSY, ST_TIMEOUT, ST_LOST, ST_INVALID, ST_CANCELLED, ST_INTERRUPTED)
 
 # RESULT statuses (worker -> broker).
 RS_OK: Final = 0
 RS_FAILED: Final = 1
 RS_REFUSED: Final = 2  # the worker did not run it (draining or full): requeue, no attempt spent
-RESULT_STATUSES: Final = (RS_OK, RS_FAILED, RS_REFUSED)
+RS_CANCELLED: Final = 3  # the worker stopped it: it was cancelled, or its deadline passed
+RS_RETRY: Final = 4  # the handler raised what its retry policy retries: run it again after delay_ms
+RESULT_STATUSES: Final = (RS_OK, RS_FAILED, RS_REFUSED, RS_CANCELLED, RS_RETRY)
 
 # ERROR codes (broker -> any peer, when no request id could be read).
 E_FRAMES: Final = 1
@@ -60,6 +65,8 @@ MAX_CAPACITY: Final = 65535
 MAX_HOPS: Final = 32
 MAX_SERVICES: Final = 4096
 MAX_ID: Final = 2**63 - 1
+MAX_WINDOW: Final = 65535  # parts a stream may have unacknowledged
+MAX_RETRY_NAMES: Final = 32  # exception names one retry policy lists
 RESERVED_PREFIX: Final = "zmqdist."
 MMI_PREFIX: Final = "mmi."  # Majordomo's service discovery namespace (RFC 8/MMI), answered by brokers
 INTERNAL_PREFIXES: Final = (RESERVED_PREFIX, MMI_PREFIX)
@@ -95,15 +102,27 @@ class Welcome(NamedTuple):
     max_message: int = 0  # optional trailing field: largest message in bytes (0: not said)
 
 
+# A retry policy on the wire: (attempts, backoff_ms, max_backoff_ms, exception names); () for none.
+RetrySpec = tuple[()] | tuple[int, int, int, tuple[str, ...]]
+
+
 class Request(NamedTuple):
-    """Client -> broker: a call. ``budget_ms`` is the time left, not an absolute deadline."""
+    """Client -> broker: a call. ``budget_ms`` is the time left, not an absolute deadline.
+
+    Optional trailing fields: ``trace`` travels with the request through every tier; ``key`` is
+    the caller's idempotency key (empty: the broker makes one); ``window`` > 0 asks for a stream
+    (PART messages, at most ``window`` unacknowledged); ``retry`` is the caller's retry policy.
+    """
 
     rid: int
     service: str
     budget_ms: int
     hops: tuple[str, ...]
     payload: bytes
-    trace: str = ""  # optional trailing header field: travels with the request through every tier
+    trace: str = ""
+    key: str = ""
+    window: int = 0
+    retry: RetrySpec = ()
 
 
 class Task(NamedTuple):
@@ -120,23 +139,63 @@ class Task(NamedTuple):
     seq: int
     hops: tuple[str, ...]
     payload: bytes
-    trace: str = ""  # optional trailing header field (see Request)
+    trace: str = ""  # optional trailing header fields (see Request)
+    window: int = 0
+    retry: RetrySpec = ()
 
 
 class Result(NamedTuple):
-    """Worker -> broker: the outcome of a task; frees one slot of the worker's capacity."""
+    """Worker -> broker: the outcome of a task; frees one slot of the worker's capacity.
+
+    ``delay_ms``: for RS_RETRY, how long to wait before the next run; ``parts``: for a streamed
+    task, how many PART messages went before this, the end of the stream (a gap shows)."""
 
     ticket: int
     status: int
     payload: bytes
+    delay_ms: int = 0
+    parts: int = 0
 
 
 class Reply(NamedTuple):
-    """Broker -> client: the one answer to a request."""
+    """Broker -> client: the one answer to a request (for a stream: its end, with ``parts``)."""
 
     rid: int
     status: int
     message: str
+    payload: bytes
+    parts: int = 0
+
+
+class Cancel(NamedTuple):
+    """Client -> broker (``id`` = its request id), broker -> worker or downstream broker (``id``
+    = the ticket): stop this request. Nothing answers a cancel itself; a broker that handed the
+    request down is answered CANCELLED once the holder let go, so the slot frees then."""
+
+    id: int
+
+
+class Part(NamedTuple):
+    """One value of a streamed reply, numbered from 0: worker -> broker (``id`` = ticket),
+    broker -> client (``id`` = request id), relayed the same way between tiers."""
+
+    id: int
+    seq: int
+    payload: bytes
+
+
+class Ack(NamedTuple):
+    """The consumer of a stream has taken ``seq`` parts (all those numbered below it): client ->
+    broker -> worker. The producer sends part ``n`` only while ``n < seq + window``."""
+
+    id: int
+    seq: int
+
+
+class Progress(NamedTuple):
+    """A handler's latest progress report (worker -> broker -> client), for one request."""
+
+    id: int
     payload: bytes
 
 
@@ -249,6 +308,10 @@ Message = (
     | PairState
     | Replicate
     | Handover
+    | Cancel
+    | Part
+    | Ack
+    | Progress
 )
 
 # Backup pair states (PairState.state).
@@ -273,6 +336,10 @@ CMD_OF: Final[dict[type, int]] = {
     PairState: 13,
     Replicate: 14,
     Handover: 15,
+    Cancel: 16,
+    Part: 17,
+    Ack: 18,
+    Progress: 19,
 }
 TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
 # Field names and defaults of every message type (NamedTuple class attributes mypy does not type).
@@ -281,10 +348,9 @@ _DEFAULTS: Final[dict[type, dict[str, Any]]] = {t: getattr(t, "_field_defaults")
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
 CMD_REQUEST: Final = 3  # CMD_OF[Request], as a constant for the per-request path
 CMD_RESULT: Final = 5  # CMD_OF[Result]
-# Types whose last field travels in the payload frame.
-_WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply, Replicate})
-# Types with an optional trace after the payload (sent as one more header field when not empty).
-_TRACED: Final = frozenset({Request, Task})
+# Types with a field that travels in the payload frame (the field after the required header fields;
+# optional header fields follow it in the tuple and are sent after the required ones).
+_WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply, Replicate, Part, Progress})
 
 
 def _is_name(v: object) -> bool:
@@ -404,6 +470,10 @@ def _check_text(f: tuple[Any, ...]) -> str | None:
     return None if type(f[0]) is str else "reason must be a string"
 
 
+def _check_seq(f: tuple[Any, ...]) -> str | None:
+    return None if _is_int(f[1], 0, MAX_ID) else "seq must be a non-negative integer"
+
+
 def _check_error(f: tuple[Any, ...]) -> str | None:
     return None if type(f[0]) is int and type(f[1]) is str else "error must be [code, message]"
 
@@ -425,12 +495,40 @@ _SPEC: Final[dict[type, tuple[int, bool, Any]]] = {
     PairState: (7, False, _check_pair_state),
     Replicate: (3, False, _check_replicate),
     Handover: (1, False, _check_epoch),
+    Cancel: (1, True, lambda f: None),
+    Part: (2, True, _check_seq),
+    Ack: (2, True, _check_seq),
+    Progress: (1, True, lambda f: None),
 }
 
 
 # Optional trailing header fields: per type, a check for each (the default is the field's own).
 def _is_short(v: object) -> bool:
     return type(v) is str and len(v) <= MAX_NAME
+
+
+def _is_retry(v: object) -> bool:
+    """A retry policy on the wire: () or (attempts, backoff_ms, max_backoff_ms, names)."""
+    if v == () and type(v) is tuple:
+        return True
+    return (
+        type(v) is tuple
+        and len(v) == 4
+        and _is_int(v[0], 1, 1000)
+        and _is_int(v[1], 0, MAX_BUDGET_MS)
+        and _is_int(v[2], 0, MAX_BUDGET_MS)
+        and type(v[3]) is tuple
+        and 0 < len(v[3]) <= MAX_RETRY_NAMES
+        and all(_is_name(n) for n in v[3])
+    )
+
+
+def _is_window(v: object) -> bool:
+    return _is_int(v, 0, MAX_WINDOW)
+
+
+def _is_count(v: object) -> bool:
+    return _is_int(v, 0, MAX_ID)
 
 
 _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
@@ -444,6 +542,10 @@ _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
     Heartbeat: (lambda v: _is_int(v, 0, MAX_ID),),
     Bye: (_is_short, _is_short),
     PairState: (lambda v: v in (0, 1) and type(v) is int,),
+    Request: (_is_short, _is_short, _is_window, _is_retry),
+    Task: (_is_short, _is_window, _is_retry),
+    Result: (lambda v: _is_int(v, 0, MAX_BUDGET_MS), _is_count),
+    Reply: (_is_count,),
 }
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
 _HEAD_REQUEST: Final = HEAD_PREFIX[Request]
@@ -515,11 +617,11 @@ def decode(head: bytes, payload: bytes) -> Message:
     if cmd == _HEAD_REQUEST:
         r = plain_request(head)
         if r is not None:
-            return tuple.__new__(Request, (r[0], r[1], r[2], (), payload, r[3]))
+            return tuple.__new__(Request, (r[0], r[1], r[2], (), payload, r[3], "", 0, ()))
     elif cmd == _HEAD_RESULT:
         t = plain_result(head)
         if t is not None:
-            return tuple.__new__(Result, (t[0], t[1], payload))
+            return tuple.__new__(Result, (t[0], t[1], payload, 0, 0))
     return _decode_general(head, payload)
 
 
@@ -551,25 +653,22 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
     problem = check(fields)
     if problem is not None:
         raise RemoteProtocolError(f"{cls.__name__}: {problem}", E_HEADER, rid)
-    if cls in _TRACED:
-        trace = extra[0] if extra else ""
-        if type(trace) is not str or len(trace) > MAX_NAME:
-            raise RemoteProtocolError(
-                f"{cls.__name__}: trace must be a string of at most 255 characters", E_HEADER, rid
-            )
-        return tuple.__new__(cls, (*fields, payload, trace))
-    if cls in _WITH_PAYLOAD:
-        return tuple.__new__(cls, (*fields, payload))
-    if payload:
+    with_payload = cls in _WITH_PAYLOAD
+    if payload and not with_payload:
         raise RemoteProtocolError(f"{cls.__name__}: unexpected payload", E_HEADER)
     optional = _OPTIONAL.get(cls)
     if optional is not None:
-        extra = extra[: len(optional)]
+        extra = extra[: len(optional)]  # fields a newer revision appended are ignored
         for i, (v, ok) in enumerate(zip(extra, optional, strict=False)):
             if not ok(v):
-                field = _FIELDS[cls][nfields + i]
-                raise RemoteProtocolError(f"{cls.__name__}: optional field {field} is invalid", E_HEADER)
-        return tuple.__new__(cls, (*fields, *extra, *_TAIL_DEFAULTS[cls][len(extra) :]))
+                field = _FIELDS[cls][nfields + with_payload + i]
+                raise RemoteProtocolError(f"{cls.__name__}: optional field {field} is invalid", E_HEADER, rid)
+        tail = (*extra, *_TAIL_DEFAULTS[cls][len(extra) :])
+        if with_payload:
+            return tuple.__new__(cls, (*fields, payload, *tail))
+        return tuple.__new__(cls, (*fields, *tail))
+    if with_payload:
+        return tuple.__new__(cls, (*fields, payload))
     return tuple.__new__(cls, fields)
 
 
@@ -585,25 +684,31 @@ class Encoder:
         """Return the two frames of ``msg``. Raises :class:`LocalProtocolError` for a non-message."""
         cls = type(msg)
         fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
-        if cls is Reply:  # the commands of every request first
+        if cls is Reply and not fields[4]:  # the commands of every request first
             return _HEAD_REPLY + self._pack(fields[:3]), fields[3]
-        if cls is Task:
+        if cls is Task and not fields[9] and not fields[10]:
             return _HEAD_TASK + self._pack((*fields[:7], fields[8]) if fields[8] else fields[:7]), fields[7]
         prefix = HEAD_PREFIX.get(cls)
         if prefix is None:
             raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
-        if cls in _TRACED:
-            trace = fields[-1]
-            head = (*fields[:-2], trace) if trace else fields[:-2]
-            return prefix + self._pack(head), fields[-2]
+        n = _SPEC[cls][0]
         if cls in _WITH_PAYLOAD:
-            return prefix + self._pack(fields[:-1]), fields[-1]
-        return prefix + self._pack(tuple(msg)), b""
+            head, payload, tail = fields[:n], fields[n], fields[n + 1 :]
+        else:
+            head, payload, tail = fields[:n], b"", fields[n:]
+        if tail:
+            defaults = _TAIL_DEFAULTS[cls]
+            k = len(tail)
+            while k and tail[k - 1] == defaults[k - 1]:
+                k -= 1  # trailing optional fields at their defaults are not sent
+            if k:
+                head = (*head, *tail[:k])
+        return prefix + self._pack(head), payload
 
 
 # The defaults of the optional trailing fields, in order (decode fills in the ones not sent).
 _TAIL_DEFAULTS: Final[dict[type, tuple[Any, ...]]] = {
-    t: tuple(_DEFAULTS[t][n] for n in _FIELDS[t][_SPEC[t][0] :]) for t in _OPTIONAL
+    t: tuple(_DEFAULTS[t][n] for n in _FIELDS[t][_SPEC[t][0] + (t in _WITH_PAYLOAD) :]) for t in _OPTIONAL
 }
 
 
@@ -623,6 +728,8 @@ class OpAccepted(NamedTuple):
     key: str
     attempt: int
     payload: bytes
+    window: int = 0  # a stream's window (see Request)
+    retry: RetrySpec = ()  # the caller's retry policy
 
 
 class OpSent(NamedTuple):
@@ -662,7 +769,14 @@ def _op(raw: Any) -> ReplicationOp | None:
         return None
     cls = _OP_OF_KIND.get(raw[0])
     f = raw[1:]
-    if cls is None or len(f) != len(_FIELDS[cls]) or not _is_id(f[0]):
+    if cls is OpAccepted and len(f) == 12:  # with a stream window and a retry policy
+        w, r = f[10], f[11]
+        spec = (r[0], r[1], r[2], tuple(r[3])) if type(r) is list and len(r) == 4 and type(r[3]) is list else ()
+        if not _is_window(w) or (r != [] and not _is_retry(spec)):
+            return None
+        a = _op(["a", *f[:10]])
+        return a._replace(window=w, retry=spec) if type(a) is OpAccepted else None
+    if cls is None or len(f) != len(_FIELDS[cls]) - (cls is OpAccepted) * 2 or not _is_id(f[0]):
         return None
     if cls is OpAccepted:
         ok = (
@@ -688,7 +802,10 @@ def pack_ops(sent_at: float, ops: list[ReplicationOp]) -> bytes:
     sender's clock, so that the receiver can move deadlines into its own."""
     wire: list[Any] = [sent_at]
     for op in ops:
-        wire.append([_OP_KIND[type(op)], *op])
+        if type(op) is OpAccepted and not op.window and not op.retry:
+            wire.append(["a", *op[:10]])  # no stream, no retry policy: the short form
+        else:
+            wire.append([_OP_KIND[type(op)], *op])
     data: bytes = msgpack.packb(wire, use_bin_type=True)
     return data
 
@@ -739,8 +856,91 @@ def encode(msg: Message) -> tuple[bytes, bytes]:
 # --- payload values (what client and worker APIs put in the opaque payload frame) -------------
 
 
-def pack_value(value: Any) -> bytes:
-    """Return ``value`` as msgpack bytes. Raises :class:`TypeError` if it cannot be encoded."""
+class Codec:
+    """How application values become payloads and back: msgpack, with hooks for the application's
+    own types. Give the same codec to the :class:`~zmqdist.Client` and the :class:`~zmqdist.Worker`.
+
+    ``register(cls, code, encode, decode)`` maps a type to a msgpack extension type (``code``
+    0 to 127, ``encode(obj) -> bytes``, ``decode(bytes) -> obj``): datetimes, dataclasses, numpy
+    arrays need no conversion by hand (docs/semantics.md shows each). ``default`` and
+    ``ext_hook`` are msgpack's own hooks, for full control (they run after the registered types).
+    ``tuples=True`` gives tuples back as tuples (msgpack has one array type: lists by default).
+    With ``isolation="process"`` the codec goes to the child processes: its functions must be
+    importable (module level, not lambdas).
+    """
+
+    def __init__(
+        self,
+        *,
+        default: Callable[[Any], Any] | None = None,
+        ext_hook: Callable[[int, bytes], Any] | None = None,
+        tuples: bool = False,
+    ) -> None:
+        self.default = default
+        self.ext_hook = ext_hook
+        self.tuples = tuples
+        self._by_type: dict[type, tuple[int, Callable[[Any], bytes]]] = {}
+        self._by_code: dict[int, Callable[[bytes], Any]] = {}
+
+    def register(self, cls: type, code: int, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> Codec:
+        """Carry instances of ``cls`` (subclasses too) as msgpack extension type ``code``."""
+        if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 127:
+            raise ConfigError(f"an extension type code is 0 to 127, got {code!r}")
+        if code in self._by_code:
+            raise ConfigError(f"extension type code {code} is registered already")
+        self._by_type[cls] = (code, encode)
+        self._by_code[code] = decode
+        return self
+
+    def _default(self, obj: Any) -> Any:
+        for cls in type(obj).__mro__:
+            hit = self._by_type.get(cls)
+            if hit is not None:
+                data = hit[1](obj)
+                if not isinstance(data, bytes):
+                    raise TypeError(
+                        f"the encoder registered for {cls.__name__} returned {type(data).__name__}, not bytes"
+                    )
+                return msgpack.ExtType(hit[0], data)
+        if self.default is not None:
+            return self.default(obj)
+        raise TypeError(f"cannot serialise {type(obj).__name__} (register it with a Codec: docs/semantics.md)")
+
+    def _ext(self, code: int, data: bytes) -> Any:
+        decode = self._by_code.get(code)
+        if decode is not None:
+            return decode(data)
+        if self.ext_hook is not None:
+            return self.ext_hook(code, data)
+        return msgpack.ExtType(code, data)
+
+    def pack(self, value: Any) -> bytes:
+        """Return ``value`` as msgpack bytes. Raises :class:`TypeError` if it cannot be encoded."""
+        try:
+            data: bytes = msgpack.packb(value, use_bin_type=True, default=self._default)
+            return data
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(f"value of type {type(value).__name__} is not serialisable: {exc}") from exc
+
+    def unpack(self, data: bytes) -> Any:
+        """Return the value packed in ``data``. Raises :class:`ValueError` for bad msgpack."""
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=not self.tuples, ext_hook=self._ext)
+        except Exception as exc:
+            raise ValueError(f"payload is not valid msgpack: {exc}") from exc
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+def pack_value(value: Any, codec: Codec | None = None) -> bytes:
+    """Return ``value`` as msgpack bytes (through ``codec`` if given). Raises :class:`TypeError`
+    if it cannot be encoded."""
+    if codec is not None:
+        return codec.pack(value)
     try:
         data: bytes = msgpack.packb(value, use_bin_type=True)
         return data
@@ -748,8 +948,11 @@ def pack_value(value: Any) -> bytes:
         raise TypeError(f"value of type {type(value).__name__} is not msgpack-serialisable: {exc}") from exc
 
 
-def unpack_value(data: bytes) -> Any:
-    """Return the value packed in ``data``. Raises :class:`ValueError` for bad msgpack."""
+def unpack_value(data: bytes, codec: Codec | None = None) -> Any:
+    """Return the value packed in ``data`` (through ``codec`` if given). Raises :class:`ValueError`
+    for bad msgpack."""
+    if codec is not None:
+        return codec.unpack(data)
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:

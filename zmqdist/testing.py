@@ -24,12 +24,13 @@ from typing import Any
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
 from zmqdist.core.broker import BrokerMachine
-from zmqdist.core.client import ClientCore, Completed
+from zmqdist.core.client import ClientCore, Completed, PartIn, Progressed
 from zmqdist.core.failover import make_broker
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
-from zmqdist.core.worker import Execute, WorkerCore
+from zmqdist.core.worker import Abort, Execute, Window, WorkerCore
 from zmqdist.errors import RemoteProtocolError
+from zmqdist.policy import Retry
 
 
 class FakeClock:
@@ -147,9 +148,31 @@ class _ProbeNode(_Node):
             owner.handle(owner.core.probe_receive(msg, self.sim.clock.now()))
 
 
+class _SimRun:
+    """A task a SimWorker runs."""
+
+    __slots__ = ("acked", "ex", "failures", "stopped", "streamed")
+
+    def __init__(self, ex: Execute) -> None:
+        self.ex = ex
+        self.stopped = False  # aborted: the handler returns at once
+        self.acked = 0
+        self.streamed = 0  # parts produced
+        self.failures = 0
+
+
 class SimWorker(_Node):
-    """A worker machine in the simulation with a fixed service time per task. It echoes the value,
-    except that a string starting with ``fail`` makes it fail (as if the handler raised)."""
+    """A worker machine in the simulation with a fixed service time per task. Its handler, by value:
+
+    - a string starting with ``fail``: raises ``ValueError``;
+    - ``{"flaky": n}``: raises ``OSError`` on its first ``n`` runs (counted by ``attempt``), then
+      returns the value; a retry policy (the caller's, else :attr:`retry`) decides what follows;
+    - ``{"stream": n}``: a generator of ``n`` parts (0 to n-1), one per service time, never more
+      than the caller's window ahead of its acknowledgements;
+    - anything else: echoed.
+
+    A cancel (or the deadline) stops a handler at once, as one that checks ``cancelled`` would.
+    """
 
     def __init__(self, sim: Simulation, ident: bytes, core: WorkerCore, service_time: float) -> None:
         super().__init__(sim, ident)
@@ -158,6 +181,11 @@ class SimWorker(_Node):
         self.executed: list[str] = []  # idempotency keys, in order
         self.running = 0
         self.max_running = 0
+        self.retry: Retry | None = None  # the service's retry policy
+        self.runs: dict[tuple[int, int], _SimRun] = {}
+        self.aborted: list[str] = []  # keys of the runs a cancel or deadline stopped
+        self.parts_made = 0
+        self.max_ahead = 0  # most parts of one stream produced and not yet acknowledged
 
     def deliver(self, msg: p.Message) -> None:
         self.handle(self.core.receive(msg, self.sim.clock.now()))
@@ -169,7 +197,21 @@ class SimWorker(_Node):
                 self.executed.append(o.key)
                 self.running += 1
                 self.max_running = max(self.max_running, self.running)
-                self.sim.at(self.sim.clock.now() + self.service_time, functools.partial(self._done, o))
+                new = self.runs[(o.ticket, o.session)] = _SimRun(o)
+                self.sim.at(self.sim.clock.now() + self.service_time, functools.partial(self._step, new))
+            elif t is Abort:
+                run = self.runs.get((o.ticket, o.session))
+                if run is not None and not run.stopped:
+                    run.stopped = True
+                    self.aborted.append(run.ex.key)
+                    self.sim.at(self.sim.clock.now(), functools.partial(self._step, run))
+            elif t is Window:
+                run = self.runs.get((o.ticket, o.session))
+                if run is not None:
+                    blocked = run.streamed >= run.acked + run.ex.window
+                    run.acked = max(run.acked, o.acked)
+                    if blocked and run.streamed < run.acked + run.ex.window:
+                        self.sim.at(self.sim.clock.now() + self.service_time, functools.partial(self._step, run))
             elif t is Connect:
                 self.endpoint = o.endpoint
                 self.conn += 1
@@ -180,36 +222,88 @@ class SimWorker(_Node):
             else:
                 self.sim.send_to_broker(self, o)
 
-    def _done(self, o: Execute) -> None:
-        if not self.alive:
+    def _step(self, run: _SimRun) -> None:
+        """The handler of ``run`` advances: it ends, or (a stream) produces its next part."""
+        o = run.ex
+        key = (o.ticket, o.session)
+        if not self.alive or self.runs.get(key) is not run:
             return
-        if self.frozen_until > self.sim.clock.now():  # its handler threads are stopped too
-            self.sim.at(self.frozen_until, functools.partial(self._done, o))
+        now = self.sim.clock.now()
+        if self.frozen_until > now:  # its handler threads are stopped too
+            self.sim.at(self.frozen_until, functools.partial(self._step, run))
             return
-        self.running -= 1
+        if run.stopped:
+            self._end(run, False, b"")
+            return
         value = p.unpack_value(o.payload)
-        if type(value) is str and value.startswith("fail"):  # the handler raises
-            error = p.pack_error("ValueError", value, "")
-            self.handle(self.core.task_done(o.ticket, o.session, False, error, self.sim.clock.now()))
+        if isinstance(value, dict) and "stream" in value:
+            n = int(value["stream"])
+            if run.streamed < n:
+                if o.window and run.streamed >= run.acked + o.window:
+                    return  # wait for the consumer (a Window resumes it)
+                self.parts_made += 1
+                run.streamed += 1
+                self.max_ahead = max(self.max_ahead, run.streamed - run.acked)
+                self.handle(self.core.part(o.ticket, o.session, p.pack_value(run.streamed - 1), now))
+                if not o.window or run.streamed < run.acked + o.window or run.streamed == n:
+                    self.sim.at(now + self.service_time, functools.partial(self._step, run))
+                return
+            self._end(run, True, p.pack_value(None))
             return
-        self.handle(self.core.task_done(o.ticket, o.session, True, p.pack_value(value), self.sim.clock.now()))
+        if isinstance(value, dict) and "flaky" in value and o.attempt <= int(value["flaky"]):
+            policy = Retry.from_spec(o.retry) if o.retry else self.retry
+            exc = OSError(f"flaky run {o.attempt}")
+            delay = policy.decide(exc, o.attempt, self.sim.rng.random) if policy is not None else None
+            self._end(run, False, p.pack_error("OSError", str(exc), ""), delay)
+            return
+        if type(value) is str and value.startswith("fail"):  # the handler raises
+            self._end(run, False, p.pack_error("ValueError", value, ""))
+            return
+        self._end(run, True, p.pack_value(value))
+
+    def _end(self, run: _SimRun, ok: bool, payload: bytes, retry_ms: int | None = None) -> None:
+        o = run.ex
+        del self.runs[(o.ticket, o.session)]
+        self.running -= 1
+        self.handle(self.core.task_done(o.ticket, o.session, ok, payload, self.sim.clock.now(), retry_ms))
 
 
 class SimClient(_Node):
-    """A client machine that records every completion (duplicates would show as a list > 1)."""
+    """A client machine that records every completion (duplicates would show as a list > 1), and
+    every part of its streams (consumed ``consume_s`` apart: 0 takes each at once)."""
 
     def __init__(self, sim: Simulation, ident: bytes, core: ClientCore) -> None:
         super().__init__(sim, ident)
         self.core = core
         self.completed: dict[int, list[Completed]] = {}
         self.completed_at: dict[int, float] = {}  # fake time of each request's first completion
+        self.parts: dict[int, list[Any]] = {}  # stream -> the values of its parts, in arrival order
+        self.progress: dict[int, list[Any]] = {}
+        self.consume_s = 0.0
+        self._backlog: dict[int, int] = {}  # stream -> parts arrived and not consumed yet
         self._rid = 0
 
-    def submit(self, service: str, value: Any, timeout: float = 5.0) -> int:
-        """Send a request; return its id."""
+    def submit(
+        self,
+        service: str,
+        value: Any,
+        timeout: float = 5.0,
+        *,
+        key: str = "",
+        window: int = 0,
+        retry: Retry | None = None,
+    ) -> int:
+        """Send a request (``window`` > 0: a stream); return its id."""
         self._rid += 1
-        self.handle(self.core.submit(self._rid, service, p.pack_value(value), timeout, self.sim.clock.now()))
+        options = (key, window, retry.spec() if retry is not None else ())
+        busy = (retry.attempts, retry.backoff, retry.max_backoff) if retry is not None and retry.retries_busy else None
+        now = self.sim.clock.now()
+        self.handle(self.core.submit(self._rid, service, p.pack_value(value), timeout, now, "", options, busy))
         return self._rid
+
+    def cancel(self, rid: int) -> None:
+        """Cancel request ``rid`` (as ``Future.cancel()`` does)."""
+        self.handle(self.core.cancel(rid, self.sim.clock.now()))
 
     def deliver(self, msg: p.Message) -> None:
         self.handle(self.core.receive(msg, self.sim.clock.now()))
@@ -220,6 +314,15 @@ class SimClient(_Node):
             if t is Completed:
                 self.completed.setdefault(o.rid, []).append(o)
                 self.completed_at.setdefault(o.rid, self.sim.clock.now())
+            elif t is PartIn:
+                self.parts.setdefault(o.rid, []).append(p.unpack_value(o.payload))
+                n = self._backlog[o.rid] = self._backlog.get(o.rid, 0) + 1
+                if self.consume_s <= 0:
+                    self._consume(o.rid)
+                elif n == 1:
+                    self.sim.at(self.sim.clock.now() + self.consume_s, functools.partial(self._consume, o.rid))
+            elif t is Progressed:
+                self.progress.setdefault(o.rid, []).append(p.unpack_value(o.payload))
             elif t is Connect:
                 self.endpoint = o.endpoint
                 self.conn += 1
@@ -229,6 +332,16 @@ class SimClient(_Node):
                 continue
             else:
                 self.sim.send_to_broker(self, o)
+
+    def _consume(self, rid: int) -> None:
+        """The caller takes the next part of stream ``rid``."""
+        if not self.alive or self._backlog.get(rid, 0) <= 0:
+            return
+        self._backlog[rid] -= 1
+        taken = len(self.parts[rid]) - self._backlog[rid]
+        self.handle(self.core.consumed(rid, taken))
+        if self._backlog[rid] > 0 and self.consume_s > 0:
+            self.sim.at(self.sim.clock.now() + self.consume_s, functools.partial(self._consume, rid))
 
 
 class SimBroker(_Node):

@@ -20,12 +20,13 @@ from typing import Any, TypeVar
 import zmq
 
 from zmqdist import protocol as p
-from zmqdist._handlers import Executors, Handler
+from zmqdist._handlers import Executors, Handler, Service
 from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.config import HeartbeatSettings, check_endpoints
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
-from zmqdist.core.worker import Execute, WorkerCore, WorkerOut
+from zmqdist.core.worker import Abort, Execute, Window, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
+from zmqdist.policy import Retry
 from zmqdist.transport import DealerLink, Loop, Mailbox
 from zmqdist.transport.security import ClientKeys
 
@@ -36,7 +37,8 @@ NO_BROKER_S = 5.0  # a worker that no broker accepted within this long says why 
 
 
 class Worker:
-    """Serves handlers to a broker. ``endpoints`` is the failover order."""
+    """Serves handlers to a broker. ``endpoints`` is the failover order; ``codec`` turns payloads
+    into values and back (:class:`~zmqdist.Codec`: the same as the clients')."""
 
     def __init__(
         self,
@@ -51,7 +53,11 @@ class Worker:
         key: str | None = None,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
+        codec: p.Codec | None = None,
     ) -> None:
+        if codec is not None and not isinstance(codec, p.Codec):
+            raise ConfigError(f"codec must be a zmqdist.Codec, got {codec!r}")
+        self.codec = codec
         self.endpoints: tuple[str, ...] = ()
         self.concurrency = 0
         self.name = ""
@@ -72,7 +78,7 @@ class Worker:
         )
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
-        self._handlers: dict[str, Handler] = {}
+        self._handlers: dict[str, Service] = {}
         self._mailbox = Mailbox()
         self._done = threading.Event()
         self.stop_reason = ""
@@ -120,26 +126,34 @@ class Worker:
 
     # --- registration of handlers ----------------------------------------------------------------
 
-    def service(self, name: str) -> Callable[[F], F]:
-        """Decorator: serve the function under ``name``."""
+    def service(self, name: str, *, retry: Retry | None = None, terminate_on_cancel: bool = False) -> Callable[[F], F]:
+        """Decorator: serve the function under ``name`` (see :meth:`add_service`)."""
 
         def deco(fn: F) -> F:
-            self.add_service(name, fn)
+            self.add_service(name, fn, retry=retry, terminate_on_cancel=terminate_on_cancel)
             return fn
 
         return deco
 
-    def add_service(self, name: str, fn: Handler) -> None:
-        """Serve ``fn`` (sync or ``async def``) under service ``name``."""
+    def add_service(
+        self, name: str, fn: Handler, *, retry: Retry | None = None, terminate_on_cancel: bool = False
+    ) -> None:
+        """Serve ``fn`` under service ``name``: a function, an ``async def``, or a generator (sync
+        or async) whose values stream to a caller of ``Client.stream`` (a caller of ``call`` gets
+        them as one list). ``retry``: run the request again when the handler raises what the
+        policy lists. ``terminate_on_cancel`` (``isolation="process"``): a cancel kills the
+        handler's process rather than setting ``current_request().cancelled``."""
         if not isinstance(name, str) or not 0 < len(name) <= p.MAX_NAME:
             raise ConfigError(f"service name must be 1 to {p.MAX_NAME} characters, got {name!r}")
         if name.startswith(p.RESERVED_PREFIX):
             raise ConfigError(f"service names starting with {p.RESERVED_PREFIX!r} are reserved")
         if not callable(fn):
             raise ConfigError(f"handler for {name!r} is not callable")
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
         if self._runner is not None:
             raise ZmqdistError("add services before the worker starts")
-        self._handlers[name] = fn
+        self._handlers[name] = Service(fn, retry, bool(terminate_on_cancel))
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -190,6 +204,11 @@ class Worker:
             raise ZmqdistError("worker already started")
         if not self._handlers:
             raise ConfigError("worker has no services: add one with @worker.service(NAME)")
+        killing = [n for n, s in self._handlers.items() if s.terminate_on_cancel]
+        if killing and self.isolation != "process":
+            raise ConfigError(
+                f"terminate_on_cancel ({', '.join(killing)}) needs isolation='process': a thread cannot be killed"
+            )
 
     def _main(self) -> None:
         clock = self._clock
@@ -198,7 +217,7 @@ class Worker:
         core = WorkerCore(
             self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now(), random.random
         )
-        executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock)
+        executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock, self.codec)
         loop = self._loop = Loop(clock, self._mailbox)
 
         started = clock.now()
@@ -239,7 +258,11 @@ class Worker:
             for item in items:
                 kind = item[0]
                 if kind == "done":
-                    self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now))
+                    self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now, item[5]))
+                elif kind == "part":
+                    self._handle(link, executors, core.part(item[1], item[2], item[3], now))
+                elif kind == "progress":
+                    self._handle(link, executors, core.progress(item[1], item[2], item[3], now))
                 elif kind == "drain":
                     self._handle(link, executors, core.drain(now, item[1]))
                 elif kind == "stop":
@@ -289,6 +312,12 @@ class Worker:
                             extra={"worker": self.name, "trace": o.trace},
                         )
                     executors.submit(o)
+                case Abort():
+                    if debug:
+                        log.debug("worker %s stops a handler: %s", self.name, o.reason, extra={"worker": self.name})
+                    executors.abort(o)
+                case Window():
+                    executors.window(o)
                 case Connect():
                     log.info("worker %s connecting to %s (%s)", self.name, o.endpoint, o.reason)
                     link.connect(o.endpoint)

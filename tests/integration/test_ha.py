@@ -37,9 +37,9 @@ class Pairs:
         self.broker(a, "primary", b, *extra)
         self.broker(b, "backup", a, *extra)
 
-    def worker(self, name, *at, concurrency=4):
+    def worker(self, name, *at, concurrency=4, target="testworkers:echo"):
         eps = [x for n in at for x in ("--connect", self.ep(n))]
-        return self.procs.spawn("worker", "testworkers:echo", *eps, "--name", name, "--concurrency", str(concurrency))
+        return self.procs.spawn("worker", target, *eps, "--name", name, "--concurrency", str(concurrency))
 
     def client(self, *at, timeout=30):
         return Client([self.ep(n) for n in at], timeout=timeout)
@@ -212,3 +212,34 @@ def test_a_restarted_broker_never_deposes_the_live_active_one(procs, tmp_path):
             assert [f.result(30) for f in slow]
             t.brokers["A"].send_signal(signal.SIGKILL)
             t.brokers["A"].wait(10)
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_through_a_proxy_pair_survives_nothing_silently(procs, tmp_path):
+    """A stream from a worker at the master, through the active proxy of a pair, to a slow
+    consumer; SIGKILL of that proxy mid-stream: the parts that arrived are in order with no gap and
+    no repeat, then StreamInterrupted; the master stops the run; a new stream goes through the
+    other proxy whole."""
+    from zmqdist import StreamInterrupted
+
+    t = Pairs(procs, tmp_path)
+    t.procs.spawn("broker", "--bind", t.ep("M"), "--name", "M")
+    t.pair("PA", "PB", "--upstream", t.ep("M"))
+    t.worker("w", "M", concurrency=1, target="testworkers:lifecycle")
+    t.wait_pair("PA", "PB")
+    with t.client("PA") as c:
+        wait_for(lambda: status(c)["upstream"]["registered"], 20, "PA registered at M")
+    with t.client("PA", "PB", timeout=60) as c:
+        got = []
+        with pytest.raises(StreamInterrupted):
+            for part in c.stream("gen", {"n": 5000, "size": 8}, window=8):
+                got.append(part[0])
+                if len(got) == 200:
+                    t.brokers["PA"].send_signal(signal.SIGKILL)
+                time.sleep(0.002)
+        assert got == list(range(len(got))) and len(got) >= 200
+        with t.client("M") as m:  # the master stopped the run: its one slot is free again
+            wait_for(lambda: status(m)["requests_open"] == 0, 15, "the master to stop the cut stream")
+        again = [part[0] for part in c.stream("gen", {"n": 300, "size": 8}, window=8)]
+        assert again == list(range(300))
+        assert status(c)["broker"] == "PB"

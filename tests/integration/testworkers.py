@@ -84,3 +84,93 @@ def _crash(x):
 def _pid(x):
     time.sleep(x)
     return os.getpid()
+
+
+# --- the request lifecycle (test_lifecycle.py) -------------------------------------------------------
+
+lifecycle = Worker(["tcp://127.0.0.1:5555"], concurrency=1)
+
+
+def _mark(path, what):
+    with open(path, "a") as f:
+        f.write(what + "\n")
+
+
+@lifecycle.service("loop")
+def _loop(marker):
+    """Runs until cancelled (checking ``cancelled`` as a cooperative handler does), at most 60 s."""
+    _mark(marker, "started")
+    ctx = current_request()
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        if ctx.cancelled:
+            _mark(marker, "stopped")
+            return "stopped"
+        ctx.progress(time.monotonic())
+        time.sleep(0.005)
+    return "finished"
+
+
+@lifecycle.service("aloop")
+async def _aloop(marker):
+    import asyncio
+
+    _mark(marker, "started")
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        _mark(marker, "cancelled")
+        raise
+    return "finished"
+
+
+@lifecycle.service("gen")
+def _gen(spec):
+    """``spec["n"]`` parts of ``spec["size"]`` bytes, each made fresh (memory grows if they pile up)."""
+    size = spec.get("size", 8)
+    delay = spec.get("delay", 0.0)
+    for i in range(spec["n"]):
+        if delay:
+            time.sleep(delay)
+        yield [i, b"x" * size]
+
+
+@lifecycle.service("pid")
+def _lpid(_x):
+    return os.getpid()
+
+
+killable = Worker(["tcp://127.0.0.1:5555"], concurrency=1, isolation="process")
+
+
+def _stuck(_x):
+    while True:  # ignores cancelled: only killing its process stops it
+        pass
+
+
+def _coop(marker):
+    ctx = current_request()
+    _mark(marker, f"started {os.getpid()}")
+    end = time.monotonic() + 60
+    while time.monotonic() < end and not ctx.cancelled:
+        time.sleep(0.005)
+    _mark(marker, "stopped" if ctx.cancelled else "finished")
+    return "done"
+
+
+killable.add_service("stuck", _stuck, terminate_on_cancel=True)
+killable.add_service("coop", _coop)
+killable.add_service("pid", _lpid)
+
+
+_flaky_runs = {}
+
+
+@echo.service("flaky")
+def _flaky(fails):
+    """Raises ValueError on the first ``fails`` runs of one request (by its key), then answers."""
+    ctx = current_request()
+    n = _flaky_runs[ctx.key] = _flaky_runs.get(ctx.key, 0) + 1
+    if n <= fails:
+        raise ValueError(f"run {n} of {ctx.key}")
+    return n

@@ -117,18 +117,80 @@ def test_unknown_worker_gets_disconnect_and_is_forgotten():
     rfc7_worker(d, b"\x05")
 
 
-def test_worker_disconnect_requeues_and_partials_are_joined():
+def test_worker_disconnect_requeues_and_partials_are_joined_for_a_client_that_does_not_stream():
     t = Pair()
     t.send(b"W1", [b"MDPW02", b"\x01", b"s"])
-    (task,) = t.send(b"C", [b"MDPC02", b"\x01", b"s", b"job"])[b"W1"]
+    (task,) = t.send(b"C", [b"", b"MDPC01", b"s", b"job"])[b"W1"]
     assert task[4:] == [b"job"]
     t.send(b"W2", [b"MDPW02", b"\x01", b"s"])
     got = t.send(b"W1", [b"MDPW02", b"\x06"])  # W1 leaves holding the request: it goes to W2
     (task2,) = got[b"W2"]
     assert t.send(b"W2", [b"MDPW02", b"\x03", task2[2], b"", b"part1"]) == {}
     (reply,) = t.send(b"W2", [b"MDPW02", b"\x04", task2[2], b"", b"part2"])[b"C"]
-    assert reply[2:] == [b"s", b"part1", b"part2"]
+    assert reply[1:] == [b"MDPC01", b"s", b"part1", b"part2"]
     assert t.bridge.counters["mdp_partials"] == 1
+
+
+def mdp_round(core, ident, frames, now=0.0):
+    """Feed MDP frames through the core's door; return {peer: [mdp message, ...]}, sending on what
+    the machine does next (its acknowledgements for MDP clients) as the runtime does."""
+    out = []
+    core.receive_mdp(ident, frames, now, out)
+    got = {}
+    while out:
+        peer, msg = out.pop(0)
+        if core.mdp.speaks_mdp(peer):
+            msgs, more = core.mdp_outbound(peer, msg, now)
+            got.setdefault(peer, []).extend(msgs)
+            out += more
+        else:
+            got.setdefault(peer, []).append(msg)
+    return got
+
+
+def test_an_mdp02_client_gets_each_part_of_a_native_stream_as_partial_the_last_as_final():
+    core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0)
+    core.receive(b"N", p.Hello(p.ROLE_WORKER, "native", ("gen",), 1, 250), 0)
+    (task,) = mdp_round(core, b"C", [b"MDPC02", b"\x01", b"gen", b"go"])[b"N"]
+    assert task.window == mdp.MDP_WINDOW
+    n = 3 * mdp.MDP_WINDOW  # more than one window: the broker's acknowledgements keep it going
+    got = []
+    for seq in range(n):
+        answer = core.receive(b"N", p.Part(task.ticket, seq, p.pack_value(f"p{seq}".encode())), 0)
+        for peer, msg in answer:
+            if peer == b"C":
+                msgs, more = core.mdp_outbound(peer, msg, 0)
+                got += msgs
+                acks = [m for _, m in more]
+                assert acks == [p.Ack(task.ticket, seq + 1)]  # acknowledged for the client
+    end = core.receive(b"N", p.Result(task.ticket, p.RS_OK, p.pack_value(None), 0, n), 0)
+    (final,) = [m for peer, msg in end if peer == b"C" for m in core.mdp_outbound(peer, msg, 0)[0]]
+    assert [m[1] for m in got] == [mdp.W2_PARTIAL] * (n - 1)
+    assert [m[3] for m in got] == [f"p{i}".encode() for i in range(n - 1)]
+    assert final[1] == mdp.C2_FINAL and final[3] == f"p{n - 1}".encode()
+    # a plain handler's one value is a FINAL alone
+    (task,) = mdp_round(core, b"C", [b"MDPC02", b"\x01", b"gen", b"x"])[b"N"]
+    for peer, msg in core.receive(b"N", p.Part(task.ticket, 0, p.pack_value(b"only")), 0):
+        assert core.mdp_outbound(peer, msg, 0)[0] == []  # held back: is it the last one?
+    out = core.receive(b"N", p.Result(task.ticket, p.RS_OK, p.pack_value(None), 0, 1), 0)
+    (final,) = [m for peer, msg in out if peer == b"C" for m in core.mdp_outbound(peer, msg, 0)[0]]
+    assert final[1:] == [mdp.C2_FINAL, b"gen", b"only"]
+
+
+def test_an_mdp02_workers_partials_are_parts_of_a_native_stream():
+    core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0)
+    mdp_round(core, b"W", [b"MDPW02", b"\x01", b"s"])
+    core.receive(b"C", p.Hello(p.ROLE_CLIENT, "c", (), 0, 250), 0)
+    (task,) = [
+        m
+        for peer, m in core.receive(b"C", p.Request(1, "s", 5000, (), p.pack_value(b"v"), "", "", 8), 0)
+        for m in [core.mdp_outbound(peer, m, 0)[0][0]]
+    ]
+    ticket = task[2]
+    assert mdp_round(core, b"W", [b"MDPW02", b"\x03", ticket, b"", b"a"])[b"C"] == [p.Part(1, 0, p.pack_value(b"a"))]
+    got = mdp_round(core, b"W", [b"MDPW02", b"\x04", ticket, b"", b"b"])[b"C"]
+    assert got[0] == p.Part(1, 1, p.pack_value(b"b"))
+    assert got[1].status == p.ST_OK and got[1].parts == 2
 
 
 def test_native_failure_reaches_an_mdp_client_as_an_error_body():

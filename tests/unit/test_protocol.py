@@ -28,6 +28,18 @@ SAMPLES = [
     p.Reconnect("unknown worker"),
     p.Bye("leaving"),
     p.Error(p.E_HEADER, "bad header"),
+    p.Request(7, "echo", 5000, (), b"v", "", "order-42", 16, (3, 100, 2000, ("OSError", "builtins.TimeoutError"))),
+    p.Request(7, "echo", 5000, (), b"v", "", "order-42"),
+    p.Task(9, "echo", 4999, 2, "order-42", 3, (), b"v", "t", 16, (3, 100, 2000, ("OSError",))),
+    p.Result(9, p.RS_RETRY, b"err", 250),
+    p.Result(9, p.RS_OK, b"", 0, 10_000),
+    p.Result(9, p.RS_CANCELLED, b""),
+    p.Reply(7, p.ST_OK, "", b"\xc0", 10_000),
+    p.Reply(7, p.ST_CANCELLED, "cancelled", b""),
+    p.Cancel(7),
+    p.Part(7, 0, b"\x01"),
+    p.Ack(7, 64),
+    p.Progress(7, b"\xcb?\xe0\x00\x00\x00\x00\x00\x00"),
 ]
 
 
@@ -53,6 +65,14 @@ MALFORMED = {
         (1, "s", 10, ("x",) * 40),
         ("1", "s", 10, ()),
         (1, "s", 10, (), 5),  # a trace that is not a string
+        (1, "s", 10, (), "", 5),  # a key that is not a string
+        (1, "s", 10, (), "", "k", -1),  # a negative window
+        (1, "s", 10, (), "", "k", 70000),  # a window too large
+        (1, "s", 10, (), "", "k", 0, (0, 1, 1, ("E",))),  # a retry policy of no attempts
+        (1, "s", 10, (), "", "k", 0, (3, 1, 1, ())),  # ... retrying on nothing
+        (1, "s", 10, (), "", "k", 0, (3, 1, 1, ("",))),  # ... on a nameless exception
+        (1, "s", 10, (), "", "k", 0, (3, -1, 1, ("E",))),  # ... with a negative backoff
+        (1, "s", 10, (), "", "k", 0, "retry"),  # ... that is not a policy
     ],
     p.Task: [
         (1, "s", 10, 0, "k", 1, ()),
@@ -60,9 +80,15 @@ MALFORMED = {
         (1, "s", 10, 1, "k", -1, ()),
         (1, "s", 10, 1, "k", 1, ("x",) * 40),
         (1, "s", 10, 1, "k", 1, ("",)),
+        (1, "s", 10, 1, "k", 1, (), "", -3),
+        (1, "s", 10, 1, "k", 1, (), "", 0, (1,)),
     ],
-    p.Result: [(1, 9), (1, "ok")],
-    p.Reply: [(1, 99, ""), (1, 0, 5)],
+    p.Result: [(1, 9), (1, "ok"), (1, 4, -5), (1, 0, 0, -1)],
+    p.Reply: [(1, 99, ""), (1, 0, 5), (1, 0, "", -1)],
+    p.Cancel: [("7",), (-1,)],
+    p.Part: [(7, -1), (7, "0"), ("7", 0)],
+    p.Ack: [(7, -1), (7, 1.5)],
+    p.Progress: [(-7,), (None,)],
     p.Heartbeat: [(7, "", 0, ()), (1, 2, 0, ()), (2, "", -1, ()), (2, "", 0, ("x",)), (0, "", 0, (), "e")],
     p.PairState: [
         ("a", 2, 1, 1, "i", 0, 0),

@@ -4,7 +4,7 @@ from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
 from zmqdist.core.client import ClientCore, Completed
 from zmqdist.core.link import EPSILON, Connect, Stopped
-from zmqdist.core.worker import Execute, WorkerCore
+from zmqdist.core.worker import Abort, Execute, WorkerCore
 from zmqdist.testing import tick_until
 
 HB = HeartbeatSettings(0.25, 4)
@@ -60,7 +60,11 @@ def test_worker_drops_results_from_a_void_session_and_advertises_reduced_capacit
     w = worker(concurrency=2)
     (ex,) = w.receive(task(1), 0.0)
     out = w.receive(p.Heartbeat(p.ROLE_BROKER, "inc2", 0, ()), 0.1)  # broker restarted
-    assert out == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250)]  # one slot still busy
+    # the old run is told to stop (it runs elsewhere now); one slot stays busy until it has
+    assert out == [
+        Abort(1, ex.session, "its broker was lost: it runs elsewhere"),
+        p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250),
+    ]
     w.receive(p.Welcome("b", "inc2", 250, 4), 0.1)
     assert w.task_done(1, ex.session, True, b"r", 0.2) == [p.Credit(2)]
     assert w.counters["void_results"] == 1

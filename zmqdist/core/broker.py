@@ -120,6 +120,14 @@ class BrokerMachine:
         else:
             self.receive_frames(peer, frames[0], frames[1], now, out, rights)
 
+    def mdp_outbound(self, peer: bytes, msg: p.Message, now: float) -> tuple[list[list[bytes]], list[Out]]:
+        """The MDP messages carrying ``msg`` to MDP peer ``peer``, and what the machine does next:
+        a part that goes to an MDP client is acknowledged for it (MDP clients do not)."""
+        frames = self.mdp.outbound_many(peer, msg)
+        if type(msg) is p.Part and self.mdp.is_client(peer):
+            return frames, self.receive(peer, p.Ack(msg.id, msg.seq + 1), now)
+        return frames, NONE
+
     def bad_input(self, peer: bytes, err: RemoteProtocolError, head: bytes, out: list[Out]) -> None:
         """Count a message that could not be read (bad frames, bad header); answer and log it."""
         self.counters.bad_input += 1
@@ -284,6 +292,7 @@ class BrokerCore(BrokerMachine):
         self.name = settings.name
         self.incarnation = incarnation
         self._ttl = settings.heartbeat.ttl_s
+        self._hb_s = settings.heartbeat.heartbeat_s
         # the limits every request is checked against, as plain attributes (read per request)
         self._max_inflight = settings.max_client_inflight
         self._max_queue = settings.max_queue
@@ -309,6 +318,7 @@ class BrokerCore(BrokerMachine):
         tiers.internal = self.services.answer_up
         self._clients: dict[bytes, float] = {}  # clients by when last heard (HELLO, HEARTBEAT)
         self._clients_pruned = -1e9  # when _clients was last pruned
+        self._streams_at = -1e9  # when the callers of open streams were last checked
 
     # --- inputs -----------------------------------------------------------------------------------
 
@@ -326,7 +336,7 @@ class BrokerCore(BrokerMachine):
             case p.Request():
                 return self._on_request(peer, w, msg, now)
             case p.Result():
-                return self._on_result(peer, w, msg, now)
+                return self._on_result(peer, w, msg, now, [])
             case p.Heartbeat():
                 return self._on_heartbeat(peer, w, msg, now)
             case p.Hello():
@@ -339,6 +349,22 @@ class BrokerCore(BrokerMachine):
                 return self._on_advert(peer, w, msg, now)
             case p.Reply():
                 return self._on_reply(peer, w, msg, now)
+            case p.Cancel():
+                out: list[Out] = []
+                self.d.cancel(peer, msg.id, now, out)
+                return out
+            case p.Ack():
+                out = []
+                self.d.ack(peer, msg.id, msg.seq, out)
+                return out
+            case p.Part():
+                out = []
+                self.d.part(peer, msg.id, msg.seq, msg.payload, out)
+                return out
+            case p.Progress():
+                out = []
+                self.d.progress(peer, msg.id, msg.payload, out)
+                return out
         self.counters.bad_input += 1
         return [(peer, p.Error(p.E_COMMAND, f"{type(msg).__name__} is not accepted by a broker"))]
 
@@ -382,8 +408,11 @@ class BrokerCore(BrokerMachine):
             if w is not None:
                 w.seen = now
             ticket, rstatus = f
-            status = p.ST_OK if rstatus == p.RS_OK else p.ST_FAILED
-            self._settle(peer, w, ticket, status, "", payload, rstatus == p.RS_REFUSED, now, out)
+            if rstatus in (p.RS_OK, p.RS_FAILED):
+                status = p.ST_OK if rstatus == p.RS_OK else p.ST_FAILED
+                self._settle(peer, w, ticket, status, "", payload, False, now, out)
+            else:
+                self._on_result(peer, w, p.Result(ticket, rstatus, payload), now, out)
             return True
         return False
 
@@ -406,6 +435,10 @@ class BrokerCore(BrokerMachine):
         out: list[Out] = []
         d.expire_members(now, out)
         d.expire_queued(now, out)
+        if d.delayed:
+            d.release_delayed(now, out)
+        if d.streams and now >= self._streams_at + self._hb_s:
+            self._silent_callers(now, out)
         self.tiers.tick(now, out)
         self.services.tick(now, out)
         if d.adopt_until is not None and now >= d.adopt_until:
@@ -414,8 +447,26 @@ class BrokerCore(BrokerMachine):
             d.sweep(now)
         return out
 
+    def _silent_callers(self, now: float, out: list[Out]) -> None:
+        """Stop the streams whose caller has been silent past the ttl (a client or proxy that
+        died): nobody acknowledges their parts, so their worker would wait until the deadline."""
+        self._streams_at = now
+        d = self.d
+        for req in list(d.streams.values()):
+            c = req.client
+            if type(c) is not bytes or req.cancelled:
+                continue
+            m = d.members.get(c)
+            heard: float | None = m.seen if m is not None else self._clients.get(c)
+            if heard is not None and now - heard > self._ttl:
+                self.counters.cancelled += 1
+                d.cancel_run(req, now, out)
+
     def next_deadline(self) -> float | None:
         d = self.d.next_deadline()
+        if self.d.streams:
+            check = self._streams_at + self._hb_s
+            d = check if d is None or check < d else d
         for t in (self.tiers.next_deadline(), self.services.next_deadline()):
             if t is not None and (d is None or t < d):
                 d = t
@@ -465,7 +516,7 @@ class BrokerCore(BrokerMachine):
         if m.service.startswith(p.INTERNAL_PREFIXES):
             self.services.answer(peer, 0, m.rid, m.service, m.budget_ms, m.hops, m.payload, now, out)
         else:
-            self._admit(peer, w, m.rid, m.service, m.budget_ms, m.hops, m.trace, m.payload, now, out)
+            self._admit(peer, w, m.rid, m.service, m.budget_ms, m.hops, m.trace, m.payload, now, out, m)
         return out
 
     def _admit(
@@ -480,9 +531,11 @@ class BrokerCore(BrokerMachine):
         payload: bytes,
         now: float,
         out: list[Out],
+        m: p.Request | None = None,
     ) -> None:
         """A request for a service: absorb a duplicate, refuse it at once (budget spent, loop,
-        quota, full queue), or accept it. Both paths come here."""
+        quota, full queue), or accept it. Both paths come here (the general one with the message,
+        for its optional fields: a caller's key, a stream's window, a retry policy)."""
         c = self.counters
         d = self.d
         if (peer, rid) in d.by_key:
@@ -514,12 +567,19 @@ class BrokerCore(BrokerMachine):
             out.append((peer, p.Reply(rid, p.ST_BUSY, why, b"")))
             return
         by_client[peer] = mine + 1
-        d.accept(peer, w, rid, service, p.deadline_at(now, budget_ms), hops, trace, payload, now, out)
+        deadline = p.deadline_at(now, budget_ms)
+        if m is None or not (m.key or m.window or m.retry):
+            d.accept(peer, w, rid, service, deadline, hops, trace, payload, now, out)
+        else:
+            d.accept(peer, w, rid, service, deadline, hops, trace, payload, now, out, m.key, m.window, m.retry)
 
-    def _on_result(self, peer: bytes, w: Member | None, m: p.Result, now: float) -> list[Out]:
-        out: list[Out] = []
-        status = p.ST_OK if m.status == p.RS_OK else p.ST_FAILED
-        self._settle(peer, w, m.ticket, status, "", m.payload, m.status == p.RS_REFUSED, now, out)
+    def _on_result(self, peer: bytes, w: Member | None, m: p.Result, now: float, out: list[Out]) -> list[Out]:
+        rs = m.status
+        status = p.ST_OK if rs == p.RS_OK else p.ST_CANCELLED if rs == p.RS_CANCELLED else p.ST_FAILED
+        delay = m.delay_ms if rs == p.RS_RETRY else -1
+        if w is None:
+            out.append((peer, p.Reconnect("unknown worker: register again")))
+        self.d.settle(peer, w, m.ticket, status, "", m.payload, rs == p.RS_REFUSED, now, out, delay, m.parts)
         return out
 
     def _on_reply(self, peer: bytes, w: Member | None, m: p.Reply, now: float) -> list[Out]:
@@ -533,7 +593,7 @@ class BrokerCore(BrokerMachine):
         if self.services.asked(m.rid):
             self.services.gathered(m, out)
         else:
-            self._settle(peer, w, m.rid, m.status, m.message, m.payload, m.status == p.ST_BUSY, now, out)
+            self._settle(peer, w, m.rid, m.status, m.message, m.payload, m.status == p.ST_BUSY, now, out, m.parts)
         return out
 
     def _settle(
@@ -547,11 +607,12 @@ class BrokerCore(BrokerMachine):
         refused: bool,
         now: float,
         out: list[Out],
+        parts: int = 0,
     ) -> None:
         """A member answered ``ticket`` (both paths come here); an unknown peer is told to register."""
         if w is None:
             out.append((peer, p.Reconnect("unknown worker: register again")))
-        self.d.settle(peer, w, ticket, status, message, payload, refused, now, out)
+        self.d.settle(peer, w, ticket, status, message, payload, refused, now, out, -1, parts)
 
     def _on_heartbeat(self, peer: bytes, w: Member | None, m: p.Heartbeat, now: float) -> list[Out]:
         if w is None:

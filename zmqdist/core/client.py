@@ -13,7 +13,13 @@ Rules of this module:
    says why (no worker registered, or all busy), normally arrives before the local one.
 5. A payload larger than the broker's message limit (WELCOME says it) fails at once, not at its
    deadline: the broker's socket would drop it, and the connection with it.
-6. Away from its first choice (after a failover), the client looks home now and then
+6. The request lifecycle. A cancel (or a deadline passing) forgets the request here and tells the
+   broker (CANCEL) if it was sent; a reply that comes anyway is dropped. A stream's parts must
+   arrive in order, numbered from 0, and its end says how many went: a gap, a repeat, or a
+   failover after a part arrived ends it INTERRUPTED, never silently. The consumer's progress
+   goes back as ACK (every half window). A request whose retry policy lists Busy is sent again
+   after its backoff when a full broker refuses it, within its deadline.
+7. Away from its first choice (after a failover), the client looks home now and then
    (:class:`~zmqdist.core.link.Homing`); once home answers as a healthy active broker, it stops
    sending, lets what it has in flight end (a bounded wait), and moves there with what waits.
 """
@@ -43,14 +49,54 @@ class Completed(NamedTuple):
     payload: bytes
 
 
-ClientOut = p.Message | Completed | Connect | Problem | Probe | EndProbe
+class PartIn(NamedTuple):
+    """Event: the next part (``seq``) of stream ``rid`` arrived."""
+
+    rid: int
+    seq: int
+    payload: bytes
+
+
+class Progressed(NamedTuple):
+    """Event: the handler of ``rid`` reported progress."""
+
+    rid: int
+    payload: bytes
+
+
+ClientOut = p.Message | Completed | PartIn | Progressed | Connect | Problem | Probe | EndProbe
+
+# What travels with a request besides its value: (caller key, stream window, retry policy).
+Options = tuple[str, int, p.RetrySpec]
+NO_OPTIONS: Options = ("", 0, ())
 
 
 class _Pending:
-    __slots__ = ("deadline", "margin", "payload", "sent", "service", "submitted", "trace")
+    __slots__ = (
+        "acked",
+        "busy",
+        "busy_tries",
+        "deadline",
+        "margin",
+        "options",
+        "parts",
+        "payload",
+        "sent",
+        "service",
+        "submitted",
+        "trace",
+    )
 
     def __init__(
-        self, service: str, payload: bytes, deadline: float, margin: float, trace: str = "", submitted: float = 0.0
+        self,
+        service: str,
+        payload: bytes,
+        deadline: float,
+        margin: float,
+        trace: str = "",
+        submitted: float = 0.0,
+        options: Options = NO_OPTIONS,
+        busy: tuple[int, float, float] | None = None,
     ) -> None:
         self.submitted = submitted
         self.service = service
@@ -59,6 +105,11 @@ class _Pending:
         self.margin = margin
         self.trace = trace
         self.sent = False  # at the broker (counted in its quota), or still waiting here
+        self.options = options
+        self.busy = busy  # (attempts, backoff_s, max_backoff_s): send again when Busy
+        self.busy_tries = 1
+        self.parts = 0  # stream parts received
+        self.acked = 0  # stream parts acknowledged
 
 
 def budget_margin(timeout_s: float) -> float:
@@ -94,6 +145,8 @@ class ClientCore:
         self._moving: int | None = None  # the home endpoint we are moving to once nothing is in flight
         self._move_until = 0.0
         self._deadlines: list[tuple[float, int]] = []
+        self._again: list[tuple[float, int]] = []  # (when, rid): Busy requests to send again
+        self._rng = rng
         self.counters = {
             "sent": 0,
             "resent": 0,
@@ -104,6 +157,9 @@ class ClientCore:
             "fenced": 0,
             "held": 0,
             "homecomings": 0,
+            "cancelled": 0,
+            "interrupted": 0,
+            "busy_retries": 0,
         }
 
     def start(self, now: float) -> list[ClientOut]:
@@ -111,10 +167,19 @@ class ClientCore:
         return [self.link.connect_next(now, "start"), self._hello()]
 
     def submit(
-        self, rid: int, service: str, payload: bytes, timeout_s: float, now: float, trace: str = ""
+        self,
+        rid: int,
+        service: str,
+        payload: bytes,
+        timeout_s: float,
+        now: float,
+        trace: str = "",
+        options: Options = NO_OPTIONS,
+        busy: tuple[int, float, float] | None = None,
     ) -> list[ClientOut]:
         """Start request ``rid``; return the REQUEST to send (or its immediate completion, or
-        nothing when it waits its turn here)."""
+        nothing when it waits its turn here). ``options``: its caller key, stream window and retry
+        policy; ``busy``: (attempts, backoff_s, max_backoff_s) to send it again when Busy."""
         if rid in self.pending:
             return [Completed(rid, p.ST_INVALID, f"request id {rid} is already pending", b"")]
         if timeout_s <= 0:
@@ -124,7 +189,9 @@ class ClientCore:
             why = f"payload of {len(payload)} bytes is larger than the broker's limit of {limit} bytes"
             return [Completed(rid, p.ST_INVALID, why, b"")]
         deadline = now + timeout_s
-        pend = self.pending[rid] = _Pending(service, payload, deadline, budget_margin(timeout_s), trace, now)
+        pend = self.pending[rid] = _Pending(
+            service, payload, deadline, budget_margin(timeout_s), trace, now, options, busy
+        )
         heappush(self._deadlines, (deadline, rid))
         if len(self._deadlines) > 2 * len(self.pending) + 1024:
             self._deadlines = [(d, r) for d, r in self._deadlines if r in self.pending]
@@ -135,11 +202,39 @@ class ClientCore:
         self.counters["held"] += 1
         return []
 
-    def cancel(self, rid: int) -> None:
-        """Forget ``rid``; a reply that still comes is dropped."""
+    def cancel(self, rid: int, now: float) -> list[ClientOut]:
+        """Forget ``rid`` and tell the broker if it was sent; a reply that still comes is dropped."""
         pend = self.pending.pop(rid, None)
-        if pend is not None and pend.sent:
+        if pend is None:
+            return []
+        self.counters["cancelled"] += 1
+        if not pend.sent:
+            return []
+        self.sent -= 1
+        out: list[ClientOut] = [p.Cancel(rid)]
+        if self.waiting:
+            self._fill(now, out)
+        return out
+
+    def consumed(self, rid: int, n: int) -> list[ClientOut]:
+        """The caller has taken ``n`` parts of stream ``rid``: acknowledge every half window."""
+        pend = self.pending.get(rid)
+        if pend is None or not pend.sent:
+            return []
+        window = pend.options[1]
+        if n - pend.acked >= max(1, (window + 1) // 2):
+            pend.acked = n
+            return [p.Ack(rid, n)]
+        return []
+
+    def _interrupt(self, rid: int, pend: _Pending, why: str, out: list[ClientOut]) -> None:
+        """End stream ``rid`` INTERRUPTED (and cancel it at the broker)."""
+        del self.pending[rid]
+        self.counters["interrupted"] += 1
+        if pend.sent:
             self.sent -= 1
+            out.append(p.Cancel(rid))
+        out.append(Completed(rid, p.ST_INTERRUPTED, why, b""))
 
     def receive(self, msg: p.Message, now: float) -> list[ClientOut]:
         """Handle one message from the broker."""
@@ -151,12 +246,36 @@ class ClientCore:
                 if pend is None:
                     self.counters["duplicates"] += 1
                     return []
-                out: list[ClientOut] = [Completed(msg.rid, msg.status, msg.message, msg.payload)]
+                out: list[ClientOut] = []
                 if pend.sent:
                     self.sent -= 1
-                    if self.waiting:
-                        self._fill(now, out)
+                if msg.status == p.ST_BUSY and pend.busy is not None and self._send_again(msg.rid, pend, now):
+                    pass
+                elif pend.options[1] and msg.parts != pend.parts and msg.status in (p.ST_OK, p.ST_FAILED):
+                    gap = f"the stream ended after {msg.parts} parts but {pend.parts} arrived"
+                    self.counters["interrupted"] += 1
+                    out.append(Completed(msg.rid, p.ST_INTERRUPTED, gap, b""))
+                else:
+                    out.append(Completed(msg.rid, msg.status, msg.message, msg.payload))
+                if self.waiting:
+                    self._fill(now, out)
                 return out
+            case p.Part():
+                pend = self.pending.get(msg.id)
+                if pend is None or not pend.options[1]:
+                    # A stream we no longer want (cancelled, interrupted, run again by a broker that
+                    # took over): stop it, or its worker waits for our acknowledgements.
+                    self.counters["duplicates"] += 1
+                    return [p.Cancel(msg.id)] if pend is None else []
+                if msg.seq != pend.parts:
+                    out = []
+                    cut = f"part {msg.seq} arrived when part {pend.parts} was due: the stream's run was cut"
+                    self._interrupt(msg.id, pend, cut, out)
+                    return out
+                pend.parts += 1
+                return [PartIn(msg.id, msg.seq, msg.payload)]
+            case p.Progress():
+                return [Progressed(msg.id, msg.payload)] if msg.id in self.pending else []
             case p.Heartbeat():
                 if (why := link.fenced(link.broker, link.peer, msg.epoch)) is not None:
                     self.counters["fenced"] += 1
@@ -209,6 +328,7 @@ class ClientCore:
                 del self.pending[rid]
                 if pend.sent:
                     self.sent -= 1
+                    out.append(p.Cancel(rid))  # the broker (and its worker) can stop it too
                 self.counters["timeouts"] += 1
                 if self.heard_at < pend.submitted:
                     eps = ", ".join(self.link.endpoints)
@@ -232,9 +352,32 @@ class ClientCore:
             out += self._try_move(now)
         else:
             out += self.homing.tick(link, self.registered, now)
+        again = self._again
+        while again and again[0][0] <= now:
+            _, rid = heappop(again)
+            pend = self.pending.get(rid)
+            if pend is not None and not pend.sent:
+                self.waiting.appendleft(rid)
         if self.waiting:
             self._fill(now, out)
         return out
+
+    def _send_again(self, rid: int, pend: _Pending, now: float) -> bool:
+        """A full broker refused ``rid`` and its policy retries Busy: send it again after the
+        backoff, if that leaves time before its deadline. False: it ends Busy."""
+        assert pend.busy is not None
+        attempts, backoff, cap = pend.busy
+        if pend.busy_tries >= attempts:
+            return False
+        delay = min(cap, backoff * 2 ** min(pend.busy_tries - 1, 30)) * (0.5 + 0.5 * self._rng())
+        if now + delay >= pend.deadline - pend.margin:
+            return False
+        pend.busy_tries += 1
+        pend.sent = False
+        self.pending[rid] = pend
+        self.counters["busy_retries"] += 1
+        heappush(self._again, (now + delay, rid))
+        return True
 
     def resumed(self, seconds: float, now: float) -> None:
         """The client did not run for ``seconds`` (SIGSTOP, a stall): see ``BrokerLink.paused``."""
@@ -248,6 +391,8 @@ class ClientCore:
         h = self.homing.next_deadline(self.link) if self._moving is None else self._move_until
         if h is not None:
             d = min(d, h)
+        if self._again:
+            d = min(d, self._again[0][0])
         return d
 
     # --- internals --------------------------------------------------------------------------------
@@ -257,7 +402,8 @@ class ClientCore:
 
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
         budget_ms = min(p.MAX_BUDGET_MS, p.budget_ms_left(pend.deadline - margin, now, floor=0))
-        return p.Request(rid, pend.service, budget_ms, (), pend.payload, pend.trace)
+        key, window, retry = pend.options
+        return p.Request(rid, pend.service, budget_ms, (), pend.payload, pend.trace, key, window, retry)
 
     def _send(self, rid: int, pend: _Pending, now: float) -> p.Request:
         pend.sent = True
@@ -276,9 +422,19 @@ class ClientCore:
                 out.append(self._send(rid, pend, now))
 
     def _resend_all(self, now: float) -> list[ClientOut]:
-        again = [(rid, pend) for rid, pend in self.pending.items() if pend.sent and pend.deadline > now]
-        self.counters["resent"] += len(again)
-        return [self._request(rid, pend, now, 0.0) for rid, pend in again]
+        """Send again what the broker had (a new run, or another broker); a stream of which parts
+        arrived cannot start over without repeating them: it ends INTERRUPTED."""
+        out: list[ClientOut] = []
+        for rid, pend in list(self.pending.items()):
+            if not pend.sent or pend.deadline <= now:
+                continue
+            if pend.parts:
+                # (its CANCEL goes to the broker we talk to now: a pair's new active one has a copy)
+                self._interrupt(rid, pend, f"its broker was lost after {pend.parts} parts of the stream", out)
+                continue
+            self.counters["resent"] += 1
+            out.append(self._request(rid, pend, now, 0.0))
+        return out
 
     def _failover(self, now: float, reason: str, to: str = "") -> list[ClientOut]:
         """Connect elsewhere (to broker ``to`` if a BYE named it), say HELLO, resend what was sent."""

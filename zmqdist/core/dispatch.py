@@ -16,6 +16,13 @@ Rules of this module:
    replication op, in order.
 7. A service whose last member left, with nothing queued, is forgotten ``forget_service_s`` later
    (unless a member comes back), so a long-running broker with short-lived services stays small.
+8. The request lifecycle (docs/semantics.md): a cancelled request leaves the queue at once; one a
+   member (or the upstream) holds is told CANCEL and keeps that slot until the holder lets go, but
+   has no caller any more. A run that failed with what its retry policy retries goes back to the
+   queue after its delay (within the deadline), preferring another member. A stream's parts are
+   relayed from its current holder only; a stream cut after a part went out ends INTERRUPTED, it is
+   never run again. Requests with the same caller key and service may join one open run
+   (``join_same_key``): every caller gets its reply.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from zmqdist.config import BrokerSettings
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import (
     ASSIGNED,
+    DELAYED,
     EPSILON,
     FORWARDED,
     QUEUED,
@@ -63,6 +71,12 @@ class Overflow:
     def reply(self, req: Req, reply: p.Reply, out: list[Out]) -> None:
         """Deliver the reply of a request that came from somewhere other than a peer."""
 
+    def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:
+        """Deliver a part or progress report of such a request."""
+
+    def send_on(self, req: Req, msg: p.Cancel | p.Ack, out: list[Out]) -> None:
+        """Tell the broker ``req`` was sent on to (FORWARDED) that it is cancelled, or acknowledged."""
+
     def recall(self, req: Req) -> None:
         """A request sent elsewhere (FORWARDED) is no longer there: answered, or given up."""
 
@@ -94,6 +108,9 @@ class Dispatcher:
         self.open_by_client: dict[Dest, int] = {}  # open requests per client (quota)
         self.changes = 0  # bumped whenever spare capacity may have changed
         self.deadlines: list[tuple[float, int]] = []
+        self.delayed: list[tuple[float, int]] = []  # (when, ticket): retries waiting out their backoff
+        self.by_caller: dict[tuple[str, str], int] = {}  # (service, caller key) -> ticket (join_same_key)
+        self.streams: dict[int, Req] = {}  # open streams (their callers' silence stops them)
         self.expiry: list[tuple[float, int, Member]] = []
         self.serial = 0
         self.overflow = Overflow()
@@ -181,18 +198,20 @@ class Dispatcher:
                 heapify(pool.heap)
 
     def take(self, pool: Pool, req: Req) -> Member | None:
-        """Pop and return the least-loaded member of ``pool`` that may take ``req`` (or None)."""
+        """Pop and return the least-loaded member of ``pool`` that may take ``req`` (or None). A
+        request whose last run failed (``avoid``) goes to that member only if no other can take it."""
         heap = pool.heap
         skipped = None
         found = None
         hops = req.hops
+        avoid = req.avoid
         while heap:
             entry = heap[0]
             w = entry[4]
             if entry[3] != w.version or not w.alive:
                 heappop(heap)
                 continue
-            if hops and not w.may_take(hops):
+            if (hops and not w.may_take(hops)) or (avoid is not None and w.ident == avoid):
                 if skipped is None:
                     skipped = []
                 skipped.append(heappop(heap))
@@ -201,6 +220,11 @@ class Dispatcher:
             found = w
             break
         if skipped:
+            if found is None and avoid is not None:
+                for i, e in enumerate(skipped):
+                    if e[4].ident == avoid and (not hops or e[4].may_take(hops)):
+                        found = skipped.pop(i)[4]  # no other member is free: the same one again
+                        break
             for e in skipped:
                 heappush(heap, e)
         return found
@@ -238,6 +262,9 @@ class Dispatcher:
         w.clear()
         if isinstance(w, BrokerMember):
             self.abandon_from(w.ident)
+            for req in [r for r in self.streams.values() if r.client == w.ident and not r.cancelled]:
+                self.counters.cancelled += 1
+                self.cancel_run(req, now, out)  # its parts have nowhere to go: stop its worker
         for s in touched:
             if s in self.pools:
                 self.pump(self.pools[s], now, out)
@@ -294,14 +321,26 @@ class Dispatcher:
         payload: bytes,
         now: float,
         out: list[Out],
+        key: str = "",
+        window: int = 0,
+        retry: p.RetrySpec = (),
     ) -> None:
         """Take in a request that passed every check (counted in the client's quota already):
-        dispatch it at once to the least-loaded member, or queue it."""
+        dispatch it at once to the least-loaded member, or queue it; or, with ``join_same_key``,
+        join the open run of the same service and caller ``key``."""
+        if key and self.settings.join_same_key and not window and self.join_open(peer, rid, service, key):
+            return
         ticket = self.next_ticket
         self.next_ticket = ticket + 1
         req = Req(ticket, peer, rid, service, payload, deadline, hops)
         req.t_in = now
         req.trace = trace
+        if key or window or retry:
+            req.key, req.window, req.retry = key, window, retry
+            if key and self.settings.join_same_key and not window:
+                self.by_caller[(service, key)] = ticket
+            if window:
+                self.streams[ticket] = req
         if via is not None:
             req.via = via  # counted in what we offer that member until it ends (a downstream broker)
             via.requests_held(service, 1)
@@ -309,7 +348,7 @@ class Dispatcher:
         self.by_key[(peer, rid)] = ticket
         ops = self.ops
         if ops is not None:
-            ops.append(p.OpAccepted(ticket, peer, rid, service, deadline, hops, trace, "", 0, payload))
+            ops.append(p.OpAccepted(ticket, peer, rid, service, deadline, hops, trace, key, 0, payload, window, retry))
         self.changes += 1
         pool = self.pools.get(service)
         if pool is None:
@@ -332,6 +371,143 @@ class Dispatcher:
             self.pump(pool, now, out)
         if req.state == QUEUED:
             self.push_deadline(req)
+
+    def join_open(self, peer: Dest, rid: int, service: str, key: str) -> bool:
+        """Join the open run of ``service`` with caller key ``key``, if there is one (rule 8)."""
+        ticket = self.by_caller.get((service, key))
+        req = self.reqs.get(ticket) if ticket is not None else None
+        if req is None or req.cancelled or req.key != key:
+            return False
+        if req.also is None:
+            req.also = []
+        req.also.append((peer, rid))
+        self.by_key[(peer, rid)] = req.ticket
+        self.counters.joined += 1
+        return True
+
+    # --- the request lifecycle: cancel, parts, progress, retries (rule 8) -----------------------
+
+    def cancel(self, origin: Dest, rid: int, now: float, out: list[Out]) -> None:
+        """Caller ``origin`` cancels its request ``rid`` (unknown or ended: nothing to do)."""
+        ticket = self.by_key.get((origin, rid))
+        req = self.reqs.get(ticket) if ticket is not None else None
+        if req is None:
+            return
+        self.counters.cancelled += 1
+        if req.client != origin or req.rid != rid:
+            self._leave_run(req, origin, rid)  # one of those that joined it: the run goes on
+            return
+        if req.also:
+            self._release(req.client, req.rid, req.ticket)  # the first that joined takes its place
+            req.client, req.rid = req.also.pop(0)
+            return
+        self.cancel_run(req, now, out)
+
+    def cancel_run(self, req: Req, now: float, out: list[Out]) -> None:
+        """Stop ``req``'s run: out of the queue now, or tell its holder (which keeps the slot until
+        it lets go; the caller is released at once, so its quota frees now)."""
+        state = req.state
+        if state in (QUEUED, DELAYED, FORWARDED):
+            if state == QUEUED:
+                self.dequeued(req)
+            elif state == FORWARDED:  # the upstream stops it; we forget it now (its late answers are void)
+                self.overflow.send_on(req, p.Cancel(req.ticket), out)
+                self.overflow.recall(req)
+            self.forget(req)
+            if type(req.client) is not bytes:
+                self.overflow.reply(req, p.Reply(req.rid, p.ST_CANCELLED, "cancelled", b""), out)
+            return
+        if req.cancelled:
+            return
+        if state == ASSIGNED and req.worker is None:  # adopted at a takeover, its member not back yet
+            self.forget(req)
+            return
+        req.cancelled = True
+        self._release(req.client, req.rid, req.ticket)
+        if self.ops is not None:
+            self.ops.append(p.OpEnded(req.ticket))  # a broker taking over must not run it again
+        if req.worker is not None:
+            out.append((req.worker.ident, p.Cancel(req.ticket)))
+
+    def _leave_run(self, req: Req, origin: Dest, rid: int) -> None:
+        if req.also is not None and (origin, rid) in req.also:
+            req.also.remove((origin, rid))
+            self._release(origin, rid, req.ticket)
+
+    def part(self, peer: bytes, ticket: int, seq: int, payload: bytes, out: list[Out]) -> None:
+        """A part of ``ticket``'s stream from member ``peer`` (only its current holder's count)."""
+        req = self.reqs.get(ticket)
+        holder = req.worker if req is not None else None
+        if req is None or holder is None or holder.ident != peer or req.cancelled:
+            self.counters.late_results += 1
+            return
+        self.relay(req, tuple.__new__(p.Part, (req.rid, seq, payload)), out)
+
+    def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:
+        """Pass a part or a progress report of ``req`` on to its caller(s)."""
+        if type(msg) is p.Part:
+            req.parts += 1
+            self.counters.parts += 1
+        client = req.client
+        if type(client) is bytes:
+            out.append((client, msg))
+        else:
+            self.overflow.relay(req, msg, out)
+        if req.also and type(msg) is p.Progress:
+            for c, rid in req.also:
+                if type(c) is bytes:
+                    out.append((c, p.Progress(rid, msg.payload)))
+
+    def progress(self, peer: bytes, ticket: int, payload: bytes, out: list[Out]) -> None:
+        """A progress report for ``ticket`` from member ``peer`` (its current holder only)."""
+        req = self.reqs.get(ticket)
+        holder = req.worker if req is not None else None
+        if req is not None and holder is not None and holder.ident == peer and not req.cancelled:
+            self.relay(req, p.Progress(req.rid, payload), out)
+
+    def ack(self, origin: Dest, rid: int, seq: int, out: list[Out]) -> None:
+        """The caller of stream ``rid`` has taken ``seq`` parts: tell whoever runs it."""
+        ticket = self.by_key.get((origin, rid))
+        req = self.reqs.get(ticket) if ticket is not None else None
+        if req is None or req.cancelled or not req.window:
+            return
+        if req.state == ASSIGNED and req.worker is not None:
+            out.append((req.worker.ident, p.Ack(req.ticket, seq)))
+        elif req.state == FORWARDED:
+            self.overflow.send_on(req, p.Ack(req.ticket, seq), out)
+
+    def run_again(self, req: Req, w: Member | None, delay_ms: int, now: float, out: list[Out]) -> bool:
+        """The run of ``req`` failed with what its retry policy retries: queue it again after
+        ``delay_ms`` (another member preferred). False if that would not start before its deadline."""
+        delay = delay_ms / 1000.0
+        if now + delay >= req.deadline:
+            return False
+        req.retries += 1
+        req.worker = None
+        req.avoid = w.ident if w is not None else None
+        self.counters.retried += 1
+        if delay <= 0:
+            self.requeue(req, now)
+            self.pump(self.pools[req.service], now, out)
+            return True
+        req.state = DELAYED
+        if self.ops is not None:
+            self.ops.append(p.OpRequeued(req.ticket))  # a broker taking over runs it at once
+        heappush(self.delayed, (now + delay, req.ticket))
+        return True
+
+    def release_delayed(self, now: float, out: list[Out]) -> None:
+        """Queue again the retries whose delay is over (at the front: they waited longest)."""
+        delayed = self.delayed
+        touched: set[str] = set()
+        while delayed and delayed[0][0] <= now:
+            _, ticket = heappop(delayed)
+            req = self.reqs.get(ticket)
+            if req is not None and req.state == DELAYED:
+                self.requeue(req, now)
+                touched.add(req.service)
+        for name in touched:
+            self.pump(self.pools[name], now, out)
 
     def push_deadline(self, req: Req) -> None:
         """Watch ``req``'s deadline (queued or forwarded upstream)."""
@@ -435,9 +611,16 @@ class Dispatcher:
         heappush(self.deadlines, (req.deadline, req.ticket))
 
     def retry(self, req: Req, lost: str, last: str, now: float, out: list[Out], touched: set[str]) -> None:
-        """Requeue ``req`` after its holder was lost, or end it LOST at the attempt cap."""
+        """Requeue ``req`` after its holder was lost, or end it LOST at the attempt cap (runs ended
+        by a retry policy do not count against it); a cancelled one just ends; a stream that had
+        sent parts ends INTERRUPTED (running it again would repeat them)."""
         cap = self.settings.max_attempts
-        if req.attempt >= cap:
+        if req.cancelled:
+            self.finish(req, p.ST_CANCELLED, "cancelled", b"", out)
+        elif req.parts:
+            why = f"stream interrupted after {req.parts} parts: {lost} ({last})"
+            self.finish(req, p.ST_INTERRUPTED, why, b"", out)
+        elif req.attempt - req.retries >= cap:
             self.finish(req, p.ST_LOST, f"request lost: {lost} (attempt cap {cap}; last: {last})", b"", out)
         else:
             self.counters.requeues += 1
@@ -455,9 +638,12 @@ class Dispatcher:
         refused: bool,
         now: float,
         out: list[Out],
+        delay_ms: int = -1,
+        parts: int = 0,
     ) -> None:
         """``peer`` (member ``w``, or a member we forgot) answered ``ticket``: free its slot, then
-        end, requeue or ignore the request."""
+        end, requeue or ignore the request. ``delay_ms`` >= 0: the run failed with what its retry
+        policy retries (run it again then); ``parts``: a stream's end, after that many parts."""
         req = self.reqs.get(ticket)
         if w is not None and ticket in w.inflight:
             w.release(ticket)
@@ -474,6 +660,8 @@ class Dispatcher:
                     self.counters.refused += 1
                     req.attempt -= 1
                     self.requeue(req, now)
+            elif delay_ms >= 0 and not from_holder:
+                self.counters.late_results += 1  # a former holder's failed run: it runs elsewhere now
             else:
                 # A former holder may finish after it was given up: deliver its reply rather than
                 # run the request again. The current holder keeps the slot until it answers.
@@ -489,7 +677,10 @@ class Dispatcher:
                         w.busy_s += now - req.t_out
                 if self.h_service is not None and from_holder:
                     self.h_service.observe(now - req.t_out)
-                self.finish(req, status, message, payload, out)
+                if delay_ms < 0 or req.cancelled or req.parts or not self.run_again(req, w, delay_ms, now, out):
+                    if status == p.ST_CANCELLED and not req.cancelled:
+                        status, message = p.ST_TIMEOUT, "the handler was stopped at the request's deadline"
+                    self.finish(req, status, message, payload, out, parts)
         if w is not None:
             self.pump_services(w, now, out)
         elif req is not None and req.state == QUEUED and req.ticket in self.reqs:
@@ -536,17 +727,18 @@ class Dispatcher:
     def forget(self, req: Req) -> None:
         """Remove ``req`` from the tables (its ticket may linger in a queue; pumps skip it)."""
         del self.reqs[req.ticket]
-        if self.ops is not None:
-            self.ops.append(p.OpEnded(req.ticket))
         client = req.client
-        key = (client, req.rid)
-        if self.by_key.get(key) == req.ticket:
-            del self.by_key[key]
-        n = self.open_by_client.get(client, 0) - 1
-        if n > 0:
-            self.open_by_client[client] = n
-        else:
-            self.open_by_client.pop(client, None)
+        if not req.cancelled:  # a cancelled one was released from its caller and replicated then
+            if self.ops is not None:
+                self.ops.append(p.OpEnded(req.ticket))
+            self._release(client, req.rid, req.ticket)
+        if req.also:
+            for c, rid in req.also:
+                self._release(c, rid, req.ticket)
+        if req.key and self.by_caller and self.by_caller.get((req.service, req.key)) == req.ticket:
+            del self.by_caller[(req.service, req.key)]
+        if req.window:
+            self.streams.pop(req.ticket, None)
         if type(client) is not bytes:
             self.overflow.forgotten(req)
         if req.via is not None:
@@ -561,17 +753,37 @@ class Dispatcher:
             if not queue:
                 del self.pools[req.service]  # services nobody serves must not accumulate
 
-    def finish(self, req: Req, status: int, message: str, payload: bytes, out: list[Out]) -> None:
-        """End ``req``: forget it and append its one reply."""
+    def _release(self, client: Dest, rid: int, ticket: int) -> None:
+        """Caller ``client`` no longer waits for ``rid``: its quota count and its key go."""
+        key = (client, rid)
+        if self.by_key.get(key) == ticket:
+            del self.by_key[key]
+        n = self.open_by_client.get(client, 0) - 1
+        if n > 0:
+            self.open_by_client[client] = n
+        else:
+            self.open_by_client.pop(client, None)
+
+    def finish(self, req: Req, status: int, message: str, payload: bytes, out: list[Out], parts: int = 0) -> None:
+        """End ``req``: forget it and append its one reply (to each caller that joined it too). A
+        cancelled request has no caller left: only a broker above that handed it down is told."""
         self.forget(req)
         if self.h_e2e is not None:
             self.h_e2e.observe(self.now - req.t_in)
-        self.counters.ended(status)
         client = req.client
+        if req.cancelled:
+            if type(client) is not bytes:
+                self.overflow.reply(req, p.Reply(req.rid, p.ST_CANCELLED, "cancelled", b""), out)
+            return
+        self.counters.ended(status)
         if type(client) is bytes:
-            out.append((client, tuple.__new__(p.Reply, (req.rid, status, message, payload))))
+            out.append((client, tuple.__new__(p.Reply, (req.rid, status, message, payload, parts))))
         else:
-            self.overflow.reply(req, p.Reply(req.rid, status, message, payload), out)
+            self.overflow.reply(req, p.Reply(req.rid, status, message, payload, parts), out)
+        if req.also:
+            for c, rid in req.also:
+                if type(c) is bytes:
+                    out.append((c, p.Reply(rid, status, message, payload, parts)))
 
     # --- after a takeover: the replicated table -------------------------------------------------
 
@@ -583,6 +795,11 @@ class Dispatcher:
             a = rec.accepted
             req = Req(ticket, a.client, a.rid, a.service, a.payload, a.deadline, a.hops)
             req.trace, req.key, req.attempt, req.t_in = a.trace, a.key, a.attempt, now
+            req.window, req.retry = a.window, a.retry
+            if a.key and self.settings.join_same_key and not a.window:
+                self.by_caller[(a.service, a.key)] = ticket
+            if a.window:
+                self.streams[ticket] = req
             self.reqs[ticket] = req
             self.by_key[(a.client, a.rid)] = ticket
             self.open_by_client[a.client] = self.open_by_client.get(a.client, 0) + 1
@@ -644,8 +861,23 @@ class Dispatcher:
             client = r.client
             if type(client) is not bytes:
                 continue  # work handed down by our upstream: it requeues that itself
+            if r.cancelled:
+                continue  # replicated as ended when it was cancelled
             ops.append(
-                p.OpAccepted(t, client, r.rid, r.service, r.deadline, r.hops, r.trace, r.key, r.attempt, r.payload)
+                p.OpAccepted(
+                    t,
+                    client,
+                    r.rid,
+                    r.service,
+                    r.deadline,
+                    r.hops,
+                    r.trace,
+                    r.key,
+                    r.attempt,
+                    r.payload,
+                    r.window,
+                    r.retry,
+                )
             )
             member = r.worker.ident if r.worker is not None else held_by.get(t)
             if r.state == ASSIGNED and member is not None:
@@ -653,7 +885,7 @@ class Dispatcher:
         return ops
 
     def next_deadline(self) -> float | None:
-        """The earliest member expiry, queued deadline or end of the adoption grace."""
+        """The earliest member expiry, queued deadline, end of a retry's delay or of the adoption grace."""
         d: float | None = None
         if self.expiry:
             d = self.expiry[0][0]
@@ -661,6 +893,8 @@ class Dispatcher:
             d = self.deadlines[0][0]
         if self.adopt_until is not None and (d is None or self.adopt_until < d):
             d = self.adopt_until
+        if self.delayed and (d is None or self.delayed[0][0] < d):
+            d = self.delayed[0][0]
         if self.idle:
             t = min(self.idle.values()) + self.settings.forget_service_s
             d = t if d is None or t < d else d

@@ -17,8 +17,14 @@ Rules of this module:
    holding its msgpack encoding.
 4. MDP has no error replies. A request that ends without a result (the handler raised, deadline,
    busy, lost, invalid) is answered with the body ``[b"zmqdist.error", STATUS, message]``.
-5. An MDP 0.2 worker's PARTIAL replies are collected and delivered with its FINAL as one reply;
-   MDP 0.2 clients get one FINAL.
+5. Streams. An MDP 0.2 client's request asks for a stream (``MDP_WINDOW``): each part a handler
+   yields reaches it as a PARTIAL, the last one as its FINAL (the bridge holds one part back to
+   know which is last; a plain handler's value is a FINAL). MDP clients do not acknowledge: the
+   broker acknowledges each part as it goes out (:meth:`~zmqdist.core.broker.BrokerMachine.
+   mdp_outbound`), so a fast handler can fill the client's socket (its high-water mark bounds it).
+   An MDP 0.2 worker's PARTIALs are parts of a stream when the request is one (its FINAL is the
+   last part), else they are collected and delivered with its FINAL as one reply. MDP 0.1 clients
+   get one reply. MDP has no cancel: an MDP worker runs a cancelled request to its end.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ STATUS_NAMES: Final = {
     p.ST_INVALID: b"INVALID",
 }
 MAX_FRAMES: Final = 10_000  # body frames of one message, partial replies included
+MDP_WINDOW: Final = 16  # parts of a stream to an MDP 0.2 client in flight (rule 5)
 MAX_PEERS: Final = 100_000  # MDP peers remembered at once (clients are forgotten when idle)
 
 
@@ -110,7 +117,7 @@ def ticket_frame(ticket: int) -> bytes:
 
 
 class _Client:
-    __slots__ = ("delim", "final", "header", "next_rid", "pending")
+    __slots__ = ("delim", "final", "header", "held", "next_rid", "pending")
 
     def __init__(self, header: bytes) -> None:
         self.header = header
@@ -118,10 +125,11 @@ class _Client:
         self.final = C2_FINAL
         self.next_rid = 1
         self.pending: dict[int, bytes] = {}  # rid -> service name (the reply repeats it)
+        self.held: dict[int, bytes] = {}  # rid -> the last part of its stream, not sent yet (rule 5)
 
 
 class _Worker:
-    __slots__ = ("delim", "header", "partial", "partial_n", "service")
+    __slots__ = ("delim", "header", "partial", "partial_n", "service", "streams")
 
     def __init__(self, header: bytes, service: bytes, delim: bool) -> None:
         self.header = header
@@ -129,6 +137,7 @@ class _Worker:
         self.service = service
         self.partial: dict[int, list[bytes]] = {}  # ticket -> body frames of PARTIAL replies so far
         self.partial_n = 0
+        self.streams: dict[int, int] = {}  # ticket -> parts so far, for tasks that are streams
 
 
 class MdpBridge:
@@ -185,7 +194,8 @@ class MdpBridge:
         c.next_rid += 1
         c.pending[rid] = service
         self.counters["mdp_requests"] += 1
-        return p.Request(rid, name, self.budget_ms, (), pack_body(body))
+        window = MDP_WINDOW if header == MDPC02 else 0
+        return p.Request(rid, name, self.budget_ms, (), pack_body(body), "", "", window)
 
     def _from_worker(self, ident: bytes, header: bytes, delim: bool, cmd: bytes, rest: list[bytes]) -> list[p.Message]:
         v2 = header == MDPW02
@@ -219,6 +229,15 @@ class MdpBridge:
             body = rest[2:]
             wk = self.peers[ident]
             assert isinstance(wk, _Worker)
+            seq = wk.streams.get(ticket)
+            if seq is not None:  # a stream: each PARTIAL is a part, the FINAL the last one
+                part = p.Part(ticket, seq, pack_body(body))
+                if not final:
+                    self.counters["mdp_partials"] += 1
+                    wk.streams[ticket] = seq + 1
+                    return [part]
+                del wk.streams[ticket]
+                return [part, p.Result(ticket, p.RS_OK, p.pack_value(None), 0, seq + 1)]
             parts = wk.partial.get(ticket)
             if not final:
                 self.counters["mdp_partials"] += 1
@@ -249,25 +268,36 @@ class MdpBridge:
         None when MDP has nothing to say for it (WELCOME, or a reply to a forgotten request)."""
         peer = self.peers.get(ident)
         if isinstance(peer, _Client):
+            if type(msg) is p.Part:
+                if msg.id not in peer.pending:
+                    return None
+                before = peer.held.get(msg.id)
+                peer.held[msg.id] = msg.payload
+                if before is None:
+                    return None  # held back until the next part (or the end) says it is not the last
+                return self._client_frames(peer, peer.pending[msg.id], W2_PARTIAL, unpack_body(before))
             if type(msg) is not p.Reply:
                 return None
+            last = peer.held.pop(msg.rid, None)
             service = peer.pending.pop(msg.rid, None)
             if not peer.pending:
                 del self.peers[ident]  # re-learned on the next request
             if service is None:
                 return None
             st = msg.status
-            body = unpack_body(msg.payload) if st == p.ST_OK else error_body(st, msg.message, msg.payload)
+            if st == p.ST_OK:
+                body = unpack_body(last if last is not None else msg.payload)
+            else:
+                body = error_body(st, msg.message, msg.payload)
             self.counters["mdp_replies"] += 1
-            first = [b""] if peer.delim else []
-            if peer.header == MDPC01:
-                return [*first, MDPC01, service, *body]
-            return [*first, MDPC02, peer.final, service, *body]
+            return self._client_frames(peer, service, peer.final, body)
         if isinstance(peer, _Worker):
             v2 = peer.header == MDPW02
             first = [b""] if peer.delim else []
             t = type(msg)
             if isinstance(msg, p.Task):
+                if msg.window:
+                    peer.streams[msg.ticket] = 0
                 return [*first, peer.header, REQUEST, ticket_frame(msg.ticket), b"", *unpack_body(msg.payload)]
             if t is p.Heartbeat:
                 return [*first, peer.header, W2_HEARTBEAT if v2 else W1_HEARTBEAT]
@@ -276,6 +306,30 @@ class MdpBridge:
                 return [*first, peer.header, W2_DISCONNECT if v2 else W1_DISCONNECT]
             return None
         return None
+
+    def outbound_many(self, ident: bytes, msg: p.Message) -> list[list[bytes]]:
+        """The MDP messages carrying ``msg`` to ``ident``: usually one (see :meth:`outbound`); a
+        stream that fails after a part was held back sends that part before the error."""
+        peer = self.peers.get(ident)
+        if type(msg) is p.Reply and msg.status != p.ST_OK and isinstance(peer, _Client):
+            last = peer.held.pop(msg.rid, None)
+            service = peer.pending.get(msg.rid)
+            if last is not None and service is not None:
+                part = self._client_frames(peer, service, W2_PARTIAL, unpack_body(last))
+                end = self.outbound(ident, msg)
+                return [part] if end is None else [part, end]
+        frames = self.outbound(ident, msg)
+        return [] if frames is None else [frames]
+
+    def _client_frames(self, peer: _Client, service: bytes, cmd: bytes, body: list[bytes]) -> list[bytes]:
+        first = [b""] if peer.delim else []
+        if peer.header == MDPC01:
+            return [*first, MDPC01, service, *body]
+        return [*first, MDPC02, cmd, service, *body]
+
+    def is_client(self, ident: bytes) -> bool:
+        """True if ``ident`` is an MDP client (it does not acknowledge stream parts)."""
+        return isinstance(self.peers.get(ident), _Client)
 
     def speaks_mdp(self, ident: bytes) -> bool:
         """True if ``ident`` is an MDP peer the bridge is translating for."""

@@ -20,7 +20,8 @@ from zmqdist.core.link import Connect, Problem
 
 EPSILON = 1e-6  # timers fire just past a boundary: alive at ttl, expired at ttl + EPSILON
 HOP_MARGIN_MS = 1  # budget every broker-to-broker hop spends at least (transit)
-QUEUED, ASSIGNED, FORWARDED = 0, 1, 2  # where a request is: waiting here, with a member, upstream
+# Where a request is: waiting here, with a member, upstream, or waiting out a retry's backoff.
+QUEUED, ASSIGNED, FORWARDED, DELAYED = 0, 1, 2, 3
 
 
 class Channel:
@@ -81,6 +82,11 @@ class Counters:
     handshakes_failed: int = 0  # CURVE handshakes that failed (seen by the runtime's socket monitor)
     redirected: int = 0  # a broker of a pair that is not active sent a peer to the active one
     adopted: int = 0  # requests a new active broker found still held by their member
+    cancelled: int = 0  # requests their caller cancelled (or gave up on at its deadline) while open here
+    interrupted: int = 0  # streams ended because their run was cut after parts had gone out
+    retried: int = 0  # runs scheduled again by a retry policy (the handler raised what it retries)
+    parts: int = 0  # stream parts relayed
+    joined: int = 0  # requests that joined an open one with the same caller key (dedup)
 
     def ended(self, status: int) -> None:
         """Count a request that ended with ``status`` (a ``protocol.ST_*`` code)."""
@@ -94,7 +100,9 @@ class Counters:
             self.timeouts += 1
         elif status == p.ST_LOST:
             self.lost += 1
-        else:
+        elif status == p.ST_INTERRUPTED:
+            self.interrupted += 1
+        elif status != p.ST_CANCELLED:  # a cancel is counted when it arrives
             self.invalid += 1
 
     def as_dict(self) -> dict[str, int]:
@@ -237,7 +245,20 @@ class WorkerMember(Member):
         budget = p.budget_ms_left(req.deadline, now)
         # tuple.__new__: a NamedTuple's own __new__ costs twice as much on this per-request path
         return tuple.__new__(
-            p.Task, (req.ticket, req.service, budget, req.attempt, req.key, seq, (), req.payload, req.trace)
+            p.Task,
+            (
+                req.ticket,
+                req.service,
+                budget,
+                req.attempt,
+                req.key,
+                seq,
+                (),
+                req.payload,
+                req.trace,
+                req.window,
+                req.retry,
+            ),
         )
 
     def load(self) -> int:
@@ -301,7 +322,19 @@ class BrokerMember(Member):
     def task(self, req: Req, seq: int, now: float, broker: str) -> p.Task:
         budget = p.budget_ms_left(req.deadline, now, HOP_MARGIN_MS)
         hops = (*req.hops, broker)
-        return p.Task(req.ticket, req.service, budget, req.attempt, req.key, seq, hops, req.payload, req.trace)
+        return p.Task(
+            req.ticket,
+            req.service,
+            budget,
+            req.attempt,
+            req.key,
+            seq,
+            hops,
+            req.payload,
+            req.trace,
+            req.window,
+            req.retry,
+        )
 
     def requests_held(self, service: str, n: int) -> None:
         self.held_from[service] = self.held_from.get(service, 0) + n
@@ -311,12 +344,18 @@ class Req:
     """One accepted request, from arrival to its one reply."""
 
     __slots__ = (
+        "also",
         "attempt",
+        "avoid",
+        "cancelled",
         "client",
         "deadline",
         "hops",
         "key",
+        "parts",
         "payload",
+        "retries",
+        "retry",
         "rid",
         "service",
         "session",
@@ -329,6 +368,7 @@ class Req:
         "up_block",
         "via",
         "went_up",
+        "window",
         "worker",
     )
 
@@ -361,6 +401,13 @@ class Req:
         self.t_in = 0.0  # accepted (for latency histograms)
         self.trace = ""  # the client's trace id, passed on to every broker and worker
         self.t_out = 0.0  # last dispatched
+        self.window = 0  # > 0: a stream (parts relayed, at most this many unacknowledged)
+        self.retry: p.RetrySpec = ()  # the caller's retry policy, passed on to the worker
+        self.parts = 0  # parts relayed to the client so far (a stream cut after one is not run again)
+        self.retries = 0  # runs ended by the retry policy (not by a member's death: see max_attempts)
+        self.avoid: bytes | None = None  # the member whose run failed: another one is preferred
+        self.cancelled = False  # cancelled while a member (or the upstream) held it: no one to answer
+        self.also: list[tuple[Dest, int]] | None = None  # callers that joined it (same key): (origin, rid)
 
 
 class Pool:

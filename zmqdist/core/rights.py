@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from zmqdist import protocol as p
 
-_CLIENT = (p.Request, p.Hello, p.Heartbeat, p.Bye)
-_WORKER = (p.Hello, p.Heartbeat, p.Result, p.Credit, p.Bye)
-_BROKER = (p.Hello, p.Heartbeat, p.Request, p.Reply, p.Advert, p.Bye)
+_CLIENT = (p.Request, p.Hello, p.Heartbeat, p.Bye, p.Cancel, p.Ack)
+_WORKER = (p.Hello, p.Heartbeat, p.Result, p.Credit, p.Bye, p.Part, p.Progress)
+_BROKER = (p.Hello, p.Heartbeat, p.Request, p.Reply, p.Advert, p.Bye, p.Cancel, p.Ack, p.Part, p.Progress)
 _HELLO_ROLE = {p.ROLE_CLIENT: "clients", p.ROLE_WORKER: "workers", p.ROLE_BROKER: "brokers"}
 
 

@@ -31,6 +31,7 @@ from zmqdist.config import BrokerSettings
 from zmqdist.core.dispatch import SKIP, WAIT, Dispatcher, Overflow
 from zmqdist.core.link import BrokerLink, Problem
 from zmqdist.core.records import (
+    ASSIGNED,
     FORWARDED,
     HOP_MARGIN_MS,
     QUEUED,
@@ -207,6 +208,15 @@ class Tiers(Overflow):
         if self.up is not None and req.session == self.up.session:
             out.append((UPSTREAM, reply))
 
+    def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:
+        # Work handed down: its parts go up as a worker's would, numbered by the upstream's ticket.
+        if self.up is not None and req.session == self.up.session:
+            out.append((UPSTREAM, msg))
+
+    def send_on(self, req: Req, msg: p.Cancel | p.Ack, out: list[Out]) -> None:
+        if self.up is not None and req.ticket in self.sent_up:
+            out.append((UPSTREAM, msg))  # the upstream knows it by our ticket (its request id)
+
     def recall(self, req: Req) -> None:
         del self.sent_up[req.ticket]
         if self.up is not None:
@@ -242,7 +252,14 @@ class Tiers(Overflow):
         self.d.push_deadline(req)
         budget = p.budget_ms_left(req.deadline, now, HOP_MARGIN_MS)
         hops = (*req.hops, self.name)
-        out.append((UPSTREAM, p.Request(req.ticket, req.service, budget, hops, req.payload, req.trace)))
+        out.append(
+            (
+                UPSTREAM,
+                p.Request(
+                    req.ticket, req.service, budget, hops, req.payload, req.trace, req.key, req.window, req.retry
+                ),
+            )
+        )
 
     def _refuse_up(self, req: Req, now: float, out: list[Out]) -> None:
         """Hand work back to the upstream (BUSY: it requeues without spending an attempt), with a
@@ -268,6 +285,20 @@ class Tiers(Overflow):
                 self._on_up_task(msg, now, out)
             case p.Reply():
                 self._on_up_reply(msg, now, out)
+            case p.Part() | p.Progress():
+                # A part (or progress) of a request we forwarded, numbered by our ticket.
+                req = self.d.reqs.get(msg.id)
+                if req is not None and req.state == FORWARDED and not req.cancelled:
+                    if type(msg) is p.Part:
+                        self.d.relay(req, p.Part(req.rid, msg.seq, msg.payload), out)
+                    else:
+                        self.d.relay(req, p.Progress(req.rid, msg.payload), out)
+            case p.Cancel():
+                if up.registered:
+                    self.d.cancel(UPSTREAM, msg.id, now, out)  # work it handed down to us
+            case p.Ack():
+                if up.registered:
+                    self.d.ack(UPSTREAM, msg.id, msg.seq, out)
             case p.Heartbeat():
                 if link.restarted(msg.incarnation):
                     self._lose_upstream(now, "upstream broker restarted", False, out)
@@ -323,7 +354,10 @@ class Tiers(Overflow):
         req.trace = m.trace
         req.session = up.session
         req.key = m.key
+        req.window, req.retry = m.window, m.retry
         d.reqs[ticket] = req
+        if m.window:
+            d.streams[ticket] = req
         if self.name in m.hops:
             self.counters.loops += 1
             d.finish(req, p.ST_INVALID, f"request looped: it has passed {self.name} already", b"", out)
@@ -364,7 +398,7 @@ class Tiers(Overflow):
             d.dequeued(req)
         elif req.state == FORWARDED:
             self.recall(req)
-        d.finish(req, m.status, m.message, m.payload, out)
+        d.finish(req, m.status, m.message, m.payload, out, m.parts)
         pool = d.pools.get(req.service)
         if pool is not None and pool.queue:
             d.pump(pool, now, out)  # the answer freed a unit of credit upstream
@@ -378,6 +412,8 @@ class Tiers(Overflow):
         out.append((UPSTREAM, Problem(f"upstream link lost ({reason}); registering again")))
         d = self.d
         for req in list(self.from_up.values()):
+            if req.window and req.state == ASSIGNED and not req.cancelled:
+                d.cancel_run(req, now, out)  # a stream nobody acknowledges any more: stop it
             key = (UPSTREAM, req.rid)
             if d.by_key.get(key) == req.ticket:
                 del d.by_key[key]

@@ -20,7 +20,13 @@ Rules of this module:
 5. Draining is exact: CREDIT(0) and a HEARTBEAT go out together, and BYE waits for the broker's
    answer to that heartbeat. Messages on one connection arrive in order, so every TASK the broker
    sent before it saw CREDIT(0) has arrived by then, and is run, not bounced.
-6. Away from its first choice (after a failover), the worker looks home now and then
+6. The request lifecycle. A CANCEL from the broker, or a running task's deadline passing, makes
+   an :class:`Abort` (the runtime stops the handler: a flag, a cancelled asyncio task, a killed
+   process); the slot stays taken until the handler has stopped, and its RESULT is then
+   CANCELLED. A streamed task's parts are numbered from 0 and each ACK opens its window
+   (:class:`Window`): the runtime does not let a handler run ahead of the consumer by more than
+   the window. Progress reports are sent at most every ``PROGRESS_S`` per task (the latest wins).
+7. Away from its first choice (after a failover), the worker looks home now and then
    (:class:`~zmqdist.core.link.Homing`); once home answers as a healthy active broker, it quiets
    down exactly as a drain does (CREDIT(0), the answer to its heartbeat, its tasks finished) and
    then says BYE and registers at home. If that takes longer than ``MOVE_WAIT_S`` it stays (and
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from heapq import heapify, heappop, heappush
 from typing import NamedTuple
 
 from zmqdist import protocol as p
@@ -38,6 +45,7 @@ from zmqdist.config import HeartbeatSettings
 from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem, Stopped
 
 MOVE_WAIT_S = 10.0  # longest quiet-down before moving home (else stay and look again later)
+PROGRESS_S = 0.1  # at most one progress report per task this often (the latest wins)
 
 
 def _half() -> float:
@@ -55,9 +63,44 @@ class Execute(NamedTuple):
     attempt: int
     deadline: float
     trace: str = ""
+    window: int = 0  # > 0: the caller streams the reply; at most this many parts unacknowledged
+    retry: p.RetrySpec = ()  # the caller's retry policy (it overrides the service's own)
 
 
-WorkerOut = p.Message | Execute | Connect | Stopped | Problem | Probe | EndProbe
+class Abort(NamedTuple):
+    """Action: stop the handler of ``ticket`` (cancelled by its caller, or its deadline passed)."""
+
+    ticket: int
+    session: int
+    reason: str
+
+
+class Window(NamedTuple):
+    """Action: the consumer of ``ticket``'s stream has taken ``acked`` parts; parts numbered below
+    ``acked + window`` may be produced."""
+
+    ticket: int
+    session: int
+    acked: int
+
+
+class _Run:
+    """A task this worker runs: what its lifecycle needs (cancel, stream, progress)."""
+
+    __slots__ = ("acked", "cancelled", "deadline", "parts", "pending", "reported", "session", "window")
+
+    def __init__(self, session: int, deadline: float, window: int) -> None:
+        self.session = session
+        self.deadline = deadline
+        self.window = window
+        self.cancelled = False
+        self.parts = 0  # parts sent
+        self.acked = 0
+        self.reported = -1e18  # when the last progress report went out
+        self.pending: bytes | None = None  # a progress report held back (PROGRESS_S)
+
+
+WorkerOut = p.Message | Execute | Connect | Stopped | Problem | Probe | EndProbe | Abort | Window
 
 
 class WorkerCore:
@@ -98,6 +141,10 @@ class WorkerCore:
         self.homing = Homing(rng)
         self._moving: int | None = None  # the home endpoint we quiet down for
         self._move_until = 0.0
+        self.runs: dict[int, _Run] = {}  # ticket -> its run, while its handler runs
+        self._deadlines: list[tuple[float, int]] = []  # (deadline, ticket) of running tasks
+        self._progress_due: float | None = None  # the earliest held-back progress report
+        self._abandoned: list[int] = []  # tasks of a void session (not carried): to stop
         self.counters = {
             "tasks": 0,
             "refused": 0,
@@ -107,6 +154,11 @@ class WorkerCore:
             "carried": 0,
             "fenced": 0,
             "homecomings": 0,
+            "cancelled": 0,
+            "expired": 0,
+            "abandoned": 0,
+            "parts": 0,
+            "retries": 0,
         }
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -156,9 +208,63 @@ class WorkerCore:
                 self.counters["failovers"] += 1
                 link.learn(msg.broker, msg.active)
                 return self._new_session(now, f"broker said bye: {msg.reason}", to=msg.active)
+            case p.Cancel():
+                return self._abort(msg.id, "cancelled by its caller")
+            case p.Ack():
+                run = self.runs.get(msg.id)
+                if run is None or msg.seq <= run.acked:
+                    return []
+                run.acked = msg.seq
+                return [Window(msg.id, run.session, msg.seq)]
             case p.Error():
                 return [Problem(f"broker refused a message: {msg.message}")]
         return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
+
+    def _abort(self, ticket: int, reason: str) -> list[WorkerOut]:
+        """Stop a running handler (its slot stays taken until it has stopped)."""
+        run = self.runs.get(ticket)
+        if run is None or run.cancelled:
+            return []
+        run.cancelled = True
+        run.pending = None
+        kind = "cancelled" if reason.startswith("cancelled") else "expired" if "deadline" in reason else "abandoned"
+        self.counters[kind] += 1
+        return [Abort(ticket, run.session, reason)]
+
+    def part(self, ticket: int, session: int, payload: bytes, now: float) -> list[WorkerOut]:
+        """A streaming handler produced its next value: the PART to send (none once its session
+        is void or it was stopped)."""
+        run = self.runs.get(ticket)
+        if run is None or run.session != session or run.cancelled:
+            return []
+        if not self._sendable(ticket, session):
+            return []
+        seq = run.parts
+        run.parts = seq + 1
+        self.counters["parts"] += 1
+        return [p.Part(ticket, seq, payload)]
+
+    def progress(self, ticket: int, session: int, payload: bytes, now: float) -> list[WorkerOut]:
+        """A handler reported progress: send it, or hold it back until ``PROGRESS_S`` has passed
+        since the last one (a newer report replaces a held one)."""
+        run = self.runs.get(ticket)
+        if run is None or run.session != session or run.cancelled or not self._sendable(ticket, session):
+            return []
+        if now - run.reported >= PROGRESS_S:
+            run.reported = now
+            run.pending = None
+            return [p.Progress(ticket, payload)]
+        run.pending = payload
+        due = run.reported + PROGRESS_S
+        if self._progress_due is None or due < self._progress_due:
+            self._progress_due = due
+        return []
+
+    def _sendable(self, ticket: int, session: int) -> bool:
+        """Is a message about this task for the broker we are registered with now?"""
+        if not self.registered:
+            return False
+        return self.inflight.get(ticket) == session or self.carry.get(ticket) == session
 
     def _on_heartbeat(self, msg: p.Heartbeat, now: float) -> list[WorkerOut]:
         link = self.link
@@ -193,12 +299,15 @@ class WorkerCore:
             self._drain_wait = self._unanswered
         return out
 
-    def task_done(self, ticket: int, session: int, ok: bool, payload: bytes, now: float) -> list[WorkerOut]:
-        """A handler finished. Return the RESULT to send (if its session is still current)."""
+    def task_done(
+        self, ticket: int, session: int, ok: bool, payload: bytes, now: float, retry_ms: int | None = None
+    ) -> list[WorkerOut]:
+        """A handler finished (``retry_ms``: it raised what its retry policy retries, run it again
+        after that long). Return the RESULT to send (if its session is still current)."""
         out: list[WorkerOut] = []
+        result = self._result(ticket, session, ok, payload, retry_ms)
         if self.carry.get(ticket) == session and self.inflight.get(ticket) != session:
             del self.carry[ticket]
-            result = p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload)
             if not self.registered:
                 self.parked.append(result)  # for the next broker of the pair
                 return out
@@ -219,7 +328,6 @@ class WorkerCore:
         del self.inflight[ticket]
         if self.stopped:
             return out
-        result = p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload)
         out.append(result)
         if self._pair:
             self.unacked.append((self._hb_sent, result))
@@ -227,11 +335,46 @@ class WorkerCore:
             out += self._quiet(now)
         return out
 
+    def _result(self, ticket: int, session: int, ok: bool, payload: bytes, retry_ms: int | None) -> p.Result:
+        """The RESULT of a finished handler: CANCELLED if it was stopped; RETRY if its policy says
+        so and no part of it went out; a stream's end says how many parts went before it."""
+        run = self.runs.get(ticket)
+        if run is not None and run.session == session:
+            del self.runs[ticket]
+        else:
+            run = None
+        parts = run.parts if run is not None else 0
+        if run is not None and run.cancelled:
+            return p.Result(ticket, p.RS_CANCELLED, b"", 0, parts)
+        if retry_ms is not None and not parts:
+            self.counters["retries"] += 1
+            return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
+        return p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts)
+
     def tick(self, now: float) -> list[WorkerOut]:
-        """Heartbeat, detect a silent broker (fail over), enforce the drain timeout."""
+        """Heartbeat, detect a silent broker (fail over), enforce the drain timeout, stop handlers
+        past their deadline, send held-back progress."""
         if self.stopped:
             return []
         out: list[WorkerOut] = []
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, ticket = heappop(dl)
+            run = self.runs.get(ticket)
+            if run is not None and run.deadline <= now:
+                out += self._abort(ticket, "its deadline passed")
+        if self._progress_due is not None and now >= self._progress_due:
+            self._progress_due = None
+            for ticket, run in self.runs.items():
+                if run.pending is None:
+                    continue
+                due = run.reported + PROGRESS_S
+                if now >= due:
+                    if self._sendable(ticket, run.session):
+                        out.append(p.Progress(ticket, run.pending))
+                    run.pending, run.reported = None, now
+                elif self._progress_due is None or due < self._progress_due:
+                    self._progress_due = due
         if self._drain_deadline is not None and now >= self._drain_deadline:
             return self._finish(f"drain timed out with {len(self.inflight)} tasks unfinished")
         link = self.link
@@ -259,6 +402,10 @@ class WorkerCore:
         d = self.link.next_deadline()
         if self._drain_deadline is not None:
             d = min(d, self._drain_deadline)
+        if self._deadlines:
+            d = min(d, self._deadlines[0][0])
+        if self._progress_due is not None:
+            d = min(d, self._progress_due)
         h = self.homing.next_deadline(self.link) if self._moving is None else self._move_until
         if h is not None:
             d = min(d, h)
@@ -311,7 +458,16 @@ class WorkerCore:
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
         deadline = p.deadline_at(now, m.budget_ms)
-        return [Execute(m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace)]
+        self.runs[m.ticket] = _Run(self.session, deadline, m.window)
+        heappush(self._deadlines, (deadline, m.ticket))
+        if len(self._deadlines) > 2 * len(self.runs) + 64:
+            self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
+            heapify(self._deadlines)
+        return [
+            Execute(
+                m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry
+            )
+        ]
 
     def _capacity(self) -> int:
         return max(0, self.concurrency - self.stale - len(self.carry))
@@ -332,25 +488,35 @@ class WorkerCore:
             self.parked.extend(r for _, r in self.unacked)  # maybe lost with the old connection
         else:
             self.stale += len(self.inflight)
+            self._abandoned.extend(self.inflight)  # runs elsewhere now: stop them (see _stop_stale)
         self.unacked.clear()
         self.inflight.clear()
         self.registered = False
+
+    def _stop_stale(self) -> list[WorkerOut]:
+        """Stop the handlers of a void session's tasks: their broker requeued them (they run
+        elsewhere) and drops their results; stopping them gives the capacity back sooner."""
+        out: list[WorkerOut] = []
+        for ticket in self._abandoned:
+            out += self._abort(ticket, "its broker was lost: it runs elsewhere")
+        self._abandoned.clear()
+        return out
 
     def _rehello(self, now: float) -> list[WorkerOut]:
         """Register again on the same connection (the broker forgot us or restarted)."""
         self._void_session()
         self.link.incarnation = None
         if self.draining:
-            return self._finish("broker forgot us while draining")
-        return [self._hello()]
+            return [*self._stop_stale(), *self._finish("broker forgot us while draining")]
+        return [*self._stop_stale(), self._hello()]
 
     def _new_session(self, now: float, reason: str, to: str = "") -> list[WorkerOut]:
         """A new connection: to broker ``to`` if named (a BYE sent us there), else the next one."""
         self._void_session()
         self._moving = None
         if self.draining:
-            return self._finish(f"broker lost while draining ({reason})")
-        return [self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello()]
+            return [*self._stop_stale(), *self._finish(f"broker lost while draining ({reason})")]
+        return [*self._stop_stale(), self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello()]
 
     def _quiet(self, now: float) -> list[WorkerOut]:
         """CREDIT(0) was answered and nothing runs: end the drain, or move home."""

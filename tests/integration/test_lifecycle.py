@@ -1,0 +1,138 @@
+"""The request lifecycle with real processes: cancelling running sync, async and process handlers,
+a long stream to a slow consumer (the worker's memory stays bounded), retries and caller keys."""
+
+import asyncio
+import concurrent.futures
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.helpers import status, wait_for
+from zmqdist import AsyncClient, Client, Retry
+
+pytestmark = pytest.mark.integration
+
+
+def setup(procs, ep, target="testworkers:lifecycle", *extra):
+    procs.spawn("broker", "--bind", ep, "--name", "lc", *extra)
+    w = procs.spawn("worker", target, "--connect", ep, "--name", "w")
+    c = Client([ep], timeout=60)
+    wait_for(lambda: len(status(c)["workers"]) == 1, 30, "the worker registered")
+    return w, c
+
+
+def lines(path):
+    return Path(path).read_text().split() if Path(path).exists() else []
+
+
+@pytest.mark.timeout(60)
+def test_cancel_of_a_running_sync_handler_stops_it_and_frees_its_slot(procs, ipc_ep, tmp_path):
+    marker = str(tmp_path / "loop")
+    _, c = setup(procs, ipc_ep)
+    with c:
+        f = c.submit("loop", marker)
+        wait_for(lambda: "started" in lines(marker), 20, "the handler started")
+        wait_for(lambda: f.progress is not None, 10, "a progress report")
+        assert f.running() and f.cancel() and f.cancelled()
+        with pytest.raises(concurrent.futures.CancelledError):
+            f.result(1)
+        wait_for(lambda: "stopped" in lines(marker), 10, "the handler saw cancelled")
+        t0 = time.monotonic()
+        c.call("pid", None, timeout=20)  # concurrency 1: the slot is free again
+        assert time.monotonic() - t0 < 10
+        st = status(c)
+        assert st["counters"]["cancelled"] == 1 and st["requests_open"] == 0
+        done = c.submit("pid", None)
+        done.result(20)
+        assert not done.cancel() and not done.cancelled()  # an answered request cannot be cancelled
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_the_task_of_an_async_call_cancels_the_async_handler(procs, ipc_ep, tmp_path):
+    marker = str(tmp_path / "aloop")
+    _, c = setup(procs, ipc_ep)
+    c.close()
+
+    async def main():
+        async with AsyncClient([ipc_ep], timeout=60) as ac:
+            task = asyncio.ensure_future(ac.call("aloop", marker))
+            for _ in range(1000):
+                if "started" in lines(marker):
+                    break
+                await asyncio.sleep(0.02)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(500):
+                if "cancelled" in lines(marker):
+                    break
+                await asyncio.sleep(0.02)
+            assert "cancelled" in lines(marker)  # the handler's task got CancelledError
+            return await asyncio.wait_for(ac.call("pid", None), 20)
+
+    assert isinstance(asyncio.run(main()), int)
+
+
+@pytest.mark.timeout(90)
+def test_a_process_handler_is_killed_on_cancel_if_its_service_asks_else_it_is_told(procs, ipc_ep, tmp_path):
+    marker = str(tmp_path / "coop")
+    _, c = setup(procs, ipc_ep, "testworkers:killable")
+    with c:
+        first = c.call("pid", None, timeout=30)
+        f = c.submit("stuck", None)
+        wait_for(lambda: status(c)["workers"][0]["inflight"] == 1, 20, "the stuck handler running")
+        time.sleep(0.2)
+        assert f.cancel()
+        second = c.call("pid", None, timeout=30)  # its process was killed and replaced: the slot is free
+        assert second != first
+        g = c.submit("coop", marker)  # not opted in: the flag is set inside the child process
+        wait_for(lambda: any(x.startswith("started") for x in lines(marker)) or None, 20, "coop started")
+        assert g.cancel()
+        wait_for(lambda: "stopped" in lines(marker), 20, "the child saw cancelled")
+        assert c.call("pid", None, timeout=30) == second  # that process lives on
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.timeout(120)
+def test_a_10000_part_stream_to_a_slow_consumer_keeps_the_workers_memory_bounded(procs, ipc_ep):
+    w, c = setup(procs, ipc_ep)
+    size = 16 * 1024  # 10,000 parts of 16 KiB: 160 MiB if the worker ran ahead of the consumer
+    with c:
+        c.call("gen", {"n": 10, "size": size})  # warm up (and as a call: one list)
+        base = rss_kib(w.pid)
+        peak = base
+        got = []
+        t0 = time.monotonic()
+        for i, part in enumerate(c.stream("gen", {"n": 10_000, "size": size}, window=16, timeout=100)):
+            got.append(part[0])
+            assert len(part[1]) == size
+            if i % 100 == 0:
+                peak = max(peak, rss_kib(w.pid))
+                time.sleep(0.02)  # the slow consumer: well slower than the handler
+        took = time.monotonic() - t0
+        assert got == list(range(10_000))
+        grown_mib = (peak - base) / 1024
+        print(f"\n10,000 parts of 16 KiB in {took:.1f}s; worker RSS grew {grown_mib:.1f} MiB (base {base / 1024:.0f})")
+        assert grown_mib < 40
+
+
+@pytest.mark.timeout(60)
+def test_retry_and_caller_keys_with_real_processes(procs, ipc_ep):
+    _, c = setup(procs, ipc_ep, "testworkers:echo", "--join-same-key")
+    with c:
+        ctx = c.call("ctx", None, key="order-42")
+        assert ctx["key"] == "order-42" and ctx["attempt"] == 1
+        with pytest.raises(Exception) as ei:
+            c.call("flaky", 2, retry=Retry(on="ValueError", attempts=2, backoff=0.01))
+        assert "ValueError" in str(ei.value)  # 2 runs allowed, it needs 3
+        assert c.call("flaky", 2, key="k-7", retry=Retry(on=ValueError, attempts=5, backoff=0.01)) == 3
+        futs = [c.submit("slow", 1.0, key="same") for _ in range(3)]
+        pids = {f.result(20) for f in futs}
+        assert len(pids) == 1 and status(c)["counters"]["joined"] == 2
