@@ -85,3 +85,55 @@ def test_a_taken_metrics_port_is_a_clear_startup_error(tmp_path):
         port = s.getsockname()[1]
         with pytest.raises(ConfigError, match="cannot serve metrics"):
             Broker(bind=[f"ipc://{tmp_path}/x.sock"], metrics_port=port).start()
+
+
+@pytest.mark.timeout(60)
+def test_the_lifecycle_counters_are_scraped_cancels_retries_parts_joins(tmp_path):
+    import threading
+
+    from zmqdist import Retry, current_request
+
+    b = Broker(bind=[f"ipc://{tmp_path}/l.sock"], metrics_port=0, join_same_key=True).start()
+    w = Worker(b.endpoints, concurrency=4, name="lw")
+    runs = {}
+    release = threading.Event()
+
+    @w.service("flaky", retry=Retry(on=ValueError, attempts=3, backoff=0.01))
+    def flaky(_x):
+        k = current_request().key
+        runs[k] = runs.get(k, 0) + 1
+        if runs[k] < 3:
+            raise ValueError("again")
+        return runs[k]
+
+    @w.service("gen")
+    def gen(n):
+        yield from range(n)
+
+    @w.service("wait")
+    def wait(_x):
+        release.wait(10)
+        return 1
+
+    w.start()
+    try:
+        wait_for(lambda: b.status()["workers"], 10, "worker")
+        with Client(b.endpoints, timeout=10) as c:
+            assert c.call("flaky", 0) == 3  # two retries
+            assert list(c.stream("gen", 25)) == list(range(25))
+            f = c.submit("wait", 0)
+            wait_for(lambda: b.status()["requests_open"] == 1, 10, "wait running")
+            assert f.cancel()
+            joined = [c.submit("wait", 0, key="same") for _ in range(3)]
+            wait_for(lambda: b.status()["counters"]["joined"] == 2, 10, "two joined the first")
+            release.set()
+            assert [x.result(10) for x in joined] == [1, 1, 1]
+        text = scrape(b.metrics_port)
+        assert value(text, "zmqdist_retries_total") == 2
+        assert value(text, "zmqdist_stream_parts_total") == 25
+        assert value(text, "zmqdist_replies_total", status="cancelled") == 1
+        assert value(text, "zmqdist_replies_total", status="interrupted") == 0
+        assert value(text, "zmqdist_joined_total") == 2
+    finally:
+        w.stop(drain=False)
+        b.stop()
