@@ -7,6 +7,7 @@ _native.install()  # compiled or pure-Python hot modules: chosen before any of t
 from zmqdist import protocol as _protocol  # noqa: E402
 from zmqdist.broker import Broker  # noqa: E402
 from zmqdist.client import AsyncClient, AsyncStream, Client, RequestFuture, Stream  # noqa: E402
+from zmqdist.codec import Codec  # noqa: E402
 from zmqdist.context import RequestContext, current_request  # noqa: E402
 from zmqdist.errors import (  # noqa: E402
     Busy,
@@ -27,8 +28,6 @@ from zmqdist.errors import (  # noqa: E402
 )
 from zmqdist.policy import Retry  # noqa: E402
 from zmqdist.worker import Worker  # noqa: E402
-
-Codec = _protocol.Codec
 
 _native.confirm(_protocol)
 

@@ -38,6 +38,7 @@ from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.clock import Clock
+from zmqdist.codec import Codec
 from zmqdist.context import RequestContext, reset_current, set_current
 from zmqdist.core.worker import Abort, Execute, Window
 from zmqdist.policy import Retry
@@ -158,7 +159,7 @@ def _context(task: Execute, clock: Clock, flag: Gate | AsyncGate, report: Callab
     return RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace, clock, flag, report)
 
 
-def run_task(svc: Service, task: Execute, clock: Clock, codec: p.Codec | None, post: Post, gate: Gate) -> None:
+def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> None:
     """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
     ticket, session = task.ticket, task.session
 
@@ -185,7 +186,7 @@ def run_task(svc: Service, task: Execute, clock: Clock, codec: p.Codec | None, p
     post(("done", ticket, session, ok, payload, retry))
 
 
-def _drain(gen: Iterator[Any], task: Execute, clock: Clock, codec: p.Codec | None, post: Post, gate: Gate) -> Any:
+def _drain(gen: Iterator[Any], task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> Any:
     """Run a generator handler: its values as parts of a stream (each asked for only when it may be
     sent), or, for a caller that did not ask for a stream, as one list. Returns what it returns."""
     if not task.window:
@@ -237,7 +238,7 @@ class Executors:
         isolation: str,
         mailbox: Mailbox,
         clock: Clock,
-        codec: p.Codec | None = None,
+        codec: Codec | None = None,
     ) -> None:
         self._services = services
         self._clock = clock  # the worker's: a task's deadline was made with it
@@ -424,6 +425,9 @@ def child_main(conn: Any, parent: int) -> None:
                 msg = conn.recv()
             except (EOFError, OSError):
                 os._exit(0)  # the worker is gone
+            except Exception:  # a message that does not unpickle: say why, and die (the worker replaces us)
+                traceback.print_exc()
+                os._exit(3)
             kind = msg[0]
             cur = current[0]
             if kind == "run":
@@ -443,7 +447,8 @@ def child_main(conn: Any, parent: int) -> None:
         item = incoming.get()
         if item is None:
             return
-        _, svc, task, clock, codec = item
+        _, fn, retry, task, clock, codec = item
+        svc = Service(fn, retry)
         gate = Gate(task.window)
         current[0] = (task.ticket, gate)
         run_task(svc, task, clock, codec, send, gate)
@@ -479,7 +484,7 @@ class _Slot:
 class Processes:
     """A fixed set of handler processes, one task each at a time (see the module docstring)."""
 
-    def __init__(self, n: int, mailbox: Mailbox, clock: Clock, codec: p.Codec | None) -> None:
+    def __init__(self, n: int, mailbox: Mailbox, clock: Clock, codec: Codec | None) -> None:
         import multiprocessing
 
         self._ctx = multiprocessing.get_context("spawn")
@@ -503,7 +508,7 @@ class Processes:
 
     def _run(self, slot: _Slot, svc: Service, task: Execute) -> None:
         try:
-            if not slot.send(("run", svc, task, self._clock, self._codec)):
+            if not slot.send(("run", svc.fn, svc.retry, task, self._clock, self._codec)):
                 log.debug("handler process gone before its task was sent: its reader reports it")
         except Exception as exc:  # pickling: e.g. a lambda as handler, or a codec of lambdas
             why = RuntimeError(f"the handler of {task.service!r} cannot run in a child process: {exc}")
@@ -547,6 +552,10 @@ class Processes:
                 msg = slot.conn.recv()
             except (EOFError, OSError):
                 break
+            except Exception:  # cannot happen with our own messages; if it does, start afresh
+                log.exception("a message from a handler process could not be read: the process is replaced")
+                slot.proc.kill()
+                continue
             post(msg)
             if msg[0] == "done":
                 self._next(slot)

@@ -24,6 +24,7 @@ import zmq
 
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock
+from zmqdist.codec import Codec
 from zmqdist.config import HeartbeatSettings, check_endpoints
 from zmqdist.core.client import NO_BROKER, ClientCore, ClientOut, Completed, PartIn, Progressed
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem
@@ -56,7 +57,7 @@ DEFAULT_WINDOW = 64  # stream parts a worker may send ahead of the consumer
 
 
 def outcome(
-    c: Completed, service: str, trace: str = "", endpoints: tuple[str, ...] = (), codec: p.Codec | None = None
+    c: Completed, service: str, trace: str = "", endpoints: tuple[str, ...] = (), codec: Codec | None = None
 ) -> tuple[bool, Any]:
     """Return (True, value) for a success, or (False, the exception a caller should see)."""
     if c.status == p.ST_OK:
@@ -262,14 +263,14 @@ class Client:
         server_key: str | None = None,
         key: str | None = None,
         backlog: int = 100_000,
-        codec: p.Codec | None = None,
+        codec: Codec | None = None,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoints = check_endpoints(endpoints, "client")
         if not isinstance(backlog, int) or backlog < 1:
             raise ConfigError(f"backlog must be a whole number of at least 1, got {backlog!r}")
-        if codec is not None and not isinstance(codec, p.Codec):
+        if codec is not None and not isinstance(codec, Codec):
             raise ConfigError(f"codec must be a zmqdist.Codec, got {codec!r}")
         self.codec = codec
         self.backlog = backlog

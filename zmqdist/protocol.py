@@ -5,7 +5,8 @@ Rules of this module:
 2. Every message is exactly two frames after any routing identity: a *head* and a *payload*.
    head = b"ZD" + version byte + command byte + msgpack array of the header fields;
    payload = opaque bytes that brokers never decode (empty for control messages).
-3. msgpack is called from this module only.
+3. msgpack is called from this module only (and from :mod:`zmqdist.codec`, the application's
+   values: that one is left uncompiled, so that a codec pickles for handler processes).
 4. Decoding validates every field and raises :class:`RemoteProtocolError` with an error code (and the
    request id when one could be read), so a broker can answer instead of crashing. Trailing header
    fields it does not know are ignored: a newer minor revision may append fields.
@@ -16,12 +17,11 @@ build, which matters on the broker's per-request path (measured: 0.25 us against
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 import msgpack
 
-from zmqdist.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from zmqdist.errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC: Final = b"ZD"
 VERSION: Final = 1
@@ -856,87 +856,15 @@ def encode(msg: Message) -> tuple[bytes, bytes]:
 # --- payload values (what client and worker APIs put in the opaque payload frame) -------------
 
 
-class Codec:
-    """How application values become payloads and back: msgpack, with hooks for the application's
-    own types. Give the same codec to the :class:`~zmqdist.Client` and the :class:`~zmqdist.Worker`.
+class ValueCodec(Protocol):
+    """What turns application values into payloads and back (:class:`zmqdist.codec.Codec`)."""
 
-    ``register(cls, code, encode, decode)`` maps a type to a msgpack extension type (``code``
-    0 to 127, ``encode(obj) -> bytes``, ``decode(bytes) -> obj``): datetimes, dataclasses, numpy
-    arrays need no conversion by hand (docs/semantics.md shows each). ``default`` and
-    ``ext_hook`` are msgpack's own hooks, for full control (they run after the registered types).
-    ``tuples=True`` gives tuples back as tuples (msgpack has one array type: lists by default).
-    With ``isolation="process"`` the codec goes to the child processes: its functions must be
-    importable (module level, not lambdas).
-    """
+    def pack(self, value: Any) -> bytes: ...
 
-    def __init__(
-        self,
-        *,
-        default: Callable[[Any], Any] | None = None,
-        ext_hook: Callable[[int, bytes], Any] | None = None,
-        tuples: bool = False,
-    ) -> None:
-        self.default = default
-        self.ext_hook = ext_hook
-        self.tuples = tuples
-        self._by_type: dict[type, tuple[int, Callable[[Any], bytes]]] = {}
-        self._by_code: dict[int, Callable[[bytes], Any]] = {}
-
-    def register(self, cls: type, code: int, encode: Callable[[Any], bytes], decode: Callable[[bytes], Any]) -> Codec:
-        """Carry instances of ``cls`` (subclasses too) as msgpack extension type ``code``."""
-        if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 127:
-            raise ConfigError(f"an extension type code is 0 to 127, got {code!r}")
-        if code in self._by_code:
-            raise ConfigError(f"extension type code {code} is registered already")
-        self._by_type[cls] = (code, encode)
-        self._by_code[code] = decode
-        return self
-
-    def _default(self, obj: Any) -> Any:
-        for cls in type(obj).__mro__:
-            hit = self._by_type.get(cls)
-            if hit is not None:
-                data = hit[1](obj)
-                if not isinstance(data, bytes):
-                    raise TypeError(
-                        f"the encoder registered for {cls.__name__} returned {type(data).__name__}, not bytes"
-                    )
-                return msgpack.ExtType(hit[0], data)
-        if self.default is not None:
-            return self.default(obj)
-        raise TypeError(f"cannot serialise {type(obj).__name__} (register it with a Codec: docs/semantics.md)")
-
-    def _ext(self, code: int, data: bytes) -> Any:
-        decode = self._by_code.get(code)
-        if decode is not None:
-            return decode(data)
-        if self.ext_hook is not None:
-            return self.ext_hook(code, data)
-        return msgpack.ExtType(code, data)
-
-    def pack(self, value: Any) -> bytes:
-        """Return ``value`` as msgpack bytes. Raises :class:`TypeError` if it cannot be encoded."""
-        try:
-            data: bytes = msgpack.packb(value, use_bin_type=True, default=self._default)
-            return data
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(f"value of type {type(value).__name__} is not serialisable: {exc}") from exc
-
-    def unpack(self, data: bytes) -> Any:
-        """Return the value packed in ``data``. Raises :class:`ValueError` for bad msgpack."""
-        try:
-            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=not self.tuples, ext_hook=self._ext)
-        except Exception as exc:
-            raise ValueError(f"payload is not valid msgpack: {exc}") from exc
-
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+    def unpack(self, data: bytes) -> Any: ...
 
 
-def pack_value(value: Any, codec: Codec | None = None) -> bytes:
+def pack_value(value: Any, codec: ValueCodec | None = None) -> bytes:
     """Return ``value`` as msgpack bytes (through ``codec`` if given). Raises :class:`TypeError`
     if it cannot be encoded."""
     if codec is not None:
@@ -948,7 +876,7 @@ def pack_value(value: Any, codec: Codec | None = None) -> bytes:
         raise TypeError(f"value of type {type(value).__name__} is not msgpack-serialisable: {exc}") from exc
 
 
-def unpack_value(data: bytes, codec: Codec | None = None) -> Any:
+def unpack_value(data: bytes, codec: ValueCodec | None = None) -> Any:
     """Return the value packed in ``data`` (through ``codec`` if given). Raises :class:`ValueError`
     for bad msgpack."""
     if codec is not None:

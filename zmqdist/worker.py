@@ -22,6 +22,7 @@ import zmq
 from zmqdist import protocol as p
 from zmqdist._handlers import Executors, Handler, Service
 from zmqdist.clock import Clock, MonotonicClock
+from zmqdist.codec import Codec
 from zmqdist.config import HeartbeatSettings, check_endpoints
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
 from zmqdist.core.worker import Abort, Execute, Window, WorkerCore, WorkerOut
@@ -53,9 +54,9 @@ class Worker:
         key: str | None = None,
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
-        codec: p.Codec | None = None,
+        codec: Codec | None = None,
     ) -> None:
-        if codec is not None and not isinstance(codec, p.Codec):
+        if codec is not None and not isinstance(codec, Codec):
             raise ConfigError(f"codec must be a zmqdist.Codec, got {codec!r}")
         self.codec = codec
         self.endpoints: tuple[str, ...] = ()
