@@ -144,6 +144,16 @@ class BrokerSettings:
     advert_interval_s: float = option(
         0.005, "a proxy tells its upstream about capacity changes at most this often (seconds)", lo=0, hi=60
     )
+    overflow: str = option(
+        "latency",
+        "latency: work goes to another broker only when its expected wait for a slot here exceeds "
+        "the link's round trip plus the service time there (docs/tiers.md); credit: whenever "
+        "no slot here is free and the other broker has credit",
+        choices=("latency", "credit"),
+    )
+    overflow_bias_ms: float = option(
+        0.0, "with --overflow latency: a cost added to going to another broker (ms; > 0 keeps more local)", lo=0
+    )
     backoff_s: float = option(0.25, "first jittered pause before a proxy registers upstream again (seconds)", lo=0)
     backoff_max_s: float = option(4.0, "longest pause before a proxy registers upstream again (seconds)", lo=0, hi=3600)
     forget_service_s: float = option(

@@ -212,6 +212,7 @@ class Heartbeat(NamedTuple):
     seq: int
     held: tuple[int, ...]
     epoch: int = 0  # optional trailing field: a paired broker's epoch (peers send 0)
+    rtt_us: int = 0  # optional trailing field: a proxy's measured round trip to its upstream (us)
 
 
 class Credit(NamedTuple):
@@ -539,7 +540,7 @@ _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
         lambda v: _is_int(v, 0, MAX_ID),
         lambda v: _is_int(v, 0, MAX_ID),
     ),
-    Heartbeat: (lambda v: _is_int(v, 0, MAX_ID),),
+    Heartbeat: (lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID)),
     Bye: (_is_short, _is_short),
     PairState: (lambda v: v in (0, 1) and type(v) is int,),
     Request: (_is_short, _is_short, _is_window, _is_retry),

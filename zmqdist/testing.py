@@ -441,7 +441,8 @@ class SimBroker(_Node):
             if sim.lost(self.ident_of_endpoint(), ident):
                 continue
             frames = p.encode(msg)
-            sim.at(now + sim.latency, functools.partial(sim.deliver_to_node, ident, frames, node.conn))
+            delay = sim.latency + (sim.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
+            sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, frames, node.conn))
         for ident, (n, cap) in self.core.worker_load().items():
             if n > cap:
                 raise InvariantError(f"worker {ident!r} holds {n} tasks at {self.name}, capacity {cap}")
@@ -518,6 +519,7 @@ class Simulation:
         self.pair_down_until: dict[str, float] = {}
         self.pair_reconnect_s = 0.0
         self.cut_links: set[frozenset[bytes]] = set()  # (node, broker endpoint) connections cut
+        self.far: dict[str, float] = {}  # broker name -> one-way delay added on its upstream link
         self.tasks_sent: list[tuple[float, bytes]] = []
         self.add_broker("broker", settings=self.settings)
 
@@ -684,7 +686,8 @@ class Simulation:
             return
         frames = p.encode(msg)
         ident = node.ident
-        self.at(self.clock.now() + self.latency, functools.partial(self._to_broker, broker, node, ident, frames))
+        delay = self.latency + (self.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
+        self.at(self.clock.now() + delay, functools.partial(self._to_broker, broker, node, ident, frames))
 
     def _to_broker(self, broker: SimBroker, node: _Node, ident: bytes, frames: tuple[bytes, bytes]) -> None:
         # A connection carries messages only while both ends are on it.

@@ -159,8 +159,12 @@ def test_optional_trailing_fields_default_when_absent():
     assert welcome == p.Welcome("b", "i", 250, 4, 0, "") and welcome.epoch == 0 and welcome.peer == ""
     welcome = p.decode(p.HEAD_PREFIX[p.Welcome] + msgpack.packb(["b", "i", 250, 4, 9]), b"")
     assert welcome.epoch == 9 and welcome.peer == ""
-    hb = p.decode(p.HEAD_PREFIX[p.Heartbeat] + msgpack.packb([0, "i", 1, [], 4, "future"]), b"")
-    assert hb.epoch == 4 and len(hb) == 5
+    hb = p.decode(p.HEAD_PREFIX[p.Heartbeat] + msgpack.packb([0, "i", 1, [], 4]), b"")
+    assert hb.epoch == 4 and hb.rtt_us == 0  # a peer from before rtt_us
+    hb = p.decode(p.HEAD_PREFIX[p.Heartbeat] + msgpack.packb([0, "i", 1, [], 4, 1500, "future"]), b"")
+    assert hb.epoch == 4 and hb.rtt_us == 1500 and len(hb) == 6
+    with pytest.raises(p.RemoteProtocolError, match="rtt_us"):
+        p.decode(p.HEAD_PREFIX[p.Heartbeat] + msgpack.packb([0, "i", 1, [], 4, -1]), b"")
 
 
 OPS = [

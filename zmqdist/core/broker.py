@@ -622,6 +622,8 @@ class BrokerCore(BrokerMachine):
             self._heard_client(peer, now)
             return [(peer, self._pong)]
         out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, (), self._epoch))]
+        if m.rtt_us and type(w) is BrokerMember:
+            w.rtt = m.rtt_us / 1e6  # a proxy's own measure of its link to us
         adopted = w.adopted and m.incarnation == self.incarnation  # its first heartbeat since WELCOME
         if adopted:
             w.adopted = False
@@ -681,9 +683,8 @@ class BrokerCore(BrokerMachine):
     def _on_credit(self, peer: bytes, w: Member | None, m: p.Credit, now: float) -> list[Out]:
         if w is None:
             return [(peer, p.Reconnect("unknown worker: register again"))]
-        w.capacity = m.capacity
         out: list[Out] = []
-        self.d.offer(w)
+        self.d.set_capacity(w, m.capacity)
         self.d.pump_services(w, now, out)
         return out
 

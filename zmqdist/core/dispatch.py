@@ -46,12 +46,15 @@ from zmqdist.core.records import (
     Out,
     Pool,
     Req,
+    WorkerMember,
 )
 
 # What an Overflow hook says of a request no member can take now.
 WAIT = 0  # nothing can take it: stop dispatching this pool until capacity changes
 SKIP = 1  # this one may not go anywhere else (yet); requests behind it may
+KEEP = 2  # this one is served sooner here; the last in the queue may be worth sending on
 # Any other value is the hook's own: dispatch takes the request out of the queue and calls take().
+EWMA = 0.2  # weight of the newest sample in the recent service times (latency-aware overflow)
 
 
 class Overflow:
@@ -61,8 +64,9 @@ class Overflow:
         """Is there anywhere else to send work at all? (A queue with no member is pumped then.)"""
         return False
 
-    def place(self, req: Req, pool: Pool, now: float) -> int:
-        """WAIT, SKIP, or a verdict of the hook's own for :meth:`take`."""
+    def place(self, req: Req, pool: Pool, now: float, ahead: int) -> int:
+        """WAIT, SKIP, KEEP, or a verdict of the hook's own for :meth:`take`; ``ahead``: how many
+        requests are queued before ``req``."""
         return WAIT
 
     def take(self, req: Req, verdict: int, now: float, out: list[Out]) -> None:
@@ -86,6 +90,13 @@ class Overflow:
     def unserved(self) -> str:
         """Words to add when a request expired because no member serves its service."""
         return ""
+
+
+def away(pool: Pool, took: float) -> None:
+    """A request came back from another broker ``took`` seconds (beyond the link's round trip)
+    after it went there: fold that into the pool's recent time away."""
+    took = max(took, 0.0)
+    pool.away = took if pool.away < 0.0 else pool.away + EWMA * (took - pool.away)
 
 
 class Dispatcher:
@@ -153,7 +164,10 @@ class Dispatcher:
             pool = self.pools.get(s)
             if pool is None:
                 pool = self.pools[s] = Pool(s)
-            pool.members.add(m)
+            if m not in pool.members:
+                pool.members.add(m)
+                if type(m) is WorkerMember:
+                    pool.local += m.capacity
             if pool.idle_since is not None:
                 pool.idle_since = None
                 self.idle.pop(s, None)
@@ -162,10 +176,22 @@ class Dispatcher:
         """``m`` no longer serves ``services``."""
         for s in services:
             pool = self.pools.get(s)
-            if pool is not None:
+            if pool is not None and m in pool.members:
                 pool.members.discard(m)
+                if type(m) is WorkerMember:
+                    pool.local -= m.capacity
                 if not pool.members and not pool.queue and pool.idle_since is None:
                     pool.idle_since = self.idle[s] = now
+
+    def set_capacity(self, w: Member, capacity: int) -> None:
+        """Member ``w`` now has ``capacity`` slots (a worker's CREDIT)."""
+        if type(w) is WorkerMember:
+            for s in w.services:
+                pool = self.pools.get(s)
+                if pool is not None and w in pool.members:
+                    pool.local += capacity - w.capacity
+        w.capacity = capacity
+        self.offer(w)
 
     def sweep(self, now: float) -> None:
         """Forget the services idle for ``forget_service_s`` (rule 7)."""
@@ -360,6 +386,8 @@ class Dispatcher:
                 entry = heap[0]
                 w = entry[4]
                 if entry[3] == w.version and w.alive:
+                    if type(w) is BrokerMember and pool.local and not self.worth_away(pool, w.rtt, 0):
+                        break  # a downstream broker, and a slot here frees sooner: queue it
                     heappop(heap)
                     self.assign(req, w, now, out)
                     return
@@ -533,10 +561,28 @@ class Dispatcher:
                 queue.popleft()
                 continue
             w = self.take(pool, req) if pool.heap else None
+            if w is not None and type(w) is BrokerMember and pool.local:
+                # No worker here is free, a downstream broker is: worth it for the last queued?
+                last = len(queue) - 1
+                if not self.worth_away(pool, w.rtt, last):
+                    entry = w.entry(pool.name)  # back in the heap as it was: a slot here frees sooner
+                    if entry is not None:
+                        heappush(pool.heap, entry)
+                    w = None
+                elif last:
+                    tail = reqs.get(queue[-1])
+                    if tail is not None and tail.state == QUEUED and w.may_take(tail.hops) and tail.deadline > now:
+                        queue.pop()  # the one that would wait longest here goes
+                        self.dequeued(tail)
+                        self.assign(tail, w, now, out)
+                        continue
             if w is None:
-                verdict = overflow.place(req, pool, now)
+                verdict = overflow.place(req, pool, now, 0)
                 if verdict == WAIT:
                     break  # wait for a member's slot, or for credit elsewhere
+                if verdict == KEEP:
+                    self.send_on_last(pool, now, out)
+                    break
                 queue.popleft()
                 if verdict == SKIP:
                     if aside is None:
@@ -555,6 +601,35 @@ class Dispatcher:
             self.assign(req, w, now, out)
         if aside:
             queue.extendleft(reversed(aside))
+
+    def send_on_last(self, pool: Pool, now: float, out: list[Out]) -> None:
+        """The head of ``pool``'s queue is served sooner here (KEEP): offer the overflow hook the
+        requests at the back, the last first, while it takes them."""
+        queue = pool.queue
+        reqs = self.reqs
+        overflow = self.overflow
+        while len(queue) > 1:
+            req = reqs.get(queue[-1])
+            if req is None or req.state != QUEUED:
+                queue.pop()
+                continue
+            verdict = overflow.place(req, pool, now, len(queue) - 1)
+            if verdict in (WAIT, SKIP, KEEP):
+                return
+            queue.pop()
+            self.dequeued(req)
+            overflow.take(req, verdict, now, out)
+
+    def worth_away(self, pool: Pool, rtt: float, ahead: int) -> bool:
+        """Is a request with ``ahead`` requests queued before it served sooner by another broker,
+        over a link of round trip ``rtt``, than by a worker's slot here? The expected wait here is
+        (ahead + 1) x service time / slots; away, the round trip plus the service time there (our
+        own until measured) plus the bias. True when we cannot tell (no workers, nothing measured):
+        then credit alone decides, as with ``overflow="credit"``."""
+        if pool.local <= 0 or pool.svc <= 0.0 or self.settings.overflow != "latency":
+            return True
+        away = pool.away if pool.away >= 0.0 else pool.svc
+        return (ahead + 1) * pool.svc / pool.local > rtt + away + self.settings.overflow_bias_ms / 1000
 
     def pump_services(self, w: Member, now: float, out: list[Out]) -> None:
         """Dispatch what waits for any service of ``w`` (it has just gained free capacity)."""
@@ -674,7 +749,14 @@ class Dispatcher:
                     if status == p.ST_FAILED:
                         w.failed += 1
                     if from_holder:
-                        w.busy_s += now - req.t_out
+                        took = now - req.t_out
+                        w.busy_s += took
+                        pool = self.pools.get(req.service)
+                        if pool is not None and status != p.ST_CANCELLED:
+                            if type(w) is WorkerMember:
+                                pool.svc = took if pool.svc <= 0.0 else pool.svc + EWMA * (took - pool.svc)
+                            elif type(w) is BrokerMember:
+                                away(pool, took - w.rtt)
                 if self.h_service is not None and from_holder:
                     self.h_service.observe(now - req.t_out)
                 if delay_ms < 0 or req.cancelled or req.parts or not self.run_again(req, w, delay_ms, now, out):

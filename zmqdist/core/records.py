@@ -270,7 +270,7 @@ class BrokerMember(Member):
     """A downstream broker (a proxy): it takes tasks of a service within the spare capacity it
     advertised (``spare``, valid for one ttl) less the tasks sent since (``load``)."""
 
-    __slots__ = ("adv_at", "down_spare", "held_from", "load", "spare", "svc_of")
+    __slots__ = ("adv_at", "down_spare", "held_from", "load", "rtt", "spare", "svc_of")
 
     def __init__(self, ident: bytes, name: str, serial: int, now: float, ttl: float) -> None:
         super().__init__(ident, name, (), 0, serial, now, ttl)
@@ -280,6 +280,7 @@ class BrokerMember(Member):
         self.svc_of: dict[int, str] = {}  # ticket -> service of our tasks it holds
         self.held_from: dict[str, int] = {}  # its requests we hold, per service
         self.down_spare: tuple[tuple[str, int], ...] | None = None  # our last advert to it
+        self.rtt = 0.0  # the round trip of its link to us, as it measured it (its heartbeats say)
 
     def kind(self) -> str:
         return "brokers"
@@ -297,7 +298,8 @@ class BrokerMember(Member):
         if free <= 0:
             return None
         n = self.load.get(service, 0)
-        return (n / (n + free), self.last_used, self.serial, self.version, self)
+        # After every worker with a free slot (1 + its load): a free slot here is never farther.
+        return (1.0 + n / (n + free), self.last_used, self.serial, self.version, self)
 
     def may_take(self, hops: tuple[str, ...]) -> bool:
         return self.name not in hops  # never back to a broker the request has passed
@@ -413,7 +415,7 @@ class Req:
 class Pool:
     """Members of one service (a heap by load, then least recently used) and its FIFO queue."""
 
-    __slots__ = ("heap", "idle_since", "members", "name", "queue")
+    __slots__ = ("away", "heap", "idle_since", "local", "members", "name", "queue", "svc")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -421,6 +423,12 @@ class Pool:
         self.queue: deque[int] = deque()
         self.members: set[Member] = set()
         self.idle_since: float | None = None  # its last member left, nothing queued: forgotten later
+        # For latency-aware overflow (docs/tiers.md): the slots of its workers (not brokers), the
+        # recent service time of those workers, and the recent time a request spent at another
+        # broker beyond the link's round trip (seconds; 0.0 / -1.0 while not measured).
+        self.local = 0
+        self.svc = 0.0
+        self.away = -1.0
 
 
 class Copy:

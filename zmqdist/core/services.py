@@ -234,6 +234,7 @@ class Services:
                 "inflight": len(w.inflight),
                 "served": w.served,
                 "silent_s": round(now - w.seen, 3),
+                "rtt_ms": round(w.rtt * 1000, 3),
             }
             for w in members
             if isinstance(w, BrokerMember)
@@ -253,6 +254,9 @@ class Services:
                 "capacity": capacity,
                 "inflight": inflight,
                 "queued": sum(1 for t in pool.queue if (r := d.reqs.get(t)) and r.state == QUEUED),
+                "local_slots": pool.local,
+                "service_ms": round(pool.svc * 1000, 3),  # recent, of this broker's own workers
+                "away_ms": round(pool.away * 1000, 3) if pool.away >= 0 else None,  # beyond the round trip
             }
         st: dict[str, object] = {
             "broker": self.name,

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
-from zmqdist.core.dispatch import SKIP, WAIT, Dispatcher, Overflow
+from zmqdist.core.dispatch import KEEP, SKIP, WAIT, Dispatcher, Overflow, away
 from zmqdist.core.link import BrokerLink, Problem
 from zmqdist.core.records import (
     ASSIGNED,
@@ -44,9 +44,9 @@ from zmqdist.core.records import (
 )
 
 # Verdicts of Tiers.place (beside dispatch's WAIT and SKIP).
-UP = 2  # forward it to the upstream broker
-REFUSE_UP = 3  # handed down by our upstream and nothing here can take it: give it back (BUSY)
-RETURN = 4  # from a downstream broker that serves it itself: give it back (BUSY) rather than hold it
+UP = 3  # forward it to the upstream broker
+REFUSE_UP = 4  # handed down by our upstream and nothing here can take it: give it back (BUSY)
+RETURN = 5  # from a downstream broker that serves it itself: give it back (BUSY) rather than hold it
 
 
 def half() -> float:
@@ -67,9 +67,11 @@ class Upstream:
         "move",
         "name",
         "out_n",
+        "ping_at",
         "reason",
         "registered",
         "rng",
+        "rtt",
         "seq_seen",
         "session",
         "settings",
@@ -96,6 +98,22 @@ class Upstream:
         self.spare: dict[str, int] = {}
         self.out_n: dict[str, int] = {}
         self.adverts = 0  # adverts received (a request the upstream returned waits for a newer one)
+        # The link's round trip: a HELLO or HEARTBEAT sent at ping_at, answered by WELCOME or the
+        # upstream's HEARTBEAT (it answers each at once); a recent average, 0.0 until measured.
+        self.rtt = 0.0
+        self.ping_at: float | None = None
+
+    def pinged(self, now: float) -> None:
+        """A HELLO or HEARTBEAT went out (the first one not yet answered is timed)."""
+        if self.ping_at is None:
+            self.ping_at = now
+
+    def ponged(self, now: float) -> None:
+        """The upstream answered: one more round-trip sample."""
+        if self.ping_at is not None:
+            sample = now - self.ping_at
+            self.rtt = sample if self.rtt <= 0.0 else self.rtt + 0.25 * (sample - self.rtt)
+            self.ping_at = None
 
     def credit(self, service: str) -> int:
         """Requests of ``service`` the upstream can take from us now."""
@@ -120,6 +138,7 @@ class Upstream:
         self.last_spare = None
         self.spare = {}
         self.out_n = {}
+        self.ping_at = None
         s = self.settings
         window = min(s.backoff_max_s, s.backoff_s * 2 ** min(self.failures - 1, 30))
         self.wait_until = now + window * self.rng()
@@ -182,13 +201,15 @@ class Tiers(Overflow):
     def active(self) -> bool:
         return self.up is not None
 
-    def place(self, req: Req, pool: Pool, now: float) -> int:
+    def place(self, req: Req, pool: Pool, now: float, ahead: int) -> int:
         if type(req.client) is not bytes:
             return REFUSE_UP
         up = self.up
         # Upstream within its credit (or always, for a service nothing below us serves).
         can_up = up is not None and up.registered and (up.credit(req.service) > 0 or not pool.members)
         if can_up and up is not None and req.up_block < up.adverts and self._may_forward(req, up.name, now):
+            if pool.local and not self.d.worth_away(pool, up.rtt, ahead):
+                return KEEP  # a slot here frees before an answer from upstream could come back
             return UP
         d = self.d.members.get(req.client)
         if isinstance(d, BrokerMember) and req.service in d.services:
@@ -245,6 +266,7 @@ class Tiers(Overflow):
         assert up is not None
         req.state = FORWARDED
         req.went_up = True
+        req.t_out = now
         req.attempt += 1
         self.sent_up[req.ticket] = req
         self.counters.forwarded_up += 1
@@ -306,12 +328,14 @@ class Tiers(Overflow):
                     self._lose_upstream(now, why, True, out)
                 else:
                     up.seq_seen = max(up.seq_seen, msg.seq)
+                    up.ponged(now)
             case p.Welcome():
                 if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:
                     self._lose_upstream(now, why, True, out)
                     return out
                 link.welcome(msg)
                 up.welcomed(msg.broker)
+                up.ponged(now)
                 self._advert(now, out, force=True)
                 self.d.pump_all(now, out)
             case p.Advert():
@@ -398,6 +422,9 @@ class Tiers(Overflow):
             d.dequeued(req)
         elif req.state == FORWARDED:
             self.recall(req)
+            pool = d.pools.get(req.service)
+            if pool is not None and self.up is not None and m.status != p.ST_CANCELLED:
+                away(pool, now - req.t_out - self.up.rtt)
         d.finish(req, m.status, m.message, m.payload, out, m.parts)
         pool = d.pools.get(req.service)
         if pool is not None and pool.queue:
@@ -473,6 +500,7 @@ class Tiers(Overflow):
                 link.incarnation = None
             hb_ms = max(1, round(self.settings.heartbeat.heartbeat_s * 1000))
             out.append((UPSTREAM, p.Hello(p.ROLE_BROKER, self.name, (), 0, hb_ms, link.top_epoch)))
+            up.pinged(now)
             return
         if link.silent(now):
             self._lose_upstream(now, f"upstream at {link.endpoint} silent for {now - link.last_heard:.2f}s", True, out)
@@ -480,7 +508,9 @@ class Tiers(Overflow):
         if up.registered:
             if link.heartbeat_due(now):
                 held = tuple(r.rid for r in self.from_up.values() if r.session == up.session)
-                out.append((UPSTREAM, p.Heartbeat(p.ROLE_BROKER, link.incarnation or "", up.seq_seen, held)))
+                rtt_us = round(up.rtt * 1e6)
+                out.append((UPSTREAM, p.Heartbeat(p.ROLE_BROKER, link.incarnation or "", up.seq_seen, held, 0, rtt_us)))
+                up.pinged(now)
             if up.advert_due(now, self.d.changes != self.up_mark):
                 self._advert(now, out)
 
@@ -592,6 +622,7 @@ class Tiers(Overflow):
             "forwarded": len(self.sent_up),
             "held": sum(1 for r in self.from_up.values() if r.session == up.session),
             "losses": up.losses,
+            "rtt_ms": round(up.rtt * 1000, 3),
         }
 
     def serves(self, service: str) -> bool:
