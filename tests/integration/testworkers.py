@@ -174,3 +174,12 @@ def _flaky(fails):
     if n <= fails:
         raise ValueError(f"run {n} of {ctx.key}")
     return n
+
+
+geo = Worker(["tcp://127.0.0.1:5555"], concurrency=2)
+
+
+@geo.service("work")
+def _work(x):
+    time.sleep(0.01)  # 10 ms of service
+    return [x, os.getpid()]
