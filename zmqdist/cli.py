@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from zmqdist.worker import Worker
 
 HELP_HB = "heartbeat interval in seconds"
 HELP_LIVE = "missed heartbeats before a peer is declared dead"
-LONG_RUNNING = ("broker", "worker", "demo", "up")  # these log at INFO by default; the rest only warn
+LONG_RUNNING = ("broker", "worker", "demo", "up", "load")  # these log at INFO by default; the rest only warn
 
 
 class Setting(click.Option):
@@ -601,12 +602,93 @@ def load_bench_lab() -> Any:
     return module
 
 
-@main.command(short_help="A broker, three workers and a client load, shown live.")
-@option("--duration", type=SECONDS, default=6.0, help="seconds of load before the summary")
-@option("--kill/--no-kill", default=True, help="SIGKILL one worker halfway to show requeue")
+@main.command(short_help="A broker, three workers and a client load, shown live (--geo: regions).")
+@option("--duration", type=SECONDS, default=None, help="seconds of load before the summary [default: 6; --geo: 20]")
+@option("--kill/--no-kill", default=True, help="SIGKILL one worker halfway to show requeue (--geo: a proxy)")
+@option("--geo", is_flag=True, help="run examples/geo: a master pair and two regions, each a proxy pair")
 @_logging_options
-def demo(duration: float, kill: bool) -> None:
-    """Start a broker, three workers of different speeds and a client load; show how work is shared."""
+def demo(duration: float | None, kill: bool, geo: bool) -> None:
+    """Start a broker, three workers of different speeds and a client load; show how work is shared.
+
+    With --geo: the topology of examples/geo (a master pair, two regions of a proxy pair, workers
+    and a client load each); shows per region what was served locally, what overflowed and where
+    it was served, and (with --kill) the takeover when the active proxy of one region dies."""
     from zmqdist import demo as demo_mod
 
-    sys.exit(demo_mod.run(duration=duration, kill=kill))
+    if geo:
+        sys.exit(demo_mod.run_geo(duration=duration or 20.0, kill=kill))
+    sys.exit(demo_mod.run(duration=duration or 6.0, kill=kill))
+
+
+@main.command(short_help="Start every process of a topology file; show them live; stop them all.")
+@click.argument("topology", type=click.Path(exists=True, dir_okay=False))
+@option("--check", is_flag=True, help="check the file and show what would start; start nothing")
+@option("--only", default=None, metavar="NAME[,NAME]", help="start only these processes (this host's share)")
+@option("--interval", type=SECONDS, default=2.0, help="seconds between refreshes of the table")
+@option("--log-dir", type=click.Path(file_okay=False), default=None, help="where each process's output goes")
+@_logging_options
+def up(topology: str, check: bool, only: str | None, interval: float, log_dir: str | None) -> None:
+    """Start the brokers, workers and client loads of TOPOLOGY (a TOML file: docs/tiers.md), show
+    them live, restart those the file says to, and stop them all on Ctrl-C/SIGTERM (brokers last)."""
+    from zmqdist import topology as topo_mod
+    from zmqdist.up import Supervisor
+
+    try:
+        topo = topo_mod.load(topology)
+        procs = topo.select(only)
+    except ZmqdistError as exc:
+        _fail(exc)
+    for w in topo.warnings:
+        click.echo(f"warning: {w}", err=True)
+    if not click.get_current_context().meta.get("zmqdist.verbose"):
+        # The table shows what the status clients see; their reconnects to passive brokers are noise.
+        logging.getLogger("zmqdist.client").setLevel(logging.WARNING)
+    if check:
+        kinds = {k: sum(1 for p in procs if p.kind == k) for k in ("broker", "worker", "load")}
+        click.echo(f"{topology}: valid; {kinds['broker']} brokers, {kinds['worker']} workers, {kinds['load']} loads")
+        for p in procs:
+            click.echo(f"  {p.name:20} zmqdist {' '.join(p.args)}" + ("  (restart)" if p.restart else ""))
+        return
+    Supervisor(topo, procs, sys.stdout, interval=interval, log_dir=log_dir).run()
+
+
+@main.command(short_help="Send a steady load to SERVICE; report each second (JSON lines).")
+@click.argument("service")
+@_connect_option()
+@option("--rate", type=click.FloatRange(0, 1_000_000, min_open=True), default=10.0, help="requests a second")
+@option("--value", default="null", help="the request's value, as JSON")
+@option("--timeout", type=SECONDS, default=10.0, help="seconds before a request gives up")
+@option("--inflight", type=click.IntRange(1), default=1000, help="open requests at most (the rest are held)")
+@option("--duration", type=SECONDS, default=None, help="stop after this many seconds [default: at SIGTERM]")
+@option("--name", default=None, help="client name shown in the broker's logs")
+@_key_options
+@_logging_options
+def load(
+    service: str,
+    connect: tuple[str, ...],
+    rate: float,
+    value: str,
+    timeout: float,
+    inflight: int,
+    duration: float | None,
+    name: str | None,
+    server_key: str | None,
+    key: str | None,
+) -> None:
+    """Send RATE requests a second of VALUE to SERVICE until SIGINT/SIGTERM (or --duration)."""
+    from zmqdist.loadgen import Load
+
+    try:
+        arg = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--value") from exc
+    if not connect:
+        raise click.UsageError("--connect is required (broker endpoints, failover order)")
+    try:
+        with Client(list(connect), timeout=timeout, name=name, server_key=server_key, key=key) as c:
+            gen = Load(c, service, rate, arg, timeout, inflight)
+            if duration is not None:
+                threading.Timer(duration, gen.stop).start()
+            _run_until_signal(lambda: gen.run(sys.stdout), gen.stop)
+    except ZmqdistError as exc:
+        _fail(exc)

@@ -14,7 +14,8 @@ import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import Future
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, cast
 
 from zmqdist.broker import Broker
 from zmqdist.client import Client
@@ -138,3 +139,133 @@ def run(duration: float = 6.0, kill: bool = True, out: Any = None) -> int:
                 pr.kill()
                 pr.wait()
         broker.stop()
+
+
+GEO = Path(__file__).resolve().parents[1] / "examples" / "geo" / "topology.toml"
+
+
+class _Tally:
+    """Counts read from brokers' status over time: a count that drops (a restart, a worker that
+    left) keeps what it had counted, so totals only grow."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], int] = {}
+        self.banked: dict[tuple[str, str], int] = {}
+
+    def see(self, broker: str, what: str, value: int) -> None:
+        k = (broker, what)
+        last = self.last.get(k, 0)
+        if value < last:
+            self.banked[k] = self.banked.get(k, 0) + last - value
+        self.last[k] = value
+
+    def total(self, brokers: tuple[str, ...], what: str) -> int:
+        return sum(self.last.get((b, what), 0) + self.banked.get((b, what), 0) for b in brokers)
+
+
+class _Events:
+    """Passes on the supervisor's lines about processes that ended or started again."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def write(self, text: str) -> None:
+        if "ended" in text or "again" in text:
+            self.out.write("  " + text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def run_geo(duration: float = 20.0, kill: bool = True, out: Any = None) -> int:
+    """Run examples/geo (a master pair, two regions of a proxy pair each) under its client loads;
+    show per region what was served locally, what overflowed and where; with ``kill``, SIGKILL
+    east's active proxy halfway. Return 0 when no user request failed."""
+    from zmqdist import topology
+    from zmqdist.up import Supervisor
+
+    out = out or sys.stdout
+    if not GEO.is_file():
+        print(f"zmqdist demo --geo runs {GEO}, which is part of a source checkout (not found here)", file=out)
+        return 2
+    zlog = logging.getLogger("zmqdist")
+    if zlog.getEffectiveLevel() >= logging.INFO:
+        zlog.setLevel(logging.WARNING)
+    topo = topology.load(GEO)
+    sup = Supervisor(topo, topo.processes, cast(IO[str], _Events(out)), interval=1.0)
+    regions = {"east": ("east-a", "east-b"), "west": ("west-a", "west-b"), "master": ("master-a", "master-b")}
+    tally = _Tally()
+    print(
+        f"{GEO.relative_to(GEO.parents[2])}: master pair; east (1 worker, users at 300 req/s) and west "
+        "(2 workers, 100 req/s), each a proxy pair; every request 10 ms of work",
+        file=out,
+    )
+    loads = [r for r in sup.running if r.spec.kind == "load"]
+    try:
+        sup.start()
+        start = time.monotonic()
+        killed = not kill
+        next_show = start + 2
+        while time.monotonic() - start < duration:
+            sup.watch(time.monotonic())
+            now = time.monotonic()
+            if now < next_show:
+                time.sleep(0.1)
+                continue
+            next_show = now + 2
+            sup.poll_status()
+            for name, st in sup.statuses.items():
+                if st is None or (st.get("ha") or {}).get("state") == "passive":
+                    continue
+                c = st.get("counters") or {}
+                tally.see(name, "here", sum(w.get("served", 0) for w in st.get("workers", [])))
+                tally.see(name, "up", c.get("forwarded_up", 0) - c.get("returned_from_up", 0))
+                tally.see(name, "down", sum(b.get("served", 0) for b in st.get("brokers", [])))
+                tally.see(name, "from_up", c.get("tasks_from_up", 0))
+            east, west, master = regions["east"], regions["west"], regions["master"]
+            ok = {r.spec.name: r.report.get("ok", 0) for r in loads}
+            errs = sum(sum(r.report.get("errors", {}).values()) for r in loads)
+            print(
+                f"  t={now - start:4.0f}s  east: here {tally.total(east, 'here'):6d} up {tally.total(east, 'up'):6d}"
+                f" | master: here {tally.total(master, 'here'):6d} down {tally.total(master, 'down'):6d}"
+                f" | west: here {tally.total(west, 'here'):6d} (from master {tally.total(west, 'from_up'):5d})"
+                f" | users ok {sum(ok.values()):6d} errors {errs}",
+                file=out,
+            )
+            if not killed and now - start >= duration / 2:
+                active = next(
+                    (n for n in east if ((sup.statuses.get(n) or {}).get("ha") or {}).get("state") == "active"), None
+                )
+                victim = next((r for r in sup.running if r.spec.name == active), None)
+                if victim is not None and victim.popen is not None:
+                    victim.popen.send_signal(signal.SIGKILL)
+                    killed = True
+                    print(
+                        f"  t={now - start:4.0f}s  SIGKILL {active}, east's active proxy: its pair takes over", file=out
+                    )
+        sup.poll_status()
+        reports = {r.spec.name: r.report for r in loads}
+    finally:
+        sup.stop()
+    east_here, east_up = tally.total(regions["east"], "here"), tally.total(regions["east"], "up")
+    print("\nsummary", file=out)
+    for name, rep in reports.items():
+        print(
+            f"  {name:11} ok {rep.get('ok', 0):6d}  errors {sum(rep.get('errors', {}).values())} "
+            f"{rep.get('errors') or ''} "
+            f"p50 {rep.get('p50_ms', '-')} ms  p99 {rep.get('p99_ms', '-')} ms (last second)",
+            file=out,
+        )
+    total = east_here + east_up
+    print(
+        f"  east served {east_here} locally ({100 * east_here / max(total, 1):.0f}%) and sent {east_up} up: the master"
+        f" served {tally.total(regions['master'], 'here')} itself and handed {tally.total(regions['master'], 'down')}"
+        f" down to west",
+        file=out,
+    )
+    failed = sum(sum(rep.get("errors", {}).values()) for rep in reports.values())
+    print("  no user request failed" if not failed else f"  {failed} USER REQUESTS FAILED", file=out)
+    return 0 if not failed and reports else 1

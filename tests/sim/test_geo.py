@@ -109,3 +109,27 @@ def test_the_master_sends_down_only_what_would_wait_longer_than_the_round_trip()
     assert figures["latency"][0] == 0 and figures["credit"][0] > 0
     assert figures["latency"][1] < 2 * FAR * 1000 < figures["credit"][1]
     assert figures["latency"][2] > 20  # a deep queue still goes down
+
+
+def test_work_a_region_sends_up_still_flows_down_to_the_other_region_past_a_busy_master_worker():
+    """The master's own slot is busy: what region A sent up goes down to region B at once (it
+    would otherwise go back to A), though the master weighs B's link against its own queue."""
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_broker("B", upstream=("broker",))
+    sim.add_worker("central", concurrency=1, service_time=0.01)
+    sim.add_worker("wa", concurrency=2, service_time=0.01, via=("A",))
+    sim.add_worker("wb", concurrency=4, service_time=0.01, via=("B",))
+    ca = sim.add_client("ca", via=("A",))
+    sim.run_for(2.5)
+    for i in range(20):
+        ca.submit("echo", i, timeout=30)
+        sim.run_for(0.02)
+    for i in range(700):
+        ca.submit("echo", i, timeout=30)
+    sim.run_for(10)
+    assert_each_ended_once(ca, 720)
+    a, b, m = (len(sim.workers[n].executed) for n in ("wa", "wb", "central"))
+    assert a + b + m == 720
+    assert b > 300  # B has the most slots: it served the most (2 : 4 : 1)
+    assert b > a > m

@@ -91,6 +91,11 @@ class Overflow:
         """Words to add when a request expired because no member serves its service."""
         return ""
 
+    def waits_here(self, req: Req) -> bool:
+        """Would ``req`` wait in this broker's queue for a slot (rather than go back where it
+        came from)? Only then is a downstream broker weighed against that wait."""
+        return True
+
 
 def away(pool: Pool, took: float) -> None:
     """A request came back from another broker ``took`` seconds (beyond the link's round trip)
@@ -561,7 +566,7 @@ class Dispatcher:
                 queue.popleft()
                 continue
             w = self.take(pool, req) if pool.heap else None
-            if w is not None and type(w) is BrokerMember and pool.local:
+            if w is not None and type(w) is BrokerMember and pool.local and overflow.waits_here(req):
                 # No worker here is free, a downstream broker is: worth it for the last queued?
                 last = len(queue) - 1
                 if not self.worth_away(pool, w.rtt, last):
@@ -571,7 +576,13 @@ class Dispatcher:
                     w = None
                 elif last:
                     tail = reqs.get(queue[-1])
-                    if tail is not None and tail.state == QUEUED and w.may_take(tail.hops) and tail.deadline > now:
+                    if (
+                        tail is not None
+                        and tail.state == QUEUED
+                        and w.may_take(tail.hops)
+                        and tail.deadline > now
+                        and overflow.waits_here(tail)
+                    ):
                         queue.pop()  # the one that would wait longest here goes
                         self.dequeued(tail)
                         self.assign(tail, w, now, out)

@@ -246,6 +246,12 @@ class Tiers(Overflow):
     def forgotten(self, req: Req) -> None:
         self.from_up.pop(req.ticket, None)
 
+    def waits_here(self, req: Req) -> bool:
+        if type(req.client) is not bytes:
+            return False  # handed down by our upstream: refused back up if no slot is free
+        d = self.d.members.get(req.client)
+        return not (isinstance(d, BrokerMember) and req.service in d.services)  # else returned
+
     def unserved(self) -> str:
         if self.up is None:
             return ""

@@ -1,0 +1,78 @@
+"""`zmqdist up examples/geo/topology.toml` as a user runs it: start, a call through each region,
+a worker that dies is started again, SIGTERM stops everything (nothing left running)."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.integration.helpers import ROOT, wait_for
+from zmqdist import Client
+
+pytestmark = pytest.mark.integration
+
+GEO = ROOT / "examples" / "geo" / "topology.toml"
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(150)
+def test_up_starts_shows_restarts_and_stops_the_geo_topology(tmp_path):
+    up = subprocess.Popen(
+        [sys.executable, "-m", "zmqdist", "up", str(GEO), "--interval", "1", "--log-dir", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+
+        def started():
+            found = dict(re.findall(r"started \w+ ([\w-]+) \(pid (\d+)\)", "".join(lines)))
+            return found if len(found) == 12 else None
+
+        pids = wait_for(started, 30, "all 12 processes started")
+        with Client(["tcp://127.0.0.1:7200", "tcp://127.0.0.1:7201"], timeout=30) as east:
+            assert east.call("work", 1)["x"] == 1
+        with Client(["tcp://127.0.0.1:7300", "tcp://127.0.0.1:7301"], timeout=30) as west:
+            assert west.call("work", 2)["x"] == 2
+        # The table shows the pairs and where requests went.
+        wait_for(lambda: re.search(r"east-a .* active +served here \d+ +sent up \d+", "".join(lines)), 20, "table")
+        assert re.search(r"east-b +broker +\d+ up +0 +passive", "".join(lines))
+        # A worker that dies is started again (the file says restart = true), and the table says so.
+        os.kill(int(pids["east-w"]), signal.SIGKILL)
+        wait_for(lambda: "east-w ended (killed by SIGKILL); starting it again" in "".join(lines), 10, "noticed")
+        wait_for(lambda: re.search(r"east-w +worker +\d+ up +1 ", "".join(lines)), 15, "restarted once")
+        pids.update(re.findall(r"started \w+ ([\w-]+) \(pid (\d+)\)", "".join(lines)))
+        with Client(["tcp://127.0.0.1:7200", "tcp://127.0.0.1:7201"], timeout=30) as east:
+            assert east.call("work", 3)["x"] == 3
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(60) == 0
+        reader.join(5)
+        out = "".join(lines)
+        assert out.index("stopped east-users") < out.index("stopped east-w") < out.index("stopped east-a")
+        assert out.index("stopped west-b") < out.index("stopped master-a")
+        every = [int(p) for p in pids.values()] + [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
+        assert not [p for p in every if alive(p)], "processes left running"
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        reader.join(5)
+        up.stdout.close()
+        for pid in re.findall(r"\(pid (\d+)\)", "".join(lines)):
+            if alive(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
