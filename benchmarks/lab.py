@@ -482,6 +482,31 @@ def run_setup(
                 procs += [_spawn("rawworker", back, "connect") for _ in range(2)]
             time.sleep(0.3)
             client = _spawn("rawclient", front, mode, str(duration), str(payload))
+        elif setup in TIERS:
+            # client -> proxy A; workers at A (local), at the master (1 hop up) or at proxy B
+            # below the master (funnelled: A -> master -> B and back)
+            m_ep, a_ep, b_ep = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+            procs.append(_spawn_cli("broker", "--bind", m_ep, "--name", "m"))
+            a = _spawn_cli("broker", "--bind", a_ep, "--name", "a", "--upstream", m_ep)
+            procs.append(a)
+            busy = a.pid
+            worker_ep = {"tier-local": a_ep, "tier-up": m_ep, "tier-funnel": b_ep}[setup]
+            if setup == "tier-funnel":
+                procs.append(_spawn_cli("broker", "--bind", b_ep, "--name", "b", "--upstream", m_ep))
+            procs += [_spawn("zdworker", worker_ep, str(capacity), "1") for _ in range(2)]
+            from zmqdist import Client
+
+            with Client([a_ep], timeout=20) as c:  # ready: A registered upstream (and its workers in)
+                end = time.monotonic() + 20
+                while time.monotonic() < end:
+                    st = c.call("zmqdist.status")
+                    if (st["upstream"] or {}).get("registered") and (setup != "tier-local" or len(st["workers"]) == 2):
+                        break
+                    time.sleep(0.1)
+            time.sleep(1.0)
+            client = _spawn("zdclient", a_ep, mode, str(duration), str(payload))
+            procs.append(client)
+            return _measure(client, busy, 0.0, a_ep)
         else:
             ep = f"tcp://127.0.0.1:{free_port()}"
             metrics = ["--metrics-port", str(free_port())] if setup == "metrics" else []
@@ -518,6 +543,34 @@ def run_setup(
         return _measure(client, busy, idle_cpu, None if setup in ("direct", "device") else ep)
     finally:
         _stop(procs)
+
+
+TIERS = ("tier-local", "tier-up", "tier-funnel")
+HOPS = {"zmqdist": 1, "tier-local": 1, "tier-up": 2, "tier-funnel": 3}  # brokers a request passes
+
+
+def tiers(duration: float, rounds: int, payload: int) -> None:
+    """Tiers beside a single broker, same run: throughput and latency through one and two proxy
+    hops, served in the region and funnelled, with the ratios the targets are stated in."""
+    for mode in ("sync", "pipelined"):
+        setups = ["direct", "device", "zmqdist", *TIERS]
+        res: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
+        for _ in range(rounds):
+            for s in setups:
+                res[s].append(run_setup(s, mode, duration, payload))
+        m = {s: _mean(v) for s, v in res.items()}
+        print(f"tiers, {mode} ({'1 call at a time' if mode == 'sync' else f'{PIPELINE} in flight'})")
+        one = m["zmqdist"]
+        broker_adds = one["p50_us"] - m["direct"]["p50_us"]
+        for s in setups:
+            line = f"  {s:11} {_fmt(m[s])}"
+            if s in HOPS:
+                line += f"   x{m[s]['rps'] / one['rps']:.2f} one broker's throughput"
+                if s in ("tier-up", "tier-funnel"):
+                    per_hop = (m[s]["p50_us"] - one["p50_us"]) / (HOPS[s] - 1)
+                    line += f", +{per_hop:.0f} us p50 per extra broker"
+            print(line, flush=True)
+        print(f"  (one broker adds {broker_adds:.0f} us p50 over direct sockets)\n")
 
 
 def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps") -> str:
@@ -576,6 +629,8 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
                 line += f"   x{ratio:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"
             print(line, flush=True)
         print()
+    if "tiers" in only:
+        tiers(duration, rounds, payload)
     if "scale" in only:
         print("scale: 10, 100 and 1,000 workers connected, pipelined (100 in flight). Per request:")
         print("  dispatch  the broker's dispatch logic alone (sans-IO core + codec, measured in this process)")

@@ -423,7 +423,7 @@ def format_status(st: dict[str, Any]) -> str:
         lines += [
             "",
             f"upstream {up['endpoint']}: {state}; {up['forwarded']} forwarded and {up['held']} handed down "
-            f"in flight; {up['losses']} losses",
+            f"in flight; {up['losses']} losses" + (f"; round trip {up['rtt_ms']:.2f} ms" if up.get("rtt_ms") else ""),
         ]
     ha = st.get("ha")
     if ha:
@@ -577,7 +577,12 @@ def keys_generate(name: str, directory: str, services: str | None) -> None:
 @main.command(short_help="Measure throughput, latency and CPU against zmq.proxy and direct sockets.")
 @option("--duration", type=SECONDS, default=2.0, help="seconds per measured run")
 @option("--rounds", type=click.IntRange(min=1), default=2, help="alternating rounds of every setup")
-@option("--only", multiple=True, type=click.Choice(["sync", "pipelined", "api", "scale"]), help="run only these parts")
+@option(
+    "--only",
+    multiple=True,
+    type=click.Choice(["sync", "pipelined", "api", "scale", "tiers"]),
+    help="run only these parts (tiers: one and two proxy hops; not in the default run)",
+)
 @option("--payload", type=click.IntRange(min=1), default=100, help="payload bytes")
 @_logging_options
 def bench(duration: float, rounds: int, only: tuple[str, ...], payload: int) -> None:
