@@ -419,20 +419,30 @@ def _loop_cpu(ep: str) -> float:
 
 
 def _measure(
-    client: subprocess.Popen[str], busy_pid: int | None, idle_cpu_per_s: float = 0.0, broker_ep: str | None = None
+    client: subprocess.Popen[str],
+    busy_pid: int | None,
+    idle_cpu_per_s: float = 0.0,
+    broker_ep: str | None = None,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
+    """Read the client's result; add the CPU per request of ``busy_pid`` (and of ``others``, by
+    name, as ``cpu_of``) over the measured run."""
     assert client.stdout is not None
     line = client.stdout.readline()
     if line.strip() != "GO":
         err = client.stderr.read() if client.stderr else ""
         raise RuntimeError(f"bench client failed: {line} {err}")
     c0 = cpu_seconds(busy_pid) if busy_pid else 0.0
+    o0 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l0 = _loop_cpu(broker_ep) if broker_ep else 0.0
     result: dict[str, Any] = json.loads(client.stdout.readline())
     c1 = cpu_seconds(busy_pid) if busy_pid else 0.0
+    o1 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l1 = _loop_cpu(broker_ep) if broker_ep else 0.0
     client.wait(30)
     n = max(result["n"], 1)
+    if others:
+        result["cpu_of"] = {k: (o1[k] - o0[k]) / n * 1e6 for k in o0}
     if busy_pid:
         result["cpu_us"] = (c1 - c0) / n * 1e6
         result["idle_us"] = idle_cpu_per_s * result["elapsed"] / n * 1e6
@@ -486,13 +496,17 @@ def run_setup(
             # client -> proxy A; workers at A (local), at the master (1 hop up) or at proxy B
             # below the master (funnelled: A -> master -> B and back)
             m_ep, a_ep, b_ep = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-            procs.append(_spawn_cli("broker", "--bind", m_ep, "--name", "m"))
+            master = _spawn_cli("broker", "--bind", m_ep, "--name", "m")
+            procs.append(master)
+            others = {"master": master.pid}
             a = _spawn_cli("broker", "--bind", a_ep, "--name", "a", "--upstream", m_ep)
             procs.append(a)
             busy = a.pid
             worker_ep = {"tier-local": a_ep, "tier-up": m_ep, "tier-funnel": b_ep}[setup]
             if setup == "tier-funnel":
-                procs.append(_spawn_cli("broker", "--bind", b_ep, "--name", "b", "--upstream", m_ep))
+                b = _spawn_cli("broker", "--bind", b_ep, "--name", "b", "--upstream", m_ep)
+                procs.append(b)
+                others["proxy b"] = b.pid
             procs += [_spawn("zdworker", worker_ep, str(capacity), "1") for _ in range(2)]
             from zmqdist import Client
 
@@ -506,7 +520,7 @@ def run_setup(
             time.sleep(1.0)
             client = _spawn("zdclient", a_ep, mode, str(duration), str(payload))
             procs.append(client)
-            return _measure(client, busy, 0.0, a_ep)
+            return _measure(client, busy, 0.0, a_ep, others)
         else:
             ep = f"tcp://127.0.0.1:{free_port()}"
             metrics = ["--metrics-port", str(free_port())] if setup == "metrics" else []
@@ -570,6 +584,11 @@ def tiers(duration: float, rounds: int, payload: int) -> None:
                     per_hop = (m[s]["p50_us"] - one["p50_us"]) / (HOPS[s] - 1)
                     line += f", +{per_hop:.0f} us p50 per extra broker"
             print(line, flush=True)
+            if "cpu_of" in m[s] and mode == "pipelined":
+                cpus = {"proxy a": m[s]["cpu_us"], **m[s]["cpu_of"]}
+                worst = max(cpus.values())
+                each = ", ".join(f"{k} {v:.1f}" for k, v in cpus.items())
+                print(f"{'':15}broker CPU us/req: {each}; a core per broker carries {1e6 / worst:,.0f} req/s")
         print(f"  (one broker adds {broker_adds:.0f} us p50 over direct sockets)\n")
 
 
@@ -587,6 +606,8 @@ def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
     for k in ("cpu_us", "idle_us", "loop_us"):
         if all(k in r for r in rs):
             out[k] = statistics.fmean(r[k] for r in rs)
+    if all("cpu_of" in r for r in rs):
+        out["cpu_of"] = {k: statistics.fmean(r["cpu_of"][k] for r in rs) for k in rs[0]["cpu_of"]}
     return out
 
 
