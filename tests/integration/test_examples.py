@@ -1,6 +1,7 @@
 """The example topology and the demo run and report correct results."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -95,3 +96,24 @@ def test_the_examples_leave_no_temporary_folder_behind(tmp_path):
         r = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=80)
         assert r.returncode == 0, r.stdout + r.stderr
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.timeout(120)
+def test_the_geo_demo_shows_each_regions_traffic_and_survives_a_proxy_kill():
+    r = subprocess.run(
+        [sys.executable, "-m", "zmqdist", "demo", "--geo", "--duration", "10"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(east's active proxy): its pair takes over" in r.stdout
+    assert "no user request failed" in r.stdout
+    m = re.search(
+        r"east served (\d+) locally \(\d+%\) and sent (\d+) up: the master served (\d+) itself and handed (\d+)",
+        r.stdout,
+    )
+    assert m, r.stdout
+    local, up, master, down = map(int, m.groups())
+    assert local > 0 and up > 0 and master + down > 0  # east's overflow was served elsewhere

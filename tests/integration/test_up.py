@@ -1,6 +1,8 @@
 """`zmqdist up examples/geo/topology.toml` as a user runs it: start, a call through each region,
 a worker that dies is started again, SIGTERM stops everything (nothing left running)."""
 
+import itertools
+import json
 import os
 import re
 import signal
@@ -76,3 +78,44 @@ def test_up_starts_shows_restarts_and_stops_the_geo_topology(tmp_path):
         for pid in re.findall(r"\(pid (\d+)\)", "".join(lines)):
             if alive(int(pid)):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_zmqdist_load_sends_its_rate_and_reports_each_second(procs, ipc_ep):
+    procs.spawn("broker", "--bind", ipc_ep, "--name", "ld")
+    procs.spawn("worker", "testworkers:echo", "--connect", ipc_ep)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "zmqdist",
+            "-q",
+            "load",
+            "echo",
+            "--connect",
+            ipc_ep,
+            "--rate",
+            "200",
+            "--duration",
+            "3.5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=40,
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}"),
+    )
+    assert r.returncode == 0, r.stderr
+    reports = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(reports) >= 3
+    last = reports[-1]
+    assert last["errors"] == {} and last["held"] == 0
+    assert 400 <= last["ok"] <= 720  # about 200 a second since the first report
+    assert all(a["ok"] <= b["ok"] for a, b in itertools.pairwise(reports))
+    bad = subprocess.run(
+        [sys.executable, "-m", "zmqdist", "load", "echo", "--connect", ipc_ep, "--value", "{x"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr

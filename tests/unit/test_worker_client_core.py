@@ -125,6 +125,19 @@ def client():
     return c
 
 
+def test_a_burst_before_the_first_welcome_sends_one_then_the_quota_welcome_says():
+    """The quota is not known until WELCOME: one request goes at once (every quota allows one),
+    the rest wait; WELCOME's quota of 50 then lets 49 more go. (Sending the burst on a guess made a
+    client trip its own quota when a broker's is below the default.)"""
+    c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
+    c.start(0.0)
+    sent = [o for i in range(1, 101) for o in c.submit(i, "echo", b"v", 5.0, 0.0) if type(o) is p.Request]
+    assert [r.rid for r in sent] == [1]
+    out = c.receive(p.Welcome("b", "inc1", 250, 4, 0, "", 50), 0.01)
+    assert [r.rid for r in out if type(r) is p.Request] == list(range(2, 51))
+    assert c.sent == 50 and len(c.waiting) == 50
+
+
 def test_client_request_budget_undercuts_deadline_and_reply_completes_once():
     c = client()
     (req,) = c.submit(1, "echo", b"v", 2.0, 0.0)

@@ -4,7 +4,8 @@ Rules of this module:
 1. Every submitted request ends in exactly one :class:`Completed`: a reply, or a local timeout at its
    deadline. A second reply for the same request id is dropped (counted), never reported.
 2. Pacing: a client never has more requests open at its broker than the broker allows it (WELCOME
-   says its quota): the rest wait here, in order, and go as replies free room. Their deadlines count
+   says its quota; before the first WELCOME one request goes): the rest wait here, in order, and go
+   as replies free room. Their deadlines count
    from ``submit``; one that expires while it waits ends as a local timeout, never sent.
 3. Requests keep their id for life. When the broker is found to be a new run (incarnation changed) or
    the client fails over to another endpoint, every request it had sent is sent again with the same
@@ -137,7 +138,9 @@ class ClientCore:
         self.pending: dict[int, _Pending] = {}
         self.waiting: deque[int] = deque()  # submitted, not sent yet (pacing, or a move home)
         self.sent = 0  # requests at the broker now
-        self.quota = DEFAULT_QUOTA
+        # Until the first WELCOME says the broker's quota, one request may go ahead of it (every
+        # quota allows one): a burst right after start must not trip a quota not yet known.
+        self.quota = 1
         self.max_message = 0  # the broker's message limit (0: not known)
         self.registered = False
         self.heard_at = -1.0  # when any broker last sent us anything

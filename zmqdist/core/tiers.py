@@ -202,8 +202,10 @@ class Tiers(Overflow):
         return self.up is not None
 
     def place(self, req: Req, pool: Pool, now: float, ahead: int) -> int:
+        # Only the head of a queue is handed back (REFUSE_UP, RETURN): one behind it may still get
+        # a slot here first; from the back of the queue only a forward up is taken (KEEP's scan).
         if type(req.client) is not bytes:
-            return REFUSE_UP
+            return REFUSE_UP if not ahead else SKIP
         up = self.up
         # Upstream within its credit (or always, for a service nothing below us serves).
         can_up = up is not None and up.registered and (up.credit(req.service) > 0 or not pool.members)
@@ -213,7 +215,7 @@ class Tiers(Overflow):
             return UP
         d = self.d.members.get(req.client)
         if isinstance(d, BrokerMember) and req.service in d.services:
-            return RETURN
+            return RETURN if not ahead else SKIP
         return SKIP if can_up else WAIT
 
     def take(self, req: Req, verdict: int, now: float, out: list[Out]) -> None:
