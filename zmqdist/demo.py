@@ -237,7 +237,8 @@ def run_geo(duration: float = 20.0, kill: bool = True, out: Any = None) -> int:
             )
             if not killed and now - start >= duration / 2:
                 active = next(
-                    (n for n in east if ((sup.statuses.get(n) or {}).get("ha") or {}).get("state") == "active"), None
+                    (n for n in east if ((sup.statuses.get(n) or {}).get("ha") or {}).get("state") == "active"),
+                    east[0],  # no answer in time (a loaded machine): the primary, active unless it failed
                 )
                 victim = next((r for r in sup.running if r.spec.name == active), None)
                 if victim is not None and victim.popen is not None:

@@ -7,6 +7,7 @@ name the file, the line and the field. The format (docs/tiers.md has a whole exa
     restart = false             # start a process again when it dies
     stop_timeout = 10           # seconds a process has to stop after SIGTERM (then SIGKILL)
     pythonpath = ["."]          # added to every process's PYTHONPATH (relative to the file)
+    status_key = "admin.key_secret"  # CURVE: a client certificate brokers allow, for the table
 
     [[broker]]                  # any option of `zmqdist broker` (dashes or underscores)
     name = "master"
@@ -40,7 +41,7 @@ from zmqdist.config import BrokerSettings, check_endpoints, did_you_mean, load_t
 from zmqdist.errors import ConfigError
 
 KINDS = ("broker", "worker", "load")
-SETTINGS = {"restart": bool, "stop_timeout": float, "pythonpath": list}
+SETTINGS = {"restart": bool, "stop_timeout": float, "pythonpath": list, "status_key": str}
 COMMON = {"name": str, "restart": bool}
 WORKER = {
     **COMMON,
@@ -83,7 +84,7 @@ class Process:
     order: int
     entry: str  # the entry's name (counted workers share it)
     endpoints: tuple[str, ...] = ()  # a broker's bind endpoints (for status)
-    secured: bool = False  # a broker with CURVE on (the supervisor does not ask it for status)
+    key: str | None = None  # a broker's own certificate (CURVE on): its public half is the server key
 
 
 @dataclass
@@ -94,6 +95,7 @@ class Topology:
     processes: list[Process]
     stop_timeout: float = 10.0
     pythonpath: tuple[str, ...] = ()
+    status_key: str | None = None  # the supervisor's client certificate for brokers with CURVE on
     warnings: list[str] = field(default_factory=list)
 
     def select(self, only: str | None) -> list[Process]:
@@ -155,6 +157,12 @@ def load(path: str | Path) -> Topology:
         if not isinstance(entry, str):
             raise fail("settings", 0, "pythonpath", f"pythonpath must be a list of paths, got {entry!r}")
         pythonpath.append(str((path.parent / entry).resolve()))
+    status_key = None
+    if "status_key" in settings:
+        f = (path.parent / settings["status_key"]).resolve()
+        if not f.is_file():
+            raise fail("settings", 0, "status_key", f"status_key {settings['status_key']!r}: no such file ({f})")
+        status_key = str(f)
     entries: dict[str, list[dict[str, Any]]] = {}
     for kind in KINDS:
         tables = data.get(kind, [])
@@ -185,9 +193,7 @@ def load(path: str | Path) -> Topology:
         brokers.append((i, name, s, restart))
     depth = _depths(brokers, binds)
     for _, name, s, restart in brokers:
-        procs.append(
-            Process(name, "broker", tuple(_broker_args(s)), restart, depth[name], name, s.bind, s.key is not None)
-        )
+        procs.append(Process(name, "broker", tuple(_broker_args(s)), restart, depth[name], name, s.bind, s.key))
     for i, t in enumerate(entries["worker"]):
         w = _table(t, WORKER, "worker", i, fail, f"worker {t.get('name', i + 1)!r}")
         name = _name(t, "worker", i, fail)
@@ -248,7 +254,7 @@ def load(path: str | Path) -> Topology:
         if p.name in named:
             raise ConfigError(f"{path}: two processes are named {p.name!r}: names must be unique in a topology")
         named.add(p.name)
-    topo = Topology(path, procs, stop_timeout, tuple(pythonpath))
+    topo = Topology(path, procs, stop_timeout, tuple(pythonpath), status_key)
     topo.warnings = _warnings(entries, binds)
     return topo
 

@@ -188,17 +188,23 @@ class Supervisor:
     # --- what the brokers say ---------------------------------------------------------------------
 
     def poll_status(self) -> None:
-        """Ask every running broker for its status (a broker with CURVE on is not asked)."""
+        """Ask every running broker for its status (one with CURVE on only with ``status_key``)."""
+        status_key = self.topology.status_key
         for r in self.running:
             spec = r.spec
-            if spec.kind != "broker" or spec.secured or not spec.endpoints:
+            if spec.kind != "broker" or not spec.endpoints or (spec.key and not status_key):
                 continue
             if not r.alive():
                 self.statuses[spec.name] = None
                 continue
             c = self._clients.get(spec.name)
             if c is None:
-                c = self._clients[spec.name] = Client([status_endpoint(spec.endpoints[0])], name=f"up-{spec.name}")
+                c = self._clients[spec.name] = Client(
+                    [status_endpoint(spec.endpoints[0])],
+                    name=f"up-{spec.name}",
+                    server_key=spec.key,
+                    key=status_key if spec.key else None,
+                )
             try:
                 self.statuses[spec.name] = c.call("zmqdist.status", timeout=min(1.0, self.interval))
             except ZmqdistError:
@@ -212,7 +218,8 @@ class Supervisor:
             spec = r.spec
             detail = ""
             if spec.kind == "broker":
-                detail = broker_detail(self.statuses.get(spec.name), spec.secured)
+                secured = bool(spec.key) and not self.topology.status_key
+                detail = broker_detail(self.statuses.get(spec.name), secured)
             elif spec.kind == "load" and r.report:
                 rep = r.report
                 errors = sum(rep.get("errors", {}).values())
@@ -259,7 +266,7 @@ class Supervisor:
 def broker_detail(st: dict[str, Any] | None, secured: bool = False) -> str:
     """A broker's line in the table: its role in a pair, and where its requests went."""
     if secured:
-        return "(CURVE on: ask it with zmqdist status --server-key ...)"
+        return "(CURVE on: give [settings] status_key to see it here)"
     if st is None:
         return "(no answer)"
     ha = st.get("ha") or {}

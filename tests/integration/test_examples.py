@@ -108,7 +108,7 @@ def test_the_geo_demo_shows_each_regions_traffic_and_survives_a_proxy_kill():
         timeout=110,
     )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "(east's active proxy): its pair takes over" in r.stdout
+    assert "east's active proxy: its pair takes over" in r.stdout
     assert "no user request failed" in r.stdout
     m = re.search(
         r"east served (\d+) locally \(\d+%\) and sent (\d+) up: the master served (\d+) itself and handed (\d+)",

@@ -5,6 +5,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from tests.integration.helpers import ROOT, wait_for
 from zmqdist import Client
+from zmqdist.transport.security import generate
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +121,63 @@ def test_zmqdist_load_sends_its_rate_and_reports_each_second(procs, ipc_ep):
         timeout=20,
     )
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+
+
+@pytest.mark.timeout(90)
+def test_up_shows_a_curve_broker_given_a_status_key_and_says_why_not_without(tmp_path):
+    keys = tmp_path / "keys"
+    for name in ("broker", "admin", "w"):
+        generate(name, keys)
+    for role, name in (("clients", "admin"), ("workers", "w")):
+        (tmp_path / role).mkdir()
+        shutil.copy(keys / f"{name}.key", tmp_path / role)
+    ep = f"ipc://{tmp_path}/b.sock"
+    body = f"""
+[[broker]]
+name = "secure"
+bind = ["{ep}"]
+key = "keys/broker.key_secret"
+allow-clients = "clients"
+allow-workers = "workers"
+
+[[worker]]
+name = "w"
+target = "testworkers:echo"
+connect = ["{ep}"]
+server-key = "keys/broker.key"
+key = "keys/w.key_secret"
+"""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
+    for status_key, expect in (
+        ('status_key = "keys/admin.key_secret"', r"secure +broker +\d+ up +0  served here \d+"),
+        ("", r"secure .*CURVE on: give \[settings\] status_key"),
+    ):
+        topo = tmp_path / "t.toml"
+        topo.write_text(f"[settings]\n{status_key}\n{body}")
+        up = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "zmqdist",
+                "up",
+                str(topo),
+                "--interval",
+                "0.5",
+                "--log-dir",
+                str(tmp_path / "logs"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda up=up: lines.extend(iter(up.stdout.readline, "")), daemon=True)
+        reader.start()
+        try:
+            wait_for(lambda expect=expect: re.search(expect, "".join(lines)), 30, expect)
+        finally:
+            up.send_signal(signal.SIGTERM)
+            assert up.wait(30) == 0
+            reader.join(5)
+            up.stdout.close()
