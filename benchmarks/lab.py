@@ -559,6 +559,15 @@ def run_setup(
         _stop(procs)
 
 
+def alternate(setups: list[str], rounds: int, mode: str, duration: float, payload: int) -> dict[str, dict[str, Any]]:
+    """Run every setup once per round, alternating (the machine's drift hits all alike); the means."""
+    res: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
+    for _ in range(rounds):
+        for s in setups:
+            res[s].append(run_setup(s, mode, duration, payload))
+    return {s: _mean(v) for s, v in res.items()}
+
+
 TIERS = ("tier-local", "tier-up", "tier-funnel")
 HOPS = {"zmqdist": 1, "tier-local": 1, "tier-up": 2, "tier-funnel": 3}  # brokers a request passes
 
@@ -568,11 +577,7 @@ def tiers(duration: float, rounds: int, payload: int) -> None:
     hops, served in the region and funnelled, with the ratios the targets are stated in."""
     for mode in ("sync", "pipelined"):
         setups = ["direct", "device", "zmqdist", *TIERS]
-        res: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
-        for _ in range(rounds):
-            for s in setups:
-                res[s].append(run_setup(s, mode, duration, payload))
-        m = {s: _mean(v) for s, v in res.items()}
+        m = alternate(setups, rounds, mode, duration, payload)
         print(f"tiers, {mode} ({'1 call at a time' if mode == 'sync' else f'{PIPELINE} in flight'})")
         one = m["zmqdist"]
         broker_adds = one["p50_us"] - m["direct"]["p50_us"]
@@ -632,11 +637,7 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
         ]
         if "api" in only and mode not in only:
             setups = ["device", "api"]
-        res: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
-        for _ in range(rounds):
-            for s in setups:
-                res[s].append(run_setup(s, mode, duration, payload))
-        m = {s: _mean(v) for s, v in res.items()}
+        m = alternate(setups, rounds, mode, duration, payload)
         print(f"{mode} ({'1 call at a time' if mode == 'sync' else f'{PIPELINE} in flight'})")
         dev = m.get("device")
         for s in setups:
