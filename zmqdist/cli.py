@@ -650,7 +650,8 @@ def up(topology: str, check: bool, only: str | None, interval: float, log_dir: s
         logging.getLogger("zmqdist.client").setLevel(logging.WARNING)
     if check:
         kinds = {k: sum(1 for p in procs if p.kind == k) for k in ("broker", "worker", "load")}
-        click.echo(f"{topology}: valid; {kinds['broker']} brokers, {kinds['worker']} workers, {kinds['load']} loads")
+        counts = ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in kinds.items())
+        click.echo(f"{topology}: valid; {counts}")
         for p in procs:
             click.echo(f"  {p.name:20} zmqdist {' '.join(p.args)}" + ("  (restart)" if p.restart else ""))
         return

@@ -31,8 +31,11 @@ unique across the file, so ``--only NAME`` picks processes on each host of a dep
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -255,7 +258,7 @@ def load(path: str | Path) -> Topology:
             raise ConfigError(f"{path}: two processes are named {p.name!r}: names must be unique in a topology")
         named.add(p.name)
     topo = Topology(path, procs, stop_timeout, tuple(pythonpath), status_key)
-    topo.warnings = _warnings(entries, binds)
+    topo.warnings = _warnings(entries, binds) + _unimportable(procs, pythonpath)
     return topo
 
 
@@ -371,6 +374,29 @@ def _depths(brokers: list[tuple[int, str, BrokerSettings, bool]], binds: dict[st
     for name in by_name:
         of(name)
     return depth
+
+
+def _unimportable(procs: list[Process], pythonpath: list[str]) -> list[str]:
+    """Worker targets whose module is not found here (fine for another host's share; often a
+    missing ``pythonpath``)."""
+    out = []
+    seen = set()
+    old = list(sys.path)
+    sys.path[:0] = [*pythonpath, os.getcwd()]
+    try:
+        for p in procs:
+            module = p.args[1].split(":")[0] if p.kind == "worker" else ""
+            if module and module not in seen:
+                seen.add(module)
+                try:  # the top package only: finding a submodule would run the package's code
+                    found = importlib.util.find_spec(module.split(".")[0]) is not None
+                except (ImportError, ValueError):
+                    found = False
+                if not found:
+                    out.append(f"worker {p.entry!r}: module {module!r} is not found here (pythonpath?)")
+    finally:
+        sys.path[:] = old
+    return out
 
 
 def _warnings(entries: dict[str, list[dict[str, Any]]], binds: dict[str, str]) -> list[str]:

@@ -131,6 +131,8 @@ class Supervisor:
         for r in self.running:
             if r.popen is not None and r.state == "up" and (code := r.popen.poll()) is not None:
                 how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                if code > 0 and (last := self.last_line(r)):
+                    self.say(f"{r.spec.name}: {last}")  # why it ended, as it said it (its log has the rest)
                 if r.spec.restart:
                     if now - r.started > 2 * BACKOFF_MAX_S:
                         r.backoff = BACKOFF_S  # it ran a good while: a fresh failure
@@ -144,6 +146,19 @@ class Supervisor:
             if r.start_at is not None and now >= r.start_at and not self.stopping.is_set():
                 r.restarts += 1
                 self.spawn(r)
+
+    def last_line(self, r: Running) -> str:
+        """The last line a process wrote to its log (an exit's reason, usually), cut to 200 characters."""
+        if r.log is not None:
+            r.log.flush()
+        try:
+            with (self.log_dir / f"{r.spec.name}.log").open("rb") as fh:
+                fh.seek(0, 2)
+                fh.seek(max(0, fh.tell() - 4096))
+                lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1][:200] if lines else ""
 
     def start(self) -> None:
         self.say(f"starting {len(self.running)} processes of {self.topology.path}; their logs in {self.log_dir}")

@@ -51,7 +51,7 @@ def test_a_good_file_gives_each_process_its_command_line(tmp_path):
     assert r.exit_code == 0, r.output
     assert "zmqdist broker --bind tcp://127.0.0.1:7401 --name proxy --upstream tcp://127.0.0.1:7400" in r.output
     assert "--max-queue 500" in r.output
-    assert [line.split()[0] for line in r.output.splitlines()[1:]] == ["master", "proxy", "w-1", "w-2", "w-3"]
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["master", "proxy", "w-1", "w-2", "w-3"]
 
 
 @pytest.mark.parametrize(
@@ -94,9 +94,9 @@ def test_syntax_errors_and_empty_files_are_refused_clearly(tmp_path):
 def test_only_starts_a_hosts_share_by_process_or_entry_name(tmp_path):
     r = check(tmp_path, GOOD, "--only", "proxy,w")
     assert r.exit_code == 0, r.output
-    assert [line.split()[0] for line in r.output.splitlines()[1:]] == ["proxy", "w-1", "w-2", "w-3"]
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["proxy", "w-1", "w-2", "w-3"]
     r = check(tmp_path, GOOD, "--only", "w-2")
-    assert [line.split()[0] for line in r.output.splitlines()[1:]] == ["w-2"]
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["w-2"]
     r = check(tmp_path, GOOD, "--only", "proxi")
     assert r.exit_code != 0 and "no process 'proxi'" in r.output and "did you mean 'proxy'" in r.output
 
@@ -105,6 +105,15 @@ def test_a_connect_no_broker_of_the_file_binds_is_a_warning_not_an_error(tmp_pat
     r = check(tmp_path, GOOD.replace('connect = ["tcp://127.0.0.1:7401"]', 'connect = ["tcp://10.0.0.9:7401"]'))
     assert r.exit_code == 0
     assert "warning: worker 'w' connects to tcp://10.0.0.9:7401, which no broker of this file binds" in r.output
+
+
+def test_a_worker_module_not_found_here_is_a_warning(tmp_path):
+    r = check(tmp_path, GOOD)
+    assert r.exit_code == 0
+    assert "warning: worker 'w': module 'mod' is not found here (pythonpath?)" in r.stderr
+    (tmp_path / "mod.py").write_text("obj = None\n")
+    r = check(tmp_path, GOOD + '\n[settings]\npythonpath = ["."]\n')
+    assert r.exit_code == 0 and "not found" not in r.stderr
 
 
 def test_paths_are_relative_to_the_file(tmp_path):
