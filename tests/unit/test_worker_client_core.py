@@ -70,6 +70,32 @@ def test_worker_drops_results_from_a_void_session_and_advertises_reduced_capacit
     assert w.counters["void_results"] == 1
 
 
+def test_stale_work_ending_between_hello_and_welcome_frees_its_slot_at_the_broker():
+    """HELLO said capacity 1 (one slot held by a void session's run); that run ends before the
+    WELCOME: the WELCOME is answered with CREDIT(2), else the broker keeps 1 for good (found by the
+    pair property test)."""
+    w = worker(concurrency=2)
+    (ex,) = w.receive(task(1), 0.0)
+    out = w.receive(p.Heartbeat(p.ROLE_BROKER, "inc2", 0, ()), 0.1)  # broker restarted
+    assert p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250) in out
+    assert w.task_done(1, ex.session, True, b"r", 0.15) == []  # not registered: nothing to tell yet
+    assert w.receive(p.Welcome("b", "inc2", 250, 4), 0.2) == [p.Credit(2)]
+    assert w.receive(p.Welcome("b", "inc2", 250, 4), 0.3) == []  # nothing changed since
+
+
+def test_a_client_not_welcomed_says_hello_again_instead_of_heartbeating():
+    """Its HELLO was lost (a link cut, then healed): the broker answers its heartbeats, so the
+    client never fails over; it says HELLO again and learns the quota (found by the pair property
+    test: the client stalled at a quota of one)."""
+    c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
+    c.start(0.0)  # HELLO lost
+    out = c.tick(0.25)
+    assert out == [p.Hello(p.ROLE_CLIENT, "c", (), 0, 250)]
+    c.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.26)
+    c.receive(WELCOME, 0.3)
+    assert c.registered and [type(o) for o in c.tick(0.6)] == [p.Heartbeat]
+
+
 def test_worker_drain_runs_tasks_in_transit_and_says_bye_after_the_broker_answered():
     w = worker()
     (ex1,) = w.receive(task(1), 0.0)

@@ -350,7 +350,11 @@ class ClientCore:
         if link.silent(now):
             out += self._failover(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         elif link.heartbeat_due(now):
-            out.append(p.Heartbeat(p.ROLE_CLIENT, link.incarnation or "", 0, ()))
+            # Not welcomed yet (the HELLO was lost, say on a link cut then healed): say HELLO again,
+            # or the client would heartbeat a broker that answers forever without learning its quota.
+            out.append(
+                self._hello() if not self.registered else p.Heartbeat(p.ROLE_CLIENT, link.incarnation or "", 0, ())
+            )
         if self._moving is not None:
             out += self._try_move(now)
         else:

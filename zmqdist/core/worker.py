@@ -129,6 +129,7 @@ class WorkerCore:
         self._drain_wait = 0  # answers due until the drain heartbeat's own (<= 0: drain answered)
         self.inflight: dict[int, int] = {}  # ticket -> session, current session only
         self.stale = 0  # tasks still running from earlier sessions
+        self._told = concurrency  # the capacity the last HELLO said
         self.carry: dict[int, int] = {}  # ticket -> session: running tasks of a pair's earlier session
         self.parked: list[p.Result] = []  # results of carried tasks finished while unregistered
         self._pair: tuple[str, ...] = ()  # the last broker's name and its pair peer's (if paired)
@@ -445,6 +446,11 @@ class WorkerCore:
             if not self.draining:
                 # HELLO left out what was carried then; what finished since frees those slots.
                 out.append(p.Credit(self._capacity()))
+        elif self._capacity() != self._told and not self.draining and self._moving is None:
+            # Stale work that HELLO left out ended before this WELCOME: those slots are free now
+            # (without this the broker kept the HELLO's smaller capacity for good).
+            self._told = self._capacity()
+            out.append(p.Credit(self._told))
         self._pair = pair
         return out
 
@@ -474,9 +480,8 @@ class WorkerCore:
 
     def _hello(self) -> p.Hello:
         link = self.link
-        return p.Hello(
-            p.ROLE_WORKER, self.name, self.services, self._capacity(), round(link.hb_s * 1000), link.top_epoch
-        )
+        self._told = self._capacity()
+        return p.Hello(p.ROLE_WORKER, self.name, self.services, self._told, round(link.hb_s * 1000), link.top_epoch)
 
     def _void_session(self) -> None:
         self.session += 1
