@@ -655,7 +655,9 @@ def up(topology: str, check: bool, only: str | None, interval: float, log_dir: s
         for p in procs:
             click.echo(f"  {p.name:20} zmqdist {' '.join(p.args)}" + ("  (restart)" if p.restart else ""))
         return
-    Supervisor(topo, procs, sys.stdout, interval=interval, log_dir=log_dir).run()
+    sup = Supervisor(topo, procs, sys.stdout, interval=interval, log_dir=log_dir)
+    sup.run()
+    sys.exit(1 if sup.failed else 0)
 
 
 @main.command(short_help="Send a steady load to SERVICE; report each second (JSON lines).")

@@ -89,6 +89,7 @@ class Supervisor:
         rank = {"broker": 0, "worker": 1, "load": 2}
         self.running = [Running(p) for p in sorted(procs, key=lambda p: (rank[p.kind], p.order))]
         self.stopping = threading.Event()
+        self.failed = False  # every process ended by itself (the command exits 1)
         self.statuses: dict[str, dict[str, Any] | None] = {}
         self._clients: dict[str, Client] = {}
         env = dict(os.environ)
@@ -264,8 +265,13 @@ class Supervisor:
                     next_show = now + self.interval
                     self.out.write(("\x1b[H\x1b[2J" if tty else "\n") + self.table() + "\n")
                     self.out.flush()
+                if all(r.state.startswith("ended") for r in self.running):
+                    self.say("every process has ended and none is to start again: stopping")
+                    self.failed = True
+                    break
                 self.stopping.wait(0.1)
-            self.say("stopping (loads, workers, then brokers from the leaves to the root)")
+            else:
+                self.say("stopping (loads, workers, then brokers from the leaves to the root)")
         finally:
             self.stopping.set()
             self.stop()

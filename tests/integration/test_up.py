@@ -181,3 +181,20 @@ key = "keys/w.key_secret"
             assert up.wait(30) == 0
             reader.join(5)
             up.stdout.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_process_that_fails_says_why_and_up_ends_when_nothing_is_left(tmp_path):
+    topo = tmp_path / "t.toml"
+    topo.write_text('[[worker]]\nname = "w"\ntarget = "nosuchmodule:worker"\nconnect = ["tcp://127.0.0.1:7530"]\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "zmqdist", "up", str(topo), "--interval", "0.5", "--log-dir", str(tmp_path / "l")],
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert r.returncode == 1
+    assert "warning: worker 'w': module 'nosuchmodule' is not found here" in r.stderr
+    assert "w: Error: cannot import module 'nosuchmodule'" in r.stdout  # the reason, from its log
+    assert "w ended (exit code 1); not started again (restart = false)" in r.stdout
+    assert "every process has ended" in r.stdout
