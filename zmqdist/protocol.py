@@ -689,6 +689,10 @@ class Encoder:
             return _HEAD_REPLY + self._pack(fields[:3]), fields[3]
         if cls is Task and not fields[9] and not fields[10]:
             return _HEAD_TASK + self._pack((*fields[:7], fields[8]) if fields[8] else fields[:7]), fields[7]
+        if cls is Result and not fields[3] and not fields[4]:
+            return _HEAD_RESULT + self._pack(fields[:2]), fields[2]
+        if cls is Request and not fields[6] and not fields[7] and not fields[8]:
+            return _HEAD_REQUEST + self._pack((*fields[:4], fields[5]) if fields[5] else fields[:4]), fields[4]
         prefix = HEAD_PREFIX.get(cls)
         if prefix is None:
             raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
