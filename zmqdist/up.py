@@ -92,6 +92,7 @@ class Supervisor:
         self.failed = False  # every process ended by itself (the command exits 1)
         self.statuses: dict[str, dict[str, Any] | None] = {}
         self._clients: dict[str, Client] = {}
+        self._poller: threading.Thread | None = None  # asks the brokers for status (run())
         env = dict(os.environ)
         paths = [*topology.pythonpath, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
         if paths:
@@ -108,6 +109,8 @@ class Supervisor:
     def spawn(self, r: Running) -> None:
         spec = r.spec
         cmd = [self.python, "-m", "zmqdist", *spec.args]
+        if r.log is not None:
+            r.log.close()  # a restart: the same file, opened again for appending
         r.log = (self.log_dir / f"{spec.name}.log").open("ab")
         stdout: Any = subprocess.PIPE if spec.kind == "load" else r.log
         r.popen = subprocess.Popen(cmd, env=self.env, stdout=stdout, stderr=r.log, stdin=subprocess.DEVNULL)
@@ -120,12 +123,14 @@ class Supervisor:
 
     def _read_reports(self, r: Running, popen: subprocess.Popen[bytes]) -> None:
         assert popen.stdout is not None
-        for raw in popen.stdout:
-            try:
-                r.report = json.loads(raw)
-            except ValueError:
-                if r.log is not None:
-                    r.log.write(raw)
+        with popen.stdout:
+            for raw in popen.stdout:
+                try:
+                    r.report = json.loads(raw)
+                except ValueError:
+                    log = r.log
+                    if log is not None and not log.closed:
+                        log.write(raw)
 
     def watch(self, now: float) -> None:
         """Notice processes that ended; start again those whose file says so, when due."""
@@ -196,6 +201,8 @@ class Supervisor:
         for r in self.running:
             if r.log is not None:
                 r.log.close()
+        if self._poller is not None:
+            self._poller.join(5.0)  # it sees `stopping` after its current call (1 s at most each)
         for c in self._clients.values():
             c.close(timeout=1.0)
         if self.own_log_dir and not any(p.stat().st_size for p in self.log_dir.iterdir()):
@@ -210,7 +217,7 @@ class Supervisor:
             spec = r.spec
             if spec.kind != "broker" or not spec.endpoints or (spec.key and not status_key):
                 continue
-            if not r.alive():
+            if not r.alive() or self.stopping.is_set():
                 self.statuses[spec.name] = None
                 continue
             c = self._clients.get(spec.name)
@@ -255,8 +262,8 @@ class Supervisor:
         tty = self.out.isatty()
         try:
             self.start()
-            poller = threading.Thread(target=self._status_loop, daemon=True)
-            poller.start()
+            self._poller = threading.Thread(target=self._status_loop, daemon=True)
+            self._poller.start()
             next_show = time.monotonic() + self.interval
             while not self.stopping.is_set():
                 now = time.monotonic()
