@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,6 +35,7 @@ from zmqdist.worker import Worker
 
 HELP_HB = "heartbeat interval in seconds"
 HELP_LIVE = "missed heartbeats before a peer is declared dead"
+SUPERVISOR_ENV = "ZMQDIST_SUPERVISOR"  # set by `zmqdist up` for its processes: its pid
 LONG_RUNNING = ("broker", "worker", "demo", "up", "load")  # these log at INFO by default; the rest only warn
 
 
@@ -142,10 +144,27 @@ def main(ctx: click.Context, verbose: int, quiet: int, log_format: str) -> None:
     """zmqdist: share request/reply work among processes and machines over ZeroMQ.
 
     Long-running commands (broker, worker, demo) log at INFO; one-shot commands only warn."""
+    _die_with_supervisor()
     base = logging.INFO if ctx.invoked_subcommand in LONG_RUNNING else logging.WARNING
     ctx.meta.update({"zmqdist.verbose": verbose, "zmqdist.quiet": quiet, "zmqdist.format": log_format})
     ctx.meta["zmqdist.base"] = base
     _setup_logging(verbose, quiet, log_format, base)
+
+
+def _die_with_supervisor() -> None:
+    """Started by ``zmqdist up`` (it sets ZMQDIST_SUPERVISOR to its pid): be sent SIGTERM if it
+    dies without stopping us (SIGKILL), so that a topology never outlives its supervisor (Linux)."""
+    want = os.environ.get(SUPERVISOR_ENV)
+    if not want or want != str(os.getppid()):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != want:  # it died before that took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run_until_signal(start: Callable[[], None], stop: Callable[[], None]) -> None:

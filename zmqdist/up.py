@@ -98,6 +98,7 @@ class Supervisor:
         if paths:
             env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
+        env["ZMQDIST_SUPERVISOR"] = str(os.getpid())  # they get SIGTERM if we die unannounced
         self.env = env
 
     def say(self, text: str) -> None:

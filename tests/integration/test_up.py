@@ -198,3 +198,44 @@ def test_a_process_that_fails_says_why_and_up_ends_when_nothing_is_left(tmp_path
     assert "w: Error: cannot import module 'nosuchmodule'" in r.stdout  # the reason, from its log
     assert "w ended (exit code 1); not started again (restart = false)" in r.stdout
     assert "every process has ended" in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_topology_never_outlives_its_supervisor_even_after_sigkill(tmp_path):
+    ep = f"ipc://{tmp_path}/b.sock"
+    topo = tmp_path / "t.toml"
+    topo.write_text(
+        f'[[broker]]\nname = "b"\nbind = ["{ep}"]\n\n'
+        f'[[worker]]\nname = "w"\ntarget = "testworkers:echo"\nconnect = ["{ep}"]\ncount = 2\n'
+    )
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "zmqdist", "up", str(topo), "--log-dir", str(tmp_path / "l")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        pids = wait_for(
+            lambda: (found := re.findall(r"\(pid (\d+)\)", "".join(lines))) and len(found) == 3 and found,
+            20,
+            "3 processes started",
+        )
+        with Client([ep], timeout=20) as c:
+            assert c.call("echo", 1)[0] == 1  # they run (and have set their death signal)
+        up.kill()
+        up.wait(10)
+        wait_for(lambda: not [p for p in pids if alive(int(p))], 20, "the processes to end with their supervisor")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        reader.join(5)
+        up.stdout.close()
+        for pid in re.findall(r"\(pid (\d+)\)", "".join(lines)):
+            if alive(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
