@@ -29,7 +29,7 @@ from click.core import ParameterSource
 from zmqdist import logs
 from zmqdist.broker import Broker
 from zmqdist.client import Client
-from zmqdist.config import BrokerSettings, did_you_mean, load_toml
+from zmqdist.config import BrokerSettings, cli_flag, did_you_mean, load_toml
 from zmqdist.errors import ConfigError, RequestError, ZmqdistError
 from zmqdist.worker import Worker
 
@@ -201,7 +201,7 @@ def _setting_option(f: Field[Any]) -> tuple[str, Callable[[Callable[..., Any]], 
     """The click option for one settings field (its flag, type, range, default and help), and the
     name of the parameter it fills."""
     meta = f.metadata
-    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    flag = cli_flag(f)
     param = flag.lstrip("-").replace("-", "_")
     kind = str(f.type).removesuffix(" | None")
     default = meta["cli_default"]

@@ -204,6 +204,11 @@ class BrokerSettings:
         return cls(**given)
 
 
+def cli_flag(f: Field[Any]) -> str:
+    """The command-line flag of a settings field (``--max-queue``, or the one it names)."""
+    return str(f.metadata["flag"] or "--" + f.name.replace("_", "-"))
+
+
 def option_names(cls: type) -> list[str]:
     """The names of the options of a settings class (the fields set at construction)."""
     return [f.name for f in fields(cls) if f.init]

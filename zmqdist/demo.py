@@ -185,7 +185,7 @@ def run_geo(duration: float = 20.0, kill: bool = True, out: Any = None) -> int:
     show per region what was served locally, what overflowed and where; with ``kill``, SIGKILL
     east's active proxy halfway. Return 0 when no user request failed."""
     from zmqdist import topology
-    from zmqdist.up import Supervisor
+    from zmqdist.up import Supervisor, where_served
 
     out = out or sys.stdout
     if not GEO.is_file():
@@ -220,11 +220,8 @@ def run_geo(duration: float = 20.0, kill: bool = True, out: Any = None) -> int:
             for name, st in sup.statuses.items():
                 if st is None or (st.get("ha") or {}).get("state") == "passive":
                     continue
-                c = st.get("counters") or {}
-                tally.see(name, "here", sum(w.get("served", 0) for w in st.get("workers", [])))
-                tally.see(name, "up", c.get("forwarded_up", 0) - c.get("returned_from_up", 0))
-                tally.see(name, "down", sum(b.get("served", 0) for b in st.get("brokers", [])))
-                tally.see(name, "from_up", c.get("tasks_from_up", 0))
+                for what, n in where_served(st).items():
+                    tally.see(name, what, n)
             east, west, master = regions["east"], regions["west"], regions["master"]
             ok = {r.spec.name: r.report.get("ok", 0) for r in loads}
             errs = sum(sum(r.report.get("errors", {}).values()) for r in loads)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zmqdist.config import BrokerSettings, check_endpoints, did_you_mean, load_toml
+from zmqdist.config import BrokerSettings, check_endpoints, cli_flag, did_you_mean, load_toml
 from zmqdist.errors import ConfigError
 
 KINDS = ("broker", "worker", "load")
@@ -345,7 +345,7 @@ def _broker_args(s: BrokerSettings) -> list[str]:
         v = getattr(s, f.name)
         if v == getattr(base, f.name) and f.name != "name":
             continue
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        flag = cli_flag(f)
         if isinstance(v, bool):
             args.append(flag if v else f"--no-{flag[2:]}")
         elif isinstance(v, tuple):

@@ -300,15 +300,26 @@ def broker_detail(st: dict[str, Any] | None, secured: bool = False) -> str:
         return "(no answer)"
     ha = st.get("ha") or {}
     role = ha.get("state", "") if isinstance(ha, dict) else ""
-    counters = st.get("counters") or {}
-    local = sum(w.get("served", 0) for w in st.get("workers", []))
-    down = sum(b.get("served", 0) for b in st.get("brokers", []))
+    n = where_served(st)
     parts = [role] if role else []
     if role != "passive":
-        parts.append(f"served here {local}")
+        parts.append(f"served here {n['here']}")
         if st.get("upstream"):
-            parts.append(f"sent up {counters.get('forwarded_up', 0)}")
-            parts.append(f"from up {counters.get('tasks_from_up', 0)}")
+            parts.append(f"sent up {n['up']}")
+            parts.append(f"from up {n['from_up']}")
         if st.get("brokers"):
-            parts.append(f"handed down {down}")
+            parts.append(f"handed down {n['down']}")
     return "  ".join(parts)
+
+
+def where_served(st: dict[str, Any]) -> dict[str, int]:
+    """Where a broker's requests went, from its status: served by its own workers (``here``),
+    sent to its upstream (``up``; a request the upstream handed back and sent again counts once),
+    handed down to it by its upstream (``from_up``), and served by proxies below it (``down``)."""
+    c = st.get("counters") or {}
+    return {
+        "here": sum(w.get("served", 0) for w in st.get("workers", [])),
+        "up": c.get("forwarded_up", 0) - c.get("returned_from_up", 0),
+        "from_up": c.get("tasks_from_up", 0),
+        "down": sum(b.get("served", 0) for b in st.get("brokers", [])),
+    }

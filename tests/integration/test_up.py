@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import pytest
 
@@ -30,11 +31,17 @@ def alive(pid):
     return True
 
 
-@pytest.mark.timeout(150)
-def test_up_starts_shows_restarts_and_stops_the_geo_topology(tmp_path):
+ENV = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
+
+
+@contextmanager
+def running_up(*args):
+    """Run ``zmqdist up ARGS``; yield the process and the lines it printed so far (a list that
+    grows). At the end nothing it started is left running, whatever the test did."""
     up = subprocess.Popen(
-        [sys.executable, "-m", "zmqdist", "up", str(GEO), "--interval", "1", "--log-dir", str(tmp_path)],
+        [sys.executable, "-m", "zmqdist", "up", *map(str, args)],
         cwd=ROOT,
+        env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -43,6 +50,21 @@ def test_up_starts_shows_restarts_and_stops_the_geo_topology(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
     reader.start()
     try:
+        yield up, lines
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+        reader.join(5)
+        up.stdout.close()
+        for pid in re.findall(r"\(pid (\d+)\)", "".join(lines)):
+            if alive(int(pid)):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.timeout(150)
+def test_up_starts_shows_restarts_and_stops_the_geo_topology(tmp_path):
+    with running_up(GEO, "--interval", "1", "--log-dir", tmp_path) as (up, lines):
 
         def started():
             found = dict(re.findall(r"started \w+ ([\w-]+) \(pid (\d+)\)", "".join(lines)))
@@ -65,21 +87,12 @@ def test_up_starts_shows_restarts_and_stops_the_geo_topology(tmp_path):
             assert east.call("work", 3)["x"] == 3
         up.send_signal(signal.SIGTERM)
         assert up.wait(60) == 0
-        reader.join(5)
+        wait_for(lambda: all(f"stopped master-{x}" in "".join(lines) for x in "ab"), 5, "the last lines read")
         out = "".join(lines)
         assert out.index("stopped east-users") < out.index("stopped east-w") < out.index("stopped east-a")
         assert out.index("stopped west-b") < out.index("stopped master-a")
         every = [int(p) for p in pids.values()] + [int(p) for p in re.findall(r"\(pid (\d+)\)", out)]
         assert not [p for p in every if alive(p)], "processes left running"
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(10)
-        reader.join(5)
-        up.stdout.close()
-        for pid in re.findall(r"\(pid (\d+)\)", "".join(lines)):
-            if alive(int(pid)):
-                os.kill(int(pid), signal.SIGKILL)
 
 
 @pytest.mark.timeout(60)
@@ -105,7 +118,7 @@ def test_zmqdist_load_sends_its_rate_and_reports_each_second(procs, ipc_ep):
         capture_output=True,
         text=True,
         timeout=40,
-        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}"),
+        env=ENV,
     )
     assert r.returncode == 0, r.stderr
     reports = [json.loads(line) for line in r.stdout.splitlines()]
@@ -147,40 +160,16 @@ connect = ["{ep}"]
 server-key = "keys/broker.key"
 key = "keys/w.key_secret"
 """
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
     for status_key, expect in (
         ('status_key = "keys/admin.key_secret"', r"secure +broker +\d+ up +0  served here \d+"),
         ("", r"secure .*CURVE on: give \[settings\] status_key"),
     ):
         topo = tmp_path / "t.toml"
         topo.write_text(f"[settings]\n{status_key}\n{body}")
-        up = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zmqdist",
-                "up",
-                str(topo),
-                "--interval",
-                "0.5",
-                "--log-dir",
-                str(tmp_path / "logs"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda up=up: lines.extend(iter(up.stdout.readline, "")), daemon=True)
-        reader.start()
-        try:
+        with running_up(topo, "--interval", "0.5", "--log-dir", tmp_path / "logs") as (up, lines):
             wait_for(lambda expect=expect: re.search(expect, "".join(lines)), 30, expect)
-        finally:
             up.send_signal(signal.SIGTERM)
             assert up.wait(30) == 0
-            reader.join(5)
-            up.stdout.close()
 
 
 @pytest.mark.timeout(60)
@@ -208,18 +197,7 @@ def test_a_topology_never_outlives_its_supervisor_even_after_sigkill(tmp_path):
         f'[[broker]]\nname = "b"\nbind = ["{ep}"]\n\n'
         f'[[worker]]\nname = "w"\ntarget = "testworkers:echo"\nconnect = ["{ep}"]\ncount = 2\n'
     )
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "zmqdist", "up", str(topo), "--log-dir", str(tmp_path / "l")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
+    with running_up(topo, "--log-dir", tmp_path / "l") as (up, lines):
         pids = wait_for(
             lambda: (found := re.findall(r"\(pid (\d+)\)", "".join(lines))) and len(found) == 3 and found,
             20,
@@ -230,12 +208,3 @@ def test_a_topology_never_outlives_its_supervisor_even_after_sigkill(tmp_path):
         up.kill()
         up.wait(10)
         wait_for(lambda: not [p for p in pids if alive(int(p))], 20, "the processes to end with their supervisor")
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait(10)
-        reader.join(5)
-        up.stdout.close()
-        for pid in re.findall(r"\(pid (\d+)\)", "".join(lines)):
-            if alive(int(pid)):
-                os.kill(int(pid), signal.SIGKILL)
