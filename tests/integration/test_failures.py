@@ -243,15 +243,24 @@ def test_a_handler_process_that_dies_is_replaced_and_the_worker_goes_on(procs, i
     w = procs.spawn("worker", "testworkers:crashy", "--connect", ipc_ep)
     with Client([ipc_ep], timeout=20) as c:
         wait_workers(c, 1)
-        first = c.call("pid", 0.0)
+        c.call("pid", 0.0)
+
+        def children() -> set[int]:
+            out = subprocess.run(["pgrep", "-P", str(w.pid)], capture_output=True, text=True).stdout
+            return {int(pid) for pid in out.split()}
+
+        before = children()  # one process per slot (concurrency=2), and multiprocessing's tracker
         with pytest.raises(RemoteError, match="process running the handler of 'crash' died"):
             c.call("crash", None)
-        later = [c.call("pid", 0.0) for _ in range(5)]
-        assert all(pid != first for pid in later)  # a new pool
+        # the dead process is replaced: one child gone, one new
+        wait_for(lambda: len(children() - before) == 1, 20, "the dead process replaced")
+        after = children()
+        assert len(after) == len(before) and len(before - after) == 1
+        later = {c.call("pid", 0.0) for _ in range(6)}
+        assert later <= after  # served by the live processes, the new one included where it was free
         st = status(c)
         assert len(st["workers"]) == 1 and st["counters"]["workers_expired"] == 0
-        children = subprocess.run(["pgrep", "-P", str(w.pid)], capture_output=True, text=True).stdout.split()
-    assert children
+    left = sorted(after)
     w.send_signal(signal.SIGKILL)
     w.wait(10)
-    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10, "its children to die with it")
+    wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in left), 10, "its children to die with it")
