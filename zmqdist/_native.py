@@ -31,6 +31,8 @@ MODULES: tuple[str, ...] = (
     "zmqdist.clock",
     "zmqdist.core.records",
     "zmqdist.core.dispatch",
+    "zmqdist.core.lifecycle",
+    "zmqdist.core.replica",
     "zmqdist.core.tiers",
     "zmqdist.core.services",
     "zmqdist.core.broker",

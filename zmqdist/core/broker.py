@@ -25,6 +25,7 @@ from collections.abc import Callable
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.dispatch import Dispatcher
+from zmqdist.core.lifecycle import Lifecycle
 from zmqdist.core.link import Problem
 from zmqdist.core.mdp import MAX_FRAMES, MdpBridge, starts_mdp
 from zmqdist.core.metrics import Hist
@@ -39,6 +40,7 @@ from zmqdist.core.records import (
     Out,
     WorkerMember,
 )
+from zmqdist.core.replica import Replica
 from zmqdist.core.rights import refusal
 from zmqdist.core.services import Services, StatusPart
 from zmqdist.core.tiers import Tiers, Upstream, half
@@ -312,13 +314,14 @@ class BrokerCore(BrokerMachine):
         self._pong = p.Heartbeat(p.ROLE_BROKER, incarnation, 0, (), epoch)
         self.d = d = Dispatcher(settings, self.counters, now, first_ticket)
         d.ops = ops
-        self.tiers = tiers = Tiers(settings, d, self.counters, now, rng, serving)
+        self.life = life = Lifecycle(d)
+        self.replica = Replica(d)
+        self.tiers = tiers = Tiers(settings, d, life, self.counters, now, rng, serving)
         d.overflow = tiers
         self.services = Services(settings, incarnation, now if started is None else started, d, tiers, self.counters)
         tiers.internal = self.services.answer_up
         self._clients: dict[bytes, float] = {}  # clients by when last heard (HELLO, HEARTBEAT)
         self._clients_pruned = -1e9  # when _clients was last pruned
-        self._streams_at = -1e9  # when the callers of open streams were last checked
 
     # --- inputs -----------------------------------------------------------------------------------
 
@@ -351,19 +354,19 @@ class BrokerCore(BrokerMachine):
                 return self._on_reply(peer, w, msg, now)
             case p.Cancel():
                 out: list[Out] = []
-                self.d.cancel(peer, msg.id, now, out)
+                self.life.cancel(peer, msg.id, now, out)
                 return out
             case p.Ack():
                 out = []
-                self.d.ack(peer, msg.id, msg.seq, out)
+                self.life.ack(peer, msg.id, msg.seq, out)
                 return out
             case p.Part():
                 out = []
-                self.d.part(peer, msg.id, msg.seq, msg.payload, out)
+                self.life.part(peer, msg.id, msg.seq, msg.payload, out)
                 return out
             case p.Progress():
                 out = []
-                self.d.progress(peer, msg.id, msg.payload, out)
+                self.life.progress(peer, msg.id, msg.payload, out)
                 return out
         self.counters.bad_input += 1
         return [(peer, p.Error(p.E_COMMAND, f"{type(msg).__name__} is not accepted by a broker"))]
@@ -435,39 +438,22 @@ class BrokerCore(BrokerMachine):
         out: list[Out] = []
         d.expire_members(now, out)
         d.expire_queued(now, out)
-        if d.delayed:
-            d.release_delayed(now, out)
-        if d.streams and now >= self._streams_at + self._hb_s:
-            self._silent_callers(now, out)
+        self.life.tick(now, self._clients, out)
         self.tiers.tick(now, out)
         self.services.tick(now, out)
-        if d.adopt_until is not None and now >= d.adopt_until:
-            d.adopt_expired(now, out)
+        self.replica.tick(now, out)
         if d.idle:
             d.sweep(now)
         return out
 
-    def _silent_callers(self, now: float, out: list[Out]) -> None:
-        """Stop the streams whose caller has been silent past the ttl (a client or proxy that
-        died): nobody acknowledges their parts, so their worker would wait until the deadline."""
-        self._streams_at = now
-        d = self.d
-        for req in list(d.streams.values()):
-            c = req.client
-            if type(c) is not bytes or req.cancelled:
-                continue
-            m = d.members.get(c)
-            heard: float | None = m.seen if m is not None else self._clients.get(c)
-            if heard is not None and now - heard > self._ttl:
-                self.counters.cancelled += 1
-                d.cancel_run(req, now, out)
-
     def next_deadline(self) -> float | None:
         d = self.d.next_deadline()
-        if self.d.streams:
-            check = self._streams_at + self._hb_s
-            d = check if d is None or check < d else d
-        for t in (self.tiers.next_deadline(), self.services.next_deadline()):
+        for t in (
+            self.life.next_deadline(),
+            self.replica.until,
+            self.tiers.next_deadline(),
+            self.services.next_deadline(),
+        ):
             if t is not None and (d is None or t < d):
                 d = t
         return d
@@ -663,6 +649,8 @@ class BrokerCore(BrokerMachine):
             nw = WorkerMember(peer, m.name, tuple(dict.fromkeys(m.services)), m.capacity, serial, now, self._ttl)
             self.counters.workers_registered += 1
         d.register(nw, now)
+        if self.replica.adopting:
+            self.replica.registered(nw, now)
         out.append((peer, self._welcome))
         if isinstance(nw, BrokerMember):
             self.tiers.registered(nw, out)
@@ -703,12 +691,12 @@ class BrokerCore(BrokerMachine):
         self._pong = self._pong._replace(epoch=epoch)
 
     def restore(self, table: dict[int, Copy], now: float) -> None:
-        """Take over a replicated request table (see :meth:`Dispatcher.restore`)."""
-        self.d.restore(table, now)
+        """Take over a replicated request table (see :meth:`Replica.restore`)."""
+        self.replica.restore(table, now)
 
     def snapshot(self) -> list[p.ReplicationOp]:
         """The request table as replication ops."""
-        return self.d.snapshot()
+        return self.replica.snapshot()
 
     # --- introspection ----------------------------------------------------------------------------
 

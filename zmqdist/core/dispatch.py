@@ -16,13 +16,9 @@ Rules of this module:
    replication op, in order.
 7. A service whose last member left, with nothing queued, is forgotten ``forget_service_s`` later
    (unless a member comes back), so a long-running broker with short-lived services stays small.
-8. The request lifecycle (docs/semantics.md): a cancelled request leaves the queue at once; one a
-   member (or the upstream) holds is told CANCEL and keeps that slot until the holder lets go, but
-   has no caller any more. A run that failed with what its retry policy retries goes back to the
-   queue after its delay (within the deadline), preferring another member. A stream's parts are
-   relayed from its current holder only; a stream cut after a part went out ends INTERRUPTED, it is
-   never run again. Requests with the same caller key and service may join one open run
-   (``join_same_key``): every caller gets its reply.
+8. Requests with a lifecycle (a caller key, a stream window, a retry policy) are told to its
+   :class:`Watcher` (:mod:`zmqdist.core.lifecycle`), which owns the streams, the delayed retries
+   and the joins by caller key; dispatch knows none of them.
 """
 
 from __future__ import annotations
@@ -34,12 +30,10 @@ from zmqdist.config import BrokerSettings
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import (
     ASSIGNED,
-    DELAYED,
     EPSILON,
     FORWARDED,
     QUEUED,
     BrokerMember,
-    Copy,
     Counters,
     Dest,
     Member,
@@ -104,6 +98,30 @@ def away(pool: Pool, took: float) -> None:
     pool.away = took if pool.away < 0.0 else pool.away + EWMA * (took - pool.away)
 
 
+class Watcher:
+    """Told of requests with a lifecycle (rule 8); this base is a dispatcher without one: no joins
+    by caller key, no retries after a failed run."""
+
+    def opened(self, req: Req) -> None:
+        """``req`` entered the table with a caller key, a stream window or a retry policy."""
+
+    def closed(self, req: Req) -> None:
+        """``req`` (a stream, or one with a caller key) left the table."""
+
+    def join(self, peer: Dest, rid: int, service: str, key: str) -> bool:
+        """Let request ``rid`` of ``peer`` join the open run of ``service`` with caller ``key``;
+        False if there is none."""
+        return False
+
+    def run_again(self, req: Req, w: Member | None, delay_ms: int, now: float, out: list[Out]) -> bool:
+        """The run of ``req`` on ``w`` failed with what its retry policy retries after
+        ``delay_ms``: False if it will not run again (the failure is its answer)."""
+        return False
+
+    def member_lost(self, w: Member, now: float, out: list[Out]) -> None:
+        """Downstream broker ``w`` left: what it asked for has nowhere to go."""
+
+
 class Dispatcher:
     """The request table and pools of one broker run (see the module rules)."""
 
@@ -124,17 +142,12 @@ class Dispatcher:
         self.open_by_client: dict[Dest, int] = {}  # open requests per client (quota)
         self.changes = 0  # bumped whenever spare capacity may have changed
         self.deadlines: list[tuple[float, int]] = []
-        self.delayed: list[tuple[float, int]] = []  # (when, ticket): retries waiting out their backoff
-        self.by_caller: dict[tuple[str, str], int] = {}  # (service, caller key) -> ticket (join_same_key)
-        self.streams: dict[int, Req] = {}  # open streams (their callers' silence stops them)
         self.expiry: list[tuple[float, int, Member]] = []
         self.serial = 0
         self.overflow = Overflow()
+        self.watcher = Watcher()  # the request lifecycle (rule 8)
+        self.join_same_key = settings.join_same_key
         self.ops: list[p.ReplicationOp] | None = None  # replication ops to send (the active of a pair)
-        # After a takeover: requests the old active broker had dispatched, by member, waiting for
-        # that member to register here (it may still run them, or have finished them).
-        self.adopting: dict[bytes, list[int]] = {}
-        self.adopt_until: float | None = None
         self.idle: dict[str, float] = {}  # services with no member and nothing queued, since when
         self.h_wait: Hist | None = None  # latency histograms, when enabled
         self.h_service: Hist | None = None
@@ -156,8 +169,6 @@ class Dispatcher:
             self.brokers += 1
         heappush(self.expiry, (now + m.ttl + EPSILON, m.serial, m))
         self.join(m, m.services)
-        if self.adopting and (tickets := self.adopting.pop(m.ident, None)):
-            self.adopt_member(m, tickets, now)
 
     def next_serial(self) -> int:
         self.serial += 1
@@ -293,9 +304,7 @@ class Dispatcher:
         w.clear()
         if isinstance(w, BrokerMember):
             self.abandon_from(w.ident)
-            for req in [r for r in self.streams.values() if r.client == w.ident and not r.cancelled]:
-                self.counters.cancelled += 1
-                self.cancel_run(req, now, out)  # its parts have nowhere to go: stop its worker
+            self.watcher.member_lost(w, now, out)
         for s in touched:
             if s in self.pools:
                 self.pump(self.pools[s], now, out)
@@ -359,7 +368,7 @@ class Dispatcher:
         """Take in a request that passed every check (counted in the client's quota already):
         dispatch it at once to the least-loaded member, or queue it; or, with ``join_same_key``,
         join the open run of the same service and caller ``key``."""
-        if key and self.settings.join_same_key and not window and self.join_open(peer, rid, service, key):
+        if key and self.join_same_key and not window and self.watcher.join(peer, rid, service, key):
             return
         ticket = self.next_ticket
         self.next_ticket = ticket + 1
@@ -368,10 +377,7 @@ class Dispatcher:
         req.trace = trace
         if key or window or retry:
             req.key, req.window, req.retry = key, window, retry
-            if key and self.settings.join_same_key and not window:
-                self.by_caller[(service, key)] = ticket
-            if window:
-                self.streams[ticket] = req
+            self.watcher.opened(req)
         if via is not None:
             req.via = via  # counted in what we offer that member until it ends (a downstream broker)
             via.requests_held(service, 1)
@@ -404,143 +410,6 @@ class Dispatcher:
             self.pump(pool, now, out)
         if req.state == QUEUED:
             self.push_deadline(req)
-
-    def join_open(self, peer: Dest, rid: int, service: str, key: str) -> bool:
-        """Join the open run of ``service`` with caller key ``key``, if there is one (rule 8)."""
-        ticket = self.by_caller.get((service, key))
-        req = self.reqs.get(ticket) if ticket is not None else None
-        if req is None or req.cancelled or req.key != key:
-            return False
-        if req.also is None:
-            req.also = []
-        req.also.append((peer, rid))
-        self.by_key[(peer, rid)] = req.ticket
-        self.counters.joined += 1
-        return True
-
-    # --- the request lifecycle: cancel, parts, progress, retries (rule 8) -----------------------
-
-    def cancel(self, origin: Dest, rid: int, now: float, out: list[Out]) -> None:
-        """Caller ``origin`` cancels its request ``rid`` (unknown or ended: nothing to do)."""
-        ticket = self.by_key.get((origin, rid))
-        req = self.reqs.get(ticket) if ticket is not None else None
-        if req is None:
-            return
-        self.counters.cancelled += 1
-        if req.client != origin or req.rid != rid:
-            self._leave_run(req, origin, rid)  # one of those that joined it: the run goes on
-            return
-        if req.also:
-            self._release(req.client, req.rid, req.ticket)  # the first that joined takes its place
-            req.client, req.rid = req.also.pop(0)
-            return
-        self.cancel_run(req, now, out)
-
-    def cancel_run(self, req: Req, now: float, out: list[Out]) -> None:
-        """Stop ``req``'s run: out of the queue now, or tell its holder (which keeps the slot until
-        it lets go; the caller is released at once, so its quota frees now)."""
-        state = req.state
-        if state in (QUEUED, DELAYED, FORWARDED):
-            if state == QUEUED:
-                self.dequeued(req)
-            elif state == FORWARDED:  # the upstream stops it; we forget it now (its late answers are void)
-                self.overflow.send_on(req, p.Cancel(req.ticket), out)
-                self.overflow.recall(req)
-            self.forget(req)
-            if type(req.client) is not bytes:
-                self.overflow.reply(req, p.Reply(req.rid, p.ST_CANCELLED, "cancelled", b""), out)
-            return
-        if req.cancelled:
-            return
-        if state == ASSIGNED and req.worker is None:  # adopted at a takeover, its member not back yet
-            self.forget(req)
-            return
-        req.cancelled = True
-        self._release(req.client, req.rid, req.ticket)
-        if self.ops is not None:
-            self.ops.append(p.OpEnded(req.ticket))  # a broker taking over must not run it again
-        if req.worker is not None:
-            out.append((req.worker.ident, p.Cancel(req.ticket)))
-
-    def _leave_run(self, req: Req, origin: Dest, rid: int) -> None:
-        if req.also is not None and (origin, rid) in req.also:
-            req.also.remove((origin, rid))
-            self._release(origin, rid, req.ticket)
-
-    def part(self, peer: bytes, ticket: int, seq: int, payload: bytes, out: list[Out]) -> None:
-        """A part of ``ticket``'s stream from member ``peer`` (only its current holder's count)."""
-        req = self.reqs.get(ticket)
-        holder = req.worker if req is not None else None
-        if req is None or holder is None or holder.ident != peer or req.cancelled:
-            self.counters.late_results += 1
-            return
-        self.relay(req, tuple.__new__(p.Part, (req.rid, seq, payload)), out)
-
-    def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:
-        """Pass a part or a progress report of ``req`` on to its caller(s)."""
-        if type(msg) is p.Part:
-            req.parts += 1
-            self.counters.parts += 1
-        client = req.client
-        if type(client) is bytes:
-            out.append((client, msg))
-        else:
-            self.overflow.relay(req, msg, out)
-        if req.also and type(msg) is p.Progress:
-            for c, rid in req.also:
-                if type(c) is bytes:
-                    out.append((c, p.Progress(rid, msg.payload)))
-
-    def progress(self, peer: bytes, ticket: int, payload: bytes, out: list[Out]) -> None:
-        """A progress report for ``ticket`` from member ``peer`` (its current holder only)."""
-        req = self.reqs.get(ticket)
-        holder = req.worker if req is not None else None
-        if req is not None and holder is not None and holder.ident == peer and not req.cancelled:
-            self.relay(req, p.Progress(req.rid, payload), out)
-
-    def ack(self, origin: Dest, rid: int, seq: int, out: list[Out]) -> None:
-        """The caller of stream ``rid`` has taken ``seq`` parts: tell whoever runs it."""
-        ticket = self.by_key.get((origin, rid))
-        req = self.reqs.get(ticket) if ticket is not None else None
-        if req is None or req.cancelled or not req.window:
-            return
-        if req.state == ASSIGNED and req.worker is not None:
-            out.append((req.worker.ident, p.Ack(req.ticket, seq)))
-        elif req.state == FORWARDED:
-            self.overflow.send_on(req, p.Ack(req.ticket, seq), out)
-
-    def run_again(self, req: Req, w: Member | None, delay_ms: int, now: float, out: list[Out]) -> bool:
-        """The run of ``req`` failed with what its retry policy retries: queue it again after
-        ``delay_ms`` (another member preferred). False if that would not start before its deadline."""
-        delay = delay_ms / 1000.0
-        if now + delay >= req.deadline:
-            return False
-        req.retries += 1
-        req.worker = None
-        req.avoid = w.ident if w is not None else None
-        self.counters.retried += 1
-        if delay <= 0:
-            self.requeue(req, now)
-            self.pump(self.pools[req.service], now, out)
-            return True
-        req.state = DELAYED
-        if self.ops is not None:
-            self.ops.append(p.OpRequeued(req.ticket))  # a broker taking over runs it at once
-        heappush(self.delayed, (now + delay, req.ticket))
-        return True
-
-    def release_delayed(self, now: float, out: list[Out]) -> None:
-        """Queue again the retries whose delay is over (at the front: they waited longest)."""
-        delayed = self.delayed
-        touched: set[str] = set()
-        while delayed and delayed[0][0] <= now:
-            _, ticket = heappop(delayed)
-            req = self.reqs.get(ticket)
-            if req is not None and req.state == DELAYED:
-                self.requeue(req, now)
-                touched.add(req.service)
-        for name in touched:
-            self.pump(self.pools[name], now, out)
 
     def push_deadline(self, req: Req) -> None:
         """Watch ``req``'s deadline (queued or forwarded upstream)."""
@@ -770,7 +639,7 @@ class Dispatcher:
                                 away(pool, took - w.rtt)
                 if self.h_service is not None and from_holder:
                     self.h_service.observe(now - req.t_out)
-                if delay_ms < 0 or req.cancelled or req.parts or not self.run_again(req, w, delay_ms, now, out):
+                if delay_ms < 0 or req.cancelled or req.parts or not self.watcher.run_again(req, w, delay_ms, now, out):
                     if status == p.ST_CANCELLED and not req.cancelled:
                         status, message = p.ST_TIMEOUT, "the handler was stopped at the request's deadline"
                     self.finish(req, status, message, payload, out, parts)
@@ -824,14 +693,12 @@ class Dispatcher:
         if not req.cancelled:  # a cancelled one was released from its caller and replicated then
             if self.ops is not None:
                 self.ops.append(p.OpEnded(req.ticket))
-            self._release(client, req.rid, req.ticket)
+            self.release_caller(client, req.rid, req.ticket)
         if req.also:
             for c, rid in req.also:
-                self._release(c, rid, req.ticket)
-        if req.key and self.by_caller and self.by_caller.get((req.service, req.key)) == req.ticket:
-            del self.by_caller[(req.service, req.key)]
-        if req.window:
-            self.streams.pop(req.ticket, None)
+                self.release_caller(c, rid, req.ticket)
+        if req.window or (req.key and self.join_same_key):
+            self.watcher.closed(req)
         if type(client) is not bytes:
             self.overflow.forgotten(req)
         if req.via is not None:
@@ -846,7 +713,44 @@ class Dispatcher:
             if not queue:
                 del self.pools[req.service]  # services nobody serves must not accumulate
 
-    def _release(self, client: Dest, rid: int, ticket: int) -> None:
+    def enter(self, req: Req) -> None:
+        """Put ``req``, made elsewhere (work handed down by an upstream), in the table; its
+        caller's key waits for :meth:`enter_key` (once it is sure to run here)."""
+        self.reqs[req.ticket] = req
+        if req.window:
+            self.watcher.opened(req)
+
+    def enter_key(self, req: Req) -> None:
+        self.by_key[(req.client, req.rid)] = req.ticket
+
+    def add_caller(self, req: Req, caller: Dest, rid: int) -> None:
+        """Request ``rid`` of ``caller`` joins ``req``'s run: it gets the same reply."""
+        if req.also is None:
+            req.also = []
+        req.also.append((caller, rid))
+        self.by_key[(caller, rid)] = req.ticket
+
+    def restored(self, req: Req, held: bool) -> None:
+        """Put a request of a replicated table in (after a takeover): queued, or ``held`` by a
+        member that has not registered here yet (ASSIGNED with no holder)."""
+        ticket = req.ticket
+        self.reqs[ticket] = req
+        if req.window or (req.key and self.join_same_key):
+            self.watcher.opened(req)
+        self.by_key[(req.client, req.rid)] = ticket
+        self.open_by_client[req.client] = self.open_by_client.get(req.client, 0) + 1
+        pool = self.pools.get(req.service)
+        if pool is None:
+            pool = self.pools[req.service] = Pool(req.service)
+        if held:
+            req.state = ASSIGNED
+        else:
+            pool.queue.append(ticket)
+            self.queued += 1
+            self.queued_bytes += len(req.payload)
+            heappush(self.deadlines, (req.deadline, ticket))
+
+    def release_caller(self, client: Dest, rid: int, ticket: int) -> None:
         """Caller ``client`` no longer waits for ``rid``: its quota count and its key go."""
         key = (client, rid)
         if self.by_key.get(key) == ticket:
@@ -878,116 +782,13 @@ class Dispatcher:
                 if type(c) is bytes:
                     out.append((c, p.Reply(rid, status, message, payload, parts)))
 
-    # --- after a takeover: the replicated table -------------------------------------------------
-
-    def restore(self, table: dict[int, Copy], now: float) -> None:
-        """Load a replicated request table: queued requests wait here; dispatched ones wait (a
-        grace of one ttl and a heartbeat) for their member to register and say it still holds them."""
-        for ticket in sorted(table):
-            rec = table[ticket]
-            a = rec.accepted
-            req = Req(ticket, a.client, a.rid, a.service, a.payload, a.deadline, a.hops)
-            req.trace, req.key, req.attempt, req.t_in = a.trace, a.key, a.attempt, now
-            req.window, req.retry = a.window, a.retry
-            if a.key and self.settings.join_same_key and not a.window:
-                self.by_caller[(a.service, a.key)] = ticket
-            if a.window:
-                self.streams[ticket] = req
-            self.reqs[ticket] = req
-            self.by_key[(a.client, a.rid)] = ticket
-            self.open_by_client[a.client] = self.open_by_client.get(a.client, 0) + 1
-            pool = self.pools.get(a.service)
-            if pool is None:
-                pool = self.pools[a.service] = Pool(a.service)
-            if rec.member is not None:
-                req.state = ASSIGNED
-                self.adopting.setdefault(rec.member, []).append(ticket)
-            else:
-                pool.queue.append(ticket)
-                self.queued += 1
-                self.queued_bytes += len(req.payload)
-                heappush(self.deadlines, (req.deadline, ticket))
-        if self.adopting:
-            self.adopt_until = now + self.ttl + self.settings.heartbeat.heartbeat_s
-
-    def adopt_member(self, w: Member, tickets: list[int], now: float) -> None:
-        """``w`` registered with us after a takeover: it holds these requests (its first heartbeat
-        confirms which; its results for them are delivered, not run again)."""
-        for t in tickets:
-            req = self.reqs.get(t)
-            if req is None or req.state != ASSIGNED or req.worker is not None:
-                continue
-            req.worker = w
-            req.t_out = now
-            w.adopt(t, req.service)
-            w.adopted = True
-            self.counters.adopted += 1
-            if self.ops is not None:
-                self.ops.append(p.OpSent(t, w.ident, req.attempt))
-        if not self.adopting:
-            self.adopt_until = None
-
-    def adopt_expired(self, now: float, out: list[Out]) -> None:
-        """Members that held requests at the takeover and did not come: requeue what they held
-        (no attempt spent; a result they still send is delivered, see ``tried``)."""
-        self.adopt_until = None
-        touched: set[str] = set()
-        for member, tickets in self.adopting.items():
-            for t in tickets:
-                req = self.reqs.get(t)
-                if req is not None and req.state == ASSIGNED and req.worker is None:
-                    if req.tried is None:
-                        req.tried = []
-                    req.tried.append(member)
-                    self.counters.requeues += 1
-                    self.requeue(req, now)
-                    touched.add(req.service)
-        self.adopting.clear()
-        for s in touched:
-            self.pump(self.pools[s], now, out)
-
-    def snapshot(self) -> list[p.ReplicationOp]:
-        """The whole request table as replication ops (for a passive peer that needs it)."""
-        held_by = {t: m for m, ts in self.adopting.items() for t in ts}
-        ops: list[p.ReplicationOp] = []
-        for t, r in self.reqs.items():
-            client = r.client
-            if type(client) is not bytes:
-                continue  # work handed down by our upstream: it requeues that itself
-            if r.cancelled:
-                continue  # replicated as ended when it was cancelled
-            ops.append(
-                p.OpAccepted(
-                    t,
-                    client,
-                    r.rid,
-                    r.service,
-                    r.deadline,
-                    r.hops,
-                    r.trace,
-                    r.key,
-                    r.attempt,
-                    r.payload,
-                    r.window,
-                    r.retry,
-                )
-            )
-            member = r.worker.ident if r.worker is not None else held_by.get(t)
-            if r.state == ASSIGNED and member is not None:
-                ops.append(p.OpSent(t, member, r.attempt))
-        return ops
-
     def next_deadline(self) -> float | None:
-        """The earliest member expiry, queued deadline, end of a retry's delay or of the adoption grace."""
+        """The earliest member expiry, queued deadline, or forgetting of an idle service."""
         d: float | None = None
         if self.expiry:
             d = self.expiry[0][0]
         if self.deadlines and (d is None or self.deadlines[0][0] < d):
             d = self.deadlines[0][0]
-        if self.adopt_until is not None and (d is None or self.adopt_until < d):
-            d = self.adopt_until
-        if self.delayed and (d is None or self.delayed[0][0] < d):
-            d = self.delayed[0][0]
         if self.idle:
             t = min(self.idle.values()) + self.settings.forget_service_s
             d = t if d is None or t < d else d

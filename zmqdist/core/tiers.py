@@ -29,6 +29,7 @@ from collections.abc import Callable
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.dispatch import KEEP, SKIP, WAIT, Dispatcher, Overflow, away
+from zmqdist.core.lifecycle import Lifecycle
 from zmqdist.core.link import BrokerLink, Problem
 from zmqdist.core.records import (
     ASSIGNED,
@@ -178,6 +179,7 @@ class Tiers(Overflow):
         self,
         settings: BrokerSettings,
         dispatcher: Dispatcher,
+        lifecycle: Lifecycle,
         counters: Counters,
         now: float,
         rng: Callable[[], float],
@@ -186,6 +188,7 @@ class Tiers(Overflow):
         self.settings = settings
         self.name = settings.name
         self.d = dispatcher
+        self.life = lifecycle
         self.counters = counters
         self.up = Upstream(settings, rng, now) if settings.upstream and serving else None
         self.from_up: dict[int, Req] = {}  # local ticket -> request handed down by upstream
@@ -320,15 +323,15 @@ class Tiers(Overflow):
                 req = self.d.reqs.get(msg.id)
                 if req is not None and req.state == FORWARDED and not req.cancelled:
                     if type(msg) is p.Part:
-                        self.d.relay(req, p.Part(req.rid, msg.seq, msg.payload), out)
+                        self.life.relay(req, p.Part(req.rid, msg.seq, msg.payload), out)
                     else:
-                        self.d.relay(req, p.Progress(req.rid, msg.payload), out)
+                        self.life.relay(req, p.Progress(req.rid, msg.payload), out)
             case p.Cancel():
                 if up.registered:
-                    self.d.cancel(UPSTREAM, msg.id, now, out)  # work it handed down to us
+                    self.life.cancel(UPSTREAM, msg.id, now, out)  # work it handed down to us
             case p.Ack():
                 if up.registered:
-                    self.d.ack(UPSTREAM, msg.id, msg.seq, out)
+                    self.life.ack(UPSTREAM, msg.id, msg.seq, out)
             case p.Heartbeat():
                 if link.restarted(msg.incarnation):
                     self._lose_upstream(now, "upstream broker restarted", False, out)
@@ -387,9 +390,7 @@ class Tiers(Overflow):
         req.session = up.session
         req.key = m.key
         req.window, req.retry = m.window, m.retry
-        d.reqs[ticket] = req
-        if m.window:
-            d.streams[ticket] = req
+        d.enter(req)
         if self.name in m.hops:
             self.counters.loops += 1
             d.finish(req, p.ST_INVALID, f"request looped: it has passed {self.name} already", b"", out)
@@ -399,7 +400,7 @@ class Tiers(Overflow):
         if w is None:
             self._refuse_up(req, now, out)
             return
-        d.by_key[key] = ticket
+        d.enter_key(req)
         self.from_up[ticket] = req
         d.assign(req, w, now, out)
 
@@ -448,7 +449,7 @@ class Tiers(Overflow):
         d = self.d
         for req in list(self.from_up.values()):
             if req.window and req.state == ASSIGNED and not req.cancelled:
-                d.cancel_run(req, now, out)  # a stream nobody acknowledges any more: stop it
+                self.life.cancel_run(req, now, out)  # a stream nobody acknowledges any more: stop it
             key = (UPSTREAM, req.rid)
             if d.by_key.get(key) == req.ticket:
                 del d.by_key[key]
