@@ -460,6 +460,10 @@ class Broker:
         mdp = core.mdp.peers
         debug = log.isEnabledFor(logging.DEBUG)  # per batch: traces are logged only at debug level
         work = out
+        if core.batching and len(out) > 1:
+            batches, work = core.group(out)
+            for ident, msgs in batches:
+                work += self._send_batch(core, ident, msgs, now, debug)
         while work:
             failed: list[Out] = []
             for peer, msg in work:
@@ -489,6 +493,46 @@ class Broker:
                 send(head, SNDMORE_NB)
                 send(payload, NB)
             work = failed
+
+    def _send_batch(
+        self, core: BrokerMachine, peer: bytes, msgs: list[p.Message], now: float, debug: bool
+    ) -> list[Out]:
+        """Send ``msgs`` to ``peer`` as BATCH frames (a new one past BATCH_BYTES); return what the
+        machine does about those that could not go (as for single messages)."""
+        send = self._fsend
+        encode = self._enc.encode
+        failed: list[Out] = []
+        frames: list[bytes] = []
+        start = 0
+        size = 0
+        n = len(msgs)
+        for i in range(n):
+            msg = msgs[i]
+            if debug:
+                self._trace(peer, msg)
+            head, payload = encode(msg)
+            frames.append(head)
+            frames.append(payload)
+            size += len(head) + len(payload)
+            if size < p.BATCH_BYTES and i < n - 1:
+                continue
+            try:
+                send(peer, SNDMORE_NB)
+                if len(frames) == 2:
+                    send(frames[0], SNDMORE_NB)
+                    send(frames[1], NB)
+                else:
+                    send(p.BATCH_HEAD, SNDMORE_NB)
+                    send(p.pack_batch(frames), NB)
+            except zmq.ZMQError as exc:
+                why = exc.strerror
+                self._ratelog.warning("send", now, "cannot send %d messages to %s: %s", i + 1 - start, peer.hex(), why)
+                for m in msgs[start : i + 1]:
+                    failed += core.send_failed(peer, m, now)
+            frames = []
+            size = 0
+            start = i + 1
+        return failed
 
     def _to_channel(self, dest: Channel, msg: p.Message | Connect | Problem, now: float) -> None:
         """Send or log what the machine addressed to a channel (upstream, pair link, log)."""

@@ -501,23 +501,31 @@ class Client:
             return core.next_deadline()
 
         def read(now: float) -> bool:
-            for msg in link.recv_batch(now):
-                self._handle(link, core.receive(msg, now))
+            link.cork()  # what the whole read makes goes out together (natural batching)
+            try:
+                for msg in link.recv_batch(now):
+                    self._handle(link, core.receive(msg, now))
+            finally:
+                link.uncork()
             return link.more
 
         def mail(items: list[Any], now: float) -> None:
-            for item in items:
-                if item is None:
-                    loop.stop()
-                    return
-                kind = item[0]
-                if kind == "submit":
-                    _, rid, service, payload, t, tr, options, busy = item
-                    self._handle(link, core.submit(rid, service, payload, t, now, tr, options, busy))
-                elif kind == "cancel":
-                    self._handle(link, core.cancel(item[1], now))
-                elif kind == "ack":
-                    self._handle(link, core.consumed(item[1], item[2]))
+            link.cork()  # every request the mailbox holds goes out together
+            try:
+                for item in items:
+                    if item is None:
+                        loop.stop()
+                        return
+                    kind = item[0]
+                    if kind == "submit":
+                        _, rid, service, payload, t, tr, options, busy = item
+                        self._handle(link, core.submit(rid, service, payload, t, now, tr, options, busy))
+                    elif kind == "cancel":
+                        self._handle(link, core.cancel(item[1], now))
+                    elif kind == "ack":
+                        self._handle(link, core.consumed(item[1], item[2]))
+            finally:
+                link.uncork()
 
         def read_probe(now: float) -> bool:
             for msg in probe.recv_batch(now):

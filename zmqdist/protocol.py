@@ -81,6 +81,7 @@ class Hello(NamedTuple):
     capacity: int
     heartbeat_ms: int
     epoch: int = 0  # optional trailing field: the highest pair epoch this peer has seen (fencing)
+    batch: int = 0  # optional trailing field: the peer reads BATCH frames of up to this many (0: none)
 
 
 class Welcome(NamedTuple):
@@ -100,6 +101,7 @@ class Welcome(NamedTuple):
     peer: str = ""  # optional trailing field: the other broker of the pair
     quota: int = 0  # optional trailing field: open requests per client (0: not said)
     max_message: int = 0  # optional trailing field: largest message in bytes (0: not said)
+    batch: int = 0  # optional trailing field: the broker reads BATCH frames of up to this many (0: none)
 
 
 # A retry policy on the wire: (attempts, backoff_ms, max_backoff_ms, exception names); () for none.
@@ -347,6 +349,13 @@ TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
 _FIELDS: Final[dict[type, tuple[str, ...]]] = {t: getattr(t, "_fields") for t in CMD_OF}  # noqa: B009
 _DEFAULTS: Final[dict[type, dict[str, Any]]] = {t: getattr(t, "_field_defaults") for t in CMD_OF}  # noqa: B009
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
+# A BATCH frame pair carries several messages to one peer: its head is BATCH_HEAD, its payload a
+# msgpack array of their frames [head, payload, head, payload, ...]. It is framing, not a message:
+# sent only to a peer that said in HELLO or WELCOME that it reads them (``batch``), never nested.
+CMD_BATCH: Final = 20
+BATCH_HEAD: Final = PREFIX + bytes([CMD_BATCH])
+MAX_BATCH: Final = 1024  # messages in one batch (a writer closes a batch at this count...)
+BATCH_BYTES: Final = 256 * 1024  # ... or once it holds this many bytes of frames
 CMD_REQUEST: Final = 3  # CMD_OF[Request], as a constant for the per-request path
 CMD_RESULT: Final = 5  # CMD_OF[Result]
 # Types with a field that travels in the payload frame (the field after the required header fields;
@@ -533,10 +542,11 @@ def _is_count(v: object) -> bool:
 
 
 _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
-    Hello: (lambda v: _is_int(v, 0, MAX_ID),),
+    Hello: (lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID)),
     Welcome: (
         lambda v: _is_int(v, 0, MAX_ID),
         _is_short,
+        lambda v: _is_int(v, 0, MAX_ID),
         lambda v: _is_int(v, 0, MAX_ID),
         lambda v: _is_int(v, 0, MAX_ID),
     ),
@@ -554,6 +564,7 @@ _HEAD_RESULT: Final = HEAD_PREFIX[Result]
 _HEAD_REPLY: Final = HEAD_PREFIX[Reply]
 _HEAD_TASK: Final = HEAD_PREFIX[Task]
 _unpackb = msgpack.unpackb
+_packb = msgpack.packb
 
 
 def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
@@ -604,6 +615,28 @@ def plain_result(head: bytes) -> tuple[int, int] | None:
         if type(ticket) is int and 0 <= ticket <= MAX_ID and type(status) is int and status in RESULT_STATUSES:
             return ticket, status
     return None
+
+
+def pack_batch(frames: list[bytes]) -> bytes:
+    """The payload of a BATCH: ``frames`` is [head, payload, head, payload, ...] of 2+ messages."""
+    packed: bytes = _packb(frames)
+    return packed
+
+
+def unpack_batch(payload: bytes, limit: int = MAX_BATCH) -> list[bytes]:
+    """The frames [head, payload, ...] of the messages in a BATCH payload. Raises
+    :class:`RemoteProtocolError` unless it is an array of an even number (at most 2 x ``limit``)
+    of byte strings, none of them a BATCH head (batches do not nest)."""
+    try:
+        frames = _unpackb(payload)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise RemoteProtocolError("BATCH: payload is not valid msgpack", E_FRAMES) from exc
+    if type(frames) is not list or len(frames) % 2 or not 0 < len(frames) <= 2 * limit:
+        raise RemoteProtocolError(f"BATCH: payload must be an array of 2 to {2 * limit} frames, in pairs", E_FRAMES)
+    for i, f in enumerate(frames):
+        if type(f) is not bytes or (not i % 2 and f[:4] == BATCH_HEAD):
+            raise RemoteProtocolError("BATCH: frames must be byte strings, heads not BATCH", E_FRAMES)
+    return frames
 
 
 def decode(head: bytes, payload: bytes) -> Message:

@@ -393,7 +393,10 @@ class SimBroker(_Node):
                 if self.core.receive_frames(ident, frames[0], frames[1], now, out):  # the door, as the runtime
                     self.plain_served += 1
             else:
-                out = self.core.receive(ident, p.decode(*frames), now)  # the general path only
+                msg = p.decode(*frames)  # the general path only
+                if type(msg) is p.Hello:
+                    self.core.note_batching(ident, msg.batch)
+                out = self.core.receive(ident, msg, now)
             self.out(out)
             self.out(self.core.flush(now))
 
@@ -406,6 +409,10 @@ class SimBroker(_Node):
         sim = self.sim
         now = sim.clock.now()
         tasked: set[bytes] = set()  # workers sent a task in this batch (checked against capacity)
+        if self.core.batching and len(outs) > 1:  # natural batching, as the runtime does it
+            batches, outs = self.core.group(outs)
+            for ident, msgs in batches:
+                self._send_batch(ident, msgs, now, tasked)
         for ident, msg in outs:
             t = type(msg)
             if sim.sent is not None:
@@ -453,6 +460,30 @@ class SimBroker(_Node):
                 n, cap = load.get(ident, (0, 0))
                 if n > cap:
                     raise InvariantError(f"{self.name} sent a task to worker {ident!r}: it holds {n}, capacity {cap}")
+
+    def _send_batch(self, ident: bytes, msgs: list[p.Message], now: float, tasked: set[bytes]) -> None:
+        """Send ``msgs`` to peer ``ident`` as one BATCH frame (all of it arrives, or none)."""
+        sim = self.sim
+        for msg in msgs:
+            if sim.sent is not None:
+                sim.sent.append((now, self.name, ident, msg))
+            if type(msg) is p.Task:
+                if ident in self.expired_at and ident not in self.core.members():
+                    raise InvariantError(f"{self.name} sent a task to {ident!r}, which it had declared dead")
+                sim.tasks_sent.append((now, ident))
+                tasked.add(ident)
+        node = sim.nodes.get(ident)
+        if node is None or node.endpoint != self.at_endpoint:
+            for msg in msgs:
+                self.out(self.core.send_failed(ident, msg, now))
+            return
+        if sim.lost(self.ident_of_endpoint(), ident):
+            return
+        sim.batches += 1
+        frames = [f for msg in msgs for f in p.encode(msg)]
+        batch = (p.BATCH_HEAD, p.pack_batch(frames))
+        delay = sim.latency + (sim.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
+        sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, batch, node.conn))
 
     def _pair_link_up(self, reply: bool = False) -> bool:
         """Can a message go to the other broker of the pair? On our own connection to it (down
@@ -528,6 +559,7 @@ class Simulation:
         self.cut_links: set[frozenset[bytes]] = set()  # (node, broker endpoint) connections cut
         self.far: dict[str, float] = {}  # broker name -> one-way delay added on its upstream link
         self.tasks_sent: list[tuple[float, bytes]] = []
+        self.batches = 0  # BATCH frames brokers sent to peers that read them
         self.add_broker("broker", settings=self.settings)
 
     # --- building -------------------------------------------------------------------------------
@@ -608,11 +640,15 @@ class Simulation:
         *,
         via: tuple[str, ...] | None = None,
         endpoints: tuple[str, ...] | None = None,
+        batch: bool = True,
     ) -> SimWorker:
-        """Add a worker and start it; ``via`` names the brokers it connects to, in failover order."""
+        """Add a worker and start it; ``via`` names the brokers it connects to, in failover order;
+        ``batch=False``: it does not read BATCH frames (a peer of the first protocol revision)."""
         ident = f"w:{name}".encode()
         eps = self._endpoints(endpoints, via)
         core = WorkerCore(eps, services, concurrency, name, self.hb, self.clock.now(), self.rng.random)
+        if not batch:
+            core.batch = 0
         w = SimWorker(self, ident, core, service_time)
         self.workers[name] = w
         self.nodes[ident] = w
@@ -620,11 +656,19 @@ class Simulation:
         return w
 
     def add_client(
-        self, name: str = "client", *, via: tuple[str, ...] | None = None, endpoints: tuple[str, ...] | None = None
+        self,
+        name: str = "client",
+        *,
+        via: tuple[str, ...] | None = None,
+        endpoints: tuple[str, ...] | None = None,
+        batch: bool = True,
     ) -> SimClient:
-        """Add a client and start it; ``via`` names the brokers it connects to, in failover order."""
+        """Add a client and start it; ``via`` names the brokers it connects to, in failover order;
+        ``batch=False``: it does not read BATCH frames."""
         ident = f"c:{name}".encode()
         core = ClientCore(self._endpoints(endpoints, via), name, self.hb, self.clock.now(), self.rng.random)
+        if not batch:
+            core.batch = 0
         c = SimClient(self, ident, core)
         self.clients[name] = c
         self.nodes[ident] = c
@@ -710,6 +754,12 @@ class Simulation:
             return
         if conn is not None and node.conn != conn:
             return  # sent on a connection the node has closed since (a failover): lost, as with zmq
+        if frames[0] == p.BATCH_HEAD:
+            parts = p.unpack_batch(frames[1])
+            for i in range(0, len(parts), 2):
+                if node.alive and node.ident == ident and (conn is None or node.conn == conn):
+                    node.deliver(p.decode(parts[i], parts[i + 1]))
+            return
         node.deliver(p.decode(*frames))
 
     # --- running --------------------------------------------------------------------------------

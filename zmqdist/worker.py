@@ -240,34 +240,42 @@ class Worker:
             return core.next_deadline()
 
         def read(now: float) -> bool:
-            for msg in link.recv_batch(now):
-                was = core.registered
-                self._handle(link, executors, core.receive(msg, now))
-                if core.registered and not was:
-                    log.info(
-                        "worker %s registered with broker %s at %s (%s; concurrency %d)",
-                        self.name,
-                        core.link.broker,
-                        link.endpoint,
-                        ", ".join(self.services),
-                        self.concurrency,
-                        extra={"worker": self.name, "broker": core.link.broker},
-                    )
+            link.cork()  # what the whole read makes goes out together (natural batching)
+            try:
+                for msg in link.recv_batch(now):
+                    was = core.registered
+                    self._handle(link, executors, core.receive(msg, now))
+                    if core.registered and not was:
+                        log.info(
+                            "worker %s registered with broker %s at %s (%s; concurrency %d)",
+                            self.name,
+                            core.link.broker,
+                            link.endpoint,
+                            ", ".join(self.services),
+                            self.concurrency,
+                            extra={"worker": self.name, "broker": core.link.broker},
+                        )
+            finally:
+                link.uncork()
             return link.more
 
         def mail(items: list[Any], now: float) -> None:
-            for item in items:
-                kind = item[0]
-                if kind == "done":
-                    self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now, item[5]))
-                elif kind == "part":
-                    self._handle(link, executors, core.part(item[1], item[2], item[3], now))
-                elif kind == "progress":
-                    self._handle(link, executors, core.progress(item[1], item[2], item[3], now))
-                elif kind == "drain":
-                    self._handle(link, executors, core.drain(now, item[1]))
-                elif kind == "stop":
-                    self._handle(link, executors, core.stop())
+            link.cork()  # the results that are ready go out together
+            try:
+                for item in items:
+                    kind = item[0]
+                    if kind == "done":
+                        self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now, item[5]))
+                    elif kind == "part":
+                        self._handle(link, executors, core.part(item[1], item[2], item[3], now))
+                    elif kind == "progress":
+                        self._handle(link, executors, core.progress(item[1], item[2], item[3], now))
+                    elif kind == "drain":
+                        self._handle(link, executors, core.drain(now, item[1]))
+                    elif kind == "stop":
+                        self._handle(link, executors, core.stop())
+            finally:
+                link.uncork()
 
         def read_probe(now: float) -> bool:
             for msg in probe.recv_batch(now):

@@ -14,7 +14,8 @@ WELCOME = p.Welcome("b", "inc1", 250, 4)
 def worker(concurrency=2, eps=("tcp://a:1", "tcp://b:1")):
     w = WorkerCore(eps, ("echo",), concurrency, "w", HB, 0.0)
     out = w.start(0.0)
-    assert out == [Connect("tcp://a:1", "start"), p.Hello(p.ROLE_WORKER, "w", ("echo",), concurrency, 250)]
+    hello = p.Hello(p.ROLE_WORKER, "w", ("echo",), concurrency, 250, batch=p.MAX_BATCH)
+    assert out == [Connect("tcp://a:1", "start"), hello]
     w.receive(WELCOME, 0.0)
     return w
 
@@ -63,7 +64,7 @@ def test_worker_drops_results_from_a_void_session_and_advertises_reduced_capacit
     # the old run is told to stop (it runs elsewhere now); one slot stays busy until it has
     assert out == [
         Abort(1, ex.session, "its broker was lost: it runs elsewhere"),
-        p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250),
+        p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, batch=p.MAX_BATCH),
     ]
     w.receive(p.Welcome("b", "inc2", 250, 4), 0.1)
     assert w.task_done(1, ex.session, True, b"r", 0.2) == [p.Credit(2)]
@@ -77,7 +78,7 @@ def test_stale_work_ending_between_hello_and_welcome_frees_its_slot_at_the_broke
     w = worker(concurrency=2)
     (ex,) = w.receive(task(1), 0.0)
     out = w.receive(p.Heartbeat(p.ROLE_BROKER, "inc2", 0, ()), 0.1)  # broker restarted
-    assert p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250) in out
+    assert p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, batch=p.MAX_BATCH) in out
     assert w.task_done(1, ex.session, True, b"r", 0.15) == []  # not registered: nothing to tell yet
     assert w.receive(p.Welcome("b", "inc2", 250, 4), 0.2) == [p.Credit(2)]
     assert w.receive(p.Welcome("b", "inc2", 250, 4), 0.3) == []  # nothing changed since
@@ -90,7 +91,7 @@ def test_a_client_not_welcomed_says_hello_again_instead_of_heartbeating():
     c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
     c.start(0.0)  # HELLO lost
     out = c.tick(0.25)
-    assert out == [p.Hello(p.ROLE_CLIENT, "c", (), 0, 250)]
+    assert out == [p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, batch=p.MAX_BATCH)]
     c.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.26)
     c.receive(WELCOME, 0.3)
     assert c.registered and [type(o) for o in c.tick(0.6)] == [p.Heartbeat]
@@ -138,7 +139,7 @@ def test_worker_drain_timeout():
 
 def test_worker_reconnect_command_registers_again():
     w = worker()
-    assert w.receive(p.Reconnect("who?"), 0.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250)]
+    assert w.receive(p.Reconnect("who?"), 0.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=p.MAX_BATCH)]
     assert not w.registered
     assert w.receive(task(1), 0.1) == [p.Result(1, p.RS_REFUSED, b"")]
 

@@ -21,6 +21,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
@@ -62,6 +63,10 @@ class BrokerMachine:
         # Majordomo peers share the ROUTER: the bridge translates their frames (docs/mdp.md).
         self.mdp = MdpBridge(settings.mdp_timeout_s, max(1, round(settings.mdp_heartbeat_s * 1000)))
         self._mdp_ttl = settings.mdp_heartbeat.ttl_s
+        # Peers that said in HELLO that they read BATCH frames, with their limit: the runtime sends
+        # each of them what is ready for it in one message (natural batching, docs/protocol.md).
+        self.batching: dict[bytes, int] = {}
+        self._batching_cap = 4 * settings.max_queue + 1024  # bound: a table this full starts afresh
 
     # --- the door ---------------------------------------------------------------------------------
 
@@ -73,6 +78,9 @@ class BrokerMachine:
         returns True when the fast path took it (the simulation counts those)."""
         if rights is None and self.receive_plain(peer, head, payload, now, out):
             return True
+        if head[:4] == p.BATCH_HEAD:
+            self.receive_batch(peer, payload, now, out, rights)
+            return False
         try:
             msg = p.decode(head, payload)
         except RemoteProtocolError as exc:
@@ -81,8 +89,68 @@ class BrokerMachine:
         if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
             self._refuse(peer, msg, why, out)
             return False
+        if type(msg) is p.Hello:
+            self.note_batching(peer, msg.batch)
         out += self.receive(peer, msg, now)
         return False
+
+    def receive_batch(
+        self, peer: bytes, payload: bytes, now: float, out: list[Out], rights: Rights | None = None
+    ) -> None:
+        """Handle the messages of a BATCH from ``peer``, each through the door, in order. A BATCH
+        that is not well formed is bad input as a whole (none of it is handled)."""
+        try:
+            frames = p.unpack_batch(payload)
+        except RemoteProtocolError as exc:
+            self.bad_input(peer, exc, p.BATCH_HEAD, out)
+            return
+        self.counters.batches_in += 1
+        for i in range(0, len(frames), 2):
+            self.receive_frames(peer, frames[i], frames[i + 1], now, out, rights)
+
+    def group(self, out: list[Out]) -> tuple[list[tuple[bytes, list[p.Message]]], list[Out]]:
+        """Split ``out`` into batches (two or more messages, in order, for one peer that reads
+        BATCH frames, at most its limit each) and the rest, in order. Nothing waits to fill a
+        batch: it is what this step made for that peer."""
+        batching = self.batching
+        groups: dict[bytes, list[Any]] = {}  # what goes to a peer is a protocol message
+        rest: list[Out] = []
+        for item in out:
+            peer = item[0]
+            if type(peer) is bytes and peer in batching:
+                g = groups.get(peer)
+                if g is None:
+                    groups[peer] = [item[1]]
+                else:
+                    g.append(item[1])
+            else:
+                rest.append(item)
+        batches: list[tuple[bytes, list[p.Message]]] = []
+        for peer, msgs in groups.items():
+            n = len(msgs)
+            if n == 1:
+                rest.append((peer, msgs[0]))
+                continue
+            limit = batching[peer]
+            for i in range(0, n, limit):
+                chunk = msgs[i : i + limit]
+                if len(chunk) == 1:
+                    rest.append((peer, chunk[0]))
+                else:
+                    batches.append((peer, chunk))
+                    self.counters.batches_out += 1
+                    self.counters.batched_out += len(chunk)
+        return batches, rest
+
+    def note_batching(self, peer: bytes, limit: int) -> None:
+        """``peer`` said in HELLO that it reads BATCH frames of up to ``limit`` messages (0: none)."""
+        batching = self.batching
+        if limit <= 0:
+            batching.pop(peer, None)
+            return
+        if peer not in batching and len(batching) >= self._batching_cap:
+            batching.clear()  # peers forgotten here get single messages: slower, never wrong
+        batching[peer] = min(limit, p.MAX_BATCH)
 
     def receive_mdp(
         self, peer: bytes, frames: list[bytes], now: float, out: list[Out], rights: Rights | None = None
@@ -310,6 +378,7 @@ class BrokerCore(BrokerMachine):
             peer,
             settings.max_client_inflight,
             settings.max_message_size,
+            p.MAX_BATCH,
         )
         self._pong = p.Heartbeat(p.ROLE_BROKER, incarnation, 0, (), epoch)
         self.d = d = Dispatcher(settings, self.counters, now, first_ticket)

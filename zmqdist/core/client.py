@@ -134,6 +134,7 @@ class ClientCore:
         rng: Callable[[], float] = _half,
     ) -> None:
         self.name = name
+        self.batch = p.MAX_BATCH  # BATCH frames this client reads (said in HELLO; 0: none)
         self.link = BrokerLink(endpoints, hb, now)
         self.pending: dict[int, _Pending] = {}
         self.waiting: deque[int] = deque()  # submitted, not sent yet (pacing, or a move home)
@@ -405,7 +406,7 @@ class ClientCore:
     # --- internals --------------------------------------------------------------------------------
 
     def _hello(self) -> p.Hello:
-        return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000), self.link.top_epoch)
+        return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000), self.link.top_epoch, self.batch)
 
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
         budget_ms = min(p.MAX_BUDGET_MS, p.budget_ms_left(pend.deadline - margin, now, floor=0))

@@ -87,6 +87,9 @@ class Counters:
     retried: int = 0  # runs scheduled again by a retry policy (the handler raised what it retries)
     parts: int = 0  # stream parts relayed
     joined: int = 0  # requests that joined an open one with the same caller key (dedup)
+    batches_in: int = 0  # BATCH frames received (each holds several messages)
+    batches_out: int = 0  # BATCH frames made for peers that read them
+    batched_out: int = 0  # messages sent inside those
 
     def ended(self, status: int) -> None:
         """Count a request that ended with ``status`` (a ``protocol.ST_*`` code)."""

@@ -508,7 +508,7 @@ class Tiers(Overflow):
                 link.next_hb = now + link.hb_s
                 link.incarnation = None
             hb_ms = max(1, round(self.settings.heartbeat.heartbeat_s * 1000))
-            out.append((UPSTREAM, p.Hello(p.ROLE_BROKER, self.name, (), 0, hb_ms, link.top_epoch)))
+            out.append((UPSTREAM, p.Hello(p.ROLE_BROKER, self.name, (), 0, hb_ms, link.top_epoch, p.MAX_BATCH)))
             up.pinged(now)
             return
         if link.silent(now):

@@ -119,6 +119,7 @@ class WorkerCore:
         self.services = services
         self.concurrency = concurrency
         self.name = name
+        self.batch = p.MAX_BATCH  # BATCH frames this worker reads (said in HELLO; 0: none)
         self.link = BrokerLink(endpoints, hb, now)
         self.session = 0
         self.registered = False
@@ -481,7 +482,8 @@ class WorkerCore:
     def _hello(self) -> p.Hello:
         link = self.link
         self._told = self._capacity()
-        return p.Hello(p.ROLE_WORKER, self.name, self.services, self._told, round(link.hb_s * 1000), link.top_epoch)
+        hb_ms = round(link.hb_s * 1000)
+        return p.Hello(p.ROLE_WORKER, self.name, self.services, self._told, hb_ms, link.top_epoch, self.batch)
 
     def _void_session(self) -> None:
         self.session += 1

@@ -154,9 +154,17 @@ class DealerLink:
         self.bad_input = 0
         self.endpoint = ""
         self.more = False  # the last recv_batch stopped at its limit: messages are still waiting
+        self.batch = 0  # the broker reads BATCH frames of up to this many (its WELCOME said so)
+        self._corked: list[tuple[bytes, bytes, bool]] | None = None  # held by cork() until uncork()
+        self.batches_out = 0  # BATCH frames sent, and the messages in them (bench, status)
+        self.batched_out = 0
 
     def connect(self, endpoint: str) -> zmq.Socket[Any]:
-        """Close the current socket (if any) and return a new one connected to ``endpoint``."""
+        """Close the current socket (if any) and return a new one connected to ``endpoint``. What
+        was held by :meth:`cork` goes to the old connection first, as it would have uncorked."""
+        if self._corked:
+            self.uncork()
+            self._corked = []
         self.close()
         sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -174,12 +182,59 @@ class DealerLink:
         self._fsend = fast_send(sock)
         self.endpoint = endpoint
         self._backlog.clear()
+        self.batch = 0  # until this broker's WELCOME says it reads batches
         return sock
 
+    def cork(self) -> None:
+        """Hold what is sent from now until :meth:`uncork`, which sends it together."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Send what was held since :meth:`cork`: several messages as BATCH frames when the broker
+        reads them (natural batching: nothing waits for more), else one by one."""
+        held = self._corked
+        self._corked = None
+        if not held:
+            return
+        if len(held) == 1 or self.batch < 2 or self._backlog or self._fsend is None:
+            for head, payload, keep in held:
+                self._put(head, payload, keep)
+            return
+        frames: list[bytes] = []
+        first = 0
+        size = 0
+        n = len(held)
+        limit = min(self.batch, p.MAX_BATCH)
+        for i in range(n):
+            head, payload, _ = held[i]
+            frames.append(head)
+            frames.append(payload)
+            size += len(head) + len(payload)
+            if i < n - 1 and size < p.BATCH_BYTES and i + 1 - first < limit:
+                continue
+            if i == first:
+                self._put(head, payload, held[i][2])
+            elif self._send(p.BATCH_HEAD, p.pack_batch(frames)):
+                self.batches_out += 1
+                self.batched_out += i + 1 - first
+            else:
+                self._backlog.extend((h, pl) for h, pl, keep in held[first : i + 1] if keep)
+            frames = []
+            size = 0
+            first = i + 1
+
     def send(self, msg: p.Message) -> None:
-        """Send ``msg`` now, or keep it for :meth:`flush` if the connection is not ready."""
+        """Send ``msg`` now, or keep it for :meth:`flush` if the connection is not ready (held
+        until :meth:`uncork` while corked)."""
         head, payload = self._enc.encode(msg)
         keep = self._keep and type(msg) is not p.Heartbeat
+        if self._corked is not None:
+            self._corked.append((head, payload, keep))
+            return
+        self._put(head, payload, keep)
+
+    def _put(self, head: bytes, payload: bytes, keep: bool) -> None:
         if self._backlog:
             if keep:
                 self._backlog.append((head, payload))
@@ -235,12 +290,29 @@ class DealerLink:
             if type(payload) is str:
                 self._bad(now, payload)
                 continue
+            hb = head.bytes
+            if hb[:4] != p.BATCH_HEAD:
+                self._decode(hb, payload.bytes, msgs, now)
+                continue
             try:
-                msgs.append(p.decode(head.bytes, payload.bytes))
+                frames = p.unpack_batch(payload.bytes)
             except RemoteProtocolError as exc:
                 self._bad(now, str(exc))
+                continue
+            for j in range(0, len(frames), 2):
+                self._decode(frames[j], frames[j + 1], msgs, now)
         self.more = True
         return msgs
+
+    def _decode(self, head: bytes, payload: bytes, msgs: list[p.Message], now: float) -> None:
+        try:
+            msg = p.decode(head, payload)
+        except RemoteProtocolError as exc:
+            self._bad(now, str(exc))
+            return
+        if type(msg) is p.Welcome:
+            self.batch = msg.batch
+        msgs.append(msg)
 
     def _bad(self, now: float, what: str) -> None:
         self.bad_input += 1
