@@ -8,7 +8,10 @@ Every setup runs in separate processes on 127.0.0.1 with 100-byte payloads and 2
 * ``device``  - the same loops through the C-level ``zmq.proxy`` ROUTER/DEALER device;
 * ``zmqdist`` - minimal loops speaking the zmqdist protocol through a ``zmqdist broker``
   (least-loaded dispatch, heartbeats, request tracking all on);
-* ``api``     - the public ``Client`` / ``Worker`` (concurrency 16) APIs through a ``zmqdist broker``.
+* ``batched`` - minimal loops that batch as the protocol allows (BATCH frames: every reply waiting
+  is answered by its replacement requests in one message; a worker's results go together);
+* ``api``     - the public ``Client`` / ``Worker`` (concurrency 16) APIs through a ``zmqdist broker``
+  (they batch by themselves: what one mailbox drain or one read made goes out together).
 
 Loads: ``sync`` (one call at a time) and ``pipelined`` (100 requests in flight). Rounds alternate
 the setups so drift on a shared machine hits them alike. CPU per request is read from /proc for the
@@ -225,6 +228,132 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
                 s.send_multipart(hb)
 
 
+def role_zdbatchworker(ep: str, capacity: str) -> None:
+    """A minimal zmqdist worker that batches as the protocol allows: it says in HELLO that it reads
+    BATCH frames, reads every task waiting, and answers them together (one BATCH)."""
+    import zmq
+
+    from zmqdist import protocol as p
+
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(ep)
+    enc = p.Encoder()
+    hello = enc.encode(p.Hello(p.ROLE_WORKER, "bench", ("echo",), int(capacity), 250, 0, p.MAX_BATCH))
+    s.send_multipart(hello)
+    hb = enc.encode(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))
+    next_hb = time.monotonic() + 0.2
+    s.rcvtimeo = 100
+    recv = s.recv
+    results: list[bytes] = []
+
+    def answer(head: bytes, payload: bytes) -> None:
+        if head[:4] == p.BATCH_HEAD:
+            frames = p.unpack_batch(payload)
+            for i in range(0, len(frames), 2):
+                answer(frames[i], frames[i + 1])
+            return
+        msg = p.decode(head, payload)
+        if type(msg) is p.Task:
+            results.extend(enc.encode(p.Result(msg.ticket, p.RS_OK, msg.payload)))
+        elif type(msg) is p.Reconnect:
+            s.send_multipart(hello)
+
+    while True:
+        try:
+            answer(recv(), recv())
+            while True:  # what else is there already: no waiting for more
+                answer(recv(zmq.NOBLOCK), recv())
+        except zmq.Again:
+            pass
+        if len(results) == 2:
+            s.send_multipart(results)
+        elif results:
+            s.send_multipart([p.BATCH_HEAD, p.pack_batch(results)])
+        results.clear()
+        now = time.monotonic()
+        if now >= next_hb:
+            next_hb = now + 0.2
+            s.send_multipart(hb)
+
+
+def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str) -> None:
+    """A minimal zmqdist client that batches: it reads every reply waiting and sends the requests
+    that replace them together (one BATCH). Its HELLO says it reads BATCH frames."""
+    import zmq
+
+    from zmqdist import protocol as p
+
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(ep)
+    enc = p.Encoder()
+    s.send_multipart(enc.encode(p.Hello(p.ROLE_CLIENT, "bench", (), 0, 250, 0, p.MAX_BATCH)))
+    unpack = struct.Struct("Q").unpack_from
+    pad = b"x" * max(0, int(payload) - 8)
+    window = 1 if mode == "sync" else PIPELINE
+    t0s: dict[int, float] = {}
+    lat: list[float] = []
+    pc = time.perf_counter
+    seq = 0
+    got: list[int] = []
+
+    def send(n: int) -> None:
+        nonlocal seq
+        frames: list[bytes] = []
+        now = pc()
+        for _ in range(n):
+            seq += 1
+            t0s[seq] = now
+            frames.extend(enc.encode(p.Request(seq, "echo", 30_000, (), struct.pack("Q", seq) + pad)))
+        s.send_multipart(frames if n == 1 else [p.BATCH_HEAD, p.pack_batch(frames)])
+
+    def take(head: bytes, body: bytes) -> None:
+        if head[:4] == p.BATCH_HEAD:
+            frames = p.unpack_batch(body)
+            for i in range(0, len(frames), 2):
+                take(frames[i], frames[i + 1])
+            return
+        msg = p.decode(head, body)
+        if type(msg) is p.Reply:
+            if msg.status != p.ST_OK:
+                raise SystemExit(f"bench request failed: {msg}")
+            got.append(int(unpack(msg.payload)[0]))
+
+    send(window)
+    warm_end = pc() + min(0.5, float(duration) / 4)
+    counting = False
+    start = end = 0.0
+    n = 0
+    while True:
+        take(s.recv(), s.recv())
+        try:
+            while True:
+                take(s.recv(zmq.NOBLOCK), s.recv())
+        except zmq.Again:
+            pass
+        now = pc()
+        k = len(got)
+        for r in got:
+            t0 = t0s.pop(r)
+            if counting:
+                n += 1
+                lat.append(now - t0)
+        got.clear()
+        if counting and now >= end:
+            break
+        if not counting and now >= warm_end:
+            counting = True
+            start = now
+            end = now + float(duration)
+            print("GO", flush=True)
+        send(k)
+    elapsed = pc() - start
+    lat.sort()
+    res = {"rps": n / elapsed, "p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6}
+    print(json.dumps({**res, "n": n, "elapsed": elapsed}), flush=True)
+
+
 def api_echo(x: Any) -> Any:
     return x
 
@@ -411,11 +540,13 @@ def _spawn_cli(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _loop_cpu(ep: str) -> float:
+def _loop_cpu(ep: str) -> tuple[float, dict[str, int]]:
+    """The broker's loop thread CPU seconds so far, and its counters."""
     from zmqdist import Client
 
     with Client([ep], timeout=10) as c:
-        return float(c.call("zmqdist.status")["loop_cpu_s"])
+        st = c.call("zmqdist.status")
+        return float(st["loop_cpu_s"]), st["counters"]
 
 
 def _measure(
@@ -434,11 +565,11 @@ def _measure(
         raise RuntimeError(f"bench client failed: {line} {err}")
     c0 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o0 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
-    l0 = _loop_cpu(broker_ep) if broker_ep else 0.0
+    l0, k0 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
     result: dict[str, Any] = json.loads(client.stdout.readline())
     c1 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o1 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
-    l1 = _loop_cpu(broker_ep) if broker_ep else 0.0
+    l1, k1 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
     client.wait(30)
     n = max(result["n"], 1)
     if others:
@@ -448,6 +579,10 @@ def _measure(
         result["idle_us"] = idle_cpu_per_s * result["elapsed"] / n * 1e6
     if broker_ep:
         result["loop_us"] = (l1 - l0) / n * 1e6
+        # messages per BATCH the broker sent (replies and tasks), and share of its sends batched
+        b = k1.get("batches_out", 0) - k0.get("batches_out", 0)
+        result["batch_out"] = (k1.get("batched_out", 0) - k0.get("batched_out", 0)) / b if b else 1.0
+        result["batches_in"] = (k1.get("batches_in", 0) - k0.get("batches_in", 0)) / n
     return result
 
 
@@ -536,7 +671,11 @@ def run_setup(
             time.sleep(1.2 if pair else 0.4)  # a pair: the primary is active once it has heard the backup
             if metrics:  # histograms on, and scraped once a second through the run
                 procs.append(_spawn("scraper", f"http://127.0.0.1:{metrics[1]}/metrics", str(duration + 2)))
-            if setup == "api":
+            if setup == "batched":  # minimal loops that batch as the protocol allows
+                procs += [_spawn("zdbatchworker", ep, str(capacity)) for _ in range(2)]
+                time.sleep(0.5)
+                client = _spawn("zdbatchclient", ep, mode, str(duration), str(payload))
+            elif setup == "api":
                 procs += [
                     _spawn_cli("worker", "lab:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "16")
                     for _ in range(workers)
@@ -603,12 +742,15 @@ def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps"
         s += f"  cpu {r['cpu_us']:5.2f} us/req"
     if "loop_us" in r:
         s += f" (loop thread {r['loop_us']:5.2f})"
+    if r.get("batch_out", 1.0) > 1.0 or r.get("batches_in", 0.0) > 0.0:
+        per_in = 1 / r["batches_in"] if r["batches_in"] else 0.0
+        s += f"  batches: {r['batch_out']:.1f} msgs out, 1 in per {per_in:.1f} req"
     return s
 
 
 def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: statistics.fmean(r[k] for r in rs) for k in ("rps", "p50_us", "p99_us")}
-    for k in ("cpu_us", "idle_us", "loop_us"):
+    for k in ("cpu_us", "idle_us", "loop_us", "batch_out", "batches_in"):
         if all(k in r for r in rs):
             out[k] = statistics.fmean(r[k] for r in rs)
     if all("cpu_of" in r for r in rs):
@@ -630,7 +772,7 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
             continue
         setups = [
             s
-            for s in ("direct", "device", "zmqdist", "metrics", "ha", "api")
+            for s in ("direct", "device", "zmqdist", "batched", "metrics", "ha", "api")
             if (s not in ("api", "metrics", "ha") and mode in only)
             or (s == "api" and "api" in only)
             or (s in ("metrics", "ha") and mode == "pipelined" and mode in only)

@@ -27,7 +27,7 @@ from zmqdist.core.broker import BrokerMachine
 from zmqdist.core.client import ClientCore, Completed, PartIn, Progressed
 from zmqdist.core.failover import make_broker
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
-from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
+from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Dest, Out
 from zmqdist.core.worker import Abort, Execute, Window, WorkerCore
 from zmqdist.errors import RemoteProtocolError
 from zmqdist.policy import Retry
@@ -354,6 +354,7 @@ class SimBroker(_Node):
         self.settings = settings
         self.runs = 0
         self.plain_served = 0  # messages the per-request fast path took (straight from their frames)
+        self._held: list[tuple[Dest, Any]] = []  # for peers that read batches, until the end of the instant
         self.problems: list[str] = []
         self.pair_peer: SimBroker | None = None  # the other broker of its backup pair
         self.core = self._new_core()
@@ -361,6 +362,7 @@ class SimBroker(_Node):
     def _new_core(self) -> BrokerMachine:
         self.runs += 1
         self.ident = f"b:{self.name}#{self.runs}".encode()  # a new run has a new DEALER identity
+        self._held = []
         self.endpoint = ""
         self.expired_at: dict[bytes, float] = {}
         now = self.sim.clock.now()
@@ -406,13 +408,13 @@ class SimBroker(_Node):
             self.out(self.core.receive_pair_frames(list(frames), self.sim.clock.now()))
 
     def out(self, outs: list[Any]) -> None:
+        """Send what the machine produced. What goes to a peer that reads BATCH frames is held
+        until the end of this instant (every message arriving now handled first) and goes as one
+        BATCH: the runtime's natural batching (it reads what is waiting, then writes)."""
         sim = self.sim
         now = sim.clock.now()
         tasked: set[bytes] = set()  # workers sent a task in this batch (checked against capacity)
-        if self.core.batching and len(outs) > 1:  # natural batching, as the runtime does it
-            batches, outs = self.core.group(outs)
-            for ident, msgs in batches:
-                self._send_batch(ident, msgs, now, tasked)
+        batching = self.core.batching
         for ident, msg in outs:
             t = type(msg)
             if sim.sent is not None:
@@ -442,16 +444,12 @@ class SimBroker(_Node):
                     raise InvariantError(f"{self.name} sent a task to {ident!r}, which it had declared dead")
                 sim.tasks_sent.append((now, ident))
                 tasked.add(ident)
-            node = sim.nodes.get(ident)
-            if node is None or node.endpoint != self.at_endpoint:
-                # The peer's connection is not with us (it moved on): the ROUTER cannot route it.
-                self.out(self.core.send_failed(ident, msg, now))
+            if ident in batching:
+                if not self._held:
+                    sim.at(now, functools.partial(self._flush_held, self.runs))
+                self._held.append((ident, msg))
                 continue
-            if sim.lost(self.ident_of_endpoint(), ident):
-                continue
-            frames = p.encode(msg)
-            delay = sim.latency + (sim.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
-            sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, frames, node.conn))
+            self._send_one(ident, msg, now)
         if tasked:
             # A worker may hold more than its capacity after lowering it (CREDIT 0 to drain or to
             # move home, with work still running): what must never happen is a task sent beyond it.
@@ -461,29 +459,43 @@ class SimBroker(_Node):
                 if n > cap:
                     raise InvariantError(f"{self.name} sent a task to worker {ident!r}: it holds {n}, capacity {cap}")
 
-    def _send_batch(self, ident: bytes, msgs: list[p.Message], now: float, tasked: set[bytes]) -> None:
-        """Send ``msgs`` to peer ``ident`` as one BATCH frame (all of it arrives, or none)."""
+    def _send_one(self, ident: bytes, msg: p.Message, now: float) -> None:
         sim = self.sim
-        for msg in msgs:
-            if sim.sent is not None:
-                sim.sent.append((now, self.name, ident, msg))
-            if type(msg) is p.Task:
-                if ident in self.expired_at and ident not in self.core.members():
-                    raise InvariantError(f"{self.name} sent a task to {ident!r}, which it had declared dead")
-                sim.tasks_sent.append((now, ident))
-                tasked.add(ident)
         node = sim.nodes.get(ident)
         if node is None or node.endpoint != self.at_endpoint:
-            for msg in msgs:
-                self.out(self.core.send_failed(ident, msg, now))
+            # The peer's connection is not with us (it moved on): the ROUTER cannot route it.
+            self.out(self.core.send_failed(ident, msg, now))
             return
         if sim.lost(self.ident_of_endpoint(), ident):
             return
-        sim.batches += 1
-        frames = [f for msg in msgs for f in p.encode(msg)]
-        batch = (p.BATCH_HEAD, p.pack_batch(frames))
+        frames = p.encode(msg)
         delay = sim.latency + (sim.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
-        sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, batch, node.conn))
+        sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, frames, node.conn))
+
+    def _flush_held(self, run: int) -> None:
+        """The end of an instant: what was held for peers that read batches goes out, several
+        messages for one peer as one BATCH (all of it arrives, or none)."""
+        if run != self.runs:
+            return  # held by a run that was killed since: lost with it (_new_core dropped them)
+        held, self._held = self._held, []  # (killed since: what it made before was written already)
+        sim = self.sim
+        now = sim.clock.now()
+        batches, rest = self.core.group(held)
+        for ident, msg in rest:
+            self._send_one(ident, msg, now)  # type: ignore[arg-type]  # to a peer: bytes
+        for ident, msgs in batches:
+            node = sim.nodes.get(ident)
+            if node is None or node.endpoint != self.at_endpoint:
+                for msg in msgs:
+                    self.out(self.core.send_failed(ident, msg, now))
+                continue
+            if sim.lost(self.ident_of_endpoint(), ident):
+                continue
+            sim.batches[ident] = sim.batches.get(ident, 0) + 1
+            frames = [f for msg in msgs for f in p.encode(msg)]
+            batch = (p.BATCH_HEAD, p.pack_batch(frames))
+            delay = sim.latency + (sim.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
+            sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, batch, node.conn))
 
     def _pair_link_up(self, reply: bool = False) -> bool:
         """Can a message go to the other broker of the pair? On our own connection to it (down
@@ -559,7 +571,7 @@ class Simulation:
         self.cut_links: set[frozenset[bytes]] = set()  # (node, broker endpoint) connections cut
         self.far: dict[str, float] = {}  # broker name -> one-way delay added on its upstream link
         self.tasks_sent: list[tuple[float, bytes]] = []
-        self.batches = 0  # BATCH frames brokers sent to peers that read them
+        self.batches: dict[bytes, int] = {}  # BATCH frames brokers sent, by peer
         self.add_broker("broker", settings=self.settings)
 
     # --- building -------------------------------------------------------------------------------
@@ -755,6 +767,9 @@ class Simulation:
         if conn is not None and node.conn != conn:
             return  # sent on a connection the node has closed since (a failover): lost, as with zmq
         if frames[0] == p.BATCH_HEAD:
+            core = getattr(node, "core", None)
+            if isinstance(core, (WorkerCore, ClientCore)) and not core.batch:
+                raise InvariantError(f"a BATCH went to {ident!r}, which said in HELLO that it does not read them")
             parts = p.unpack_batch(frames[1])
             for i in range(0, len(parts), 2):
                 if node.alive and node.ident == ident and (conn is None or node.conn == conn):

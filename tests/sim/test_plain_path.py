@@ -29,6 +29,7 @@ def _schedule(data: st.DataObject) -> dict[str, Any]:
         "max_queue": data.draw(st.sampled_from([4, 50, 10_000])),
         "max_client_inflight": data.draw(st.sampled_from([3, 2500])),
         "drop_rate": data.draw(st.sampled_from([0.0, 0.0, 0.02])),
+        "batch": data.draw(st.lists(st.booleans(), min_size=8, max_size=8)),  # which peers read BATCHes
         "workers": [
             (
                 data.draw(st.sampled_from([("echo",), ("other",), ("echo", "other")])),
@@ -61,8 +62,9 @@ def _run(s: dict[str, Any], plain: bool) -> tuple[list[Any], list[dict[str, int]
     if s["tiers"]:
         sim.add_broker("proxy", upstream=("broker",), settings=dataclasses.replace(config, name="proxy"))
     for i, (services, concurrency, service_time) in enumerate(s["workers"]):
-        sim.add_worker(f"w{i}", services, concurrency, service_time, via=at if i % 2 else ("broker",))
-    clients = [sim.add_client(f"c{i}", via=at if i else ("broker",)) for i in range(3)]
+        batch = s["batch"][i]
+        sim.add_worker(f"w{i}", services, concurrency, service_time, via=at if i % 2 else ("broker",), batch=batch)
+    clients = [sim.add_client(f"c{i}", via=at if i else ("broker",), batch=s["batch"][5 + i]) for i in range(3)]
     sim.run_for(0.01)
     sim.drop_rate = s["drop_rate"]
     n_workers = len(s["workers"])
