@@ -455,15 +455,28 @@ class Broker:
         return frames
 
     def _send(self, core: BrokerMachine, out: list[Out], now: float) -> None:
-        send = self._fsend
-        enc = self._enc  # enc.encode(...): a native call when compiled (see _drain)
-        mdp = core.mdp.peers
+        """Send what the machine produced: to peers that read BATCH frames, what is there for
+        each as one message (natural batching: nothing waits for more); the rest one by one."""
         debug = log.isEnabledFor(logging.DEBUG)  # per batch: traces are logged only at debug level
         work = out
         if core.batching and len(out) > 1:
             batches, work = core.group(out)
             for ident, msgs in batches:
                 work += self._send_batch(core, ident, msgs, now, debug)
+        up = self._up
+        if up is None:
+            self._send_each(core, work, now, debug)
+            return
+        up.cork()  # what goes upstream in this step goes together (a batch, if it reads them)
+        try:
+            self._send_each(core, work, now, debug)
+        finally:
+            up.uncork()
+
+    def _send_each(self, core: BrokerMachine, work: list[Out], now: float, debug: bool) -> None:
+        send = self._fsend
+        enc = self._enc  # enc.encode(...): a native call when compiled (see _drain)
+        mdp = core.mdp.peers
         while work:
             failed: list[Out] = []
             for peer, msg in work:

@@ -1,0 +1,106 @@
+"""Natural batching with real processes: a peer of the first protocol revision (its HELLO says
+nothing of batches) beside one that reads them; clients and workers batching end to end through a
+proxy while a worker is SIGKILLed."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import zmq
+
+from tests.integration.helpers import status, wait_for
+from zmqdist import Client
+from zmqdist import protocol as p
+
+pytestmark = pytest.mark.integration
+
+ENC = p.Encoder()
+
+
+def raw_client(ep: str, batch: int) -> zmq.Socket[bytes]:
+    s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.rcvtimeo = 10_000
+    s.connect(ep)
+    hello = p.Hello(p.ROLE_CLIENT, "raw", (), 0, 250, 0, batch)
+    if batch:
+        s.send_multipart(ENC.encode(hello))
+    else:  # exactly what a peer of the first revision sends: five fields, no batch
+        fields = [p.ROLE_CLIENT, "raw", [], 0, 250]
+        import msgpack
+
+        s.send_multipart([p.HEAD_PREFIX[p.Hello] + msgpack.packb(fields), b""])
+    welcome = p.decode(*s.recv_multipart())
+    assert type(welcome) is p.Welcome and welcome.batch == p.MAX_BATCH  # the broker reads batches
+    return s
+
+
+def read_replies(s: zmq.Socket[bytes], n: int) -> tuple[dict[int, bytes], int]:
+    """Read until ``n`` replies came; return them by rid, and how many BATCH frames carried them."""
+    got: dict[int, bytes] = {}
+    batches = 0
+    while len(got) < n:
+        head, payload = s.recv_multipart()
+        if head[:4] == p.BATCH_HEAD:
+            batches += 1
+            frames = p.unpack_batch(payload)
+            msgs = [p.decode(frames[i], frames[i + 1]) for i in range(0, len(frames), 2)]
+        else:
+            msgs = [p.decode(head, payload)]
+        for m in msgs:
+            if type(m) is p.Reply:
+                assert m.rid not in got, f"reply {m.rid} twice"
+                assert m.status == p.ST_OK, m
+                got[m.rid] = m.payload
+    return got, batches
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_of_the_first_revision_never_gets_a_batch_and_one_that_reads_them_does(procs, ipc_ep):
+    procs.spawn("broker", "--bind", ipc_ep, "--name", "b")
+    procs.spawn("worker", "testworkers:echo", "--connect", ipc_ep, "--concurrency", "16")
+    with Client([ipc_ep], timeout=20) as c:
+        wait_for(lambda: status(c)["workers"], 20, "the worker")
+    n = 300
+    values = {i: p.pack_value(i) for i in range(n)}
+    old = raw_client(ipc_ep, 0)
+    new = raw_client(ipc_ep, p.MAX_BATCH)
+    try:
+        for i in range(n):  # the old one: single messages
+            old.send_multipart(ENC.encode(p.Request(i, "echo", 20_000, (), values[i])))
+        frames = [f for i in range(n) for f in ENC.encode(p.Request(i, "echo", 20_000, (), values[i]))]
+        new.send_multipart([p.BATCH_HEAD, p.pack_batch(frames)])  # the new one: all in one message
+        got_old, batches_old = read_replies(old, n)
+        got_new, batches_new = read_replies(new, n)
+    finally:
+        old.close()
+        new.close()
+    assert batches_old == 0
+    assert batches_new > 0
+    for got in (got_old, got_new):
+        assert sorted(got) == list(range(n))
+        assert all(p.unpack_value(v)[0] == i for i, v in got.items())  # each its own answer
+
+
+@pytest.mark.timeout(120)
+def test_clients_and_workers_batch_through_a_proxy_and_a_killed_worker_loses_nothing(procs, tmp_path):
+    m_ep, a_ep = f"ipc://{tmp_path}/m.sock", f"ipc://{tmp_path}/a.sock"
+    procs.spawn("broker", "--bind", m_ep, "--name", "M")
+    procs.spawn("broker", "--bind", a_ep, "--name", "A", "--upstream", m_ep)
+    w1 = procs.spawn("worker", "testworkers:echo", "--connect", m_ep, "--concurrency", "8", "--name", "w1")
+    procs.spawn("worker", "testworkers:echo", "--connect", m_ep, "--concurrency", "8", "--name", "w2")
+    with Client([m_ep], timeout=20) as cm, Client([a_ep], timeout=60) as ca:
+        wait_for(lambda: len(status(cm)["workers"]) == 2 and status(cm)["brokers"], 20, "workers and proxy")
+        n = 6000
+        it = ca.map("echo", range(n), window=500)
+        out = []
+        for k, v in enumerate(it):
+            out.append(v)
+            if k == 1500:
+                w1.send_signal(signal.SIGKILL)  # what it held is requeued at the master
+        assert [v[0] for v in out] == list(range(n))
+        sm, sa = status(cm)["counters"], status(ca)["counters"]
+    assert sa["batches_in"] > 0 and sa["batches_out"] > 0  # requests from the client, replies to it
+    assert sm["batches_in"] > 0 and sm["batches_out"] > 0  # from the proxy and the workers; tasks down
+    assert sm["batched_out"] > 2 * sm["batches_out"]  # batches of more than two on average
