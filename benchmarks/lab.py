@@ -11,7 +11,8 @@ Every setup runs in separate processes on 127.0.0.1 with 100-byte payloads and 2
 * ``batched`` - minimal loops that batch as the protocol allows (BATCH frames: every reply waiting
   is answered by its replacement requests in one message; a worker's results go together);
 * ``api``     - the public ``Client`` / ``Worker`` (concurrency 16) APIs through a ``zmqdist broker``
-  (they batch by themselves: what one mailbox drain or one read made goes out together).
+  (they batch by themselves: what one mailbox drain or one read made goes out together);
+* ``api-inline`` - the same with the handler declared inline (run on the worker's socket thread).
 
 Loads: ``sync`` (one call at a time) and ``pipelined`` (100 requests in flight). Rounds alternate
 the setups so drift on a shared machine hits them alike. CPU per request is read from /proc for the
@@ -675,9 +676,12 @@ def run_setup(
                 procs += [_spawn("zdbatchworker", ep, str(capacity)) for _ in range(2)]
                 time.sleep(0.5)
                 client = _spawn("zdbatchclient", ep, mode, str(duration), str(payload))
-            elif setup == "api":
+            elif setup in ("api", "api-inline"):
+                inline = ["--inline"] if setup == "api-inline" else []
                 procs += [
-                    _spawn_cli("worker", "lab:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "16")
+                    _spawn_cli(
+                        "worker", "lab:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "16", *inline
+                    )
                     for _ in range(workers)
                 ]
                 time.sleep(1.0)
@@ -772,13 +776,13 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
             continue
         setups = [
             s
-            for s in ("direct", "device", "zmqdist", "batched", "metrics", "ha", "api")
-            if (s not in ("api", "metrics", "ha") and mode in only)
-            or (s == "api" and "api" in only)
+            for s in ("direct", "device", "zmqdist", "batched", "metrics", "ha", "api", "api-inline")
+            if (s not in ("api", "api-inline", "metrics", "ha") and mode in only)
+            or (s in ("api", "api-inline") and "api" in only)
             or (s in ("metrics", "ha") and mode == "pipelined" and mode in only)
         ]
         if "api" in only and mode not in only:
-            setups = ["device", "api"]
+            setups = ["device", "api", "api-inline"]
         m = alternate(setups, rounds, mode, duration, payload)
         print(f"{mode} ({'1 call at a time' if mode == 'sync' else f'{PIPELINE} in flight'})")
         dev = m.get("device")

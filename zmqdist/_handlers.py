@@ -12,8 +12,12 @@ The socket thread tells them :meth:`Executors.abort` (stop a handler: the reques
 ``isolation="process"`` the flag in the child, or the child killed if the service asked for it)
 and :meth:`Executors.window` (a stream's consumer took more parts). A streaming handler never runs
 ahead of its consumer by more than the window: the next value is asked of the generator only when
-it may be sent. Handlers never run on the socket thread, so heartbeats keep flowing while they work;
-see docs/worker.md for C code that holds the GIL.
+it may be sent. Handlers run off the socket thread, so heartbeats keep flowing while they work
+(see docs/worker.md for C code that holds the GIL), except a service declared ``inline``: a
+trivially fast handler, run on the socket thread itself with no hand-off, its result sent with the
+others of the same read. A guard moves it to the threads for good after ``INLINE_STRIKES`` calls in
+a row longer than ``INLINE_BUDGET_S``, or one longer than ``INLINE_LIMIT_S`` (a thread descheduled
+by a busy machine makes one call look slow, rarely three in a row).
 
 Child processes (``isolation="process"``): one per slot, each with its own pipe, so a task can be
 stopped (or its process killed) without touching the others. A child dies with its worker, even a
@@ -31,6 +35,7 @@ import queue
 import random
 import signal
 import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -45,6 +50,9 @@ from zmqdist.policy import Retry
 from zmqdist.transport import Mailbox
 
 log = logging.getLogger(__name__)
+INLINE_BUDGET_S = 0.005  # an inline handler's call longer than this is a strike against it...
+INLINE_STRIKES = 3  # ... this many in a row (a descheduled thread is one, rarely three) moves it to the threads,
+INLINE_LIMIT_S = 0.1  # ... as does one call longer than this
 Handler = Callable[[Any], Any]
 Post = Callable[[tuple[Any, ...]], None]
 
@@ -56,6 +64,7 @@ class Service:
     fn: Handler
     retry: Retry | None = None  # the service's retry policy (a caller's own overrides it)
     terminate_on_cancel: bool = False  # isolation="process": a cancel kills the handler's process
+    inline: bool = False  # trivially fast: run on the socket thread (see the module docstring)
 
     @property
     def is_async(self) -> bool:
@@ -251,6 +260,10 @@ class Executors:
         self._gates: dict[tuple[int, int], Gate] = {}  # (ticket, session) of thread tasks
         self._live: dict[tuple[int, int], _Live] = {}  # (ticket, session) of asyncio tasks
         self._procs: Processes | None = None
+        self.ready: list[tuple[Any, ...]] = []  # what inline handlers produced, for the socket thread
+        self._demoted: set[str] = set()  # inline services whose handler turned out slow
+        self._strikes: dict[str, int] = {}  # inline services: calls over the budget in a row
+        self._inline_gate = Gate(0)  # never cancelled: nothing can arrive while an inline call runs
         if isolation == "process":
             self._procs = Processes(concurrency, mailbox, clock, codec)
         else:
@@ -276,6 +289,8 @@ class Executors:
             self._mailbox.post(("done", task.ticket, task.session, False, _failure(err), None))
         elif self._procs is not None:
             self._procs.submit(svc, task)
+        elif svc.inline and not task.window and task.service not in self._demoted:
+            self._run_inline(svc, task)
         elif self._loop is not None and svc.is_async:
             live = self._live[(task.ticket, task.session)] = _Live(AsyncGate(task.window))
             live.future = asyncio.run_coroutine_threadsafe(self._run_async(svc, task, live), self._loop)
@@ -283,6 +298,32 @@ class Executors:
         else:
             gate = self._gates[(task.ticket, task.session)] = Gate(task.window)
             self._queue.put((task, gate))
+
+    def _run_inline(self, svc: Service, task: Execute) -> None:
+        """Run ``task`` here, on the socket thread; move its service to the threads if it was slow."""
+        t0 = time.perf_counter()
+        run_task(svc, task, self._clock, self._codec, self.ready.append, self._inline_gate)
+        took = time.perf_counter() - t0
+        if took <= INLINE_BUDGET_S:
+            if self._strikes:
+                self._strikes.pop(task.service, None)
+            return
+        strikes = self._strikes[task.service] = self._strikes.get(task.service, 0) + 1
+        if strikes >= INLINE_STRIKES or took > INLINE_LIMIT_S:
+            self._demoted.add(task.service)
+            log.warning(
+                "the inline handler of %r took %.1f ms on the socket thread (budget %.1f ms): it runs on the "
+                "handler threads from now on",
+                task.service,
+                took * 1000,
+                INLINE_BUDGET_S * 1000,
+                extra={"service": task.service, "trace": task.trace},
+            )
+
+    def take_ready(self) -> list[tuple[Any, ...]]:
+        """What inline handlers produced since the last call (socket thread only)."""
+        ready, self.ready = self.ready, []
+        return ready
 
     def abort(self, a: Abort) -> None:
         """Stop the handler of ``a.ticket`` (see the module docstring)."""

@@ -272,6 +272,12 @@ def broker(**params: Any) -> None:
     help="requests served at once [default: the Worker's, or 4]",
 )
 @option("--service", default=None, help="service name for a plain function [default: its name]")
+@option(
+    "--inline",
+    is_flag=True,
+    default=False,
+    help="a plain function that is trivially fast: run it on the socket thread (see docs/worker.md)",
+)
 @option("--name", default=None, help="worker name shown in status [default: the Worker's, or HOST-PID-RANDOM]")
 @option(
     "--isolation",
@@ -288,6 +294,7 @@ def worker(
     connect: tuple[str, ...],
     concurrency: int | None,
     service: str | None,
+    inline: bool,
     name: str | None,
     isolation: str | None,
     heartbeat: float | None,
@@ -312,6 +319,8 @@ def worker(
             "key": key,
         }
         if isinstance(obj, Worker):
+            if inline:
+                raise ConfigError("--inline is for a plain function; a Worker says it per service (inline=True)")
             w = obj.configure(**overrides)
         elif isinstance(obj, type):
             raise ConfigError(
@@ -322,7 +331,7 @@ def worker(
                 raise ConfigError("--connect is required when TARGET is a function")
             w = Worker(list(connect))
             w.configure(**{**overrides, "concurrency": concurrency or 4, "isolation": isolation or "thread"})
-            w.add_service(service or str(getattr(obj, "__name__", "service")), obj)
+            w.add_service(service or str(getattr(obj, "__name__", "service")), obj, inline=inline)
         else:
             raise ConfigError(f"{target} is a {type(obj).__name__}, not a Worker or a function")
         w.run()

@@ -7,6 +7,7 @@ mailbox, so a busy handler never stops heartbeats.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -127,23 +128,34 @@ class Worker:
 
     # --- registration of handlers ----------------------------------------------------------------
 
-    def service(self, name: str, *, retry: Retry | None = None, terminate_on_cancel: bool = False) -> Callable[[F], F]:
+    def service(
+        self, name: str, *, retry: Retry | None = None, terminate_on_cancel: bool = False, inline: bool = False
+    ) -> Callable[[F], F]:
         """Decorator: serve the function under ``name`` (see :meth:`add_service`)."""
 
         def deco(fn: F) -> F:
-            self.add_service(name, fn, retry=retry, terminate_on_cancel=terminate_on_cancel)
+            self.add_service(name, fn, retry=retry, terminate_on_cancel=terminate_on_cancel, inline=inline)
             return fn
 
         return deco
 
     def add_service(
-        self, name: str, fn: Handler, *, retry: Retry | None = None, terminate_on_cancel: bool = False
+        self,
+        name: str,
+        fn: Handler,
+        *,
+        retry: Retry | None = None,
+        terminate_on_cancel: bool = False,
+        inline: bool = False,
     ) -> None:
         """Serve ``fn`` under service ``name``: a function, an ``async def``, or a generator (sync
         or async) whose values stream to a caller of ``Client.stream`` (a caller of ``call`` gets
         them as one list). ``retry``: run the request again when the handler raises what the
         policy lists. ``terminate_on_cancel`` (``isolation="process"``): a cancel kills the
-        handler's process rather than setting ``current_request().cancelled``."""
+        handler's process rather than setting ``current_request().cancelled``. ``inline``: a
+        trivially fast sync handler (microseconds, never blocking) runs on the socket thread,
+        without the hand-off to a handler thread and back; the first call that takes longer than
+        a few milliseconds moves the service to the threads for good (docs/worker.md)."""
         if not isinstance(name, str) or not 0 < len(name) <= p.MAX_NAME:
             raise ConfigError(f"service name must be 1 to {p.MAX_NAME} characters, got {name!r}")
         if name.startswith(p.RESERVED_PREFIX):
@@ -154,7 +166,9 @@ class Worker:
             raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
         if self._runner is not None:
             raise ZmqdistError("add services before the worker starts")
-        self._handlers[name] = Service(fn, retry, bool(terminate_on_cancel))
+        if inline and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            raise ConfigError(f"inline is for sync handlers; {name!r} is async (it runs on the event loop already)")
+        self._handlers[name] = Service(fn, retry, bool(terminate_on_cancel), bool(inline))
 
     @property
     def services(self) -> tuple[str, ...]:
@@ -205,6 +219,9 @@ class Worker:
             raise ZmqdistError("worker already started")
         if not self._handlers:
             raise ConfigError("worker has no services: add one with @worker.service(NAME)")
+        inline = [n for n, s in self._handlers.items() if s.inline]
+        if inline and self.isolation == "process":
+            raise ConfigError(f"inline ({', '.join(inline)}) runs on the socket thread: not with isolation='process'")
         killing = [n for n, s in self._handlers.items() if s.terminate_on_cancel]
         if killing and self.isolation != "process":
             raise ConfigError(
@@ -226,6 +243,8 @@ class Worker:
 
         def tick(now: float) -> float | None:
             self._handle(link, executors, core.tick(now))
+            while executors.ready:
+                apply(executors.take_ready(), now)
             if not core.registered and not told[0] and now - started > NO_BROKER_S:
                 told[0] = True
                 log.warning(
@@ -255,25 +274,32 @@ class Worker:
                             self.concurrency,
                             extra={"worker": self.name, "broker": core.link.broker},
                         )
+                while executors.ready:  # what inline handlers answered goes out with the rest
+                    apply(executors.take_ready(), now)
             finally:
                 link.uncork()
             return link.more
 
+        def apply(items: list[Any], now: float) -> None:
+            for item in items:
+                kind = item[0]
+                if kind == "done":
+                    self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now, item[5]))
+                elif kind == "part":
+                    self._handle(link, executors, core.part(item[1], item[2], item[3], now))
+                elif kind == "progress":
+                    self._handle(link, executors, core.progress(item[1], item[2], item[3], now))
+                elif kind == "drain":
+                    self._handle(link, executors, core.drain(now, item[1]))
+                elif kind == "stop":
+                    self._handle(link, executors, core.stop())
+
         def mail(items: list[Any], now: float) -> None:
             link.cork()  # the results that are ready go out together
             try:
-                for item in items:
-                    kind = item[0]
-                    if kind == "done":
-                        self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now, item[5]))
-                    elif kind == "part":
-                        self._handle(link, executors, core.part(item[1], item[2], item[3], now))
-                    elif kind == "progress":
-                        self._handle(link, executors, core.progress(item[1], item[2], item[3], now))
-                    elif kind == "drain":
-                        self._handle(link, executors, core.drain(now, item[1]))
-                    elif kind == "stop":
-                        self._handle(link, executors, core.stop())
+                apply(items, now)
+                while executors.ready:
+                    apply(executors.take_ready(), now)
             finally:
                 link.uncork()
 
