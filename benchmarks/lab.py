@@ -249,16 +249,12 @@ def role_zdbatchworker(ep: str, capacity: str) -> None:
     results: list[bytes] = []
 
     def answer(head: bytes, payload: bytes) -> None:
-        if head[:4] == p.BATCH_HEAD:
-            frames = p.unpack_batch(payload)
-            for i in range(0, len(frames), 2):
-                answer(frames[i], frames[i + 1])
-            return
-        msg = p.decode(head, payload)
-        if type(msg) is p.Task:
-            results.extend(enc.encode(p.Result(msg.ticket, p.RS_OK, msg.payload)))
-        elif type(msg) is p.Reconnect:
-            s.send_multipart(hello)
+        for frames in p.frames_of(head, payload):
+            msg = p.decode(*frames)
+            if type(msg) is p.Task:
+                results.extend(enc.encode(p.Result(msg.ticket, p.RS_OK, msg.payload)))
+            elif type(msg) is p.Reconnect:
+                s.send_multipart(hello)
 
     while True:
         try:
@@ -310,16 +306,12 @@ def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str) -> None:
         s.send_multipart(frames if n == 1 else [p.BATCH_HEAD, p.pack_batch(frames)])
 
     def take(head: bytes, body: bytes) -> None:
-        if head[:4] == p.BATCH_HEAD:
-            frames = p.unpack_batch(body)
-            for i in range(0, len(frames), 2):
-                take(frames[i], frames[i + 1])
-            return
-        msg = p.decode(head, body)
-        if type(msg) is p.Reply:
-            if msg.status != p.ST_OK:
-                raise SystemExit(f"bench request failed: {msg}")
-            got.append(int(unpack(msg.payload)[0]))
+        for frames in p.frames_of(head, body):
+            msg = p.decode(*frames)
+            if type(msg) is p.Reply:
+                if msg.status != p.ST_OK:
+                    raise SystemExit(f"bench request failed: {msg}")
+                got.append(int(unpack(msg.payload)[0]))
 
     send(window)
     warm_end = pc() + min(0.5, float(duration) / 4)

@@ -639,6 +639,15 @@ def unpack_batch(payload: bytes, limit: int = MAX_BATCH) -> list[bytes]:
     return frames
 
 
+def frames_of(head: bytes, payload: bytes) -> list[tuple[bytes, bytes]]:
+    """The (head, payload) of each message a frame pair carries: itself, or a BATCH's messages
+    (raises :class:`RemoteProtocolError` for a bad BATCH, see :func:`unpack_batch`)."""
+    if head[:4] != BATCH_HEAD:
+        return [(head, payload)]
+    frames = unpack_batch(payload)
+    return [(frames[i], frames[i + 1]) for i in range(0, len(frames), 2)]
+
+
 def decode(head: bytes, payload: bytes) -> Message:
     """Return the message carried by ``head`` and ``payload``.
 

@@ -770,10 +770,9 @@ class Simulation:
             core = getattr(node, "core", None)
             if isinstance(core, (WorkerCore, ClientCore)) and not core.batch:
                 raise InvariantError(f"a BATCH went to {ident!r}, which said in HELLO that it does not read them")
-            parts = p.unpack_batch(frames[1])
-            for i in range(0, len(parts), 2):
+            for one in p.frames_of(*frames):
                 if node.alive and node.ident == ident and (conn is None or node.conn == conn):
-                    node.deliver(p.decode(parts[i], parts[i + 1]))
+                    node.deliver(p.decode(*one))
             return
         node.deliver(p.decode(*frames))
 

@@ -42,13 +42,8 @@ def read_replies(s: zmq.Socket[bytes], n: int) -> tuple[dict[int, bytes], int]:
     batches = 0
     while len(got) < n:
         head, payload = s.recv_multipart()
-        if head[:4] == p.BATCH_HEAD:
-            batches += 1
-            frames = p.unpack_batch(payload)
-            msgs = [p.decode(frames[i], frames[i + 1]) for i in range(0, len(frames), 2)]
-        else:
-            msgs = [p.decode(head, payload)]
-        for m in msgs:
+        batches += head[:4] == p.BATCH_HEAD
+        for m in (p.decode(*f) for f in p.frames_of(head, payload)):
             if type(m) is p.Reply:
                 assert m.rid not in got, f"reply {m.rid} twice"
                 assert m.status == p.ST_OK, m

@@ -185,6 +185,13 @@ def link_with(fake: FakeSend, batch: int) -> DealerLink:
 REQS = [p.Request(i, "echo", 1000, (), b"v") for i in range(5)]
 
 
+def send_corked(link: DealerLink, msgs: list) -> None:
+    link.cork()
+    for m in msgs:
+        link.send(m)
+    link.uncork()
+
+
 def test_what_a_corked_link_holds_goes_out_as_one_batch_to_a_broker_that_reads_them():
     fake = FakeSend()
     link = link_with(fake, p.MAX_BATCH)
@@ -202,26 +209,18 @@ def test_what_a_corked_link_holds_goes_out_as_one_batch_to_a_broker_that_reads_t
 def test_a_link_sends_singly_to_a_broker_that_does_not_read_batches_and_alone_as_today():
     fake = FakeSend()
     link = link_with(fake, 0)
-    link.cork()
-    for r in REQS:
-        link.send(r)
-    link.uncork()
+    send_corked(link, REQS)
     assert [p.decode(*m) for m in fake.messages] == REQS
     fast = FakeSend()
     link = link_with(fast, p.MAX_BATCH)
-    link.cork()
-    link.send(REQS[0])
-    link.uncork()
+    send_corked(link, REQS[:1])
     assert fast.messages == [list(ENC.encode(REQS[0]))]  # one request alone: two frames, no BATCH
 
 
 def test_a_link_closes_a_batch_at_the_brokers_limit():
     fake = FakeSend()
     link = link_with(fake, 2)
-    link.cork()
-    for r in REQS:
-        link.send(r)
-    link.uncork()
+    send_corked(link, REQS)
     assert [m[0] == p.BATCH_HEAD for m in fake.messages] == [True, True, False]
 
 
