@@ -30,6 +30,7 @@ MODULES: tuple[str, ...] = (
     "zmqdist.protocol",
     "zmqdist.clock",
     "zmqdist.core.records",
+    "zmqdist.core.batching",
     "zmqdist.core.dispatch",
     "zmqdist.core.lifecycle",
     "zmqdist.core.replica",

@@ -21,10 +21,10 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
+from zmqdist.core import batching
 from zmqdist.core.dispatch import Dispatcher
 from zmqdist.core.lifecycle import Lifecycle
 from zmqdist.core.link import Problem
@@ -109,48 +109,12 @@ class BrokerMachine:
             self.receive_frames(peer, frames[i], frames[i + 1], now, out, rights)
 
     def group(self, out: list[Out]) -> tuple[list[tuple[bytes, list[p.Message]]], list[Out]]:
-        """Split ``out`` into batches (two or more messages, in order, for one peer that reads
-        BATCH frames, at most its limit each) and the rest, in order. Nothing waits to fill a
-        batch: it is what this step made for that peer."""
-        batching = self.batching
-        groups: dict[bytes, list[Any]] = {}  # what goes to a peer is a protocol message
-        rest: list[Out] = []
-        for item in out:
-            peer = item[0]
-            if type(peer) is bytes and peer in batching:
-                g = groups.get(peer)
-                if g is None:
-                    groups[peer] = [item[1]]
-                else:
-                    g.append(item[1])
-            else:
-                rest.append(item)
-        batches: list[tuple[bytes, list[p.Message]]] = []
-        for peer, msgs in groups.items():
-            n = len(msgs)
-            if n == 1:
-                rest.append((peer, msgs[0]))
-                continue
-            limit = batching[peer]
-            for i in range(0, n, limit):
-                chunk = msgs[i : i + limit]
-                if len(chunk) == 1:
-                    rest.append((peer, chunk[0]))
-                else:
-                    batches.append((peer, chunk))
-                    self.counters.batches_out += 1
-                    self.counters.batched_out += len(chunk)
-        return batches, rest
+        """Split ``out`` into BATCHes for peers that read them and the rest (:func:`batching.group`)."""
+        return batching.group(self.batching, out, self.counters)
 
     def note_batching(self, peer: bytes, limit: int) -> None:
         """``peer`` said in HELLO that it reads BATCH frames of up to ``limit`` messages (0: none)."""
-        batching = self.batching
-        if limit <= 0:
-            batching.pop(peer, None)
-            return
-        if peer not in batching and len(batching) >= self._batching_cap:
-            batching.clear()  # peers forgotten here get single messages: slower, never wrong
-        batching[peer] = min(limit, p.MAX_BATCH)
+        batching.note(self.batching, peer, limit, self._batching_cap)
 
     def receive_mdp(
         self, peer: bytes, frames: list[bytes], now: float, out: list[Out], rights: Rights | None = None
