@@ -237,6 +237,23 @@ def test_a_batch_that_cannot_go_is_kept_message_by_message_heartbeats_dropped():
     assert [p.decode(*m) for m in fake.messages] == REQS[:2]
 
 
+def test_after_a_batch_that_could_not_go_the_next_ones_wait_behind_it_in_order():
+    fake = FakeSend()
+    link = link_with(fake, 2)  # batches of two: REQS go as [0, 1], [2, 3], 4
+    send = link._send
+    tries: list[bytes] = []
+
+    def first_fails(head: bytes, payload: bytes) -> bool:
+        tries.append(head)
+        return False if len(tries) == 1 else send(head, payload)
+
+    link._send = first_fails  # type: ignore[method-assign]
+    send_corked(link, REQS)
+    link._send = send  # type: ignore[method-assign]
+    assert link.flush()
+    assert [p.decode(*f) for m in fake.messages for f in p.frames_of(*m)] == REQS
+
+
 def test_a_link_starts_a_new_connection_not_knowing_whether_its_broker_reads_batches():
     link = link_with(FakeSend(), p.MAX_BATCH)
     link.connect("tcp://127.0.0.1:1")  # nothing listens: the connection waits, the socket exists

@@ -213,8 +213,9 @@ class DealerLink:
             size += len(head) + len(payload)
             if i < n - 1 and size < p.BATCH_BYTES and i + 1 - first < limit:
                 continue
-            if i == first:
-                self._put(head, payload, held[i][2])
+            if i == first or self._backlog:  # alone, or behind messages still waiting: in order
+                for h, pl, keep in held[first : i + 1]:
+                    self._put(h, pl, keep)
             elif self._send(p.BATCH_HEAD, p.pack_batch(frames)):
                 self.batches_out += 1
                 self.batched_out += i + 1 - first
