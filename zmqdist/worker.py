@@ -154,8 +154,8 @@ class Worker:
         policy lists. ``terminate_on_cancel`` (``isolation="process"``): a cancel kills the
         handler's process rather than setting ``current_request().cancelled``. ``inline``: a
         trivially fast sync handler (microseconds, never blocking) runs on the socket thread,
-        without the hand-off to a handler thread and back; the first call that takes longer than
-        a few milliseconds moves the service to the threads for good (docs/worker.md)."""
+        without the hand-off to a handler thread and back; three calls in a row over 5 ms, or one
+        over 100 ms, move the service to the threads for good (docs/worker.md)."""
         if not isinstance(name, str) or not 0 < len(name) <= p.MAX_NAME:
             raise ConfigError(f"service name must be 1 to {p.MAX_NAME} characters, got {name!r}")
         if name.startswith(p.RESERVED_PREFIX):
