@@ -67,6 +67,15 @@ class BrokerCollector:
         yield CounterMetricFamily(
             "zmqdist_joined", "Requests that joined an open one with the same caller key", value=c["joined"]
         )
+        batches = CounterMetricFamily(
+            "zmqdist_batches", "BATCH frames received from and sent to peers that read them", labels=["direction"]
+        )
+        batches.add_metric(["in"], c.get("batches_in", 0))
+        batches.add_metric(["out"], c.get("batches_out", 0))
+        yield batches
+        yield CounterMetricFamily(
+            "zmqdist_batched_messages", "Messages sent inside BATCH frames", value=c.get("batched_out", 0)
+        )
         drops = CounterMetricFamily("zmqdist_drops", "Messages dropped or refused, by cause", labels=["cause"])
         for label, key in DROPS:
             drops.add_metric([label], c.get(key, 0))

@@ -49,7 +49,15 @@ def test_metrics_match_1000_calls_with_10_handler_errors(tmp_path):
                 else:
                     assert f.result(10) == i * 2
         text = scrape(b.metrics_port)
+        counters = b.status()["counters"]
         assert errors == 10
+        # 1,000 submits at once: the client batched them, the broker batched tasks and replies
+        b_in = value(text, "zmqdist_batches_total", direction="in")
+        b_out = value(text, "zmqdist_batches_total", direction="out")
+        assert b_in >= 1 and b_out >= 1
+        assert value(text, "zmqdist_batched_messages_total") >= 2 * b_out
+        # the same as status says (read just after: a heartbeat's batch may fall between)
+        assert abs(b_in - counters["batches_in"]) <= 2 and abs(b_out - counters["batches_out"]) <= 2
         assert value(text, "zmqdist_requests_total") == 1000
         assert value(text, "zmqdist_replies_total", status="ok") == 990
         assert value(text, "zmqdist_replies_total", status="failed") == 10
