@@ -617,6 +617,61 @@ def plain_result(head: bytes) -> tuple[int, int] | None:
     return None
 
 
+def plain_reply(head: bytes) -> tuple[int, int, str] | None:
+    """Return (rid, status, message) of a valid REPLY head without optional fields, else None (a
+    client reads every reply with this; see :func:`plain_request`)."""
+    try:
+        f = _unpackb(head[4:], use_list=False)
+    except Exception:
+        return None
+    if type(f) is tuple and len(f) == 3:
+        rid, status, message = f
+        if (
+            type(rid) is int
+            and 0 <= rid <= MAX_ID
+            and type(status) is int
+            and status in REPLY_STATUSES
+            and type(message) is str
+        ):
+            return rid, status, message
+    return None
+
+
+def plain_task(head: bytes) -> tuple[int, str, int, int, str, int, str] | None:
+    """Return (ticket, service, budget_ms, attempt, key, seq, trace) of a valid TASK head without
+    hops or lifecycle fields, else None (a worker reads every task with this)."""
+    try:
+        f = _unpackb(head[4:], use_list=False)
+    except Exception:
+        return None
+    if type(f) is not tuple:
+        return None
+    n = len(f)
+    if n == 7:
+        trace = ""
+    elif n == 8 and type(f[7]) is str and len(f[7]) <= MAX_NAME:
+        trace = f[7]
+    else:
+        return None
+    ticket, service, budget, attempt, key, seq, hops = f[:7]
+    if (
+        type(ticket) is int
+        and 0 <= ticket <= MAX_ID
+        and type(service) is str
+        and 0 < len(service) <= MAX_NAME
+        and type(budget) is int
+        and 0 <= budget <= MAX_BUDGET_MS
+        and type(attempt) is int
+        and 1 <= attempt <= 1000
+        and type(key) is str
+        and type(seq) is int
+        and 0 <= seq <= MAX_ID
+        and hops == ()
+    ):
+        return ticket, service, budget, attempt, key, seq, trace
+    return None
+
+
 def pack_batch(frames: list[bytes]) -> bytes:
     """The payload of a BATCH: ``frames`` is [head, payload, head, payload, ...] of 2+ messages."""
     packed: bytes = _packb(frames)
@@ -665,6 +720,14 @@ def decode(head: bytes, payload: bytes) -> Message:
         t = plain_result(head)
         if t is not None:
             return tuple.__new__(Result, (t[0], t[1], payload, 0, 0))
+    elif cmd == _HEAD_REPLY:
+        y = plain_reply(head)
+        if y is not None:
+            return tuple.__new__(Reply, (y[0], y[1], y[2], payload, 0))
+    elif cmd == _HEAD_TASK:
+        k = plain_task(head)
+        if k is not None:
+            return tuple.__new__(Task, (k[0], k[1], k[2], k[3], k[4], k[5], (), payload, k[6], 0, ()))
     return _decode_general(head, payload)
 
 

@@ -266,3 +266,65 @@ def test_fast_paths_accept_and_refuse_exactly_what_the_general_decoder_does(cmd,
         assert exc.code == p.E_HEADER
     else:
         assert p.decode(head, b"pl") == expected
+
+
+_reply_shaped = st.tuples(
+    st.integers(-1, 2**63) | st.booleans(),
+    st.integers(-1, 8) | st.booleans(),
+    st.text(max_size=3) | st.binary(max_size=2) | st.none(),
+)
+_task_shaped = st.tuples(  # around every boundary, with and without a trace
+    st.integers(-1, 2**63) | st.booleans(),
+    st.text(max_size=258),
+    st.integers(-1, p.MAX_BUDGET_MS + 1),
+    st.integers(-1, 1001) | st.booleans(),
+    st.text(max_size=3) | st.integers(0, 3),
+    st.integers(-1, 2**63),
+    st.just(()) | st.lists(st.text(min_size=1, max_size=3), max_size=2).map(tuple),
+).flatmap(lambda t: st.just(t) | (st.text(max_size=258) | st.integers()).map(lambda tr: (*t, tr)))
+
+
+@given(data=st.data(), cmd=st.sampled_from([p.Reply, p.Task]))
+def test_the_peers_fast_paths_accept_and_refuse_exactly_what_the_general_decoder_does(data, cmd):
+    """REPLY (every reply a client reads) and TASK (every task a worker reads)."""
+    shaped = _reply_shaped if cmd is p.Reply else _task_shaped
+    fields = data.draw(shaped | st.lists(_fields, max_size=9).map(tuple))
+    head = p.HEAD_PREFIX[cmd] + msgpack.packb(fields)
+    try:
+        expected = p._decode_general(head, b"pl")
+    except RemoteProtocolError:
+        with pytest.raises(RemoteProtocolError):
+            p.decode(head, b"pl")
+    else:
+        assert p.decode(head, b"pl") == expected
+
+
+@pytest.mark.parametrize(
+    ("cmd", "fields"),
+    [
+        (p.Reply, (1, 7, "")),  # the last status
+        (p.Reply, (1, 8, "")),  # past it
+        (p.Reply, (1, True, "")),  # a bool is not a status
+        (p.Reply, (2**63, 0, "")),  # id past its range
+        (p.Reply, (1, 0, b"")),  # message not a string
+        (p.Reply, (1, 0, "", 3)),  # with parts: the general path
+        (p.Task, (1, "s", 0, 1, "", 0, ())),
+        (p.Task, (1, "s", 0, 0, "", 0, ())),  # attempt from 1
+        (p.Task, (1, "s", 0, 1001, "", 0, ())),  # to 1000
+        (p.Task, (1, "", 0, 1, "", 0, ())),  # a service has a name
+        (p.Task, (1, "s", p.MAX_BUDGET_MS + 1, 1, "", 0, ())),
+        (p.Task, (1, "s", 0, 1, "", -1, ())),
+        (p.Task, (1, "s", 0, 1, "", 0, ("a",))),  # hops: the general path
+        (p.Task, (1, "s", 0, 1, "", 0, (), "t" * 256)),  # trace too long
+        (p.Task, (1, "s", 0, 1, "", 0, (), "tr")),
+    ],
+)
+def test_the_peers_fast_paths_at_every_boundary(cmd, fields):
+    head = p.HEAD_PREFIX[cmd] + msgpack.packb(fields)
+    try:
+        expected = p._decode_general(head, b"pl")
+    except RemoteProtocolError:
+        with pytest.raises(RemoteProtocolError):
+            p.decode(head, b"pl")
+    else:
+        assert p.decode(head, b"pl") == expected
