@@ -268,6 +268,18 @@ def test_fast_paths_accept_and_refuse_exactly_what_the_general_decoder_does(cmd,
         assert p.decode(head, b"pl") == expected
 
 
+def same_as_general(cmd: type, fields: tuple) -> None:
+    """``decode`` (fast path first) accepts and refuses exactly what the general decoder does."""
+    head = p.HEAD_PREFIX[cmd] + msgpack.packb(fields)
+    try:
+        expected = p._decode_general(head, b"pl")
+    except RemoteProtocolError:
+        with pytest.raises(RemoteProtocolError):
+            p.decode(head, b"pl")
+    else:
+        assert p.decode(head, b"pl") == expected
+
+
 _reply_shaped = st.tuples(
     st.integers(-1, 2**63) | st.booleans(),
     st.integers(-1, 8) | st.booleans(),
@@ -289,14 +301,7 @@ def test_the_peers_fast_paths_accept_and_refuse_exactly_what_the_general_decoder
     """REPLY (every reply a client reads) and TASK (every task a worker reads)."""
     shaped = _reply_shaped if cmd is p.Reply else _task_shaped
     fields = data.draw(shaped | st.lists(_fields, max_size=9).map(tuple))
-    head = p.HEAD_PREFIX[cmd] + msgpack.packb(fields)
-    try:
-        expected = p._decode_general(head, b"pl")
-    except RemoteProtocolError:
-        with pytest.raises(RemoteProtocolError):
-            p.decode(head, b"pl")
-    else:
-        assert p.decode(head, b"pl") == expected
+    same_as_general(cmd, fields)
 
 
 @pytest.mark.parametrize(
@@ -320,11 +325,4 @@ def test_the_peers_fast_paths_accept_and_refuse_exactly_what_the_general_decoder
     ],
 )
 def test_the_peers_fast_paths_at_every_boundary(cmd, fields):
-    head = p.HEAD_PREFIX[cmd] + msgpack.packb(fields)
-    try:
-        expected = p._decode_general(head, b"pl")
-    except RemoteProtocolError:
-        with pytest.raises(RemoteProtocolError):
-            p.decode(head, b"pl")
-    else:
-        assert p.decode(head, b"pl") == expected
+    same_as_general(cmd, fields)
