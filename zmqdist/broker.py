@@ -467,11 +467,8 @@ class Broker:
         if up is None:
             self._send_each(core, work, now, debug)
             return
-        up.cork()  # what goes upstream in this step goes together (a batch, if it reads them)
-        try:
+        with up.corked():  # what goes upstream in this step goes together (a batch, if it reads them)
             self._send_each(core, work, now, debug)
-        finally:
-            up.uncork()
 
     def _send_each(self, core: BrokerMachine, work: list[Out], now: float, debug: bool) -> None:
         send = self._fsend
@@ -510,41 +507,30 @@ class Broker:
     def _send_batch(
         self, core: BrokerMachine, peer: bytes, msgs: list[p.Message], now: float, debug: bool
     ) -> list[Out]:
-        """Send ``msgs`` to ``peer`` as BATCH frames (a new one past BATCH_BYTES); return what the
-        machine does about those that could not go (as for single messages)."""
+        """Send ``msgs`` to ``peer`` as BATCH frames (cut by :func:`protocol.batch_spans`); return
+        what the machine does about those that could not go (as for single messages)."""
         send = self._fsend
         encode = self._enc.encode
         failed: list[Out] = []
         frames: list[bytes] = []
-        start = 0
-        size = 0
-        n = len(msgs)
-        for i in range(n):
-            msg = msgs[i]
+        for msg in msgs:
             if debug:
                 self._trace(peer, msg)
-            head, payload = encode(msg)
-            frames.append(head)
-            frames.append(payload)
-            size += len(head) + len(payload)
-            if size < p.BATCH_BYTES and i < n - 1:
-                continue
+            frames += encode(msg)
+        for a, b in p.batch_spans(frames):
             try:
                 send(peer, SNDMORE_NB)
-                if len(frames) == 2:
-                    send(frames[0], SNDMORE_NB)
-                    send(frames[1], NB)
+                if b - a == 1:
+                    send(frames[2 * a], SNDMORE_NB)
+                    send(frames[2 * a + 1], NB)
                 else:
                     send(p.BATCH_HEAD, SNDMORE_NB)
-                    send(p.pack_batch(frames), NB)
+                    send(p.pack_batch(frames[2 * a : 2 * b]), NB)
             except zmq.ZMQError as exc:
                 why = exc.strerror
-                self._ratelog.warning("send", now, "cannot send %d messages to %s: %s", i + 1 - start, peer.hex(), why)
-                for m in msgs[start : i + 1]:
+                self._ratelog.warning("send", now, "cannot send %d messages to %s: %s", b - a, peer.hex(), why)
+                for m in msgs[a:b]:
                     failed += core.send_failed(peer, m, now)
-            frames = []
-            size = 0
-            start = i + 1
         return failed
 
     def _to_channel(self, dest: Channel, msg: p.Message | Connect | Problem, now: float) -> None:

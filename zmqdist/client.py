@@ -501,17 +501,13 @@ class Client:
             return core.next_deadline()
 
         def read(now: float) -> bool:
-            link.cork()  # what the whole read makes goes out together (natural batching)
-            try:
+            with link.corked():  # what the whole read makes goes out together (natural batching)
                 for msg in link.recv_batch(now):
                     self._handle(link, core.receive(msg, now))
-            finally:
-                link.uncork()
             return link.more
 
         def mail(items: list[Any], now: float) -> None:
-            link.cork()  # every request the mailbox holds goes out together
-            try:
+            with link.corked():  # every request the mailbox holds goes out together
                 for item in items:
                     if item is None:
                         loop.stop()
@@ -524,8 +520,6 @@ class Client:
                         self._handle(link, core.cancel(item[1], now))
                     elif kind == "ack":
                         self._handle(link, core.consumed(item[1], item[2]))
-            finally:
-                link.uncork()
 
         def read_probe(now: float) -> bool:
             for msg in probe.recv_batch(now):

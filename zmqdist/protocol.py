@@ -567,6 +567,28 @@ _unpackb = msgpack.unpackb
 _packb = msgpack.packb
 
 
+def _head_fields(head: bytes) -> tuple[Any, ...] | None:
+    """The header fields of ``head`` (after its 4-byte prefix), or None if they are not an array."""
+    try:
+        f = _unpackb(head[4:], use_list=False)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        return None
+    return f if type(f) is tuple else None
+
+
+def _trace_after(f: tuple[Any, ...], n: int) -> str | None:
+    """The trace after the ``n`` required fields of ``f`` ("" when absent), or None if ``f`` is not
+    those fields and at most a valid trace."""
+    k = len(f)
+    if k == n:
+        return ""
+    if k == n + 1:
+        t = f[n]
+        if type(t) is str and len(t) <= MAX_NAME:
+            return t
+    return None
+
+
 def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
     """Return (rid, service, budget_ms, trace) of a valid REQUEST head without hops, else None.
 
@@ -575,18 +597,9 @@ def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
     """
     if head[:4] != _HEAD_REQUEST:
         return None
-    try:
-        f = _unpackb(head[4:], use_list=False)
-    except Exception:  # msgpack raises several unrelated types for bad input
-        return None
-    if type(f) is not tuple:
-        return None
-    n = len(f)
-    if n == 4:
-        trace = ""
-    elif n == 5 and type(f[4]) is str and len(f[4]) <= MAX_NAME:
-        trace = f[4]
-    else:
+    f = _head_fields(head)
+    trace = _trace_after(f, 4) if f is not None else None
+    if f is None or trace is None:
         return None
     rid, service, budget, hops = f[0], f[1], f[2], f[3]
     if (
@@ -606,11 +619,8 @@ def plain_result(head: bytes) -> tuple[int, int] | None:
     """Return (ticket, status) of a valid RESULT head, else None (see :func:`plain_request`)."""
     if head[:4] != _HEAD_RESULT:
         return None
-    try:
-        f = _unpackb(head[4:], use_list=False)
-    except Exception:
-        return None
-    if type(f) is tuple and len(f) == 2:
+    f = _head_fields(head)
+    if f is not None and len(f) == 2:
         ticket, status = f
         if type(ticket) is int and 0 <= ticket <= MAX_ID and type(status) is int and status in RESULT_STATUSES:
             return ticket, status
@@ -619,12 +629,9 @@ def plain_result(head: bytes) -> tuple[int, int] | None:
 
 def plain_reply(head: bytes) -> tuple[int, int, str] | None:
     """Return (rid, status, message) of a valid REPLY head without optional fields, else None (a
-    client reads every reply with this; see :func:`plain_request`)."""
-    try:
-        f = _unpackb(head[4:], use_list=False)
-    except Exception:
-        return None
-    if type(f) is tuple and len(f) == 3:
+    client reads every reply with this; see :func:`plain_request`). ``head`` is a REPLY's."""
+    f = _head_fields(head)
+    if f is not None and len(f) == 3:
         rid, status, message = f
         if (
             type(rid) is int
@@ -639,19 +646,10 @@ def plain_reply(head: bytes) -> tuple[int, int, str] | None:
 
 def plain_task(head: bytes) -> tuple[int, str, int, int, str, int, str] | None:
     """Return (ticket, service, budget_ms, attempt, key, seq, trace) of a valid TASK head without
-    hops or lifecycle fields, else None (a worker reads every task with this)."""
-    try:
-        f = _unpackb(head[4:], use_list=False)
-    except Exception:
-        return None
-    if type(f) is not tuple:
-        return None
-    n = len(f)
-    if n == 7:
-        trace = ""
-    elif n == 8 and type(f[7]) is str and len(f[7]) <= MAX_NAME:
-        trace = f[7]
-    else:
+    hops or lifecycle fields, else None (a worker reads every task with this). ``head`` is a TASK's."""
+    f = _head_fields(head)
+    trace = _trace_after(f, 7) if f is not None else None
+    if f is None or trace is None:
         return None
     ticket, service, budget, attempt, key, seq, hops = f[:7]
     if (
@@ -676,6 +674,23 @@ def pack_batch(frames: list[bytes]) -> bytes:
     """The payload of a BATCH: ``frames`` is [head, payload, head, payload, ...] of 2+ messages."""
     packed: bytes = _packb(frames)
     return packed
+
+
+def batch_spans(frames: list[bytes], limit: int = MAX_BATCH) -> list[tuple[int, int]]:
+    """How a writer cuts ``frames`` ([head, payload, ...] of messages to one peer) into BATCHes:
+    [start, end) spans of messages, at most ``limit`` and about BATCH_BYTES each; a span of one
+    message goes as itself."""
+    spans: list[tuple[int, int]] = []
+    n = len(frames) // 2
+    start = 0
+    size = 0
+    for i in range(n):
+        size += len(frames[2 * i]) + len(frames[2 * i + 1])
+        if i == n - 1 or size >= BATCH_BYTES or i + 1 - start >= limit:
+            spans.append((start, i + 1))
+            start = i + 1
+            size = 0
+    return spans
 
 
 def unpack_batch(payload: bytes, limit: int = MAX_BATCH) -> list[bytes]:

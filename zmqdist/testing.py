@@ -449,7 +449,7 @@ class SimBroker(_Node):
                     sim.at(now, functools.partial(self._flush_held, self.runs))
                 self._held.append((ident, msg))
                 continue
-            self._send_one(ident, msg, now)
+            self._send(ident, [msg], now)
         if tasked:
             # A worker may hold more than its capacity after lowering it (CREDIT 0 to drain or to
             # move home, with work still running): what must never happen is a task sent beyond it.
@@ -459,16 +459,23 @@ class SimBroker(_Node):
                 if n > cap:
                     raise InvariantError(f"{self.name} sent a task to worker {ident!r}: it holds {n}, capacity {cap}")
 
-    def _send_one(self, ident: bytes, msg: p.Message, now: float) -> None:
+    def _send(self, ident: bytes, msgs: list[p.Message], now: float) -> None:
+        """Send ``msgs`` to peer ``ident``: one message as itself, several as one BATCH (all of it
+        arrives, or none)."""
         sim = self.sim
         node = sim.nodes.get(ident)
         if node is None or node.endpoint != self.at_endpoint:
             # The peer's connection is not with us (it moved on): the ROUTER cannot route it.
-            self.out(self.core.send_failed(ident, msg, now))
+            for msg in msgs:
+                self.out(self.core.send_failed(ident, msg, now))
             return
         if sim.lost(self.ident_of_endpoint(), ident):
             return
-        frames = p.encode(msg)
+        if len(msgs) == 1:
+            frames = p.encode(msgs[0])
+        else:
+            sim.batches[ident] = sim.batches.get(ident, 0) + 1
+            frames = (p.BATCH_HEAD, p.pack_batch([f for msg in msgs for f in p.encode(msg)]))
         delay = sim.latency + (sim.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
         sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, frames, node.conn))
 
@@ -482,20 +489,9 @@ class SimBroker(_Node):
         now = sim.clock.now()
         batches, rest = self.core.group(held)
         for ident, msg in rest:
-            self._send_one(ident, msg, now)  # type: ignore[arg-type]  # to a peer: bytes
+            self._send(ident, [msg], now)  # type: ignore[arg-type,list-item]  # to a peer: bytes, a message
         for ident, msgs in batches:
-            node = sim.nodes.get(ident)
-            if node is None or node.endpoint != self.at_endpoint:
-                for msg in msgs:
-                    self.out(self.core.send_failed(ident, msg, now))
-                continue
-            if sim.lost(self.ident_of_endpoint(), ident):
-                continue
-            sim.batches[ident] = sim.batches.get(ident, 0) + 1
-            frames = [f for msg in msgs for f in p.encode(msg)]
-            batch = (p.BATCH_HEAD, p.pack_batch(frames))
-            delay = sim.latency + (sim.far.get(node.name, 0.0) if isinstance(node, SimBroker) else 0.0)
-            sim.at(now + delay, functools.partial(sim.deliver_to_node, ident, batch, node.conn))
+            self._send(ident, msgs, now)
 
     def _pair_link_up(self, reply: bool = False) -> bool:
         """Can a message go to the other broker of the pair? On our own connection to it (down

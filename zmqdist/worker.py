@@ -243,8 +243,7 @@ class Worker:
 
         def tick(now: float) -> float | None:
             self._handle(link, executors, core.tick(now))
-            while executors.ready:
-                apply(executors.take_ready(), now)
+            answered(now)
             if not core.registered and not told[0] and now - started > NO_BROKER_S:
                 told[0] = True
                 log.warning(
@@ -259,8 +258,7 @@ class Worker:
             return core.next_deadline()
 
         def read(now: float) -> bool:
-            link.cork()  # what the whole read makes goes out together (natural batching)
-            try:
+            with link.corked():  # what the whole read makes goes out together (natural batching)
                 for msg in link.recv_batch(now):
                     was = core.registered
                     self._handle(link, executors, core.receive(msg, now))
@@ -274,10 +272,7 @@ class Worker:
                             self.concurrency,
                             extra={"worker": self.name, "broker": core.link.broker},
                         )
-                while executors.ready:  # what inline handlers answered goes out with the rest
-                    apply(executors.take_ready(), now)
-            finally:
-                link.uncork()
+                answered(now)  # what inline handlers answered goes out with the rest
             return link.more
 
         def apply(items: list[Any], now: float) -> None:
@@ -294,14 +289,15 @@ class Worker:
                 elif kind == "stop":
                     self._handle(link, executors, core.stop())
 
+        def answered(now: float) -> None:
+            """What inline handlers produced (on this thread) is handled like the mailbox's."""
+            while executors.ready:
+                apply(executors.take_ready(), now)
+
         def mail(items: list[Any], now: float) -> None:
-            link.cork()  # the results that are ready go out together
-            try:
+            with link.corked():  # the results that are ready go out together
                 apply(items, now)
-                while executors.ready:
-                    apply(executors.take_ready(), now)
-            finally:
-                link.uncork()
+                answered(now)
 
         def read_probe(now: float) -> bool:
             for msg in probe.recv_batch(now):

@@ -130,6 +130,21 @@ def bind_router(
     return sock, bound
 
 
+class Corked:
+    """The ``with`` block of :meth:`DealerLink.corked`: cork on entry, uncork on exit."""
+
+    __slots__ = ("link",)
+
+    def __init__(self, link: DealerLink) -> None:
+        self.link = link
+
+    def __enter__(self) -> None:
+        self.link.cork()
+
+    def __exit__(self, *exc: object) -> None:
+        self.link.uncork()
+
+
 class DealerLink:
     """The DEALER socket of a worker or client, owned by its I/O thread.
 
@@ -156,8 +171,6 @@ class DealerLink:
         self.more = False  # the last recv_batch stopped at its limit: messages are still waiting
         self.batch = 0  # the broker reads BATCH frames of up to this many (its WELCOME said so)
         self._corked: list[tuple[bytes, bytes, bool]] | None = None  # held by cork() until uncork()
-        self.batches_out = 0  # BATCH frames sent, and the messages in them (bench, status)
-        self.batched_out = 0
 
     def connect(self, endpoint: str) -> zmq.Socket[Any]:
         """Close the current socket (if any) and return a new one connected to ``endpoint``. What
@@ -190,6 +203,10 @@ class DealerLink:
         if self._corked is None:
             self._corked = []
 
+    def corked(self) -> Corked:
+        """``with link.corked():``: what is sent inside goes out together at its end."""
+        return Corked(self)
+
     def uncork(self) -> None:
         """Send what was held since :meth:`cork`: several messages as BATCH frames when the broker
         reads them (natural batching: nothing waits for more), else one by one."""
@@ -201,29 +218,13 @@ class DealerLink:
             for head, payload, keep in held:
                 self._put(head, payload, keep)
             return
-        frames: list[bytes] = []
-        first = 0
-        size = 0
-        n = len(held)
-        limit = min(self.batch, p.MAX_BATCH)
-        for i in range(n):
-            head, payload, _ = held[i]
-            frames.append(head)
-            frames.append(payload)
-            size += len(head) + len(payload)
-            if i < n - 1 and size < p.BATCH_BYTES and i + 1 - first < limit:
-                continue
-            if i == first or self._backlog:  # alone, or behind messages still waiting: in order
-                for h, pl, keep in held[first : i + 1]:
-                    self._put(h, pl, keep)
-            elif self._send(p.BATCH_HEAD, p.pack_batch(frames)):
-                self.batches_out += 1
-                self.batched_out += i + 1 - first
-            else:
-                self._backlog.extend((h, pl) for h, pl, keep in held[first : i + 1] if keep)
-            frames = []
-            size = 0
-            first = i + 1
+        frames = [f for head, payload, _ in held for f in (head, payload)]
+        for a, b in p.batch_spans(frames, min(self.batch, p.MAX_BATCH)):
+            if b - a == 1 or self._backlog:  # alone, or behind messages still waiting: in order
+                for head, payload, keep in held[a:b]:
+                    self._put(head, payload, keep)
+            elif not self._send(p.BATCH_HEAD, p.pack_batch(frames[2 * a : 2 * b])):
+                self._backlog.extend((head, payload) for head, payload, keep in held[a:b] if keep)
 
     def send(self, msg: p.Message) -> None:
         """Send ``msg`` now, or keep it for :meth:`flush` if the connection is not ready (held
