@@ -293,7 +293,7 @@ _task_shaped = st.tuples(  # around every boundary, with and without a trace
     st.text(max_size=3) | st.integers(0, 3),
     st.integers(-1, 2**63),
     st.just(()) | st.lists(st.text(min_size=1, max_size=3), max_size=2).map(tuple),
-).flatmap(lambda t: st.just(t) | (st.text(max_size=258) | st.integers()).map(lambda tr: (*t, tr)))
+).flatmap(lambda t: st.just(t) | (st.text(max_size=258) | st.integers(-(2**63), 2**64 - 1)).map(lambda tr: (*t, tr)))
 
 
 @given(data=st.data(), cmd=st.sampled_from([p.Reply, p.Task]))
