@@ -39,12 +39,12 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from zmqdist import protocol as p
 from zmqdist.clock import Clock
 from zmqdist.codec import Codec
-from zmqdist.context import RequestContext, reset_current, set_current
+from zmqdist.context import RequestContext, reset_current, set_current, set_deferred
 from zmqdist.core.worker import Abort, Execute, Window
 from zmqdist.policy import Retry
 from zmqdist.transport import Mailbox
@@ -168,20 +168,36 @@ def _context(task: Execute, clock: Clock, flag: Gate | AsyncGate, report: Callab
     return RequestContext(task.key, task.service, task.attempt, task.deadline, task.trace, clock, flag, report)
 
 
-def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> None:
-    """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
+def _reporter(task: Execute, codec: Codec | None, post: Post) -> Callable[[Any], None]:
+    """What ``current_request().progress(value)`` calls: post the report for the socket thread."""
     ticket, session = task.ticket, task.session
 
     def report(value: Any) -> None:
         post(("progress", ticket, session, p.pack_value(value, codec)))
 
-    token = set_current(_context(task, clock, gate, report))
+    return report
+
+
+def _deferred_context(task: Execute, clock: Clock, gate: Gate, codec: Codec | None, post: Post) -> RequestContext:
+    return _context(task, clock, gate, _reporter(task, codec, post))
+
+
+# What a handler returns most often: values that are neither awaitable nor a generator, known by
+# their exact type (inspect's checks go through the ABCs' isinstance, slow for every result).
+_PLAIN_RESULTS: Final = frozenset({bytes, str, int, float, bool, type(None), list, dict, tuple})
+
+
+def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> None:
+    """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
+    ticket, session = task.ticket, task.session
+    token = set_deferred(_deferred_context, (task, clock, gate, codec, post))
     retry: int | None = None
     try:
         result = svc.fn(p.unpack_value(task.payload, codec))
-        if inspect.isawaitable(result):
+        special = type(result) not in _PLAIN_RESULTS
+        if special and inspect.isawaitable(result):
             result = asyncio.run(_await(result))
-        if inspect.isgenerator(result):
+        if special and inspect.isgenerator(result):
             result = _drain(result, task, clock, codec, post, gate)
         elif task.window:
             post(("part", ticket, session, p.pack_value(result, codec)))  # a stream of one value
@@ -372,11 +388,7 @@ class Executors:
     async def _run_async(self, svc: Service, task: Execute, live: _Live) -> None:
         codec, post = self._codec, self._mailbox.post
         ticket, session = task.ticket, task.session
-
-        def report(value: Any) -> None:
-            post(("progress", ticket, session, p.pack_value(value, codec)))
-
-        set_current(_context(task, self._clock, live.gate, report))
+        set_current(_context(task, self._clock, live.gate, _reporter(task, codec, post)))
         retry: int | None = None
         try:
             result = svc.fn(p.unpack_value(task.payload, codec))

@@ -355,6 +355,35 @@ class Client:
             _deliver(target, rid, False, ClosedError("client closed"))
         return rid
 
+    def _submit_many(self, service: str, values: list[Any], timeout: float | None, target: Target) -> list[int]:
+        """Send plain requests (no key, retry or stream) for ``values`` whose outcomes go to
+        ``target``, checked once and posted to the socket thread as one item: what
+        :meth:`map` sends per window refill. Returns their ids, in order."""
+        if len(values) == 1 or len(self._futures) + len(values) > self.backlog:
+            return [self._submit(service, v, timeout, target) for v in values]  # the backlog's wait
+        if self._closed:
+            raise ClosedError("client is closed")
+        if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
+            raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
+        t = self.timeout if timeout is None else _check_timeout(timeout)
+        codec = self.codec
+        payloads = [p.pack_value(v, codec) for v in values]  # a value that cannot be packed raises here
+        ids = self._ids
+        futures = self._futures
+        prefix = self._trace_prefix
+        batch: list[tuple[int, bytes, str]] = []
+        for payload in payloads:
+            rid = next(ids)
+            tr = f"{prefix}{rid:x}"
+            futures[rid] = (target, service, tr)
+            batch.append((rid, payload, tr))
+        self._mailbox.post(("many", service, t, batch))
+        if self._closed:
+            for rid, _, _ in batch:
+                if futures.pop(rid, None) is not None:
+                    _deliver(target, rid, False, ClosedError("client closed"))
+        return [rid for rid, _, _ in batch]
+
     def _cancel(self, rid: int) -> bool:
         """Cancel request ``rid`` (from its future, stream or map); True if it was open."""
         if self._futures.pop(rid, None) is None:
@@ -441,6 +470,8 @@ class Client:
             raise ConfigError("window must be at least 1")
         # One queue for the whole call instead of a Future per request: outcomes arrive as
         # (rid, ok, value); every request ends (reply, local timeout or close), so get() returns.
+        # Natural batching: the window is refilled only after every outcome already there was
+        # yielded, so the requests of one refill go to the socket thread as one item.
         sink: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
         order: deque[int] = deque()
         done: dict[int, tuple[bool, Any]] = {}
@@ -448,24 +479,24 @@ class Client:
         exhausted = False
         try:
             while True:
-                while not exhausted and len(order) < window:
-                    try:
-                        v = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    order.append(self._submit(service, v, timeout, sink))
+                if not exhausted and len(order) < window:
+                    chunk = list(itertools.islice(it, window - len(order)))
+                    exhausted = len(chunk) < window - len(order)
+                    if chunk:
+                        order.extend(self._submit_many(service, chunk, timeout, sink))
                 if not order:
                     return
-                head = order[0]
-                while head not in done:
+                while order[0] not in done:
                     rid, ok, value = sink.get()
                     done[rid] = (ok, value)
-                order.popleft()
-                ok, value = done.pop(head)
-                if not ok:
-                    raise value
-                yield value
+                while not sink.empty():  # whatever else arrived meanwhile: no wait
+                    rid, ok, value = sink.get()
+                    done[rid] = (ok, value)
+                while order and order[0] in done:
+                    ok, value = done.pop(order.popleft())
+                    if not ok:
+                        raise value
+                    yield value
         finally:
             for rid in order:
                 self._cancel(rid)
@@ -516,6 +547,10 @@ class Client:
                     if kind == "submit":
                         _, rid, service, payload, t, tr, options, busy = item
                         self._handle(link, core.submit(rid, service, payload, t, now, tr, options, busy))
+                    elif kind == "many":  # plain requests of one map refill
+                        _, service, t, batch = item
+                        for rid, payload, tr in batch:
+                            self._handle(link, core.submit(rid, service, payload, t, now, tr))
                     elif kind == "cancel":
                         self._handle(link, core.cancel(item[1], now))
                     elif kind == "ack":
@@ -541,10 +576,13 @@ class Client:
                 _deliver(target, rid, False, ClosedError("client closed before the reply arrived"))
             self._futures.clear()
             for item in self._mailbox.drain():
-                if item is not None and item[0] == "submit":
-                    entry = self._futures.pop(item[1], None)
+                if item is None:
+                    continue
+                rids = [item[1]] if item[0] == "submit" else [b[0] for b in item[3]] if item[0] == "many" else []
+                for rid in rids:
+                    entry = self._futures.pop(rid, None)
                     if entry is not None:
-                        _deliver(entry[0], item[1], False, ClosedError("client closed"))
+                        _deliver(entry[0], rid, False, ClosedError("client closed"))
             self._mailbox.close()
 
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:

@@ -52,7 +52,11 @@ class RequestContext:
             self.report(value)
 
 
-_current: contextvars.ContextVar[RequestContext | None] = contextvars.ContextVar("zmqdist_request", default=None)
+# A context not made yet: the function that makes it and its arguments (see set_deferred).
+Deferred = tuple[Callable[..., RequestContext], tuple[Any, ...]]
+Current = RequestContext | Deferred | None
+
+_current: contextvars.ContextVar[Current] = contextvars.ContextVar("zmqdist_request", default=None)
 
 
 def current_request() -> RequestContext:
@@ -60,14 +64,27 @@ def current_request() -> RequestContext:
     ctx = _current.get()
     if ctx is None:
         raise LookupError("current_request() called outside a zmqdist handler")
+    if type(ctx) is tuple:  # deferred: made at the first ask, then kept for the rest of the call
+        make, args = ctx
+        made = make(*args)
+        _current.set(made)
+        return made
+    assert isinstance(ctx, RequestContext)
     return ctx
 
 
-def set_current(ctx: RequestContext | None) -> contextvars.Token[RequestContext | None]:
+def set_current(ctx: RequestContext | None) -> contextvars.Token[Current]:
     """Set the context for the running handler (used by the worker runtime)."""
     return _current.set(ctx)
 
 
-def reset_current(token: contextvars.Token[RequestContext | None]) -> None:
-    """Restore the context that ``token`` replaced."""
+def set_deferred(make: Callable[..., RequestContext], args: tuple[Any, ...]) -> contextvars.Token[Current]:
+    """Set the running handler's context as ``make(*args)``, called only if the handler asks for
+    it: most handlers never do, and building it for every request cost the worker a tenth of
+    its per-request work (measured, docs/performance.md)."""
+    return _current.set((make, args))
+
+
+def reset_current(token: contextvars.Token[Current]) -> None:
+    """Restore the context that ``token`` replaced (whatever the handler's asks set since)."""
     _current.reset(token)

@@ -17,6 +17,7 @@ build, which matters on the broker's per-request path (measured: 0.25 us against
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Final, NamedTuple, Protocol
 
 import msgpack
@@ -807,12 +808,19 @@ class Encoder:
         fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
         if cls is Reply and not fields[4]:  # the commands of every request first
             return _HEAD_REPLY + self._pack(fields[:3]), fields[3]
+        # Fields picked one by one: slicing and star-unpacking a tuple cost more in compiled code.
         if cls is Task and not fields[9] and not fields[10]:
-            return _HEAD_TASK + self._pack((*fields[:7], fields[8]) if fields[8] else fields[:7]), fields[7]
+            f = fields
+            if f[8]:
+                return _HEAD_TASK + self._pack((f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[8])), f[7]
+            return _HEAD_TASK + self._pack((f[0], f[1], f[2], f[3], f[4], f[5], f[6])), f[7]
         if cls is Result and not fields[3] and not fields[4]:
-            return _HEAD_RESULT + self._pack(fields[:2]), fields[2]
+            return _HEAD_RESULT + self._pack((fields[0], fields[1])), fields[2]
         if cls is Request and not fields[6] and not fields[7] and not fields[8]:
-            return _HEAD_REQUEST + self._pack((*fields[:4], fields[5]) if fields[5] else fields[:4]), fields[4]
+            f = fields
+            if f[5]:
+                return _HEAD_REQUEST + self._pack((f[0], f[1], f[2], f[3], f[5])), f[4]
+            return _HEAD_REQUEST + self._pack((f[0], f[1], f[2], f[3])), f[4]
         prefix = HEAD_PREFIX.get(cls)
         if prefix is None:
             raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
@@ -989,13 +997,19 @@ class ValueCodec(Protocol):
     def unpack(self, data: bytes) -> Any: ...
 
 
+_packers = threading.local()  # one msgpack Packer per thread: packb makes a new one per call (4x slower)
+
+
 def pack_value(value: Any, codec: ValueCodec | None = None) -> bytes:
     """Return ``value`` as msgpack bytes (through ``codec`` if given). Raises :class:`TypeError`
     if it cannot be encoded."""
     if codec is not None:
         return codec.pack(value)
+    pack = getattr(_packers, "pack", None)
+    if pack is None:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack  # resets itself after an error
     try:
-        data: bytes = msgpack.packb(value, use_bin_type=True)
+        data: bytes = pack(value)
         return data
     except (TypeError, ValueError, OverflowError) as exc:
         raise TypeError(f"value of type {type(value).__name__} is not msgpack-serialisable: {exc}") from exc
@@ -1006,6 +1020,9 @@ def unpack_value(data: bytes, codec: ValueCodec | None = None) -> Any:
     for bad msgpack."""
     if codec is not None:
         return codec.unpack(data)
+    n = len(data)
+    if n >= 2 and data[0] == 0xC4 and data[1] == n - 2:  # bin 8: a byte string, read as msgpack does
+        return data[2:]
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:

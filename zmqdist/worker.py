@@ -86,6 +86,7 @@ class Worker:
         self.stop_reason = ""
         self.error: BaseException | None = None
         self._loop: Loop | None = None
+        self._debug = log.isEnabledFor(logging.DEBUG)  # read again at every tick: not per task
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
 
     def configure(
@@ -242,6 +243,7 @@ class Worker:
         told = [False]  # a worker no broker has answered says so once, after NO_BROKER_S
 
         def tick(now: float) -> float | None:
+            self._debug = log.isEnabledFor(logging.DEBUG)
             self._handle(link, executors, core.tick(now))
             answered(now)
             if not core.registered and not told[0] and now - started > NO_BROKER_S:
@@ -329,7 +331,7 @@ class Worker:
             log.info("worker %s stopped: %s", self.name, self.stop_reason or "error")
 
     def _handle(self, link: DealerLink, executors: Executors, outs: list[WorkerOut]) -> None:
-        debug = log.isEnabledFor(logging.DEBUG)
+        debug = self._debug
         for o in outs:
             match o:
                 case Execute():

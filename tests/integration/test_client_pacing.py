@@ -47,3 +47,19 @@ def test_submit_blocks_while_the_client_backlog_is_full_and_says_busy_if_nothing
         done.join(10)
         assert gate.is_set()
         assert all(f.exception(5) is not None for f in first)
+
+
+@pytest.mark.timeout(60)
+def test_map_refills_its_window_in_batches_within_a_small_backlog_and_refuses_an_unpackable_value(echo_broker):
+    """map hands the socket thread each refill of its window as one item: answers stay in order
+    with a backlog smaller than the window (it waits for room then), a value that cannot be
+    packed raises at once, and no request is left open behind it."""
+    b, ep = echo_broker
+    with Client([ep], timeout=30, backlog=40) as c:
+        assert list(c.map("echo", range(3_000), window=500)) == list(range(3_000))
+        it = c.map("echo", [1, 2, object(), 4], window=10)
+        with pytest.raises(TypeError, match="not msgpack-serialisable"):
+            next(it)
+        assert c.call("echo", "after") == "after"
+        assert not c._futures  # nothing of the refused refill is held
+    assert b.status()["counters"]["replies_ok"] == 3_001

@@ -1,0 +1,138 @@
+"""The worker's per-request path: a request context made only when a handler asks for it, plain
+results told apart without inspect, and the values' codec (one Packer per thread, bin fast path)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from zmqdist import current_request
+from zmqdist import protocol as p
+from zmqdist._handlers import Gate, Service, run_task
+from zmqdist.clock import MonotonicClock
+from zmqdist.context import _current
+from zmqdist.core.worker import Execute
+
+
+def task(value: object = 1, window: int = 0) -> Execute:
+    return Execute(7, 3, "svc", p.pack_value(value), "key-7", 2, time.monotonic() + 30, "trace-7", window)
+
+
+def run(fn: Any, value: object = 1, window: int = 0) -> list[tuple[Any, ...]]:
+    posted: list[tuple[Any, ...]] = []
+    run_task(Service(fn), task(value, window), MonotonicClock(), None, posted.append, Gate(window))
+    return posted
+
+
+def test_the_context_is_made_at_the_first_ask_and_is_the_same_for_the_rest_of_the_call():
+    seen: list[Any] = []
+
+    def handler(x):
+        seen.append(type(_current.get()))  # before asking: not made yet
+        a = current_request()
+        b = current_request()
+        seen.extend([a is b, a.key, a.service, a.attempt, a.trace, 29 < a.remaining() <= 30])
+        a.progress("half")
+        return x
+
+    posted = run(handler)
+    assert seen == [tuple, True, "key-7", "svc", 2, "trace-7", True]
+    assert posted == [("progress", 7, 3, p.pack_value("half")), ("done", 7, 3, True, p.pack_value(1), None)]
+    with pytest.raises(LookupError):
+        current_request()  # the call is over: outside a handler again
+
+
+def test_a_handler_that_never_asks_leaves_no_context_behind():
+    assert run(lambda x: x + 1) == [("done", 7, 3, True, p.pack_value(2), None)]
+    assert _current.get() is None
+
+
+class Listish(list):  # a result type outside the plain set still goes through inspect's checks
+    pass
+
+
+def gen(x: int) -> Iterator[int]:
+    yield x
+    yield x + 1
+
+
+async def coro(x: int) -> int:
+    return x * 10
+
+
+@pytest.mark.parametrize(
+    ("fn", "expected"),
+    [
+        (lambda x: True, True),
+        (lambda x: None, None),
+        (lambda x: {"a": [x]}, {"a": [1]}),
+        (lambda x: Listish([x]), [1]),
+        (gen, [1, 2]),  # a generator for a caller that did not ask for a stream: one list
+        (coro, 10),  # an awaitable from a sync handler: awaited
+    ],
+)
+def test_every_kind_of_result_is_sent_as_before(fn, expected):
+    (done,) = run(fn)
+    assert done[:4] == ("done", 7, 3, True) and p.unpack_value(done[4]) == expected
+
+
+def test_a_plain_result_to_a_stream_caller_is_a_stream_of_one():
+    posted = run(lambda x: "v", window=4)
+    assert posted == [("part", 7, 3, p.pack_value("v")), ("done", 7, 3, True, p.pack_value(None), None)]
+
+
+values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=300),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=5),
+    max_leaves=20,
+)
+
+
+@given(values)
+def test_pack_value_is_msgpack_with_bin_types(v):
+    assert p.pack_value(v) == msgpack.packb(v, use_bin_type=True)
+    assert p.unpack_value(p.pack_value(v)) == msgpack.unpackb(msgpack.packb(v, use_bin_type=True), raw=False)
+
+
+@given(st.binary(max_size=300) | st.binary(max_size=40).map(lambda b: b"\xc4" + bytes([len(b) + 1]) + b))
+def test_unpack_value_reads_any_bytes_as_msgpack_does(data):
+    """The bin 8 fast path included: a declared length that is not the frame's goes to msgpack."""
+    try:
+        want: Any = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception:
+        with pytest.raises(ValueError):
+            p.unpack_value(data)
+    else:
+        assert p.unpack_value(data) == want
+
+
+def test_pack_value_after_an_error_and_from_many_threads():
+    with pytest.raises(TypeError, match="not msgpack-serialisable"):
+        p.pack_value([1, object()])
+    assert p.pack_value([1, 2]) == msgpack.packb([1, 2])  # nothing of the failed value left behind
+    wrong: list[Any] = []
+
+    def packer(k: int) -> None:
+        for i in range(2000):
+            v = {"thread": k, "i": i, "blob": bytes([k]) * (i % 50)}
+            if msgpack.unpackb(p.pack_value(v), raw=False) != v:
+                wrong.append((k, i))
+
+    threads = [threading.Thread(target=packer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not wrong
