@@ -274,9 +274,11 @@ def role_zdbatchworker(ep: str, capacity: str) -> None:
             s.send_multipart(hb)
 
 
-def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str) -> None:
+def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str, window_s: str = "", slow_ms: str = "0") -> None:
     """A minimal zmqdist client that batches: it reads every reply waiting and sends the requests
-    that replace them together (one BATCH). Its HELLO says it reads BATCH frames."""
+    that replace them together (one BATCH). Its HELLO says it reads BATCH frames. ``window_s``
+    requests in flight (default: the bench's); ``slow_ms``: it sleeps that long after each read, a
+    slow consumer whose replies pile up at the broker (it reports the largest BATCH it got)."""
     import zmq
 
     from zmqdist import protocol as p
@@ -288,12 +290,14 @@ def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str) -> None:
     s.send_multipart(enc.encode(p.Hello(p.ROLE_CLIENT, "bench", (), 0, 250, 0, p.MAX_BATCH)))
     unpack = struct.Struct("Q").unpack_from
     pad = b"x" * max(0, int(payload) - 8)
-    window = 1 if mode == "sync" else PIPELINE
+    window = 1 if mode == "sync" else int(window_s or PIPELINE)
+    slow = float(slow_ms) / 1000
     t0s: dict[int, float] = {}
     lat: list[float] = []
     pc = time.perf_counter
     seq = 0
     got: list[int] = []
+    largest = [1, 0]  # messages and bytes of the largest BATCH read
 
     def send(n: int) -> None:
         nonlocal seq
@@ -306,6 +310,9 @@ def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str) -> None:
         s.send_multipart(frames if n == 1 else [p.BATCH_HEAD, p.pack_batch(frames)])
 
     def take(head: bytes, body: bytes) -> None:
+        if head[:4] == p.BATCH_HEAD:
+            largest[0] = max(largest[0], len(p.unpack_batch(body)) // 2)
+            largest[1] = max(largest[1], len(body))
         for frames in p.frames_of(head, body):
             msg = p.decode(*frames)
             if type(msg) is p.Reply:
@@ -325,6 +332,8 @@ def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str) -> None:
                 take(s.recv(zmq.NOBLOCK), s.recv())
         except zmq.Again:
             pass
+        if slow:
+            time.sleep(slow)
         now = pc()
         k = len(got)
         for r in got:
@@ -344,6 +353,7 @@ def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str) -> None:
     elapsed = pc() - start
     lat.sort()
     res = {"rps": n / elapsed, "p50_us": lat[len(lat) // 2] * 1e6, "p99_us": lat[int(len(lat) * 0.99)] * 1e6}
+    res.update(max_batch=largest[0], max_batch_bytes=largest[1])
     print(json.dumps({**res, "n": n, "elapsed": elapsed}), flush=True)
 
 
@@ -664,10 +674,12 @@ def run_setup(
             time.sleep(1.2 if pair else 0.4)  # a pair: the primary is active once it has heard the backup
             if metrics:  # histograms on, and scraped once a second through the run
                 procs.append(_spawn("scraper", f"http://127.0.0.1:{metrics[1]}/metrics", str(duration + 2)))
-            if setup == "batched":  # minimal loops that batch as the protocol allows
+            if setup in ("batched", "slow"):  # minimal loops that batch as the protocol allows
                 procs += [_spawn("zdbatchworker", ep, str(capacity)) for _ in range(2)]
                 time.sleep(0.5)
-                client = _spawn("zdbatchclient", ep, mode, str(duration), str(payload))
+                # slow: a consumer that sleeps SLOW_MS after each read, SLOW_WINDOW in flight
+                more = [str(SLOW_WINDOW), str(SLOW_MS)] if setup == "slow" else []
+                client = _spawn("zdbatchclient", ep, mode, str(duration), str(payload), *more)
             elif setup in ("api", "api-inline"):
                 inline = ["--inline"] if setup == "api-inline" else []
                 procs += [
@@ -692,6 +704,29 @@ def run_setup(
         return _measure(client, busy, idle_cpu, None if setup in ("direct", "device") else ep)
     finally:
         _stop(procs)
+
+
+SLOW_WINDOW = 2000  # the slow consumer's requests in flight (under the broker's 2,500 per client)
+SLOW_MS = 2.0  # and its sleep after every read
+
+
+def slow_consumer(duration: float, rounds: int) -> None:
+    """A client that reads slowly while 2,000 of its requests are in flight: replies pile up at
+    the broker, and its BATCHes stay within the protocol's bounds (count and bytes)."""
+    from zmqdist import protocol as p
+
+    print(f"slow consumer ({SLOW_WINDOW} in flight, {SLOW_MS:.0f} ms asleep after every read; batching loops)")
+    for payload in (100, 4096):
+        runs = [run_setup("slow", "pipelined", duration, payload, capacity=1000) for _ in range(rounds)]
+        r = _mean(runs)
+        most = max(x["max_batch"] for x in runs)
+        most_bytes = max(x["max_batch_bytes"] for x in runs)
+        print(
+            f"  {payload:5d} B  {_fmt(r)}\n{'':10}largest BATCH read: {most} messages, {most_bytes:,} bytes "
+            f"(bounds: {p.MAX_BATCH} messages, about {p.BATCH_BYTES:,} bytes)",
+            flush=True,
+        )
+    print()
 
 
 def alternate(setups: list[str], rounds: int, mode: str, duration: float, payload: int) -> dict[str, dict[str, Any]]:
@@ -790,6 +825,8 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
                 line += f"   x{ratio:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"
             print(line, flush=True)
         print()
+    if "slow" in only:
+        slow_consumer(duration, rounds)
     if "tiers" in only:
         tiers(duration, rounds, payload)
     if "scale" in only:

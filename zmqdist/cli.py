@@ -608,8 +608,9 @@ def keys_generate(name: str, directory: str, services: str | None) -> None:
 @option(
     "--only",
     multiple=True,
-    type=click.Choice(["sync", "pipelined", "api", "scale", "tiers"]),
-    help="run only these parts (tiers: one and two proxy hops; not in the default run)",
+    type=click.Choice(["sync", "pipelined", "api", "scale", "tiers", "slow"]),
+    help="run only these parts (tiers: one and two proxy hops; slow: a slow consumer's batches; "
+    "neither in the default run)",
 )
 @option("--payload", type=click.IntRange(min=1), default=100, help="payload bytes")
 @_logging_options
