@@ -1,5 +1,5 @@
 """The worker's per-request path: a request context made only when a handler asks for it, plain
-results told apart without inspect, and the values' codec (one Packer per thread, bin fast path)."""
+results told apart without inspect, and the values' codec (a Packer per call, not packb; a bin 8 fast path)."""
 
 from __future__ import annotations
 
