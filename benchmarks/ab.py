@@ -1,6 +1,7 @@
 """A/B of two installs of zmqdist, alternating in one run: did a change cost the per-request path?
 
     python3 benchmarks/ab.py PYTHON_A PYTHON_B [--rounds 4] [--duration 2] [--only pipelined --only sync]
+        [--row zmqdist]    (--only api --row api-inline: the public API's rows, sync and pipelined)
 
 Each round runs ``PYTHON -m zmqdist bench --rounds 1`` for A, then for B (from a neutral directory,
 so each interpreter imports its own install), and reads the zmqdist and device rows. It prints every
@@ -16,7 +17,8 @@ import statistics
 import subprocess
 import tempfile
 
-ROW = re.compile(r"^\s+(?P<setup>zmqdist|device)\s+(?P<rps>[\d,]+) req/s\s+p50\s+(?P<p50>\d+) us")
+ROW = re.compile(r"^\s+(?P<setup>[\w-]+)\s+(?P<rps>[\d,]+) req/s\s+p50\s+(?P<p50>\d+) us")
+SECTIONS = ("sync", "pipelined")
 CPU = re.compile(r"cpu\s+(?P<cpu>[\d.]+) us/req")
 
 
@@ -33,7 +35,7 @@ def run(python: str, only: list[str], duration: float) -> dict[str, dict[str, di
         if line and not line.startswith(" "):
             section = line.split()[0]
         m = ROW.match(line)
-        if m and section in only:
+        if m and section in SECTIONS:
             cpu = CPU.search(line)
             found.setdefault(section, {})[m["setup"]] = {
                 "rps": float(m["rps"].replace(",", "")),
@@ -49,36 +51,38 @@ def main() -> None:
     ap.add_argument("b")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=float, default=2.0)
-    ap.add_argument("--only", action="append", default=None, choices=["sync", "pipelined"])
+    ap.add_argument("--only", action="append", default=None, choices=["sync", "pipelined", "api"])
+    ap.add_argument("--row", default="zmqdist", help="the setup compared with the device (zmqdist, api, api-inline...)")
     opts = ap.parse_args()
     only = opts.only or ["pipelined", "sync"]
+    row = opts.row
     results: dict[str, list[dict[str, dict[str, dict[str, float]]]]] = {"a": [], "b": []}
     for r in range(opts.rounds):
         for side in ("a", "b"):
             res = run(getattr(opts, side), only, opts.duration)
             results[side].append(res)
             for section, rows in res.items():
-                z, d = rows.get("zmqdist"), rows.get("device")
+                z, d = rows.get(row), rows.get("device")
                 if z and d:
                     print(
-                        f"round {r + 1} {side.upper()} {section:9} zmqdist {z['rps']:9,.0f} req/s"
+                        f"round {r + 1} {side.upper()} {section:9} {row} {z['rps']:9,.0f} req/s"
                         f" p50 {z['p50']:6.0f} us cpu {z['cpu']:6.2f} us/req"
                         f" | device {d['rps']:9,.0f} req/s p50 {d['p50']:6.0f} us"
                         f" | x{z['rps'] / d['rps']:.3f} throughput, x{z['p50'] / d['p50']:.3f} p50",
                         flush=True,
                     )
     print()
-    for section in only:
+    for section in SECTIONS:
         means = {}
         for side in ("a", "b"):
-            rows = [r[section] for r in results[side] if section in r and "zmqdist" in r[section]]
+            rows = [r[section] for r in results[side] if section in r and row in r[section]]
             if not rows:
                 continue
             means[side] = {
-                "thr": statistics.mean(x["zmqdist"]["rps"] / x["device"]["rps"] for x in rows),
-                "p50": statistics.mean(x["zmqdist"]["p50"] / x["device"]["p50"] for x in rows),
-                "cpu": statistics.mean(x["zmqdist"]["cpu"] for x in rows),
-                "cpu_dev": statistics.mean(x["zmqdist"]["cpu"] / x["device"]["cpu"] for x in rows),
+                "thr": statistics.mean(x[row]["rps"] / x["device"]["rps"] for x in rows),
+                "p50": statistics.mean(x[row]["p50"] / x["device"]["p50"] for x in rows),
+                "cpu": statistics.mean(x[row]["cpu"] for x in rows),
+                "cpu_dev": statistics.mean(x[row]["cpu"] / x["device"]["cpu"] for x in rows),
             }
             m = means[side]
             print(

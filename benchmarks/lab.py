@@ -701,6 +701,10 @@ def run_setup(
                     idle_cpu = (cpu_seconds(b.pid) - c0) / 2.0
                 client = _spawn("zdclient", ep, mode, str(duration), str(payload))
         procs.append(client)
+        if setup in ("zmqdist", "batched", "api", "api-inline") and workers <= 2:
+            # every process's CPU per request: the client, and the workers together
+            others = {"client": client.pid, **{f"worker {i}": w.pid for i, w in enumerate(procs[1:-1])}}
+            return _measure(client, busy, idle_cpu, ep, others)
         return _measure(client, busy, idle_cpu, None if setup in ("direct", "device") else ep)
     finally:
         _stop(procs)
@@ -776,6 +780,11 @@ def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps"
     if r.get("batches_in", 0.0) > 0.001:  # (the bench's own status calls make a few batches)
         per_in = 1 / r["batches_in"] if r["batches_in"] else 0.0
         s += f"  batches: {r['batch_out']:.1f} msgs out, 1 in per {per_in:.1f} req"
+    of = r.get("cpu_of")
+    if of and "client" in of:
+        workers = sum(v for k, v in of.items() if k.startswith("worker"))
+        total = r.get("cpu_us", 0.0) + of["client"] + workers
+        s += f"\n{'':13}CPU us/req: client {of['client']:.1f}, workers {workers:.1f}, all with the broker {total:.1f}"
     return s
 
 

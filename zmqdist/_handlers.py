@@ -44,7 +44,7 @@ from typing import Any, Final
 from zmqdist import protocol as p
 from zmqdist.clock import Clock
 from zmqdist.codec import Codec
-from zmqdist.context import RequestContext, reset_current, set_current, set_deferred
+from zmqdist.context import REQUEST_VAR, RequestContext, set_current
 from zmqdist.core.worker import Abort, Execute, Window
 from zmqdist.policy import Retry
 from zmqdist.transport import Mailbox
@@ -190,7 +190,7 @@ _PLAIN_RESULTS: Final = frozenset({bytes, str, int, float, bool, type(None), lis
 def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> None:
     """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
     ticket, session = task.ticket, task.session
-    token = set_deferred(_deferred_context, (task, clock, gate, codec, post))
+    token = REQUEST_VAR.set((_deferred_context, (task, clock, gate, codec, post)))
     retry: int | None = None
     try:
         result = svc.fn(p.unpack_value(task.payload, codec))
@@ -207,7 +207,7 @@ def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, pos
         retry = _retry_ms(svc, task, exc, gate.cancelled)
         ok, payload = False, _raised(task, exc, retry)
     finally:
-        reset_current(token)
+        REQUEST_VAR.reset(token)
     post(("done", ticket, session, ok, payload, retry))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from zmqdist.clock import Clock, MonotonicClock
 
@@ -52,7 +52,7 @@ class RequestContext:
             self.report(value)
 
 
-# A context not made yet: the function that makes it and its arguments (see set_deferred).
+# A context not made yet: the function that makes it and its arguments (see REQUEST_VAR).
 Deferred = tuple[Callable[..., RequestContext], tuple[Any, ...]]
 Current = RequestContext | Deferred | None
 
@@ -78,13 +78,10 @@ def set_current(ctx: RequestContext | None) -> contextvars.Token[Current]:
     return _current.set(ctx)
 
 
-def set_deferred(make: Callable[..., RequestContext], args: tuple[Any, ...]) -> contextvars.Token[Current]:
-    """Set the running handler's context as ``make(*args)``, called only if the handler asks for
-    it: most handlers never do, and building it for every request cost the worker a tenth of
-    its per-request work (measured, docs/performance.md)."""
-    return _current.set((make, args))
+# The variable itself, for the worker's per-request path (compiled): it sets a deferred context
+# with ``REQUEST_VAR.set((make, args))``, ``make(*args)`` called only if the handler asks for it:
+# most handlers never do, and building it for every request cost the worker a tenth of its
+# per-request work (measured, docs/performance.md). Calling a function of this module instead
+# would cost an interpreted call per request.
+REQUEST_VAR: Final = _current
 
-
-def reset_current(token: contextvars.Token[Current]) -> None:
-    """Restore the context that ``token`` replaced (whatever the handler's asks set since)."""
-    _current.reset(token)

@@ -351,7 +351,8 @@ class WorkerCore:
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
             return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
-        return p.Result(ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts)
+        # tuple.__new__: a NamedTuple's own __new__ runs as interpreted code, on every task here
+        return tuple.__new__(p.Result, (ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts))
 
     def tick(self, now: float) -> list[WorkerOut]:
         """Heartbeat, detect a silent broker (fail over), enforce the drain timeout, stop handlers
@@ -470,11 +471,8 @@ class WorkerCore:
         if len(self._deadlines) > 2 * len(self.runs) + 64:
             self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
             heapify(self._deadlines)
-        return [
-            Execute(
-                m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry
-            )
-        ]
+        fields = (m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
+        return [tuple.__new__(Execute, fields)]  # not Execute(...): see _result
 
     def _capacity(self) -> int:
         return max(0, self.concurrency - self.stale - len(self.carry))
