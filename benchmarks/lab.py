@@ -361,6 +361,10 @@ def api_echo(x: Any) -> Any:
     return x
 
 
+async def api_aecho(x: Any) -> Any:
+    return x
+
+
 def _client_loop(send: Any, recv: Any, mode: str, duration: float, payload_size: int) -> dict[str, Any]:
     """Drive ``send(seq, payload)`` / ``recv() -> seq`` for ``duration``; return figures."""
     pad = b"x" * max(0, payload_size - 8)
@@ -680,12 +684,11 @@ def run_setup(
                 # slow: a consumer that sleeps SLOW_MS after each read, SLOW_WINDOW in flight
                 more = [str(SLOW_WINDOW), str(SLOW_MS)] if setup == "slow" else []
                 client = _spawn("zdbatchclient", ep, mode, str(duration), str(payload), *more)
-            elif setup in ("api", "api-inline"):
+            elif setup in ("api", "api-inline", "api-async"):
                 inline = ["--inline"] if setup == "api-inline" else []
+                fn = "lab:api_aecho" if setup == "api-async" else "lab:api_echo"
                 procs += [
-                    _spawn_cli(
-                        "worker", "lab:api_echo", "--service", "echo", "--connect", ep, "--concurrency", "16", *inline
-                    )
+                    _spawn_cli("worker", fn, "--service", "echo", "--connect", ep, "--concurrency", "16", *inline)
                     for _ in range(workers)
                 ]
                 time.sleep(1.0)
@@ -701,7 +704,7 @@ def run_setup(
                     idle_cpu = (cpu_seconds(b.pid) - c0) / 2.0
                 client = _spawn("zdclient", ep, mode, str(duration), str(payload))
         procs.append(client)
-        if setup in ("zmqdist", "batched", "api", "api-inline") and workers <= 2:
+        if setup in ("zmqdist", "batched", "api", "api-inline", "api-async") and workers <= 2:
             # every process's CPU per request: the client, and the workers together
             others = {"client": client.pid, **{f"worker {i}": w.pid for i, w in enumerate(procs[1:-1])}}
             return _measure(client, busy, idle_cpu, ep, others)
@@ -743,6 +746,7 @@ def alternate(setups: list[str], rounds: int, mode: str, duration: float, payloa
 
 
 TIERS = ("tier-local", "tier-up", "tier-funnel")
+API = ("api", "api-inline", "api-async")  # the public Client.map / Worker: threads, inline, asyncio
 HOPS = {"zmqdist": 1, "tier-local": 1, "tier-up": 2, "tier-funnel": 3}  # brokers a request passes
 
 
@@ -812,14 +816,14 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
             continue
         setups = [
             s
-            for s in ("direct", "device", "zmqdist", "batched", "metrics", "ha", "api", "api-inline")
-            if (s not in ("api", "api-inline", "metrics", "ha", "batched") and mode in only)
+            for s in ("direct", "device", "zmqdist", "batched", "metrics", "ha", *API)
+            if (s not in (*API, "metrics", "ha", "batched") and mode in only)
             or (s == "batched" and mode == "pipelined" and mode in only)
-            or (s in ("api", "api-inline") and "api" in only)
+            or (s in API and "api" in only)
             or (s in ("metrics", "ha") and mode == "pipelined" and mode in only)
         ]
         if "api" in only and mode not in only:
-            setups = ["device", "api", "api-inline"]
+            setups = ["device", *API]
         m = alternate(setups, rounds, mode, duration, payload)
         print(f"{mode} ({'1 call at a time' if mode == 'sync' else f'{PIPELINE} in flight'})")
         dev = m.get("device")

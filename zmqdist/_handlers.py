@@ -28,6 +28,7 @@ replaced at once; the request it ran ends in a clear error, the others go on.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -277,6 +278,7 @@ class Executors:
         self._loop_thread: threading.Thread | None = None
         self._gates: dict[tuple[int, int], Gate] = {}  # (ticket, session) of thread tasks
         self._live: dict[tuple[int, int], _Live] = {}  # (ticket, session) of asyncio tasks
+        self._starting: list[tuple[Service, Execute, _Live]] = []  # async tasks not started yet
         self._procs: Processes | None = None
         self.ready: list[tuple[Any, ...]] = []  # what inline handlers produced, for the socket thread
         self._demoted: set[str] = set()  # inline services whose handler turned out slow
@@ -311,11 +313,34 @@ class Executors:
             self._run_inline(svc, task)
         elif self._loop is not None and svc.is_async:
             live = self._live[(task.ticket, task.session)] = _Live(AsyncGate(task.window))
-            live.future = asyncio.run_coroutine_threadsafe(self._run_async(svc, task, live), self._loop)
-            live.future.add_done_callback(lambda f: self._async_gone(task, live, f))
+            self._starting.append((svc, task, live))  # started with the rest of this read: start_async
         else:
             gate = self._gates[(task.ticket, task.session)] = Gate(task.window)
             self._queue.put((task, gate))
+
+    def start_async(self) -> None:
+        """Start the async tasks submitted since the last call, with one wake-up of the event loop
+        for all of them (each call_soon_threadsafe writes to the loop's wake-up pipe). The socket
+        thread calls it after every read, mailbox drain and tick."""
+        if self._starting and self._loop is not None:
+            batch, self._starting = self._starting, []
+            self._loop.call_soon_threadsafe(self._start_batch, batch)
+
+    def _start_batch(self, batch: list[tuple[Service, Execute, _Live]]) -> None:
+        """On the event loop: a task for each; one aborted before it started just ends."""
+        loop = self._loop
+        assert loop is not None
+        for svc, task, live in batch:
+            if live.gate.cancelled:
+                self._async_gone(task, live, None)
+                continue
+            live.future = loop.create_task(self._run_async(svc, task, live))
+            live.future.add_done_callback(functools.partial(self._async_gone, task, live))
+
+    def _cancel_live(self, live: _Live) -> None:
+        """On the event loop: cancel a started async task (a task not started yet sees its gate)."""
+        if live.future is not None:
+            live.future.cancel()
 
     def _run_inline(self, svc: Service, task: Execute) -> None:
         """Run ``task`` here, on the socket thread; move its service to the threads if it was slow."""
@@ -350,9 +375,9 @@ class Executors:
         if gate is not None:
             gate.cancel()
         live = self._live.get(key)
-        if live is not None:
+        if live is not None and self._loop is not None:
             live.gate.cancelled = True
-            live.future.cancel()
+            self._loop.call_soon_threadsafe(self._cancel_live, live)
         if self._procs is not None:
             self._procs.abort(a.ticket, a.session, self._services)
 

@@ -84,4 +84,3 @@ def set_current(ctx: RequestContext | None) -> contextvars.Token[Current]:
 # per-request work (measured, docs/performance.md). Calling a function of this module instead
 # would cost an interpreted call per request.
 REQUEST_VAR: Final = _current
-

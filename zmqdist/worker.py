@@ -292,7 +292,9 @@ class Worker:
                     self._handle(link, executors, core.stop())
 
         def answered(now: float) -> None:
-            """What inline handlers produced (on this thread) is handled like the mailbox's."""
+            """What inline handlers produced (on this thread) is handled like the mailbox's; the
+            async tasks of this turn start together."""
+            executors.start_async()
             while executors.ready:
                 apply(executors.take_ready(), now)
 

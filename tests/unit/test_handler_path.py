@@ -3,6 +3,8 @@ results told apart without inspect, and the values' codec (a Packer per call, no
 
 from __future__ import annotations
 
+import asyncio
+import select
 import threading
 import time
 from collections.abc import Iterator
@@ -15,14 +17,25 @@ from hypothesis import strategies as st
 
 from zmqdist import current_request
 from zmqdist import protocol as p
-from zmqdist._handlers import Gate, Service, run_task
+from zmqdist._handlers import Executors, Gate, Service, run_task
 from zmqdist.clock import MonotonicClock
 from zmqdist.context import _current
-from zmqdist.core.worker import Execute
+from zmqdist.core.worker import Abort, Execute
+from zmqdist.transport import Mailbox
 
 
 def task(value: object = 1, window: int = 0) -> Execute:
     return Execute(7, 3, "svc", p.pack_value(value), "key-7", 2, time.monotonic() + 30, "trace-7", window)
+
+
+def drained(mailbox: Mailbox, n: int, wait: float = 5.0) -> list[Any]:
+    """Wait (at most ``wait`` s) for ``n`` items posted to the mailbox, on its descriptor."""
+    items: list[Any] = []
+    end = time.monotonic() + wait
+    while len(items) < n and (left := end - time.monotonic()) > 0:
+        select.select([mailbox.fileno()], [], [], left)
+        items += mailbox.drain()
+    return items
 
 
 def run(fn: Any, value: object = 1, window: int = 0) -> list[tuple[Any, ...]]:
@@ -136,3 +149,62 @@ def test_pack_value_after_an_error_and_from_many_threads():
     for t in threads:
         t.join(60)
     assert not wrong
+
+
+@pytest.fixture
+def async_executors():
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def aecho(x):
+        started.append(x)
+        return x
+
+    async def await_forever(x):
+        started.append(x)
+        await release.wait()  # never set: only a cancel ends it
+        return x
+
+    mailbox = Mailbox()
+    services = {"aecho": Service(aecho), "forever": Service(await_forever)}
+    ex = Executors(services, 2, "thread", mailbox, MonotonicClock())
+    yield ex, mailbox, started
+    ex.shutdown(wait=True)
+    mailbox.close()
+
+
+def atask(ticket: int, service: str, value: object) -> Execute:
+    return Execute(ticket, 1, service, p.pack_value(value), f"k{ticket}", 1, time.monotonic() + 30, "", 0)
+
+
+def test_async_tasks_of_one_turn_start_together_and_none_before_start_async(async_executors):
+    ex, mailbox, started = async_executors
+    for i in range(100):
+        ex.submit(atask(i, "aecho", i))
+    assert drained(mailbox, 1, wait=0.2) == [] and started == []  # held until the turn ends
+    ex.start_async()
+    done = drained(mailbox, 100)
+    assert sorted((d[1], d[3], p.unpack_value(d[4])) for d in done) == [(i, True, i) for i in range(100)]
+
+
+def test_an_async_task_aborted_before_it_started_never_runs_and_ends_once(async_executors):
+    ex, mailbox, started = async_executors
+    ex.submit(atask(1, "aecho", 1))
+    ex.submit(atask(2, "aecho", 2))
+    ex.abort(Abort(1, 1, "cancelled"))  # in the same turn: before the loop saw it
+    ex.start_async()
+    done = drained(mailbox, 2)
+    assert sorted(d[:4] for d in done) == [("done", 1, 1, False), ("done", 2, 1, True)]
+    assert started == [2]
+    assert drained(mailbox, 1, wait=0.2) == []  # no second outcome for the aborted one
+
+
+def test_a_running_async_task_is_cancelled_on_its_loop_and_ends_once(async_executors):
+    ex, mailbox, started = async_executors
+    ex.submit(atask(5, "forever", 5))
+    ex.start_async()
+    assert drained(mailbox, 1, wait=0.3) == []  # running, waiting
+    ex.abort(Abort(5, 1, "cancelled"))
+    (done,) = drained(mailbox, 1)
+    assert done[:5] == ("done", 5, 1, False, b"") and started == [5]
+    assert drained(mailbox, 1, wait=0.2) == []  # the cancelled run posted exactly one outcome
