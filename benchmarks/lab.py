@@ -307,7 +307,9 @@ def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str, window_s
             seq += 1
             t0s[seq] = now
             frames.extend(enc.encode(p.Request(seq, "echo", 30_000, (), struct.pack("Q", seq) + pad)))
-        s.send_multipart(frames if n == 1 else [p.BATCH_HEAD, p.pack_batch(frames)])
+        for a, b in p.batch_spans(frames):  # BATCHes within the protocol's bounds
+            part = frames[2 * a : 2 * b]
+            s.send_multipart(part if b - a == 1 else [p.BATCH_HEAD, p.pack_batch(part)])
 
     def take(head: bytes, body: bytes) -> None:
         if head[:4] == p.BATCH_HEAD:
