@@ -4,7 +4,6 @@ results told apart without inspect, and the values' codec (a Packer per call, no
 from __future__ import annotations
 
 import asyncio
-import select
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.helpers import drained
 from zmqdist import current_request
 from zmqdist import protocol as p
 from zmqdist._handlers import Executors, Gate, Service, run_task
@@ -26,16 +26,6 @@ from zmqdist.transport import Mailbox
 
 def task(value: object = 1, window: int = 0) -> Execute:
     return Execute(7, 3, "svc", p.pack_value(value), "key-7", 2, time.monotonic() + 30, "trace-7", window)
-
-
-def drained(mailbox: Mailbox, n: int, wait: float = 5.0) -> list[Any]:
-    """Wait (at most ``wait`` s) for ``n`` items posted to the mailbox, on its descriptor."""
-    items: list[Any] = []
-    end = time.monotonic() + wait
-    while len(items) < n and (left := end - time.monotonic()) > 0:
-        select.select([mailbox.fileno()], [], [], left)
-        items += mailbox.drain()
-    return items
 
 
 def run(fn: Any, value: object = 1, window: int = 0) -> list[tuple[Any, ...]]:
@@ -101,6 +91,10 @@ def test_a_plain_result_to_a_stream_caller_is_a_stream_of_one():
     assert posted == [("part", 7, 3, p.pack_value("v")), ("done", 7, 3, True, p.pack_value(None), None)]
 
 
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=5)
+
+
 values = st.recursive(
     st.none()
     | st.booleans()
@@ -108,7 +102,7 @@ values = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=40)
     | st.binary(max_size=300),
-    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner, max_size=5),
+    _containers,
     max_leaves=20,
 )
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import select
 import threading
 import time
 
 import pytest
 
+from tests.unit.helpers import drained
 from zmqdist import Worker
 from zmqdist import protocol as p
 from zmqdist._handlers import INLINE_BUDGET_S, INLINE_LIMIT_S, INLINE_STRIKES, Executors, Service
@@ -61,16 +61,6 @@ def executors():
     yield ex, mailbox, threads
     ex.shutdown(wait=True)
     mailbox.close()
-
-
-def drained(mailbox: Mailbox, n: int) -> list:
-    """Wait (at most 5 s) for ``n`` items the handler threads post, on the mailbox's descriptor."""
-    items: list = []
-    end = time.monotonic() + 5
-    while len(items) < n and (left := end - time.monotonic()) > 0:
-        select.select([mailbox.fileno()], [], [], left)
-        items += mailbox.drain()
-    return items
 
 
 def test_an_inline_handler_runs_on_the_calling_thread_and_its_result_is_ready_at_once(executors):
