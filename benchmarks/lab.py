@@ -786,12 +786,17 @@ def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps"
     if r.get("batches_in", 0.0) > 0.001:  # (the bench's own status calls make a few batches)
         per_in = 1 / r["batches_in"] if r["batches_in"] else 0.0
         s += f"  batches: {r['batch_out']:.1f} msgs out, 1 in per {per_in:.1f} req"
-    of = r.get("cpu_of")
-    if of and "client" in of:
-        workers = sum(v for k, v in of.items() if k.startswith("worker"))
-        total = r.get("cpu_us", 0.0) + of["client"] + workers
-        s += f"\n{'':13}CPU us/req: client {of['client']:.1f}, workers {workers:.1f}, all with the broker {total:.1f}"
     return s
+
+
+def _cpu_line(r: dict[str, Any]) -> str:
+    """The client's and the workers' CPU per request beside the broker's, when measured."""
+    of = r.get("cpu_of")
+    if not of or "client" not in of:
+        return ""
+    workers = sum(v for k, v in of.items() if k.startswith("worker"))
+    total = r.get("cpu_us", 0.0) + of["client"] + workers
+    return f"{'':13}CPU us/req: client {of['client']:.1f}, workers {workers:.1f}, all with the broker {total:.1f}"
 
 
 def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -839,6 +844,8 @@ def main(duration: float = 2.0, rounds: int = 2, only: set[str] | None = None, p
                 ratio = m[s]["rps"] / dev["rps"]
                 line += f"   x{ratio:.2f} device throughput, x{m[s]['p50_us'] / dev['p50_us']:.2f} device p50"
             print(line, flush=True)
+            if cpu := _cpu_line(m[s]):
+                print(cpu, flush=True)
         print()
     if "slow" in only:
         slow_consumer(duration, rounds)
