@@ -47,6 +47,7 @@ MODULES: tuple[str, ...] = (
     "zmqdist.core.rights",
     "zmqdist.transport.sockets",
     "zmqdist.transport.mailbox",
+    "zmqdist.transport.loop",
     "zmqdist.broker",
     "zmqdist.client",
     "zmqdist.worker",
