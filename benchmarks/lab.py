@@ -592,6 +592,11 @@ def _measure(
         b = k1.get("batches_out", 0) - k0.get("batches_out", 0)
         result["batch_out"] = (k1.get("batched_out", 0) - k0.get("batched_out", 0)) / b if b else 1.0
         result["batches_in"] = (k1.get("batches_in", 0) - k0.get("batches_in", 0)) / n
+        # messages on the wire per request, both ways (every request is two in and two out, a
+        # request and a result, a task and a reply; heartbeats left out): a BATCH is one message
+        d = {k: k1.get(k, 0) - k0.get(k, 0) for k in ("batches_in", "batched_in", "batches_out", "batched_out")}
+        wire = 4 * n - d["batched_in"] + d["batches_in"] - d["batched_out"] + d["batches_out"]
+        result["msgs_per_req"] = wire / n
     return result
 
 
@@ -781,6 +786,8 @@ def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps"
     s = f"{r['rps']:>9,.0f} req/s  p50 {r['p50_us']:>7.0f} us  p99 {r['p99_us']:>7.0f} us"
     if "cpu_us" in r:
         s += f"  cpu {r['cpu_us']:5.2f} us/req"
+        if r.get("msgs_per_req"):
+            s += f", {r['cpu_us'] / r['msgs_per_req']:5.2f} us/msg"
     if "loop_us" in r:
         s += f" (loop thread {r['loop_us']:5.2f})"
     if r.get("batches_in", 0.0) > 0.001:  # (the bench's own status calls make a few batches)
@@ -801,7 +808,7 @@ def _cpu_line(r: dict[str, Any]) -> str:
 
 def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: statistics.fmean(r[k] for r in rs) for k in ("rps", "p50_us", "p99_us")}
-    for k in ("cpu_us", "idle_us", "loop_us", "batch_out", "batches_in"):
+    for k in ("cpu_us", "idle_us", "loop_us", "batch_out", "batches_in", "msgs_per_req"):
         if all(k in r for r in rs):
             out[k] = statistics.fmean(r[k] for r in rs)
     if all("cpu_of" in r for r in rs):

@@ -73,9 +73,12 @@ class BrokerCollector:
         batches.add_metric(["in"], c.get("batches_in", 0))
         batches.add_metric(["out"], c.get("batches_out", 0))
         yield batches
-        yield CounterMetricFamily(
-            "zmqdist_batched_messages", "Messages sent inside BATCH frames", value=c.get("batched_out", 0)
+        batched = CounterMetricFamily(
+            "zmqdist_batched_messages", "Messages inside BATCH frames, received and sent", labels=["direction"]
         )
+        batched.add_metric(["in"], c.get("batched_in", 0))
+        batched.add_metric(["out"], c.get("batched_out", 0))
+        yield batched
         drops = CounterMetricFamily("zmqdist_drops", "Messages dropped or refused, by cause", labels=["cause"])
         for label, key in DROPS:
             drops.add_metric([label], c.get(key, 0))

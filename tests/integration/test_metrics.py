@@ -55,9 +55,11 @@ def test_metrics_match_1000_calls_with_10_handler_errors(tmp_path):
         b_in = value(text, "zmqdist_batches_total", direction="in")
         b_out = value(text, "zmqdist_batches_total", direction="out")
         assert b_in >= 1 and b_out >= 1
-        assert value(text, "zmqdist_batched_messages_total") >= 2 * b_out
+        assert value(text, "zmqdist_batched_messages_total", direction="out") >= 2 * b_out
+        assert value(text, "zmqdist_batched_messages_total", direction="in") >= 2 * b_in
         # the same as status says (read just after: a heartbeat's batch may fall between)
         assert abs(b_in - counters["batches_in"]) <= 2 and abs(b_out - counters["batches_out"]) <= 2
+        assert counters["batched_in"] >= value(text, "zmqdist_batched_messages_total", direction="in")
         assert value(text, "zmqdist_requests_total") == 1000
         assert value(text, "zmqdist_replies_total", status="ok") == 990
         assert value(text, "zmqdist_replies_total", status="failed") == 10

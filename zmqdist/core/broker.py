@@ -105,6 +105,7 @@ class BrokerMachine:
             self.bad_input(peer, exc, p.BATCH_HEAD, out)
             return
         self.counters.batches_in += 1
+        self.counters.batched_in += len(frames) // 2
         for i in range(0, len(frames), 2):
             self.receive_frames(peer, frames[i], frames[i + 1], now, out, rights)
 

@@ -88,6 +88,7 @@ class Counters:
     parts: int = 0  # stream parts relayed
     joined: int = 0  # requests that joined an open one with the same caller key (dedup)
     batches_in: int = 0  # BATCH frames received (each holds several messages)
+    batched_in: int = 0  # messages received inside those
     batches_out: int = 0  # BATCH frames made for peers that read them
     batched_out: int = 0  # messages sent inside those
 
