@@ -229,6 +229,16 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
                 s.send_multipart(hb)
 
 
+def send_batched(s: Any, frames: list[bytes]) -> None:
+    """Send ``frames`` ([head, payload, ...]) as the batching loops do: BATCHes within the
+    protocol's bounds (protocol.batch_spans), a message alone as itself."""
+    from zmqdist import protocol as p
+
+    for a, b in p.batch_spans(frames):
+        part = frames[2 * a : 2 * b]
+        s.send_multipart(part if b - a == 1 else [p.BATCH_HEAD, p.pack_batch(part)])
+
+
 def role_zdbatchworker(ep: str, capacity: str) -> None:
     """A minimal zmqdist worker that batches as the protocol allows: it says in HELLO that it reads
     BATCH frames, reads every task waiting, and answers them together (one BATCH)."""
@@ -263,10 +273,7 @@ def role_zdbatchworker(ep: str, capacity: str) -> None:
                 answer(recv(zmq.NOBLOCK), recv())
         except zmq.Again:
             pass
-        if len(results) == 2:
-            s.send_multipart(results)
-        elif results:
-            s.send_multipart([p.BATCH_HEAD, p.pack_batch(results)])
+        send_batched(s, results)
         results.clear()
         now = time.monotonic()
         if now >= next_hb:
@@ -307,9 +314,7 @@ def role_zdbatchclient(ep: str, mode: str, duration: str, payload: str, window_s
             seq += 1
             t0s[seq] = now
             frames.extend(enc.encode(p.Request(seq, "echo", 30_000, (), struct.pack("Q", seq) + pad)))
-        for a, b in p.batch_spans(frames):  # BATCHes within the protocol's bounds
-            part = frames[2 * a : 2 * b]
-            s.send_multipart(part if b - a == 1 else [p.BATCH_HEAD, p.pack_batch(part)])
+        send_batched(s, frames)
 
     def take(head: bytes, body: bytes) -> None:
         if head[:4] == p.BATCH_HEAD:

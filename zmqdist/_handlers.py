@@ -284,6 +284,8 @@ class Executors:
         self._demoted: set[str] = set()  # inline services whose handler turned out slow
         self._strikes: dict[str, int] = {}  # inline services: calls over the budget in a row
         self._inline_gate = Gate(0)  # never cancelled: nothing can arrive while an inline call runs
+        # services run on the event loop, known once (Service.is_async inspects the function)
+        self._async = frozenset(name for name, s in services.items() if s.is_async)
         if isolation == "process":
             self._procs = Processes(concurrency, mailbox, clock, codec)
         else:
@@ -291,7 +293,7 @@ class Executors:
                 t = threading.Thread(target=self._thread_main, name=f"zmqdist-handler-{i}", daemon=True)
                 t.start()
                 self._threads.append(t)
-            if any(s.is_async for s in services.values()):
+            if self._async:
                 self._loop = asyncio.new_event_loop()
                 self._loop_thread = threading.Thread(target=self._loop.run_forever, name="zmqdist-asyncio", daemon=True)
                 self._loop_thread.start()
@@ -311,7 +313,7 @@ class Executors:
             self._procs.submit(svc, task)
         elif svc.inline and not task.window and task.service not in self._demoted:
             self._run_inline(svc, task)
-        elif self._loop is not None and svc.is_async:
+        elif self._loop is not None and task.service in self._async:
             live = self._live[(task.ticket, task.session)] = _Live(AsyncGate(task.window))
             self._starting.append((svc, task, live))  # started with the rest of this read: start_async
         else:

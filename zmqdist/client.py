@@ -330,11 +330,7 @@ class Client:
         window: int = 0,
     ) -> int:
         """Send a request whose outcome goes to ``target``; return its id."""
-        if self._closed:
-            raise ClosedError("client is closed")
-        if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
-            raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
-        t = self.timeout if timeout is None else _check_timeout(timeout)
+        t = self._checked(service, timeout)
         if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
             raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
         if key is not None and (not isinstance(key, str) or not 0 < len(key) <= p.MAX_NAME):
@@ -355,17 +351,21 @@ class Client:
             _deliver(target, rid, False, ClosedError("client closed"))
         return rid
 
+    def _checked(self, service: str, timeout: float | None) -> float:
+        """Refuse a call on a closed client or with a bad service name; return its timeout."""
+        if self._closed:
+            raise ClosedError("client is closed")
+        if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
+            raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
+        return self.timeout if timeout is None else _check_timeout(timeout)
+
     def _submit_many(self, service: str, values: list[Any], timeout: float | None, target: Target) -> list[int]:
         """Send plain requests (no key, retry or stream) for ``values`` whose outcomes go to
         ``target``, checked once and posted to the socket thread as one item: what
         :meth:`map` sends per window refill. Returns their ids, in order."""
         if len(values) == 1 or len(self._futures) + len(values) > self.backlog:
             return [self._submit(service, v, timeout, target) for v in values]  # the backlog's wait
-        if self._closed:
-            raise ClosedError("client is closed")
-        if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
-            raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
-        t = self.timeout if timeout is None else _check_timeout(timeout)
+        t = self._checked(service, timeout)
         codec = self.codec
         payloads = [p.pack_value(v, codec) for v in values]  # a value that cannot be packed raises here
         ids = self._ids

@@ -7,7 +7,6 @@ mailbox, so a busy handler never stops heartbeats.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import random
@@ -167,9 +166,10 @@ class Worker:
             raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
         if self._runner is not None:
             raise ZmqdistError("add services before the worker starts")
-        if inline and (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+        svc = Service(fn, retry, bool(terminate_on_cancel), bool(inline))
+        if svc.inline and svc.is_async:
             raise ConfigError(f"inline is for sync handlers; {name!r} is async (it runs on the event loop already)")
-        self._handlers[name] = Service(fn, retry, bool(terminate_on_cancel), bool(inline))
+        self._handlers[name] = svc
 
     @property
     def services(self) -> tuple[str, ...]:
