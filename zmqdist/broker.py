@@ -41,8 +41,9 @@ from zmqdist.core.mdp import MAX_FRAMES, starts_mdp
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, read_payload
+from zmqdist.transport.loop import DEBUG_RECHECK_S
 from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
-from zmqdist.transport.sockets import EVENTS, NB, POLLIN, SNDMORE_NB, fast_send
+from zmqdist.transport.sockets import NB, SNDMORE_NB, fast_send, probe
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class Broker:
         self._ratelog = RateLimitedLog(log)
         self._enc = p.Encoder()  # used by the loop thread only
         self._fsend: Any = None  # backend send of the ROUTER, set by the loop thread
+        self._debug = False  # DEBUG logging on (traces of every message), asked every DEBUG_RECHECK_S
+        self._debug_at = 0.0
         self._up: DealerLink | None = None  # a proxy's link to its upstream, owned by the loop thread
         self._pair_in: zmq.Socket[Any] | None = None  # the pair link: the peer's messages come here
         self._pair_out: DealerLink | None = None  # ... and ours go out here
@@ -259,7 +262,7 @@ class Broker:
             lambda now: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(core.mdp.counters), "build": _native.STATE}
         )
         loop = self._loop = Loop(clock, self._mailbox)
-        loop.watch(lambda: sock, lambda now: self._drain(sock, core))
+        loop.watch(lambda: sock, lambda now: self._drain(sock, core, now))
         if self._ring is not None:
             # Peers that fail the CURVE handshake (plaintext, wrong server key) never reach ZAP:
             # the socket's monitor is how they are seen and logged.
@@ -389,23 +392,23 @@ class Broker:
             elif cmd[0] == "status":
                 cmd[1].set_result(core.status(now))
 
-    def _drain(self, sock: zmq.Socket[Any], core: BrokerMachine) -> bool:
+    def _drain(self, sock: zmq.Socket[Any], core: BrokerMachine, now: float) -> bool:
         """Read up to BATCH messages; return True if more are waiting. The hot path.
 
         Outputs are sent every FLUSH messages rather than per message: one loop over many sends.
         """
-        now = self._clock.now()
         recv = sock.recv
         # core.receive_frames is called by name, not through a local alias: compiled (mypyc), a
         # direct call is native, an alias goes through Python's call.
         pending: list[Out] = []
-        events = sock.get
+        poll, items = probe(sock)
         secure = self._ring is not None
         more = True
         for i in range(BATCH):
-            # poll said readable, so message 0 is there; for the next few ask EVENTS (0.6 us)
-            # rather than raise zmq.Again (2-3 us): one message per wake-up is the sync case.
-            if 0 < i <= 4 and not int(events(EVENTS)) & POLLIN:
+            # poll said readable, so message 0 is there; for the next few ask a poll of this socket
+            # (sockets.probe) rather than raise zmq.Again (2-3 us): one message per wake-up is the
+            # synchronous case.
+            if 0 < i <= 4 and not poll(items, 0):
                 more = False
                 break
             try:
@@ -457,7 +460,10 @@ class Broker:
     def _send(self, core: BrokerMachine, out: list[Out], now: float) -> None:
         """Send what the machine produced: to peers that read BATCH frames, what is there for
         each as one message (natural batching: nothing waits for more); the rest one by one."""
-        debug = log.isEnabledFor(logging.DEBUG)  # per batch: traces are logged only at debug level
+        if now >= self._debug_at:  # traces are logged only at debug level
+            self._debug = log.isEnabledFor(logging.DEBUG)
+            self._debug_at = now + DEBUG_RECHECK_S
+        debug = self._debug
         work = out
         if core.batching and len(out) > 1:
             batches, work = core.group(out)

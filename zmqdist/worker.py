@@ -29,6 +29,7 @@ from zmqdist.core.worker import Abort, Execute, Window, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
 from zmqdist.policy import Retry
 from zmqdist.transport import DealerLink, Loop, Mailbox
+from zmqdist.transport.loop import DEBUG_RECHECK_S
 from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class Worker:
         self.stop_reason = ""
         self.error: BaseException | None = None
         self._loop: Loop | None = None
-        self._debug = log.isEnabledFor(logging.DEBUG)  # read again at every tick: not per task
+        self._debug = log.isEnabledFor(logging.DEBUG)  # asked again every DEBUG_RECHECK_S: not per task
+        self._debug_at = 0.0
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
 
     def configure(
@@ -243,7 +245,9 @@ class Worker:
         told = [False]  # a worker no broker has answered says so once, after NO_BROKER_S
 
         def tick(now: float) -> float | None:
-            self._debug = log.isEnabledFor(logging.DEBUG)
+            if now >= self._debug_at:  # an interpreted call: not at every wake-up
+                self._debug = log.isEnabledFor(logging.DEBUG)
+                self._debug_at = now + DEBUG_RECHECK_S
             self._handle(link, executors, core.tick(now))
             answered(now)
             if not core.registered and not told[0] and now - started > NO_BROKER_S:

@@ -16,10 +16,13 @@ import zmq
 
 from zmqdist.clock import Clock
 from zmqdist.transport.mailbox import Mailbox
-from zmqdist.transport.sockets import poll_timeout_ms
+from zmqdist.transport.sockets import POLLIN, poll_timeout_ms
 
 RETRY_MS = 20  # how soon a loop with unsent messages (no connection yet) tries again
 PAUSE_S = 0.2  # a wait that ends this much later than asked for: the thread did not run (SIGSTOP)
+# How often a loop asks whether DEBUG logging is on (Logger.isEnabledFor is an interpreted call,
+# about 1,500 instructions: once per wake-up was a cost of every synchronous request)
+DEBUG_RECHECK_S = 1.0
 
 Pollable = Callable[[], Any]  # returns a zmq socket, a file descriptor, or None (nothing to watch now)
 Reader = Callable[[float], bool]  # reads a bounded batch at ``now``; True when messages may still wait
@@ -32,14 +35,15 @@ class Loop:
         self._clock = clock
         self._mailbox = mailbox
         self._sources: list[tuple[Pollable, Reader]] = []
-        self._polled: list[Any] = []
-        self._poller: zmq.Poller | None = None
+        self._polled: list[Any] = []  # what each source returned when the poll set was built
+        self._items: list[tuple[Any, int]] | None = None  # the poll set: (socket or fd, POLLIN)
+        self._readers: dict[Any, Reader] = {}  # socket or fd -> its reader (the mailbox: none)
         self._stopped = False
 
     def watch(self, pollable: Pollable, read: Reader) -> None:
         """Call ``read(now)`` when what ``pollable()`` returns is readable."""
         self._sources.append((pollable, read))
-        self._poller = None
+        self._items = None
 
     def stop(self) -> None:
         """End :meth:`run` after the current turn (call from the loop's own thread)."""
@@ -49,16 +53,27 @@ class Loop:
     def stopped(self) -> bool:
         return self._stopped
 
-    def _poll_set(self) -> tuple[zmq.Poller, list[Any]]:
-        current = [get() for get, _ in self._sources]
-        if self._poller is None or any(a is not b for a, b in zip(current, self._polled, strict=True)):
-            poller = zmq.Poller()
-            for s in current:
+    def _poll_set(self) -> list[tuple[Any, int]]:
+        """The items to poll, rebuilt only when a source returns another socket (a failover)."""
+        items = self._items
+        sources = self._sources
+        if items is not None:
+            polled = self._polled
+            for i in range(len(sources)):
+                if sources[i][0]() is not polled[i]:
+                    items = None
+                    break
+        if items is None:
+            current = [get() for get, _ in sources]
+            readers: dict[Any, Reader] = {}
+            items = []
+            for s, (_, read) in zip(current, sources, strict=True):
                 if s is not None:
-                    poller.register(s, zmq.POLLIN)
-            poller.register(self._mailbox.fileno(), zmq.POLLIN)
-            self._poller, self._polled = poller, current
-        return self._poller, current
+                    items.append((s, POLLIN))
+                    readers[s] = read
+            items.append((self._mailbox.fileno(), POLLIN))
+            self._items, self._polled, self._readers = items, current, readers
+        return items
 
     def run(
         self,
@@ -75,6 +90,7 @@ class Loop:
         stopped), before anything that arrived meanwhile is read."""
         clock = self._clock
         mailbox_fd = self._mailbox.fileno()
+        poll = zmq.zmq_poll  # not zmq.Poller.poll: its Python wrapper and a dict cost every turn
         backlog = False
         while not self._stopped:
             now = clock.now()
@@ -85,16 +101,24 @@ class Loop:
                     return
             if stuck is not None and stuck():
                 timeout = min(timeout, RETRY_MS)
-            poller, current = self._poll_set()
-            t0 = clock.now()
-            events = dict(poller.poll(timeout))
-            if paused is not None and (late := clock.now() - t0 - timeout / 1000) > PAUSE_S:
-                paused(late, clock.now())
+            items = self._poll_set()
+            t0 = clock.now() if paused is not None else now
+            ready = poll(items, timeout)
+            now = clock.now()
+            if paused is not None and (late := now - t0 - timeout / 1000) > PAUSE_S:
+                paused(late, now)
             backlog = False
-            for sock, (_, read) in zip(current, self._sources, strict=True):
-                if sock is not None and sock in events and read(clock.now()):
-                    backlog = True
+            mail_ready = False
+            readers = self._readers
+            for sock, _ in ready:
+                read = readers.get(sock)
+                if read is not None:
+                    if read(now):
+                        backlog = True
+                    now = clock.now()
+                elif sock == mailbox_fd:
+                    mail_ready = True
             if after is not None:
-                after(clock.now())
-            if mailbox_fd in events:
-                mail(self._mailbox.drain(), clock.now())
+                after(now)
+            if mail_ready:
+                mail(self._mailbox.drain(), now)
