@@ -70,6 +70,42 @@ def test_a_loop_with_messages_still_waiting_reads_again_before_its_timers():
     mailbox.close()
 
 
+def test_a_source_without_a_socket_is_left_out_until_it_has_one_and_a_descriptor_is_watched_too():
+    """A DealerLink has no socket between a failover's close and its connect (None); the loop polls
+    the others meanwhile and the new socket once it is there. A source may be a file descriptor."""
+    import os
+
+    ctx = zmq.Context.instance()
+    a, b = _pair(ctx, "inproc://loop-4")
+    r, w = os.pipe()
+    mailbox = Mailbox()
+    loop = Loop(MonotonicClock(), mailbox)
+    current = [None]
+    got = []
+
+    def read_fd(now):
+        got.append(os.read(r, 10))
+        current[0] = b  # the link has its socket now
+        a.send(b"on the socket")
+        return False
+
+    def read_sock(now):
+        got.append(b.recv())
+        loop.stop()
+        return False
+
+    loop.watch(lambda: current[0], read_sock)
+    loop.watch(lambda: r, read_fd)
+    os.write(w, b"fd")
+    loop.run(tick=lambda now: now + 0.5, mail=lambda items, now: None)
+    assert got == [b"fd", b"on the socket"]
+    for s in (a, b):
+        s.close()
+    os.close(r)
+    os.close(w)
+    mailbox.close()
+
+
 class ScriptedClock:
     """Returns the given times in turn (then the last one): a wait that took longer than asked."""
 
