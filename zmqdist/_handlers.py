@@ -72,34 +72,58 @@ class Service:
         return inspect.iscoroutinefunction(self.fn) or inspect.isasyncgenfunction(self.fn)
 
 
+_GATE_LOCK = threading.Lock()  # makes a Gate's condition once, whichever thread asks first
+
+
 class Gate:
-    """A running task's cancel flag and, for a stream, its window (thread side)."""
+    """A running task's cancel flag and, for a stream, its window (thread side).
+
+    Its condition is made only when a thread first waits on it or must be woken: most tasks never
+    stream nor get cancelled, and ``threading.Condition()`` is about 6,700 instructions (an RLock
+    and bound methods, interpreted) that every task on a handler thread paid. Writers change the
+    state first and then wake a waiter if a condition exists; a waiter makes the condition before it
+    reads the state under it, so a change is either seen by that read or woken."""
 
     def __init__(self, window: int) -> None:
-        self._cond = threading.Condition()
+        self._cond: threading.Condition | None = None
         self.window = window
         self.acked = 0
         self.cancelled = False
+
+    def _condition(self) -> threading.Condition:
+        c = self._cond
+        if c is None:
+            with _GATE_LOCK:
+                c = self._cond
+                if c is None:
+                    c = self._cond = threading.Condition()
+        return c
+
+    def _wake(self) -> None:
+        c = self._cond
+        if c is not None:
+            with c:
+                c.notify_all()
 
     def is_set(self) -> bool:
         """The ``cancelled`` flag a :class:`~zmqdist.context.RequestContext` reads."""
         return self.cancelled
 
     def cancel(self) -> None:
-        with self._cond:
-            self.cancelled = True
-            self._cond.notify_all()
+        self.cancelled = True
+        self._wake()
 
     def open(self, acked: int) -> None:
-        with self._cond:
-            if acked > self.acked:
-                self.acked = acked
-                self._cond.notify_all()
+        """The consumer acknowledged parts up to ``acked`` (the socket thread only)."""
+        if acked > self.acked:
+            self.acked = acked
+            self._wake()
 
     def wait(self, seq: int, timeout: float) -> bool:
         """Wait until part ``seq`` may be sent; False if the task was stopped (or ``timeout``)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self.cancelled or seq < self.acked + self.window, max(0.0, timeout))
+        c = self._condition()
+        with c:
+            c.wait_for(lambda: self.cancelled or seq < self.acked + self.window, max(0.0, timeout))
             return not self.cancelled and seq < self.acked + self.window
 
 

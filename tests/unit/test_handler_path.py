@@ -202,3 +202,34 @@ def test_a_running_async_task_is_cancelled_on_its_loop_and_ends_once(async_execu
     (done,) = drained(mailbox, 1)
     assert done[:5] == ("done", 5, 1, False, b"") and started == [5]
     assert drained(mailbox, 1, wait=0.2) == []  # the cancelled run posted exactly one outcome
+
+
+def test_a_gate_makes_its_condition_only_for_a_waiter_and_wakes_it_from_another_thread():
+    """Most tasks never wait on their gate: no Condition is made for them. A stream's handler that
+    waits for its window is woken by the socket thread's open() and by cancel()."""
+    plain = run(lambda x: x)
+    assert plain == [("done", 7, 3, True, p.pack_value(1), None)]
+    idle = Gate(0)
+    idle.open(5)
+    idle.cancel()
+    assert idle._cond is None and idle.acked == 5 and idle.is_set()
+
+    for wake in ("open", "cancel"):
+        gate = Gate(1)
+        results: list[bool] = []
+        started = threading.Event()
+
+        def waiter(gate: Gate = gate, results: list[bool] = results, started: threading.Event = started) -> None:
+            started.set()
+            results.append(gate.wait(1, 30.0))  # part 1 may go once part 0 is acknowledged
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        assert started.wait(10)
+        deadline = time.monotonic() + 10
+        while not (gate._cond is not None and gate._cond._waiters) and time.monotonic() < deadline:
+            pass  # until the waiter waits on its condition (a bounded spin, no sleep)
+        assert gate._cond is not None and gate._cond._waiters
+        gate.open(1) if wake == "open" else gate.cancel()
+        t.join(10)
+        assert not t.is_alive() and results == [wake == "open"]
