@@ -212,7 +212,34 @@ class AsyncStream(Stream):
         self.cancel()
 
 
-Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink
+class _Slot:
+    """Where one :meth:`Client.call`'s outcome goes: a held lock that the outcome releases. A
+    Future costs its caller and the socket thread interpreted work a plain call has no use for
+    (a Condition made per request, set_result, result(): docs/performance.md)."""
+
+    __slots__ = ("_done", "outcome")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()
+        self.outcome: tuple[int, bool, Any] | None = None
+
+    def put(self, item: tuple[int, bool, Any]) -> None:
+        if self.outcome is None:  # one outcome per request; a second would release an open lock
+            self.outcome = item
+            self._done.release()
+
+    def wait(self) -> Any:
+        """The reply value, or raise the request's error (blocks until the outcome is there)."""
+        self._done.acquire()
+        assert self.outcome is not None
+        _, ok, value = self.outcome
+        if ok:
+            return value
+        raise value
+
+
+Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink | _Slot
 MAX_TIMEOUT_S = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
 
 
@@ -426,7 +453,9 @@ class Client:
         retry: Retry | None = None,
     ) -> Any:
         """Send a request and return its reply value; raise its error (see zmqdist.errors)."""
-        return self.submit(service, value, timeout=timeout, trace=trace, key=key, retry=retry).result()
+        slot = _Slot()
+        self._submit(service, value, timeout, slot, trace, key, retry)
+        return slot.wait()
 
     def stream(
         self,

@@ -233,3 +233,21 @@ def test_a_gate_makes_its_condition_only_for_a_waiter_and_wakes_it_from_another_
         gate.open(1) if wake == "open" else gate.cancel()
         t.join(10)
         assert not t.is_alive() and results == [wake == "open"]
+
+
+def test_a_call_slot_returns_the_value_or_raises_the_error_once_and_ignores_a_second_outcome():
+    """Client.call waits on a _Slot (a held lock), not a Future: the value comes back, an error is
+    raised as it is, and a second outcome for the same request changes nothing."""
+    from zmqdist.client import _Slot
+    from zmqdist.errors import RequestTimeout
+
+    ok = _Slot()
+    ok.put((1, True, "value"))
+    ok.put((1, False, RequestTimeout("late")))
+    assert ok.wait() == "value"
+    err = _Slot()
+    boom = RequestTimeout("deadline passed")
+    threading.Thread(target=err.put, args=((2, False, boom),)).start()  # from the socket thread
+    with pytest.raises(RequestTimeout) as raised:
+        err.wait()
+    assert raised.value is boom
