@@ -1,5 +1,6 @@
 """The worker's per-request path: a request context made only when a handler asks for it, plain
-results told apart without inspect, and the values' codec (a Packer per call, not packb; a bin 8 fast path)."""
+results told apart without inspect, the values' codec (a Packer per call, not packb; a bin 8 fast
+path), a task's gate made on demand; and what Client.call waits on."""
 
 from __future__ import annotations
 
@@ -247,7 +248,9 @@ def test_a_call_slot_returns_the_value_or_raises_the_error_once_and_ignores_a_se
     assert ok.wait() == "value"
     err = _Slot()
     boom = RequestTimeout("deadline passed")
-    threading.Thread(target=err.put, args=((2, False, boom),)).start()  # from the socket thread
+    t = threading.Thread(target=err.put, args=((2, False, boom),))  # as from the socket thread
+    t.start()
     with pytest.raises(RequestTimeout) as raised:
         err.wait()
+    t.join(10)
     assert raised.value is boom
