@@ -594,12 +594,11 @@ def _measure(
     if broker_ep:
         result["loop_us"] = (l1 - l0) / n * 1e6
         # messages per BATCH the broker sent (replies and tasks), and share of its sends batched
-        b = k1.get("batches_out", 0) - k0.get("batches_out", 0)
-        result["batch_out"] = (k1.get("batched_out", 0) - k0.get("batched_out", 0)) / b if b else 1.0
-        result["batches_in"] = (k1.get("batches_in", 0) - k0.get("batches_in", 0)) / n
+        d = {k: k1.get(k, 0) - k0.get(k, 0) for k in ("batches_in", "batched_in", "batches_out", "batched_out")}
+        result["batch_out"] = d["batched_out"] / d["batches_out"] if d["batches_out"] else 1.0
+        result["batches_in"] = d["batches_in"] / n
         # messages on the wire per request, both ways (every request is two in and two out, a
         # request and a result, a task and a reply; heartbeats left out): a BATCH is one message
-        d = {k: k1.get(k, 0) - k0.get(k, 0) for k in ("batches_in", "batched_in", "batches_out", "batched_out")}
         wire = 4 * n - d["batched_in"] + d["batches_in"] - d["batched_out"] + d["batches_out"]
         result["msgs_per_req"] = wire / n
     return result

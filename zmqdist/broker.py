@@ -41,7 +41,7 @@ from zmqdist.core.mdp import MAX_FRAMES, starts_mdp
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, read_payload
-from zmqdist.transport.loop import DEBUG_RECHECK_S
+from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
 from zmqdist.transport.sockets import NB, SNDMORE_NB, fast_send, probe
 
@@ -126,8 +126,7 @@ class Broker:
         self._ratelog = RateLimitedLog(log)
         self._enc = p.Encoder()  # used by the loop thread only
         self._fsend: Any = None  # backend send of the ROUTER, set by the loop thread
-        self._debug = False  # DEBUG logging on (traces of every message), asked every DEBUG_RECHECK_S
-        self._debug_at = 0.0
+        self._debug = DebugCheck(log)  # traces of every message at DEBUG
         self._up: DealerLink | None = None  # a proxy's link to its upstream, owned by the loop thread
         self._pair_in: zmq.Socket[Any] | None = None  # the pair link: the peer's messages come here
         self._pair_out: DealerLink | None = None  # ... and ours go out here
@@ -460,10 +459,7 @@ class Broker:
     def _send(self, core: BrokerMachine, out: list[Out], now: float) -> None:
         """Send what the machine produced: to peers that read BATCH frames, what is there for
         each as one message (natural batching: nothing waits for more); the rest one by one."""
-        if now >= self._debug_at:  # traces are logged only at debug level
-            self._debug = log.isEnabledFor(logging.DEBUG)
-            self._debug_at = now + DEBUG_RECHECK_S
-        debug = self._debug
+        debug = self._debug.at(now)
         work = out
         if core.batching and len(out) > 1:
             batches, work = core.group(out)

@@ -29,7 +29,7 @@ from zmqdist.core.worker import Abort, Execute, Window, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
 from zmqdist.policy import Retry
 from zmqdist.transport import DealerLink, Loop, Mailbox
-from zmqdist.transport.loop import DEBUG_RECHECK_S
+from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,7 @@ class Worker:
         self.stop_reason = ""
         self.error: BaseException | None = None
         self._loop: Loop | None = None
-        self._debug = log.isEnabledFor(logging.DEBUG)  # asked again every DEBUG_RECHECK_S: not per task
-        self._debug_at = 0.0
+        self._debug = DebugCheck(log)  # asked at ticks, not per task
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
 
     def configure(
@@ -245,9 +244,7 @@ class Worker:
         told = [False]  # a worker no broker has answered says so once, after NO_BROKER_S
 
         def tick(now: float) -> float | None:
-            if now >= self._debug_at:  # an interpreted call: not at every wake-up
-                self._debug = log.isEnabledFor(logging.DEBUG)
-                self._debug_at = now + DEBUG_RECHECK_S
+            self._debug.at(now)
             self._handle(link, executors, core.tick(now))
             answered(now)
             if not core.registered and not told[0] and now - started > NO_BROKER_S:
@@ -337,7 +334,7 @@ class Worker:
             log.info("worker %s stopped: %s", self.name, self.stop_reason or "error")
 
     def _handle(self, link: DealerLink, executors: Executors, outs: list[WorkerOut]) -> None:
-        debug = self._debug
+        debug = self._debug.on
         for o in outs:
             match o:
                 case Execute():

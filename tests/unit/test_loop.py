@@ -130,3 +130,18 @@ def test_a_wait_that_ends_much_later_than_asked_is_reported_as_a_pause_before_re
     loop.run(tick=lambda now: now + 0.1, mail=on_mail, paused=lambda s, now: seen.append(("paused", round(s, 3))))
     assert seen == [("paused", 2.4), ("mail", 2.5)]  # asked to wait 0.1 s, woke 2.5 s later: paused 2.4 s
     mailbox.close()
+
+
+def test_a_debug_check_asks_its_logger_again_only_once_its_answer_is_old():
+    import logging
+
+    from zmqdist.transport.loop import DEBUG_RECHECK_S, DebugCheck
+
+    logger = logging.getLogger("zmqdist.test.debugcheck")
+    logger.setLevel(logging.INFO)
+    check = DebugCheck(logger)
+    assert check.at(100.0) is False
+    logger.setLevel(logging.DEBUG)  # turned on at run time
+    assert check.at(100.0 + DEBUG_RECHECK_S / 2) is False  # the last answer is still fresh
+    assert check.at(100.0 + DEBUG_RECHECK_S) is True and check.on
+    logger.setLevel(logging.NOTSET)

@@ -9,6 +9,7 @@ DEALER is replaced at every failover.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,12 +21,30 @@ from zmqdist.transport.sockets import POLLIN, poll_timeout_ms
 
 RETRY_MS = 20  # how soon a loop with unsent messages (no connection yet) tries again
 PAUSE_S = 0.2  # a wait that ends this much later than asked for: the thread did not run (SIGSTOP)
-# How often a loop asks whether DEBUG logging is on (Logger.isEnabledFor is an interpreted call,
-# about 1,500 instructions: once per wake-up was a cost of every synchronous request)
-DEBUG_RECHECK_S = 1.0
+DEBUG_RECHECK_S = 1.0  # how often a DebugCheck asks its logger again
+
 
 Pollable = Callable[[], Any]  # returns a zmq socket, a file descriptor, or None (nothing to watch now)
 Reader = Callable[[float], bool]  # reads a bounded batch at ``now``; True when messages may still wait
+
+
+class DebugCheck:
+    """Whether ``logger`` logs at DEBUG (a loop then traces every message), asked again at most
+    every DEBUG_RECHECK_S: Logger.isEnabledFor is an interpreted call (about 1,500 instructions),
+    and once per wake-up it was a cost of every synchronous request. A level changed at run time
+    takes effect within that time."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self.on = logger.isEnabledFor(logging.DEBUG)
+        self._at = 0.0
+
+    def at(self, now: float) -> bool:
+        """Whether DEBUG is on, asking the logger again if the last answer is old."""
+        if now >= self._at:
+            self.on = self._log.isEnabledFor(logging.DEBUG)
+            self._at = now + DEBUG_RECHECK_S
+        return self.on
 
 
 class Loop:
