@@ -274,7 +274,9 @@ class Broker:
             loop.watch(lambda: up.sock, lambda now: self._read_upstream(up, core, now))
         pair_in = self._pair_in
         if pair_in is not None:
-            self._pair_out = DealerLink(self._ctx, b"P" + secrets.token_bytes(8), log, self._peer_keys, keep=False)
+            self._pair_out = DealerLink(
+                self._ctx, b"P" + secrets.token_bytes(8), log, self._peer_keys, keep=False, immediate=True
+            )
             assert self._peer is not None
             pair_out = self._pair_out
             pair_out.connect(self._peer)

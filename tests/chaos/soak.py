@@ -17,9 +17,10 @@ seconds before the end so that everything in flight can end.
 Every request ends in one of: the right value, a wrong value, an error (counted by type), or no
 end at all (lost). Executions are counted per request from the workers' logs (re-execution after
 a kill is allowed and reported). Broker logs are read for step-downs of a broker that carried the
-pair's table (a defect) and for tracebacks in every process. Exit status 1 if anything was lost,
-wrong or duplicated, a live active broker stepped down, a traceback was printed, or errors passed
---max-error-rate.
+pair's table (a defect), for tracebacks and for crashes (a process that died by itself: a libzmq
+assertion, a fatal Python error; faulthandler shows its threads) in every process. Exit status 1
+if anything was lost, wrong or duplicated, a live active broker stepped down, a traceback or a
+crash was printed, or errors passed --max-error-rate.
 """
 
 from __future__ import annotations
@@ -92,7 +93,13 @@ class Topology:
         self.tmp = tmp
         self.logdir = tmp / "logs"
         self.logdir.mkdir()
-        self.env = dict(os.environ, SOAK_LOG_DIR=str(self.logdir), PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]))
+        # PYTHONFAULTHANDLER: a process that libzmq aborts leaves every thread's Python stack in its log
+        self.env = dict(
+            os.environ,
+            SOAK_LOG_DIR=str(self.logdir),
+            PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
+            PYTHONFAULTHANDLER="1",
+        )
         self.procs: dict[str, Proc] = {}
         timing = ["--heartbeat", str(hb)]
         for region, (a, b) in PAIRS.items():
@@ -351,7 +358,7 @@ STEP_DOWN = re.compile(r"(\S+) stepped down to passive \((\d+) open requests, (w
 
 
 def read_logs(logdir: Path) -> dict[str, Any]:
-    step_downs, tracebacks = [], []
+    step_downs, tracebacks, crashes = [], [], []
     for f in sorted(logdir.glob("*.log")):
         if f.name.startswith("exec-"):
             continue
@@ -361,8 +368,10 @@ def read_logs(logdir: Path) -> dict[str, Any]:
         for k, line in enumerate(text.splitlines()):
             if line.startswith("Traceback"):
                 tracebacks.append(f"{f.name}:{k + 1}")
+            elif line.startswith(("Fatal Python error", "Assertion failed")):  # a process died by itself
+                crashes.append(f"{f.name}:{k + 1}: {line[:120]}")
     live = [s for s in step_downs if s["carried"] == "warm" and not s["why"].startswith("handed over")]
-    return {"step_downs": step_downs, "live_active_step_downs": live, "tracebacks": tracebacks}
+    return {"step_downs": step_downs, "live_active_step_downs": live, "tracebacks": tracebacks, "crashes": crashes}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -438,6 +447,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"{len(report['live_active_step_downs'])} step-downs of a live active broker")
     if report["tracebacks"]:
         bad.append(f"tracebacks: {report['tracebacks'][:5]}")
+    if report["crashes"]:
+        bad.append(f"crashes: {report['crashes'][:5]}")
     if report["takeover_s"].get("never"):
         bad.append(f"{report['takeover_s']['never']} pairs had no active broker 20 s after losing theirs")
     if report["executions"]["never_run_but_ok"]:

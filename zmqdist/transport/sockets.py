@@ -155,19 +155,36 @@ class Corked:
 
 
 class DealerLink:
-    """The DEALER socket of a worker or client, owned by its I/O thread.
+    """The DEALER socket of a worker, client or broker toward a broker, owned by its I/O thread.
 
-    Sends that cannot go out at once (no connection yet: IMMEDIATE is set) wait in a small backlog
-    and are retried on every wake-up, so a result is never dropped by a reconnect; heartbeats are
-    not kept (a fresh one follows). ``connect`` makes a new socket: a failover leaves nothing queued
-    on the old connection.
+    Sends that cannot go out at once (the queue is at SNDHWM, or no connection yet on an
+    ``immediate`` link) wait in a small backlog and are retried on every wake-up, so a result is
+    never dropped; heartbeats are not kept (a fresh one follows). ``connect`` makes a new socket:
+    a failover leaves nothing queued on the old connection.
+
+    Not IMMEDIATE by default, though DESIGN.md asks for it. With IMMEDIATE, libzmq 4.3.5 (in
+    socket_base_t::hiccuped) cuts the pipe of a connection that dropped as soon as the socket
+    processes that news, and recv processes news every 100th call, also between two frames of a
+    message: the next frame is then gone and libzmq aborts the whole process ("Assertion failed:
+    !_more (src/fq.cpp:80)"). A client reading a burst of replies while its proxy was killed
+    died so (tests/integration/test_link_abort.py shows it). Without IMMEDIATE the pipe outlives
+    a reconnect: what arrived is read whole, and what was sent while the peer was away goes out
+    when it is back. Only the pair link keeps ``immediate`` (its states must not pile up while
+    the peer is down; it reads one message a heartbeat, never the bursts that meet the bug).
     """
 
     def __init__(
-        self, ctx: zmq.Context[Any], identity: bytes, logger: logging.Logger, curve: Any = None, keep: bool = True
+        self,
+        ctx: zmq.Context[Any],
+        identity: bytes,
+        logger: logging.Logger,
+        curve: Any = None,
+        keep: bool = True,
+        immediate: bool = False,
     ) -> None:
         self._ctx = ctx
         self._keep = keep  # keep unsendable messages for later (False: drop them, as heartbeats)
+        self._immediate = immediate  # see the class docstring for why this is off by default
         self._curve = curve  # security.ClientKeys or None
         self.identity = identity
         self.sock: zmq.Socket[Any] | None = None
@@ -190,7 +207,7 @@ class DealerLink:
         self.close()
         sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.IMMEDIATE, 1 if self._immediate else 0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
