@@ -49,11 +49,13 @@ class Pairs:
             return status(c)["ha"]
 
     def wait_pair(self, active, passive, epoch=None):
-        """``active`` serves, ``passive`` holds a copy of its table."""
+        """``active`` serves, ``passive`` holds a copy of its table and ``active`` has heard so (a
+        handover is refused until it has: the passive's report follows its copy by a heartbeat)."""
 
         def ok():
             a, p = self.ha(active), self.ha(passive)
             good = a["state"] == "active" and p["state"] == "passive" and p["seq"] >= 0
+            good = good and a["peer"]["synced"] >= 0
             return good and (epoch is None or a["epoch"] == epoch)
 
         wait_for(ok, 20, f"{active} active and {passive} passive")
