@@ -1,5 +1,7 @@
 """Leaves and small transport pieces: mailbox, settings, endpoint checks."""
 
+import os
+
 import pytest
 
 from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints, load_toml
@@ -16,6 +18,29 @@ def test_mailbox_delivers_in_order_and_ignores_posts_after_close():
     m.close()
     m.post("late")  # must not write to a closed (possibly reused) descriptor
     m.close()
+
+
+def test_a_wake_up_write_and_close_exclude_each_other(monkeypatch):
+    """A post that saw the mailbox open writes its byte under the lock that close() takes, so
+    close cannot give the descriptors back (to be reused by another file) in between."""
+    m = Mailbox()
+    during_write = []
+    real_write = os.write
+
+    def spy(fd: int, data: bytes) -> int:
+        got = m._lock.acquire(blocking=False)  # what close() would do now
+        if got:
+            m._lock.release()
+        during_write.append(got)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spy)
+    m.post("a")
+    assert during_write == [False]  # close() would have waited for the write
+    m.drain()
+    m.close()
+    m.post("late")
+    assert during_write == [False]  # nothing written once closed
 
 
 def test_settings_refuse_nonsense_with_clear_errors():

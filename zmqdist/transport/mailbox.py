@@ -8,6 +8,7 @@ Only the first post after a drain writes a wake-up byte, so a busy loop pays no 
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from typing import Any
 
@@ -22,6 +23,9 @@ class Mailbox:
         os.set_blocking(self._w, False)
         self._armed = False
         self._closed = False
+        # Held by a wake-up write and by close: a post that saw the mailbox open cannot write
+        # its byte after close() gave the descriptor numbers back (another file may have them).
+        self._lock = threading.Lock()
 
     def fileno(self) -> int:
         """The descriptor that becomes readable when items wait."""
@@ -35,10 +39,13 @@ class Mailbox:
         self._q.append(item)
         if not self._armed:
             self._armed = True
-            try:
-                os.write(self._w, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # pipe full (owner will wake anyway) or closed during shutdown
+            with self._lock:  # only the first post after a drain pays for it
+                if self._closed:
+                    return
+                try:
+                    os.write(self._w, b"\0")
+                except (BlockingIOError, OSError):
+                    pass  # pipe full: the owner wakes anyway
 
     def drain(self) -> list[Any]:
         """Return every queued item (owner thread only)."""
@@ -55,7 +62,8 @@ class Mailbox:
 
     def close(self) -> None:
         """Release the pipe (owner thread, after its loop ended)."""
-        if not self._closed:
-            self._closed = True  # set first: a racing post() sees it before the fds are reused
-            os.close(self._r)
-            os.close(self._w)
+        with self._lock:  # waits for a wake-up write in progress
+            if not self._closed:
+                self._closed = True
+                os.close(self._r)
+                os.close(self._w)
