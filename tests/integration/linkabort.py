@@ -45,7 +45,7 @@ def router(ep: str) -> None:
     for i in range(301):
         frames = [b"head-%d" % i, b"payload-%d" % i] + ([b"extra"] if i == 150 else [])
         sock.send_multipart([peer, *frames])
-    time.sleep(0.2)  # let libzmq's I/O thread write the burst out before the kill
+    time.sleep(0.5)  # let libzmq's I/O thread write the burst out before the kill (a loaded machine too)
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -60,7 +60,7 @@ def pacer(ep: str) -> None:
         peer, ask = sock.recv_multipart()
         sock.send_multipart([peer, *enc.encode(p.Error(p.E_COMMAND, f"message {i}"))])
         if ask == b"last":
-            time.sleep(0.2)  # let libzmq's I/O thread write it out before the kill
+            time.sleep(0.5)  # let libzmq's I/O thread write it out before the kill (a loaded machine too)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
