@@ -555,7 +555,7 @@ class Broker:
             case _:
                 link = self._up if dest is UPSTREAM else self._pair_out if dest is PAIR else None
                 if link is not None:
-                    if dest is UPSTREAM and type(msg) is p.Request and log.isEnabledFor(logging.DEBUG):
+                    if dest is UPSTREAM and type(msg) is p.Request and self._debug.at(now):
                         log.debug(
                             "broker %s: %s forwarded upstream (trace %s)",
                             name,
