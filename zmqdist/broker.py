@@ -261,6 +261,19 @@ class Broker:
             lambda now: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(core.mdp.counters), "build": _native.STATE}
         )
         loop = self._loop = Loop(clock, self._mailbox)
+        # The pair link is watched first: a wake-up that finds the peer's HANDOVER and a peer's HELLO
+        # (sent on the peer's BYE) applies the HANDOVER first, or the HELLO would meet a passive
+        # broker that sends it back to the broker leaving, and it would return only after a ttl.
+        pair_in = self._pair_in
+        if pair_in is not None:
+            self._pair_out = DealerLink(
+                self._ctx, b"P" + secrets.token_bytes(8), log, self._peer_keys, keep=False, immediate=True
+            )
+            assert self._peer is not None
+            pair_out = self._pair_out
+            pair_out.connect(self._peer)
+            loop.watch(lambda: pair_in, lambda now: self._drain_pair(pair_in, core))
+            loop.watch(lambda: pair_out.sock, lambda now: self._read_pair_out(pair_out, core, now))
         loop.watch(lambda: sock, lambda now: self._drain(sock, core, now))
         if self._ring is not None:
             # Peers that fail the CURVE handshake (plaintext, wrong server key) never reach ZAP:
@@ -272,16 +285,6 @@ class Broker:
         if self.settings.upstream:
             up = self._up = DealerLink(self._ctx, b"B" + secrets.token_bytes(8), log, self._up_keys)
             loop.watch(lambda: up.sock, lambda now: self._read_upstream(up, core, now))
-        pair_in = self._pair_in
-        if pair_in is not None:
-            self._pair_out = DealerLink(
-                self._ctx, b"P" + secrets.token_bytes(8), log, self._peer_keys, keep=False, immediate=True
-            )
-            assert self._peer is not None
-            pair_out = self._pair_out
-            pair_out.connect(self._peer)
-            loop.watch(lambda: pair_in, lambda now: self._drain_pair(pair_in, core))
-            loop.watch(lambda: pair_out.sock, lambda now: self._read_pair_out(pair_out, core, now))
         log.info("broker %s (%s) serving on %s", self.settings.name, self.incarnation, ", ".join(self.endpoints))
         self._warn_if_exposed()
         self._ready.set()
