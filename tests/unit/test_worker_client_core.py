@@ -144,30 +144,6 @@ def test_worker_reconnect_command_registers_again():
     assert w.receive(task(1), 0.1) == [p.Result(1, p.RS_REFUSED, b"")]
 
 
-def test_reconnects_behind_our_hello_do_not_register_the_worker_again():
-    """A broker back within a ttl finds several heartbeats of the old session queued and answers
-    each with RECONNECT: the first makes the worker register again, the rest (they come before the
-    WELCOME, one connection being FIFO) change nothing. One after a ttl with no WELCOME does."""
-    w = worker()
-    hello = p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=p.MAX_BATCH)
-    assert w.receive(p.Reconnect("unknown worker"), 1.0) == [hello]
-    session = w.session
-    assert w.receive(p.Reconnect("unknown worker"), 1.0) == []
-    assert w.receive(p.Reconnect("unknown worker"), 1.001) == []
-    assert w.session == session and not w.registered
-    w.receive(WELCOME, 1.002)
-    assert w.registered
-    (ex,) = w.receive(task(1), 1.003)
-    assert ex.session == session  # the task sent after the first HELLO runs in that session
-    # Registered: a RECONNECT means the broker forgot us now (the task's run is void).
-    out = w.receive(p.Reconnect("unknown worker"), 1.1)
-    assert [type(o) for o in out] == [Abort, p.Hello] and w.session == session + 1
-    assert w.receive(p.Reconnect("unknown worker"), 1.1 + HB.ttl_s) == []
-    # Unregistered and no WELCOME for longer than the ttl (the HELLO was lost): register again.
-    out = w.receive(p.Reconnect("unknown worker"), 1.1 + HB.ttl_s + 0.01)
-    assert [type(o) for o in out] == [p.Hello] and w.session == session + 2
-
-
 def client():
     c = ClientCore(("tcp://a:1", "tcp://b:1"), "c", HB, 0.0)
     out = c.start(0.0)

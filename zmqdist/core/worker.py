@@ -123,7 +123,6 @@ class WorkerCore:
         self.link = BrokerLink(endpoints, hb, now)
         self.session = 0
         self.registered = False
-        self._hello_at = now  # when the last HELLO went out (start sends the first)
         self.draining = False
         self.stopped = False
         self._drain_deadline: float | None = None
@@ -206,12 +205,6 @@ class WorkerCore:
             case p.Welcome():
                 return self._on_welcome(msg, now)
             case p.Reconnect():
-                if not self.registered and now - self._hello_at <= link.ttl_s:
-                    # It answers a message sent before our last HELLO, which is on its way behind
-                    # it (one connection is FIFO): a broker back within a ttl finds several of our
-                    # heartbeats queued, and answers each. Registering again on each made it drop
-                    # and requeue what it had just sent us, once per heartbeat.
-                    return []
                 return self._rehello(now)
             case p.Bye():
                 self.counters["failovers"] += 1
@@ -520,7 +513,6 @@ class WorkerCore:
         self.link.incarnation = None
         if self.draining:
             return [*self._stop_stale(), *self._finish("broker forgot us while draining")]
-        self._hello_at = now
         return [*self._stop_stale(), self._hello()]
 
     def _new_session(self, now: float, reason: str, to: str = "") -> list[WorkerOut]:
@@ -529,7 +521,6 @@ class WorkerCore:
         self._moving = None
         if self.draining:
             return [*self._stop_stale(), *self._finish(f"broker lost while draining ({reason})")]
-        self._hello_at = now
         return [*self._stop_stale(), self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello()]
 
     def _quiet(self, now: float) -> list[WorkerOut]:
@@ -547,7 +538,6 @@ class WorkerCore:
         self._void_session()
         self.counters["homecomings"] += 1
         reason = "going back to the first choice: it is active again"
-        self._hello_at = now
         return [p.Bye(reason), self.link.connect_to(j, now, reason), self._hello()]
 
     def _finish(self, reason: str) -> list[WorkerOut]:
