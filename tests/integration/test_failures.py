@@ -85,6 +85,27 @@ def test_broker_restart_under_load_requests_complete_under_same_ids(procs, ipc_e
 
 
 @pytest.mark.timeout(90)
+def test_a_broker_back_within_a_ttl_registers_each_worker_once(procs, ipc_ep):
+    """The workers' heartbeats sent while their broker was away wait in their connection and reach
+    the new broker together, each answered RECONNECT: a worker registers again once, not once per
+    heartbeat (each registration dropped and requeued what the last one had just been sent)."""
+    hb = ("--heartbeat", "0.4", "--liveness", "8")  # a ttl of 3.2 s: the outage stays inside it
+    broker = start_broker(procs, ipc_ep, *hb)
+    start_workers(procs, ipc_ep, 2, "testworkers:echo", *hb)
+    with Client([ipc_ep], timeout=30) as c:
+        wait_workers(c, 2)
+        broker.send_signal(signal.SIGKILL)
+        broker.wait(10)
+        time.sleep(1.0)  # the outage itself (not an assertion wait): 2 or 3 heartbeats wait
+        start_broker(procs, ipc_ep, *hb)
+        assert [r[0] for r in c.map("echo", range(200))] == list(range(200))
+        wait_workers(c, 2)
+        st = status(c)
+    assert st["counters"]["workers_registered"] == 2, st["counters"]
+    assert st["counters"]["requeues"] == 0 and st["counters"]["late_results"] == 0
+
+
+@pytest.mark.timeout(90)
 def test_pure_python_cpu_bound_handler_for_10s_keeps_heartbeating(procs, ipc_ep):
     start_broker(procs, ipc_ep)
     procs.spawn("worker", "testworkers:gil", "--connect", ipc_ep)

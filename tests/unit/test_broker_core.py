@@ -224,6 +224,25 @@ def test_unknown_worker_heartbeat_gets_reconnect_and_client_gets_pong():
     ]
 
 
+def test_an_unknown_peer_is_told_reconnect_once_a_ttl_until_it_registers():
+    """A broker back within a ttl finds a worker's heartbeats and results of the old session queued
+    in its connection: one RECONNECT answers the lot (one for each made the worker register once
+    per message, each registration requeuing what the one before had just been sent)."""
+    core = make()
+    ttl = core.settings.heartbeat.ttl_s
+    hb = p.Heartbeat(p.ROLE_WORKER, "old", 0, ())
+    told = (b"W", p.Reconnect("unknown worker: register again"))
+    assert core.receive(b"W", hb, 1.0) == [told]
+    assert core.receive(b"W", hb, 1.0) == []
+    assert core.receive(b"W", p.Result(7, p.RS_OK, b"r"), 1.01) == []  # a late result: counted, not told
+    assert core.receive(b"W", p.Credit(3), 1.02) == []
+    assert core.receive(b"X", hb, 1.02) == [(b"X", told[1])]  # another peer is told on its own
+    assert core.receive(b"W", hb, 1.0 + ttl + 0.01) == [told]  # a ttl later: the last one was lost
+    hello(core, b"W", now=1.5 + ttl)
+    core.receive(b"W", p.Bye("gone"), 1.6 + ttl)  # forgotten again at once...
+    assert core.receive(b"W", hb, 1.6 + ttl) == [told]  # ...and told at once, not a ttl later
+
+
 def test_credit_zero_drains_then_bye_requeues():
     core = make()
     hello(core, b"A", capacity=2)
