@@ -39,6 +39,7 @@ from zmqdist.core.records import (
     Counters,
     Member,
     Out,
+    Told,
     WorkerMember,
 )
 from zmqdist.core.replica import Replica
@@ -50,7 +51,6 @@ from zmqdist.errors import RemoteProtocolError
 __all__ = ["EPSILON", "BrokerCore", "BrokerMachine", "Out"]
 
 Rights = tuple[str, str]  # (roles, services) a CURVE peer's key was admitted with
-TOLD_MAX = 4096  # unknown peers remembered as told RECONNECT (see BrokerCore._reconnect)
 
 
 class BrokerMachine:
@@ -357,7 +357,7 @@ class BrokerCore(BrokerMachine):
         tiers.internal = self.services.answer_up
         self._clients: dict[bytes, float] = {}  # clients by when last heard (HELLO, HEARTBEAT)
         self._clients_pruned = -1e9  # when _clients was last pruned
-        self._told: dict[bytes, float] = {}  # unknown peers told RECONNECT, by when (once per ttl)
+        self._told = Told(self._ttl)  # unknown peers told RECONNECT (once a ttl)
 
     # --- inputs -----------------------------------------------------------------------------------
 
@@ -530,23 +530,9 @@ class BrokerCore(BrokerMachine):
                 return
         clients[peer] = now
 
-    def _reconnect(self, peer: bytes, now: float, why: str, out: list[Out]) -> None:
-        """Tell a peer we do not know to register (RECONNECT), at most once a ttl until it does.
-        A broker back within a ttl finds the messages a peer sent meanwhile (heartbeats, results)
-        queued in its connection: answering each made a worker register once per message, and
-        each registration dropped and requeued what the one before had just been sent. If the
-        RECONNECT is lost, the peer hears nothing and fails over, or its next message after the
-        ttl is answered. Bounded: when full, entries older than the ttl go, then all of them."""
-        told = self._told
-        last = told.get(peer)
-        if last is not None and now - last <= self._ttl:
-            return
-        if last is None and len(told) >= TOLD_MAX:
-            told = self._told = {c: t for c, t in told.items() if now - t <= self._ttl}
-            if len(told) >= TOLD_MAX:
-                told.clear()
-        told[peer] = now
-        out.append((peer, p.Reconnect(why)))
+    def _reconnect(self, peer: bytes, now: float, why: str) -> list[Out]:
+        """RECONNECT for a peer we do not know, unless it was told within the ttl (:class:`Told`)."""
+        return [(peer, p.Reconnect(why))] if self._told.due(peer, now) else NONE
 
     # --- handlers ---------------------------------------------------------------------------------
 
@@ -618,7 +604,7 @@ class BrokerCore(BrokerMachine):
         status = p.ST_OK if rs == p.RS_OK else p.ST_CANCELLED if rs == p.RS_CANCELLED else p.ST_FAILED
         delay = m.delay_ms if rs == p.RS_RETRY else -1
         if w is None:
-            self._reconnect(peer, now, "unknown worker: register again", out)
+            out += self._reconnect(peer, now, "unknown worker: register again")
         self.d.settle(peer, w, m.ticket, status, "", m.payload, rs == p.RS_REFUSED, now, out, delay, m.parts)
         return out
 
@@ -626,9 +612,7 @@ class BrokerCore(BrokerMachine):
         """A downstream broker's answer to a task (BUSY: it could not take it, requeue)."""
         if not isinstance(w, BrokerMember):
             if w is None and m.rid in self.d.reqs:
-                told: list[Out] = []
-                self._reconnect(peer, now, "unknown broker: register again", told)
-                return told
+                return self._reconnect(peer, now, "unknown broker: register again")
             self.counters.bad_input += 1
             return [(peer, p.Error(p.E_COMMAND, "REPLY is accepted from registered downstream brokers only"))]
         out: list[Out] = []
@@ -653,16 +637,14 @@ class BrokerCore(BrokerMachine):
     ) -> None:
         """A member answered ``ticket`` (both paths come here); an unknown peer is told to register."""
         if w is None:
-            self._reconnect(peer, now, "unknown worker: register again", out)
+            out += self._reconnect(peer, now, "unknown worker: register again")
         self.d.settle(peer, w, ticket, status, message, payload, refused, now, out, -1, parts)
 
     def _on_heartbeat(self, peer: bytes, w: Member | None, m: p.Heartbeat, now: float) -> list[Out]:
         if w is None:
             if m.role != p.ROLE_CLIENT:
                 who = "worker" if m.role == p.ROLE_WORKER else "broker"
-                told: list[Out] = []
-                self._reconnect(peer, now, f"unknown {who}: register again", told)
-                return told
+                return self._reconnect(peer, now, f"unknown {who}: register again")
             self._heard_client(peer, now)
             return [(peer, self._pong)]
         out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, (), self._epoch))]
@@ -698,8 +680,7 @@ class BrokerCore(BrokerMachine):
         if w is not None:
             # The peer began a new session (it thinks we restarted): what it held is void.
             out += d.drop_member(w, now, "re-registered", spend_attempt=False)
-        if self._told:
-            self._told.pop(peer, None)  # registered: if we forget it later, it is told at once
+        self._told.registered(peer)
         serial = d.next_serial()
         nw: Member
         if m.role == p.ROLE_BROKER:
@@ -720,9 +701,7 @@ class BrokerCore(BrokerMachine):
 
     def _on_advert(self, peer: bytes, w: Member | None, m: p.Advert, now: float) -> list[Out]:
         if w is None:
-            told: list[Out] = []
-            self._reconnect(peer, now, "unknown broker: register again", told)
-            return told
+            return self._reconnect(peer, now, "unknown broker: register again")
         if not isinstance(w, BrokerMember):
             self.counters.bad_input += 1
             return [(peer, p.Error(p.E_ROLE, "ADVERT is accepted from downstream brokers only"))]
@@ -732,9 +711,7 @@ class BrokerCore(BrokerMachine):
 
     def _on_credit(self, peer: bytes, w: Member | None, m: p.Credit, now: float) -> list[Out]:
         if w is None:
-            told: list[Out] = []
-            self._reconnect(peer, now, "unknown worker: register again", told)
-            return told
+            return self._reconnect(peer, now, "unknown worker: register again")
         out: list[Out] = []
         self.d.set_capacity(w, m.capacity)
         self.d.pump_services(w, now, out)

@@ -435,6 +435,40 @@ class Pool:
         self.away = -1.0
 
 
+class Told:
+    """Peers we do not know that were told RECONNECT, and when: each is told at most once a ttl
+    until it registers. A broker back within a ttl finds what a peer sent meanwhile (heartbeats,
+    results) queued in its connection; answering each message made a worker register once per
+    message, each registration dropping and requeuing what the one before had just been sent. A
+    lost RECONNECT costs a ttl: the peer hears nothing and fails over, or its next message after
+    the ttl is answered. Bounded: when full, entries older than the ttl go, then all of them."""
+
+    __slots__ = ("at", "ttl")
+    LIMIT = 4096
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.at: dict[bytes, float] = {}
+
+    def due(self, peer: bytes, now: float) -> bool:
+        """Should ``peer`` be told RECONNECT now? (If so, it counts as told.)"""
+        at = self.at
+        last = at.get(peer)
+        if last is not None and now - last <= self.ttl:
+            return False
+        if last is None and len(at) >= self.LIMIT:
+            at = self.at = {c: t for c, t in at.items() if now - t <= self.ttl}
+            if len(at) >= self.LIMIT:
+                at.clear()
+        at[peer] = now
+        return True
+
+    def registered(self, peer: bytes) -> None:
+        """``peer`` registered: if it is forgotten later, it is told at once."""
+        if self.at:
+            self.at.pop(peer, None)
+
+
 class Copy:
     """A passive broker's copy of one open request of the active broker's table."""
 
