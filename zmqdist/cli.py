@@ -153,17 +153,22 @@ def main(ctx: click.Context, verbose: int, quiet: int, log_format: str) -> None:
 
 def _die_with_supervisor() -> None:
     """Started by ``zmqdist up`` (it sets ZMQDIST_SUPERVISOR to its pid): be sent SIGTERM if it
-    dies without stopping us (SIGKILL), so that a topology never outlives its supervisor (Linux)."""
-    want = os.environ.get(SUPERVISOR_ENV)
-    if not want or want != str(os.getppid()):
-        return
-    try:
-        import ctypes
+    dies without stopping us (SIGKILL), so that a topology never outlives its supervisor (Linux).
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    The variable is taken out of our environment, so that only ``up``'s own children read it:
+    a parent other than the pid it names then means the supervisor died while we were starting
+    (before the death signal was set), and we end as if it had been sent."""
+    want = os.environ.pop(SUPERVISOR_ENV, None)
+    if not want:
         return
-    if str(os.getppid()) != want:  # it died before that took effect
+    if str(os.getppid()) == want:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+    if str(os.getppid()) != want:  # it died before, or before that took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -208,3 +208,23 @@ def test_a_topology_never_outlives_its_supervisor_even_after_sigkill(tmp_path):
         up.kill()
         up.wait(10)
         wait_for(lambda: not [p for p in pids if alive(int(p))], 20, "the processes to end with their supervisor")
+
+
+@pytest.mark.timeout(60)
+def test_a_process_whose_supervisor_died_while_it_started_ends_at_once(tmp_path):
+    # `up` was SIGKILLed before this child set its death signal: its parent is no longer the pid
+    # ZMQDIST_SUPERVISOR names. It must end instead of running on, an orphan nobody stops.
+    env = dict(ENV, ZMQDIST_SUPERVISOR=str(os.getpid() + 10**6))  # no such process
+    child = subprocess.Popen(
+        [sys.executable, "-m", "zmqdist", "broker", "--bind", f"ipc://{tmp_path}/b.sock"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert child.wait(30) == -signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
