@@ -169,6 +169,7 @@ def _die_with_supervisor() -> None:
         except (OSError, AttributeError):
             return
     if str(os.getppid()) != want:  # it died before, or before that took effect
+        click.echo(f"zmqdist: ending: the zmqdist up that started this process (pid {want}) has ended", err=True)
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -220,10 +220,13 @@ def test_a_process_whose_supervisor_died_while_it_started_ends_at_once(tmp_path)
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
-        assert child.wait(30) == -signal.SIGTERM
+        _, err = child.communicate(timeout=30)
+        assert child.returncode == -signal.SIGTERM
+        assert f"the zmqdist up that started this process (pid {env['ZMQDIST_SUPERVISOR']}) has ended" in err
     finally:
         if child.poll() is None:
             child.kill()
