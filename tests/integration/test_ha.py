@@ -2,6 +2,7 @@
 load, restart of the killed primary, manual failback through the CLI."""
 
 import signal
+import threading
 import time
 
 import pytest
@@ -245,3 +246,39 @@ def test_a_stream_through_a_proxy_pair_survives_nothing_silently(procs, tmp_path
         again = [part[0] for part in c.stream("gen", {"n": 300, "size": 8}, window=8)]
         assert again == list(range(300))
         assert status(c)["broker"] == "PB"
+
+
+@pytest.mark.timeout(150)
+def test_a_stopped_active_broker_resumes_passive_and_the_pair_does_not_flap(procs, tmp_path):
+    """SIGSTOP the active A under pipelined load (a stalled host, a long pause) past the ttl: B
+    takes over. On SIGCONT A reads what waited on both pair connections, steps down once and
+    stays passive; B, which holds the requests, never steps down. (A took over again on a state
+    B had sent before its takeover, and deposed B, 4 runs of 4 before the fix.)"""
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    for i in range(2):
+        t.worker(f"w{i}", "A", "B")
+    t.wait_pair("A", "B")
+    with t.client("A") as c:
+        wait_for(lambda: len(status(c)["workers"]) == 2, 20, "2 workers at A")
+    a = t.brokers["A"]
+    n = 3000
+    with t.client("A", "B") as c:
+        futs = []
+        for i in range(n):
+            futs.append(c.submit("echo", i))
+            if i == 1000:
+                a.send_signal(signal.SIGSTOP)
+                resume = threading.Timer(3.0, a.send_signal, (signal.SIGCONT,))
+                resume.start()
+            if i >= 200:
+                futs[i - 200].result(60)
+        assert [f.result(60)[0] for f in futs] == list(range(n))
+        resume.join()
+        t.wait_pair("B", "A")
+        assert [c.call("echo", i)[0] for i in range(20)] == list(range(20))
+        assert status(c)["broker"] == "B"
+    a_ha, b_ha = t.ha("A"), t.ha("B")
+    print(f"\nA: {a_ha}\nB: {b_ha}")
+    assert b_ha["takeovers"] == 1 and b_ha["step_downs"] == 0 and b_ha["state"] == "active"
+    assert a_ha["takeovers"] == 1 and a_ha["step_downs"] == 1 and a_ha["state"] == "passive"

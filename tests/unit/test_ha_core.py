@@ -294,3 +294,41 @@ def test_the_table_of_clients_to_tell_bye_is_bounded_against_a_flood_of_heartbea
     assert len(core._clients) == 20  # twice the queue limit
     core.receive(b"late", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 5.0)  # the old ones are silent: pruned
     assert set(core._clients) == {b"late"}
+
+
+def test_a_state_older_than_one_heard_from_the_same_run_is_ignored():
+    """The peer's states come on two connections with no order between them: older news from
+    the same run must not undo newer (epoch, then pending < active < passive)."""
+    a = pair("primary")
+    a.heard(state(st=PASSIVE, epoch=5), 0.0)
+    assert not a.heard(state(st=PASSIVE, epoch=4), 0.1)  # an older epoch of the same run
+    assert a.peer_epoch == 5 and a.counters["stale_states"] == 1
+    assert a.heard(state(st=ACTIVE, epoch=6), 0.2)
+    assert not a.heard(state(st=PASSIVE, epoch=5), 0.3) and a.peer_state == ACTIVE
+    assert a.heard(state(st=PASSIVE, epoch=6), 0.4)  # stepped down (or handed over) at its epoch
+    assert not a.heard(state(st=ACTIVE, epoch=6), 0.5) and a.peer_state == PASSIVE
+    assert a.heard(state(st=PENDING, epoch=0, inc="new-run"), 0.6)  # a new run starts afresh
+    assert a.peer_state == PENDING and a.counters["stale_states"] == 3
+    assert a.peer_seen == 0.6
+
+
+def test_a_resumed_active_broker_steps_down_once_and_stale_news_never_makes_it_take_over_again():
+    """The active A was stopped (SIGSTOP, a stalled host) past the ttl; B took over. On resume A
+    reads what waited on both pair connections: on one B's states up to its takeover, on the
+    other an answer B gave before it (passive). A steps down on the newer and must stay passive:
+    taking over again on the older (it did) deposed B, which held the requests."""
+    from zmqdist.core.failover import PairedBroker
+
+    a = PairedBroker(BrokerSettings(name="a", ha="primary"), "inc-a", 0.0)
+    a.pair_receive(state(name="b", primary=0, st=PENDING, epoch=0), 0.0)
+    a.tick(0.01)
+    assert a.pair.state == ACTIVE and a.pair.epoch == 1 and not a.standby
+    a.pair_receive(state(name="b", primary=0, st=PASSIVE, epoch=1), 0.1)
+    # Stopped at 0.2 for 3 s: B took over at epoch 2 with a synced copy (warm).
+    a.pair_receive(state(name="b", primary=0, st=PASSIVE, epoch=1), 3.2)  # its link: before the takeover
+    a.pair_receive(state(name="b", primary=0, st=ACTIVE, epoch=2, synced=7)._replace(warm=1), 3.2)
+    assert a.pair.state == PASSIVE and a.pair.counters["step_downs"] == 1
+    a.pair_receive(state(name="b", primary=0, st=PASSIVE, epoch=1), 3.2)  # our link: an answer from before
+    a.tick(3.21)
+    assert a.pair.state == PASSIVE and a.standby
+    assert a.pair.counters["takeovers"] == 1 and a.pair.counters["stale_states"] == 1

@@ -160,7 +160,8 @@ class PairedBroker(BrokerMachine):
         out: list[Out] = []
         match msg:
             case p.PairState():
-                pair.heard(msg, now)
+                if not pair.heard(msg, now):
+                    return out  # older than what the peer has told us since (see Pair.heard)
                 self._decide(now, out)
                 if msg.state == PENDING and pair.state != PENDING:
                     # It just started: answer at once (it must hear a live peer within its grace).

@@ -56,6 +56,8 @@ BECOME_PASSIVE = "become passive"
 STEP_DOWN = "step down"
 HAND_OVER = "hand over"
 RAISE_EPOCH = "raise epoch"  # two active brokers, we hold the work: move above the other's epoch
+# How far along its run a broker's state is, at one epoch (see Pair.heard).
+_ORDER: dict[int, int] = {PENDING: 0, ACTIVE: 1, PASSIVE: 2}
 
 
 class Pair:
@@ -85,6 +87,7 @@ class Pair:
         self.peer_warm = False  # the peer took over with a synced copy of the table (if active)
         self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
+        self.heard_key = (0, 0)  # (epoch, order) of the last state heard from the peer's run
         self.votes: dict[bytes, float] = {}  # peers that came to us while we were not active, when
         self.held: set[bytes] = set()  # voters not answered yet (the active looked dead)
         self.redirected: dict[bytes, float] = {}  # when each peer was last sent to the active broker
@@ -107,6 +110,7 @@ class Pair:
                 "snapshots_applied",
                 "gaps",
                 "bad_ops",
+                "stale_states",
             ),
             0,
         )
@@ -121,8 +125,21 @@ class Pair:
         """Has the peer been heard very recently (two heartbeats)? Then redirecting to it is safe."""
         return self.peer_seen is not None and now - self.peer_seen <= 2 * self.hb_s
 
-    def heard(self, m: p.PairState, now: float) -> None:
-        """Record the peer's PairState."""
+    def heard(self, m: p.PairState, now: float) -> bool:
+        """Record the peer's PairState; return False (and record nothing) for a stale one.
+
+        The peer's states come on two connections (its own link to us, and its answers on ours),
+        which keep no order between them: after a pause (a stopped process, a stalled host) one
+        can hold a state from before the peer's takeover while the other already told it. Within
+        one run of the peer, (epoch, PENDING < ACTIVE < PASSIVE) never goes back (a takeover
+        raises the epoch; stepping down keeps it or takes a higher one), so a state below the last
+        heard from that run is old news: acting on it made a resumed broker take over again from
+        a peer it had just heard active."""
+        key = (m.epoch, _ORDER.get(m.state, 0))
+        if m.incarnation == self.peer_inc and key < self.heard_key:
+            self.counters["stale_states"] += 1
+            return False
+        self.heard_key = key
         self.peer_name = m.name
         self.peer_primary = bool(m.primary)
         self.peer_state = m.state
@@ -131,6 +148,7 @@ class Pair:
         self.peer_synced = m.synced
         self.peer_warm = bool(m.warm)
         self.peer_seen = now
+        return True
 
     def vote(self, ident: bytes, now: float) -> None:
         """``ident`` came to us while we were not active."""
