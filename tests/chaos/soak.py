@@ -8,19 +8,22 @@ Regional workers and clients list their proxy pair first and the master pair nex
 worker lists the master pair. Load: per region, a client that calls one at a time, one that keeps
 up to 200 submits in flight, and one that maps batches of 500.
 
-Faults, one every 2-5 s (seeded; every kind in each round of five, in a random order): SIGKILL of a
+Faults, one every 2-5 s (seeded; every kind in each round of six, in a random order): SIGKILL of a
 worker (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s, SIGKILL of the active broker of a
-regional pair (twice a round) or of the master pair (restarted 1-3 s later, never while the other
-broker of its pair is down or not yet in sync: then the fault is skipped). Faults stop a few
-seconds before the end so that everything in flight can end.
+regional pair (twice a round) or of the master pair (restarted 1-3 s later), SIGSTOP of the active
+broker of any pair for 2-4 s (a stalled host: the other takes over, and the stopped one must step
+down when it resumes); never while the other broker of its pair is down or not yet in sync (then
+the fault is skipped). Faults stop a few seconds before the end so that everything in flight can
+end.
 
 Every request ends in one of: the right value, a wrong value, an error (counted by type), or no
 end at all (lost). Executions are counted per request from the workers' logs (re-execution after
 a kill is allowed and reported). Broker logs are read for step-downs of a broker that carried the
-pair's table (a defect), for tracebacks and for crashes (a process that died by itself: a libzmq
-assertion, a fatal Python error; faulthandler shows its threads) in every process. Exit status 1
-if anything was lost, wrong or duplicated, a live active broker stepped down, a traceback or a
-crash was printed, or errors passed --max-error-rate.
+pair's table (a defect, unless it was the stopped one resuming), for a broker taking over again
+within a second of stepping down (a flap), for tracebacks and for crashes (a process that died by
+itself: a libzmq assertion, a fatal Python error; faulthandler shows its threads) in every
+process. Exit status 1 if anything was lost, wrong or duplicated, a live active broker stepped
+down, a broker flapped, a traceback or a crash was printed, or errors passed --max-error-rate.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -53,6 +57,7 @@ from zmqdist import Client  # noqa: E402
 from zmqdist.errors import RequestError, RequestTimeout  # noqa: E402
 
 PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
+BROKERS = {name for pair in PAIRS.values() for name in pair}
 TIMEOUT_S = 30.0  # a request's deadline: generous, so that any request not answered is lost
 
 
@@ -257,6 +262,8 @@ class Chaos:
         self.kinds: list[str] = []  # the next faults: every kind once per round, in a random order
         self.takeovers: list[float] = []  # seconds from killing an active broker to the other one active
         self.watchers: list[threading.Thread] = []
+        self.resumed: dict[str, list[float]] = collections.defaultdict(list)  # broker: wall clock of each SIGCONT
+        self.resumed_first = 0  # stopped active brokers that were back before their peer took over
 
     def due(self, now: float) -> None:
         for item in [x for x in self.pending if x[0] <= now]:
@@ -268,13 +275,15 @@ class Chaos:
             elif action == "cont":
                 proc.signal(signal.SIGCONT)
                 proc.stopped = False
+                if name in BROKERS:
+                    self.resumed[name].append(time.time())
 
     def busy(self, name: str) -> bool:
         return any(x[2] == name for x in self.pending)
 
     def fault(self, now: float) -> None:
         if not self.kinds:
-            self.kinds = ["kill worker", "stop worker", "kill proxy", "kill proxy", "kill master"]
+            self.kinds = ["kill worker", "stop worker", "kill proxy", "kill proxy", "kill master", "stop broker"]
             self.rng.shuffle(self.kinds)
         kind = self.kinds.pop()
         if kind in ("kill worker", "stop worker"):
@@ -293,7 +302,10 @@ class Chaos:
                 proc.stopped = True
                 self.pending.append((now + self.rng.uniform(1.0, 3.0), "cont", name))
         else:
-            region = "M" if kind == "kill master" else self.rng.choice(["R1", "R2"])
+            if kind == "stop broker":
+                region = self.rng.choice(["M", "R1", "R2"])
+            else:
+                region = "M" if kind == "kill master" else self.rng.choice(["R1", "R2"])
             a, b = PAIRS[region]
             if self.busy(a) or self.busy(b):
                 return
@@ -305,22 +317,34 @@ class Chaos:
                 return  # the pair is not settled: killing now could leave it with no copy of its table
             name = active[0]
             killed = time.monotonic()
-            self.topo.procs[name].kill()
-            self.pending.append((now + self.rng.uniform(1.0, 3.0), "restart", name))
+            if kind == "stop broker":
+                self.topo.procs[name].signal(signal.SIGSTOP)
+                self.topo.procs[name].stopped = True
+                self.pending.append((now + self.rng.uniform(2.0, 4.0), "cont", name))
+            else:
+                self.topo.procs[name].kill()
+                self.pending.append((now + self.rng.uniform(1.0, 3.0), "restart", name))
             other = ready[0]
-            t = threading.Thread(target=self._watch_takeover, args=(other, killed), daemon=True)
+            stopped = name if kind == "stop broker" else None
+            t = threading.Thread(target=self._watch_takeover, args=(other, killed, stopped), daemon=True)
             t.start()
             self.watchers.append(t)
         self.faults[kind] += 1
         self.log.append(f"{now:8.2f} {kind} {name}")
 
-    def _watch_takeover(self, name: str, killed: float) -> None:
-        """How long the pair had no active broker after its active one was killed."""
+    def _watch_takeover(self, name: str, killed: float, stopped: str | None = None) -> None:
+        """How long the pair had no active broker after its active one was killed or ``stopped``
+        (a stopped one that resumes still active, before ``name`` took over, ends the watch too)."""
         while time.monotonic() - killed < 20:
             st = self.topo.state(name)
             if st is not None and st["state"] == "active":
                 self.takeovers.append(time.monotonic() - killed)
                 return
+            if stopped is not None and not self.topo.procs[stopped].stopped:
+                back = self.topo.state(stopped)
+                if back is not None and back["state"] == "active":
+                    self.resumed_first += 1
+                    return
             time.sleep(0.05)
         self.takeovers.append(float("inf"))
 
@@ -357,21 +381,55 @@ def executions(logdir: Path) -> collections.Counter[int]:
 STEP_DOWN = re.compile(r"(\S+) stepped down to passive \((\d+) open requests, (warm|cold)\): (.*)")
 
 
-def read_logs(logdir: Path) -> dict[str, Any]:
-    step_downs, tracebacks, crashes = [], [], []
+TAKEOVER = re.compile(r"(\S+) is active, epoch \d+ \((.*)\); \d+ open requests taken over")
+RESUME_GRACE_S = 10.0  # a step-down this soon after its broker's SIGCONT is the stopped one's own
+FLAP_S = 1.0  # a takeover this soon after the same broker stepped down is a flap (nothing changed)
+
+
+def logged_at(line: str) -> float | None:
+    """The wall-clock time at the start of a log line (the default format), or None."""
+    try:
+        return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+
+
+def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Step-downs, tracebacks and crashes in every process's log. A broker that carried the pair's
+    table stepping down is a defect, unless it was stopped (SIGSTOP) and has just resumed: its
+    peer took over meanwhile, so stepping down is what it must do (``resumed``: the SIGCONTs)."""
+    resumed = resumed or {}
+    step_downs, flaps, tracebacks, crashes = [], [], [], []
     for f in sorted(logdir.glob("*.log")):
         if f.name.startswith("exec-"):
             continue
         text = f.read_text(errors="replace")
-        for m in STEP_DOWN.finditer(text):
-            step_downs.append({"broker": m[1], "open": int(m[2]), "carried": m[3], "why": m[4][:120]})
+        stepped: float | None = None  # when this broker last stepped down
         for k, line in enumerate(text.splitlines()):
+            if (m := TAKEOVER.search(line)) and stepped is not None:
+                at = logged_at(line)
+                if at is not None and at - stepped <= FLAP_S:
+                    flaps.append(f"{f.name}:{k + 1}: {m[1]} took over {at - stepped:.3f}s after stepping down ({m[2]})")
+            if m := STEP_DOWN.search(line):
+                at = stepped = logged_at(line)
+                after_stop = at is not None and any(0 <= at - t <= RESUME_GRACE_S for t in resumed.get(m[1], ()))
+                step_downs.append(
+                    {"broker": m[1], "open": int(m[2]), "carried": m[3], "why": m[4][:120], "resumed": after_stop}
+                )
             if line.startswith("Traceback"):
                 tracebacks.append(f"{f.name}:{k + 1}")
             elif line.startswith(("Fatal Python error", "Assertion failed")):  # a process died by itself
                 crashes.append(f"{f.name}:{k + 1}: {line[:120]}")
-    live = [s for s in step_downs if s["carried"] == "warm" and not s["why"].startswith("handed over")]
-    return {"step_downs": step_downs, "live_active_step_downs": live, "tracebacks": tracebacks, "crashes": crashes}
+    live = [
+        s for s in step_downs if s["carried"] == "warm" and not s["why"].startswith("handed over") and not s["resumed"]
+    ]
+    return {
+        "step_downs": step_downs,
+        "live_active_step_downs": live,
+        "flaps": flaps,
+        "tracebacks": tracebacks,
+        "crashes": crashes,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -422,13 +480,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "fault_count": sum(chaos.faults.values()),
             "restarts": {n: p.starts - 1 for n, p in topo.procs.items() if p.starts > 1},
             "takeover_s": takeover_figures(chaos.takeovers),
+            "stopped_broker_back_before_a_takeover": chaos.resumed_first,
             "executions": {
                 "never_run_but_ok": sum(1 for i in ok_ids if runs[i] == 0),
                 "ran_twice_or_more": sum(1 for i in load.outcome if runs[i] >= 2),
                 "max_runs": max(runs.values(), default=0),
             },
             "duplicates_absorbed_by_clients": sum(c._core.counters["duplicates"] for c in load.clients if c._core),
-            **read_logs(topo.logdir),
+            **read_logs(topo.logdir, chaos.resumed),
             "fault_log": chaos.log,
             "logs": str(topo.logdir) if args.keep else None,
         }
@@ -445,6 +504,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
     bad = [f"{o[k]} {k}" for k in ("lost", "wrong", "duplicate") if o.get(k)]
     if report["live_active_step_downs"]:
         bad.append(f"{len(report['live_active_step_downs'])} step-downs of a live active broker")
+    if report["flaps"]:
+        bad.append(f"brokers that took over again right after stepping down: {report['flaps'][:5]}")
     if report["tracebacks"]:
         bad.append(f"tracebacks: {report['tracebacks'][:5]}")
     if report["crashes"]:

@@ -26,3 +26,51 @@ def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_l
     assert rep["fault_count"] >= 8  # one every 2-5 s for the 47 s before the settling
     assert rep["requests"] >= 10_000
     assert r.returncode == 0, rep["verdict"]
+
+
+def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_resumed_broker(tmp_path, monkeypatch):
+    """The verdict's log reading, on lines as brokers write them: B stepped down while it carried
+    the table (a defect), A took over again a millisecond after stepping down (a flap), and C, which
+    the soak had stopped and resumed, stepped down on resuming (what it must do)."""
+    monkeypatch.syspath_prepend(str(SOAK.parent))
+    import soak
+
+    line = "2026-12-04 12:44:{} WARNING zmqdist.broker: broker {n}: {n} {what}"
+    (tmp_path / "A.log").write_text(
+        "\n".join(
+            line.format(t, n="A", what=w)
+            for t, w in (
+                ("14,008", "is active, epoch 5 (both started, B too: the primary serves); 0 open requests taken over"),
+                ("19,656", "stepped down to passive (196 open requests, cold): B is active with epoch 6 (ours 5)"),
+                ("19,657", "is active, epoch 7 (B is passive); 0 open requests taken over"),
+                ("30,000", "stepped down to passive (0 open requests, cold): B is active with epoch 8 (ours 7)"),
+                ("33,000", "is active, epoch 9 (B silent, 1 peers came here); 0 open requests taken over"),
+            )
+        )
+    )
+    (tmp_path / "B.log").write_text(
+        line.format("19,700", n="B", what="stepped down to passive (12 open requests, warm): A is active with epoch 7")
+    )
+    (tmp_path / "C.log").write_text(
+        line.format("40,500", n="C", what="stepped down to passive (9 open requests, warm): D is active with epoch 3")
+    )
+    resumed_c = soak.logged_at("2026-12-04 12:44:40,000")
+    assert resumed_c is not None
+    got = soak.read_logs(tmp_path, {"C": [resumed_c]})
+    assert [s["broker"] for s in got["live_active_step_downs"]] == ["B"]
+    assert len(got["flaps"]) == 1 and got["flaps"][0].startswith("A.log:3: A took over 0.001s after stepping down")
+    assert [s["resumed"] for s in got["step_downs"] if s["broker"] == "C"] == [True]
+    assert soak.verdict(
+        {
+            "outcomes": {"ok": 1},
+            "requests": 1,
+            "errors": 0,
+            "takeover_s": {},
+            "executions": {"never_run_but_ok": 0},
+            **got,
+        },
+        0.001,
+    ) == [
+        "1 step-downs of a live active broker",
+        f"brokers that took over again right after stepping down: {got['flaps']}",
+    ]
