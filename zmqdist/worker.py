@@ -241,7 +241,9 @@ class Worker:
         loop = self._loop = Loop(clock, self._mailbox)
 
         started = clock.now()
-        told = [False]  # a worker no broker has answered says so once, after NO_BROKER_S
+        # A worker no broker has accepted says so once, after NO_BROKER_S; one that was accepted
+        # and then lost its broker never does (its failover logs say what happens instead).
+        told = [False]
 
         def tick(now: float) -> float | None:
             self._debug.at(now)
@@ -266,6 +268,7 @@ class Worker:
                     was = core.registered
                     self._handle(link, executors, core.receive(msg, now))
                     if core.registered and not was:
+                        told[0] = True
                         log.info(
                             "worker %s registered with broker %s at %s (%s; concurrency %d)",
                             self.name,

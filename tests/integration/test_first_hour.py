@@ -137,3 +137,32 @@ def test_a_payload_over_the_brokers_limit_fails_at_once_and_the_broker_says_so(t
         assert b.status()["counters"]["bad_input"] == 1
     finally:
         b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_says_no_broker_accepted_it_only_when_none_ever_did(tmp_path, caplog):
+    """Once, after 5 s, for a worker that never registered (the address or the keys are wrong);
+    never for one that was accepted and then lost its broker (it said which, and fails over)."""
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    lost = Worker(b.endpoints, concurrency=1, name="lost-its-broker")
+    never = Worker([f"ipc://{tmp_path}/nobody.sock"], concurrency=1, name="never-accepted")
+    for w in (lost, never):
+        w.add_service("echo", lambda x: x)
+
+    def said(text, name, after=0.0):
+        return [r for r in caplog.records if text in r.getMessage() and name in r.getMessage() and r.created > after]
+
+    with caplog.at_level(logging.INFO, logger="zmqdist.worker"):
+        never.start()
+        lost.start()  # started last: its 5 s are up after the other's
+        try:
+            wait_for(lambda: said("registered with broker", "lost-its-broker"), 10, "registered")
+            b.stop()
+            warned = wait_for(lambda: said("no broker has accepted it", "never-accepted"), 20, "the warning")
+            # The lost worker has ticked past its own 5 s once it tries its broker again a second later.
+            wait_for(lambda: said("connecting to", "lost-its-broker", warned[0].created + 1.0), 10, "a later try")
+            assert not said("no broker has accepted it", "lost-its-broker")
+            assert "no broker runs there, the address is wrong" in warned[0].getMessage()
+        finally:
+            never.stop(drain=False)
+            lost.stop(drain=False)
