@@ -189,3 +189,29 @@ def test_a_client_holds_what_its_broker_would_refuse_and_sends_it_as_replies_fre
     waited = [v for v in c2.completed.values() if "waiting here" in v[0].message]
     assert 20 <= len(ok) <= 60 and len(waited) >= 150  # their deadlines counted from submit
     assert slow.broker.counters.busy == 0
+
+
+def test_a_client_over_its_quota_fails_over_with_its_pair_and_every_request_ends_once():
+    """A burst of 3,000 against a quota of 100, and the active broker dies mid-burst (early, with
+    its first hundred out, and later): the client resends what the dead one held, learns the other
+    broker's quota from its WELCOME, and sends the rest as room frees. Nothing gets Busy, nothing
+    is over the quota, every request ends once and right."""
+    for seed, kill_after in ((0, 0.05), (1, 0.3), (2, 0.7)):
+        sim = Simulation(seed=seed)
+        sim.add_pair("a", "b", settings=BrokerSettings(max_client_inflight=100))
+        sim.add_worker("w", concurrency=20, service_time=0.005, via=("a", "b"))
+        c = sim.add_client("c", via=("a", "b"))
+        sim.run_for(2)
+        assert c.core.quota == 100
+        for i in range(3000):
+            c.submit("echo", i, timeout=60)
+        assert c.core.sent == 100  # the rest waits in the client
+        sim.run_for(kill_after)
+        a = sim.brokers["a"].core
+        assert 0 < a.counters.replies_ok < 3000
+        sim.kill_broker("a")
+        sim.run_for(40)
+        assert_each_ended_once(c, 3000, p.ST_OK)
+        b = sim.brokers["b"].core
+        assert b.counters.over_quota == 0 and b.counters.busy == 0 and a.counters.over_quota == 0
+        assert c.core.counters["failovers"] >= 1 and c.endpoint == Simulation.endpoint("b")
