@@ -53,6 +53,8 @@ FLUSH = 64
 # open this long: closed at once, a connection loses what was just sent to it about half the time
 # (measured: 5 of 10 BYEs arrived when closed at once, even with a linger; 10 of 10 after 0.3 s).
 STOP_GRACE_S = 0.3
+# The heads of the messages only the other broker of a pair sends on the pair link.
+PAIR_HEADS = frozenset(p.HEAD_PREFIX[t] for t in (p.PairState, p.Replicate, p.Handover))
 
 
 def default_name() -> str:
@@ -358,11 +360,31 @@ class Broker:
                 return False
             now = self._clock.now()
             roles = str(frames[-1].get("X-Roles")) if secure else None
-            self._pair_back = frames[0].bytes
-            out = core.receive_pair_frames([f.bytes for f in frames[1:]], now, roles)
+            rest = [f.bytes for f in frames[1:]]
+            head = rest[0][:4] if rest else b""
+            if head in PAIR_HEADS:
+                if roles is None or "brokers" in roles.split(","):
+                    # The connection our state answers go back on: the peer's, never a stray one's.
+                    self._pair_back = frames[0].bytes
+            elif head[:3] == p.PREFIX:  # a zmqdist peer, not a broker of this pair
+                self._not_the_pair_link(sock, frames[0].bytes)
+            out = core.receive_pair_frames(rest, now, roles)
             if out:
                 self._send(core, out, now)
         return True
+
+    def _not_the_pair_link(self, sock: zmq.Socket[Any], ident: bytes) -> None:
+        """A client or worker that connected to ``--ha-bind`` by mistake: tell it where it is (it
+        logs the broker's ERROR) instead of leaving it to time out in silence."""
+        why = (
+            f"this is the pair link of broker {self.settings.name} (its --ha-bind), for the other broker of its "
+            "pair only: clients and workers connect to the broker's --bind endpoints"
+        )
+        head, payload = self._enc.encode(p.Error(p.E_COMMAND, why))
+        try:
+            sock.send_multipart([ident, head, payload], NB)
+        except zmq.ZMQError:
+            pass  # gone already
 
     def _read_pair_out(self, link: DealerLink, core: BrokerMachine, now: float) -> bool:
         """What the peer answered on our own connection to it (a PairState sent back)."""

@@ -1,6 +1,7 @@
 """Backup pairs with real processes: SIGKILL of the active master and of the active proxy under
 load, restart of the killed primary, manual failback through the CLI."""
 
+import logging
 import signal
 import threading
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from tests.integration.helpers import status, wait_for
-from zmqdist import Client
+from zmqdist import Client, RequestTimeout
 
 pytestmark = pytest.mark.integration
 
@@ -282,3 +283,23 @@ def test_a_stopped_active_broker_resumes_passive_and_the_pair_does_not_flap(proc
     print(f"\nA: {a_ha}\nB: {b_ha}")
     assert b_ha["takeovers"] == 1 and b_ha["step_downs"] == 0 and b_ha["state"] == "active"
     assert a_ha["takeovers"] == 1 and a_ha["step_downs"] == 1 and a_ha["state"] == "passive"
+
+
+@pytest.mark.timeout(90)
+def test_a_client_at_the_pair_link_by_mistake_is_told_so_and_takes_nothing_from_the_pair(procs, tmp_path, caplog):
+    """A client given a broker's --ha-bind instead of its --bind: the broker answers its messages
+    with an ERROR that says where it is, instead of sending it the pair's own states (it took the
+    stray connection for the peer's and sent its answers there); the pair goes on."""
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    t.wait_pair("A", "B")
+    with caplog.at_level(logging.WARNING, logger="zmqdist.client"):
+        with Client([t.ha_ep("A")], timeout=1.5) as stray, pytest.raises(RequestTimeout):
+            stray.call("echo", 1)
+    said = [r.getMessage() for r in caplog.records]
+    told = [m for m in said if "this is the pair link of broker A (its --ha-bind)" in m]
+    assert 1 <= len(told) <= 5, said  # one ERROR per message it sent (a HELLO a heartbeat): logged 5 a key
+    assert not any("PairState" in m for m in said), said
+    t.wait_pair("A", "B")
+    with t.client("A") as c:
+        assert status(c)["counters"]["bad_input"] >= 1

@@ -37,7 +37,7 @@ from zmqdist.core.ha import (
 )
 from zmqdist.core.link import BrokerLink, Problem
 from zmqdist.core.metrics import Hist
-from zmqdist.core.records import NONE, PAIR, UPSTREAM, Counters, Out
+from zmqdist.core.records import LOG, NONE, PAIR, UPSTREAM, Counters, Out
 from zmqdist.core.services import HANDOVER_SERVICE, MEMBER_SERVICE, STATUS_SERVICE, StatusPart
 from zmqdist.core.tiers import Upstream, half
 
@@ -175,9 +175,9 @@ class PairedBroker(BrokerMachine):
                     pair.peer_state = PASSIVE  # it stepped down as it sent this
                     pair.peer_epoch = max(pair.peer_epoch, msg.epoch)
                     self._take_over(now, out, f"{pair.peer_name} handed over")
-            case _:
+            case _:  # a peer that is not our pair's broker (a client at --ha-bind by mistake): rate-limited
                 self.counters.bad_input += 1
-                out.append((PAIR, Problem(f"unexpected {type(msg).__name__} on the pair link ignored")))
+                out.append((LOG, Problem(f"unexpected {type(msg).__name__} on the pair link ignored", "pair")))
         return out
 
     def send_failed(self, peer: bytes, msg: p.Message, now: float) -> list[Out]:
