@@ -41,7 +41,7 @@ from zmqdist.errors import (
     WorkerLost,
 )
 from zmqdist.policy import Retry
-from zmqdist.transport import DealerLink, Loop, Mailbox
+from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog
 from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,7 @@ class Client:
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
         self._mailbox = Mailbox()
+        self._ratelog = RateLimitedLog(log)  # what a broker can make us log at will
         self._ids = itertools.count(1)
         self._futures: dict[int, tuple[Target, str, str]] = {}  # rid -> (target, service, trace)
         self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
@@ -643,7 +644,10 @@ class Client:
                     log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)
                     link.connect(o.endpoint)
                 case Problem():
-                    log.warning("client %s: %s", self.name, o.message)
+                    if o.key:
+                        self._ratelog.warning(o.key, self._clock.now(), "client %s: %s", self.name, o.message)
+                    else:
+                        log.warning("client %s: %s", self.name, o.message)
                 case Probe():
                     if self._probe is not None:
                         self._probe.connect(o.endpoint)

@@ -28,7 +28,7 @@ from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
 from zmqdist.core.worker import Abort, Execute, Window, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
 from zmqdist.policy import Retry
-from zmqdist.transport import DealerLink, Loop, Mailbox
+from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys
 
@@ -82,6 +82,7 @@ class Worker:
         self._ctx = context or zmq.Context.instance()
         self._handlers: dict[str, Service] = {}
         self._mailbox = Mailbox()
+        self._ratelog = RateLimitedLog(log)  # what a broker can make us log at will
         self._done = threading.Event()
         self.stop_reason = ""
         self.error: BaseException | None = None
@@ -365,7 +366,10 @@ class Worker:
                     if self._loop is not None:
                         self._loop.stop()
                 case Problem():
-                    log.warning("worker %s: %s", self.name, o.message)
+                    if o.key:
+                        self._ratelog.warning(o.key, self._clock.now(), "worker %s: %s", self.name, o.message)
+                    else:
+                        log.warning("worker %s: %s", self.name, o.message)
                 case Probe():
                     if self._probe is not None:
                         self._probe.connect(o.endpoint)

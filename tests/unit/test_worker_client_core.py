@@ -236,3 +236,16 @@ def test_a_request_no_broker_answered_since_it_was_made_ends_no_broker_not_timeo
     c.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.8)  # and is heard after the request was made
     done = [o for o in tick_until(c, 1.2) if type(o) is Completed]
     assert [d.status for d in done] == [p.ST_TIMEOUT] and "broker b" in done[0].message
+
+
+def test_what_a_broker_can_make_a_peer_log_at_will_is_keyed_for_the_runtimes_rate_limit():
+    """An ERROR, or a message a peer does not expect (a client or worker at a pair's --ha-bind
+    gets one per message it sends), is a keyed Problem: the runtime logs at most a few per key."""
+    w, c = worker(), client()
+    for core in (w, c):
+        refused = core.receive(p.Error(p.E_COMMAND, "this is the pair link of broker A"), 0.1)
+        unexpected = core.receive(p.PairState("A", 1, 1, 5, "inc", 0, 0), 0.1)
+        assert [(o.key, o.message) for o in refused + unexpected] == [
+            ("broker-input", "broker refused a message: this is the pair link of broker A"),
+            ("broker-input", "unexpected PairState from broker ignored"),
+        ]

@@ -308,8 +308,8 @@ class ClientCore:
                 link.learn(msg.broker, msg.active)
                 return self._failover(now, f"broker said bye: {msg.reason}", to=msg.active)
             case p.Error():
-                return [Problem(f"broker refused a message: {msg.message}")]
-        return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
+                return [Problem(f"broker refused a message: {msg.message}", "broker-input")]
+        return [Problem(f"unexpected {type(msg).__name__} from broker ignored", "broker-input")]
 
     def probe_receive(self, msg: p.Message, now: float) -> list[ClientOut]:
         """What the broker at home answered on the probe connection."""

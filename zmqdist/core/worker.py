@@ -219,8 +219,8 @@ class WorkerCore:
                 run.acked = msg.seq
                 return [Window(msg.id, run.session, msg.seq)]
             case p.Error():
-                return [Problem(f"broker refused a message: {msg.message}")]
-        return [Problem(f"unexpected {type(msg).__name__} from broker ignored")]
+                return [Problem(f"broker refused a message: {msg.message}", "broker-input")]
+        return [Problem(f"unexpected {type(msg).__name__} from broker ignored", "broker-input")]
 
     def _abort(self, ticket: int, reason: str) -> list[WorkerOut]:
         """Stop a running handler (its slot stays taken until it has stopped)."""
