@@ -39,6 +39,7 @@ from zmqdist.core.failover import make_broker
 from zmqdist.core.link import Connect, Problem
 from zmqdist.core.mdp import MAX_FRAMES, starts_mdp
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
+from zmqdist.core.rights import pair_peer
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, read_payload
 from zmqdist.transport.loop import DebugCheck
@@ -363,7 +364,7 @@ class Broker:
             rest = [f.bytes for f in frames[1:]]
             head = rest[0][:4] if rest else b""
             if head in PAIR_HEADS:
-                if roles is None or "brokers" in roles.split(","):
+                if pair_peer(roles):
                     # The connection our state answers go back on: the peer's, never a stray one's.
                     self._pair_back = frames[0].bytes
             elif head[:3] == p.PREFIX:  # a zmqdist peer, not a broker of this pair

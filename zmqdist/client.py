@@ -311,7 +311,7 @@ class Client:
         self._clock = clock or MonotonicClock()
         self._ctx = context or zmq.Context.instance()
         self._mailbox = Mailbox()
-        self._ratelog = RateLimitedLog(log)  # what a broker can make us log at will
+        self._ratelog = RateLimitedLog(log)  # the core's problems (keyed ones: rate-limited)
         self._ids = itertools.count(1)
         self._futures: dict[int, tuple[Target, str, str]] = {}  # rid -> (target, service, trace)
         self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
@@ -643,11 +643,8 @@ class Client:
                 case Connect():
                     log.info("client %s connecting to %s (%s)", self.name, o.endpoint, o.reason)
                     link.connect(o.endpoint)
-                case Problem():
-                    if o.key:
-                        self._ratelog.warning(o.key, self._clock.now(), "client %s: %s", self.name, o.message)
-                    else:
-                        log.warning("client %s: %s", self.name, o.message)
+                case Problem():  # keyed: one a broker can trigger at will, rate-limited
+                    self._ratelog.warning(o.key, self._clock.now(), "client %s: %s", self.name, o.message)
                 case Probe():
                     if self._probe is not None:
                         self._probe.connect(o.endpoint)

@@ -82,7 +82,7 @@ class Worker:
         self._ctx = context or zmq.Context.instance()
         self._handlers: dict[str, Service] = {}
         self._mailbox = Mailbox()
-        self._ratelog = RateLimitedLog(log)  # what a broker can make us log at will
+        self._ratelog = RateLimitedLog(log)  # the core's problems (keyed ones: rate-limited)
         self._done = threading.Event()
         self.stop_reason = ""
         self.error: BaseException | None = None
@@ -365,11 +365,8 @@ class Worker:
                     self.stop_reason = o.reason
                     if self._loop is not None:
                         self._loop.stop()
-                case Problem():
-                    if o.key:
-                        self._ratelog.warning(o.key, self._clock.now(), "worker %s: %s", self.name, o.message)
-                    else:
-                        log.warning("worker %s: %s", self.name, o.message)
+                case Problem():  # keyed: one a broker can trigger at will, rate-limited
+                    self._ratelog.warning(o.key, self._clock.now(), "worker %s: %s", self.name, o.message)
                 case Probe():
                     if self._probe is not None:
                         self._probe.connect(o.endpoint)

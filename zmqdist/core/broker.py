@@ -43,7 +43,7 @@ from zmqdist.core.records import (
     WorkerMember,
 )
 from zmqdist.core.replica import Replica
-from zmqdist.core.rights import refusal
+from zmqdist.core.rights import pair_peer, refusal
 from zmqdist.core.services import Services, StatusPart
 from zmqdist.core.tiers import Tiers, Upstream, half
 from zmqdist.errors import RemoteProtocolError
@@ -186,7 +186,7 @@ class BrokerMachine:
     def receive_pair_frames(self, frames: list[bytes], now: float, roles: str | None = None) -> list[Out]:
         """Handle a message on the pair link (``frames`` after the identity); ``roles`` of a CURVE
         peer (only an allowed broker may speak on it)."""
-        if roles is not None and "brokers" not in roles.split(","):
+        if not pair_peer(roles):
             self.counters.refused_by_role += 1
             return [(LOG, Problem("pair link: refused a peer whose key is not an allowed broker", "pair"))]
         if len(frames) != 2:

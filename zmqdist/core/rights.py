@@ -15,6 +15,11 @@ _BROKER = (p.Hello, p.Heartbeat, p.Request, p.Reply, p.Advert, p.Bye, p.Cancel, 
 _HELLO_ROLE = {p.ROLE_CLIENT: "clients", p.ROLE_WORKER: "workers", p.ROLE_BROKER: "brokers"}
 
 
+def pair_peer(roles: str | None) -> bool:
+    """May a connection with ``roles`` speak on a pair link? Only a broker key (None: no CURVE)."""
+    return roles is None or "brokers" in roles.split(",")
+
+
 def refusal(roles: str, services: str, msg: p.Message) -> str | None:
     """Return why ``msg`` is refused for a peer with ``roles`` and ``services`` (comma-separated,
     as the ZAP handler put them in the connection's metadata), or None if it is allowed."""

@@ -79,7 +79,8 @@ def read_payload(recv: Any, head: Any) -> Any:
 
 
 class RateLimitedLog:
-    """Logs at most ``burst`` messages per ``period_s`` per key; counts and reports the rest."""
+    """Logs at most ``burst`` messages per ``period_s`` per key; counts and reports the rest. An
+    empty key is a rare event, always logged (a core's ``Problem`` without a key)."""
 
     def __init__(self, logger: logging.Logger, period_s: float = 10.0, burst: int = 5) -> None:
         self._log = logger
@@ -88,6 +89,9 @@ class RateLimitedLog:
         self._windows: dict[str, list[float]] = {}
 
     def warning(self, key: str, now: float, msg: str, *args: Any) -> None:
+        if not key:
+            self._log.warning(msg, *args)
+            return
         w = self._windows.get(key)
         if w is None or now - w[0] >= self._period:
             if w is not None and w[2] > 0:
