@@ -134,6 +134,7 @@ class Broker:
         self._pair_in: zmq.Socket[Any] | None = None  # the pair link: the peer's messages come here
         self._pair_out: DealerLink | None = None  # ... and ours go out here
         self._pair_back: bytes | None = None  # the identity of the peer's connection to our ROUTER
+        self._redial_logged = -60.0  # when a new connection to a silent peer was last logged at INFO
         self.ha_endpoints: list[str] = []
         self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
         self._max_payload = s.max_message_size
@@ -578,6 +579,11 @@ class Broker:
                 if dest is UPSTREAM and self._up is not None:
                     log.info("broker %s: connecting upstream to %s (%s)", name, msg.endpoint, msg.reason)
                     self._up.connect(msg.endpoint)
+                elif dest is PAIR and self._pair_out is not None:  # a silent peer: a new connection
+                    level = logging.INFO if now - self._redial_logged >= 60 else logging.DEBUG  # once a minute
+                    self._redial_logged = now if level == logging.INFO else self._redial_logged
+                    log.log(level, "broker %s: connecting anew to its peer at %s (%s)", name, msg.endpoint, msg.reason)
+                    self._pair_out.connect(msg.endpoint)
             case _:
                 link = self._up if dest is UPSTREAM else self._pair_out if dest is PAIR else None
                 if link is not None:

@@ -45,7 +45,7 @@ def master_host():
         sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{net}.2/24", "dev", there)
         sh("ip", "netns", "exec", ns, "ip", "link", "set", there, "up")
         sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield {"ns": ns, "ip": f"{net}.2", "link": here}
+        yield {"ns": ns, "ip": f"{net}.2", "link": here, "here_ip": f"{net}.1"}
     finally:
         subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=10)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
@@ -73,6 +73,54 @@ def test_proxy_on_another_host_survives_a_cut_link_and_recovers(procs, tmp_path,
         sh("ip", "link", "set", master_host["link"], "up")
         assert [f.result(30)[0] for f in pending] == list(range(20, 60))
         wait_for(lambda: status(c)["upstream"]["registered"], 20, "proxy registered again")
+
+
+@pytest.mark.timeout(150)
+def test_a_pair_split_by_a_cut_link_is_one_again_within_seconds_of_the_heal(procs, master_host):
+    """The active broker A of a pair on a host that vanishes (the cable is cut: no reset, no
+    death), its backup B, the workers and the client here. B takes over on the peers' votes and
+    serves; A, cut off, stays active. When the link is back A must step down at once: TCP's
+    retransmissions on its old connections back off to one every two minutes, and before the
+    pair made its link anew A stayed active 12 s past a 15 s cut (23 s past a 30 s one)."""
+    ns, there, here = master_host["ns"], master_host["ip"], master_host["here_ip"]
+    a, a_ha, b, b_ha = f"tcp://{there}:5761", f"tcp://{there}:5762", f"tcp://{here}:5763", f"tcp://{here}:5764"
+    procs.spawn("broker", "--bind", a, "--name", "A", "--ha", "primary", "--ha-bind", a_ha, "--peer", b_ha, netns=ns)
+    procs.spawn("broker", "--bind", b, "--name", "B", "--ha", "backup", "--ha-bind", b_ha, "--peer", a_ha)
+    for i in range(2):
+        procs.spawn("worker", "testworkers:echo", "--connect", a, "--connect", b, "--name", f"w{i}")
+
+    def ha(ep):
+        with Client([ep], timeout=5) as c:
+            return status(c)["ha"]
+
+    def ready():
+        with Client([a], timeout=5) as c:
+            st = status(c)
+        return st["ha"]["state"] == "active" and len(st["workers"]) == 2 and ha(b)["state"] == "passive"
+
+    wait_for(ready, 30, "A active with both workers, B passive")
+    with Client([a, b], timeout=60) as c:
+        n, futures = 3000, []
+        for i in range(n):
+            futures.append(c.submit("echo", i))
+            if i == 1000:
+                sh("ip", "link", "set", master_host["link"], "down")
+                cut = time.monotonic()
+            if i >= 200:
+                futures[i - 200].result(60)  # B serves the rest: the peers voted for it
+        assert [f.result(60)[0] for f in futures] == list(range(n)), "a request was lost or answered wrongly"
+        assert ha(b)["state"] == "active"
+        time.sleep(max(0.0, cut + 15 - time.monotonic()))
+        sh("ip", "link", "set", master_host["link"], "up")
+        healed = time.monotonic()
+        wait_for(lambda: ha(a)["state"] == "passive", 30, "A stepping down after the heal")
+        took = time.monotonic() - healed
+        print(f"\nA stepped down {took:.2f}s after the heal")
+        assert took < 5.0, f"the pair stayed split {took:.1f}s after the link was back"
+        assert ha(b)["state"] == "active" and ha(b)["redials"] >= 1
+    with Client([a, b], timeout=30) as fresh:  # a new client tries A first: sent on to B
+        assert [fresh.call("echo", i)[0] for i in range(20)] == list(range(20))
+        assert status(fresh)["broker"] == "B"
 
 
 def free_port():

@@ -1,6 +1,8 @@
 """The backup pair machine (core.ha.Pair), fencing in BrokerLink, and the worker's carry-over of
 tasks between the two brokers of a pair: plain numbers for time."""
 
+import itertools
+
 import msgpack
 import pytest
 
@@ -332,3 +334,41 @@ def test_a_resumed_active_broker_steps_down_once_and_stale_news_never_makes_it_t
     a.tick(3.21)
     assert a.pair.state == PASSIVE and a.standby
     assert a.pair.counters["takeovers"] == 1 and a.pair.counters["stale_states"] == 1
+
+
+def test_a_silent_peer_is_connected_anew_each_interval_until_it_is_heard():
+    """A connection that went silent (a cut cable, a vanished host) is not given up by TCP for
+    minutes and its retransmissions back off to one every two minutes: after a 30 s cut the pair
+    stayed split, both active, 23 s past the heal. A broker makes the connection to a silent peer
+    anew after a ttl of silence (at least REDIAL_MIN_S) and each such interval while it stays
+    silent; never while the peer is heard."""
+    from zmqdist.core.failover import PairedBroker
+    from zmqdist.core.ha import REDIAL_MIN_S
+
+    peer = "tcp://10.0.0.2:5802"  # ttl 0.4 s: the interval is REDIAL_MIN_S
+    settings = BrokerSettings(name="a", ha="primary", peer=peer, ha_bind=("tcp://*:5802",), heartbeat_s=0.1, liveness=4)
+    a = PairedBroker(settings, "inc-a", 0.0)
+
+    def redials(until, step=0.05):
+        got, t = [], now[0]
+        while t < until - 1e-9:
+            t = round(t + step, 6)
+            got += [(t, m) for dest, m in a.tick(t) if isinstance(m, Connect)]
+        now[0] = t
+        return got
+
+    now = [0.0]
+    for t in (0.3, 0.6, 0.9, 1.2, 1.5, 1.8, 2.1):  # heard every 0.3 s: never
+        a.pair_receive(state(name="b", primary=0, st=PASSIVE, epoch=1), t)
+        assert redials(t) == []
+    got = redials(2.1 + 3.5)  # silent from 2.1
+    times = [2.1] + [t for t, _ in got]
+    assert len(got) == 3 and all(1.0 - 1e-6 <= b - a <= 1.06 for a, b in itertools.pairwise(times)), times
+    assert all(m.endpoint == "tcp://10.0.0.2:5802" and "b silent for" in m.reason for _, m in got)
+    assert a.pair.counters["redials"] == 3 and REDIAL_MIN_S == 1.0
+    a.pair_receive(state(name="b", primary=0, st=PASSIVE, epoch=1), now[0])  # heard again
+    assert redials(now[0] + 0.9) == []
+    # A peer never heard: the connection is made anew too (a connect into silence backs off).
+    b = PairedBroker(settings, "inc-b", 0.0)
+    ticks = [(t, m) for t in (0.5, 1.0, 1.5, 2.0) for _, m in b.tick(t)]
+    assert [t for t, m in ticks if isinstance(m, Connect)] == [1.0, 2.0]

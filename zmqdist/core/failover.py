@@ -35,7 +35,7 @@ from zmqdist.core.ha import (
     TICKET_GAP,
     Pair,
 )
-from zmqdist.core.link import BrokerLink, Problem
+from zmqdist.core.link import BrokerLink, Connect, Problem
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import LOG, NONE, PAIR, UPSTREAM, Counters, Out
 from zmqdist.core.services import HANDOVER_SERVICE, MEMBER_SERVICE, STATUS_SERVICE, StatusPart
@@ -195,6 +195,9 @@ class PairedBroker(BrokerMachine):
         if not self._active:
             self._ask_witness(now, out)
         self._decide(now, out)
+        if pair.redial_due(now):  # before the beat, so the PairState goes out on the new connection
+            silent = f"silent for {now - pair.peer_seen:.1f}s" if pair.peer_seen is not None else "never heard"
+            out.append((PAIR, Connect(pair.peer_endpoint, f"{pair.peer_name or 'the peer'} {silent}")))
         if now >= pair.next_beat:
             out.append((PAIR, self._state(now)))
         if not self._active and pair.held and pair.peer_state == ACTIVE and pair.peer_fresh(now):

@@ -49,6 +49,8 @@ STATE_NAMES = {PENDING: "pending", ACTIVE: "active", PASSIVE: "passive"}
 # random point of a 61-bit space. Either way no ticket of an earlier run is reused, so a result a
 # worker kept from one can never be taken for the answer to another request.
 TICKET_GAP = 2**32
+# A silent peer's connection is replaced at most this often (and never before a ttl of silence).
+REDIAL_MIN_S = 1.0
 
 # What decide() asks the broker to do.
 TAKE_OVER = "take over"
@@ -87,6 +89,8 @@ class Pair:
         self.peer_warm = False  # the peer took over with a synced copy of the table (if active)
         self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
+        self.peer_endpoint = settings.peer
+        self.redialed = now  # when the connection to the peer was last made (see redial_due)
         self.heard_key = (0, 0)  # (epoch, order) of the last state heard from the peer's run
         self.votes: dict[bytes, float] = {}  # peers that came to us while we were not active, when
         self.held: set[bytes] = set()  # voters not answered yet (the active looked dead)
@@ -111,6 +115,7 @@ class Pair:
                 "gaps",
                 "bad_ops",
                 "stale_states",
+                "redials",
             ),
             0,
         )
@@ -148,6 +153,22 @@ class Pair:
         self.peer_synced = m.synced
         self.peer_warm = bool(m.warm)
         self.peer_seen = now
+        return True
+
+    def redial_due(self, now: float) -> bool:
+        """Is a new connection to the silent peer due (and counted as made)?
+
+        A TCP connection that went silent (a cut cable, a vanished host) is not given up by the
+        kernel for many minutes, and its retransmissions back off to one every two minutes: a
+        healed network went unnoticed that long, with both brokers active (measured: 23 s after a
+        30 s cut). A connect into silence backs off the same way. So the peer's connection is made
+        anew after a ttl of silence (at least REDIAL_MIN_S) and again each such interval while
+        the peer stays silent: the pair hears itself within about one interval of the heal."""
+        last = self.redialed if self.peer_seen is None else max(self.peer_seen, self.redialed)
+        if now - last < max(self.ttl_s, REDIAL_MIN_S) or not self.peer_endpoint:
+            return False
+        self.redialed = now
+        self.counters["redials"] += 1
         return True
 
     def vote(self, ident: bytes, now: float) -> None:
@@ -337,7 +358,8 @@ class Pair:
         return None
 
     def next_deadline(self) -> float:
-        """When :meth:`decide` may change its answer or a PairState is due."""
+        """When :meth:`decide` may change its answer, a PairState is due, or a silent peer's
+        connection is to be made anew (checked at each beat: :meth:`redial_due`)."""
         d = self.next_beat
         if self.state != ACTIVE:  # silence of the peer matters only to a broker that may take over
             if self.peer_seen is not None and self.peer_seen + self.ttl_s + 1e-6 > self.decided:
