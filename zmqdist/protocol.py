@@ -82,6 +82,7 @@ class Hello(NamedTuple):
     heartbeat_ms: int
     epoch: int = 0  # optional trailing field: the highest pair epoch this peer has seen (fencing)
     batch: int = 0  # optional trailing field: the peer reads BATCH frames of up to this many (0: none)
+    seq: int = 0  # optional trailing field: this HELLO's number on its connection, 1 for the first (0: not said)
 
 
 class Welcome(NamedTuple):
@@ -102,6 +103,7 @@ class Welcome(NamedTuple):
     quota: int = 0  # optional trailing field: open requests per client (0: not said)
     max_message: int = 0  # optional trailing field: largest message in bytes (0: not said)
     batch: int = 0  # optional trailing field: the broker reads BATCH frames of up to this many (0: none)
+    hello: int = 0  # optional trailing field: the ``seq`` of the HELLO this answers (0: not said)
 
 
 # A retry policy on the wire: (attempts, backoff_ms, max_backoff_ms, exception names); () for none.
@@ -542,10 +544,11 @@ def _is_count(v: object) -> bool:
 
 
 _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
-    Hello: (lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID)),
+    Hello: (lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID)),
     Welcome: (
         lambda v: _is_int(v, 0, MAX_ID),
         _is_short,
+        lambda v: _is_int(v, 0, MAX_ID),
         lambda v: _is_int(v, 0, MAX_ID),
         lambda v: _is_int(v, 0, MAX_ID),
         lambda v: _is_int(v, 0, MAX_ID),

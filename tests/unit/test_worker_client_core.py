@@ -1,7 +1,7 @@
 """The worker and client machines, driven with plain numbers for time."""
 
 from zmqdist import protocol as p
-from zmqdist.config import HeartbeatSettings
+from zmqdist.config import BrokerSettings, HeartbeatSettings
 from zmqdist.core.client import ClientCore, Completed
 from zmqdist.core.link import EPSILON, Connect, Stopped
 from zmqdist.core.worker import Abort, Execute, WorkerCore
@@ -91,7 +91,7 @@ def test_a_client_not_welcomed_says_hello_again_instead_of_heartbeating():
     c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
     c.start(0.0)  # HELLO lost
     out = c.tick(0.25)
-    assert out == [p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, batch=p.MAX_BATCH)]
+    assert out == [p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, batch=p.MAX_BATCH, seq=2)]
     c.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 0.26)
     c.receive(WELCOME, 0.3)
     assert c.registered and [type(o) for o in c.tick(0.6)] == [p.Heartbeat]
@@ -203,6 +203,49 @@ def test_client_fails_over_to_next_endpoint_and_resends():
     assert out[0] == Connect("tcp://b:1", out[0].reason) and "silent" in out[0].reason
     assert type(out[1]) is p.Hello
     assert out[2].rid == 1 and out[2].budget_ms == 3999
+
+
+def test_what_went_with_a_lost_hello_goes_again_when_the_broker_answers_a_later_one():
+    """libzmq 4.3.5 drops what waits on a new socket whose connect fails with no route to the
+    host (a cut link on the client's side): the HELLO and every request sent with it at the
+    failover were lost, the HELLO said again a heartbeat later was answered, and the requests were
+    never sent again (they timed out with the broker up and reachable). HELLOs are numbered on
+    their connection and WELCOME says which it answers: the first WELCOME answering a later one
+    brings every sent request once more; one answering the first (late, say the broker was not
+    up yet and took it when it came) sends nothing twice."""
+    c = client()
+    c.submit(1, "echo", b"v", 30.0, 0.0)
+    for t in (0.25, 0.5, 0.75, 1.0):
+        c.tick(t)
+    out = c.tick(1.0 + EPSILON)  # to b: its HELLO and request 1 wait on a socket that loses them
+    assert [type(o) for o in out] == [Connect, p.Hello, p.Request] and out[1].seq == 1
+    assert [o.rid for o in c.submit(2, "echo", b"w", 30.0, 1.1) if type(o) is p.Request] == [2]
+    (again,) = c.tick(1.3)  # not answered for a heartbeat: HELLO again
+    assert type(again) is p.Hello and again.seq == 2
+    out = c.receive(p.Welcome("b", "inc2", 250, 4, hello=2), 1.31)
+    assert [o.rid for o in out if type(o) is p.Request] == [1, 2]
+    assert c.counters["lost_hellos"] == 1 and c.counters["resent"] == 3
+    assert c.receive(p.Welcome("b", "inc2", 250, 4, hello=3), 1.4) == []  # registered: nothing twice
+    # The first HELLO answered late (after a second was said): nothing is sent twice.
+    for t in (1.5, 1.75, 2.0, 2.25):
+        c.tick(t)
+    out = c.tick(2.4 + EPSILON)
+    assert type(out[0]) is Connect and [o.rid for o in out if type(o) is p.Request] == [1, 2]
+    assert type(c.tick(2.66)[0]) is p.Hello
+    out = c.receive(p.Welcome("a", "inc1", 250, 4, hello=1), 2.7)
+    out += c.receive(p.Welcome("a", "inc1", 250, 4, hello=2), 2.7)
+    assert [o for o in out if type(o) is p.Request] == [] and c.counters["lost_hellos"] == 1
+
+
+def test_a_broker_says_which_hello_its_welcome_answers():
+    from zmqdist.core.broker import BrokerCore
+
+    b = BrokerCore(BrokerSettings(name="b"), "inc", 0.0)
+    hello = p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, 0, 0)
+    (welcome,) = [m for _, m in b.receive(b"c1", hello._replace(seq=3), 0.0) if type(m) is p.Welcome]
+    assert welcome.hello == 3
+    (welcome,) = [m for _, m in b.receive(b"c2", hello, 0.0) if type(m) is p.Welcome]
+    assert welcome.hello == 0  # a client that does not number its HELLOs
 
 
 def test_client_rejects_reused_rid_and_nonpositive_timeout():

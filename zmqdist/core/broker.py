@@ -658,9 +658,12 @@ class BrokerCore(BrokerMachine):
         return out
 
     def _on_hello(self, peer: bytes, w: Member | None, m: p.Hello, now: float) -> list[Out]:
+        # WELCOME says which HELLO it answers: a client whose first HELLO went unanswered sends its
+        # requests again if the first was lost (with what went with it: core/client.py rule 3).
+        welcome = self._welcome._replace(hello=m.seq) if m.seq else self._welcome
         if m.role == p.ROLE_CLIENT:
             self._heard_client(peer, now)
-            return [(peer, self._welcome)]
+            return [(peer, welcome)]
         out: list[Out] = []
         d = self.d
         if m.role == p.ROLE_BROKER:
@@ -692,7 +695,7 @@ class BrokerCore(BrokerMachine):
         d.register(nw, now)
         if self.replica.adopting:
             self.replica.registered(nw, now)
-        out.append((peer, self._welcome))
+        out.append((peer, welcome))
         if isinstance(nw, BrokerMember):
             self.tiers.registered(nw, out)
         d.offer(nw)

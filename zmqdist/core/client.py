@@ -9,7 +9,11 @@ Rules of this module:
    from ``submit``; one that expires while it waits ends as a local timeout, never sent.
 3. Requests keep their id for life. When the broker is found to be a new run (incarnation changed) or
    the client fails over to another endpoint, every request it had sent is sent again with the same
-   id and the time budget it has left; brokers absorb the copies of one still in progress.
+   id and the time budget it has left; brokers absorb the copies of one still in progress. HELLOs
+   are numbered per connection and WELCOME says which it answers: the first WELCOME of a connection
+   that answers a later HELLO means the first was lost, and what went with it too (libzmq 4.3.5
+   drops what waits on a socket whose connect failed with no route to the host, as on a client
+   whose own link is down), so every request sent is sent again then.
 4. The budget sent is a little shorter than the local deadline so that the broker's TIMEOUT, which
    says why (no worker registered, or all busy), normally arrives before the local one.
 5. A payload larger than the broker's message limit (WELCOME says it) fails at once, not at its
@@ -144,6 +148,7 @@ class ClientCore:
         self.quota = 1
         self.max_message = 0  # the broker's message limit (0: not known)
         self.registered = False
+        self._hellos = 0  # HELLOs said on this connection (numbered: rule 3)
         self.heard_at = -1.0  # when any broker last sent us anything
         self.homing = Homing(rng)
         self._moving: int | None = None  # the home endpoint we are moving to once nothing is in flight
@@ -164,11 +169,12 @@ class ClientCore:
             "cancelled": 0,
             "interrupted": 0,
             "busy_retries": 0,
+            "lost_hellos": 0,
         }
 
     def start(self, now: float) -> list[ClientOut]:
         """Connect to the first endpoint and say HELLO."""
-        return [self.link.connect_next(now, "start"), self._hello()]
+        return [self.link.connect_next(now, "start"), self._hello(first=True)]
 
     def submit(
         self,
@@ -293,11 +299,15 @@ class ClientCore:
                 if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:
                     self.counters["fenced"] += 1
                     return [Problem(why), *self._failover(now, why)]
+                lost = not self.registered and msg.hello > 1  # the first HELLO and what went with it
                 self.registered = True
                 self.quota = msg.quota or DEFAULT_QUOTA
                 self.max_message = msg.max_message
                 if link.welcome(msg):
                     self.counters["broker_restarts"] += 1
+                    return self._resend_all(now)
+                if lost:
+                    self.counters["lost_hellos"] += 1
                     return self._resend_all(now)
                 out = []
                 self._fill(now, out)
@@ -405,8 +415,11 @@ class ClientCore:
 
     # --- internals --------------------------------------------------------------------------------
 
-    def _hello(self) -> p.Hello:
-        return p.Hello(p.ROLE_CLIENT, self.name, (), 0, round(self.link.hb_s * 1000), self.link.top_epoch, self.batch)
+    def _hello(self, first: bool = False) -> p.Hello:
+        """Our HELLO, numbered on its connection (``first``: a new connection's)."""
+        self._hellos = 1 if first else self._hellos + 1
+        hb_ms = round(self.link.hb_s * 1000)
+        return p.Hello(p.ROLE_CLIENT, self.name, (), 0, hb_ms, self.link.top_epoch, self.batch, self._hellos)
 
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
         budget_ms = min(p.MAX_BUDGET_MS, p.budget_ms_left(pend.deadline - margin, now, floor=0))
@@ -451,7 +464,8 @@ class ClientCore:
         self.counters["failovers"] += 1
         self.registered = False
         self._moving = None
-        return [self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello(), *self._resend_all(now)]
+        connect = self.link.connect_named(to, now, reason)
+        return [connect, *self.homing.cancel(), self._hello(first=True), *self._resend_all(now)]
 
     def _try_move(self, now: float) -> list[ClientOut]:
         """Moving home: go once nothing is in flight; give up for now after ``MOVE_WAIT_S``."""
@@ -461,7 +475,8 @@ class ClientCore:
             self._moving = None
             self.registered = False
             self.counters["homecomings"] += 1
-            return [self.link.connect_to(j, now, "going back to the first choice: it is active again"), self._hello()]
+            connect = self.link.connect_to(j, now, "going back to the first choice: it is active again")
+            return [connect, self._hello(first=True)]
         if now >= self._move_until:
             self._moving = None  # too busy to find a quiet moment: stay, look again later
             out: list[ClientOut] = []
