@@ -204,7 +204,7 @@ def test_a_restarted_broker_never_deposes_the_live_active_one(procs, tmp_path):
         wait_for(lambda: status(c)["ha"]["state"] == "active", 20, "B active")
     with t.client("A", "B", timeout=60) as load:
         for round_ in range(5):
-            time.sleep(2.5)  # B's reconnection attempts to the dead A back off to their 1 s maximum
+            time.sleep(2.5)  # B's attempts at the dead A back off (to 1 s; a new socket each second)
             slow = [load.submit("slow", 1.0) for _ in range(8)]  # B holds open requests
             t.broker("A", "primary", "B", *fast)
             with t.client("A", "B") as voter:  # a peer that lists A first comes to A at once
