@@ -580,8 +580,9 @@ class Broker:
                     log.info("broker %s: connecting upstream to %s (%s)", name, msg.endpoint, msg.reason)
                     self._up.connect(msg.endpoint)
                 elif dest is PAIR and self._pair_out is not None:  # a silent peer: a new connection
-                    level = logging.INFO if now - self._redial_logged >= 60 else logging.DEBUG  # once a minute
-                    self._redial_logged = now if level == logging.INFO else self._redial_logged
+                    level = logging.DEBUG
+                    if now - self._redial_logged >= 60:  # at INFO once a minute
+                        level, self._redial_logged = logging.INFO, now
                     log.log(level, "broker %s: connecting anew to its peer at %s (%s)", name, msg.endpoint, msg.reason)
                     self._pair_out.connect(msg.endpoint)
             case _:

@@ -544,16 +544,9 @@ def _is_count(v: object) -> bool:
 
 
 _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
-    Hello: (lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID)),
-    Welcome: (
-        lambda v: _is_int(v, 0, MAX_ID),
-        _is_short,
-        lambda v: _is_int(v, 0, MAX_ID),
-        lambda v: _is_int(v, 0, MAX_ID),
-        lambda v: _is_int(v, 0, MAX_ID),
-        lambda v: _is_int(v, 0, MAX_ID),
-    ),
-    Heartbeat: (lambda v: _is_int(v, 0, MAX_ID), lambda v: _is_int(v, 0, MAX_ID)),
+    Hello: (_is_count, _is_count, _is_count),
+    Welcome: (_is_count, _is_short, _is_count, _is_count, _is_count, _is_count),
+    Heartbeat: (_is_count, _is_count),
     Bye: (_is_short, _is_short),
     PairState: (lambda v: v in (0, 1) and type(v) is int,),
     Request: (_is_short, _is_short, _is_window, _is_retry),

@@ -195,7 +195,7 @@ class PairedBroker(BrokerMachine):
         if not self._active:
             self._ask_witness(now, out)
         self._decide(now, out)
-        if pair.redial_due(now):  # before the beat, so the PairState goes out on the new connection
+        if pair.redial_due(now):  # a new connection to the silent peer (see Pair.redial_due)
             silent = f"silent for {now - pair.peer_seen:.1f}s" if pair.peer_seen is not None else "never heard"
             out.append((PAIR, Connect(pair.peer_endpoint, f"{pair.peer_name or 'the peer'} {silent}")))
         if now >= pair.next_beat:
