@@ -273,10 +273,10 @@ class Chaos:
             if action == "restart":
                 proc.start()
             elif action == "cont":
+                if name in BROKERS:  # taken before the signal: a resumed broker logs within a millisecond
+                    self.resumed[name].append(time.time())
                 proc.signal(signal.SIGCONT)
                 proc.stopped = False
-                if name in BROKERS:
-                    self.resumed[name].append(time.time())
 
     def busy(self, name: str) -> bool:
         return any(x[2] == name for x in self.pending)
@@ -383,6 +383,7 @@ STEP_DOWN = re.compile(r"(\S+) stepped down to passive \((\d+) open requests, (w
 
 TAKEOVER = re.compile(r"(\S+) is active, epoch \d+ \((.*)\); \d+ open requests taken over")
 RESUME_GRACE_S = 10.0  # a step-down this soon after its broker's SIGCONT is the stopped one's own
+LOG_RESOLUTION_S = 0.001  # log lines carry whole milliseconds (truncated)
 FLAP_S = 1.0  # a takeover this soon after the same broker stepped down is a flap (nothing changed)
 
 
@@ -412,9 +413,22 @@ def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> di
                     flaps.append(f"{f.name}:{k + 1}: {m[1]} took over {at - stepped:.3f}s after stepping down ({m[2]})")
             if m := STEP_DOWN.search(line):
                 at = stepped = logged_at(line)
-                after_stop = at is not None and any(0 <= at - t <= RESUME_GRACE_S for t in resumed.get(m[1], ()))
+                # Seconds since the broker's last SIGCONT before this line (a resumed broker that
+                # hears its peer took over steps down 0.5-3 ms after it: within the line's ms).
+                since = min(
+                    (at - t for t in resumed.get(m[1], ()) if at is not None and at - t >= -LOG_RESOLUTION_S),
+                    default=None,
+                )
                 step_downs.append(
-                    {"broker": m[1], "open": int(m[2]), "carried": m[3], "why": m[4][:120], "resumed": after_stop}
+                    {
+                        "broker": m[1],
+                        "open": int(m[2]),
+                        "carried": m[3],
+                        "why": m[4][:120],
+                        "resumed": since is not None and since <= RESUME_GRACE_S,
+                        "since_resume_s": None if since is None else round(since, 4),
+                        "line": f"{f.name}:{k + 1}: {line[:23]}",
+                    }
                 )
             if line.startswith("Traceback"):
                 tracebacks.append(f"{f.name}:{k + 1}")
@@ -503,7 +517,9 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
     o = report["outcomes"]
     bad = [f"{o[k]} {k}" for k in ("lost", "wrong", "duplicate") if o.get(k)]
     if report["live_active_step_downs"]:
-        bad.append(f"{len(report['live_active_step_downs'])} step-downs of a live active broker")
+        live = report["live_active_step_downs"]
+        bad.append(f"{len(live)} step-downs of a live active broker")
+        bad += [f"  {s['line']} {s['broker']} (resumed {s['since_resume_s']} s before): {s['why']}" for s in live]
     if report["flaps"]:
         bad.append(f"brokers that took over again right after stepping down: {report['flaps'][:5]}")
     if report["tracebacks"]:

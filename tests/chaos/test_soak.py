@@ -54,12 +54,21 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
     (tmp_path / "C.log").write_text(
         line.format("40,500", n="C", what="stepped down to passive (9 open requests, warm): D is active with epoch 3")
     )
+    # E resumed 0.6 ms into a millisecond and stepped down 0.3 ms later: its line shows that
+    # millisecond, truncated, so before the SIGCONT (the soak failed so on a fast machine).
+    (tmp_path / "E.log").write_text(
+        line.format("50,000", n="E", what="stepped down to passive (5 open requests, warm): F is active with epoch 9")
+    )
     resumed_c = soak.logged_at("2026-12-04 12:44:40,000")
-    assert resumed_c is not None
-    got = soak.read_logs(tmp_path, {"C": [resumed_c]})
+    resumed_e = soak.logged_at("2026-12-04 12:44:50,000")
+    assert resumed_c is not None and resumed_e is not None
+    got = soak.read_logs(tmp_path, {"C": [resumed_c], "E": [resumed_e - 20, resumed_e + 0.0006]})
     assert [s["broker"] for s in got["live_active_step_downs"]] == ["B"]
     assert len(got["flaps"]) == 1 and got["flaps"][0].startswith("A.log:3: A took over 0.001s after stepping down")
-    assert [s["resumed"] for s in got["step_downs"] if s["broker"] == "C"] == [True]
+    assert [(s["resumed"], s["since_resume_s"]) for s in got["step_downs"] if s["broker"] in "CE"] == [
+        (True, 0.5),
+        (True, -0.0006),
+    ]
     assert soak.verdict(
         {
             "outcomes": {"ok": 1},
@@ -72,5 +81,6 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
         0.001,
     ) == [
         "1 step-downs of a live active broker",
+        "  B.log:1: 2026-12-04 12:44:19,700 B (resumed None s before): A is active with epoch 7",
         f"brokers that took over again right after stepping down: {got['flaps']}",
     ]
