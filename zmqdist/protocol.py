@@ -357,7 +357,8 @@ HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_
 CMD_BATCH: Final = 20
 BATCH_HEAD: Final = PREFIX + bytes([CMD_BATCH])
 MAX_BATCH: Final = 1024  # messages in one batch (a writer closes a batch at this count...)
-BATCH_BYTES: Final = 256 * 1024  # ... or once it holds this many bytes of frames
+BATCH_BYTES: Final = 256 * 1024  # ... or before it would pass this many bytes (or the reader's limit)
+BATCH_OVERHEAD: Final = 5  # msgpack's most for an array's or a bin's header in a BATCH payload
 CMD_REQUEST: Final = 3  # CMD_OF[Request], as a constant for the per-request path
 CMD_RESULT: Final = 5  # CMD_OF[Result]
 # Types with a field that travels in the payload frame (the field after the required header fields;
@@ -672,20 +673,26 @@ def pack_batch(frames: list[bytes]) -> bytes:
     return packed
 
 
-def batch_spans(frames: list[bytes], limit: int = MAX_BATCH) -> list[tuple[int, int]]:
+def batch_spans(frames: list[bytes], limit: int = MAX_BATCH, max_bytes: int = BATCH_BYTES) -> list[tuple[int, int]]:
     """How a writer cuts ``frames`` ([head, payload, ...] of messages to one peer) into BATCHes:
-    [start, end) spans of messages, at most ``limit`` and about BATCH_BYTES each; a span of one
-    message goes as itself."""
+    [start, end) spans of messages, at most ``limit`` each and, packed, at most ``max_bytes`` (the
+    reader's message limit: a BATCH over it is refused whole); a span of one message goes as itself
+    (the writer already keeps each message within the limit)."""
     spans: list[tuple[int, int]] = []
     n = len(frames) // 2
     start = 0
-    size = 0
+    size = BATCH_OVERHEAD
     for i in range(n):
-        size += len(frames[2 * i]) + len(frames[2 * i + 1])
-        if i == n - 1 or size >= BATCH_BYTES or i + 1 - start >= limit:
+        m = len(frames[2 * i]) + len(frames[2 * i + 1]) + 2 * BATCH_OVERHEAD
+        if i > start and size + m > max_bytes:  # it would not fit: the batch ends before it
+            spans.append((start, i))
+            start, size = i, BATCH_OVERHEAD
+        size += m
+        if i + 1 - start >= limit:
             spans.append((start, i + 1))
-            start = i + 1
-            size = 0
+            start, size = i + 1, BATCH_OVERHEAD
+    if start < n:
+        spans.append((start, n))
     return spans
 
 

@@ -99,3 +99,25 @@ def test_clients_and_workers_batch_through_a_proxy_and_a_killed_worker_loses_not
     assert sa["batches_in"] > 0 and sa["batches_out"] > 0  # requests from the client, replies to it
     assert sm["batches_in"] > 0 and sm["batches_out"] > 0  # from the proxy and the workers; tasks down
     assert sm["batched_out"] > 2 * sm["batches_out"]  # batches of more than two on average
+
+
+@pytest.mark.timeout(120)
+def test_batches_stay_under_a_small_max_message_size_through_a_proxy(procs, tmp_path):
+    """A broker's --max-message-size below the size natural batching reaches (256 KiB here) bounds
+    every BATCH sent to it: a client's requests, a worker's results, a proxy's requests up. Each
+    message fits; a batch of them must too, or the broker refuses it whole (over twice the limit
+    libzmq drops it with the connection), and its requests are never answered."""
+    m_ep, a_ep = f"ipc://{tmp_path}/m.sock", f"ipc://{tmp_path}/a.sock"
+    small = ("--max-message-size", "20000")
+    procs.spawn("broker", "--bind", m_ep, "--name", "M", *small)
+    procs.spawn("broker", "--bind", a_ep, "--name", "A", "--upstream", m_ep, *small)
+    procs.spawn("worker", "testworkers:echo", "--connect", m_ep, "--concurrency", "64", "--name", "w1")
+    payload = b"x" * 900  # about 20 messages fill the limit; a window of 2,000 makes batches of hundreds
+    with Client([m_ep], timeout=20) as cm, Client([a_ep], timeout=30) as ca:
+        wait_for(lambda: status(cm)["workers"] and status(cm)["brokers"], 20, "worker and proxy")
+        n = 4000
+        out = list(ca.map("echo", ((i, payload) for i in range(n)), window=2000))
+        assert [v[0][0] for v in out] == list(range(n))
+        sm, sa = status(cm)["counters"], status(ca)["counters"]
+    assert sa["batches_in"] > 0 and sm["batches_in"] > 0  # batches came, small ones
+    assert sm["bad_input"] == 0 and sa["bad_input"] == 0, (sm, sa)

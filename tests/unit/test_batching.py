@@ -60,13 +60,37 @@ def test_hello_and_welcome_say_whether_a_peer_reads_batches_and_old_ones_mean_no
     assert p.decode(*ENC.encode(w)).batch == p.MAX_BATCH
 
 
-def test_a_writer_cuts_batches_at_the_count_limit_and_at_about_batch_bytes():
+def test_a_writer_cuts_batches_at_the_count_limit_and_before_batch_bytes():
     small = frames_of(*[p.Reply(i, p.ST_OK, "", b"x") for i in range(5)])
     assert p.batch_spans(small, 2) == [(0, 2), (2, 4), (4, 5)]
     assert p.batch_spans(small) == [(0, 5)]
-    big = frames_of(*[p.Reply(i, p.ST_OK, "", b"x" * (p.BATCH_BYTES // 2)) for i in range(5)])
-    assert p.batch_spans(big) == [(0, 2), (2, 4), (4, 5)]  # a batch closes once past BATCH_BYTES
+    big = frames_of(*[p.Reply(i, p.ST_OK, "", b"x" * (p.BATCH_BYTES // 3)) for i in range(5)])
+    assert p.batch_spans(big) == [(0, 2), (2, 4), (4, 5)]  # a third would pass BATCH_BYTES
+    huge = frames_of(*[p.Reply(i, p.ST_OK, "", b"x" * p.BATCH_BYTES) for i in range(2)])
+    assert p.batch_spans(huge) == [(0, 1), (1, 2)]  # alone, each goes as itself
     assert p.batch_spans([]) == []
+
+
+@given(
+    sizes=st.lists(st.integers(0, 3000), max_size=60),
+    limit=st.integers(1, 1024),
+    max_bytes=st.integers(1, 20_000),
+)
+def test_every_batch_fits_the_readers_limit_and_closes_only_when_the_next_message_would_not(sizes, limit, max_bytes):
+    """A BATCH over the reader's --max-message-size is refused whole: packed, each batch of two or
+    more stays within ``max_bytes``; a batch ends early only because the next message would pass
+    it (or at the count); every message goes once, in order."""
+    frames = frames_of(*[p.Reply(i, p.ST_OK, "", b"x" * n) for i, n in enumerate(sizes)])
+    spans = p.batch_spans(frames, limit, max_bytes)
+    assert [i for a, b in spans for i in range(a, b)] == list(range(len(sizes)))
+    for k, (a, b) in enumerate(spans):
+        assert b - a <= limit
+        if b - a > 1:
+            assert len(p.pack_batch(frames[2 * a : 2 * b])) <= max_bytes
+        if k + 1 < len(spans) and b - a < limit:  # closed early: the next one did not fit
+            # (the writer counts the most msgpack's headers take: 5 bytes, 2 for a short bin)
+            slack = 3 * 2 * (b - a + 1) + 4
+            assert len(p.pack_batch(frames[2 * a : 2 * b + 2])) + slack > max_bytes
 
 
 # --- the broker's door and grouping -----------------------------------------------------------
@@ -238,6 +262,21 @@ def test_a_link_closes_a_batch_at_the_brokers_limit():
     link = link_with(fake, 2)
     send_corked(link, REQS)
     assert [m[0] == p.BATCH_HEAD for m in fake.messages] == [True, True, False]
+
+
+def test_a_link_keeps_each_batch_within_the_message_limit_its_brokers_welcome_said():
+    """A broker refuses a BATCH over its --max-message-size whole, though each message in it fits."""
+    reqs = [p.Request(i, "echo", 1000, (), b"v" * 100) for i in range(20)]
+    fake = FakeSend()
+    link = link_with(fake, p.MAX_BATCH)
+    welcome = p.Welcome("b", "i", 250, 4, 0, "", 10, 600, p.MAX_BATCH)
+    link._decode(*ENC.encode(welcome), [], 0.0)
+    assert link.batch == p.MAX_BATCH and link.batch_bytes == 600
+    send_corked(link, reqs)
+    assert len(fake.messages) >= 4 and all(len(m[-1]) <= 600 for m in fake.messages)
+    assert [p.decode(*f) for m in fake.messages for f in p.frames_of(*m)] == reqs
+    link._decode(*ENC.encode(welcome._replace(max_message=0)), [], 0.0)  # a broker that says no limit
+    assert link.batch_bytes == p.BATCH_BYTES
 
 
 def test_a_batch_that_cannot_go_is_kept_message_by_message_heartbeats_dropped():

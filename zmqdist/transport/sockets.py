@@ -201,6 +201,7 @@ class DealerLink:
         self.endpoint = ""
         self.more = False  # the last recv_batch stopped at its limit: messages are still waiting
         self.batch = 0  # the broker reads BATCH frames of up to this many (its WELCOME said so)
+        self.batch_bytes = p.BATCH_BYTES  # ... and of at most this many bytes (its message limit)
         self._corked: list[tuple[bytes, bytes, bool]] | None = None  # held by cork() until uncork()
 
     def connect(self, endpoint: str) -> zmq.Socket[Any]:
@@ -227,6 +228,7 @@ class DealerLink:
         self.endpoint = endpoint
         self._backlog.clear()
         self.batch = 0  # until this broker's WELCOME says it reads batches
+        self.batch_bytes = p.BATCH_BYTES
         return sock
 
     def cork(self) -> None:
@@ -250,7 +252,7 @@ class DealerLink:
                 self._put(head, payload, keep)
             return
         frames = [f for head, payload, _ in held for f in (head, payload)]
-        for a, b in p.batch_spans(frames, min(self.batch, p.MAX_BATCH)):
+        for a, b in p.batch_spans(frames, min(self.batch, p.MAX_BATCH), self.batch_bytes):
             if b - a == 1 or self._backlog:  # alone, or behind messages still waiting: in order
                 for head, payload, keep in held[a:b]:
                     self._put(head, payload, keep)
@@ -349,6 +351,8 @@ class DealerLink:
             return
         if type(msg) is p.Welcome:
             self.batch = msg.batch
+            # A BATCH over the broker's --max-message-size is refused whole (each message fits).
+            self.batch_bytes = min(p.BATCH_BYTES, msg.max_message) if msg.max_message > 0 else p.BATCH_BYTES
         msgs.append(msg)
 
     def _bad(self, now: float, what: str) -> None:
