@@ -226,8 +226,9 @@ class Broker:
             sock, self.endpoints = bind_router(self._ctx, self._bind, hard, self._secret, self._zap_domain)
             if self._ha_bind:
                 try:
+                    # a REPLICATE holds one request at least (Pair._replicates), which takes twice the limit
                     self._pair_in, self.ha_endpoints = bind_router(
-                        self._ctx, self._ha_bind, s.max_message_size, self._secret, self._zap_domain
+                        self._ctx, self._ha_bind, hard, self._secret, self._zap_domain
                     )
                 except BaseException:
                     sock.close(0)

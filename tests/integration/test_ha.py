@@ -303,3 +303,25 @@ def test_a_client_at_the_pair_link_by_mistake_is_told_so_and_takes_nothing_from_
     t.wait_pair("A", "B")
     with t.client("A") as c:
         assert status(c)["counters"]["bad_input"] >= 1
+
+
+@pytest.mark.timeout(90)
+def test_a_queue_larger_than_the_message_limit_is_replicated_in_parts_and_survives_a_kill(procs, tmp_path):
+    """--max-message-size 100 kB and 30 queued requests of 60 kB (1.8 MB): the passive broker's
+    pair link refuses a REPLICATE over the limit whole, so the table goes in parts; the passive
+    holds every request, and after a SIGKILL of the active one each is answered, once, right."""
+    small = ("--max-message-size", "100000", "--heartbeat", "0.2")
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B", *small)
+    t.worker("w", "A", "B", concurrency=1)
+    t.wait_pair("A", "B")
+    with t.client("A", "B", timeout=60) as c:
+        blocker = c.submit("slow", 3.0)  # the only slot: what follows stays queued at A
+        wait_for(lambda: status(c)["counters"]["requests"] >= 1, 10, "the blocker accepted")
+        big = [c.submit("echo", f"{i:05d}" + "x" * 60_000) for i in range(30)]
+        wait_for(lambda: t.ha("B")["replicated"] >= 30, 10, "B holding the 30 queued requests")
+        t.brokers["A"].send_signal(signal.SIGKILL)
+        assert [f.result(40)[0][:5] for f in big] == [f"{i:05d}" for i in range(30)]
+        blocker.result(40)
+        b = t.ha("B")
+    assert b["state"] == "active" and b["takeovers"] == 1, b

@@ -189,17 +189,51 @@ def test_the_active_sends_a_snapshot_to_a_new_peer_run_then_deltas():
     a = pair("primary")
     a.activate(0.0)
     a.heard(state(primary=0, st=PASSIVE, synced=-1, inc="r1"), 0.0)
-    m = a.flush(0.0, lambda: [p.OpEnded(9)])
-    assert m is not None and m.snapshot == 1 and p.unpack_ops(m.ops)[1] == [p.OpEnded(9)]
+    [m] = a.flush(0.0, lambda: [p.OpEnded(9)])
+    assert m.snapshot == 1 and p.unpack_ops(m.ops)[1] == [p.OpEnded(9)]
     a.ops.append(p.OpEnded(10))
-    m2 = a.flush(0.1, lambda: [])
-    assert m2 is not None and m2.snapshot == 0 and m2.seq == m.seq + 1  # deltas go on while it catches up
-    assert a.flush(0.2, lambda: []) is None  # nothing new
+    [m2] = a.flush(0.1, lambda: [])
+    assert m2.snapshot == 0 and m2.seq == m.seq + 1  # deltas go on while it catches up
+    assert a.flush(0.2, lambda: []) == []  # nothing new
     a.heard(state(primary=0, st=PASSIVE, synced=-1, inc="r2"), 0.3)  # it restarted
-    assert a.flush(0.3, lambda: []).snapshot == 1
+    [m3] = a.flush(0.3, lambda: [])
+    assert m3.snapshot == 1
     a.peer_seen = -10.0  # silent: ops are dropped, not piled up
     a.ops.append(p.OpEnded(11))
-    assert a.flush(0.4, lambda: []) is None and not a.ops
+    assert a.flush(0.4, lambda: []) == [] and not a.ops
+
+
+def accepted(ticket, size):
+    return p.OpAccepted(ticket, b"client", ticket, "echo", 60.0, (), "", "", 1, b"x" * size)
+
+
+def test_a_snapshot_and_deltas_larger_than_the_message_limit_go_in_parts_the_peer_applies_in_order():
+    """A passive broker's pair link refuses a message over the limit whole: a queue of large
+    requests goes as several REPLICATEs, each within --max-message-size (one request alone may
+    pass it: the link takes twice the limit), a snapshot's first part replacing the table."""
+    limit = 100_000
+    a = Pair(BrokerSettings(name="a", ha="primary", max_message_size=limit), "inc", 0.0)
+    b = Pair(BrokerSettings(name="b", ha="backup", max_message_size=limit), "inc-b", 0.0)
+    a.activate(0.0)
+    b.heard(a.state_message(0.0), 0.0)
+    b.deactivate(0.0, stepped_down=False)
+    a.heard(b.state_message(0.0), 0.0)
+    table = [accepted(t, 30_000) for t in range(1, 41)] + [accepted(41, limit)]  # 1.3 MB, one of the limit
+    ms = a.flush(0.0, lambda: table)
+    assert len(ms) > 12 and [m.snapshot for m in ms] == [1] + [0] * (len(ms) - 1)
+    assert [m.seq for m in ms] == list(range(ms[0].seq, ms[0].seq + len(ms)))
+    assert all(len(m.ops) <= limit for m in ms[:-1]) and len(ms[-1].ops) < 2 * limit
+    b.table = {99: None}  # stale: the snapshot replaces it
+    for m in ms:
+        assert b.apply(m, 0.1) is None
+    assert sorted(b.table) == list(range(1, 42)) and b.applied == a.seq
+    a.heard(b.state_message(0.1), 0.1)
+    a.ops += [accepted(t, 30_000) for t in range(42, 52)]  # deltas: 300 kB in one flush
+    ds = a.flush(0.2, lambda: [])
+    assert len(ds) >= 3 and not any(m.snapshot for m in ds) and all(len(m.ops) <= limit for m in ds)
+    for m in ds:
+        assert b.apply(m, 0.3) is None
+    assert sorted(b.table) == list(range(1, 52)) and b.applied == a.seq
 
 
 def test_link_fencing_refuses_lower_epochs_of_a_broker_or_its_peer():

@@ -216,8 +216,8 @@ class PairedBroker(BrokerMachine):
         batch of input, so one REPLICATE carries many requests)."""
         if not self._active:
             return NONE
-        m = self.pair.flush(now, self.inner.snapshot)
-        return [(PAIR, m)] if m is not None else NONE
+        ms = self.pair.flush(now, self.inner.snapshot)
+        return [(PAIR, m) for m in ms] if ms else NONE
 
     def shutdown(self) -> list[Out]:
         pair = self.pair

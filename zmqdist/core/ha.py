@@ -73,6 +73,7 @@ class Pair:
         self.incarnation = incarnation
         self.hb_s = settings.heartbeat.heartbeat_s
         self.ttl_s = settings.heartbeat.ttl_s
+        self.max_message = settings.max_message_size  # the peer's too: a REPLICATE stays within it
         self.state = PENDING
         self.epoch = 0
         self.started = now
@@ -287,13 +288,13 @@ class Pair:
             int(active and self.warm),
         )
 
-    def flush(self, now: float, snapshot: Callable[[], list[p.ReplicationOp]]) -> p.Replicate | None:
-        """Return the REPLICATE to send now, if any: the ops since the last flush, or (when the
+    def flush(self, now: float, snapshot: Callable[[], list[p.ReplicationOp]]) -> list[p.Replicate]:
+        """Return the REPLICATEs to send now, if any: the ops since the last flush, or (when the
         peer needs one, at most once per ttl) a snapshot made by calling ``snapshot()``."""
         peer_inc = self.peer_inc
         if self.state != ACTIVE or not self.peer_alive(now) or self.peer_state == ACTIVE:
             self.ops.clear()
-            return None
+            return []
         # A snapshot for a new run of the peer, or (at most once per ttl) when it reports a gap;
         # deltas follow it in order, so they go on even while its reports still lag.
         stale = self.peer_synced < 0 and (self.snap_at is None or now - self.snap_at > self.ttl_s)
@@ -301,15 +302,32 @@ class Pair:
             self.snap_at = now
             self.snap_inc = peer_inc
             self.ops.clear()
-            self.seq += 1
             self.counters["snapshots_sent"] += 1
-            return p.Replicate(self.epoch, self.seq, 1, p.pack_ops(now, snapshot()))
+            return self._replicates(now, snapshot(), True)
         if not self.ops:
-            return None
+            return []
         ops = self.ops.copy()
         self.ops.clear()  # in place: the broker appends to this very list
-        self.seq += 1
-        return p.Replicate(self.epoch, self.seq, 0, p.pack_ops(now, ops))
+        return self._replicates(now, ops, False)
+
+    def _replicates(self, now: float, ops: list[p.ReplicationOp], snapshot: bool) -> list[p.Replicate]:
+        """``ops`` as REPLICATEs in order, each within the peer's message limit (one over it is
+        refused whole, and its table never synced: a snapshot of a queue of large requests is
+        larger than one request may be): halved until each part fits, or is one op (which a limit
+        of twice the message size takes). A snapshot's first part replaces the peer's table, the
+        rest are deltas after it."""
+        out: list[p.Replicate] = []
+        parts = [ops]  # a stack: the next part to pack is last
+        while parts:
+            part = parts.pop()
+            packed = p.pack_ops(now, part)
+            if len(packed) > self.max_message and len(part) > 1:
+                half = len(part) // 2
+                parts += (part[half:], part[:half])
+                continue
+            self.seq += 1
+            out.append(p.Replicate(self.epoch, self.seq, int(snapshot and not out), packed))
+        return out
 
     def apply(self, m: p.Replicate, now: float) -> str | None:
         """Apply the active peer's REPLICATE to our copy; return a problem to log, or None.
