@@ -236,6 +236,21 @@ def test_a_snapshot_and_deltas_larger_than_the_message_limit_go_in_parts_the_pee
     assert sorted(b.table) == list(range(1, 52)) and b.applied == a.seq
 
 
+def test_parts_whose_size_was_underestimated_are_halved_until_each_fits():
+    """The one-pass cut estimates an op by its payload and names; a retry policy's exception names
+    are not counted, so a part can pack over the limit: it is halved until each part fits."""
+    retry = (3, 10, 100, tuple(f"pkg.module.SomeRatherLongExceptionName{k}" for k in range(30)))
+    a = Pair(BrokerSettings(name="a", ha="primary", max_message_size=10_000), "inc", 0.0)
+    a.activate(0.0)
+    a.heard(state(primary=0, st=PASSIVE, synced=-1, inc="r1"), 0.0)
+    table = [accepted(t, 10)._replace(retry=retry) for t in range(1, 101)]  # about 1.3 kB each, 130 kB
+    assert len(p.pack_ops(0.0, table[:10])) > 10_000  # what one cut would hold at the estimate
+    ms = a.flush(0.0, lambda: table)
+    assert len(ms) >= 13 and all(len(m.ops) <= 10_000 for m in ms)
+    assert [op for m in ms for op in p.unpack_ops(m.ops)[1]] == table  # every op once, in order
+    assert [m.snapshot for m in ms] == [1] + [0] * (len(ms) - 1)
+
+
 def test_link_fencing_refuses_lower_epochs_of_a_broker_or_its_peer():
     link = BrokerLink(("tcp://a:1",), HB, 0.0)
     assert link.fenced("b", "a", 2) is None
