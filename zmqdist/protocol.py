@@ -243,7 +243,8 @@ class PairState(NamedTuple):
     ``synced`` is the last replication seq a passive broker applied (-1: it needs a snapshot);
     ``votes`` counts the peers that came to it recently while it was not active; ``warm`` is 1
     for an active broker that took over with a synced copy of the pair's table (0: it started
-    cold), so that two active brokers know which one carries the pair's work on.
+    cold), so that two active brokers know which one carries the pair's work on; ``max_message``
+    is the sender's --max-message-size, which the REPLICATEs it is sent keep within.
     """
 
     name: str
@@ -254,6 +255,7 @@ class PairState(NamedTuple):
     synced: int
     votes: int
     warm: int = 0  # optional trailing field
+    max_message: int = 0  # optional trailing field: 0 for a broker that does not say
 
 
 class Replicate(NamedTuple):
@@ -549,7 +551,7 @@ _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
     Welcome: (_is_count, _is_short, _is_count, _is_count, _is_count, _is_count),
     Heartbeat: (_is_count, _is_count),
     Bye: (_is_short, _is_short),
-    PairState: (lambda v: v in (0, 1) and type(v) is int,),
+    PairState: (lambda v: v in (0, 1) and type(v) is int, _is_count),
     Request: (_is_short, _is_short, _is_window, _is_retry),
     Task: (_is_short, _is_window, _is_retry),
     Result: (lambda v: _is_int(v, 0, MAX_BUDGET_MS), _is_count),

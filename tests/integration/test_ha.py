@@ -306,13 +306,15 @@ def test_a_client_at_the_pair_link_by_mistake_is_told_so_and_takes_nothing_from_
 
 
 @pytest.mark.timeout(90)
-def test_a_queue_larger_than_the_message_limit_is_replicated_in_parts_and_survives_a_kill(procs, tmp_path):
-    """--max-message-size 100 kB and 30 queued requests of 60 kB (1.8 MB): the passive broker's
-    pair link refuses a REPLICATE over the limit whole, so the table goes in parts; the passive
-    holds every request, and after a SIGKILL of the active one each is answered, once, right."""
-    small = ("--max-message-size", "100000", "--heartbeat", "0.2")
+@pytest.mark.parametrize("limit_a", [100_000, 400_000])
+def test_a_queue_larger_than_the_message_limit_is_replicated_in_parts_and_survives_a_kill(procs, tmp_path, limit_a):
+    """B's --max-message-size 100 kB (A's the same, or 400 kB: a rolling change) and 30 queued
+    requests of 60 kB (1.8 MB): the passive broker's pair link refuses a REPLICATE over its limit
+    whole, so the table goes in parts within it; the passive holds every request, and after a
+    SIGKILL of the active one each is answered, once, right."""
     t = Pairs(procs, tmp_path)
-    t.pair("A", "B", *small)
+    t.broker("A", "primary", "B", "--max-message-size", str(limit_a), "--heartbeat", "0.2")
+    t.broker("B", "backup", "A", "--max-message-size", "100000", "--heartbeat", "0.2")
     t.worker("w", "A", "B", concurrency=1)
     t.wait_pair("A", "B")
     with t.client("A", "B", timeout=60) as c:

@@ -421,3 +421,21 @@ def test_a_silent_peer_is_connected_anew_each_interval_until_it_is_heard():
     b = PairedBroker(settings, "inc-b", 0.0)
     ticks = [(t, m) for t in (0.5, 1.0, 1.5, 2.0) for _, m in b.tick(t)]
     assert [t for t, m in ticks if isinstance(m, Connect)] == [1.0, 2.0]
+
+
+def test_replicates_keep_within_the_smaller_limit_of_the_two_and_the_state_says_each_ones():
+    """A pair whose brokers run different --max-message-size (a rolling change of it): each says
+    its own in PAIR_STATE, and the REPLICATEs it is sent keep within it; an older peer that says
+    nothing gets ours."""
+    a = Pair(BrokerSettings(name="a", ha="primary", max_message_size=200_000), "inc", 0.0)
+    b = Pair(BrokerSettings(name="b", ha="backup", max_message_size=50_000), "inc-b", 0.0)
+    a.activate(0.0)
+    sb = b.state_message(0.0)
+    assert sb.max_message == 50_000 and p.decode(*p.Encoder().encode(sb)) == sb
+    a.heard(sb._replace(state=PASSIVE, synced=-1), 0.0)
+    table = [accepted(t, 20_000) for t in range(1, 21)]  # 400 kB
+    ms = a.flush(0.0, lambda: table)
+    assert len(ms) >= 8 and all(len(m.ops) <= 50_000 for m in ms)
+    a.heard(sb._replace(state=PASSIVE, synced=-1, incarnation="older", max_message=0), 0.1)  # says nothing
+    ms = a.flush(0.1, lambda: table)
+    assert len(ms) <= 3 and all(len(m.ops) <= 200_000 for m in ms) and len(ms[0].ops) > 100_000

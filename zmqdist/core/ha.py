@@ -81,7 +81,7 @@ class Pair:
         self.incarnation = incarnation
         self.hb_s = settings.heartbeat.heartbeat_s
         self.ttl_s = settings.heartbeat.ttl_s
-        self.max_message = settings.max_message_size  # the peer's too: a REPLICATE stays within it
+        self.max_message = settings.max_message_size  # said in PairState: REPLICATEs keep within both
         self.state = PENDING
         self.epoch = 0
         self.started = now
@@ -96,6 +96,7 @@ class Pair:
         self.peer_inc = ""
         self.peer_synced = -1
         self.peer_warm = False  # the peer took over with a synced copy of the table (if active)
+        self.peer_max = 0  # the peer's --max-message-size (0: not said; ours is taken)
         self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
         self.peer_endpoint = settings.peer
@@ -161,6 +162,7 @@ class Pair:
         self.peer_inc = m.incarnation
         self.peer_synced = m.synced
         self.peer_warm = bool(m.warm)
+        self.peer_max = m.max_message
         self.peer_seen = now
         return True
 
@@ -294,6 +296,7 @@ class Pair:
             self.seq if active else self.applied,
             0 if active else self.live_votes(now),
             int(active and self.warm),
+            self.max_message,
         )
 
     def flush(self, now: float, snapshot: Callable[[], list[p.ReplicationOp]]) -> list[p.Replicate]:
@@ -324,7 +327,7 @@ class Pair:
         larger than one request may be). Cut in one pass by each op's estimated size, a part that
         still packs too large is halved; one op alone may pass the limit (the link takes twice
         it). A snapshot's first part replaces the peer's table, the rest are deltas after it."""
-        limit = self.max_message
+        limit = min(self.max_message, self.peer_max or self.max_message)  # a peer's may be smaller
         cuts: list[list[p.ReplicationOp]] = []
         part: list[p.ReplicationOp] = []
         size = 16  # the array and the sender's time
