@@ -140,6 +140,33 @@ def test_a_payload_over_the_brokers_limit_fails_at_once_and_the_broker_says_so(t
 
 
 @pytest.mark.timeout(60)
+def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_slot(tmp_path):
+    """A handler that returns more than the broker's --max-message-size: the broker would refuse
+    the RESULT and the caller would wait out its deadline (RequestTimeout after 8 s, measured):
+    the caller gets a RemoteError that says why at once, and the worker's one slot is free again."""
+    import time
+
+    from zmqdist import RemoteError
+
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"], max_message_size=20_000).start()
+    w = Worker(b.endpoints, concurrency=1)
+    w.add_service("grow", lambda n: "x" * n)
+    w.start()
+    try:
+        with Client(b.endpoints, timeout=20) as c:
+            assert c.call("grow", 100) == "x" * 100
+            t = time.monotonic()
+            with pytest.raises(RemoteError, match=r"over broker .*'s limit of 20000 bytes") as err:
+                c.call("grow", 50_000)
+            assert err.value.remote_type == "ResultTooLarge"
+            assert time.monotonic() - t < 5.0  # at once, not at the deadline (20 s)
+            assert c.call("grow", 19_000) == "x" * 19_000  # the slot is free, a result that fits goes
+    finally:
+        w.stop()
+        b.stop()
+
+
+@pytest.mark.timeout(60)
 def test_a_worker_says_no_broker_accepted_it_only_when_none_ever_did(tmp_path, caplog):
     """Once, after 5 s, for a worker that never registered (the address or the keys are wrong);
     never for one that was accepted and then lost its broker (it said which, and fails over)."""

@@ -32,6 +32,22 @@ def test_worker_executes_within_capacity_and_refuses_beyond():
     assert w.task_done(1, ex.session, True, b"r", 0.1) == [p.Result(1, p.RS_OK, b"r")]
 
 
+def test_a_result_over_the_brokers_message_limit_goes_as_a_failure_that_says_so():
+    """The broker refuses a message over its --max-message-size (and its caller would wait out the
+    deadline): the worker knows the limit from WELCOME and fails the task with the reason."""
+    w = WorkerCore(("tcp://a:1",), ("echo",), 2, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("b", "inc1", 250, 4, 0, "", 10, 100), 0.0)
+    (ex1,) = w.receive(task(1), 0.0)
+    (ex2,) = w.receive(task(2), 0.0)
+    assert w.task_done(1, ex1.session, True, b"x" * 100, 0.1) == [p.Result(1, p.RS_OK, b"x" * 100)]
+    [r] = w.task_done(2, ex2.session, True, b"x" * 101, 0.1)
+    assert r.ticket == 2 and r.status == p.RS_FAILED
+    kind, why, _ = p.unpack_error(r.payload)
+    assert kind == "ResultTooLarge" and "101 bytes" in why and "limit of 100 bytes" in why
+    assert w.counters["too_large"] == 1
+
+
 def test_worker_heartbeats_every_interval_and_fails_over_after_ttl():
     w = worker()
     assert w.tick(0.24) == []

@@ -161,7 +161,9 @@ class WorkerCore:
             "abandoned": 0,
             "parts": 0,
             "retries": 0,
+            "too_large": 0,  # results over the broker's message limit, sent as a failure saying so
         }
+        self.max_message = 0  # the broker's message limit (its WELCOME says; 0: not known)
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -348,6 +350,14 @@ class WorkerCore:
         parts = run.parts if run is not None else 0
         if run is not None and run.cancelled:
             return p.Result(ticket, p.RS_CANCELLED, b"", 0, parts)
+        if self.max_message and len(payload) > self.max_message:
+            # The broker would refuse it and the caller wait out its deadline: fail it, saying why.
+            self.counters["too_large"] += 1
+            why = (
+                f"the result of {len(payload)} bytes is over broker {self.link.broker}'s limit of "
+                f"{self.max_message} bytes (--max-message-size)"
+            )
+            return p.Result(ticket, p.RS_FAILED, p.pack_error("ResultTooLarge", why, ""), 0, parts)
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
             return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
@@ -432,6 +442,7 @@ class WorkerCore:
             return [Problem(why), *self._new_session(now, why)]
         link.welcome(m)
         self.registered = True
+        self.max_message = m.max_message
         pair = (m.broker, m.peer) if m.peer else ()
         out: list[WorkerOut] = []
         if self.carry or self.parked:
