@@ -143,7 +143,9 @@ def test_a_payload_over_the_brokers_limit_fails_at_once_and_the_broker_says_so(t
 def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_slot(tmp_path):
     """A handler that returns more than the broker's --max-message-size: the broker would refuse
     the RESULT and the caller would wait out its deadline (RequestTimeout after 8 s, measured):
-    the caller gets a RemoteError that says why at once, and the worker's one slot is free again."""
+    the caller gets a RemoteError that says why at once, and the worker's one slot is free again.
+    A stream's part over the limit ends the stream so too (it was StreamInterrupted, "part 2
+    arrived when part 1 was due")."""
     import time
 
     from zmqdist import RemoteError
@@ -151,6 +153,13 @@ def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_s
     b = Broker(bind=[f"ipc://{tmp_path}/b.sock"], max_message_size=20_000).start()
     w = Worker(b.endpoints, concurrency=1)
     w.add_service("grow", lambda n: "x" * n)
+
+    def parts(n):
+        yield "a"
+        yield "x" * n
+        yield "b"
+
+    w.add_service("parts", parts)
     w.start()
     try:
         with Client(b.endpoints, timeout=20) as c:
@@ -161,6 +170,10 @@ def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_s
             assert err.value.remote_type == "ResultTooLarge"
             assert time.monotonic() - t < 5.0  # at once, not at the deadline (20 s)
             assert c.call("grow", 19_000) == "x" * 19_000  # the slot is free, a result that fits goes
+            got = []  # a stream's part over the limit: the parts before it, then the reason
+            with pytest.raises(RemoteError, match=r"part 1 of the stream \(50003 bytes\) is over"):
+                got.extend(c.stream("parts", 50_000))
+            assert got == ["a"] and time.monotonic() - t < 10.0
     finally:
         w.stop()
         b.stop()

@@ -87,7 +87,7 @@ class Window(NamedTuple):
 class _Run:
     """A task this worker runs: what its lifecycle needs (cancel, stream, progress)."""
 
-    __slots__ = ("acked", "cancelled", "deadline", "parts", "pending", "reported", "session", "window")
+    __slots__ = ("acked", "cancelled", "deadline", "failed", "parts", "pending", "reported", "session", "window")
 
     def __init__(self, session: int, deadline: float, window: int) -> None:
         self.session = session
@@ -98,6 +98,7 @@ class _Run:
         self.acked = 0
         self.reported = -1e18  # when the last progress report went out
         self.pending: bytes | None = None  # a progress report held back (PROGRESS_S)
+        self.failed = ""  # why the worker stopped it itself (a part over the broker's limit)
 
 
 WorkerOut = p.Message | Execute | Connect | Stopped | Problem | Probe | EndProbe | Abort | Window
@@ -243,6 +244,12 @@ class WorkerCore:
             return []
         if not self._sendable(ticket, session):
             return []
+        if self.max_message and len(payload) > self.max_message:  # the broker would refuse it
+            self.counters["too_large"] += 1
+            run.failed = self._too_large(f"part {run.parts} of the stream", len(payload))
+            run.cancelled = True  # the handler is stopped; its RESULT says why (see _result)
+            run.pending = None
+            return [Abort(ticket, session, run.failed)]
         seq = run.parts
         run.parts = seq + 1
         self.counters["parts"] += 1
@@ -348,21 +355,24 @@ class WorkerCore:
         else:
             run = None
         parts = run.parts if run is not None else 0
+        if run is not None and run.failed:
+            return p.Result(ticket, p.RS_FAILED, p.pack_error("ResultTooLarge", run.failed, ""), 0, parts)
         if run is not None and run.cancelled:
             return p.Result(ticket, p.RS_CANCELLED, b"", 0, parts)
         if self.max_message and len(payload) > self.max_message:
             # The broker would refuse it and the caller wait out its deadline: fail it, saying why.
             self.counters["too_large"] += 1
-            why = (
-                f"the result of {len(payload)} bytes is over broker {self.link.broker}'s limit of "
-                f"{self.max_message} bytes (--max-message-size)"
-            )
+            why = self._too_large("the result", len(payload))
             return p.Result(ticket, p.RS_FAILED, p.pack_error("ResultTooLarge", why, ""), 0, parts)
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
             return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
         # tuple.__new__: a NamedTuple's own __new__ runs as interpreted code, on every task here
         return tuple.__new__(p.Result, (ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts))
+
+    def _too_large(self, what: str, size: int) -> str:
+        limit = self.max_message
+        return f"{what} ({size} bytes) is over broker {self.link.broker}'s limit of {limit} bytes (--max-message-size)"
 
     def tick(self, now: float) -> list[WorkerOut]:
         """Heartbeat, detect a silent broker (fail over), enforce the drain timeout, stop handlers
