@@ -471,10 +471,10 @@ class Broker:
     def _oversized(self, core: BrokerMachine, peer: bytes, head: bytes, size: int, out: list[Out]) -> None:
         """A message over --max-message-size: refused with the reason (a request gets an INVALID
         reply), counted and logged. (Beyond twice the limit, libzmq drops it with its connection.)"""
-        req = p.plain_request(head)
+        rid = p.request_rid(head)  # a proxy's forwarded request (with hops) too: it is answered
         limit = self._max_payload
         why = f"a message of {size} bytes is over this broker's limit of {limit} bytes (--max-message-size)"
-        core.bad_input(peer, RemoteProtocolError(why, p.E_FRAMES, req[0] if req else None), head, out)
+        core.bad_input(peer, RemoteProtocolError(why, p.E_FRAMES, rid), head, out)
 
     def _mdp_frames(self, sock: zmq.Socket[Any], first: bytes, more: bool) -> list[bytes]:
         """The frames of a Majordomo message (its first is read), at most MAX_FRAMES + 9 kept."""

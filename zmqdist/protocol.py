@@ -588,6 +588,17 @@ def _trace_after(f: tuple[Any, ...], n: int) -> str | None:
     return None
 
 
+def request_rid(head: bytes) -> int | None:
+    """The rid of a valid REQUEST head (any hops, fields and payload), else None."""
+    if head[:4] != _HEAD_REQUEST:
+        return None
+    try:
+        msg = decode(head, b"")
+    except RemoteProtocolError:
+        return None
+    return msg.rid if type(msg) is Request else None
+
+
 def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
     """Return (rid, service, budget_ms, trace) of a valid REQUEST head without hops, else None.
 

@@ -131,10 +131,15 @@ def test_a_payload_over_the_brokers_limit_fails_at_once_and_the_broker_says_so(t
             raw.send_multipart(p.encode(p.Request(7, "echo", 5000, (), b"y" * 15_000)))
             assert raw.poll(5000)
             reply = p.decode(*raw.recv_multipart())
+            # as a proxy forwards it (with its hops): answered too, or the proxy waits out the deadline
+            raw.send_multipart(p.encode(p.Request(8, "echo", 5000, ("P",), b"y" * 15_000)))
+            assert raw.poll(5000)
+            forwarded = p.decode(*raw.recv_multipart())
         raw.close()
         assert reply.rid == 7 and reply.status == p.ST_INVALID and "over this broker's limit" in reply.message
+        assert type(forwarded) is p.Reply and (forwarded.rid, forwarded.status) == (8, p.ST_INVALID)
         assert any("over this broker's limit" in r.getMessage() for r in caplog.records)
-        assert b.status()["counters"]["bad_input"] == 1
+        assert b.status()["counters"]["bad_input"] == 2
     finally:
         b.stop()
 

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from tests.integration.helpers import status, wait_for
-from zmqdist import Client
+from zmqdist import Client, InvalidRequest
 from zmqdist.testing import tree_members
 
 pytestmark = pytest.mark.integration
@@ -170,3 +170,27 @@ def test_status_tree_json_lists_every_broker_and_worker_started_and_none_killed(
     t = wait_for(lambda: (t := tree()) and tree_members(t) == survivors and t, 30, "the tree without the killed")
     r = next(b for b in t["below"] if b["broker"] == "R")
     assert {w["name"] for w in r["workers"]} == {"wr", "ws"} and r["below"] == []
+
+
+@pytest.mark.timeout(60)
+def test_a_request_over_the_masters_limit_is_served_by_the_proxy_or_refused_at_once_saying_why(procs, tmp_path):
+    """Proxy A takes 100 kB messages, its master 20 kB. A request A takes but M would refuse (over
+    40 kB libzmq drops it with the connection, unseen) timed out at its deadline (RequestTimeout
+    after 8 s, measured): A now serves it with a worker of its own, or refuses it at once naming
+    both limits; what fits still goes up."""
+    t = Topology(procs, tmp_path)
+    t.broker("M", "--max-message-size", "20000")
+    t.broker("A", "--max-message-size", "100000")
+    t.worker("m1", ("M",))
+    t.wait_ready(proxies=("A",))
+    with t.client("A", timeout=20) as c:
+        assert c.call("echo", "x" * 10_000)[0] == "x" * 10_000  # fits: up to the master's worker
+        for size in (30_000, 50_000):  # M would refuse the first, libzmq drop the second
+            started = time.monotonic()
+            with pytest.raises(InvalidRequest, match=r"over upstream broker M's limit of 20000 bytes"):
+                c.call("echo", "x" * size)
+            assert time.monotonic() - started < 5.0  # at once, not at the deadline (20 s)
+        t.worker("a1", ("A",))
+        t.wait_ready(proxies=("A",), workers={"A": 1})
+        got = c.call("echo", "x" * 50_000)  # a worker of A's own serves it
+        assert got[0] == "x" * 50_000 and status(c)["counters"]["forwarded_up"] == 1

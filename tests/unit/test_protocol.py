@@ -326,3 +326,13 @@ def test_the_peers_fast_paths_accept_and_refuse_exactly_what_the_general_decoder
 )
 def test_the_peers_fast_paths_at_every_boundary(cmd, fields):
     same_as_general(cmd, fields)
+
+
+def test_the_rid_of_an_oversized_request_is_read_from_its_head_with_or_without_hops():
+    """A broker answers a request over its limit by rid (a proxy's forwarded one has hops)."""
+    enc = p.Encoder()
+    plain, _ = enc.encode(p.Request(7, "echo", 5000, (), b"y"))
+    hopped, _ = enc.encode(p.Request(8, "echo", 5000, ("P", "Q"), b"y", "t", "k"))
+    result, _ = enc.encode(p.Result(9, p.RS_OK, b"y"))
+    assert p.request_rid(plain) == 7 and p.request_rid(hopped) == 8
+    assert p.request_rid(result) is None and p.request_rid(plain[:6]) is None and p.request_rid(b"") is None

@@ -48,6 +48,7 @@ from zmqdist.core.records import (
 UP = 3  # forward it to the upstream broker
 REFUSE_UP = 4  # handed down by our upstream and nothing here can take it: give it back (BUSY)
 RETURN = 5  # from a downstream broker that serves it itself: give it back (BUSY) rather than hold it
+TOO_BIG = 6  # over the upstream's message limit and nothing here serves it: fail it (INVALID), saying so
 
 
 def half() -> float:
@@ -65,6 +66,7 @@ class Upstream:
         "last_spare",
         "link",
         "losses",
+        "max_message",
         "move",
         "name",
         "out_n",
@@ -93,6 +95,7 @@ class Upstream:
         self.move = True  # the next registration goes to the next endpoint (False: same connection)
         self.reason = "start"
         self.name = ""  # the upstream broker's name once welcomed (for loop prevention)
+        self.max_message = 0  # its --max-message-size (WELCOME; 0: not said): larger stays here
         self.advert_at = -1.0  # when the last advert went out
         self.last_spare: tuple[tuple[str, int], ...] | None = None
         # Credit from the upstream: its offer, and our requests in flight there, per service.
@@ -146,11 +149,12 @@ class Upstream:
         self.move = move
         self.reason = reason
 
-    def welcomed(self, broker: str) -> None:
+    def welcomed(self, broker: str, max_message: int) -> None:
         """Registration accepted: the pause resets."""
         self.registered = True
         self.failures = 0
         self.name = broker
+        self.max_message = max_message
 
     def advert_due(self, now: float, dirty: bool) -> bool:
         """Return True when an advert may go out: on change (at most every advert interval) or as
@@ -210,8 +214,10 @@ class Tiers(Overflow):
         if type(req.client) is not bytes:
             return REFUSE_UP if not ahead else SKIP
         up = self.up
+        # The upstream refuses a request over its limit (over twice it, libzmq drops it unseen).
+        too_big = up is not None and 0 < up.max_message < len(req.payload)
         # Upstream within its credit (or always, for a service nothing below us serves).
-        can_up = up is not None and up.registered and (up.credit(req.service) > 0 or not pool.members)
+        can_up = not too_big and up is not None and up.registered and (up.credit(req.service) > 0 or not pool.members)
         if can_up and up is not None and req.up_block < up.adverts and self._may_forward(req, up.name, now):
             if pool.local and not self.d.worth_away(pool, up.rtt, ahead):
                 return KEEP  # a slot here frees before an answer from upstream could come back
@@ -219,6 +225,8 @@ class Tiers(Overflow):
         d = self.d.members.get(req.client)
         if isinstance(d, BrokerMember) and req.service in d.services:
             return RETURN if not ahead else SKIP
+        if too_big and not pool.members:
+            return TOO_BIG if not ahead else SKIP
         return SKIP if can_up else WAIT
 
     def take(self, req: Req, verdict: int, now: float, out: list[Out]) -> None:
@@ -226,6 +234,12 @@ class Tiers(Overflow):
             self._forward_up(req, now, out)
         elif verdict == REFUSE_UP:
             self._refuse_up(req, now, out)
+        elif verdict == TOO_BIG and self.up is not None:
+            why = (
+                f"a request of {len(req.payload)} bytes is over upstream broker {self.up.name}'s limit of "
+                f"{self.up.max_message} bytes (--max-message-size), and no worker at {self.name} serves {req.service!r}"
+            )
+            self.d.finish(req, p.ST_INVALID, why, b"", out)
         else:
             self.counters.returned += 1
             self.d.finish(req, p.ST_BUSY, f"{self.name} has no spare capacity for it now", b"", out)
@@ -345,7 +359,7 @@ class Tiers(Overflow):
                     self._lose_upstream(now, why, True, out)
                     return out
                 link.welcome(msg)
-                up.welcomed(msg.broker)
+                up.welcomed(msg.broker, msg.max_message)
                 up.ponged(now)
                 self._advert(now, out, force=True)
                 self.d.pump_all(now, out)
