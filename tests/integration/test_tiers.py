@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from tests.integration.helpers import status, wait_for
-from zmqdist import Client, InvalidRequest
+from zmqdist import Client, InvalidRequest, RemoteError
 from zmqdist.testing import tree_members
 
 pytestmark = pytest.mark.integration
@@ -177,7 +177,8 @@ def test_a_request_over_the_masters_limit_is_served_by_the_proxy_or_refused_at_o
     """Proxy A takes 100 kB messages, its master 20 kB. A request A takes but M would refuse (over
     40 kB libzmq drops it with the connection, unseen) timed out at its deadline (RequestTimeout
     after 8 s, measured): A now serves it with a worker of its own, or refuses it at once naming
-    both limits; what fits still goes up."""
+    both limits; what fits still goes up. The other way, a result from A over M's limit fails at
+    once too (it timed out the same way)."""
     t = Topology(procs, tmp_path)
     t.broker("M", "--max-message-size", "20000")
     t.broker("A", "--max-message-size", "100000")
@@ -194,3 +195,14 @@ def test_a_request_over_the_masters_limit_is_served_by_the_proxy_or_refused_at_o
         t.wait_ready(proxies=("A",), workers={"A": 1})
         got = c.call("echo", "x" * 50_000)  # a worker of A's own serves it
         assert got[0] == "x" * 50_000 and status(c)["counters"]["forwarded_up"] == 1
+    # Down: M hands a task to A (only A's worker serves "grow"); its result is over M's limit, so
+    # M would refuse A's reply and the caller wait out the deadline: it fails at once, saying why.
+    t.worker("r1", ("A",), target="testworkers:regional")
+    t.wait_ready(proxies=("A",), workers={"A": 2})
+    with t.client("M", timeout=20) as cm:
+        wait_for(lambda: "grow" in status(cm)["services"], 10, "M offered grow by A")
+        assert cm.call("grow", 100) == "x" * 100
+        started = time.monotonic()
+        with pytest.raises(RemoteError, match=r"from proxy A, is over upstream broker M's limit of 20000"):
+            cm.call("grow", 30_000)
+        assert time.monotonic() - started < 5.0

@@ -72,6 +72,11 @@ def _regional(x):
     return [x, os.getpid()]
 
 
+@regional.service("grow")
+def _grow(n):
+    return "x" * n
+
+
 crashy = Worker(["tcp://127.0.0.1:5555"], concurrency=2, isolation="process")
 
 

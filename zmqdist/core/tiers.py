@@ -245,7 +245,14 @@ class Tiers(Overflow):
             self.d.finish(req, p.ST_BUSY, f"{self.name} has no spare capacity for it now", b"", out)
 
     def reply(self, req: Req, reply: p.Reply, out: list[Out]) -> None:
-        if self.up is not None and req.session == self.up.session:
+        up = self.up
+        if up is not None and req.session == up.session:
+            if 0 < up.max_message < len(reply.payload):  # the upstream would refuse it: say why instead
+                why = (
+                    f"the result of {len(reply.payload)} bytes, from proxy {self.name}, is over upstream broker "
+                    f"{up.name}'s limit of {up.max_message} bytes (--max-message-size)"
+                )
+                reply = p.Reply(reply.rid, p.ST_FAILED, "", p.pack_error("ResultTooLarge", why, ""), reply.parts)
             out.append((UPSTREAM, reply))
 
     def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:
