@@ -1049,6 +1049,26 @@ def pack_error(type_name: str, message: str, traceback_text: str) -> bytes:
     return data
 
 
+def fit_error(data: bytes, limit: int) -> bytes | None:
+    """A failed result's payload ``data`` cut to at most ``limit`` bytes, keeping the type: the
+    traceback's end and the message's start, each marked if cut; None if even the type cannot."""
+    if len(data) <= limit:
+        return data
+    kind, message, tb = unpack_error(data)
+    mark = " [cut to the broker's message limit]"
+    room = limit - len(kind.encode()) - 2 * len(mark) - 16  # msgpack's headers: 16 at most
+    if room < 0:
+        return None
+    mb, tbb = message.encode(), tb.encode()
+    keep_m = mb[:room]
+    n_tb = room - len(keep_m)  # what is left for the traceback's end
+    keep_tb = tbb[max(0, len(tbb) - n_tb) :] if n_tb > 0 else b""
+    cut_m = keep_m.decode(errors="ignore") + (mark if len(keep_m) < len(mb) else "")
+    cut_tb = (mark if len(keep_tb) < len(tbb) and tbb else "") + keep_tb.decode(errors="ignore")
+    out = pack_error(kind, cut_m, cut_tb)
+    return out if len(out) <= limit else None
+
+
 def unpack_error(data: bytes) -> tuple[str, str, str]:
     """Return (type, message, traceback) from a failed result's payload, tolerating garbage."""
     try:

@@ -150,7 +150,7 @@ def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_s
     the RESULT and the caller would wait out its deadline (RequestTimeout after 8 s, measured):
     the caller gets a RemoteError that says why at once, and the worker's one slot is free again.
     A stream's part over the limit ends the stream so too (it was StreamInterrupted, "part 2
-    arrived when part 1 was due")."""
+    arrived when part 1 was due"); a handler's failure over it keeps its type, cut to fit."""
     import time
 
     from zmqdist import RemoteError
@@ -165,6 +165,11 @@ def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_s
         yield "b"
 
     w.add_service("parts", parts)
+
+    def boom(n):
+        raise ValueError("v" * n)
+
+    w.add_service("boom", boom)
     w.start()
     try:
         with Client(b.endpoints, timeout=20) as c:
@@ -179,6 +184,10 @@ def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_s
             with pytest.raises(RemoteError, match=r"part 1 of the stream \(50003 bytes\) is over"):
                 got.extend(c.stream("parts", 50_000))
             assert got == ["a"] and time.monotonic() - t < 10.0
+            # a handler's own failure over the limit keeps its type; its message is cut to fit
+            with pytest.raises(RemoteError, match=r"raised ValueError: vvv.*\[cut to the broker's message limit\]"):
+                c.call("boom", 50_000)
+            assert time.monotonic() - t < 15.0
     finally:
         w.stop()
         b.stop()

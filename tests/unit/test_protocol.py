@@ -336,3 +336,28 @@ def test_the_rid_of_an_oversized_request_is_read_from_its_head_with_or_without_h
     result, _ = enc.encode(p.Result(9, p.RS_OK, b"y"))
     assert p.request_rid(plain) == 7 and p.request_rid(hopped) == 8
     assert p.request_rid(result) is None and p.request_rid(plain[:6]) is None and p.request_rid(b"") is None
+
+
+@given(
+    kind=st.text(max_size=40),
+    message=st.text(max_size=3000),
+    tb=st.text(max_size=3000),
+    limit=st.integers(0, 4000),
+)
+def test_a_failure_cut_to_the_limit_keeps_its_type_the_messages_start_and_the_tracebacks_end(kind, message, tb, limit):
+    """A handler's failure over the broker's limit goes cut rather than refused whole: within the
+    limit, the same type, a prefix of the message and a suffix of the traceback (marked if cut)."""
+    data = p.pack_error(kind, message, tb)
+    out = p.fit_error(data, limit)
+    mark = " [cut to the broker's message limit]"
+    if len(data) <= limit:
+        assert out == data  # what fits is not cut
+        return
+    if out is None:
+        assert len(kind.encode()) + 2 * len(mark) + 16 > limit  # only when the type leaves no room
+        return
+    assert len(out) <= limit
+    k, m, t = p.unpack_error(out)
+    assert k == kind
+    assert message.startswith(m.removesuffix(mark)) and (m == message or m.endswith(mark))
+    assert tb.endswith(t.removeprefix(mark)) and (t == tb or t.startswith(mark))

@@ -57,6 +57,24 @@ def test_a_result_over_the_brokers_message_limit_goes_as_a_failure_that_says_so(
     assert w.counters["too_large"] == 2 and w.counters["abandoned"] == 0
 
 
+def test_a_handlers_failure_over_the_limit_keeps_its_type_cut_to_fit_and_a_retry_stays_a_retry():
+    w = WorkerCore(("tcp://a:1",), ("echo",), 2, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("b", "inc1", 250, 4, 0, "", 10, 500), 0.0)
+    err = p.pack_error("KeyError", "m" * 2000, "Traceback...\n" + "t" * 2000 + "\nKeyError: the end")
+    (ex1,) = w.receive(task(1), 0.0)
+    [r] = w.task_done(1, ex1.session, False, err, 0.1)
+    kind, message, tb = p.unpack_error(r.payload)
+    assert r.status == p.RS_FAILED and len(r.payload) <= 500 and kind == "KeyError"
+    assert message.startswith("mmm") and message.endswith("[cut to the broker's message limit]")
+    (ex2,) = w.receive(task(2), 0.2)
+    short = p.pack_error("KeyError", "m" * 100, "t" * 2000 + "\nKeyError: the end")
+    [r] = w.task_done(2, ex2.session, False, short, 0.3, retry_ms=50)  # its policy retries it
+    kind, message, tb = p.unpack_error(r.payload)
+    assert (r.status, r.delay_ms, kind, message) == (p.RS_RETRY, 50, "KeyError", "m" * 100)
+    assert tb.endswith("\nKeyError: the end") and len(r.payload) <= 500  # the traceback's end is kept
+
+
 def test_worker_heartbeats_every_interval_and_fails_over_after_ttl():
     w = worker()
     assert w.tick(0.24) == []

@@ -360,10 +360,14 @@ class WorkerCore:
         if run is not None and run.cancelled:
             return p.Result(ticket, p.RS_CANCELLED, b"", 0, parts)
         if self.max_message and len(payload) > self.max_message:
-            # The broker would refuse it and the caller wait out its deadline: fail it, saying why.
+            # The broker would refuse it and the caller wait out its deadline: fail it, saying why
+            # (a handler's own failure keeps its type, its message and traceback cut to fit).
             self.counters["too_large"] += 1
-            why = self._too_large("the result", len(payload))
-            return p.Result(ticket, p.RS_FAILED, p.pack_error("ResultTooLarge", why, ""), 0, parts)
+            fitted = None if ok else p.fit_error(payload, self.max_message)
+            if fitted is None:
+                why = self._too_large("the result", len(payload))
+                return p.Result(ticket, p.RS_FAILED, p.pack_error("ResultTooLarge", why, ""), 0, parts)
+            payload = fitted
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
             return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
