@@ -1049,6 +1049,14 @@ def pack_error(type_name: str, message: str, traceback_text: str) -> bytes:
     return data
 
 
+RESULT_TOO_LARGE: Final = "ResultTooLarge"  # the type of a failure that stands for a result over a limit
+
+
+def result_too_large(why: str) -> bytes:
+    """The payload of a failed result that stands for one over a broker's message limit."""
+    return pack_error(RESULT_TOO_LARGE, why, "")
+
+
 def fit_error(data: bytes, limit: int) -> bytes | None:
     """A failed result's payload ``data`` cut to at most ``limit`` bytes, keeping the type: the
     traceback's end and the message's start, each marked if cut; None if even the type cannot."""

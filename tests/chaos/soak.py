@@ -414,10 +414,11 @@ def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> di
             if m := STEP_DOWN.search(line):
                 at = stepped = logged_at(line)
                 # Seconds since the broker's last SIGCONT before this line (a resumed broker that
-                # hears its peer took over steps down 0.5-3 ms after it: within the line's ms).
-                since = min(
-                    (at - t for t in resumed.get(m[1], ()) if at is not None and at - t >= -LOG_RESOLUTION_S),
-                    default=None,
+                # hears its peer took over steps down 0.5-60 ms after it: often within the line's ms).
+                since = (
+                    None
+                    if at is None
+                    else min((at - t for t in resumed.get(m[1], ()) if at - t >= -LOG_RESOLUTION_S), default=None)
                 )
                 step_downs.append(
                     {

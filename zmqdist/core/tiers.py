@@ -252,7 +252,7 @@ class Tiers(Overflow):
                     f"the result of {len(reply.payload)} bytes, from proxy {self.name}, is over upstream broker "
                     f"{up.name}'s limit of {up.max_message} bytes (--max-message-size)"
                 )
-                reply = p.Reply(reply.rid, p.ST_FAILED, "", p.pack_error("ResultTooLarge", why, ""), reply.parts)
+                reply = p.Reply(reply.rid, p.ST_FAILED, "", p.result_too_large(why), reply.parts)
             out.append((UPSTREAM, reply))
 
     def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:

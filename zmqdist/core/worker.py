@@ -356,7 +356,7 @@ class WorkerCore:
             run = None
         parts = run.parts if run is not None else 0
         if run is not None and run.failed:
-            return p.Result(ticket, p.RS_FAILED, p.pack_error("ResultTooLarge", run.failed, ""), 0, parts)
+            return p.Result(ticket, p.RS_FAILED, p.result_too_large(run.failed), 0, parts)
         if run is not None and run.cancelled:
             return p.Result(ticket, p.RS_CANCELLED, b"", 0, parts)
         if self.max_message and len(payload) > self.max_message:
@@ -366,7 +366,7 @@ class WorkerCore:
             fitted = None if ok else p.fit_error(payload, self.max_message)
             if fitted is None:
                 why = self._too_large("the result", len(payload))
-                return p.Result(ticket, p.RS_FAILED, p.pack_error("ResultTooLarge", why, ""), 0, parts)
+                return p.Result(ticket, p.RS_FAILED, p.result_too_large(why), 0, parts)
             payload = fitted
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
