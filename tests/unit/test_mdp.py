@@ -148,10 +148,15 @@ def mdp_round(core, ident, frames, now=0.0):
     return got
 
 
-def test_an_mdp02_client_gets_each_part_of_a_native_stream_as_partial_the_last_as_final():
+@pytest.mark.parametrize(
+    ("request_code", "partial", "final"),
+    [(b"\x01", b"\x02", b"\x03"), (b"\x02", b"\x03", b"\x04")],  # RFC 18's codes; majortomo's
+)
+def test_an_mdp02_client_gets_each_part_of_a_native_stream_as_partial_the_last_as_final(request_code, partial, final):
+    """In its own dialect: an RFC 18 client (REQUEST 0x01) was sent PARTIAL as 0x03, its FINAL."""
     core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0)
     core.receive(b"N", p.Hello(p.ROLE_WORKER, "native", ("gen",), 1, 250), 0)
-    (task,) = mdp_round(core, b"C", [b"MDPC02", b"\x01", b"gen", b"go"])[b"N"]
+    (task,) = mdp_round(core, b"C", [b"MDPC02", request_code, b"gen", b"go"])[b"N"]
     assert task.window == mdp.MDP_WINDOW
     n = 3 * mdp.MDP_WINDOW  # more than one window: the broker's acknowledgements keep it going
     got = []
@@ -164,17 +169,17 @@ def test_an_mdp02_client_gets_each_part_of_a_native_stream_as_partial_the_last_a
                 acks = [m for _, m in more]
                 assert acks == [p.Ack(task.ticket, seq + 1)]  # acknowledged for the client
     end = core.receive(b"N", p.Result(task.ticket, p.RS_OK, p.pack_value(None), 0, n), 0)
-    (final,) = [m for peer, msg in end if peer == b"C" for m in core.mdp_outbound(peer, msg, 0)[0]]
-    assert [m[1] for m in got] == [mdp.W2_PARTIAL] * (n - 1)
+    (last,) = [m for peer, msg in end if peer == b"C" for m in core.mdp_outbound(peer, msg, 0)[0]]
+    assert [m[1] for m in got] == [partial] * (n - 1)
     assert [m[3] for m in got] == [f"p{i}".encode() for i in range(n - 1)]
-    assert final[1] == mdp.C2_FINAL and final[3] == f"p{n - 1}".encode()
+    assert last[1] == final and last[3] == f"p{n - 1}".encode()
     # a plain handler's one value is a FINAL alone
-    (task,) = mdp_round(core, b"C", [b"MDPC02", b"\x01", b"gen", b"x"])[b"N"]
+    (task,) = mdp_round(core, b"C", [b"MDPC02", request_code, b"gen", b"x"])[b"N"]
     for peer, msg in core.receive(b"N", p.Part(task.ticket, 0, p.pack_value(b"only")), 0):
         assert core.mdp_outbound(peer, msg, 0)[0] == []  # held back: is it the last one?
     out = core.receive(b"N", p.Result(task.ticket, p.RS_OK, p.pack_value(None), 0, 1), 0)
-    (final,) = [m for peer, msg in out if peer == b"C" for m in core.mdp_outbound(peer, msg, 0)[0]]
-    assert final[1:] == [mdp.C2_FINAL, b"gen", b"only"]
+    (last,) = [m for peer, msg in out if peer == b"C" for m in core.mdp_outbound(peer, msg, 0)[0]]
+    assert last[1:] == [final, b"gen", b"only"]
 
 
 def test_an_mdp02_workers_partials_are_parts_of_a_native_stream():

@@ -4,9 +4,9 @@ Rules of this module:
 1. An MDP message is told from a native one by its first frame after the routing identity: ``ZD...``
    is zmqdist; an MDP header (``MDPC0x``/``MDPW0x``) or an empty frame (the REQ envelope delimiter
    MDP 0.1 peers, and some 0.2 libraries, put first) is Majordomo. Each peer is answered in its own
-   dialect: with or without that empty frame, and with the client FINAL code that matches its
-   REQUEST code (RFC 18: REQUEST 0x01, FINAL 0x03; some libraries, majortomo among them, number
-   client commands like worker ones: REQUEST 0x02, FINAL 0x04).
+   dialect: with or without that empty frame, and with the client codes that match its REQUEST
+   code (RFC 18: REQUEST 0x01, PARTIAL 0x02, FINAL 0x03; some libraries, majortomo among them,
+   number client commands like worker ones: REQUEST 0x02, PARTIAL 0x03, FINAL 0x04).
 2. The bridge turns MDP frames into the native messages :class:`~zmqdist.core.broker.BrokerCore`
    understands, and the core's messages to an MDP peer back into MDP frames. The core does not know
    which peers speak MDP: MDP workers are workers of capacity 1, MDP clients are clients.
@@ -50,8 +50,10 @@ W2_FINAL: Final = b"\x04"
 W2_HEARTBEAT: Final = b"\x05"
 W2_DISCONNECT: Final = b"\x06"
 C2_REQUEST: Final = b"\x01"  # RFC 18
+C2_PARTIAL: Final = b"\x02"
 C2_FINAL: Final = b"\x03"
 C2_REQUEST_ALT: Final = b"\x02"  # the worker numbering some libraries use for clients too
+C2_PARTIAL_ALT: Final = b"\x03"
 C2_FINAL_ALT: Final = b"\x04"
 MDP_HEADERS: Final = frozenset((MDPC01, MDPC02, MDPW01, MDPW02))
 
@@ -117,12 +119,13 @@ def ticket_frame(ticket: int) -> bytes:
 
 
 class _Client:
-    __slots__ = ("delim", "final", "header", "held", "next_rid", "pending")
+    __slots__ = ("delim", "final", "header", "held", "next_rid", "partial", "pending")
 
     def __init__(self, header: bytes) -> None:
         self.header = header
         self.delim = True  # answer with the empty frame first
         self.final = C2_FINAL
+        self.partial = C2_PARTIAL
         self.next_rid = 1
         self.pending: dict[int, bytes] = {}  # rid -> service name (the reply repeats it)
         self.held: dict[int, bytes] = {}  # rid -> the last part of its stream, not sent yet (rule 5)
@@ -190,6 +193,7 @@ class MdpBridge:
         c.header = header
         c.delim = delim
         c.final = final
+        c.partial = C2_PARTIAL if final == C2_FINAL else C2_PARTIAL_ALT  # its dialect's PARTIAL
         rid = c.next_rid
         c.next_rid += 1
         c.pending[rid] = service
@@ -275,7 +279,7 @@ class MdpBridge:
                 peer.held[msg.id] = msg.payload
                 if before is None:
                     return None  # held back until the next part (or the end) says it is not the last
-                return self._client_frames(peer, peer.pending[msg.id], W2_PARTIAL, unpack_body(before))
+                return self._client_frames(peer, peer.pending[msg.id], peer.partial, unpack_body(before))
             if type(msg) is not p.Reply:
                 return None
             last = peer.held.pop(msg.rid, None)
@@ -315,7 +319,7 @@ class MdpBridge:
             last = peer.held.pop(msg.rid, None)
             service = peer.pending.get(msg.rid)
             if last is not None and service is not None:
-                part = self._client_frames(peer, service, W2_PARTIAL, unpack_body(last))
+                part = self._client_frames(peer, service, peer.partial, unpack_body(last))
                 end = self.outbound(ident, msg)
                 return [part] if end is None else [part, end]
         frames = self.outbound(ident, msg)
