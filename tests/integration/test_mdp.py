@@ -10,7 +10,7 @@ import pytest
 from majortomo import Client as MdpClient
 
 from tests.integration.helpers import ROOT, status, wait_for
-from zmqdist import Client
+from zmqdist import Client, RemoteError
 
 pytestmark = pytest.mark.integration
 
@@ -150,4 +150,75 @@ def test_rfc_strict_peers_on_raw_sockets(procs, tmp_path):
             assert recv(client) == [*expect_head, b"pong"]
     finally:
         for s in socks:
+            s.close(0)
+
+
+def recv_task(sock):
+    """The next message to a raw MDP 0.2 worker that is not the broker's heartbeat."""
+    while (msg := recv(sock))[:2] == [b"MDPW02", b"\x05"]:
+        pass
+    return msg
+
+
+@pytest.mark.timeout(60)
+def test_mdp_bodies_over_the_brokers_limit_are_refused_or_failed_saying_so(procs, tmp_path):
+    """--max-message-size holds for Majordomo peers as for native ones, on the body's total: libzmq
+    checks each frame, so several frames under the limit could carry any amount. A request over it
+    is refused (INVALID) and never reaches a worker; a reply over it, in one frame, in several, or
+    in PARTIALs collected for one reply, fails its request (ResultTooLarge) and the worker, not at
+    fault for the broker's limit, keeps serving."""
+    import zmq
+
+    ep = f"ipc://{tmp_path}/b.sock"
+    limit = 20_000
+    procs.spawn("broker", "--bind", ep, "--max-message-size", str(limit))
+    ctx = zmq.Context.instance()
+    worker, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        for s in (worker, client):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(ep)
+        worker.send_multipart([b"MDPW02", b"\x01", b"raw"])
+        with Client([ep], timeout=10) as c:
+            wait_for(lambda: "raw" in services(c), 20, "raw worker registered")
+            big, half = b"r" * (limit * 3 // 2), b"h" * (limit * 3 // 4)
+            for body in ([big], [half, half, half]):  # one frame over, three frames each under
+                client.send_multipart([b"MDPC02", b"\x01", b"raw", *body])
+                reply = recv(client)
+                assert reply[:4] == [b"MDPC02", b"\x03", b"raw", b"zmqdist.error"], reply[:4]
+                assert reply[4] == b"INVALID" and f"limit of {limit} bytes".encode() in reply[5], reply[4:]
+            cases = (  # the client's request, the worker's answer: the client gets FAILED
+                ([b"MDPC02", b"\x01"], [[b"\x04", big]]),
+                ([b"MDPC02", b"\x01"], [[b"\x04", half, half, half]]),
+                ([b"MDPC01"], [[b"\x03", half], [b"\x03", half], [b"\x04", half]]),  # PARTIALs make one reply
+                ([b"MDPC02", b"\x01"], [[b"\x03", half], [b"\x03", big], [b"\x04", half]]),  # a stream's part
+            )
+            for request, answer in cases:
+                worker.send_multipart([b"MDPW02", b"\x05"])  # a heartbeat: the test outlasts none
+                client.send_multipart([*request, b"raw", b"ping"])
+                task = recv_task(worker)  # not one of the requests refused above
+                assert task[:2] == [b"MDPW02", b"\x02"] and task[4:] == [b"ping"], task[:2]
+                for cmd, *body in answer:
+                    worker.send_multipart([b"MDPW02", cmd, task[2], b"", *body])
+                head = [b"MDPC01", b"raw"] if request == [b"MDPC01"] else [b"MDPC02", b"\x03", b"raw"]
+                if answer[1:2] == [[b"\x03", big]]:  # the stream's first part reaches the client first
+                    assert recv(client) == [b"MDPC02", b"\x02", b"raw", half]  # RFC 18's PARTIAL
+                reply = recv(client)
+                assert reply[: len(head) + 2] == [*head, b"zmqdist.error", b"FAILED"], reply[:5]
+                assert reply[-1].startswith(b"ResultTooLarge") and f"limit of {limit}".encode() in reply[-1], reply[-1]
+            # the worker was not dropped: it serves the next request, a native client's too
+            worker.send_multipart([b"MDPW02", b"\x05"])
+            fut = c.submit("raw", b"native")
+            task = recv_task(worker)
+            worker.send_multipart([b"MDPW02", b"\x04", task[2], b"", b"ok"])
+            assert fut.result(10) == b"ok"
+            fut = c.submit("raw", b"native")
+            task = recv_task(worker)
+            worker.send_multipart([b"MDPW02", b"\x04", task[2], b"", big])
+            with pytest.raises(RemoteError, match="ResultTooLarge"):
+                fut.result(10)
+            st = status(c)
+            assert st["counters"]["invalid"] == 2 and st["mdp"]["mdp_too_large"] == 5, st
+    finally:
+        for s in (worker, client):
             s.close(0)

@@ -270,3 +270,61 @@ def test_the_peer_table_stays_bounded_under_a_spray_of_identities():
         bridge.inbound(f"w{i}".encode(), [b"MDPW02", b"\x03", b"\0" * 8, b"", b"partial"])  # unknown workers
         bridge.inbound(f"c{i}".encode(), [b"MDPC02", b"\x01", b"echo", b"x"])  # clients never answered
     assert len(bridge.peers) <= 51
+
+
+def test_the_brokers_message_limit_holds_for_mdp_bodies_and_a_worker_past_it_keeps_serving():
+    """Rule 6: a body's total, not each frame (libzmq's check), against --max-message-size."""
+    core = BrokerCore(BrokerSettings(name="b", max_message_size=1000), "inc", 0.0)
+
+    def to(peer, frames):
+        out = []
+        core.receive_mdp(peer, frames, 0, out)
+        return [(q, f) for q, m in out if q in (b"C", b"W") for f in core.mdp_outbound(q, m, 0)[0]]
+
+    to(b"W", [b"MDPW02", b"\x01", b"s"])
+    # a request of three frames of 400 bytes is refused with the reason, and reaches no worker
+    (got,) = to(b"C", [b"MDPC02", b"\x01", b"s", *[b"r" * 400] * 3])
+    assert got[0] == b"C" and got[1][3:5] == [mdp.ERROR_TAG, b"INVALID"] and b"limit of 1000" in got[1][5]
+    assert core.counters.invalid == 1 and core.mdp.counters["mdp_requests"] == 1
+
+    def ask(request=(b"MDPC02", b"\x01")):
+        ((peer, task),) = to(b"C", [*request, b"s", b"go"])
+        assert peer == b"W" and task[1] == mdp.REQUEST
+        return task[2]
+
+    h = b"h" * 400
+    for answer in (
+        [[mdp.W2_FINAL, b"x" * 1001]],
+        [[mdp.W2_FINAL, h, h, h]],
+    ):
+        ticket = ask()
+        got = [f for cmd, *body in answer for f in to(b"W", [b"MDPW02", cmd, ticket, b"", *body])]
+        assert [g[0] for g in got] == [b"C"] and got[0][1][3:5] == [mdp.ERROR_TAG, b"FAILED"], got
+        assert got[0][1][5].startswith(b"ResultTooLarge") and b"limit of 1000" in got[0][1][5]
+    # PARTIALs collected for one reply (an MDP 0.1 client asks for one): failed as soon as they pass
+    # the limit, the rest of that reply dropped, the FINAL too
+    ticket = ask((b"MDPC01",))
+    assert to(b"W", [b"MDPW02", mdp.W2_PARTIAL, ticket, b"", h, h]) == []
+    (got,) = to(b"W", [b"MDPW02", mdp.W2_PARTIAL, ticket, b"", h])
+    assert got[1][2:4] == [mdp.ERROR_TAG, b"FAILED"] and b"PARTIALs" in got[1][4]
+    assert to(b"W", [b"MDPW02", mdp.W2_PARTIAL, ticket, b"", h]) == []
+    assert to(b"W", [b"MDPW02", mdp.W2_FINAL, ticket, b"", h]) == []
+    assert not core.mdp.peers[b"W"].partial and not core.mdp.peers[b"W"].dropping  # nothing kept
+    # a stream's part over it: the parts before it, then the failure saying which part
+    ticket = ask()
+    assert to(b"W", [b"MDPW02", mdp.W2_PARTIAL, ticket, b"", b"p0"]) == []  # held: the last one?
+    got = to(b"W", [b"MDPW02", mdp.W2_PARTIAL, ticket, b"", b"x" * 1001])
+    assert [g[1][1] for g in got] == [mdp.C2_PARTIAL, mdp.C2_FINAL] and got[0][1][3] == b"p0"
+    assert got[1][1][4] == b"FAILED" and b"part 2 of the stream" in got[1][1][5]
+    assert to(b"W", [b"MDPW02", mdp.W2_FINAL, ticket, b"", b"end"]) == []
+    # the worker was never told DISCONNECT: it serves on, within the limit
+    ticket = ask()
+    (got,) = to(b"W", [b"MDPW02", mdp.W2_FINAL, ticket, b"", b"x" * 900])
+    assert got[1][1] == mdp.C2_FINAL and got[1][3] == b"x" * 900
+    assert core.mdp.counters["mdp_too_large"] == 4 and core.counters.bad_input == 1
+
+
+def test_a_bridge_without_a_limit_takes_any_size():
+    bridge = mdp.MdpBridge(30, 2500)
+    (req,) = bridge.inbound(b"C", [b"MDPC02", b"\x01", b"s", b"x" * 100_000])
+    assert type(req) is p.Request and len(req.payload) > 100_000

@@ -62,7 +62,8 @@ class BrokerMachine:
         self.counters = counters
         self.incarnation = ""
         # Majordomo peers share the ROUTER: the bridge translates their frames (docs/mdp.md).
-        self.mdp = MdpBridge(settings.mdp_timeout_s, max(1, round(settings.mdp_heartbeat_s * 1000)))
+        mdp_hb = max(1, round(settings.mdp_heartbeat_s * 1000))
+        self.mdp = MdpBridge(settings.mdp_timeout_s, mdp_hb, max_bytes=settings.max_message_size)
         self._mdp_ttl = settings.mdp_heartbeat.ttl_s
         # Peers that said in HELLO that they read BATCH frames, with their limit: the runtime sends
         # each of them what is ready for it in one message (natural batching, docs/protocol.md).
@@ -130,7 +131,10 @@ class BrokerMachine:
         except RemoteProtocolError as exc:
             self.counters.bad_input += 1
             out.append((LOG, Problem(f"bad message from {peer.hex()}: {exc}", "bad-input")))
-            if self.mdp.speaks_mdp(peer):  # a known MDP worker is told DISCONNECT
+            if exc.rid is not None and self.mdp.is_client(peer):  # a request refused: answered
+                self.counters.invalid += 1
+                out.append((peer, p.Reply(exc.rid, p.ST_INVALID, str(exc), b"")))
+            elif self.mdp.speaks_mdp(peer):  # a known MDP worker is told DISCONNECT
                 out.append((peer, p.Error(exc.code or p.E_HEADER, str(exc))))
             return
         for msg in msgs:

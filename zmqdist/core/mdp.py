@@ -25,6 +25,11 @@ Rules of this module:
    An MDP 0.2 worker's PARTIALs are parts of a stream when the request is one (its FINAL is the
    last part), else they are collected and delivered with its FINAL as one reply. MDP 0.1 clients
    get one reply. MDP has no cancel: an MDP worker runs a cancelled request to its end.
+6. The broker's message limit (``--max-message-size``) holds for a body's total, as for a native
+   payload: libzmq checks each frame alone, so several frames under it could carry any amount. A
+   request over it is refused (INVALID); a reply over it, or PARTIALs collected past it, fail their
+   request (``ResultTooLarge``) and the rest of that reply is dropped as it comes: the worker,
+   not at fault for the broker's limit, keeps serving.
 """
 
 from __future__ import annotations
@@ -132,7 +137,7 @@ class _Client:
 
 
 class _Worker:
-    __slots__ = ("delim", "header", "partial", "partial_n", "service", "streams")
+    __slots__ = ("delim", "dropping", "header", "partial", "partial_bytes", "partial_n", "service", "streams")
 
     def __init__(self, header: bytes, service: bytes, delim: bool) -> None:
         self.header = header
@@ -140,21 +145,25 @@ class _Worker:
         self.service = service
         self.partial: dict[int, list[bytes]] = {}  # ticket -> body frames of PARTIAL replies so far
         self.partial_n = 0
+        self.partial_bytes: dict[int, int] = {}  # ticket -> bytes of its PARTIAL frames so far
         self.streams: dict[int, int] = {}  # ticket -> parts so far, for tasks that are streams
+        self.dropping: set[int] = set()  # tickets failed over the limit: the rest of the reply is dropped
 
 
 class MdpBridge:
     """Translates between MDP peers and the broker core (see the module rules).
 
-    ``timeout_s`` is the budget given to MDP client requests (MDP carries none).
+    ``timeout_s`` is the budget given to MDP client requests (MDP carries none); ``max_bytes``
+    the broker's message limit, held by a body's total (rule 6; 0: none).
     """
 
-    def __init__(self, timeout_s: float, heartbeat_ms: int, max_peers: int = MAX_PEERS) -> None:
+    def __init__(self, timeout_s: float, heartbeat_ms: int, max_peers: int = MAX_PEERS, max_bytes: int = 0) -> None:
         self.max_peers = max_peers
+        self.max_bytes = max_bytes
         self.budget_ms = max(1, min(p.MAX_BUDGET_MS, round(timeout_s * 1000)))
         self.heartbeat_ms = heartbeat_ms
         self.peers: dict[bytes, _Client | _Worker] = {}
-        self.counters = {"mdp_requests": 0, "mdp_replies": 0, "mdp_workers": 0, "mdp_partials": 0}
+        self.counters = {"mdp_requests": 0, "mdp_replies": 0, "mdp_workers": 0, "mdp_partials": 0, "mdp_too_large": 0}
 
     # --- MDP -> native ----------------------------------------------------------------------------
 
@@ -199,7 +208,10 @@ class MdpBridge:
         c.pending[rid] = service
         self.counters["mdp_requests"] += 1
         window = MDP_WINDOW if header == MDPC02 else 0
-        return p.Request(rid, name, self.budget_ms, (), pack_body(body), "", "", window)
+        payload = pack_body(body)
+        if self.max_bytes and len(payload) > self.max_bytes:  # answered INVALID by its rid (rule 6)
+            raise RemoteProtocolError(f"MDP: a request body {self._over(len(payload))}", p.E_FRAMES, rid)
+        return p.Request(rid, name, self.budget_ms, (), payload, "", "", window)
 
     def _from_worker(self, ident: bytes, header: bytes, delim: bool, cmd: bytes, rest: list[bytes]) -> list[p.Message]:
         v2 = header == MDPW02
@@ -233,9 +245,17 @@ class MdpBridge:
             body = rest[2:]
             wk = self.peers[ident]
             assert isinstance(wk, _Worker)
+            if ticket in wk.dropping:  # failed over the limit: the rest of its reply goes nowhere
+                if final:
+                    wk.dropping.discard(ticket)
+                return []
             seq = wk.streams.get(ticket)
             if seq is not None:  # a stream: each PARTIAL is a part, the FINAL the last one
-                part = p.Part(ticket, seq, pack_body(body))
+                payload = pack_body(body)
+                if self.max_bytes and len(payload) > self.max_bytes:
+                    del wk.streams[ticket]
+                    return [self._too_large(wk, ticket, final, f"part {seq + 1} of the stream", len(payload), seq)]
+                part = p.Part(ticket, seq, payload)
                 if not final:
                     self.counters["mdp_partials"] += 1
                     wk.streams[ticket] = seq + 1
@@ -245,17 +265,40 @@ class MdpBridge:
             parts = wk.partial.get(ticket)
             if not final:
                 self.counters["mdp_partials"] += 1
+                size = wk.partial_bytes.get(ticket, 0) + sum(len(f) for f in body)
                 if wk.partial_n + len(body) > MAX_FRAMES:
                     raise RemoteProtocolError(f"MDP: more than {MAX_FRAMES} partial reply frames held", p.E_FRAMES)
+                if self.max_bytes and size > self.max_bytes:  # collected past the limit: fail it now
+                    self._forget_partial(wk, ticket)
+                    return [self._too_large(wk, ticket, final, "the reply's PARTIALs", size, 0)]
                 wk.partial.setdefault(ticket, []).extend(body)
                 wk.partial_n += len(body)
+                wk.partial_bytes[ticket] = size
                 return []
             if parts is not None:
-                del wk.partial[ticket]
-                wk.partial_n -= len(parts)
+                self._forget_partial(wk, ticket)
                 body = parts + body
-            return [p.Result(ticket, p.RS_OK, pack_body(body))]
+            payload = pack_body(body)
+            if self.max_bytes and len(payload) > self.max_bytes:
+                return [self._too_large(wk, ticket, final, "the reply", len(payload), 0)]
+            return [p.Result(ticket, p.RS_OK, payload)]
         raise RemoteProtocolError(f"MDP: unknown worker command {cmd[:4]!r}", p.E_COMMAND)
+
+    def _forget_partial(self, wk: _Worker, ticket: int) -> None:
+        wk.partial_n -= len(wk.partial.pop(ticket, ()))
+        wk.partial_bytes.pop(ticket, None)
+
+    def _too_large(self, wk: _Worker, ticket: int, final: bool, what: str, size: int, parts: int) -> p.Result:
+        """The failed RESULT standing for a reply over the limit (rule 6); unless this was its
+        FINAL, the rest of the reply is dropped as it comes."""
+        self.counters["mdp_too_large"] += 1
+        if not final:
+            wk.dropping.add(ticket)
+        why = f"{what} from an MDP worker {self._over(size)}"
+        return p.Result(ticket, p.RS_FAILED, p.result_too_large(why), 0, parts)
+
+    def _over(self, size: int) -> str:
+        return f"({size} bytes) is over this broker's limit of {self.max_bytes} bytes (--max-message-size)"
 
     def _make_room(self) -> None:
         if len(self.peers) >= self.max_peers:
