@@ -168,7 +168,8 @@ class SimWorker(_Node):
     - ``{"flaky": n}``: raises ``OSError`` on its first ``n`` runs (counted by ``attempt``), then
       returns the value; a retry policy (the caller's, else :attr:`retry`) decides what follows;
     - ``{"stream": n}``: a generator of ``n`` parts (0 to n-1), one per service time, never more
-      than the caller's window ahead of its acknowledgements;
+      than the caller's window ahead of its acknowledgements; with ``"pad": k`` each part is
+      ``[i, k bytes]`` (parts of a size);
     - anything else: echoed.
 
     A cancel (or the deadline) stops a handler at once, as one that checks ``cancelled`` would.
@@ -244,7 +245,9 @@ class SimWorker(_Node):
                 self.parts_made += 1
                 run.streamed += 1
                 self.max_ahead = max(self.max_ahead, run.streamed - run.acked)
-                self.handle(self.core.part(o.ticket, o.session, p.pack_value(run.streamed - 1), now))
+                i = run.streamed - 1
+                part = [i, b"x" * int(value["pad"])] if "pad" in value else i
+                self.handle(self.core.part(o.ticket, o.session, p.pack_value(part), now))
                 if not o.window or run.streamed < run.acked + o.window or run.streamed == n:
                     self.sim.at(now + self.service_time, functools.partial(self._step, run))
                 return

@@ -53,6 +53,32 @@ class Topology:
                 )
 
 
+@pytest.mark.timeout(90)
+def test_a_stream_handed_down_whose_part_is_over_the_masters_limit_ends_at_once_saying_so(procs, tmp_path):
+    """M (20 kB) hands a stream down to proxy A (its default limit), whose worker yields a part of
+    30 kB. A relayed that part up, M refused it as bad input, and the caller saw
+    StreamInterrupted ("part 2 arrived when part 1 was due") with nothing about the size, the run
+    going on below. A now ends the stream at that part with the failure that says so, stops the
+    run, and A's worker is free for the next request."""
+    t = Topology(procs, tmp_path)
+    t.broker("M", "--max-message-size", "20000")
+    t.broker("A")
+    t.worker("a1", ("A",), target="testworkers:lifecycle")
+    t.wait_ready(proxies=("A",), workers={"A": 1})
+    with t.client("M", timeout=20) as cm:
+        wait_for(lambda: "gen" in status(cm)["services"], 10, "M offered gen by A")
+        assert [v for v in cm.stream("gen", {"n": 3, "size": 100})] == [[i, b"x" * 100] for i in range(3)]
+        started = time.monotonic()
+        got = []
+        with pytest.raises(RemoteError, match=r"part 1 of the stream.*from proxy A, is over upstream broker M's limit"):
+            for v in cm.stream("gen", {"n": 1000, "size": 30_000, "delay": 0.05}):  # 50 s to its end
+                got.append(v)
+        assert time.monotonic() - started < 5.0 and got == [], got
+        assert cm.call("pid", None, timeout=8) > 0  # A's one slot, free again (not at the 20 s deadline)
+    with t.client("A", timeout=5) as ca:
+        assert status(ca)["counters"]["replies_failed"] == 1
+
+
 def regions(procs, tmp_path):
     t = Topology(procs, tmp_path)
     for n in ("M", "A", "B"):

@@ -238,6 +238,35 @@ def test_a_stream_through_a_tier_keeps_order_and_the_worker_never_runs_past_its_
     assert sim.brokers["m"].core.status(sim.clock.now())["counters"]["parts"] == 200
 
 
+def test_a_stream_handed_down_ends_at_a_part_over_the_upstreams_limit_and_its_run_stops():
+    """The master hands a stream to a proxy whose worker's parts are over the master's message
+    limit: the proxy ends the stream upstream with the failure that says so (the parts before it
+    delivered), stops the run, and sends nothing more up for it."""
+    sim = Simulation()
+    sim.add_broker("m", settings=BrokerSettings(max_message_size=1000))
+    sim.add_broker("p", upstream=("m",))
+    w = sim.add_worker("w", service_time=0.001, via=("p",))
+    c = sim.add_client("c", via=("m",))
+    sim.run_for(1)
+    a = c.submit("echo", {"stream": 50, "pad": 100}, timeout=60, window=8)  # fits
+    sim.run_for(2)
+    assert [x[0] for x in c.parts[a]] == list(range(50)) and [x.status for x in c.completed[a]] == [p.ST_OK]
+    made = w.parts_made
+    b = c.submit("echo", {"stream": 50, "pad": 2000}, timeout=60, window=8)
+    sim.run_for(2)
+    (done,) = c.completed[b]
+    kind, message, _ = p.unpack_error(done.payload)
+    assert done.status == p.ST_FAILED and kind == p.RESULT_TOO_LARGE and not c.parts.get(b)
+    assert "part 1 of the stream" in message and "limit of 1000 bytes" in message, message
+    assert w.core.runs == {} and w.parts_made - made <= 8  # stopped within its window, not run to the end
+    m, px = sim.brokers["m"].core, sim.brokers["p"].core
+    assert m.open_requests == 0 and px.open_requests == 0
+    assert m.counters.late_results == 0 and m.counters.bad_input == 0  # nothing more of it went up
+    d = c.submit("echo", "after", timeout=10)
+    sim.run_for(1)
+    assert [x.status for x in c.completed[d]] == [p.ST_OK]
+
+
 def test_a_takeover_mid_stream_ends_it_interrupted_with_no_gap_and_no_repeat():
     sim = Simulation()
     sim.add_broker("m")

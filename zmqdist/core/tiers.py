@@ -257,8 +257,26 @@ class Tiers(Overflow):
 
     def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:
         # Work handed down: its parts go up as a worker's would, numbered by the upstream's ticket.
-        if self.up is not None and req.session == self.up.session:
-            out.append((UPSTREAM, msg))
+        up = self.up
+        if up is None or req.session != up.session:
+            return
+        if 0 < up.max_message < len(msg.payload):  # the upstream would refuse it (over twice: drop it unseen)
+            if type(msg) is p.Part:
+                self._part_too_large(req, msg, up, out)
+            return  # a progress report is advisory: it stays here
+        out.append((UPSTREAM, msg))
+
+    def _part_too_large(self, req: Req, part: p.Part, up: Upstream, out: list[Out]) -> None:
+        """End a stream handed down at a part its upstream would refuse, with the failure that says
+        why, and stop its run here: the upstream, told it ended, will not cancel it."""
+        why = (
+            f"part {part.seq + 1} of the stream ({len(part.payload)} bytes), from proxy {self.name}, is over "
+            f"upstream broker {up.name}'s limit of {up.max_message} bytes (--max-message-size)"
+        )
+        self.counters.ended(p.ST_FAILED)
+        out.append((UPSTREAM, p.Reply(req.rid, p.ST_FAILED, "", p.result_too_large(why), part.seq)))
+        req.session = -1  # detached: nothing more of it goes up (nor the CANCELLED its run ends with)
+        self.life.cancel_run(req, self.d.now, out)
 
     def send_on(self, req: Req, msg: p.Cancel | p.Ack, out: list[Out]) -> None:
         if self.up is not None and req.ticket in self.sent_up:
