@@ -3,7 +3,7 @@
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
 from zmqdist.core.client import ClientCore, Completed
-from zmqdist.core.link import EPSILON, Connect, Stopped
+from zmqdist.core.link import EPSILON, Connect, Problem, Stopped
 from zmqdist.core.worker import Abort, Execute, WorkerCore
 from zmqdist.testing import tick_until
 
@@ -55,6 +55,17 @@ def test_a_result_over_the_brokers_message_limit_goes_as_a_failure_that_says_so(
     [r] = w.task_done(3, ex3.session, True, b"", 0.3)
     assert (r.status, r.parts, p.unpack_error(r.payload)[0]) == (p.RS_FAILED, 1, "ResultTooLarge")
     assert w.counters["too_large"] == 2 and w.counters["abandoned"] == 0
+
+
+def test_a_progress_report_over_the_limit_is_not_sent_and_says_why_the_next_that_fits_goes():
+    w = WorkerCore(("tcp://a:1",), ("echo",), 2, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("b", "inc1", 250, 4, 0, "", 10, 100), 0.0)
+    (ex,) = w.receive(task(1), 0.0)
+    [problem] = w.progress(1, ex.session, b"x" * 101, 1.0)
+    assert type(problem) is Problem and problem.key and "(101 bytes)" in problem.message
+    assert "limit of 100 bytes" in problem.message and w.counters["too_large"] == 1
+    assert w.progress(1, ex.session, b"x" * 100, 1.0) == [p.Progress(1, b"x" * 100)]
 
 
 def test_a_handlers_failure_over_the_limit_keeps_its_type_cut_to_fit_and_a_retry_stays_a_retry():

@@ -257,10 +257,14 @@ class WorkerCore:
 
     def progress(self, ticket: int, session: int, payload: bytes, now: float) -> list[WorkerOut]:
         """A handler reported progress: send it, or hold it back until ``PROGRESS_S`` has passed
-        since the last one (a newer report replaces a held one)."""
+        since the last one (a newer report replaces a held one). One over the broker's limit is
+        not sent (it is advisory; the broker would refuse it): logged, rate-limited."""
         run = self.runs.get(ticket)
         if run is None or run.session != session or run.cancelled or not self._sendable(ticket, session):
             return []
+        if self.max_message and len(payload) > self.max_message:  # the broker would refuse it: stays here
+            self.counters["too_large"] += 1
+            return [Problem(f"progress report not sent: {self._too_large('it', len(payload))}", "too-large")]
         if now - run.reported >= PROGRESS_S:
             run.reported = now
             run.pending = None
