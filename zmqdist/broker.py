@@ -221,7 +221,7 @@ class Broker:
             zap_register(self._ctx, self._zap_domain, self._ring)  # before the first handshake
         try:
             # libzmq drops a message over its limit with the connection and says nothing: up to twice the
-            # advertised limit the broker reads it itself, to answer and log it (_oversized)
+            # advertised limit the broker reads it itself, to answer and log it (core.oversized)
             hard = 2 * s.max_message_size
             sock, self.endpoints = bind_router(self._ctx, self._bind, hard, self._secret, self._zap_domain)
             if self._ha_bind:
@@ -456,7 +456,7 @@ class Broker:
                 if type(payload) is str:
                     core.bad_input(ident, RemoteProtocolError(payload, p.E_FRAMES), b"", pending)
                 elif len(payload) > self._max_payload:
-                    self._oversized(core, ident, hb, len(payload), pending)
+                    core.oversized(ident, hb, len(payload), now, pending, rights)
                 else:
                     core.receive_frames(ident, hb, payload.bytes, now, pending, rights)
             # The first message of a wake-up goes out before looking for more: alone (the
@@ -467,14 +467,6 @@ class Broker:
         if pending:
             self._send(core, pending, now)
         return more
-
-    def _oversized(self, core: BrokerMachine, peer: bytes, head: bytes, size: int, out: list[Out]) -> None:
-        """A message over --max-message-size: refused with the reason (a request gets an INVALID
-        reply), counted and logged. (Beyond twice the limit, libzmq drops it with its connection.)"""
-        rid = p.request_rid(head)  # a proxy's forwarded request (with hops) too: it is answered
-        limit = self._max_payload
-        why = f"a message of {size} bytes is over this broker's limit of {limit} bytes (--max-message-size)"
-        core.bad_input(peer, RemoteProtocolError(why, p.E_FRAMES, rid), head, out)
 
     def _mdp_frames(self, sock: zmq.Socket[Any], first: bytes, more: bool) -> list[bytes]:
         """The frames of a Majordomo message (its first is read), at most MAX_FRAMES + 9 kept."""

@@ -181,7 +181,7 @@ def test_a_result_over_the_brokers_limit_fails_at_once_saying_so_and_frees_the_s
             assert time.monotonic() - t < 5.0  # at once, not at the deadline (20 s)
             assert c.call("grow", 19_000) == "x" * 19_000  # the slot is free, a result that fits goes
             got = []  # a stream's part over the limit: the parts before it, then the reason
-            with pytest.raises(RemoteError, match=r"part 1 of the stream \(50003 bytes\) is over"):
+            with pytest.raises(RemoteError, match=r"part 2 of the stream \(50003 bytes\) is over"):
                 got.extend(c.stream("parts", 50_000))
             assert got == ["a"] and time.monotonic() - t < 10.0
             # a handler's own failure over the limit keeps its type; its message is cut to fit

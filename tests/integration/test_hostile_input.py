@@ -328,3 +328,53 @@ def test_hundred_thousand_messages_from_every_role_with_bounded_memory(procs, tm
           f"rss {rss[0]} -> {rss[1]} KiB (+{grown}), counters {st['counters']}")  # fmt: skip
     assert grown < 32 * 1024, f"broker memory grew by {grown} KiB over 90,000 messages (seed {seed})"
     assert st["counters"]["bad_input"] > 20_000
+
+
+@pytest.mark.timeout(60)
+def test_an_older_workers_result_over_the_limit_fails_its_request_at_once(tmp_path):
+    """A worker that does not check its results against WELCOME's max_message itself (one from
+    before it did, or one written elsewhere) sends a RESULT over --max-message-size: the broker
+    refused it as bad input and the caller waited out the deadline. The broker reads the head,
+    ends the task as a ResultTooLarge failure and frees the slot; a stream's PART so too, its run
+    cancelled."""
+    broker = Broker(bind=[f"ipc://{tmp_path}/b.sock"], name="lim", max_message_size=20_000).start()
+    old = zmq.Context.instance().socket(zmq.DEALER)
+    old.setsockopt(zmq.LINGER, 0)
+    old.connect(broker.endpoints[0])
+
+    def send(msg):
+        old.send_multipart(list(p.encode(msg)))
+
+    def next_of(kind):
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            if old.poll(100):
+                msg = p.decode(*old.recv_multipart())
+                if type(msg) is kind:
+                    return msg
+            send(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))
+        raise AssertionError(f"no {kind.__name__} in 10 s")
+
+    try:
+        send(p.Hello(p.ROLE_WORKER, "old", ("big",), 1, 250))
+        next_of(p.Welcome)
+        with Client(broker.endpoints, timeout=20) as c:
+            fut = c.submit("big", 1)
+            task = next_of(p.Task)
+            send(p.Result(task.ticket, p.RS_OK, b"x" * 30_000))
+            started = time.monotonic()
+            with pytest.raises(RemoteError, match=r"the result from its worker: a message of 30\d+ bytes is over"):
+                fut.result(10)
+            assert time.monotonic() - started < 5.0  # at once, not at the deadline (20 s)
+            stream = c.stream("big", 2)
+            task = next_of(p.Task)  # the one slot is free again
+            send(p.Part(task.ticket, 0, p.pack_value("a")))
+            send(p.Part(task.ticket, 1, b"x" * 30_000))
+            got = []
+            with pytest.raises(RemoteError, match=r"part 2 of the stream from its worker"):
+                got.extend(stream)
+            assert got == ["a"] and next_of(p.Cancel).id == task.ticket
+            assert broker.status()["counters"]["bad_input"] == 2
+    finally:
+        old.close(0)
+        broker.stop()

@@ -484,3 +484,39 @@ def test_a_service_nobody_serves_any_more_is_forgotten_after_its_grace():
     hello(core, b"D", services=("again",), now=100.0)
     core.tick(131.5)
     assert "again" in core.status(131.5)["services"]
+
+
+def test_a_workers_result_or_part_over_the_limit_ends_its_task_saying_so_and_frees_the_slot():
+    """The runtime reads the head of a message over --max-message-size, not its payload. A RESULT
+    (or a stream's PART) from a worker that does not check its results itself, as older ones do
+    not, ends the task as a ResultTooLarge failure: the caller waited out its deadline."""
+    core = make(max_message_size=1000)
+    hello(core, b"W")
+    ((_, t1),) = tasks(request(core, 1))
+    out = []
+    core.oversized(b"W", p.encode(p.Result(t1.ticket, p.RS_OK, b""))[0], 5000, 0.1, out)
+    (reply,) = replies(out)
+    kind, why, _ = p.unpack_error(reply.payload)
+    assert (reply.rid, reply.status, kind) == (1, p.ST_FAILED, p.RESULT_TOO_LARGE)
+    assert "the result from its worker" in why and "5000 bytes" in why and "limit of 1000 bytes" in why
+    assert core.counters.bad_input == 1 and any(peer == LOG for peer, _ in out)
+    # the slot is free: the next request goes to the same worker at once
+    ((peer, t2),) = tasks(request(core, 2, now=0.2))
+    assert peer == b"W"
+    # a stream's part: its run is cancelled, the caller told after the parts that went before
+    core.receive(b"W", p.Result(t2.ticket, p.RS_OK, p.pack_value(1)), 0.3)
+    ((_, t3),) = tasks(core.receive(b"C", p.Request(3, "echo", 5000, (), b"x", "", "", 4), 0.4))
+    assert core.receive(b"W", p.Part(t3.ticket, 0, b"p0"), 0.5) == [(b"C", p.Part(3, 0, b"p0"))]
+    out = []
+    core.oversized(b"W", p.encode(p.Part(t3.ticket, 1, b""))[0], 3000, 0.6, out)
+    assert (b"W", p.Cancel(t3.ticket)) in out
+    (reply,) = replies(out)
+    assert (reply.status, reply.parts) == (p.ST_FAILED, 1)
+    assert "part 2 of the stream" in p.unpack_error(reply.payload)[1]
+    # anything else over the limit is bad input, answered with an ERROR; a request, INVALID
+    out = []
+    core.oversized(b"W", p.encode(p.Heartbeat(p.ROLE_WORKER, "", 0, ()))[0], 3000, 0.7, out)
+    assert [type(m) for peer, m in out if peer == b"W"] == [p.Error]
+    out = []
+    core.oversized(b"C", p.encode(p.Request(9, "echo", 5000, ("up",), b""))[0], 3000, 0.7, out)
+    assert [(m.rid, m.status) for m in replies(out)] == [(9, p.ST_INVALID)]

@@ -50,7 +50,7 @@ def test_a_result_over_the_brokers_message_limit_goes_as_a_failure_that_says_so(
     (ex3,) = w.receive(p.Task(3, "echo", 1000, 1, "k3", 3, (), b"v", "", 4), 0.2)
     assert w.part(3, ex3.session, b"p" * 100, 0.2) == [p.Part(3, 0, b"p" * 100)]
     [stop] = w.part(3, ex3.session, b"p" * 101, 0.2)
-    assert type(stop) is Abort and stop.ticket == 3 and "part 1 of the stream (101 bytes)" in stop.reason
+    assert type(stop) is Abort and stop.ticket == 3 and "part 2 of the stream (101 bytes)" in stop.reason
     assert w.part(3, ex3.session, b"p", 0.2) == []  # nothing more of it goes
     [r] = w.task_done(3, ex3.session, True, b"", 0.3)
     assert (r.status, r.parts, p.unpack_error(r.payload)[0]) == (p.RS_FAILED, 1, "ResultTooLarge")

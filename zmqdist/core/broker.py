@@ -21,6 +21,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
@@ -51,6 +52,9 @@ from zmqdist.errors import RemoteProtocolError
 __all__ = ["EPSILON", "BrokerCore", "BrokerMachine", "Out"]
 
 Rights = tuple[str, str]  # (roles, services) a CURVE peer's key was admitted with
+
+
+_RESULT_HEADS: Final = frozenset((p.HEAD_PREFIX[p.Result], p.HEAD_PREFIX[p.Part]))
 
 
 class BrokerMachine:
@@ -177,6 +181,39 @@ class BrokerMachine:
             out.append((peer, p.Reply(err.rid, p.ST_INVALID, str(err), b"")))
         else:
             out.append((peer, p.Error(err.code or p.E_HEADER, str(err))))
+
+    def oversized(
+        self, peer: bytes, head: bytes, size: int, now: float, out: list[Out], rights: Rights | None = None
+    ) -> None:
+        """A native message over --max-message-size (the runtime read its head, not its payload).
+        A request is answered INVALID by its rid (hops or not). A worker's RESULT, or a PART of its
+        stream, ends the task as a ResultTooLarge failure (a PART's run is cancelled): a worker
+        that does not check its results itself (an older one) left its caller waiting out the
+        deadline. Anything else is bad input. Counted and logged."""
+        limit = self.settings.max_message_size
+        why = f"a message of {size} bytes is over this broker's limit of {limit} bytes (--max-message-size)"
+        msg: p.Message | None = None
+        if head[:4] in _RESULT_HEADS:
+            try:
+                msg = p.decode(head, b"")
+            except RemoteProtocolError:
+                msg = None
+        if type(msg) is not p.Result and type(msg) is not p.Part:
+            self.bad_input(peer, RemoteProtocolError(why, p.E_FRAMES, p.request_rid(head)), head, out)
+            return
+        self.counters.bad_input += 1
+        out.append((LOG, Problem(f"bad message from {peer.hex()}: {why}", "bad-input")))
+        if isinstance(msg, p.Result):
+            ticket, parts, what = msg.ticket, msg.parts, "the result"
+        elif isinstance(msg, p.Part):
+            ticket, parts, what = msg.id, msg.seq, f"part {msg.seq + 1} of the stream"
+        failed = p.Result(ticket, p.RS_FAILED, p.result_too_large(f"{what} from its worker: {why}"), 0, parts)
+        if rights is not None and (refused := refusal(rights[0], rights[1], failed)) is not None:
+            self._refuse(peer, failed, refused, out)
+            return
+        if type(msg) is p.Part:
+            out.append((peer, p.Cancel(ticket)))  # else its handler goes on yielding parts
+        out += self.receive(peer, failed, now)
 
     def _refuse(self, peer: bytes, msg: p.Message, why: str, out: list[Out]) -> None:
         """A secured peer sent what its key may not: count, log, answer with the reason."""

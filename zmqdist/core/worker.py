@@ -246,7 +246,7 @@ class WorkerCore:
             return []
         if self.max_message and len(payload) > self.max_message:  # the broker would refuse it
             self.counters["too_large"] += 1
-            run.failed = self._too_large(f"part {run.parts} of the stream", len(payload))
+            run.failed = self._too_large(f"part {run.parts + 1} of the stream", len(payload))
             run.cancelled = True  # the handler is stopped; its RESULT says why (see _result)
             run.pending = None
             return [Abort(ticket, session, run.failed)]
