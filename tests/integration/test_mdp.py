@@ -5,6 +5,7 @@ worker dying mid-request, MMI, and MDP through a proxy tier."""
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from majortomo import Client as MdpClient
@@ -222,3 +223,34 @@ def test_mdp_bodies_over_the_brokers_limit_are_refused_or_failed_saying_so(procs
     finally:
         for s in (worker, client):
             s.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_an_mdp_client_sent_away_by_a_broker_of_a_pair_is_told_at_once(procs, tmp_path):
+    """MDP has no redirect. An MDP client at the passive broker of a pair got no answer until its
+    own timeout, and one whose broker stopped (SIGTERM hands over to the backup) the same: each
+    request it has open there now ends at once with BUSY, naming the active broker."""
+    from tests.integration.test_ha import Pairs
+
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    t.worker("w0", "A", "B", target="testworkers:lifecycle")
+    t.wait_pair("A", "B")
+    with MdpClient(t.ep("B")) as mc:
+        started = time.monotonic()
+        mc.send(b"pid", b"")
+        reply = mc.recv_all_as_list(timeout=10)
+        assert reply[:3] == [b"pid", b"zmqdist.error", b"BUSY"], reply
+        assert b"B is the passive broker of its pair; A is active" in reply[3] and time.monotonic() - started < 5
+    with MdpClient(t.ep("A")) as mc, Client([t.ep("A")], timeout=10) as c:
+        wait_for(lambda: "pid" in services(c), 20, "the worker at A")
+        mc.send(b"pid", b"")
+        got = mc.recv_all_as_list(timeout=10)
+        assert got[0] == b"pid" and got[1] != b"zmqdist.error", got  # A serves
+        mc.send(b"loop", str(tmp_path / "marker").encode())  # runs till cancelled: open when A stops
+        wait_for(lambda: services(c)["loop"]["inflight"] == 1, 10, "the request running at A")
+        started = time.monotonic()
+        t.brokers["A"].send_signal(signal.SIGTERM)
+        reply = mc.recv_all_as_list(timeout=10)
+        assert reply[:3] == [b"loop", b"zmqdist.error", b"BUSY"] and b"A sent this client away" in reply[3], reply
+        assert time.monotonic() - started < 5

@@ -328,3 +328,15 @@ def test_a_bridge_without_a_limit_takes_any_size():
     bridge = mdp.MdpBridge(30, 2500)
     (req,) = bridge.inbound(b"C", [b"MDPC02", b"\x01", b"s", b"x" * 100_000])
     assert type(req) is p.Request and len(req.payload) > 100_000
+
+
+def test_a_bye_to_an_mdp_client_ends_each_request_it_has_open_with_busy_saying_where_to_go():
+    bridge = mdp.MdpBridge(30, 2500)
+    bridge.inbound(b"C", [b"MDPC02", b"\x01", b"s", b"one"])
+    bridge.inbound(b"C", [b"MDPC02", b"\x01", b"t", b"two"])
+    ends = bridge.outbound_many(b"C", p.Bye("B is the passive broker of its pair; A is active", "B", "A"))
+    assert [e[:5] for e in ends] == [[b"MDPC02", b"\x03", name, mdp.ERROR_TAG, b"BUSY"] for name in (b"s", b"t")]
+    assert all(b"broker B sent this client away: B is the passive" in e[5] for e in ends)
+    for e in ends:
+        rfc18_client_final(e)
+    assert not bridge.is_client(b"C") and bridge.outbound_many(b"C", p.Bye("again")) == []

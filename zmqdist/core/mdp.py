@@ -16,7 +16,9 @@ Rules of this module:
    peer as its frames when it is bytes, a string (UTF-8) or a list of those, else as one frame
    holding its msgpack encoding.
 4. MDP has no error replies. A request that ends without a result (the handler raised, deadline,
-   busy, lost, invalid) is answered with the body ``[b"zmqdist.error", STATUS, message]``.
+   busy, lost, invalid) is answered with the body ``[b"zmqdist.error", STATUS, message]``. MDP has
+   no redirect either: when the broker sends a client away (a passive broker of a pair, a broker
+   stepping down or stopping), each request the client has open there ends so, with BUSY.
 5. Streams. An MDP 0.2 client's request asks for a stream (``MDP_WINDOW``): each part a handler
    yields reaches it as a PARTIAL, the last one as its FINAL (the bridge holds one part back to
    know which is last; a plain handler's value is a FINAL). MDP clients do not acknowledge: the
@@ -356,8 +358,17 @@ class MdpBridge:
 
     def outbound_many(self, ident: bytes, msg: p.Message) -> list[list[bytes]]:
         """The MDP messages carrying ``msg`` to ``ident``: usually one (see :meth:`outbound`); a
-        stream that fails after a part was held back sends that part before the error."""
+        stream that fails after a part was held back sends that part before the error; a BYE to a
+        client ends each request it has open here."""
         peer = self.peers.get(ident)
+        if type(msg) is p.Bye and isinstance(peer, _Client):
+            # MDP has no redirect: what the client has open here ends now, saying why and where the
+            # active broker is (BUSY: try again), not at the client's own timeout (rule 4).
+            body = error_body(p.ST_BUSY, f"broker {msg.broker or 'here'} sent this client away: {msg.reason}", b"")
+            ends = [self._client_frames(peer, service, peer.final, body) for service in peer.pending.values()]
+            self.counters["mdp_replies"] += len(ends)
+            del self.peers[ident]
+            return ends
         if type(msg) is p.Reply and msg.status != p.ST_OK and isinstance(peer, _Client):
             last = peer.held.pop(msg.rid, None)
             service = peer.pending.get(msg.rid)
