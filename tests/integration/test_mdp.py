@@ -254,3 +254,33 @@ def test_an_mdp_client_sent_away_by_a_broker_of_a_pair_is_told_at_once(procs, tm
         reply = mc.recv_all_as_list(timeout=10)
         assert reply[:3] == [b"loop", b"zmqdist.error", b"BUSY"] and b"A sent this client away" in reply[3], reply
         assert time.monotonic() - started < 5
+
+
+@pytest.mark.timeout(60)
+def test_an_mdp_clients_requests_across_the_takeover_of_a_pair_are_each_answered(procs, tmp_path):
+    """The active broker A of a pair is SIGKILLed; an MDP client at B asks again and again. While B
+    still hears A as active, each request is answered BUSY naming A (a BYE was sent once per
+    heartbeat, so a request sent again within one got no answer); the request that is B's vote
+    for a takeover is answered BUSY "send it again" (the RECONNECT was dropped, the request never
+    answered); then B serves. None waits out the client's own timeout."""
+    from tests.integration.test_ha import Pairs
+
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")  # no worker: the broker answers mmi.service itself, and no other peer votes
+    t.wait_pair("A", "B")
+    t.brokers["A"].send_signal(signal.SIGKILL)
+    answers = []
+    with MdpClient(t.ep("B")) as mc:
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            mc.send(b"mmi.service", b"mmi.service")
+            answers.append(mc.recv_all_as_list(timeout=5))  # majortomo raises Timeout after 5 s
+            if answers[-1][1] != b"zmqdist.error":
+                break
+            time.sleep(0.05)
+    kinds = [a[1:3] if a[1] == b"zmqdist.error" else a[1:] for a in answers]
+    assert kinds[-1] == [b"404"], answers[-3:]  # answered by B, active now (no service of that name)
+    again = [a for a in answers if a[1:3] == [b"zmqdist.error", b"BUSY"] and a[3].startswith(b"send it again")]
+    assert len(again) == 1, answers[-3:]
+    busy = [a for a in answers if a[1:3] == [b"zmqdist.error", b"BUSY"]]
+    assert len(busy) == len(answers) - 1 and all(b"A is active" in a[3] for a in busy if a not in again)

@@ -340,3 +340,13 @@ def test_a_bye_to_an_mdp_client_ends_each_request_it_has_open_with_busy_saying_w
     for e in ends:
         rfc18_client_final(e)
     assert not bridge.is_client(b"C") and bridge.outbound_many(b"C", p.Bye("again")) == []
+
+
+def test_a_reconnect_to_an_mdp_client_ends_its_open_requests_with_busy_to_send_again():
+    """A passive broker that held the client's request (a vote) and took over says RECONNECT: the
+    request never entered its machine, and MDP clients do not send again by themselves."""
+    bridge = mdp.MdpBridge(30, 2500)
+    bridge.inbound(b"C", [b"", b"MDPC01", b"s", b"one"])
+    (end,) = bridge.outbound_many(b"C", p.Reconnect("B is now the active broker of its pair: register again"))
+    rfc7_client_reply(end)
+    assert end[2:5] == [b"s", mdp.ERROR_TAG, b"BUSY"] and end[5].startswith(b"send it again: B is now the active")

@@ -300,8 +300,9 @@ class PairedBroker(BrokerMachine):
                 return NONE  # for a registration this broker does not hold: it was told to leave
         if pair.peer_state == ACTIVE and pair.peer_fresh(now):
             # One BYE per peer per heartbeat: a client that resends its pending requests must not
-            # get a BYE for each of them (it would fail over once per BYE).
-            if not pair.redirect_due(peer, now):
+            # get a BYE for each of them (it would fail over once per BYE). An MDP client's BYE is
+            # the answer to its requests (MDP has no redirect): each gets one.
+            if not pair.redirect_due(peer, now) and not self.mdp.is_client(peer):
                 return NONE
             self.counters.redirected += 1
             why = f"{self.name} is the passive broker of its pair; {pair.peer_name} is active"

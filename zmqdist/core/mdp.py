@@ -18,7 +18,8 @@ Rules of this module:
 4. MDP has no error replies. A request that ends without a result (the handler raised, deadline,
    busy, lost, invalid) is answered with the body ``[b"zmqdist.error", STATUS, message]``. MDP has
    no redirect either: when the broker sends a client away (a passive broker of a pair, a broker
-   stepping down or stopping), each request the client has open there ends so, with BUSY.
+   stepping down or stopping), each request the client has open there ends so, with BUSY; and
+   when a passive broker that held the client's request takes over, with BUSY "send it again".
 5. Streams. An MDP 0.2 client's request asks for a stream (``MDP_WINDOW``): each part a handler
    yields reaches it as a PARTIAL, the last one as its FINAL (the bridge holds one part back to
    know which is last; a plain handler's value is a FINAL). MDP clients do not acknowledge: the
@@ -361,10 +362,15 @@ class MdpBridge:
         stream that fails after a part was held back sends that part before the error; a BYE to a
         client ends each request it has open here."""
         peer = self.peers.get(ident)
-        if type(msg) is p.Bye and isinstance(peer, _Client):
+        if (type(msg) is p.Bye or type(msg) is p.Reconnect) and isinstance(peer, _Client):
             # MDP has no redirect: what the client has open here ends now, saying why and where the
-            # active broker is (BUSY: try again), not at the client's own timeout (rule 4).
-            body = error_body(p.ST_BUSY, f"broker {msg.broker or 'here'} sent this client away: {msg.reason}", b"")
+            # active broker is (BUSY: try again), not at the client's own timeout (rule 4). Told to
+            # register again (the passive broker it voted at took over), it is to send them again.
+            if type(msg) is p.Bye:
+                why = f"broker {msg.broker or 'here'} sent this client away: {msg.reason}"
+            else:
+                why = f"send it again: {msg.reason}"
+            body = error_body(p.ST_BUSY, why, b"")
             ends = [self._client_frames(peer, service, peer.final, body) for service in peer.pending.values()]
             self.counters["mdp_replies"] += len(ends)
             del self.peers[ident]
