@@ -14,6 +14,7 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import CollectorRegistry
 
+from zmqdist.core.mdp import COUNTERS as MDP_COUNTERS
 from zmqdist.core.records import COUNTER_NAMES
 
 REPLIES = (
@@ -39,8 +40,19 @@ DROPS = (
 )
 
 
+# The Majordomo bridge's counters (status "mdp"): label, key.
+MDP = (
+    ("request", "mdp_requests"),
+    ("reply", "mdp_replies"),
+    ("worker_ready", "mdp_workers"),
+    ("partial", "mdp_partials"),
+    ("too_large", "mdp_too_large"),
+)
+
+
 # Every counter a table above names exists (a typo fails at import, not silently at scrape time).
 _unknown = [key for _, key in (*REPLIES, *DROPS) if key not in COUNTER_NAMES]
+_unknown += [key for _, key in MDP if key not in MDP_COUNTERS]
 if _unknown:
     raise ImportError(f"zmqdist.metrics names counters the broker does not have: {_unknown}")
 
@@ -79,6 +91,13 @@ class BrokerCollector:
         batched.add_metric(["in"], c.get("batched_in", 0))
         batched.add_metric(["out"], c.get("batched_out", 0))
         yield batched
+        mdp = st.get("mdp") or {}
+        majordomo = CounterMetricFamily(
+            "zmqdist_mdp_messages", "Majordomo messages the broker translated, by kind", labels=["kind"]
+        )
+        for label, key in MDP:
+            majordomo.add_metric([label], mdp.get(key, 0))
+        yield majordomo
         drops = CounterMetricFamily("zmqdist_drops", "Messages dropped or refused, by cause", labels=["cause"])
         for label, key in DROPS:
             drops.add_metric([label], c.get(key, 0))

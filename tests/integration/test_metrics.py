@@ -147,3 +147,36 @@ def test_the_lifecycle_counters_are_scraped_cancels_retries_parts_joins(tmp_path
     finally:
         w.stop(drain=False)
         b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_majordomo_traffic_is_scraped_by_kind(tmp_path):
+    import zmq
+
+    b = Broker(bind=[f"ipc://{tmp_path}/m.sock"], metrics_port=0, max_message_size=10_000).start()
+    ctx = zmq.Context.instance()
+    worker, client = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        for s in (worker, client):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(b.endpoints[0])
+        worker.send_multipart([b"MDPW02", b"\x01", b"raw"])
+        wait_for(lambda: "raw" in b.status()["services"], 10, "the MDP worker registered")
+        for answer in ([b"\x03", b"part"], [b"\x04", b"x" * 20_000]):  # a PARTIAL, then a FINAL over the limit
+            client.send_multipart([b"MDPC01", b"raw", b"go"])  # an MDP 0.1 client: PARTIALs make one reply
+            assert worker.poll(10_000)
+            while (task := worker.recv_multipart())[1] != b"\x02":  # skip the broker's heartbeats
+                assert worker.poll(10_000)
+            worker.send_multipart([b"MDPW02", answer[0], task[2], b"", *answer[1:]])
+            if answer[0] == b"\x03":
+                worker.send_multipart([b"MDPW02", b"\x04", task[2], b"", b"end"])
+            assert client.poll(10_000)
+            client.recv_multipart()
+        text = scrape(b.metrics_port)
+        kinds = ("request", "reply", "worker_ready", "partial", "too_large")
+        got = {k: value(text, "zmqdist_mdp_messages_total", kind=k) for k in kinds}
+        assert got == {"request": 2, "reply": 2, "worker_ready": 1, "partial": 1, "too_large": 1}, got
+    finally:
+        for s in (worker, client):
+            s.close(0)
+        b.stop()

@@ -76,6 +76,8 @@ STATUS_NAMES: Final = {
 MAX_FRAMES: Final = 10_000  # body frames of one message, partial replies included
 MDP_WINDOW: Final = 16  # parts of a stream to an MDP 0.2 client in flight (rule 5)
 MAX_PEERS: Final = 100_000  # MDP peers remembered at once (clients are forgotten when idle)
+# What the bridge counts (the broker status's "mdp"; zmqdist_mdp_messages_total in the metrics)
+COUNTERS: Final = ("mdp_requests", "mdp_replies", "mdp_workers", "mdp_partials", "mdp_too_large")
 
 
 def starts_mdp(first: bytes) -> bool:
@@ -166,7 +168,7 @@ class MdpBridge:
         self.budget_ms = max(1, min(p.MAX_BUDGET_MS, round(timeout_s * 1000)))
         self.heartbeat_ms = heartbeat_ms
         self.peers: dict[bytes, _Client | _Worker] = {}
-        self.counters = {"mdp_requests": 0, "mdp_replies": 0, "mdp_workers": 0, "mdp_partials": 0, "mdp_too_large": 0}
+        self.counters = dict.fromkeys(COUNTERS, 0)
 
     # --- MDP -> native ----------------------------------------------------------------------------
 
