@@ -439,3 +439,24 @@ def test_replicates_keep_within_the_smaller_limit_of_the_two_and_the_state_says_
     a.heard(sb._replace(state=PASSIVE, synced=-1, incarnation="older", max_message=0), 0.1)  # says nothing
     ms = a.flush(0.1, lambda: table)
     assert len(ms) <= 3 and all(len(m.ops) <= 200_000 for m in ms) and len(ms[0].ops) > 100_000
+
+
+def test_a_request_no_replicate_can_carry_to_a_peer_with_a_smaller_limit_is_left_out_not_the_rest():
+    """One op over twice the peer's limit: its pair link would drop the REPLICATE with the
+    connection, and then every snapshot holding it, for good (replication stalled, silently).
+    It is left out and counted; the rest replicate, and the peer ignores its later ops."""
+    a = Pair(BrokerSettings(name="a", ha="primary", max_message_size=100_000), "inc", 0.0)
+    b = Pair(BrokerSettings(name="b", ha="backup", max_message_size=20_000), "inc-b", 0.0)
+    a.activate(0.0)
+    a.heard(b.state_message(0.0)._replace(state=PASSIVE, synced=-1), 0.0)
+    table = [accepted(1, 100), accepted(2, 60_000), accepted(3, 100)]
+    ms = a.flush(0.0, lambda: table)
+    assert a.counters["not_replicated"] == 1 and all(len(m.ops) <= 40_000 for m in ms)
+    b.state = PASSIVE
+    for m in ms:
+        assert b.apply(m, 0.0) is None
+    assert sorted(b.table) == [1, 3]
+    a.ops.append(p.OpEnded(2))  # the broker appends its ops to this list
+    for m in a.flush(0.1, lambda: table):
+        assert b.apply(m, 0.1) is None
+    assert sorted(b.table) == [1, 3] and b.counters["gaps"] == 0

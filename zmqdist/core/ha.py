@@ -126,6 +126,7 @@ class Pair:
                 "bad_ops",
                 "stale_states",
                 "redials",
+                "not_replicated",  # requests too large for the peer's pair link ever to take
             ),
             0,
         )
@@ -326,13 +327,21 @@ class Pair:
         refused whole, and its table never synced: a snapshot of a queue of large requests is
         larger than one request may be). Cut in one pass by each op's estimated size, a part that
         still packs too large is halved; one op alone may pass the limit (the link takes twice
-        it). A snapshot's first part replaces the peer's table, the rest are deltas after it."""
+        it); one over twice the limit is left out. A snapshot's first part replaces the peer's
+        table, the rest are deltas after it."""
         limit = min(self.max_message, self.peer_max or self.max_message)  # a peer's may be smaller
         cuts: list[list[p.ReplicationOp]] = []
         part: list[p.ReplicationOp] = []
         size = 16  # the array and the sender's time
         for op in ops:
             n = _op_size(op)
+            if n + 16 > 2 * limit:
+                # No REPLICATE can carry it: the peer's link would drop it with its connection, and
+                # every op after it, for good (its limit is smaller: a rolling change). The peer
+                # goes without it (it ignores the later ops of a ticket it does not hold); after a
+                # takeover the caller sends it again, and is told if it is over the new limit.
+                self.counters["not_replicated"] += 1
+                continue
             if part and size + n > limit:
                 cuts.append(part)
                 part, size = [], 16
