@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.integration.helpers import status, wait_for
-from zmqdist import Client, RequestTimeout
+from zmqdist import Client, InvalidRequest, RequestTimeout
 
 pytestmark = pytest.mark.integration
 
@@ -327,3 +327,34 @@ def test_a_queue_larger_than_the_message_limit_is_replicated_in_parts_and_surviv
         blocker.result(40)
         b = t.ha("B")
     assert b["state"] == "active" and b["takeovers"] == 1, b
+
+
+@pytest.mark.timeout(90)
+def test_a_request_too_large_for_the_backups_limit_neither_stalls_replication_nor_hangs_its_caller(procs, tmp_path):
+    """A rolling change of --max-message-size: A takes 100 kB, its backup B 20 kB, and A holds a
+    queued request of 60 kB (over twice B's limit). Its REPLICATE was dropped by B's pair link
+    with the connection, and every one after it: B's copy stopped there for good, silently. After
+    a SIGKILL of A the client sent it to B blind, libzmq dropped it with the connection, and it
+    timed out at its deadline. Now it is left out of the replication (counted), the rest
+    replicates, and the client ends it at once when B's WELCOME says its limit; the others are
+    answered."""
+    t = Pairs(procs, tmp_path)
+    t.broker("A", "primary", "B", "--max-message-size", "100000", "--heartbeat", "0.2")
+    t.broker("B", "backup", "A", "--max-message-size", "20000", "--heartbeat", "0.2")
+    t.worker("w", "A", "B", concurrency=1)
+    t.wait_pair("A", "B")
+    with t.client("A", "B", timeout=60) as c:
+        blocker = c.submit("slow", 3.0)  # the only slot: what follows stays queued at A
+        wait_for(lambda: status(c)["counters"]["requests"] >= 1, 10, "the blocker accepted")
+        small = [c.submit("echo", f"{i:05d}") for i in range(5)]
+        huge = c.submit("echo", "H" * 60_000)
+        small += [c.submit("echo", f"{i:05d}") for i in range(5, 10)]
+        wait_for(lambda: t.ha("B")["replicated"] >= 11, 10, "B holding the blocker and the 10 small requests")
+        assert t.ha("A")["not_replicated"] >= 1
+        t.brokers["A"].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(InvalidRequest, match=r"larger than broker B's limit of 20000 bytes"):
+            huge.result(30)
+        assert time.monotonic() - killed < 10  # the failover, then at once (its deadline is 60 s)
+        assert [f.result(30)[0] for f in small] == [f"{i:05d}" for i in range(10)]
+        blocker.result(30)

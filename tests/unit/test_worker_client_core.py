@@ -259,6 +259,35 @@ def test_client_fails_over_to_next_endpoint_and_resends():
     assert out[2].rid == 1 and out[2].budget_ms == 3999
 
 
+def test_a_request_over_the_limit_of_the_broker_failed_over_to_ends_invalid_instead_of_going_again():
+    """A failover to a broker with a smaller --max-message-size (a pair or a list whose limits
+    differ: a rolling change of them): a request sent again over its limit was refused, or over
+    twice it dropped by libzmq with the connection and whatever followed it, and timed out. What
+    is small goes again with the HELLO (a passive broker answers status requests); the rest waits
+    for the new broker's WELCOME, and what its limit refuses ends at once, saying so."""
+    c = client()
+    c.receive(p.Welcome("a", "inc1", 250, 4, 0, "", 10, 100_000), 0.0)
+    c.submit(1, "echo", b"x" * 50_000, 30.0, 0.0)
+    c.submit(2, "echo", b"v", 30.0, 0.0)
+    c.submit(3, "echo", b"y" * 10_000, 30.0, 0.0)
+    for t in (0.25, 0.5, 0.75, 1.0):
+        c.tick(t)
+    out = c.tick(1.0 + EPSILON)
+    assert [type(o) for o in out] == [Connect, p.Hello, p.Request] and out[2].rid == 2
+    out = c.receive(p.Welcome("b", "inc2", 250, 4, 0, "", 10, 20_000), 1.1)
+    assert [o.rid for o in out if type(o) is p.Request] == [3]  # what waited, within b's limit
+    (end,) = [o for o in out if type(o) is Completed]
+    assert (end.rid, end.status) == (1, p.ST_INVALID) and "broker b's limit of 20000 bytes" in end.message
+    assert c.sent == 2 and sorted(c.pending) == [2, 3] and c.counters["too_large"] == 1
+    # and back to a: the same again, nothing twice
+    for t in (1.35, 1.6, 1.85, 2.1):
+        c.tick(t)
+    out = c.tick(2.1 + EPSILON)
+    assert [o.rid for o in out if type(o) is p.Request] == [2]
+    out = c.receive(p.Welcome("a", "inc1", 250, 4, 0, "", 10, 100_000), 2.2)
+    assert [o.rid for o in out if type(o) is p.Request] == [3]
+
+
 def test_what_went_with_a_lost_hello_goes_again_when_the_broker_answers_a_later_one():
     """libzmq 4.3.5 drops what waits on a new socket whose connect fails with no route to the
     host (a cut link on the client's side): the HELLO and every request sent with it at the

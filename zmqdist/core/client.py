@@ -43,6 +43,9 @@ from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Prob
 DEFAULT_QUOTA = 2500  # open requests at a broker that did not say its quota (a broker's default)
 NO_BROKER = 100  # a Completed status of this client's own: the deadline passed and no broker ever answered
 MOVE_WAIT_S = 10.0  # longest wait for the requests in flight to end before moving home (else later)
+# At a failover, what is this small goes again with the HELLO (a passive broker answers status
+# requests, and sends no WELCOME); larger waits for the WELCOME that says the new broker's limit.
+EARLY_RESEND_BYTES = 1024
 
 
 class Completed(NamedTuple):
@@ -148,6 +151,7 @@ class ClientCore:
         self.quota = 1
         self.max_message = 0  # the broker's message limit (0: not known)
         self.registered = False
+        self._deferred: set[int] = set()  # sent requests to send again once the broker's WELCOME came
         self._hellos = 0  # HELLOs said on this connection (numbered: rule 3)
         self.heard_at = -1.0  # when any broker last sent us anything
         self.homing = Homing(rng)
@@ -170,6 +174,7 @@ class ClientCore:
             "interrupted": 0,
             "busy_retries": 0,
             "lost_hellos": 0,
+            "too_large": 0,  # sent requests a broker failed over to would not take (its smaller limit)
         }
 
     def start(self, now: float) -> list[ClientOut]:
@@ -303,17 +308,18 @@ class ClientCore:
                 self.registered = True
                 self.quota = msg.quota or DEFAULT_QUOTA
                 self.max_message = msg.max_message
+                deferred, self._deferred = self._deferred, set()
                 if link.welcome(msg):
                     self.counters["broker_restarts"] += 1
                     return self._resend_all(now)
                 if lost:
                     self.counters["lost_hellos"] += 1
                     return self._resend_all(now)
-                out = []
+                out = self._resend_all(now, only=deferred) if deferred else []
                 self._fill(now, out)
                 return out
             case p.Reconnect():
-                return [self._hello(), *self._resend_all(now)]
+                return [self._hello(), *self._resend_all(now, early=True)]  # (a restart may change its limit)
             case p.Bye():
                 link.learn(msg.broker, msg.active)
                 return self._failover(now, f"broker said bye: {msg.reason}", to=msg.active)
@@ -444,12 +450,29 @@ class ClientCore:
             if pend is not None and not pend.sent and p.budget_ms_left(pend.deadline - pend.margin, now, floor=0) > 0:
                 out.append(self._send(rid, pend, now))
 
-    def _resend_all(self, now: float) -> list[ClientOut]:
+    def _resend_all(self, now: float, early: bool = False, only: set[int] | None = None) -> list[ClientOut]:
         """Send again what the broker had (a new run, or another broker); a stream of which parts
-        arrived cannot start over without repeating them: it ends INTERRUPTED."""
+        arrived cannot start over without repeating them: it ends INTERRUPTED. One over this
+        broker's limit (a smaller one than where it went first) ends INVALID, saying so: over
+        twice it, libzmq would drop it with the connection and what followed it, unseen.
+        ``early``: before the broker's WELCOME, only what is small enough for any limit (the rest
+        waits for it); ``only``: just these (what waited)."""
         out: list[ClientOut] = []
+        limit = self.max_message
         for rid, pend in list(self.pending.items()):
-            if not pend.sent or pend.deadline <= now:
+            if not pend.sent or pend.deadline <= now or (only is not None and rid not in only):
+                continue
+            if early:
+                if len(pend.payload) > EARLY_RESEND_BYTES:
+                    self._deferred.add(rid)
+                    continue
+            elif limit and len(pend.payload) > limit:
+                del self.pending[rid]
+                self.sent -= 1
+                self.counters["too_large"] += 1
+                broker = self.link.broker
+                why = f"payload of {len(pend.payload)} bytes is larger than broker {broker}'s limit of {limit} bytes"
+                out.append(Completed(rid, p.ST_INVALID, f"{why}: not sent again there", b""))
                 continue
             if pend.parts:
                 # (its CANCEL goes to the broker we talk to now: a pair's new active one has a copy)
@@ -465,7 +488,8 @@ class ClientCore:
         self.registered = False
         self._moving = None
         connect = self.link.connect_named(to, now, reason)
-        return [connect, *self.homing.cancel(), self._hello(first=True), *self._resend_all(now)]
+        # the rest once its WELCOME says its limit: it may take less than the last one
+        return [connect, *self.homing.cancel(), self._hello(first=True), *self._resend_all(now, early=True)]
 
     def _try_move(self, now: float) -> list[ClientOut]:
         """Moving home: go once nothing is in flight; give up for now after ``MOVE_WAIT_S``."""
