@@ -305,6 +305,23 @@ def test_a_client_at_the_pair_link_by_mistake_is_told_so_and_takes_nothing_from_
         assert status(c)["counters"]["bad_input"] >= 1
 
 
+def limits_pair(procs, tmp_path, limit_a, limit_b):
+    """A pair A (active) and B whose --max-message-size are given, and a worker of one slot."""
+    t = Pairs(procs, tmp_path)
+    t.broker("A", "primary", "B", "--max-message-size", str(limit_a), "--heartbeat", "0.2")
+    t.broker("B", "backup", "A", "--max-message-size", str(limit_b), "--heartbeat", "0.2")
+    t.worker("w", "A", "B", concurrency=1)
+    t.wait_pair("A", "B")
+    return t
+
+
+def blocked(c):
+    """Take the worker's one slot for 3 s: what follows stays queued at A."""
+    blocker = c.submit("slow", 3.0)
+    wait_for(lambda: status(c)["counters"]["requests"] >= 1, 10, "the blocker accepted")
+    return blocker
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("limit_a", [100_000, 400_000])
 def test_a_queue_larger_than_the_message_limit_is_replicated_in_parts_and_survives_a_kill(procs, tmp_path, limit_a):
@@ -312,14 +329,9 @@ def test_a_queue_larger_than_the_message_limit_is_replicated_in_parts_and_surviv
     requests of 60 kB (1.8 MB): the passive broker's pair link refuses a REPLICATE over its limit
     whole, so the table goes in parts within it; the passive holds every request, and after a
     SIGKILL of the active one each is answered, once, right."""
-    t = Pairs(procs, tmp_path)
-    t.broker("A", "primary", "B", "--max-message-size", str(limit_a), "--heartbeat", "0.2")
-    t.broker("B", "backup", "A", "--max-message-size", "100000", "--heartbeat", "0.2")
-    t.worker("w", "A", "B", concurrency=1)
-    t.wait_pair("A", "B")
+    t = limits_pair(procs, tmp_path, limit_a, 100_000)
     with t.client("A", "B", timeout=60) as c:
-        blocker = c.submit("slow", 3.0)  # the only slot: what follows stays queued at A
-        wait_for(lambda: status(c)["counters"]["requests"] >= 1, 10, "the blocker accepted")
+        blocker = blocked(c)
         big = [c.submit("echo", f"{i:05d}" + "x" * 60_000) for i in range(30)]
         wait_for(lambda: t.ha("B")["replicated"] >= 30, 10, "B holding the 30 queued requests")
         t.brokers["A"].send_signal(signal.SIGKILL)
@@ -338,14 +350,9 @@ def test_a_request_too_large_for_the_backups_limit_neither_stalls_replication_no
     timed out at its deadline. Now it is left out of the replication (counted), the rest
     replicates, and the client ends it at once when B's WELCOME says its limit; the others are
     answered."""
-    t = Pairs(procs, tmp_path)
-    t.broker("A", "primary", "B", "--max-message-size", "100000", "--heartbeat", "0.2")
-    t.broker("B", "backup", "A", "--max-message-size", "20000", "--heartbeat", "0.2")
-    t.worker("w", "A", "B", concurrency=1)
-    t.wait_pair("A", "B")
+    t = limits_pair(procs, tmp_path, 100_000, 20_000)
     with t.client("A", "B", timeout=60) as c:
-        blocker = c.submit("slow", 3.0)  # the only slot: what follows stays queued at A
-        wait_for(lambda: status(c)["counters"]["requests"] >= 1, 10, "the blocker accepted")
+        blocker = blocked(c)
         small = [c.submit("echo", f"{i:05d}") for i in range(5)]
         huge = c.submit("echo", "H" * 60_000)
         small += [c.submit("echo", f"{i:05d}") for i in range(5, 10)]
