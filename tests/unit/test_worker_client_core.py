@@ -274,16 +274,19 @@ def test_a_request_over_the_limit_of_the_broker_failed_over_to_ends_invalid_inst
         c.tick(t)
     out = c.tick(1.0 + EPSILON)
     assert [type(o) for o in out] == [Connect, p.Hello, p.Request] and out[2].rid == 2
+    # made before the WELCOME: what is larger than 1 KiB waits for it too
+    assert c.submit(4, "echo", b"z" * 30_000, 30.0, 1.05) == [] and c.submit(5, "echo", b"s", 30.0, 1.05) == []
     out = c.receive(p.Welcome("b", "inc2", 250, 4, 0, "", 10, 20_000), 1.1)
-    assert [o.rid for o in out if type(o) is p.Request] == [3]  # what waited, within b's limit
-    (end,) = [o for o in out if type(o) is Completed]
-    assert (end.rid, end.status) == (1, p.ST_INVALID) and "broker b's limit of 20000 bytes" in end.message
-    assert c.sent == 2 and sorted(c.pending) == [2, 3] and c.counters["too_large"] == 1
+    assert [o.rid for o in out if type(o) is p.Request] == [3, 5]  # what waited, within b's limit
+    ends = [o for o in out if type(o) is Completed]
+    assert [(e.rid, e.status) for e in ends] == [(1, p.ST_INVALID), (4, p.ST_INVALID)]
+    assert all("broker b's limit of 20000 bytes" in e.message for e in ends)
+    assert c.sent == 3 and sorted(c.pending) == [2, 3, 5] and c.counters["too_large"] == 2
     # and back to a: the same again, nothing twice
     for t in (1.35, 1.6, 1.85, 2.1):
         c.tick(t)
     out = c.tick(2.1 + EPSILON)
-    assert [o.rid for o in out if type(o) is p.Request] == [2]
+    assert [o.rid for o in out if type(o) is p.Request] == [2, 5]
     out = c.receive(p.Welcome("a", "inc1", 250, 4, 0, "", 10, 100_000), 2.2)
     assert [o.rid for o in out if type(o) is p.Request] == [3]
 

@@ -211,7 +211,9 @@ class ClientCore:
         if len(self._deadlines) > 2 * len(self.pending) + 1024:
             self._deadlines = [(d, r) for d, r in self._deadlines if r in self.pending]
             self._deadlines.sort()
-        if self.sent < self.quota and self._moving is None and not self.waiting:
+        # Before a broker's WELCOME has said its limit, only what fits any goes (as at a failover).
+        fits = self.registered or len(payload) <= EARLY_RESEND_BYTES
+        if self.sent < self.quota and self._moving is None and not self.waiting and fits:
             return [self._send(rid, pend, now)]
         self.waiting.append(rid)
         self.counters["held"] += 1
@@ -311,11 +313,12 @@ class ClientCore:
                 deferred, self._deferred = self._deferred, set()
                 if link.welcome(msg):
                     self.counters["broker_restarts"] += 1
-                    return self._resend_all(now)
-                if lost:
+                    out = self._resend_all(now)
+                elif lost:
                     self.counters["lost_hellos"] += 1
-                    return self._resend_all(now)
-                out = self._resend_all(now, only=deferred) if deferred else []
+                    out = self._resend_all(now)
+                else:
+                    out = self._resend_all(now, only=deferred) if deferred else []
                 self._fill(now, out)
                 return out
             case p.Reconnect():
@@ -441,14 +444,26 @@ class ClientCore:
         return self._request(rid, pend, now, pend.margin)
 
     def _fill(self, now: float, out: list[ClientOut]) -> None:
-        """Send what waits, in order, while the broker allows more (not while moving home)."""
+        """Send what waits, in order, while the broker allows more (not while moving home); what
+        is over this broker's limit (a smaller one than when it was made) ends INVALID."""
         waiting, pending = self.waiting, self.pending
         while waiting and self.sent < self.quota and self._moving is None and self.registered:
             rid = waiting.popleft()
             pend = pending.get(rid)
             # one whose budget is spent by the time it could go times out here, unsent (rule 2)
             if pend is not None and not pend.sent and p.budget_ms_left(pend.deadline - pend.margin, now, floor=0) > 0:
+                if self.max_message and len(pend.payload) > self.max_message:
+                    del pending[rid]
+                    out.append(self._too_large(rid, pend, "not sent"))
+                    continue
                 out.append(self._send(rid, pend, now))
+
+    def _too_large(self, rid: int, pend: _Pending, what: str) -> Completed:
+        """The end of a request over the limit of the broker it was to go to."""
+        self.counters["too_large"] += 1
+        size, limit, broker = len(pend.payload), self.max_message, self.link.broker
+        why = f"payload of {size} bytes is larger than broker {broker}'s limit of {limit} bytes: {what}"
+        return Completed(rid, p.ST_INVALID, why, b"")
 
     def _resend_all(self, now: float, early: bool = False, only: set[int] | None = None) -> list[ClientOut]:
         """Send again what the broker had (a new run, or another broker); a stream of which parts
@@ -469,10 +484,7 @@ class ClientCore:
             elif limit and len(pend.payload) > limit:
                 del self.pending[rid]
                 self.sent -= 1
-                self.counters["too_large"] += 1
-                broker = self.link.broker
-                why = f"payload of {len(pend.payload)} bytes is larger than broker {broker}'s limit of {limit} bytes"
-                out.append(Completed(rid, p.ST_INVALID, f"{why}: not sent again there", b""))
+                out.append(self._too_large(rid, pend, "not sent again there"))
                 continue
             if pend.parts:
                 # (its CANCEL goes to the broker we talk to now: a pair's new active one has a copy)
