@@ -460,3 +460,24 @@ def test_a_request_no_replicate_can_carry_to_a_peer_with_a_smaller_limit_is_left
     for m in a.flush(0.1, lambda: table):
         assert b.apply(m, 0.1) is None
     assert sorted(b.table) == [1, 3] and b.counters["gaps"] == 0
+
+
+def test_results_carried_to_the_other_broker_of_the_pair_keep_within_its_smaller_limit():
+    """Results made under A's limit and parked at a failover go to B after its WELCOME: one over
+    B's limit (a rolling change of it) goes as a failure that says so (over twice it, libzmq drops
+    it with the connection, and the request ran again); a handler's failure is cut to fit."""
+    w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 3, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b", 10, 100_000), 0.0)
+    ex = [w.receive(p.Task(t, "echo", 5000, 1, f"k{t}", t, (), b"v"), 0.0)[0] for t in (1, 2, 3)]
+    tick_until(w, 1.1)  # a silent: fail over to b
+    err = p.pack_error("KeyError", "m" * 50_000, "")
+    assert w.task_done(1, ex[0].session, True, b"x" * 50_000, 1.2) == []  # kept for b
+    assert w.task_done(2, ex[1].session, False, err, 1.2) == []
+    assert w.task_done(3, ex[2].session, True, b"small", 1.2) == []
+    out = w.receive(p.Welcome("b", "inc-b", 250, 4, 2, "a", 10, 20_000), 1.3)
+    r1, r2, r3 = [m for m in out if type(m) is p.Result]
+    assert (r1.status, p.unpack_error(r1.payload)[0]) == (p.RS_FAILED, p.RESULT_TOO_LARGE)
+    assert "limit of 20000 bytes" in p.unpack_error(r1.payload)[1]
+    assert r2.status == p.RS_FAILED and p.unpack_error(r2.payload)[0] == "KeyError" and len(r2.payload) <= 20_000
+    assert r3 == p.Result(3, p.RS_OK, b"small") and w.counters["too_large"] == 2

@@ -364,10 +364,7 @@ class WorkerCore:
         if run is not None and run.cancelled:
             return p.Result(ticket, p.RS_CANCELLED, b"", 0, parts)
         if self.max_message and len(payload) > self.max_message:
-            # The broker would refuse it and the caller wait out its deadline: fail it, saying why
-            # (a handler's own failure keeps its type, its message and traceback cut to fit).
-            self.counters["too_large"] += 1
-            fitted = None if ok else p.fit_error(payload, self.max_message)
+            fitted = self._fit(ok, payload)
             if fitted is None:
                 why = self._too_large("the result", len(payload))
                 return p.Result(ticket, p.RS_FAILED, p.result_too_large(why), 0, parts)
@@ -377,6 +374,23 @@ class WorkerCore:
             return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
         # tuple.__new__: a NamedTuple's own __new__ runs as interpreted code, on every task here
         return tuple.__new__(p.Result, (ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts))
+
+    def _fit(self, ok: bool, payload: bytes) -> bytes | None:
+        """A result's payload over the broker's limit: the broker would refuse it and the caller
+        wait out its deadline. A handler's own failure keeps its type, its message and traceback
+        cut to fit; None: it must go as a ResultTooLarge failure."""
+        self.counters["too_large"] += 1
+        return None if ok else p.fit_error(payload, self.max_message)
+
+    def _refit(self, r: p.Result) -> p.Result:
+        """A result made under another broker's limit (parked at a failover), within this one's."""
+        if not self.max_message or len(r.payload) <= self.max_message:
+            return r
+        fitted = self._fit(r.status == p.RS_OK, r.payload)
+        if fitted is not None:
+            return r._replace(payload=fitted)
+        why = self._too_large("the result", len(r.payload))
+        return p.Result(r.ticket, p.RS_FAILED, p.result_too_large(why), 0, r.parts)
 
     def _too_large(self, what: str, size: int) -> str:
         limit = self.max_message
@@ -467,8 +481,9 @@ class WorkerCore:
             if pair and (m.broker in self._pair or m.peer in self._pair):
                 # The same pair: its request table expects these (results now, the rest later).
                 self.counters["carried"] += len(self.carry) + len(self.parked)
-                out += self.parked
-                self.unacked.extend((0, r) for r in self.parked)
+                parked = [self._refit(r) for r in self.parked]  # this broker's limit may be smaller
+                out += parked
+                self.unacked.extend((0, r) for r in parked)
             else:
                 self.counters["void_results"] += len(self.parked)
                 self.stale += len(self.carry)  # the same capacity, now as stale work
