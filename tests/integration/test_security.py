@@ -304,3 +304,55 @@ def test_zmqdist_worker_keeps_the_worker_objects_curve_keys(pki, tmp_path):
     finally:
         procs.cleanup()
         b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_majordomo_peers_over_curve_get_the_rights_of_their_keys(pki, tmp_path):
+    """MDP peers on a CURVE endpoint are held to their keys as native ones: a worker key limited to
+    'echo' may not offer 'sum' (DISCONNECT), a client key may not act as a worker, a client limited
+    to 'echo' is refused 'sum' with the INVALID error body; what is allowed is served."""
+    import zmq
+
+    from zmqdist.transport.security import load_secret
+
+    ep = f"ipc://{tmp_path}/s.sock"
+    b = secure_broker(pki, ep)
+    ctx = zmq.Context.instance()
+    socks = []
+
+    def dealer(name):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.curve_publickey, s.curve_secretkey = load_secret(pki.sec(name))
+        s.curve_serverkey = load_public(pki.pub("broker"))
+        s.connect(ep)
+        socks.append(s)
+        return s
+
+    def recv(s):
+        assert s.poll(10_000), "no answer"
+        return s.recv_multipart()
+
+    try:
+        worker = dealer("w_echo")
+        worker.send_multipart([b"MDPW02", b"\x01", b"echo"])
+        wait_for(lambda: "echo" in b.status()["services"], 20, "the MDP worker over CURVE")
+        for name, service in (("w_echo", b"sum"), ("alice", b"echo")):  # beyond its services; a client key
+            bad = dealer(name)
+            bad.send_multipart([b"MDPW02", b"\x01", service])
+            assert recv(bad) == [b"MDPW02", b"\x06"]  # DISCONNECT
+        assert b.status()["services"]["echo"]["workers"] == 1 and "sum" not in b.status()["services"]
+        bob = dealer("bob")
+        bob.send_multipart([b"MDPC02", b"\x01", b"sum", b"x"])
+        reply = recv(bob)
+        assert reply[3:5] == [b"zmqdist.error", b"INVALID"] and b"not allowed service" in reply[5], reply
+        bob.send_multipart([b"MDPC02", b"\x01", b"echo", b"hi"])
+        while (task := recv(worker))[1] != b"\x02":  # past the broker's heartbeats
+            pass
+        worker.send_multipart([b"MDPW02", b"\x04", task[2], b"", b"HI"])
+        assert recv(bob) == [b"MDPC02", b"\x03", b"echo", b"HI"]
+        assert b.status()["counters"]["refused_by_role"] >= 3
+    finally:
+        for s in socks:
+            s.close(0)
+        b.stop()
