@@ -315,9 +315,9 @@ def limits_pair(procs, tmp_path, limit_a, limit_b):
     return t
 
 
-def blocked(c):
-    """Take the worker's one slot for 3 s: what follows stays queued at A."""
-    blocker = c.submit("slow", 3.0)
+def blocked(c, seconds=3.0):
+    """Take the worker's one slot for ``seconds``: what follows stays queued at A."""
+    blocker = c.submit("slow", seconds)
     wait_for(lambda: status(c)["counters"]["requests"] >= 1, 10, "the blocker accepted")
     return blocker
 
@@ -352,7 +352,7 @@ def test_a_request_too_large_for_the_backups_limit_neither_stalls_replication_no
     answered."""
     t = limits_pair(procs, tmp_path, 100_000, 20_000)
     with t.client("A", "B", timeout=60) as c:
-        blocker = blocked(c)
+        blocker = blocked(c, 8.0)  # the 60 kB request must still be queued at A when it dies
         small = [c.submit("echo", f"{i:05d}") for i in range(5)]
         huge = c.submit("echo", "H" * 60_000)
         small += [c.submit("echo", f"{i:05d}") for i in range(5, 10)]
