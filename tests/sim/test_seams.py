@@ -215,3 +215,24 @@ def test_a_client_over_its_quota_fails_over_with_its_pair_and_every_request_ends
         b = sim.brokers["b"].core
         assert b.counters.over_quota == 0 and b.counters.busy == 0 and a.counters.over_quota == 0
         assert c.core.counters["failovers"] >= 1 and c.endpoint == Simulation.endpoint("b")
+
+
+def test_a_client_failing_over_to_a_broker_with_a_smaller_quota_sends_again_within_it():
+    """500 requests open at a broker taking 1,000 per client; it dies and the client fails over to
+    one taking 100. Sent again all at once with the HELLO, 380 of the 500 ended Busy ("this
+    client has 100 requests open, its limit is 100"): the client now sends them again once the
+    WELCOME has said the quota, and the rest as room frees. Every one ends once and right."""
+    sim = Simulation(settings=BrokerSettings(max_client_inflight=1000))
+    sim.add_broker("B", settings=BrokerSettings(max_client_inflight=100))
+    sim.add_worker("w", concurrency=4, service_time=0.05, via=("broker", "B"))
+    c = sim.add_client("c", via=("broker", "B"))
+    sim.run_for(0.5)
+    for i in range(500):
+        c.submit("echo", i, timeout=120)
+    sim.run_for(0.3)
+    assert c.core.sent > 400  # open at the broker that dies
+    sim.kill_broker("broker")
+    sim.run_for(60)
+    assert_each_ended_once(c, 500, p.ST_OK)
+    b = sim.brokers["B"].core
+    assert b.counters.over_quota == 0 and b.counters.busy == 0 and c.core.quota == 100

@@ -4,12 +4,14 @@ Rules of this module:
 1. Every submitted request ends in exactly one :class:`Completed`: a reply, or a local timeout at its
    deadline. A second reply for the same request id is dropped (counted), never reported.
 2. Pacing: a client never has more requests open at its broker than the broker allows it (WELCOME
-   says its quota; before the first WELCOME one request goes): the rest wait here, in order, and go
-   as replies free room. Their deadlines count
+   says its quota; before the first WELCOME one request of up to ``EARLY_BYTES`` goes): the rest
+   wait here, in order, and go as replies free room. Their deadlines count
    from ``submit``; one that expires while it waits ends as a local timeout, never sent.
 3. Requests keep their id for life. When the broker is found to be a new run (incarnation changed) or
    the client fails over to another endpoint, every request it had sent is sent again with the same
-   id and the time budget it has left; brokers absorb the copies of one still in progress. HELLOs
+   id and the time budget it has left, once that broker's WELCOME has said its quota and message
+   limit (oldest first, within them: rule 2, rule 5; status requests at once, as a passive broker
+   answers them); brokers absorb the copies of one still in progress. HELLOs
    are numbered per connection and WELCOME says which it answers: the first WELCOME of a connection
    that answers a later HELLO means the first was lost, and what went with it too (libzmq 4.3.5
    drops what waits on a socket whose connect failed with no route to the host, as on a client
@@ -17,7 +19,8 @@ Rules of this module:
 4. The budget sent is a little shorter than the local deadline so that the broker's TIMEOUT, which
    says why (no worker registered, or all busy), normally arrives before the local one.
 5. A payload larger than the broker's message limit (WELCOME says it) fails at once, not at its
-   deadline: the broker's socket would drop it, and the connection with it.
+   deadline: the broker's socket would drop it, and the connection with it; so does one that
+   waited, or is to go again, when the broker it goes to has a smaller limit.
 6. The request lifecycle. A cancel (or a deadline passing) forgets the request here and tells the
    broker (CANCEL) if it was sent; a reply that comes anyway is dropped. A stream's parts must
    arrive in order, numbered from 0, and its end says how many went: a gap, a repeat, or a
@@ -43,9 +46,9 @@ from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Prob
 DEFAULT_QUOTA = 2500  # open requests at a broker that did not say its quota (a broker's default)
 NO_BROKER = 100  # a Completed status of this client's own: the deadline passed and no broker ever answered
 MOVE_WAIT_S = 10.0  # longest wait for the requests in flight to end before moving home (else later)
-# At a failover, what is this small goes again with the HELLO (a passive broker answers status
-# requests, and sends no WELCOME); larger waits for the WELCOME that says the new broker's limit.
-EARLY_RESEND_BYTES = 1024
+# Before a broker's first WELCOME says its quota and message limit, one request at most, this
+# small, goes with the HELLO (the rest waits for it).
+EARLY_BYTES = 1024
 
 
 class Completed(NamedTuple):
@@ -82,6 +85,7 @@ NO_OPTIONS: Options = ("", 0, ())
 class _Pending:
     __slots__ = (
         "acked",
+        "again",
         "busy",
         "busy_tries",
         "deadline",
@@ -113,6 +117,7 @@ class _Pending:
         self.margin = margin
         self.trace = trace
         self.sent = False  # at the broker (counted in its quota), or still waiting here
+        self.again = False  # taken back from a broker that lost it: waits to be sent again
         self.options = options
         self.busy = busy  # (attempts, backoff_s, max_backoff_s): send again when Busy
         self.busy_tries = 1
@@ -151,7 +156,6 @@ class ClientCore:
         self.quota = 1
         self.max_message = 0  # the broker's message limit (0: not known)
         self.registered = False
-        self._deferred: set[int] = set()  # sent requests to send again once the broker's WELCOME came
         self._hellos = 0  # HELLOs said on this connection (numbered: rule 3)
         self.heard_at = -1.0  # when any broker last sent us anything
         self.homing = Homing(rng)
@@ -211,8 +215,8 @@ class ClientCore:
         if len(self._deadlines) > 2 * len(self.pending) + 1024:
             self._deadlines = [(d, r) for d, r in self._deadlines if r in self.pending]
             self._deadlines.sort()
-        # Before a broker's WELCOME has said its limit, only what fits any goes (as at a failover).
-        fits = self.registered or len(payload) <= EARLY_RESEND_BYTES
+        # Before a broker's WELCOME has said its quota and limit: one small request at most.
+        fits = self.registered or (not self.sent and len(payload) <= EARLY_BYTES)
         if self.sent < self.quota and self._moving is None and not self.waiting and fits:
             return [self._send(rid, pend, now)]
         self.waiting.append(rid)
@@ -300,7 +304,10 @@ class ClientCore:
                 if link.restarted(msg.incarnation):
                     self.counters["broker_restarts"] += 1
                     link.incarnation = msg.incarnation
-                    return self._resend_all(now)
+                    out = []
+                    self._take_back(now, out)
+                    self._fill(now, out)
+                    return out
                 return []
             case p.Welcome():
                 if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:
@@ -310,19 +317,20 @@ class ClientCore:
                 self.registered = True
                 self.quota = msg.quota or DEFAULT_QUOTA
                 self.max_message = msg.max_message
-                deferred, self._deferred = self._deferred, set()
+                out = []
                 if link.welcome(msg):
                     self.counters["broker_restarts"] += 1
-                    out = self._resend_all(now)
+                    self._take_back(now, out)
                 elif lost:
                     self.counters["lost_hellos"] += 1
-                    out = self._resend_all(now)
-                else:
-                    out = self._resend_all(now, only=deferred) if deferred else []
-                self._fill(now, out)
+                    self._take_back(now, out)
+                self._fill(now, out)  # within what this WELCOME says: its quota, its limit
                 return out
             case p.Reconnect():
-                return [self._hello(), *self._resend_all(now, early=True)]  # (a restart may change its limit)
+                out = [self._hello()]
+                self._take_back(now, out)  # sent again at its WELCOME (a restart may change its limits)
+                self._send_internal(now, out)
+                return out
             case p.Bye():
                 link.learn(msg.broker, msg.active)
                 return self._failover(now, f"broker said bye: {msg.reason}", to=msg.active)
@@ -454,9 +462,9 @@ class ClientCore:
             if pend is not None and not pend.sent and p.budget_ms_left(pend.deadline - pend.margin, now, floor=0) > 0:
                 if self.max_message and len(pend.payload) > self.max_message:
                     del pending[rid]
-                    out.append(self._too_large(rid, pend, "not sent"))
+                    out.append(self._too_large(rid, pend, "not sent" if not pend.again else "not sent again there"))
                     continue
-                out.append(self._send(rid, pend, now))
+                out.append(self._resend(rid, pend, now) if pend.again else self._send(rid, pend, now))
 
     def _too_large(self, rid: int, pend: _Pending, what: str) -> Completed:
         """The end of a request over the limit of the broker it was to go to."""
@@ -465,34 +473,41 @@ class ClientCore:
         why = f"payload of {size} bytes is larger than broker {broker}'s limit of {limit} bytes: {what}"
         return Completed(rid, p.ST_INVALID, why, b"")
 
-    def _resend_all(self, now: float, early: bool = False, only: set[int] | None = None) -> list[ClientOut]:
-        """Send again what the broker had (a new run, or another broker); a stream of which parts
-        arrived cannot start over without repeating them: it ends INTERRUPTED. One over this
-        broker's limit (a smaller one than where it went first) ends INVALID, saying so: over
-        twice it, libzmq would drop it with the connection and what followed it, unseen.
-        ``early``: before the broker's WELCOME, only what is small enough for any limit (the rest
-        waits for it); ``only``: just these (what waited)."""
-        out: list[ClientOut] = []
-        limit = self.max_message
+    def _take_back(self, now: float, out: list[ClientOut]) -> None:
+        """What the broker had (a new run, another broker, a lost HELLO) goes again, in order and
+        ahead of what waits, once a WELCOME says the broker's quota and message limit (a broker
+        failed over to may take fewer, or smaller: sent blind, the rest were refused Busy, and one
+        over twice its limit dropped by libzmq with the connection). A stream of which parts
+        arrived cannot start over without repeating them: it ends INTERRUPTED."""
+        again: list[int] = []
         for rid, pend in list(self.pending.items()):
-            if not pend.sent or pend.deadline <= now or (only is not None and rid not in only):
-                continue
-            if early:
-                if len(pend.payload) > EARLY_RESEND_BYTES:
-                    self._deferred.add(rid)
-                    continue
-            elif limit and len(pend.payload) > limit:
-                del self.pending[rid]
-                self.sent -= 1
-                out.append(self._too_large(rid, pend, "not sent again there"))
+            if not pend.sent or pend.deadline <= now:
                 continue
             if pend.parts:
                 # (its CANCEL goes to the broker we talk to now: a pair's new active one has a copy)
                 self._interrupt(rid, pend, f"its broker was lost after {pend.parts} parts of the stream", out)
                 continue
-            self.counters["resent"] += 1
-            out.append(self._request(rid, pend, now, 0.0))
-        return out
+            pend.sent = False
+            pend.again = True
+            self.sent -= 1
+            again.append(rid)
+        self.waiting.extendleft(reversed(again))
+
+    def _resend(self, rid: int, pend: _Pending, now: float) -> p.Request:
+        pend.sent = True
+        pend.again = False
+        self.sent += 1
+        self.counters["resent"] += 1
+        return self._request(rid, pend, now, 0.0)  # the budget it has left
+
+    def _send_internal(self, now: float, out: list[ClientOut]) -> None:
+        """Send what waits for a broker's internal services at once: any broker answers them, a
+        passive one too (which sends no WELCOME)."""
+        pending = self.pending
+        internal = [(r, x) for r in self.waiting if (x := pending.get(r)) and x.service.startswith(p.INTERNAL_PREFIXES)]
+        for rid, pend in internal:
+            self.waiting.remove(rid)
+            out.append(self._resend(rid, pend, now) if pend.again else self._send(rid, pend, now))
 
     def _failover(self, now: float, reason: str, to: str = "") -> list[ClientOut]:
         """Connect elsewhere (to broker ``to`` if a BYE named it), say HELLO, resend what was sent."""
@@ -500,8 +515,10 @@ class ClientCore:
         self.registered = False
         self._moving = None
         connect = self.link.connect_named(to, now, reason)
-        # the rest once its WELCOME says its limit: it may take less than the last one
-        return [connect, *self.homing.cancel(), self._hello(first=True), *self._resend_all(now, early=True)]
+        out: list[ClientOut] = [connect, *self.homing.cancel(), self._hello(first=True)]
+        self._take_back(now, out)  # sent again at its WELCOME, within its quota and limit
+        self._send_internal(now, out)
+        return out
 
     def _try_move(self, now: float) -> list[ClientOut]:
         """Moving home: go once nothing is in flight; give up for now after ``MOVE_WAIT_S``."""
