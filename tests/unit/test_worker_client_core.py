@@ -309,6 +309,21 @@ def test_after_a_failover_what_the_broker_had_goes_again_within_the_new_brokers_
     assert [o.rid for o in out if type(o) is p.Request] == [101]
 
 
+def test_a_request_cancelled_or_expired_while_it_waits_to_go_again_is_cancelled_at_the_new_broker():
+    """Taken back at a failover, waiting for the new broker's WELCOME: a pair's new active broker
+    may hold a copy (its replicated table) and would run it; the CANCEL goes there too."""
+    c = client()
+    c.submit(1, "echo", b"v", 5.0, 0.0)
+    c.submit(2, "echo", b"w", 1.6, 0.0)
+    for t in (0.25, 0.5, 0.75, 1.0):
+        c.tick(t)
+    assert [type(o) for o in c.tick(1.0 + EPSILON)] == [Connect, p.Hello]
+    assert c.cancel(1, 1.1) == [p.Cancel(1)] and c.sent == 0
+    out = c.tick(1.6)
+    assert p.Cancel(2) in out and [o.rid for o in out if type(o) is Completed] == [2]
+    assert [o for o in c.receive(p.Welcome("b", "inc2", 250, 4), 1.7) if type(o) is p.Request] == []
+
+
 def test_what_went_with_a_lost_hello_goes_again_when_the_broker_answers_a_later_one():
     """libzmq 4.3.5 drops what waits on a new socket whose connect fails with no route to the
     host (a cut link on the client's side): the HELLO and every request sent with it at the

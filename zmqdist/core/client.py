@@ -230,7 +230,9 @@ class ClientCore:
             return []
         self.counters["cancelled"] += 1
         if not pend.sent:
-            return []
+            # taken back at a failover, waiting for the WELCOME: a pair's new active broker may
+            # hold a copy of it (its replicated table), which would run
+            return [p.Cancel(rid)] if pend.again else []
         self.sent -= 1
         out: list[ClientOut] = [p.Cancel(rid)]
         if self.waiting:
@@ -360,6 +362,8 @@ class ClientCore:
                 if pend.sent:
                     self.sent -= 1
                     out.append(p.Cancel(rid))  # the broker (and its worker) can stop it too
+                elif pend.again:
+                    out.append(p.Cancel(rid))  # (a pair's new active broker may hold a copy)
                 self.counters["timeouts"] += 1
                 if self.heard_at < pend.submitted:
                     eps = ", ".join(self.link.endpoints)
