@@ -36,6 +36,7 @@ MODULES: tuple[str, ...] = (
     "zmqdist.core.replica",
     "zmqdist.core.tiers",
     "zmqdist.core.services",
+    "zmqdist.core.door",
     "zmqdist.core.broker",
     "zmqdist.core.failover",
     "zmqdist.core.client",

@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
-from zmqdist.core.broker import BrokerCore, BrokerMachine
+from zmqdist.core.broker import BrokerCore
+from zmqdist.core.door import BrokerMachine
 from zmqdist.core.ha import (
     ACTIVE,
     BECOME_PASSIVE,
