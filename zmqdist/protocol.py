@@ -1057,6 +1057,12 @@ def result_too_large(why: str) -> bytes:
     return pack_error(RESULT_TOO_LARGE, why, "")
 
 
+def too_large(ticket: int, why: str, parts: int = 0) -> Result:
+    """The failed RESULT of task ``ticket`` that stands for one over a broker's message limit
+    (``parts``: of a stream, those that went before it)."""
+    return Result(ticket, RS_FAILED, result_too_large(why), 0, parts)
+
+
 def fit_error(data: bytes, limit: int) -> bytes | None:
     """A failed result's payload ``data`` cut to at most ``limit`` bytes, keeping the type: the
     traceback's end and the message's start, each marked if cut; None if even the type cannot."""

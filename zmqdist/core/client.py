@@ -452,6 +452,10 @@ class ClientCore:
     def _send(self, rid: int, pend: _Pending, now: float) -> p.Request:
         pend.sent = True
         self.sent += 1
+        if pend.again:  # taken back from a broker that lost it: the budget it has left
+            pend.again = False
+            self.counters["resent"] += 1
+            return self._request(rid, pend, now, 0.0)
         self.counters["sent"] += 1
         return self._request(rid, pend, now, pend.margin)
 
@@ -468,7 +472,7 @@ class ClientCore:
                     del pending[rid]
                     out.append(self._too_large(rid, pend, "not sent" if not pend.again else "not sent again there"))
                     continue
-                out.append(self._resend(rid, pend, now) if pend.again else self._send(rid, pend, now))
+                out.append(self._send(rid, pend, now))
 
     def _too_large(self, rid: int, pend: _Pending, what: str) -> Completed:
         """The end of a request over the limit of the broker it was to go to."""
@@ -497,13 +501,6 @@ class ClientCore:
             again.append(rid)
         self.waiting.extendleft(reversed(again))
 
-    def _resend(self, rid: int, pend: _Pending, now: float) -> p.Request:
-        pend.sent = True
-        pend.again = False
-        self.sent += 1
-        self.counters["resent"] += 1
-        return self._request(rid, pend, now, 0.0)  # the budget it has left
-
     def _send_internal(self, now: float, out: list[ClientOut]) -> None:
         """Send what waits for a broker's internal services at once: any broker answers them, a
         passive one too (which sends no WELCOME)."""
@@ -511,7 +508,7 @@ class ClientCore:
         internal = [(r, x) for r in self.waiting if (x := pending.get(r)) and x.service.startswith(p.INTERNAL_PREFIXES)]
         for rid, pend in internal:
             self.waiting.remove(rid)
-            out.append(self._resend(rid, pend, now) if pend.again else self._send(rid, pend, now))
+            out.append(self._send(rid, pend, now))
 
     def _failover(self, now: float, reason: str, to: str = "") -> list[ClientOut]:
         """Connect elsewhere (to broker ``to`` if a BYE named it), say HELLO, resend what was sent."""

@@ -185,7 +185,7 @@ class BrokerMachine:
             ticket, parts, what = msg.ticket, msg.parts, "the result"
         elif isinstance(msg, p.Part):
             ticket, parts, what = msg.id, msg.seq, f"part {msg.seq + 1} of the stream"
-        failed = p.Result(ticket, p.RS_FAILED, p.result_too_large(f"{what} from its worker: {why}"), 0, parts)
+        failed = p.too_large(ticket, f"{what} from its worker: {why}", parts)
         if rights is not None and (refused := refusal(rights[0], rights[1], failed)) is not None:
             self._refuse(peer, failed, refused, out)
             return

@@ -63,6 +63,7 @@ C2_FINAL: Final = b"\x03"
 C2_REQUEST_ALT: Final = b"\x02"  # the worker numbering some libraries use for clients too
 C2_PARTIAL_ALT: Final = b"\x03"
 C2_FINAL_ALT: Final = b"\x04"
+PARTIAL_FOR: Final = {C2_FINAL: C2_PARTIAL, C2_FINAL_ALT: C2_PARTIAL_ALT}  # a client dialect's PARTIAL
 MDP_HEADERS: Final = frozenset((MDPC01, MDPC02, MDPW01, MDPW02))
 
 ERROR_TAG: Final = b"zmqdist.error"
@@ -129,13 +130,12 @@ def ticket_frame(ticket: int) -> bytes:
 
 
 class _Client:
-    __slots__ = ("delim", "final", "header", "held", "next_rid", "partial", "pending")
+    __slots__ = ("delim", "final", "header", "held", "next_rid", "pending")
 
     def __init__(self, header: bytes) -> None:
         self.header = header
         self.delim = True  # answer with the empty frame first
         self.final = C2_FINAL
-        self.partial = C2_PARTIAL
         self.next_rid = 1
         self.pending: dict[int, bytes] = {}  # rid -> service name (the reply repeats it)
         self.held: dict[int, bytes] = {}  # rid -> the last part of its stream, not sent yet (rule 5)
@@ -207,7 +207,6 @@ class MdpBridge:
         c.header = header
         c.delim = delim
         c.final = final
-        c.partial = C2_PARTIAL if final == C2_FINAL else C2_PARTIAL_ALT  # its dialect's PARTIAL
         rid = c.next_rid
         c.next_rid += 1
         c.pending[rid] = service
@@ -300,7 +299,7 @@ class MdpBridge:
         if not final:
             wk.dropping.add(ticket)
         why = f"{what} from an MDP worker {self._over(size)}"
-        return p.Result(ticket, p.RS_FAILED, p.result_too_large(why), 0, parts)
+        return p.too_large(ticket, why, parts)
 
     def _over(self, size: int) -> str:
         return f"({size} bytes) is over this broker's limit of {self.max_bytes} bytes (--max-message-size)"
@@ -327,7 +326,7 @@ class MdpBridge:
                 peer.held[msg.id] = msg.payload
                 if before is None:
                     return None  # held back until the next part (or the end) says it is not the last
-                return self._client_frames(peer, peer.pending[msg.id], peer.partial, unpack_body(before))
+                return self._client_frames(peer, peer.pending[msg.id], PARTIAL_FOR[peer.final], unpack_body(before))
             if type(msg) is not p.Reply:
                 return None
             last = peer.held.pop(msg.rid, None)
@@ -381,7 +380,7 @@ class MdpBridge:
             last = peer.held.pop(msg.rid, None)
             service = peer.pending.get(msg.rid)
             if last is not None and service is not None:
-                part = self._client_frames(peer, service, peer.partial, unpack_body(last))
+                part = self._client_frames(peer, service, PARTIAL_FOR[peer.final], unpack_body(last))
                 end = self.outbound(ident, msg)
                 return [part] if end is None else [part, end]
         frames = self.outbound(ident, msg)

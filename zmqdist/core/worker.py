@@ -360,14 +360,14 @@ class WorkerCore:
             run = None
         parts = run.parts if run is not None else 0
         if run is not None and run.failed:
-            return p.Result(ticket, p.RS_FAILED, p.result_too_large(run.failed), 0, parts)
+            return p.too_large(ticket, run.failed, parts)
         if run is not None and run.cancelled:
             return p.Result(ticket, p.RS_CANCELLED, b"", 0, parts)
         if self.max_message and len(payload) > self.max_message:
             fitted = self._fit(ok, payload)
             if fitted is None:
                 why = self._too_large("the result", len(payload))
-                return p.Result(ticket, p.RS_FAILED, p.result_too_large(why), 0, parts)
+                return p.too_large(ticket, why, parts)
             payload = fitted
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
@@ -390,7 +390,7 @@ class WorkerCore:
         if fitted is not None:
             return r._replace(payload=fitted)
         why = self._too_large("the result", len(r.payload))
-        return p.Result(r.ticket, p.RS_FAILED, p.result_too_large(why), 0, r.parts)
+        return p.too_large(r.ticket, why, r.parts)
 
     def _too_large(self, what: str, size: int) -> str:
         limit = self.max_message
