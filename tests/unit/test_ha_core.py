@@ -20,7 +20,7 @@ from zmqdist.core.ha import (
     Pair,
 )
 from zmqdist.core.link import BrokerLink, Connect
-from zmqdist.core.worker import WorkerCore
+from zmqdist.core.worker import Abort, Execute, Window, WorkerCore
 from zmqdist.testing import tick_until
 
 HB = HeartbeatSettings(0.25, 4)  # ttl 1 s
@@ -275,6 +275,32 @@ def test_a_worker_carries_tasks_and_unconfirmed_results_to_the_other_broker_of_t
     hb = w.tick(1.55)
     assert hb == [p.Heartbeat(p.ROLE_WORKER, "inc-b", 0, (3,))]  # task 3 still runs, held for b
     assert w.task_done(3, ex[2].session, True, b"r3", 1.6) == [p.Result(3, p.RS_OK, b"r3"), p.Credit(3)]
+
+
+def test_a_carried_run_whose_task_its_broker_sends_again_is_stopped_and_its_end_dropped():
+    """A worker of a pair stopped past its ttl: its broker requeued its tasks and, once it is back
+    (RECONNECT, a new session; its runs carried), sends one to it again. The run of the earlier
+    session must stop: a stream's acknowledgements now go to the new run, and the old one would
+    wait for them with its thread and its slot for good (a simulation of a proxy pair found it)."""
+    w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 2, "w", HB, 0.0)
+    w.start(0.0)
+    w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 0.0)
+    (old,) = w.receive(p.Task(7, "echo", 30_000, 1, "k7", 1, (), b"v", "", 4), 0.0)
+    assert w.part(7, old.session, b"p0", 0.1) == [p.Part(7, 0, b"p0")]
+    w.receive(p.Reconnect("unknown worker: register again"), 3.0)
+    assert w.carry == {7: old.session}
+    w.receive(p.Welcome("a", "inc-a", 250, 4, 1, "b"), 3.0)
+    out = w.receive(p.Task(7, "echo", 20_000, 2, "k7", 1, (), b"v", "", 4), 3.1)
+    assert out[0] == Abort(7, old.session, "its broker runs it again")
+    new = out[1]
+    assert type(new) is Execute and new.attempt == 2 and new.session != old.session
+    assert w.carry == {} and w.stale == 1 and w.counters["abandoned"] == 1
+    assert w.receive(p.Ack(7, 1), 3.2) == [Window(7, new.session, 1)]  # to the new run
+    (hb,) = w.tick(3.25)
+    assert hb.held == (7,)  # once: the new run (the old one is not carried)
+    assert w.task_done(7, old.session, False, b"", 3.3) == [p.Credit(2)]  # its end dropped, its slot back
+    assert w.stale == 0 and w.counters["void_results"] == 1
+    assert w.task_done(7, new.session, True, b"r", 3.4)[0] == p.Result(7, p.RS_OK, b"r")
 
 
 def test_a_worker_voids_carried_work_at_a_broker_outside_the_pair():

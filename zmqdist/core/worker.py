@@ -502,11 +502,12 @@ class WorkerCore:
 
     def _on_task(self, m: p.Task, now: float) -> list[WorkerOut]:
         self.seq_seen = max(self.seq_seen, m.seq)
-        if not self.registered or len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
-            self.counters["refused"] += 1
-            return [p.Result(m.ticket, p.RS_REFUSED, b"")]
         if m.ticket in self.inflight:
             return []  # the same task twice in one session: already running
+        disowned = self._disown(m.ticket) if m.ticket in self.runs else []
+        if not self.registered or len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
+            self.counters["refused"] += 1
+            return [*disowned, p.Result(m.ticket, p.RS_REFUSED, b"")]
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
         deadline = p.deadline_at(now, m.budget_ms)
@@ -516,7 +517,23 @@ class WorkerCore:
             self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
             heapify(self._deadlines)
         fields = (m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
+        if disowned:
+            return [*disowned, tuple.__new__(Execute, fields)]
         return [tuple.__new__(Execute, fields)]  # not Execute(...): see _result
+
+    def _disown(self, ticket: int) -> list[WorkerOut]:
+        """The broker sends again a task whose run from an earlier session still goes (carried to
+        a pair, or stale): it requeued that run (it took us for dead) and no longer counts on it.
+        Stop it; its slot stays taken until it has stopped, and what it returns is dropped. Left
+        running, a stream waiting for acknowledgements that now go to the new run would hold its
+        thread and its slot for good."""
+        run = self.runs[ticket]
+        if self.carry.get(ticket) == run.session:
+            del self.carry[ticket]
+            self.stale += 1  # counted as a stale run now: see task_done
+        out = self._abort(ticket, "its broker runs it again")
+        del self.runs[ticket]
+        return out
 
     def _capacity(self) -> int:
         return max(0, self.concurrency - self.stale - len(self.carry))
