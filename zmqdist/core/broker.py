@@ -308,8 +308,11 @@ class BrokerCore(BrokerMachine):
         for its optional fields: a caller's key, a stream's window, a retry policy)."""
         c = self.counters
         d = self.d
-        if (peer, rid) in d.by_key:
+        if (key := (peer, rid)) in d.by_key:
             c.duplicates += 1
+            if key in d.unclaimed:  # restored at a takeover and sent again by its caller: it counts now
+                d.unclaimed.discard(key)
+                d.open_by_client[peer] = d.open_by_client.get(peer, 0) + 1
             return
         if budget_ms <= 0:
             c.timeouts += 1

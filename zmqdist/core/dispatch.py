@@ -140,6 +140,7 @@ class Dispatcher:
         self.queued = 0
         self.queued_bytes = 0
         self.open_by_client: dict[Dest, int] = {}  # open requests per client (quota)
+        self.unclaimed: set[tuple[Dest, int]] = set()  # restored at a takeover, not yet sent again: see restored
         self.changes = 0  # bumped whenever spare capacity may have changed
         self.deadlines: list[tuple[float, int]] = []
         self.expiry: list[tuple[float, int, Member]] = []
@@ -738,7 +739,8 @@ class Dispatcher:
         if req.window or (req.key and self.join_same_key):
             self.watcher.opened(req)
         self.by_key[(req.client, req.rid)] = ticket
-        self.open_by_client[req.client] = self.open_by_client.get(req.client, 0) + 1
+        # in no quota until its caller sends it again: the old active one may have answered it since
+        self.unclaimed.add((req.client, req.rid))
         pool = self.pools.get(req.service)
         if pool is None:
             pool = self.pools[req.service] = Pool(req.service)
@@ -755,6 +757,9 @@ class Dispatcher:
         key = (client, rid)
         if self.by_key.get(key) == ticket:
             del self.by_key[key]
+        if key in self.unclaimed:
+            self.unclaimed.discard(key)
+            return
         n = self.open_by_client.get(client, 0) - 1
         if n > 0:
             self.open_by_client[client] = n
