@@ -486,6 +486,24 @@ def test_a_service_nobody_serves_any_more_is_forgotten_after_its_grace():
     assert "again" in core.status(131.5)["services"]
 
 
+def test_the_forgetting_of_an_idle_service_is_done_at_the_time_next_deadline_names():
+    """next_deadline said since + grace; the sweep asked now - since < grace, which rounding can
+    keep true at that very time (5.0486749705520495 + 60 and back): a tick at the named time did
+    nothing and named it again. The simulation spun on it (2,000,000 steps at one instant); a
+    runtime spins until its clock has moved past the rounding."""
+    core = make(forget_service_s=60.0)
+    since = 5.0486749705520495
+    hello(core, b"A", services=("short-lived",), now=since)
+    core.receive(b"A", p.Bye("done"), since)
+    assert (since + 60.0) - since < 60.0  # the rounding this test is about
+    times = []
+    while (t := core.next_deadline()) is not None and len(times) < 20:  # as a runtime's loop does
+        times.append(t)
+        core.tick(t)
+    assert "short-lived" not in core.status(times[-1])["services"]
+    assert times[-1] == since + 60.0 and len(set(times)) == len(times)  # no instant named twice
+
+
 def test_a_workers_result_or_part_over_the_limit_ends_its_task_saying_so_and_frees_the_slot():
     """The runtime reads the head of a message over --max-message-size, not its payload. A RESULT
     (or a stream's PART) from a worker that does not check its results itself, as older ones do

@@ -214,7 +214,7 @@ class Dispatcher:
         """Forget the services idle for ``forget_service_s`` (rule 7)."""
         grace = self.settings.forget_service_s
         for name, since in list(self.idle.items()):
-            if now - since < grace:
+            if since + grace > now:  # as next_deadline adds it: (since + grace) - since may be < grace
                 continue
             del self.idle[name]
             pool = self.pools.get(name)
