@@ -5,10 +5,17 @@ Topology: a master ``m``; a proxy pair ``pa`` (primary) / ``pb`` (backup) below 
 ``w`` and a client ``c`` of the region that list ``[pa, pb, m]``.
 """
 
+import functools
 from collections import Counter
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
+from zmqdist.core.client import NO_BROKER
+from zmqdist.policy import Retry
 from zmqdist.testing import Simulation, assert_each_ended_once
 
 REGION = ("pa", "pb", "m")
@@ -210,7 +217,12 @@ def test_a_client_over_its_quota_fails_over_with_its_pair_and_every_request_ends
         a = sim.brokers["a"].core
         assert 0 < a.counters.replies_ok < 3000
         sim.kill_broker("a")
-        sim.run_for(40)
+        counts = []  # b's count of the client's open requests: its copies count once sent again
+        for _ in range(100):
+            sim.run_for(0.05)
+            counts.append(sim.brokers["b"].core.inner.d.open_by_client.get(c.ident, 0))
+        assert max(counts) == 100 and counts[-1] == 0
+        sim.run_for(35)
         assert_each_ended_once(c, 3000, p.ST_OK)
         b = sim.brokers["b"].core
         assert b.counters.over_quota == 0 and b.counters.busy == 0 and a.counters.over_quota == 0
@@ -236,3 +248,145 @@ def test_a_client_failing_over_to_a_broker_with_a_smaller_quota_sends_again_with
     assert_each_ended_once(c, 500, p.ST_OK)
     b = sim.brokers["B"].core
     assert b.counters.over_quota == 0 and b.counters.busy == 0 and c.core.quota == 100
+
+
+def test_copies_a_new_active_broker_restored_count_in_no_quota_until_their_client_sends_them_again():
+    """The pair link is cut while a answers a client's 8 requests (its quota): b's copies of them
+    never learn they ended. a dies; b takes over holding 8 requests the client no longer has.
+    Counted in its quota, every new request of the client got Busy ("this client has 8 requests
+    open, its limit is 8") until those copies ran again; a property test of the lifecycle across a
+    proxy pair found it. A copy counts once its client sends it again: a client's requests open at
+    a when it died still count at b, once each (the quota tests above)."""
+    sim = Simulation()
+    sim.add_pair("a", "b", settings=BrokerSettings(max_client_inflight=8))
+    w = sim.add_worker("w", concurrency=8, service_time=0.5, via=("a", "b"))
+    c = sim.add_client("c", via=("a", "b"))
+    sim.run_for(2)
+    first = [c.submit("echo", i, timeout=60) for i in range(8)]
+    sim.run_for(0.1)
+    assert len(sim.brokers["b"].core.pair.table) == 8  # b holds a copy of each
+    sim.cut_pair("a")
+    sim.run_for(1)
+    assert all([x.status for x in c.completed[r]] == [p.ST_OK] for r in first)  # a answered them
+    sim.kill_broker("a")
+    later = [c.submit("echo", i, timeout=60) for i in range(8, 16)]  # they go once b says its quota
+    sim.run_for(4)
+    assert sim.active("a", "b") == ["b"] and c.endpoint == Simulation.endpoint("b")
+    assert [c.completed[r][0].status for r in later] == [p.ST_OK] * 8
+    b = sim.brokers["b"].core
+    assert b.counters.busy == 0 and b.counters.over_quota == 0
+    d = b.inner.d
+    assert len(w.executed) == 24 and b.open_requests == 0 and d.open_by_client == {} and d.unclaimed == set()
+
+
+# --- the request lifecycle across a proxy pair and its master, under faults ----------------------
+
+FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=False)
+
+
+@given(data=st.data())
+def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(data):
+    """Cancels, retries, joined keys and streams through a proxy pair that funnels to a master,
+    while brokers die, restart, are cut off or lose their pair link and workers stop. Every
+    request ends once (a cancelled one at most once, and never after its cancel), with its own
+    value or a status its kind allows; a stream's parts come in order with no gap and no repeat;
+    once everything is healed nothing is left open anywhere."""
+    sim = Simulation(seed=data.draw(st.integers(0, 2**32 - 1)))
+    settings = BrokerSettings(
+        join_same_key=data.draw(st.booleans()),
+        max_client_inflight=data.draw(st.sampled_from([8, 1000])),
+    )
+    sim.add_broker("m", settings=settings)
+    failback = data.draw(st.sampled_from(["manual", "auto"]))
+    sim.add_pair("pa", "pb", upstream=("m",), settings=settings, failback=failback)
+    vias = [("pa", "pb"), ("pb", "pa"), ("pa", "pb", "m"), ("m",)]
+    for i in range(data.draw(st.integers(1, 3))):
+        sim.add_worker(
+            f"w{i}",
+            concurrency=data.draw(st.integers(1, 3)),
+            service_time=data.draw(st.sampled_from([0.005, 0.05, 0.3])),
+            via=data.draw(st.sampled_from(vias)),
+        ).retry = FLAKY
+    clients = [sim.add_client(n, via=data.draw(st.sampled_from(vias[:3]))) for n in ("c", "d")]
+    sim.run_for(2)
+    kinds: dict[tuple[str, int], tuple[str, Any]] = {}  # (client, rid) -> (kind, value)
+    cancelled: dict[tuple[str, int], int] = {}  # -> completions it had when cancelled
+    frozen_until = 0.0
+    for step in range(data.draw(st.integers(1, 5))):
+        for _ in range(data.draw(st.integers(1, 12))):
+            kind = data.draw(st.sampled_from(["echo", "fail", "flaky", "stream", "joined"]))
+            timeout = data.draw(st.sampled_from([1.0, 10.0, 60.0]))
+            c = data.draw(st.sampled_from(clients))
+            n = len(kinds)
+            if kind == "joined":  # both clients, one key, one value
+                value: Any = {"k": n}
+                for who in clients:
+                    rid = who.submit("echo", value, timeout, key=f"key-{step}-{n}")
+                    kinds[(who.core.name, rid)] = (kind, value)
+                continue
+            value = {
+                "echo": {"id": n},
+                "fail": f"fail-{n}",
+                "flaky": {"flaky": data.draw(st.integers(1, 2)), "id": n},
+                "stream": {"stream": data.draw(st.integers(1, 30))},
+            }[kind]
+            rid = c.submit("echo", value, timeout, window=4 if kind == "stream" else 0)
+            kinds[(c.core.name, rid)] = (kind, value)
+        sim.run_for(data.draw(st.floats(0.0, 1.0)))
+        if kinds and data.draw(st.booleans()):
+            name, rid = data.draw(st.sampled_from(sorted(kinds)))
+            c = sim.clients[name]
+            cancelled.setdefault((name, rid), len(c.completed.get(rid, [])))
+            c.cancel(rid)
+        action = data.draw(st.sampled_from(["kill", "restart", "isolate", "cut_pair", "freeze", "none"]))
+        target = data.draw(st.sampled_from(["pa", "pb", "m"]))
+        if action == "kill":
+            sim.kill_broker(target)
+        elif action == "restart" and not sim.brokers[target].alive:
+            sim.restart_broker(target)
+        elif action == "isolate":
+            sim.partition(target)
+            sim.at(sim.clock.now() + data.draw(st.floats(0.5, 5.0)), functools.partial(sim.heal, target))
+        elif action == "cut_pair" and target != "m":
+            sim.cut_pair(target)
+            sim.at(sim.clock.now() + data.draw(st.floats(0.5, 5.0)), functools.partial(sim.heal_pair, target))
+        elif action == "freeze" and sim.clock.now() >= frozen_until:
+            seconds = data.draw(st.floats(0.5, 4.0))
+            sim.freeze(data.draw(st.sampled_from(sorted(sim.workers))), seconds)
+            frozen_until = sim.clock.now() + seconds
+        sim.run_for(data.draw(st.floats(0.0, 1.5)))
+    for name in ("m", "pa", "pb"):  # heal everything and bring the dead back
+        sim.heal(name)
+        sim.heal_pair(name)
+        if not sim.brokers[name].alive:
+            sim.restart_broker(name)
+    sim.run_for(90)
+    for (name, rid), (kind, value) in kinds.items():
+        c = sim.clients[name]
+        ends = c.completed.get(rid, [])
+        if (name, rid) in cancelled:
+            assert len(ends) == cancelled[(name, rid)] <= 1, (name, rid, kind, ends)
+            continue
+        assert len(ends) == 1, (name, rid, kind, value, ends)
+        (end,) = ends
+        if end.status == p.ST_OK:
+            assert kind != "fail", (name, rid, end)
+            got = p.unpack_value(end.payload)
+            assert got == (None if kind == "stream" else value), (name, rid, kind, value, got)
+        elif end.status == p.ST_FAILED:  # the handler's error: flaky, retries ran out or would pass the deadline
+            error = p.unpack_value(end.payload)[1]
+            assert error == value or (kind == "flaky" and error.startswith("flaky run")), (name, rid, kind, value, end)
+        elif end.status == p.ST_INTERRUPTED:
+            assert kind == "stream", (name, rid, kind, value, end)
+        else:
+            assert end.status in (p.ST_TIMEOUT, p.ST_LOST, NO_BROKER), (name, rid, kind, value, end)
+        if kind == "stream":
+            parts = c.parts.get(rid, [])
+            assert parts == list(range(len(parts))), (name, rid, parts)
+            assert end.status != p.ST_OK or len(parts) == value["stream"], (name, rid, parts, end)
+    for b in sim.brokers.values():
+        assert b.core.open_requests == 0, (b.name, b.core.status(sim.clock.now())["counters"])
+        d = getattr(b.core, "inner", b.core).d
+        assert d.open_by_client == {} and d.unclaimed == set(), (b.name, d.open_by_client, d.unclaimed)
+    for w in sim.workers.values():
+        assert w.runs == {} and w.core.inflight == {}, (w.core.name, w.runs, w.core.inflight)
