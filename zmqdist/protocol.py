@@ -43,6 +43,9 @@ ST_INVALID: Final = 5
 ST_CANCELLED: Final = 6  # the request was cancelled (a broker's answer for work a broker above handed it)
 ST_INTERRUPTED: Final = 7  # a stream's run was cut after some of its parts had gone out
 REPLY_STATUSES: Final = (ST_OK, ST_FAILED, ST_BUSY, ST_TIMEOUT, ST_LOST, ST_INVALID, ST_CANCELLED, ST_INTERRUPTED)
+# The payload of a BUSY the caller's per-client quota caused: a client that paces itself to the quota
+# sends the request again (its count and the broker's disagree) rather than failing it.
+OVER_QUOTA: Final = b"quota"
 
 # RESULT statuses (worker -> broker).
 RS_OK: Final = 0

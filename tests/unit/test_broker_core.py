@@ -347,6 +347,7 @@ def test_per_client_quota_answers_busy_and_frees_as_requests_end():
     assert core.receive(b"A", p.Request(2, "echo", 1000, (), b""), 0) == []  # queued
     ((_, busy),) = core.receive(b"A", p.Request(3, "echo", 1000, (), b""), 0)
     assert busy.status == p.ST_BUSY and "limit is 2" in busy.message
+    assert busy.payload == p.OVER_QUOTA  # the client tells it from a full broker's Busy
     assert core.receive(b"B", p.Request(1, "echo", 1000, (), b""), 0) == []  # another client is not affected
     out = core.receive(b"W", p.Result(1, p.RS_OK, b"r"), 0)
     assert (b"A", p.Reply(1, p.ST_OK, "", b"r")) in out

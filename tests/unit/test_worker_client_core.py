@@ -309,6 +309,29 @@ def test_after_a_failover_what_the_broker_had_goes_again_within_the_new_brokers_
     assert [o.rid for o in out if type(o) is p.Request] == [101]
 
 
+def test_a_busy_over_the_quota_for_a_request_sent_within_it_sends_it_again_instead_of_failing_it():
+    """The broker's count of a client's open requests can pass the client's own: a request sent
+    again after a failover crossed its reply (the broker takes it as new and runs it again), or a
+    pair's new active broker holds copies. Each request that then met the quota ended Busy, though
+    the client had paced itself to it (a property test of a proxy pair found it). It goes again,
+    first; nothing more goes while as many are open as now, until the broker's next heartbeat."""
+    c = client()
+    c.receive(p.Welcome("b", "inc1", 250, 4, 0, "", 3), 0.0)
+    for rid in (1, 2, 3, 4):
+        c.submit(rid, "echo", b"v", 30.0, 0.0)
+    assert c.sent == 3 and list(c.waiting) == [4]
+    why = "this client has 3 requests open, its limit is 3"
+    assert c.receive(p.Reply(3, p.ST_BUSY, why, p.OVER_QUOTA), 0.1) == []  # not the caller's failure
+    assert c.sent == 2 and list(c.waiting) == [3, 4] and c.counters["over_quota"] == 1
+    out = c.receive(p.Reply(1, p.ST_OK, "", b"r1"), 0.2)  # room at the broker: the refused one goes
+    assert [type(o) for o in out] == [Completed, p.Request] and out[1].rid == 3 and c.sent == 2
+    assert [o.rid for o in c.receive(p.Heartbeat(p.ROLE_CLIENT, "inc1", 0, ()), 0.25)] == [4]
+    assert c.sent == 3
+    # a Busy for another reason (a full queue) is still the caller's
+    (done,) = c.receive(p.Reply(4, p.ST_BUSY, "broker b is busy", b""), 0.3)
+    assert (done.rid, done.status) == (4, p.ST_BUSY)
+
+
 def test_a_request_cancelled_or_expired_while_it_waits_to_go_again_is_cancelled_at_the_new_broker():
     """Taken back at a failover, waiting for the new broker's WELCOME: a pair's new active broker
     may hold a copy (its replicated table) and would run it; the CANCEL goes there too."""

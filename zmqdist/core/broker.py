@@ -329,7 +329,7 @@ class BrokerCore(BrokerMachine):
             c.busy += 1
             c.over_quota += 1
             why = f"this client has {mine} requests open, its limit is {self._max_inflight}"
-            out.append((peer, p.Reply(rid, p.ST_BUSY, why, b"")))
+            out.append((peer, p.Reply(rid, p.ST_BUSY, why, p.OVER_QUOTA)))
             return
         if d.queued >= self._max_queue or d.queued_bytes + len(payload) > self._max_queue_bytes:
             c.busy += 1

@@ -153,7 +153,7 @@ class ClientCore:
         self.sent = 0  # requests at the broker now
         # Until the first WELCOME says the broker's quota, one request may go ahead of it (every
         # quota allows one): a burst right after start must not trip a quota not yet known.
-        self.quota = 1
+        self.quota = self._quota_said = 1
         self.max_message = 0  # the broker's message limit (0: not known)
         self.registered = False
         self._hellos = 0  # HELLOs said on this connection (numbered: rule 3)
@@ -179,6 +179,7 @@ class ClientCore:
             "busy_retries": 0,
             "lost_hellos": 0,
             "too_large": 0,  # sent requests a broker failed over to would not take (its smaller limit)
+            "over_quota": 0,  # BUSY over the quota for a request sent within it: sent again
         }
 
     def start(self, now: float) -> list[ClientOut]:
@@ -272,7 +273,9 @@ class ClientCore:
                 out: list[ClientOut] = []
                 if pend.sent:
                     self.sent -= 1
-                if msg.status == p.ST_BUSY and pend.busy is not None and self._send_again(msg.rid, pend, now):
+                if msg.status == p.ST_BUSY and msg.payload == p.OVER_QUOTA and pend.sent:
+                    self._over_quota(msg.rid, pend)
+                elif msg.status == p.ST_BUSY and pend.busy is not None and self._send_again(msg.rid, pend, now):
                     pass
                 elif pend.options[1] and msg.parts != pend.parts and msg.status in (p.ST_OK, p.ST_FAILED):
                     gap = f"the stream ended after {msg.parts} parts but {pend.parts} arrived"
@@ -310,6 +313,11 @@ class ClientCore:
                     self._take_back(now, out)
                     self._fill(now, out)
                     return out
+                if self.quota < self._quota_said:  # held back since a BUSY over the quota: go on
+                    self.quota = self._quota_said
+                    out = []
+                    self._fill(now, out)
+                    return out
                 return []
             case p.Welcome():
                 if (why := link.fenced(msg.broker, msg.peer, msg.epoch)) is not None:
@@ -317,7 +325,7 @@ class ClientCore:
                     return [Problem(why), *self._failover(now, why)]
                 lost = not self.registered and msg.hello > 1  # the first HELLO and what went with it
                 self.registered = True
-                self.quota = msg.quota or DEFAULT_QUOTA
+                self.quota = self._quota_said = msg.quota or DEFAULT_QUOTA
                 self.max_message = msg.max_message
                 out = []
                 if link.welcome(msg):
@@ -400,6 +408,17 @@ class ClientCore:
         if self.waiting:
             self._fill(now, out)
         return out
+
+    def _over_quota(self, rid: int, pend: _Pending) -> None:
+        """The broker refused ``rid``, sent within our count of its quota: it counts more of ours
+        than we do (a request we sent again crossed its reply; copies a pair's new active broker
+        holds). Not the caller's failure: it goes again first, and nothing more is sent while as
+        many are open as now (each reply frees room) until the broker's next heartbeat."""
+        pend.sent = False
+        self.pending[rid] = pend
+        self.waiting.appendleft(rid)
+        self.quota = self.sent
+        self.counters["over_quota"] += 1
 
     def _send_again(self, rid: int, pend: _Pending, now: float) -> bool:
         """A full broker refused ``rid`` and its policy retries Busy: send it again after the
