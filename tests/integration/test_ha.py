@@ -249,6 +249,38 @@ def test_a_stream_through_a_proxy_pair_survives_nothing_silently(procs, tmp_path
         assert status(c)["broker"] == "PB"
 
 
+@pytest.mark.timeout(90)
+def test_a_worker_stopped_past_its_ttl_mid_stream_serves_it_again_whole_and_gets_its_slot_back(procs, tmp_path):
+    """SIGSTOP the one worker of a pair while its stream's handler waits before its first part,
+    past the ttl: the broker requeues the stream (no part went out) and, once the worker is back
+    (SIGCONT, RECONNECT, its runs carried), sends it to that worker again. The run of the earlier
+    session must stop: left running, it ended the stream with its own end before the new run had
+    finished (StreamInterrupted), and kept its slot while it ran."""
+    from zmqdist import StreamInterrupted
+
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B", "--heartbeat", "0.2")
+    w = t.worker("w", "A", "B", concurrency=2, target="testworkers:lifecycle")
+    t.wait_pair("A", "B")
+    with t.client("A", "B", timeout=60) as c:
+        wait_for(lambda: [x["capacity"] for x in status(c)["workers"]] == [2], 20, "the worker registered")
+        stream = c.stream("gen", {"n": 4, "size": 8, "delay": 1.0}, window=8)
+        wait_for(lambda: status(c)["workers"][0]["inflight"] == 1, 10, "the stream at the worker")
+        w.send_signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: status(c)["counters"]["workers_expired"] == 1, 10, "the worker given up")
+        finally:
+            w.send_signal(signal.SIGCONT)
+        try:
+            got = [part[0] for part in stream]
+        except StreamInterrupted as e:
+            pytest.fail(f"the earlier run ended the stream sent again: {e}")
+        assert got == [0, 1, 2, 3]
+        st = status(c)
+        assert st["counters"]["requeues"] >= 1 and st["requests_open"] == 0
+        wait_for(lambda: status(c)["workers"][0]["capacity"] == 2, 5, "the worker's two slots back")
+
+
 @pytest.mark.timeout(150)
 def test_a_stopped_active_broker_resumes_passive_and_the_pair_does_not_flap(procs, tmp_path):
     """SIGSTOP the active A under pipelined load (a stalled host, a long pause) past the ttl: B
