@@ -286,8 +286,8 @@ FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=Fa
 
 @given(data=st.data())
 def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(data):
-    """Cancels, retries, joined keys and streams through a proxy pair that funnels to a master,
-    while brokers die, restart, are cut off or lose their pair link and workers stop. Every
+    """Cancels, retries, joined keys and streams through a proxy pair that funnels to a master (a
+    pair too, or not), while brokers die, restart, are cut off or lose their pair link and workers stop. Every
     request ends once (a cancelled one at most once, and never after its cancel), with its own
     value or a status its kind allows; a stream's parts come in order with no gap and no repeat;
     once everything is healed nothing is left open anywhere."""
@@ -296,10 +296,15 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
         join_same_key=data.draw(st.booleans()),
         max_client_inflight=data.draw(st.sampled_from([8, 1000])),
     )
-    sim.add_broker("m", settings=settings)
     failback = data.draw(st.sampled_from(["manual", "auto"]))
-    sim.add_pair("pa", "pb", upstream=("m",), settings=settings, failback=failback)
-    vias = [("pa", "pb"), ("pb", "pa"), ("pa", "pb", "m"), ("m",)]
+    masters: tuple[str, ...] = ("m",)
+    if data.draw(st.booleans()):  # the master is a pair too
+        masters = ("m", "mb")
+        sim.add_pair("m", "mb", settings=settings, failback=failback)
+    else:
+        sim.add_broker("m", settings=settings)
+    sim.add_pair("pa", "pb", upstream=masters, settings=settings, failback=failback)
+    vias = [("pa", "pb"), ("pb", "pa"), ("pa", "pb", *masters), masters]
     for i in range(data.draw(st.integers(1, 3))):
         sim.add_worker(
             f"w{i}",
@@ -339,7 +344,7 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
             cancelled.setdefault((name, rid), len(c.completed.get(rid, [])))
             c.cancel(rid)
         action = data.draw(st.sampled_from(["kill", "restart", "isolate", "cut_pair", "freeze", "none"]))
-        target = data.draw(st.sampled_from(["pa", "pb", "m"]))
+        target = data.draw(st.sampled_from(["pa", "pb", *masters]))
         if action == "kill":
             sim.kill_broker(target)
         elif action == "restart" and not sim.brokers[target].alive:
@@ -347,7 +352,7 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
         elif action == "isolate":
             sim.partition(target)
             sim.at(sim.clock.now() + data.draw(st.floats(0.5, 5.0)), functools.partial(sim.heal, target))
-        elif action == "cut_pair" and target != "m":
+        elif action == "cut_pair" and (target != "m" or len(masters) == 2):
             sim.cut_pair(target)
             sim.at(sim.clock.now() + data.draw(st.floats(0.5, 5.0)), functools.partial(sim.heal_pair, target))
         elif action == "freeze" and sim.clock.now() >= frozen_until:
@@ -355,7 +360,7 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
             sim.freeze(data.draw(st.sampled_from(sorted(sim.workers))), seconds)
             frozen_until = sim.clock.now() + seconds
         sim.run_for(data.draw(st.floats(0.0, 1.5)))
-    for name in ("m", "pa", "pb"):  # heal everything and bring the dead back
+    for name in ("pa", "pb", *masters):  # heal everything and bring the dead back
         sim.heal(name)
         sim.heal_pair(name)
         if not sim.brokers[name].alive:
