@@ -104,6 +104,33 @@ def test_sigkill_of_the_active_master_under_pipelined_load(procs, tmp_path):
     print(f"B: adopted {st['counters']['adopted']}, requeues {st['counters']['requeues']}")
 
 
+@pytest.mark.timeout(120)
+def test_a_map_at_its_quota_across_the_kill_of_the_active_broker_gets_every_result_none_busy(procs, tmp_path):
+    """Client.map of 3,000 calls against a pair that takes 8 open requests per client; SIGKILL of
+    the active one after 1,000 results. The client holds the rest, sends what A had again once B's
+    WELCOME says its quota, and B's count of the client's requests is what the client sent it:
+    copies B restored count once sent again, and a BUSY over the quota for a request the client
+    sent within it (a request sent again crossing its reply) sends that request again. Every
+    result comes, in order; the caller never sees Busy."""
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B", "--max-client-inflight", "8")
+    for i in range(2):
+        t.worker(f"w{i}", "A", "B", concurrency=4)
+    t.wait_pair("A", "B")
+    with t.client("A") as c:
+        wait_for(lambda: len(status(c)["workers"]) == 2, 20, "2 workers at A")
+    with t.client("A", "B", timeout=60) as c:
+        got = []
+        for r in c.map("echo", range(3000), window=100):
+            got.append(r[0])
+            if len(got) == 1000:
+                t.brokers["A"].send_signal(signal.SIGKILL)
+        assert got == list(range(3000))
+        st = status(c)
+        assert st["broker"] == "B" and c._core.counters["failovers"] >= 1
+        print(f"\nclient: {c._core.counters}; B: {st['counters']['over_quota']} over its quota")
+
+
 @pytest.mark.timeout(150)
 def test_the_killed_primary_restarted_stays_passive(procs, tmp_path):
     t = Pairs(procs, tmp_path)
