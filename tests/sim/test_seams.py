@@ -288,10 +288,10 @@ FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=Fa
 def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(data):
     """Cancels, retries, joined keys and streams through a proxy pair that funnels to a master (a
     pair too, or not; another region's proxy beside it, or not), while brokers die, restart, are
-    cut off or lose their pair link, clients lose a link, and workers stop or die. Every request
-    ends once (a cancelled one at most once, and never after its cancel), with its own value or a
-    status its kind allows; a stream's parts come in order with no gap and no repeat; once
-    everything is healed nothing is left open anywhere."""
+    cut off or lose their pair link, clients stop or lose a link, and workers stop or die. Every
+    request ends once (a cancelled one at most once, and never after its cancel), with its own
+    value or a status its kind allows; a stream's parts come in order with no gap and no repeat;
+    once everything is healed nothing is left open anywhere."""
     sim = Simulation(seed=data.draw(st.integers(0, 2**32 - 1)))
     settings = BrokerSettings(
         join_same_key=data.draw(st.booleans()),
@@ -364,9 +364,10 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
         elif action == "cut_pair" and sim.brokers[target].pair_peer is not None:
             sim.cut_pair(target)
             sim.at(sim.clock.now() + data.draw(st.floats(0.5, 5.0)), functools.partial(sim.heal_pair, target))
-        elif action == "freeze" and sim.clock.now() >= frozen_until:
+        elif action == "freeze" and sim.clock.now() >= frozen_until:  # SIGSTOP a worker or a client
             seconds = data.draw(st.floats(0.5, 4.0))
-            sim.freeze(data.draw(st.sampled_from(sorted(sim.workers))), seconds)
+            alive = sorted(n for n, w in sim.workers.items() if w.alive)
+            sim.freeze(data.draw(st.sampled_from([*alive, "c", "d"])), seconds)
             frozen_until = sim.clock.now() + seconds
         elif action == "kill_worker":  # SIGKILL, and one like it starts in its place
             sim.kill(data.draw(st.sampled_from(sorted(n for n, w in sim.workers.items() if w.alive))))
