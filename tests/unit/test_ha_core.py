@@ -260,6 +260,21 @@ def test_link_fencing_refuses_lower_epochs_of_a_broker_or_its_peer():
     assert link.top_epoch == 3
 
 
+def test_a_broker_whose_pair_link_reaches_itself_says_so_and_takes_nothing_it_hears_for_its_peer():
+    """--peer naming the broker's own --ha-bind in another spelling (localhost for 127.0.0.1):
+    it heard its own PAIR_STATE as its peer's, went active, then handed over to itself."""
+    from zmqdist.core.failover import PairedBroker
+    from zmqdist.core.records import LOG
+
+    core = PairedBroker(BrokerSettings(name="a", ha="primary", peer="tcp://localhost:7001"), "inc", 0.0)
+    (own,) = [m for d, m in core.tick(0.0) if type(m) is p.PairState]
+    out = core.pair_receive(own, 0.01)
+    assert [(d, m.message) for d, m in out] == [
+        (LOG, "the pair link reached this broker itself: --peer tcp://localhost:7001 is its own --ha-bind")
+    ]
+    assert core.pair.peer_seen is None and core.counters.bad_input == 1
+
+
 def test_a_worker_carries_tasks_and_unconfirmed_results_to_the_other_broker_of_the_pair():
     w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 3, "w", HB, 0.0)
     w.start(0.0)

@@ -161,6 +161,11 @@ class PairedBroker(BrokerMachine):
         out: list[Out] = []
         match msg:
             case p.PairState():
+                if msg.incarnation == pair.incarnation:  # our own state, back: the link reached us
+                    self.counters.bad_input += 1
+                    why = f"the pair link reached this broker itself: --peer {self.settings.peer} is its own --ha-bind"
+                    out.append((LOG, Problem(why, "pair")))
+                    return out
                 if not pair.heard(msg, now):
                     return out  # older than what the peer has told us since (see Pair.heard)
                 self._decide(now, out)
