@@ -275,6 +275,22 @@ def test_a_broker_whose_pair_link_reaches_itself_says_so_and_takes_nothing_it_he
     assert core.pair.peer_seen is None and core.counters.bad_input == 1
 
 
+def test_a_broker_hearing_a_peer_of_its_own_role_says_the_pair_is_misconfigured_once():
+    """Both --ha primary (or both backup): the pair still ends with one active broker, so nothing
+    showed the mistake, and a failback would go to whichever of them."""
+    from zmqdist.core.failover import PairedBroker
+    from zmqdist.core.records import LOG
+
+    core = PairedBroker(BrokerSettings(name="a", ha="primary", peer="tcp://b:1"), "inc", 0.0)
+    said = [m.message for d, m in core.pair_receive(state(name="b", primary=1, st=PENDING, epoch=0), 0.1) if d is LOG]
+    assert said == ["b is configured primary too: a pair needs one primary and one backup (--ha)"]
+    again = core.pair_receive(state(name="b", primary=1, st=PASSIVE, epoch=1), 0.2)
+    assert not [m for d, m in again if d is LOG and "configured" in m.message]  # once
+    backup = PairedBroker(BrokerSettings(name="b", ha="backup", peer="tcp://a:1"), "inc", 0.0)
+    heard = backup.pair_receive(state(name="a", primary=1, st=PENDING, epoch=0), 0.1)
+    assert not [m for d, m in heard if d is LOG and "configured" in m.message]
+
+
 def test_a_worker_carries_tasks_and_unconfirmed_results_to_the_other_broker_of_the_pair():
     w = WorkerCore(("tcp://a:1", "tcp://b:1"), ("echo",), 3, "w", HB, 0.0)
     w.start(0.0)

@@ -166,6 +166,10 @@ class PairedBroker(BrokerMachine):
                     why = f"the pair link reached this broker itself: --peer {self.settings.peer} is its own --ha-bind"
                     out.append((LOG, Problem(why, "pair")))
                     return out
+                if bool(msg.primary) == pair.primary and msg.name != pair.peer_name:  # said once per peer run
+                    role = "primary" if pair.primary else "backup"
+                    why = f"{msg.name} is configured {role} too: a pair needs one primary and one backup (--ha)"
+                    out.append((LOG, Problem(why, "")))
                 if not pair.heard(msg, now):
                     return out  # older than what the peer has told us since (see Pair.heard)
                 self._decide(now, out)
