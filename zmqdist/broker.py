@@ -99,6 +99,8 @@ class Broker:
         self._bind = check_endpoints(s.bind, "broker bind")
         if s.upstream:
             check_endpoints(s.upstream, "broker upstream")
+            if mine := [u for u in s.upstream if u in self._bind]:
+                raise ConfigError(f"broker upstream {mine[0]} is this broker's own bind: give the master's endpoint")
         if s.ha and (not s.peer or not s.ha_bind):
             raise ConfigError(f"a {s.ha} broker of a pair needs both peer (the other's ha_bind) and ha_bind")
         self._peer: str | None = check_endpoints(s.peer, "broker peer")[0] if s.ha else None

@@ -238,6 +238,18 @@ def test_client_local_timeout_at_deadline():
     assert done.status == p.ST_TIMEOUT and "before the deadline" in done.message
 
 
+def test_a_request_that_waited_for_a_welcome_past_its_deadline_says_so():
+    """Sent away (BYE) and never welcomed by the next broker: the timeout said "the client had as
+    many open as its broker allows" of a client with one request open."""
+    c = client()
+    c.submit(1, "echo", b"v", 2.0, 0.0)
+    c.receive(p.Bye("broker shutting down", "b"), 0.5)  # taken back: it goes at the next WELCOME
+    (done,) = [o for o in tick_until(c, 2.0) if type(o) is Completed]
+    assert done.status == p.ST_TIMEOUT
+    assert "waiting here: the broker at tcp://" in done.message
+    assert "has not welcomed this client since it failed over" in done.message
+
+
 def test_client_resends_pending_with_same_rid_when_broker_restarted():
     c = client()
     c.submit(1, "echo", b"v", 5.0, 0.0)

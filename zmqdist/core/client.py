@@ -382,8 +382,13 @@ class ClientCore:
                     )
                     out.append(Completed(rid, NO_BROKER, why, b""))
                     continue
-                where = "waiting here: the client had as many open as its broker allows"
-                where = f"broker {self.link.broker or self.link.endpoint}" if pend.sent else where
+                if pend.sent:
+                    where = f"broker {self.link.broker or self.link.endpoint}"
+                elif not self.registered:  # it waits for a WELCOME: its quota and limit (rule 3)
+                    where = f"waiting here: the broker at {self.link.endpoint} has not welcomed this client"
+                    where += " since it failed over" if self.counters["failovers"] else ""
+                else:
+                    where = "waiting here: the client had as many open as its broker allows"
                 why = f"no reply for service {pend.service!r} before the deadline ({where})"
                 out.append(Completed(rid, p.ST_TIMEOUT, why, b""))
         link = self.link
