@@ -105,7 +105,7 @@ class Broker:
             raise ConfigError(f"a {s.ha} broker of a pair needs both peer (the other's ha_bind) and ha_bind")
         self._peer: str | None = check_endpoints(s.peer, "broker peer")[0] if s.ha else None
         self._ha_bind = check_endpoints(s.ha_bind, "broker ha_bind") if s.ha else ()
-        if self._peer is not None and self._peer in (*self._ha_bind, *self._bind):
+        if self._peer is not None and (self._peer in self._ha_bind or self._peer in self._bind):
             own = "ha_bind" if self._peer in self._ha_bind else "bind"
             raise ConfigError(f"broker peer {self._peer} is this broker's own {own}: give the other broker's ha_bind")
         # CURVE: with a secret key every link this broker owns is encrypted and every peer's key
