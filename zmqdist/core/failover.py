@@ -166,7 +166,7 @@ class PairedBroker(BrokerMachine):
                     why = f"the pair link reached this broker itself: --peer {self.settings.peer} is its own --ha-bind"
                     out.append((LOG, Problem(why, "pair")))
                     return out
-                if bool(msg.primary) == pair.primary and msg.name != pair.peer_name:  # said once per peer run
+                if bool(msg.primary) == pair.primary and msg.name != pair.peer_name:  # at the first state it sends
                     role = "primary" if pair.primary else "backup"
                     why = f"{msg.name} is configured {role} too: a pair needs one primary and one backup (--ha)"
                     out.append((LOG, Problem(why, "")))
