@@ -97,6 +97,8 @@ class Broker:
             raise ConfigError("give the broker's options either as keywords or as settings, not both")
         self.settings = s = settings
         self._bind = check_endpoints(s.bind, "broker bind")
+        if twice := [b for i, b in enumerate(self._bind) if b in self._bind[:i]]:
+            raise ConfigError(f"broker bind {twice[0]} is given twice")
         if s.upstream:
             check_endpoints(s.upstream, "broker upstream")
             if mine := [u for u in s.upstream if u in self._bind]:

@@ -80,6 +80,8 @@ def test_bad_config_and_bad_options_give_clear_errors(tmp_path):
     assert r.exit_code == 1 and "peer tcp://127.0.0.1:7101 is this broker's own ha_bind" in r.output
     r = run(cli.main, ["broker", "--bind", "tcp://127.0.0.1:7102", "--upstream", "tcp://127.0.0.1:7102"])
     assert r.exit_code == 1 and "upstream tcp://127.0.0.1:7102 is this broker's own bind" in r.output
+    r = run(cli.main, ["broker", "--bind", "tcp://127.0.0.1:7103", "--bind", "tcp://127.0.0.1:7103"])
+    assert r.exit_code == 1 and "bind tcp://127.0.0.1:7103 is given twice" in r.output  # not "in use"
     r = run(cli.main, ["broker", "--peer", "tcp://x:1"])
     assert r.exit_code == 1 and "set ha to 'primary' or 'backup'" in r.output
     toml = tmp_path / "pair.toml"
