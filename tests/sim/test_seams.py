@@ -9,6 +9,7 @@ import functools
 from collections import Counter
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -284,6 +285,7 @@ def test_copies_a_new_active_broker_restored_count_in_no_quota_until_their_clien
 FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=False)
 
 
+@pytest.mark.timeout(900)  # the thorough profile's 1,000 examples take about 5 minutes
 @given(data=st.data())
 def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(data):
     """Cancels, retries, joined keys and streams through a proxy pair that funnels to a master (a
