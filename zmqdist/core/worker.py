@@ -504,10 +504,10 @@ class WorkerCore:
         self.seq_seen = max(self.seq_seen, m.seq)
         if m.ticket in self.inflight:
             return []  # the same task twice in one session: already running
-        disowned = self._disown(m.ticket) if m.ticket in self.runs else []
+        disowned = self._disown(m.ticket) if m.ticket in self.runs else None  # (no list per task)
         if not self.registered or len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
             self.counters["refused"] += 1
-            return [*disowned, p.Result(m.ticket, p.RS_REFUSED, b"")]
+            return [*(disowned or ()), p.Result(m.ticket, p.RS_REFUSED, b"")]
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
         deadline = p.deadline_at(now, m.budget_ms)
