@@ -757,7 +757,7 @@ class Dispatcher:
         key = (client, rid)
         if self.by_key.get(key) == ticket:
             del self.by_key[key]
-        if key in self.unclaimed:
+        if self.unclaimed and key in self.unclaimed:  # (empty but after a takeover)
             self.unclaimed.discard(key)
             return
         n = self.open_by_client.get(client, 0) - 1

@@ -504,10 +504,11 @@ class WorkerCore:
         self.seq_seen = max(self.seq_seen, m.seq)
         if m.ticket in self.inflight:
             return []  # the same task twice in one session: already running
-        disowned = self._disown(m.ticket) if m.ticket in self.runs else None  # (no list per task)
+        if m.ticket in self.runs:  # an earlier session's run of it still goes
+            return [*self._disown(m.ticket), *self._on_task(m, now)]
         if not self.registered or len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
             self.counters["refused"] += 1
-            return [*(disowned or ()), p.Result(m.ticket, p.RS_REFUSED, b"")]
+            return [p.Result(m.ticket, p.RS_REFUSED, b"")]
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
         deadline = p.deadline_at(now, m.budget_ms)
@@ -517,8 +518,6 @@ class WorkerCore:
             self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
             heapify(self._deadlines)
         fields = (m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
-        if disowned:
-            return [*disowned, tuple.__new__(Execute, fields)]
         return [tuple.__new__(Execute, fields)]  # not Execute(...): see _result
 
     def _disown(self, ticket: int) -> list[WorkerOut]:
