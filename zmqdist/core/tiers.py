@@ -223,7 +223,7 @@ class Tiers(Overflow):
                 return KEEP  # a slot here frees before an answer from upstream could come back
             return UP
         d = self.d.members.get(req.client)
-        if isinstance(d, BrokerMember) and req.service in d.services:
+        if isinstance(d, BrokerMember) and req.service in d.services and not req.also:  # joiners wait here
             return RETURN if not ahead else SKIP
         if too_big and not pool.members:
             return TOO_BIG if not ahead else SKIP
@@ -294,7 +294,7 @@ class Tiers(Overflow):
         if type(req.client) is not bytes:
             return False  # handed down by our upstream: refused back up if no slot is free
         d = self.d.members.get(req.client)
-        return not (isinstance(d, BrokerMember) and req.service in d.services)  # else returned
+        return not (isinstance(d, BrokerMember) and req.service in d.services) or bool(req.also)  # else returned
 
     def unserved(self) -> str:
         if self.up is None:
