@@ -167,6 +167,8 @@ class SimWorker(_Node):
     - a string starting with ``fail``: raises ``ValueError``;
     - ``{"flaky": n}``: raises ``OSError`` on its first ``n`` runs (counted by ``attempt``), then
       returns the value; a retry policy (the caller's, else :attr:`retry`) decides what follows;
+    - ``{"progress": n, "id": i}``: reports progress ``[i, 1]`` to ``[i, n]``, one per service
+      time, then returns the value;
     - ``{"stream": n}``: a generator of ``n`` parts (0 to n-1), one per service time, never more
       than the caller's window ahead of its acknowledgements; with ``"pad": k`` each part is
       ``[i, k bytes]`` (parts of a size);
@@ -252,6 +254,11 @@ class SimWorker(_Node):
                     self.sim.at(now + self.service_time, functools.partial(self._step, run))
                 return
             self._end(run, True, p.pack_value(None))
+            return
+        if isinstance(value, dict) and "progress" in value and run.streamed < int(value["progress"]):
+            run.streamed += 1  # one report per service time, then the value
+            self.handle(self.core.progress(o.ticket, o.session, p.pack_value([value["id"], run.streamed]), now))
+            self.sim.at(now + self.service_time, functools.partial(self._step, run))
             return
         if isinstance(value, dict) and "flaky" in value and o.attempt <= int(value["flaky"]):
             policy = Retry.from_spec(o.retry) if o.retry else self.retry
@@ -600,11 +607,13 @@ class Simulation:
         upstream: tuple[str, ...] = (),
         settings: BrokerSettings | None = None,
         failback: str = "manual",
+        backup_settings: BrokerSettings | None = None,
     ) -> tuple[SimBroker, SimBroker]:
-        """Add a backup pair of brokers (``upstream`` as for :meth:`add_broker`); peers list both
-        names in ``via``."""
+        """Add a backup pair of brokers (``upstream`` as for :meth:`add_broker`; the backup takes
+        ``backup_settings`` if given, else the primary's); peers list both names in ``via``."""
         base = settings or self.settings
         a = self.add_broker(primary, upstream, dataclasses.replace(base, ha="primary", failback=failback))
+        base = backup_settings or base
         b = self.add_broker(backup, upstream, dataclasses.replace(base, ha="backup", failback=failback))
         a.pair_peer, b.pair_peer = b, a
         return a, b

@@ -5,6 +5,7 @@ Topology: a master ``m``; a proxy pair ``pa`` (primary) / ``pb`` (backup) below 
 ``w`` and a client ``c`` of the region that list ``[pa, pb, m]``.
 """
 
+import dataclasses
 import functools
 from collections import Counter
 from typing import Any
@@ -280,6 +281,39 @@ def test_copies_a_new_active_broker_restored_count_in_no_quota_until_their_clien
     assert len(w.executed) == 24 and b.open_requests == 0 and d.open_by_client == {} and d.unclaimed == set()
 
 
+def test_a_caller_that_joined_a_proxys_request_at_the_master_waits_for_its_run_when_its_worker_dies():
+    """Proxy x forwards a keyed request up (its own worker is busy); client d, at the master,
+    joins it. The master's worker dies and nothing there is free: the master gave the request back
+    to x (which serves it itself) with BUSY, and the BUSY went to d too ("m has no spare capacity
+    for it now"), a client that had asked nothing of x. A request with joiners now waits at the
+    master: one run, on the next worker, answers both."""
+    sim = Simulation(settings=BrokerSettings(join_same_key=True))
+    sim.add_broker("m")
+    sim.add_broker("x", upstream=("m",))
+    wx = sim.add_worker("wx", service_time=1.0, via=("x",))
+    sim.add_worker("wm", service_time=1.0, via=("m",))
+    c = sim.add_client("c", via=("x",))
+    d = sim.add_client("d", via=("m",))
+    sim.run_for(2)
+    c.submit("echo", "filler", 30)  # x's one slot is taken
+    sim.run_for(0.1)
+    a = c.submit("echo", {"id": 1}, 30, key="k")  # so it goes up and runs at the master's wm
+    sim.run_for(0.1)
+    j = d.submit("echo", {"id": 1}, 30, key="k")
+    sim.run_for(0.1)
+    m = sim.brokers["m"].core
+    assert m.counters.joined == 1 and m.counters.forwarded_up == 0
+    sim.kill("wm")
+    sim.run_for(6)  # declared dead, requeued; nothing at m is free
+    assert m.counters.requeues == 1 and j not in d.completed and a not in c.completed
+    w2 = sim.add_worker("wm2", service_time=0.1, via=("m",))
+    sim.run_for(5)
+    assert [x.status for x in d.completed[j]] == [p.ST_OK] == [x.status for x in c.completed[a]]
+    assert p.unpack_value(d.completed[j][0].payload) == {"id": 1} == p.unpack_value(c.completed[a][0].payload)
+    assert len(w2.executed) == 1 and len(wx.executed) == 1  # one run for both; x ran only the filler
+    assert m.counters.busy == 0 and m.counters.returned == 0 and m.open_requests == 0
+
+
 # --- the request lifecycle across a proxy pair and its master, under faults ----------------------
 
 FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=False)
@@ -288,28 +322,33 @@ FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=Fa
 @pytest.mark.timeout(900)  # the thorough profile's 1,000 examples take about 5 minutes
 @given(data=st.data())
 def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(data):
-    """Cancels, retries, joined keys and streams through a proxy pair that funnels to a master (a
-    pair too, or not; another region's proxy beside it, or not), while brokers die, restart, are
-    cut off or lose their pair link, clients stop or lose a link, and workers stop or die. Every
-    request ends once (a cancelled one at most once, and never after its cancel), with its own
-    value or a status its kind allows; a stream's parts come in order with no gap and no repeat;
-    once everything is healed nothing is left open anywhere."""
+    """Cancels, retries, joined keys, streams and progress reports through a proxy pair that
+    funnels to a master (a pair too, or not; another region's proxy beside it, or not), while
+    brokers die, restart, are cut off or lose their pair link, clients stop or lose a link, and
+    workers stop or die. Every request ends once (a cancelled one at most once, and never after its
+    cancel), with its own value or a status its kind allows; a stream's parts come in order with no
+    gap and no repeat; a progress report reaches only its own request's callers (any caller of a
+    joined key), before its end; once everything is healed nothing is left open anywhere."""
     sim = Simulation(seed=data.draw(st.integers(0, 2**32 - 1)))
     settings = BrokerSettings(
         join_same_key=data.draw(st.booleans()),
         max_client_inflight=data.draw(st.sampled_from([8, 1000])),
     )
     failback = data.draw(st.sampled_from(["manual", "auto"]))
+
+    def limited() -> BrokerSettings:  # each broker its own --max-message-size: large, or small
+        return dataclasses.replace(settings, max_message_size=data.draw(st.sampled_from([1 << 20, 3000, 2000])))
+
     masters: tuple[str, ...] = ("m",)
     if data.draw(st.booleans()):  # the master is a pair too
         masters = ("m", "mb")
-        sim.add_pair("m", "mb", settings=settings, failback=failback)
+        sim.add_pair("m", "mb", settings=limited(), failback=failback, backup_settings=limited())
     else:
-        sim.add_broker("m", settings=settings)
-    sim.add_pair("pa", "pb", upstream=masters, settings=settings, failback=failback)
+        sim.add_broker("m", settings=limited())
+    sim.add_pair("pa", "pb", upstream=masters, settings=limited(), failback=failback, backup_settings=limited())
     vias = [("pa", "pb"), ("pb", "pa"), ("pa", "pb", *masters), masters]
     if data.draw(st.booleans()):  # another region, behind a proxy alone: work overflows between them
-        sim.add_broker("r", upstream=masters, settings=settings)
+        sim.add_broker("r", upstream=masters, settings=limited())
         vias.insert(3, ("r",))
 
     def add_worker(name: str) -> None:
@@ -326,15 +365,16 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
     sim.run_for(2)
     kinds: dict[tuple[str, int], tuple[str, Any]] = {}  # (client, rid) -> (kind, value)
     cancelled: dict[tuple[str, int], int] = {}  # -> completions it had when cancelled
+    reported: dict[tuple[str, int], int] = {}  # -> progress reports it had when cancelled
     frozen_until = 0.0
     for step in range(data.draw(st.integers(1, 5))):
         for _ in range(data.draw(st.integers(1, 12))):
-            kind = data.draw(st.sampled_from(["echo", "fail", "flaky", "stream", "joined"]))
+            kind = data.draw(st.sampled_from(["echo", "fail", "flaky", "stream", "joined", "progress", "big"]))
             timeout = data.draw(st.sampled_from([1.0, 10.0, 60.0]))
             c = data.draw(st.sampled_from(clients))
             n = len(kinds)
             if kind == "joined":  # both clients, one key, one value
-                value: Any = {"k": n}
+                value: Any = {"id": n, "progress": data.draw(st.integers(0, 3))}  # reports reach both
                 for who in clients:
                     rid = who.submit("echo", value, timeout, key=f"key-{step}-{n}")
                     kinds[(who.core.name, rid)] = (kind, value)
@@ -343,7 +383,9 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
                 "echo": {"id": n},
                 "fail": f"fail-{n}",
                 "flaky": {"flaky": data.draw(st.integers(1, 2)), "id": n},
-                "stream": {"stream": data.draw(st.integers(1, 30))},
+                "stream": {"stream": data.draw(st.integers(1, 30)), "pad": data.draw(st.sampled_from([0, 1500, 2500]))},
+                "big": {"id": n, "pad": "x" * data.draw(st.sampled_from([1500, 2500, 4000]))},
+                "progress": {"id": n, "progress": data.draw(st.integers(1, 8))},
             }[kind]
             rid = c.submit("echo", value, timeout, window=4 if kind == "stream" else 0)
             kinds[(c.core.name, rid)] = (kind, value)
@@ -352,6 +394,7 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
             name, rid = data.draw(st.sampled_from(sorted(kinds)))
             c = sim.clients[name]
             cancelled.setdefault((name, rid), len(c.completed.get(rid, [])))
+            reported.setdefault((name, rid), len(c.progress.get(rid, [])))
             c.cancel(rid)
         actions = ["kill", "restart", "isolate", "cut_pair", "freeze", "kill_worker", "cut_client", "none"]
         action = data.draw(st.sampled_from(actions))
@@ -391,6 +434,10 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
     for (name, rid), (kind, value) in kinds.items():
         c = sim.clients[name]
         ends = c.completed.get(rid, [])
+        reports = c.progress.get(rid, [])  # its own only, within its count, none after a cancel
+        ident, most = (value.get("id"), value.get("progress", 0)) if isinstance(value, dict) else (None, 0)
+        assert all(r[0] == ident and 1 <= r[1] <= most for r in reports), (name, rid, kind, value, reports)
+        assert reported.get((name, rid), len(reports)) == len(reports), (name, rid, kind, reports)
         if (name, rid) in cancelled:
             assert len(ends) == cancelled[(name, rid)] <= 1, (name, rid, kind, ends)
             continue
@@ -401,14 +448,19 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
             got = p.unpack_value(end.payload)
             assert got == (None if kind == "stream" else value), (name, rid, kind, value, got)
         elif end.status == p.ST_FAILED:  # the handler's error: flaky, retries ran out or would pass the deadline
-            error = p.unpack_value(end.payload)[1]
-            assert error == value or (kind == "flaky" and error.startswith("flaky run")), (name, rid, kind, value, end)
+            error_type, error = p.unpack_value(end.payload)[:2]
+            if error_type == p.RESULT_TOO_LARGE:  # over the limit of a broker on the way back
+                assert kind in ("big", "stream"), (name, rid, kind, end)
+            else:
+                assert error == value or (kind == "flaky" and error.startswith("flaky run")), (name, rid, kind, end)
+        elif end.status == p.ST_INVALID:  # over the limit of a broker on the way there
+            assert kind == "big" and "limit of" in end.message, (name, rid, kind, end)
         elif end.status == p.ST_INTERRUPTED:
             assert kind == "stream", (name, rid, kind, value, end)
         else:
             assert end.status in (p.ST_TIMEOUT, p.ST_LOST, NO_BROKER), (name, rid, kind, value, end)
         if kind == "stream":
-            parts = c.parts.get(rid, [])
+            parts = [x[0] for x in c.parts.get(rid, [])]  # [i, pad bytes]
             assert parts == list(range(len(parts))), (name, rid, parts)
             assert end.status != p.ST_OK or len(parts) == value["stream"], (name, rid, parts, end)
     for b in sim.brokers.values():
