@@ -295,6 +295,19 @@ def test_unreachable_worker_is_dropped_and_its_task_requeued():
     assert peer2 != peer and t2.ticket == t.ticket and t2.attempt == 1
 
 
+def test_a_stream_cut_by_its_unreachable_worker_says_how_many_held_it():
+    """An unreachable worker spends no attempt: the message counted attempts and said "0 workers
+    serving 'echo' died while holding it" (seen in the chaos soak)."""
+    core = make()
+    hello(core, b"A")
+    ((peer, t),) = tasks(core.receive(b"C", p.Request(1, "echo", 5000, (), b"x", "", "", 4), 0.0))
+    core.receive(peer, p.Part(t.ticket, 0, b"p0"), 0.1)
+    (r,) = replies(core.send_failed(peer, t, 0.2))
+    assert r.status == p.ST_INTERRUPTED
+    why = "stream interrupted after 1 parts: 1 workers serving 'echo' lost while holding it (A unreachable)"
+    assert r.message == why
+
+
 def test_reregistration_voids_what_the_worker_held():
     core = make()
     hello(core, b"A")

@@ -296,7 +296,7 @@ class Dispatcher:
                 req.attempt -= 1
             self.retry(
                 req,
-                f"{req.attempt} {kind} serving {req.service!r} died while holding it",
+                f"{len(req.tried)} {kind} serving {req.service!r} lost while holding it",  # unreachable too
                 f"{w.name} {why}",
                 now,
                 out,
