@@ -6,7 +6,10 @@ Topology (every process real, on ipc endpoints in a temporary directory): a mast
 regional proxy pairs R1A/R1B and R2A/R2B below it, two workers per region and one at the master.
 Regional workers and clients list their proxy pair first and the master pair next; the master's
 worker lists the master pair. Load: per region, a client that calls one at a time, one that keeps
-up to 200 submits in flight, and one that maps batches of 500.
+up to 200 submits in flight, one that maps batches of 500, and one that runs the request lifecycle
+one at a time: a stream (its parts checked for order, gaps and repeats, also when it is cut), a
+key that two clients send together (brokers run with --join-same-key: both get the same right
+value), or a request cancelled while it runs.
 
 Faults, one every 2-5 s (seeded; every kind in each round of six, in a random order): SIGKILL of a
 worker (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s, SIGKILL of the active broker of a
@@ -16,14 +19,15 @@ down when it resumes); never while the other broker of its pair is down or not y
 the fault is skipped). Faults stop a few seconds before the end so that everything in flight can
 end.
 
-Every request ends in one of: the right value, a wrong value, an error (counted by type), or no
-end at all (lost). Executions are counted per request from the workers' logs (re-execution after
-a kill is allowed and reported). Broker logs are read for step-downs of a broker that carried the
+Every request ends in one of: the right value, a wrong value, an error (counted by type), a
+cancel, or no end at all (lost). Once every client is done, no broker may hold an open request.
+Executions are counted per request from the workers' logs (re-execution after a kill is allowed
+and reported). Broker logs are read for step-downs of a broker that carried the
 pair's table (a defect, unless it was the stopped one resuming), for a broker taking over again
 within a second of stepping down (a flap), for tracebacks and for crashes (a process that died by
 itself: a libzmq assertion, a fatal Python error; faulthandler shows its threads) in every
-process. Exit status 1 if anything was lost, wrong or duplicated, a live active broker stepped
-down, a broker flapped, a traceback or a crash was printed, or errors passed --max-error-rate.
+process. Exit status 1 if anything was lost, wrong or duplicated, left open at a broker, a live
+active broker stepped down, a broker flapped, a traceback or a crash was printed, or errors passed --max-error-rate.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ class Topology:
             up = [] if region == "M" else ["--upstream", self.ep("MA"), "--upstream", self.ep("MB")]
             for name, role, other in ((a, "primary", b), (b, "backup", a)):
                 args = ["broker", "--bind", self.ep(name), "--name", name, "--ha", role]
-                args += ["--ha-bind", self.ha(name), "--peer", self.ha(other), *up, *timing]
+                args += ["--ha-bind", self.ha(name), "--peer", self.ha(other), *up, *timing, "--join-same-key"]
                 self.procs[name] = Proc(name, args, self.logdir, self.env)
         for region in ("R1", "R2"):
             a, b = PAIRS[region]
@@ -146,6 +150,17 @@ class Topology:
             return None
         return st.get("ha") if isinstance(st, dict) else None
 
+    def open_requests(self) -> dict[str, int | None]:
+        """Each broker's count of open requests (None: it does not answer)."""
+        counts: dict[str, int | None] = {}
+        for name in sorted(BROKERS):
+            try:
+                with Client([self.ep(name)], timeout=1.5) as c:
+                    counts[name] = int(c.call("zmqdist.status")["requests_open"])
+            except Exception:
+                counts[name] = None
+        return counts
+
     def stop(self) -> None:
         for p in self.procs.values():
             p.kill()
@@ -163,6 +178,8 @@ class Load:
         self.stop = threading.Event()
         self.clients: list[Client] = []
         self.threads: list[threading.Thread] = []
+        self.lifecycle_outcomes: collections.Counter[str] = collections.Counter()  # "stream ok", ...
+        self.lifecycle_errors: list[str] = []  # what the first errors said
 
     def next_id(self) -> int | None:
         with self.lock:
@@ -171,8 +188,10 @@ class Load:
             self.issued += 1
             return next(self.ids)
 
-    def record(self, i: int, result: Any = None, error: BaseException | None = None) -> None:
-        if error is not None:
+    def record(self, i: int, result: Any = None, error: BaseException | None = None, cancelled: bool = False) -> str:
+        if cancelled:
+            kind = "cancelled"
+        elif error is not None:
             kind = "lost" if isinstance(error, RequestTimeout) and "no reply" in str(error) else type(error).__name__
         elif isinstance(result, dict) and result.get("i") == i and result.get("v") == answer(i):
             kind = "ok"
@@ -183,6 +202,7 @@ class Load:
                 self.outcome[i] = "duplicate"  # a second outcome for one request: never expected
             else:
                 self.outcome[i] = kind
+        return kind
 
     def client(self, region: str) -> Client:
         a, b = PAIRS[region]
@@ -235,9 +255,62 @@ class Load:
                     for i in batch[pos + 1 :]:
                         self.outcome[i] = "not awaited (map stopped at an error)"
 
+    def lifecycle(self, region: str, seed: int) -> None:
+        """One at a time: a stream (its parts in order, no gap, no repeat, also when cut), a key
+        that two clients send together (one run, the same right value to both: the brokers join
+        them), or a request cancelled while it runs (or answered right, if it ended first)."""
+        rng, c, twin = random.Random(seed), self.client(region), self.client(region)
+        while (i := self.next_id()) is not None:
+            what = rng.choice(("stream", "joined", "cancel"))
+            if what == "stream":
+                kind = self.stream(c, i, rng)
+            elif what == "joined":
+                value, key = self.value(i, rng), f"joined-{i}"
+                futs = [c.submit("work", value, key=key), twin.submit("work", value, key=key)]
+                ends = []
+                for fut in futs:
+                    try:
+                        ends.append((fut.result(TIMEOUT_S + 10), None))
+                    except RequestError as exc:
+                        ends.append((None, exc))
+                error = next((e for _, e in ends if e is not None), None)
+                if error is not None:
+                    with self.lock:
+                        self.lifecycle_errors.append(f"joined {i}: {error}"[:300])
+                same = ends[0][0] == ends[1][0]
+                kind = self.record(i, ends[0][0], error) if same or error is not None else self.record(i, "differ")
+            else:
+                fut = c.submit("work", {"i": i, "ms": rng.choice((20, 50, 100))})
+                time.sleep(rng.uniform(0.0, 0.08))
+                if fut.cancel():
+                    kind = self.record(i, cancelled=True)
+                else:
+                    try:
+                        kind = self.record(i, fut.result(TIMEOUT_S + 10))
+                    except RequestError as exc:
+                        kind = self.record(i, error=exc)
+                        with self.lock:
+                            self.lifecycle_errors.append(f"cancel {i} (too late): {exc}"[:300])
+            with self.lock:
+                self.lifecycle_outcomes[f"{what} {kind}"] += 1
+
+    def stream(self, c: Client, i: int, rng: random.Random) -> str:
+        n = rng.randint(1, 20)
+        want = [{"i": i, "k": k, "v": answer(i) + k} for k in range(n)]
+        got: list[Any] = []
+        try:
+            s = c.stream("parts", {"i": i, "n": n, "ms": rng.choice((0, 1, 5))}, window=rng.choice((1, 4, 16)))
+            for part in s:
+                got.append(part)
+        except RequestError as exc:  # StreamInterrupted too: what arrived before it must be right
+            with self.lock:
+                self.lifecycle_errors.append(f"stream {i} of {n} parts, {len(got)} arrived: {exc}"[:300])
+            return self.record(i, error=exc) if got == want[: len(got)] else self.record(i, "parts out of order")
+        return self.record(i, s.result) if got == want else self.record(i, "parts out of order")
+
     def start(self, seed: int) -> None:
         for k, region in enumerate(("R1", "R2")):
-            for role in (self.caller, self.submitter, self.mapper):
+            for role in (self.caller, self.submitter, self.mapper, self.lifecycle):
                 t = threading.Thread(target=role, args=(region, seed * 100 + k * 10 + len(self.threads)), daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -478,6 +551,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         chaos.settle()
         load.finish(TIMEOUT_S + 30)
         elapsed = time.monotonic() - start
+        left: dict[str, int | None] = {}  # every client is done: nothing may stay open at a broker
+        settled_by = time.monotonic() + 20
+        while time.monotonic() < settled_by:
+            left = {n: k for n, k in topo.open_requests().items() if k}
+            if not left:
+                break
+            time.sleep(0.5)
         outcome = collections.Counter(load.outcome.values())
         never = load.issued - len(load.outcome)
         if never:
@@ -490,7 +570,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "requests": load.issued,
             "per_second": round(load.issued / elapsed, 1) if elapsed else 0,
             "outcomes": dict(outcome),
-            "errors": sum(v for k, v in outcome.items() if k not in ("ok", "lost", "wrong", "duplicate")),
+            "errors": sum(v for k, v in outcome.items() if k not in ("ok", "lost", "wrong", "duplicate", "cancelled")),
+            "lifecycle": dict(sorted(load.lifecycle_outcomes.items())),
+            "lifecycle_errors": load.lifecycle_errors[:20],
+            "left_open_at_brokers": left,
             "faults": dict(chaos.faults),
             "fault_count": sum(chaos.faults.values()),
             "restarts": {n: p.starts - 1 for n, p in topo.procs.items() if p.starts > 1},
@@ -529,6 +612,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"crashes: {report['crashes'][:5]}")
     if report["takeover_s"].get("never"):
         bad.append(f"{report['takeover_s']['never']} pairs had no active broker 20 s after losing theirs")
+    if left := report.get("left_open_at_brokers"):
+        bad.append(f"requests still open at brokers 20 s after every client was done: {left}")
     if report["executions"]["never_run_but_ok"]:
         bad.append(f"{report['executions']['never_run_but_ok']} answered OK but never run")
     if report["requests"] and report["errors"] / report["requests"] > max_error_rate:

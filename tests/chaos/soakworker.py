@@ -33,3 +33,15 @@ def work(x):
     if x.get("ms"):
         time.sleep(x["ms"] / 1000)
     return {"i": i, "v": answer(i)}
+
+
+@worker.service("parts")
+def parts(x):
+    """A stream of ``n`` parts, each naming its request and place (the soak checks their order)."""
+    i = x["i"]
+    _executions().write(f"{i}\n")
+    for k in range(x["n"]):
+        if x.get("ms"):
+            time.sleep(x["ms"] / 1000)
+        yield {"i": i, "k": k, "v": answer(i) + k}
+    return {"i": i, "v": answer(i)}

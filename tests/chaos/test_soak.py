@@ -23,8 +23,11 @@ def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_l
     assert report.exists(), f"the soak ended {r.returncode} without a report:\n{r.stdout[-2000:]}{r.stderr[-12000:]}"
     rep = json.loads(report.read_text())
     print(f"\nsoak: {rep['requests']} requests, {rep['fault_count']} faults {rep['faults']}: {rep['outcomes']}")
+    print(f"lifecycle: {rep['lifecycle']}")
     assert rep["fault_count"] >= 8  # one every 2-5 s for the 47 s before the settling
     assert rep["requests"] >= 10_000
+    life = rep["lifecycle"]  # streams, joined keys and cancels ran too, and the verdict checked them
+    assert life.get("stream ok", 0) >= 10 and life.get("joined ok", 0) >= 10 and life.get("cancel cancelled", 0) >= 10
     assert r.returncode == 0, rep["verdict"]
 
 
