@@ -46,6 +46,12 @@ from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
 from zmqdist.transport.sockets import NB, SNDMORE_NB, fast_send, probe
 
+# What a failed CURVE handshake's protocol error means, for the log (the others by number).
+HANDSHAKE_FAILURES: dict[int, str] = {
+    zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a plaintext peer (no CURVE keys)",
+    zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a wrong server key (the peer lacks this broker's public key)",
+}
+
 log = logging.getLogger(__name__)
 
 BATCH = 2000
@@ -289,9 +295,11 @@ class Broker:
         loop.watch(lambda: sock, lambda now: self._drain(sock, core, now))
         if self._ring is not None:
             # Peers that fail the CURVE handshake (plaintext, wrong server key) never reach ZAP:
-            # the socket's monitor is how they are seen and logged.
-            failed = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            monitor = self._monitor = sock.get_monitor_socket(failed | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            # the socket's monitor is how they are seen and logged. Not NO_DETAIL: that is a peer
+            # that closed or reset its connection mid-handshake (a client moving on at a failover,
+            # a port scan), nothing a key or an option would change.
+            failed = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            monitor = self._monitor = sock.get_monitor_socket(failed)
             loop.watch(lambda: monitor, lambda now: self._handshake_failures(core, monitor, now))
         up = None
         if self.settings.upstream:
@@ -417,7 +425,12 @@ class Broker:
         while monitor.poll(0):
             ev = recv_monitor_message(monitor)
             endpoint = ev["endpoint"].decode(errors="replace") if isinstance(ev["endpoint"], bytes) else ev["endpoint"]
-            self._send(core, core.handshake_failed(str(endpoint), str(zmq.Event(ev["event"]).name)), now)
+            value = int(ev["value"])
+            if ev["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = f"its key was refused (ZAP status {value}: the refusal above names the key)"
+            else:
+                why = HANDSHAKE_FAILURES.get(value) or f"protocol error {value:#x}"
+            self._send(core, core.handshake_failed(str(endpoint), why), now)
         return False
 
     def _commands(self, core: BrokerMachine, items: list[Any], now: float) -> None:

@@ -7,6 +7,7 @@ Real sockets throughout; brokers run in this process where a test needs to look 
 import logging
 import shutil
 import signal
+import socket
 import time
 
 import pytest
@@ -79,11 +80,29 @@ def test_only_allowed_keys_get_in_and_roles_are_enforced(pki, tmp_path, caplog):
             assert alice.call("sum", [1, 2]) == 3
 
             caplog.set_level(logging.WARNING, logger="zmqdist")
+            # a peer that connects and closes mid-handshake (a client moving on at a failover, a
+            # port scan) is no misconfiguration: neither counted nor logged (it was both, saying
+            # "plaintext, or a wrong server key"); the plaintext client after it is the first
+            with socket.socket(socket.AF_UNIX) as raw:
+                raw.settimeout(5)
+                raw.connect(f"{tmp_path}/s.sock")
+                raw.recv(10)  # the broker's greeting: its handshake has begun
             # plaintext: the CURVE handshake never completes
             with Client([ep], timeout=1) as plain, pytest.raises(RequestTimeout):
                 plain.call("echo", 1)
             wait_for(lambda: b.status()["counters"].get("handshakes_failed", 0) >= 1, 10, "plaintext seen")
-            assert any("failed the CURVE handshake" in r.getMessage() for r in caplog.records)
+            failed = [r.getMessage() for r in caplog.records if "failed the CURVE handshake" in r.getMessage()]
+            assert failed and all(m.endswith("a plaintext peer (no CURVE keys)") for m in failed), failed
+            # a wrong server key (another's public key) is told apart from plaintext
+            before = b.status()["counters"]["handshakes_failed"]
+            with Client([ep], timeout=1, server_key=pki.pub("alice"), key=pki.sec("bob")) as wrong:
+                with pytest.raises(RequestTimeout):
+                    wrong.call("echo", 1)
+            wait_for(lambda: b.status()["counters"]["handshakes_failed"] > before, 10, "wrong server key seen")
+            assert any(
+                r.getMessage().endswith("a wrong server key (the peer lacks this broker's public key)")
+                for r in caplog.records
+            )
             # a key in no allow-list: refused by ZAP, and the refusal names the key
             with Client([ep], timeout=1, server_key=pki.pub("broker"), key=pki.sec("mallory")) as m:
                 with pytest.raises(RequestTimeout):

@@ -218,13 +218,11 @@ class BrokerMachine:
             return [(LOG, Problem(f"pair link: dropped a bad message: {exc}", "pair"))]
         return self.pair_receive(msg, now)
 
-    def handshake_failed(self, endpoint: str, event: str) -> list[Out]:
-        """A peer failed the CURVE handshake (plaintext, or a wrong server key): count and log it."""
+    def handshake_failed(self, endpoint: str, why: str) -> list[Out]:
+        """A peer failed the CURVE handshake (``why``: plaintext, a wrong server key, a refused
+        key, as the runtime's socket monitor tells them apart): count and log it."""
         self.counters.handshakes_failed += 1
-        why = f"broker {self.settings.name}: a peer failed the CURVE handshake on {endpoint} ({event}: " + (
-            "plaintext, or a wrong server key)"
-        )
-        return [(LOG, Problem(why, "handshake"))]
+        return [(LOG, Problem(f"a peer failed the CURVE handshake on {endpoint}: {why}", f"handshake: {why}"))]
 
     # --- what each machine implements -----------------------------------------------------------
 
