@@ -59,6 +59,7 @@ from soakworker import answer  # noqa: E402
 
 from zmqdist import Client  # noqa: E402
 from zmqdist.errors import RequestError, RequestTimeout  # noqa: E402
+from zmqdist.transport.security import generate  # noqa: E402
 
 PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
 BROKERS = {name for pair in PAIRS.values() for name in pair}
@@ -98,7 +99,7 @@ class Proc:
 
 
 class Topology:
-    def __init__(self, tmp: Path, hb: float) -> None:
+    def __init__(self, tmp: Path, hb: float, curve: bool = False) -> None:
         self.tmp = tmp
         self.logdir = tmp / "logs"
         self.logdir.mkdir()
@@ -111,22 +112,40 @@ class Topology:
         )
         self.procs: dict[str, Proc] = {}
         timing = ["--heartbeat", str(hb)]
+        # --curve: CURVE on every link (one key for the brokers, one per role, allow-lists), the
+        # pair links and the proxies' upstream links too
+        self.keys: dict[str, str] = {}
+        broker_sec: list[str] = []
+        worker_opts = list(timing)
+        if curve:
+            keys = tmp / "keys"
+            for role in ("broker", "worker", "client"):
+                generate(role, keys)
+                (keys / f"{role}s").mkdir()
+                (keys / f"{role}s" / f"{role}.key").write_bytes((keys / f"{role}.key").read_bytes())
+            pub = str(keys / "broker.key")
+            self.keys = {"server_key": pub, "key": str(keys / "client.key_secret")}
+            broker_sec = ["--key", str(keys / "broker.key_secret"), "--peer-server-key", pub]
+            broker_sec += [x for r in ("clients", "workers", "brokers") for x in (f"--allow-{r}", str(keys / r))]
+            worker_opts += ["--server-key", pub, "--key", str(keys / "worker.key_secret")]
         for region, (a, b) in PAIRS.items():
             up = [] if region == "M" else ["--upstream", self.ep("MA"), "--upstream", self.ep("MB")]
+            if up and curve:
+                up += ["--upstream-server-key", self.keys["server_key"]]
             for name, role, other in ((a, "primary", b), (b, "backup", a)):
-                args = ["broker", "--bind", self.ep(name), "--name", name, "--ha", role]
+                args = ["broker", "--bind", self.ep(name), "--name", name, "--ha", role, *broker_sec]
                 args += ["--ha-bind", self.ha(name), "--peer", self.ha(other), *up, *timing, "--join-same-key"]
                 self.procs[name] = Proc(name, args, self.logdir, self.env)
         for region in ("R1", "R2"):
             a, b = PAIRS[region]
             for k in range(2):
-                self.worker(f"W{region}-{k}", [a, b, "MA", "MB"], timing)
-        self.worker("WM-0", ["MA", "MB"], timing)
+                self.worker(f"W{region}-{k}", [a, b, "MA", "MB"], worker_opts)
+        self.worker("WM-0", ["MA", "MB"], worker_opts)
 
-    def worker(self, name: str, at: list[str], timing: list[str]) -> None:
+    def worker(self, name: str, at: list[str], options: list[str]) -> None:
         eps = [x for n in at for x in ("--connect", self.ep(n))]
         self.procs[name] = Proc(
-            name, ["worker", "soakworker:worker", "--name", name, *eps, *timing], self.logdir, self.env
+            name, ["worker", "soakworker:worker", "--name", name, *eps, *options], self.logdir, self.env
         )
 
     def ep(self, name: str) -> str:
@@ -144,7 +163,7 @@ class Topology:
         if not self.procs[name].alive():
             return None
         try:
-            with Client([self.ep(name)], timeout=1.5) as c:
+            with Client([self.ep(name)], timeout=1.5, **self.keys) as c:
                 st = c.call("zmqdist.status")
         except Exception:
             return None
@@ -155,7 +174,7 @@ class Topology:
         counts: dict[str, int | None] = {}
         for name in sorted(BROKERS):
             try:
-                with Client([self.ep(name)], timeout=1.5) as c:
+                with Client([self.ep(name)], timeout=1.5, **self.keys) as c:
                     counts[name] = int(c.call("zmqdist.status")["requests_open"])
             except Exception:
                 counts[name] = None
@@ -206,7 +225,7 @@ class Load:
 
     def client(self, region: str) -> Client:
         a, b = PAIRS[region]
-        c = Client([self.topo.ep(n) for n in (a, b, "MA", "MB")], timeout=TIMEOUT_S)
+        c = Client([self.topo.ep(n) for n in (a, b, "MA", "MB")], timeout=TIMEOUT_S, **self.topo.keys)
         self.clients.append(c)
         return c
 
@@ -523,7 +542,7 @@ def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> di
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="zmqdist-soak-"))
-    topo = Topology(tmp, args.heartbeat)
+    topo = Topology(tmp, args.heartbeat, args.curve)
     load = Load(topo, args.requests)
     chaos = Chaos(topo, rng)
     try:
@@ -566,6 +585,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ok_ids = [i for i, k in load.outcome.items() if k == "ok"]
         report = {
             "seed": args.seed,
+            "curve": args.curve,
             "seconds": round(elapsed, 1),
             "requests": load.issued,
             "per_second": round(load.issued / elapsed, 1) if elapsed else 0,
@@ -630,6 +650,7 @@ def main() -> None:
     ap.add_argument("--heartbeat", type=float, default=0.25)
     ap.add_argument("--max-error-rate", type=float, default=0.001)
     ap.add_argument("--report", default=None, help="write the report as JSON here")
+    ap.add_argument("--curve", action="store_true", help="CURVE on every link (keys made in the temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory with every log")
     args = ap.parse_args()
     report = run(args)
