@@ -185,6 +185,39 @@ def test_proxy_to_master_link_is_encrypted_and_needs_a_broker_key(procs, pki, tm
         assert [x["name"] for x in status(cm)["brokers"]] == ["proxy"]
 
 
+@pytest.mark.timeout(90)
+def test_a_curve_proxy_pair_whose_active_dies_with_no_peer_coming_by_takes_over_on_its_upstreams_word(
+    procs, pki, tmp_path
+):
+    """The passive proxy of a pair asks its upstream whether its silent peer is still there (its
+    witness), connecting as a client. Under CURVE the upstream refused that HELLO from a broker key
+    ("a key in the brokers allow-list cannot act as clients": a warning and refused_by_role at every
+    takeover, seen in the CURVE chaos soak; the question itself still got through). Now a broker
+    key may come as a client. With no client or worker coming by to vote, the witness's word is
+    what the takeover waits for. Watched at the master: a status client at the passive proxy would
+    itself be a vote."""
+    ep = {n: f"ipc://{tmp_path}/{n}.sock" for n in ("M", "PA", "PB")}
+    allow = ["--allow-clients", str(pki.allow["clients"]), "--allow-workers", str(pki.allow["workers"])]
+    allow += ["--allow-brokers", str(pki.allow["brokers"]), "--heartbeat", "0.2"]
+    procs.spawn("broker", "--bind", ep["M"], "--name", "M", "--key", pki.sec("broker"), *allow)
+    proxies = {}
+    for name, role, other in (("PA", "primary", "PB"), ("PB", "backup", "PA")):
+        proxies[name] = procs.spawn(
+            "broker", "--bind", ep[name], "--name", name, "--key", pki.sec("proxy"), *allow,
+            "--ha", role, "--ha-bind", f"ipc://{tmp_path}/{name}.ha", "--peer", f"ipc://{tmp_path}/{other}.ha",
+            "--peer-server-key", pki.pub("proxy"), "--upstream", ep["M"], "--upstream-server-key", pki.pub("broker"),
+        )  # fmt: skip
+    keys = {"server_key": pki.pub("broker"), "key": pki.sec("alice")}
+    with Client([ep["M"]], timeout=5, **keys) as m:
+        wait_for(lambda: [b["name"] for b in status(m)["brokers"]] == ["PA"], 20, "PA registered at M")
+        with Client([ep["PA"]], timeout=5, server_key=pki.pub("proxy"), key=pki.sec("alice")) as pa:
+            wait_for(lambda: status(pa)["ha"]["peer"]["synced"] >= 0, 20, "PB holds PA's table")
+        proxies["PA"].send_signal(signal.SIGKILL)
+        proxies["PA"].wait(10)
+        wait_for(lambda: [b["name"] for b in status(m)["brokers"]] == ["PB"], 30, "PB active on M's word")
+        assert status(m)["counters"].get("refused_by_role", 0) == 0
+
+
 @pytest.mark.timeout(60)
 def test_a_client_bursting_past_its_quota_paces_itself_and_the_others_are_served(tmp_path):
     """A zmqdist Client keeps what its broker would refuse (WELCOME says the quota) and sends it as

@@ -28,7 +28,7 @@ def test_each_role_may_do_its_own_part_and_nothing_else(role):
     for msg in OTHERS[role]:
         assert refusal(role, "*", msg) is None, msg
     for other, hello in HELLO.items():
-        if other != role:
+        if other != role and (role, other) != ("brokers", "clients"):
             assert refusal(role, "*", hello) is not None  # e.g. a worker key acting as a broker
             for msg in OTHERS[other]:
                 if type(msg) not in {type(m) for m in OTHERS[role]}:
@@ -43,3 +43,14 @@ def test_service_limits_apply_to_workers_and_clients_but_not_internal_services()
     assert refusal("clients", "", p.Request(1, "mmi.service", 10, (), b"")) is None
     assert refusal("clients,workers", "*", p.Result(1, 0, b"")) is None  # a key in two lists
     assert refusal("", "*", p.Request(1, "echo", 10, (), b"")) is not None
+
+
+def test_a_broker_key_may_come_as_a_client_the_passive_proxys_witness_asks_so():
+    """The passive proxy of a pair asks its upstream whether its peer is there (HELLO as a client,
+    then zmqdist.member): under CURVE its HELLO and heartbeats were refused ("a key in the brokers
+    allow-list cannot act as clients"), logged and counted at every takeover."""
+    assert refusal("brokers", "*", HELLO["clients"]) is None
+    assert refusal("brokers", "*", p.Heartbeat(p.ROLE_CLIENT, "", 0, ())) is None
+    assert refusal("brokers", "*", p.Request(1, "zmqdist.member", 10, (), b"")) is None
+    assert refusal("workers", "*", HELLO["clients"]) is not None  # the other roles stay apart
+    assert refusal("clients", "*", HELLO["brokers"]) is not None

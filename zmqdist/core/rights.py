@@ -27,7 +27,9 @@ def refusal(roles: str, services: str, msg: p.Message) -> str | None:
     t = type(msg)
     if isinstance(msg, (p.Hello, p.Heartbeat)):
         need = _HELLO_ROLE.get(msg.role, "")
-        if need not in have:
+        # A broker key may also come as a client: the passive proxy of a pair asks its upstream
+        # so (its witness, docs/ha.md); as a proxy it may send any request already.
+        if need not in have and not (need == "clients" and "brokers" in have):
             return f"a key in the {'/'.join(have) or 'no'} allow-list cannot act as {need or 'that role'}"
         if isinstance(msg, p.Hello) and need == "workers":
             return _services_refusal(services, msg.services)
