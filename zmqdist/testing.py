@@ -391,6 +391,7 @@ class SimBroker(_Node):
             self.sim.pair_down_until[self.pair_peer.name] = self.sim.clock.now() + self.sim.pair_reconnect_s
         self.core = self._new_core()
         self.alive = True
+        self.frozen_until = -1.0
         self.sim.nodes[self.ident] = self
         self.start()
 
@@ -398,7 +399,9 @@ class SimBroker(_Node):
         self.out(self.core.upstream_receive(msg, self.sim.clock.now()))
 
     def receive_from(self, ident: bytes, frames: tuple[bytes, bytes]) -> None:
-        if self.alive:
+        if self.alive and self.frozen_until > self.sim.clock.now():  # waits in its socket
+            self.sim.at(self.frozen_until, functools.partial(self.receive_from, ident, frames))
+        elif self.alive:
             now = self.sim.clock.now()
             out: list[Out] = []
             if self.sim.plain:
@@ -414,7 +417,9 @@ class SimBroker(_Node):
 
     def receive_pair(self, run: int, frames: tuple[bytes, bytes]) -> None:
         """A message on the pair link, sent to our run ``run`` (a restarted run has a new link)."""
-        if self.alive and run == self.runs:
+        if self.alive and run == self.runs and self.frozen_until > self.sim.clock.now():
+            self.sim.at(self.frozen_until, functools.partial(self.receive_pair, run, frames))
+        elif self.alive and run == self.runs:
             self.out(self.core.receive_pair_frames(list(frames), self.sim.clock.now()))
 
     def out(self, outs: list[Any]) -> None:
@@ -701,13 +706,14 @@ class Simulation:
         return self.workers.get(name) or self.clients.get(name) or self.brokers[name]
 
     def freeze(self, name: str, seconds: float) -> None:
-        """Stop a worker or client for ``seconds`` (SIGSTOP, then SIGCONT): its timers do not run and
-        what is sent to it waits, delivered in order when it resumes, before its timers run. On
-        resuming it is told it was paused (as the runtime's poll loop tells it)."""
+        """Stop a worker, client or broker for ``seconds`` (SIGSTOP, then SIGCONT): its timers do
+        not run and what is sent to it waits, delivered in order when it resumes, before its timers
+        run. On resuming a worker or client is told it was paused (as the runtime's poll loop tells
+        it); a broker is not (its runtime does not ask)."""
         node = self._node(name)
-        assert isinstance(node, (SimWorker, SimClient)), "freeze stops a worker or a client"
         node.frozen_until = self.clock.now() + seconds
-        self.at(node.frozen_until, functools.partial(node.core.resumed, seconds, node.frozen_until))
+        if isinstance(node, (SimWorker, SimClient)):
+            self.at(node.frozen_until, functools.partial(node.core.resumed, seconds, node.frozen_until))
 
     def kill(self, name: str) -> None:
         """Kill a worker, client or broker: it sends and receives nothing more, like SIGKILL."""
@@ -789,7 +795,7 @@ class Simulation:
     def _tick_all(self) -> None:
         now = self.clock.now()
         for b in list(self.brokers.values()):
-            if b.alive and (d := b.core.next_deadline()) is not None and d <= now:
+            if b.alive and b.frozen_until <= now and (d := b.core.next_deadline()) is not None and d <= now:
                 b.tick()
         for node in list(self.nodes.values()):
             if node.alive and isinstance(node, (SimWorker, SimClient)) and node.frozen_until <= now:
@@ -803,7 +809,9 @@ class Simulation:
             times.append(self._events[0][0])
         now = self.clock.now()
         for b in self.brokers.values():
-            if b.alive and (d := b.core.next_deadline()) is not None:
+            if b.alive and b.frozen_until > now:
+                times.append(b.frozen_until)  # its timers wait until it resumes
+            elif b.alive and (d := b.core.next_deadline()) is not None:
                 times.append(d)
         for node in self.nodes.values():
             if node.alive and isinstance(node, (SimWorker, SimClient)):

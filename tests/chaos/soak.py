@@ -282,7 +282,7 @@ class Load:
         while (i := self.next_id()) is not None:
             what = rng.choice(("stream", "joined", "cancel"))
             if what == "stream":
-                kind = self.stream(c, i, rng)
+                kind = self.stream(c, i, rng, region)
             elif what == "joined":
                 value, key = self.value(i, rng), f"joined-{i}"
                 futs = [c.submit("work", value, key=key), twin.submit("work", value, key=key)]
@@ -313,8 +313,9 @@ class Load:
             with self.lock:
                 self.lifecycle_outcomes[f"{what} {kind}"] += 1
 
-    def stream(self, c: Client, i: int, rng: random.Random) -> str:
+    def stream(self, c: Client, i: int, rng: random.Random, region: str) -> str:
         n = rng.randint(1, 20)
+        t0 = time.monotonic()
         want = [{"i": i, "k": k, "v": answer(i) + k} for k in range(n)]
         got: list[Any] = []
         try:
@@ -323,7 +324,8 @@ class Load:
                 got.append(part)
         except RequestError as exc:  # StreamInterrupted too: what arrived before it must be right
             with self.lock:
-                self.lifecycle_errors.append(f"stream {i} of {n} parts, {len(got)} arrived: {exc}"[:300])
+                said = f"stream {i} ({region}, {time.monotonic() - t0:.1f} s) of {n} parts, {len(got)} arrived: {exc}"
+                self.lifecycle_errors.append(said[:300])
             return self.record(i, error=exc) if got == want[: len(got)] else self.record(i, "parts out of order")
         return self.record(i, s.result) if got == want else self.record(i, "parts out of order")
 

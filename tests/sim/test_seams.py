@@ -324,7 +324,7 @@ FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=Fa
 def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(data):
     """Cancels, retries, joined keys, streams and progress reports through a proxy pair that
     funnels to a master (a pair too, or not; another region's proxy beside it, or not), each broker
-    with its own message limit, while brokers die, restart, are cut off or lose their pair link,
+    with its own message limit, while brokers die, restart, stop, are cut off or lose their pair link,
     clients stop or lose a link, and workers stop or die; peers read BATCH frames or do not. Every
     request ends once (a cancelled one at most once, and never after its cancel), with its own
     value or a status its kind allows; a stream's parts come in order with no gap and no repeat; a
@@ -413,10 +413,11 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
         elif action == "cut_pair" and sim.brokers[target].pair_peer is not None:
             sim.cut_pair(target)
             sim.at(sim.clock.now() + data.draw(st.floats(0.5, 5.0)), functools.partial(sim.heal_pair, target))
-        elif action == "freeze" and sim.clock.now() >= frozen_until:  # SIGSTOP a worker or a client
+        elif action == "freeze" and sim.clock.now() >= frozen_until:  # SIGSTOP a worker, client or broker
             seconds = data.draw(st.floats(0.5, 4.0))
             alive = sorted(n for n, w in sim.workers.items() if w.alive)
-            sim.freeze(data.draw(st.sampled_from([*alive, "c", "d"])), seconds)
+            brokers = sorted(n for n, b in sim.brokers.items() if b.alive and n != "broker")
+            sim.freeze(data.draw(st.sampled_from([*alive, "c", "d", *brokers])), seconds)
             frozen_until = sim.clock.now() + seconds
         elif action == "kill_worker":  # SIGKILL, and one like it starts in its place
             sim.kill(data.draw(st.sampled_from(sorted(n for n, w in sim.workers.items() if w.alive))))
