@@ -26,7 +26,9 @@ from zmqdist.core.door import BrokerMachine
 from zmqdist.core.lifecycle import Lifecycle
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import (
+    ASSIGNED,
     EPSILON,
+    FORWARDED,
     NONE,
     BrokerMember,
     Copy,
@@ -313,7 +315,15 @@ class BrokerCore(BrokerMachine):
             if key in d.unclaimed:  # restored at a takeover and sent again by its caller: it counts now
                 d.unclaimed.discard(key)
                 d.open_by_client[peer] = d.open_by_client.get(peer, 0) + 1
-            return
+            req = d.reqs.get(d.by_key[key])
+            if req is None or not req.window or req.state not in (ASSIGNED, FORWARDED):
+                return
+            # A stream sent again: its caller holds none of its parts (a zmqdist caller sends a
+            # stream again only then), so what its run sent went astray (to a broker that died, on
+            # a connection since replaced) and the run may wait for acknowledgements that never
+            # come. It starts afresh; what the old run still sends is dropped.
+            c.restarted += 1
+            self.life.cancel_run(req, now, out)
         if budget_ms <= 0:
             c.timeouts += 1
             out.append((peer, p.Reply(rid, p.ST_TIMEOUT, "request arrived with its time budget spent", b"")))
@@ -402,6 +412,11 @@ class BrokerCore(BrokerMachine):
             w.adopted = False
         if w.inflight and (m.seq or adopted):
             self.d.reconcile(w, m.seq, m.held, now, out)
+        if m.held:
+            reqs = self.d.reqs
+            for t in m.held:  # a run of a request that ended here (cancelled or run afresh while
+                if t not in reqs:  # its member was away, carried from a pair's takeover): stop it
+                    out.append((peer, p.Cancel(t)))
         return out
 
     def _on_hello(self, peer: bytes, w: Member | None, m: p.Hello, now: float) -> list[Out]:

@@ -84,6 +84,7 @@ class Counters:
     adopted: int = 0  # requests a new active broker found still held by their member
     cancelled: int = 0  # requests their caller cancelled (or gave up on at its deadline) while open here
     interrupted: int = 0  # streams ended because their run was cut after parts had gone out
+    restarted: int = 0  # streams run afresh: their caller sent them again holding none of their parts
     retried: int = 0  # runs scheduled again by a retry policy (the handler raised what it retries)
     parts: int = 0  # stream parts relayed
     joined: int = 0  # requests that joined an open one with the same caller key (dedup)
