@@ -20,7 +20,9 @@ the fault is skipped). Faults stop a few seconds before the end so that everythi
 end.
 
 Every request ends in one of: the right value, a wrong value, an error (counted by type), a
-cancel, or no end at all (lost). Once every client is done, no broker may hold an open request.
+cancel, or no end at all (lost); a stream or a joined request that waits out its deadline is a
+defect too (a fault here never lasts that long). Once every client is done, no broker may hold an
+open request.
 Executions are counted per request from the workers' logs (re-execution after a kill is allowed
 and reported). Broker logs are read for step-downs of a broker that carried the
 pair's table (a defect, unless it was the stopped one resuming), for a broker taking over again
@@ -634,6 +636,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"crashes: {report['crashes'][:5]}")
     if report["takeover_s"].get("never"):
         bad.append(f"{report['takeover_s']['never']} pairs had no active broker 20 s after losing theirs")
+    if hung := {k: v for k, v in report.get("lifecycle", {}).items() if k.endswith("RequestTimeout")}:
+        bad.append(f"streams or joined requests that waited out their {TIMEOUT_S:.0f} s deadline: {hung}")
     if left := report.get("left_open_at_brokers"):
         bad.append(f"requests still open at brokers 20 s after every client was done: {left}")
     if report["executions"]["never_run_but_ok"]:
