@@ -536,8 +536,8 @@ class Broker:
                     send(peer, SNDMORE_NB)
                 except zmq.ZMQError as exc:
                     # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full): never block the loop.
-                    if type(msg) is p.Bye:  # to a peer that left already: nothing to tell it
-                        log.debug("BYE to %s not sent: %s", peer.hex(), exc.strerror)
+                    if type(msg) is p.Bye or type(msg) is p.Reconnect:  # to a peer that left already
+                        log.debug("%s to %s not sent: %s", type(msg).__name__, peer.hex(), exc.strerror)
                     else:
                         self._ratelog.warning(
                             "send", now, "cannot send %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror
