@@ -342,8 +342,8 @@ def test_a_stream_whose_first_parts_died_with_the_active_broker_runs_afresh_at_t
 
 def test_a_restored_request_that_ended_before_its_worker_came_back_is_stopped_there():
     """b takes over a request its worker runs; the worker is stopped (SIGSTOP) and its client
-    cancels the request before it comes back. The copy is forgotten; the worker, registering, is
-    told to stop that run (it ran on for nobody)."""
+    cancels the request before it comes back. The copy is forgotten; the worker's heartbeats to b
+    list the run, and b tells it to stop (it ran on for nobody)."""
     sim = Simulation(seed=2)
     sim.add_pair("a", "b")
     w = sim.add_worker("w", concurrency=2, service_time=10.0, via=("a", "b"))
@@ -357,7 +357,7 @@ def test_a_restored_request_that_ended_before_its_worker_came_back_is_stopped_th
     sim.run_for(2.0)  # b took over on the client's vote; the client sent its request again there
     assert sim.active("a", "b") == ["b"] and c.endpoint == Simulation.endpoint("b")
     c.cancel(rid)
-    sim.run_for(4.0)  # w comes back, registers with b and is told to stop the run
+    sim.run_for(4.0)  # w comes back, registers with b, lists the run and is told to stop it
     assert w.aborted == w.executed and w.runs == {} and rid not in c.completed
     assert sim.brokers["b"].core.open_requests == 0
 
@@ -371,13 +371,13 @@ FLAKY = Retry(on=(OSError,), attempts=3, backoff=0.1, max_backoff=0.5, jitter=Fa
 @given(data=st.data())
 def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(data):
     """Cancels, retries, joined keys, streams and progress reports through a proxy pair that
-    funnels to a master (a pair too, or not; another region's proxy beside it, or not), each broker
-    with its own message limit, while brokers die, restart, stop, are cut off or lose their pair link,
-    clients stop or lose a link, and workers stop or die; peers read BATCH frames or do not. Every
-    request ends once (a cancelled one at most once, and never after its cancel), with its own
-    value or a status its kind allows; a stream's parts come in order with no gap and no repeat; a
-    progress report reaches only its own request's callers (any caller of a joined key), before
-    its end; once everything is healed nothing is left open anywhere."""
+    funnels to a master (a pair too, or not; another region's proxy beside it, or not), each
+    broker with its own message limit, while brokers die, restart, stop, are cut off or lose their
+    pair link, clients stop or lose a link, and workers stop or die; peers read BATCH frames or do
+    not. Every request ends once (a cancelled one at most once, and never after its cancel), with
+    its own value or a status its kind allows; a stream's parts come in order with no gap and no
+    repeat; a progress report reaches only its own request's callers (any caller of a joined key),
+    before its end; once everything is healed nothing is left open anywhere."""
     sim = Simulation(seed=data.draw(st.integers(0, 2**32 - 1)))
     settings = BrokerSettings(
         join_same_key=data.draw(st.booleans()),
