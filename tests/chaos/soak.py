@@ -160,8 +160,8 @@ class Topology:
         for p in self.procs.values():
             p.start()
 
-    def state(self, name: str) -> dict[str, Any] | None:
-        """The pair state of broker ``name`` (None if it does not answer)."""
+    def status(self, name: str) -> dict[str, Any] | None:
+        """The status of broker ``name`` (None if it does not answer)."""
         if not self.procs[name].alive():
             return None
         try:
@@ -169,18 +169,16 @@ class Topology:
                 st = c.call("zmqdist.status")
         except Exception:
             return None
-        return st.get("ha") if isinstance(st, dict) else None
+        return st if isinstance(st, dict) else None
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        """The pair state of broker ``name`` (None if it does not answer)."""
+        st = self.status(name)
+        return st.get("ha") if st is not None else None
 
     def open_requests(self) -> dict[str, int | None]:
         """Each broker's count of open requests (None: it does not answer)."""
-        counts: dict[str, int | None] = {}
-        for name in sorted(BROKERS):
-            try:
-                with Client([self.ep(name)], timeout=1.5, **self.keys) as c:
-                    counts[name] = int(c.call("zmqdist.status")["requests_open"])
-            except Exception:
-                counts[name] = None
-        return counts
+        return {name: None if (st := self.status(name)) is None else st["requests_open"] for name in sorted(BROKERS)}
 
     def stop(self) -> None:
         for p in self.procs.values():

@@ -222,8 +222,7 @@ class Tiers(Overflow):
             if pool.local and not self.d.worth_away(pool, up.rtt, ahead):
                 return KEEP  # a slot here frees before an answer from upstream could come back
             return UP
-        d = self.d.members.get(req.client)
-        if isinstance(d, BrokerMember) and req.service in d.services and not req.also:  # joiners wait here
+        if self._returnable(req):
             return RETURN if not ahead else SKIP
         if too_big and not pool.members:
             return TOO_BIG if not ahead else SKIP
@@ -293,8 +292,16 @@ class Tiers(Overflow):
     def waits_here(self, req: Req) -> bool:
         if type(req.client) is not bytes:
             return False  # handed down by our upstream: refused back up if no slot is free
-        d = self.d.members.get(req.client)
-        return not (isinstance(d, BrokerMember) and req.service in d.services) or bool(req.also)  # else returned
+        return not self._returnable(req)
+
+    def _returnable(self, req: Req) -> bool:
+        """Did ``req`` come from a downstream broker that serves its service itself (RETURN gives it
+        back)? Not one that callers joined: they asked nothing of that broker, so it waits here."""
+        client = req.client
+        if type(client) is not bytes:
+            return False
+        d = self.d.members.get(client)
+        return isinstance(d, BrokerMember) and req.service in d.services and not req.also
 
     def unserved(self) -> str:
         if self.up is None:
