@@ -285,3 +285,28 @@ def test_a_handler_process_that_dies_is_replaced_and_the_worker_goes_on(procs, i
     w.send_signal(signal.SIGKILL)
     w.wait(10)
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in left), 10, "its children to die with it")
+
+
+@pytest.mark.timeout(120)
+def test_a_call_to_a_quiet_service_is_served_while_another_services_backlog_lasts(procs, ipc_ep):
+    """One worker serves two services; a map keeps a backlog of one of them at the broker. A call
+    to the other is served in its turn, long before the map ends. (Before: every freed slot went
+    to the service listed first while it had a backlog; the call waited for the map to end.)"""
+    start_broker(procs, ipc_ep)
+    start_workers(procs, ipc_ep, 1)  # testworkers:echo serves "echo", then "slow", "ctx", ...
+    done = []
+    with Client([ipc_ep], timeout=60) as c, Client([ipc_ep], timeout=60) as quiet:
+        wait_workers(c, 1)
+
+        def flood():
+            for v in c.map("echo", range(3000), window=200):
+                done.append(v)
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        wait_for(lambda: len(done) >= 100, 60, "the map under way")
+        assert quiet.call("ctx", None)["attempt"] == 1
+        at = len(done)
+        t.join(90)
+        assert len(done) == 3000
+    assert at < 2000, f"the call was answered after {at} of the map's 3,000 results"

@@ -59,8 +59,7 @@ class Overflow:
         return False
 
     def place(self, req: Req, pool: Pool, now: float, ahead: int) -> int:
-        """WAIT, SKIP, KEEP, or a verdict of the hook's own for :meth:`take`; ``ahead``: how many
-        requests are queued before ``req``."""
+        """WAIT, SKIP, KEEP, or a verdict of its own for :meth:`take`; ``ahead``: queued before ``req``."""
         return WAIT
 
     def take(self, req: Req, verdict: int, now: float, out: list[Out]) -> None:
@@ -86,8 +85,7 @@ class Overflow:
         return ""
 
     def waits_here(self, req: Req) -> bool:
-        """Would ``req`` wait in this broker's queue for a slot (rather than go back where it
-        came from)? Only then is a downstream broker weighed against that wait."""
+        """Would ``req`` wait here for a slot (not go back)? Only then is a downstream broker weighed."""
         return True
 
 
@@ -513,11 +511,13 @@ class Dispatcher:
         return (ahead + 1) * pool.svc / pool.local > rtt + away + self.settings.overflow_bias_ms / 1000
 
     def pump_services(self, w: Member, now: float, out: list[Out]) -> None:
-        """Dispatch what waits for any service of ``w`` (it has just gained free capacity)."""
-        for s in w.services:
-            pool = self.pools[s]
-            if pool.queue:
-                self.pump(pool, now, out)
+        """Dispatch what waits for any service of ``w`` (it has just gained free capacity), the
+        longest-waiting first: tickets count arrivals, so a busy service never starves another."""
+        pools = [pool for s in w.services if (pool := self.pools[s]).queue]
+        if len(pools) > 1:
+            pools.sort(key=lambda pool: pool.queue[0])
+        for pool in pools:
+            self.pump(pool, now, out)
 
     def pump_all(self, now: float, out: list[Out]) -> None:
         """Dispatch what waits in every pool (capacity elsewhere changed)."""
