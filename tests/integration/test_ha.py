@@ -424,3 +424,42 @@ def test_a_request_too_large_for_the_backups_limit_neither_stalls_replication_no
         assert time.monotonic() - killed < 10  # the failover, then at once (its deadline is 60 s)
         assert [f.result(30)[0] for f in small] == [f"{i:05d}" for i in range(10)]
         blocker.result(30)
+
+
+@pytest.mark.timeout(60)
+def test_an_mdp_client_with_one_identity_at_both_brokers_gets_its_own_answer_after_a_takeover(procs, tmp_path):
+    """A Majordomo client reaches both brokers of a pair under one routing id. Its request open at
+    the active broker when that one is SIGKILLed is not taken over by the other (MDP cannot send a
+    request again by its number); the client's next request there gets its own answer and nothing
+    else. Before: the copy was taken over, the bridge numbered the new request as the copy, the
+    broker took it for the copy sent again, and the client got the copy's answer."""
+    import zmq
+
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    t.worker("w0", "A", "B")
+    t.wait_pair("A", "B")
+    ctx = zmq.Context.instance()
+    socks = {}
+    for name in ("A", "B"):
+        s = socks[name] = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.routing_id = b"mdp-client-1"
+        s.connect(t.ep(name))
+    try:
+        socks["A"].send_multipart([b"", b"MDPC01", b"after", b"old 2.5"])  # MDP/0.1, as a REQ socket sends
+        wait_for(lambda: t.ha("B")["replicated"] == 1, 10, "the request in B's copy of the table")
+        t.brokers["A"].send_signal(signal.SIGKILL)
+        t.brokers["A"].wait(10)
+        wait_for(lambda: t.ha("B")["state"] == "active", 15, "B active")
+        socks["B"].send_multipart([b"", b"MDPC01", b"after", b"new 0"])
+        assert socks["B"].poll(10_000), "no answer from B"
+        assert socks["B"].recv_multipart() == [b"", b"MDPC01", b"after", b"new"]
+        with t.client("B", timeout=5) as c:
+            st = status(c)
+        assert st["requests_open"] == 0 and st["counters"]["mdp_not_taken_over"] == 1
+        # the first request's run, carried to B by its worker, ends there for nobody
+        assert not socks["B"].poll(3000), socks["B"].recv_multipart()
+    finally:
+        for s in socks.values():
+            s.close()

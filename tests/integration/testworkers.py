@@ -188,3 +188,12 @@ geo = Worker(["tcp://127.0.0.1:5555"], concurrency=2)
 def _work(x):
     time.sleep(0.01)  # 10 ms of service
     return [x, os.getpid()]
+
+
+@echo.service("after")
+def _after(body):
+    """For Majordomo callers (a body frame arrives as bytes): ``b"NAME SECONDS"`` is answered
+    with NAME after SECONDS."""
+    name, seconds = body.split()
+    time.sleep(float(seconds))
+    return name

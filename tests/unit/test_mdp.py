@@ -12,6 +12,7 @@ from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core import mdp
 from zmqdist.core.broker import BrokerCore
+from zmqdist.core.records import Copy
 from zmqdist.errors import RemoteProtocolError
 
 # --- the RFCs' grammar for what a broker sends ------------------------------------------------------
@@ -350,3 +351,60 @@ def test_a_reconnect_to_an_mdp_client_ends_its_open_requests_with_busy_to_send_a
     (end,) = bridge.outbound_many(b"C", p.Reconnect("B is now the active broker of its pair: register again"))
     rfc7_client_reply(end)
     assert end[2:5] == [b"s", mdp.ERROR_TAG, b"BUSY"] and end[5].startswith(b"send it again: B is now the active")
+
+
+def _serve(core, tasks, now):
+    """Answer ``tasks`` one at a time as MDP worker W (``re:`` and the body) until none is left;
+    return what MDP client C got."""
+    got = []
+    while tasks:
+        task = tasks.pop(0)
+        out = []
+        core.receive_mdp(b"W", [b"MDPW02", b"\x04", mdp.ticket_frame(task.ticket), b"", b"re:", task.payload], now, out)
+        tasks += [m for peer, m in out if peer == b"W" and type(m) is p.Task]
+        for peer, m in out:
+            if peer == b"C":
+                got += core.mdp.outbound_many(peer, m)
+    return got
+
+
+def test_a_pairs_new_active_broker_leaves_an_mdp_clients_requests_out_of_the_table_it_takes_over():
+    """An MDP client cannot send a request again by its number: a copy taken over would run for
+    nobody, and its answer reach the client out of turn. Old code took it over, numbered the
+    client's next request there as that copy (the bridge counted from 1 for a client new to it),
+    took the new request for the copy sent again, and gave the client the copy's answer as its
+    own: a wrong value. A native caller's request is taken over as before."""
+    core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0, first_ticket=1000)
+    body = mdp.pack_body([b"old"])
+    table = {
+        7: Copy(p.OpAccepted(7, b"C", mdp.FIRST_RID, "echo", 30.0, (), "", "", 1, body)),
+        8: Copy(p.OpAccepted(8, b"N", 1, "echo", 30.0, (), "", "", 1, body)),
+    }
+    core.restore(table, 0.0)
+    assert core.open_requests == 1 and core.holds(b"N", 1) and core.counters.mdp_not_taken_over == 1
+    out = []
+    core.receive_mdp(b"W", [b"MDPW02", b"\x01", b"echo"], 0.0, out)  # READY: the native caller's copy goes to it
+    core.receive_mdp(b"C", [b"MDPC02", b"\x01", b"echo", b"new"], 0.0, out)
+    tasks = [m for peer, m in out if peer == b"W" and type(m) is p.Task]
+    assert [t.ticket for t in tasks] == [8]  # capacity 1: the new one waits its turn
+    assert _serve(core, tasks, 0.1) == [[b"MDPC02", b"\x03", b"echo", b"re:", mdp.pack_body([b"new"])]]
+    assert core.open_requests == 0 and core.counters.duplicates == 0
+
+
+def test_an_mdp_client_forgotten_with_a_request_open_never_gets_its_number_again():
+    """The bridge remembers a bounded number of MDP peers. A client forgotten while a request of
+    its was open, back with a new one, is numbered from the start again: around the open one,
+    or (old code) the core takes the new request for that one sent again and the client gets its
+    answer as the new one's."""
+    core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0)
+    core.mdp.max_peers = 2
+    out = []
+    core.receive_mdp(b"C", [b"", b"MDPC01", b"echo", b"first"], 0.0, out)
+    core.receive_mdp(b"W", [b"MDPW02", b"\x01", b"echo"], 0.0, out)
+    tasks = [m for peer, m in out if peer == b"W" and type(m) is p.Task]
+    core.receive_mdp(b"D", [b"MDPC02", b"\x01", b"nobody", b"x"], 0.0, out)  # the table is full: C, the oldest, goes
+    assert not core.mdp.is_client(b"C") and core.holds(b"C", mdp.FIRST_RID)
+    core.receive_mdp(b"C", [b"", b"MDPC01", b"echo", b"second"], 0.0, out)
+    assert core.holds(b"C", mdp.FIRST_RID + 1) and core.counters.duplicates == 0
+    # the first one's answer is for nobody now (the bridge does not know that number for C)
+    assert _serve(core, tasks, 0.1) == [[b"", b"MDPC01", b"echo", b"re:", mdp.pack_body([b"second"])]]

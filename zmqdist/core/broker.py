@@ -532,6 +532,9 @@ class BrokerCore(BrokerMachine):
     def members(self) -> set[bytes]:
         return set(self.d.members)
 
+    def holds(self, peer: bytes, rid: int) -> bool:
+        return (peer, rid) in self.d.by_key
+
     @property
     def standby(self) -> bool:
         return False

@@ -109,7 +109,7 @@ class BrokerMachine:
         try:
             if len(frames) > MAX_FRAMES + 8:
                 raise RemoteProtocolError(f"MDP: more than {MAX_FRAMES} frames", p.E_FRAMES)
-            msgs = self.mdp.inbound(peer, frames)
+            msgs = self.mdp.inbound(peer, frames, self.holds)
         except RemoteProtocolError as exc:
             self.counters.bad_input += 1
             out.append((LOG, Problem(f"bad message from {peer.hex()}: {exc}", "bad-input")))
@@ -288,6 +288,11 @@ class BrokerMachine:
 
     def members(self) -> set[bytes]:
         """Identities of every live member: workers and downstream brokers."""
+        raise NotImplementedError
+
+    def holds(self, peer: bytes, rid: int) -> bool:
+        """True if request ``rid`` of caller ``peer`` is open here (one restored from a pair's
+        table too): the Majordomo bridge numbers its clients' requests around those."""
         raise NotImplementedError
 
     @property

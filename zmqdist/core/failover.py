@@ -419,6 +419,9 @@ class PairedBroker(BrokerMachine):
     def members(self) -> set[bytes]:
         return self.inner.members()
 
+    def holds(self, peer: bytes, rid: int) -> bool:
+        return self.inner.holds(peer, rid)
+
     @property
     def standby(self) -> bool:
         return not self._active

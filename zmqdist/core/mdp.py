@@ -33,10 +33,17 @@ Rules of this module:
    request over it is refused (INVALID); a reply over it, or PARTIALs collected past it, fail their
    request (``ResultTooLarge``) and the rest of that reply is dropped as it comes: the worker,
    not at fault for the broker's limit, keeps serving.
+7. Numbers. MDP numbers nothing; the bridge numbers each client's requests from ``FIRST_RID``, a
+   range native callers do not reach (they count from 1), around any number the core holds for
+   that identity (a client forgotten with a request open). A request so numbered is an MDP
+   client's wherever its copy goes: a pair's other broker does not take it over (the client
+   cannot send it again by its number, so the copy would run for nobody, and its answer reach the
+   client out of turn, or as native frames; it sends a new request after its own timeout).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 from zmqdist import protocol as p
@@ -74,6 +81,7 @@ STATUS_NAMES: Final = {
     p.ST_LOST: b"LOST",
     p.ST_INVALID: b"INVALID",
 }
+FIRST_RID: Final = 1 << 62  # MDP clients' requests are numbered from here (rule 7)
 MAX_FRAMES: Final = 10_000  # body frames of one message, partial replies included
 MDP_WINDOW: Final = 16  # parts of a stream to an MDP 0.2 client in flight (rule 5)
 MAX_PEERS: Final = 100_000  # MDP peers remembered at once (clients are forgotten when idle)
@@ -136,7 +144,7 @@ class _Client:
         self.header = header
         self.delim = True  # answer with the empty frame first
         self.final = C2_FINAL
-        self.next_rid = 1
+        self.next_rid = FIRST_RID
         self.pending: dict[int, bytes] = {}  # rid -> service name (the reply repeats it)
         self.held: dict[int, bytes] = {}  # rid -> the last part of its stream, not sent yet (rule 5)
 
@@ -172,10 +180,13 @@ class MdpBridge:
 
     # --- MDP -> native ----------------------------------------------------------------------------
 
-    def inbound(self, ident: bytes, frames: list[bytes]) -> list[p.Message]:
+    def inbound(
+        self, ident: bytes, frames: list[bytes], taken: Callable[[bytes, int], bool] | None = None
+    ) -> list[p.Message]:
         """Return the native messages for one MDP message (``frames`` after the identity, with or
-        without the empty delimiter first). Raises :class:`RemoteProtocolError` for a message
-        that breaks the RFCs."""
+        without the empty delimiter first). ``taken(ident, rid)``: whether the core holds that
+        request already (a client's requests are numbered around those). Raises
+        :class:`RemoteProtocolError` for a message that breaks the RFCs."""
         delim = bool(frames) and not frames[0]
         if delim:
             frames = frames[1:]
@@ -183,19 +194,26 @@ class MdpBridge:
             raise RemoteProtocolError("MDP: a message needs a protocol header and a command", p.E_FRAMES)
         header = frames[0]
         if header == MDPC01:
-            return [self._request(ident, header, delim, C2_FINAL, frames[1], frames[2:])]
+            return [self._request(ident, header, delim, C2_FINAL, frames[1], frames[2:], taken)]
         if header == MDPC02:
             cmd = frames[1]
             if cmd not in (C2_REQUEST, C2_REQUEST_ALT) or len(frames) < 3:
                 raise RemoteProtocolError("MDP/0.2: a client sends REQUEST, service, body", p.E_COMMAND)
             final = C2_FINAL if cmd == C2_REQUEST else C2_FINAL_ALT
-            return [self._request(ident, header, delim, final, frames[2], frames[3:])]
+            return [self._request(ident, header, delim, final, frames[2], frames[3:], taken)]
         if header in (MDPW01, MDPW02):
             return self._from_worker(ident, header, delim, frames[1], frames[2:])
         raise RemoteProtocolError(f"MDP: unknown protocol header {header[:16]!r}", p.E_VERSION)
 
     def _request(
-        self, ident: bytes, header: bytes, delim: bool, final: bytes, service: bytes, body: list[bytes]
+        self,
+        ident: bytes,
+        header: bytes,
+        delim: bool,
+        final: bytes,
+        service: bytes,
+        body: list[bytes],
+        taken: Callable[[bytes, int], bool] | None,
     ) -> p.Request:
         name = _service_name(service)
         if len(body) > MAX_FRAMES:
@@ -208,7 +226,13 @@ class MdpBridge:
         c.delim = delim
         c.final = final
         rid = c.next_rid
-        c.next_rid += 1
+        if taken is not None:
+            # Numbered afresh for a client the bridge did not know (rule 7): a number the core
+            # holds for it still (it was forgotten with a request open) would make this request
+            # that one's duplicate, and that one's answer this one's.
+            while taken(ident, rid):
+                rid += 1
+        c.next_rid = rid + 1
         c.pending[rid] = service
         self.counters["mdp_requests"] += 1
         window = MDP_WINDOW if header == MDPC02 else 0

@@ -82,6 +82,7 @@ class Counters:
     handshakes_failed: int = 0  # CURVE handshakes that failed (seen by the runtime's socket monitor)
     redirected: int = 0  # a broker of a pair that is not active sent a peer to the active one
     adopted: int = 0  # requests a new active broker found still held by their member
+    mdp_not_taken_over: int = 0  # MDP clients' requests a new active broker left out (core/mdp.py rule 7)
     cancelled: int = 0  # requests their caller cancelled (or gave up on at its deadline) while open here
     interrupted: int = 0  # streams ended because their run was cut after parts had gone out
     restarted: int = 0  # streams run afresh: their caller sent them again holding none of their parts

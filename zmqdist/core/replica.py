@@ -4,7 +4,8 @@ that needs the whole table, and what a broker that took over makes of the table 
 Rules of this module (docs/ha.md):
 1. Every change of the table is replicated as it happens (the dispatcher appends its ops); a
    snapshot is the whole table as ops, for a passive peer that starts or lost track.
-2. After a takeover, queued requests wait in their queues; requests the old active broker had
+2. After a takeover, queued requests wait in their queues (an MDP client's are left out: it cannot
+   send them again by their number; zmqdist/core/mdp.py rule 7); requests the old active broker had
    dispatched wait, for a grace of one ttl and a heartbeat, for their member to register here: it
    may still run them, or have finished them, and its results for them are delivered, not run
    again. What a member that does not come held is requeued then, with no attempt spent.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from zmqdist import protocol as p
 from zmqdist.core.dispatch import Dispatcher
+from zmqdist.core.mdp import FIRST_RID
 from zmqdist.core.records import ASSIGNED, Copy, Member, Out, Req
 
 
@@ -34,6 +36,9 @@ class Replica:
         for ticket in sorted(table):
             rec = table[ticket]
             a = rec.accepted
+            if a.rid >= FIRST_RID:
+                d.counters.mdp_not_taken_over += 1
+                continue
             req = Req(ticket, a.client, a.rid, a.service, a.payload, a.deadline, a.hops)
             req.trace, req.key, req.attempt, req.t_in = a.trace, a.key, a.attempt, now
             req.window, req.retry = a.window, a.retry
