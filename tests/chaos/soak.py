@@ -3,21 +3,26 @@
     python3 tests/chaos/soak.py --duration 600 --seed 7 [--requests 100000] [--report soak.json]
 
 Topology (every process real, on ipc endpoints in a temporary directory): a master pair MA/MB, two
-regional proxy pairs R1A/R1B and R2A/R2B below it, two workers per region and one at the master.
+regional proxy pairs R1A/R1B and R2A/R2B below it, two workers per region and one at the master,
+and two Majordomo workers (tests/chaos/mdpsoak.py, raw MDP/0.2) at the master pair, each serving
+at one of its brokers at a time and moving to the other when sent away or met with silence.
 Regional workers and clients list their proxy pair first and the master pair next; the master's
 worker lists the master pair. Load: per region, a client that calls one at a time, one that keeps
-up to 200 submits in flight, one that maps batches of 500, and one that runs the request lifecycle
+up to 200 submits in flight, one that maps batches of 500, one that runs the request lifecycle
 one at a time: a stream (its parts checked for order, gaps and repeats, also when it is cut), a
 key that two clients send together (brokers run with --join-same-key: both get the same right
-value), or a request cancelled while it runs.
+value), or a request cancelled while it runs; and one Majordomo client (raw MDP/0.2 to both
+brokers of its pair, sending again to the other one when told BUSY or after 6 s of silence) that
+calls the native workers or, through the tier, the Majordomo workers, beside a native client that
+calls the Majordomo workers.
 
 Faults, one every 2-5 s (seeded; every kind in each round of six, in a random order): SIGKILL of a
-worker (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s, SIGKILL of the active broker of a
-regional pair (twice a round) or of the master pair (restarted 1-3 s later), SIGSTOP of the active
-broker of any pair for 2-4 s (a stalled host: the other takes over, and the stopped one must step
-down when it resumes); never while the other broker of its pair is down or not yet in sync (then
-the fault is skipped). Faults stop a few seconds before the end so that everything in flight can
-end.
+worker, Majordomo workers included (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s,
+SIGKILL of the active broker of a regional pair (twice a round) or of the master pair (restarted
+1-3 s later), SIGSTOP of the active broker of any pair for 2-4 s (a stalled host: the other takes
+over, and the stopped one must step down when it resumes); never while the other broker of its
+pair is down or not yet in sync (then the fault is skipped). Faults stop a few seconds before the
+end so that everything in flight can end.
 
 Every request ends in one of: the right value, a wrong value, an error (counted by type), a
 cancel, or no end at all (lost); a stream or a joined request that waits out its deadline is a
@@ -57,6 +62,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+import zmq  # noqa: E402
+from mdpsoak import secure  # noqa: E402
 from soakworker import answer  # noqa: E402
 
 from zmqdist import Client  # noqa: E402
@@ -66,13 +73,19 @@ from zmqdist.transport.security import generate  # noqa: E402
 PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
 BROKERS = {name for pair in PAIRS.values() for name in pair}
 TIMEOUT_S = 30.0  # a request's deadline: generous, so that any request not answered is lost
+MDP_RESEND_S = 6.0  # a Majordomo client with no answer this long sends again, to the other broker
+MDPC02, C_REQUEST, C_FINAL, MDP_ERROR = b"MDPC02", b"\x01", b"\x03", b"zmqdist.error"
+
+
+class MdpError(Exception):
+    """A Majordomo request ended with zmqdist's error body (status, message)."""
 
 
 class Proc:
     """One process of the topology: its command, its log, restarts."""
 
-    def __init__(self, name: str, args: list[str], logdir: Path, env: dict[str, str]) -> None:
-        self.name, self.args, self.env = name, args, env
+    def __init__(self, name: str, args: list[str], logdir: Path, env: dict[str, str], module: str = "zmqdist") -> None:
+        self.name, self.args, self.env, self.module = name, args, env, module
         self.log = logdir / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -80,7 +93,7 @@ class Proc:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            cmd = [sys.executable, "-m", "zmqdist", *self.args]
+            cmd = [sys.executable, "-m", self.module, *self.args]
             self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         self.starts += 1
         self.stopped = False
@@ -114,11 +127,14 @@ class Topology:
         )
         self.procs: dict[str, Proc] = {}
         timing = ["--heartbeat", str(hb)]
+        # Majordomo workers cannot learn the broker's heartbeat: theirs is set on both sides
+        mdp_timing = ["--mdp-heartbeat", str(2 * hb), "--mdp-liveness", "3"]
         # --curve: CURVE on every link (one key for the brokers, one per role, allow-lists), the
         # pair links and the proxies' upstream links too
         self.keys: dict[str, str] = {}
         broker_sec: list[str] = []
         worker_opts = list(timing)
+        mdp_keys: list[str] = []
         if curve:
             keys = tmp / "keys"
             for role in ("broker", "worker", "client"):
@@ -130,19 +146,25 @@ class Topology:
             broker_sec = ["--key", str(keys / "broker.key_secret"), "--peer-server-key", pub]
             broker_sec += [x for r in ("clients", "workers", "brokers") for x in (f"--allow-{r}", str(keys / r))]
             worker_opts += ["--server-key", pub, "--key", str(keys / "worker.key_secret")]
+            mdp_keys = ["--key", str(keys / "worker.key_secret"), "--server-key", pub]
         for region, (a, b) in PAIRS.items():
             up = [] if region == "M" else ["--upstream", self.ep("MA"), "--upstream", self.ep("MB")]
             if up and curve:
                 up += ["--upstream-server-key", self.keys["server_key"]]
             for name, role, other in ((a, "primary", b), (b, "backup", a)):
                 args = ["broker", "--bind", self.ep(name), "--name", name, "--ha", role, *broker_sec]
-                args += ["--ha-bind", self.ha(name), "--peer", self.ha(other), *up, *timing, "--join-same-key"]
+                args += ["--ha-bind", self.ha(name), "--peer", self.ha(other), *up, *timing, *mdp_timing]
+                args += ["--join-same-key"]
                 self.procs[name] = Proc(name, args, self.logdir, self.env)
         for region in ("R1", "R2"):
             a, b = PAIRS[region]
             for k in range(2):
                 self.worker(f"W{region}-{k}", [a, b, "MA", "MB"], worker_opts)
         self.worker("WM-0", ["MA", "MB"], worker_opts)
+        # Two Majordomo workers of "mdpup" at the master pair, each starting at one of its brokers
+        for k, at in enumerate((("MA", "MB"), ("MB", "MA"))):
+            args = ["mdpup", str(2 * hb), "3", *mdp_keys, *(self.ep(n) for n in at)]
+            self.procs[f"WMDP-{k}"] = Proc(f"WMDP-{k}", args, self.logdir, self.env, module="mdpsoak")
 
     def worker(self, name: str, at: list[str], options: list[str]) -> None:
         eps = [x for n in at for x in ("--connect", self.ep(n))]
@@ -199,6 +221,10 @@ class Load:
         self.threads: list[threading.Thread] = []
         self.lifecycle_outcomes: collections.Counter[str] = collections.Counter()  # "stream ok", ...
         self.lifecycle_errors: list[str] = []  # what the first errors said
+        self.mdp_outcomes: collections.Counter[str] = collections.Counter()  # "mdp up ok", resends, ...
+        self.mdp_errors: list[str] = []
+        self.mdp_resends: list[str] = []  # when and why a Majordomo request was sent again
+        self.t0 = time.monotonic()
 
     def next_id(self) -> int | None:
         with self.lock:
@@ -329,9 +355,95 @@ class Load:
             return self.record(i, error=exc) if got == want[: len(got)] else self.record(i, "parts out of order")
         return self.record(i, s.result) if got == want else self.record(i, "parts out of order")
 
+    def mdp(self, region: str, seed: int) -> None:
+        """One request at a time: a Majordomo client (MDP/0.2 on raw DEALER sockets, one to each
+        broker of its regional pair) calls "mdpwork" (native workers) or "mdpup" (Majordomo workers
+        at the master pair, through the proxy tier), and a native client calls "mdpup". In R1 the
+        MDP client's sockets share one routing id, so a reply that a pair's new active broker
+        restored from its table reaches it; in R2 each socket has its own."""
+        rng, native = random.Random(seed), self.client(region)
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        socks = []
+        for name in PAIRS[region]:
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            if region == "R1":
+                s.routing_id = b"mdp-client-R1"
+            if self.topo.keys:
+                secure(s, self.topo.keys["key"], self.topo.keys["server_key"])
+            s.connect(self.topo.ep(name))
+            socks.append(s)
+        at = [0]  # the broker this client sends to (MDP has no failover list: it keeps its own)
+        try:
+            while (i := self.next_id()) is not None:
+                what = rng.choice(("mdp up", "mdp work", "native up"))
+                body, value = b"%d" % i, {"i": i, "v": answer(i)}
+                if what == "native up":
+                    try:
+                        got = native.call("mdpup", body)
+                        kind = self.record(i, value if got == [body, b"%d" % answer(i)] else got)
+                    except RequestError as exc:
+                        kind = self.record(i, error=exc)
+                        with self.lock:
+                            self.mdp_errors.append(f"native up {i}: {exc}"[:300])
+                else:
+                    up = what == "mdp up"
+                    want = [body, b"%d" % answer(i)] if up else [b"%d %d" % (i, answer(i))]
+                    kind = self.mdp_call(i, socks, at, b"mdpup" if up else b"mdpwork", want, region)
+                with self.lock:
+                    self.mdp_outcomes[f"{what} {kind}"] += 1
+        finally:
+            for s in socks:
+                s.close()
+
+    def mdp_call(
+        self, i: int, socks: list[zmq.Socket[bytes]], at: list[int], service: bytes, want: list[bytes], region: str
+    ) -> str:
+        """Call ``service`` as an MDP client in front of a pair must: to the other broker when told
+        BUSY (a passive broker names the active one) or when no answer came for MDP_RESEND_S."""
+        body = b"%d" % i
+        end = time.monotonic() + TIMEOUT_S
+        socks[at[0]].send_multipart([MDPC02, C_REQUEST, service, body])
+        sent = time.monotonic()
+
+        def again(why: str) -> float:
+            at[0] = 1 - at[0]
+            with self.lock:
+                self.mdp_outcomes[why] += 1
+                self.mdp_resends.append(f"{time.monotonic() - self.t0:8.2f} {service.decode()} {i} ({region}): {why}")
+            socks[at[0]].send_multipart([MDPC02, C_REQUEST, service, body])
+            return time.monotonic()
+
+        while time.monotonic() < end:
+            for s in socks:
+                while s.poll(0 if s is not socks[at[0]] else 50):
+                    msg = s.recv_multipart()
+                    reply = msg[3:] if len(msg) >= 3 and msg[:2] == [MDPC02, C_FINAL] else [b"?", *msg]
+                    if reply[:1] == [MDP_ERROR]:
+                        status, why = [*reply, b"", b""][1:3]
+                        if status == b"BUSY":  # no id in an error body: it may be an earlier copy's
+                            time.sleep(0.05)
+                            sent = again("BUSY: sent again to the other broker")
+                            continue
+                        with self.lock:
+                            self.mdp_errors.append(f"{service.decode()} {i}: {status!r} {why!r}"[:300])
+                        return self.record(i, error=MdpError(f"{status!r}: {why!r}"))
+                    if reply == want:
+                        return self.record(i, {"i": i, "v": answer(i)})
+                    if reply[:1] == [body]:
+                        return self.record(i, reply)  # its number, a wrong value
+                    with self.lock:  # the answer to an earlier request sent twice
+                        self.mdp_outcomes["stale answers dropped"] += 1
+                        if not (msg[:2] == [MDPC02, C_FINAL] and reply and reply[0].split(b" ")[0].isdigit()):
+                            self.mdp_errors.append(f"{service.decode()} {i} ({region}): not an answer: {msg!r}"[:300])
+            if time.monotonic() - sent > MDP_RESEND_S:
+                sent = again("no answer: sent again to the other broker")
+        return self.record(i, error=RequestTimeout(f"no reply to MDP request {i} in {TIMEOUT_S:.0f} s"))
+
     def start(self, seed: int) -> None:
+        self.t0 = time.monotonic()
         for k, region in enumerate(("R1", "R2")):
-            for role in (self.caller, self.submitter, self.mapper, self.lifecycle):
+            for role in (self.caller, self.submitter, self.mapper, self.lifecycle, self.mdp):
                 t = threading.Thread(target=role, args=(region, seed * 100 + k * 10 + len(self.threads)), daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -595,6 +707,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "errors": sum(v for k, v in outcome.items() if k not in ("ok", "lost", "wrong", "duplicate", "cancelled")),
             "lifecycle": dict(sorted(load.lifecycle_outcomes.items())),
             "lifecycle_errors": load.lifecycle_errors[:20],
+            "mdp": dict(sorted(load.mdp_outcomes.items())),
+            "mdp_errors": load.mdp_errors[:20],
+            "mdp_resends": load.mdp_resends[:40],
             "left_open_at_brokers": left,
             "faults": dict(chaos.faults),
             "fault_count": sum(chaos.faults.values()),

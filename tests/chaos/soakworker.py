@@ -45,3 +45,12 @@ def parts(x):
             time.sleep(x["ms"] / 1000)
         yield {"i": i, "k": k, "v": answer(i) + k}
     return {"i": i, "v": answer(i)}
+
+
+@worker.service("mdpwork")
+def mdpwork(x):
+    """For Majordomo clients: the body (one frame, the request's number) arrives as bytes, and a
+    bytes value goes back as one frame: the number and its answer."""
+    i = int(x)
+    _executions().write(f"{i}\n")
+    return b"%d %d" % (i, answer(i))
