@@ -8,10 +8,12 @@ and two Majordomo workers (tests/chaos/mdpsoak.py, raw MDP/0.2) at the master pa
 at one of its brokers at a time and moving to the other when sent away or met with silence.
 Regional workers and clients list their proxy pair first and the master pair next; the master's
 worker lists the master pair. Load: per region, a client that calls one at a time, one that keeps
-up to 200 submits in flight, one that maps batches of 500, one that runs the request lifecycle
-one at a time: a stream (its parts checked for order, gaps and repeats, also when it is cut), a
-key that two clients send together (brokers run with --join-same-key: both get the same right
-value), or a request cancelled while it runs; and one Majordomo client (raw MDP/0.2 to both
+up to 200 submits in flight, one that maps batches of 500, one that submits bursts of 1,000-3,000
+at once (past the brokers' quota of 500 per client: the client holds back what its broker would
+refuse), one that runs the request lifecycle one at a time: a stream (its parts checked for
+order, gaps and repeats, also when it is cut), a key that two clients send together (brokers run
+with --join-same-key: both get the same right value), or a request cancelled while it runs; and
+one Majordomo client (raw MDP/0.2 to both
 brokers of its pair, sending again to the other one when told BUSY or after 6 s of silence) that
 calls the native workers or, through the tier, the Majordomo workers, beside a native client that
 calls the Majordomo workers.
@@ -73,6 +75,7 @@ from zmqdist.transport.security import generate  # noqa: E402
 PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
 BROKERS = {name for pair in PAIRS.values() for name in pair}
 TIMEOUT_S = 30.0  # a request's deadline: generous, so that any request not answered is lost
+QUOTA = 500  # each broker's --max-client-inflight: the bursts pass it, the other roles do not
 MDP_RESEND_S = 6.0  # a Majordomo client with no answer this long sends again, to the other broker
 MDPC02, C_REQUEST, C_FINAL, MDP_ERROR = b"MDPC02", b"\x01", b"\x03", b"zmqdist.error"
 
@@ -154,7 +157,7 @@ class Topology:
             for name, role, other in ((a, "primary", b), (b, "backup", a)):
                 args = ["broker", "--bind", self.ep(name), "--name", name, "--ha", role, *broker_sec]
                 args += ["--ha-bind", self.ha(name), "--peer", self.ha(other), *up, *timing, *mdp_timing]
-                args += ["--join-same-key"]
+                args += ["--join-same-key", "--max-client-inflight", str(QUOTA)]
                 self.procs[name] = Proc(name, args, self.logdir, self.env)
         for region in ("R1", "R2"):
             a, b = PAIRS[region]
@@ -223,6 +226,7 @@ class Load:
         self.lifecycle_errors: list[str] = []  # what the first errors said
         self.mdp_outcomes: collections.Counter[str] = collections.Counter()  # "mdp up ok", resends, ...
         self.mdp_errors: list[str] = []
+        self.bursts = 0  # bursts past the quota whose every request ended
         self.mdp_resends: list[str] = []  # when and why a Majordomo request was sent again
         self.t0 = time.monotonic()
 
@@ -299,6 +303,23 @@ class Load:
                 with self.lock:
                     for i in batch[pos + 1 :]:
                         self.outcome[i] = "not awaited (map stopped at an error)"
+
+    def burster(self, region: str, seed: int) -> None:
+        """Bursts of 1,000-3,000 submits at once, past the brokers' quota per client: the client
+        keeps what its broker would refuse and sends it as replies free room (none may end BUSY)."""
+        rng, c = random.Random(seed), self.client(region)
+        while True:
+            batch = [i for _ in range(rng.randint(1000, 3000)) if (i := self.next_id()) is not None]
+            if not batch:
+                return
+            futs = [(i, c.submit("work", self.value(i, rng))) for i in batch]
+            for i, fut in futs:
+                try:
+                    self.record(i, fut.result(TIMEOUT_S + 10))
+                except RequestError as exc:
+                    self.record(i, error=exc)
+            with self.lock:
+                self.bursts += 1
 
     def lifecycle(self, region: str, seed: int) -> None:
         """One at a time: a stream (its parts in order, no gap, no repeat, also when cut), a key
@@ -443,7 +464,7 @@ class Load:
     def start(self, seed: int) -> None:
         self.t0 = time.monotonic()
         for k, region in enumerate(("R1", "R2")):
-            for role in (self.caller, self.submitter, self.mapper, self.lifecycle, self.mdp):
+            for role in (self.caller, self.submitter, self.mapper, self.burster, self.lifecycle, self.mdp):
                 t = threading.Thread(target=role, args=(region, seed * 100 + k * 10 + len(self.threads)), daemon=True)
                 t.start()
                 self.threads.append(t)
@@ -707,6 +728,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "errors": sum(v for k, v in outcome.items() if k not in ("ok", "lost", "wrong", "duplicate", "cancelled")),
             "lifecycle": dict(sorted(load.lifecycle_outcomes.items())),
             "lifecycle_errors": load.lifecycle_errors[:20],
+            "bursts_past_the_quota": load.bursts,
             "mdp": dict(sorted(load.mdp_outcomes.items())),
             "mdp_errors": load.mdp_errors[:20],
             "mdp_resends": load.mdp_resends[:40],
