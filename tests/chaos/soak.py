@@ -12,7 +12,8 @@ up to 200 submits in flight, one that maps batches of 500, one that submits burs
 at once (past the brokers' quota of 500 per client: the client holds back what its broker would
 refuse), one that runs the request lifecycle one at a time: a stream (its parts checked for
 order, gaps and repeats, also when it is cut), a key that two clients send together (brokers run
-with --join-same-key: both get the same right value), or a request cancelled while it runs; and
+with --join-same-key: both get the same right value), a request cancelled while it runs, or one
+whose handler fails its first 1-2 runs under a retry policy of 5 runs (it must end right); and
 one Majordomo client (raw MDP/0.2 to both
 brokers of its pair, sending again to the other one when told BUSY or after 6 s of silence) that
 calls the native workers or, through the tier, the Majordomo workers, beside a native client that
@@ -68,7 +69,7 @@ import zmq  # noqa: E402
 from mdpsoak import secure  # noqa: E402
 from soakworker import answer  # noqa: E402
 
-from zmqdist import Client  # noqa: E402
+from zmqdist import Client, Retry  # noqa: E402
 from zmqdist.errors import RequestError, RequestTimeout  # noqa: E402
 from zmqdist.transport.security import generate  # noqa: E402
 
@@ -327,7 +328,7 @@ class Load:
         them), or a request cancelled while it runs (or answered right, if it ended first)."""
         rng, c, twin = random.Random(seed), self.client(region), self.client(region)
         while (i := self.next_id()) is not None:
-            what = rng.choice(("stream", "joined", "cancel"))
+            what = rng.choice(("stream", "joined", "cancel", "retry"))
             if what == "stream":
                 kind = self.stream(c, i, rng, region)
             elif what == "joined":
@@ -345,6 +346,14 @@ class Load:
                         self.lifecycle_errors.append(f"joined {i}: {error}"[:300])
                 same = ends[0][0] == ends[1][0]
                 kind = self.record(i, ends[0][0], error) if same or error is not None else self.record(i, "differ")
+            elif what == "retry":  # fails on its first 1-2 runs: the caller's policy runs it again
+                policy = Retry(on=(ValueError,), attempts=5, backoff=0.01, max_backoff=0.05)
+                try:
+                    kind = self.record(i, c.call("flaky", {"i": i, "fail": rng.choice((1, 2))}, retry=policy))
+                except RequestError as exc:
+                    kind = self.record(i, error=exc)
+                    with self.lock:
+                        self.lifecycle_errors.append(f"retry {i}: {exc}"[:300])
             else:
                 fut = c.submit("work", {"i": i, "ms": rng.choice((20, 50, 100))})
                 time.sleep(rng.uniform(0.0, 0.08))

@@ -7,7 +7,7 @@ Every execution is written (the request's number, one line, flushed before the w
 import os
 import time
 
-from zmqdist import Worker
+from zmqdist import Worker, current_request
 
 worker = Worker(["tcp://127.0.0.1:1"], concurrency=8)  # the soak gives --connect
 _log = None
@@ -54,3 +54,14 @@ def mdpwork(x):
     i = int(x)
     _executions().write(f"{i}\n")
     return b"%d %d" % (i, answer(i))
+
+
+@worker.service("flaky")
+def flaky(x):
+    """Fails (ValueError) on the first ``fail`` runs of a request (its run number is its attempt:
+    every run counts, those cut by a fault too); the caller's retry policy runs it again."""
+    i, run = x["i"], current_request().attempt
+    if run <= x["fail"]:
+        raise ValueError(f"run {run} of {i} fails on purpose")
+    _executions().write(f"{i}\n")
+    return {"i": i, "v": answer(i)}
