@@ -14,6 +14,7 @@ from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.client import NO_BROKER
 from zmqdist.core.records import HOP_MARGIN_MS
+from zmqdist.policy import Retry
 from zmqdist.testing import Simulation, assert_each_ended_once, tree_members
 
 
@@ -397,3 +398,46 @@ def test_tree_status_gathers_every_broker_and_worker_below_and_names_the_silent(
     sim.kill("w2")
     sim.run_for(3)  # past every ttl: S1 is dropped by R1, ws fails over to R1, w2 expires
     assert tree_members(tree()) == ({"broker", "R1", "R2"}, {"wm", "w1", "ws"})
+
+
+def test_a_proxys_request_that_ran_at_the_master_keeps_its_run_count_there():
+    """A request the master ran waits there for a slot rather than going back to the proxy it came
+    from: its runs are counted at the master, and sent up again it would start that count afresh.
+    (Old code gave it back when its retry came due with every master slot taken: the proxy sent it
+    up again and it ran four times under a policy of three.)"""
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    wa = sim.add_worker("wa", concurrency=1, service_time=0.5, via=("A",))  # the proxy's own: slow
+    wm = sim.add_worker("wm", concurrency=4, service_time=0.05)
+    policy = Retry(on=(OSError,), attempts=3, backoff=0.05, jitter=False)
+    wa.retry = wm.retry = policy
+    c = sim.add_client("c", via=("A",))
+    sim.run_for(1.0)
+    rids = [c.submit("echo", {"flaky": 99}, timeout=20, retry=policy) for _ in range(6)]
+    sim.run_for(10)
+    assert {rid: [x.status for x in c.completed[rid]] for rid in rids} == {rid: [p.ST_FAILED] for rid in rids}
+    runs = Counter(wa.executed + wm.executed)
+    assert sorted(runs.values()) == [3] * 6, runs  # every request ran as often as its policy says
+    assert sim.brokers["broker"].core.counters.returned == 0
+
+
+def test_a_request_whose_master_workers_all_died_goes_back_to_the_proxy_that_serves_it():
+    """The exception: once no worker at the master serves it, a request that ran there goes back
+    to the proxy it came from (which serves its service), not to wait at the master for nobody."""
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    wa = sim.add_worker("wa", concurrency=1, service_time=1.0, via=("A",))
+    wm = sim.add_worker("wm", concurrency=1, service_time=1.0)
+    c = sim.add_client("c", via=("A",))
+    sim.run_for(0.5)
+    for i in range(3):  # the proxy learns how long its worker takes
+        r = c.submit("echo", i, timeout=30)
+        sim.run_for(1.1)
+        assert [x.status for x in c.completed[r]] == [p.ST_OK]
+    rids = [c.submit("echo", i, timeout=30) for i in range(3)]  # the third waits longest here: up
+    sim.run_for(0.3)
+    assert len(wm.executed) == 1
+    sim.kill("wm")
+    sim.run_for(6)
+    assert [[x.status for x in c.completed[r]] for r in rids] == [[p.ST_OK]] * 3 and len(wa.executed) == 6
+    assert sim.brokers["broker"].core.counters.returned == 1

@@ -296,12 +296,20 @@ class Tiers(Overflow):
 
     def _returnable(self, req: Req) -> bool:
         """Did ``req`` come from a downstream broker that serves its service itself (RETURN gives it
-        back)? Not one that callers joined: they asked nothing of that broker, so it waits here."""
+        back)? Not one that callers joined: they asked nothing of that broker, so it waits here. Nor
+        one that has run here while workers here serve it: its runs are counted here (a retry
+        policy's attempts, the cap of --max-attempts), and sent again from below it would start
+        that count afresh."""
         client = req.client
         if type(client) is not bytes:
             return False
         d = self.d.members.get(client)
-        return isinstance(d, BrokerMember) and req.service in d.services and not req.also
+        if not (isinstance(d, BrokerMember) and req.service in d.services and not req.also):
+            return False
+        if req.attempt:
+            pool = self.d.pools.get(req.service)
+            return pool is None or not pool.local
+        return True
 
     def unserved(self) -> str:
         if self.up is None:
