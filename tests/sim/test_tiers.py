@@ -441,3 +441,32 @@ def test_a_request_whose_master_workers_all_died_goes_back_to_the_proxy_that_ser
     sim.run_for(6)
     assert [[x.status for x in c.completed[r]] for r in rids] == [[p.ST_OK]] * 3 and len(wa.executed) == 6
     assert sim.brokers["broker"].core.counters.returned == 1
+
+
+def test_a_request_its_retry_policy_runs_again_at_a_proxy_is_not_sent_up_while_workers_there_serve_it():
+    """The same count at a proxy: a request whose run failed with what its policy retries stays
+    with the proxy's workers. (Old code: its retry came due with the proxy's worker busy and the
+    master worth the trip, went up, and the master ran it three more times: four runs.)"""
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    wa = sim.add_worker("wa", concurrency=1, service_time=0.5, via=("A",))
+    wm = sim.add_worker("wm", concurrency=8, service_time=0.05)
+    policy = Retry(on=(OSError,), attempts=3, backoff=0.05, jitter=False)
+    wa.retry = wm.retry = policy
+    c = sim.add_client("c", via=("A",))
+    sim.run_for(1.0)
+    for i in range(3):  # the proxy learns how long its worker takes
+        c.submit("echo", i, timeout=30)
+        sim.run_for(0.6)
+    for i in range(4):  # some go up: the time away is measured (the master's workers are faster)
+        c.submit("echo", i, timeout=30)
+    sim.run_for(2.5)
+    assert sim.brokers["A"].core.counters.forwarded_up > 0
+    flaky = c.submit("echo", {"flaky": 99}, timeout=20, retry=policy)
+    sim.run_for(0.52)  # its first run failed at the proxy's worker; its retry is due in 50 ms
+    plain = c.submit("echo", "p", timeout=20)  # takes the proxy's free worker meanwhile
+    sim.run_for(10)
+    assert [x.status for x in c.completed[flaky]] == [p.ST_FAILED]
+    assert [x.status for x in c.completed[plain]] == [p.ST_OK]
+    key = f"{c.ident.hex()}:{flaky}"  # the same at every broker and worker (it ran here first)
+    assert (wa.executed + wm.executed).count(key) == 3

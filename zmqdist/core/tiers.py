@@ -218,7 +218,16 @@ class Tiers(Overflow):
         too_big = up is not None and 0 < up.max_message < len(req.payload)
         # Upstream within its credit (or always, for a service nothing below us serves).
         can_up = not too_big and up is not None and up.registered and (up.credit(req.service) > 0 or not pool.members)
-        if can_up and up is not None and req.up_block < up.adverts and self._may_forward(req, up.name, now):
+        # A request its retry policy runs again stays where its runs are counted while workers here
+        # serve it: sent up, the upstream would count them afresh.
+        stays = req.retries > 0 and pool.local > 0
+        if (
+            can_up
+            and not stays
+            and up is not None
+            and req.up_block < up.adverts
+            and self._may_forward(req, up.name, now)
+        ):
             if pool.local and not self.d.worth_away(pool, up.rtt, ahead):
                 return KEEP  # a slot here frees before an answer from upstream could come back
             return UP
