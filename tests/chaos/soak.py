@@ -14,10 +14,9 @@ refuse), one that runs the request lifecycle one at a time: a stream (its parts 
 order, gaps and repeats, also when it is cut), a key that two clients send together (brokers run
 with --join-same-key: both get the same right value), a request cancelled while it runs, or one
 whose handler fails its first 1-2 runs under a retry policy of 5 runs (it must end right); and
-one Majordomo client (raw MDP/0.2 to both
-brokers of its pair, sending again to the other one when told BUSY or after 6 s of silence) that
-calls the native workers or, through the tier, the Majordomo workers, beside a native client that
-calls the Majordomo workers.
+one Majordomo client (raw MDP/0.2 to both brokers of its pair, sending again to the other one when
+told BUSY or after 6 s of silence) that calls the native workers or, through the tier, the
+Majordomo workers, beside a native client that calls the Majordomo workers.
 
 Faults, one every 2-5 s (seeded; every kind in each round of six, in a random order): SIGKILL of a
 worker, Majordomo workers included (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s,
@@ -325,7 +324,8 @@ class Load:
     def lifecycle(self, region: str, seed: int) -> None:
         """One at a time: a stream (its parts in order, no gap, no repeat, also when cut), a key
         that two clients send together (one run, the same right value to both: the brokers join
-        them), or a request cancelled while it runs (or answered right, if it ended first)."""
+        them), a request cancelled while it runs (or answered right, if it ended first), or one
+        whose handler fails its first runs under the caller's retry policy (answered right)."""
         rng, c, twin = random.Random(seed), self.client(region), self.client(region)
         while (i := self.next_id()) is not None:
             what = rng.choice(("stream", "joined", "cancel", "retry"))
@@ -389,8 +389,8 @@ class Load:
         """One request at a time: a Majordomo client (MDP/0.2 on raw DEALER sockets, one to each
         broker of its regional pair) calls "mdpwork" (native workers) or "mdpup" (Majordomo workers
         at the master pair, through the proxy tier), and a native client calls "mdpup". In R1 the
-        MDP client's sockets share one routing id, so a reply that a pair's new active broker
-        restored from its table reaches it; in R2 each socket has its own."""
+        MDP client's sockets share one routing id, so the broker that takes over from the other
+        knows it by the identity its requests had there; in R2 each socket has its own."""
         rng, native = random.Random(seed), self.client(region)
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         socks = []
