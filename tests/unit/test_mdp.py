@@ -408,3 +408,23 @@ def test_an_mdp_client_forgotten_with_a_request_open_never_gets_its_number_again
     assert core.holds(b"C", mdp.FIRST_RID + 1) and core.counters.duplicates == 0
     # the first one's answer is for nobody now (the bridge does not know that number for C)
     assert _serve(core, tasks, 0.1) == [[b"", b"MDPC01", b"echo", b"re:", mdp.pack_body([b"second"])]]
+
+
+def test_an_mdp_worker_the_pairs_table_says_held_a_request_is_sent_it_again_on_its_ready():
+    """After a takeover a request the old active broker had sent to a worker waits for that worker
+    to register here: a native worker carries it over and its first heartbeat says so. A Majordomo
+    worker carries nothing (and its heartbeat lists nothing); one that comes back under the same
+    routing id (a fixed id) gets the request again as a REQUEST. (Old code: the request stayed
+    held by it, never sent, open for good.)"""
+    core = BrokerCore(BrokerSettings(name="b"), "inc", 0.0, first_ticket=1000)
+    restored = p.OpAccepted(7, b"N", 1, "echo", 30.0, (), "", "", 1, mdp.pack_body([b"old"]))
+    core.restore({7: Copy(restored, member=b"X")}, 0.0)
+    out = []
+    core.receive_mdp(b"X", [b"MDPW02", b"\x01", b"echo"], 0.1, out)
+    (task,) = [m for peer, m in out if peer == b"X" and type(m) is p.Task]
+    assert task.ticket == 7 and mdp.unpack_body(task.payload) == [b"old"]
+    assert core.worker_load() == {b"X": (1, 1)} and core.counters.adopted == 0
+    out = []
+    core.receive_mdp(b"X", [b"MDPW02", b"\x04", mdp.ticket_frame(7), b"", b"done"], 0.2, out)
+    assert [(peer, m.status, m.payload) for peer, m in out if type(m) is p.Reply] == [(b"N", p.ST_OK, b"\xc4\x04done")]
+    assert core.open_requests == 0

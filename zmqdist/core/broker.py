@@ -532,6 +532,14 @@ class BrokerCore(BrokerMachine):
     def members(self) -> set[bytes]:
         return set(self.d.members)
 
+    def carries_nothing(self, peer: bytes, now: float) -> list[Out]:
+        w = self.d.members.get(peer)
+        if w is None or not w.adopted:
+            return NONE
+        out: list[Out] = []
+        self.replica.not_carried(w, now, out)
+        return out
+
     def holds(self, peer: bytes, rid: int) -> bool:
         return (peer, rid) in self.d.by_key
 

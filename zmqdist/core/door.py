@@ -126,6 +126,9 @@ class BrokerMachine:
             out += self.receive(peer, msg, now)
             if type(msg) is p.Hello:
                 self.set_ttl(peer, self._mdp_ttl)  # MDP workers heartbeat at their own pace
+                # nor do they carry a task from the other broker of a pair (a fixed routing id made
+                # the old holder's identity theirs): what the table says they held runs again
+                out += self.carries_nothing(peer, now)
 
     def receive_message(
         self, peer: bytes, frames: list[bytes], now: float, out: list[Out], rights: Rights | None = None
@@ -288,6 +291,11 @@ class BrokerMachine:
 
     def members(self) -> set[bytes]:
         """Identities of every live member: workers and downstream brokers."""
+        raise NotImplementedError
+
+    def carries_nothing(self, peer: bytes, now: float) -> list[Out]:
+        """Member ``peer`` (a Majordomo worker) runs nothing the pair's table says it held when this
+        broker took over: requeue that (no attempt spent)."""
         raise NotImplementedError
 
     def holds(self, peer: bytes, rid: int) -> bool:

@@ -419,6 +419,9 @@ class PairedBroker(BrokerMachine):
     def members(self) -> set[bytes]:
         return self.inner.members()
 
+    def carries_nothing(self, peer: bytes, now: float) -> list[Out]:
+        return self.inner.carries_nothing(peer, now) if self._active else NONE
+
     def holds(self, peer: bytes, rid: int) -> bool:
         return self.inner.holds(peer, rid)
 

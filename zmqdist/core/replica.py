@@ -69,6 +69,26 @@ class Replica:
         if not self.adopting:
             self.until = None
 
+    def not_carried(self, w: Member, now: float, out: list[Out]) -> None:
+        """``w`` registered here but carries nothing from the old active broker (a Majordomo worker
+        under the routing id of the one that held its requests): requeue what it was to hold, as at
+        the grace's end."""
+        w.adopted = False
+        d = self.d
+        touched: set[str] = set()
+        for t in [t for t, seq in w.inflight.items() if seq == 0]:  # adopted: task number 0
+            w.release(t)
+            req = d.reqs.get(t)
+            if req is not None and req.state == ASSIGNED and req.worker is w:
+                req.worker = None
+                d.counters.adopted -= 1
+                d.counters.requeues += 1
+                d.requeue(req, now)
+                touched.add(req.service)
+        d.offer(w)
+        for s in touched:
+            d.pump(d.pools[s], now, out)
+
     def tick(self, now: float, out: list[Out]) -> None:
         """At the end of the grace, requeue what the members that did not come held (no attempt
         spent; a result they still send is delivered, see ``tried``)."""
