@@ -515,7 +515,7 @@ class Dispatcher:
         longest-waiting first: tickets count arrivals, so a busy service never starves another."""
         pools = [pool for s in w.services if (pool := self.pools[s]).queue]
         if len(pools) > 1:
-            pools.sort(key=lambda pool: pool.queue[0])
+            pools.sort(key=lambda q: q.queue[0])
         for pool in pools:
             self.pump(pool, now, out)
 

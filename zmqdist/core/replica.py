@@ -75,18 +75,24 @@ class Replica:
         the grace's end."""
         w.adopted = False
         d = self.d
-        touched: set[str] = set()
+        again = []
         for t in [t for t, seq in w.inflight.items() if seq == 0]:  # adopted: task number 0
             w.release(t)
             req = d.reqs.get(t)
             if req is not None and req.state == ASSIGNED and req.worker is w:
                 req.worker = None
                 d.counters.adopted -= 1
-                d.counters.requeues += 1
-                d.requeue(req, now)
-                touched.add(req.service)
+                again.append(req)
         d.offer(w)
-        for s in touched:
+        self._requeue(again, now, out)
+
+    def _requeue(self, reqs: list[Req], now: float, out: list[Out]) -> None:
+        """Requeue ``reqs``, which no member holds after all, and dispatch their pools."""
+        d = self.d
+        for req in reqs:
+            d.counters.requeues += 1
+            d.requeue(req, now)
+        for s in {req.service for req in reqs}:
             d.pump(d.pools[s], now, out)
 
     def tick(self, now: float, out: list[Out]) -> None:
@@ -96,7 +102,7 @@ class Replica:
             return
         self.until = None
         d = self.d
-        touched: set[str] = set()
+        again = []
         for member, tickets in self.adopting.items():
             for t in tickets:
                 req = d.reqs.get(t)
@@ -104,12 +110,9 @@ class Replica:
                     if req.tried is None:
                         req.tried = []
                     req.tried.append(member)
-                    d.counters.requeues += 1
-                    d.requeue(req, now)
-                    touched.add(req.service)
+                    again.append(req)
         self.adopting.clear()
-        for s in touched:
-            d.pump(d.pools[s], now, out)
+        self._requeue(again, now, out)
 
     def snapshot(self) -> list[p.ReplicationOp]:
         """The whole request table as replication ops (rule 1)."""
