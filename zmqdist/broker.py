@@ -315,6 +315,7 @@ class Broker:
                 mail=lambda items, now: self._commands(core, items, now),
                 stuck=up.stuck if up is not None else None,
                 after=(lambda now: self._send(core, core.flush(now), now)) if pair_in is not None else None,
+                paused=core.resumed,
             )
         except Exception:
             log.exception("broker %s loop failed", self.settings.name)

@@ -708,12 +708,13 @@ class Simulation:
     def freeze(self, name: str, seconds: float) -> None:
         """Stop a worker, client or broker for ``seconds`` (SIGSTOP, then SIGCONT): its timers do
         not run and what is sent to it waits, delivered in order when it resumes, before its timers
-        run. On resuming a worker or client is told it was paused (as the runtime's poll loop tells
-        it); a broker is not (its runtime does not ask)."""
+        run. On resuming it is told it was paused, as the runtime's poll loop tells it."""
         node = self._node(name)
-        node.frozen_until = self.clock.now() + seconds
+        node.frozen_until = until = self.clock.now() + seconds
         if isinstance(node, (SimWorker, SimClient)):
-            self.at(node.frozen_until, functools.partial(node.core.resumed, seconds, node.frozen_until))
+            self.at(until, functools.partial(node.core.resumed, seconds, until))
+        elif isinstance(node, SimBroker):
+            self.at(until, lambda: node.core.resumed(seconds, until))  # its run then, if restarted
 
     def kill(self, name: str) -> None:
         """Kill a worker, client or broker: it sends and receives nothing more, like SIGKILL."""

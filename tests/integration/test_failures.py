@@ -1,16 +1,18 @@
 """Real processes over real sockets: worker kills, broker restart, GIL-bound handlers."""
 
+import json
 import os
 import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 
 import pytest
 
-from tests.integration.helpers import status, wait_for
+from tests.integration.helpers import ROOT, status, wait_for
 from zmqdist import Client, RemoteError, RequestTimeout, WorkerLost
 
 pytestmark = pytest.mark.integration
@@ -310,3 +312,51 @@ def test_a_call_to_a_quiet_service_is_served_while_another_services_backlog_last
         t.join(90)
         assert len(done) == 3000
     assert at < 2000, f"the call was answered after {at} of the map's 3,000 results"
+
+
+# A client process: it submits N calls of "slow" (S seconds each), says so, prints the results.
+SUBMITTER = """
+import json, sys
+from zmqdist import Client
+ep, n, s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+with Client([ep], timeout=60) as c:
+    futs = [c.submit("slow", s) for _ in range(n)]
+    print("submitted", flush=True)
+    print(json.dumps([type(f.exception(60)).__name__ if f.exception(60) else "ok" for f in futs]), flush=True)
+"""
+
+
+def submitter(procs, ep, n, seconds):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-c", SUBMITTER, ep, str(n), str(seconds)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs.procs.append(proc)  # reaped whatever happens
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "submitted"
+    return proc
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_clients_requests_stop_at_the_ttl_and_a_stopped_ones_are_sent_again(procs, ipc_ep):
+    """A client SIGKILLed with 60 requests open: the broker stops them once the client has been
+    silent past the ttl (1 s), so its worker runs a few, not all 60 for nobody. A client SIGSTOPped
+    for 3 s is taken for gone the same way; when it resumes it is told so and sends them again:
+    every request ends right. (Before: the dead client's 60 runs took the worker 6 s.)"""
+    start_broker(procs, ipc_ep)
+    start_workers(procs, ipc_ep, 1)  # two slots
+    with Client([ipc_ep], timeout=60) as c:
+        wait_workers(c, 1)
+        doomed = submitter(procs, ipc_ep, 60, 0.2)
+        wait_for(lambda: status(c)["queued"] >= 40, 30, "the client's requests queued")
+        doomed.kill()
+        doomed.communicate(timeout=10)
+        st = wait_for(lambda: (s := status(c)) and s["requests_open"] == 0 and s, 30, "nothing open at the broker")
+        ran = sum(w["served"] for w in st["workers"])
+        assert st["counters"]["abandoned"] >= 30 and ran <= 30, (ran, st["counters"])
+        paused = submitter(procs, ipc_ep, 20, 0.2)
+        wait_for(lambda: status(c)["queued"] >= 10, 30, "the client's requests queued")
+        before = status(c)["counters"]["abandoned"]
+        paused.send_signal(signal.SIGSTOP)
+        wait_for(lambda: status(c)["counters"]["abandoned"] > before, 30, "the stopped client taken for gone")
+        paused.send_signal(signal.SIGCONT)
+        out, err = paused.communicate(timeout=60)
+        assert json.loads(out) == ["ok"] * 20, err

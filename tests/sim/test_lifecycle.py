@@ -21,6 +21,17 @@ def one_worker(service_time=2.0, concurrency=1, settings=None):
     return sim, w, c
 
 
+def a_tier(worker_at, client_at, service_time=5.0):
+    """A master "m" and a proxy "p" below it; a worker and a client each at the broker named."""
+    sim = Simulation()
+    sim.add_broker("m")
+    sim.add_broker("p", upstream=("m",))
+    w = sim.add_worker("w", service_time=service_time, via=(worker_at,))
+    c = sim.add_client("c", via=(client_at,))
+    sim.run_for(1)
+    return sim, w, c
+
+
 def key_of(c, rid):
     return f"{c.ident.hex()}:{rid}"
 
@@ -79,12 +90,7 @@ def test_a_request_past_its_deadline_is_stopped_at_the_worker_and_the_broker_is_
 
 def test_a_cancel_crosses_a_tier_both_ways():
     # up: the client's proxy forwarded the request to the master, whose worker runs it
-    sim = Simulation()
-    sim.add_broker("m")
-    sim.add_broker("p", upstream=("m",))
-    w = sim.add_worker("w", service_time=5.0, via=("m",))
-    c = sim.add_client("c", via=("p",))
-    sim.run_for(1)
+    sim, w, c = a_tier("m", "p")
     a = c.submit("echo", "up", timeout=30)
     sim.run_for(0.5)
     assert sim.brokers["p"].core.status(sim.clock.now())["upstream"]["forwarded"] == 1
@@ -93,12 +99,7 @@ def test_a_cancel_crosses_a_tier_both_ways():
     assert len(w.aborted) == 1 and w.core.inflight == {}
     assert sim.brokers["m"].core.open_requests == 0 and sim.brokers["p"].core.open_requests == 0
     # down: the master handed the request to the proxy, whose worker runs it
-    sim = Simulation()
-    sim.add_broker("m")
-    sim.add_broker("p", upstream=("m",))
-    w = sim.add_worker("w", service_time=5.0, via=("p",))
-    c = sim.add_client("c", via=("m",))
-    sim.run_for(1)
+    sim, w, c = a_tier("p", "m")
     a = c.submit("echo", "down", timeout=30)
     sim.run_for(0.5)
     m = sim.brokers["m"].core
@@ -127,6 +128,76 @@ def test_a_cancel_racing_the_reply_leaves_exactly_one_outcome_either_way():
     sim.run_for(2)
     assert c.core.cancel(b, sim.clock.now()) == []
     assert [x.status for x in c.completed[b]] == [p.ST_OK]
+
+
+# --- callers that go silent (rule 4) -------------------------------------------------------------
+
+
+def test_a_dead_clients_requests_stop_at_the_ttl_and_a_live_callers_request_runs_next():
+    sim, w, c = one_worker(service_time=0.5)
+    d = sim.add_client("d")
+    sim.run_for(0.5)
+    mine = [c.submit("echo", i, timeout=60) for i in range(20)]
+    sim.run_for(0.1)
+    other = d.submit("echo", "live", timeout=60)
+    sim.run_for(0.1)
+    sim.kill("c")  # SIGKILL: it sends nothing more, its requests open at the broker
+    t_kill = sim.clock.now()
+    sim.run_for(15)
+    ran = [k for k in w.executed if k.startswith(c.ident.hex())]
+    assert len(ran) <= 4  # the one running, and those started before the ttl (1 s) was up: not 20
+    assert w.aborted == ran[-1:]  # the run going on at the ttl was told to stop
+    # the live caller's request ran next, not after the dead one's backlog (20 x 0.5 s)
+    assert [x.status for x in d.completed[other]] == [p.ST_OK]
+    assert d.completed_at[other] < t_kill + 1.0 + 2 * 0.5 + 0.1
+    st = sim.broker.status(sim.clock.now())["counters"]
+    assert st["abandoned"] == len(mine) - (len(ran) - 1) and st["cancelled"] == 0
+    assert sim.broker.open_requests == 0 and sim.broker.d.open_by_client == {}
+
+
+def test_a_client_frozen_past_the_ttl_is_told_to_send_again_and_every_request_ends_right_once():
+    sim, w, c = one_worker(service_time=0.5)
+    mine = [c.submit("echo", i, timeout=60) for i in range(10)]
+    sim.run_for(0.3)
+    sim.freeze("c", 3.0)  # SIGSTOP past the ttl: the broker takes it for dead and stops its requests
+    sim.run_for(2.0)
+    assert sim.broker.open_requests <= 1  # (one whose run was told to stop, until it lets go)
+    assert sim.broker.status(sim.clock.now())["counters"]["abandoned"] > 5
+    sim.run_for(10)  # resumed: its heartbeat is answered RECONNECT, it says HELLO and sends them again
+    assert [x.status for r in mine for x in c.completed[r]] == [p.ST_OK] * 10
+    assert [c.completed[r][0].payload for r in mine] == [p.pack_value(i) for i in range(10)]
+    assert c.core.counters["duplicates"] == 0 and sim.broker.open_requests == 0
+    assert sorted(set(w.executed)) == sorted(key_of(c, r) for r in mine)  # the stopped ones ran again
+    assert sim.broker.life.left == {}  # told once
+
+
+def test_a_silent_joiner_leaves_the_run_which_goes_on_for_its_first_caller_and_the_other_way():
+    for dies in ("d", "c"):
+        sim, w, c = one_worker(service_time=3.0, settings=BrokerSettings(join_same_key=True))
+        d = sim.add_client("d")
+        sim.run_for(0.5)
+        a = c.submit("echo", "order", timeout=30, key="order-42")
+        sim.run_for(0.1)
+        b = d.submit("echo", "order", timeout=30, key="order-42")
+        sim.run_for(0.2)
+        sim.kill(dies)
+        sim.run_for(6)
+        live, rid = (c, a) if dies == "d" else (d, b)
+        assert w.aborted == [] and w.executed == ["order-42"]  # one run, never stopped
+        assert [x.status for x in live.completed[rid]] == [p.ST_OK]
+        assert sim.broker.status(sim.clock.now())["counters"]["abandoned"] == 1
+        assert sim.broker.open_requests == 0 and sim.broker.d.open_by_client == {}
+
+
+def test_a_dead_clients_requests_a_proxy_sent_up_are_stopped_at_the_master():
+    sim, w, c = a_tier("m", "p", service_time=2.0)
+    for i in range(5):
+        c.submit("echo", i, timeout=60)
+    sim.run_for(0.5)
+    sim.kill("c")
+    sim.run_for(3)
+    assert len(w.executed) == 1 and len(w.aborted) == 1  # four never ran; the one running was stopped
+    assert sim.brokers["m"].core.open_requests == 0 and sim.brokers["p"].core.open_requests == 0
 
 
 # --- retry ----------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pytest
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
-from zmqdist.core.broker import EPSILON, BrokerCore
+from zmqdist.core.broker import EPSILON, GONE_SILENT, BrokerCore
 from zmqdist.core.records import LOG
 from zmqdist.errors import RemoteProtocolError
 
@@ -375,6 +375,54 @@ def test_downstream_brokers_are_exempt_from_the_client_quota():
         out = core.receive(b"P", p.Request(rid, "nosvc", 1000, ("proxy",), b""), 0)
         assert all(m.status != p.ST_BUSY for _, m in out if type(m) is p.Reply)
     assert core.open_requests == 5
+
+
+def test_a_client_is_taken_for_gone_only_by_its_own_silence_never_by_the_brokers():
+    """Lifecycle rule 4: a client's requests stop when it said HELLO or HEARTBEAT once and then
+    nothing, neither beat nor request, past the ttl (1 s here), counted from the broker's own pause."""
+
+    def run(core, t0, t1, beat=(), send=()):
+        """Tick every 0.05 s; worker A and the clients in ``beat`` heartbeat, those in ``send``
+        send a request each tick (as a peer that never heartbeats but keeps sending)."""
+        out, t, rid = [], t0, 100
+        while t <= t1 + 1e-9:
+            core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "", 0, ()), t)
+            for c in beat:
+                out += core.receive(c, p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), t)
+            for c in send:
+                rid += 1
+                out += request(core, rid, client=c, now=t, budget_ms=60_000)
+            out += core.tick(t)
+            t = round(t + 0.05, 6)
+        return out
+
+    core = make()
+    hello(core, b"A", capacity=1)  # it never answers: what it runs stays open
+    core.receive(b"H", p.Hello(p.ROLE_CLIENT, "h", (), 0, 250), 0.0)
+    core.receive(b"R", p.Hello(p.ROLE_CLIENT, "raw", (), 0, 250), 0.0)
+    assert tasks(request(core, 1, client=b"H", budget_ms=60_000)) != []  # H's runs at A
+    request(core, 2, client=b"H", budget_ms=60_000)
+    request(core, 3, client=b"M", budget_ms=60_000)  # M never says HELLO (a Majordomo client)
+    out = run(core, 0.0, 0.5, beat=[b"H"], send=[b"R"])
+    out += run(core, 0.55, 1.55, send=[b"R"])  # H is silent from 0.5: past the ttl at 1.55
+    assert [(peer, m) for peer, m in out if type(m) is p.Cancel] == [(b"A", p.Cancel(1))]  # H's run
+    assert core.counters.abandoned == 2 and core.counters.cancelled == 0
+    assert set(core.d.open_by_client) == {b"R", b"M"}  # R keeps sending, M is not judged
+    assert not replies(out) or all(m.status == p.ST_BUSY for m in replies(out))  # nothing told to H
+    (back,) = core.receive(b"H", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 1.6)
+    assert back == (b"H", p.Reconnect(GONE_SILENT))  # it sends again what it still waits for
+    assert core.receive(b"H", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 1.7)[0][1] == core._pong  # told once
+    # The broker itself stopped for 2.5 s (SIGSTOP): its clients' silence then proves nothing.
+    core = make()
+    hello(core, b"A", capacity=1)
+    core.receive(b"P", p.Hello(p.ROLE_CLIENT, "p", (), 0, 250), 0.0)
+    request(core, 1, client=b"P", budget_ms=60_000)
+    run(core, 0.0, 0.5, beat=[b"P"])
+    core.resumed(2.5, 3.0)
+    out = run(core, 3.0, 3.9, beat=[])
+    assert core.counters.abandoned == 0 and not [m for _, m in out if type(m) is p.Cancel]
+    out = run(core, 4.0, 4.1)  # still silent a full ttl after the broker resumed: gone
+    assert core.counters.abandoned == 1 and [m for _, m in out if type(m) is p.Cancel] == [p.Cancel(1)]
 
 
 # --- the per-request fast path (receive_plain), on its own ------------------------------------

@@ -44,6 +44,8 @@ from zmqdist.core.tiers import Tiers, Upstream, half
 
 __all__ = ["EPSILON", "BrokerCore", "BrokerMachine", "Out"]
 
+GONE_SILENT = "this client was silent past the ttl: its open requests were stopped, send them again"
+
 
 class BrokerCore(BrokerMachine):
     """One broker run: feed it messages and time, send what it returns.
@@ -96,6 +98,7 @@ class BrokerCore(BrokerMachine):
         self.d = d = Dispatcher(settings, self.counters, now, first_ticket)
         d.ops = ops
         self.life = life = Lifecycle(d)
+        self._last_in = life.last_in
         self.replica = Replica(d)
         self.tiers = tiers = Tiers(settings, d, life, self.counters, now, rng, serving)
         d.overflow = tiers
@@ -315,6 +318,7 @@ class BrokerCore(BrokerMachine):
             if key in d.unclaimed:  # restored at a takeover and sent again by its caller: it counts now
                 d.unclaimed.discard(key)
                 d.open_by_client[peer] = d.open_by_client.get(peer, 0) + 1
+                self._last_in[peer] = now
             req = d.reqs.get(d.by_key[key])
             if req is None or not req.window or req.state not in (ASSIGNED, FORWARDED):
                 return
@@ -350,6 +354,7 @@ class BrokerCore(BrokerMachine):
             out.append((peer, p.Reply(rid, p.ST_BUSY, why, b"")))
             return
         by_client[peer] = mine + 1
+        self._last_in[peer] = now  # a sign of life (lifecycle rule 4)
         deadline = p.deadline_at(now, budget_ms)
         if m is None or not (m.key or m.window or m.retry):
             d.accept(peer, w, rid, service, deadline, hops, trace, payload, now, out)
@@ -403,6 +408,8 @@ class BrokerCore(BrokerMachine):
                 who = "worker" if m.role == p.ROLE_WORKER else "broker"
                 return self._reconnect(peer, now, f"unknown {who}: register again")
             self._heard_client(peer, now)
+            if self.life.left and self.life.left.pop(peer, None) is not None:
+                return [(peer, p.Reconnect(GONE_SILENT))]  # it sends again what it waits for
             return [(peer, self._pong)]
         out: list[Out] = [(peer, p.Heartbeat(p.ROLE_BROKER, self.incarnation, w.seq, (), self._epoch))]
         if m.rtt_us and type(w) is BrokerMember:
@@ -425,6 +432,8 @@ class BrokerCore(BrokerMachine):
         welcome = self._welcome._replace(hello=m.seq) if m.seq else self._welcome
         if m.role == p.ROLE_CLIENT:
             self._heard_client(peer, now)
+            if self.life.left:
+                self.life.left.pop(peer, None)  # a client's HELLO sends again what it waits for
             return [(peer, welcome)]
         out: list[Out] = []
         d = self.d
@@ -542,6 +551,9 @@ class BrokerCore(BrokerMachine):
 
     def holds(self, peer: bytes, rid: int) -> bool:
         return (peer, rid) in self.d.by_key
+
+    def resumed(self, seconds: float, now: float) -> None:
+        self.life.resumed = now
 
     @property
     def standby(self) -> bool:

@@ -303,6 +303,11 @@ class BrokerMachine:
         table too): the Majordomo bridge numbers its clients' requests around those."""
         raise NotImplementedError
 
+    def resumed(self, seconds: float, now: float) -> None:
+        """The broker did not run for ``seconds`` until ``now`` (SIGSTOP, a stalled host): its
+        peers' silence in that time proves nothing (core/lifecycle.py rule 4)."""
+        raise NotImplementedError
+
     @property
     def standby(self) -> bool:
         """True for a broker of a pair that is not active (it refuses work)."""

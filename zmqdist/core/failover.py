@@ -425,6 +425,9 @@ class PairedBroker(BrokerMachine):
     def holds(self, peer: bytes, rid: int) -> bool:
         return self.inner.holds(peer, rid)
 
+    def resumed(self, seconds: float, now: float) -> None:
+        self.inner.resumed(seconds, now)
+
     @property
     def standby(self) -> bool:
         return not self._active

@@ -12,7 +12,12 @@ Rules of this module (docs/semantics.md):
    only if it can start before its deadline, preferring another member.
 4. A stream's parts are relayed from its current holder only; a stream whose caller is silent past
    the ttl (a client or a downstream broker that died) is stopped: nobody would acknowledge its
-   parts, so its worker would wait until the deadline.
+   parts, so its worker would wait until the deadline. So is every request of a client silent past
+   the ttl (no HEARTBEAT, no request: it died, or its host is cut off), as if it had cancelled
+   them: its workers would run them for nobody, ahead of live callers. Only clients that said
+   HELLO or HEARTBEAT are judged (a Majordomo client never does), and silence counts from the
+   broker's own last pause. A client heard again after that is told RECONNECT: it sends again
+   what it still waits for (core/client.py rule 3).
 5. Requests with the same caller key and service may join one open run (``join_same_key``): one
    execution, every caller gets its reply; a joiner that cancels leaves the run, which goes on.
 """
@@ -23,7 +28,9 @@ from heapq import heappop, heappush
 
 from zmqdist import protocol as p
 from zmqdist.core.dispatch import Dispatcher, Watcher
-from zmqdist.core.records import ASSIGNED, DELAYED, FORWARDED, QUEUED, Dest, Member, Out, Req
+from zmqdist.core.records import ASSIGNED, DELAYED, EPSILON, FORWARDED, QUEUED, Dest, Member, Out, Req
+
+MAX_LEFT = 100_000  # clients remembered as stopped for their silence (rule 4), at most
 
 
 class Lifecycle(Watcher):
@@ -35,11 +42,14 @@ class Lifecycle(Watcher):
         self.join_same_key = dispatcher.settings.join_same_key
         hb = dispatcher.settings.heartbeat
         self.ttl = hb.ttl_s
-        self.check_s = hb.heartbeat_s
         self.streams: dict[int, Req] = {}  # open streams, by ticket
         self.delayed: list[tuple[float, int]] = []  # (when, ticket): retries waiting out their backoff
         self.by_caller: dict[tuple[str, str], int] = {}  # (service, caller key) -> ticket
-        self.streams_at = -1e9  # when the callers of open streams were last checked
+        # When a caller may first have been silent past the ttl (rule 4): none heard before now is.
+        self.callers_due = dispatcher.now + self.ttl + EPSILON
+        self.resumed = -1e9  # when the broker last resumed from a pause of its own (SIGSTOP, a stall)
+        self.last_in: dict[Dest, float] = {}  # when a client's latest request was accepted: a sign of life
+        self.left: dict[Dest, float] = {}  # clients whose requests rule 4 stopped -> their latest deadline
         dispatcher.watcher = self
 
     # --- what dispatch tells us (Watcher) ---------------------------------------------------------
@@ -104,6 +114,12 @@ class Lifecycle(Watcher):
         if req is None:
             return
         self.counters.cancelled += 1
+        self._leave(req, origin, rid, now, out)
+
+    def _leave(self, req: Req, origin: Dest, rid: int, now: float, out: list[Out]) -> None:
+        """Caller ``origin`` no longer waits for its request ``rid`` (``req``): a joiner leaves the
+        run, the first joiner takes a leaving first caller's place, else the run stops."""
+        d = self.d
         if req.client != origin or req.rid != rid:
             if req.also is not None and (origin, rid) in req.also:  # a joiner leaves; the run goes on
                 req.also.remove((origin, rid))
@@ -188,11 +204,11 @@ class Lifecycle(Watcher):
     # --- timers -----------------------------------------------------------------------------------
 
     def tick(self, now: float, clients: dict[bytes, float], out: list[Out]) -> None:
-        """Queue again the retries whose delay is over; stop the streams whose caller has been
-        silent past the ttl (``clients``: when each client was last heard)."""
+        """Queue again the retries whose delay is over; stop what callers silent past the ttl have
+        open (rule 4; ``clients``: when each client last said HELLO or HEARTBEAT)."""
         if self.delayed and self.delayed[0][0] <= now:
             self._release_delayed(now, out)
-        if self.streams and now >= self.streams_at + self.check_s:
+        if now >= self.callers_due and (self.streams or self.d.open_by_client):
             self._silent_callers(now, clients, out)
 
     def _release_delayed(self, now: float, out: list[Out]) -> None:
@@ -210,22 +226,55 @@ class Lifecycle(Watcher):
             d.pump(d.pools[name], now, out)
 
     def _silent_callers(self, now: float, clients: dict[bytes, float], out: list[Out]) -> None:
-        self.streams_at = now
-        members = self.d.members
-        for req in list(self.streams.values()):
+        """Stop what callers silent past the ttl have open (rule 4); note when the next may be."""
+        d = self.d
+        members = d.members
+        ttl = self.ttl
+        since = self.resumed
+        last_in = self.last_in
+        first = now  # the oldest sign of life of a caller still heard (one heard later is younger)
+        gone: set[Dest] = set()
+        for c in d.open_by_client:
+            heard = clients.get(c) if type(c) is bytes and c not in members else None
+            if heard is not None:
+                sign = max(heard, last_in.get(c, heard), since)
+                if now - sign > ttl:
+                    gone.add(c)
+                elif sign < first:
+                    first = sign
+        for req in list(self.streams.values()):  # a stream's caller may be a downstream broker too
             c = req.client
-            if type(c) is not bytes or req.cancelled:
+            if type(c) is not bytes or req.cancelled or c in gone:
                 continue
             m = members.get(c)
-            heard: float | None = m.seen if m is not None else clients.get(c)
-            if heard is not None and now - heard > self.ttl:
-                self.counters.cancelled += 1
-                self.cancel_run(req, now, out)
+            heard = m.seen if m is not None else clients.get(c)
+            if heard is not None:
+                sign = max(heard, since)
+                if now - sign > ttl:
+                    self.counters.cancelled += 1
+                    self.cancel_run(req, now, out)
+                elif sign < first:
+                    first = sign
+        self.callers_due = first + ttl + EPSILON
+        if gone:
+            left = self.left
+            for c, rid in [k for k in d.by_key if k[0] in gone]:
+                ticket = d.by_key.get((c, rid))
+                open_ = d.reqs.get(ticket) if ticket is not None else None
+                if open_ is not None:  # (not ended by leaving: a joiner of a run gone before it)
+                    self.counters.abandoned += 1
+                    if len(left) < MAX_LEFT:
+                        left[c] = max(left.get(c, now), open_.deadline)
+                    self._leave(open_, c, rid, now, out)
+        for c in [c for c in last_in if c not in d.open_by_client]:
+            del last_in[c]
+        for c in [c for c, t in self.left.items() if t <= now]:
+            del self.left[c]
 
     def next_deadline(self) -> float | None:
-        """The end of the earliest retry's delay, or the next check of the streams' callers."""
+        """The end of the earliest retry's delay, or the next check of the callers' silence (rule 4)."""
         d: float | None = self.delayed[0][0] if self.delayed else None
-        if self.streams:
-            check = self.streams_at + self.check_s
+        if self.streams or self.d.open_by_client:
+            check = self.callers_due
             d = check if d is None or check < d else d
         return d
