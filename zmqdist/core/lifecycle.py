@@ -249,7 +249,7 @@ class Lifecycle(Watcher):
             m = members.get(c)
             heard = m.seen if m is not None else clients.get(c)
             if heard is not None:
-                sign = max(heard, since)
+                sign = max(heard, last_in.get(c, heard), since)
                 if now - sign > ttl:
                     self.counters.cancelled += 1
                     self.cancel_run(req, now, out)
@@ -261,9 +261,9 @@ class Lifecycle(Watcher):
             for c, rid in [k for k in d.by_key if k[0] in gone]:
                 ticket = d.by_key.get((c, rid))
                 open_ = d.reqs.get(ticket) if ticket is not None else None
-                if open_ is not None:  # (not ended by leaving: a joiner of a run gone before it)
+                if open_ is not None:
                     self.counters.abandoned += 1
-                    if len(left) < MAX_LEFT:
+                    if c in left or len(left) < MAX_LEFT:
                         left[c] = max(left.get(c, now), open_.deadline)
                     self._leave(open_, c, rid, now, out)
         for c in [c for c in last_in if c not in d.open_by_client]:
