@@ -16,10 +16,14 @@ with --join-same-key: both get the same right value), a request cancelled while 
 whose handler fails its first 1-2 runs under a retry policy of 5 runs (it must end right); and
 one Majordomo client (raw MDP/0.2 to both brokers of its pair, sending again to the other one when
 told BUSY or after 6 s of silence) that calls the native workers or, through the tier, the
-Majordomo workers, beside a native client that calls the Majordomo workers.
+Majordomo workers, beside a native client that calls the Majordomo workers. And per region two
+client processes (tests/chaos/soakclient.py, 100 submits in flight each): one is SIGKILLed now and
+then (restarted with new numbers), one SIGSTOPped past the ttl.
 
-Faults, one every 2-5 s (seeded; every kind in each round of six, in a random order): SIGKILL of a
-worker, Majordomo workers included (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s,
+Faults, one every 2-5 s (seeded; every kind in each round of eight, in a random order): SIGKILL of
+a worker, Majordomo workers included (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s,
+SIGKILL of a client process (restarted 0.5-2 s later), SIGSTOP of one for 1.5-3 s (its broker
+takes it for gone and stops its requests; resumed, it is told so and sends them again),
 SIGKILL of the active broker of a regional pair (twice a round) or of the master pair (restarted
 1-3 s later), SIGSTOP of the active broker of any pair for 2-4 s (a stalled host: the other takes
 over, and the stopped one must step down when it resumes); never while the other broker of its
@@ -28,8 +32,10 @@ end so that everything in flight can end.
 
 Every request ends in one of: the right value, a wrong value, an error (counted by type), a
 cancel, or no end at all (lost); a stream or a joined request that waits out its deadline is a
-defect too (a fault here never lasts that long). Once every client is done, no broker may hold an
-open request.
+defect too (a fault here never lasts that long). A client process writes how each of its requests
+ended; at the end it is told to stop (SIGTERM) and waits for what it has open: a request of its
+last run that never ended, one that ended twice or wrong (any run) is a defect. Once every client
+is done, no broker may hold an open request (a SIGKILLed client's were stopped by its broker).
 Executions are counted per request from the workers' logs (re-execution after a kill is allowed
 and reported). Broker logs are read for step-downs of a broker that carried the
 pair's table (a defect, unless it was the stopped one resuming), for a broker taking over again
@@ -168,12 +174,27 @@ class Topology:
         for k, at in enumerate((("MA", "MB"), ("MB", "MA"))):
             args = ["mdpup", str(2 * hb), "3", *mdp_keys, *(self.ep(n) for n in at)]
             self.procs[f"WMDP-{k}"] = Proc(f"WMDP-{k}", args, self.logdir, self.env, module="mdpsoak")
+        # Per region two client processes (tests/chaos/soakclient.py): one SIGKILLed, one SIGSTOPped
+        self.clients: list[str] = []
+        client_keys = ["--server-key", self.keys["server_key"], "--key", self.keys["key"]] if curve else []
+        for region in ("R1", "R2"):
+            eps = [self.ep(n) for n in (*PAIRS[region], "MA", "MB")]
+            for fate in ("kill", "stop"):
+                name = f"C{region}-{fate}"
+                self.clients.append(name)
+                args = [str(self.logdir / f"{name}.out"), str(self.client_first(name, 0)), *eps, *client_keys]
+                self.procs[name] = Proc(name, args, self.logdir, self.env, module="soakclient")
 
     def worker(self, name: str, at: list[str], options: list[str]) -> None:
         eps = [x for n in at for x in ("--connect", self.ep(n))]
         self.procs[name] = Proc(
             name, ["worker", "soakworker:worker", "--name", name, *eps, *options], self.logdir, self.env
         )
+
+    def client_first(self, name: str, run: int) -> int:
+        """The first request number of client process ``name``'s run ``run`` (0, 1, ... after
+        each restart): apart from the soak's own numbers and from each other."""
+        return (1 + self.clients.index(name)) * 10**9 + run * 10**7
 
     def ep(self, name: str) -> str:
         return f"ipc://{self.tmp}/{name}.sock"
@@ -182,8 +203,10 @@ class Topology:
         return f"ipc://{self.tmp}/{name}.ha"
 
     def start(self) -> None:
-        for p in self.procs.values():
-            p.start()
+        """Start the brokers and workers (the client processes start with the load)."""
+        for name, p in self.procs.items():
+            if name not in self.clients:
+                p.start()
 
     def status(self, name: str) -> dict[str, Any] | None:
         """The status of broker ``name`` (None if it does not answer)."""
@@ -507,6 +530,8 @@ class Chaos:
             _, action, name = item
             proc = self.topo.procs[name]
             if action == "restart":
+                if name in self.topo.clients:  # a client's new run numbers its requests afresh
+                    proc.args[1] = str(self.topo.client_first(name, proc.starts))
                 proc.start()
             elif action == "cont":
                 if name in BROKERS:  # taken before the signal: a resumed broker logs within a millisecond
@@ -520,9 +545,25 @@ class Chaos:
     def fault(self, now: float) -> None:
         if not self.kinds:
             self.kinds = ["kill worker", "stop worker", "kill proxy", "kill proxy", "kill master", "stop broker"]
+            self.kinds += ["kill client", "stop client"]
             self.rng.shuffle(self.kinds)
         kind = self.kinds.pop()
-        if kind in ("kill worker", "stop worker"):
+        if kind in ("kill client", "stop client"):
+            fate = kind.split()[0]
+            procs = self.topo.procs
+            names = [n for n in self.topo.clients if n.endswith(fate) and not self.busy(n) and procs[n].alive()]
+            if not names:
+                return
+            name = self.rng.choice(names)
+            proc = self.topo.procs[name]
+            if fate == "kill":
+                proc.kill()
+                self.pending.append((now + self.rng.uniform(0.5, 2.0), "restart", name))
+            else:  # past the ttl: its broker takes it for gone and stops its requests
+                proc.signal(signal.SIGSTOP)
+                proc.stopped = True
+                self.pending.append((now + self.rng.uniform(1.5, 3.0), "cont", name))
+        elif kind in ("kill worker", "stop worker"):
             names = [
                 n for n in self.topo.procs if n.startswith("W") and not self.busy(n) and self.topo.procs[n].alive()
             ]
@@ -631,6 +672,55 @@ def logged_at(line: str) -> float | None:
         return None
 
 
+def stop_clients(topo: Topology) -> set[str]:
+    """SIGTERM each client process: it sends no more and waits for what it has open. Return those
+    that had not ended within the requests' deadline (then killed)."""
+    hung = set()
+    for name in topo.clients:
+        topo.procs[name].signal(signal.SIGTERM)
+    end = time.monotonic() + TIMEOUT_S + 15
+    for name in topo.clients:
+        popen = topo.procs[name].popen
+        if popen is not None:
+            try:
+                popen.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                hung.add(name)
+                topo.procs[name].kill()
+    return hung
+
+
+def client_record(topo: Topology, name: str, hung: bool) -> dict[str, Any]:
+    """How the requests of client process ``name`` ended, from its file: every outcome, numbers
+    that ended twice, and (its last run ended on SIGTERM) numbers of that run that never ended.
+    A SIGKILLed run's open requests end nowhere: only a wrong value or a second end counts there."""
+    ended: collections.Counter[str] = collections.Counter()
+    seen: set[int] = set()
+    twice = 0
+    issued = None
+    path = topo.logdir / f"{name}.out"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        a, b = line.split()
+        if a == "done":
+            issued = int(b)
+            continue
+        i = int(a)
+        twice += i in seen
+        seen.add(i)
+        ended[b] += 1
+    proc = topo.procs[name]
+    first = topo.client_first(name, proc.starts - 1)
+    never = None if issued is None else sum(1 for i in range(first, first + issued) if i not in seen)
+    return {
+        "runs": proc.starts,
+        "ended": dict(ended),
+        "twice": twice,
+        "last_run_issued": issued,
+        "never": never,
+        "hung": hung,
+    }
+
+
 def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Step-downs, tracebacks and crashes in every process's log. A broker that carried the pair's
     table stepping down is a defect, unless it was stopped (SIGSTOP) and has just resumed: its
@@ -700,6 +790,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2)  # workers register, proxies register upstream, passives sync
         start = time.monotonic()
         load.start(args.seed)
+        for name in topo.clients:
+            topo.procs[name].start()
         next_fault = start + rng.uniform(2, 5)
         quiet_from = start + max(0.0, args.duration - args.settle)
         while True:
@@ -713,6 +805,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(0.05)
         chaos.settle()
         load.finish(TIMEOUT_S + 30)
+        hung = stop_clients(topo)
         elapsed = time.monotonic() - start
         left: dict[str, int | None] = {}  # every client is done: nothing may stay open at a broker
         settled_by = time.monotonic() + 20
@@ -721,6 +814,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not left:
                 break
             time.sleep(0.5)
+        # requests stopped because their caller went silent (the client processes' faults; a
+        # broker's count since its last start)
+        abandoned = {n: st["counters"]["abandoned"] for n in sorted(BROKERS) if (st := topo.status(n)) is not None}
         outcome = collections.Counter(load.outcome.values())
         never = load.issued - len(load.outcome)
         if never:
@@ -753,6 +849,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "max_runs": max(runs.values(), default=0),
             },
             "duplicates_absorbed_by_clients": sum(c._core.counters["duplicates"] for c in load.clients if c._core),
+            "client_processes": {n: client_record(topo, n, n in hung) for n in topo.clients},
+            "abandoned_at_brokers": abandoned,
             **read_logs(topo.logdir, chaos.resumed),
             "fault_log": chaos.log,
             "logs": str(topo.logdir) if args.keep else None,
@@ -784,6 +882,9 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"streams or joined requests that waited out their {TIMEOUT_S:.0f} s deadline: {hung}")
     if left := report.get("left_open_at_brokers"):
         bad.append(f"requests still open at brokers 20 s after every client was done: {left}")
+    for name, c in report.get("client_processes", {}).items():
+        if c["ended"].get("wrong") or c["twice"] or c["never"] or c["hung"] or c["last_run_issued"] is None:
+            bad.append(f"client process {name}: {c}")
     if report["executions"]["never_run_but_ok"]:
         bad.append(f"{report['executions']['never_run_but_ok']} answered OK but never run")
     if report["requests"] and report["errors"] / report["requests"] > max_error_rate:

@@ -32,6 +32,9 @@ def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_l
     mdp = rep["mdp"]  # Majordomo clients and workers, and a native client of the Majordomo workers
     print(f"mdp: {mdp}")
     assert all(mdp.get(f"{what} ok", 0) >= 10 for what in ("mdp up", "mdp work", "native up")), mdp
+    procs = rep["client_processes"]  # a SIGKILLed and a SIGSTOPped client process per region
+    print(f"client processes: {procs}")
+    assert len(procs) == 4 and all(c["ended"].get("ok", 0) >= 100 for c in procs.values()), procs
     assert r.returncode == 0, rep["verdict"]
 
 
