@@ -119,7 +119,7 @@ class ScriptedClock:
 def test_a_wait_that_ends_much_later_than_asked_is_reported_as_a_pause_before_reading():
     mailbox = Mailbox()
     mailbox.post("stop")  # the wait returns at once; the clock says 2.5 s passed meanwhile
-    clock = ScriptedClock(0.0, 0.0, 2.5)  # turn start, before the wait, after the wait
+    clock = ScriptedClock(0.0, 0.0, 0.0, 2.5)  # the mark, turn start, before the wait, after the wait
     loop = Loop(clock, mailbox)
     seen = []
 
@@ -129,6 +129,29 @@ def test_a_wait_that_ends_much_later_than_asked_is_reported_as_a_pause_before_re
 
     loop.run(tick=lambda now: now + 0.1, mail=on_mail, paused=lambda s, now: seen.append(("paused", round(s, 3))))
     assert seen == [("paused", 2.4), ("mail", 2.5)]  # asked to wait 0.1 s, woke 2.5 s later: paused 2.4 s
+    mailbox.close()
+
+
+def test_a_turn_whose_work_took_past_the_pause_threshold_is_reported_as_a_pause_before_the_next_tick():
+    """Stopped while it worked (a read, the mail), not in the wait: the next turn says so before
+    its tick, so the broker does not take its own stop for its clients' silence."""
+    mailbox = Mailbox()
+    mailbox.post("work")
+    # the mark, turn 1 (start, before the wait, after it), turn 2 (start: 2.5 s on), then steady
+    clock = ScriptedClock(0.0, 0.0, 0.0, 0.0, 2.5, 2.5)
+    loop = Loop(clock, mailbox)
+    seen = []
+
+    def tick(now):
+        seen.append(("tick", now))
+        if len(seen) > 2:
+            loop.stop()
+        return now + 0.1
+
+    loop.run(
+        tick=tick, mail=lambda items, now: seen.append(("mail", now)), paused=lambda s, now: seen.append(("paused", s))
+    )
+    assert seen == [("tick", 0.0), ("mail", 0.0), ("paused", 2.5), ("tick", 2.5)]
     mailbox.close()
 
 

@@ -28,7 +28,8 @@ from heapq import heappop, heappush
 
 from zmqdist import protocol as p
 from zmqdist.core.dispatch import Dispatcher, Watcher
-from zmqdist.core.records import ASSIGNED, DELAYED, EPSILON, FORWARDED, QUEUED, Dest, Member, Out, Req
+from zmqdist.core.link import Problem
+from zmqdist.core.records import ASSIGNED, DELAYED, EPSILON, FORWARDED, LOG, QUEUED, Dest, Member, Out, Req
 
 MAX_LEFT = 100_000  # clients remembered as stopped for their silence (rule 4), at most
 
@@ -233,13 +234,13 @@ class Lifecycle(Watcher):
         since = self.resumed
         last_in = self.last_in
         first = now  # the oldest sign of life of a caller still heard (one heard later is younger)
-        gone: set[Dest] = set()
+        gone: dict[Dest, float] = {}  # -> its last sign of life
         for c in d.open_by_client:
             heard = clients.get(c) if type(c) is bytes and c not in members else None
             if heard is not None:
                 sign = max(heard, last_in.get(c, heard), since)
                 if now - sign > ttl:
-                    gone.add(c)
+                    gone[c] = sign
                 elif sign < first:
                     first = sign
         for req in list(self.streams.values()):  # a stream's caller may be a downstream broker too
@@ -266,6 +267,10 @@ class Lifecycle(Watcher):
                     if c in left or len(left) < MAX_LEFT:
                         left[c] = max(left.get(c, now), open_.deadline)
                     self._leave(open_, c, rid, now, out)
+            for c, sign in gone.items():
+                who = c.hex() if type(c) is bytes else str(c)
+                why = f"client {who} silent for {now - sign:.2f}s: taken for gone, its open requests stopped"
+                out.append((LOG, Problem(f"{why} (it sends them again if it is back)", "gone")))
         for c in [c for c in last_in if c not in d.open_by_client]:
             del last_in[c]
         for c in [c for c, t in self.left.items() if t <= now]:

@@ -20,7 +20,8 @@ from zmqdist.transport.mailbox import Mailbox
 from zmqdist.transport.sockets import POLLIN, poll_timeout_ms
 
 RETRY_MS = 20  # how soon a loop with unsent messages (no connection yet) tries again
-PAUSE_S = 0.2  # a wait that ends this much later than asked for: the thread did not run (SIGSTOP)
+PAUSE_S = 0.2  # a wait that ends this much later than asked for, or a turn's work this long: the
+# thread did not run (SIGSTOP, or starved): its peers' silence meanwhile proves nothing
 DEBUG_RECHECK_S = 1.0  # how often a DebugCheck asks its logger again
 
 
@@ -106,13 +107,17 @@ class Loop:
         ``mail(items, now)`` handles the mailbox; ``stuck()`` says messages wait for a connection
         (retry soon); ``after(now)`` runs after every wake-up (a pair's replication flush);
         ``paused(seconds, now)`` is told when a wait ended much later than asked (the thread was
-        stopped), before anything that arrived meanwhile is read."""
+        stopped), before anything that arrived meanwhile is read, and when a turn's work took that
+        long (stopped while it worked, or starved), before the next ``tick``."""
         clock = self._clock
         mailbox_fd = self._mailbox.fileno()
         poll = zmq.zmq_poll  # not zmq.Poller.poll: its Python wrapper and a dict cost every turn
         backlog = False
+        mark = clock.now()  # when the last wait ended
         while not self._stopped:
             now = clock.now()
+            if paused is not None and now - mark > PAUSE_S:
+                paused(now - mark, now)
             timeout = 0
             if not backlog:
                 timeout = poll_timeout_ms(tick(now), now)
@@ -126,6 +131,7 @@ class Loop:
             now = clock.now()
             if paused is not None and (late := now - t0 - timeout / 1000) > PAUSE_S:
                 paused(late, now)
+            mark = now
             backlog = False
             mail_ready = False
             readers = self._readers
