@@ -727,6 +727,7 @@ def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> di
     peer took over meanwhile, so stepping down is what it must do (``resumed``: the SIGCONTs)."""
     resumed = resumed or {}
     step_downs, flaps, tracebacks, crashes = [], [], [], []
+    gone = 0  # clients a broker took for gone (silent past the ttl: the client processes' faults)
     for f in sorted(logdir.glob("*.log")):
         if f.name.startswith("exec-"):
             continue
@@ -757,6 +758,8 @@ def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> di
                         "line": f"{f.name}:{k + 1}: {line[:23]}",
                     }
                 )
+            if "taken for gone" in line:
+                gone += 1
             if line.startswith("Traceback"):
                 tracebacks.append(f"{f.name}:{k + 1}")
             elif line.startswith(("Fatal Python error", "Assertion failed")):  # a process died by itself
@@ -770,6 +773,7 @@ def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> di
         "flaps": flaps,
         "tracebacks": tracebacks,
         "crashes": crashes,
+        "clients_taken_for_gone": gone,
     }
 
 
@@ -814,9 +818,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not left:
                 break
             time.sleep(0.5)
-        # requests stopped because their caller went silent (the client processes' faults; a
-        # broker's count since its last start)
-        abandoned = {n: st["counters"]["abandoned"] for n in sorted(BROKERS) if (st := topo.status(n)) is not None}
         outcome = collections.Counter(load.outcome.values())
         never = load.issued - len(load.outcome)
         if never:
@@ -850,7 +851,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "duplicates_absorbed_by_clients": sum(c._core.counters["duplicates"] for c in load.clients if c._core),
             "client_processes": {n: client_record(topo, n, n in hung) for n in topo.clients},
-            "abandoned_at_brokers": abandoned,
             **read_logs(topo.logdir, chaos.resumed),
             "fault_log": chaos.log,
             "logs": str(topo.logdir) if args.keep else None,

@@ -2,8 +2,9 @@
 
     python -m soakclient OUT FIRST ENDPOINT... [--server-key F --key F]
 
-It keeps 100 submits of "work" in flight, numbered from FIRST, and appends one line per request
-as it ends to OUT ("<number> <outcome>": ok, wrong, or the error's type), flushed at once, so what
+It keeps 100 submits of "work" in flight, numbered from FIRST, and beside them two that run 2.5 s
+(so that a fault finds some of its requests open at a worker past the ttl), and appends one line
+per request as it ends to OUT ("<number> <outcome>": ok, wrong, or the error's type), flushed at once, so what
 ended before a SIGKILL is on record. On SIGTERM it sends no more, waits for what it has open
 (bounded by the requests' deadline) and appends "done <issued>". A client SIGSTOPped past the ttl
 is taken for gone by its broker, which stops its requests: when it resumes it is told so and sends
@@ -26,6 +27,7 @@ from zmqdist.errors import RequestError
 
 TIMEOUT_S = 30.0  # as the soak's own clients
 WINDOW = 100
+LONG, LONG_MS = 2, 2500  # requests of this length in flight beside the window
 
 
 def main() -> None:
@@ -42,20 +44,30 @@ def main() -> None:
     rng = random.Random(first)
     issued = 0
     with open(out_path, "a", buffering=1) as out, Client(endpoints, timeout=TIMEOUT_S, **keys) as c:
-        window: collections.deque[tuple[int, Any]] = collections.deque()
-        while not stop.is_set() or window:
-            if not stop.is_set() and len(window) < WINDOW:
-                i = first + issued
-                issued += 1
-                window.append((i, c.submit("work", {"i": i, "ms": rng.choice((0, 0, 0, 1, 5))})))
-                continue
-            i, fut = window.popleft()
+
+        def end(i: int, fut: Any) -> None:
             try:
                 v = fut.result(TIMEOUT_S + 10)
                 kind = "ok" if isinstance(v, dict) and v.get("i") == i and v.get("v") == answer(i) else "wrong"
             except RequestError as exc:
                 kind = type(exc).__name__
             out.write(f"{i} {kind}\n")
+
+        window: collections.deque[tuple[int, Any]] = collections.deque()
+        long: collections.deque[tuple[int, Any]] = collections.deque()
+        while not stop.is_set() or window or long:
+            while long and (stop.is_set() or long[0][1].done()):
+                end(*long.popleft())
+            if not stop.is_set() and (len(window) < WINDOW or len(long) < LONG):
+                i = first + issued
+                issued += 1
+                if len(long) < LONG:
+                    long.append((i, c.submit("work", {"i": i, "ms": LONG_MS})))
+                else:
+                    window.append((i, c.submit("work", {"i": i, "ms": rng.choice((0, 0, 0, 1, 5))})))
+                continue
+            if window:
+                end(*window.popleft())
         out.write(f"done {issued}\n")
 
 
