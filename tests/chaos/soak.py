@@ -548,36 +548,24 @@ class Chaos:
             self.kinds += ["kill client", "stop client"]
             self.rng.shuffle(self.kinds)
         kind = self.kinds.pop()
-        if kind in ("kill client", "stop client"):
-            fate = kind.split()[0]
+        if kind.endswith(("worker", "client")):
+            fate, who = kind.split()
             procs = self.topo.procs
-            names = [n for n in self.topo.clients if n.endswith(fate) and not self.busy(n) and procs[n].alive()]
+            pool = self.topo.clients if who == "client" else [n for n in procs if n.startswith("W")]
+            names = [n for n in pool if n.endswith(fate) or who == "worker"]
+            names = [n for n in names if not self.busy(n) and procs[n].alive()]
             if not names:
                 return
             name = self.rng.choice(names)
-            proc = self.topo.procs[name]
+            proc = procs[name]
             if fate == "kill":
                 proc.kill()
                 self.pending.append((now + self.rng.uniform(0.5, 2.0), "restart", name))
-            else:  # past the ttl: its broker takes it for gone and stops its requests
+            else:  # a client past the ttl: its broker takes it for gone and stops its requests
                 proc.signal(signal.SIGSTOP)
                 proc.stopped = True
-                self.pending.append((now + self.rng.uniform(1.5, 3.0), "cont", name))
-        elif kind in ("kill worker", "stop worker"):
-            names = [
-                n for n in self.topo.procs if n.startswith("W") and not self.busy(n) and self.topo.procs[n].alive()
-            ]
-            if not names:
-                return
-            name = self.rng.choice(names)
-            proc = self.topo.procs[name]
-            if kind == "kill worker":
-                proc.kill()
-                self.pending.append((now + self.rng.uniform(0.5, 2.0), "restart", name))
-            else:
-                proc.signal(signal.SIGSTOP)
-                proc.stopped = True
-                self.pending.append((now + self.rng.uniform(1.0, 3.0), "cont", name))
+                low = 1.5 if who == "client" else 1.0
+                self.pending.append((now + self.rng.uniform(low, 3.0), "cont", name))
         else:
             if kind == "stop broker":
                 region = self.rng.choice(["M", "R1", "R2"])
