@@ -322,7 +322,7 @@ ep, n, s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 with Client([ep], timeout=60) as c:
     futs = [c.submit("slow", s) for _ in range(n)]
     print("submitted", flush=True)
-    print(json.dumps([type(f.exception(60)).__name__ if f.exception(60) else "ok" for f in futs]), flush=True)
+    print(json.dumps([type(e).__name__ if (e := f.exception(60)) else "ok" for f in futs]), flush=True)
 """
 
 

@@ -234,15 +234,15 @@ class Lifecycle(Watcher):
         since = self.resumed
         last_in = self.last_in
         first = now  # the oldest sign of life of a caller still heard (one heard later is younger)
-        gone: dict[Dest, float] = {}  # -> its last sign of life
+        gone: dict[bytes, float] = {}  # -> its last sign of life
         for c in d.open_by_client:
-            heard = clients.get(c) if type(c) is bytes and c not in members else None
-            if heard is not None:
-                sign = max(heard, last_in.get(c, heard), since)
-                if now - sign > ttl:
-                    gone[c] = sign
-                elif sign < first:
-                    first = sign
+            if type(c) is not bytes or c in members or (heard := clients.get(c)) is None:
+                continue  # a downstream broker (a member: its expiry), or not a client that beats
+            sign = max(heard, last_in.get(c, heard), since)
+            if now - sign > ttl:
+                gone[c] = sign
+            elif sign < first:
+                first = sign
         for req in list(self.streams.values()):  # a stream's caller may be a downstream broker too
             c = req.client
             if type(c) is not bytes or req.cancelled or c in gone:
@@ -268,8 +268,7 @@ class Lifecycle(Watcher):
                         left[c] = max(left.get(c, now), open_.deadline)
                     self._leave(open_, c, rid, now, out)
             for c, sign in gone.items():
-                who = c.hex() if type(c) is bytes else str(c)
-                why = f"client {who} silent for {now - sign:.2f}s: taken for gone, its open requests stopped"
+                why = f"client {c.hex()} silent for {now - sign:.2f}s: taken for gone, its open requests stopped"
                 out.append((LOG, Problem(f"{why} (it sends them again if it is back)", "gone")))
         for c in [c for c in last_in if c not in d.open_by_client]:
             del last_in[c]
