@@ -195,13 +195,23 @@ def test_one_reply_even_if_former_holder_and_new_holder_both_answer():
     assert core.worker_load()[b"B"] == (0, 1)
 
 
-def test_refused_task_is_requeued_without_spending_an_attempt():
+def test_a_refused_task_is_requeued_unspent_and_its_worker_counted_full_until_it_says_its_room():
+    """A worker refuses only when it is full by its own count (or its registration was lost):
+    offered the task again at once, it refuses again, round after round (a property test found a
+    broker and a worker doing that 690,000 times). Its refusal holds until its CREDIT or HELLO."""
     core = make()
-    hello(core, b"A")
+    hello(core, b"A", capacity=2)
     ((_, t),) = tasks(request(core, 1))
     out = core.receive(b"A", p.Result(t.ticket, p.RS_REFUSED, b""), 0.1)
-    ((_, t2),) = tasks(out)
-    assert t2.ticket == t.ticket and t2.attempt == 1
+    assert tasks(out) == [] and core.counters.refused == 1
+    assert tasks(request(core, 2, now=0.2)) == []  # A is counted full: both wait
+    ((peer, t1),) = tasks(hello(core, b"B", now=0.3))  # the refused one first, no attempt spent
+    assert (peer, t1.ticket, t1.attempt) == (b"B", t.ticket, 1)
+    ((peer, t2),) = tasks(core.receive(b"A", p.Credit(2), 0.4))  # A says its room again
+    assert peer == b"A" and t2.ticket != t.ticket and core.open_requests == 2
+    # A refusal from a worker that does not hold the ticket (it went elsewhere) changes nothing.
+    assert core.receive(b"A", p.Result(t.ticket, p.RS_REFUSED, b""), 0.5) == []
+    assert core.counters.refused == 1 and core.worker_load()[b"A"] == (1, 2)
 
 
 def test_result_for_a_ticket_never_given_is_bogus():

@@ -298,7 +298,7 @@ def test_a_worker_carries_tasks_and_unconfirmed_results_to_the_other_broker_of_t
     ex = [w.receive(p.Task(t, "echo", 5000, 1, f"k{t}", t, (), b"v"), 0.0)[0] for t in (1, 2, 3)]
     assert w.task_done(1, ex[0].session, True, b"r1", 0.1) == [p.Result(1, p.RS_OK, b"r1")]
     out = tick_until(w, 1.1)  # a silent: fail over to b
-    assert out[-1] == p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, 1, p.MAX_BATCH)  # 2 slots still busy
+    assert out[-1] == p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, 1, p.MAX_BATCH, 2)  # 2 slots still busy
     assert w.task_done(2, ex[1].session, True, b"r2", 1.2) == []  # kept for b
     out = w.receive(p.Welcome("b", "inc-b", 250, 4, 2, "a"), 1.3)
     # 1 was never confirmed; 2 finished since HELLO (which had left its slot out): credit back

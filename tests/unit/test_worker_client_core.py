@@ -14,7 +14,7 @@ WELCOME = p.Welcome("b", "inc1", 250, 4)
 def worker(concurrency=2, eps=("tcp://a:1", "tcp://b:1")):
     w = WorkerCore(eps, ("echo",), concurrency, "w", HB, 0.0)
     out = w.start(0.0)
-    hello = p.Hello(p.ROLE_WORKER, "w", ("echo",), concurrency, 250, batch=p.MAX_BATCH)
+    hello = p.Hello(p.ROLE_WORKER, "w", ("echo",), concurrency, 250, batch=p.MAX_BATCH, seq=1)
     assert out == [Connect("tcp://a:1", "start"), hello]
     w.receive(WELCOME, 0.0)
     return w
@@ -29,7 +29,10 @@ def test_worker_executes_within_capacity_and_refuses_beyond():
     (ex,) = w.receive(task(1), 0.0)
     assert type(ex) is Execute and ex.deadline == 1.0 and ex.key == "k1"
     assert w.receive(task(2), 0.0) == [p.Result(2, p.RS_REFUSED, b"")]
-    assert w.task_done(1, ex.session, True, b"r", 0.1) == [p.Result(1, p.RS_OK, b"r")]
+    # The broker counts a refusing worker full until it says its room: the slot that frees next is told.
+    assert w.task_done(1, ex.session, True, b"r", 0.1) == [p.Result(1, p.RS_OK, b"r"), p.Credit(1)]
+    (ex,) = w.receive(task(3), 0.2)
+    assert w.task_done(3, ex.session, True, b"r", 0.3) == [p.Result(3, p.RS_OK, b"r")]  # once
 
 
 def test_a_result_over_the_brokers_message_limit_goes_as_a_failure_that_says_so():
@@ -118,7 +121,7 @@ def test_worker_drops_results_from_a_void_session_and_advertises_reduced_capacit
     # the old run is told to stop (it runs elsewhere now); one slot stays busy until it has
     assert out == [
         Abort(1, ex.session, "its broker was lost: it runs elsewhere"),
-        p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, batch=p.MAX_BATCH),
+        p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, batch=p.MAX_BATCH, seq=2),
     ]
     w.receive(p.Welcome("b", "inc2", 250, 4), 0.1)
     assert w.task_done(1, ex.session, True, b"r", 0.2) == [p.Credit(2)]
@@ -132,7 +135,7 @@ def test_stale_work_ending_between_hello_and_welcome_frees_its_slot_at_the_broke
     w = worker(concurrency=2)
     (ex,) = w.receive(task(1), 0.0)
     out = w.receive(p.Heartbeat(p.ROLE_BROKER, "inc2", 0, ()), 0.1)  # broker restarted
-    assert p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, batch=p.MAX_BATCH) in out
+    assert p.Hello(p.ROLE_WORKER, "w", ("echo",), 1, 250, batch=p.MAX_BATCH, seq=2) in out
     assert w.task_done(1, ex.session, True, b"r", 0.15) == []  # not registered: nothing to tell yet
     assert w.receive(p.Welcome("b", "inc2", 250, 4), 0.2) == [p.Credit(2)]
     assert w.receive(p.Welcome("b", "inc2", 250, 4), 0.3) == []  # nothing changed since
@@ -193,9 +196,33 @@ def test_worker_drain_timeout():
 
 def test_worker_reconnect_command_registers_again():
     w = worker()
-    assert w.receive(p.Reconnect("who?"), 0.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=p.MAX_BATCH)]
+    hello = p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=p.MAX_BATCH, seq=2)
+    assert w.receive(p.Reconnect("who?"), 0.1) == [hello]
     assert not w.registered
-    assert w.receive(task(1), 0.1) == [p.Result(1, p.RS_REFUSED, b"")]
+    assert w.receive(task(1), 0.1) == []  # sent to the registration the HELLO replaces: requeued there
+    assert w.counters["void_tasks"] == 1
+
+
+def test_a_worker_not_welcomed_for_a_ttl_says_hello_again_and_takes_only_the_latest_welcome():
+    """A HELLO lost while the broker kept the last session's registration (a link cut, healed):
+    the broker answers heartbeats and sends tasks, so the worker never finds it silent. A ttl after
+    its HELLO it says HELLO again (numbered; heartbeats until then). A WELCOME answering an earlier
+    HELLO is ignored: the later one registers again, and the broker requeues what it sent between;
+    a TASK that comes unregistered is dropped, not refused (a refusal would be counted against the
+    registration that replaces it)."""
+    w = worker()
+    assert w.receive(p.Reconnect("who?"), 0.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=1024, seq=2)]
+    for t in (0.35, 0.6, 0.85):  # answered (the broker lives), not welcomed: heartbeats for a ttl
+        assert w.tick(t) == [p.Heartbeat(p.ROLE_WORKER, "", 0, ())]
+        w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), t)
+    assert w.receive(task(1), 0.9) == [] and w.counters["void_tasks"] == 1
+    assert w.tick(1.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=1024, seq=3)]
+    assert w.counters["hellos_again"] == 1 and w.counters["failovers"] == 0
+    assert w.receive(p.Welcome("b", "inc1", 250, 4, hello=2), 1.15) == [] and not w.registered
+    assert w.receive(task(2), 1.15) == []  # sent to the registration HELLO 3 replaces
+    assert w.receive(p.Welcome("b", "inc1", 250, 4, hello=3), 1.2) == [] and w.registered
+    (ex,) = w.receive(task(3), 1.2)
+    assert type(ex) is Execute and w.tick(1.35) == [p.Heartbeat(p.ROLE_WORKER, "inc1", 3, (3,))]
 
 
 def client():

@@ -7,7 +7,8 @@ Rules of this module:
 2. A request ends exactly once: :meth:`Dispatcher.finish` forgets it and appends its one reply.
 3. Least-loaded dispatch: a pool's heap orders its members by load fraction, then least recently
    used; entries carry the member's version and stale ones are skipped (lazy invalidation), so a
-   request costs O(log members). A member never holds more than it may take (``free``).
+   request costs O(log members). A member never holds more than it may take (``free``). A worker
+   that refuses a task is full by its own count: it counts so until its CREDIT or HELLO says more.
 4. A member that dies: what it held is requeued at the front with one attempt spent (none when it
    was not its fault), up to ``max_attempts``, then answered LOST.
 5. When no member can take a queued request, dispatch asks its :class:`Overflow` hook (a proxy's
@@ -90,15 +91,13 @@ class Overflow:
 
 
 def away(pool: Pool, took: float) -> None:
-    """A request came back from another broker ``took`` seconds (beyond the link's round trip)
-    after it went there: fold that into the pool's recent time away."""
+    """Fold ``took`` (a request's time at another broker, less the round trip) into the pool's time away."""
     took = max(took, 0.0)
     pool.away = took if pool.away < 0.0 else pool.away + EWMA * (took - pool.away)
 
 
 class Watcher:
-    """Told of requests with a lifecycle (rule 8); this base is a dispatcher without one: no joins
-    by caller key, no retries after a failed run."""
+    """Told of requests with a lifecycle (rule 8); this base has none: no joins, no retries."""
 
     def opened(self, req: Req) -> None:
         """``req`` entered the table with a caller key, a stream window or a retry policy."""
@@ -107,8 +106,7 @@ class Watcher:
         """``req`` (a stream, or one with a caller key) left the table."""
 
     def join(self, peer: Dest, rid: int, service: str, key: str) -> bool:
-        """Let request ``rid`` of ``peer`` join the open run of ``service`` with caller ``key``;
-        False if there is none."""
+        """Let request ``rid`` of ``peer`` join the open run of ``service`` with caller ``key`` (False: none)."""
         return False
 
     def run_again(self, req: Req, w: Member | None, delay_ms: int, now: float, out: list[Out]) -> bool:
@@ -615,6 +613,8 @@ class Dispatcher:
                 if from_holder:
                     self.counters.refused += 1
                     req.attempt -= 1
+                    if type(w) is WorkerMember:  # rule 3: offered again at once, it would refuse again
+                        self.set_capacity(w, w.load())
                     self.requeue(req, now)
             elif delay_ms >= 0 and not from_holder:
                 self.counters.late_results += 1  # a former holder's failed run: it runs elsewhere now

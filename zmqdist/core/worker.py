@@ -15,8 +15,15 @@ Rules of this module:
 3. The broker is told the capacity it may use: concurrency minus tasks still running from old
    sessions (carried ones too), raised again by CREDIT as those finish. It is never sent more
    than it can run.
-4. A TASK beyond capacity or before registration is answered REFUSED (the broker requeues it
-   without spending an attempt).
+4. A TASK beyond capacity is answered REFUSED (the broker requeues it without spending an
+   attempt, and counts this worker full until its CREDIT or HELLO says more: offered again at
+   once, it would refuse again); the next slot that frees after a refusal is told with CREDIT.
+   A TASK before registration is dropped: one connection is FIFO, so it was sent before the broker
+   saw our latest HELLO, to the registration that HELLO replaces (the broker requeues what that
+   held; a refusal here would be taken for the new registration's). HELLOs are numbered for the
+   worker's life and WELCOME says which it answers: one that answers an earlier HELLO is ignored
+   (the later one registers again). Not welcomed a ttl after its HELLO, the worker says HELLO again:
+   it was lost (a link cut and healed) while the broker kept the last session's registration.
 5. Draining is exact: CREDIT(0) and a HEARTBEAT go out together, and BYE waits for the broker's
    answer to that heartbeat. Messages on one connection arrive in order, so every TASK the broker
    sent before it saw CREDIT(0) has arrived by then, and is run, not bounced.
@@ -132,6 +139,9 @@ class WorkerCore:
         self.inflight: dict[int, int] = {}  # ticket -> session, current session only
         self.stale = 0  # tasks still running from earlier sessions
         self._told = concurrency  # the capacity the last HELLO said
+        self._hellos = 0  # HELLOs said in this worker's life (numbered: rule 4)
+        self._hello_at = now  # when the last one was said
+        self._refused = False  # a task was refused since the last CREDIT: tell the next free slot
         self.carry: dict[int, int] = {}  # ticket -> session: running tasks of a pair's earlier session
         self.parked: list[p.Result] = []  # results of carried tasks finished while unregistered
         self._pair: tuple[str, ...] = ()  # the last broker's name and its pair peer's (if paired)
@@ -158,6 +168,8 @@ class WorkerCore:
             "fenced": 0,
             "homecomings": 0,
             "cancelled": 0,
+            "hellos_again": 0,
+            "void_tasks": 0,
             "expired": 0,
             "abandoned": 0,
             "parts": 0,
@@ -329,7 +341,7 @@ class WorkerCore:
             out.append(result)
             self.unacked.append((self._hb_sent, result))
             if not self.draining and not self.stopped and self._moving is None:
-                out.append(p.Credit(self._capacity()))
+                out.append(self._credit())
             if self.draining or self._moving is not None:
                 out += self._quiet(now)
             return out
@@ -338,7 +350,7 @@ class WorkerCore:
             if session != self.session and self.stale > 0:
                 self.stale -= 1
                 if self.registered and not self.draining and not self.stopped and self._moving is None:
-                    out.append(p.Credit(self._capacity()))
+                    out.append(self._credit())
             return out
         del self.inflight[ticket]
         if self.stopped:
@@ -348,6 +360,8 @@ class WorkerCore:
             self.unacked.append((self._hb_sent, result))
         if self.draining or self._moving is not None:
             out += self._quiet(now)
+        elif self._refused:
+            out.append(self._credit())  # rule 4: what the broker now counts may be less than the truth
         return out
 
     def _result(self, ticket: int, session: int, ok: bool, payload: bytes, retry_ms: int | None) -> p.Result:
@@ -427,11 +441,15 @@ class WorkerCore:
             self.counters["failovers"] += 1
             return self._new_session(now, f"broker at {link.endpoint} silent for {now - link.last_heard:.2f}s")
         if link.heartbeat_due(now):
-            out.append(self._heartbeat())
+            if self.registered or now - self._hello_at < link.ttl_s:
+                out.append(self._heartbeat())
+            else:  # rule 4: no WELCOME for a ttl: the HELLO was lost
+                self.counters["hellos_again"] += 1
+                out.append(self._hello(now))
         if self._moving is not None:
             if now >= self._move_until:  # too busy to quiet down: stay, take work again, look later
                 self._moving = None
-                out.append(p.Credit(self._capacity()))
+                out.append(self._credit())
         elif not self.draining:
             out += self.homing.tick(link, self.registered, now)
         return out
@@ -468,6 +486,8 @@ class WorkerCore:
         return p.Heartbeat(p.ROLE_WORKER, self.link.incarnation or "", self.seq_seen, held)
 
     def _on_welcome(self, m: p.Welcome, now: float) -> list[WorkerOut]:
+        if m.hello and m.hello != self._hellos:
+            return []  # it answers an earlier HELLO: the latest one registers us (rule 4)
         link = self.link
         if (why := link.fenced(m.broker, m.peer, m.epoch)) is not None:
             self.counters["fenced"] += 1
@@ -491,7 +511,7 @@ class WorkerCore:
             self.parked.clear()
             if not self.draining:
                 # HELLO left out what was carried then; what finished since frees those slots.
-                out.append(p.Credit(self._capacity()))
+                out.append(self._credit())
         elif self._capacity() != self._told and not self.draining and self._moving is None:
             # Stale work that HELLO left out ended before this WELCOME: those slots are free now
             # (without this the broker kept the HELLO's smaller capacity for good).
@@ -506,8 +526,12 @@ class WorkerCore:
             return []  # the same task twice in one session: already running
         if m.ticket in self.runs:  # an earlier session's run of it still goes
             return [*self._disown(m.ticket), *self._on_task(m, now)]
-        if not self.registered or len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
+        if not self.registered:
+            self.counters["void_tasks"] += 1  # for the registration our latest HELLO replaces (rule 4)
+            return []
+        if len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
             self.counters["refused"] += 1
+            self._refused = True
             return [p.Result(m.ticket, p.RS_REFUSED, b"")]
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
@@ -537,11 +561,20 @@ class WorkerCore:
     def _capacity(self) -> int:
         return max(0, self.concurrency - self.stale - len(self.carry))
 
-    def _hello(self) -> p.Hello:
+    def _hello(self, now: float) -> p.Hello:
         link = self.link
+        self._hello_at = now
         self._told = self._capacity()
+        self._refused = False
+        self._hellos += 1
         hb_ms = round(link.hb_s * 1000)
-        return p.Hello(p.ROLE_WORKER, self.name, self.services, self._told, hb_ms, link.top_epoch, self.batch)
+        return p.Hello(
+            p.ROLE_WORKER, self.name, self.services, self._told, hb_ms, link.top_epoch, self.batch, self._hellos
+        )
+
+    def _credit(self) -> p.Credit:
+        self._refused = False
+        return p.Credit(self._capacity())
 
     def _void_session(self) -> None:
         self.session += 1
@@ -573,7 +606,7 @@ class WorkerCore:
         self.link.incarnation = None
         if self.draining:
             return [*self._stop_stale(), *self._finish("broker forgot us while draining")]
-        return [*self._stop_stale(), self._hello()]
+        return [*self._stop_stale(), self._hello(now)]
 
     def _new_session(self, now: float, reason: str, to: str = "") -> list[WorkerOut]:
         """A new connection: to broker ``to`` if named (a BYE sent us there), else the next one."""
@@ -581,7 +614,7 @@ class WorkerCore:
         self._moving = None
         if self.draining:
             return [*self._stop_stale(), *self._finish(f"broker lost while draining ({reason})")]
-        return [*self._stop_stale(), self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello()]
+        return [*self._stop_stale(), self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello(now)]
 
     def _quiet(self, now: float) -> list[WorkerOut]:
         """CREDIT(0) was answered and nothing runs: end the drain, or move home."""
@@ -598,7 +631,7 @@ class WorkerCore:
         self._void_session()
         self.counters["homecomings"] += 1
         reason = "going back to the first choice: it is active again"
-        return [p.Bye(reason), self.link.connect_to(j, now, reason), self._hello()]
+        return [p.Bye(reason), self.link.connect_to(j, now, reason), self._hello(now)]
 
     def _finish(self, reason: str) -> list[WorkerOut]:
         self.stopped = True
