@@ -89,6 +89,24 @@ def test_worker_alive_at_ttl_and_expired_just_past_it():
     assert core.counters.workers_expired == 1
 
 
+def test_a_broker_stopped_past_the_ttl_judges_its_members_silence_only_from_its_resume():
+    """SIGSTOP of the broker for 2.5 s: its members sent nothing it could read (a cut link, or
+    heartbeats its loop reads after its first tick), so the stop proves nothing of them. Expired at
+    once on resuming, a worker's runs were requeued with an attempt spent and ran twice (found while
+    trying to lose a worker's HELLO with real processes: the broker expired the worker first)."""
+    core = make()
+    hello(core, b"A", now=0.0)
+    hello(core, b"B", now=0.0)
+    ((holder, t),) = tasks(request(core, 1))
+    core.resumed(2.5, 2.5)
+    assert core.tick(2.5) == [] and set(core.worker_load()) == {b"A", b"B"}
+    assert core.next_deadline() == pytest.approx(3.5 + EPSILON)
+    core.receive(b"A", p.Heartbeat(p.ROLE_WORKER, "inc1", 0, (t.ticket,) if holder == b"A" else ()), 3.0)
+    assert core.tick(3.5) == [] and core.counters.workers_expired == 0
+    core.tick(3.5 + EPSILON)  # B, silent a ttl after the resume: it is gone
+    assert set(core.worker_load()) == {b"A"} and core.counters.workers_expired == 1
+
+
 def test_any_message_counts_as_a_sign_of_life():
     core = make()
     hello(core, b"A", now=0.0)

@@ -553,7 +553,7 @@ class BrokerCore(BrokerMachine):
         return (peer, rid) in self.d.by_key
 
     def resumed(self, seconds: float, now: float) -> None:
-        self.life.resumed = now
+        self.d.resumed = now  # members' and clients' silence counts from here
 
     @property
     def standby(self) -> bool:

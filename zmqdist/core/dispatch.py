@@ -140,6 +140,7 @@ class Dispatcher:
         self.changes = 0  # bumped whenever spare capacity may have changed
         self.deadlines: list[tuple[float, int]] = []
         self.expiry: list[tuple[float, int, Member]] = []
+        self.resumed = -1e9  # when the broker resumed from a pause of its own: silence before proves nothing
         self.serial = 0
         self.overflow = Overflow()
         self.watcher = Watcher()  # the request lifecycle (rule 8)
@@ -308,13 +309,13 @@ class Dispatcher:
         return out
 
     def expire_members(self, now: float, out: list[Out]) -> None:
-        """Drop members silent past their ttl; void the advert of a downstream broker that outlived it."""
+        """Drop members silent past their ttl since our own last pause; void adverts that outlived theirs."""
         expiry = self.expiry
         while expiry and expiry[0][0] <= now:
             _, serial, w = expiry[0]
             if not w.alive:
                 heappop(expiry)
-            elif now - w.seen > w.ttl:
+            elif now - max(w.seen, self.resumed) > w.ttl:
                 heappop(expiry)
                 self.counters.workers_expired += 1
                 out += self.drop_member(w, now, "expired", spend_attempt=True)
@@ -322,7 +323,7 @@ class Dispatcher:
                 if isinstance(w, BrokerMember) and w.spare and now - w.adv_at > w.ttl:
                     w.spare = {}  # its advert outlived its ttl: no more tasks until the next one
                     self.offer(w)
-                heapreplace(expiry, (w.seen + w.ttl + EPSILON, serial, w))
+                heapreplace(expiry, (max(w.seen, self.resumed) + w.ttl + EPSILON, serial, w))
 
     def reconcile(self, w: Member, seen: int, held: tuple[int, ...], now: float, out: list[Out]) -> None:
         """Requeue tasks the member has seen past (by seq) but does not hold: lost in transit.
@@ -419,8 +420,7 @@ class Dispatcher:
             heapify(self.deadlines)
 
     def pump(self, pool: Pool, now: float, out: list[Out]) -> None:
-        """Dispatch queued requests of ``pool`` to its members while they have free slots; ask the
-        overflow hook about those no member can take."""
+        """Dispatch ``pool``'s queue to its members' free slots; ask the overflow hook about what none can take."""
         queue = pool.queue
         reqs = self.reqs
         overflow = self.overflow

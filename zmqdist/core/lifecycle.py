@@ -48,7 +48,6 @@ class Lifecycle(Watcher):
         self.by_caller: dict[tuple[str, str], int] = {}  # (service, caller key) -> ticket
         # When a caller may first have been silent past the ttl (rule 4): none heard before now is.
         self.callers_due = dispatcher.now + self.ttl + EPSILON
-        self.resumed = -1e9  # when the broker last resumed from a pause of its own (SIGSTOP, a stall)
         self.last_in: dict[Dest, float] = {}  # when a client's latest request was accepted: a sign of life
         self.left: dict[Dest, float] = {}  # clients whose requests rule 4 stopped -> their latest deadline
         dispatcher.watcher = self
@@ -231,7 +230,7 @@ class Lifecycle(Watcher):
         d = self.d
         members = d.members
         ttl = self.ttl
-        since = self.resumed
+        since = d.resumed  # the broker's own last pause (SIGSTOP, a stall): silence before proves nothing
         last_in = self.last_in
         first = now  # the oldest sign of life of a caller still heard (one heard later is younger)
         gone: dict[bytes, float] = {}  # -> its last sign of life
