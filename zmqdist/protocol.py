@@ -85,7 +85,7 @@ class Hello(NamedTuple):
     heartbeat_ms: int
     epoch: int = 0  # optional trailing field: the highest pair epoch this peer has seen (fencing)
     batch: int = 0  # optional trailing field: the peer reads BATCH frames of up to this many (0: none)
-    seq: int = 0  # optional trailing field: this HELLO's number on its connection, 1 for the first (0: not said)
+    seq: int = 0  # optional trailing field: its number (0: not said), a client's per connection, a worker's per life
 
 
 class Welcome(NamedTuple):
