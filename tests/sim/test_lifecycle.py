@@ -200,6 +200,22 @@ def test_a_dead_clients_requests_a_proxy_sent_up_are_stopped_at_the_master():
     assert sim.brokers["m"].core.open_requests == 0 and sim.brokers["p"].core.open_requests == 0
 
 
+def test_what_a_dead_proxy_sent_up_stops_at_the_master_queued_or_running():
+    """A proxy SIGKILLed with five requests of 2 s sent up (one running at the master's worker):
+    the master takes the proxy for gone after the ttl. What waited was forgotten then already; the
+    run went on for nobody until its end, ahead of live callers' work. Now it is told CANCEL."""
+    sim, w, c = a_tier("m", "p", service_time=2.0)
+    for i in range(5):
+        c.submit("echo", i, timeout=60)
+    sim.run_for(0.5)
+    sim.kill_broker("p")
+    sim.run_for(1.3)  # the master expires the proxy 1.0 s after its last heartbeat
+    m = sim.brokers["m"].core
+    assert m.counters.workers_expired == 1 and m.open_requests == 0
+    assert len(w.executed) == 1 and len(w.aborted) == 1  # four never ran; the one running was stopped
+    assert m.counters.abandoned == 5
+
+
 # --- retry ----------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,8 @@ Rules of this module (docs/semantics.md):
    the ttl (a client or a downstream broker that died) is stopped: nobody would acknowledge its
    parts, so its worker would wait until the deadline. So is every request of a client silent past
    the ttl (no HEARTBEAT, no request: it died, or its host is cut off), as if it had cancelled
-   them: its workers would run them for nobody, ahead of live callers. Only clients that said
+   them: its workers would run them for nobody, ahead of live callers (so is what a downstream
+   broker asked for when it is lost: a dead proxy's runs). Only clients that said
    HELLO or HEARTBEAT are judged (a Majordomo client never does), and silence counts from the
    broker's own last pause. A client heard again after that is told RECONNECT: it sends again
    what it still waits for (core/client.py rule 3).
@@ -99,10 +100,16 @@ class Lifecycle(Watcher):
         return True
 
     def member_lost(self, w: Member, now: float, out: list[Out]) -> None:
-        """Downstream broker ``w`` is gone: the streams it asked for have nowhere to go."""
-        for req in [r for r in self.streams.values() if r.client == w.ident and not r.cancelled]:
-            self.counters.cancelled += 1
-            self.cancel_run(req, now, out)
+        """Downstream broker ``w`` is gone (dispatch forgot what of its requests waited): stop what
+        still runs for it, as for a client gone (rule 4); nobody would take the replies."""
+        d = self.d
+        gone = w.ident
+        for k in [k for k in d.by_key if k[0] == gone]:
+            ticket = d.by_key.get(k)
+            req = d.reqs.get(ticket) if ticket is not None else None
+            if req is not None:
+                self.counters.abandoned += 1
+                self._leave(req, gone, k[1], now, out)
 
     # --- messages ---------------------------------------------------------------------------------
 
