@@ -214,9 +214,9 @@ def test_one_reply_even_if_former_holder_and_new_holder_both_answer():
 
 
 def test_a_refused_task_is_requeued_unspent_and_its_worker_counted_full_until_it_says_its_room():
-    """A worker refuses only when it is full by its own count (or its registration was lost):
-    offered the task again at once, it refuses again, round after round (a property test found a
-    broker and a worker doing that 690,000 times). Its refusal holds until its CREDIT or HELLO."""
+    """A worker refuses a task only when it is full by its own count: offered it again at once, it
+    refuses again, round after round (a property test found a broker and a worker doing that
+    690,000 times). Its refusal holds until its CREDIT or HELLO."""
     core = make()
     hello(core, b"A", capacity=2)
     ((_, t),) = tasks(request(core, 1))

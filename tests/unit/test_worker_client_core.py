@@ -211,12 +211,14 @@ def test_a_worker_not_welcomed_for_a_ttl_says_hello_again_and_takes_only_the_lat
     a TASK that comes unregistered is dropped, not refused (a refusal would be counted against the
     registration that replaces it)."""
     w = worker()
-    assert w.receive(p.Reconnect("who?"), 0.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=1024, seq=2)]
+    assert w.receive(p.Reconnect("who?"), 0.1) == [
+        p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=p.MAX_BATCH, seq=2)
+    ]
     for t in (0.35, 0.6, 0.85):  # answered (the broker lives), not welcomed: heartbeats for a ttl
         assert w.tick(t) == [p.Heartbeat(p.ROLE_WORKER, "", 0, ())]
         w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), t)
     assert w.receive(task(1), 0.9) == [] and w.counters["void_tasks"] == 1
-    assert w.tick(1.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=1024, seq=3)]
+    assert w.tick(1.1) == [p.Hello(p.ROLE_WORKER, "w", ("echo",), 2, 250, batch=p.MAX_BATCH, seq=3)]
     assert w.counters["hellos_again"] == 1 and w.counters["failovers"] == 0
     assert w.receive(p.Welcome("b", "inc1", 250, 4, hello=2), 1.15) == [] and not w.registered
     assert w.receive(task(2), 1.15) == []  # sent to the registration HELLO 3 replaces
