@@ -561,7 +561,7 @@ class Chaos:
             if fate == "kill":
                 proc.kill()
                 self.pending.append((now + self.rng.uniform(0.5, 2.0), "restart", name))
-            else:  # a client past the ttl: its broker takes it for gone and stops its requests
+            else:  # SIGSTOP: a client past the ttl is taken for gone, its requests stopped
                 proc.signal(signal.SIGSTOP)
                 proc.stopped = True
                 low = 1.5 if who == "client" else 1.0

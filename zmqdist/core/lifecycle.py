@@ -25,6 +25,7 @@ Rules of this module (docs/semantics.md):
 
 from __future__ import annotations
 
+from collections.abc import Container
 from heapq import heappop, heappush
 
 from zmqdist import protocol as p
@@ -102,14 +103,20 @@ class Lifecycle(Watcher):
     def member_lost(self, w: Member, now: float, out: list[Out]) -> None:
         """Downstream broker ``w`` is gone (dispatch forgot what of its requests waited): stop what
         still runs for it, as for a client gone (rule 4); nobody would take the replies."""
+        self._abandon((w.ident,), None, now, out)
+
+    def _abandon(self, callers: Container[Dest], left: dict[Dest, float] | None, now: float, out: list[Out]) -> None:
+        """End everything ``callers`` have open as if each had cancelled it: nobody takes the replies
+        (``left``: remember each caller until the latest deadline of what was stopped)."""
         d = self.d
-        gone = w.ident
-        for k in [k for k in d.by_key if k[0] == gone]:
-            ticket = d.by_key.get(k)
+        for c, rid in [k for k in d.by_key if k[0] in callers]:
+            ticket = d.by_key.get((c, rid))  # gone already if leaving an earlier one ended it
             req = d.reqs.get(ticket) if ticket is not None else None
             if req is not None:
                 self.counters.abandoned += 1
-                self._leave(req, gone, k[1], now, out)
+                if left is not None and (c in left or len(left) < MAX_LEFT):
+                    left[c] = max(left.get(c, now), req.deadline)
+                self._leave(req, c, rid, now, out)
 
     # --- messages ---------------------------------------------------------------------------------
 
@@ -264,15 +271,7 @@ class Lifecycle(Watcher):
                     first = sign
         self.callers_due = first + ttl + EPSILON
         if gone:
-            left = self.left
-            for c, rid in [k for k in d.by_key if k[0] in gone]:
-                ticket = d.by_key.get((c, rid))
-                open_ = d.reqs.get(ticket) if ticket is not None else None
-                if open_ is not None:
-                    self.counters.abandoned += 1
-                    if c in left or len(left) < MAX_LEFT:
-                        left[c] = max(left.get(c, now), open_.deadline)
-                    self._leave(open_, c, rid, now, out)
+            self._abandon(gone, self.left, now, out)
             for c, sign in gone.items():
                 why = f"client {c.hex()} silent for {now - sign:.2f}s: taken for gone, its open requests stopped"
                 out.append((LOG, Problem(f"{why} (it sends them again if it is back)", "gone")))
