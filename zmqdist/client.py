@@ -2,7 +2,11 @@
 
 One thread owns the DEALER socket and drives :class:`ClientCore`; callers' threads encode their
 values and post submissions through a mailbox, and get ``concurrent.futures.Future`` objects that
-the socket thread resolves.
+the socket thread resolves. While the client has nothing open, its socket thread waits on the
+mailbox and its timers only, and a :meth:`Client.call` takes the sockets for its own thread: it
+sends its request and reads the reply there, and drives everything else the socket thread would
+meanwhile (other threads' mail, timers, heartbeats, failover). A synchronous call so crosses no
+thread, as a raw socket loop's would not (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from zmqdist.errors import (
     RequestTimeout,
     StreamInterrupted,
     WorkerLost,
+    ZmqdistError,
 )
 from zmqdist.policy import Retry
 from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog
@@ -224,6 +229,9 @@ class _Slot:
         self._done.acquire()
         self.outcome: tuple[int, bool, Any] | None = None
 
+    def done(self) -> bool:
+        return self.outcome is not None
+
     def put(self, item: tuple[int, bool, Any]) -> None:
         if self.outcome is None:  # one outcome per request; a second would release an open lock
             self.outcome = item
@@ -239,6 +247,7 @@ class _Slot:
         raise value
 
 
+_WAKE = ("wake",)  # a mailbox item that only wakes the socket thread (to read what a caller left open)
 Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink | _Slot
 MAX_TIMEOUT_S = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
 
@@ -318,6 +327,11 @@ class Client:
         self._closed = False
         self._core: ClientCore | None = None
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
+        # The sockets and the core: held by the socket thread, by a Client.call driving them
+        # while the socket thread is idle (_drive, set once the loop runs), or by nobody.
+        self._io = threading.Lock()
+        self._drive: Callable[[tuple[Any, ...], _Slot], None] | None = None
+        self._driver = 0  # the thread ident of a caller driving the sockets (0: none)
         self._runner = threading.Thread(target=self._main, name=f"zmqdist-client-{self.name}", daemon=True)
         self._runner.start()
 
@@ -358,6 +372,29 @@ class Client:
         window: int = 0,
     ) -> int:
         """Send a request whose outcome goes to ``target``; return its id."""
+        item = self._request(service, value, timeout, target, trace, key, retry, window, True)
+        rid: int = item[1]
+        self._mailbox.post(item)
+        if self._closed and self._futures.pop(rid, None) is not None:
+            # closed while we posted: the loop may have finished its clean-up already
+            _deliver(target, rid, False, ClosedError("client closed"))
+        return rid
+
+    def _request(
+        self,
+        service: str,
+        value: Any,
+        timeout: float | None,
+        target: Target,
+        trace: str | None,
+        key: str | None,
+        retry: Retry | None,
+        window: int,
+        wait: bool,
+    ) -> tuple[Any, ...]:
+        """Check and pack a request, and register its ``target``; return the socket thread's
+        submit item. ``wait``: block while the backlog is full (a caller driving the sockets
+        checked it itself: nobody would free room while it waits)."""
         t = self._checked(service, timeout)
         if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
             raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
@@ -368,16 +405,12 @@ class Client:
         payload = p.pack_value(value, self.codec)
         options = (key or "", window, retry.spec() if retry is not None else ())
         busy = (retry.attempts, retry.backoff, retry.max_backoff) if retry is not None and retry.retries_busy else None
-        if len(self._futures) >= self.backlog:
+        if wait and len(self._futures) >= self.backlog:
             self._wait_for_room(t)
         rid = next(self._ids)
         tr = trace if trace is not None else f"{self._trace_prefix}{rid:x}"
         self._futures[rid] = (target, service, tr)
-        self._mailbox.post(("submit", rid, service, payload, t, tr, options, busy))
-        if self._closed and self._futures.pop(rid, None) is not None:
-            # closed while we posted: the loop may have finished its clean-up already
-            _deliver(target, rid, False, ClosedError("client closed"))
-        return rid
+        return ("submit", rid, service, payload, t, tr, options, busy)
 
     def _checked(self, service: str, timeout: float | None) -> float:
         """Refuse a call on a closed client or with a bad service name; return its timeout."""
@@ -453,9 +486,30 @@ class Client:
         key: str | None = None,
         retry: Retry | None = None,
     ) -> Any:
-        """Send a request and return its reply value; raise its error (see zmqdist.errors)."""
+        """Send a request and return its reply value; raise its error (see zmqdist.errors).
+
+        When the client has nothing else open, the calling thread sends the request and reads
+        its reply itself (the module docstring); otherwise the socket thread does."""
+        me = threading.get_ident()
+        if me in (self._driver, self._runner.ident):
+            raise ZmqdistError(
+                "Client.call from a callback of this client's futures would wait for itself (the thread that "
+                "runs the callback reads the reply): use submit() there"
+            )
         slot = _Slot()
-        self._submit(service, value, timeout, slot, trace, key, retry)
+        drive = self._drive
+        if drive is None or len(self._futures) >= self.backlog or not self._io.acquire(blocking=False):
+            self._submit(service, value, timeout, slot, trace, key, retry)
+            return slot.wait()
+        try:
+            item = self._request(service, value, timeout, slot, trace, key, retry, 0, False)
+            self._driver = me
+            drive(item, slot)
+        finally:
+            self._driver = 0
+            self._io.release()
+            if self._futures:  # what others left open: the socket thread reads on
+                self._mailbox.post(_WAKE)
         return slot.wait()
 
     def stream(
@@ -539,8 +593,8 @@ class Client:
         with self._room:
             self._room.notify_all()  # a submit waiting for room gives up
         self._mailbox.post(None)
-        if self._runner is not threading.current_thread():
-            self._runner.join(timeout)
+        if self._runner is not threading.current_thread() and self._driver != threading.get_ident():
+            self._runner.join(timeout)  # (not from a callback of the thread that drives: it must return first)
 
     def __enter__(self) -> Client:
         return self
@@ -551,6 +605,7 @@ class Client:
     # --- the loop -------------------------------------------------------------------------------
 
     def _main(self) -> None:
+        self._io.acquire()  # held for good, but in an idle wait: see Loop.run
         clock = self._clock
         link = DealerLink(self._ctx, f"C-{secrets.token_hex(8)}".encode(), log, self._curve)
         probe = self._probe = DealerLink(self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve)
@@ -591,15 +646,28 @@ class Client:
                 self._handle(link, core.probe_receive(msg, now))
             return probe.more
 
+        def stuck() -> bool:
+            return link.stuck() or probe.stuck()
+
+        def idle() -> bool:
+            return not self._futures and not stuck()
+
+        def drive(item: tuple[Any, ...], slot: _Slot) -> None:
+            """A caller's thread, holding the sockets: send its request, turn until its outcome."""
+            mail([item], clock.now())
+            loop.run(tick, mail, stuck=stuck, paused=core.resumed, until=slot.done)
+
         loop.watch(lambda: link.sock, read)
         loop.watch(lambda: probe.sock, read_probe)
         try:
             self._handle(link, core.start(clock.now()))
-            loop.run(tick, mail, stuck=lambda: link.stuck() or probe.stuck(), paused=core.resumed)
+            self._drive = drive
+            loop.run(tick, mail, stuck=stuck, paused=core.resumed, hold=self._io, idle=idle)
         except BaseException:
             log.exception("client %s failed", self.name)
         finally:
             self._closed = True
+            self._drive = None
             link.close()
             probe.close()
             for rid, (target, _, _) in list(self._futures.items()):

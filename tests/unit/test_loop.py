@@ -168,3 +168,66 @@ def test_a_debug_check_asks_its_logger_again_only_once_its_answer_is_old():
     assert check.at(100.0 + DEBUG_RECHECK_S / 2) is False  # the last answer is still fresh
     assert check.at(100.0 + DEBUG_RECHECK_S) is True and check.on
     logger.setLevel(logging.NOTSET)
+
+
+def test_an_idle_loop_lets_a_caller_drive_its_sockets_and_reads_what_came_meanwhile_before_its_timers():
+    """A client's socket thread with nothing open lets go of its sockets for its wait (which then
+    watches the mailbox and its deadline only); a caller's thread that takes them runs the same
+    loop until its own condition holds; the socket thread, back, reads what came meanwhile
+    before its timers run."""
+    import threading
+
+    ctx = zmq.Context.instance()
+    a, b = _pair(ctx, "inproc://loop-park")
+    mailbox = Mailbox()
+    loop = Loop(MonotonicClock(), mailbox)
+    hold = threading.Lock()
+    events = []  # (thread, what, data)
+    parked, owner_read = threading.Event(), threading.Event()
+
+    def read(now):
+        events.append((threading.current_thread(), "read", b.recv()))
+        if threading.current_thread() is owner:
+            owner_read.set()
+        return False
+
+    def tick(now):
+        events.append((threading.current_thread(), "tick", None))
+        return now + 60  # no deadline within the test: only the mailbox ends a parked wait
+
+    def on_mail(items, now):
+        events.append((threading.current_thread(), "mail", tuple(items)))
+        if "stop" in items:
+            loop.stop()
+
+    def idle():
+        parked.set()
+        return True
+
+    def run_owner():
+        with hold:
+            loop.run(tick=tick, mail=on_mail, hold=hold, idle=idle)
+
+    loop.watch(lambda: b, read)
+    owner = threading.Thread(target=run_owner)
+    owner.start()
+    assert parked.wait(10)
+    assert hold.acquire(timeout=10)  # the socket thread let go while idle
+    me = threading.current_thread()
+    a.send(b"mine")
+    loop.run(tick=tick, mail=on_mail, until=lambda: any(e[1] == "read" for e in events))
+    assert [e for e in events if e[1] == "read"] == [(me, "read", b"mine")]  # on the caller's thread
+    a.send(b"meanwhile")  # arrives while the caller still holds the sockets
+    n = len(events)
+    hold.release()
+    mailbox.post("wake")  # what Client.call posts when it leaves requests open
+    assert owner_read.wait(10)
+    later = [what for who, what, _ in events[n:] if who is owner]
+    assert (owner, "read", b"meanwhile") in events
+    assert "tick" not in later[: later.index("read")]  # read before its timers
+    mailbox.post("stop")
+    owner.join(10)
+    assert not owner.is_alive()
+    a.close()
+    b.close()
+    mailbox.close()

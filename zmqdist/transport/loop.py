@@ -10,6 +10,7 @@ DEALER is replaced at every failover.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -102,19 +103,33 @@ class Loop:
         stuck: Callable[[], bool] | None = None,
         after: Callable[[float], None] | None = None,
         paused: Callable[[float, float], None] | None = None,
+        *,
+        hold: threading.Lock | None = None,
+        idle: Callable[[], bool] | None = None,
+        until: Callable[[], bool] | None = None,
     ) -> None:
         """Turn until :meth:`stop`. ``tick(now)`` runs the timers and returns the next deadline;
         ``mail(items, now)`` handles the mailbox; ``stuck()`` says messages wait for a connection
         (retry soon); ``after(now)`` runs after every wake-up (a pair's replication flush);
         ``paused(seconds, now)`` is told when a wait ended much later than asked (the thread was
         stopped), before anything that arrived meanwhile is read, and when a turn's work took that
-        long (stopped while it worked, or starved), before the next ``tick``."""
+        long (stopped while it worked, or starved), before the next ``tick``.
+
+        Two threads can take turns driving one loop (a client's socket thread, and a caller of
+        ``Client.call`` that sends its request and waits for the reply itself: no thread hand-off).
+        The socket thread holds ``hold`` while it drives; when ``idle()`` says nothing waits for an
+        answer, it lets go of it for its wait, which then watches only the mailbox and the next
+        deadline, and once it holds it again reads every socket before the timers run. A caller
+        that took ``hold`` runs the loop with ``until``: it returns once ``until()`` is true."""
         clock = self._clock
         mailbox_fd = self._mailbox.fileno()
+        mail_only = [(mailbox_fd, POLLIN)]
         poll = zmq.zmq_poll  # not zmq.Poller.poll: its Python wrapper and a dict cost every turn
         backlog = False
         mark = clock.now()  # when the last wait ended
         while not self._stopped:
+            if until is not None and until():
+                return
             now = clock.now()
             if paused is not None and now - mark > PAUSE_S:
                 paused(now - mark, now)
@@ -125,6 +140,19 @@ class Loop:
                     return
             if stuck is not None and stuck():
                 timeout = min(timeout, RETRY_MS)
+            if hold is not None and idle is not None and not backlog and idle():
+                hold.release()  # a caller may drive the sockets during this wait
+                try:
+                    t0 = clock.now()
+                    poll(mail_only, timeout)
+                    late = clock.now() - t0 - timeout / 1000
+                finally:
+                    hold.acquire()
+                mark = now = clock.now()
+                if paused is not None and late > PAUSE_S:
+                    paused(late, now)
+                backlog = True  # read whatever came meanwhile before the next timers
+                continue
             items = self._poll_set()
             t0 = clock.now() if paused is not None else now
             ready = poll(items, timeout)
