@@ -128,13 +128,13 @@ def test_a_callback_on_the_driving_thread_may_close_the_client_but_not_call_thro
 
     def later() -> None:
         wait_for(lambda: c._driver != 0, 10, "the slow call drives the sockets")
-        c.submit("echo", 3).add_done_callback(nested)
+        c.submit("slow", 0.3).add_done_callback(nested)  # registered well before its reply
 
     helper = threading.Thread(target=later)
     helper.start()
     began = time.monotonic()
     with pytest.raises(ClosedError):
-        c.call("slow", 2.0)  # its thread reads the echo's reply, runs the callback, which closes
+        c.call("slow", 2.0)  # its thread reads the other reply, runs the callback, which closes
     assert time.monotonic() - began < 2.0  # not the slow reply, nor a 5 s wait on itself in close
     helper.join(10)
     assert len(seen) == 1 and isinstance(seen[0], ZmqdistError) and "wait for itself" in str(seen[0])
