@@ -155,3 +155,33 @@ def test_an_idle_client_follows_its_brokers_death_without_a_call(procs, tmp_path
         wait_for(lambda: f"connecting to {b_ep}" in caplog.text, 10, "the idle client moved to b")
         assert c.call("echo", 7)[0] == 7
         assert c.call("zmqdist.status")["broker"] == "b"
+
+
+@pytest.mark.timeout(120)
+def test_a_driving_call_follows_the_takeover_of_a_pair_whose_active_broker_is_sigkilled(procs, tmp_path):
+    """The caller's own thread notices the silence, moves to the backup that takes over, and gets
+    its answer there; the lone calls after it drive again (pairs with the caller-driven path)."""
+    from tests.integration.test_ha import Pairs
+
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    t.worker("w0", "A", "B")
+    t.wait_pair("A", "B")
+    with t.client("A", "B", timeout=60) as c:
+        wait_for(lambda: len(status(c)["workers"]) == 1, 20, "the worker at A")
+        assert [c.call("echo", i)[0] for i in range(20)] == list(range(20))
+        drivers: list[int] = []
+
+        def kill() -> None:
+            drivers.append(c._driver)  # the calling thread drives at this moment
+            t.brokers["A"].send_signal(signal.SIGKILL)
+
+        killer = threading.Timer(0.3, kill)
+        killer.start()
+        began = time.monotonic()
+        assert c.call("slow", 1.0) > 0  # in flight at A when A dies: sent again to B
+        killer.join()
+        assert drivers == [threading.get_ident()]
+        assert time.monotonic() - began < 20
+        assert [c.call("echo", i)[0] for i in range(50)] == list(range(50))
+        assert status(c)["broker"] == "B" and c._core.counters["failovers"] >= 1
