@@ -537,17 +537,24 @@ class Broker:
                     send(peer, SNDMORE_NB)
                 except zmq.ZMQError as exc:
                     # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full): never block the loop.
-                    if type(msg) is p.Bye or type(msg) is p.Reconnect:  # to a peer that left already
-                        log.debug("%s to %s not sent: %s", type(msg).__name__, peer.hex(), exc.strerror)
-                    else:
-                        self._ratelog.warning(
-                            "send", now, "cannot send %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror
-                        )
+                    self._unsent(exc, now, type(msg).__name__, peer, type(msg) is p.Bye or type(msg) is p.Reconnect)
                     failed += core.send_failed(peer, msg, now)  # type: ignore[arg-type]
                     continue
                 send(head, SNDMORE_NB)
                 send(payload, NB)
             work = failed
+
+    def _unsent(self, exc: zmq.ZMQError, now: float, what: str, peer: bytes, farewell: bool = False) -> None:
+        """Log a send the socket refused. A peer that is gone (it left, died or moved on: routine
+        at every failover, and counted as a send_failed drop) at INFO, a goodbye to it at DEBUG; a
+        full queue (a peer that does not read) at WARNING. All rate-limited."""
+        who, why = peer.hex(), exc.strerror
+        if farewell:
+            log.debug("%s to %s not sent: %s", what, who, why)
+        elif exc.errno == zmq.EHOSTUNREACH:
+            self._ratelog.log(logging.INFO, "send-gone", now, "cannot send %s to %s: %s", what, who, why)
+        else:
+            self._ratelog.warning("send", now, "cannot send %s to %s: %s", what, who, why)
 
     def _send_batch(
         self, core: BrokerMachine, peer: bytes, msgs: list[p.Message], now: float, debug: bool
@@ -572,8 +579,7 @@ class Broker:
                     send(p.BATCH_HEAD, SNDMORE_NB)
                     send(p.pack_batch(frames[2 * a : 2 * b]), NB)
             except zmq.ZMQError as exc:
-                why = exc.strerror
-                self._ratelog.warning("send", now, "cannot send %d messages to %s: %s", b - a, peer.hex(), why)
+                self._unsent(exc, now, f"{b - a} messages", peer)
                 for m in msgs[a:b]:
                     failed += core.send_failed(peer, m, now)
         return failed
@@ -644,9 +650,7 @@ class Broker:
             try:
                 send(peer, SNDMORE_NB)
             except zmq.ZMQError as exc:
-                self._ratelog.warning(
-                    "send", now, "cannot send MDP %s to %s: %s", type(msg).__name__, peer.hex(), exc.strerror
-                )
+                self._unsent(exc, now, f"MDP {type(msg).__name__}", peer)
                 return core.send_failed(peer, msg, now)
             last = len(frames) - 1
             for i, f in enumerate(frames):

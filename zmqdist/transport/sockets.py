@@ -89,19 +89,23 @@ class RateLimitedLog:
         self._windows: dict[str, list[float]] = {}
 
     def warning(self, key: str, now: float, msg: str, *args: Any) -> None:
+        self.log(logging.WARNING, key, now, msg, *args)
+
+    def log(self, level: int, key: str, now: float, msg: str, *args: Any) -> None:
+        """Log at ``level``, within the key's rate (its suppressed count at the same level)."""
         if not key:
-            self._log.warning(msg, *args)
+            self._log.log(level, msg, *args)
             return
         w = self._windows.get(key)
         if w is None or now - w[0] >= self._period:
             if w is not None and w[2] > 0:
-                self._log.warning("%d more %r messages suppressed in the last %.0fs", int(w[2]), key, self._period)
+                self._log.log(level, "%d more %r messages suppressed in the last %.0fs", int(w[2]), key, self._period)
             if len(self._windows) > 1000:
                 self._windows.clear()
             w = self._windows[key] = [now, 0, 0]
         if w[1] < self._burst:
             w[1] += 1
-            self._log.warning(msg, *args)
+            self._log.log(level, msg, *args)
         else:
             w[2] += 1
 
