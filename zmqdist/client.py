@@ -650,7 +650,7 @@ class Client:
             return link.stuck() or probe.stuck()
 
         def idle() -> bool:
-            return not self._futures and not stuck()
+            return not self._futures
 
         def drive(item: tuple[Any, ...], slot: _Slot) -> None:
             """A caller's thread, holding the sockets: send its request, turn until its outcome."""

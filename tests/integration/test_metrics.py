@@ -1,12 +1,16 @@
 """The Prometheus endpoint, scraped over HTTP: counters match a known load exactly."""
 
+import logging
 import re
+import time
 import urllib.request
 
 import pytest
+import zmq
 
 from tests.integration.helpers import wait_for
 from zmqdist import Broker, Client, RemoteError, Worker
+from zmqdist import protocol as p
 
 pytestmark = pytest.mark.integration
 
@@ -187,13 +191,6 @@ def test_a_reply_to_a_client_that_left_is_counted_and_logged_at_info_not_as_a_wa
     """A peer gone when its message is sent is routine at every failover: the drop is counted
     (zmqdist_drops_total{cause="send_failed"}) and logged at INFO; WARNING stays for a peer whose
     queue is full."""
-    import logging
-    import time
-
-    import zmq
-
-    from zmqdist import protocol as p
-
     ep = f"ipc://{tmp_path}/b.sock"
     b = Broker(bind=[ep]).start()
     w = Worker([ep], concurrency=2)

@@ -118,9 +118,10 @@ class Loop:
         Two threads can take turns driving one loop (a client's socket thread, and a caller of
         ``Client.call`` that sends its request and waits for the reply itself: no thread hand-off).
         The socket thread holds ``hold`` while it drives; when ``idle()`` says nothing waits for an
-        answer, it lets go of it for its wait, which then watches only the mailbox and the next
-        deadline, and once it holds it again reads every socket before the timers run. A caller
-        that took ``hold`` runs the loop with ``until``: it returns once ``until()`` is true."""
+        answer (and nothing waits for a connection), it lets go of it for its wait, which then
+        watches only the mailbox and the next deadline, and once it holds it again reads every
+        socket before the timers run. A caller that took ``hold`` runs the loop with ``until``: it
+        returns once ``until()`` is true."""
         clock = self._clock
         mailbox_fd = self._mailbox.fileno()
         mail_only = [(mailbox_fd, POLLIN)]
@@ -138,9 +139,10 @@ class Loop:
                 timeout = poll_timeout_ms(tick(now), now)
                 if self._stopped:
                     return
-            if stuck is not None and stuck():
+            waiting = stuck is not None and stuck()
+            if waiting:
                 timeout = min(timeout, RETRY_MS)
-            if hold is not None and idle is not None and not backlog and idle():
+            if hold is not None and idle is not None and not backlog and not waiting and idle():
                 hold.release()  # a caller may drive the sockets during this wait
                 try:
                     t0 = clock.now()
