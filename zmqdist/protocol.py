@@ -1023,6 +1023,14 @@ def pack_value(value: Any, codec: ValueCodec | None = None) -> bytes:
     if it cannot be encoded."""
     if codec is not None:
         return codec.pack(value)
+    if type(value) is bytes:  # msgpack's bin format, as the Packer writes it, without making one
+        n = len(value)
+        if n < 0x100:
+            return bytes((0xC4, n)) + value
+        if n < 0x10000:
+            return bytes((0xC5, n >> 8, n & 0xFF)) + value
+        if n < 0x100000000:
+            return b"\xc6" + n.to_bytes(4, "big") + value
     try:
         # A Packer made here, not msgpack.packb: that is a Python function taking **kwargs (2.7x
         # slower per call, measured). One Packer shared by threads would need a lock.

@@ -219,6 +219,15 @@ def test_values_round_trip_and_bytes_pass_through():
         p.unpack_value(b"\xc1")
 
 
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 65535, 65536, 200_000])
+def test_a_byte_string_packs_as_msgpack_does_at_every_length_boundary(n):
+    # pack_value writes a bytes value's bin header itself (no Packer): byte for byte msgpack's
+    value = bytes(range(256)) * (n // 256) + bytes(range(n % 256))
+    assert p.pack_value(value) == msgpack.packb(value)
+    assert p.unpack_value(p.pack_value(value)) == value
+    assert p.unpack_value(p.pack_value(bytearray(value))) == value  # not bytes: through the Packer
+
+
 def test_error_payload_tolerates_garbage():
     assert p.unpack_error(p.pack_error("ValueError", "bad", "tb")) == ("ValueError", "bad", "tb")
     assert p.unpack_error(b"\xc1")[0] == "UnknownError"
