@@ -28,7 +28,6 @@ replaced at once; the request it ran ends in a clear error, the others go on.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
 import os
@@ -45,7 +44,7 @@ from typing import Any, Final
 from zmqdist import protocol as p
 from zmqdist.clock import Clock
 from zmqdist.codec import Codec
-from zmqdist.context import REQUEST_VAR, RequestContext, set_current
+from zmqdist.context import REQUEST_VAR, RequestContext
 from zmqdist.core.worker import Abort, Execute, Window
 from zmqdist.policy import Retry
 from zmqdist.transport import Mailbox
@@ -134,7 +133,7 @@ class AsyncGate:
         self.window = window
         self.acked = 0
         self.cancelled = False
-        self._event = asyncio.Event()
+        self._event: asyncio.Event | None = None  # made by the first wait: most tasks never stream
 
     def is_set(self) -> bool:
         return self.cancelled
@@ -142,16 +141,29 @@ class AsyncGate:
     def open(self, acked: int) -> None:  # on the loop
         if acked > self.acked:
             self.acked = acked
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
 
     async def wait(self, seq: int) -> None:
         while seq >= self.acked + self.window:
-            self._event.clear()
-            await self._event.wait()
+            event = self._event
+            if event is None:
+                event = self._event = asyncio.Event()
+            event.clear()
+            await event.wait()
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or a stand-in if the exception's own ``__str__`` raises: a handler's odd
+    exception must still become a failure for its caller, not kill the thread that ran it."""
+    try:
+        return str(exc)
+    except BaseException as why:  # whatever __str__ raised
+        return f"<str() of the exception raised {type(why).__name__}>"
 
 
 def _failure(exc: BaseException) -> bytes:
-    return p.pack_error(type(exc).__qualname__, str(exc), "".join(traceback.format_exception(exc)))
+    return p.pack_error(type(exc).__qualname__, _text(exc), "".join(traceback.format_exception(exc)))
 
 
 def _raised(task: Execute, exc: BaseException, retry_ms: int | None = None) -> bytes:
@@ -162,7 +174,7 @@ def _raised(task: Execute, exc: BaseException, retry_ms: int | None = None) -> b
             "handler of %s raised %s: %s (run %d; it runs again in %d ms; trace %s)",
             task.service,
             type(exc).__name__,
-            exc,
+            _text(exc),
             task.attempt,
             retry_ms,
             task.trace,
@@ -173,7 +185,7 @@ def _raised(task: Execute, exc: BaseException, retry_ms: int | None = None) -> b
         "handler of %s raised %s: %s (trace %s)",
         task.service,
         type(exc).__name__,
-        exc,
+        _text(exc),
         task.trace,
         exc_info=exc,
         extra={"trace": task.trace, "service": task.service},
@@ -203,7 +215,9 @@ def _reporter(task: Execute, codec: Codec | None, post: Post) -> Callable[[Any],
     return report
 
 
-def _deferred_context(task: Execute, clock: Clock, gate: Gate, codec: Codec | None, post: Post) -> RequestContext:
+def _deferred_context(
+    task: Execute, clock: Clock, gate: Gate | AsyncGate, codec: Codec | None, post: Post
+) -> RequestContext:
     return _context(task, clock, gate, _reporter(task, codec, post))
 
 
@@ -268,14 +282,14 @@ async def _await(aw: Any) -> Any:
 
 
 class _Live:
-    """A task on the asyncio loop: its gate, and whether its outcome was posted."""
+    """A task on the asyncio loop: its gate, its asyncio task, and whether that has started."""
 
-    __slots__ = ("future", "gate", "posted")
+    __slots__ = ("future", "gate", "started")
 
     def __init__(self, gate: AsyncGate) -> None:
         self.gate = gate
         self.future: Any = None
-        self.posted = False
+        self.started = False
 
 
 class Executors:
@@ -358,15 +372,17 @@ class Executors:
         assert loop is not None
         for svc, task, live in batch:
             if live.gate.cancelled:
-                self._async_gone(task, live, None)
+                self._live.pop((task.ticket, task.session), None)
+                self._mailbox.post(("done", task.ticket, task.session, False, b"", None))
                 continue
+            # no done callback: _run_async posts the outcome itself, always once (a callback
+            # costs every task a scheduled call on the loop)
             live.future = loop.create_task(self._run_async(svc, task, live))
-            live.future.add_done_callback(functools.partial(self._async_gone, task, live))
 
     def _cancel_live(self, live: _Live) -> None:
         """On the event loop: cancel a started async task (a task not started yet sees its gate)."""
-        if live.future is not None:
-            live.future.cancel()
+        if live.future is not None and live.started:
+            live.future.cancel()  # (one not started yet sees its gate cancelled and ends at once)
 
     def _run_inline(self, svc: Service, task: Execute) -> None:
         """Run ``task`` here, on the socket thread; move its service to the threads if it was slow."""
@@ -437,25 +453,35 @@ class Executors:
                 self._gates.pop((task.ticket, task.session), None)
 
     async def _run_async(self, svc: Service, task: Execute, live: _Live) -> None:
+        """Run an async handler and post its outcome, exactly once, whatever happens. A task
+        cancelled before its first step would never run this body: _cancel_live leaves those to
+        see their gate here instead."""
         codec, post = self._codec, self._mailbox.post
         ticket, session = task.ticket, task.session
-        set_current(_context(task, self._clock, live.gate, _reporter(task, codec, post)))
-        retry: int | None = None
+        live.started = True
+        ok, payload, retry = False, b"", None  # what goes if the code below itself fails
         try:
-            result = svc.fn(p.unpack_value(task.payload, codec))
-            if inspect.isasyncgen(result):
-                result = await self._drain_async(result, task, live.gate)
-            elif inspect.isawaitable(result):
-                result = await result
-            if task.window and not inspect.isasyncgenfunction(svc.fn):
-                post(("part", ticket, session, p.pack_value(result, codec)))
-                result = None
-            ok, payload = True, p.pack_value(result, codec)
-        except BaseException as exc:  # CancelledError included: the outcome is CANCELLED then
-            retry = _retry_ms(svc, task, exc, live.gate.cancelled)
-            ok, payload = False, _raised(task, exc, retry) if not live.gate.cancelled else b""
-        live.posted = True
-        post(("done", ticket, session, ok, payload, retry))
+            if live.gate.cancelled:
+                return
+            # deferred, as on the threads (run_task): made only if the handler asks for it; the
+            # variable is this task's own (each asyncio task runs in a copy of the context)
+            REQUEST_VAR.set((_deferred_context, (task, self._clock, live.gate, codec, post)))
+            try:
+                result = svc.fn(p.unpack_value(task.payload, codec))
+                if inspect.isasyncgen(result):
+                    result = await self._drain_async(result, task, live.gate)
+                elif inspect.isawaitable(result):
+                    result = await result
+                if task.window and not inspect.isasyncgenfunction(svc.fn):
+                    post(("part", ticket, session, p.pack_value(result, codec)))
+                    result = None
+                ok, payload = True, p.pack_value(result, codec)
+            except BaseException as exc:  # CancelledError included: the outcome is CANCELLED then
+                retry = _retry_ms(svc, task, exc, live.gate.cancelled)
+                payload = _raised(task, exc, retry) if not live.gate.cancelled else b""
+        finally:
+            self._live.pop((ticket, session), None)
+            post(("done", ticket, session, ok, payload, retry))
 
     async def _drain_async(self, agen: AsyncIterator[Any], task: Execute, gate: AsyncGate) -> Any:
         codec, post = self._codec, self._mailbox.post
@@ -476,14 +502,6 @@ class Executors:
             aclose = getattr(it, "aclose", None)
             if aclose is not None:
                 await aclose()
-
-    def _async_gone(self, task: Execute, live: _Live, fut: Any) -> None:
-        """An asyncio task ended; if it was cancelled before it could post (before it started),
-        post for it, so that its slot frees."""
-        self._live.pop((task.ticket, task.session), None)
-        if not live.posted:
-            live.posted = True
-            self._mailbox.post(("done", task.ticket, task.session, False, b"", None))
 
     def shutdown(self, wait: bool) -> None:
         """Stop the threads (after running tasks when ``wait``) and every child process."""

@@ -21,7 +21,7 @@ from zmqdist import protocol as p
 from zmqdist._handlers import Executors, Gate, Service, run_task
 from zmqdist.clock import MonotonicClock
 from zmqdist.context import _current
-from zmqdist.core.worker import Abort, Execute
+from zmqdist.core.worker import Abort, Execute, Window
 from zmqdist.transport import Mailbox
 
 
@@ -203,6 +203,106 @@ def test_a_running_async_task_is_cancelled_on_its_loop_and_ends_once(async_execu
     (done,) = drained(mailbox, 1)
     assert done[:5] == ("done", 5, 1, False, b"") and started == [5]
     assert drained(mailbox, 1, wait=0.2) == []  # the cancelled run posted exactly one outcome
+
+
+def test_an_async_task_cancelled_between_being_made_and_its_first_step_never_runs(async_executors):
+    """The race an abort from the socket thread can hit: the task is made, then cancelled before
+    the loop ran its first step. Its first step sees the gate, posts one outcome and never calls
+    the handler (asyncio would otherwise drop the coroutine unrun: there is no done callback)."""
+    ex, mailbox, started = async_executors
+    ex.submit(atask(3, "forever", 3))
+    live = ex._live[(3, 1)]
+    batch, ex._starting = ex._starting, []
+
+    def make_then_cancel() -> None:
+        ex._start_batch(batch)  # the task is made; its first step is scheduled after this callback
+        live.gate.cancelled = True  # what abort() does on the socket thread, right then
+        ex._cancel_live(live)
+
+    ex._loop.call_soon_threadsafe(make_then_cancel)
+    (done,) = drained(mailbox, 1)
+    assert done[:5] == ("done", 3, 1, False, b"")
+    assert started == []  # the handler never ran
+    assert drained(mailbox, 1, wait=0.2) == []
+    assert not ex._live
+
+
+def test_an_async_stream_waits_for_its_window_and_an_async_handler_reads_its_own_context():
+    """Async handlers get their context made only when they ask (each task its own), and an async
+    generator runs at most ``window`` parts ahead of the consumer (its gate's event made at the
+    first wait)."""
+
+    async def ctx(x):
+        c = current_request()
+        c.progress(x)
+        await asyncio.sleep(0)
+        return [current_request().key, c.attempt, round(c.deadline - time.monotonic())]
+
+    async def parts(n):
+        for i in range(n):
+            yield i
+
+    mailbox = Mailbox()
+    ex = Executors({"ctx": Service(ctx), "parts": Service(parts)}, 2, "thread", mailbox, MonotonicClock())
+    try:
+        for t in (1, 2):
+            ex.submit(atask(t, "ctx", t))
+        ex.submit(Execute(3, 1, "parts", p.pack_value(5), "k3", 1, time.monotonic() + 30, "", 2))
+        ex.start_async()
+        got = drained(mailbox, 2 + 2 + 2)  # two progress reports, two outcomes, two parts
+        progress = sorted((g[1], p.unpack_value(g[3])) for g in got if g[0] == "progress")
+        done = sorted((g[1], p.unpack_value(g[4])) for g in got if g[0] == "done")
+        assert progress == [(1, 1), (2, 2)]
+        assert done == [(1, ["k1", 1, 30]), (2, ["k2", 1, 30])]  # each task saw its own request
+        assert [p.unpack_value(g[3]) for g in got if g[0] == "part"] == [0, 1]
+        assert drained(mailbox, 1, wait=0.2) == []  # the stream waits for its consumer
+        ex.window(Window(3, 1, 2))  # the consumer took two: two more may go
+        more = drained(mailbox, 2)
+        assert [p.unpack_value(g[3]) for g in more] == [2, 3]
+        ex.window(Window(3, 1, 4))
+        last = drained(mailbox, 2)
+        assert [g[0] for g in last] == ["part", "done"] and p.unpack_value(last[0][3]) == 4
+    finally:
+        ex.shutdown(wait=True)
+        mailbox.close()
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str() for this one")
+
+
+def unprintable(x):
+    if x:
+        raise Unprintable()
+    return "fine"
+
+
+async def aunprintable(x):
+    return unprintable(x)
+
+
+@pytest.mark.parametrize("mode", ["thread", "inline", "async"])
+def test_an_exception_whose_str_raises_is_a_failure_and_the_handler_runs_on(mode):
+    """Before: on a handler thread the thread died (the task never ended: its slot stayed taken
+    and the worker lost a thread for good); inline, the socket thread's loop died with it."""
+    mailbox = Mailbox()
+    fn = aunprintable if mode == "async" else unprintable
+    ex = Executors({"s": Service(fn, inline=mode == "inline")}, 1, "thread", mailbox, MonotonicClock())
+    try:
+        for ticket, value in ((1, True), (2, False)):  # one thread: the second needs it alive
+            ex.submit(atask(ticket, "s", value))
+            ex.start_async()
+            (done,) = ex.take_ready() if mode == "inline" else drained(mailbox, 1)
+            assert done[:4] == ("done", ticket, 1, value is False)
+            if value:
+                kind, message, tb = p.unpack_error(done[4])
+                assert kind == "Unprintable" and "str()" in message and "Unprintable" in tb
+            else:
+                assert p.unpack_value(done[4]) == "fine"
+    finally:
+        ex.shutdown(wait=True)
+        mailbox.close()
 
 
 def test_a_gate_makes_its_condition_only_for_a_waiter_and_wakes_it_from_another_thread():
