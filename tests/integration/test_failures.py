@@ -360,3 +360,22 @@ def test_a_killed_clients_requests_stop_at_the_ttl_and_a_stopped_ones_are_sent_a
         paused.send_signal(signal.SIGCONT)
         out, err = paused.communicate(timeout=60)
         assert json.loads(out) == ["ok"] * 20, err
+
+
+@pytest.mark.timeout(60)
+def test_a_handler_raising_an_exception_whose_str_raises_fails_the_call_and_the_worker_serves_on(procs, ipc_ep):
+    """On a handler thread, inline and async: the caller gets a RemoteError naming the type, and the
+    worker (one slot) answers the next calls. Before, the handler thread died with the task (its
+    slot taken for good), and an inline handler took the worker's socket loop down with it."""
+    start_broker(procs, ipc_ep)
+    (w,) = start_workers(procs, ipc_ep, 1, "testworkers:oddities")
+    with Client([ipc_ep], timeout=10) as c:
+        wait_workers(c, 1)
+        pid = c.call("pid", None)
+        for service in ("unprintable", "unprintable-inline", "aunprintable"):
+            for _ in range(3):
+                with pytest.raises(RemoteError) as err:
+                    c.call(service, None)
+                assert err.value.remote_type == "Unprintable" and "str()" in err.value.remote_message
+            assert c.call("pid", None) == pid  # the same process, its one slot free
+        assert w.poll() is None

@@ -197,3 +197,33 @@ def _after(body):
     name, seconds = body.split()
     time.sleep(float(seconds))
     return name
+
+
+class Unprintable(Exception):
+    """An exception whose ``str()`` raises: the worker must still answer, and live on."""
+
+    def __str__(self):
+        raise RuntimeError("no str() for this one")
+
+
+oddities = Worker(["tcp://127.0.0.1:5555"], concurrency=1)
+
+
+@oddities.service("unprintable")
+def _unprintable(_x):
+    raise Unprintable()
+
+
+@oddities.service("unprintable-inline", inline=True)
+def _unprintable_inline(_x):
+    raise Unprintable()
+
+
+@oddities.service("aunprintable")
+async def _aunprintable(_x):
+    raise Unprintable()
+
+
+@oddities.service("pid")
+def _opid(_x):
+    return os.getpid()
