@@ -499,18 +499,34 @@ class Client:
         slot = _Slot()
         drive = self._drive
         if drive is None or len(self._futures) >= self.backlog or not self._io.acquire(blocking=False):
-            self._submit(service, value, timeout, slot, trace, key, retry)
-            return slot.wait()
+            rid = self._submit(service, value, timeout, slot, trace, key, retry)
+            try:
+                return slot.wait()
+            except BaseException:
+                self._interrupted(slot, rid)
+                raise
+        rid = 0
         try:
             item = self._request(service, value, timeout, slot, trace, key, retry, 0, False)
+            rid = item[1]
             self._driver = me
             drive(item, slot)
+        except BaseException:
+            self._interrupted(slot, rid)
+            raise
         finally:
             self._driver = 0
             self._io.release()
             if self._futures:  # what others left open: the socket thread reads on
                 self._mailbox.post(_WAKE)
         return slot.wait()
+
+    def _interrupted(self, slot: _Slot, rid: int) -> None:
+        """A call left by an exception before its outcome (KeyboardInterrupt, a signal handler's
+        exception): cancel its request, as a cancelled future would; it must not hold its quota
+        slot and a handler until its deadline, which may be a week away."""
+        if rid and not slot.done():
+            self._cancel(rid)
 
     def stream(
         self,

@@ -3,6 +3,8 @@ a long stream to a slow consumer (the worker's memory stays bounded), retries an
 
 import asyncio
 import concurrent.futures
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +48,52 @@ def test_cancel_of_a_running_sync_handler_stops_it_and_frees_its_slot(procs, ipc
         done = c.submit("pid", None)
         done.result(20)
         assert not done.cancel() and not done.cancelled()  # an answered request cannot be cancelled
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("path", ["caller drives", "socket thread"])
+def test_a_call_interrupted_by_ctrl_c_cancels_its_request(procs, ipc_ep, tmp_path, path):
+    """KeyboardInterrupt (here from a SIGUSR1 handler) in Client.call, on the thread that drives
+    the sockets or waiting for the socket thread: the handler is told to stop and the request
+    leaves the broker, instead of running and holding its slot until its deadline."""
+    marker = str(tmp_path / "loop")
+    _, c = setup(procs, ipc_ep)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    def when_started():
+        if wait_for_lines(marker, "started", 20):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    old = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with c:
+            other = None
+            if path == "socket thread":  # an open request (no worker serves it): not a lone call
+                other = c.submit("nobody", None, timeout=60)
+            t = threading.Thread(target=when_started, daemon=True)
+            t.start()
+            with pytest.raises(KeyboardInterrupt):
+                c.call("loop", marker, timeout=60)  # a minute, unless cancelled
+            t.join(10)
+            wait_for(lambda: "stopped" in lines(marker), 20, "the handler saw cancelled")
+            assert other is None or other.cancel()
+            wait_for(lambda: status(c)["requests_open"] == 0, 20, "nothing left open at the broker")
+            assert status(c)["counters"]["cancelled"] >= 1
+            assert not c._futures  # nothing left open in the client either
+            assert isinstance(c.call("pid", None, timeout=20), int)  # the one slot is free again
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def wait_for_lines(path, word, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if word in lines(path):
+            return True
+        time.sleep(0.01)
+    return False
 
 
 @pytest.mark.timeout(60)
