@@ -39,6 +39,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from types import CoroutineType
 from typing import Any, Final
 
 from zmqdist import protocol as p
@@ -468,7 +469,9 @@ class Executors:
             REQUEST_VAR.set((_deferred_context, (task, self._clock, live.gate, codec, post)))
             try:
                 result = svc.fn(p.unpack_value(task.payload, codec))
-                if inspect.isasyncgen(result):
+                if type(result) is CoroutineType:  # what an async def handler returns: no inspect call
+                    result = await result
+                elif inspect.isasyncgen(result):
                     result = await self._drain_async(result, task, live.gate)
                 elif inspect.isawaitable(result):
                     result = await result
