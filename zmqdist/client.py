@@ -308,6 +308,9 @@ class Client:
             raise ConfigError(f"backlog must be a whole number of at least 1, got {backlog!r}")
         if codec is not None and not isinstance(codec, Codec):
             raise ConfigError(f"codec must be a zmqdist.Codec, got {codec!r}")
+        if name is not None and not (isinstance(name, str) and len(name) <= p.MAX_NAME):
+            # (a broker refuses a longer name in HELLO: the client would run unregistered)
+            raise ConfigError(f"client name must be a string of at most {p.MAX_NAME} characters, got {name!r}")
         self.codec = codec
         self.backlog = backlog
         self._room = threading.Condition()  # submit waits on it while the backlog is full
@@ -566,8 +569,8 @@ class Client:
     ) -> Iterator[Any]:
         """Call ``service`` on every value, keeping up to ``window`` in flight; yield in input order.
         Closing the iterator early (or an error) cancels the requests still open."""
-        if window < 1:
-            raise ConfigError("window must be at least 1")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"window must be a whole number of at least 1, got {window!r}")
         # One queue for the whole call instead of a Future per request: outcomes arrive as
         # (rid, ok, value); every request ends (reply, local timeout or close), so get() returns.
         # Natural batching: the window is refilled only after every outcome already there was

@@ -86,3 +86,14 @@ def test_json_log_formatter_keeps_extra_fields_and_exceptions():
 
         rec.exc_info = sys.exc_info()
     assert "ValueError: boom" in json.loads(JsonFormatter().format(rec))["exception"]
+
+
+def test_a_client_refuses_a_name_its_broker_would_refuse_and_a_map_window_that_is_not_a_count():
+    from zmqdist import Client
+
+    with pytest.raises(ConfigError, match="client name must be a string of at most 255"):
+        Client(["tcp://127.0.0.1:1"], name="x" * 256)  # its HELLO would be refused: it would run unregistered
+    with Client(["tcp://127.0.0.1:1"], name="x" * 255) as c:
+        for bad in (0, True, -1):
+            with pytest.raises(ConfigError, match="window must be a whole number of at least 1"):
+                next(c.map("svc", [1], window=bad))
