@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import queue
 import random
 import secrets
@@ -247,6 +248,17 @@ class _Slot:
         raise value
 
 
+# Forks of this process so far, in this process: a Client made before a fork has no socket thread
+# in the child (threads do not survive a fork, and its ZeroMQ sockets must not be used there).
+_forks = [0]
+
+
+def _forked() -> None:
+    _forks[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 _WAKE = ("wake",)  # a mailbox item that only wakes the socket thread (to read what a caller left open)
 Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink | _Slot
 MAX_TIMEOUT_S = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
@@ -313,6 +325,7 @@ class Client:
             raise ConfigError(f"client name must be a string of at most {p.MAX_NAME} characters, got {name!r}")
         self.codec = codec
         self.backlog = backlog
+        self._fork = _forks[0]
         self._room = threading.Condition()  # submit waits on it while the backlog is full
         self._waiting_room = 0
         # CURVE: the broker's public certificate and our secret one (docs/security.md)
@@ -419,6 +432,11 @@ class Client:
         """Refuse a call on a closed client or with a bad service name; return its timeout."""
         if self._closed:
             raise ClosedError("client is closed")
+        if self._fork != _forks[0]:
+            raise ZmqdistError(
+                "this Client was made before the process forked: a forked process (multiprocessing's "
+                "fork start method, os.fork) must make its own Client, after the fork"
+            )
         if not isinstance(service, str) or not 0 < len(service) <= p.MAX_NAME:
             raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
         return self.timeout if timeout is None else _check_timeout(timeout)
@@ -609,6 +627,8 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        if self._fork != _forks[0]:
+            return  # the parent's: nothing of it runs here (and its locks may be held for good)
         with self._room:
             self._room.notify_all()  # a submit waiting for room gives up
         self._mailbox.post(None)

@@ -1,12 +1,15 @@
 """The mistakes of a user's first hour end in errors that say what happened (issue 17)."""
 
 import logging
+import os
+import signal
 import socket
+import time
 
 import pytest
 
 from tests.integration.helpers import wait_for
-from zmqdist import Broker, Client, ConfigError, NoBroker, RequestTimeout, Worker
+from zmqdist import Broker, Client, ConfigError, NoBroker, RequestTimeout, Worker, ZmqdistError
 from zmqdist.config import BrokerSettings
 
 pytestmark = pytest.mark.integration
@@ -220,3 +223,55 @@ def test_a_worker_says_no_broker_accepted_it_only_when_none_ever_did(tmp_path, c
         finally:
             never.stop(drain=False)
             lost.stop(drain=False)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("open_at_fork", [False, True])
+def test_a_client_used_in_a_forked_child_says_so_at_once_and_the_parents_goes_on(tmp_path, open_at_fork):
+    """multiprocessing's fork start method (Linux's default) copies a Client without its socket
+    thread: a call in the child hung for good, past its timeout. It raises at once now, and the
+    child's close leaves the parent's client alone."""
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    w = Worker(b.endpoints, concurrency=2)
+    w.add_service("echo", lambda x: x)
+    w.add_service("slow", time.sleep)
+    w.start()
+    try:
+        with Client(b.endpoints, timeout=20) as c:
+            assert c.call("echo", 1) == 1
+            busy = c.submit("slow", 0.5) if open_at_fork else None  # the socket thread busy at the fork
+            r, wfd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: report through the pipe, never return into pytest
+                try:
+                    try:
+                        c.call("echo", 2, timeout=2)
+                        said = "no error"
+                    except ZmqdistError as exc:
+                        said = str(exc)
+                    except BaseException as exc:
+                        said = repr(exc)
+                    c.close()
+                    os.write(wfd, said.encode()[:1000])
+                finally:
+                    os._exit(0)
+            os.close(wfd)
+            status = None
+            try:
+                end = time.monotonic() + 15  # bounded: a child that hangs is killed, not left behind
+                while status is None and time.monotonic() < end:
+                    done, st = os.waitpid(pid, os.WNOHANG)
+                    status = st if done else None
+                    time.sleep(0.02)
+            finally:
+                if status is None:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+            said = os.read(r, 1000).decode() if status is not None else "the child hung (killed)"
+            os.close(r)
+            assert status == 0 and "made before the process forked" in said, said
+            assert c.call("echo", 3) == 3  # the parent's client is untouched
+            assert busy is None or busy.result(10) is None
+    finally:
+        w.stop(drain=False)
+        b.stop()
