@@ -359,6 +359,11 @@ class Executors:
             gate = self._gates[(task.ticket, task.session)] = Gate(task.window)
             self._queue.put((task, gate))
 
+    def runs_here(self) -> bool:
+        """True on a thread that runs this worker's handlers (a handler thread or the asyncio loop)."""
+        t = threading.current_thread()
+        return t is self._loop_thread or t in self._threads
+
     def start_async(self) -> None:
         """Start the async tasks submitted since the last call, with one wake-up of the event loop
         for all of them (each call_soon_threadsafe writes to the loop's wake-up pipe). The socket

@@ -87,6 +87,7 @@ class Worker:
         self.stop_reason = ""
         self.error: BaseException | None = None
         self._loop: Loop | None = None
+        self._executors: Executors | None = None  # (set by the socket thread as it starts)
         self._debug = DebugCheck(log)  # asked at ticks, not per task
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
 
@@ -207,11 +208,17 @@ class Worker:
             raise self.error
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop taking work; with ``drain`` finish what is in flight first (at most ``timeout`` s)."""
+        """Stop taking work; with ``drain`` finish what is in flight first (at most ``timeout`` s),
+        and wait for that. Called from one of this worker's own handlers, it returns at once (the
+        drain waits for that handler too: waiting for the drain there would wait for itself)."""
         self._mailbox.post(("drain", timeout) if drain else ("stop",))
         t = self._runner
-        if t is not None and t is not threading.current_thread() and t.is_alive():
-            t.join(timeout + 5.0)
+        if t is None or t is threading.current_thread() or not t.is_alive():
+            return
+        executors = self._executors
+        if executors is not None and executors.runs_here():
+            return
+        t.join(timeout + 5.0)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the worker stopped; return True if it did."""
@@ -240,6 +247,7 @@ class Worker:
         )
         executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock, self.codec)
         loop = self._loop = Loop(clock, self._mailbox)
+        self._executors = executors
 
         started = clock.now()
         # A worker no broker has accepted says so once, after NO_BROKER_S; one that was accepted

@@ -275,3 +275,35 @@ def test_a_client_used_in_a_forked_child_says_so_at_once_and_the_parents_goes_on
     finally:
         w.stop(drain=False)
         b.stop()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["thread", "async", "inline"])
+def test_a_handler_that_stops_its_own_worker_gets_its_reply_out_and_the_worker_stops(tmp_path, kind):
+    """A "shutdown" service: worker.stop() (drain) from the worker's own handler. On a handler
+    thread it waited for the drain, which waited for that very handler: the caller timed out and
+    the worker hung on for the 30 s drain timeout. It returns at once now; the drain ends after
+    the handler."""
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    w = Worker(b.endpoints, concurrency=2)
+
+    def shutdown(_x):
+        t0 = time.monotonic()
+        w.stop()
+        return time.monotonic() - t0
+
+    async def ashutdown(x):
+        return shutdown(x)
+
+    w.add_service("shutdown", ashutdown if kind == "async" else shutdown, inline=kind == "inline")
+    w.start()
+    try:
+        with Client(b.endpoints, timeout=20) as c:
+            wait_for(lambda: len(b.status()["workers"]) == 1, 20, "the worker registered")
+            t0 = time.monotonic()
+            took_in_handler = c.call("shutdown", None)
+            assert took_in_handler < 1.0 and time.monotonic() - t0 < 10
+            assert w.wait(10)  # and the worker did stop
+    finally:
+        w.stop(drain=False)
+        b.stop()
