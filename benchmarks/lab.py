@@ -30,6 +30,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -573,14 +574,16 @@ def _measure(
     """Read the client's result; add the CPU per request of ``busy_pid`` (and of ``others``, by
     name, as ``cpu_of``) over the measured run."""
     assert client.stdout is not None
-    line = client.stdout.readline()
+    line = _readline(client, 60.0)
     if line.strip() != "GO":
-        err = client.stderr.read() if client.stderr else ""
+        err = client.stderr.read() if client.stderr and client.poll() is not None else ""
         raise RuntimeError(f"bench client failed: {line} {err}")
     c0 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o0 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l0, k0 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
-    result: dict[str, Any] = json.loads(client.stdout.readline())
+    result: dict[str, Any] = json.loads(_readline(client, 120.0) or "null") or {}
+    if "n" not in result:
+        raise RuntimeError("bench client gave no result: a process of its setup died or hung")
     c1 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o1 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l1, k1 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
@@ -602,6 +605,20 @@ def _measure(
         wire = 4 * n - d["batched_in"] + d["batches_in"] - d["batched_out"] + d["batches_out"]
         result["msgs_per_req"] = wire / n
     return result
+
+
+def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
+    """A line of ``proc``'s output, or "" if none comes within ``timeout`` s (the process is then
+    killed): a setup whose device or broker died must fail the round, not hang the bench."""
+    assert proc.stdout is not None
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(proc.stdout.readline() if proc.stdout else ""), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():  # (a thread, not select: the pipe's reader may hold a line in its buffer)
+        proc.kill()
+        reader.join(10)
+    return got[0] if got else ""
 
 
 def _stop(procs: list[subprocess.Popen[str]]) -> None:
@@ -752,7 +769,11 @@ def alternate(setups: list[str], rounds: int, mode: str, duration: float, payloa
     res: dict[str, list[dict[str, Any]]] = {s: [] for s in setups}
     for _ in range(rounds):
         for s in setups:
-            res[s].append(run_setup(s, mode, duration, payload))
+            try:
+                res[s].append(run_setup(s, mode, duration, payload))
+            except RuntimeError as exc:  # a port taken between free_port() and the bind, say: once more
+                print(f"  ({s} failed, run again: {str(exc).strip()[:200]})", flush=True)
+                res[s].append(run_setup(s, mode, duration, payload))
     return {s: _mean(v) for s, v in res.items()}
 
 
