@@ -62,8 +62,11 @@ def test_a_call_interrupted_by_ctrl_c_cancels_its_request(procs, ipc_ep, tmp_pat
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    driving = []
+
     def when_started():
         if wait_for_lines(marker, "started", 20):
+            driving.append(c._driver == threading.main_thread().ident)  # which path the call took
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
 
     old = signal.signal(signal.SIGUSR1, interrupt)
@@ -77,6 +80,7 @@ def test_a_call_interrupted_by_ctrl_c_cancels_its_request(procs, ipc_ep, tmp_pat
             with pytest.raises(KeyboardInterrupt):
                 c.call("loop", marker, timeout=60)  # a minute, unless cancelled
             t.join(10)
+            assert driving == [path == "caller drives"]
             wait_for(lambda: "stopped" in lines(marker), 20, "the handler saw cancelled")
             assert other is None or other.cancel()
             wait_for(lambda: status(c)["requests_open"] == 0, 20, "nothing left open at the broker")
