@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -341,6 +342,7 @@ class Client:
         self._futures: dict[int, tuple[Target, str, str]] = {}  # rid -> (target, service, trace)
         self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
         self._closed = False
+        self._failed = ""  # why the socket thread stopped, if it failed (said in every ClosedError)
         self._core: ClientCore | None = None
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
         # The sockets and the core: held by the socket thread, by a Client.call driving them
@@ -393,7 +395,7 @@ class Client:
         self._mailbox.post(item)
         if self._closed and self._futures.pop(rid, None) is not None:
             # closed while we posted: the loop may have finished its clean-up already
-            _deliver(target, rid, False, ClosedError("client closed"))
+            _deliver(target, rid, False, ClosedError(f"client closed{self._failed}"))
         return rid
 
     def _request(
@@ -431,7 +433,7 @@ class Client:
     def _checked(self, service: str, timeout: float | None) -> float:
         """Refuse a call on a closed client or with a bad service name; return its timeout."""
         if self._closed:
-            raise ClosedError("client is closed")
+            raise ClosedError(f"client is closed{self._failed}")
         if self._fork != _forks[0]:
             raise ZmqdistError(
                 "this Client was made before the process forked: a forked process (multiprocessing's "
@@ -463,7 +465,7 @@ class Client:
         if self._closed:
             for rid, _, _ in batch:
                 if futures.pop(rid, None) is not None:
-                    _deliver(target, rid, False, ClosedError("client closed"))
+                    _deliver(target, rid, False, ClosedError(f"client closed{self._failed}"))
         return [rid for rid, _, _ in batch]
 
     def _cancel(self, rid: int) -> bool:
@@ -486,7 +488,7 @@ class Client:
             finally:
                 self._waiting_room -= 1
         if self._closed:
-            raise ClosedError("client is closed")
+            raise ClosedError(f"client is closed{self._failed}")
         if not ok:
             raise Busy(
                 f"the client holds {self.backlog} unanswered requests (its backlog) and none ended in {timeout}s"
@@ -702,15 +704,21 @@ class Client:
             self._handle(link, core.start(clock.now()))
             self._drive = drive
             loop.run(tick, mail, stuck=stuck, paused=core.resumed, hold=self._io, idle=idle)
-        except BaseException:
+        except BaseException as exc:
             log.exception("client %s failed", self.name)
+            self._failed = f": its socket thread failed ({type(exc).__name__}: {exc})"
+            if isinstance(exc, zmq.ZMQError) and exc.errno == errno.EMFILE:
+                self._failed += (
+                    "; a process's Clients share one ZeroMQ context, of 1023 sockets by default: a Client "
+                    "is thread-safe, share one"
+                )
         finally:
             self._closed = True
             self._drive = None
             link.close()
             probe.close()
             for rid, (target, _, _) in list(self._futures.items()):
-                _deliver(target, rid, False, ClosedError("client closed before the reply arrived"))
+                _deliver(target, rid, False, ClosedError(f"client closed before the reply arrived{self._failed}"))
             self._futures.clear()
             for item in self._mailbox.drain():
                 if item is None:
@@ -719,7 +727,7 @@ class Client:
                 for rid in rids:
                     entry = self._futures.pop(rid, None)
                     if entry is not None:
-                        _deliver(entry[0], rid, False, ClosedError("client closed"))
+                        _deliver(entry[0], rid, False, ClosedError(f"client closed{self._failed}"))
             self._mailbox.close()
 
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:

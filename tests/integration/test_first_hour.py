@@ -307,3 +307,27 @@ def test_a_handler_that_stops_its_own_worker_gets_its_reply_out_and_the_worker_s
     finally:
         w.stop(drain=False)
         b.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_client_whose_socket_thread_failed_says_why_instead_of_closed(tmp_path):
+    """One Client per request or per thread soon runs a process out of ZeroMQ sockets (1023 in a
+    context by default): the Client's socket thread fails. Its calls said only "client is closed",
+    though nobody closed it; they say why now, and what to do."""
+    import zmq
+
+    from zmqdist import ClosedError
+
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    ctx = zmq.Context()
+    ctx.max_sockets = 1  # room for one Client's socket
+    try:
+        with Client(b.endpoints, timeout=5, context=ctx) as first:
+            assert "workers" in first.call("zmqdist.status")
+            with Client(b.endpoints, timeout=5, context=ctx) as second:
+                for _ in range(2):  # the request in flight as it failed, then one after
+                    with pytest.raises(ClosedError, match=r"socket thread failed .*Too many open files.*share one"):
+                        second.call("zmqdist.status")
+    finally:
+        b.stop()
+        ctx.term()
