@@ -75,6 +75,8 @@ def test_a_call_interrupted_by_ctrl_c_cancels_its_request(procs, ipc_ep, tmp_pat
             other = None
             if path == "socket thread":  # an open request (no worker serves it): not a lone call
                 other = c.submit("nobody", None, timeout=60)
+            else:  # the socket thread parked in its idle wait: the call will drive
+                wait_for(lambda: not c._io.locked(), 10, "the socket thread idle")
             t = threading.Thread(target=when_started, daemon=True)
             t.start()
             with pytest.raises(KeyboardInterrupt):
