@@ -378,8 +378,7 @@ class Executors:
         assert loop is not None
         for svc, task, live in batch:
             if live.gate.cancelled:
-                self._live.pop((task.ticket, task.session), None)
-                self._mailbox.post(("done", task.ticket, task.session, False, b"", None))
+                self._ended(task, False, b"", None)
                 continue
             # no done callback: _run_async posts the outcome itself, always once (a callback
             # costs every task a scheduled call on the loop)
@@ -488,8 +487,12 @@ class Executors:
                 retry = _retry_ms(svc, task, exc, live.gate.cancelled)
                 payload = _raised(task, exc, retry) if not live.gate.cancelled else b""
         finally:
-            self._live.pop((ticket, session), None)
-            post(("done", ticket, session, ok, payload, retry))
+            self._ended(task, ok, payload, retry)
+
+    def _ended(self, task: Execute, ok: bool, payload: bytes, retry: int | None) -> None:
+        """An async task's one outcome: it leaves the live tasks and goes to the socket thread."""
+        self._live.pop((task.ticket, task.session), None)
+        self._mailbox.post(("done", task.ticket, task.session, ok, payload, retry))
 
     async def _drain_async(self, agen: AsyncIterator[Any], task: Execute, gate: AsyncGate) -> Any:
         codec, post = self._codec, self._mailbox.post

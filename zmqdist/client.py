@@ -431,7 +431,8 @@ class Client:
         return ("submit", rid, service, payload, t, tr, options, busy)
 
     def _checked(self, service: str, timeout: float | None) -> float:
-        """Refuse a call on a closed client or with a bad service name; return its timeout."""
+        """Refuse a call on a closed client, on a client made before this process forked, or with
+        a bad service name; return its timeout."""
         if self._closed:
             raise ClosedError(f"client is closed{self._failed}")
         if self._fork != _forks[0]:
