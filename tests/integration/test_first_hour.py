@@ -331,3 +331,32 @@ def test_a_client_whose_socket_thread_failed_says_why_instead_of_closed(tmp_path
     finally:
         b.stop()
         ctx.term()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("slow", ["worker", "client"])
+def test_a_peer_made_with_slower_heartbeats_than_its_brokers_is_not_taken_for_dead(tmp_path, slow):
+    """heartbeat_s=10 on a Worker or a Client, the broker at its default 0.25 s x 4: the peer
+    adopts the broker's interval at WELCOME, and its first heartbeat no longer waits 10 s. It
+    did: the broker took it for dead after 1 s, so a request of 2.5 s sent at once ran twice
+    (the worker's tasks requeued, or the client's requests stopped and sent again)."""
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    runs = []
+
+    def hold(s):
+        runs.append(s)
+        time.sleep(s)
+        return s
+
+    w = Worker(b.endpoints, concurrency=1, **({"heartbeat_s": 10.0} if slow == "worker" else {}))
+    w.add_service("hold", hold)
+    w.start()
+    try:
+        with Client(b.endpoints, timeout=30, **({"heartbeat_s": 10.0} if slow == "client" else {})) as c:
+            assert c.call("hold", 2.5) == 2.5  # at once: the first 10 s after connecting were the ones at risk
+            assert runs == [2.5]
+            counters = c.call("zmqdist.status")["counters"]
+            assert counters["workers_expired"] == 0 and counters["cancelled"] == 0 and counters["requeues"] == 0
+    finally:
+        w.stop(drain=False)
+        b.stop()

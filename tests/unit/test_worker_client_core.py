@@ -154,6 +154,27 @@ def test_a_client_not_welcomed_says_hello_again_instead_of_heartbeating():
     assert c.registered and [type(o) for o in c.tick(0.6)] == [p.Heartbeat]
 
 
+def test_a_peer_configured_with_slower_heartbeats_beats_at_the_brokers_interval_from_its_welcome():
+    """A Worker or Client made with heartbeat_s=10 against a broker of 0.25 s x 4: its first
+    heartbeat was still due 10 s after connecting, so the broker took it for dead after 1 s: it
+    requeued the worker's tasks (run twice) and stopped the client's requests (sent again)."""
+    slow = HeartbeatSettings(10.0, 3)
+    w = WorkerCore(("tcp://a:1",), ("echo",), 1, "w", slow, 0.0)
+    c = ClientCore(("tcp://a:1",), "c", slow, 0.0)
+    for m in (w, c):
+        m.start(0.0)
+        m.receive(WELCOME, 0.1)
+        assert [type(o) for o in m.tick(0.24)] == []
+        assert [type(o) for o in m.tick(0.25)] == [p.Heartbeat]  # within the broker's ttl of 1 s
+        assert m.tick(0.49) == [] and [type(o) for o in m.tick(0.5)] == [p.Heartbeat]
+    fast = HeartbeatSettings(0.1, 3)  # a faster one of its own beats once early, then at the broker's
+    w = WorkerCore(("tcp://a:1",), ("echo",), 1, "w", fast, 0.0)
+    w.start(0.0)
+    w.receive(WELCOME, 0.05)
+    assert [type(o) for o in w.tick(0.1)] == [p.Heartbeat]
+    assert w.tick(0.34) == [] and [type(o) for o in w.tick(0.35)] == [p.Heartbeat]
+
+
 def test_worker_drain_runs_tasks_in_transit_and_says_bye_after_the_broker_answered():
     w = worker()
     (ex1,) = w.receive(task(1), 0.0)

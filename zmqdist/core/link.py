@@ -149,8 +149,15 @@ class BrokerLink:
                 self.pairs[peer] = broker
 
     def welcome(self, m: p.Welcome) -> bool:
-        """Adopt the broker's heartbeat settings; return True if this is a different broker run."""
-        self.hb_s = m.heartbeat_ms / 1000.0
+        """Adopt the broker's heartbeat settings; return True if this is a different broker run.
+
+        The next heartbeat moves up to the broker's interval: one scheduled by a longer interval of
+        our own would leave us silent past the broker's ttl, and the broker would take us for dead.
+        """
+        hb_s = m.heartbeat_ms / 1000.0
+        if hb_s < self.hb_s:
+            self.next_hb -= self.hb_s - hb_s
+        self.hb_s = hb_s
         self.ttl_s = self.hb_s * m.liveness
         changed = self.incarnation is not None and self.incarnation != m.incarnation
         self.incarnation = m.incarnation
