@@ -48,7 +48,7 @@ from zmqdist.errors import (
     ZmqdistError,
 )
 from zmqdist.policy import Retry
-from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog
+from zmqdist.transport import LINGER_MS, DealerLink, Loop, Mailbox, RateLimitedLog
 from zmqdist.transport.security import ClientKeys
 
 log = logging.getLogger(__name__)
@@ -705,6 +705,8 @@ class Client:
             self._handle(link, core.start(clock.now()))
             self._drive = drive
             loop.run(tick, mail, stuck=stuck, paused=core.resumed, hold=self._io, idle=idle)
+            self._handle(link, core.leave())  # closed: what the broker still holds for us stops now
+            link.close(LINGER_MS)  # (the cancels go out after the socket is closed)
         except BaseException as exc:
             log.exception("client %s failed", self.name)
             self._failed = f": its socket thread failed ({type(exc).__name__}: {exc})"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import status, wait_for
-from zmqdist import AsyncClient, Client, Retry
+from zmqdist import AsyncClient, Client, ClosedError, Retry
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +48,30 @@ def test_cancel_of_a_running_sync_handler_stops_it_and_frees_its_slot(procs, ipc
         done = c.submit("pid", None)
         done.result(20)
         assert not done.cancel() and not done.cancelled()  # an answered request cannot be cancelled
+
+
+@pytest.mark.timeout(60)
+def test_closing_a_client_cancels_what_it_has_open_at_the_broker(procs, ipc_ep, tmp_path):
+    """Close with a request running and one queued behind it: the client cancels both as it
+    leaves. Before, the broker learned nothing until the client's silence passed the ttl, then
+    took it for gone (a warning, as for a dead client) and abandoned them; the handler ran on."""
+    marker = str(tmp_path / "loop")
+    _, watcher = setup(procs, ipc_ep)
+    with watcher:
+        c = Client([ipc_ep], timeout=60)
+        running = c.submit("loop", marker)
+        wait_for(lambda: "started" in lines(marker), 20, "the handler started")
+        queued = c.submit("loop", marker)  # concurrency 1: it waits at the broker
+        wait_for(lambda: status(watcher)["queued"] == 1, 20, "the second request queued")
+        c.close()
+        for f in (running, queued):
+            with pytest.raises(ClosedError):
+                f.result(10)
+        wait_for(lambda: "stopped" in lines(marker), 20, "the handler saw cancelled")
+        wait_for(lambda: status(watcher)["requests_open"] == 0, 20, "nothing left open at the broker")
+        counters = status(watcher)["counters"]
+        assert (counters["cancelled"], counters["abandoned"]) == (2, 0)
+        assert lines(marker).count("started") == 1  # the queued one never ran
 
 
 @pytest.mark.timeout(90)

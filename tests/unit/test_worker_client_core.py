@@ -269,6 +269,24 @@ def test_a_burst_before_the_first_welcome_sends_one_then_the_quota_welcome_says(
     assert c.sent == 50 and len(c.waiting) == 50
 
 
+def test_a_client_leaving_cancels_what_its_broker_holds_and_nothing_it_kept():
+    """Close: the broker's requests are cancelled at once (it stopped them only after the client's
+    silence passed its ttl, logging it gone); what the client kept back was never sent."""
+    c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
+    c.start(0.0)
+    c.receive(p.Welcome("b", "inc1", 250, 4, 0, "", 2), 0.0)  # a quota of 2: the third waits here
+    for rid in (1, 2, 3):
+        c.submit(rid, "echo", b"v", 5.0, 0.0)
+    c.receive(p.Reply(1, p.ST_OK, "", b"r"), 0.1)  # 3 goes in its place
+    assert c.leave() == [p.Cancel(2), p.Cancel(3)]
+    assert not c.pending and not c.waiting and c.sent == 0 and c.leave() == []
+    c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
+    c.start(0.0)
+    c.submit(1, "echo", b"v", 5.0, 0.0)
+    c.submit(2, "echo", b"v", 5.0, 0.0)  # not welcomed: one goes ahead, the other is kept
+    assert c.leave() == [p.Cancel(1)]
+
+
 def test_client_request_budget_undercuts_deadline_and_reply_completes_once():
     c = client()
     (req,) = c.submit(1, "echo", b"v", 2.0, 0.0)

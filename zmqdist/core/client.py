@@ -240,6 +240,16 @@ class ClientCore:
             self._fill(now, out)
         return out
 
+    def leave(self) -> list[ClientOut]:
+        """The caller closes the client: cancel every request the broker holds for us, so that its
+        workers stop them now, not once our silence has lasted the broker's ttl (which it logs as
+        a client gone); forget the rest."""
+        out: list[ClientOut] = [p.Cancel(rid) for rid, pend in self.pending.items() if pend.sent or pend.again]
+        self.pending.clear()
+        self.waiting.clear()
+        self.sent = 0
+        return out
+
     def consumed(self, rid: int, n: int) -> list[ClientOut]:
         """The caller has taken ``n`` parts of stream ``rid``: acknowledge every half window."""
         pend = self.pending.get(rid)

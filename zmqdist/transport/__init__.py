@@ -7,6 +7,7 @@ The only package (with the runtimes above it) that touches zmq. ``zmq.ZMQError``
 from zmqdist.transport.loop import Loop
 from zmqdist.transport.mailbox import Mailbox
 from zmqdist.transport.sockets import (
+    LINGER_MS,
     DealerLink,
     RateLimitedLog,
     bind_router,
@@ -16,6 +17,7 @@ from zmqdist.transport.sockets import (
 )
 
 __all__ = [
+    "LINGER_MS",
     "DealerLink",
     "Loop",
     "Mailbox",
