@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.integration.helpers import wait_for
-from zmqdist import Broker, Client, ConfigError, NoBroker, RequestTimeout, Worker, ZmqdistError
+from zmqdist import Broker, Client, ConfigError, NoBroker, RequestTimeout, TransportError, Worker, ZmqdistError
 from zmqdist.config import BrokerSettings
 
 pytestmark = pytest.mark.integration
@@ -360,3 +360,33 @@ def test_a_peer_made_with_slower_heartbeats_than_its_brokers_is_not_taken_for_de
     finally:
         w.stop(drain=False)
         b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_second_broker_on_a_running_brokers_ipc_path_is_refused_and_a_stale_path_is_taken(tmp_path):
+    """libzmq's ipc bind removes the file and takes the path, silently: a second broker started on
+    the same path cut the first off from every new peer. It is refused as a port in use is; a
+    socket file that nobody listens on (its process died) is taken as before."""
+    ep = f"ipc://{tmp_path}/b.sock"
+    b = Broker(bind=[ep]).start()
+    try:
+        with pytest.raises(TransportError, match="Address already in use"):
+            Broker(bind=[ep]).start()
+        w = Worker([ep])
+        w.add_service("echo", lambda x: x)
+        w.start()
+        try:
+            with Client([ep], timeout=10) as c:  # new peers still reach the first broker
+                assert c.call("echo", 1) == 1
+                assert c.call("zmqdist.status")["broker"] == b.status()["broker"]
+        finally:
+            w.stop(drain=False)
+    finally:
+        b.stop()
+    Broker(bind=[ep]).start().stop()  # a stopped broker's path is free at once
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(stale))
+    s.close()  # the file stays; nobody listens
+    assert stale.exists()
+    Broker(bind=[f"ipc://{stale}"]).start().stop()

@@ -8,8 +8,13 @@ precomputed integer flags and NOBLOCK, so a slow peer never blocks a loop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
+import os
+import socket
+import stat
+import time
 import types
 from collections import deque
 from collections.abc import Iterator
@@ -110,6 +115,37 @@ class RateLimitedLog:
             w[2] += 1
 
 
+IPC_BUSY_CHECKS = 4  # looks at an ipc path that accepts connections (a stopping broker frees it soon)
+IPC_BUSY_PAUSE_S = 0.25
+
+
+def ipc_in_use(endpoint: str) -> bool:
+    """True if some process accepts connections at the file of ipc ``endpoint``. libzmq's bind
+    removes that file and takes the path, silently: a second broker started on a first one's
+    ipc path would cut the first off from every new peer. A stale file (its process died) is not
+    in use; nor is an abstract (``ipc://@name``) or wildcard path, whose bind fails by itself."""
+    path = endpoint[len("ipc://") :]
+    if not endpoint.startswith("ipc://") or not path or path[0] == "@" or path == "*":
+        return False
+    for check in range(IPC_BUSY_CHECKS):
+        if check:
+            time.sleep(IPC_BUSY_PAUSE_S)
+        try:
+            if not stat.S_ISSOCK(os.stat(path).st_mode):
+                return False
+        except OSError:
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            try:
+                s.connect(path)
+            except TimeoutError:
+                continue  # a listener whose backlog is full (say, stopped): there all the same
+            except OSError:
+                return False  # refused: nobody listens there
+    return True
+
+
 def bind_router(
     ctx: zmq.Context[Any],
     endpoints: tuple[str, ...],
@@ -138,6 +174,11 @@ def bind_router(
             sock.setsockopt_string(zmq.ZAP_DOMAIN, zap_domain)
         bound = []
         for ep in endpoints:
+            if ipc_in_use(ep):
+                raise TransportError(
+                    f"cannot bind {ep}: Address already in use (another process listens on that path: "
+                    f"a broker already running there?) (errno {errno.EADDRINUSE})"
+                )
             with map_zmq_errors(f"cannot bind {ep}"):
                 sock.bind(ep)
             bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
