@@ -158,6 +158,8 @@ class Broker:
     def start(self, timeout: float = 10.0) -> Broker:
         """Run the broker in a background thread; return once it is bound (or raise why not)."""
         if self._runner is not None:
+            if not self._runner.is_alive():
+                raise ZmqdistError("broker has stopped: a Broker runs once, make a new one to start again")
             raise ZmqdistError("broker already started")
         self._runner = threading.Thread(target=self._main, name=f"zmqdist-broker-{self.settings.name}", daemon=True)
         self._runner.start()

@@ -226,6 +226,8 @@ class Worker:
 
     def _check_startable(self) -> None:
         if self._runner is not None:
+            if self._done.is_set():
+                raise ZmqdistError("worker has stopped: a Worker runs once, make a new one to start again")
             raise ZmqdistError("worker already started")
         if not self._handlers:
             raise ConfigError("worker has no services: add one with @worker.service(NAME)")

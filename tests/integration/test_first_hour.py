@@ -390,3 +390,20 @@ def test_a_second_broker_on_a_running_brokers_ipc_path_is_refused_and_a_stale_pa
     s.close()  # the file stays; nobody listens
     assert stale.exists()
     Broker(bind=[f"ipc://{stale}"]).start().stop()
+
+
+@pytest.mark.timeout(30)
+def test_starting_a_stopped_worker_or_broker_says_it_runs_once(tmp_path):
+    """Both said "already started", as if they still ran."""
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"]).start()
+    w = Worker(b.endpoints)
+    w.add_service("echo", lambda x: x)
+    w.start()
+    with pytest.raises(ZmqdistError, match="already started"):
+        w.start()
+    w.stop(drain=False)
+    with pytest.raises(ZmqdistError, match="worker has stopped: a Worker runs once"):
+        w.start()
+    b.stop()
+    with pytest.raises(ZmqdistError, match="broker has stopped: a Broker runs once"):
+        b.start()
