@@ -161,8 +161,11 @@ class Worker:
         over 100 ms, move the service to the threads for good (docs/worker.md)."""
         if not isinstance(name, str) or not 0 < len(name) <= p.MAX_NAME:
             raise ConfigError(f"service name must be 1 to {p.MAX_NAME} characters, got {name!r}")
-        if name.startswith(p.RESERVED_PREFIX):
-            raise ConfigError(f"service names starting with {p.RESERVED_PREFIX!r} are reserved")
+        if name.startswith(p.INTERNAL_PREFIXES):  # a broker refuses the whole registration
+            reserved = " or ".join(map(repr, p.INTERNAL_PREFIXES))
+            raise ConfigError(f"service names starting with {reserved} are reserved (brokers answer them)")
+        if name in self._handlers:
+            raise ConfigError(f"service {name!r} is already added to this worker (by {self._handlers[name].fn!r})")
         if not callable(fn):
             raise ConfigError(f"handler for {name!r} is not callable")
         if retry is not None and not isinstance(retry, Retry):

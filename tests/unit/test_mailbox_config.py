@@ -97,3 +97,20 @@ def test_a_client_refuses_a_name_its_broker_would_refuse_and_a_map_window_that_i
         for bad in (0, -1):  # (a float or True: the compiled signature refuses or converts it first)
             with pytest.raises(ConfigError, match="window must be a whole number of at least 1"):
                 next(c.map("svc", [1], window=bad))
+
+
+def test_a_worker_refuses_a_service_its_broker_would_refuse_and_a_name_added_twice():
+    """'mmi.' was taken locally, then the broker refused the whole registration: the worker served
+    nothing and only logged. A second add of a name replaced the first handler silently."""
+    from zmqdist import Worker
+
+    w = Worker(["tcp://127.0.0.1:1"])
+    for reserved in ("mmi.service", "zmqdist.mine"):
+        with pytest.raises(ConfigError, match="'zmqdist.' or 'mmi.' are reserved"):
+            w.add_service(reserved, abs)
+    w.add_service("x", abs)
+    with pytest.raises(ConfigError, match="service 'x' is already added to this worker"):
+        w.add_service("x", round)
+    with pytest.raises(ConfigError, match="already added"):
+        w.service("x")(round)
+    assert w.services == ("x",)
