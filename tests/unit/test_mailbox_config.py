@@ -106,7 +106,7 @@ def test_a_worker_refuses_a_service_its_broker_would_refuse_and_a_name_added_twi
 
     w = Worker(["tcp://127.0.0.1:1"])
     for reserved in ("mmi.service", "zmqdist.mine"):
-        with pytest.raises(ConfigError, match="'zmqdist.' or 'mmi.' are reserved"):
+        with pytest.raises(ConfigError, match=r"'zmqdist\.' or 'mmi\.' are reserved"):
             w.add_service(reserved, abs)
     w.add_service("x", abs)
     with pytest.raises(ConfigError, match="service 'x' is already added to this worker"):
