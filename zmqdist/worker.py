@@ -7,6 +7,7 @@ mailbox, so a busy handler never stops heartbeats.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
@@ -36,6 +37,22 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 ISOLATIONS = ("thread", "process")
 NO_BROKER_S = 5.0  # a worker that no broker accepted within this long says why it may be
+
+
+def _check_takes_a_value(name: str, fn: Handler) -> None:
+    """A handler is called with the request's value (None when the caller sends none): one that
+    cannot take it would fail every call with a TypeError; say so when it is added instead."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # no signature to read (some builtins): the call will tell
+    try:
+        sig.bind(None)
+    except TypeError as exc:
+        raise ConfigError(
+            f"handler for {name!r} must take one positional argument, the request's value (None when the "
+            f"caller sends none): {exc}"
+        ) from None
 
 
 class Worker:
@@ -168,6 +185,7 @@ class Worker:
             raise ConfigError(f"service {name!r} is already added to this worker (by {self._handlers[name].fn!r})")
         if not callable(fn):
             raise ConfigError(f"handler for {name!r} is not callable")
+        _check_takes_a_value(name, fn)
         if retry is not None and not isinstance(retry, Retry):
             raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
         if self._runner is not None:

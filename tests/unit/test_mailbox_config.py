@@ -99,9 +99,10 @@ def test_a_client_refuses_a_name_its_broker_would_refuse_and_a_map_window_that_i
                 next(c.map("svc", [1], window=bad))
 
 
-def test_a_worker_refuses_a_service_its_broker_would_refuse_and_a_name_added_twice():
+def test_a_worker_refuses_a_service_its_broker_would_refuse_a_name_added_twice_and_a_handler_taking_no_value():
     """'mmi.' was taken locally, then the broker refused the whole registration: the worker served
-    nothing and only logged. A second add of a name replaced the first handler silently."""
+    nothing and only logged. A second add of a name replaced the first handler silently. A handler
+    that cannot take the request's value failed every call."""
     from zmqdist import Worker
 
     w = Worker(["tcp://127.0.0.1:1"])
@@ -114,3 +115,9 @@ def test_a_worker_refuses_a_service_its_broker_would_refuse_and_a_name_added_twi
     with pytest.raises(ConfigError, match="already added"):
         w.service("x")(round)
     assert w.services == ("x",)
+    for cannot in (lambda: 1, lambda a, b: 1, lambda *, a: 1):  # each call would fail with TypeError
+        with pytest.raises(ConfigError, match="must take one positional argument, the request's value"):
+            w.add_service("y", cannot)
+    for can in (lambda v=None: v, lambda *a: a, lambda v, *, k=1: v, dict.get.__get__({}), print):
+        w.add_service(f"ok{len(w.services)}", can)  # print: no signature to read, taken
+    assert len(w.services) == 6
