@@ -81,10 +81,11 @@ def test_a_call_interrupted_by_ctrl_c_cancels_its_request(procs, ipc_ep, tmp_pat
     the sockets or waiting for the socket thread: the handler is told to stop and the request
     leaves the broker, instead of running and holding its slot until its deadline."""
     marker = str(tmp_path / "loop")
-    _, first = setup(procs, ipc_ep)
+    _, first = setup(procs, ipc_ep, "testworkers:lifecycle", "--heartbeat", "10")
     first.close()
-    # Heartbeats every 10 s: the socket thread then wakes for its timers so rarely that the path
-    # each case means to take is the one it takes (the sockets go to whoever holds them first).
+    # Heartbeats every 10 s (the broker's, which its peers adopt at WELCOME): the socket thread then
+    # wakes for its timers so rarely that the path each case means to take is the one it takes
+    # (the sockets go to whoever holds them first).
     c = Client([ipc_ep], timeout=60, heartbeat_s=10.0)
 
     def interrupt(signum, frame):
