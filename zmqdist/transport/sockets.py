@@ -135,14 +135,22 @@ def ipc_in_use(endpoint: str) -> bool:
                 return False
         except OSError:
             return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(1.0)
-            try:
-                s.connect(path)
-            except TimeoutError:
-                continue  # a listener whose backlog is full (say, stopped): there all the same
-            except OSError:
-                return False  # refused: nobody listens there
+        if not _accepts(path):
+            return False
+    return True
+
+
+def _accepts(path: str) -> bool:
+    """Whether a unix socket at ``path`` takes a connection (a full backlog, say of a stopped
+    listener, times out: there all the same); refused means nobody listens."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except TimeoutError:
+            return True
+        except OSError:
+            return False
     return True
 
 
