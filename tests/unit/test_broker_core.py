@@ -654,3 +654,28 @@ def test_a_busy_services_backlog_never_starves_a_quieter_one_served_by_the_same_
         running += [m for _, m in tasks(out)]
     assert ran == ["busy", "busy", "busy", "quiet", "busy", "busy"]
     assert answered == [0, 1, 2, quiet, 4, 5]  # in order of arrival
+
+
+def test_the_deadline_heap_of_a_proxy_with_thousands_forwarded_is_swept_now_and_then_not_at_every_push():
+    """The sweep of dead entries ran once the heap passed twice the queue: a proxy's forwarded
+    requests live in the heap but not in the queue, so past 1,024 of them every request rebuilt
+    the whole heap. A proxy with thousands up spun at 100% CPU and went silent past its ttl
+    (test_batches_stay_under_a_small_max_message_size_through_a_proxy timed out)."""
+    from zmqdist.core.dispatch import Dispatcher
+    from zmqdist.core.records import FORWARDED, Counters, Req
+
+    d = Dispatcher(BrokerSettings(name="A"), Counters(), 0.0)
+    heaps = 0
+    for t in range(1, 5001):
+        req = d.reqs[t] = Req(t, b"c", t, "echo", b"", 30.0 + t)
+        req.state = FORWARDED
+        before = d.deadlines
+        d.push_deadline(req)
+        heaps += d.deadlines is not before  # a sweep makes a new heap
+    assert len(d.deadlines) == 5000 and 1 <= heaps <= 3
+    for t in range(1, 4001):  # answered: their entries are dead; the next sweep drops them
+        del d.reqs[t]
+    for t in range(5001, 12001):
+        d.reqs[t] = Req(t, b"c", t, "echo", b"", 30.0 + t)
+        d.push_deadline(d.reqs[t])
+    assert len(d.deadlines) < 2 * len(d.reqs) + 1024 and min(t for _, t in d.deadlines) > 4000

@@ -110,8 +110,7 @@ class Watcher:
         return False
 
     def run_again(self, req: Req, w: Member | None, delay_ms: int, now: float, out: list[Out]) -> bool:
-        """The run of ``req`` on ``w`` failed with what its retry policy retries after
-        ``delay_ms``: False if it will not run again (the failure is its answer)."""
+        """``req``'s run on ``w`` failed with what its policy retries after ``delay_ms``: False if it runs no more."""
         return False
 
     def member_lost(self, w: Member, now: float, out: list[Out]) -> None:
@@ -139,6 +138,7 @@ class Dispatcher:
         self.unclaimed: set[tuple[Dest, int]] = set()  # restored at a takeover, not yet sent again: see restored
         self.changes = 0  # bumped whenever spare capacity may have changed
         self.deadlines: list[tuple[float, int]] = []
+        self.swept = 0  # deadlines that were live at the last sweep of the heap
         self.expiry: list[tuple[float, int, Member]] = []
         self.resumed = -1e9  # when the broker resumed from a pause of its own: silence before proves nothing
         self.serial = 0
@@ -410,14 +410,15 @@ class Dispatcher:
             self.push_deadline(req)
 
     def push_deadline(self, req: Req) -> None:
-        """Watch ``req``'s deadline (queued or forwarded upstream)."""
+        """Watch ``req``'s deadline (queued or forwarded up); sweep out dead ones once the heap doubled."""
         heappush(self.deadlines, (req.deadline, req.ticket))
-        if len(self.deadlines) > 2 * self.queued + 1024:
+        if len(self.deadlines) > 2 * self.swept + 1024:  # (not the queue: a proxy's forwarded ones live here too)
             reqs = self.reqs
             self.deadlines = [
                 (d, t) for d, t in self.deadlines if (r := reqs.get(t)) is not None and r.state in (QUEUED, FORWARDED)
             ]
             heapify(self.deadlines)
+            self.swept = len(self.deadlines)
 
     def pump(self, pool: Pool, now: float, out: list[Out]) -> None:
         """Dispatch ``pool``'s queue to its members' free slots; ask the overflow hook about what none can take."""
@@ -715,8 +716,7 @@ class Dispatcher:
                 del self.pools[req.service]  # services nobody serves must not accumulate
 
     def enter(self, req: Req) -> None:
-        """Put ``req``, made elsewhere (work handed down by an upstream), in the table; its
-        caller's key waits for :meth:`enter_key` (once it is sure to run here)."""
+        """Put ``req`` (handed down by an upstream) in the table; its key waits for :meth:`enter_key`."""
         self.reqs[req.ticket] = req
         if req.window:
             self.watcher.opened(req)
