@@ -247,7 +247,8 @@ class PairState(NamedTuple):
     ``votes`` counts the peers that came to it recently while it was not active; ``warm`` is 1
     for an active broker that took over with a synced copy of the pair's table (0: it started
     cold), so that two active brokers know which one carries the pair's work on; ``max_message``
-    is the sender's --max-message-size, which the REPLICATEs it is sent keep within.
+    is the sender's --max-message-size, which the REPLICATEs it is sent keep within;
+    ``heartbeat_ms`` is the sender's interval, by which its peer judges its silence.
     """
 
     name: str
@@ -259,6 +260,7 @@ class PairState(NamedTuple):
     votes: int
     warm: int = 0  # optional trailing field
     max_message: int = 0  # optional trailing field: 0 for a broker that does not say
+    heartbeat_ms: int = 0  # optional trailing field: 0 for a broker that does not say
 
 
 class Replicate(NamedTuple):
@@ -554,7 +556,7 @@ _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
     Welcome: (_is_count, _is_short, _is_count, _is_count, _is_count, _is_count),
     Heartbeat: (_is_count, _is_count),
     Bye: (_is_short, _is_short),
-    PairState: (lambda v: v in (0, 1) and type(v) is int, _is_count),
+    PairState: (lambda v: v in (0, 1) and type(v) is int, _is_count, _is_count),
     Request: (_is_short, _is_short, _is_window, _is_retry),
     Task: (_is_short, _is_window, _is_retry),
     Result: (lambda v: _is_int(v, 0, MAX_BUDGET_MS), _is_count),

@@ -151,7 +151,7 @@ def test_an_idle_client_follows_its_brokers_death_without_a_call(procs, tmp_path
     caplog.set_level(logging.INFO, logger="zmqdist.client")
     # Bound before the client starts (a loaded machine can take over a second to start a broker:
     # the client would take it for silent at once and go to b).
-    wait_for(lambda: (tmp_path / "a.sock").exists(), 20, "broker a bound")
+    wait_for((tmp_path / "a.sock").exists, 20, "broker a bound")
     with Client([a_ep, b_ep], timeout=20) as c:
         assert c.call("zmqdist.status")["broker"] == "a"
         a.send_signal(signal.SIGKILL)

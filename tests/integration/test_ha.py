@@ -463,3 +463,23 @@ def test_an_mdp_client_with_one_identity_at_both_brokers_gets_its_own_answer_aft
     finally:
         for s in socks.values():
             s.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_pair_whose_brokers_beat_at_different_intervals_keeps_its_live_active_broker(procs, tmp_path):
+    """A runs --heartbeat 2, B the default 0.25 x 4: B took A for silent a second after each of
+    its beats, and the first peer that came to B made it take over from live A (which stepped
+    down). Each PAIR_STATE now says its sender's interval, and B judges A's silence by it."""
+    t = Pairs(procs, tmp_path)
+    t.broker("A", "primary", "B", "--heartbeat", "2")
+    t.broker("B", "backup", "A")
+    t.worker("w0", "A", "B")
+    t.wait_pair("A", "B")
+    end = time.monotonic() + 6  # three of A's beats, with peers coming to B all along
+    while time.monotonic() < end:
+        with t.client("B", "A", timeout=20) as c:
+            assert c.call("echo", 1)[0] == 1
+        b = t.ha("B")
+        assert b["state"] == "passive" and b["takeovers"] == 0 and b["peer"]["state"] != "silent", b
+    a = t.ha("A")
+    assert a["state"] == "active" and a["step_downs"] == 0, a

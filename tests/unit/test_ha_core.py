@@ -57,6 +57,28 @@ def test_a_passive_broker_takes_over_only_after_a_ttl_of_silence_and_a_vote():
     assert b.decide(1.5) is None
 
 
+def test_a_peer_that_beats_less_often_is_judged_by_its_own_interval_not_taken_for_gone_between_beats():
+    """The active broker of a pair runs --heartbeat 2, its passive one the default 0.25 x 4: the
+    passive one took the active for silent a second after each beat, and the first peer that came
+    by made it take over from a live broker (which then stepped down)."""
+    b = pair()
+    assert b.state_message(0.0).heartbeat_ms == 250  # each broker says its own interval
+    b.heard(state()._replace(heartbeat_ms=2000), 0.0)
+    b.deactivate(0.0, stepped_down=False)
+    b.vote(b"c1", 1.5)
+    assert b.peer_alive(1.5) and b.decide(1.5) is None  # between two of its beats: alive
+    assert b.peer_fresh(3.9) and not b.peer_fresh(4.1)  # two of its beats
+    b.peer_endpoint = "ipc://peer.ha"
+    assert not b.redial_due(7.9) and b.redial_due(8.1)  # its connection made anew after its own ttl
+    b.vote(b"c1", 8.0)
+    assert b.peer_alive(8.0) and not b.peer_alive(8.01) and b.decide(8.01) == TAKE_OVER  # 4 of its beats
+    a = pair("primary")  # a peer that beats more often (or does not say) is judged by our own
+    a.heard(state(primary=0)._replace(heartbeat_ms=100), 0.0)
+    assert a.peer_alive(1.0) and not a.peer_alive(1.01)
+    a.heard(state(primary=0, inc="older"), 2.0)  # an older broker does not say: our own ttl
+    assert a.peer_alive(3.0) and not a.peer_alive(3.01)
+
+
 def test_a_passive_broker_takes_over_at_once_when_its_peer_restarts():
     b = pair()
     b.heard(state(), 0.0)

@@ -149,7 +149,7 @@ class PairedBroker(BrokerMachine):
                     seen = None
                 silent = seen.get("silent_s") if isinstance(seen, dict) else 0.0
                 pair = self.pair
-                if isinstance(seen, dict) and (not seen.get("registered") or (silent or 0.0) > pair.ttl_s):
+                if isinstance(seen, dict) and (not seen.get("registered") or (silent or 0.0) > pair.peer_ttl_s):
                     pair.vote(WITNESS, now)  # the upstream does not hear our peer either
                     self._decide(now, out)
         return out
@@ -170,8 +170,15 @@ class PairedBroker(BrokerMachine):
                     role = "primary" if pair.primary else "backup"
                     why = f"{msg.name} is configured {role} too: a pair needs one primary and one backup (--ha)"
                     out.append((LOG, Problem(why, "")))
+                slower = pair.peer_hb_s
                 if not pair.heard(msg, now):
                     return out  # older than what the peer has told us since (see Pair.heard)
+                if pair.peer_hb_s != slower and pair.peer_hb_s > pair.hb_s:
+                    why = (
+                        f"{msg.name} heartbeats every {pair.peer_hb_s:g}s, this broker every {pair.hb_s:g}s: "
+                        f"its silence counts after {pair.peer_ttl_s:g}s (give both brokers of a pair one --heartbeat)"
+                    )
+                    out.append((LOG, Problem(why, "")))
                 self._decide(now, out)
                 if msg.state == PENDING and pair.state != PENDING:
                     # It just started: answer at once (it must hear a live peer within its grace).

@@ -97,6 +97,10 @@ class Pair:
         self.peer_synced = -1
         self.peer_warm = False  # the peer took over with a synced copy of the table (if active)
         self.peer_max = 0  # the peer's --max-message-size (0: not said; ours is taken)
+        # The peer's heartbeat interval and the silence after which it counts as gone: its own
+        # interval times our liveness (ours if it does not say, or if its interval is shorter).
+        self.peer_hb_s = self.hb_s
+        self.peer_ttl_s = self.ttl_s
         self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
         self.peer_endpoint = settings.peer
@@ -135,11 +139,11 @@ class Pair:
 
     def peer_alive(self, now: float) -> bool:
         """Has the peer been heard within the ttl?"""
-        return self.peer_seen is not None and now - self.peer_seen <= self.ttl_s
+        return self.peer_seen is not None and now - self.peer_seen <= self.peer_ttl_s
 
     def peer_fresh(self, now: float) -> bool:
         """Has the peer been heard very recently (two heartbeats)? Then redirecting to it is safe."""
-        return self.peer_seen is not None and now - self.peer_seen <= 2 * self.hb_s
+        return self.peer_seen is not None and now - self.peer_seen <= 2 * self.peer_hb_s
 
     def heard(self, m: p.PairState, now: float) -> bool:
         """Record the peer's PairState; return False (and record nothing) for a stale one.
@@ -165,6 +169,10 @@ class Pair:
         self.peer_warm = bool(m.warm)
         self.peer_max = m.max_message
         self.peer_seen = now
+        hb_s = max(self.hb_s, m.heartbeat_ms / 1000.0)
+        if hb_s != self.peer_hb_s:  # a peer that beats less often is not taken for gone between beats
+            self.peer_hb_s = hb_s
+            self.peer_ttl_s = self.ttl_s * hb_s / self.hb_s
         return True
 
     def redial_due(self, now: float) -> bool:
@@ -177,7 +185,7 @@ class Pair:
         anew after a ttl of silence (at least REDIAL_MIN_S) and again each such interval while
         the peer stays silent: the pair hears itself within about one interval of the heal."""
         last = self.redialed if self.peer_seen is None else max(self.peer_seen, self.redialed)
-        if now - last < max(self.ttl_s, REDIAL_MIN_S) or not self.peer_endpoint:
+        if now - last < max(self.peer_ttl_s, REDIAL_MIN_S) or not self.peer_endpoint:
             return False
         self.redialed = now
         self.counters["redials"] += 1
@@ -298,6 +306,7 @@ class Pair:
             0 if active else self.live_votes(now),
             int(active and self.warm),
             self.max_message,
+            max(1, round(self.hb_s * 1000)),
         )
 
     def flush(self, now: float, snapshot: Callable[[], list[p.ReplicationOp]]) -> list[p.Replicate]:
@@ -412,8 +421,8 @@ class Pair:
         connection is to be made anew (checked at each beat: :meth:`redial_due`)."""
         d = self.next_beat
         if self.state != ACTIVE:  # silence of the peer matters only to a broker that may take over
-            if self.peer_seen is not None and self.peer_seen + self.ttl_s + 1e-6 > self.decided:
-                d = min(d, self.peer_seen + self.ttl_s + 1e-6)
+            if self.peer_seen is not None and self.peer_seen + self.peer_ttl_s + 1e-6 > self.decided:
+                d = min(d, self.peer_seen + self.peer_ttl_s + 1e-6)
             if self.state == PENDING and self.started + self.grace_s + 1e-6 > self.decided:
                 d = min(d, self.started + self.grace_s + 1e-6)
         return d
