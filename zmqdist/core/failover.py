@@ -170,10 +170,10 @@ class PairedBroker(BrokerMachine):
                     role = "primary" if pair.primary else "backup"
                     why = f"{msg.name} is configured {role} too: a pair needs one primary and one backup (--ha)"
                     out.append((LOG, Problem(why, "")))
-                slower = pair.peer_hb_s
+                before = pair.peer_hb_s
                 if not pair.heard(msg, now):
                     return out  # older than what the peer has told us since (see Pair.heard)
-                if pair.peer_hb_s != slower and pair.peer_hb_s > pair.hb_s:
+                if pair.peer_hb_s != before and pair.peer_hb_s > pair.hb_s:
                     why = (
                         f"{msg.name} heartbeats every {pair.peer_hb_s:g}s, this broker every {pair.hb_s:g}s: "
                         f"its silence counts after {pair.peer_ttl_s:g}s (give both brokers of a pair one --heartbeat)"
