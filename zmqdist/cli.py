@@ -52,6 +52,8 @@ class Setting(click.Option):
         return value, source
 
     def process_value(self, ctx: click.Context, value: Any) -> Any:
+        if self.multiple and isinstance(value, str) and getattr(self, "_source", None) is ParameterSource.DEFAULT_MAP:
+            value = (value,)  # `bind = "tcp://..."` in a config file: one, as `--bind tcp://...` is
         try:
             return super().process_value(ctx, value)
         except click.BadParameter as exc:

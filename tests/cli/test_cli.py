@@ -59,6 +59,10 @@ def test_precedence_command_line_over_env_over_file_over_default(fake_broker, tm
     cfg.write_text('[broker]\nupstream = ["tcp://from-file:1"]\n')
     r = run(cli.main, ["--config", str(cfg), "broker"])
     assert fake_broker.seen["upstream"] == ("tcp://from-file:1",)
+    cfg.write_text('[broker]\nbind = "tcp://*:9"\nupstream = "tcp://one:1"\n')  # one, not a list: taken as one
+    r = run(cli.main, ["--config", str(cfg), "broker"])
+    assert r.exit_code == 0, r.output  # it said "Value must be an iterable"
+    assert fake_broker.seen["bind"] == ("tcp://*:9",) and fake_broker.seen["upstream"] == ("tcp://one:1",)
 
 
 def test_bad_config_and_bad_options_give_clear_errors(tmp_path):
