@@ -207,6 +207,11 @@ def test_keys_generate_writes_a_zmq_auth_certificate_pair(tmp_path):
     assert ring.keys[public].services == frozenset({"echo", "sum"})
     r = run(cli.main, ["keys", "generate", "alice", "--dir", str(tmp_path)])
     assert r.exit_code == 1 and "already exists" in r.output
+    r = run(cli.main, ["keys", "generate", str(tmp_path / "sub" / "bob")])  # a path: it said "not a usable key name"
+    assert r.exit_code == 1 and f"keys generate bob --dir {tmp_path / 'sub'}" in r.output
+    assert not (tmp_path / "sub").exists()  # nothing made for a refused name
+    r = run(cli.main, ["keys", "generate", ".hidden", "--dir", str(tmp_path / "sub")])
+    assert r.exit_code == 1 and "not a usable key name" in r.output and not (tmp_path / "sub").exists()
     r = run(cli.main, ["broker", "--allow-clients", str(tmp_path)])  # allow-lists need a key
     assert r.exit_code == 1 and "secret key" in r.output
 

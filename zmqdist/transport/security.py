@@ -294,9 +294,15 @@ class ClientKeys:
 def generate(name: str, directory: str | Path, services: list[str] | None = None) -> tuple[Path, Path]:
     """Write ``DIR/NAME.key`` and ``DIR/NAME.key_secret``; return their paths."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    if "/" in name and Path(name).name and not Path(name).name.startswith("."):
+        where = Path(name)
+        raise ConfigError(
+            f"{name!r} is a path: give the name alone, and the directory with --dir "
+            f"(zmqdist keys generate {where.name} --dir {where.parent})"
+        )
     if not name or "/" in name or name.startswith("."):
-        raise ConfigError(f"{name!r} is not a usable key name")
+        raise ConfigError(f"{name!r} is not a usable key name (a file name, not starting with '.')")
+    d.mkdir(parents=True, exist_ok=True)
     if (d / f"{name}.key").exists() or (d / f"{name}.key_secret").exists():
         raise ConfigError(f"{d / name}.key already exists: remove it first, or choose another name")
     meta = {"services": ",".join(services)} if services else None
