@@ -9,6 +9,7 @@ become milliseconds only on the wire and at poll calls.
 from __future__ import annotations
 
 import difflib
+import sys
 import tomllib
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
@@ -269,6 +270,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 SCHEMES = ("tcp", "ipc", "inproc")
+# The longest ipc path a socket address holds (sockaddr_un.sun_path less its NUL): 107 bytes on
+# Linux, 103 on macOS and the BSDs. libzmq refuses a longer one only at bind or connect, where a
+# client or worker learns of it on its socket thread, after its constructor returned.
+IPC_PATH_MAX = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
 
 
 def check_endpoint(ep: str, what: str) -> str:
@@ -283,6 +288,11 @@ def check_endpoint(ep: str, what: str) -> str:
     if scheme != "tcp":
         if not rest:
             raise ConfigError(f"{what}: {ep!r} names no {scheme} path")
+        if scheme == "ipc" and len(rest.encode()) > IPC_PATH_MAX:
+            raise ConfigError(
+                f"{what}: the ipc path of {ep!r} is {len(rest.encode())} bytes, longer than the"
+                f" {IPC_PATH_MAX} a socket address holds here: use a shorter path (under /tmp or /run, say)"
+            )
         return ep
     host, sep, port = rest.rpartition(":")
     if not sep or not host:

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from zmqdist.config import BrokerSettings, HeartbeatSettings, check_endpoints, load_toml
+from zmqdist import Broker, Client, Worker
+from zmqdist.config import IPC_PATH_MAX, BrokerSettings, HeartbeatSettings, check_endpoints, load_toml
 from zmqdist.errors import ConfigError
 from zmqdist.transport import Mailbox, poll_timeout_ms
 
@@ -60,6 +61,21 @@ def test_endpoints_are_checked(tmp_path):
             check_endpoints(bad, "x")
     with pytest.raises(ConfigError, match="does not exist"):
         load_toml(tmp_path / "missing.toml")
+
+
+def test_an_ipc_path_too_long_for_a_socket_address_is_refused_where_it_is_given():
+    # libzmq refuses it only at bind or connect: a client or worker took it, then its socket thread
+    # died at the first connect ("File name too long"), the client's every call with it, even where
+    # the failover list went on to a good endpoint.
+    at_limit = "ipc:///" + "d" * (IPC_PATH_MAX - 1)
+    assert check_endpoints([at_limit], "client") == (at_limit,)
+    for ep in (at_limit + "x", "ipc:///tmp/" + "é" * 60):  # bytes count, not characters
+        with pytest.raises(ConfigError, match=f"longer than the {IPC_PATH_MAX} a socket address holds"):
+            check_endpoints(["tcp://127.0.0.1:5555", ep], "client")
+        for make in (lambda: Client([ep]), lambda: Worker([ep]), lambda: Broker(bind=[ep])):
+            with pytest.raises(ConfigError, match="ipc path"):
+                make()
+    assert check_endpoints(["ipc://*", "inproc://" + "d" * 300], "x")  # a wildcard; inproc has no limit
 
 
 def test_poll_timeout_rounds_up_and_caps():
