@@ -106,12 +106,12 @@ class Broker:
         if twice := [b for i, b in enumerate(self._bind) if b in self._bind[:i]]:
             raise ConfigError(f"broker bind {twice[0]} is given twice")
         if s.upstream:
-            check_endpoints(s.upstream, "broker upstream")
+            check_endpoints(s.upstream, "broker upstream", connect=True)
             if mine := [u for u in s.upstream if u in self._bind]:
                 raise ConfigError(f"broker upstream {mine[0]} is this broker's own bind: give the master's endpoint")
         if s.ha and (not s.peer or not s.ha_bind):
             raise ConfigError(f"a {s.ha} broker of a pair needs both peer (the other's ha_bind) and ha_bind")
-        self._peer: str | None = check_endpoints(s.peer, "broker peer")[0] if s.ha else None
+        self._peer: str | None = check_endpoints(s.peer, "broker peer", connect=True)[0] if s.ha else None
         self._ha_bind = check_endpoints(s.ha_bind, "broker ha_bind") if s.ha else ()
         if self._peer is not None and (self._peer in self._ha_bind or self._peer in self._bind):
             own = "ha_bind" if self._peer in self._ha_bind else "bind"

@@ -316,7 +316,7 @@ class Client:
         clock: Clock | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
-        self.endpoints = check_endpoints(endpoints, "client")
+        self.endpoints = check_endpoints(endpoints, "client", connect=True)
         if not isinstance(backlog, int) or backlog < 1:
             raise ConfigError(f"backlog must be a whole number of at least 1, got {backlog!r}")
         if codec is not None and not isinstance(codec, Codec):

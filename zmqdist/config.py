@@ -9,6 +9,7 @@ become milliseconds only on the wire and at poll calls.
 from __future__ import annotations
 
 import difflib
+import re
 import sys
 import tomllib
 from dataclasses import Field, dataclass, field, fields
@@ -276,9 +277,15 @@ SCHEMES = ("tcp", "ipc", "inproc")
 IPC_PATH_MAX = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
 
 
-def check_endpoint(ep: str, what: str) -> str:
+# What libzmq takes for a host to connect to (it refuses the rest with EINVAL at connect, on the
+# socket thread of a client or worker, which then fails whole: check it where it is given).
+CONNECT_HOST = re.compile(r"[A-Za-z0-9\[:][A-Za-z0-9.\-:%;\[\]_]*\Z")
+
+
+def check_endpoint(ep: str, what: str, connect: bool = False) -> str:
     """Return ``ep`` after checking it is a complete ZeroMQ endpoint (scheme, host and port, or a
-    path); raise :class:`ConfigError` naming ``what`` and the problem."""
+    path); raise :class:`ConfigError` naming ``what`` and the problem. ``connect``: an endpoint to
+    connect to, where a wildcard (``*``) that only a bind takes is refused."""
     example = "tcp://127.0.0.1:5555"
     if not isinstance(ep, str) or "://" not in ep:
         raise ConfigError(f"{what}: {ep!r} is not an endpoint like {example}")
@@ -293,14 +300,23 @@ def check_endpoint(ep: str, what: str) -> str:
                 f"{what}: the ipc path of {ep!r} is {len(rest.encode())} bytes, longer than the"
                 f" {IPC_PATH_MAX} a socket address holds here: use a shorter path (under /tmp or /run, say)"
             )
+        if connect and rest == "*":
+            raise ConfigError(f"{what}: {ep!r} binds a new path and cannot be connected to: name the path")
         return ep
     host, sep, port = rest.rpartition(":")
     if not sep or not host:
         raise ConfigError(f"{what}: {ep!r} has no port (like {example})")
     if host.startswith("[") != host.endswith("]"):
         raise ConfigError(f"{what}: {ep!r} has an unclosed IPv6 bracket")
+    if connect and "*" in (host, port):
+        raise ConfigError(
+            f"{what}: {ep!r} is a bind address (* is any interface or port): to connect, name the"
+            f" broker's host and port, like {example}"
+        )
     if port != "*" and not (port.isdigit() and 0 < int(port) <= 65535):
         raise ConfigError(f"{what}: port {port!r} of {ep!r} must be 1 to 65535 (or * to bind any free one)")
+    if connect and not CONNECT_HOST.match(host):
+        raise ConfigError(f"{what}: host {host!r} of {ep!r} is not a host name or address")
     return ep
 
 
@@ -316,13 +332,14 @@ def exposed(ep: str) -> bool:
     return not host.startswith(LOOPBACK_HOSTS)
 
 
-def check_endpoints(endpoints: list[str] | tuple[str, ...] | str, what: str) -> tuple[str, ...]:
-    """Return ``endpoints`` as a tuple after checking each is a complete ZeroMQ endpoint."""
+def check_endpoints(endpoints: list[str] | tuple[str, ...] | str, what: str, connect: bool = False) -> tuple[str, ...]:
+    """Return ``endpoints`` as a tuple after checking each is a complete ZeroMQ endpoint (to connect
+    to, with ``connect``)."""
     if isinstance(endpoints, str):
         endpoints = [endpoints]
     eps = tuple(endpoints)
     if not eps:
         raise ConfigError(f"{what}: at least one endpoint is required")
     for ep in eps:
-        check_endpoint(ep, what)
+        check_endpoint(ep, what, connect)
     return eps

@@ -315,7 +315,7 @@ def _connect(t: dict[str, Any], kind: str, i: int, name: str, fail: Any) -> list
     if not eps:
         raise fail(kind, i, "connect", f"{kind} {name!r}: connect is required (broker endpoints, failover order)")
     try:
-        check_endpoints([str(e) for e in eps], f"{kind} {name!r} connect")
+        check_endpoints([str(e) for e in eps], f"{kind} {name!r} connect", connect=True)
     except ConfigError as exc:
         raise fail(kind, i, "connect", str(exc)) from None
     args: list[str] = []

@@ -124,7 +124,7 @@ class Worker:
         line (``zmqdist worker MODULE:OBJECT``) uses this: a flag given overrides the object's own."""
         if self._runner is not None:
             raise ZmqdistError("configure a worker before it starts")
-        eps = check_endpoints(endpoints, "worker") if endpoints is not None else self.endpoints
+        eps = check_endpoints(endpoints, "worker", connect=True) if endpoints is not None else self.endpoints
         conc = self.concurrency if concurrency is None else concurrency
         if not isinstance(conc, int) or isinstance(conc, bool) or not 1 <= conc <= p.MAX_CAPACITY:
             raise ConfigError(f"concurrency must be a whole number from 1 to {p.MAX_CAPACITY}, got {conc!r}")

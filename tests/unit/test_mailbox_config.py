@@ -78,6 +78,29 @@ def test_an_ipc_path_too_long_for_a_socket_address_is_refused_where_it_is_given(
     assert check_endpoints(["ipc://*", "inproc://" + "d" * 300], "x")  # a wildcard; inproc has no limit
 
 
+def test_a_bind_address_or_a_malformed_host_in_a_connect_list_is_refused_where_it_is_given():
+    # libzmq refuses these at connect (EINVAL): a client or worker took one (the broker's bind
+    # copied into the client's list, say), then its socket thread died at the first connect, every
+    # call with it, good endpoints after it in the list or not.
+    good = "tcp://127.0.0.1:5555"
+    for ep, why in (
+        ("tcp://*:5555", "is a bind address"),
+        ("tcp://127.0.0.1:*", "is a bind address"),
+        ("ipc://*", "cannot be connected to"),
+        ("tcp://no such host:5555", "is not a host name or address"),
+        ("tcp://-x:5555", "is not a host name or address"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            check_endpoints([ep, good], "client", connect=True)
+        for make in (lambda: Client([ep, good]), lambda: Worker([ep, good]), lambda: Broker(upstream=[ep])):
+            with pytest.raises(ConfigError, match=why):
+                make()
+        if "*" in ep:
+            assert check_endpoints([ep], "broker bind") == (ep,)  # where a bind takes it
+    ok = ["tcp://localhost:1", "tcp://[::1]:5555", "tcp://host-1.example.com:9", "tcp://10.0.0.1:5555;10.0.0.2:5555"]
+    assert check_endpoints(ok, "client", connect=True) == tuple(ok)
+
+
 def test_poll_timeout_rounds_up_and_caps():
     assert poll_timeout_ms(None, 0.0) == 1000
     assert poll_timeout_ms(1.0001, 1.0) == 1
