@@ -249,6 +249,7 @@ def p50(client, n=300):
     return sorted(lat)[n // 2]
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(150)
 def test_a_flood_far_past_the_quota_gets_busy_and_leaves_others_latency_within_2x(procs, tmp_path):
     """10,000 requests/s from one client whose quota is 4 open requests: it gets Busy at once, and

@@ -62,6 +62,7 @@ def running_up(*args):
                 os.kill(int(pid), signal.SIGKILL)
 
 
+@pytest.mark.xdist_group("geo-ports")  # examples/geo binds fixed TCP ports: one at a time
 @pytest.mark.timeout(150)
 def test_up_starts_shows_restarts_and_stops_the_geo_topology(tmp_path):
     with running_up(GEO, "--interval", "1", "--log-dir", tmp_path) as (up, lines):
