@@ -2,6 +2,7 @@
 load, restart of the killed primary, manual failback through the CLI."""
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -36,7 +37,12 @@ class Pairs:
         return self.brokers[name]
 
     def pair(self, a, b, *extra):
+        """Start ``a`` as the primary, and once it has bound, ``b`` as its backup: a peer spawned
+        next that lists ``a`` first must find it there. (A peer that came to the backup while the
+        primary was still starting, slow on a loaded machine, made the backup active, as a backup
+        alone with a peer is, and a later wait for ``a`` active timed out.)"""
         self.broker(a, "primary", b, *extra)
+        wait_for(lambda: os.path.exists(f"{self.tmp}/{a}.sock"), 20, f"{a} bound")
         self.broker(b, "backup", a, *extra)
 
     def worker(self, name, *at, concurrency=4, target="testworkers:echo"):
