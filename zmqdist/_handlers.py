@@ -547,12 +547,50 @@ def _child_init(parent: int) -> None:
         os._exit(1)
 
 
+class ChildTask:
+    """A handler process's running task, as its reader thread sees it. A cancel can arrive
+    before the task has started (the worker sends it right after the run, and the main thread has
+    not taken the run yet): it is kept and applied at the start, where it was dropped before and the
+    handler ran to its end. Only the next task can be cancelled early (the worker sends a run only
+    once the last one is done), so one start clears what was kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ticket = -1
+        self._gate: Gate | None = None
+        self._early: set[int] = set()  # cancels of a task not started yet (or just ended)
+
+    def start(self, ticket: int, gate: Gate) -> None:
+        with self._lock:
+            self._ticket, self._gate = ticket, gate
+            if ticket in self._early:
+                gate.cancel()
+            self._early.clear()
+
+    def end(self) -> None:
+        with self._lock:
+            self._gate = None
+
+    def cancel(self, ticket: int) -> None:
+        with self._lock:
+            if self._gate is not None and self._ticket == ticket:
+                self._gate.cancel()
+            else:
+                self._early.add(ticket)
+
+    def window(self, ticket: int, acked: int) -> None:
+        with self._lock:
+            gate = self._gate if self._ticket == ticket else None
+        if gate is not None:
+            gate.open(acked)
+
+
 def child_main(conn: Any, parent: int) -> None:
     """A handler process: run one task at a time from the worker; a reader thread takes the
     worker's window updates and cancels while the task runs. Only this thread sends."""
     _child_init(parent)
     incoming: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
-    current: list[tuple[int, Gate] | None] = [None]
+    current = ChildTask()
 
     def reader() -> None:
         while True:
@@ -564,17 +602,15 @@ def child_main(conn: Any, parent: int) -> None:
                 traceback.print_exc()
                 os._exit(3)
             kind = msg[0]
-            cur = current[0]
             if kind == "run":
                 incoming.put(msg)
             elif kind == "stop":
                 incoming.put(None)
                 return
-            elif cur is not None and cur[0] == msg[1]:
-                if kind == "window":
-                    cur[1].open(msg[2])
-                elif kind == "cancel":
-                    cur[1].cancel()
+            elif kind == "window":
+                current.window(msg[1], msg[2])
+            elif kind == "cancel":
+                current.cancel(msg[1])
 
     threading.Thread(target=reader, name="zmqdist-child-reader", daemon=True).start()
     send = conn.send
@@ -585,9 +621,9 @@ def child_main(conn: Any, parent: int) -> None:
         _, fn, retry, task, clock, codec = item
         svc = Service(fn, retry)
         gate = Gate(task.window)
-        current[0] = (task.ticket, gate)
+        current.start(task.ticket, gate)
         run_task(svc, task, clock, codec, send, gate)
-        current[0] = None
+        current.end()
 
 
 class _Slot:

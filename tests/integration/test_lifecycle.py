@@ -171,6 +171,27 @@ def test_a_process_handler_is_killed_on_cancel_if_its_service_asks_else_it_is_to
         assert c.call("pid", None, timeout=30) == second  # that process lives on
 
 
+@pytest.mark.timeout(120)
+def test_a_cancel_right_behind_its_request_stops_a_process_handler_before_it_runs_on(procs, ipc_ep, tmp_path):
+    # Submitted and cancelled at once: the worker hands the handler process the run and the cancel
+    # back to back. The process's reader thread saw the cancel before its main thread had started
+    # the run, and dropped it: the handler ran to its end, holding the slot (6 runs in 7 in a probe).
+    _, c = setup(procs, ipc_ep, "testworkers:killable")
+    with c:
+        c.call("pid", None, timeout=30)  # the handler process is up
+        started = 0
+        for i in range(5):
+            marker = str(tmp_path / f"m{i}")
+            f = c.submit("coop", [marker, 20])
+            assert f.cancel()
+            c.call("pid", None, timeout=60)  # one slot: served once the coop run, if any, has ended
+            seen = lines(marker)
+            started += "started" in seen
+            assert "finished" not in seen, (i, seen)  # it ran its 20 s: the cancel was lost
+            assert seen == [] or seen[-1] == "stopped", (i, seen)
+        assert started >= 1  # (a cancel that reached the broker first never ran at all)
+
+
 def rss_kib(pid):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

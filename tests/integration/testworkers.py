@@ -155,8 +155,9 @@ def _stuck(_x):
 
 def _coop(marker):
     ctx = current_request()
+    marker, seconds = marker if isinstance(marker, list) else (marker, 60)  # [path, seconds] or a path
     _mark(marker, f"started {os.getpid()}")
-    end = time.monotonic() + 60
+    end = time.monotonic() + seconds
     while time.monotonic() < end and not ctx.cancelled:
         time.sleep(0.005)
     _mark(marker, "stopped" if ctx.cancelled else "finished")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tests.unit.helpers import drained
 from zmqdist import current_request
 from zmqdist import protocol as p
-from zmqdist._handlers import Executors, Gate, Service, run_task
+from zmqdist._handlers import ChildTask, Executors, Gate, Service, run_task
 from zmqdist.clock import MonotonicClock
 from zmqdist.context import _current
 from zmqdist.core.worker import Abort, Execute, Window
@@ -354,3 +354,23 @@ def test_a_call_slot_returns_the_value_or_raises_the_error_once_and_ignores_a_se
         err.wait()
     t.join(10)
     assert raised.value is boom
+
+
+def test_a_handler_process_keeps_a_cancel_that_arrives_before_its_task_starts():
+    # The worker sends a run and its cancel back to back; the child's reader thread can see the
+    # cancel before the main thread starts the run. It was dropped, and the handler ran to its end.
+    task = ChildTask()
+    task.cancel(7)  # before the run of ticket 7 has started
+    first = Gate(8)
+    task.start(7, first)
+    assert first.cancelled
+    task.end()
+    task.cancel(7)  # a cancel that crossed the task's end: kept, but not for the next ticket
+    second = Gate(8)
+    task.start(8, second)
+    assert not second.cancelled
+    task.window(8, 5)
+    task.window(9, 50)  # another ticket's window is not this task's
+    assert second.acked == 5
+    task.cancel(8)  # the running task, at once
+    assert second.cancelled
