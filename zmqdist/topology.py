@@ -189,6 +189,16 @@ def load(path: str | Path) -> Topology:
         except ConfigError as exc:
             key = _key_in(str(exc), options)
             raise fail("broker", i, key, f"broker {name!r}: {exc}") from None
+        for key, eps, connect in (
+            ("bind", s.bind, False),
+            ("upstream", s.upstream, True),
+            ("ha_bind", s.ha_bind, False),
+            ("peer", s.peer, True),
+        ):
+            try:  # as the broker checks them when it starts: a bind address to connect to, say
+                check_endpoints(eps, key.replace("_", "-"), connect) if eps else None
+            except ConfigError as exc:
+                raise fail("broker", i, key.replace("_", "-"), f"broker {name!r}: {exc}") from None
         for ep in s.bind:
             if ep in binds:
                 raise fail("broker", i, "bind", f"broker {name!r} binds {ep}, as broker {binds[ep]!r} does")
