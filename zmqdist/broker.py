@@ -33,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zmqdist import _native
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock, thread_cpu_time
-from zmqdist.config import BrokerSettings, check_endpoints, exposed
+from zmqdist.config import BrokerSettings, broker_endpoints, exposed
 from zmqdist.core.broker import BrokerMachine
 from zmqdist.core.failover import make_broker
 from zmqdist.core.link import Connect, Problem
@@ -102,20 +102,7 @@ class Broker:
         elif bind is not None or options:
             raise ConfigError("give the broker's options either as keywords or as settings, not both")
         self.settings = s = settings
-        self._bind = check_endpoints(s.bind, "broker bind")
-        if twice := [b for i, b in enumerate(self._bind) if b in self._bind[:i]]:
-            raise ConfigError(f"broker bind {twice[0]} is given twice")
-        if s.upstream:
-            check_endpoints(s.upstream, "broker upstream", connect=True)
-            if mine := [u for u in s.upstream if u in self._bind]:
-                raise ConfigError(f"broker upstream {mine[0]} is this broker's own bind: give the master's endpoint")
-        if s.ha and (not s.peer or not s.ha_bind):
-            raise ConfigError(f"a {s.ha} broker of a pair needs both peer (the other's ha_bind) and ha_bind")
-        self._peer: str | None = check_endpoints(s.peer, "broker peer", connect=True)[0] if s.ha else None
-        self._ha_bind = check_endpoints(s.ha_bind, "broker ha_bind") if s.ha else ()
-        if self._peer is not None and (self._peer in self._ha_bind or self._peer in self._bind):
-            own = "ha_bind" if self._peer in self._ha_bind else "bind"
-            raise ConfigError(f"broker peer {self._peer} is this broker's own {own}: give the other broker's ha_bind")
+        self._bind, self._peer, self._ha_bind = broker_endpoints(s)
         # CURVE: with a secret key every link this broker owns is encrypted and every peer's key
         # must be in an allow-list (docs/security.md).
         self._secret: bytes | None = None

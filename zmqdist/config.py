@@ -295,9 +295,9 @@ def check_endpoint(ep: str, what: str, connect: bool = False) -> str:
     if scheme != "tcp":
         if not rest:
             raise ConfigError(f"{what}: {ep!r} names no {scheme} path")
-        if scheme == "ipc" and len(rest.encode()) > IPC_PATH_MAX:
+        if scheme == "ipc" and (size := len(rest.encode())) > IPC_PATH_MAX:
             raise ConfigError(
-                f"{what}: the ipc path of {ep!r} is {len(rest.encode())} bytes, longer than the"
+                f"{what}: the ipc path of {ep!r} is {size} bytes, longer than the"
                 f" {IPC_PATH_MAX} a socket address holds here: use a shorter path (under /tmp or /run, say)"
             )
         if connect and rest == "*":
@@ -343,3 +343,24 @@ def check_endpoints(endpoints: list[str] | tuple[str, ...] | str, what: str, con
     for ep in eps:
         check_endpoint(ep, what, connect)
     return eps
+
+
+def broker_endpoints(s: BrokerSettings) -> tuple[tuple[str, ...], str | None, tuple[str, ...]]:
+    """Check a broker's own endpoints as it will bind and connect them; return its binds, its
+    pair peer (None outside a pair) and its pair binds. The broker and ``zmqdist up --check``
+    both ask here, so a file that checks valid starts."""
+    bind = check_endpoints(s.bind, "broker bind")
+    if twice := [b for i, b in enumerate(bind) if b in bind[:i]]:
+        raise ConfigError(f"broker bind {twice[0]} is given twice")
+    if s.upstream:
+        check_endpoints(s.upstream, "broker upstream", connect=True)
+        if mine := [u for u in s.upstream if u in bind]:
+            raise ConfigError(f"broker upstream {mine[0]} is this broker's own bind: give the master's endpoint")
+    if s.ha and (not s.peer or not s.ha_bind):
+        raise ConfigError(f"a {s.ha} broker of a pair needs both peer (the other's ha_bind) and ha_bind")
+    peer = check_endpoints(s.peer, "broker peer", connect=True)[0] if s.ha else None
+    ha_bind = check_endpoints(s.ha_bind, "broker ha_bind") if s.ha else ()
+    if peer is not None and (peer in ha_bind or peer in bind):
+        own = "ha_bind" if peer in ha_bind else "bind"
+        raise ConfigError(f"broker peer {peer} is this broker's own {own}: give the other broker's ha_bind")
+    return bind, peer, ha_bind

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from zmqdist.config import BrokerSettings, check_endpoints, cli_flag, did_you_mean, load_toml
+from zmqdist.config import BrokerSettings, broker_endpoints, check_endpoints, cli_flag, did_you_mean, load_toml
 from zmqdist.errors import ConfigError
 
 KINDS = ("broker", "worker", "load")
@@ -189,20 +189,14 @@ def load(path: str | Path) -> Topology:
         except ConfigError as exc:
             key = _key_in(str(exc), options)
             raise fail("broker", i, key, f"broker {name!r}: {exc}") from None
-        for key, eps, connect in (
-            ("bind", s.bind, False),
-            ("upstream", s.upstream, True),
-            ("ha_bind", s.ha_bind, False),
-            ("peer", s.peer, True),
-        ):
-            try:  # as the broker checks them when it starts: a bind address to connect to, say
-                check_endpoints(eps, key.replace("_", "-"), connect) if eps else None
-            except ConfigError as exc:
-                raise fail("broker", i, key.replace("_", "-"), f"broker {name!r}: {exc}") from None
         for ep in s.bind:
             if ep in binds:
                 raise fail("broker", i, "bind", f"broker {name!r} binds {ep}, as broker {binds[ep]!r} does")
             binds[ep] = name
+        try:  # as the broker checks them when it starts (a bind address as its upstream, say)
+            broker_endpoints(s)
+        except ConfigError as exc:
+            raise fail("broker", i, _key_in(str(exc), options), f"broker {name!r}: {exc}") from None
         brokers.append((i, name, s, restart))
     depth = _depths(brokers, binds)
     for _, name, s, restart in brokers:
@@ -313,11 +307,12 @@ def _bool(v: Any, kind: str, i: int, key: str, fail: Any) -> bool:
 
 
 def _key_in(message: str, options: dict[str, Any]) -> str:
-    """The option a settings error names (for its line), or ''."""
+    """The option a settings error names first (for its line), or ''."""
+    at = {}
     for k in options:
-        if re.search(rf"\b{re.escape(k)}\b", message) or k.replace("_", "-") in message:
-            return k
-    return ""
+        if m := re.search(rf"\b{re.escape(k)}\b|{re.escape(k.replace('_', '-'))}", message):
+            at[k] = m.start()
+    return min(at, key=at.__getitem__) if at else ""
 
 
 def _connect(t: dict[str, Any], kind: str, i: int, name: str, fail: Any) -> list[str]:

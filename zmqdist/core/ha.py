@@ -97,10 +97,8 @@ class Pair:
         self.peer_synced = -1
         self.peer_warm = False  # the peer took over with a synced copy of the table (if active)
         self.peer_max = 0  # the peer's --max-message-size (0: not said; ours is taken)
-        # The peer's heartbeat interval and the silence after which it counts as gone: its own
-        # interval times our liveness (ours if it does not say, or if its interval is shorter).
+        # The peer's heartbeat interval: ours if it does not say, or if its interval is shorter.
         self.peer_hb_s = self.hb_s
-        self.peer_ttl_s = self.ttl_s
         self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
         self.peer_endpoint = settings.peer
@@ -169,11 +167,14 @@ class Pair:
         self.peer_warm = bool(m.warm)
         self.peer_max = m.max_message
         self.peer_seen = now
-        hb_s = max(self.hb_s, m.heartbeat_ms / 1000.0)
-        if hb_s != self.peer_hb_s:  # a peer that beats less often is not taken for gone between beats
-            self.peer_hb_s = hb_s
-            self.peer_ttl_s = self.ttl_s * hb_s / self.hb_s
+        self.peer_hb_s = max(self.hb_s, m.heartbeat_ms / 1000.0)
         return True
+
+    @property
+    def peer_ttl_s(self) -> float:
+        """The peer's silence after which it counts as gone: its interval times our liveness (a
+        peer that beats less often is not taken for gone between its beats)."""
+        return self.ttl_s * self.peer_hb_s / self.hb_s
 
     def redial_due(self, now: float) -> bool:
         """Is a new connection to the silent peer due (and counted as made)?
