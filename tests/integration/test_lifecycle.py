@@ -171,25 +171,33 @@ def test_a_process_handler_is_killed_on_cancel_if_its_service_asks_else_it_is_to
         assert c.call("pid", None, timeout=30) == second  # that process lives on
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_a_cancel_right_behind_its_request_stops_a_process_handler_before_it_runs_on(procs, ipc_ep, tmp_path):
     # Submitted and cancelled at once: the worker hands the handler process the run and the cancel
     # back to back. The process's reader thread saw the cancel before its main thread had started
     # the run, and dropped it: the handler ran to its end, holding the slot (6 runs in 7 in a probe).
+    # How far the cancel trails its request decides where it meets it (the broker, the worker's
+    # queue, the child before its run starts, the run), and which of those a given hour's timing
+    # favours varies: the gap is swept from none to a few ms until runs were reached.
     _, c = setup(procs, ipc_ep, "testworkers:killable")
+    gaps = [0.0] * 4 + [0.0005, 0.001, 0.002, 0.003, 0.005, 0.008, 0.012, 0.02, 0.03, 0.05] * 2
     with c:
         c.call("pid", None, timeout=30)  # the handler process is up
         started = 0
-        for i in range(5):
+        for i, gap in enumerate(gaps):
             marker = str(tmp_path / f"m{i}")
             f = c.submit("coop", [marker, 20])
+            if gap:
+                time.sleep(gap)  # a timing under test, not a wait for a state
             assert f.cancel()
             c.call("pid", None, timeout=60)  # one slot: served once the coop run, if any, has ended
             seen = lines(marker)
             started += "started" in seen
-            assert "finished" not in seen, (i, seen)  # it ran its 20 s: the cancel was lost
-            assert seen == [] or seen[-1] == "stopped", (i, seen)
-        assert started >= 1  # (a cancel that reached the broker first never ran at all)
+            assert "finished" not in seen, (i, gap, seen)  # it ran its 20 s: the cancel was lost
+            assert seen == [] or seen[-1] == "stopped", (i, gap, seen)
+            if started >= 3 and i >= 4:
+                break
+        assert started >= 1, f"no run was reached in {len(gaps)} rounds"  # the test would be vacuous
 
 
 def rss_kib(pid):
