@@ -196,7 +196,8 @@ def load(path: str | Path) -> Topology:
         try:  # as the broker checks them when it starts (a bind address as its upstream, say)
             broker_endpoints(s)
         except ConfigError as exc:
-            raise fail("broker", i, _key_in(str(exc), options), f"broker {name!r}: {exc}") from None
+            why = str(exc).removeprefix("broker ")  # "broker 'p': upstream: ...", not "broker 'p': broker ..."
+            raise fail("broker", i, _key_in(why, options), f"broker {name!r}: {why}") from None
         brokers.append((i, name, s, restart))
     depth = _depths(brokers, binds)
     for _, name, s, restart in brokers:

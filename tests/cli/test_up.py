@@ -71,7 +71,11 @@ def test_a_good_file_gives_each_process_its_command_line(tmp_path):
         (GOOD.replace('connect = ["tcp://127.0.0.1:7401"]\n', ""), 11, ["connect is required"]),
         # a broker's own endpoints are checked as the broker checks them when it starts (--check
         # said "valid" to an upstream that was a bind address, and the proxy then exited at once)
-        (GOOD.replace('upstream = ["tcp://127.0.0.1:7400"]', 'upstream = ["tcp://*:7400"]'), 8, ["is a bind address"]),
+        (
+            GOOD.replace('upstream = ["tcp://127.0.0.1:7400"]', 'upstream = ["tcp://*:7400"]'),
+            8,
+            ["broker 'proxy': upstream: 'tcp://*:7400' is a bind address"],
+        ),
         (GOOD.replace('bind = ["tcp://127.0.0.1:7401"]', 'bind = ["tcp://127.0.0.1:0"]'), 7, ["'proxy'", "port"]),
         (GOOD.replace('name = "w"', 'name = "proxy"'), 12, ["'proxy'", "names must be unique"]),
         (GOOD.replace('bind = ["tcp://127.0.0.1:7401"]', 'bind = ["tcp://127.0.0.1:7400"]'), 7, ["binds", "master"]),
