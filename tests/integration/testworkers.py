@@ -43,12 +43,14 @@ def _regex_time(n):
     return time.perf_counter() - t0
 
 
-_T18 = max(min(_regex_time(18) for _ in range(3)), 1e-5)  # each extra "a" doubles the time
-
-
 def hold_gil(seconds):
-    """C code that keeps the GIL for about ``seconds`` in one go: a catastrophic regex backtrack."""
-    n = 18 + max(0, round(math.log2(seconds / _T18)))
+    """C code that keeps the GIL for at least about ``seconds`` in one go: a catastrophic regex
+    backtrack, each extra "a" doubling its time. Timed here, at the call, at the best of 5 (a
+    timing taken while another process had the core reads long, and the hold came out short: the
+    once-at-import timing, rounded to the nearest power, held it about 1 s on a loaded hour), and
+    rounded up: the hold is from ``seconds`` to twice that."""
+    t18 = max(min(_regex_time(18) for _ in range(5)), 1e-5)
+    n = 18 + max(0, math.ceil(math.log2(seconds / t18)))
     t0 = time.monotonic()
     re.match(r"(a+)+b", "a" * n)
     return time.monotonic() - t0
