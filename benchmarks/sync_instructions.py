@@ -1,0 +1,71 @@
+"""Instructions the broker spends per synchronous request, counted by callgrind (robust to the hour).
+
+    python3 benchmarks/sync_instructions.py [--few 200] [--many 1200]
+
+Runs ``zmqdist broker`` under ``valgrind --tool=callgrind`` twice, sends ``few`` and then ``many``
+lone calls of 100 bytes through it (a ``Client`` to a ``Worker`` of one slot, both outside
+valgrind), and prints (many - few) / (many - few calls) instructions per request: start-up and
+shutdown cancel out. Run it with the interpreter of the install under test. Needs valgrind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+
+from zmqdist import Client, Worker
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def broker_instructions(calls: int, out: str) -> int:
+    """Total instructions of a broker process that served ``calls`` lone calls."""
+    ep = f"tcp://127.0.0.1:{free_port()}"
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    b = subprocess.Popen([*cmd, sys.executable, "-m", "zmqdist", "broker", "--bind", ep], stderr=subprocess.PIPE)
+    w = Worker([ep], concurrency=1)
+    w.add_service("echo", lambda x: x)
+    w.start()
+    try:
+        with Client([ep], timeout=120) as c:
+            for _ in range(calls + 1):  # the first one waits for everything to be up
+                c.call("echo", b"x" * 100)
+    finally:
+        w.stop()
+        b.send_signal(signal.SIGTERM)
+    err = b.communicate(timeout=300)[1].decode()
+    found = re.findall(r"Collected : (\d+)", err)
+    if not found:
+        raise SystemExit(f"callgrind printed no total:\n{err[-2000:]}")
+    return int(found[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--few", type=int, default=200)
+    ap.add_argument("--many", type=int, default=1200)
+    a = ap.parse_args()
+    # the broker starts slowly under valgrind: the worker's "no broker has accepted it" is expected
+    logging.getLogger("zmqdist").setLevel(logging.ERROR)
+    if not 0 <= a.few < a.many:
+        ap.error("--few must be at least 0 and less than --many")
+    with tempfile.TemporaryDirectory() as d:
+        few = broker_instructions(a.few, f"{d}/few.out")
+        many = broker_instructions(a.many, f"{d}/many.out")
+    per = (many - few) / (a.many - a.few)
+    print(f"broker: {per:,.0f} instructions per synchronous request ({few:,} for {a.few}, {many:,} for {a.many})")
+
+
+if __name__ == "__main__":
+    main()
