@@ -6,7 +6,8 @@ Runs ``zmqdist broker`` under ``valgrind --tool=callgrind`` twice, sends ``few``
 lone calls of 100 bytes through it (a ``Client`` to a ``Worker`` of one slot, both outside
 valgrind), and prints (many - few) / (many - few calls) instructions per request: start-up and
 shutdown cancel out. ``--window 100`` sends them with ``Client.map`` instead, 100 in flight, to a
-worker of 16 slots: the pipelined path. Run it with the interpreter of the install under test. Needs valgrind.
+worker of 16 slots: the pipelined path. Run it with the interpreter of the install under test;
+it needs valgrind.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def free_port() -> int:
 
 
 def broker_instructions(calls: int, out: str, window: int) -> int:
-    """Total instructions of a broker process that served ``calls`` lone calls."""
+    """Total instructions of a broker process that served ``calls`` requests (lone calls, or
+    ``Client.map`` with ``window`` in flight)."""
     ep = f"tcp://127.0.0.1:{free_port()}"
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     b = subprocess.Popen([*cmd, sys.executable, "-m", "zmqdist", "broker", "--bind", ep], stderr=subprocess.PIPE)
