@@ -126,7 +126,7 @@ def test_a_payload_over_the_brokers_limit_fails_at_once_and_the_broker_says_so(t
             t = time.monotonic()
             with pytest.raises(InvalidRequest, match="larger than the broker's limit of 10000"):
                 c.call("echo", b"x" * 20_000)
-            assert time.monotonic() - t < 1.0  # at once, not at the deadline
+            assert time.monotonic() - t < 5.0  # at once, not at the deadline (10 s)
         raw = zmq.Context.instance().socket(zmq.DEALER)  # a peer that does not know the limit
         raw.linger = 0
         raw.connect(b.endpoints[0])
