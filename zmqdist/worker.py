@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import pickle
 import random
 import secrets
 import signal
@@ -260,6 +261,28 @@ class Worker:
             raise ConfigError(
                 f"terminate_on_cancel ({', '.join(killing)}) needs isolation='process': a thread cannot be killed"
             )
+        if self.isolation == "process":
+            self._check_picklable()
+
+    def _check_picklable(self) -> None:
+        """A handler process gets each run's handler, retry policy and codec by pickling: one that
+        cannot be pickled (a lambda, a nested function) is refused at start, not on every call."""
+        for name, svc in self._handlers.items():
+            for what, obj in (("handler", svc.fn), ("retry policy", svc.retry)):
+                try:
+                    pickle.dumps(obj)
+                except Exception as exc:
+                    raise ConfigError(
+                        f"isolation='process': the {what} of {name!r} cannot be sent to a handler process "
+                        f"({exc}); define it at module level, not as a lambda or inside a function"
+                    ) from None
+        try:
+            pickle.dumps(self.codec)
+        except Exception as exc:
+            raise ConfigError(
+                f"isolation='process': the codec cannot be sent to a handler process ({exc}); "
+                "give it functions defined at module level"
+            ) from None
 
     def _main(self) -> None:
         clock = self._clock

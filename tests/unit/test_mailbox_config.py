@@ -160,3 +160,47 @@ def test_a_worker_refuses_a_service_its_broker_would_refuse_a_name_added_twice_a
     for can in (lambda v=None: v, lambda *a: a, lambda v, *, k=1: v, dict.get.__get__({}), print):
         w.add_service(f"ok{len(w.services)}", can)  # print: no signature to read, taken
     assert len(w.services) == 6
+
+
+def _double(v):
+    return v * 2
+
+
+def _nested():
+    def inner(v):
+        return v
+
+    return inner
+
+
+def test_a_process_worker_refuses_at_start_a_handler_retry_or_codec_it_cannot_send_to_a_child():
+    """A handler process gets its handler by pickling: a lambda or a nested function was taken, the
+    worker registered, and then every call of that service failed with a RemoteError."""
+    from zmqdist import Codec, Retry, Worker
+
+    for fn in (lambda v: v, _nested()):
+        w = Worker(["tcp://127.0.0.1:1"], isolation="process")
+        w.add_service("ok", _double)
+        w.add_service("bad", fn)
+        with pytest.raises(ConfigError, match="the handler of 'bad' cannot be sent to a handler process"):
+            w.start()
+        assert w._runner is None  # refused before anything started: it can be fixed and started
+        w.configure(isolation="thread")  # threads take it as it is
+        w._check_startable()
+
+    class LocalError(Exception):  # a class made inside a function: not importable by name
+        pass
+
+    w = Worker(["tcp://127.0.0.1:1"], isolation="process")
+    w.add_service("r", _double, retry=Retry(on=(LocalError,), attempts=2))
+    with pytest.raises(ConfigError, match="the retry policy of 'r' cannot be sent"):
+        w.start()
+    codec = Codec()
+    codec.register(complex, 1, lambda c: repr(c).encode(), lambda b: complex(b.decode()))
+    w = Worker(["tcp://127.0.0.1:1"], isolation="process", codec=codec)
+    w.add_service("ok", _double)
+    with pytest.raises(ConfigError, match="the codec cannot be sent"):
+        w.start()
+    w = Worker(["tcp://127.0.0.1:1"], isolation="process")
+    w.add_service("ok", _double, retry=Retry(on=(ValueError,), attempts=2))
+    w._check_startable()  # module-level functions and plain policies go
