@@ -16,19 +16,13 @@ import argparse
 import logging
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 
+from lab import free_port  # benchmarks/lab.py, beside this file
+
 from zmqdist import Client, Worker
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def broker_instructions(calls: int, out: str, window: int) -> int:

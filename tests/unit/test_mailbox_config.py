@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from zmqdist import Broker, Client, Worker
+from zmqdist import Broker, Client, Codec, Retry, Worker
 from zmqdist.config import IPC_PATH_MAX, BrokerSettings, HeartbeatSettings, check_endpoints, load_toml
 from zmqdist.errors import ConfigError
 from zmqdist.transport import Mailbox, poll_timeout_ms
@@ -142,8 +142,6 @@ def test_a_worker_refuses_a_service_its_broker_would_refuse_a_name_added_twice_a
     """'mmi.' was taken locally, then the broker refused the whole registration: the worker served
     nothing and only logged. A second add of a name replaced the first handler silently. A handler
     that cannot take the request's value failed every call."""
-    from zmqdist import Worker
-
     w = Worker(["tcp://127.0.0.1:1"])
     for reserved in ("mmi.service", "zmqdist.mine"):
         with pytest.raises(ConfigError, match=r"'zmqdist\.' or 'mmi\.' are reserved"):
@@ -176,8 +174,6 @@ def _nested():
 def test_a_process_worker_refuses_at_start_a_handler_retry_or_codec_it_cannot_send_to_a_child():
     """A handler process gets its handler by pickling: a lambda or a nested function was taken, the
     worker registered, and then every call of that service failed with a RemoteError."""
-    from zmqdist import Codec, Retry, Worker
-
     for fn in (lambda v: v, _nested()):
         w = Worker(["tcp://127.0.0.1:1"], isolation="process")
         w.add_service("ok", _double)
