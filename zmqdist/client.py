@@ -734,7 +734,11 @@ class Client:
             self._mailbox.close()
 
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:
+        sent = p.MESSAGE_TYPES
         for o in outs:
+            if type(o) in sent:  # a message for the broker: most outputs, a REQUEST per request
+                link.send(o)  # type: ignore[arg-type]
+                continue
             match o:
                 case Completed():
                     entry = self._futures.pop(o.rid, None)

@@ -358,6 +358,9 @@ TYPE_OF: Final[dict[int, type]] = {v: k for k, v in CMD_OF.items()}
 _FIELDS: Final[dict[type, tuple[str, ...]]] = {t: getattr(t, "_fields") for t in CMD_OF}  # noqa: B009
 _DEFAULTS: Final[dict[type, dict[str, Any]]] = {t: getattr(t, "_field_defaults") for t in CMD_OF}  # noqa: B009
 HEAD_PREFIX: Final[dict[type, bytes]] = {t: PREFIX + bytes([c]) for t, c in CMD_OF.items()}
+# The message classes: a runtime sends an output of one of these as it is (one set lookup, where a
+# match on each of its own action classes first cost a global lookup and an isinstance apiece).
+MESSAGE_TYPES: Final[frozenset[type]] = frozenset(CMD_OF)
 # A BATCH frame pair carries several messages to one peer: its head is BATCH_HEAD, its payload a
 # msgpack array of their frames [head, payload, head, payload, ...]. It is framing, not a message:
 # sent only to a peer that said in HELLO or WELCOME that it reads them (``batch``), never nested.

@@ -393,7 +393,11 @@ class Worker:
 
     def _handle(self, link: DealerLink, executors: Executors, outs: list[WorkerOut]) -> None:
         debug = self._debug.on
+        sent = p.MESSAGE_TYPES
         for o in outs:
+            if type(o) in sent:  # a message for the broker: a RESULT per request, CREDIT
+                link.send(o)  # type: ignore[arg-type]
+                continue
             match o:
                 case Execute():
                     if debug:
