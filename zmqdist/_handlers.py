@@ -47,6 +47,7 @@ from zmqdist.clock import Clock
 from zmqdist.codec import Codec
 from zmqdist.context import REQUEST_VAR, RequestContext
 from zmqdist.core.worker import Abort, Execute, Window
+from zmqdist.errors import ZmqdistError
 from zmqdist.policy import Retry
 from zmqdist.transport import Mailbox
 
@@ -589,6 +590,7 @@ def child_main(conn: Any, parent: int) -> None:
     """A handler process: run one task at a time from the worker; a reader thread takes the
     worker's window updates and cancels while the task runs. Only this thread sends."""
     _child_init(parent)
+    conn.send(("ready",))  # the main module imported, and this function reached: see Processes
     incoming: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
     current = ChildTask()
 
@@ -638,6 +640,7 @@ class _Slot:
         self.lock = threading.Lock()  # the socket thread sends; a replacement closes
         self.task: Execute | None = None
         self.killed = False  # killed on purpose (a cancel of a service that asked for it)
+        self.ready = threading.Event()  # the process said it is ready (see Processes)
         self.reader = threading.Thread(target=owner.read, args=(self,), name="zmqdist-child", daemon=True)
         self.reader.start()
 
@@ -653,9 +656,15 @@ class _Slot:
 
 
 class Processes:
-    """A fixed set of handler processes, one task each at a time (see the module docstring)."""
+    """A fixed set of handler processes, one task each at a time (see the module docstring).
 
-    def __init__(self, n: int, mailbox: Mailbox, clock: Clock, codec: Codec | None) -> None:
+    It returns from its start only once every process has said it is ready, and raises if one
+    exits first or is not ready within ``start_s``: a spawned process imports the main module
+    again, and a script that starts its worker outside ``if __name__ == "__main__":`` makes each
+    one fail there (or run the script's work). Replaced at once and failing again, such processes
+    left every request waiting for a process that never came, and spawned without end."""
+
+    def __init__(self, n: int, mailbox: Mailbox, clock: Clock, codec: Codec | None, start_s: float = 60.0) -> None:
         import multiprocessing
 
         self._ctx = multiprocessing.get_context("spawn")
@@ -664,9 +673,34 @@ class Processes:
         self._codec = codec
         self._lock = threading.Lock()
         self._closed = False
+        self._starting = True  # a process that dies before it is ready now fails the start
         self._waiting: list[tuple[Service, Execute]] = []  # more tasks than processes (never, normally)
         self.replaced = 0
-        self._slots = [_Slot(self._ctx, self) for _ in range(n)]
+        self._slots: list[_Slot] = []
+        for _ in range(n):
+            with self._lock:  # (a slot's reader may look for it in the list at once)
+                self._slots.append(_Slot(self._ctx, self))
+        self._await_ready(start_s)
+        with self._lock:
+            self._starting = False
+
+    def _await_ready(self, start_s: float) -> None:
+        """Wait until every process is ready; raise :class:`ZmqdistError` (all stopped) if one
+        exits first or is still not ready after ``start_s``."""
+        end = time.monotonic() + start_s
+        for slot in list(self._slots):
+            while not slot.ready.wait(0.05):
+                code = slot.proc.exitcode
+                if code is None and time.monotonic() < end:
+                    continue
+                self.shutdown()
+                what = f"exited (code {code})" if code is not None else f"was not ready after {start_s:g} s"
+                raise ZmqdistError(
+                    f"isolation='process': a handler process {what} as the worker started. Each one is "
+                    "spawned and imports the main module again: a script must start its worker (and "
+                    'anything else it runs) under `if __name__ == "__main__":`; the process\'s own '
+                    "error, if it had one, is printed above it"
+                )
 
     def submit(self, svc: Service, task: Execute) -> None:
         with self._lock:
@@ -727,6 +761,9 @@ class Processes:
                 log.exception("a message from a handler process could not be read: the process is replaced")
                 slot.proc.kill()
                 continue
+            if msg[0] == "ready":
+                slot.ready.set()
+                continue
             post(msg)
             if msg[0] == "done":
                 self._next(slot)
@@ -742,6 +779,16 @@ class Processes:
         self._run(slot, svc, task)
 
     def _died(self, slot: _Slot) -> None:
+        if not slot.ready.is_set() and not slot.killed:
+            with self._lock:
+                if self._closed or self._starting:
+                    return  # the start fails (see _await_ready)
+            # A replacement that never came up would fail the same way again at once: not a loop.
+            slot.proc.join(1.0)
+            log.warning(
+                "a handler process exited before it was ready (exit code %s): replaced in 1 s", slot.proc.exitcode
+            )
+            time.sleep(1.0)
         with self._lock:
             if self._closed:
                 return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import multiprocessing
 import os
 import pickle
 import random
@@ -102,6 +103,7 @@ class Worker:
         self._mailbox = Mailbox()
         self._ratelog = RateLimitedLog(log)  # the core's problems (keyed ones: rate-limited)
         self._done = threading.Event()
+        self._up = threading.Event()  # the handlers can run (or the start failed: see error)
         self.stop_reason = ""
         self.error: BaseException | None = None
         self._loop: Loop | None = None
@@ -203,10 +205,15 @@ class Worker:
     # --- running --------------------------------------------------------------------------------
 
     def start(self) -> Worker:
-        """Serve in a background thread; return at once."""
+        """Serve in a background thread; return once its handlers can run (with
+        ``isolation="process"``, once every handler process is up), or raise why they cannot."""
         self._check_startable()
-        self._runner = threading.Thread(target=self._main, name=f"zmqdist-worker-{self.name}", daemon=True)
-        self._runner.start()
+        self._runner = t = threading.Thread(target=self._main, name=f"zmqdist-worker-{self.name}", daemon=True)
+        t.start()
+        while not self._up.wait(0.1) and t.is_alive():
+            pass
+        if self.error is not None:
+            raise self.error
         return self
 
     def run(self) -> None:
@@ -247,6 +254,12 @@ class Worker:
         return self._done.wait(timeout)
 
     def _check_startable(self) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            raise ZmqdistError(
+                "a Worker is starting in a process that multiprocessing spawned, as it imports the main "
+                "module again (a handler process of isolation='process' does): start the worker under "
+                '`if __name__ == "__main__":`'
+            )
         if self._runner is not None:
             if self._done.is_set():
                 raise ZmqdistError("worker has stopped: a Worker runs once, make a new one to start again")
@@ -291,7 +304,18 @@ class Worker:
         core = WorkerCore(
             self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now(), random.random
         )
-        executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock, self.codec)
+        try:
+            executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock, self.codec)
+        except BaseException as exc:  # handler processes that could not start: nothing has been sent
+            self.error = exc
+            log.error("worker %s could not start: %s", self.name, exc, extra={"worker": self.name})
+            link.close()
+            probe.close()
+            self._mailbox.close()
+            self._done.set()
+            self._up.set()
+            return
+        self._up.set()
         loop = self._loop = Loop(clock, self._mailbox)
         self._executors = executors
 

@@ -290,6 +290,49 @@ def test_a_handler_process_that_dies_is_replaced_and_the_worker_goes_on(procs, i
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in left), 10, "its children to die with it")
 
 
+# A script that starts a process worker at its top level, with no ``if __name__ == "__main__":``.
+UNGUARDED = """
+import sys
+from testworkers import _slow
+from zmqdist import Worker
+w = Worker([sys.argv[1]], concurrency=2, isolation="process")
+w.add_service("slow", _slow)
+if sys.argv[2] == "start":
+    w.start()
+    print("STARTED", flush=True)
+    w.stop(drain=False)
+else:
+    w.run()
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["run", "start"])
+def test_a_script_that_starts_a_process_worker_unguarded_fails_at_once_saying_why(tmp_path, ipc_ep, how):
+    """Each handler process is spawned and imports the main module again: unguarded, that starts
+    the worker again in it. The script fails at its start with the fix to make, where before its
+    handler processes failed and were replaced without end (43 in 8 s, measured) while the worker
+    took requests it could never run."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), ipc_ep, how], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, (out, err[-3000:])
+    assert "STARTED" not in out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("zmqdist.errors.ZmqdistError: isolation='process': a handler process exited"), err[-3000:]
+    assert 'under `if __name__ == "__main__":`' in last
+    # each child said why it stopped: the worker it was made to start again
+    assert "a Worker is starting in a process that multiprocessing spawned" in err
+    assert err.count("bootstrapping phase") == 0  # no child got as far as spawning processes of its own
+
+
 @pytest.mark.timeout(120)
 def test_a_call_to_a_quiet_service_is_served_while_another_services_backlog_lasts(procs, ipc_ep):
     """One worker serves two services; a map keeps a backlog of one of them at the broker. A call
