@@ -28,6 +28,7 @@ replaced at once; the request it ran ends in a clear error, the others go on.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import inspect
 import logging
 import os
@@ -677,6 +678,10 @@ class Processes:
         self._waiting: list[tuple[Service, Execute]] = []  # more tasks than processes (never, normally)
         self.replaced = 0
         self._slots: list[_Slot] = []
+        # At interpreter exit multiprocessing terminates its daemon processes, ours too: replaced
+        # then, each new one would find its parent gone and print a traceback. Registered after
+        # multiprocessing's, this runs before it.
+        atexit.register(self._exiting)
         for _ in range(n):
             with self._lock:  # (a slot's reader may look for it in the list at once)
                 self._slots.append(_Slot(self._ctx, self))
@@ -817,7 +822,12 @@ class Processes:
                 self._mailbox.post(("done", task.ticket, task.session, False, _failure(why), None))
         self._next(fresh)
 
+    def _exiting(self) -> None:
+        with self._lock:
+            self._closed = True  # nothing is replaced from here on
+
     def shutdown(self) -> None:
+        atexit.unregister(self._exiting)
         with self._lock:
             self._closed = True
             slots = list(self._slots)

@@ -333,6 +333,34 @@ def test_a_script_that_starts_a_process_worker_unguarded_fails_at_once_saying_wh
     assert err.count("bootstrapping phase") == 0  # no child got as far as spawning processes of its own
 
 
+# A script that starts a process worker, guarded, and ends without stopping it.
+ENDS_RUNNING = """
+import sys
+from testworkers import _slow
+from zmqdist import Worker
+if __name__ == "__main__":
+    w = Worker([sys.argv[1]], concurrency=2, isolation="process")
+    w.add_service("slow", _slow)
+    w.start()
+    print("STARTED", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_script_that_ends_with_its_process_worker_running_exits_quietly(tmp_path, ipc_ep):
+    """At exit multiprocessing terminates the handler processes; the worker used to replace them
+    then, and each replacement, its parent gone, printed a traceback (EOFError), 2 runs of 3."""
+    script = tmp_path / "ends_running.py"
+    script.write_text(ENDS_RUNNING)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
+    for _ in range(3):
+        proc = subprocess.run(
+            [sys.executable, str(script), ipc_ep], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0 and proc.stdout == "STARTED\n", (proc.stdout, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 @pytest.mark.timeout(120)
 def test_a_call_to_a_quiet_service_is_served_while_another_services_backlog_lasts(procs, ipc_ep):
     """One worker serves two services; a map keeps a backlog of one of them at the broker. A call
