@@ -736,7 +736,7 @@ class Client:
     def _handle(self, link: DealerLink, outs: list[ClientOut]) -> None:
         sent = p.MESSAGE_TYPES
         for o in outs:
-            if type(o) in sent:  # a message for the broker: most outputs, a REQUEST per request
+            if type(o) in sent:  # a message for the broker (a REQUEST per request): the one send
                 link.send(o)  # type: ignore[arg-type]
                 continue
             match o:
@@ -774,8 +774,6 @@ class Client:
                 case EndProbe():
                     if self._probe is not None:
                         self._probe.close()
-                case _:
-                    link.send(o)
 
 
 class AsyncClient:

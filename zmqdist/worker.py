@@ -299,23 +299,21 @@ class Worker:
 
     def _main(self) -> None:
         clock = self._clock
+        try:  # the handlers first: handler processes that cannot start end the worker before any socket
+            executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock, self.codec)
+        except BaseException as exc:
+            self.error = exc
+            log.error("worker %s could not start: %s", self.name, exc, extra={"worker": self.name})
+            self._mailbox.close()
+            self._done.set()
+            return
+        finally:
+            self._up.set()
         link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log, self._curve)
         probe = self._probe = DealerLink(self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve)
         core = WorkerCore(
             self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now(), random.random
         )
-        try:
-            executors = Executors(self._handlers, self.concurrency, self.isolation, self._mailbox, clock, self.codec)
-        except BaseException as exc:  # handler processes that could not start: nothing has been sent
-            self.error = exc
-            log.error("worker %s could not start: %s", self.name, exc, extra={"worker": self.name})
-            link.close()
-            probe.close()
-            self._mailbox.close()
-            self._done.set()
-            self._up.set()
-            return
-        self._up.set()
         loop = self._loop = Loop(clock, self._mailbox)
         self._executors = executors
 
@@ -419,7 +417,7 @@ class Worker:
         debug = self._debug.on
         sent = p.MESSAGE_TYPES
         for o in outs:
-            if type(o) in sent:  # a message for the broker: a RESULT per request, CREDIT
+            if type(o) in sent:  # a message for the broker (a RESULT per request, CREDIT): the one send
                 link.send(o)  # type: ignore[arg-type]
                 continue
             match o:
@@ -456,5 +454,3 @@ class Worker:
                 case EndProbe():
                     if self._probe is not None:
                         self._probe.close()
-                case _:
-                    link.send(o)
