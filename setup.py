@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -102,6 +102,10 @@ else:
                 # 40 of its 100 s parsing the 18 MB of generated C (measured on 2026-12-04 here).
                 for ext in ext_modules:
                     ext.extra_compile_args = [*ext.extra_compile_args, "-Wno-misleading-indentation"]
+                # a message read or written whole in one call (zmqdist/transport/wire.py); dlopen
+                for c in native.C_SOURCES:
+                    name = c.removesuffix(".c").replace("/", ".")
+                    ext_modules.append(Extension(name, [c], libraries=["dl"], extra_compile_args=["-O2"]))
         except (Exception, SystemExit) as exc:  # mypyc type-checks first, and exits on an error
             if compile_required():
                 raise

@@ -54,6 +54,8 @@ MODULES: tuple[str, ...] = (
     "zmqdist.worker",
     "zmqdist._handlers",
 )
+# C sources built with them (their hashes are checked alike): zmqdist.transport._wire
+C_SOURCES: tuple[str, ...] = ("zmqdist/transport/_wire.c",)
 MANIFEST = "_native.json"
 PURE_ENV = "ZMQDIST_PURE"
 
@@ -69,8 +71,11 @@ def source_path(root: Path, module: str) -> Path:
 
 
 def source_hashes(root: Path) -> dict[str, str]:
-    """SHA-256 of the source of every module in :data:`MODULES`."""
-    return {m: hashlib.sha256(source_path(root, m).read_bytes()).hexdigest() for m in MODULES}
+    """SHA-256 of the source of every module in :data:`MODULES` and of every :data:`C_SOURCES` file."""
+    hashes = {m: hashlib.sha256(source_path(root, m).read_bytes()).hexdigest() for m in MODULES}
+    for c in C_SOURCES:
+        hashes[c] = hashlib.sha256(root.joinpath(*c.split("/")).read_bytes()).hexdigest()
+    return hashes
 
 
 def _compiled_is_current(root: Path) -> tuple[bool, str]:
@@ -91,7 +96,7 @@ def _compiled_is_current(root: Path) -> tuple[bool, str]:
     except OSError as exc:
         return False, f"cannot read the sources: {exc}"
     if changed:
-        names = ", ".join(str(source_path(Path(), m)) for m in changed[:3])
+        names = ", ".join(m if m in C_SOURCES else str(source_path(Path(), m)) for m in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         log.warning(
             "zmqdist: %s%s changed since the modules were compiled: running the pure-Python sources "

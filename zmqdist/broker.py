@@ -41,10 +41,11 @@ from zmqdist.core.mdp import MAX_FRAMES, starts_mdp
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.core.rights import pair_peer
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
-from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, read_payload
+from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
-from zmqdist.transport.sockets import NB, SNDMORE_NB, fast_send, probe
+from zmqdist.transport.sockets import NB
+from zmqdist.transport.wire import Port, port
 
 # What a failed CURVE handshake's protocol error means, for the log (the others by number).
 HANDSHAKE_FAILURES: dict[int, str] = {
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 
 BATCH = 2000
 FLUSH = 64
+# A message read keeps at most this many frames: the routing id and an MDP message's most (a longer
+# one is refused whole by the core; a native message has 3)
+MAX_READ = MAX_FRAMES + 10
+RIGHTS = ("X-Roles", "X-Services")  # what the ZAP handler sets on every CURVE connection
 # After its last messages (BYE to every peer, a pair's HANDOVER) a stopping broker keeps its sockets
 # open this long: closed at once, a connection loses what was just sent to it about half the time
 # (measured: 5 of 10 BYEs arrived when closed at once, even with a linger; 10 of 10 after 0.3 s).
@@ -128,7 +133,7 @@ class Broker:
         self.incarnation = secrets.token_hex(8)
         self._ratelog = RateLimitedLog(log)
         self._enc = p.Encoder()  # used by the loop thread only
-        self._fsend: Any = None  # backend send of the ROUTER, set by the loop thread
+        self._port: Port | None = None  # the ROUTER's messages read and written whole, set by the loop thread
         self._debug = DebugCheck(log)  # traces of every message at DEBUG
         self._up: DealerLink | None = None  # a proxy's link to its upstream, owned by the loop thread
         self._pair_in: zmq.Socket[Any] | None = None  # the pair link: the peer's messages come here
@@ -255,7 +260,7 @@ class Broker:
             self._ready.set()
             self._done.set()
             return
-        self._fsend = fast_send(sock)
+        self._port = port(sock)
         clock = self._clock
         core = make_broker(
             self.settings, self.incarnation, clock.now(), rng=random.random, epoch_floor=int(time.time() * 1000)
@@ -281,7 +286,7 @@ class Broker:
             pair_out.connect(self._peer)
             loop.watch(lambda: pair_in, lambda now: self._drain_pair(pair_in, core))
             loop.watch(lambda: pair_out.sock, lambda now: self._read_pair_out(pair_out, core, now))
-        loop.watch(lambda: sock, lambda now: self._drain(sock, core, now))
+        loop.watch(lambda: sock, lambda now: self._drain(core, now))
         if self._ring is not None:
             # Peers that fail the CURVE handshake (plaintext, wrong server key) never reach ZAP:
             # the socket's monitor is how they are seen and logged. Not NO_DETAIL: that is a peer
@@ -316,6 +321,8 @@ class Broker:
                 if last:
                     time.sleep(STOP_GRACE_S)  # the peers read them and leave (see STOP_GRACE_S)
             finally:
+                if self._port is not None:
+                    self._port.detach()
                 if self._monitor is not None:
                     sock.disable_monitor()
                     self._monitor.close(0)
@@ -431,44 +438,43 @@ class Broker:
             elif cmd[0] == "status":
                 cmd[1].set_result(core.status(now))
 
-    def _drain(self, sock: zmq.Socket[Any], core: BrokerMachine, now: float) -> bool:
+    def _drain(self, core: BrokerMachine, now: float) -> bool:
         """Read up to BATCH messages; return True if more are waiting. The hot path.
 
-        Outputs are sent every FLUSH messages rather than per message: one loop over many sends.
+        Each message is read whole, in one call (transport.wire). Outputs are sent every FLUSH
+        messages rather than per message: one loop over many sends.
         """
-        recv = sock.recv
         # core.receive_frames is called by name, not through a local alias: compiled (mypyc), a
         # direct call is native, an alias goes through Python's call.
+        port = self._port
+        assert port is not None
         pending: list[Out] = []
-        poll, items = probe(sock)
-        secure = self._ring is not None
+        # the rights the ZAP handler gave the connection: it sets both on every CURVE peer
+        props = RIGHTS if self._ring is not None else None
+        rights: tuple[str, str] | None = None
         more = True
         for i in range(BATCH):
-            # poll said readable, so message 0 is there; for the next few ask a poll of this socket
-            # (sockets.probe) rather than raise zmq.Again (2-3 us): one message per wake-up is the
-            # synchronous case.
-            if 0 < i <= 4 and not poll(items, 0):
+            got = port.recv(MAX_READ, props)  # None when none waits: no exception, no poll first
+            if got is None:
                 more = False
                 break
-            try:
-                ident = recv(NB)
-            except zmq.Again:
-                more = False
-                break
-            head = recv(0, copy=False)
-            hb = head.bytes
-            # the rights the ZAP handler gave this connection (it sets both on every CURVE peer)
-            rights = (str(head.get("X-Roles")), str(head.get("X-Services"))) if secure else None
-            if starts_mdp(hb):
-                core.receive_mdp(ident, self._mdp_frames(sock, hb, head.more), now, pending, rights)
+            if props is None:
+                frames = got
             else:
-                payload = read_payload(recv, head)
-                if type(payload) is str:
-                    core.bad_input(ident, RemoteProtocolError(payload, p.E_FRAMES), b"", pending)
-                elif len(payload) > self._max_payload:
-                    core.oversized(ident, hb, len(payload), now, pending, rights)
-                else:
-                    core.receive_frames(ident, hb, payload.bytes, now, pending, rights)
+                frames, values = got
+                rights = (values[0], values[1])
+            ident = frames[0]
+            hb = frames[1]
+            n = len(frames)
+            if starts_mdp(hb):
+                core.receive_mdp(ident, frames[1:], now, pending, rights)
+            elif n != 3:
+                why = "message has 1 frame, expected 2" if n == 2 else "message has more than 2 frames"
+                core.bad_input(ident, RemoteProtocolError(why, p.E_FRAMES), b"", pending)
+            elif len(frames[2]) > self._max_payload:
+                core.oversized(ident, hb, len(frames[2]), now, pending, rights)
+            else:
+                core.receive_frames(ident, hb, frames[2], now, pending, rights)
             # The first message of a wake-up goes out before looking for more: alone (the
             # synchronous case) it must not wait for that check; in a batch it is one more send call.
             if (i == 0 or i % FLUSH == FLUSH - 1) and pending:
@@ -477,16 +483,6 @@ class Broker:
         if pending:
             self._send(core, pending, now)
         return more
-
-    def _mdp_frames(self, sock: zmq.Socket[Any], first: bytes, more: bool) -> list[bytes]:
-        """The frames of a Majordomo message (its first is read), at most MAX_FRAMES + 9 kept."""
-        frames = [first]
-        while more:
-            f = sock.recv(0, copy=False)
-            more = f.more
-            if len(frames) <= MAX_FRAMES + 8:
-                frames.append(f.bytes)
-        return frames
 
     def _send(self, core: BrokerMachine, out: list[Out], now: float) -> None:
         """Send what the machine produced: to peers that read BATCH frames, what is there for
@@ -505,7 +501,8 @@ class Broker:
             self._send_each(core, work, now, debug)
 
     def _send_each(self, core: BrokerMachine, work: list[Out], now: float, debug: bool) -> None:
-        send = self._fsend
+        port = self._port
+        assert port is not None
         enc = self._enc  # enc.encode(...): a native call when compiled (see _drain)
         mdp = core.mdp.peers
         while work:
@@ -522,15 +519,11 @@ class Broker:
                     failed += self._send_mdp(core, peer, msg, now)  # type: ignore[arg-type]
                     continue
                 head, payload = enc.encode(msg)  # type: ignore[arg-type]
-                try:
-                    send(peer, SNDMORE_NB)
-                except zmq.ZMQError as exc:
-                    # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full): never block the loop.
-                    self._unsent(exc, now, type(msg).__name__, peer, type(msg) is p.Bye or type(msg) is p.Reconnect)
+                rc = port.send(peer, head, payload)
+                if rc:  # EHOSTUNREACH (peer gone) or EAGAIN (its queue is full): never block the loop
+                    farewell = type(msg) is p.Bye or type(msg) is p.Reconnect
+                    self._unsent(zmq.ZMQError(rc), now, type(msg).__name__, peer, farewell)
                     failed += core.send_failed(peer, msg, now)  # type: ignore[arg-type]
-                    continue
-                send(head, SNDMORE_NB)
-                send(payload, NB)
             work = failed
 
     def _unsent(self, exc: zmq.ZMQError, now: float, what: str, peer: bytes, farewell: bool = False) -> None:
@@ -550,7 +543,8 @@ class Broker:
     ) -> list[Out]:
         """Send ``msgs`` to ``peer`` as BATCH frames (cut by :func:`protocol.batch_spans`); return
         what the machine does about those that could not go (as for single messages)."""
-        send = self._fsend
+        port = self._port
+        assert port is not None
         encode = self._enc.encode
         failed: list[Out] = []
         frames: list[bytes] = []
@@ -559,16 +553,12 @@ class Broker:
                 self._trace(peer, msg)
             frames += encode(msg)
         for a, b in p.batch_spans(frames):
-            try:
-                send(peer, SNDMORE_NB)
-                if b - a == 1:
-                    send(frames[2 * a], SNDMORE_NB)
-                    send(frames[2 * a + 1], NB)
-                else:
-                    send(p.BATCH_HEAD, SNDMORE_NB)
-                    send(p.pack_batch(frames[2 * a : 2 * b]), NB)
-            except zmq.ZMQError as exc:
-                self._unsent(exc, now, f"{b - a} messages", peer)
+            if b - a == 1:
+                rc = port.send(peer, frames[2 * a], frames[2 * a + 1])
+            else:
+                rc = port.send(peer, p.BATCH_HEAD, p.pack_batch(frames[2 * a : 2 * b]))
+            if rc:
+                self._unsent(zmq.ZMQError(rc), now, f"{b - a} messages", peer)
                 for m in msgs[a:b]:
                     failed += core.send_failed(peer, m, now)
         return failed
@@ -634,14 +624,11 @@ class Broker:
 
     def _send_mdp(self, core: BrokerMachine, peer: bytes, msg: p.Message, now: float) -> list[Out]:
         messages, more = core.mdp_outbound(peer, msg, now)
-        send = self._fsend
+        port = self._port
+        assert port is not None
         for frames in messages:
-            try:
-                send(peer, SNDMORE_NB)
-            except zmq.ZMQError as exc:
-                self._unsent(exc, now, f"MDP {type(msg).__name__}", peer)
+            rc = port.send(peer, *frames)
+            if rc:
+                self._unsent(zmq.ZMQError(rc), now, f"MDP {type(msg).__name__}", peer)
                 return core.send_failed(peer, msg, now)
-            last = len(frames) - 1
-            for i, f in enumerate(frames):
-                send(f, NB if i == last else SNDMORE_NB)
         return more

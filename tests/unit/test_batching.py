@@ -3,6 +3,7 @@ peer's link (its sends replaced by a fake libzmq, as in test_dealer_link)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 
 import msgpack
@@ -15,7 +16,7 @@ from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.broker import BrokerCore
 from zmqdist.errors import RemoteProtocolError
-from zmqdist.transport.sockets import NB, DealerLink
+from zmqdist.transport.sockets import DealerLink
 
 ENC = p.Encoder()
 
@@ -196,29 +197,31 @@ def test_a_peer_that_registers_again_without_batches_gets_single_messages():
 # --- a peer's link ------------------------------------------------------------------------------
 
 
-class FakeSend:
-    """A DEALER's send: ``fail`` makes every call raise EAGAIN, ``fail_calls`` the calls so numbered."""
+class FakePort:
+    """A DEALER's port (transport.wire): ``fail`` makes every send return EAGAIN, ``fail_calls``
+    the sends whose frame so numbered fails (nothing of that message goes out)."""
 
     def __init__(self, fail: bool = False, fail_calls: frozenset[int] = frozenset()) -> None:
         self.fail = fail
         self.fail_calls = fail_calls
         self.calls = 0
         self.messages: list[list[bytes]] = []
-        self._part: list[bytes] = []
 
-    def __call__(self, data: bytes, flags: int) -> None:
-        self.calls += 1
-        if self.fail or self.calls in self.fail_calls:
-            raise zmq.Again()
-        self._part.append(data)
-        if flags == NB:
-            self.messages.append(self._part)
-            self._part = []
+    def send(self, *frames: bytes) -> int:
+        for _ in frames:
+            self.calls += 1
+            if self.fail or self.calls in self.fail_calls:
+                return errno.EAGAIN
+        self.messages.append(list(frames))
+        return 0
+
+    def detach(self) -> None:
+        pass
 
 
-def link_with(fake: FakeSend, batch: int) -> DealerLink:
+def link_with(fake: FakePort, batch: int) -> DealerLink:
     link = DealerLink(zmq.Context.instance(), b"link", logging.getLogger("test"))
-    link._fsend = fake
+    link._port = fake
     link.batch = batch
     return link
 
@@ -234,7 +237,7 @@ def send_corked(link: DealerLink, msgs: list) -> None:
 
 
 def test_what_a_corked_link_holds_goes_out_as_one_batch_to_a_broker_that_reads_them():
-    fake = FakeSend()
+    fake = FakePort()
     link = link_with(fake, p.MAX_BATCH)
     link.cork()
     for r in REQS:
@@ -247,18 +250,18 @@ def test_what_a_corked_link_holds_goes_out_as_one_batch_to_a_broker_that_reads_t
 
 
 def test_a_link_sends_singly_to_a_broker_that_does_not_read_batches_and_alone_as_today():
-    fake = FakeSend()
+    fake = FakePort()
     link = link_with(fake, 0)
     send_corked(link, REQS)
     assert [p.decode(*m) for m in fake.messages] == REQS
-    fast = FakeSend()
+    fast = FakePort()
     link = link_with(fast, p.MAX_BATCH)
     send_corked(link, REQS[:1])
     assert fast.messages == [list(ENC.encode(REQS[0]))]  # one request alone: two frames, no BATCH
 
 
 def test_a_link_closes_a_batch_at_the_brokers_limit():
-    fake = FakeSend()
+    fake = FakePort()
     link = link_with(fake, 2)
     send_corked(link, REQS)
     assert [m[0] == p.BATCH_HEAD for m in fake.messages] == [True, True, False]
@@ -267,7 +270,7 @@ def test_a_link_closes_a_batch_at_the_brokers_limit():
 def test_a_link_keeps_each_batch_within_the_message_limit_its_brokers_welcome_said():
     """A broker refuses a BATCH over its --max-message-size whole, though each message in it fits."""
     reqs = [p.Request(i, "echo", 1000, (), b"v" * 100) for i in range(20)]
-    fake = FakeSend()
+    fake = FakePort()
     link = link_with(fake, p.MAX_BATCH)
     welcome = p.Welcome("b", "i", 250, 4, 0, "", 10, 600, p.MAX_BATCH)
     link._decode(*ENC.encode(welcome), [], 0.0)
@@ -280,7 +283,7 @@ def test_a_link_keeps_each_batch_within_the_message_limit_its_brokers_welcome_sa
 
 
 def test_a_batch_that_cannot_go_is_kept_message_by_message_heartbeats_dropped():
-    fake = FakeSend(fail=True)
+    fake = FakePort(fail=True)
     link = link_with(fake, p.MAX_BATCH)
     link.cork()
     link.send(REQS[0])
@@ -293,7 +296,7 @@ def test_a_batch_that_cannot_go_is_kept_message_by_message_heartbeats_dropped():
 
 
 def test_after_a_batch_that_could_not_go_the_next_ones_wait_behind_it_in_order():
-    fake = FakeSend(fail_calls=frozenset({1}))  # the first batch cannot start (EAGAIN)
+    fake = FakePort(fail_calls=frozenset({1}))  # the first batch cannot start (EAGAIN)
     link = link_with(fake, 2)  # batches of two: REQS go as [0, 1], [2, 3], 4
     send_corked(link, REQS)
     assert link.flush()
@@ -301,7 +304,7 @@ def test_after_a_batch_that_could_not_go_the_next_ones_wait_behind_it_in_order()
 
 
 def test_a_link_starts_a_new_connection_not_knowing_whether_its_broker_reads_batches():
-    link = link_with(FakeSend(), p.MAX_BATCH)
+    link = link_with(FakePort(), p.MAX_BATCH)
     link.connect("tcp://127.0.0.1:1")  # nothing listens: the connection waits, the socket exists
     try:
         assert link.batch == 0

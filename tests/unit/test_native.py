@@ -22,6 +22,8 @@ def _tree(tmp_path: Path) -> Path:
         f = _native.source_path(tmp_path, m)
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(f"# {m}\n")
+    for c in _native.C_SOURCES:
+        tmp_path.joinpath(c).write_text(f"/* {c} */\n")
     manifest = {"compiled": True, "reason": "", "sources": _native.source_hashes(tmp_path)}
     (tmp_path / "zmqdist" / _native.MANIFEST).write_text(json.dumps(manifest))
     return tmp_path
@@ -40,6 +42,10 @@ def test_an_edited_source_selects_the_pure_sources_and_says_so(tmp_path, monkeyp
         ok, why = _native._compiled_is_current(root)
     assert (ok, why) == (False, "sources changed since the build")
     assert "core/broker.py changed since the modules were compiled" in caplog.text
+    _tree(root)
+    root.joinpath("zmqdist/transport/_wire.c").write_text("/* edited after the build */\n")
+    assert _native._compiled_is_current(root) == (False, "sources changed since the build")
+    assert "zmqdist/transport/_wire.c changed since the modules were compiled" in caplog.text
 
 
 def test_no_manifest_a_failed_build_and_the_environment_select_pure(tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ from zmqdist.transport.sockets import (
     bind_router,
     map_zmq_errors,
     poll_timeout_ms,
-    read_payload,
 )
 
 __all__ = [
@@ -25,5 +24,4 @@ __all__ = [
     "bind_router",
     "map_zmq_errors",
     "poll_timeout_ms",
-    "read_payload",
 ]

@@ -1,8 +1,8 @@
 """Socket setup, frame I/O and zmq error translation for the runtimes.
 
-Every message is two frames (head, payload) after a ROUTER's identity frame. Reads use plain
-``recv`` and ``Frame.more`` (cheaper than ``recv_multipart``, see docs/performance.md); writes use
-precomputed integer flags and NOBLOCK, so a slow peer never blocks a loop.
+Every message is two frames (head, payload) after a ROUTER's identity frame. A loop reads and writes
+each message whole, in one call (:mod:`zmqdist.transport.wire`); writes never block, so a slow peer
+never blocks a loop.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import zmq
 
 from zmqdist import protocol as p
 from zmqdist.errors import RemoteProtocolError, TransportError
+from zmqdist.transport.wire import Port, port
 
 SNDMORE_NB = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 # pyzmq's Python-level Socket.send wrapper handles options we never use (routing_id, group,
@@ -52,35 +53,11 @@ def map_zmq_errors(what: str) -> Iterator[None]:
         raise TransportError(f"{what}: {exc.strerror} (errno {exc.errno})") from exc
 
 
-def probe(sock: zmq.Socket[Any]) -> tuple[Any, list[tuple[Any, int]]]:
-    """Return ``(poll, items)``: ``poll(items, 0)`` is non-empty when a message waits on ``sock``.
-
-    A loop that has read one message asks this before reading on (a wake-up with one message is
-    the synchronous case) instead of raising zmq.Again. It replaces ``sock.get(zmq.EVENTS)``,
-    which constructs enum members in Python on every call in pyzmq 27 (about 10,700 instructions
-    against 3,300 for this, counted with callgrind; docs/performance.md)."""
-    return zmq.zmq_poll, [(sock, POLLIN)]
-
-
 def poll_timeout_ms(deadline: float | None, now: float) -> int:
     """Milliseconds to wait for ``deadline`` (rounded up, so the wake-up is never early)."""
     if deadline is None:
         return MAX_POLL_MS
     return max(0, min(MAX_POLL_MS, math.ceil((deadline - now) * 1000)))
-
-
-def read_payload(recv: Any, head: Any) -> Any:
-    """Read the payload frame that follows ``head`` (every native message is a head and a
-    payload); return it, or a ``str`` saying why the message is malformed (its extra frames are
-    read and dropped). The one frame-count check of every socket loop."""
-    if not head.more:
-        return "message has 1 frame, expected 2"
-    payload = recv(0, copy=False)
-    if payload.more:
-        while recv(0, copy=False).more:
-            pass
-        return "message has more than 2 frames"
-    return payload
 
 
 class RateLimitedLog:
@@ -246,7 +223,7 @@ class DealerLink:
         self._curve = curve  # security.ClientKeys or None
         self.identity = identity
         self.sock: zmq.Socket[Any] | None = None
-        self._fsend: Any = None
+        self._port: Port | None = None  # the socket's messages read and written whole (wire)
         self._enc = p.Encoder()
         self._backlog: deque[tuple[bytes, bytes]] = deque()
         self._log = RateLimitedLog(logger)
@@ -277,7 +254,7 @@ class DealerLink:
         with map_zmq_errors(f"cannot connect to {endpoint}"):
             sock.connect(endpoint)
         self.sock = sock
-        self._fsend = fast_send(sock)
+        self._port = port(sock)
         self.endpoint = endpoint
         self._backlog.clear()
         self.batch = 0  # until this broker's WELCOME says it reads batches
@@ -300,7 +277,7 @@ class DealerLink:
         self._corked = None
         if not held:
             return
-        if len(held) == 1 or self.batch < 2 or self._backlog or self._fsend is None:
+        if len(held) == 1 or self.batch < 2 or self._backlog or self._port is None:
             for head, payload, keep in held:
                 self._put(head, payload, keep)
             return
@@ -332,18 +309,18 @@ class DealerLink:
             self._backlog.append((head, payload))
 
     def _send(self, head: bytes, payload: bytes) -> bool:
-        send = self._fsend
-        if send is None:
+        port = self._port
+        if port is None:
             return False
-        try:
-            send(head, SNDMORE_NB)
-            # The second frame can fail too: when the pipe the head went into closes between the
-            # two (the peer died), libzmq drops the whole message and says EAGAIN. Nothing of it
-            # went out, so it is kept and retried like one that could not start.
-            send(payload, NB)
-        except zmq.Again:
+        # The second frame can fail too: when the pipe the head went into closes between the two
+        # (the peer died), libzmq drops the whole message and says EAGAIN. Nothing of it went out,
+        # so it is kept and retried like one that could not start.
+        rc = port.send(head, payload)
+        if rc == 0:
+            return True
+        if rc == errno.EAGAIN:
             return False
-        return True
+        raise zmq.ZMQError(rc)
 
     def flush(self) -> bool:
         """Retry the backlog; return True when it is empty."""
@@ -360,34 +337,27 @@ class DealerLink:
 
     def recv_batch(self, now: float, limit: int = 1000) -> list[p.Message]:
         """Return up to ``limit`` decoded messages waiting on the socket (bad ones counted, logged)."""
-        sock = self.sock
+        port = self._port
         msgs: list[p.Message] = []
         self.more = False
-        if sock is None:
+        if port is None:
             return msgs
-        recv = sock.recv
-        poll, items = probe(sock)
-        # An immediate link does not probe: its read ends on zmq.Again, which restarts libzmq's
-        # count to its next every-100th-recv look at news, so that look never falls between the
-        # two frames of a message (the class docstring says why that matters with IMMEDIATE).
-        probing = not self._immediate
-        for i in range(limit):
-            if probing and 0 < i <= 4 and not poll(items, 0):
-                return msgs  # cheaper than raising zmq.Again when one message came (see broker._drain)
-            try:
-                head = recv(NB, copy=False)
-            except zmq.Again:
+        # A read ends when none waits (None: no exception, see transport.wire), which also restarts
+        # libzmq's count to its next every-100th-recv look at news, so that look never falls
+        # between the two frames of a message (the class docstring says why that matters).
+        for _ in range(limit):
+            got = port.recv(2)
+            if got is None:
                 return msgs
-            payload = read_payload(recv, head)
-            if type(payload) is str:
-                self._bad(now, payload)
+            if len(got) != 2:  # every message is a head and a payload: the one frame-count check
+                self._bad(now, "message has 1 frame, expected 2" if len(got) == 1 else "message has more than 2 frames")
                 continue
-            hb = head.bytes
+            hb = got[0]
             if hb[:4] != p.BATCH_HEAD:
-                self._decode(hb, payload.bytes, msgs, now)
+                self._decode(hb, got[1], msgs, now)
                 continue
             try:
-                frames = p.unpack_batch(payload.bytes)
+                frames = p.unpack_batch(got[1])
             except RemoteProtocolError as exc:
                 self._bad(now, str(exc))
                 continue
@@ -413,7 +383,9 @@ class DealerLink:
         self._log.warning("bad-input", now, "dropped bad message from broker at %s: %s", self.endpoint, what)
 
     def close(self, linger_ms: int = 0) -> None:
+        if self._port is not None:
+            self._port.detach()
+            self._port = None
         if self.sock is not None:
             self.sock.close(linger_ms)
             self.sock = None
-            self._fsend = None
