@@ -240,6 +240,9 @@ def test_a_client_bursting_past_its_quota_paces_itself_and_the_others_are_served
         b.stop()
 
 
+FLOOD_ROUNDS = 3  # windows the flood test may take (its docstring says why more than one)
+
+
 def p50(client, n=300):
     lat = []
     for i in range(n):
@@ -261,7 +264,12 @@ def test_a_flood_far_past_the_quota_gets_busy_and_leaves_others_latency_within_2
     The control matters on a shared 2-core machine: the flooder and the broker answering it use CPU
     whichever broker they hit, and that alone slows every process (docs/security.md has the figures
     for an unthrottled flooder, which takes a core for itself). What the broker controls is whether
-    the flood it receives delays the others it serves, and that is what the ratio isolates."""
+    the flood it receives delays the others it serves, and that is what the ratio isolates.
+
+    One window's ratio is still noise on a loaded machine: with a busy loop on each core beside it,
+    3 of 12 single rounds went over 2x (2.1-3.4x) on the code of 2026-12-06 and the commit before
+    it alike, and the others were 0.6-1.3x. A flood that delays the others does it in every window,
+    so the test passes on the first of up to FLOOD_ROUNDS rounds within 2x."""
     import json
     import subprocess
     import sys
@@ -293,20 +301,27 @@ def test_a_flood_far_past_the_quota_gets_busy_and_leaves_others_latency_within_2
         p50(other, 100)  # warm up
         quiet = p50(other, 500)
         rate = int(min(10_000, 4 / quiet))
-        control, _ = flood_while_measuring(eps[1], twin, other, rate)
-        loud, counts = flood_while_measuring(eps[0], other, other, rate)
-    print(
-        f"other client p50: {quiet * 1e6:.0f} us quiet, {control * 1e6:.0f} us while another broker is "
-        f"flooded, {loud * 1e6:.0f} us while its own broker is; flooder at {rate}/s {counts}"
-    )
-    busy = counts.get(str(2), 0)
-    assert counts["sent"] > 2 * rate and busy > counts["sent"] // 2, counts  # Busy, not silence (4 s sent)
-    # Both baselines are without the flood on this broker; the higher is the fairer one to compare with
-    # (a 300-call p50 moves by tens of percent from one window to the next under load).
-    base = max(quiet, control)
-    assert loud <= 2 * base, (
-        f"p50 {loud * 1e6:.0f} us under flood, {control * 1e6:.0f} us control, {quiet * 1e6:.0f} quiet"
-    )
+        rounds = []
+        for _ in range(FLOOD_ROUNDS):
+            control, _ = flood_while_measuring(eps[1], twin, other, rate)
+            loud, counts = flood_while_measuring(eps[0], other, other, rate)
+            print(
+                f"other client p50: {quiet * 1e6:.0f} us quiet, {control * 1e6:.0f} us while another broker is "
+                f"flooded, {loud * 1e6:.0f} us while its own broker is; flooder at {rate}/s {counts}"
+            )
+            busy = counts.get(str(2), 0)
+            assert counts["sent"] > 2 * rate and busy > counts["sent"] // 2, counts  # Busy, not silence (4 s sent)
+            # Both baselines are without the flood on this broker; the higher is the fairer one to compare
+            # with (a 300-call p50 moves by tens of percent from one window to the next under load).
+            base = max(quiet, control)
+            rounds.append(f"p50 {loud * 1e6:.0f} us under flood, {control * 1e6:.0f} us control")
+            if loud <= 2 * base:
+                break
+        else:
+            pytest.fail(
+                f"in every round the flood at its own broker more than doubled the p50 ({quiet * 1e6:.0f} "
+                f"us quiet): {'; '.join(rounds)}"
+            )
 
 
 @pytest.mark.timeout(60)
