@@ -103,7 +103,7 @@ def one_round(kind: str, n: int) -> tuple[float, float]:
         port = wire.PyPort(r)
     elif kind == "c":
         assert wire.NativePort is not None
-        port = wire.NativePort(r.underlying)
+        port = wire.NativePort(r)
     t0 = time.perf_counter()
     ident = read_frames(r, n) if port is None else read_port(port, r, n)
     t1 = time.perf_counter()

@@ -5,9 +5,10 @@
  * call (docs/performance.md). libzmq is the one pyzmq loaded: `load` finds its functions by
  * dlopen(RTLD_NOLOAD) of that file, so this module links against nothing and needs no zmq.h.
  *
- * A Port holds a socket's raw handle (pyzmq's Socket.underlying). Only the thread that owns the
- * socket uses it; `detach` (called before the socket is closed) makes every later call raise
- * instead of touching freed memory.
+ * A Port holds a pyzmq socket and its raw handle (Socket.underlying). Only the thread that owns
+ * the socket uses it. Like pyzmq, every call first asks the socket's `_closed` (set by close() and
+ * by a context's destroy(), from any thread), and `detach` (called before the socket is closed)
+ * makes every later call raise: a closed socket's handle is never used.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -29,6 +30,7 @@ static const char *(*z_msg_gets)(const zmsg *, const char *);
 static int (*z_send)(void *, const void *, size_t, int);
 static int (*z_errno)(void);
 static PyObject *zmq_error; /* zmq.ZMQError: raised with the errno, as pyzmq would */
+static PyObject *str_closed, *str_underlying;
 static int loaded;
 
 #define Z_DONTWAIT 1
@@ -78,29 +80,55 @@ static PyObject *w_load(PyObject *self, PyObject *args) {
 
 typedef struct {
     PyObject_HEAD void *sock;
+    PyObject *owner; /* the pyzmq socket */
 } Port;
 
 static int port_init(Port *self, PyObject *args, PyObject *kw) {
-    PyObject *handle;
-    if (!PyArg_ParseTuple(args, "O:Port", &handle))
+    PyObject *owner;
+    if (!PyArg_ParseTuple(args, "O:Port", &owner))
         return -1;
     if (!loaded) {
         PyErr_SetString(PyExc_RuntimeError, "zmqdist.transport._wire: load() was not called");
         return -1;
     }
+    PyObject *handle = PyObject_GetAttr(owner, str_underlying);
+    if (handle == NULL)
+        return -1;
     void *sock = PyLong_AsVoidPtr(handle);
+    Py_DECREF(handle);
     if (sock == NULL) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "Port: a socket handle cannot be 0");
+            PyErr_SetString(PyExc_ValueError, "Port: the socket's handle is 0");
         return -1;
     }
+    Py_INCREF(owner);
+    Py_XSETREF(self->owner, owner);
     self->sock = sock;
     return 0;
 }
 
+static void port_dealloc(Port *self) {
+    Py_XDECREF(self->owner);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The handle, or NULL with an exception set: detached (ValueError), closed (ZMQError ENOTSOCK). */
 static void *attached(Port *self) {
-    if (self->sock == NULL)
+    if (self->sock == NULL || self->owner == NULL) {
         PyErr_SetString(PyExc_ValueError, "Port: its socket was detached (closed)");
+        return NULL;
+    }
+    PyObject *closed = PyObject_GetAttr(self->owner, str_closed);
+    if (closed == NULL)
+        return NULL;
+    int c = PyObject_IsTrue(closed);
+    Py_DECREF(closed);
+    if (c < 0)
+        return NULL;
+    if (c) {
+        raise_errno(ENOTSOCK);
+        return NULL;
+    }
     return self->sock;
 }
 
@@ -223,7 +251,8 @@ fail:
 
 /* send(*frames): send bytes frames as one message, never blocking; 0, or the errno of the frame
  * that failed (EAGAIN: a full queue or, after the first frame, a pipe that closed meanwhile, when
- * libzmq drops the whole message; EHOSTUNREACH: a ROUTER's unknown peer). */
+ * libzmq drops the whole message; EHOSTUNREACH: a ROUTER's unknown peer). A closed socket raises
+ * ZMQError (ENOTSOCK), as a read does. */
 static PyObject *port_send(Port *self, PyObject *const *args, Py_ssize_t nargs) {
     void *sock = attached(self);
     if (sock == NULL)
@@ -266,6 +295,7 @@ static PyMethodDef port_methods[] = {
 static PyTypeObject PortType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "zmqdist.transport._wire.Port",
     .tp_basicsize = sizeof(Port),
+    .tp_dealloc = (destructor)port_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A socket's messages read and written whole (see the module docstring).",
     .tp_methods = port_methods,
@@ -282,6 +312,10 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_wire", NULL, -1, me
 
 PyMODINIT_FUNC PyInit__wire(void) {
     if (PyType_Ready(&PortType) < 0)
+        return NULL;
+    if ((str_closed = PyUnicode_InternFromString("_closed")) == NULL)
+        return NULL;
+    if ((str_underlying = PyUnicode_InternFromString("underlying")) == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

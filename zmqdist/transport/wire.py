@@ -16,8 +16,9 @@ blocks). At most ``cap`` frames are kept: a longer message comes back as ``cap +
 frame (the ZAP handler's, on a CURVE connection); a missing one raises ``zmq.ZMQError``.
 ``send(*frames)`` sends bytes frames as one message without blocking and returns 0, or the errno of
 the frame that failed (EAGAIN, EHOSTUNREACH...): nothing of a message that failed went out.
-``detach()`` is called before the socket closes: a Port used after it raises, never touches a
-freed socket.
+A closed socket (its ``close()``, or its context's ``destroy()`` from any thread) raises
+``zmq.ZMQError`` (ENOTSOCK) on a read or a send, as pyzmq does; ``detach()``, called before the socket closes, makes
+every later call raise ValueError. A Port never touches a closed socket.
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class PyPort:
                 send(frames[i], _SNDMORE_NB)
             send(frames[last], _NB)
         except zmq.ZMQError as exc:
+            if exc.errno == errno.ENOTSOCK:
+                raise  # a closed socket raises, as a read does
             return exc.errno or errno.EIO
         return 0
 
@@ -146,6 +149,6 @@ NATIVE = NativePort is not None
 def port(sock: zmq.Socket[Any]) -> Port:
     """A Port for ``sock``: the C one where it loaded, else :class:`PyPort`."""
     if NativePort is not None:
-        p: Port = NativePort(sock.underlying)
+        p: Port = NativePort(sock)
         return p
     return PyPort(sock)
