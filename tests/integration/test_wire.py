@@ -149,11 +149,25 @@ def test_a_closed_socket_raises_never_crashes(make, pair):
         other.recv(3)
 
 
-def test_the_c_port_refuses_what_is_not_a_socket():
+def test_the_c_port_refuses_what_is_not_a_socket_and_a_failed_load_changes_nothing(pair):
     if wire.NativePort is None:
         pytest.skip(f"no C Port here: {wire.WHY_NOT}")
+    from zmqdist.transport import _wire
+
     with pytest.raises(AttributeError):
         wire.NativePort("not a socket")
+    with pytest.raises(OSError, match="is not loaded"):
+        _wire.load("/nonexistent/libzmq.so", zmq.ZMQError)
+    with pytest.raises(OSError, match="no zmq_msg_init found"):
+        _wire.load(_wire.__file__, zmq.ZMQError)  # loaded, but no libzmq behind it
+    with pytest.raises(TypeError, match="exception class"):
+        _wire.load(_wire.__file__, "not an exception")
+    r, d = pair  # the module still reads and writes through the libzmq it loaded first
+    port = wire.NativePort(r)
+    d.send_multipart([b"h", b"p"])
+    _wait(r)
+    assert port.recv(3) == [b"D", b"h", b"p"]
+    assert port.send(b"D", b"x") == 0
 
 
 def test_a_compiled_install_uses_the_c_port():

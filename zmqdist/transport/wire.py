@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import sys
 import types
 from typing import Any, Protocol
 
@@ -105,17 +106,14 @@ class PyPort:
         self._recv = self._send = None
 
 
-def _libzmq_path() -> str | None:
-    """The file of the libzmq this process loaded for pyzmq (Linux: /proc/self/maps)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.rsplit(None, 1)[-1]
-                if "libzmq" in os.path.basename(path) and os.path.isfile(path):
-                    return path
-    except OSError:
-        return None
-    return None
+def _backend_path() -> str | None:
+    """The file of pyzmq's compiled backend (the module its Socket comes from). Its functions are
+    found through it (dlsym on its handle searches its own libzmq): never another libzmq that
+    some other extension of the process may have loaded."""
+    backend = getattr(zmq, "backend", None)
+    module = sys.modules.get(getattr(getattr(backend, "Socket", None), "__module__", ""))
+    path = getattr(module, "__file__", None)
+    return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
 def _load_native() -> tuple[Any, str]:
@@ -130,8 +128,8 @@ def _load_native() -> tuple[Any, str]:
         from zmqdist.transport import _wire
     except ImportError as exc:  # compiled, but not this module (a platform without dlopen)
         return None, f"not built ({exc})"
-    path = _libzmq_path()
-    why = "the libzmq pyzmq loaded was not found in /proc/self/maps"
+    path = _backend_path()
+    why = "pyzmq's compiled backend was not found"
     if path is not None:
         try:
             _wire.load(path, zmq.ZMQError)
