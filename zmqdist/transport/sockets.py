@@ -204,8 +204,9 @@ class DealerLink:
     died so (tests/integration/test_link_abort.py shows it). Without IMMEDIATE the pipe outlives
     a reconnect: what arrived is read whole, and what was sent while the peer was away goes out
     when it is back. Only the pair link keeps ``immediate`` (its states must not pile up while
-    the peer is down): it reads one message a heartbeat, and every read of an immediate link ends
-    on zmq.Again, which restarts libzmq's count, so only a burst of 50 messages could meet the bug.
+    the peer is down): it reads one message a heartbeat, and every read of a link ends when none
+    waits (libzmq's EAGAIN), which restarts libzmq's count, so only a burst of 50 messages could
+    meet the bug.
     """
 
     def __init__(
