@@ -29,7 +29,7 @@ def minimal_broker(front: str, back: str) -> None:
     """Clients on ``front`` (ROUTER), workers on ``back`` (ROUTER): the worker with most credit."""
     import zmq
 
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     ctx = zmq.Context.instance()
     f, w = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
@@ -83,7 +83,7 @@ def single_broker(front: str, back: str) -> None:
     """
     import zmq
 
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     s = zmq.Context.instance().socket(zmq.ROUTER)
     s.bind(front)
@@ -120,7 +120,7 @@ def single_broker(front: str, back: str) -> None:
 def minimal_worker(back: str, capacity: str) -> None:
     import zmq
 
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     s = zmq.Context.instance().socket(zmq.DEALER)
     s.connect(back)

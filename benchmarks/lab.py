@@ -67,7 +67,7 @@ def role_rawworker(ep: str, bind: str) -> None:
     the device's DEALER (frames device-id, client-id, payload)."""
     import zmq
 
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
     s.linger = 0
@@ -90,7 +90,7 @@ def role_rawworkers(ep: str, count: str) -> None:
     """``count`` minimal echo workers (ROUTER sockets) in one process, for the device's scale runs."""
     import zmq
 
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     poller = zmq.Poller()
@@ -169,7 +169,7 @@ def role_zdworker(ep: str, capacity: str, count: str = "1") -> None:
     import zmq
 
     from zmqdist import protocol as p
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     enc = p.Encoder()
@@ -420,7 +420,7 @@ def _client_loop(send: Any, recv: Any, mode: str, duration: float, payload_size:
 def role_rawclient(eps: str, mode: str, duration: str, payload: str) -> None:
     import zmq
 
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     s.linger = 0
@@ -454,7 +454,7 @@ def role_zdclient(ep: str, mode: str, duration: str, payload: str) -> None:
     import zmq
 
     from zmqdist import protocol as p
-    from zmqdist.transport.sockets import fast_send
+    from zmqdist.transport.wire import fast_send
 
     s: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     s.linger = 0

