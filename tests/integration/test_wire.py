@@ -1,14 +1,22 @@
-"""The contract of transport.wire's Port, held alike by the C module and the pyzmq fallback (real
+"""The contract of transport.wire's Port and Poller, held alike by the C module and the pyzmq fallback (real
 sockets over tcp loopback)."""
 
 import errno
+import functools
+import operator
 import os
+import signal
+import threading
+import time
 
 import pytest
 import zmq
 
 from zmqdist import _native
+from zmqdist.clock import MonotonicClock
 from zmqdist.transport import wire
+from zmqdist.transport.loop import Loop
+from zmqdist.transport.mailbox import Mailbox
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -173,3 +181,140 @@ def test_the_c_port_refuses_what_is_not_a_socket_and_a_failed_load_changes_nothi
 def test_a_compiled_install_uses_the_c_port():
     """The runtimes' loops read through the C module wherever the install compiled."""
     assert wire.NATIVE == _c_expected(), wire.WHY_NOT
+
+
+@pytest.fixture(params=["py", "c"])
+def make_poller(request):
+    """A function that makes a Poller of the implementation under test for a list of items."""
+    if request.param == "c":
+        if wire.NativePoller is None:
+            if _c_expected():
+                pytest.fail(f"a compiled install without the C Poller: {wire.WHY_NOT}")
+            pytest.skip(f"no C Poller here: {wire.WHY_NOT}")
+        return wire.NativePoller
+    return wire.PyPoller
+
+
+def test_a_poller_returns_the_indices_of_ready_sockets_and_descriptors(make_poller, pair):
+    r, d = pair
+    rfd, wfd = os.pipe()
+    try:
+        poller = make_poller([r, d, rfd])
+        assert poller.poll(0) == []
+        d.send_multipart([b"h", b"p"])
+        _wait(r)
+        assert poller.poll(1000) == [0]
+        os.write(wfd, b"x")
+        assert poller.poll(1000) == [0, 2]
+        r.recv_multipart()
+        assert poller.poll(0) == [2]
+        os.read(rfd, 1)
+        t0 = time.monotonic()
+        assert poller.poll(50) == []
+        assert time.monotonic() - t0 >= 0.04  # waited for its timeout
+        with pytest.raises(ValueError, match="timeout"):
+            poller.poll(-2)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+
+
+def test_a_poller_lets_other_threads_run_while_it_waits(make_poller, pair):
+    """The GIL is released during the wait: a thread counting meanwhile makes progress, and one
+    that sends wakes the wait (no limit, -1) well before anything else would."""
+    r, d = pair
+    poller = make_poller([r])
+    counted = []
+
+    def count_then_send():
+        n = 0
+        t_end = time.monotonic() + 0.2
+        while time.monotonic() < t_end:
+            n += 1
+        counted.append(n)
+        d.send(b"wake")
+
+    t = threading.Thread(target=count_then_send)
+    t0 = time.monotonic()
+    t.start()
+    assert poller.poll(-1) == [0]
+    t.join(5)
+    assert counted and counted[0] > 1000
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_signal_handler_that_raises_interrupts_a_poll(make_poller, pair):
+    r, _ = pair
+    poller = make_poller([r])
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    main = threading.get_ident()
+    timer = threading.Timer(0.05, lambda: signal.pthread_kill(main, signal.SIGUSR1))
+    try:
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            poller.poll(10_000)
+        assert time.monotonic() - t0 < 5
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_poller_raises_on_a_closed_socket_and_refuses_what_it_cannot_poll(make_poller, pair):
+    _, d = pair
+    poller = make_poller([d])
+    d.close(0)
+    with pytest.raises(zmq.ZMQError) as err:
+        poller.poll(0)
+    assert err.value.errno == zmq.ENOTSOCK
+    with pytest.raises(TypeError, match="item 1 is str, not a socket"):
+        make_poller([0, "not a socket"])
+    with pytest.raises(ValueError, match="item 0 is not a file descriptor"):
+        make_poller([-1])
+
+
+def test_a_signal_caught_by_another_thread_runs_its_handler_when_a_loop_wakes():
+    """The broker's SIGTERM handler must run even when a libzmq or helper thread, not the loop's,
+    catches the signal: nothing interrupts the loop's wait then, and a compiled loop whose timers
+    and readers are not Python functions runs no bytecode that would run the handler later. (The
+    C Poller once ran handlers only on EINTR: a broker sent SIGTERM kept running.)"""
+    clock = MonotonicClock()
+    mailbox = Mailbox()
+    loop = Loop(clock, mailbox)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    def kill_myself():
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)  # caught by this thread
+
+    def give_up():
+        loop.stop()  # seen at the loop's next wake-up (every 100 ms)
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    killer = threading.Timer(0.05, kill_myself)
+    backstop = threading.Timer(10.0, give_up)
+    try:
+        killer.start()
+        backstop.start()
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            # timers and mail are C callables: the loop runs no bytecode of its own when compiled
+            loop.run(functools.partial(operator.add, 0.1), print)
+        # raised by the loop within a few wake-ups, not once the backstop ended it
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        killer.cancel()
+        backstop.cancel()
+        signal.signal(signal.SIGUSR1, old)
+        mailbox.close()

@@ -14,11 +14,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-
 from zmqdist.clock import Clock
+from zmqdist.transport import wire
 from zmqdist.transport.mailbox import Mailbox
-from zmqdist.transport.sockets import POLLIN, poll_timeout_ms
+from zmqdist.transport.sockets import poll_timeout_ms
+from zmqdist.transport.wire import Poller
 
 RETRY_MS = 20  # how soon a loop with unsent messages (no connection yet) tries again
 PAUSE_S = 0.2  # a wait that ends this much later than asked for, or a turn's work this long: the
@@ -57,14 +57,15 @@ class Loop:
         self._mailbox = mailbox
         self._sources: list[tuple[Pollable, Reader]] = []
         self._polled: list[Any] = []  # what each source returned when the poll set was built
-        self._items: list[tuple[Any, int]] | None = None  # the poll set: (socket or fd, POLLIN)
-        self._readers: dict[Any, Reader] = {}  # socket or fd -> its reader (the mailbox: none)
+        self._poller: Poller | None = None  # the current sockets, then the mailbox
+        self._mail_only = wire.poller([mailbox.fileno()])  # a socket thread's wait while a caller drives
+        self._readers: list[Reader] = []  # the reader of each of the poller's sockets, in order
         self._stopped = False
 
     def watch(self, pollable: Pollable, read: Reader) -> None:
         """Call ``read(now)`` when what ``pollable()`` returns is readable."""
         self._sources.append((pollable, read))
-        self._items = None
+        self._poller = None
 
     def stop(self) -> None:
         """End :meth:`run` after the current turn (call from the loop's own thread)."""
@@ -74,27 +75,29 @@ class Loop:
     def stopped(self) -> bool:
         return self._stopped
 
-    def _poll_set(self) -> list[tuple[Any, int]]:
-        """The items to poll, rebuilt only when a source returns another socket (a failover)."""
-        items = self._items
+    def _poll_set(self) -> Poller:
+        """The poller of the current sockets and the mailbox (the last item), made again only when a
+        source returns another socket (a failover)."""
+        poller = self._poller
         sources = self._sources
-        if items is not None:
+        if poller is not None:
             polled = self._polled
             for i in range(len(sources)):
                 if sources[i][0]() is not polled[i]:
-                    items = None
+                    poller = None
                     break
-        if items is None:
+        if poller is None:
             current = [get() for get, _ in sources]
-            readers: dict[Any, Reader] = {}
-            items = []
+            items: list[Any] = []
+            readers: list[Reader] = []
             for s, (_, read) in zip(current, sources, strict=True):
                 if s is not None:
-                    items.append((s, POLLIN))
-                    readers[s] = read
-            items.append((self._mailbox.fileno(), POLLIN))
-            self._items, self._polled, self._readers = items, current, readers
-        return items
+                    items.append(s)
+                    readers.append(read)
+            items.append(self._mailbox.fileno())
+            poller = wire.poller(items)
+            self._poller, self._polled, self._readers = poller, current, readers
+        return poller
 
     def run(
         self,
@@ -123,9 +126,7 @@ class Loop:
         socket before the timers run. A caller that took ``hold`` runs the loop with ``until``: it
         returns once ``until()`` is true."""
         clock = self._clock
-        mailbox_fd = self._mailbox.fileno()
-        mail_only = [(mailbox_fd, POLLIN)]
-        poll = zmq.zmq_poll  # not zmq.Poller.poll: its Python wrapper and a dict cost every turn
+        mail_only = self._mail_only
         backlog = False
         mark = clock.now()  # when the last wait ended
         while not self._stopped:
@@ -146,7 +147,7 @@ class Loop:
                 hold.release()  # a caller may drive the sockets during this wait
                 try:
                     t0 = clock.now()
-                    poll(mail_only, timeout)
+                    mail_only.poll(timeout)
                     late = clock.now() - t0 - timeout / 1000
                 finally:
                     hold.acquire()
@@ -155,9 +156,9 @@ class Loop:
                     paused(late, now)
                 backlog = True  # read whatever came meanwhile before the next timers
                 continue
-            items = self._poll_set()
+            poller = self._poll_set()
             t0 = clock.now() if paused is not None else now
-            ready = poll(items, timeout)
+            ready = poller.poll(timeout)
             now = clock.now()
             if paused is not None and (late := now - t0 - timeout / 1000) > PAUSE_S:
                 paused(late, now)
@@ -165,13 +166,12 @@ class Loop:
             backlog = False
             mail_ready = False
             readers = self._readers
-            for sock, _ in ready:
-                read = readers.get(sock)
-                if read is not None:
-                    if read(now):
+            for i in ready:
+                if i < len(readers):
+                    if readers[i](now):
                         backlog = True
                     now = clock.now()
-                elif sock == mailbox_fd:
+                else:
                     mail_ready = True
             if after is not None:
                 after(now)

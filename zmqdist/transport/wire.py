@@ -1,4 +1,5 @@
-"""A socket's whole message in one call: ``port(sock).recv(cap)`` and ``port(sock).send(*frames)``.
+"""A socket's whole message in one call: ``port(sock).recv(cap)`` and ``port(sock).send(*frames)``;
+and a loop's wait on its sockets and file descriptors: ``poller(items).poll(timeout_ms)``.
 
 The runtimes' loops read and write every message through a :class:`Port`. Two implementations
 keep the same contract:
@@ -19,6 +20,15 @@ the frame that failed (EAGAIN, EHOSTUNREACH...): nothing of a message that faile
 A closed socket (its ``close()``, or its context's ``destroy()`` from any thread) raises
 ``zmq.ZMQError`` (ENOTSOCK) on a read or a send, as pyzmq does; ``detach()``, called before the socket closes, makes
 every later call raise ValueError. A Port never touches a closed socket.
+
+``poller(items)`` (each a socket or a file descriptor) waits with ``poll(timeout_ms)`` (-1: no
+limit) and returns the indices of the items with input, empty at the timeout or when a signal
+interrupted the wait. The Python handlers of signals caught meanwhile, by any thread, have run when
+it returns (an exception one raised propagates): compiled loops run no bytecode that would run them
+later, and a signal another thread caught interrupts no wait. A closed
+socket raises ``zmq.ZMQError`` (ENOTSOCK). The C Poller holds the items' handles, where pyzmq's
+``zmq_poll`` takes a list of tuples, asks every socket for its handle and builds a list of result
+tuples at every wake-up.
 """
 
 from __future__ import annotations
@@ -44,6 +54,11 @@ class Port(Protocol):
     def detach(self) -> None: ...
 
 
+class Poller(Protocol):
+    def poll(self, timeout_ms: int, /) -> list[int]: ...
+
+
+POLLIN = int(zmq.POLLIN)
 NB = int(zmq.NOBLOCK)  # plain ints: IntEnum arithmetic costs about 0.45 us per operation
 _SNDMORE_NB = int(zmq.SNDMORE) | NB
 # pyzmq's Python-level Socket.send wrapper handles options we never use (routing_id, group,
@@ -114,6 +129,30 @@ class PyPort:
         self._recv = self._send = None
 
 
+class PyPoller:
+    """The poller contract above over ``zmq.zmq_poll``."""
+
+    def __init__(self, items: list[Any]) -> None:
+        for i, it in enumerate(items):
+            if type(it) is int:
+                if it < 0:
+                    raise ValueError(f"Poller: item {i} is not a file descriptor ({it})")
+            elif not isinstance(it, zmq.Socket):
+                raise TypeError(f"Poller: item {i} is {type(it).__name__}, not a socket or a file descriptor")
+        self._items = [(it, POLLIN) for it in items]
+        self._index = {(it if type(it) is int else id(it)): i for i, it in enumerate(items)}
+
+    def poll(self, timeout_ms: int, /) -> list[int]:
+        if timeout_ms < -1:
+            raise ValueError("poll: timeout_ms must be -1 (no limit) or more")
+        for it, _ in self._items:
+            if type(it) is not int and it.closed:
+                raise zmq.ZMQError(errno.ENOTSOCK)
+        ready = zmq.zmq_poll(self._items, timeout_ms)  # it runs the signal handlers on EINTR, and retries
+        index = self._index
+        return [index[it if type(it) is int else id(it)] for it, _ in ready]
+
+
 def _backend_path() -> str | None:
     """The file of pyzmq's compiled backend (the module its Socket comes from). Its functions are
     found through it (dlsym on its handle searches its own libzmq): never another libzmq that
@@ -124,31 +163,31 @@ def _backend_path() -> str | None:
     return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
-def _load_native() -> tuple[Any, str]:
-    """The C module's Port class, or None and why not."""
+def _load_native() -> tuple[Any, Any, str]:
+    """The C module's Port and Poller classes, or None, None and why not."""
     if os.environ.get(WIRE_ENV, "") == "0":
-        return None, f"{WIRE_ENV}=0"
+        return None, None, f"{WIRE_ENV}=0"
     from zmqdist import _native
 
     if _native.STATE != "compiled":
-        return None, "the install is not compiled"
+        return None, None, "the install is not compiled"
     try:
         from zmqdist.transport import _wire
     except ImportError as exc:  # compiled, but not this module (a platform without dlopen)
-        return None, f"not built ({exc})"
+        return None, None, f"not built ({exc})"
     path = _backend_path()
     why = "pyzmq's compiled backend was not found"
     if path is not None:
         try:
             _wire.load(path, zmq.ZMQError)
-            return _wire.Port, ""
+            return _wire.Port, _wire.Poller, ""
         except OSError as exc:
             why = str(exc)
     log.warning("zmqdist: messages are read a frame at a time through pyzmq (slower): %s", why)
-    return None, why
+    return None, None, why
 
 
-NativePort, WHY_NOT = _load_native()  # the C Port class, or None and why not
+NativePort, NativePoller, WHY_NOT = _load_native()  # the C classes, or None and why not
 NATIVE = NativePort is not None
 
 
@@ -158,3 +197,12 @@ def port(sock: zmq.Socket[Any]) -> Port:
         p: Port = NativePort(sock)
         return p
     return PyPort(sock)
+
+
+def poller(items: list[Any]) -> Poller:
+    """A Poller of ``items`` (sockets and file descriptors): the C one where it loaded, else
+    :class:`PyPoller`."""
+    if NativePoller is not None:
+        p: Poller = NativePoller(items)
+        return p
+    return PyPoller(items)
