@@ -6,6 +6,7 @@ Core machines never read a clock: they are handed ``now`` (float seconds, monoto
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -22,6 +23,15 @@ class MonotonicClock:
 
     def now(self) -> float:
         return time.monotonic()
+
+
+def reader(clock: Clock) -> Callable[[], float]:
+    """A function that reads ``clock``: ``time.monotonic`` itself for the real clock. A loop reads
+    the time about four times a wake-up; through the method, each read cost about 600
+    instructions of a compiled loop, against about 150 for the function."""
+    if type(clock) is MonotonicClock:
+        return time.monotonic
+    return clock.now
 
 
 def thread_cpu_time() -> float:

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from zmqdist.clock import Clock
+from zmqdist.clock import Clock, reader
 from zmqdist.transport import wire
 from zmqdist.transport.mailbox import Mailbox
 from zmqdist.transport.sockets import poll_timeout_ms
@@ -125,14 +125,14 @@ class Loop:
         watches only the mailbox and the next deadline, and once it holds it again reads every
         socket before the timers run. A caller that took ``hold`` runs the loop with ``until``: it
         returns once ``until()`` is true."""
-        clock = self._clock
+        clock_now = reader(self._clock)
         mail_only = self._mail_only
         backlog = False
-        mark = clock.now()  # when the last wait ended
+        mark = clock_now()  # when the last wait ended
         while not self._stopped:
             if until is not None and until():
                 return
-            now = clock.now()
+            now = clock_now()
             if paused is not None and now - mark > PAUSE_S:
                 paused(now - mark, now)
             timeout = 0
@@ -146,20 +146,20 @@ class Loop:
             if hold is not None and idle is not None and not backlog and not waiting and idle():
                 hold.release()  # a caller may drive the sockets during this wait
                 try:
-                    t0 = clock.now()
+                    t0 = clock_now()
                     mail_only.poll(timeout)
-                    late = clock.now() - t0 - timeout / 1000
+                    late = clock_now() - t0 - timeout / 1000
                 finally:
                     hold.acquire()
-                mark = now = clock.now()
+                mark = now = clock_now()
                 if paused is not None and late > PAUSE_S:
                     paused(late, now)
                 backlog = True  # read whatever came meanwhile before the next timers
                 continue
             poller = self._poll_set()
-            t0 = clock.now() if paused is not None else now
+            t0 = clock_now() if paused is not None else now
             ready = poller.poll(timeout)
-            now = clock.now()
+            now = clock_now()
             if paused is not None and (late := now - t0 - timeout / 1000) > PAUSE_S:
                 paused(late, now)
             mark = now
@@ -170,7 +170,7 @@ class Loop:
                 if i < len(readers):
                     if readers[i](now):
                         backlog = True
-                    now = clock.now()
+                    now = clock_now()
                 else:
                     mail_ready = True
             if after is not None:
