@@ -54,8 +54,8 @@ MODULES: tuple[str, ...] = (
     "zmqdist.worker",
     "zmqdist._handlers",
 )
-# C sources built with them (their hashes are checked alike): zmqdist.transport._wire
-C_SOURCES: tuple[str, ...] = ("zmqdist/transport/_wire.c",)
+# C sources built with them (their hashes are checked alike): zmqdist.transport._wire, zmqdist._heads
+C_SOURCES: tuple[str, ...] = ("zmqdist/transport/_wire.c", "zmqdist/_heads.c")
 MANIFEST = "_native.json"
 PURE_ENV = "ZMQDIST_PURE"
 

@@ -17,6 +17,7 @@ build, which matters on the broker's per-request path (measured: 0.25 us against
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final, NamedTuple, Protocol
 
 import msgpack
@@ -817,33 +818,55 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
     return tuple.__new__(cls, fields)
 
 
+HeadPacker = Callable[[bytes, tuple[Any, ...]], "bytes | None"]
+_head_packer: HeadPacker | None = None
+
+
+def use_head_packer(pack: HeadPacker | None) -> None:
+    """Make Encoders made from now on pack heads with ``pack(prefix, fields)``, which returns what
+    msgpack would (after ``prefix``) or None to leave it to msgpack: zmqdist._heads.pack, set by a
+    compiled install, packs the common heads in one C call (docs/performance.md). None: msgpack."""
+    global _head_packer
+    _head_packer = pack
+
+
 class Encoder:
     """Encodes messages to (head, payload). Holds a msgpack Packer: one Encoder per thread."""
 
-    __slots__ = ("_pack",)
+    __slots__ = ("_fast", "_pack")
 
     def __init__(self) -> None:
         self._pack = msgpack.Packer().pack
+        self._fast = _head_packer
+
+    def _head(self, prefix: bytes, fields: tuple[Any, ...]) -> bytes:
+        fast = self._fast
+        if fast is not None:
+            head = fast(prefix, fields)
+            if head is not None:
+                return head
+        packed: bytes = self._pack(fields)
+        return prefix + packed
 
     def encode(self, msg: Message) -> tuple[bytes, bytes]:
         """Return the two frames of ``msg``. Raises :class:`LocalProtocolError` for a non-message."""
         cls = type(msg)
         fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
         if cls is Reply and not fields[4]:  # the commands of every request first
-            return _HEAD_REPLY + self._pack(fields[:3]), fields[3]
+            return self._head(_HEAD_REPLY, fields[:3]), fields[3]
         # Fields picked one by one: slicing and star-unpacking a tuple cost more in compiled code.
         if cls is Task and not fields[9] and not fields[10]:
             f = fields
             if f[8]:
-                return _HEAD_TASK + self._pack((f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[8])), f[7]
-            return _HEAD_TASK + self._pack((f[0], f[1], f[2], f[3], f[4], f[5], f[6])), f[7]
+                return self._head(_HEAD_TASK, (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[8])), f[7]
+            return self._head(_HEAD_TASK, (f[0], f[1], f[2], f[3], f[4], f[5], f[6])), f[7]
         if cls is Result and not fields[3] and not fields[4]:
-            return _HEAD_RESULT + self._pack((fields[0], fields[1])), fields[2]
+            return self._head(_HEAD_RESULT, (fields[0], fields[1])), fields[2]
         if cls is Request and not fields[6] and not fields[7] and not fields[8]:
             f = fields
             if f[5]:
-                return _HEAD_REQUEST + self._pack((f[0], f[1], f[2], f[3], f[5])), f[4]
-            return _HEAD_REQUEST + self._pack((f[0], f[1], f[2], f[3])), f[4]
+                return self._head(_HEAD_REQUEST, (f[0], f[1], f[2], f[3], f[5])), f[4]
+            return self._head(_HEAD_REQUEST, (f[0], f[1], f[2], f[3])), f[4]
         prefix = HEAD_PREFIX.get(cls)
         if prefix is None:
             raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
@@ -859,7 +882,7 @@ class Encoder:
                 k -= 1  # trailing optional fields at their defaults are not sent
             if k:
                 head = (*head, *tail[:k])
-        return prefix + self._pack(head), payload
+        return self._head(prefix, head), payload
 
 
 # The defaults of the optional trailing fields, in order (decode fills in the ones not sent).

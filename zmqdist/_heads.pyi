@@ -1,0 +1,3 @@
+"""Types of the C module zmqdist/_heads.c (see Encoder in zmqdist/protocol.py)."""
+
+def pack(prefix: bytes, fields: tuple[object, ...], /) -> bytes | None: ...
