@@ -30,13 +30,13 @@ from zmqdist.policy import Retry  # noqa: E402
 from zmqdist.worker import Worker  # noqa: E402
 
 _native.confirm(_protocol)
-if _native.STATE == "compiled":  # heads packed in one C call (not built on Windows: msgpack packs them)
+if _native.STATE == "compiled":  # heads packed and read in one C call (not built on Windows: msgpack)
     try:
         from zmqdist import _heads
     except ImportError:
         pass
     else:
-        _protocol.use_head_packer(_heads.pack)
+        _protocol.use_head_codec(_heads.pack, _heads.fields)
 
 __version__ = "0.1.0"
 

@@ -1,3 +1,6 @@
-"""Types of the C module zmqdist/_heads.c (see Encoder in zmqdist/protocol.py)."""
+"""Types of the C module zmqdist/_heads.c (see use_head_codec in zmqdist/protocol.py)."""
+
+from typing import Any
 
 def pack(prefix: bytes, fields: tuple[object, ...], /) -> bytes | None: ...
+def fields(data: bytes, start: int, /) -> tuple[Any, ...] | None: ...

@@ -577,6 +577,11 @@ _packb = msgpack.packb
 
 def _head_fields(head: bytes) -> tuple[Any, ...] | None:
     """The header fields of ``head`` (after its 4-byte prefix), or None if they are not an array."""
+    read = _head_reader
+    if read is not None:
+        fields = read(head, 4)
+        if fields is not None:
+            return fields
     try:
         f = _unpackb(head[4:], use_list=False)
     except Exception:  # msgpack raises several unrelated types for bad input
@@ -819,15 +824,18 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
 
 
 HeadPacker = Callable[[bytes, tuple[Any, ...]], "bytes | None"]
+HeadReader = Callable[[bytes, int], "tuple[Any, ...] | None"]
 _head_packer: HeadPacker | None = None
+_head_reader: HeadReader | None = None
 
 
-def use_head_packer(pack: HeadPacker | None) -> None:
-    """Make Encoders made from now on pack heads with ``pack(prefix, fields)``, which returns what
-    msgpack would (after ``prefix``) or None to leave it to msgpack: zmqdist._heads.pack, set by a
-    compiled install, packs the common heads in one C call (docs/performance.md). None: msgpack."""
-    global _head_packer
-    _head_packer = pack
+def use_head_codec(pack: HeadPacker | None, read: HeadReader | None) -> None:
+    """Pack heads with ``pack(prefix, fields)`` in Encoders made from now on, and read the fields
+    of the heads of every request with ``read(head, 4)``. Each returns what msgpack would, or None
+    to leave the head to msgpack: zmqdist._heads, set by a compiled install, does either in one C
+    call (docs/performance.md). None: msgpack alone."""
+    global _head_packer, _head_reader
+    _head_packer, _head_reader = pack, read
 
 
 class Encoder:

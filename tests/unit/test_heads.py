@@ -1,5 +1,6 @@
-"""zmqdist._heads packs a head byte for byte as msgpack does, and leaves what it does not pack to
-msgpack (the Encoder then packs it, or raises msgpack's own error)."""
+"""zmqdist._heads packs a head byte for byte as msgpack does and reads one as msgpack does, and
+leaves what it does not pack or read to msgpack (which then packs or reads it, or raises its own
+error): the protocol's encodings and decodings, errors included, are the same with it and without."""
 
 import importlib.util
 import os
@@ -19,7 +20,7 @@ if importlib.util.find_spec("zmqdist._heads") is None:
         pytest.fail("a compiled install without zmqdist._heads", pytrace=False)
     pytest.skip("zmqdist._heads is not built here", allow_module_level=True)
 
-from zmqdist._heads import pack
+from zmqdist._heads import fields, pack
 
 PREFIX = b"ZD\x01\x05"
 LEAVES = (
@@ -79,20 +80,90 @@ def test_bad_arguments_raise_type_error():
         pack(PREFIX)
 
 
-def test_every_message_encodes_the_same_with_and_without_it():
-    """The Encoder of a compiled install uses it; one made after use_head_packer(None) uses msgpack
-    alone: every sample message comes out the same."""
-    saved = p._head_packer
+@given(st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=5) | st.tuples(inner, inner), max_leaves=30))
+def test_it_reads_what_msgpack_reads(value):
+    data = PREFIX + msgpack.packb((value,))
+    got = fields(data, 4)
+    expected = msgpack.unpackb(data[4:], use_list=False)
+    # floats are left to msgpack, and so is nesting deeper than 8
+    assert got == expected or (got is None and (_has_float(value) or _depth((value,)) > 8))
+
+
+def _has_float(v):
+    return isinstance(v, float) or (isinstance(v, (list, tuple)) and any(_has_float(x) for x in v))
+
+
+@given(
+    st.binary(max_size=40)
+    | st.lists(
+        st.sampled_from(b"\x00\x01\x7f\x90\x93\x9f\xa3\xc0\xc3\xcc\xcf\xd3\xd9\xdb\xdc\xdd\xe0\xff"), max_size=40
+    ).map(bytes)
+)
+def test_on_any_bytes_it_reads_what_msgpack_reads_or_leaves_them_to_it(data):
+    got = fields(data, 0)
+    if got is not None:
+        assert got == msgpack.unpackb(data, use_list=False)
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_it_reads_every_length_and_integer_boundary(n):
+    data = msgpack.packb(("x" * n, b"y" * n, tuple(range(min(n, 256))), *INT_EDGES))
+    assert fields(data, 0) == msgpack.unpackb(data, use_list=False)
+    longer = msgpack.packb((tuple(range(n)),))
+    # arrays of up to 256 items (a head has about 10): longer ones are msgpack's
+    assert fields(longer, 0) == (msgpack.unpackb(longer, use_list=False) if n <= 256 else None)
+
+
+def test_it_leaves_malformed_and_other_heads_to_msgpack():
+    good = msgpack.packb((1, "svc"))
+    for bad in [b"", good[:-1], good + b"\x00", b"\x92\x01\xa3sv", msgpack.packb({"a": 1}), msgpack.packb((1.5,))]:
+        assert fields(bad, 0) is None, bad
+    assert fields(b"\x92\x01\xa2\xff\xfe", 0) is None  # not UTF-8
+    assert fields(b"\x9f", 0) is None and fields(b"\xdd\xff\xff\xff\xff", 0) is None  # items missing
+    with pytest.raises(ValueError):
+        fields(good, len(good) + 1)
+    with pytest.raises(TypeError):
+        fields("not bytes", 0)
+
+
+def _codecs():
+    """(with, without): Encoders and the head reader, with zmqdist._heads and with msgpack alone."""
+    saved = (p._head_packer, p._head_reader)
     try:
-        p.use_head_packer(pack)
+        p.use_head_codec(pack, fields)
         fast = p.Encoder()
-        p.use_head_packer(None)
+        p.use_head_codec(None, None)
         plain = p.Encoder()
     finally:
-        p.use_head_packer(saved)
+        p.use_head_codec(*saved)
+    return fast, plain
+
+
+def _decoded(head, payload, read):
+    saved = (p._head_packer, p._head_reader)
+    p.use_head_codec(saved[0], read)
+    try:
+        return p.decode(head, payload)
+    except p.RemoteProtocolError as exc:
+        return ("error", str(exc), exc.code, getattr(exc, "rid", None))
+    finally:
+        p.use_head_codec(*saved)
+
+
+def test_every_message_encodes_and_decodes_the_same_with_and_without_it():
+    fast, plain = _codecs()
     for msg in SAMPLES:
         assert fast.encode(msg) == plain.encode(msg), msg
+        head, payload = plain.encode(msg)
+        assert _decoded(head, payload, fields) == _decoded(head, payload, None) == msg
 
 
-def test_a_compiled_install_packs_heads_in_c():
-    assert (p._head_packer is pack) == (_native.STATE == "compiled")
+@given(st.sampled_from(SAMPLES), st.integers(min_value=0, max_value=60), st.binary(max_size=6))
+def test_a_damaged_head_decodes_or_fails_the_same_with_and_without_it(msg, cut, junk):
+    head, payload = p.Encoder().encode(msg)
+    damaged = head[: 4 + cut] + junk
+    assert _decoded(damaged, payload, fields) == _decoded(damaged, payload, None)
+
+
+def test_a_compiled_install_packs_and_reads_heads_in_c():
+    assert (p._head_packer is pack) == (p._head_reader is fields) == (_native.STATE == "compiled")
