@@ -26,16 +26,21 @@ def _c_expected():
     return _native.STATE == "compiled" and os.environ.get(wire.WIRE_ENV, "") != "0"
 
 
+def _implementation(param, native, pure, what):
+    """The C class ``native`` or the pyzmq one ``pure``; a compiled install must have the C one."""
+    if param == "c":
+        if native is None:
+            if _c_expected():
+                pytest.fail(f"a compiled install without the C {what}: {wire.WHY_NOT}")
+            pytest.skip(f"no C {what} here: {wire.WHY_NOT}")
+        return native
+    return pure
+
+
 @pytest.fixture(params=["py", "c"])
 def make(request):
     """A function that makes a Port of the implementation under test for a socket."""
-    if request.param == "c":
-        if wire.NativePort is None:
-            if _c_expected():
-                pytest.fail(f"a compiled install without the C Port: {wire.WHY_NOT}")
-            pytest.skip(f"no C Port here: {wire.WHY_NOT}")
-        return wire.NativePort
-    return wire.PyPort
+    return _implementation(request.param, wire.NativePort, wire.PyPort, "Port")
 
 
 @pytest.fixture
@@ -186,13 +191,7 @@ def test_a_compiled_install_uses_the_c_port():
 @pytest.fixture(params=["py", "c"])
 def make_poller(request):
     """A function that makes a Poller of the implementation under test for a list of items."""
-    if request.param == "c":
-        if wire.NativePoller is None:
-            if _c_expected():
-                pytest.fail(f"a compiled install without the C Poller: {wire.WHY_NOT}")
-            pytest.skip(f"no C Poller here: {wire.WHY_NOT}")
-        return wire.NativePoller
-    return wire.PyPoller
+    return _implementation(request.param, wire.NativePoller, wire.PyPoller, "Poller")
 
 
 def test_a_poller_returns_the_indices_of_ready_sockets_and_descriptors(make_poller, pair):

@@ -172,7 +172,6 @@ static void *attached(Port *self) {
     return check_open(self->owner) < 0 ? NULL : self->sock;
 }
 
-
 static int recv_frame(zmsg *m, void *sock, int flags) {
     for (;;) {
         if (z_msg_recv(m, sock, flags) >= 0)
@@ -441,9 +440,13 @@ static void poller_dealloc(Poller *self) {
  * the list of the indices of the ready items, empty at the timeout. The GIL is released while it
  * waits. The Python handlers of signals caught meanwhile run before it returns (an exception one
  * raises is raised); a signal that interrupted the wait makes it return an empty list: a loop
- * computes its next timeout again. A closed socket raises
- * ZMQError (ENOTSOCK), a failed wait ZMQError with its errno (ETERM: the context was terminated). */
+ * computes its next timeout again. A closed socket raises ZMQError (ENOTSOCK), a failed wait
+ * ZMQError with its errno (ETERM: the context was terminated). */
 static PyObject *poller_poll(Poller *self, PyObject *arg) {
+    if (!loaded) { /* (a Poller made with __new__ alone, before load) */
+        PyErr_SetString(PyExc_RuntimeError, "zmqdist.transport._wire: load() was not called");
+        return NULL;
+    }
     long timeout = PyLong_AsLong(arg);
     if (timeout == -1 && PyErr_Occurred())
         return NULL;

@@ -22,13 +22,13 @@ A closed socket (its ``close()``, or its context's ``destroy()`` from any thread
 every later call raise ValueError. A Port never touches a closed socket.
 
 ``poller(items)`` (each a socket or a file descriptor) waits with ``poll(timeout_ms)`` (-1: no
-limit) and returns the indices of the items with input, empty at the timeout or when a signal
-interrupted the wait. The Python handlers of signals caught meanwhile, by any thread, have run when
-it returns (an exception one raised propagates): compiled loops run no bytecode that would run them
-later, and a signal another thread caught interrupts no wait. A closed
-socket raises ``zmq.ZMQError`` (ENOTSOCK). The C Poller holds the items' handles, where pyzmq's
-``zmq_poll`` takes a list of tuples, asks every socket for its handle and builds a list of result
-tuples at every wake-up.
+limit) and returns the indices of the items with input: empty at the timeout, and possibly when a
+signal interrupted the wait (the C Poller returns then; pyzmq's waits on). The Python handlers of
+signals caught meanwhile, by any thread, have run when it returns (an exception one raised
+propagates): a compiled loop runs no bytecode that would run them later, and a signal that another
+thread caught interrupts no wait. A closed socket raises ``zmq.ZMQError`` (ENOTSOCK). The C Poller
+holds the items' handles, where pyzmq's ``zmq_poll`` takes a list of tuples, asks every socket for
+its handle and builds a list of result tuples at every wake-up.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class PyPoller:
         for it, _ in self._items:
             if type(it) is not int and it.closed:
                 raise zmq.ZMQError(errno.ENOTSOCK)
-        ready = zmq.zmq_poll(self._items, timeout_ms)  # it runs the signal handlers on EINTR, and retries
+        ready = zmq.zmq_poll(self._items, timeout_ms)  # runs signal handlers at every return; waits on after EINTR
         index = self._index
         return [index[it if type(it) is int else id(it)] for it, _ in ready]
 
