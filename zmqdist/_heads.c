@@ -269,21 +269,17 @@ static PyObject *read_item(reader *r, int depth) {
             return NULL;
         return PyLong_FromUnsignedLongLong(v);
     case 0xd0:
-        if (take_be(r, 1, &v) < 0)
-            return NULL;
-        return PyLong_FromLong((long)(int8_t)v);
     case 0xd1:
-        if (take_be(r, 2, &v) < 0)
-            return NULL;
-        return PyLong_FromLong((long)(int16_t)v);
     case 0xd2:
-        if (take_be(r, 4, &v) < 0)
+    case 0xd3: {
+        int width = 1 << (c - 0xd0);
+        if (take_be(r, width, &v) < 0)
             return NULL;
-        return PyLong_FromLong((long)(int32_t)v);
-    case 0xd3:
-        if (take_be(r, 8, &v) < 0)
-            return NULL;
-        return PyLong_FromLongLong((long long)(int64_t)v);
+        if (width == 8)
+            return PyLong_FromLongLong((long long)(int64_t)v);
+        int64_t sign = (int64_t)1 << (8 * width - 1); /* sign-extend a narrower one: (v ^ sign) - sign */
+        return PyLong_FromLongLong((long long)((int64_t)v ^ sign) - sign);
+    }
     case 0xd9:
     case 0xda:
     case 0xdb:
@@ -324,18 +320,10 @@ static PyObject *h_fields(PyObject *self, PyObject *const *args, Py_ssize_t narg
     reader r;
     r.p = (const unsigned char *)PyBytes_AS_STRING(args[0]) + start;
     r.end = (const unsigned char *)PyBytes_AS_STRING(args[0]) + len;
-    const unsigned char *at;
-    uint64_t n;
-    if (take(&r, 1, &at) < 0)
-        Py_RETURN_NONE;
-    if (*at >= 0x90 && *at <= 0x9f)
-        n = *at & 0x0f;
-    else if (*at == 0xdc || *at == 0xdd) {
-        if (take_be(&r, *at == 0xdc ? 2 : 4, &n) < 0)
-            Py_RETURN_NONE;
-    } else
-        Py_RETURN_NONE; /* not an array: msgpack reads it (the caller refuses it) */
-    PyObject *t = read_array(&r, n, 0);
+    unsigned char c = r.p < r.end ? *r.p : 0;
+    if (!((c >= 0x90 && c <= 0x9f) || c == 0xdc || c == 0xdd))
+        Py_RETURN_NONE; /* not an array (or no data): msgpack reads it (the caller refuses it) */
+    PyObject *t = read_item(&r, 0);
     if (t == NULL) {
         if (PyErr_Occurred())
             return NULL;

@@ -2,6 +2,7 @@
 leaves what it does not pack or read to msgpack (which then packs or reads it, or raises its own
 error): the protocol's encodings and decodings, errors included, are the same with it and without."""
 
+import contextlib
 import importlib.util
 import os
 
@@ -114,6 +115,22 @@ def test_it_reads_every_length_and_integer_boundary(n):
     assert fields(longer, 0) == (msgpack.unpackb(longer, use_list=False) if n <= 256 else None)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x91\xd0\x80",
+        b"\x91\xd1\x7f\xff",
+        b"\x91\xd2\x80\x00\x00\x00",
+        b"\x91\xd3" + b"\xff" * 8,
+        b"\x91\xd3\x80" + b"\x00" * 7,
+        b"\x91\xd3\x7f" + b"\xff" * 7,
+    ],
+)
+def test_signed_ints_of_every_width_read_as_msgpack_reads_them(data):
+    """Every signed form, at its sign boundaries (msgpack reads forms wider than a value needs)."""
+    assert fields(data, 0) == msgpack.unpackb(data, use_list=False)
+
+
 def test_it_leaves_malformed_and_other_heads_to_msgpack():
     good = msgpack.packb((1, "svc"))
     for bad in [b"", good[:-1], good + b"\x00", b"\x92\x01\xa3sv", msgpack.packb({"a": 1}), msgpack.packb((1.5,))]:
@@ -126,32 +143,30 @@ def test_it_leaves_malformed_and_other_heads_to_msgpack():
         fields("not bytes", 0)
 
 
-def _codecs():
-    """(with, without): Encoders and the head reader, with zmqdist._heads and with msgpack alone."""
+@contextlib.contextmanager
+def _codec(pack_with, read_with):
+    """protocol's head codec set to these functions (None: msgpack) for the block, then restored."""
     saved = (p._head_packer, p._head_reader)
+    p.use_head_codec(pack_with, read_with)
     try:
-        p.use_head_codec(pack, fields)
-        fast = p.Encoder()
-        p.use_head_codec(None, None)
-        plain = p.Encoder()
+        yield
     finally:
         p.use_head_codec(*saved)
-    return fast, plain
 
 
 def _decoded(head, payload, read):
-    saved = (p._head_packer, p._head_reader)
-    p.use_head_codec(saved[0], read)
-    try:
-        return p.decode(head, payload)
-    except p.RemoteProtocolError as exc:
-        return ("error", str(exc), exc.code, getattr(exc, "rid", None))
-    finally:
-        p.use_head_codec(*saved)
+    with _codec(None, read):
+        try:
+            return p.decode(head, payload)
+        except p.RemoteProtocolError as exc:
+            return ("error", str(exc), exc.code, getattr(exc, "rid", None))
 
 
 def test_every_message_encodes_and_decodes_the_same_with_and_without_it():
-    fast, plain = _codecs()
+    with _codec(pack, fields):
+        fast = p.Encoder()  # an Encoder takes the packer when it is made
+    with _codec(None, None):
+        plain = p.Encoder()
     for msg in SAMPLES:
         assert fast.encode(msg) == plain.encode(msg), msg
         head, payload = plain.encode(msg)
