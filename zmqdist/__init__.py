@@ -36,7 +36,7 @@ if _native.STATE == "compiled":  # heads packed and read in one C call (not buil
     except ImportError:
         pass
     else:
-        _protocol.use_head_codec(_heads.pack, _heads.fields)
+        _protocol.use_head_codec(_heads.pack, _heads.fields, _heads.message)
 
 __version__ = "0.1.0"
 

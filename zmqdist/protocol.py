@@ -18,7 +18,7 @@ build, which matters on the broker's per-request path (measured: 0.25 us against
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, TypeGuard, TypeVar
 
 import msgpack
 
@@ -69,6 +69,7 @@ MAX_CAPACITY: Final = 65535
 MAX_HOPS: Final = 32
 MAX_SERVICES: Final = 4096
 MAX_ID: Final = 2**63 - 1
+_SHORT_MAX: Final = 2**62 - 1  # the largest int compiled code holds unboxed (see _is_id)
 MAX_WINDOW: Final = 65535  # parts a stream may have unacknowledged
 MAX_RETRY_NAMES: Final = 32  # exception names one retry policy lists
 RESERVED_PREFIX: Final = "zmqdist."
@@ -613,6 +614,13 @@ def request_rid(head: bytes) -> int | None:
     return msg.rid if type(msg) is Request else None
 
 
+def _is_id(v: object) -> TypeGuard[int]:
+    """``v`` is an id: an int (not a bool) from 0 to MAX_ID. Compiled, ``v`` is compared as a
+    machine int, against a bound that fits one first (MAX_ID does not: that compare is a call).
+    (Not isinstance first: compiled code narrowed by it turns a bool into an int.)"""
+    return type(v) is int and v >= 0 and (v <= _SHORT_MAX or v <= MAX_ID)
+
+
 def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
     """Return (rid, service, budget_ms, trace) of a valid REQUEST head without hops, else None.
 
@@ -625,15 +633,16 @@ def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
     trace = _trace_after(f, 4) if f is not None else None
     if f is None or trace is None:
         return None
-    rid, service, budget, hops = f[0], f[1], f[2], f[3]
+    rid: object = f[0]
+    service: object = f[1]
+    budget: object = f[2]
     if (
-        type(rid) is int
-        and 0 <= rid <= MAX_ID
+        _is_id(rid)
         and type(service) is str
         and 0 < len(service) <= MAX_NAME
         and type(budget) is int
         and 0 <= budget <= MAX_BUDGET_MS
-        and hops == ()
+        and f[3] == ()
     ):
         return rid, service, budget, trace
     return None
@@ -645,40 +654,41 @@ def plain_result(head: bytes) -> tuple[int, int] | None:
         return None
     f = _head_fields(head)
     if f is not None and len(f) == 2:
-        ticket, status = f
-        if type(ticket) is int and 0 <= ticket <= MAX_ID and type(status) is int and status in RESULT_STATUSES:
+        ticket: object = f[0]
+        status: object = f[1]
+        if _is_id(ticket) and type(status) is int and status in RESULT_STATUSES:
             return ticket, status
     return None
 
 
-def plain_reply(head: bytes) -> tuple[int, int, str] | None:
-    """Return (rid, status, message) of a valid REPLY head without optional fields, else None (a
-    client reads every reply with this; see :func:`plain_request`). ``head`` is a REPLY's."""
+def plain_reply(head: bytes, payload: bytes) -> Reply | None:
+    """The Reply of a valid REPLY head without optional fields, else None (a client reads every
+    reply with this; see :func:`plain_request`). ``head`` is a REPLY's."""
     f = _head_fields(head)
     if f is not None and len(f) == 3:
-        rid, status, message = f
-        if (
-            type(rid) is int
-            and 0 <= rid <= MAX_ID
-            and type(status) is int
-            and status in REPLY_STATUSES
-            and type(message) is str
-        ):
-            return rid, status, message
+        rid: object = f[0]
+        status: object = f[1]
+        text: object = f[2]
+        if _is_id(rid) and type(status) is int and status in REPLY_STATUSES and type(text) is str:
+            return message(Reply, (rid, status, text, payload, 0))
     return None
 
 
-def plain_task(head: bytes) -> tuple[int, str, int, int, str, int, str] | None:
-    """Return (ticket, service, budget_ms, attempt, key, seq, trace) of a valid TASK head without
-    hops or lifecycle fields, else None (a worker reads every task with this). ``head`` is a TASK's."""
+def plain_task(head: bytes, payload: bytes) -> Task | None:
+    """The Task of a valid TASK head without hops or lifecycle fields, else None (a worker reads
+    every task with this). ``head`` is a TASK's."""
     f = _head_fields(head)
     trace = _trace_after(f, 7) if f is not None else None
     if f is None or trace is None:
         return None
-    ticket, service, budget, attempt, key, seq, hops = f[:7]
+    ticket: object = f[0]
+    service: object = f[1]
+    budget: object = f[2]
+    attempt: object = f[3]
+    key: object = f[4]
+    seq: object = f[5]
     if (
-        type(ticket) is int
-        and 0 <= ticket <= MAX_ID
+        _is_id(ticket)
         and type(service) is str
         and 0 < len(service) <= MAX_NAME
         and type(budget) is int
@@ -686,11 +696,10 @@ def plain_task(head: bytes) -> tuple[int, str, int, int, str, int, str] | None:
         and type(attempt) is int
         and 1 <= attempt <= 1000
         and type(key) is str
-        and type(seq) is int
-        and 0 <= seq <= MAX_ID
-        and hops == ()
+        and _is_id(seq)
+        and f[6] == ()
     ):
-        return ticket, service, budget, attempt, key, seq, trace
+        return message(Task, (ticket, service, budget, attempt, key, seq, (), payload, trace, 0, ()))
     return None
 
 
@@ -760,19 +769,19 @@ def decode(head: bytes, payload: bytes) -> Message:
     if cmd == _HEAD_REQUEST:
         r = plain_request(head)
         if r is not None:
-            return tuple.__new__(Request, (r[0], r[1], r[2], (), payload, r[3], "", 0, ()))
+            return message(Request, (r[0], r[1], r[2], (), payload, r[3], "", 0, ()))
     elif cmd == _HEAD_RESULT:
         t = plain_result(head)
         if t is not None:
-            return tuple.__new__(Result, (t[0], t[1], payload, 0, 0))
+            return message(Result, (t[0], t[1], payload, 0, 0))
     elif cmd == _HEAD_REPLY:
-        y = plain_reply(head)
+        y = plain_reply(head, payload)
         if y is not None:
-            return tuple.__new__(Reply, (y[0], y[1], y[2], payload, 0))
+            return y
     elif cmd == _HEAD_TASK:
-        k = plain_task(head)
+        k = plain_task(head, payload)
         if k is not None:
-            return tuple.__new__(Task, (k[0], k[1], k[2], k[3], k[4], k[5], (), payload, k[6], 0, ()))
+            return k
     return _decode_general(head, payload)
 
 
@@ -825,17 +834,31 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
 
 HeadPacker = Callable[[bytes, tuple[Any, ...]], "bytes | None"]
 HeadReader = Callable[[bytes, int], "tuple[Any, ...] | None"]
+Maker = Callable[[Any, tuple[Any, ...]], Any]
 _head_packer: HeadPacker | None = None
 _head_reader: HeadReader | None = None
+_message: Maker = tuple.__new__
+
+M = TypeVar("M", bound=tuple[Any, ...])
 
 
-def use_head_codec(pack: HeadPacker | None, read: HeadReader | None) -> None:
-    """Pack heads with ``pack(prefix, fields)`` in Encoders made from now on, and read the fields
-    of the heads of every request with ``read(head, 4)``. Each returns what msgpack would, or None
-    to leave the head to msgpack: zmqdist._heads, set by a compiled install, does either in one C
-    call (docs/performance.md). None: msgpack alone."""
-    global _head_packer, _head_reader
+def message(cls: type[M], fields: tuple[Any, ...]) -> M:
+    """A ``cls`` message (a NamedTuple) of ``fields``, as ``tuple.__new__(cls, fields)`` makes it:
+    for the messages made on every request (a NamedTuple's own ``__new__`` runs as interpreted
+    code, and ``tuple.__new__`` is a method lookup and a wrapper call from compiled code)."""
+    made: M = _message(cls, fields)
+    return made
+
+
+def use_head_codec(pack: HeadPacker | None, read: HeadReader | None, make: Maker | None) -> None:
+    """Pack heads with ``pack(prefix, fields)`` in Encoders made from now on, read the fields of
+    the heads of every request with ``read(head, 4)``, and make messages with ``make(cls, fields)``
+    (as ``tuple.__new__``). ``pack`` and ``read`` return what msgpack would, or None to leave the
+    head to msgpack: zmqdist._heads, set by a compiled install, does each in one C call
+    (docs/performance.md). None: msgpack alone, and ``tuple.__new__``."""
+    global _head_packer, _head_reader, _message
     _head_packer, _head_reader = pack, read
+    _message = tuple.__new__ if make is None else make
 
 
 class Encoder:
@@ -944,10 +967,6 @@ ReplicationOp = OpAccepted | OpSent | OpRequeued | OpEnded
 _OP_KIND: Final[dict[type, str]] = {OpAccepted: "a", OpSent: "s", OpRequeued: "q", OpEnded: "e"}
 _OP_OF_KIND: Final[dict[str, type]] = {k: t for t, k in _OP_KIND.items()}
 _FIELDS.update({t: getattr(t, "_fields") for t in _OP_KIND})  # noqa: B009
-
-
-def _is_id(v: object) -> bool:
-    return type(v) is int and 0 <= v <= MAX_ID
 
 
 def _op(raw: Any) -> ReplicationOp | None:

@@ -5,6 +5,7 @@ error): the protocol's encodings and decodings, errors included, are the same wi
 import contextlib
 import importlib.util
 import os
+import sys
 
 import msgpack
 import pytest
@@ -21,7 +22,7 @@ if importlib.util.find_spec("zmqdist._heads") is None:
         pytest.fail("a compiled install without zmqdist._heads", pytrace=False)
     pytest.skip("zmqdist._heads is not built here", allow_module_level=True)
 
-from zmqdist._heads import fields, pack
+from zmqdist._heads import fields, message, pack
 
 PREFIX = b"ZD\x01\x05"
 LEAVES = (
@@ -144,33 +145,75 @@ def test_it_leaves_malformed_and_other_heads_to_msgpack():
 
 
 @contextlib.contextmanager
-def _codec(pack_with, read_with):
-    """protocol's head codec set to these functions (None: msgpack) for the block, then restored."""
-    saved = (p._head_packer, p._head_reader)
-    p.use_head_codec(pack_with, read_with)
+def _codec(pack_with, read_with, make_with=None):
+    """protocol's head codec set to these functions (None: msgpack, and tuple.__new__ to make
+    messages) for the block, then restored."""
+    saved = (p._head_packer, p._head_reader, p._message)
+    p.use_head_codec(pack_with, read_with, make_with)
     try:
         yield
     finally:
         p.use_head_codec(*saved)
 
 
-def _decoded(head, payload, read):
-    with _codec(None, read):
+def _decoded(head, payload, read, make=None):
+    with _codec(None, read, make):
         try:
-            return p.decode(head, payload)
+            msg = p.decode(head, payload)
         except p.RemoteProtocolError as exc:
             return ("error", str(exc), exc.code, getattr(exc, "rid", None))
+        return (type(msg), msg)  # (== on tuples alone would not tell a Reply from a Result)
 
 
 def test_every_message_encodes_and_decodes_the_same_with_and_without_it():
-    with _codec(pack, fields):
+    with _codec(pack, fields, message):
         fast = p.Encoder()  # an Encoder takes the packer when it is made
     with _codec(None, None):
         plain = p.Encoder()
     for msg in SAMPLES:
         assert fast.encode(msg) == plain.encode(msg), msg
         head, payload = plain.encode(msg)
-        assert _decoded(head, payload, fields) == _decoded(head, payload, None) == msg
+        assert _decoded(head, payload, fields, message) == _decoded(head, payload, None) == (type(msg), msg)
+
+
+def test_message_makes_what_tuple_new_makes():
+    for msg in SAMPLES:
+        cls, items = type(msg), tuple(msg)
+        made = message(cls, items)
+        assert type(made) is cls and made == tuple.__new__(cls, items) == cls(*items)
+        assert all(a is b for a, b in zip(made, items, strict=True))  # the same objects, not copies
+    assert message(tuple, (1, 2)) == (1, 2) and type(message(tuple, ())) is tuple
+    # every message the core makes goes through protocol.message: the same with either maker
+    with _codec(None, None, None):
+        slow = p.message(p.Reply, (7, p.ST_OK, "", b"x", 0))
+    with _codec(None, None, message):
+        assert p._message is message
+        fast = p.message(p.Reply, (7, p.ST_OK, "", b"x", 0))
+    assert type(fast) is type(slow) is p.Reply and fast == slow
+
+
+def test_message_keeps_its_fields_alive_and_lets_them_go():
+    payload = bytes(1000)
+    before = sys.getrefcount(payload)
+    made = [message(p.Reply, (1, 0, "", payload, 0)) for _ in range(100)]
+    assert sys.getrefcount(payload) == before + 100
+    del made
+    assert sys.getrefcount(payload) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        ((int, (1,)), "not a subclass of tuple"),
+        ((1, (1,)), "not a subclass of tuple"),
+        ((p.Reply, [1, 0, "", b"", 0]), "fields: tuple"),
+        ((p.Reply,), "fields: tuple"),
+        ((p.Reply, (1,), 2), "fields: tuple"),
+    ],
+)
+def test_message_refuses_what_is_not_a_tuple_class_and_a_tuple(args, says):
+    with pytest.raises(TypeError, match=says):
+        message(*args)
 
 
 @given(st.sampled_from(SAMPLES), st.integers(min_value=0, max_value=60), st.binary(max_size=6))
@@ -180,5 +223,6 @@ def test_a_damaged_head_decodes_or_fails_the_same_with_and_without_it(msg, cut, 
     assert _decoded(damaged, payload, fields) == _decoded(damaged, payload, None)
 
 
-def test_a_compiled_install_packs_and_reads_heads_in_c():
-    assert (p._head_packer is pack) == (p._head_reader is fields) == (_native.STATE == "compiled")
+def test_a_compiled_install_packs_and_reads_heads_and_makes_messages_in_c():
+    compiled = _native.STATE == "compiled"
+    assert (p._head_packer is pack) == (p._head_reader is fields) == (p._message is message) == compiled

@@ -337,6 +337,34 @@ def test_the_peers_fast_paths_at_every_boundary(cmd, fields):
     same_as_general(cmd, fields)
 
 
+_IDS = [0, 2**62 - 1, 2**62, 2**63 - 1, 2**63, -1, True, False]  # around a machine int's edge too
+
+
+@pytest.mark.parametrize("rid", _IDS)
+def test_every_fast_path_reads_ids_at_every_edge_as_the_general_decoder_does(rid):
+    """Compiled, an id up to 2**62 - 1 is compared as a machine int and one above it as an
+    object; a bool is never an id (compiled code narrowed by isinstance would take it for one)."""
+    valid = type(rid) is int and 0 <= rid <= p.MAX_ID
+    for cmd, fields in [
+        (p.Request, (rid, "s", 0, ())),
+        (p.Result, (rid, p.RS_OK)),
+        (p.Reply, (rid, 0, "")),
+        (p.Task, (rid, "s", 0, 1, "", 0, ())),
+        (p.Task, (1, "s", 0, 1, "", rid, ())),  # the seq is an id too
+    ]:
+        same_as_general(cmd, fields)
+        head = p.HEAD_PREFIX[cmd] + msgpack.packb(fields)
+        fast = {
+            p.Request: lambda: p.plain_request(head),
+            p.Result: lambda: p.plain_result(head),
+            p.Reply: lambda: p.plain_reply(head, b""),
+            p.Task: lambda: p.plain_task(head, b""),
+        }[cmd]()
+        assert (fast is not None) == valid, (cmd, fields)
+        if valid:
+            assert fast[0] == fields[0] and type(fast[0]) is int
+
+
 def test_the_rid_of_an_oversized_request_is_read_from_its_head_with_or_without_hops():
     """A broker answers a request over its limit by rid (a proxy's forwarded one has hops)."""
     enc = p.Encoder()

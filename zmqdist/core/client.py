@@ -292,7 +292,7 @@ class ClientCore:
                     self.counters["interrupted"] += 1
                     out.append(Completed(msg.rid, p.ST_INTERRUPTED, gap, b""))
                 else:
-                    out.append(tuple.__new__(Completed, (msg.rid, msg.status, msg.message, msg.payload)))
+                    out.append(p.message(Completed, (msg.rid, msg.status, msg.message, msg.payload)))
                 if self.waiting:
                     self._fill(now, out)
                 return out
@@ -479,9 +479,8 @@ class ClientCore:
     def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
         budget_ms = min(p.MAX_BUDGET_MS, p.budget_ms_left(pend.deadline - margin, now, floor=0))
         key, window, retry = pend.options
-        # tuple.__new__: a NamedTuple's own __new__ runs as interpreted code, on every request here
         fields = (rid, pend.service, budget_ms, (), pend.payload, pend.trace, key, window, retry)
-        return tuple.__new__(p.Request, fields)
+        return p.message(p.Request, fields)
 
     def _send(self, rid: int, pend: _Pending, now: float) -> p.Request:
         pend.sent = True

@@ -779,7 +779,7 @@ class Dispatcher:
             return
         self.counters.ended(status)
         if type(client) is bytes:
-            out.append((client, tuple.__new__(p.Reply, (req.rid, status, message, payload, parts))))
+            out.append((client, p.message(p.Reply, (req.rid, status, message, payload, parts))))
         else:
             self.overflow.reply(req, p.Reply(req.rid, status, message, payload, parts), out)
         if req.also:

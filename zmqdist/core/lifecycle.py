@@ -179,7 +179,7 @@ class Lifecycle(Watcher):
         if req is None or holder is None or holder.ident != peer or req.cancelled:
             self.counters.late_results += 1
             return
-        self.relay(req, tuple.__new__(p.Part, (req.rid, seq, payload)), out)
+        self.relay(req, p.message(p.Part, (req.rid, seq, payload)), out)
 
     def progress(self, peer: bytes, ticket: int, payload: bytes, out: list[Out]) -> None:
         """A progress report for ``ticket`` from member ``peer`` (its current holder only)."""

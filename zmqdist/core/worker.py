@@ -386,8 +386,7 @@ class WorkerCore:
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
             return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
-        # tuple.__new__: a NamedTuple's own __new__ runs as interpreted code, on every task here
-        return tuple.__new__(p.Result, (ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts))
+        return p.message(p.Result, (ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts))
 
     def _fit(self, ok: bool, payload: bytes) -> bytes | None:
         """A result's payload over the broker's limit: the broker would refuse it and the caller
@@ -542,7 +541,7 @@ class WorkerCore:
             self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
             heapify(self._deadlines)
         fields = (m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
-        return [tuple.__new__(Execute, fields)]  # not Execute(...): see _result
+        return [p.message(Execute, fields)]  # not Execute(...): see protocol.message
 
     def _disown(self, ticket: int) -> list[WorkerOut]:
         """The broker sends again a task whose run from an earlier session still goes (carried to
