@@ -232,15 +232,20 @@ class BrokerCore(BrokerMachine):
         return out
 
     def next_deadline(self) -> float | None:
+        # one comparison after another, not a loop over a tuple: this runs at every wake-up
         d = self.d.next_deadline()
-        for t in (
-            self.life.next_deadline(),
-            self.replica.until,
-            self.tiers.next_deadline(),
-            self.services.next_deadline(),
-        ):
-            if t is not None and (d is None or t < d):
-                d = t
+        t = self.life.next_deadline()
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self.replica.until
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self.tiers.next_deadline()
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self.services.next_deadline()
+        if t is not None and (d is None or t < d):
+            d = t
         return d
 
     def flush(self, now: float) -> list[Out]:
