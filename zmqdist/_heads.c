@@ -1,6 +1,7 @@
 /* zmqdist._heads: a message head packed, or its fields read, in one C call (zmqdist/protocol.py).
  *
- * `pack(prefix, fields)` returns prefix + the msgpack array of `fields`, byte for byte what
+ * `pack(prefix, fields)` returns prefix + the msgpack array of `fields` (a tuple, or a list: the
+ * frames of a BATCH are packed with it too), byte for byte what
  * msgpack.Packer().pack(fields) writes (use_bin_type, float64), for the types a head holds: None,
  * bool, int (64 bits), float, str, bytes, and tuples or lists of them. For anything else (a dict,
  * an int past 64 bits, a str that is not valid UTF-8, deeper nesting) it returns None and the
@@ -158,11 +159,11 @@ static int pack_one(buf *b, PyObject *o, int depth) {
     return 1;
 }
 
-/* pack(prefix: bytes, fields: tuple) -> bytes | None */
+/* pack(prefix: bytes, fields: tuple | list) -> bytes | None (a list: a BATCH's frames) */
 static PyObject *h_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "pack(prefix: bytes, fields: tuple)");
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !(PyTuple_Check(args[1]) || PyList_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError, "pack(prefix: bytes, fields: tuple | list)");
         return NULL;
     }
     buf b;

@@ -704,9 +704,15 @@ def plain_task(head: bytes, payload: bytes) -> Task | None:
 
 
 def pack_batch(frames: list[bytes]) -> bytes:
-    """The payload of a BATCH: ``frames`` is [head, payload, head, payload, ...] of 2+ messages."""
-    packed: bytes = _packb(frames)
-    return packed
+    """The payload of a BATCH: ``frames`` is [head, payload, head, payload, ...] of 2+ messages.
+    Packed by the head packer when there is one (msgpack.packb makes a Packer at every call)."""
+    fast = _head_packer
+    if fast is not None:
+        packed = fast(b"", frames)
+        if packed is not None:
+            return packed
+    slow: bytes = _packb(frames)
+    return slow
 
 
 def batch_spans(frames: list[bytes], limit: int = MAX_BATCH, max_bytes: int = BATCH_BYTES) -> list[tuple[int, int]]:
@@ -832,7 +838,7 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
     return tuple.__new__(cls, fields)
 
 
-HeadPacker = Callable[[bytes, tuple[Any, ...]], "bytes | None"]
+HeadPacker = Callable[[bytes, "tuple[Any, ...] | list[Any]"], "bytes | None"]
 HeadReader = Callable[[bytes, int], "tuple[Any, ...] | None"]
 Maker = Callable[[Any, tuple[Any, ...]], Any]
 _head_packer: HeadPacker | None = None

@@ -77,9 +77,24 @@ def test_bad_arguments_raise_type_error():
     with pytest.raises(TypeError):
         pack("not bytes", ())
     with pytest.raises(TypeError):
-        pack(PREFIX, [1, 2])
+        pack(PREFIX, {1, 2})
+    with pytest.raises(TypeError):
+        pack(PREFIX, "ab")
     with pytest.raises(TypeError):
         pack(PREFIX)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=40), st.sampled_from([0, 65536, 70000]))
+def test_a_batch_packs_as_msgpack_packs_it(frames, big):
+    """A BATCH's frames (a list) as msgpack.packb writes them, through the buffer's growth too."""
+    if big:
+        frames = [*frames, b"h" * big]
+    assert pack(b"", frames) == msgpack.packb(frames)
+    with _codec(pack, fields, message):
+        fast = p.pack_batch(frames)
+    with _codec(None, None):
+        slow = p.pack_batch(frames)
+    assert fast == slow == msgpack.packb(frames)
 
 
 @given(st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=5) | st.tuples(inner, inner), max_leaves=30))
