@@ -259,7 +259,8 @@ class Homing:
 
     def tick(self, link: BrokerLink, registered: bool, now: float) -> list[Probe | EndProbe]:
         """A probe to send, or the end of one that got no answer within the ttl."""
-        if not registered or link.index < 0 or link.index in self.home(link):
+        # (index 0 is always home: the common case asks nothing more, at every tick of every peer)
+        if not registered or link.index <= 0 or link.index in self.home(link):
             self.due = None
             self.backoff_s = 0.0
             return [EndProbe()] if self._stop() else []
