@@ -678,6 +678,12 @@ class Processes:
         self._waiting: list[tuple[Service, Execute]] = []  # more tasks than processes (never, normally)
         self.replaced = 0
         self._slots: list[_Slot] = []
+        # Replacements start on this thread, not on the reader thread that saw a process die: a
+        # process's parent-death signal (_child_init) follows the thread that started it, and a
+        # reader thread ends with its process (a replacement was SIGKILLed when it ended).
+        self._dead: queue.SimpleQueue[_Slot | None] = queue.SimpleQueue()
+        self._keeper = threading.Thread(target=self._keep, name="zmqdist-keeper", daemon=True)
+        self._keeper.start()
         # At interpreter exit multiprocessing terminates its daemon processes, ours too: replaced
         # then, each new one would find its parent gone and print a traceback. Registered after
         # multiprocessing's, this runs before it.
@@ -784,6 +790,7 @@ class Processes:
         self._run(slot, svc, task)
 
     def _died(self, slot: _Slot) -> None:
+        """A slot's reader thread, its process gone: have the keeper replace it."""
         if not slot.ready.is_set() and not slot.killed:
             with self._lock:
                 if self._closed or self._starting:
@@ -794,8 +801,20 @@ class Processes:
                 "a handler process exited before it was ready (exit code %s): replaced in 1 s", slot.proc.exitcode
             )
             time.sleep(1.0)
+        self._dead.put(slot)
+
+    def _keep(self) -> None:
+        """The keeper thread: replace each dead slot's process, until shutdown says None."""
+        while (slot := self._dead.get()) is not None:
+            self._replace(slot)
+
+    def _replace(self, slot: _Slot) -> None:
+        """Start a process in place of ``slot``'s, report the task it held, and give the new one
+        the next waiting task. That is decided under the lock, as the new slot enters the list: a
+        submit after it finds the slot taken or free, and nothing clears what it gave the slot
+        (clearing it afterwards lost the slot's task: a cancel of it found no process to tell)."""
         with self._lock:
-            if self._closed:
+            if self._closed or slot not in self._slots:
                 return
             task = slot.task
             slot.proc.join(1.0)
@@ -803,6 +822,9 @@ class Processes:
             i = self._slots.index(slot)
             self.replaced += 1
             self._slots[i] = fresh = _Slot(self._ctx, self)
+            nxt = self._waiting.pop(0) if self._waiting else None
+            if nxt is not None:
+                fresh.task = nxt[1]
         with slot.lock:
             slot.conn.close()
         if task is not None:
@@ -820,7 +842,8 @@ class Processes:
                     "the worker replaced it"
                 )
                 self._mailbox.post(("done", task.ticket, task.session, False, _failure(why), None))
-        self._next(fresh)
+        if nxt is not None:
+            self._run(fresh, *nxt)
 
     def _exiting(self) -> None:
         with self._lock:
@@ -831,6 +854,7 @@ class Processes:
         with self._lock:
             self._closed = True
             slots = list(self._slots)
+        self._dead.put(None)  # the keeper ends (it replaces nothing once closed)
         for slot in slots:
             slot.send(("stop",))
         for slot in slots:
