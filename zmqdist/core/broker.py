@@ -47,6 +47,11 @@ __all__ = ["EPSILON", "BrokerCore", "BrokerMachine", "Out"]
 GONE_SILENT = "this client was silent past the ttl: its open requests were stopped, send them again"
 
 
+def _earlier(d: float | None, t: float | None) -> float | None:
+    """The earlier of two deadlines (None: none)."""
+    return t if t is not None and (d is None or t < d) else d
+
+
 class BrokerCore(BrokerMachine):
     """One broker run: feed it messages and time, send what it returns.
 
@@ -232,21 +237,11 @@ class BrokerCore(BrokerMachine):
         return out
 
     def next_deadline(self) -> float | None:
-        # one comparison after another, not a loop over a tuple: this runs at every wake-up
-        d = self.d.next_deadline()
-        t = self.life.next_deadline()
-        if t is not None and (d is None or t < d):
-            d = t
-        t = self.replica.until
-        if t is not None and (d is None or t < d):
-            d = t
-        t = self.tiers.next_deadline()
-        if t is not None and (d is None or t < d):
-            d = t
-        t = self.services.next_deadline()
-        if t is not None and (d is None or t < d):
-            d = t
-        return d
+        # pairwise, not a loop over a tuple of them: this runs at every wake-up
+        d = _earlier(self.d.next_deadline(), self.life.next_deadline())
+        d = _earlier(d, self.replica.until)
+        d = _earlier(d, self.tiers.next_deadline())
+        return _earlier(d, self.services.next_deadline())
 
     def flush(self, now: float) -> list[Out]:
         return NONE

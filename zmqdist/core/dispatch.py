@@ -755,10 +755,8 @@ class Dispatcher:
     def release_caller(self, client: Dest, rid: int, ticket: int) -> None:
         """Caller ``client`` no longer waits for ``rid``: its quota count and its key go."""
         key = (client, rid)
-        by_key = self.by_key
-        held = by_key.pop(key, None)  # (one lookup where get and del were two)
-        if held is not None and held != ticket:
-            by_key[key] = held  # the key is another request's now: it stays
+        if (held := self.by_key.pop(key, None)) is not None and held != ticket:  # one lookup, not two
+            self.by_key[key] = held  # the key is another request's now: it stays
         if self.unclaimed and key in self.unclaimed:  # (empty but after a takeover)
             self.unclaimed.discard(key)
             return
