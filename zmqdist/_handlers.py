@@ -52,10 +52,10 @@ from zmqdist.errors import ZmqdistError
 from zmqdist.policy import Retry
 from zmqdist.transport import Mailbox
 
-log = logging.getLogger(__name__)
-INLINE_BUDGET_S = 0.005  # an inline handler's call longer than this is a strike against it...
-INLINE_STRIKES = 3  # ... this many in a row (a descheduled thread is one, rarely three) moves it to the threads,
-INLINE_LIMIT_S = 0.1  # ... as does one call longer than this
+log: Final = logging.getLogger(__name__)
+INLINE_BUDGET_S: Final = 0.005  # an inline handler's call longer than this is a strike against it...
+INLINE_STRIKES: Final = 3  # ... this many in a row (a descheduled thread is one, rarely three) moves it to the threads,
+INLINE_LIMIT_S: Final = 0.1  # ... as does one call longer than this
 Handler = Callable[[Any], Any]
 Post = Callable[[tuple[Any, ...]], None]
 
@@ -74,7 +74,7 @@ class Service:
         return inspect.iscoroutinefunction(self.fn) or inspect.isasyncgenfunction(self.fn)
 
 
-_GATE_LOCK = threading.Lock()  # makes a Gate's condition once, whichever thread asks first
+_GATE_LOCK: Final = threading.Lock()  # makes a Gate's condition once, whichever thread asks first
 
 
 class Gate:
@@ -227,12 +227,16 @@ def _deferred_context(
 # What a handler returns most often: values that are neither awaitable nor a generator, known by
 # their exact type (inspect's checks go through the ABCs' isinstance, slow for every result).
 _PLAIN_RESULTS: Final = frozenset({bytes, str, int, float, bool, type(None), list, dict, tuple})
+# What every task sets, under Final names: C statics, where an imported name or a function taken
+# as a value is read from the module's dict at every use.
+_VAR: Final = REQUEST_VAR
+_DEFERRED: Final = _deferred_context
 
 
 def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> None:
     """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
     ticket, session = task.ticket, task.session
-    token = REQUEST_VAR.set((_deferred_context, (task, clock, gate, codec, post)))
+    token = _VAR.set((_DEFERRED, (task, clock, gate, codec, post)))
     retry: int | None = None
     try:
         result = svc.fn(p.unpack_value(task.payload, codec))
@@ -249,7 +253,7 @@ def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, pos
         retry = _retry_ms(svc, task, exc, gate.cancelled)
         ok, payload = False, _raised(task, exc, retry)
     finally:
-        REQUEST_VAR.reset(token)
+        _VAR.reset(token)
     post(("done", ticket, session, ok, payload, retry))
 
 
@@ -472,7 +476,7 @@ class Executors:
                 return
             # deferred, as on the threads (run_task): made only if the handler asks for it; the
             # variable is this task's own (each asyncio task runs in a copy of the context)
-            REQUEST_VAR.set((_deferred_context, (task, self._clock, live.gate, codec, post)))
+            _VAR.set((_DEFERRED, (task, self._clock, live.gate, codec, post)))
             try:
                 result = svc.fn(p.unpack_value(task.payload, codec))
                 if type(result) is CoroutineType:  # what an async def handler returns: no inspect call

@@ -42,6 +42,7 @@ MODULES: tuple[str, ...] = (
     "zmqdist.core.client",
     "zmqdist.core.worker",
     "zmqdist.core.link",
+    "zmqdist.core.heaps",
     "zmqdist.core.ha",
     "zmqdist.core.mdp",
     "zmqdist.core.metrics",

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Final
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -47,25 +47,25 @@ from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_reg
 from zmqdist.transport.wire import NB, Port, port
 
 # What a failed CURVE handshake's protocol error means, for the log (the others by number).
-HANDSHAKE_FAILURES: dict[int, str] = {
+HANDSHAKE_FAILURES: Final[dict[int, str]] = {
     zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a plaintext peer (no CURVE keys)",
     zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a wrong server key (the peer lacks this broker's public key)",
 }
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-BATCH = 2000
-FLUSH = 64
+BATCH: Final = 2000
+FLUSH: Final = 64
 # A message read keeps at most this many frames: the routing id and an MDP message's most (a longer
 # one is refused whole by the core; a native message has 3)
-MAX_READ = MAX_FRAMES + 10
-RIGHTS = ("X-Roles", "X-Services")  # what the ZAP handler sets on every CURVE connection
+MAX_READ: Final = MAX_FRAMES + 10
+RIGHTS: Final = ("X-Roles", "X-Services")  # what the ZAP handler sets on every CURVE connection
 # After its last messages (BYE to every peer, a pair's HANDOVER) a stopping broker keeps its sockets
 # open this long: closed at once, a connection loses what was just sent to it about half the time
 # (measured: 5 of 10 BYEs arrived when closed at once, even with a linger; 10 of 10 after 0.3 s).
-STOP_GRACE_S = 0.3
+STOP_GRACE_S: Final = 0.3
 # The heads of the messages only the other broker of a pair sends on the pair link.
-PAIR_HEADS = frozenset(p.HEAD_PREFIX[t] for t in (p.PairState, p.Replicate, p.Handover))
+PAIR_HEADS: Final = frozenset(p.HEAD_PREFIX[t] for t in (p.PairState, p.Replicate, p.Handover))
 
 
 def default_name() -> str:

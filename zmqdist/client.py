@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -32,7 +32,7 @@ from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.codec import Codec
 from zmqdist.config import HeartbeatSettings, check_endpoints
-from zmqdist.core.client import NO_BROKER, ClientCore, ClientOut, Completed, PartIn, Progressed
+from zmqdist.core.client import COMPLETED_CLS, NO_BROKER, ClientCore, ClientOut, Completed, PartIn, Progressed
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem
 from zmqdist.errors import (
     Busy,
@@ -51,16 +51,16 @@ from zmqdist.policy import Retry
 from zmqdist.transport import LINGER_MS, DealerLink, Loop, Mailbox, RateLimitedLog
 from zmqdist.transport.security import ClientKeys
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-_ERRORS: dict[int, type[RequestError]] = {
+_ERRORS: Final[dict[int, type[RequestError]]] = {
     p.ST_BUSY: Busy,
     p.ST_TIMEOUT: RequestTimeout,
     p.ST_LOST: WorkerLost,
     p.ST_INVALID: InvalidRequest,
     p.ST_INTERRUPTED: StreamInterrupted,
 }
-DEFAULT_WINDOW = 64  # stream parts a worker may send ahead of the consumer
+DEFAULT_WINDOW: Final = 64  # stream parts a worker may send ahead of the consumer
 
 
 def outcome(
@@ -251,7 +251,7 @@ class _Slot:
 
 # Forks of this process so far, in this process: a Client made before a fork has no socket thread
 # in the child (threads do not survive a fork, and its ZeroMQ sockets must not be used there).
-_forks = [0]
+_forks: Final = [0]
 
 
 def _forked() -> None:
@@ -260,9 +260,9 @@ def _forked() -> None:
 
 os.register_at_fork(after_in_child=_forked)
 
-_WAKE = ("wake",)  # a mailbox item that only wakes the socket thread (to read what a caller left open)
+_WAKE: Final = ("wake",)  # a mailbox item that only wakes the socket thread (to read what a caller left open)
 Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink | _Slot
-MAX_TIMEOUT_S = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
+MAX_TIMEOUT_S: Final = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
 
 
 def _check_timeout(timeout: object) -> float:
@@ -740,14 +740,15 @@ class Client:
             if type(o) in sent:  # a message for the broker (a REQUEST per request): the one send
                 link.send(o)  # type: ignore[arg-type]
                 continue
+            if type(o) is COMPLETED_CLS:  # a request ended (one per request)
+                entry = self._futures.pop(o.rid, None)
+                if entry is not None:
+                    target, service, trace = entry
+                    ok, value = outcome(o, service, trace, self.endpoints, self.codec)
+                    _deliver(target, o.rid, ok, value)
+                    self._room_freed()
+                continue
             match o:
-                case Completed():
-                    entry = self._futures.pop(o.rid, None)
-                    if entry is not None:
-                        target, service, trace = entry
-                        ok, value = outcome(o, service, trace, self.endpoints, self.codec)
-                        _deliver(target, o.rid, ok, value)
-                        self._room_freed()
                 case PartIn():
                     entry = self._futures.get(o.rid)
                     if entry is not None and isinstance(entry[0], _Sink):

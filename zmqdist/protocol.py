@@ -328,6 +328,15 @@ Message = (
     | Progress
 )
 
+# The classes of the per-request messages under Final names: compiled code reads a Final from a C
+# static, but a class by its name from the module's dict (100-250 instructions, through the
+# module's getattr from another module). The per-request paths name them so.
+REQUEST_CLS: Final = Request
+TASK_CLS: Final = Task
+RESULT_CLS: Final = Result
+REPLY_CLS: Final = Reply
+PART_CLS: Final = Part
+
 # Backup pair states (PairState.state).
 PAIR_PENDING: Final = 0
 PAIR_ACTIVE: Final = 1
@@ -572,13 +581,13 @@ _HEAD_REQUEST: Final = HEAD_PREFIX[Request]
 _HEAD_RESULT: Final = HEAD_PREFIX[Result]
 _HEAD_REPLY: Final = HEAD_PREFIX[Reply]
 _HEAD_TASK: Final = HEAD_PREFIX[Task]
-_unpackb = msgpack.unpackb
-_packb = msgpack.packb
+_unpackb: Final = msgpack.unpackb
+_packb: Final = msgpack.packb
 
 
 def _head_fields(head: bytes) -> tuple[Any, ...] | None:
     """The header fields of ``head`` (after its 4-byte prefix), or None if they are not an array."""
-    read = _head_reader
+    read = _codec.read
     if read is not None:
         fields = read(head, 4)
         if fields is not None:
@@ -670,7 +679,7 @@ def plain_reply(head: bytes, payload: bytes) -> Reply | None:
         status: object = f[1]
         text: object = f[2]
         if _is_id(rid) and type(status) is int and status in REPLY_STATUSES and type(text) is str:
-            return message(Reply, (rid, status, text, payload, 0))
+            return message(REPLY_CLS, (rid, status, text, payload, 0))
     return None
 
 
@@ -699,14 +708,14 @@ def plain_task(head: bytes, payload: bytes) -> Task | None:
         and _is_id(seq)
         and f[6] == ()
     ):
-        return message(Task, (ticket, service, budget, attempt, key, seq, (), payload, trace, 0, ()))
+        return message(TASK_CLS, (ticket, service, budget, attempt, key, seq, (), payload, trace, 0, ()))
     return None
 
 
 def pack_batch(frames: list[bytes]) -> bytes:
     """The payload of a BATCH: ``frames`` is [head, payload, head, payload, ...] of 2+ messages.
     Packed by the head packer when there is one (msgpack.packb makes a Packer at every call)."""
-    fast = _head_packer
+    fast = _codec.pack
     if fast is not None:
         packed = fast(b"", frames)
         if packed is not None:
@@ -775,11 +784,11 @@ def decode(head: bytes, payload: bytes) -> Message:
     if cmd == _HEAD_REQUEST:
         r = plain_request(head)
         if r is not None:
-            return message(Request, (r[0], r[1], r[2], (), payload, r[3], "", 0, ()))
+            return message(REQUEST_CLS, (r[0], r[1], r[2], (), payload, r[3], "", 0, ()))
     elif cmd == _HEAD_RESULT:
         t = plain_result(head)
         if t is not None:
-            return message(Result, (t[0], t[1], payload, 0, 0))
+            return message(RESULT_CLS, (t[0], t[1], payload, 0, 0))
     elif cmd == _HEAD_REPLY:
         y = plain_reply(head, payload)
         if y is not None:
@@ -841,9 +850,21 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
 HeadPacker = Callable[[bytes, "tuple[Any, ...] | list[Any]"], "bytes | None"]
 HeadReader = Callable[[bytes, int], "tuple[Any, ...] | None"]
 Maker = Callable[[Any, tuple[Any, ...]], Any]
-_head_packer: HeadPacker | None = None
-_head_reader: HeadReader | None = None
-_message: Maker = tuple.__new__
+
+
+class _Codec:
+    """The head codec in use (:func:`use_head_codec`). One Final instance: compiled code reads a
+    Final from a C static, a plain global from the module's dict at every use."""
+
+    __slots__ = ("make", "pack", "read")
+
+    def __init__(self) -> None:
+        self.pack: HeadPacker | None = None
+        self.read: HeadReader | None = None
+        self.make: Maker = tuple.__new__
+
+
+_codec: Final = _Codec()
 
 M = TypeVar("M", bound=tuple[Any, ...])
 
@@ -852,7 +873,7 @@ def message(cls: type[M], fields: tuple[Any, ...]) -> M:
     """A ``cls`` message (a NamedTuple) of ``fields``, as ``tuple.__new__(cls, fields)`` makes it:
     for the messages made on every request (a NamedTuple's own ``__new__`` runs as interpreted
     code, and ``tuple.__new__`` is a method lookup and a wrapper call from compiled code)."""
-    made: M = _message(cls, fields)
+    made: M = _codec.make(cls, fields)
     return made
 
 
@@ -862,9 +883,8 @@ def use_head_codec(pack: HeadPacker | None, read: HeadReader | None, make: Maker
     (as ``tuple.__new__``). ``pack`` and ``read`` return what msgpack would, or None to leave the
     head to msgpack: zmqdist._heads, set by a compiled install, does each in one C call
     (docs/performance.md). None: msgpack alone, and ``tuple.__new__``."""
-    global _head_packer, _head_reader, _message
-    _head_packer, _head_reader = pack, read
-    _message = tuple.__new__ if make is None else make
+    _codec.pack, _codec.read = pack, read
+    _codec.make = tuple.__new__ if make is None else make
 
 
 class Encoder:
@@ -874,7 +894,7 @@ class Encoder:
 
     def __init__(self) -> None:
         self._pack = msgpack.Packer().pack
-        self._fast = _head_packer
+        self._fast = _codec.pack
 
     def _head(self, prefix: bytes, fields: tuple[Any, ...]) -> bytes:
         fast = self._fast
@@ -889,17 +909,17 @@ class Encoder:
         """Return the two frames of ``msg``. Raises :class:`LocalProtocolError` for a non-message."""
         cls = type(msg)
         fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
-        if cls is Reply and not fields[4]:  # the commands of every request first
+        if cls is REPLY_CLS and not fields[4]:  # the commands of every request first
             return self._head(_HEAD_REPLY, fields[:3]), fields[3]
         # Fields picked one by one: slicing and star-unpacking a tuple cost more in compiled code.
-        if cls is Task and not fields[9] and not fields[10]:
+        if cls is TASK_CLS and not fields[9] and not fields[10]:
             f = fields
             if f[8]:
                 return self._head(_HEAD_TASK, (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[8])), f[7]
             return self._head(_HEAD_TASK, (f[0], f[1], f[2], f[3], f[4], f[5], f[6])), f[7]
-        if cls is Result and not fields[3] and not fields[4]:
+        if cls is RESULT_CLS and not fields[3] and not fields[4]:
             return self._head(_HEAD_RESULT, (fields[0], fields[1])), fields[2]
-        if cls is Request and not fields[6] and not fields[7] and not fields[8]:
+        if cls is REQUEST_CLS and not fields[6] and not fields[7] and not fields[8]:
             f = fields
             if f[5]:
                 return self._head(_HEAD_REQUEST, (f[0], f[1], f[2], f[3], f[5])), f[4]

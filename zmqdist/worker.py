@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import zmq
 
@@ -28,17 +28,17 @@ from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.codec import Codec
 from zmqdist.config import HeartbeatSettings, check_endpoints
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
-from zmqdist.core.worker import Abort, Execute, Window, WorkerCore, WorkerOut
+from zmqdist.core.worker import EXECUTE_CLS, Abort, Window, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
 from zmqdist.policy import Retry
 from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
-ISOLATIONS = ("thread", "process")
-NO_BROKER_S = 5.0  # a worker that no broker accepted within this long says why it may be
+ISOLATIONS: Final = ("thread", "process")
+NO_BROKER_S: Final = 5.0  # a worker that no broker accepted within this long says why it may be
 
 
 def _check_takes_a_value(name: str, fn: Handler) -> None:
@@ -420,18 +420,19 @@ class Worker:
             if type(o) in sent:  # a message for the broker (a RESULT per request, CREDIT): the one send
                 link.send(o)  # type: ignore[arg-type]
                 continue
+            if type(o) is EXECUTE_CLS:  # run a handler (one per request)
+                if debug:
+                    log.debug(
+                        "worker %s runs %s attempt %d (trace %s)",
+                        self.name,
+                        o.service,
+                        o.attempt,
+                        o.trace,
+                        extra={"worker": self.name, "trace": o.trace},
+                    )
+                executors.submit(o)
+                continue
             match o:
-                case Execute():
-                    if debug:
-                        log.debug(
-                            "worker %s runs %s attempt %d (trace %s)",
-                            self.name,
-                            o.service,
-                            o.attempt,
-                            o.trace,
-                            extra={"worker": self.name, "trace": o.trace},
-                        )
-                    executors.submit(o)
                 case Abort():
                     if debug:
                         log.debug("worker %s stops a handler: %s", self.name, o.reason, extra={"worker": self.name})

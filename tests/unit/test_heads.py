@@ -163,7 +163,7 @@ def test_it_leaves_malformed_and_other_heads_to_msgpack():
 def _codec(pack_with, read_with, make_with=None):
     """protocol's head codec set to these functions (None: msgpack, and tuple.__new__ to make
     messages) for the block, then restored."""
-    saved = (p._head_packer, p._head_reader, p._message)
+    saved = (p._codec.pack, p._codec.read, p._codec.make)
     p.use_head_codec(pack_with, read_with, make_with)
     try:
         yield
@@ -202,7 +202,7 @@ def test_message_makes_what_tuple_new_makes():
     with _codec(None, None, None):
         slow = p.message(p.Reply, (7, p.ST_OK, "", b"x", 0))
     with _codec(None, None, message):
-        assert p._message is message
+        assert p._codec.make is message
         fast = p.message(p.Reply, (7, p.ST_OK, "", b"x", 0))
     assert type(fast) is type(slow) is p.Reply and fast == slow
 
@@ -240,4 +240,4 @@ def test_a_damaged_head_decodes_or_fails_the_same_with_and_without_it(msg, cut, 
 
 def test_a_compiled_install_packs_and_reads_heads_and_makes_messages_in_c():
     compiled = _native.STATE == "compiled"
-    assert (p._head_packer is pack) == (p._head_reader is fields) == (p._message is message) == compiled
+    assert (p._codec.pack is pack) == (p._codec.read is fields) == (p._codec.make is message) == compiled

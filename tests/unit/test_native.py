@@ -97,3 +97,31 @@ def test_zmqdist_pure_runs_every_hot_module_from_its_source():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok pure Python (ZMQDIST_PURE is set)")
+
+
+def _plain_constants(source: str) -> list[str]:
+    """Module-level constants (ALL_CAPS names, and ``log``) of ``source`` not annotated Final."""
+    import ast
+    import re
+
+    const = re.compile(r"_?[A-Z][A-Z0-9_]+$")
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign):
+            targets = [t for n in node.targets for t in (n.elts if isinstance(n, ast.Tuple) else [n])]
+            found += [t.id for t in targets if isinstance(t, ast.Name) and (const.match(t.id) or t.id == "log")]
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, final = node.target.id, "Final" in ast.unparse(node.annotation)
+            if (const.match(name) or name == "log") and not final:
+                found.append(name)
+    return found
+
+
+def test_every_constant_of_a_compiled_module_is_final():
+    """Compiled code inlines a Final literal and reads any other Final from a C static, but reads
+    a plain global from the module's dict at every use (about 100 instructions, several times a
+    request): the per-request modules keep their constants Final."""
+    sample = "AA, BB = 1, 2\n_CC: int = 3\nlog = f()\nDD: Final = 4\nEE: Final[int] = 5\nx = 6\nM = T('M')\n"
+    assert _plain_constants(sample) == ["AA", "BB", "_CC", "log"]
+    plain = {m: _plain_constants(_native.source_path(ROOT, m).read_text()) for m in _native.MODULES}
+    assert {m: names for m, names in plain.items() if names} == {}

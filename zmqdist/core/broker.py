@@ -18,6 +18,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
@@ -44,7 +45,7 @@ from zmqdist.core.tiers import Tiers, Upstream, half
 
 __all__ = ["EPSILON", "BrokerCore", "BrokerMachine", "Out"]
 
-GONE_SILENT = "this client was silent past the ttl: its open requests were stopped, send them again"
+GONE_SILENT: Final = "this client was silent past the ttl: its open requests were stopped, send them again"
 
 
 def _earlier(d: float | None, t: float | None) -> float | None:

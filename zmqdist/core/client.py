@@ -36,19 +36,19 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from heapq import heappop, heappush
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
+from zmqdist.core.heaps import heappop, heappush
 from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem
 
-DEFAULT_QUOTA = 2500  # open requests at a broker that did not say its quota (a broker's default)
-NO_BROKER = 100  # a Completed status of this client's own: the deadline passed and no broker ever answered
-MOVE_WAIT_S = 10.0  # longest wait for the requests in flight to end before moving home (else later)
+DEFAULT_QUOTA: Final = 2500  # open requests at a broker that did not say its quota (a broker's default)
+NO_BROKER: Final = 100  # a Completed status of this client's own: the deadline passed and no broker ever answered
+MOVE_WAIT_S: Final = 10.0  # longest wait for the requests in flight to end before moving home (else later)
 # Before a broker's first WELCOME says its quota and message limit, one request at most, this
 # small, goes with the HELLO (the rest waits for it).
-EARLY_BYTES = 1024
+EARLY_BYTES: Final = 1024
 
 
 class Completed(NamedTuple):
@@ -58,6 +58,9 @@ class Completed(NamedTuple):
     status: int
     message: str
     payload: bytes
+
+
+COMPLETED_CLS: Final = Completed  # a C static, as protocol.REQUEST_CLS and the others
 
 
 class PartIn(NamedTuple):
@@ -79,7 +82,7 @@ ClientOut = p.Message | Completed | PartIn | Progressed | Connect | Problem | Pr
 
 # What travels with a request besides its value: (caller key, stream window, retry policy).
 Options = tuple[str, int, p.RetrySpec]
-NO_OPTIONS: Options = ("", 0, ())
+NO_OPTIONS: Final[Options] = ("", 0, ())
 
 
 class _Pending:
@@ -292,7 +295,7 @@ class ClientCore:
                     self.counters["interrupted"] += 1
                     out.append(Completed(msg.rid, p.ST_INTERRUPTED, gap, b""))
                 else:
-                    out.append(p.message(Completed, (msg.rid, msg.status, msg.message, msg.payload)))
+                    out.append(p.message(COMPLETED_CLS, (msg.rid, msg.status, msg.message, msg.payload)))
                 if self.waiting:
                     self._fill(now, out)
                 return out
@@ -480,7 +483,7 @@ class ClientCore:
         budget_ms = min(p.MAX_BUDGET_MS, p.budget_ms_left(pend.deadline - margin, now, floor=0))
         key, window, retry = pend.options
         fields = (rid, pend.service, budget_ms, (), pend.payload, pend.trace, key, window, retry)
-        return p.message(p.Request, fields)
+        return p.message(p.REQUEST_CLS, fields)
 
     def _send(self, rid: int, pend: _Pending, now: float) -> p.Request:
         pend.sent = True

@@ -24,10 +24,11 @@ Rules of this module:
 
 from __future__ import annotations
 
-from heapq import heapify, heappop, heappush, heapreplace
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
+from zmqdist.core.heaps import heapify, heappop, heappush, heapreplace
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import (
     ASSIGNED,
@@ -44,12 +45,11 @@ from zmqdist.core.records import (
     WorkerMember,
 )
 
-# What an Overflow hook says of a request no member can take now.
-WAIT = 0  # nothing can take it: stop dispatching this pool until capacity changes
-SKIP = 1  # this one may not go anywhere else (yet); requests behind it may
-KEEP = 2  # this one is served sooner here; the last in the queue may be worth sending on
+WAIT: Final = 0  # Overflow.place's verdicts. WAIT: nothing can take it; stop this pool until capacity changes
+SKIP: Final = 1  # this one may not go anywhere else (yet); requests behind it may
+KEEP: Final = 2  # this one is served sooner here; the last in the queue may be worth sending on
 # Any other value is the hook's own: dispatch takes the request out of the queue and calls take().
-EWMA = 0.2  # weight of the newest sample in the recent service times (latency-aware overflow)
+EWMA: Final = 0.2  # weight of the newest sample in the recent service times (latency-aware overflow)
 
 
 class Overflow:
@@ -779,7 +779,7 @@ class Dispatcher:
             return
         self.counters.ended(status)
         if type(client) is bytes:
-            out.append((client, p.message(p.Reply, (req.rid, status, message, payload, parts))))
+            out.append((client, p.message(p.REPLY_CLS, (req.rid, status, message, payload, parts))))
         else:
             self.overflow.reply(req, p.Reply(req.rid, status, message, payload, parts), out)
         if req.also:

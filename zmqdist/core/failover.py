@@ -19,6 +19,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
@@ -42,7 +43,7 @@ from zmqdist.core.records import LOG, NONE, PAIR, UPSTREAM, Counters, Out
 from zmqdist.core.services import HANDOVER_SERVICE, MEMBER_SERVICE, STATUS_SERVICE, StatusPart
 from zmqdist.core.tiers import Upstream, half
 
-WITNESS = b"upstream:witness"  # the vote of a proxy pair's upstream (it does not hear our peer)
+WITNESS: Final = b"upstream:witness"  # the vote of a proxy pair's upstream (it does not hear our peer)
 
 
 def make_broker(

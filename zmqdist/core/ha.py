@@ -36,30 +36,33 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.records import Copy
 from zmqdist.errors import RemoteProtocolError
 
-PENDING, ACTIVE, PASSIVE = p.PAIR_PENDING, p.PAIR_ACTIVE, p.PAIR_PASSIVE
-STATE_NAMES = {PENDING: "pending", ACTIVE: "active", PASSIVE: "passive"}
+PENDING: Final = p.PAIR_PENDING
+ACTIVE: Final = p.PAIR_ACTIVE
+PASSIVE: Final = p.PAIR_PASSIVE
+STATE_NAMES: Final = {PENDING: "pending", ACTIVE: "active", PASSIVE: "passive"}
 # A new active broker numbers its tickets past every ticket it saw replicated plus this gap (the old
 # active may have issued some it never replicated); a cold start (no copy of any table) begins at a
 # random point of a 61-bit space. Either way no ticket of an earlier run is reused, so a result a
 # worker kept from one can never be taken for the answer to another request.
-TICKET_GAP = 2**32
+TICKET_GAP: Final = 2**32
 # A silent peer's connection is replaced at most this often (and never before a ttl of silence).
-REDIAL_MIN_S = 1.0
+REDIAL_MIN_S: Final = 1.0
 
 # What decide() asks the broker to do.
-TAKE_OVER = "take over"
-BECOME_PASSIVE = "become passive"
-STEP_DOWN = "step down"
-HAND_OVER = "hand over"
-RAISE_EPOCH = "raise epoch"  # two active brokers, we hold the work: move above the other's epoch
+TAKE_OVER: Final = "take over"
+BECOME_PASSIVE: Final = "become passive"
+STEP_DOWN: Final = "step down"
+HAND_OVER: Final = "hand over"
+RAISE_EPOCH: Final = "raise epoch"  # two active brokers, we hold the work: move above the other's epoch
 # How far along its run a broker's state is, at one epoch (see Pair.heard).
-_ORDER: dict[int, int] = {PENDING: 0, ACTIVE: 1, PASSIVE: 2}
+_ORDER: Final[dict[int, int]] = {PENDING: 0, ACTIVE: 1, PASSIVE: 2}
 
 
 def _op_size(op: p.ReplicationOp) -> int:

@@ -26,14 +26,15 @@ Rules of this module (docs/semantics.md):
 from __future__ import annotations
 
 from collections.abc import Container
-from heapq import heappop, heappush
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.core.dispatch import Dispatcher, Watcher
+from zmqdist.core.heaps import heappop, heappush
 from zmqdist.core.link import Problem
 from zmqdist.core.records import ASSIGNED, DELAYED, EPSILON, FORWARDED, LOG, QUEUED, Dest, Member, Out, Req
 
-MAX_LEFT = 100_000  # clients remembered as stopped for their silence (rule 4), at most
+MAX_LEFT: Final = 100_000  # clients remembered as stopped for their silence (rule 4), at most
 
 
 class Lifecycle(Watcher):
@@ -179,7 +180,7 @@ class Lifecycle(Watcher):
         if req is None or holder is None or holder.ident != peer or req.cancelled:
             self.counters.late_results += 1
             return
-        self.relay(req, p.message(p.Part, (req.rid, seq, payload)), out)
+        self.relay(req, p.message(p.PART_CLS, (req.rid, seq, payload)), out)
 
     def progress(self, peer: bytes, ticket: int, payload: bytes, out: list[Out]) -> None:
         """A progress report for ``ticket`` from member ``peer`` (its current holder only)."""

@@ -20,12 +20,12 @@ broker whose epoch is lower (a primary that came back after its backup took over
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
 
-EPSILON = 1e-6
+EPSILON: Final = 1e-6
 
 
 class Connect(NamedTuple):
@@ -227,8 +227,8 @@ class EndProbe(NamedTuple):
     """Action: close the probe connection."""
 
 
-PROBE_FIRST_S = 1.0  # the first look home after leaving it (jittered, and at least 4 heartbeats)
-PROBE_MAX_S = 30.0  # looks home back off to this after failures
+PROBE_FIRST_S: Final = 1.0  # the first look home after leaving it (jittered, and at least 4 heartbeats)
+PROBE_MAX_S: Final = 30.0  # looks home back off to this after failures
 
 
 class Homing:

@@ -7,10 +7,10 @@ bisect into arbitrary bounds or for prometheus_client's own Histogram.observe.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-N_BUCKETS = 27  # 2**0 .. 2**25 us, and +Inf
-BOUNDS_S = tuple((2**i) / 1e6 for i in range(N_BUCKETS - 1))  # upper bounds of the finite buckets
+N_BUCKETS: Final = 27  # 2**0 .. 2**25 us, and +Inf
+BOUNDS_S: Final = tuple((2**i) / 1e6 for i in range(N_BUCKETS - 1))  # upper bounds of the finite buckets
 
 
 class Hist:

@@ -7,12 +7,14 @@ of a secured connection, with the rights the connection was admitted with.
 
 from __future__ import annotations
 
+from typing import Final
+
 from zmqdist import protocol as p
 
-_CLIENT = (p.Request, p.Hello, p.Heartbeat, p.Bye, p.Cancel, p.Ack)
-_WORKER = (p.Hello, p.Heartbeat, p.Result, p.Credit, p.Bye, p.Part, p.Progress)
-_BROKER = (p.Hello, p.Heartbeat, p.Request, p.Reply, p.Advert, p.Bye, p.Cancel, p.Ack, p.Part, p.Progress)
-_HELLO_ROLE = {p.ROLE_CLIENT: "clients", p.ROLE_WORKER: "workers", p.ROLE_BROKER: "brokers"}
+_CLIENT: Final = (p.Request, p.Hello, p.Heartbeat, p.Bye, p.Cancel, p.Ack)
+_WORKER: Final = (p.Hello, p.Heartbeat, p.Result, p.Credit, p.Bye, p.Part, p.Progress)
+_BROKER: Final = (p.Hello, p.Heartbeat, p.Request, p.Reply, p.Advert, p.Bye, p.Cancel, p.Ack, p.Part, p.Progress)
+_HELLO_ROLE: Final = {p.ROLE_CLIENT: "clients", p.ROLE_WORKER: "workers", p.ROLE_BROKER: "brokers"}
 
 
 def pair_peer(roles: str | None) -> bool:

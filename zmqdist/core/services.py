@@ -18,6 +18,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
@@ -35,12 +36,12 @@ from zmqdist.core.records import (
 )
 from zmqdist.core.tiers import Tiers
 
-STATUS_SERVICE = "zmqdist.status"
-HANDOVER_SERVICE = "zmqdist.handover"  # the active broker of a pair hands the work to its peer
-TREE_SERVICE = "zmqdist.tree"  # this broker's status with those of every broker below it
-MEMBER_SERVICE = "zmqdist.member"  # is a downstream broker registered here (a pair's witness)
-INTERNAL = (STATUS_SERVICE, TREE_SERVICE, HANDOVER_SERVICE, MEMBER_SERVICE, "mmi.service")
-TREE_WAIT_S = 2.0  # longest a tree status waits for the brokers below
+STATUS_SERVICE: Final = "zmqdist.status"
+HANDOVER_SERVICE: Final = "zmqdist.handover"  # the active broker of a pair hands the work to its peer
+TREE_SERVICE: Final = "zmqdist.tree"  # this broker's status with those of every broker below it
+MEMBER_SERVICE: Final = "zmqdist.member"  # is a downstream broker registered here (a pair's witness)
+INTERNAL: Final = (STATUS_SERVICE, TREE_SERVICE, HANDOVER_SERVICE, MEMBER_SERVICE, "mmi.service")
+TREE_WAIT_S: Final = 2.0  # longest a tree status waits for the brokers below
 
 StatusPart = Callable[[float], dict[str, object]]
 

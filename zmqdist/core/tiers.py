@@ -25,6 +25,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
@@ -45,10 +46,10 @@ from zmqdist.core.records import (
 )
 
 # Verdicts of Tiers.place (beside dispatch's WAIT and SKIP).
-UP = 3  # forward it to the upstream broker
-REFUSE_UP = 4  # handed down by our upstream and nothing here can take it: give it back (BUSY)
-RETURN = 5  # from a downstream broker that serves it itself: give it back (BUSY) rather than hold it
-TOO_BIG = 6  # over the upstream's message limit and nothing here serves it: fail it (INVALID), saying so
+UP: Final = 3  # forward it to the upstream broker
+REFUSE_UP: Final = 4  # handed down by our upstream and nothing here can take it: give it back (BUSY)
+RETURN: Final = 5  # from a downstream broker that serves it itself: give it back (BUSY) rather than hold it
+TOO_BIG: Final = 6  # over the upstream's message limit and nothing here serves it: fail it (INVALID), saying so
 
 
 def half() -> float:

@@ -44,15 +44,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from heapq import heapify, heappop, heappush
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
+from zmqdist.core.heaps import heapify, heappop, heappush
 from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem, Stopped
 
-MOVE_WAIT_S = 10.0  # longest quiet-down before moving home (else stay and look again later)
-PROGRESS_S = 0.1  # at most one progress report per task this often (the latest wins)
+MOVE_WAIT_S: Final = 10.0  # longest quiet-down before moving home (else stay and look again later)
+PROGRESS_S: Final = 0.1  # at most one progress report per task this often (the latest wins)
 
 
 def _half() -> float:
@@ -72,6 +72,9 @@ class Execute(NamedTuple):
     trace: str = ""
     window: int = 0  # > 0: the caller streams the reply; at most this many parts unacknowledged
     retry: p.RetrySpec = ()  # the caller's retry policy (it overrides the service's own)
+
+
+EXECUTE_CLS: Final = Execute  # a C static, as protocol.REQUEST_CLS and the others
 
 
 class Abort(NamedTuple):
@@ -386,7 +389,7 @@ class WorkerCore:
         if retry_ms is not None and not parts:
             self.counters["retries"] += 1
             return p.Result(ticket, p.RS_RETRY, payload, max(0, min(retry_ms, p.MAX_BUDGET_MS)))
-        return p.message(p.Result, (ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts))
+        return p.message(p.RESULT_CLS, (ticket, p.RS_OK if ok else p.RS_FAILED, payload, 0, parts))
 
     def _fit(self, ok: bool, payload: bytes) -> bytes | None:
         """A result's payload over the broker's limit: the broker would refuse it and the caller
@@ -541,7 +544,7 @@ class WorkerCore:
             self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
             heapify(self._deadlines)
         fields = (m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
-        return [p.message(Execute, fields)]  # not Execute(...): see protocol.message
+        return [p.message(EXECUTE_CLS, fields)]  # not Execute(...): see protocol.message
 
     def _disown(self, ticket: int) -> list[WorkerOut]:
         """The broker sends again a task whose run from an earlier session still goes (carried to

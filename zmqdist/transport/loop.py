@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from zmqdist.clock import Clock, reader
 from zmqdist.transport import wire
@@ -20,10 +20,10 @@ from zmqdist.transport.mailbox import Mailbox
 from zmqdist.transport.sockets import poll_timeout_ms
 from zmqdist.transport.wire import Poller
 
-RETRY_MS = 20  # how soon a loop with unsent messages (no connection yet) tries again
-PAUSE_S = 0.2  # a wait that ends this much later than asked for, or a turn's work this long: the
+RETRY_MS: Final = 20  # how soon a loop with unsent messages (no connection yet) tries again
+PAUSE_S: Final = 0.2  # a wait that ends this much later than asked for, or a turn's work this long: the
 # thread did not run (SIGSTOP, or starved): its peers' silence meanwhile proves nothing
-DEBUG_RECHECK_S = 1.0  # how often a DebugCheck asks its logger again
+DEBUG_RECHECK_S: Final = 1.0  # how often a DebugCheck asks its logger again
 
 
 Pollable = Callable[[], Any]  # returns a zmq socket, a file descriptor, or None (nothing to watch now)

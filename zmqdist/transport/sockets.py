@@ -17,7 +17,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -25,8 +25,8 @@ from zmqdist import protocol as p
 from zmqdist.errors import RemoteProtocolError, TransportError
 from zmqdist.transport.wire import Port, port
 
-LINGER_MS = 200
-MAX_POLL_MS = 1000
+LINGER_MS: Final = 200
+MAX_POLL_MS: Final = 1000
 
 
 @contextlib.contextmanager
@@ -77,8 +77,8 @@ class RateLimitedLog:
             w[2] += 1
 
 
-IPC_BUSY_CHECKS = 4  # looks at an ipc path that accepts connections (a stopping broker frees it soon)
-IPC_BUSY_PAUSE_S = 0.25
+IPC_BUSY_CHECKS: Final = 4  # looks at an ipc path that accepts connections (a stopping broker frees it soon)
+IPC_BUSY_PAUSE_S: Final = 0.25
 
 
 def ipc_in_use(endpoint: str) -> bool:
