@@ -263,6 +263,10 @@ os.register_at_fork(after_in_child=_forked)
 _WAKE: Final = ("wake",)  # a mailbox item that only wakes the socket thread (to read what a caller left open)
 Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink | _Slot
 MAX_TIMEOUT_S: Final = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
+# Builtins every request calls, as C statics: compiled, a builtin without a primitive of its own is
+# looked up on the builtins module at every call (about 330 instructions).
+_next: Final = next
+_hex: Final = hex
 
 
 def _check_timeout(timeout: object) -> float:
@@ -425,8 +429,8 @@ class Client:
         busy = (retry.attempts, retry.backoff, retry.max_backoff) if retry is not None and retry.retries_busy else None
         if wait and len(self._futures) >= self.backlog:
             self._wait_for_room(t)
-        rid = next(self._ids)
-        tr = trace if trace is not None else self._trace_prefix + hex(rid)[2:]  # (rid > 0)
+        rid = _next(self._ids)
+        tr = trace if trace is not None else self._trace_prefix + _hex(rid)[2:]  # (rid > 0)
         self._futures[rid] = (target, service, tr)
         return ("submit", rid, service, payload, t, tr, options, busy)
 
@@ -458,8 +462,8 @@ class Client:
         prefix = self._trace_prefix
         batch: list[tuple[int, bytes, str]] = []
         for payload in payloads:
-            rid = next(ids)
-            tr = prefix + hex(rid)[2:]  # not f"{rid:x}": compiled, a str.format call at 3x the cost
+            rid = _next(ids)
+            tr = prefix + _hex(rid)[2:]  # not f"{rid:x}": compiled, a str.format call at 3x the cost
             futures[rid] = (target, service, tr)
             batch.append((rid, payload, tr))
         self._mailbox.post(("many", service, t, batch))

@@ -336,6 +336,8 @@ TASK_CLS: Final = Task
 RESULT_CLS: Final = Result
 REPLY_CLS: Final = Reply
 PART_CLS: Final = Part
+HEARTBEAT_CLS: Final = Heartbeat
+WELCOME_CLS: Final = Welcome
 
 # Backup pair states (PairState.state).
 PAIR_PENDING: Final = 0

@@ -277,28 +277,9 @@ class ClientCore:
         """Handle one message from the broker."""
         link = self.link
         link.last_heard = self.heard_at = now
+        if type(msg) is p.REPLY_CLS:  # one per request: by a C static, before the match's lookups
+            return self._on_reply(msg, now)
         match msg:
-            case p.Reply():
-                pend = self.pending.pop(msg.rid, None)
-                if pend is None:
-                    self.counters["duplicates"] += 1
-                    return []
-                out: list[ClientOut] = []
-                if pend.sent:
-                    self.sent -= 1
-                if msg.status == p.ST_BUSY and msg.payload == p.OVER_QUOTA and pend.sent:
-                    self._over_quota(msg.rid, pend)
-                elif msg.status == p.ST_BUSY and pend.busy is not None and self._send_again(msg.rid, pend, now):
-                    pass
-                elif pend.options[1] and msg.parts != pend.parts and msg.status in (p.ST_OK, p.ST_FAILED):
-                    gap = f"the stream ended after {msg.parts} parts but {pend.parts} arrived"
-                    self.counters["interrupted"] += 1
-                    out.append(Completed(msg.rid, p.ST_INTERRUPTED, gap, b""))
-                else:
-                    out.append(p.message(COMPLETED_CLS, (msg.rid, msg.status, msg.message, msg.payload)))
-                if self.waiting:
-                    self._fill(now, out)
-                return out
             case p.Part():
                 pend = self.pending.get(msg.id)
                 if pend is None or not pend.options[1]:
@@ -307,7 +288,7 @@ class ClientCore:
                     self.counters["duplicates"] += 1
                     return [p.Cancel(msg.id)] if pend is None else []
                 if msg.seq != pend.parts:
-                    out = []
+                    out: list[ClientOut] = []
                     cut = f"part {msg.seq} arrived when part {pend.parts} was due: the stream's run was cut"
                     self._interrupt(msg.id, pend, cut, out)
                     return out
@@ -360,6 +341,29 @@ class ClientCore:
             case p.Error():
                 return [Problem(f"broker refused a message: {msg.message}", "broker-input")]
         return [Problem(f"unexpected {type(msg).__name__} from broker ignored", "broker-input")]
+
+    def _on_reply(self, msg: p.Reply, now: float) -> list[ClientOut]:
+        """A REPLY ends its request (its Completed), unless a BUSY sends it again."""
+        pend = self.pending.pop(msg.rid, None)
+        if pend is None:
+            self.counters["duplicates"] += 1
+            return []
+        out: list[ClientOut] = []
+        if pend.sent:
+            self.sent -= 1
+        if msg.status == p.ST_BUSY and msg.payload == p.OVER_QUOTA and pend.sent:
+            self._over_quota(msg.rid, pend)
+        elif msg.status == p.ST_BUSY and pend.busy is not None and self._send_again(msg.rid, pend, now):
+            pass
+        elif pend.options[1] and msg.parts != pend.parts and msg.status in (p.ST_OK, p.ST_FAILED):
+            gap = f"the stream ended after {msg.parts} parts but {pend.parts} arrived"
+            self.counters["interrupted"] += 1
+            out.append(Completed(msg.rid, p.ST_INTERRUPTED, gap, b""))
+        else:
+            out.append(p.message(COMPLETED_CLS, (msg.rid, msg.status, msg.message, msg.payload)))
+        if self.waiting:
+            self._fill(now, out)
+        return out
 
     def probe_receive(self, msg: p.Message, now: float) -> list[ClientOut]:
         """What the broker at home answered on the probe connection."""

@@ -215,9 +215,9 @@ class WorkerCore:
             return []
         link = self.link
         link.last_heard = now
+        if type(msg) is p.TASK_CLS:  # one per request: by a C static, before the match's lookups
+            return self._on_task(msg, now)
         match msg:
-            case p.Task():
-                return self._on_task(msg, now)
             case p.Heartbeat():
                 return self._on_heartbeat(msg, now)
             case p.Welcome():

@@ -279,7 +279,7 @@ class DealerLink:
         """Send ``msg`` now, or keep it for :meth:`flush` if the connection is not ready (held
         until :meth:`uncork` while corked)."""
         head, payload = self._enc.encode(msg)
-        keep = self._keep and type(msg) is not p.Heartbeat
+        keep = self._keep and type(msg) is not p.HEARTBEAT_CLS
         if self._corked is not None:
             self._corked.append((head, payload, keep))
             return
@@ -358,7 +358,7 @@ class DealerLink:
         except RemoteProtocolError as exc:
             self._bad(now, str(exc))
             return
-        if type(msg) is p.Welcome:
+        if type(msg) is p.WELCOME_CLS:
             self.batch = msg.batch
             # A BATCH over the broker's --max-message-size is refused whole (each message fits).
             self.batch_bytes = min(p.BATCH_BYTES, msg.max_message) if msg.max_message > 0 else p.BATCH_BYTES
