@@ -228,15 +228,16 @@ def _deferred_context(
 # their exact type (inspect's checks go through the ABCs' isinstance, slow for every result).
 _PLAIN_RESULTS: Final = frozenset({bytes, str, int, float, bool, type(None), list, dict, tuple})
 # What every task sets, under Final names: C statics, where an imported name or a function taken
-# as a value is read from the module's dict at every use.
-_VAR: Final = REQUEST_VAR
+# as a value is read from the module's dict at every use (and a method looked up at every call).
+_set_request: Final = REQUEST_VAR.set
+_reset_request: Final = REQUEST_VAR.reset
 _DEFERRED: Final = _deferred_context
 
 
 def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> None:
     """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
     ticket, session = task.ticket, task.session
-    token = _VAR.set((_DEFERRED, (task, clock, gate, codec, post)))
+    token = _set_request((_DEFERRED, (task, clock, gate, codec, post)))
     retry: int | None = None
     try:
         result = svc.fn(p.unpack_value(task.payload, codec))
@@ -253,7 +254,7 @@ def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, pos
         retry = _retry_ms(svc, task, exc, gate.cancelled)
         ok, payload = False, _raised(task, exc, retry)
     finally:
-        _VAR.reset(token)
+        _reset_request(token)
     post(("done", ticket, session, ok, payload, retry))
 
 
@@ -476,7 +477,7 @@ class Executors:
                 return
             # deferred, as on the threads (run_task): made only if the handler asks for it; the
             # variable is this task's own (each asyncio task runs in a copy of the context)
-            _VAR.set((_DEFERRED, (task, self._clock, live.gate, codec, post)))
+            _set_request((_DEFERRED, (task, self._clock, live.gate, codec, post)))
             try:
                 result = svc.fn(p.unpack_value(task.payload, codec))
                 if type(result) is CoroutineType:  # what an async def handler returns: no inspect call
