@@ -267,6 +267,7 @@ MAX_TIMEOUT_S: Final = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a re
 # looked up on the builtins module at every call (about 330 instructions).
 _next: Final = next
 _hex: Final = hex
+_FUTURE: Final = Future  # (and the class every submit's outcome is checked against)
 
 
 def _check_timeout(timeout: object) -> float:
@@ -280,12 +281,14 @@ def _check_timeout(timeout: object) -> float:
 
 def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
     """Hand an outcome to a Future (submit), a map call's queue, or a stream."""
-    if isinstance(target, Future):
-        with contextlib.suppress(InvalidStateError):  # e.g. cancelled by its caller
+    if isinstance(target, _FUTURE):
+        try:
             if ok:
                 target.set_result(value)
             else:
                 target.set_exception(value)
+        except InvalidStateError:  # e.g. cancelled by its caller
+            pass
     elif isinstance(target, _Sink):
         target.put(("end", ok, value))
     else:
