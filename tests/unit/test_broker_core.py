@@ -5,6 +5,7 @@ import pytest
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
+from zmqdist.core import records
 from zmqdist.core.broker import EPSILON, GONE_SILENT, BrokerCore
 from zmqdist.core.records import LOG
 from zmqdist.errors import RemoteProtocolError
@@ -77,6 +78,23 @@ def test_task_carries_remaining_budget_and_stable_key():
     ((_, t),) = tasks(out)
     assert t.budget_ms == 1500
     assert t.key == f"{b'C'.hex()}:5"
+
+
+def test_the_default_key_is_the_clients_identity_and_rid_whatever_the_prefix_cache_holds():
+    """Each request without a caller key gets "<client hex>:<rid>" (stable across brokers and
+    resends); the identity's part is cached, and the cache forgets all at MAX_PREFIXES."""
+    records._PREFIXES.clear()
+    for i in range(records.MAX_PREFIXES + 10):  # past the bound: cleared once, still right
+        ident = b"C-" + i.to_bytes(4, "big")
+        assert records.key_prefix(ident) == ident.hex() + ":"
+        assert len(records._PREFIXES) <= records.MAX_PREFIXES
+    assert len(records._PREFIXES) == 10  # the clear left only those made after it
+    assert records.key_prefix(records.UPSTREAM) == ":"  # a request from no peer
+    core = make()
+    hello(core, b"A", capacity=2)
+    ((_, t1),) = tasks(request(core, 7, client=b"\x00\xff"))
+    ((_, t2),) = tasks(request(core, 8, client=b"\x00\xff"))
+    assert (t1.key, t2.key) == ("00ff:7", "00ff:8")
 
 
 def test_worker_alive_at_ttl_and_expired_just_past_it():

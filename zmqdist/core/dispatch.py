@@ -43,6 +43,7 @@ from zmqdist.core.records import (
     Pool,
     Req,
     WorkerMember,
+    key_prefix,
 )
 
 WAIT: Final = 0  # Overflow.place's verdicts. WAIT: nothing can take it; stop this pool until capacity changes
@@ -542,8 +543,7 @@ class Dispatcher:
         w.last_used = self.seq
         self.seq += 1
         if not req.key:
-            client = req.client
-            req.key = f"{client.hex() if type(client) is bytes else ''}:{req.rid}"
+            req.key = key_prefix(req.client) + str(req.rid)
         task = w.task(req, seq, now, self.name)
         self.offer(w)
         out.append((w.ident, task))
