@@ -38,6 +38,7 @@ import signal
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from types import CoroutineType
@@ -300,8 +301,22 @@ class _Live:
         self.started = False
 
 
+class _Hand:
+    """One handler thread's slot: the task handed to it, and the lock it sleeps on until then."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Lock()
+        self.wake.acquire()  # held: the thread's acquire sleeps until a hand-off releases it
+        self.item: tuple[Execute, Gate] | None = None
+
+
 class Executors:
-    """Owns the threads / loop / processes that run handlers for one worker."""
+    """Owns the threads / loop / processes that run handlers for one worker.
+
+    A task goes straight to the handler thread that went idle last, which alone wakes (its own
+    lock), or waits in order for the first thread to free up. A shared queue woke a second idle
+    thread at every task only for it to find nothing, two context switches and a GIL hand-over
+    per request; and the last thread idle is the one whose memory is still in the caches."""
 
     def __init__(
         self,
@@ -318,7 +333,9 @@ class Executors:
         self._clock = clock  # the worker's: a task's deadline was made with it
         self._mailbox = mailbox
         self._codec = codec
-        self._queue: queue.SimpleQueue[tuple[Execute, Gate] | None] = queue.SimpleQueue()
+        self._mu = threading.Lock()  # guards the two below, shared with the handler threads
+        self._idle: list[_Hand] = []  # threads asleep, the last one idle at the end
+        self._waiting: deque[tuple[Execute, Gate] | None] = deque()  # tasks no thread was free for; None: stop
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -336,7 +353,9 @@ class Executors:
             self._procs = Processes(concurrency, mailbox, clock, codec)
         else:
             for i in range(concurrency):
-                t = threading.Thread(target=self._thread_main, name=f"zmqdist-handler-{i}", daemon=True)
+                t = threading.Thread(
+                    target=self._thread_main, args=(_Hand(),), name=f"zmqdist-handler-{i}", daemon=True
+                )
                 t.start()
                 self._threads.append(t)
             if self._async:
@@ -364,7 +383,7 @@ class Executors:
             self._starting.append((svc, task, live))  # started with the rest of this read: start_async
         else:
             gate = self._gates[(task.ticket, task.session)] = Gate(task.window)
-            self._queue.put((task, gate))
+            self._hand((task, gate))
 
     def runs_here(self) -> bool:
         """True on a thread that runs this worker's handlers (a handler thread or the asyncio loop)."""
@@ -447,11 +466,32 @@ class Executors:
         if self._procs is not None:
             self._procs.send(w.ticket, w.session, ("window", w.ticket, w.acked))
 
-    def _thread_main(self) -> None:
-        get = self._queue.get
+    def _hand(self, item: tuple[Execute, Gate] | None) -> None:
+        """Give ``item`` (None: stop) to the thread idle last, or queue it if none is idle."""
+        with self._mu:
+            if not self._idle:
+                self._waiting.append(item)
+                return
+            hand = self._idle.pop()
+        hand.item = item  # the thread reads it only after the release below
+        hand.wake.release()
+
+    def _thread_main(self, hand: _Hand) -> None:
+        mu = self._mu
+        idle = self._idle
+        waiting = self._waiting
         post = self._mailbox.post
         while True:
-            item = get()
+            with mu:
+                if waiting:
+                    item = waiting.popleft()
+                    asleep = False
+                else:
+                    idle.append(hand)
+                    asleep = True
+            if asleep:
+                hand.wake.acquire()  # until _hand gives this thread a task
+                item, hand.item = hand.item, None
             if item is None:
                 return
             task, gate = item
@@ -526,7 +566,7 @@ class Executors:
         for gate in list(self._gates.values()):
             gate.cancel()  # a stream waiting for its consumer stops
         for _ in self._threads:
-            self._queue.put(None)
+            self._hand(None)
         if wait:
             for t in self._threads:
                 t.join(5.0)

@@ -374,3 +374,82 @@ def test_a_handler_process_keeps_a_cancel_that_arrives_before_its_task_starts():
     assert second.acked == 5
     task.cancel(8)  # the running task, at once
     assert second.cancelled
+
+
+def _switches(thread: threading.Thread) -> int:
+    """The voluntary context switches of ``thread`` so far (Linux), read from /proc."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+@pytest.mark.skipif(
+    not hasattr(threading, "get_native_id") or not __import__("os").path.isdir("/proc/self/task"), reason="reads /proc"
+)
+def test_a_task_wakes_one_handler_thread_and_the_others_sleep_on():
+    """Tasks one at a time: each is handed to the handler thread that went idle last, and no other
+    thread wakes (a shared queue woke a second one per task, only for it to find nothing)."""
+    ran: list[str] = []
+    mailbox = Mailbox()
+    ex = Executors(
+        {"s": Service(lambda x: ran.append(threading.current_thread().name) or x)},
+        8,
+        "thread",
+        mailbox,
+        MonotonicClock(),
+    )
+    try:
+        ex.submit(Execute(1, 1, "s", p.pack_value(1), "k1", 1, time.monotonic() + 30, "", 0))
+        assert len(drained(mailbox, 1)) == 1
+        hot = ran[0]
+        # every thread is asleep now (one ran a task, seven never had one): count from here
+        before = {t.name: _switches(t) for t in ex._threads}
+        for i in range(2, 42):
+            ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+            done = drained(mailbox, 1)
+            assert [(d[1], p.unpack_value(d[4])) for d in done] == [(i, i)]
+        after = {t.name: _switches(t) for t in ex._threads}
+        assert set(ran) == {hot}
+        woken = {name for name in after if after[name] != before[name]}
+        assert woken == {hot}, woken
+    finally:
+        ex.shutdown(wait=True)
+        mailbox.close()
+
+
+def test_tasks_past_the_free_threads_wait_in_order_and_all_run_once():
+    """More tasks than threads: two run at once, the rest start in their order as threads free up,
+    and shutdown(wait=True) ends every thread."""
+    release = threading.Event()
+    started = threading.Semaphore(0)
+    running: list[int] = []
+    order: list[int] = []
+    lock = threading.Lock()
+
+    def slow(x):
+        with lock:
+            running.append(x)
+            order.append(x)
+        started.release()
+        release.wait(5)
+        with lock:
+            running.remove(x)
+        return x
+
+    mailbox = Mailbox()
+    ex = Executors({"s": Service(slow)}, 2, "thread", mailbox, MonotonicClock())
+    for i in range(10):
+        ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+    assert started.acquire(timeout=5) and started.acquire(timeout=5)
+    assert not started.acquire(timeout=0.1)  # two threads: no third starts
+    assert sorted(order) == [0, 1] and len(running) == 2
+    release.set()
+    done = drained(mailbox, 10)
+    assert sorted(d[1] for d in done) == list(range(10)) and all(d[3] for d in done)
+    assert order[2:] == list(range(2, 10))  # the waiting ones started in order
+    assert drained(mailbox, 1, wait=0.1) == []  # each ended once
+    ex.shutdown(wait=True)
+    assert not any(t.is_alive() for t in ex._threads)
+    mailbox.close()
