@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import CoroutineType
 from typing import Any, Final
@@ -302,21 +302,22 @@ class _Live:
 
 
 class _Hand:
-    """One handler thread's slot: the task handed to it, and the lock it sleeps on until then."""
+    """One handler thread's lock, held while it sleeps for want of a task."""
 
     def __init__(self) -> None:
         self.wake = threading.Lock()
-        self.wake.acquire()  # held: the thread's acquire sleeps until a hand-off releases it
-        self.item: tuple[Execute, Gate] | None = None
+        self.wake.acquire()  # held: the thread's acquire sleeps until a wake releases it
 
 
 class Executors:
     """Owns the threads / loop / processes that run handlers for one worker.
 
-    A task goes straight to the handler thread that went idle last, which alone wakes (its own
-    lock), or waits in order for the first thread to free up. A shared queue woke a second idle
-    thread at every task only for it to find nothing, two context switches and a GIL hand-over
-    per request; and the last thread idle is the one whose memory is still in the caches."""
+    Thread tasks wait in one deque. A turn's tasks wake at most one idle thread, the one idle
+    last (its memory still in the caches), through its own lock; a thread that takes a task while
+    more wait wakes the next, so threads join only as long as tasks wait for them, one at a time.
+    A shared queue woke a second idle thread at every task only for it to find nothing (two
+    context switches and a GIL hand-over per request), and waking a thread per task at once had
+    all of them fight for the GIL over a batch."""
 
     def __init__(
         self,
@@ -333,15 +334,17 @@ class Executors:
         self._clock = clock  # the worker's: a task's deadline was made with it
         self._mailbox = mailbox
         self._codec = codec
-        self._mu = threading.Lock()  # guards the two below, shared with the handler threads
+        self._turn: list[tuple[Execute, Gate]] = []  # thread tasks not handed to a thread yet: start()
+        self._mu = threading.Lock()  # guards the three below, shared with the handler threads
         self._idle: list[_Hand] = []  # threads asleep, the last one idle at the end
-        self._waiting: deque[tuple[Execute, Gate] | None] = deque()  # tasks no thread was free for; None: stop
+        self._waiting: deque[tuple[Execute, Gate] | None] = deque()  # tasks for the threads; None: stop
+        self._waking = False  # a thread was woken and has not looked at the tasks yet
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._gates: dict[tuple[int, int], Gate] = {}  # (ticket, session) of thread tasks
         self._live: dict[tuple[int, int], _Live] = {}  # (ticket, session) of asyncio tasks
-        self._starting: list[tuple[Service, Execute, _Live]] = []  # async tasks not started yet
+        self._starting: list[tuple[Service, Execute, _Live]] = []  # async tasks not started yet: start()
         self._procs: Processes | None = None
         self.ready: list[tuple[Any, ...]] = []  # what inline handlers produced, for the socket thread
         self._demoted: set[str] = set()  # inline services whose handler turned out slow
@@ -369,7 +372,8 @@ class Executors:
         return self._procs.replaced if self._procs is not None else 0
 
     def submit(self, task: Execute) -> None:
-        """Start ``task``; what it produces arrives through the mailbox."""
+        """Run ``task``: at once if inline, else from the next :meth:`start`; what it produces
+        arrives through the mailbox."""
         svc = self._services.get(task.service)
         if svc is None:
             err = LookupError(f"this worker has no handler for service {task.service!r}")
@@ -380,20 +384,25 @@ class Executors:
             self._run_inline(svc, task)
         elif self._loop is not None and task.service in self._async:
             live = self._live[(task.ticket, task.session)] = _Live(AsyncGate(task.window))
-            self._starting.append((svc, task, live))  # started with the rest of this read: start_async
+            self._starting.append((svc, task, live))
         else:
             gate = self._gates[(task.ticket, task.session)] = Gate(task.window)
-            self._hand((task, gate))
+            self._turn.append((task, gate))  # handed to a thread by start(), with the rest of this turn
 
     def runs_here(self) -> bool:
         """True on a thread that runs this worker's handlers (a handler thread or the asyncio loop)."""
         t = threading.current_thread()
         return t is self._loop_thread or t in self._threads
 
-    def start_async(self) -> None:
-        """Start the async tasks submitted since the last call, with one wake-up of the event loop
-        for all of them (each call_soon_threadsafe writes to the loop's wake-up pipe). The socket
-        thread calls it after every read, mailbox drain and tick."""
+    def start(self) -> None:
+        """Start the tasks submitted since the last call: each thread task handed to its thread,
+        and the async ones with one wake-up of the event loop for all of them (each
+        call_soon_threadsafe writes to the loop's wake-up pipe). The socket thread calls it right
+        before it waits, so a woken thread finds the GIL free instead of sleeping again on it
+        while the socket thread ends its turn."""
+        if self._turn:
+            turn, self._turn = self._turn, []
+            self._hand(turn)
         if self._starting and self._loop is not None:
             batch, self._starting = self._starting, []
             self._loop.call_soon_threadsafe(self._start_batch, batch)
@@ -466,14 +475,15 @@ class Executors:
         if self._procs is not None:
             self._procs.send(w.ticket, w.session, ("window", w.ticket, w.acked))
 
-    def _hand(self, item: tuple[Execute, Gate] | None) -> None:
-        """Give ``item`` (None: stop) to the thread idle last, or queue it if none is idle."""
+    def _hand(self, items: Sequence[tuple[Execute, Gate] | None]) -> None:
+        """Queue ``items`` (None: a thread stops) and wake the thread idle last, unless one is
+        waking already (it wakes the next if more wait)."""
         with self._mu:
-            if not self._idle:
-                self._waiting.append(item)
+            self._waiting.extend(items)
+            if not self._idle or self._waking:
                 return
             hand = self._idle.pop()
-        hand.item = item  # the thread reads it only after the release below
+            self._waking = True
         hand.wake.release()
 
     def _thread_main(self, hand: _Hand) -> None:
@@ -481,17 +491,27 @@ class Executors:
         idle = self._idle
         waiting = self._waiting
         post = self._mailbox.post
+        woke = False
         while True:
+            nxt: _Hand | None = None
             with mu:
-                if waiting:
-                    item = waiting.popleft()
-                    asleep = False
-                else:
+                if woke:
+                    self._waking = woke = False
+                if not waiting:
                     idle.append(hand)
                     asleep = True
+                else:
+                    asleep = False
+                    item = waiting.popleft()
+                    if waiting and idle and not self._waking:  # more wait: the next thread joins
+                        nxt = idle.pop()
+                        self._waking = True
+            if nxt is not None:
+                nxt.wake.release()
             if asleep:
-                hand.wake.acquire()  # until _hand gives this thread a task
-                item, hand.item = hand.item, None
+                hand.wake.acquire()  # until a task is queued for this thread
+                woke = True
+                continue
             if item is None:
                 return
             task, gate = item
@@ -565,8 +585,7 @@ class Executors:
         """Stop the threads (after running tasks when ``wait``) and every child process."""
         for gate in list(self._gates.values()):
             gate.cancel()  # a stream waiting for its consumer stops
-        for _ in self._threads:
-            self._hand(None)
+        self._hand([None] * len(self._threads))
         if wait:
             for t in self._threads:
                 t.join(5.0)

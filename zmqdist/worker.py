@@ -373,9 +373,7 @@ class Worker:
                     self._handle(link, executors, core.stop())
 
         def answered(now: float) -> None:
-            """What inline handlers produced (on this thread) is handled like the mailbox's; the
-            async tasks of this turn start together."""
-            executors.start_async()
+            """What inline handlers produced (on this thread) is handled like the mailbox's."""
             while executors.ready:
                 apply(executors.take_ready(), now)
 
@@ -400,7 +398,13 @@ class Worker:
                 ", ".join(self.endpoints[1:]) or "the same again",
                 extra={"worker": self.name},
             )
-            loop.run(tick, mail, stuck=lambda: link.stuck() or probe.stuck(), paused=core.resumed)
+            loop.run(
+                tick,
+                mail,
+                stuck=lambda: link.stuck() or probe.stuck(),
+                paused=core.resumed,
+                before_wait=executors.start,
+            )
         except BaseException as exc:
             self.error = exc
             log.exception("worker %s failed", self.name)

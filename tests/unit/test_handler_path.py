@@ -172,12 +172,12 @@ def atask(ticket: int, service: str, value: object) -> Execute:
     return Execute(ticket, 1, service, p.pack_value(value), f"k{ticket}", 1, time.monotonic() + 30, "", 0)
 
 
-def test_async_tasks_of_one_turn_start_together_and_none_before_start_async(async_executors):
+def test_async_tasks_of_one_turn_start_together_and_none_before_start(async_executors):
     ex, mailbox, started = async_executors
     for i in range(100):
         ex.submit(atask(i, "aecho", i))
     assert drained(mailbox, 1, wait=0.2) == [] and started == []  # held until the turn ends
-    ex.start_async()
+    ex.start()
     done = drained(mailbox, 100)
     assert sorted((d[1], d[3], p.unpack_value(d[4])) for d in done) == [(i, True, i) for i in range(100)]
 
@@ -187,7 +187,7 @@ def test_an_async_task_aborted_before_it_started_never_runs_and_ends_once(async_
     ex.submit(atask(1, "aecho", 1))
     ex.submit(atask(2, "aecho", 2))
     ex.abort(Abort(1, 1, "cancelled"))  # in the same turn: before the loop saw it
-    ex.start_async()
+    ex.start()
     done = drained(mailbox, 2)
     assert sorted(d[:4] for d in done) == [("done", 1, 1, False), ("done", 2, 1, True)]
     assert started == [2]
@@ -197,7 +197,7 @@ def test_an_async_task_aborted_before_it_started_never_runs_and_ends_once(async_
 def test_a_running_async_task_is_cancelled_on_its_loop_and_ends_once(async_executors):
     ex, mailbox, started = async_executors
     ex.submit(atask(5, "forever", 5))
-    ex.start_async()
+    ex.start()
     assert drained(mailbox, 1, wait=0.3) == []  # running, waiting
     ex.abort(Abort(5, 1, "cancelled"))
     (done,) = drained(mailbox, 1)
@@ -248,7 +248,7 @@ def test_an_async_stream_waits_for_its_window_and_an_async_handler_reads_its_own
         for t in (1, 2):
             ex.submit(atask(t, "ctx", t))
         ex.submit(Execute(3, 1, "parts", p.pack_value(5), "k3", 1, time.monotonic() + 30, "", 2))
-        ex.start_async()
+        ex.start()
         got = drained(mailbox, 2 + 2 + 2)  # two progress reports, two outcomes, two parts
         progress = sorted((g[1], p.unpack_value(g[3])) for g in got if g[0] == "progress")
         done = sorted((g[1], p.unpack_value(g[4])) for g in got if g[0] == "done")
@@ -292,7 +292,7 @@ def test_an_exception_whose_str_raises_is_a_failure_and_the_handler_runs_on(mode
     try:
         for ticket, value in ((1, True), (2, False)):  # one thread: the second needs it alive
             ex.submit(atask(ticket, "s", value))
-            ex.start_async()
+            ex.start()
             (done,) = ex.take_ready() if mode == "inline" else drained(mailbox, 1)
             assert done[:4] == ("done", ticket, 1, value is False)
             if value:
@@ -385,6 +385,14 @@ def _switches(thread: threading.Thread) -> int:
     raise AssertionError("no voluntary_ctxt_switches line")
 
 
+def _all_idle(ex: Executors, wait: float = 5.0) -> None:
+    """Wait (bounded) until every handler thread of ``ex`` sleeps for want of a task."""
+    end = time.monotonic() + wait
+    while len(ex._idle) < len(ex._threads):
+        assert time.monotonic() < end, "a handler thread never went idle"
+        time.sleep(0.0002)
+
+
 @pytest.mark.skipif(
     not hasattr(threading, "get_native_id") or not __import__("os").path.isdir("/proc/self/task"), reason="reads /proc"
 )
@@ -402,12 +410,16 @@ def test_a_task_wakes_one_handler_thread_and_the_others_sleep_on():
     )
     try:
         ex.submit(Execute(1, 1, "s", p.pack_value(1), "k1", 1, time.monotonic() + 30, "", 0))
+        assert drained(mailbox, 1, wait=0.1) == []  # not before the turn ends
+        ex.start()
         assert len(drained(mailbox, 1)) == 1
         hot = ran[0]
-        # every thread is asleep now (one ran a task, seven never had one): count from here
+        _all_idle(ex)  # every thread is asleep now (one ran a task, seven never had one): count from here
         before = {t.name: _switches(t) for t in ex._threads}
         for i in range(2, 42):
+            _all_idle(ex)  # (the thread that posted the last outcome is idle again a moment later)
             ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+            ex.start()
             done = drained(mailbox, 1)
             assert [(d[1], p.unpack_value(d[4])) for d in done] == [(i, i)]
         after = {t.name: _switches(t) for t in ex._threads}
@@ -442,6 +454,7 @@ def test_tasks_past_the_free_threads_wait_in_order_and_all_run_once():
     ex = Executors({"s": Service(slow)}, 2, "thread", mailbox, MonotonicClock())
     for i in range(10):
         ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+    ex.start()
     assert started.acquire(timeout=5) and started.acquire(timeout=5)
     assert not started.acquire(timeout=0.1)  # two threads: no third starts
     assert sorted(order) == [0, 1] and len(running) == 2
@@ -450,6 +463,22 @@ def test_tasks_past_the_free_threads_wait_in_order_and_all_run_once():
     assert sorted(d[1] for d in done) == list(range(10)) and all(d[3] for d in done)
     assert order[2:] == list(range(2, 10))  # the waiting ones started in order
     assert drained(mailbox, 1, wait=0.1) == []  # each ended once
+    ex.shutdown(wait=True)
+    assert not any(t.is_alive() for t in ex._threads)
+    mailbox.close()
+
+
+def test_tasks_waiting_together_wake_as_many_threads_as_they_need_and_stop_ends_every_thread():
+    """One wake per turn, then each woken thread wakes the next while tasks wait: handlers that
+    block all run at once (each waits at a barrier for the other three), and shutdown stops all."""
+    barrier = threading.Barrier(4, timeout=5)
+    mailbox = Mailbox()
+    ex = Executors({"s": Service(lambda x: barrier.wait() * 0 + x)}, 6, "thread", mailbox, MonotonicClock())
+    for i in range(4):
+        ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+    ex.start()  # one turn: one thread woken by it, three more by the threads
+    done = drained(mailbox, 4)
+    assert sorted((d[1], d[3]) for d in done) == [(i, True) for i in range(4)]  # no barrier broke
     ex.shutdown(wait=True)
     assert not any(t.is_alive() for t in ex._threads)
     mailbox.close()

@@ -71,6 +71,7 @@ def test_an_inline_handler_runs_on_the_calling_thread_and_its_result_is_ready_at
     assert done[:4] == ("done", 1, 1, True) and p.unpack_value(done[4]) == 42
     assert mailbox.drain() == []  # nothing went through the mailbox
     ex.submit(task(2, "pooled"))
+    ex.start()  # (a thread task is handed to its thread at the turn's end)
     assert ex.take_ready() == []
     assert [i[:4] for i in drained(mailbox, 1)] == [("done", 2, 1, True)]
     assert threads[-1] != threading.current_thread().name  # a handler thread
@@ -85,6 +86,7 @@ def test_a_slow_inline_handler_moves_to_the_threads_for_good(executors, caplog):
         assert len(ex.take_ready()) == 1 and threads[-1] == here
     assert "runs on the handler threads from now on" in caplog.text
     ex.submit(task(10, "slow"))
+    ex.start()  # (a thread task is handed to its thread at the turn's end)
     assert ex.take_ready() == []
     assert [i[:2] for i in drained(mailbox, 1)] == [("done", 10)]
     assert threads[-1] != here
@@ -98,6 +100,7 @@ def test_one_very_slow_inline_call_moves_it_at_once_and_a_fast_call_clears_the_s
     ex.submit(task(1, "stuck"))
     ex.take_ready()
     ex.submit(task(2, "stuck"))
+    ex.start()  # (a thread task is handed to its thread at the turn's end)
     drained(mailbox, 1)
     assert threads == [here, threads[1]] and threads[1] != here
     for i in range(2 * INLINE_STRIKES):  # slow, fast, slow, fast...: never three in a row
@@ -109,6 +112,7 @@ def test_a_stream_of_an_inline_service_runs_on_a_thread(executors):
     """A stream waits for its consumer's acknowledgements: never on the socket thread."""
     ex, mailbox, threads = executors
     ex.submit(task(1, "fast", window=4))
+    ex.start()  # (a thread task is handed to its thread at the turn's end)
     assert ex.take_ready() == []
     items = drained(mailbox, 2)
     assert [i[0] for i in items] == ["part", "done"]

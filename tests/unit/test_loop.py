@@ -70,6 +70,37 @@ def test_a_loop_with_messages_still_waiting_reads_again_before_its_timers():
     mailbox.close()
 
 
+def test_before_wait_runs_last_before_every_wait_a_backlog_turn_too():
+    """A worker hands its handler threads their tasks there: after the timers and the stuck check,
+    before each poll, whether the turn read a backlog or waited."""
+    ctx = zmq.Context.instance()
+    a, b = _pair(ctx, "inproc://loop-before")
+    mailbox = Mailbox()
+    loop = Loop(MonotonicClock(), mailbox)
+    order = []
+
+    def read(now):
+        order.append("read")
+        b.recv()
+        if order.count("read") == 3:
+            loop.stop()
+        return order.count("read") < 2  # the first read leaves a backlog, the second does not
+
+    loop.watch(lambda: b, read)
+    for _ in range(3):
+        a.send(b"x")
+    loop.run(
+        tick=lambda now: order.append("tick") or None,
+        mail=lambda items, now: None,
+        stuck=lambda: order.append("stuck") or False,
+        before_wait=lambda: order.append("before"),
+    )
+    assert order == ["tick", "stuck", "before", "read", "stuck", "before", "read", "tick", "stuck", "before", "read"]
+    a.close()
+    b.close()
+    mailbox.close()
+
+
 def test_a_source_without_a_socket_is_left_out_until_it_has_one_and_a_descriptor_is_watched_too():
     """A DealerLink has no socket between a failover's close and its connect (None); the loop polls
     the others meanwhile and the new socket once it is there. A source may be a file descriptor."""

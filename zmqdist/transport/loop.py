@@ -110,13 +110,16 @@ class Loop:
         hold: threading.Lock | None = None,
         idle: Callable[[], bool] | None = None,
         until: Callable[[], bool] | None = None,
+        before_wait: Callable[[], None] | None = None,
     ) -> None:
         """Turn until :meth:`stop`. ``tick(now)`` runs the timers and returns the next deadline;
         ``mail(items, now)`` handles the mailbox; ``stuck()`` says messages wait for a connection
         (retry soon); ``after(now)`` runs after every wake-up (a pair's replication flush);
         ``paused(seconds, now)`` is told when a wait ended much later than asked (the thread was
         stopped), before anything that arrived meanwhile is read, and when a turn's work took that
-        long (stopped while it worked, or starved), before the next ``tick``.
+        long (stopped while it worked, or starved), before the next ``tick``; ``before_wait()``
+        runs last before every wait (a worker wakes its handler threads there: once the wait has
+        let go of the GIL).
 
         Two threads can take turns driving one loop (a client's socket thread, and a caller of
         ``Client.call`` that sends its request and waits for the reply itself: no thread hand-off).
@@ -143,6 +146,8 @@ class Loop:
             waiting = stuck is not None and stuck()
             if waiting:
                 timeout = min(timeout, RETRY_MS)
+            if before_wait is not None:
+                before_wait()
             if hold is not None and idle is not None and not backlog and not waiting and idle():
                 hold.release()  # a caller may drive the sockets during this wait
                 try:
