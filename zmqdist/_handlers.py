@@ -302,22 +302,27 @@ class _Live:
 
 
 class _Hand:
-    """One handler thread's lock, held while it sleeps for want of a task."""
+    """One handler thread's wake-up: the thread sleeps in ``sleep()`` until a ``wake(True)``. Its
+    own queue, so a wake-up wakes that thread and no other."""
 
     def __init__(self) -> None:
-        self.wake = threading.Lock()
-        self.wake.acquire()  # held: the thread's acquire sleeps until a wake releases it
+        inbox: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self.sleep = inbox.get  # bound once: by name, each call looks the method up again
+        self.wake = inbox.put
 
 
 class Executors:
     """Owns the threads / loop / processes that run handlers for one worker.
 
     Thread tasks wait in one deque. A turn's tasks wake at most one idle thread, the one idle
-    last (its memory still in the caches), through its own lock; a thread that takes a task while
+    last (its memory still in the caches), through its own queue; a thread that takes a task while
     more wait wakes the next, so threads join only as long as tasks wait for them, one at a time.
     A shared queue woke a second idle thread at every task only for it to find nothing (two
     context switches and a GIL hand-over per request), and waking a thread per task at once had
-    all of them fight for the GIL over a batch."""
+    all of them fight for the GIL over a batch. No lock: the deque, the idle list and the flag
+    change only in single C calls (atomic under the GIL, compiled or not), in an order that never
+    leaves a task waiting while a thread sleeps (see _thread_main).
+    """
 
     def __init__(
         self,
@@ -335,7 +340,6 @@ class Executors:
         self._mailbox = mailbox
         self._codec = codec
         self._turn: list[tuple[Execute, Gate]] = []  # thread tasks not handed to a thread yet: start()
-        self._mu = threading.Lock()  # guards the three below, shared with the handler threads
         self._idle: list[_Hand] = []  # threads asleep, the last one idle at the end
         self._waiting: deque[tuple[Execute, Gate] | None] = deque()  # tasks for the threads; None: stop
         self._waking = False  # a thread was woken and has not looked at the tasks yet
@@ -476,42 +480,57 @@ class Executors:
             self._procs.send(w.ticket, w.session, ("window", w.ticket, w.acked))
 
     def _hand(self, items: Sequence[tuple[Execute, Gate] | None]) -> None:
-        """Queue ``items`` (None: a thread stops) and wake the thread idle last, unless one is
-        waking already (it wakes the next if more wait)."""
-        with self._mu:
-            self._waiting.extend(items)
-            if not self._idle or self._waking:
+        """Queue ``items`` (None: a thread stops) and wake the thread idle last, unless a thread
+        is waking already: it takes them, and wakes the next if more wait."""
+        self._waiting.extend(items)  # before the flag is read: see _thread_main
+        if not self._waking:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the thread idle last, if one is (each busy thread looks at the deque when it ends)."""
+        idle = self._idle
+        if idle:
+            try:
+                hand = idle.pop()
+            except IndexError:  # (another thread took the last one meanwhile)
                 return
-            hand = self._idle.pop()
             self._waking = True
-        hand.wake.release()
+            hand.wake(True)
 
     def _thread_main(self, hand: _Hand) -> None:
-        mu = self._mu
+        """Take tasks from the deque until it is empty, then sleep in the idle list.
+
+        Why no task waits while a thread sleeps: a queuing thread appends to the deque, then reads
+        the flag; a woken thread clears the flag, then looks at the deque. So a queuer that saw the
+        flag set (and woke nobody) queued before the waking thread looks. A thread going idle
+        appends itself to the idle list, then looks at the deque once more: a task queued before
+        that found no thread to wake, and the thread takes it itself (unless a waker took the
+        thread from the list meanwhile: its wake-up is on the way)."""
         idle = self._idle
         waiting = self._waiting
+        sleep = hand.sleep
         post = self._mailbox.post
-        woke = False
         while True:
-            nxt: _Hand | None = None
-            with mu:
-                if woke:
-                    self._waking = woke = False
-                if not waiting:
-                    idle.append(hand)
-                    asleep = True
-                else:
-                    asleep = False
+            got = False
+            if waiting:
+                try:
                     item = waiting.popleft()
-                    if waiting and idle and not self._waking:  # more wait: the next thread joins
-                        nxt = idle.pop()
-                        self._waking = True
-            if nxt is not None:
-                nxt.wake.release()
-            if asleep:
-                hand.wake.acquire()  # until a task is queued for this thread
-                woke = True
+                    got = True
+                except IndexError:  # (another thread took it meanwhile)
+                    pass
+            if not got:
+                idle.append(hand)
+                if waiting:
+                    try:
+                        idle.remove(hand)  # nobody took this thread to wake it: take the task itself
+                        continue
+                    except ValueError:
+                        pass  # a waker took it: its wake-up is on the way
+                sleep()
+                self._waking = False
                 continue
+            if waiting and not self._waking:  # more wait: the next thread joins
+                self._wake()
             if item is None:
                 return
             task, gate = item

@@ -482,3 +482,34 @@ def test_tasks_waiting_together_wake_as_many_threads_as_they_need_and_stop_ends_
     ex.shutdown(wait=True)
     assert not any(t.is_alive() for t in ex._threads)
     mailbox.close()
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_no_task_waits_while_a_thread_sleeps_under_constant_thread_switches(threads):
+    """The hand-off takes no lock (single C calls, atomic under the GIL; its ordering argument is
+    in Executors._thread_main): turns of 1-12 tasks, each waited for, with the interpreter
+    switching threads as often as it can, so the next turn is queued while the threads go idle.
+    A lost wake-up would leave a task queued with every thread asleep: its wait would run out."""
+    import random
+    import sys
+
+    rng = random.Random(7)
+    mailbox = Mailbox()
+    ex = Executors({"s": Service(lambda x: x)}, threads, "thread", mailbox, MonotonicClock())
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        ticket = 0
+        for _ in range(1000):
+            n = rng.randint(1, 12)
+            for _ in range(n):
+                ticket += 1
+                ex.submit(Execute(ticket, 1, "s", p.pack_value(ticket), f"k{ticket}", 1, time.monotonic() + 30, "", 0))
+            ex.start()
+            done = drained(mailbox, n)
+            assert len(done) == n and all(d[3] for d in done), (ticket, len(done))
+    finally:
+        sys.setswitchinterval(old)
+        ex.shutdown(wait=True)
+        mailbox.close()
+    assert not any(t.is_alive() for t in ex._threads)
