@@ -241,7 +241,8 @@ class _Slot:
 
     def wait(self) -> Any:
         """The reply value, or raise the request's error (blocks until the outcome is there)."""
-        self._done.acquire()
+        if self.outcome is None:  # (a call its caller drove has it already: no acquire to pay)
+            self._done.acquire()
         assert self.outcome is not None
         _, ok, value = self.outcome
         if ok:
@@ -529,7 +530,8 @@ class Client:
             )
         slot = _Slot()
         drive = self._drive
-        if drive is None or len(self._futures) >= self.backlog or not self._io.acquire(blocking=False):
+        # (acquire(False): a keyword argument costs Lock.acquire a keyword parse, at every call)
+        if drive is None or len(self._futures) >= self.backlog or not self._io.acquire(False):
             rid = self._submit(service, value, timeout, slot, trace, key, retry)
             try:
                 return slot.wait()
