@@ -46,32 +46,9 @@ def test_the_loop_reads_ready_sockets_follows_a_replaced_socket_and_stops_from_t
     mailbox.close()
 
 
-def test_a_loop_with_messages_still_waiting_reads_again_before_its_timers():
-    ctx = zmq.Context.instance()
-    a, b = _pair(ctx, "inproc://loop-3")
-    mailbox = Mailbox()
-    loop = Loop(MonotonicClock(), mailbox)
-    order = []
-
-    def read(now):
-        order.append("read")
-        b.recv()
-        if len(order) > 4:
-            loop.stop()
-        return True  # a batch limit was hit: more may wait
-
-    loop.watch(lambda: b, read)
-    for _ in range(5):
-        a.send(b"x")
-    loop.run(tick=lambda now: order.append("tick") or None, mail=lambda items, now: None)
-    assert order[0] == "tick" and "tick" not in order[1:]  # no timers while a backlog is read
-    a.close()
-    b.close()
-    mailbox.close()
-
-
-def test_before_wait_runs_last_before_every_wait_a_backlog_turn_too():
-    """A worker hands its handler threads their tasks there: after the timers and the stuck check,
+def test_a_backlog_is_read_again_before_the_timers_and_before_wait_runs_last_before_every_wait():
+    """No timers while messages still wait (a read that hit its batch limit); ``before_wait`` (a
+    worker hands its handler threads their tasks there) after the timers and the stuck check,
     before each poll, whether the turn read a backlog or waited."""
     ctx = zmq.Context.instance()
     a, b = _pair(ctx, "inproc://loop-before")
