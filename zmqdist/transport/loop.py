@@ -118,8 +118,8 @@ class Loop:
         ``paused(seconds, now)`` is told when a wait ended much later than asked (the thread was
         stopped), before anything that arrived meanwhile is read, and when a turn's work took that
         long (stopped while it worked, or starved), before the next ``tick``; ``before_wait()``
-        runs last before every wait (a worker wakes its handler threads there: once the wait has
-        let go of the GIL).
+        runs last before every wait (a worker wakes its handler threads there, so that they find
+        the GIL free once the wait lets go of it).
 
         Two threads can take turns driving one loop (a client's socket thread, and a caller of
         ``Client.call`` that sends its request and waits for the reply itself: no thread hand-off).
