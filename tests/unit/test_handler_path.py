@@ -5,6 +5,9 @@ path), a task's gate made on demand; and what Client.call waits on."""
 from __future__ import annotations
 
 import asyncio
+import os
+import random
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -386,16 +389,14 @@ def _switches(thread: threading.Thread) -> int:
 
 
 def _all_idle(ex: Executors, wait: float = 5.0) -> None:
-    """Wait (bounded) until every handler thread of ``ex`` sleeps for want of a task."""
+    """Wait (bounded) until every handler thread of ``ex`` sleeps for want of a task (a bounded
+    spin, no sleep: the thread that posted the last outcome goes idle a moment later)."""
     end = time.monotonic() + wait
     while len(ex._idle) < len(ex._threads):
         assert time.monotonic() < end, "a handler thread never went idle"
-        time.sleep(0.0002)
 
 
-@pytest.mark.skipif(
-    not hasattr(threading, "get_native_id") or not __import__("os").path.isdir("/proc/self/task"), reason="reads /proc"
-)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
 def test_a_task_wakes_one_handler_thread_and_the_others_sleep_on():
     """Tasks one at a time: each is handed to the handler thread that went idle last, and no other
     thread wakes (a shared queue woke a second one per task, only for it to find nothing)."""
@@ -409,7 +410,7 @@ def test_a_task_wakes_one_handler_thread_and_the_others_sleep_on():
         MonotonicClock(),
     )
     try:
-        ex.submit(Execute(1, 1, "s", p.pack_value(1), "k1", 1, time.monotonic() + 30, "", 0))
+        ex.submit(atask(1, "s", 1))
         assert drained(mailbox, 1, wait=0.1) == []  # not before the turn ends
         ex.start()
         assert len(drained(mailbox, 1)) == 1
@@ -418,7 +419,7 @@ def test_a_task_wakes_one_handler_thread_and_the_others_sleep_on():
         before = {t.name: _switches(t) for t in ex._threads}
         for i in range(2, 42):
             _all_idle(ex)  # (the thread that posted the last outcome is idle again a moment later)
-            ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+            ex.submit(atask(i, "s", i))
             ex.start()
             done = drained(mailbox, 1)
             assert [(d[1], p.unpack_value(d[4])) for d in done] == [(i, i)]
@@ -453,7 +454,7 @@ def test_tasks_past_the_free_threads_wait_in_order_and_all_run_once():
     mailbox = Mailbox()
     ex = Executors({"s": Service(slow)}, 2, "thread", mailbox, MonotonicClock())
     for i in range(10):
-        ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+        ex.submit(atask(i, "s", i))
     ex.start()
     assert started.acquire(timeout=5) and started.acquire(timeout=5)
     assert not started.acquire(timeout=0.1)  # two threads: no third starts
@@ -475,7 +476,7 @@ def test_tasks_waiting_together_wake_as_many_threads_as_they_need_and_stop_ends_
     mailbox = Mailbox()
     ex = Executors({"s": Service(lambda x: barrier.wait() * 0 + x)}, 6, "thread", mailbox, MonotonicClock())
     for i in range(4):
-        ex.submit(Execute(i, 1, "s", p.pack_value(i), f"k{i}", 1, time.monotonic() + 30, "", 0))
+        ex.submit(atask(i, "s", i))
     ex.start()  # one turn: one thread woken by it, three more by the threads
     done = drained(mailbox, 4)
     assert sorted((d[1], d[3]) for d in done) == [(i, True) for i in range(4)]  # no barrier broke
@@ -490,9 +491,6 @@ def test_no_task_waits_while_a_thread_sleeps_under_constant_thread_switches(thre
     in Executors._thread_main): turns of 1-12 tasks, each waited for, with the interpreter
     switching threads as often as it can, so the next turn is queued while the threads go idle.
     A lost wake-up would leave a task queued with every thread asleep: its wait would run out."""
-    import random
-    import sys
-
     rng = random.Random(7)
     mailbox = Mailbox()
     ex = Executors({"s": Service(lambda x: x)}, threads, "thread", mailbox, MonotonicClock())
@@ -504,7 +502,7 @@ def test_no_task_waits_while_a_thread_sleeps_under_constant_thread_switches(thre
             n = rng.randint(1, 12)
             for _ in range(n):
                 ticket += 1
-                ex.submit(Execute(ticket, 1, "s", p.pack_value(ticket), f"k{ticket}", 1, time.monotonic() + 30, "", 0))
+                ex.submit(atask(ticket, "s", ticket))
             ex.start()
             done = drained(mailbox, n)
             assert len(done) == n and all(d[3] for d in done), (ticket, len(done))
