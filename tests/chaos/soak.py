@@ -4,8 +4,11 @@
 
 Topology (every process real, on ipc endpoints in a temporary directory): a master pair MA/MB, two
 regional proxy pairs R1A/R1B and R2A/R2B below it, two workers per region and one at the master,
-and two Majordomo workers (tests/chaos/mdpsoak.py, raw MDP/0.2) at the master pair, each serving
-at one of its brokers at a time and moving to the other when sent away or met with silence.
+their handlers running each of the three ways a handler can run (tests/chaos/soakworker.py: on
+handler threads in WR1-0 and WR2-1, as async handlers on the event loop in WR1-1 and WM-0, inline
+on the socket thread in WR2-0), and two Majordomo workers (tests/chaos/mdpsoak.py, raw MDP/0.2) at
+the master pair, each serving at one of its brokers at a time and moving to the other when sent
+away or met with silence.
 Regional workers and clients list their proxy pair first and the master pair next; the master's
 worker lists the master pair. Load: per region, a client that calls one at a time, one that keeps
 up to 200 submits in flight, one that maps batches of 500, one that submits bursts of 1,000-3,000
@@ -36,13 +39,14 @@ defect too (a fault here never lasts that long). A client process writes how eac
 ended; at the end it is told to stop (SIGTERM) and waits for what it has open: a request of its
 last run that never ended, one that ended twice or wrong (any run) is a defect. Once every client
 is done, no broker may hold an open request (a SIGKILLed client's were stopped by its broker).
-Executions are counted per request from the workers' logs (re-execution after a kill is allowed
-and reported). Broker logs are read for step-downs of a broker that carried the
-pair's table (a defect, unless it was the stopped one resuming), for a broker taking over again
-within a second of stepping down (a flap), for tracebacks and for crashes (a process that died by
-itself: a libzmq assertion, a fatal Python error; faulthandler shows its threads) in every
-process. Exit status 1 if anything was lost, wrong or duplicated, left open at a broker, a live
-active broker stepped down, a broker flapped, a traceback or a crash was printed, or errors passed --max-error-rate.
+Executions are counted per request from the workers' logs (re-execution after a kill is allowed and
+reported), and per handler mode: each must have run requests. Broker logs are read for step-downs
+of a broker that carried the pair's table (a defect, unless it was the stopped one resuming), for a
+broker taking over again within a second of stepping down (a flap), for tracebacks and for crashes
+(a process that died by itself: a libzmq assertion, a fatal Python error; faulthandler shows its
+threads) in every process. Exit status 1 if anything was lost, wrong or duplicated, left open at a
+broker, a live active broker stepped down, a broker flapped, a traceback or a crash was printed, or
+errors passed --max-error-rate.
 """
 
 from __future__ import annotations
@@ -80,6 +84,9 @@ from zmqdist.transport.security import generate  # noqa: E402
 
 PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
 BROKERS = {name for pair in PAIRS.values() for name in pair}
+# Each native worker's object in soakworker.py: how its handlers run (threads, async, inline)
+WORKER_MODES = {"WR1-0": "worker", "WR1-1": "aworker", "WR2-0": "iworker", "WR2-1": "worker", "WM-0": "aworker"}
+HANDLER_MODES = ("threads", "async", "inline")  # the names their execution logs carry
 TIMEOUT_S = 30.0  # a request's deadline: generous, so that any request not answered is lost
 QUOTA = 500  # each broker's --max-client-inflight: the bursts pass it, the other roles do not
 MDP_RESEND_S = 6.0  # a Majordomo client with no answer this long sends again, to the other broker
@@ -187,9 +194,8 @@ class Topology:
 
     def worker(self, name: str, at: list[str], options: list[str]) -> None:
         eps = [x for n in at for x in ("--connect", self.ep(n))]
-        self.procs[name] = Proc(
-            name, ["worker", "soakworker:worker", "--name", name, *eps, *options], self.logdir, self.env
-        )
+        spec = f"soakworker:{WORKER_MODES[name]}"
+        self.procs[name] = Proc(name, ["worker", spec, "--name", name, *eps, *options], self.logdir, self.env)
 
     def client_first(self, name: str, run: int) -> int:
         """The first request number of client process ``name``'s run ``run`` (0, 1, ... after
@@ -406,7 +412,10 @@ class Load:
                 said = f"stream {i} ({region}, {time.monotonic() - t0:.1f} s) of {n} parts, {len(got)} arrived: {exc}"
                 self.lifecycle_errors.append(said[:300])
             return self.record(i, error=exc) if got == want[: len(got)] else self.record(i, "parts out of order")
-        return self.record(i, s.result) if got == want else self.record(i, "parts out of order")
+        if got != want:
+            return self.record(i, "parts out of order")
+        # an async generator cannot return a value: its stream's result is None (the parts are the check)
+        return self.record(i, s.result if s.result is not None else {"i": i, "v": answer(i)})
 
     def mdp(self, region: str, seed: int) -> None:
         """One request at a time: a Majordomo client (MDP/0.2 on raw DEALER sockets, one to each
@@ -634,13 +643,18 @@ def takeover_figures(times: list[float]) -> dict[str, Any]:
     }
 
 
-def executions(logdir: Path) -> collections.Counter[int]:
+def executions(logdir: Path) -> tuple[collections.Counter[int], collections.Counter[str]]:
+    """How often each request ran, and how many runs each handler mode made (a native worker's log
+    is exec-MODE-PID.log, a Majordomo worker's exec-PID.log)."""
     runs: collections.Counter[int] = collections.Counter()
+    by_mode: collections.Counter[str] = collections.Counter({m: 0 for m in HANDLER_MODES})
     for f in logdir.glob("exec-*.log"):
+        mode = f.stem.partition("-")[2].rpartition("-")[0] or "majordomo"
         for line in f.read_text().splitlines():
             if line.strip().isdigit():
                 runs[int(line)] += 1
-    return runs
+                by_mode[mode] += 1
+    return runs, by_mode
 
 
 STEP_DOWN = re.compile(r"(\S+) stepped down to passive \((\d+) open requests, (warm|cold)\): (.*)")
@@ -810,7 +824,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         never = load.issued - len(load.outcome)
         if never:
             outcome["lost"] += never  # submitted, and no outcome at all by the end
-        runs = executions(topo.logdir)
+        runs, by_mode = executions(topo.logdir)
         ok_ids = [i for i, k in load.outcome.items() if k == "ok"]
         report = {
             "seed": args.seed,
@@ -836,6 +850,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "never_run_but_ok": sum(1 for i in ok_ids if runs[i] == 0),
                 "ran_twice_or_more": sum(1 for i in load.outcome if runs[i] >= 2),
                 "max_runs": max(runs.values(), default=0),
+                "by_handler_mode": dict(by_mode),
             },
             "duplicates_absorbed_by_clients": sum(c._core.counters["duplicates"] for c in load.clients if c._core),
             "client_processes": {n: client_record(topo, n, n in hung) for n in topo.clients},
@@ -875,6 +890,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
             bad.append(f"client process {name}: {c}")
     if report["executions"]["never_run_but_ok"]:
         bad.append(f"{report['executions']['never_run_but_ok']} answered OK but never run")
+    if idle := [m for m, n in report["executions"]["by_handler_mode"].items() if not n]:
+        bad.append(f"handler modes that ran no request (the soak did not test them): {idle}")
     if report["requests"] and report["errors"] / report["requests"] > max_error_rate:
         bad.append(f"error rate {report['errors'] / report['requests']:.4%} over {max_error_rate:.4%}")
     return bad

@@ -32,6 +32,9 @@ def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_l
     mdp = rep["mdp"]  # Majordomo clients and workers, and a native client of the Majordomo workers
     print(f"mdp: {mdp}")
     assert all(mdp.get(f"{what} ok", 0) >= 10 for what in ("mdp up", "mdp work", "native up")), mdp
+    modes = rep["executions"]["by_handler_mode"]  # threads, async and inline handlers all served
+    print(f"executions by handler mode: {modes}")
+    assert all(modes[m] >= 100 for m in ("threads", "async", "inline")), modes
     procs = rep["client_processes"]  # a SIGKILLed and a SIGSTOPped client process per region
     print(f"client processes: {procs}")
     assert len(procs) == 4 and all(c["ended"].get("ok", 0) >= 100 for c in procs.values()), procs
@@ -85,7 +88,7 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
             "requests": 1,
             "errors": 0,
             "takeover_s": {},
-            "executions": {"never_run_but_ok": 0},
+            "executions": {"never_run_but_ok": 0, "by_handler_mode": {"threads": 5, "async": 2, "inline": 0}},
             **got,
         },
         0.001,
@@ -93,4 +96,20 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
         "1 step-downs of a live active broker",
         "  B.log:1: 2026-12-04 12:44:19,700 B (resumed None s before): A is active with epoch 7",
         f"brokers that took over again right after stepping down: {got['flaps']}",
+        "handler modes that ran no request (the soak did not test them): ['inline']",
     ]
+
+
+def test_the_soak_counts_each_requests_runs_and_each_handler_modes(tmp_path, monkeypatch):
+    """Execution logs as the workers write them: a native worker's name its handler mode, a
+    Majordomo worker's do not; a mode with no log at all counts 0 (the verdict's defect)."""
+    monkeypatch.syspath_prepend(str(SOAK.parent))
+    import soak
+
+    (tmp_path / "exec-threads-101.log").write_text("7\n8\n")
+    (tmp_path / "exec-threads-102.log").write_text("8\n")  # 8 ran again after 101 was killed
+    (tmp_path / "exec-async-103.log").write_text("9\n\n")
+    (tmp_path / "exec-104.log").write_text("10\n")
+    runs, by_mode = soak.executions(tmp_path)
+    assert runs == {7: 1, 8: 2, 9: 1, 10: 1}
+    assert by_mode == {"threads": 3, "async": 1, "inline": 0, "majordomo": 1}
