@@ -208,6 +208,7 @@ def test_a_running_async_task_is_cancelled_on_its_loop_and_ends_once(async_execu
     assert drained(mailbox, 1, wait=0.2) == []  # the cancelled run posted exactly one outcome
 
 
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12+: a task's first step runs as it is made (eager)")
 def test_an_async_task_cancelled_between_being_made_and_its_first_step_never_runs(async_executors):
     """The race an abort from the socket thread can hit: the task is made, then cancelled before
     the loop ran its first step. Its first step sees the gate, posts one outcome and never calls
@@ -228,6 +229,47 @@ def test_an_async_task_cancelled_between_being_made_and_its_first_step_never_run
     assert started == []  # the handler never ran
     assert drained(mailbox, 1, wait=0.2) == []
     assert not ex._live
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks are Python 3.12+")
+def test_an_async_handler_that_does_not_wait_ends_as_its_task_is_made_as_its_own_current_task():
+    """Python 3.12+: the batch's callback makes each task eagerly. A handler that never waits has
+    posted its outcome when the callback returns (no step scheduled, no second turn of the loop);
+    it ran as its own current task, so asyncio.timeout works in it. One that waits ends later."""
+    seen: list[bool] = []
+
+    async def quick(x):
+        async with asyncio.timeout(5):  # raises without a current task
+            seen.append(asyncio.current_task() is not None)
+        return x
+
+    async def waits(x):
+        await asyncio.sleep(0)
+        return x
+
+    mailbox = Mailbox()
+    ex = Executors({"quick": Service(quick), "waits": Service(waits)}, 1, "thread", mailbox, MonotonicClock())
+    try:
+        ex.submit(atask(1, "quick", 1))
+        ex.submit(atask(2, "waits", 2))
+        batch, ex._starting = ex._starting, []
+        at_return: list[tuple[Any, ...]] = []
+        looked = threading.Event()
+
+        def start_then_look() -> None:
+            ex._start_batch(batch)
+            at_return.extend(mailbox.drain())  # (the test's thread reads only after this)
+            looked.set()
+
+        ex._loop.call_soon_threadsafe(start_then_look)
+        assert looked.wait(10)
+        later = drained(mailbox, 1)
+        assert [(d[1], d[3], p.unpack_value(d[4])) for d in at_return] == [(1, True, 1)]
+        assert [(d[1], d[3], p.unpack_value(d[4])) for d in later] == [(2, True, 2)]
+        assert seen == [True] and not ex._live
+    finally:
+        ex.shutdown(wait=True)
+        mailbox.close()
 
 
 def test_an_async_stream_waits_for_its_window_and_an_async_handler_reads_its_own_context():
