@@ -40,11 +40,11 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from types import CoroutineType
 from typing import Any, Final
 
+from zmqdist import _aio
 from zmqdist import protocol as p
 from zmqdist.clock import Clock
 from zmqdist.codec import Codec
@@ -149,13 +149,16 @@ class AsyncGate:
             if self._event is not None:
                 self._event.set()
 
-    async def wait(self, seq: int) -> None:
-        while seq >= self.acked + self.window:
-            event = self._event
-            if event is None:
-                event = self._event = asyncio.Event()
-            event.clear()
-            await event.wait()
+    def wait_for(self, seq: int) -> Awaitable[bool] | None:
+        """None if part ``seq`` may go now; else what to await before asking again (the waiting
+        itself is _aio's: a compiled coroutine must not await, see zmqdist/_aio.py)."""
+        if seq < self.acked + self.window:
+            return None
+        event = self._event
+        if event is None:
+            event = self._event = asyncio.Event()
+        event.clear()
+        return event.wait()
 
 
 def _text(exc: BaseException) -> str:
@@ -253,7 +256,7 @@ def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, pos
         result = svc.fn(p.unpack_value(task.payload, codec))
         special = type(result) not in _PLAIN_RESULTS
         if special and inspect.isawaitable(result):
-            result = asyncio.run(_await(result))
+            result = asyncio.run(_aio.await_it(result))
         if special and inspect.isgenerator(result):
             result = _drain(result, task, clock, codec, post, gate)
         elif task.window:
@@ -293,10 +296,6 @@ def _drain(gen: Iterator[Any], task: Execute, clock: Clock, codec: Codec | None,
         close = getattr(gen, "close", None)
         if close is not None:
             close()
-
-
-async def _await(aw: Any) -> Any:
-    return await aw
 
 
 class _Live:
@@ -428,9 +427,9 @@ class Executors:
             if live.gate.cancelled:
                 self._ended(task, False, b"", None)
                 continue
-            # no done callback: _run_async posts the outcome itself, always once (a callback
+            # no done callback: run_handler posts the outcome itself, always once (a callback
             # costs every task a scheduled call on the loop)
-            coro = self._run_async(svc, task, live)
+            coro = _aio.run_handler(self, svc, task, live)
             if _EAGER:
                 live.future = _Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
             else:
@@ -556,35 +555,40 @@ class Executors:
             finally:
                 self._gates.pop((task.ticket, task.session), None)
 
-    async def _run_async(self, svc: Service, task: Execute, live: _Live) -> None:
-        """Run an async handler and post its outcome, exactly once, whatever happens. A task
-        cancelled before its first step would never run this body: _cancel_live leaves those to
-        see their gate here instead."""
-        codec, post = self._codec, self._mailbox.post
-        ticket, session = task.ticket, task.session
+    def _begin_async(self, svc: Service, task: Execute, live: _Live) -> Any:
+        """On the event loop, as an async task's first step (zmqdist/_aio.py's run_handler):
+        call its handler and return what it returned, to be awaited there; _aio.NOT_RUN if the
+        task was aborted before. A task cancelled before its first step never runs the coroutine
+        at all: _cancel_live leaves those to see their gate here instead."""
         live.started = True
+        if live.gate.cancelled:
+            return _aio.NOT_RUN
+        # deferred, as on the threads (run_task): made only if the handler asks for it; the
+        # variable is this task's own (each asyncio task runs in a copy of the context)
+        _set_request((_DEFERRED, (task, self._clock, live.gate, self._codec, self._mailbox.post)))
+        return svc.fn(p.unpack_value(task.payload, self._codec))
+
+    def _post_part(self, task: Execute) -> Callable[[Any], None]:
+        """What posts an async stream's parts, one value each."""
+        codec, post, ticket, session = self._codec, self._mailbox.post, task.ticket, task.session
+        return lambda value: post(("part", ticket, session, p.pack_value(value, codec)))
+
+    def _end_async(self, svc: Service, task: Execute, live: _Live, result: Any, error: BaseException | None) -> None:
+        """An async task's outcome, posted exactly once whatever happens: its result packed, or
+        its error (CancelledError included: the outcome is CANCELLED then)."""
         ok, payload, retry = False, b"", None  # what goes if the code below itself fails
         try:
-            if live.gate.cancelled:
-                return
-            # deferred, as on the threads (run_task): made only if the handler asks for it; the
-            # variable is this task's own (each asyncio task runs in a copy of the context)
-            _set_request((_DEFERRED, (task, self._clock, live.gate, codec, post)))
-            try:
-                result = svc.fn(p.unpack_value(task.payload, codec))
-                if type(result) is CoroutineType:  # what an async def handler returns: no inspect call
-                    result = await result
-                elif inspect.isasyncgen(result):
-                    result = await self._drain_async(result, task, live.gate)
-                elif inspect.isawaitable(result):
-                    result = await result
-                if task.window and not inspect.isasyncgenfunction(svc.fn):
-                    post(("part", ticket, session, p.pack_value(result, codec)))
-                    result = None
-                ok, payload = True, p.pack_value(result, codec)
-            except BaseException as exc:  # CancelledError included: the outcome is CANCELLED then
-                retry = _retry_ms(svc, task, exc, live.gate.cancelled)
-                payload = _raised(task, exc, retry) if not live.gate.cancelled else b""
+            if error is None:
+                try:
+                    if task.window and not inspect.isasyncgenfunction(svc.fn):
+                        self._post_part(task)(result)  # a stream of one value
+                        result = None
+                    ok, payload = True, p.pack_value(result, self._codec)
+                except BaseException as exc:  # a value that cannot be packed fails its request
+                    error = exc
+            if error is not None:
+                retry = _retry_ms(svc, task, error, live.gate.cancelled)
+                payload = _raised(task, error, retry) if not live.gate.cancelled else b""
         finally:
             self._ended(task, ok, payload, retry)
 
@@ -592,26 +596,6 @@ class Executors:
         """An async task's one outcome: it leaves the live tasks and goes to the socket thread."""
         self._live.pop((task.ticket, task.session), None)
         self._mailbox.post(("done", task.ticket, task.session, ok, payload, retry))
-
-    async def _drain_async(self, agen: AsyncIterator[Any], task: Execute, gate: AsyncGate) -> Any:
-        codec, post = self._codec, self._mailbox.post
-        if not task.window:
-            return [v async for v in agen]
-        seq = 0
-        it = agen.__aiter__()
-        try:
-            while True:
-                await gate.wait(seq)
-                try:
-                    value = await it.__anext__()
-                except StopAsyncIteration:
-                    return None
-                post(("part", task.ticket, task.session, p.pack_value(value, codec)))
-                seq += 1
-        finally:
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     def shutdown(self, wait: bool) -> None:
         """Stop the threads (after running tasks when ``wait``) and every child process."""

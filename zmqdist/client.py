@@ -22,12 +22,13 @@ import random
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Final
 
 import zmq
 
+from zmqdist import _aio
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, MonotonicClock
 from zmqdist.codec import Codec
@@ -199,18 +200,9 @@ class AsyncStream(Stream):
     def __aiter__(self) -> AsyncStream:
         return self
 
-    async def __anext__(self) -> Any:
-        if self._ended:
-            raise StopAsyncIteration
-        aio = self._sink.aio
-        assert aio is not None
-        try:
-            return self._take(await aio.get())
-        except StopIteration:
-            raise StopAsyncIteration from None
-        except asyncio.CancelledError:
-            self.cancel()  # the task iterating it was cancelled: so is the request
-            raise
+    def __anext__(self) -> Coroutine[Any, Any, Any]:
+        # the waiting is _aio's: a compiled coroutine must not await (see zmqdist/_aio.py)
+        return _aio.next_part(self)
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -794,7 +786,11 @@ class AsyncClient:
     def __init__(self, endpoints: list[str] | tuple[str, ...] | str, **kwargs: Any) -> None:
         self._client = Client(endpoints, **kwargs)
 
-    async def call(
+    # Each awaitable method returns a coroutine of zmqdist/_aio.py rather than being a compiled
+    # coroutine itself: a compiled one would pass a thrown exception on in the form Python 3.12
+    # deprecated (that module says why it matters).
+
+    def call(
         self,
         service: str,
         value: Any = None,
@@ -804,19 +800,19 @@ class AsyncClient:
         key: str | None = None,
         retry: Retry | None = None,
         on_progress: Callable[[Any], None] | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Send a request and await its reply value; raise its error. ``on_progress(value)`` is
-        called (on this loop) with each progress report of the handler."""
-        fut = self._client.submit(service, value, timeout=timeout, trace=trace, key=key, retry=retry)
-        if on_progress is not None:
-            loop = asyncio.get_running_loop()
-            fut.add_progress_callback(lambda v: loop.call_soon_threadsafe(on_progress, v))
-        return await asyncio.wrap_future(fut)
+        called (on this loop) with each progress report of the handler. The request goes out
+        when the returned coroutine first runs."""
+        options = {"timeout": timeout, "trace": trace, "key": key, "retry": retry}
+        return _aio.call(self._client, service, value, options, on_progress)
 
-    async def gather(self, service: str, values: Iterable[Any], *, timeout: float | None = None) -> list[Any]:
+    def gather(
+        self, service: str, values: Iterable[Any], *, timeout: float | None = None
+    ) -> Coroutine[Any, Any, list[Any]]:
         """Call ``service`` on every value concurrently; return the results in order."""
-        futs = [asyncio.wrap_future(self._client.submit(service, v, timeout=timeout)) for v in values]
-        return list(await asyncio.gather(*futs))
+        client = self._client
+        return _aio.gather(lambda v: client.submit(service, v, timeout=timeout), values)
 
     def stream(
         self,
@@ -836,11 +832,12 @@ class AsyncClient:
         assert isinstance(s, AsyncStream)
         return s
 
-    async def close(self) -> None:
-        await asyncio.to_thread(self._client.close)
+    def close(self) -> Coroutine[Any, Any, None]:
+        """Stop the client (awaitable: the wait for its socket thread runs in a thread)."""
+        return asyncio.to_thread(self._client.close)
 
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    def __aexit__(self, *exc: object) -> Coroutine[Any, Any, None]:
+        return self.close()

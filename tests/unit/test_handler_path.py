@@ -208,6 +208,49 @@ def test_a_running_async_task_is_cancelled_on_its_loop_and_ends_once(async_execu
     assert drained(mailbox, 1, wait=0.2) == []  # the cancelled run posted exactly one outcome
 
 
+def test_a_cancel_and_a_timeout_reach_the_async_handler_itself_with_no_warning():
+    """A cancelled handler sees CancelledError where it waits (its cleanup runs), and
+    asyncio.timeout inside a handler turns its own cancel into TimeoutError. Compiled coroutines
+    pass a thrown exception on with throw(type, value, traceback), deprecated since Python 3.12
+    (mypyc/mypyc#1214): with warnings as errors (this suite's setting, and many a user's) the
+    warning replaced the CancelledError before it reached the handler."""
+    cleaned: list[str] = []
+    waiting = threading.Event()
+
+    async def waits(x):
+        try:
+            waiting.set()
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cleaned.append("cancelled")
+            raise
+        return x
+
+    async def bounded(x):
+        try:
+            async with asyncio.timeout(0.01):
+                await asyncio.sleep(60)
+        except TimeoutError:
+            return "timed out"
+        return x
+
+    mailbox = Mailbox()
+    ex = Executors({"waits": Service(waits), "bounded": Service(bounded)}, 1, "thread", mailbox, MonotonicClock())
+    try:
+        ex.submit(atask(1, "waits", 1))
+        ex.submit(atask(2, "bounded", 2))
+        ex.start()
+        assert waiting.wait(10)
+        (timed,) = drained(mailbox, 1)
+        assert timed[:4] == ("done", 2, 1, True) and p.unpack_value(timed[4]) == "timed out"
+        ex.abort(Abort(1, 1, "cancelled"))
+        (done,) = drained(mailbox, 1)
+        assert done[:5] == ("done", 1, 1, False, b"") and cleaned == ["cancelled"]
+    finally:
+        ex.shutdown(wait=True)
+        mailbox.close()
+
+
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12+: a task's first step runs as it is made (eager)")
 def test_an_async_task_cancelled_between_being_made_and_its_first_step_never_runs(async_executors):
     """The race an abort from the socket thread can hit: the task is made, then cancelled before
