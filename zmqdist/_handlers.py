@@ -884,9 +884,17 @@ class Processes:
         self._dead.put(slot)
 
     def _keep(self) -> None:
-        """The keeper thread: replace each dead slot's process, until shutdown says None."""
+        """The keeper thread: replace each dead slot's process, until shutdown says None, or
+        until the interpreter exits: Python 3.12+ refuses a new thread (a replacement's reader)
+        from the moment it begins to exit, before sys.is_finalizing() says so, when the main
+        thread has already ended; it printed a traceback at exit."""
         while (slot := self._dead.get()) is not None:
-            self._replace(slot)
+            try:
+                self._replace(slot)
+            except RuntimeError:
+                if sys.is_finalizing() or not threading.main_thread().is_alive():
+                    return
+                raise
 
     def _replace(self, slot: _Slot) -> None:
         """Start a process in place of ``slot``'s, report the task it held, and give the new one
