@@ -5,6 +5,7 @@ path), a task's gate made on demand; and what Client.call waits on."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import sys
@@ -171,6 +172,18 @@ def async_executors():
     mailbox.close()
 
 
+@contextlib.contextmanager
+def async_only(**handlers: Any) -> Iterator[tuple[Executors, Mailbox]]:
+    """Executors of one handler thread for these async handlers, and its mailbox; shut at the end."""
+    mailbox = Mailbox()
+    ex = Executors({n: Service(f) for n, f in handlers.items()}, 1, "thread", mailbox, MonotonicClock())
+    try:
+        yield ex, mailbox
+    finally:
+        ex.shutdown(wait=True)
+        mailbox.close()
+
+
 def atask(ticket: int, service: str, value: object) -> Execute:
     return Execute(ticket, 1, service, p.pack_value(value), f"k{ticket}", 1, time.monotonic() + 30, "", 0)
 
@@ -234,9 +247,7 @@ def test_a_cancel_and_a_timeout_reach_the_async_handler_itself_with_no_warning()
             return "timed out"
         return x
 
-    mailbox = Mailbox()
-    ex = Executors({"waits": Service(waits), "bounded": Service(bounded)}, 1, "thread", mailbox, MonotonicClock())
-    try:
+    with async_only(waits=waits, bounded=bounded) as (ex, mailbox):
         ex.submit(atask(1, "waits", 1))
         ex.submit(atask(2, "bounded", 2))
         ex.start()
@@ -246,9 +257,6 @@ def test_a_cancel_and_a_timeout_reach_the_async_handler_itself_with_no_warning()
         ex.abort(Abort(1, 1, "cancelled"))
         (done,) = drained(mailbox, 1)
         assert done[:5] == ("done", 1, 1, False, b"") and cleaned == ["cancelled"]
-    finally:
-        ex.shutdown(wait=True)
-        mailbox.close()
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="3.12+: a task's first step runs as it is made (eager)")
@@ -290,9 +298,7 @@ def test_an_async_handler_that_does_not_wait_ends_as_its_task_is_made_as_its_own
         await asyncio.sleep(0)
         return x
 
-    mailbox = Mailbox()
-    ex = Executors({"quick": Service(quick), "waits": Service(waits)}, 1, "thread", mailbox, MonotonicClock())
-    try:
+    with async_only(quick=quick, waits=waits) as (ex, mailbox):
         ex.submit(atask(1, "quick", 1))
         ex.submit(atask(2, "waits", 2))
         batch, ex._starting = ex._starting, []
@@ -310,9 +316,6 @@ def test_an_async_handler_that_does_not_wait_ends_as_its_task_is_made_as_its_own
         assert [(d[1], d[3], p.unpack_value(d[4])) for d in at_return] == [(1, True, 1)]
         assert [(d[1], d[3], p.unpack_value(d[4])) for d in later] == [(2, True, 2)]
         assert seen == [True] and not ex._live
-    finally:
-        ex.shutdown(wait=True)
-        mailbox.close()
 
 
 def test_an_async_stream_waits_for_its_window_and_an_async_handler_reads_its_own_context():
