@@ -71,9 +71,10 @@ async def await_it(aw: Any) -> Any:
     return await aw
 
 
-async def call(client: Any, service: str, value: Any, options: dict[str, Any], on_progress: Any) -> Any:
-    """AsyncClient.call: the request goes out when the coroutine first runs, as it always did."""
-    fut = client.submit(service, value, **options)
+async def call(submit: Callable[[], Any], on_progress: Callable[[Any], None] | None) -> Any:
+    """AsyncClient.call: the request goes out (``submit()``, a RequestFuture) when the coroutine
+    first runs, as it always did."""
+    fut = submit()
     if on_progress is not None:
         loop = asyncio.get_running_loop()
         fut.add_progress_callback(lambda v: loop.call_soon_threadsafe(on_progress, v))

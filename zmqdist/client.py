@@ -804,8 +804,10 @@ class AsyncClient:
         """Send a request and await its reply value; raise its error. ``on_progress(value)`` is
         called (on this loop) with each progress report of the handler. The request goes out
         when the returned coroutine first runs."""
-        options = {"timeout": timeout, "trace": trace, "key": key, "retry": retry}
-        return _aio.call(self._client, service, value, options, on_progress)
+        client = self._client
+        return _aio.call(
+            lambda: client.submit(service, value, timeout=timeout, trace=trace, key=key, retry=retry), on_progress
+        )
 
     def gather(
         self, service: str, values: Iterable[Any], *, timeout: float | None = None
