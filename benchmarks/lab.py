@@ -37,6 +37,7 @@ from typing import Any
 
 PIPELINE = 100
 TICK = os.sysconf("SC_CLK_TCK")
+PATH_KEYS = ("path_user_us", "path_kernel_us", "path_wakeups")  # every process of a path, per request
 
 
 def free_port() -> int:
@@ -45,11 +46,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+system CPU seconds of process ``pid`` (from /proc)."""
+def _times(pid: int) -> tuple[float, float]:
+    """User and kernel CPU seconds of process ``pid`` (from /proc)."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of process ``pid`` (from /proc)."""
+    return sum(_times(pid))
+
+
+def usage(pid: int) -> tuple[float, float, int]:
+    """User and kernel CPU seconds of process ``pid``, and the voluntary context switches of its
+    threads alive now (each one a thread that slept and was woken: a wake-up), from /proc. A
+    bench's processes keep their threads through a run, so the difference of two is the run's."""
+    user, kernel = _times(pid)
+    wakeups = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        wakeups += int(line.split(":")[1])
+                        break
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+    return user, kernel, wakeups
 
 
 # --- roles (each runs in its own process: python benchmarks/lab.py ROLE ARGS) ------------------
@@ -570,9 +594,11 @@ def _measure(
     idle_cpu_per_s: float = 0.0,
     broker_ep: str | None = None,
     others: dict[str, int] | None = None,
+    path: list[int] | None = None,
 ) -> dict[str, Any]:
     """Read the client's result; add the CPU per request of ``busy_pid`` (and of ``others``, by
-    name, as ``cpu_of``) over the measured run."""
+    name, as ``cpu_of``) over the measured run, and of every process of ``path`` together, split
+    into user and kernel time, with their wake-ups per request."""
     assert client.stdout is not None
     line = _readline(client, 60.0)
     if line.strip() != "GO":
@@ -581,14 +607,20 @@ def _measure(
     c0 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o0 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l0, k0 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
+    u0 = [usage(pid) for pid in path or ()]
     result: dict[str, Any] = json.loads(_readline(client, 120.0) or "null") or {}
     if "n" not in result:
         raise RuntimeError("bench client gave no result: a process of its setup died or hung")
     c1 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o1 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l1, k1 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
+    u1 = [usage(pid) for pid in path or ()]
     client.wait(30)
     n = max(result["n"], 1)
+    if path:
+        result["path_user_us"] = sum(b[0] - a[0] for a, b in zip(u0, u1, strict=True)) / n * 1e6
+        result["path_kernel_us"] = sum(b[1] - a[1] for a, b in zip(u0, u1, strict=True)) / n * 1e6
+        result["path_wakeups"] = sum(b[2] - a[2] for a, b in zip(u0, u1, strict=True)) / n
     if others:
         result["cpu_of"] = {k: (o1[k] - o0[k]) / n * 1e6 for k in o0}
     if busy_pid:
@@ -662,6 +694,9 @@ def run_setup(
                 procs += [_spawn("rawworker", back, "connect") for _ in range(2)]
             time.sleep(0.3)
             client = _spawn("rawclient", front, mode, str(duration), str(payload))
+            if workers <= 2:  # the whole path's CPU and wake-ups, beside the API's
+                procs.append(client)
+                return _measure(client, busy, 0.0, None, None, [p.pid for p in procs])
         elif setup in TIERS:
             # client -> proxy A; workers at A (local), at the master (1 hop up) or at proxy B
             # below the master (funnelled: A -> master -> B and back)
@@ -735,7 +770,7 @@ def run_setup(
         if setup in ("zmqdist", "batched", "api", "api-inline", "api-async") and workers <= 2:
             # every process's CPU per request: the client, and the workers together
             others = {"client": client.pid, **{f"worker {i}": w.pid for i, w in enumerate(procs[1:-1])}}
-            return _measure(client, busy, idle_cpu, ep, others)
+            return _measure(client, busy, idle_cpu, ep, others, [p.pid for p in procs])
         return _measure(client, busy, idle_cpu, None if setup in ("direct", "device") else ep)
     finally:
         _stop(procs)
@@ -822,18 +857,27 @@ def _fmt(r: dict[str, Any], base: dict[str, Any] | None = None, key: str = "rps"
 
 
 def _cpu_line(r: dict[str, Any]) -> str:
-    """The client's and the workers' CPU per request beside the broker's, when measured."""
+    """The client's and the workers' CPU per request beside the broker's, and the whole path's
+    kernel share and wake-ups, when measured."""
+    parts = []
     of = r.get("cpu_of")
-    if not of or "client" not in of:
-        return ""
-    workers = sum(v for k, v in of.items() if k.startswith("worker"))
-    total = r.get("cpu_us", 0.0) + of["client"] + workers
-    return f"{'':13}CPU us/req: client {of['client']:.1f}, workers {workers:.1f}, all with the broker {total:.1f}"
+    if of and "client" in of:
+        workers = sum(v for k, v in of.items() if k.startswith("worker"))
+        total = r.get("cpu_us", 0.0) + of["client"] + workers
+        parts.append(f"CPU us/req: client {of['client']:.1f}, workers {workers:.1f}, all with the broker {total:.1f}")
+    if "path_wakeups" in r:
+        user, kernel = r["path_user_us"], r["path_kernel_us"]
+        share = kernel / (user + kernel) if user + kernel > 0 else 0.0
+        parts.append(
+            f"all processes: user {user:.1f} + kernel {kernel:.1f} us/req ({share:.0%} kernel), "
+            f"{r['path_wakeups']:.2f} wake-ups/req"
+        )
+    return "\n".join(f"{'':13}{part}" for part in parts)
 
 
 def _mean(rs: list[dict[str, Any]]) -> dict[str, Any]:
     out = {k: statistics.fmean(r[k] for r in rs) for k in ("rps", "p50_us", "p99_us")}
-    for k in ("cpu_us", "idle_us", "loop_us", "batch_out", "batches_in", "msgs_per_req"):
+    for k in ("cpu_us", "idle_us", "loop_us", "batch_out", "batches_in", "msgs_per_req", *PATH_KEYS):
         if all(k in r for r in rs):
             out[k] = statistics.fmean(r[k] for r in rs)
     if all("cpu_of" in r for r in rs):

@@ -305,6 +305,55 @@ def test_bench_dispatch_cost_runs_for_every_scale_point():
         assert 0 < _bench.core_cost(workers, capacity, n=300) < 10_000
 
 
+def test_bench_counts_the_wake_ups_of_every_thread_of_a_process():
+    """bench's path figures: a thread that blocks and is woken counts, though it is not the main one."""
+    import os
+    import threading
+
+    lab = cli.load_bench_lab()
+    ping, pong, end = threading.Event(), threading.Event(), threading.Event()
+
+    def other():
+        for _ in range(5):
+            ping.wait()  # blocks until the main thread sets it: a voluntary switch of this thread
+            ping.clear()
+            pong.set()
+        end.wait()  # alive until counted (an ended thread leaves /proc and its count with it)
+
+    def mine() -> int:  # this thread's own wake-ups
+        with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+            return next(int(line.split(":")[1]) for line in f if line.startswith("voluntary_ctxt_switches:"))
+
+    t = threading.Thread(target=other)
+    t.start()
+    user0, kernel0, woken0 = lab.usage(os.getpid())
+    mine0 = mine()
+    for _ in range(5):
+        pong.clear()
+        ping.set()
+        assert pong.wait(10)
+    mine1 = mine()
+    woken1 = lab.usage(os.getpid())[2]
+    end.set()
+    t.join(10)
+    assert user0 >= 0 and kernel0 >= 0
+    assert (woken1 - woken0) - (mine1 - mine0) >= 5  # the other thread's five waits
+
+
+def test_bench_shows_the_whole_paths_kernel_share_and_wake_ups():
+    lab = cli.load_bench_lab()
+    both = lab._cpu_line(
+        {"cpu_us": 10.0, "cpu_of": {"client": 5.0, "worker 0": 3.0, "worker 1": 3.0},
+         "path_user_us": 15.0, "path_kernel_us": 5.0, "path_wakeups": 0.81}
+    )  # fmt: skip
+    first, second = both.splitlines()
+    assert "client 5.0, workers 6.0, all with the broker 21.0" in first
+    assert "user 15.0 + kernel 5.0 us/req (25% kernel), 0.81 wake-ups/req" in second
+    device = lab._cpu_line({"path_user_us": 3.0, "path_kernel_us": 1.0, "path_wakeups": 0.3})
+    assert device.strip() == "all processes: user 3.0 + kernel 1.0 us/req (25% kernel), 0.30 wake-ups/req"
+    assert lab._cpu_line({"cpu_us": 3.0}) == ""
+
+
 def test_config_files_refuse_unknown_tables_and_keys_naming_the_nearest(tmp_path, fake_broker):
     run = CliRunner().invoke
     cfg = tmp_path / "typo.toml"
