@@ -595,10 +595,13 @@ def _measure(
     broker_ep: str | None = None,
     others: dict[str, int] | None = None,
     path: list[int] | None = None,
+    duration: float = 0.0,
 ) -> dict[str, Any]:
     """Read the client's result; add the CPU per request of ``busy_pid`` (and of ``others``, by
     name, as ``cpu_of``) over the measured run, and of every process of ``path`` together, split
-    into user and kernel time, with their wake-ups per request."""
+    into user and kernel time, with their wake-ups per request. Those over the middle 80% of the
+    run's ``duration``, at its mean rate: a thread's count of wake-ups leaves /proc when the thread
+    ends, and the client's threads end as it reports."""
     assert client.stdout is not None
     line = _readline(client, 60.0)
     if line.strip() != "GO":
@@ -607,20 +610,27 @@ def _measure(
     c0 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o0 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l0, k0 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
-    u0 = [usage(pid) for pid in path or ()]
+    u0, u1, span = [], [], 0.0
+    if path:
+        time.sleep(0.1 * duration)
+        t0 = time.monotonic()
+        u0 = [usage(pid) for pid in path]
+        time.sleep(0.8 * duration)
+        u1 = [usage(pid) for pid in path]
+        span = time.monotonic() - t0
     result: dict[str, Any] = json.loads(_readline(client, 120.0) or "null") or {}
     if "n" not in result:
         raise RuntimeError("bench client gave no result: a process of its setup died or hung")
     c1 = cpu_seconds(busy_pid) if busy_pid else 0.0
     o1 = {k: cpu_seconds(pid) for k, pid in (others or {}).items()}
     l1, k1 = _loop_cpu(broker_ep) if broker_ep else (0.0, {})
-    u1 = [usage(pid) for pid in path or ()]
     client.wait(30)
     n = max(result["n"], 1)
     if path:
-        result["path_user_us"] = sum(b[0] - a[0] for a, b in zip(u0, u1, strict=True)) / n * 1e6
-        result["path_kernel_us"] = sum(b[1] - a[1] for a, b in zip(u0, u1, strict=True)) / n * 1e6
-        result["path_wakeups"] = sum(b[2] - a[2] for a, b in zip(u0, u1, strict=True)) / n
+        served = max(result["rps"] * span, 1.0)  # the requests of the window, at the run's mean rate
+        result["path_user_us"] = sum(b[0] - a[0] for a, b in zip(u0, u1, strict=True)) / served * 1e6
+        result["path_kernel_us"] = sum(b[1] - a[1] for a, b in zip(u0, u1, strict=True)) / served * 1e6
+        result["path_wakeups"] = sum(b[2] - a[2] for a, b in zip(u0, u1, strict=True)) / served
     if others:
         result["cpu_of"] = {k: (o1[k] - o0[k]) / n * 1e6 for k in o0}
     if busy_pid:
@@ -696,7 +706,7 @@ def run_setup(
             client = _spawn("rawclient", front, mode, str(duration), str(payload))
             if workers <= 2:  # the whole path's CPU and wake-ups, beside the API's
                 procs.append(client)
-                return _measure(client, busy, 0.0, None, None, [p.pid for p in procs])
+                return _measure(client, busy, 0.0, None, None, [p.pid for p in procs], duration)
         elif setup in TIERS:
             # client -> proxy A; workers at A (local), at the master (1 hop up) or at proxy B
             # below the master (funnelled: A -> master -> B and back)
@@ -770,7 +780,7 @@ def run_setup(
         if setup in ("zmqdist", "batched", "api", "api-inline", "api-async") and workers <= 2:
             # every process's CPU per request: the client, and the workers together
             others = {"client": client.pid, **{f"worker {i}": w.pid for i, w in enumerate(procs[1:-1])}}
-            return _measure(client, busy, idle_cpu, ep, others, [p.pid for p in procs])
+            return _measure(client, busy, idle_cpu, ep, others, [p.pid for p in procs], duration)
         return _measure(client, busy, idle_cpu, None if setup in ("direct", "device") else ep)
     finally:
         _stop(procs)
