@@ -31,6 +31,7 @@ MODULES: tuple[str, ...] = (
     "zmqdist.clock",
     "zmqdist.core.records",
     "zmqdist.core.batching",
+    "zmqdist.core.hooks",
     "zmqdist.core.dispatch",
     "zmqdist.core.lifecycle",
     "zmqdist.core.replica",

@@ -12,7 +12,8 @@ Rules of this module:
 4. A member that dies: what it held is requeued at the front with one attempt spent (none when it
    was not its fault), up to ``max_attempts``, then answered LOST.
 5. When no member can take a queued request, dispatch asks its :class:`Overflow` hook (a proxy's
-   upstream, in :mod:`zmqdist.core.tiers`); dispatch knows nothing of upstreams.
+   upstream, in :mod:`zmqdist.core.tiers`; the hooks' bases are in :mod:`zmqdist.core.hooks`);
+   dispatch knows nothing of upstreams.
 6. With ``ops`` set (the active broker of a pair), every change to the table is recorded as a
    replication op, in order.
 7. A service whose last member left, with nothing queued, is forgotten ``forget_service_s`` later
@@ -24,11 +25,12 @@ Rules of this module:
 
 from __future__ import annotations
 
-from typing import Final
+from collections import deque
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.heaps import heapify, heappop, heappush, heapreplace
+from zmqdist.core.hooks import EWMA, KEEP, SKIP, WAIT, Overflow, Watcher, away
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import (
     ASSIGNED,
@@ -45,77 +47,6 @@ from zmqdist.core.records import (
     WorkerMember,
     key_prefix,
 )
-
-WAIT: Final = 0  # Overflow.place's verdicts. WAIT: nothing can take it; stop this pool until capacity changes
-SKIP: Final = 1  # this one may not go anywhere else (yet); requests behind it may
-KEEP: Final = 2  # this one is served sooner here; the last in the queue may be worth sending on
-# Any other value is the hook's own: dispatch takes the request out of the queue and calls take().
-EWMA: Final = 0.2  # weight of the newest sample in the recent service times (latency-aware overflow)
-
-
-class Overflow:
-    """Where requests go that no member of this broker can take (a broker alone: nowhere)."""
-
-    def active(self) -> bool:
-        """Is there anywhere else to send work at all? (A queue with no member is pumped then.)"""
-        return False
-
-    def place(self, req: Req, pool: Pool, now: float, ahead: int) -> int:
-        """WAIT, SKIP, KEEP, or a verdict of its own for :meth:`take`; ``ahead``: queued before ``req``."""
-        return WAIT
-
-    def take(self, req: Req, verdict: int, now: float, out: list[Out]) -> None:
-        """Carry out ``verdict`` for ``req``, which has left the queue."""
-
-    def reply(self, req: Req, reply: p.Reply, out: list[Out]) -> None:
-        """Deliver the reply of a request that came from somewhere other than a peer."""
-
-    def relay(self, req: Req, msg: p.Part | p.Progress, out: list[Out]) -> None:
-        """Deliver a part or progress report of such a request."""
-
-    def send_on(self, req: Req, msg: p.Cancel | p.Ack, out: list[Out]) -> None:
-        """Tell the broker ``req`` was sent on to (FORWARDED) that it is cancelled, or acknowledged."""
-
-    def recall(self, req: Req) -> None:
-        """A request sent elsewhere (FORWARDED) is no longer there: answered, or given up."""
-
-    def forgotten(self, req: Req) -> None:
-        """A request that came from somewhere other than a peer left the table."""
-
-    def unserved(self) -> str:
-        """Words to add when a request expired because no member serves its service."""
-        return ""
-
-    def waits_here(self, req: Req) -> bool:
-        """Would ``req`` wait here for a slot (not go back)? Only then is a downstream broker weighed."""
-        return True
-
-
-def away(pool: Pool, took: float) -> None:
-    """Fold ``took`` (a request's time at another broker, less the round trip) into the pool's time away."""
-    took = max(took, 0.0)
-    pool.away = took if pool.away < 0.0 else pool.away + EWMA * (took - pool.away)
-
-
-class Watcher:
-    """Told of requests with a lifecycle (rule 8); this base has none: no joins, no retries."""
-
-    def opened(self, req: Req) -> None:
-        """``req`` entered the table with a caller key, a stream window or a retry policy."""
-
-    def closed(self, req: Req) -> None:
-        """``req`` (a stream, or one with a caller key) left the table."""
-
-    def join(self, peer: Dest, rid: int, service: str, key: str) -> bool:
-        """Let request ``rid`` of ``peer`` join the open run of ``service`` with caller ``key`` (False: none)."""
-        return False
-
-    def run_again(self, req: Req, w: Member | None, delay_ms: int, now: float, out: list[Out]) -> bool:
-        """``req``'s run on ``w`` failed with what its policy retries after ``delay_ms``: False if it runs no more."""
-        return False
-
-    def member_lost(self, w: Member, now: float, out: list[Out]) -> None:
-        """Downstream broker ``w`` left: what it asked for has nowhere to go."""
 
 
 class Dispatcher:
@@ -552,12 +483,16 @@ class Dispatcher:
         queue.popleft()
         self.dequeued(req)
         self.assign(req, w, now, out)  # offers it again: its entry is back while it has room
-        reqs = self.reqs
-        while queue and ((r := reqs.get(queue[0])) is None or r.state != QUEUED):
-            queue.popleft()  # ended while queued, as the pump's next turn would find them
+        self.drop_ended(queue)  # as the pump's next turn would
         if queue and w.free(name) > 0:
             self.pump(pool, now, out)
         return True
+
+    def drop_ended(self, queue: deque[int]) -> None:
+        """Drop the tickets at the head of ``queue`` whose requests ended while queued."""
+        reqs = self.reqs
+        while queue and ((r := reqs.get(queue[0])) is None or r.state != QUEUED):
+            queue.popleft()
 
     def pump_all(self, now: float, out: list[Out]) -> None:
         """Dispatch what waits in every pool (capacity elsewhere changed)."""
@@ -765,9 +700,7 @@ class Dispatcher:
         pool = self.pools.get(req.service)
         if pool is not None and not pool.members:
             queue = pool.queue
-            reqs = self.reqs
-            while queue and ((r := reqs.get(queue[0])) is None or r.state != QUEUED):
-                queue.popleft()
+            self.drop_ended(queue)
             if not queue:
                 del self.pools[req.service]  # services nobody serves must not accumulate
 

@@ -29,8 +29,9 @@ from collections.abc import Container
 from typing import Final
 
 from zmqdist import protocol as p
-from zmqdist.core.dispatch import Dispatcher, Watcher
+from zmqdist.core.dispatch import Dispatcher
 from zmqdist.core.heaps import heappop, heappush
+from zmqdist.core.hooks import Watcher
 from zmqdist.core.link import Problem
 from zmqdist.core.records import ASSIGNED, DELAYED, EPSILON, FORWARDED, LOG, QUEUED, Dest, Member, Out, Req
 

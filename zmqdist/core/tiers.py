@@ -29,7 +29,8 @@ from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
-from zmqdist.core.dispatch import KEEP, SKIP, WAIT, Dispatcher, Overflow, away
+from zmqdist.core.dispatch import Dispatcher
+from zmqdist.core.hooks import KEEP, SKIP, WAIT, Overflow, away
 from zmqdist.core.lifecycle import Lifecycle
 from zmqdist.core.link import BrokerLink, Problem
 from zmqdist.core.records import (
