@@ -357,6 +357,10 @@ class Executors:
         self._gates: dict[tuple[int, int], Gate] = {}  # (ticket, session) of thread tasks
         self._live: dict[tuple[int, int], _Live] = {}  # (ticket, session) of asyncio tasks
         self._starting: list[tuple[Service, Execute, _Live]] = []  # async tasks not started yet: start()
+        # async outcomes of this turn of the loop, posted together (_flush): one wake-up of the
+        # socket thread for a batch, not one at its first outcome and a GIL fight for the rest
+        self._outcomes: list[tuple[Any, ...]] = []
+        self._flush_due = False  # a _flush is scheduled on the loop
         self._procs: Processes | None = None
         self.ready: list[tuple[Any, ...]] = []  # what inline handlers produced, for the socket thread
         self._demoted: set[str] = set()  # inline services whose handler turned out slow
@@ -434,6 +438,11 @@ class Executors:
                 live.future = _Task(coro, loop=loop, eager_start=True)  # type: ignore[call-arg,unused-ignore]
             else:
                 live.future = _Task(coro, loop=loop)
+        if _EAGER:  # the tasks that did not wait have ended: their outcomes go now
+            self._flush()
+        elif not self._flush_due:  # after the tasks' first steps, in the loop's next turn
+            self._flush_due = True
+            loop.call_soon(self._flush)
 
     def _cancel_live(self, live: _Live) -> None:
         """On the event loop: cancel a started async task (a task not started yet sees its gate)."""
@@ -595,7 +604,17 @@ class Executors:
     def _ended(self, task: Execute, ok: bool, payload: bytes, retry: int | None) -> None:
         """An async task's one outcome: it leaves the live tasks and goes to the socket thread."""
         self._live.pop((task.ticket, task.session), None)
-        self._mailbox.post(("done", task.ticket, task.session, ok, payload, retry))
+        self._outcomes.append(("done", task.ticket, task.session, ok, payload, retry))
+        if not self._flush_due and self._loop is not None:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """On the event loop: post the async outcomes gathered so far, with one wake-up."""
+        self._flush_due = False
+        if self._outcomes:
+            outcomes, self._outcomes = self._outcomes, []
+            self._mailbox.post_all(outcomes)
 
     def shutdown(self, wait: bool) -> None:
         """Stop the threads (after running tasks when ``wait``) and every child process."""

@@ -198,6 +198,28 @@ def test_async_tasks_of_one_turn_start_together_and_none_before_start(async_exec
     assert sorted((d[1], d[3], p.unpack_value(d[4])) for d in done) == [(i, True, i) for i in range(100)]
 
 
+def test_the_outcomes_of_a_batch_of_async_tasks_wake_the_socket_thread_once_all_there(async_executors, monkeypatch):
+    """The loop posts a turn's outcomes together: the socket thread is woken once, with all of
+    them waiting. Posted one by one, the first woke it while the loop still ran the rest of the
+    batch, and the two threads fought for the GIL over it (an async worker's CPU per request)."""
+    ex, mailbox, _ = async_executors
+    queued_at_wake: list[int] = []
+    real_write = os.write
+
+    def spy(fd: int, data: bytes) -> int:
+        if fd == mailbox._w:
+            queued_at_wake.append(len(mailbox._q))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spy)
+    for i in range(50):
+        ex.submit(atask(i, "aecho", i))
+    ex.start()
+    done = drained(mailbox, 50)
+    assert sorted(d[1] for d in done) == list(range(50)) and all(d[3] for d in done)
+    assert queued_at_wake == [50]
+
+
 def test_an_async_task_aborted_before_it_started_never_runs_and_ends_once(async_executors):
     ex, mailbox, started = async_executors
     ex.submit(atask(1, "aecho", 1))

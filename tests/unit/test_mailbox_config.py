@@ -21,6 +21,22 @@ def test_mailbox_delivers_in_order_and_ignores_posts_after_close():
     m.close()
 
 
+def test_post_all_queues_in_order_and_writes_one_wake_up(monkeypatch):
+    m = Mailbox()
+    writes: list[int] = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(fd) or real_write(fd, data))
+    m.post("a")
+    m.post_all(["b", "c"])
+    assert writes == [m._w]  # armed by the first post: the rest write nothing
+    assert m.drain() == ["a", "b", "c"]
+    m.post_all(["d", "e"])
+    assert writes == [m._w, m._w] and m.drain() == ["d", "e"]
+    m.close()
+    m.post_all(["late"])  # ignored once closed, as post is
+    assert len(writes) == 2
+
+
 def test_a_wake_up_write_and_close_exclude_each_other(monkeypatch):
     """A post that saw the mailbox open writes its byte under the lock that close() takes, so
     close cannot give the descriptors back (to be reused by another file) in between."""

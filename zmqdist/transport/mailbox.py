@@ -44,19 +44,32 @@ class Mailbox:
             return
         self._append(item)
         if not self._armed:
-            self._armed = True
-            # Only the first post after a drain pays for the lock. acquire and release by name,
-            # not ``with``: compiled, ``with`` looks __enter__ and __exit__ up on the type and calls
-            # them generically (about 400 instructions more, once per handler thread's task).
-            lock = self._lock
-            lock.acquire()
-            try:
-                if not self._closed:
-                    os.write(self._w, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # pipe full: the owner wakes anyway
-            finally:
-                lock.release()
+            self._arm()
+
+    def post_all(self, items: list[Any]) -> None:
+        """Queue ``items`` in order, with one wake-up of the owner for all of them (a thread that
+        posts a batch of outcomes wakes the owner once, when the batch is whole)."""
+        if self._closed:
+            return
+        self._q.extend(items)
+        if not self._armed:
+            self._arm()
+
+    def _arm(self) -> None:
+        """The first post after a drain: write the wake-up byte."""
+        self._armed = True
+        # Only the first post after a drain pays for the lock. acquire and release by name, not
+        # ``with``: compiled, ``with`` looks __enter__ and __exit__ up on the type and calls them
+        # generically (about 400 instructions more, once per handler thread's task).
+        lock = self._lock
+        lock.acquire()
+        try:
+            if not self._closed:
+                os.write(self._w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # pipe full: the owner wakes anyway
+        finally:
+            lock.release()
 
     def drain(self) -> list[Any]:
         """Return every queued item (owner thread only)."""
