@@ -254,13 +254,15 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 _WAKE: Final = ("wake",)  # a mailbox item that only wakes the socket thread (to read what a caller left open)
-Target = Future[Any] | queue.SimpleQueue[tuple[int, bool, Any]] | _Sink | _Slot
+Outcomes = queue.SimpleQueue[list[tuple[int, bool, Any]]]  # a map call's: (rid, ok, value) lists
+Target = Future[Any] | Outcomes | _Sink | _Slot
 MAX_TIMEOUT_S: Final = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
 # Builtins every request calls, as C statics: compiled, a builtin without a primitive of its own is
 # looked up on the builtins module at every call (about 330 instructions).
 _next: Final = next
 _hex: Final = hex
 _FUTURE: Final = Future  # (and the class every submit's outcome is checked against)
+_OUTCOMES: Final = queue.SimpleQueue  # a map call's queue (checked per outcome)
 
 
 def _check_timeout(timeout: object) -> float:
@@ -284,8 +286,10 @@ def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
             pass
     elif isinstance(target, _Sink):
         target.put(("end", ok, value))
-    else:
+    elif isinstance(target, _Slot):
         target.put((rid, ok, value))
+    else:  # a map call's queue
+        target.put([(rid, ok, value)])
 
 
 class Client:
@@ -340,6 +344,10 @@ class Client:
         self._ratelog = RateLimitedLog(log)  # the core's problems (keyed ones: rate-limited)
         self._ids = itertools.count(1)
         self._futures: dict[int, tuple[Target, str, str]] = {}  # rid -> (target, service, trace)
+        # Outcomes for map calls' queues made in this turn of the socket thread, handed over
+        # together as it ends (_hand_held): a map caller woken by a turn's first outcome fought
+        # the socket thread for the GIL over the rest of the turn.
+        self._held: dict[Outcomes, list[tuple[int, bool, Any]]] = {}
         self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
         self._closed = False
         self._failed = ""  # why the socket thread stopped, if it failed (said in every ClosedError)
@@ -495,6 +503,13 @@ class Client:
                 f"the client holds {self.backlog} unanswered requests (its backlog) and none ended in {timeout}s"
             )
 
+    def _hand_held(self) -> None:
+        """Hand every map call's queue the outcomes this turn made for it, in one put each."""
+        if self._held:
+            held, self._held = self._held, {}
+            for sink, outcomes in held.items():
+                sink.put(outcomes)
+
     def _room_freed(self) -> None:
         if self._waiting_room:
             with self._room:
@@ -597,7 +612,7 @@ class Client:
         # (rid, ok, value); every request ends (reply, local timeout or close), so get() returns.
         # Natural batching: the window is refilled only after every outcome already there was
         # yielded, so the requests of one refill go to the socket thread as one item.
-        sink: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
+        sink: Outcomes = queue.SimpleQueue()
         order: deque[int] = deque()
         done: dict[int, tuple[bool, Any]] = {}
         it = iter(values)
@@ -613,11 +628,11 @@ class Client:
                 if not order:
                     return
                 while order[0] not in done:
-                    rid, ok, value = get()
-                    done[rid] = (ok, value)
+                    for rid, ok, value in get():
+                        done[rid] = (ok, value)
                 while not empty():  # whatever else arrived meanwhile: no wait
-                    rid, ok, value = get()
-                    done[rid] = (ok, value)
+                    for rid, ok, value in get():
+                        done[rid] = (ok, value)
                 while order and order[0] in done:
                     ok, value = done.pop(popleft())
                     if not ok:
@@ -658,12 +673,14 @@ class Client:
 
         def tick(now: float) -> float | None:
             self._handle(link, core.tick(now))
+            self._hand_held()
             return core.next_deadline()
 
         def read(now: float) -> bool:
             with link.corked():  # what the whole read makes goes out together (natural batching)
                 for msg in link.recv_batch(now):
                     self._handle(link, core.receive(msg, now))
+            self._hand_held()
             return link.more
 
         def mail(items: list[Any], now: float) -> None:
@@ -671,7 +688,7 @@ class Client:
                 for item in items:
                     if item is None:
                         loop.stop()
-                        return
+                        break
                     kind = item[0]
                     if kind == "submit":
                         _, rid, service, payload, t, tr, options, busy = item
@@ -684,10 +701,12 @@ class Client:
                         self._handle(link, core.cancel(item[1], now))
                     elif kind == "ack":
                         self._handle(link, core.consumed(item[1], item[2]))
+            self._hand_held()
 
         def read_probe(now: float) -> bool:
             for msg in probe.recv_batch(now):
                 self._handle(link, core.probe_receive(msg, now))
+            self._hand_held()
             return probe.more
 
         def stuck() -> bool:
@@ -720,6 +739,7 @@ class Client:
         finally:
             self._closed = True
             self._drive = None
+            self._hand_held()  # outcomes of the last turn, or of one a failure cut short
             link.close()
             probe.close()
             for rid, (target, _, _) in list(self._futures.items()):
@@ -746,7 +766,14 @@ class Client:
                 if entry is not None:
                     target, service, trace = entry
                     ok, value = outcome(o, service, trace, self.endpoints, self.codec)
-                    _deliver(target, o.rid, ok, value)
+                    if type(target) is _OUTCOMES:  # a map call's: handed over as the turn ends
+                        held = self._held.get(target)
+                        if held is None:
+                            self._held[target] = [(o.rid, ok, value)]
+                        else:
+                            held.append((o.rid, ok, value))
+                    else:
+                        _deliver(target, o.rid, ok, value)
                     self._room_freed()
                 continue
             match o:

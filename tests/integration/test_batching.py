@@ -121,3 +121,37 @@ def test_batches_stay_under_a_small_max_message_size_through_a_proxy(procs, tmp_
         sm, sa = status(cm)["counters"], status(ca)["counters"]
     assert sa["batches_in"] > 0 and sm["batches_in"] > 0  # batches came, small ones
     assert sm["bad_input"] == 0 and sa["bad_input"] == 0, (sm, sa)
+
+
+@pytest.mark.timeout(60)
+def test_a_map_call_gets_what_one_read_of_its_client_made_in_one_hand_over():
+    """The client's socket thread hands a map call's queue all the outcomes one read made, as one
+    item when the read ends: handed one by one, the first woke the map's caller while the socket
+    thread was still reading, and the two fought for the GIL over the rest (a broker of its own
+    here, so that the eight replies surely come in one BATCH)."""
+    import queue
+
+    r: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    r.linger = 0
+    r.rcvtimeo = 10_000
+    port = r.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with Client([f"tcp://127.0.0.1:{port}"], timeout=30) as c:
+            ident, head, payload = r.recv_multipart()
+            hello = p.decode(head, payload)
+            assert type(hello) is p.Hello and hello.batch > 0
+            welcome = p.Welcome("fake", "inc", 250, 4, quota=100, batch=p.MAX_BATCH, hello=hello.seq)
+            r.send_multipart([ident, *ENC.encode(welcome)])
+            sink: queue.SimpleQueue[list[tuple[int, bool, object]]] = queue.SimpleQueue()
+            rids = c._submit_many("echo", [f"v{i}" for i in range(8)], None, sink)  # what map sends
+            requests: list[p.Request] = []
+            while len(requests) < 8:
+                _, head, payload = r.recv_multipart()
+                requests += [m for m in (p.decode(*f) for f in p.frames_of(head, payload)) if type(m) is p.Request]
+            replies = [f for m in requests for f in ENC.encode(p.Reply(m.rid, p.ST_OK, "", m.payload))]
+            r.send_multipart([ident, p.BATCH_HEAD, p.pack_batch(replies)])
+            got = sink.get(timeout=10)
+            assert sorted(got) == sorted((rid, True, f"v{i}") for i, rid in enumerate(rids))
+            assert sink.empty()
+    finally:
+        r.close(0)
