@@ -1,7 +1,7 @@
 """A/B of two installs of zmqdist, alternating in one run: did a change cost the per-request path?
 
     python3 benchmarks/ab.py PYTHON_A PYTHON_B [--rounds 4] [--duration 2] [--only pipelined --only sync]
-        [--row zmqdist]    (--only api --row api-inline: the public API's rows, sync and pipelined)
+        [--row zmqdist]    (--only api --row api --row api-async: the public API's rows, sync and pipelined)
 
 Each round runs ``PYTHON -m zmqdist bench --rounds 1`` for A, then for B (from a neutral directory,
 so each interpreter imports its own install), and reads the zmqdist and device rows. It prints every
@@ -52,18 +52,22 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--only", action="append", default=None, choices=["sync", "pipelined", "api"])
-    ap.add_argument("--row", default="zmqdist", help="the setup compared with the device (zmqdist, api, api-inline...)")
+    ap.add_argument(
+        "--row", action="append", default=None, help="a setup compared with the device (zmqdist, api, api-inline...)"
+    )
     opts = ap.parse_args()
     only = opts.only or ["pipelined", "sync"]
-    row = opts.row
+    wanted = opts.row or ["zmqdist"]
     results: dict[str, list[dict[str, dict[str, dict[str, float]]]]] = {"a": [], "b": []}
     for r in range(opts.rounds):
         for side in ("a", "b"):
             res = run(getattr(opts, side), only, opts.duration)
             results[side].append(res)
             for section, rows in res.items():
-                z, d = rows.get(row), rows.get("device")
-                if z and d:
+                for row in wanted:
+                    z, d = rows.get(row), rows.get("device")
+                    if not (z and d):
+                        continue
                     print(
                         f"round {r + 1} {side.upper()} {section:9} {row} {z['rps']:9,.0f} req/s"
                         f" p50 {z['p50']:6.0f} us cpu {z['cpu']:6.2f} us/req"
@@ -71,7 +75,13 @@ def main() -> None:
                         f" | x{z['rps'] / d['rps']:.3f} throughput, x{z['p50'] / d['p50']:.3f} p50",
                         flush=True,
                     )
-    print()
+    for row in wanted:
+        print(f"\n{row}")
+        summary(results, row)
+
+
+def summary(results: dict[str, list[dict[str, dict[str, dict[str, float]]]]], row: str) -> None:
+    """Each section's means for A and B, and B/A, for ``row``."""
     for section in SECTIONS:
         means = {}
         for side in ("a", "b"):

@@ -1,6 +1,6 @@
 """Instructions each process spends per request, counted by callgrind (robust to the hour).
 
-    python3 benchmarks/instructions.py [--few 200] [--many 1200] [--window 1] [--path broker] [--inline]
+    python3 benchmarks/instructions.py [--few 200] [--many 1200] [--window 1] [--path broker] [--inline | --async]
 
 Runs the processes of a path under ``valgrind --tool=callgrind`` twice, sends ``few`` and then
 ``many`` requests of 100 bytes through it, and prints (many - few) / (many - few requests)
@@ -11,7 +11,8 @@ pipelined path). Paths:
 * ``broker`` - a ``zmqdist broker`` alone under callgrind; the ``Client`` and ``Worker`` run outside
   it, at full speed (so more is waiting for the broker at each read than in a real run);
 * ``api``    - the public API path, every process under callgrind at once (they slow down alike):
-  a ``Client`` process, the ``zmqdist broker`` and a ``zmqdist worker``;
+  a ``Client`` process, the ``zmqdist broker`` and a ``zmqdist worker`` (``--inline``: its handler
+  on the socket thread; ``--async``: an async handler, on the worker's event loop);
 * ``device`` - the baseline: the minimal DEALER client loop, the C ``zmq.proxy`` device and one
   minimal echo worker (benchmarks/lab.py's loops), every process under callgrind.
 
@@ -70,17 +71,20 @@ def broker_instructions(calls: int, out: str, window: int) -> int:
     return _collected(b.communicate(timeout=300)[1].decode(), "broker")
 
 
-def path_instructions(path: str, calls: int, out: str, window: int, inline: bool = False) -> dict[str, int]:
+def path_instructions(
+    path: str, calls: int, out: str, window: int, inline: bool = False, aio: bool = False
+) -> dict[str, int]:
     """Total instructions of each process of ``path`` ("api" or "device"), every one under
     callgrind, for ``calls`` requests with ``window`` in flight (``inline``: the api worker's
-    handler runs on its socket thread)."""
+    handler runs on its socket thread; ``aio``: it is an async handler, on the worker's loop)."""
     front = f"tcp://127.0.0.1:{free_port()}"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         if path == "api":
             procs["broker"] = _grind(f"{out}.broker", "-m", "zmqdist", "broker", "--bind", front)
             slots = "1" if window == 1 else "16"
-            worker = ["-m", "zmqdist", "worker", "lab:api_echo", "--service", "echo", "--connect", front]
+            fn = "lab:api_aecho" if aio else "lab:api_echo"
+            worker = ["-m", "zmqdist", "worker", fn, "--service", "echo", "--connect", front]
             worker += ["--concurrency", slots, *(["--inline"] if inline else [])]
             procs["worker"] = _grind(f"{out}.worker", *worker)
             role = "client"
@@ -160,6 +164,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=1, help="1: lone calls; more: this many in flight")
     ap.add_argument("--path", choices=("broker", "api", "device"), default="broker", help="what to count (see above)")
     ap.add_argument("--inline", action="store_true", help="--path api: the handler runs on the worker's socket thread")
+    ap.add_argument("--async", dest="aio", action="store_true", help="--path api: an async handler")
     ap.add_argument("--role", nargs="+", help=argparse.SUPPRESS)  # a process of --path api/device
     a = ap.parse_args()
     # the broker starts slowly under valgrind: the worker's "no broker has accepted it" is expected
@@ -171,16 +176,18 @@ def main() -> None:
         ap.error("--few must be at least 0 and less than --many")
     if a.window < 1:
         ap.error("--window must be at least 1")
-    if a.inline and a.path != "api":
-        ap.error("--inline is for --path api")
+    if (a.inline or a.aio) and a.path != "api":
+        ap.error("--inline and --async are for --path api")
+    if a.inline and a.aio:
+        ap.error("--inline is for sync handlers: an async handler runs on the worker's event loop")
     how = "synchronous" if a.window == 1 else f"pipelined ({a.window} in flight)"
     with tempfile.TemporaryDirectory() as d:
         if a.path == "broker":
             few = {"broker": broker_instructions(a.few, f"{d}/few.out", a.window)}
             many = {"broker": broker_instructions(a.many, f"{d}/many.out", a.window)}
         else:
-            few = path_instructions(a.path, a.few, f"{d}/few.out", a.window, a.inline)
-            many = path_instructions(a.path, a.many, f"{d}/many.out", a.window, a.inline)
+            few = path_instructions(a.path, a.few, f"{d}/few.out", a.window, a.inline, a.aio)
+            many = path_instructions(a.path, a.many, f"{d}/many.out", a.window, a.inline, a.aio)
     total = 0.0
     for name in sorted(few):
         per = (many[name] - few[name]) / (a.many - a.few)
