@@ -40,6 +40,7 @@ from zmqdist.core.records import (
     BrokerMember,
     Counters,
     Dest,
+    HeapEntry,
     Member,
     Out,
     Pool,
@@ -47,6 +48,18 @@ from zmqdist.core.records import (
     WorkerMember,
     key_prefix,
 )
+
+
+def live_top(heap: list[HeapEntry]) -> Member | None:
+    """The member of ``heap``'s first live entry, left in the heap; the stale entries above it are
+    popped (the member's load changed, or it died, since they were pushed)."""
+    while heap:
+        entry = heap[0]
+        w = entry[4]
+        if entry[3] == w.version and w.alive:
+            return w
+        heappop(heap)
+    return None
 
 
 class Dispatcher:
@@ -180,18 +193,13 @@ class Dispatcher:
         found = None
         hops = req.hops
         avoid = req.avoid
-        while heap:
-            entry = heap[0]
-            w = entry[4]
-            if entry[3] != w.version or not w.alive:
-                heappop(heap)
-                continue
+        while (w := live_top(heap)) is not None:
+            entry = heappop(heap)
             if (hops and not w.may_take(hops)) or (avoid is not None and w.ident == avoid):
                 if skipped is None:
                     skipped = []
-                skipped.append(heappop(heap))
+                skipped.append(entry)
                 continue
-            heappop(heap)
             found = w
             break
         if skipped:
@@ -324,18 +332,13 @@ class Dispatcher:
         if pool is None:
             pool = self.pools[service] = Pool(service)
         elif not pool.queue and not hops and deadline > now:
-            # Nothing waits ahead of it: the least-loaded member takes it now (what pump would do).
-            heap = pool.heap
-            while heap:
-                entry = heap[0]
-                w = entry[4]
-                if entry[3] == w.version and w.alive:
-                    if type(w) is BrokerMember and pool.local and not self.worth_away(pool, w.rtt, 0):
-                        break  # a downstream broker, and a slot here frees sooner: queue it
-                    heappop(heap)
-                    self.assign(req, w, now, out)
-                    return
-                heappop(heap)  # stale: the member's load changed or it died since
+            # Nothing waits ahead of it: the least-loaded member takes it now (what pump would do),
+            # unless that is a downstream broker and a slot here frees sooner: then it queues.
+            w = live_top(pool.heap)
+            if w is not None and not (type(w) is BrokerMember and pool.local and not self.worth_away(pool, w.rtt, 0)):
+                heappop(pool.heap)
+                self.assign(req, w, now, out)
+                return
         pool.queue.append(ticket)
         self.queued += 1
         self.queued_bytes += len(payload)
@@ -471,12 +474,8 @@ class Dispatcher:
         req = self.reqs.get(queue[0])
         if req is None or req.state != QUEUED or req.deadline <= now:
             return False  # (the pump skips or expires these)
-        heap = pool.heap
-        while heap:
-            entry = heap[0]
-            if entry[3] == entry[4].version and entry[4].alive:
-                return False
-            heappop(heap)  # stale, as the pump would find it
+        if live_top(pool.heap) is not None:
+            return False
         name = pool.name
         if w.free(name) <= 0:
             return False  # full after all (its capacity went down)
