@@ -373,7 +373,8 @@ class Broker:
             except zmq.Again:
                 return False
             now = self._clock.now()
-            roles = str(frames[-1].get("X-Roles")) if secure else None
+            last: Any = frames[-1]  # (Any: pyzmq 25, which install_requires accepts, types Frame.get for ints only)
+            roles = str(last.get("X-Roles")) if secure else None
             rest = [f.bytes for f in frames[1:]]
             head = rest[0][:4] if rest else b""
             if head in PAIR_HEADS:
