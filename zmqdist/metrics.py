@@ -7,15 +7,23 @@ in the core, cost about 0.3 us a request). ``serve_metrics`` starts the HTTP end
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
-from typing import Any
+from importlib.metadata import version
+from typing import Any, Final
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.registry import Collector, CollectorRegistry
 
 from zmqdist.core.mdp import COUNTERS as MDP_COUNTERS
 from zmqdist.core.records import COUNTER_NAMES
+from zmqdist.errors import ConfigError
+
+# start_http_server returns its server (to stop it, and to read the port 0 picked) from 0.20 on;
+# before, it returned nothing. setup.cfg asks for this version; an older one installed anyway (a
+# --no-deps install, a pinned environment) gets a clear error rather than a TypeError at start.
+PROMETHEUS_MIN: Final = (0, 20)
 
 REPLIES = (
     ("ok", "replies_ok"),
@@ -57,7 +65,7 @@ if _unknown:
     raise ImportError(f"zmqdist.metrics names counters the broker does not have: {_unknown}")
 
 
-class BrokerCollector:
+class BrokerCollector(Collector):  # (explicit: an ABC in older prometheus_client, a Protocol in newer)
     """Collects one broker's metrics from its status snapshot (``status()``, as ``Broker.status``)."""
 
     def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
@@ -159,6 +167,13 @@ class BrokerCollector:
 def serve_metrics(status: Callable[[], dict[str, Any]], port: int, addr: str) -> tuple[Any, int]:
     """Start the /metrics HTTP endpoint for a broker's ``status``; return (server, bound port).
     ``port`` 0 picks a free one."""
+    installed = version("prometheus_client")
+    if tuple(int(n) for n in re.findall(r"\d+", installed)[:2]) < PROMETHEUS_MIN:
+        need = ".".join(map(str, PROMETHEUS_MIN))
+        raise ConfigError(
+            f"metrics need prometheus_client {need} or later (installed: {installed}): "
+            f"pip install 'prometheus_client>={need}'"
+        )
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(status))
     server, _thread = start_http_server(port, addr, registry=registry)

@@ -101,6 +101,20 @@ def test_a_taken_metrics_port_is_a_clear_startup_error(tmp_path):
             Broker(bind=[f"ipc://{tmp_path}/x.sock"], metrics_port=port).start()
 
 
+@pytest.mark.parametrize("old", ["0.17.0", "0.19.0"])
+def test_a_prometheus_client_too_old_to_stop_its_server_is_a_clear_startup_error(tmp_path, monkeypatch, old):
+    """Before 0.20, start_http_server returned nothing (no server to stop, no port to read): the
+    broker said TypeError at start. Now it names the version it needs, and starts no server."""
+    from zmqdist import ConfigError, metrics
+
+    started = []
+    monkeypatch.setattr(metrics, "version", lambda name: old if name == "prometheus_client" else "?")
+    monkeypatch.setattr(metrics, "start_http_server", lambda *a, **k: started.append(a))
+    with pytest.raises(ConfigError, match=rf"prometheus_client 0\.20 or later \(installed: {re.escape(old)}\)"):
+        Broker(bind=[f"ipc://{tmp_path}/x.sock"], metrics_port=0).start()
+    assert started == []
+
+
 @pytest.mark.timeout(60)
 def test_the_lifecycle_counters_are_scraped_cancels_retries_parts_joins(tmp_path):
     import threading
