@@ -32,3 +32,38 @@ def test_ruff_lint_and_format():
     assert r.returncode == 0, r.stdout + r.stderr
     r = run(sys.executable, "-m", "ruff", "format", "--check", "zmqdist", "tests", "examples", "benchmarks")
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_lowest_versions_recipe_pins_every_runtime_bound_and_the_build_asks_the_same():
+    """.ci/lowest runs the suite on the lowest versions setup.cfg accepts: a bound raised (or a
+    dependency added) without its pin there would go untested, and the build requirements in
+    pyproject.toml repeat install_requires (mypyc follows the runtime imports at build)."""
+    import configparser
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    runtime = [Requirement(x) for x in cfg["options"]["install_requires"].split("\n") if x.strip()]
+    pins = {}
+    for line in (ROOT / ".ci" / "lowest.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = Version(version)
+    raised = {"click": Version("8.2.0")}  # the test tools (import-linter) need 8.2; see .ci/lowest.txt
+    for req in runtime:
+        (bound,) = [Version(s.version) for s in req.specifier if s.operator == ">="]
+        name = canonicalize_name(req.name)
+        assert pins.get(name) == raised.get(name, bound), f"{req}: .ci/lowest.txt pins {pins.get(name)}"
+    assert set(pins) == {canonicalize_name(r.name) for r in runtime}
+    build = {
+        canonicalize_name(Requirement(x).name): str(Requirement(x).specifier)
+        for x in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    }
+    for req in runtime:
+        assert build.get(canonicalize_name(req.name)) == str(req.specifier), (
+            f"pyproject.toml's build asks {req.name} differently"
+        )
