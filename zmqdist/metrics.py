@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final
 
 from prometheus_client import start_http_server
@@ -167,8 +167,11 @@ class BrokerCollector(Collector):  # (explicit: an ABC in older prometheus_clien
 def serve_metrics(status: Callable[[], dict[str, Any]], port: int, addr: str) -> tuple[Any, int]:
     """Start the /metrics HTTP endpoint for a broker's ``status``; return (server, bound port).
     ``port`` 0 picks a free one."""
-    installed = version("prometheus_client")
-    if tuple(int(n) for n in re.findall(r"\d+", installed)[:2]) < PROMETHEUS_MIN:
+    try:
+        installed = version("prometheus_client")
+    except PackageNotFoundError:  # importable without its metadata (a vendored copy): nothing to check
+        installed = ""
+    if installed and tuple(int(n) for n in re.findall(r"\d+", installed)[:2]) < PROMETHEUS_MIN:
         need = ".".join(map(str, PROMETHEUS_MIN))
         raise ConfigError(
             f"metrics need prometheus_client {need} or later (installed: {installed}): "

@@ -115,6 +115,20 @@ def test_a_prometheus_client_too_old_to_stop_its_server_is_a_clear_startup_error
     assert started == []
 
 
+def test_a_prometheus_client_without_its_metadata_is_not_refused(tmp_path, monkeypatch):
+    """A copy importable without its dist-info (vendored) cannot say its version: metrics start."""
+    from importlib.metadata import PackageNotFoundError
+
+    from zmqdist import metrics
+
+    def no_metadata(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(metrics, "version", no_metadata)
+    with Broker(bind=[f"ipc://{tmp_path}/x.sock"], metrics_port=0) as b:
+        assert "zmqdist_requests_total" in scrape(b.metrics_port)
+
+
 @pytest.mark.timeout(60)
 def test_the_lifecycle_counters_are_scraped_cancels_retries_parts_joins(tmp_path):
     import threading
