@@ -407,3 +407,33 @@ def test_starting_a_stopped_worker_or_broker_says_it_runs_once(tmp_path):
     b.stop()
     with pytest.raises(ZmqdistError, match="broker has stopped: a Broker runs once"):
         b.start()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
+def test_an_ipv6_address_in_brackets_binds_and_connects_beside_ipv4():
+    """libzmq takes tcp://[::1]:... only on a socket with IPV6 on. The endpoint checks accepted it,
+    then the broker failed to bind ("No such device") and a worker or client could not connect."""
+    b = Broker(bind=["tcp://[::1]:*", "tcp://127.0.0.1:*"]).start()
+    v6, v4 = b.endpoints
+    assert v6.startswith("tcp://[::1]:") and v4.startswith("tcp://127.0.0.1:")
+    w = Worker([v6], concurrency=1)
+    w.add_service("echo", lambda x: x)
+    w.start()
+    try:
+        with Client([v6], timeout=10) as c6, Client([v4], timeout=10) as c4:
+            wait_for(lambda: c6.call("zmqdist.status")["workers"], 10, "worker")
+            assert c6.call("echo", "six") == "six"
+            assert c4.call("echo", "four") == "four"
+    finally:
+        w.stop()
+        b.stop()

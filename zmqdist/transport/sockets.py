@@ -81,6 +81,15 @@ IPC_BUSY_CHECKS: Final = 4  # looks at an ipc path that accepts connections (a s
 IPC_BUSY_PAUSE_S: Final = 0.25
 
 
+def ipv6_literal(endpoint: str) -> bool:
+    """Whether ``endpoint`` is tcp to or from an IPv6 address in brackets (``tcp://[::1]:5555``):
+    libzmq takes one only on a socket with IPV6 on (and says "No such device" otherwise). It is
+    turned on for those alone: on, a host name such as localhost may resolve to its IPv6 address
+    first, where the broker listens on IPv4 (the default, 127.0.0.1)."""
+    scheme, _, rest = endpoint.partition("://")
+    return scheme == "tcp" and "[" in rest
+
+
 def ipc_in_use(endpoint: str) -> bool:
     """True if some process accepts connections at the file of ipc ``endpoint``. libzmq's bind
     removes that file and takes the path, silently: a second broker started on a first one's
@@ -144,6 +153,9 @@ def bind_router(
             sock.setsockopt_string(zmq.ZAP_DOMAIN, zap_domain)
         bound = []
         for ep in endpoints:
+            # per bind (a listener keeps the socket's options of its bind): an IPv4 address bound
+            # with IPV6 on would listen on its IPv4-mapped IPv6 address, and say so in the endpoint
+            sock.setsockopt(zmq.IPV6, 1 if ipv6_literal(ep) else 0)
             if ipc_in_use(ep):
                 raise TransportError(
                     f"cannot bind {ep}: Address already in use (another process listens on that path: "
@@ -237,6 +249,8 @@ class DealerLink:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if self._curve is not None:
             self._curve.apply(sock)
+        if ipv6_literal(endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
         with map_zmq_errors(f"cannot connect to {endpoint}"):
             sock.connect(endpoint)
         self.sock = sock
