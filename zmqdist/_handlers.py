@@ -949,6 +949,8 @@ class Processes:
                     "the worker replaced it"
                 )
                 self._mailbox.post(("done", task.ticket, task.session, False, _failure(why), None))
+        elif slot.ready.is_set() and not slot.killed:  # idle (the OOM killer, an operator?): nothing lost
+            log.warning("a handler process died while idle (exit code %s): replaced", code)
         if nxt is not None:
             self._run(fresh, *nxt)
 

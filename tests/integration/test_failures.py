@@ -262,9 +262,10 @@ def test_a_sigtermed_broker_tells_its_peers_to_move_on_at_once(procs, tmp_path):
 @pytest.mark.timeout(90)
 def test_a_handler_process_that_dies_is_replaced_and_the_worker_goes_on(procs, ipc_ep):
     """isolation="process": a handler calls os._exit(1). That request ends in a clear error, the
-    worker stays registered, and the next requests are served by a new process."""
+    worker stays registered, and the next requests are served by a new process. An idle one
+    SIGKILLed (the kernel's OOM killer, say) is replaced too, and the worker says so."""
     start_broker(procs, ipc_ep)
-    w = procs.spawn("worker", "testworkers:crashy", "--connect", ipc_ep)
+    w = procs.spawn("worker", "testworkers:crashy", "--connect", ipc_ep, quiet=False)  # its warnings are read
     with Client([ipc_ep], timeout=20) as c:
         wait_workers(c, 1)
         c.call("pid", 0.0)
@@ -282,12 +283,20 @@ def test_a_handler_process_that_dies_is_replaced_and_the_worker_goes_on(procs, i
         assert len(after) == len(before) and len(before - after) == 1
         later = {c.call("pid", 0.0) for _ in range(6)}
         assert later <= after  # served by the live processes, the new one included where it was free
+        idle = sorted(later)[0]
+        os.kill(idle, signal.SIGKILL)  # no request open: none ends in an error
+        wait_for(lambda: idle not in children() and len(children()) == len(after), 20, "the idle one replaced")
+        after = children()
+        assert {c.call("pid", 0.0) for _ in range(6)} <= after
         st = status(c)
         assert len(st["workers"]) == 1 and st["counters"]["workers_expired"] == 0
     left = sorted(after)
     w.send_signal(signal.SIGKILL)
-    w.wait(10)
+    _, err = w.communicate(timeout=10)
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in left), 10, "its children to die with it")
+    said = err.decode()
+    assert "the process running the handler of crash died (exit code 1): replaced" in said, said
+    assert "a handler process died while idle (exit code -9): replaced" in said, said
 
 
 # A script that starts a process worker at its top level, with no ``if __name__ == "__main__":``.
