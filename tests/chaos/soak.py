@@ -4,11 +4,11 @@
 
 Topology (every process real, on ipc endpoints in a temporary directory): a master pair MA/MB, two
 regional proxy pairs R1A/R1B and R2A/R2B below it, two workers per region and one at the master,
-their handlers running each of the three ways a handler can run (tests/chaos/soakworker.py: on
-handler threads in WR1-0 and WR2-1, as async handlers on the event loop in WR1-1 and WM-0, inline
-on the socket thread in WR2-0), and two Majordomo workers (tests/chaos/mdpsoak.py, raw MDP/0.2) at
-the master pair, each serving at one of its brokers at a time and moving to the other when sent
-away or met with silence.
+their handlers running each of the four ways a handler can run (tests/chaos/soakworker.py: on
+handler threads in WR1-0, as async handlers on the event loop in WR1-1 and WM-0, inline on the
+socket thread in WR2-0, in 4 child processes of WR2-1 with isolation="process"), and two
+Majordomo workers (tests/chaos/mdpsoak.py, raw MDP/0.2) at the master pair, each serving at one
+of its brokers at a time and moving to the other when sent away or met with silence.
 Regional workers and clients list their proxy pair first and the master pair next; the master's
 worker lists the master pair. Load: per region, a client that calls one at a time, one that keeps
 up to 200 submits in flight, one that maps batches of 500, one that submits bursts of 1,000-3,000
@@ -26,7 +26,9 @@ then (restarted with new numbers), one SIGSTOPped past the ttl.
 Faults, one every 2-5 s (seeded; every kind in each round of eight, in a random order): SIGKILL of
 a worker, Majordomo workers included (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s,
 SIGKILL of a client process (restarted 0.5-2 s later), SIGSTOP of one for 1.5-3 s (its broker
-takes it for gone and stops its requests; resumed, it is told so and sends them again),
+takes it for gone and stops its requests; resumed, it is told so and sends them again), SIGKILL
+of one of WR2-1's handler processes (the worker replaces it; the request it ran, if any, ends in a
+RemoteError saying so, as docs/worker.md promises: at most one such end per kill, none otherwise),
 SIGKILL of the active broker of a regional pair (twice a round) or of the master pair (restarted
 1-3 s later), SIGSTOP of the active broker of any pair for 2-4 s (a stalled host: the other takes
 over, and the stopped one must step down when it resumes); never while the other broker of its
@@ -85,8 +87,13 @@ from zmqdist.transport.security import generate  # noqa: E402
 PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
 BROKERS = {name for pair in PAIRS.values() for name in pair}
 # Each native worker's object in soakworker.py: how its handlers run (threads, async, inline)
-WORKER_MODES = {"WR1-0": "worker", "WR1-1": "aworker", "WR2-0": "iworker", "WR2-1": "worker", "WM-0": "aworker"}
-HANDLER_MODES = ("threads", "async", "inline")  # the names their execution logs carry
+WORKER_MODES = {"WR1-0": "worker", "WR1-1": "aworker", "WR2-0": "iworker", "WR2-1": "pworker", "WM-0": "aworker"}
+HANDLER_MODES = ("threads", "async", "inline", "process")  # the names their execution logs carry
+# How a request whose handler process the soak SIGKILLed ends (a RemoteError; docs/worker.md)
+HANDLER_DIED = "the process running the handler of"
+KILLED = "handler-killed"  # that outcome: expected, at most one per kill
+UNAWAITED = "not awaited (map stopped at an error)"
+UNAWAITED_KILLED = "not awaited (map stopped at a killed handler)"  # expected too
 TIMEOUT_S = 30.0  # a request's deadline: generous, so that any request not answered is lost
 QUOTA = 500  # each broker's --max-client-inflight: the bursts pass it, the other roles do not
 MDP_RESEND_S = 6.0  # a Majordomo client with no answer this long sends again, to the other broker
@@ -269,6 +276,8 @@ class Load:
     def record(self, i: int, result: Any = None, error: BaseException | None = None, cancelled: bool = False) -> str:
         if cancelled:
             kind = "cancelled"
+        elif error is not None and HANDLER_DIED in str(error):
+            kind = KILLED
         elif error is not None:
             kind = "lost" if isinstance(error, RequestTimeout) and "no reply" in str(error) else type(error).__name__
         elif isinstance(result, dict) and result.get("i") == i and result.get("v") == answer(i):
@@ -328,10 +337,10 @@ class Load:
                     self.record(batch[pos], v)
                     pos += 1
             except RequestError as exc:  # map stops at the first error: the rest is not awaited
-                self.record(batch[pos], error=exc)
+                why = UNAWAITED_KILLED if self.record(batch[pos], error=exc) == KILLED else UNAWAITED
                 with self.lock:
                     for i in batch[pos + 1 :]:
-                        self.outcome[i] = "not awaited (map stopped at an error)"
+                        self.outcome[i] = why
 
     def burster(self, region: str, seed: int) -> None:
         """Bursts of 1,000-3,000 submits at once, past the brokers' quota per client: the client
@@ -554,10 +563,19 @@ class Chaos:
     def fault(self, now: float) -> None:
         if not self.kinds:
             self.kinds = ["kill worker", "stop worker", "kill proxy", "kill proxy", "kill master", "stop broker"]
-            self.kinds += ["kill client", "stop client"]
+            self.kinds += ["kill client", "stop client", "kill handler"]
             self.rng.shuffle(self.kinds)
         kind = self.kinds.pop()
-        if kind.endswith(("worker", "client")):
+        if kind == "kill handler":
+            procs = self.topo.procs
+            kids = [(n, pid) for n, m in WORKER_MODES.items() if m == "pworker" for pid in handler_processes(procs[n])]
+            if not kids:
+                return  # its worker is down (restarting)
+            name, pid = self.rng.choice(kids)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            name = f"{name} (handler process {pid})"
+        elif kind.endswith(("worker", "client")):
             fate, who = kind.split()
             procs = self.topo.procs
             pool = self.topo.clients if who == "client" else [n for n in procs if n.startswith("W")]
@@ -627,6 +645,42 @@ class Chaos:
         self.due(float("inf"))
         for t in self.watchers:
             t.join(25)
+
+
+def handler_processes(proc: Proc) -> list[int]:
+    """The handler processes of a worker with isolation="process" (its children that multiprocessing
+    spawned, not its resource tracker)."""
+    if not proc.alive():
+        return []
+    assert proc.popen is not None
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+            cmd = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if ppid == proc.popen.pid and b"spawn_main" in cmd:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def orphans(logdir: Path) -> list[str]:
+    """Processes of this soak (its SOAK_LOG_DIR in their environment) whose parent is neither one of
+    them nor the soak: a handler process that outlived its SIGKILLed worker, for one."""
+    marker = f"SOAK_LOG_DIR={logdir}".encode()
+    mine: dict[int, tuple[int, str]] = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker not in (d / "environ").read_bytes().split(b"\0"):  # a zombie's is empty
+                continue
+            ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        mine[int(d.name)] = (ppid, cmd)
+    lost = [(pid, ppid, cmd) for pid, (ppid, cmd) in mine.items() if ppid != os.getpid() and ppid not in mine]
+    return [f"{pid} (parent {ppid}): {cmd[:160]}" for pid, ppid, cmd in lost]
 
 
 def takeover_figures(times: list[float]) -> dict[str, Any]:
@@ -825,6 +879,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if never:
             outcome["lost"] += never  # submitted, and no outcome at all by the end
         runs, by_mode = executions(topo.logdir)
+        stray = orphans(topo.logdir)  # killed workers' handler processes died with them, long ago
         ok_ids = [i for i, k in load.outcome.items() if k == "ok"]
         report = {
             "seed": args.seed,
@@ -833,7 +888,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "requests": load.issued,
             "per_second": round(load.issued / elapsed, 1) if elapsed else 0,
             "outcomes": dict(outcome),
-            "errors": sum(v for k, v in outcome.items() if k not in ("ok", "lost", "wrong", "duplicate", "cancelled")),
+            "errors": sum(
+                v
+                for k, v in outcome.items()
+                if k not in ("ok", "lost", "wrong", "duplicate", "cancelled", KILLED, UNAWAITED_KILLED)
+            ),
             "lifecycle": dict(sorted(load.lifecycle_outcomes.items())),
             "lifecycle_errors": load.lifecycle_errors[:20],
             "bursts_past_the_quota": load.bursts,
@@ -854,6 +913,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "duplicates_absorbed_by_clients": sum(c._core.counters["duplicates"] for c in load.clients if c._core),
             "client_processes": {n: client_record(topo, n, n in hung) for n in topo.clients},
+            "orphans": stray,
             **read_logs(topo.logdir, chaos.resumed),
             "fault_log": chaos.log,
             "logs": str(topo.logdir) if args.keep else None,
@@ -877,6 +937,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"brokers that took over again right after stepping down: {report['flaps'][:5]}")
     if report["tracebacks"]:
         bad.append(f"tracebacks: {report['tracebacks'][:5]}")
+    if report.get("orphans"):
+        bad.append(f"processes that outlived their parent: {report['orphans'][:5]}")
     if report["crashes"]:
         bad.append(f"crashes: {report['crashes'][:5]}")
     if report["takeover_s"].get("never"):
@@ -892,6 +954,9 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"{report['executions']['never_run_but_ok']} answered OK but never run")
     if idle := [m for m, n in report["executions"]["by_handler_mode"].items() if not n]:
         bad.append(f"handler modes that ran no request (the soak did not test them): {idle}")
+    killed = o.get(KILLED, 0) + sum(c["ended"].get(KILLED, 0) for c in report.get("client_processes", {}).values())
+    if killed > (kills := report.get("faults", {}).get("kill handler", 0)):  # one request at most per kill
+        bad.append(f"{killed} requests ended by a killed handler process, for {kills} kills of one")
     if report["requests"] and report["errors"] / report["requests"] > max_error_rate:
         bad.append(f"error rate {report['errors'] / report['requests']:.4%} over {max_error_rate:.4%}")
     return bad

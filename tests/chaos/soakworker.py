@@ -1,8 +1,9 @@
 """The soak's workers, one per way a handler can run: ``zmqdist worker soakworker:worker`` (handler
-threads), ``soakworker:aworker`` (the same services as async handlers, on the worker's event loop)
-and ``soakworker:iworker`` (on the socket thread: "work", "flaky" and "mdpwork" are inline; a
-stream's handler runs on the threads there, as it does on any worker). tests/chaos is on
-PYTHONPATH.
+threads), ``soakworker:aworker`` (the same services as async handlers, on the worker's event loop),
+``soakworker:iworker`` (on the socket thread: "work", "flaky" and "mdpwork" are inline; a
+stream's handler runs on the threads there, as it does on any worker) and ``soakworker:pworker``
+(``isolation="process"``: each handler runs in one of the worker's child processes, which import
+this module again and find the handlers by name). tests/chaos is on PYTHONPATH.
 
 Every execution is written (the request's number, one line, flushed before the work) to
 ``$SOAK_LOG_DIR/exec-MODE-PID.log``, so the soak counts how often each request ran, kills
@@ -57,6 +58,27 @@ def _mdpwork(x, runs: _Executions) -> bytes:
     return b"%d %d" % (i, answer(i))
 
 
+def _work(x, runs: _Executions, most: float | None = None):
+    """ "work": the answer to request ``x["i"]``, after ``x["ms"]`` (at most ``most``) of sleep."""
+    i = x["i"]
+    runs.write(i)
+    if x.get("ms"):
+        time.sleep((x["ms"] if most is None else min(x["ms"], most)) / 1000)
+    return {"i": i, "v": answer(i)}
+
+
+def _parts(x, runs: _Executions):
+    """ "parts": a stream of ``n`` parts, each naming its request and place (the soak checks their
+    order)."""
+    i = x["i"]
+    runs.write(i)
+    for k in range(x["n"]):
+        if x.get("ms"):
+            time.sleep(x["ms"] / 1000)
+        yield {"i": i, "k": k, "v": answer(i) + k}
+    return {"i": i, "v": answer(i)}
+
+
 def threaded(mode: str, inline: bool) -> Worker:
     """Handlers that run on threads or, ``inline``, on the socket thread (sleeping at most
     INLINE_MAX_MS there)."""
@@ -64,25 +86,11 @@ def threaded(mode: str, inline: bool) -> Worker:
     runs = _Executions(mode)
     most = INLINE_MAX_MS if inline else None
 
-    @w.service("work", inline=inline)
-    def work(x):
-        i = x["i"]
-        runs.write(i)
-        if x.get("ms"):
-            time.sleep((x["ms"] if most is None else min(x["ms"], most)) / 1000)
-        return {"i": i, "v": answer(i)}
-
     @w.service("parts")
     def parts(x):
-        """A stream of ``n`` parts, each naming its request and place (the soak checks their order)."""
-        i = x["i"]
-        runs.write(i)
-        for k in range(x["n"]):
-            if x.get("ms"):
-                time.sleep(x["ms"] / 1000)
-            yield {"i": i, "k": k, "v": answer(i) + k}
-        return {"i": i, "v": answer(i)}
+        return (yield from _parts(x, runs))
 
+    w.add_service("work", lambda x: _work(x, runs, most), inline=inline)
     w.add_service("mdpwork", lambda x: _mdpwork(x, runs), inline=inline)
     w.add_service("flaky", lambda x: _flaky(x, runs), inline=inline)
     return w
@@ -121,6 +129,35 @@ def coroutines() -> Worker:
     return w
 
 
+_in_child = _Executions("process")  # a handler process's own log (each child imports this module)
+
+
+def p_work(x):
+    """ "work" in a handler process, found by name there (the services below likewise)."""
+    return _work(x, _in_child)
+
+
+def p_parts(x):
+    return (yield from _parts(x, _in_child))
+
+
+def p_mdpwork(x):
+    return _mdpwork(x, _in_child)
+
+
+def p_flaky(x):
+    return _flaky(x, _in_child)
+
+
+def processes() -> Worker:
+    """The same services, each run in one of 4 handler processes (the soak SIGKILLs them too)."""
+    w = Worker([ENDPOINT], concurrency=4, isolation="process")
+    for name, fn in (("work", p_work), ("parts", p_parts), ("mdpwork", p_mdpwork), ("flaky", p_flaky)):
+        w.add_service(name, fn)
+    return w
+
+
 worker = threaded("threads", inline=False)
 iworker = threaded("inline", inline=True)
 aworker = coroutines()
+pworker = processes()

@@ -3,6 +3,8 @@ clients under random SIGKILLs and SIGSTOPs (tests/chaos/soak.py; the long run is
 docs/ha.md with its figures)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +34,10 @@ def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_l
     mdp = rep["mdp"]  # Majordomo clients and workers, and a native client of the Majordomo workers
     print(f"mdp: {mdp}")
     assert all(mdp.get(f"{what} ok", 0) >= 10 for what in ("mdp up", "mdp work", "native up")), mdp
-    modes = rep["executions"]["by_handler_mode"]  # threads, async and inline handlers all served
+    modes = rep["executions"]["by_handler_mode"]  # threads, async, inline and process handlers all served
     print(f"executions by handler mode: {modes}")
-    assert all(modes[m] >= 100 for m in ("threads", "async", "inline")), modes
+    assert all(modes[m] >= 100 for m in ("threads", "async", "inline", "process")), modes
+    assert rep["faults"].get("kill handler", 0) >= 1  # a handler process SIGKILLed under its worker
     procs = rep["client_processes"]  # a SIGKILLed and a SIGSTOPped client process per region
     print(f"client processes: {procs}")
     assert len(procs) == 4 and all(c["ended"].get("ok", 0) >= 100 for c in procs.values()), procs
@@ -84,11 +87,25 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
     ]
     assert soak.verdict(
         {
-            "outcomes": {"ok": 1},
-            "requests": 1,
+            "outcomes": {"ok": 1, "handler-killed": 1},
+            "requests": 2,
             "errors": 0,
             "takeover_s": {},
-            "executions": {"never_run_but_ok": 0, "by_handler_mode": {"threads": 5, "async": 2, "inline": 0}},
+            "faults": {"kill handler": 1},  # a killed handler process ends one request at most
+            "orphans": ["4242 (parent 1): python3 -c ...spawn_main..."],
+            "client_processes": {
+                "CR1-kill": {
+                    "ended": {"ok": 9, "handler-killed": 1},
+                    "twice": 0,
+                    "never": 0,
+                    "hung": False,
+                    "last_run_issued": 10,
+                }
+            },
+            "executions": {
+                "never_run_but_ok": 0,
+                "by_handler_mode": {"threads": 5, "async": 2, "inline": 0, "process": 1},
+            },
             **got,
         },
         0.001,
@@ -96,7 +113,9 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
         "1 step-downs of a live active broker",
         "  B.log:1: 2026-12-04 12:44:19,700 B (resumed None s before): A is active with epoch 7",
         f"brokers that took over again right after stepping down: {got['flaps']}",
+        "processes that outlived their parent: ['4242 (parent 1): python3 -c ...spawn_main...']",
         "handler modes that ran no request (the soak did not test them): ['inline']",
+        "2 requests ended by a killed handler process, for 1 kills of one",
     ]
 
 
@@ -112,4 +131,28 @@ def test_the_soak_counts_each_requests_runs_and_each_handler_modes(tmp_path, mon
     (tmp_path / "exec-104.log").write_text("10\n")
     runs, by_mode = soak.executions(tmp_path)
     assert runs == {7: 1, 8: 2, 9: 1, 10: 1}
-    assert by_mode == {"threads": 3, "async": 1, "inline": 0, "majordomo": 1}
+    assert by_mode == {"threads": 3, "async": 1, "inline": 0, "process": 0, "majordomo": 1}
+
+
+def test_the_soak_finds_a_process_of_its_own_that_outlived_its_parent(tmp_path, monkeypatch):
+    """A process with the soak's log directory in its environment whose parent is gone (a handler
+    process left by its SIGKILLed worker) is named; the soak's own children, and theirs, are not."""
+    monkeypatch.syspath_prepend(str(SOAK.parent))
+    import soak
+
+    env = dict(os.environ, SOAK_LOG_DIR=str(tmp_path))
+    child = subprocess.Popen(["sleep", "30"], env=env)  # the soak's own child: not an orphan
+    # sh starts sleep and exits: the sleep outlives its parent (adopted by init or a subreaper)
+    orphaning = "sleep 31 >/dev/null 2>&1 & echo $!"
+    sh = subprocess.Popen(["sh", "-c", orphaning], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = sh.communicate(timeout=10)
+    stray = int(out)
+    try:
+        found = soak.orphans(tmp_path)
+        assert [line.split()[0] for line in found] == [str(stray)], found
+        assert "sleep 31" in found[0]
+        assert soak.orphans(tmp_path / "other") == []  # another soak's log directory: none of ours
+    finally:
+        os.kill(stray, signal.SIGKILL)
+        child.kill()
+        child.wait()
