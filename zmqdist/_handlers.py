@@ -739,7 +739,8 @@ class _Slot:
         self.conn = here
         self.lock = threading.Lock()  # the socket thread sends; a replacement closes
         self.task: Execute | None = None
-        self.killed = False  # killed on purpose (a cancel of a service that asked for it)
+        self.sending: tuple[Service, Execute] | None = None  # a task not known to be in the pipe yet
+        self.killed: Execute | None = None  # the task whose cancel killed the process on purpose
         self.ready = threading.Event()  # the process said it is ready (see Processes)
         self.reader = threading.Thread(target=owner.read, args=(self,), name="zmqdist-child", daemon=True)
         self.reader.start()
@@ -814,7 +815,7 @@ class Processes:
 
     def submit(self, svc: Service, task: Execute) -> None:
         with self._lock:
-            slot = next((s for s in self._slots if s.task is None), None)
+            slot = next((s for s in self._slots if s.task is None and s.killed is None), None)
             if slot is None:
                 self._waiting.append((svc, task))
                 return
@@ -822,10 +823,14 @@ class Processes:
         self._run(slot, svc, task)
 
     def _run(self, slot: _Slot, svc: Service, task: Execute) -> None:
+        slot.sending = (svc, task)  # until it is in the pipe: a process gone before runs it afresh
         try:
-            if not slot.send(("run", svc.fn, svc.retry, task, self._clock, self._codec)):
-                log.debug("handler process gone before its task was sent: its reader reports it")
+            if slot.send(("run", svc.fn, svc.retry, task, self._clock, self._codec)):
+                slot.sending = None
+            else:
+                log.debug("handler process gone before its task was sent: its replacement runs it")
         except Exception as exc:  # pickling: e.g. a lambda as handler, or a codec of lambdas
+            slot.sending = None
             why = RuntimeError(f"the handler of {task.service!r} cannot run in a child process: {exc}")
             self._mailbox.post(("done", task.ticket, task.session, False, _failure(why), None))
             self._next(slot)
@@ -849,15 +854,18 @@ class Processes:
                     del self._waiting[i]
                     self._mailbox.post(("done", ticket, session, False, b"", None))
                     return
-        slot = self._find(ticket, session)
-        if slot is None or slot.task is None:
-            return
-        svc = services.get(slot.task.service)
-        if svc is not None and svc.terminate_on_cancel:
-            slot.killed = True
-            slot.proc.kill()  # its reader sees the pipe close, reports the task, replaces it
-        else:
-            slot.send(("cancel", ticket))
+            # Found and killed under the lock: the slot's reader, its task done, could otherwise
+            # give it the next task in between, and that task would be killed for this cancel.
+            slot = self._find(ticket, session)
+            task = slot.task if slot is not None else None
+            if slot is None or task is None:
+                return
+            svc = services.get(task.service)
+            if svc is not None and svc.terminate_on_cancel:
+                slot.killed = task
+                slot.proc.kill()  # its reader sees the pipe close, reports the task, replaces it
+                return
+        slot.send(("cancel", ticket))
 
     def read(self, slot: _Slot) -> None:
         """A slot's reader thread: pass on what its process sends; replace it if it dies."""
@@ -882,7 +890,7 @@ class Processes:
     def _next(self, slot: _Slot) -> None:
         with self._lock:
             slot.task = None
-            if not self._waiting:
+            if not self._waiting or slot.killed is not None:  # (its replacement takes the next one)
                 return
             svc, task = self._waiting.pop(0)
             slot.task = task
@@ -890,7 +898,7 @@ class Processes:
 
     def _died(self, slot: _Slot) -> None:
         """A slot's reader thread, its process gone: have the keeper replace it."""
-        if not slot.ready.is_set() and not slot.killed:
+        if not slot.ready.is_set() and slot.killed is None:
             with self._lock:
                 if self._closed or self._starting:
                     return  # the start fails (see _await_ready)
@@ -919,23 +927,31 @@ class Processes:
         """Start a process in place of ``slot``'s, report the task it held, and give the new one
         the next waiting task. That is decided under the lock, as the new slot enters the list: a
         submit after it finds the slot taken or free, and nothing clears what it gave the slot
-        (clearing it afterwards lost the slot's task: a cancel of it found no process to tell)."""
+        (clearing it afterwards lost the slot's task: a cancel of it found no process to tell).
+        A task the dead process never got (given to it as it died idle, before its reader saw
+        that: the send failed) is not its to fail: the new process runs it first."""
         with self._lock:
             if self._closed or slot not in self._slots:
                 return
             task = slot.task
+            unsent = slot.sending if slot.sending is not None and slot.sending[1] is task else None
             slot.proc.join(1.0)
             code = slot.proc.exitcode
             i = self._slots.index(slot)
             self.replaced += 1
             self._slots[i] = fresh = _Slot(self._ctx, self)
-            nxt = self._waiting.pop(0) if self._waiting else None
+            if unsent is not None and slot.killed is not task and slot.ready.is_set():
+                nxt: tuple[Service, Execute] | None = unsent
+                task = None  # the process died idle: nothing of it to report (one that never
+                # came up fails its task as before: run again, it could wait for ever)
+            else:
+                nxt = self._waiting.pop(0) if self._waiting else None
             if nxt is not None:
                 fresh.task = nxt[1]
         with slot.lock:
             slot.conn.close()
         if task is not None:
-            if slot.killed:
+            if slot.killed is task:
                 self._mailbox.post(("done", task.ticket, task.session, False, b"", None))
             else:
                 log.warning(
@@ -949,7 +965,7 @@ class Processes:
                     "the worker replaced it"
                 )
                 self._mailbox.post(("done", task.ticket, task.session, False, _failure(why), None))
-        elif slot.ready.is_set() and not slot.killed:  # idle (the OOM killer, an operator?): nothing lost
+        elif slot.ready.is_set() and slot.killed is None:  # idle (the OOM killer, an operator?): nothing lost
             log.warning("a handler process died while idle (exit code %s): replaced", code)
         if nxt is not None:
             self._run(fresh, *nxt)

@@ -4,6 +4,7 @@ Two races of the replacement, each forced here by a log handler that runs, as th
 task is reported ("... died ...: replaced", logged on the replacing thread), what another thread
 could do at that moment."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -35,10 +36,12 @@ class _OnReplaced(logging.Handler):
             hook()
 
 
-@pytest.fixture
-def pool():
+@contextlib.contextmanager
+def _pool(n):
+    """``n`` handler processes, their mailbox, and a way to run code on the keeper thread as it
+    replaces one (see _OnReplaced)."""
     box = Mailbox()
-    procs = Processes(1, box, MonotonicClock(), None)
+    procs = Processes(n, box, MonotonicClock(), None)
     handlers = []
     logger = logging.getLogger("zmqdist._handlers")
 
@@ -46,11 +49,25 @@ def pool():
         handlers.append(_OnReplaced(hook))
         logger.addHandler(handlers[-1])
 
-    yield procs, box, on_replaced
-    for h in handlers:
-        logger.removeHandler(h)
-    procs.shutdown()
-    box.close()
+    try:
+        yield procs, box, on_replaced
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+        procs.shutdown()
+        box.close()
+
+
+@pytest.fixture
+def pool():
+    with _pool(1) as it:
+        yield it
+
+
+@pytest.fixture
+def pool2():
+    with _pool(2) as it:
+        yield it
 
 
 def _kill_with_a_task(procs):
@@ -104,3 +121,77 @@ def test_a_new_process_outlives_the_thread_that_saw_the_old_one_die(pool):
     time.sleep(1.0)  # the thread that replaced it has gone on (or ended) by now
     assert fresh.proc.is_alive() and procs._slots[0] is fresh, fresh.proc.exitcode
     assert procs.replaced == 1
+
+
+def _outcomes(box, tickets, timeout):
+    """The ``("done", ticket, ...)`` items the pool posts for ``tickets``, each once."""
+    got = {}
+    end = time.monotonic() + timeout
+    while set(got) != set(tickets) and time.monotonic() < end:
+        for item in box.drain():
+            if item[0] == "done":
+                assert item[1] not in got, f"a second outcome for task {item[1]}: {item}, after {got[item[1]]}"
+                got[item[1]] = item
+        time.sleep(0.02)
+    return got
+
+
+def _task(ticket, service, value):
+    return Execute(ticket, 1, service, p.pack_value(value, None), "", 1, time.monotonic() + 60)
+
+
+@pytest.mark.timeout(90)
+def test_a_task_given_to_a_process_that_died_idle_runs_on_its_replacement(pool2):
+    # A handler process that died idle (the OOM killer) stays in the list, free, until the keeper
+    # replaces it: a task the socket thread gave it then never ran, and failed as "died".
+    procs, box, on_replaced = pool2
+    idle = procs._slots[1]
+    gave = threading.Event()
+
+    def meanwhile():  # on the keeper thread, replacing slot 0: slot 1's replacement waits for it
+        os.kill(idle.proc.pid, signal.SIGKILL)
+        wait_for(lambda: not idle.reader.is_alive(), 20, "slot 1's reader to see its process die")
+        procs.submit(Service(time.sleep), _task(3, "sleep", 1.0))  # to the new process of slot 0
+        procs.submit(Service(abs), _task(2, "abs", -7))  # to slot 1: free, and dead
+        gave.set()
+
+    on_replaced(meanwhile)
+    _kill_with_a_task(procs)
+    wait_for(gave.is_set, 30, "the tasks given")
+    got = _outcomes(box, {1, 2, 3}, 60)
+    assert got[1][3] is False  # the task of the process that died with it: failed, saying so
+    assert got[2][3] is True and p.unpack_value(got[2][4]) == 7, got[2]  # run, by slot 1's new process
+    assert got[3][3] is True
+    assert procs.replaced == 2 and all(s.proc.is_alive() for s in procs._slots)
+    time.sleep(0.5)
+    assert [item for item in box.drain() if item[0] == "done"] == []  # nothing twice
+
+
+@pytest.mark.timeout(90)
+def test_a_cancel_that_kills_a_process_as_its_task_ends_never_kills_the_next_task(pool2):
+    # terminate_on_cancel, a cancel just as its task ends: the slot's reader has posted the task's
+    # outcome, the cancel kills the process, and then the reader gave the slot the next waiting
+    # task. That task died for a cancel not its own, reported as cancelled ("done", not ok, no
+    # payload: to its caller a failure that said nothing). Now the new process runs it.
+    procs, box, on_replaced = pool2
+    slot = procs._slots[1]
+    done = threading.Event()
+    killing = {"sleep": Service(time.sleep, terminate_on_cancel=True)}
+
+    def meanwhile():  # on the keeper thread: slot 1's replacement waits for it
+        slot.task = _task(4, "sleep", 30.0)  # as if running (its process is idle)
+        procs._waiting.append((Service(abs), _task(5, "abs", -5)))  # more tasks than processes
+        box.post(("done", 4, 1, True, p.pack_value(None, None), None))  # its reader: task 4 ended...
+        procs.abort(4, 1, killing)  # ... the cancel of task 4 kills slot 1's process ...
+        procs._next(slot)  # ... and the reader goes on to the next task
+        done.set()
+
+    on_replaced(meanwhile)
+    _kill_with_a_task(procs)
+    wait_for(done.is_set, 30, "the cancel made")
+    got = _outcomes(box, {1, 4, 5}, 60)
+    assert got[5][3] is True and p.unpack_value(got[5][4]) == 5, got[5]  # run, not killed
+    assert got[4][3] is True  # task 4's own outcome, once
+    assert procs.replaced == 2 and all(s.proc.is_alive() for s in procs._slots)
+    time.sleep(0.5)
+    assert [item for item in box.drain() if item[0] == "done"] == []
