@@ -15,7 +15,8 @@ up to 200 submits in flight, one that maps batches of 500, one that submits burs
 at once (past the brokers' quota of 500 per client: the client holds back what its broker would
 refuse), one that runs the request lifecycle one at a time: a stream (its parts checked for
 order, gaps and repeats, also when it is cut), a key that two clients send together (brokers run
-with --join-same-key: both get the same right value), a request cancelled while it runs, or one
+with --join-same-key: both get the same right value), a request cancelled while it runs (in R2
+half of them to a service with terminate_on_cancel: the cancel kills its handler process), or one
 whose handler fails its first 1-2 runs under a retry policy of 5 runs (it must end right); and
 one Majordomo client (raw MDP/0.2 to both brokers of its pair, sending again to the other one when
 told BUSY or after 6 s of silence) that calls the native workers or, through the tier, the
@@ -363,7 +364,9 @@ class Load:
         """One at a time: a stream (its parts in order, no gap, no repeat, also when cut), a key
         that two clients send together (one run, the same right value to both: the brokers join
         them), a request cancelled while it runs (or answered right, if it ended first), or one
-        whose handler fails its first runs under the caller's retry policy (answered right)."""
+        whose handler fails its first runs under the caller's retry policy (answered right). In R2
+        half the cancels are of "killwork", which only WR2-1 serves, with terminate_on_cancel: the
+        cancel kills the handler's process, and the worker starts another."""
         rng, c, twin = random.Random(seed), self.client(region), self.client(region)
         while (i := self.next_id()) is not None:
             what = rng.choice(("stream", "joined", "cancel", "retry"))
@@ -393,7 +396,9 @@ class Load:
                     with self.lock:
                         self.lifecycle_errors.append(f"retry {i}: {exc}"[:300])
             else:
-                fut = c.submit("work", {"i": i, "ms": rng.choice((20, 50, 100))})
+                service = "killwork" if region == "R2" and rng.random() < 0.5 else "work"
+                what = "cancel" if service == "work" else "killing cancel"
+                fut = c.submit(service, {"i": i, "ms": rng.choice((20, 50, 100))})
                 time.sleep(rng.uniform(0.0, 0.08))
                 if fut.cancel():
                     kind = self.record(i, cancelled=True)
@@ -403,7 +408,7 @@ class Load:
                     except RequestError as exc:
                         kind = self.record(i, error=exc)
                         with self.lock:
-                            self.lifecycle_errors.append(f"cancel {i} (too late): {exc}"[:300])
+                            self.lifecycle_errors.append(f"{what} {i} (too late): {exc}"[:300])
             with self.lock:
                 self.lifecycle_outcomes[f"{what} {kind}"] += 1
 
@@ -569,8 +574,9 @@ class Chaos:
         if kind == "kill handler":
             procs = self.topo.procs
             kids = [(n, pid) for n, m in WORKER_MODES.items() if m == "pworker" for pid in handler_processes(procs[n])]
-            if not kids:
-                return  # its worker is down (restarting)
+            if not kids:  # its worker is down (restarting): at the next fault, then
+                self.kinds.append(kind)
+                return
             name, pid = self.rng.choice(kids)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

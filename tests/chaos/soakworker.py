@@ -150,10 +150,12 @@ def p_flaky(x):
 
 
 def processes() -> Worker:
-    """The same services, each run in one of 4 handler processes (the soak SIGKILLs them too)."""
+    """The same services, each run in one of 4 handler processes (the soak SIGKILLs them too), and
+    "killwork": "work" whose cancel kills the handler's process (terminate_on_cancel)."""
     w = Worker([ENDPOINT], concurrency=4, isolation="process")
     for name, fn in (("work", p_work), ("parts", p_parts), ("mdpwork", p_mdpwork), ("flaky", p_flaky)):
         w.add_service(name, fn)
+    w.add_service("killwork", p_work, terminate_on_cancel=True)
     return w
 
 

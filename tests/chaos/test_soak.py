@@ -30,6 +30,7 @@ def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_l
     assert rep["requests"] >= 10_000
     life = rep["lifecycle"]  # streams, joined keys and cancels ran too, and the verdict checked them
     assert all(life.get(kind, 0) >= 10 for kind in ("stream ok", "joined ok", "cancel cancelled", "retry ok")), life
+    assert life.get("killing cancel cancelled", 0) >= 3, life  # handler processes killed by a cancel
     assert rep["bursts_past_the_quota"] >= 5  # clients that held back what their broker would refuse
     mdp = rep["mdp"]  # Majordomo clients and workers, and a native client of the Majordomo workers
     print(f"mdp: {mdp}")
