@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import Future
 from types import CoroutineType
 from typing import Any, Final
@@ -64,6 +64,28 @@ async def drain(agen: AsyncIterator[Any], window: int, gate: Any, post: Callable
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def iterate(agen: Any) -> Iterator[Any]:
+    """An async generator a handler process (or a sync handler) returned, as a generator: each
+    value made on a private event loop, closed with it (``close()`` closes the async generator
+    first). A handler process has no event loop of its own: it runs one task at a time."""
+    loop = asyncio.new_event_loop()
+    it = agen.__aiter__()
+    try:
+        while True:
+            try:
+                value = loop.run_until_complete(it.__anext__())
+            except StopAsyncIteration:
+                return
+            yield value
+    finally:
+        try:
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                loop.run_until_complete(aclose())
+        finally:
+            loop.close()
 
 
 async def await_it(aw: Any) -> Any:

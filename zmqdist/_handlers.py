@@ -257,6 +257,8 @@ def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, pos
         special = type(result) not in _PLAIN_RESULTS
         if special and inspect.isawaitable(result):
             result = asyncio.run(_aio.await_it(result))
+        elif special and inspect.isasyncgen(result):  # (in a handler process: async handlers run here)
+            result = _aio.iterate(result)
         if special and inspect.isgenerator(result):
             result = _drain(result, task, clock, codec, post, gate)
         elif task.window:

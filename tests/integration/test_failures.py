@@ -299,6 +299,25 @@ def test_a_handler_process_that_dies_is_replaced_and_the_worker_goes_on(procs, i
     assert "a handler process died while idle (exit code -9): replaced" in said, said
 
 
+def test_async_handlers_and_async_generators_run_in_handler_processes(procs, ipc_ep):
+    """isolation="process" with async handlers: a coroutine's value; an async generator's parts
+    as a stream, in order, and as one list (it failed: "async_generator is not msgpack-
+    serialisable"); and a stream cancelled midway stops its generator, freeing the process."""
+    start_broker(procs, ipc_ep)
+    w = procs.spawn("worker", "testworkers:crashy", "--connect", ipc_ep)
+    with Client([ipc_ep], timeout=20) as c:
+        wait_workers(c, 1)
+        assert c.call("apid", 0.0) not in (w.pid, os.getpid())  # run in a handler process
+        parts = list(c.stream("acount", {"n": 5, "s": 0.0}))
+        assert [k for k, _ in parts] == [0, 1, 2, 3, 4] and len({pid for _, pid in parts}) == 1
+        assert [k for k, _ in c.call("acount", {"n": 3, "s": 0.0})] == [0, 1, 2]
+        s = c.stream("acount", {"n": 1000, "s": 0.05}, window=1)  # 50 s, were it not stopped
+        assert next(s)[0] == 0
+        assert s.cancel()
+        futs = [c.submit("pid", 0.5) for _ in range(2)]  # both processes serve again, at once
+        assert len({f.result(15) for f in futs}) == 2
+
+
 # A script that starts a process worker at its top level, with no ``if __name__ == "__main__":``.
 UNGUARDED = """
 import sys

@@ -1,5 +1,6 @@
 """Workers used by the integration tests (imported by `zmqdist worker testworkers:NAME`)."""
 
+import asyncio
 import math
 import os
 import re
@@ -91,6 +92,20 @@ def _crash(x):
 def _pid(x):
     time.sleep(x)
     return os.getpid()
+
+
+@crashy.service("apid")
+async def _apid(x):
+    await asyncio.sleep(x)
+    return os.getpid()
+
+
+@crashy.service("acount")
+async def _acount(x):
+    """An async generator, in a handler process: ``n`` parts, ``s`` seconds apart."""
+    for k in range(x["n"]):
+        await asyncio.sleep(x["s"])
+        yield [k, os.getpid()]
 
 
 # --- the request lifecycle (test_lifecycle.py) -------------------------------------------------------
