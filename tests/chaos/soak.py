@@ -24,7 +24,7 @@ Majordomo workers, beside a native client that calls the Majordomo workers. And 
 client processes (tests/chaos/soakclient.py, 100 submits in flight each): one is SIGKILLed now and
 then (restarted with new numbers), one SIGSTOPped past the ttl.
 
-Faults, one every 2-5 s (seeded; every kind in each round of eight, in a random order): SIGKILL of
+Faults, one every 2-5 s (seeded; every kind in each round of nine, in a random order): SIGKILL of
 a worker, Majordomo workers included (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s,
 SIGKILL of a client process (restarted 0.5-2 s later), SIGSTOP of one for 1.5-3 s (its broker
 takes it for gone and stops its requests; resumed, it is told so and sends them again), SIGKILL
@@ -87,7 +87,7 @@ from zmqdist.transport.security import generate  # noqa: E402
 
 PAIRS = {"M": ("MA", "MB"), "R1": ("R1A", "R1B"), "R2": ("R2A", "R2B")}
 BROKERS = {name for pair in PAIRS.values() for name in pair}
-# Each native worker's object in soakworker.py: how its handlers run (threads, async, inline)
+# Each native worker's object in soakworker.py: how its handlers run (threads, async, inline, process)
 WORKER_MODES = {"WR1-0": "worker", "WR1-1": "aworker", "WR2-0": "iworker", "WR2-1": "pworker", "WM-0": "aworker"}
 HANDLER_MODES = ("threads", "async", "inline", "process")  # the names their execution logs carry
 # How a request whose handler process the soak SIGKILLed ends (a RemoteError; docs/worker.md)
