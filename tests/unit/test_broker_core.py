@@ -6,7 +6,7 @@ import pytest
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
 from zmqdist.core import records
-from zmqdist.core.broker import EPSILON, GONE_SILENT, BrokerCore
+from zmqdist.core.broker import EPSILON, FORGET_EVERY_TTLS, GONE_SILENT, BrokerCore
 from zmqdist.core.records import LOG
 from zmqdist.errors import RemoteProtocolError
 
@@ -697,3 +697,39 @@ def test_the_deadline_heap_of_a_proxy_with_thousands_forwarded_is_swept_now_and_
         d.reqs[t] = Req(t, b"c", t, "echo", b"", 30.0 + t)
         d.push_deadline(d.reqs[t])
     assert len(d.deadlines) < 2 * len(d.reqs) + 1024 and min(t for _, t in d.deadlines) > 4000
+
+
+def test_clients_silent_past_the_ttl_with_nothing_open_are_forgotten_with_their_batch_limits():
+    """A closed or killed client stayed in the broker's tables (the clients heard, the batch limits)
+    until they filled, at 2x and 4x --max-queue entries. Every FORGET_EVERY_TTLS ttls the broker
+    forgets those silent past the ttl with nothing open; live ones and members stay, and after a
+    pause of the broker's own, silence counts from its resume."""
+    core = make()
+    hello(core, b"W", capacity=1)
+    core.note_batching(b"W", 16)  # a worker's batch limit: a member's, kept
+    for c in (b"gone", b"live", b"holds"):
+        assert core.receive(c, p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, batch=16), 0.0)
+        core.note_batching(c, 16)
+    request(core, 1, client=b"holds", budget_ms=600_000, now=0.0)  # open at the worker
+    every = FORGET_EVERY_TTLS * HB.ttl_s
+    at = 0.0
+    while at < every + 2 * HB.heartbeat_s:  # "live", "holds" and the worker beat; "gone" is silent
+        at += HB.heartbeat_s
+        for peer in (b"live", b"holds"):
+            core.receive(peer, p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), at)
+        core.receive(b"W", p.Heartbeat(p.ROLE_WORKER, "", 0, ()), at)
+        core.tick(at)
+    assert set(core._clients) == {b"live", b"holds"}
+    assert set(core.batching) == {b"W", b"live", b"holds"}
+    deadline = core.next_deadline()
+    assert deadline is not None and deadline <= core._clients_pruned + every  # due without a member
+    # The broker itself stops for 30 s: nobody's silence counts from before its resume.
+    core.receive(b"gone", p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, batch=16), at)
+    core.note_batching(b"gone", 16)
+    core.resumed(30.0, at + 30.0)
+    core.tick(at + 30.5)
+    assert set(core._clients) == {b"live", b"holds", b"gone"}
+    core.tick(at + 30.5 + every)  # all silent past the ttl since: "holds" lost its request first
+    assert core._clients == {} and set(core.batching) == {b"W"}
+    assert core.counters.abandoned == 1
+    assert b"holds" not in records._PREFIXES  # its request's default key was cached

@@ -38,6 +38,7 @@ from zmqdist.core.records import (
     Out,
     Told,
     WorkerMember,
+    forget_prefix,
 )
 from zmqdist.core.replica import Replica
 from zmqdist.core.services import Services, StatusPart
@@ -46,6 +47,8 @@ from zmqdist.core.tiers import Tiers, Upstream, half
 __all__ = ["EPSILON", "BrokerCore", "BrokerMachine", "Out"]
 
 GONE_SILENT: Final = "this client was silent past the ttl: its open requests were stopped, send them again"
+# Clients silent past the ttl, with nothing open, are forgotten this often (in ttls): see tick().
+FORGET_EVERY_TTLS: Final = 10
 
 
 def _earlier(d: float | None, t: float | None) -> float | None:
@@ -230,6 +233,8 @@ class BrokerCore(BrokerMachine):
         d.expire_members(now, out)
         d.expire_queued(now, out)
         self.life.tick(now, self._clients, out)
+        if now - self._clients_pruned >= FORGET_EVERY_TTLS * self._ttl:
+            self._forget_silent_clients(now)
         self.tiers.tick(now, out)
         self.services.tick(now, out)
         self.replica.tick(now, out)
@@ -242,6 +247,8 @@ class BrokerCore(BrokerMachine):
         d = _earlier(self.d.next_deadline(), self.life.next_deadline())
         d = _earlier(d, self.replica.until)
         d = _earlier(d, self.tiers.next_deadline())
+        if self._clients:  # a broker with no member still forgets its silent clients
+            d = _earlier(d, self._clients_pruned + FORGET_EVERY_TTLS * self._ttl)
         return _earlier(d, self.services.next_deadline())
 
     def flush(self, now: float) -> list[Out]:
@@ -279,6 +286,22 @@ class BrokerCore(BrokerMachine):
             if len(clients) >= 2 * self.settings.max_queue:
                 return
         clients[peer] = now
+
+    def _forget_silent_clients(self, now: float) -> None:
+        """Forget the clients silent past the ttl (since our own last pause) that hold nothing here,
+        their batch limits and their key prefixes. A closed or killed client was kept until the tables filled, at 2x
+        and 4x --max-queue entries: with short-lived clients and a large queue limit, hundreds of
+        megabytes. One with requests open stays (rule 4 of core/lifecycle.py stops them); one
+        that comes back says HELLO or HEARTBEAT and is noted again."""
+        self._clients_pruned = now
+        d = self.d
+        since, ttl, held, members = d.resumed, self._ttl, d.open_by_client, d.members
+        clients, batching = self._clients, self.batching
+        for c in [c for c, t in clients.items() if now - max(t, since) > ttl and c not in held]:
+            del clients[c]
+            if c not in members:
+                batching.pop(c, None)
+                forget_prefix(c)
 
     def _reconnect(self, peer: bytes, now: float, why: str) -> list[Out]:
         """RECONNECT for a peer we do not know, unless it was told within the ttl (:class:`Told`)."""

@@ -68,6 +68,11 @@ def key_prefix(client: Dest) -> str:
     return got
 
 
+def forget_prefix(client: bytes) -> None:
+    """Drop ``client``'s cached key prefix (a client its broker has forgotten)."""
+    _PREFIXES.pop(client, None)
+
+
 @dataclass(slots=True)
 class Counters:
     """What a broker counts (``zmqdist status`` and the metrics show every field)."""
