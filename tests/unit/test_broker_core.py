@@ -733,3 +733,19 @@ def test_clients_silent_past_the_ttl_with_nothing_open_are_forgotten_with_their_
     assert core._clients == {} and set(core.batching) == {b"W"}
     assert core.counters.abandoned == 1
     assert b"holds" not in records._PREFIXES  # its request's default key was cached
+
+
+def test_the_forgetting_deadline_moves_on_once_it_is_due_whatever_the_rounding():
+    """next_deadline() offers the next forgetting at pruned + 10 ttls; tick() at that moment must
+    do it. Compared as ``now - pruned >= 10 ttls``, 23.44 - 13.44 came out below 10.0, the
+    forgetting never ran, and the broker (here the simulations) turned at the same time for ever."""
+    core = make()
+    core.receive(b"C", p.Hello(p.ROLE_CLIENT, "c", (), 0, 250), 13.44)
+    core.tick(13.44)  # the first forgetting (none silent), at 13.44
+    due = core.next_deadline()
+    assert due == 13.44 + FORGET_EVERY_TTLS * HB.ttl_s
+    core.receive(b"C", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), due)  # alive: it stays, and so does a deadline
+    core.tick(due)
+    after = core.next_deadline()
+    assert after is not None and after > due
+    assert set(core._clients) == {b"C"}

@@ -233,7 +233,7 @@ class BrokerCore(BrokerMachine):
         d.expire_members(now, out)
         d.expire_queued(now, out)
         self.life.tick(now, self._clients, out)
-        if now - self._clients_pruned >= FORGET_EVERY_TTLS * self._ttl:
+        if now >= self._clients_pruned + FORGET_EVERY_TTLS * self._ttl:  # next_deadline()'s sum, exactly
             self._forget_silent_clients(now)
         self.tiers.tick(now, out)
         self.services.tick(now, out)
