@@ -289,10 +289,12 @@ class BrokerCore(BrokerMachine):
 
     def _forget_silent_clients(self, now: float) -> None:
         """Forget the clients silent past the ttl (since our own last pause) that hold nothing here,
-        their batch limits and their key prefixes. A closed or killed client was kept until the tables filled, at 2x
-        and 4x --max-queue entries: with short-lived clients and a large queue limit, hundreds of
-        megabytes. One with requests open stays (rule 4 of core/lifecycle.py stops them); one
-        that comes back says HELLO or HEARTBEAT and is noted again."""
+        their batch limits and their key prefixes. A closed or killed client was kept until the
+        tables filled, at 2x and 4x --max-queue entries: with short-lived clients and a large
+        queue limit, hundreds of megabytes (and a full batch table forgot every peer's limit, the
+        live ones' too). One with requests open stays (rule 4 of core/lifecycle.py stops them).
+        One that was only stalled is noted again at its next HEARTBEAT; its replies go unbatched
+        until its next HELLO (a failover, or a RECONNECT), which is slower, never wrong."""
         self._clients_pruned = now
         d = self.d
         since, ttl, held, members = d.resumed, self._ttl, d.open_by_client, d.members
