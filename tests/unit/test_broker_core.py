@@ -749,3 +749,17 @@ def test_the_forgetting_deadline_moves_on_once_it_is_due_whatever_the_rounding()
     after = core.next_deadline()
     assert after is not None and after > due
     assert set(core._clients) == {b"C"}
+
+
+def test_a_full_table_of_clients_forgets_the_silent_ones_but_not_one_with_a_request_open():
+    """At 2x --max-queue clients a new one makes room by forgetting those silent past the ttl, as
+    the forgetting every 10 ttls does. It once forgot a silent client with a request open too, and
+    rule 4, finding no sign of life of it at all, then never stopped that request."""
+    core = make(max_queue=2)  # room for 4 clients
+    for c in (b"c1", b"c2", b"c3", b"c4"):
+        core.receive(c, p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, batch=16), 0.0)
+        core.note_batching(c, 16)
+    request(core, 1, client=b"c1", now=0.0)  # queued: no worker
+    core.receive(b"c5", p.Hello(p.ROLE_CLIENT, "c", (), 0, 250), 2.0)  # all four silent for 2 ttls
+    assert set(core._clients) == {b"c1", b"c5"}
+    assert set(core.batching) == {b"c1"}

@@ -275,14 +275,15 @@ class BrokerCore(BrokerMachine):
 
     def _heard_client(self, peer: bytes, now: float) -> None:
         """Note a client's HELLO or HEARTBEAT (a stopping broker tells it BYE). Bounded at twice
-        the queue limit: when full, clients silent past the ttl are forgotten (at most once per
-        ttl); a client that finds it still full gets no BYE and notices the silence instead."""
+        the queue limit: when full, the silent ones are forgotten at once (at most once per ttl,
+        :meth:`_forget_silent_clients`); a client that finds it still full gets no BYE and notices
+        the silence instead."""
         clients = self._clients
         if peer not in clients and len(clients) >= 2 * self.settings.max_queue:
             if now - self._clients_pruned < self._ttl:
                 return
-            self._clients_pruned = now
-            clients = self._clients = {c: t for c, t in clients.items() if now - t <= self._ttl}
+            self._forget_silent_clients(now)
+            clients = self._clients
             if len(clients) >= 2 * self.settings.max_queue:
                 return
         clients[peer] = now
@@ -298,12 +299,14 @@ class BrokerCore(BrokerMachine):
         self._clients_pruned = now
         d = self.d
         since, ttl, held, members = d.resumed, self._ttl, d.open_by_client, d.members
-        clients, batching = self._clients, self.batching
-        for c in [c for c, t in clients.items() if now - max(t, since) > ttl and c not in held]:
-            del clients[c]
-            if c not in members:
-                batching.pop(c, None)
+        kept: dict[bytes, float] = {}
+        for c, t in self._clients.items():
+            if now - max(t, since) <= ttl or c in held:
+                kept[c] = t
+            elif c not in members:
+                self.batching.pop(c, None)
                 forget_prefix(c)
+        self._clients = kept  # a new dict: one emptied in place keeps the size it grew to
 
     def _reconnect(self, peer: bytes, now: float, why: str) -> list[Out]:
         """RECONNECT for a peer we do not know, unless it was told within the ttl (:class:`Told`)."""
