@@ -653,40 +653,41 @@ class Chaos:
             t.join(25)
 
 
+NUL = b"\0"  # what separates the strings of /proc/PID/cmdline and environ
+
+
+def processes() -> dict[int, tuple[int, bytes, bytes]]:
+    """Every process now: pid -> (parent pid, command line, environment). A zombie's environment is
+    empty; one gone while read is left out."""
+    table = {}
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
+            table[int(d.name)] = (ppid, (d / "cmdline").read_bytes(), (d / "environ").read_bytes())
+        except (OSError, ValueError, IndexError):
+            continue
+    return table
+
+
 def handler_processes(proc: Proc) -> list[int]:
     """The handler processes of a worker with isolation="process" (its children that multiprocessing
     spawned, not its resource tracker)."""
     if not proc.alive():
         return []
     assert proc.popen is not None
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
-            cmd = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        if ppid == proc.popen.pid and b"spawn_main" in cmd:
-            kids.append(int(stat.parent.name))
-    return kids
+    parent = proc.popen.pid
+    return [pid for pid, (ppid, cmd, _) in processes().items() if ppid == parent and b"spawn_main" in cmd]
 
 
 def orphans(logdir: Path) -> list[str]:
     """Processes of this soak (its SOAK_LOG_DIR in their environment) whose parent is neither one of
     them nor the soak: a handler process that outlived its SIGKILLed worker, for one."""
     marker = f"SOAK_LOG_DIR={logdir}".encode()
-    mine: dict[int, tuple[int, str]] = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            if marker not in (d / "environ").read_bytes().split(b"\0"):  # a zombie's is empty
-                continue
-            ppid = int((d / "stat").read_text().rpartition(")")[2].split()[1])
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile
-        mine[int(d.name)] = (ppid, cmd)
+    mine = {pid: (ppid, cmd) for pid, (ppid, cmd, env) in processes().items() if marker in env.split(NUL)}
     lost = [(pid, ppid, cmd) for pid, (ppid, cmd) in mine.items() if ppid != os.getpid() and ppid not in mine]
-    return [f"{pid} (parent {ppid}): {cmd[:160]}" for pid, ppid, cmd in lost]
+    return [
+        f"{pid} (parent {ppid}): {b' '.join(cmd.split(NUL)).decode(errors='replace')[:160]}" for pid, ppid, cmd in lost
+    ]
 
 
 def takeover_figures(times: list[float]) -> dict[str, Any]:
