@@ -730,7 +730,8 @@ def test_clients_silent_past_the_ttl_with_nothing_open_are_forgotten_with_their_
     core.tick(at + 30.5)
     assert set(core._clients) == {b"live", b"holds", b"gone"}
     core.tick(at + 30.5 + every)  # all silent past the ttl since: "holds" lost its request first
-    assert core._clients == {} and set(core.batching) == {b"W"}
+    assert core._clients == {} and b"W" not in core.d.members  # the worker, silent too, expired
+    assert core.batching == {}  # and its limit went with it
     assert core.counters.abandoned == 1
     assert b"holds" not in records._PREFIXES  # its request's default key was cached
 

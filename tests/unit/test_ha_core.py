@@ -560,3 +560,50 @@ def test_results_carried_to_the_other_broker_of_the_pair_keep_within_its_smaller
     assert "limit of 20000 bytes" in p.unpack_error(r1.payload)[1]
     assert r2.status == p.RS_FAILED and p.unpack_error(r2.payload)[0] == "KeyError" and len(r2.payload) <= 20_000
     assert r3 == p.Result(3, p.RS_OK, b"small") and w.counters["too_large"] == 2
+
+
+def test_a_pair_broker_forgets_the_batch_limits_of_silent_clients_and_gone_workers():
+    """A pair's broker notes each peer's batch limit at its door, in a table of its own; the
+    machine behind the door forgot silent clients from another, never read. So the pair's table
+    kept every client ever heard (a memory probe: +1.45 MB over 10,000 short-lived clients,
+    rising), and full, it forgot every peer's limit, the live ones' too. Every broker also kept a
+    worker's limit after it left. A passive broker notes none: whoever it holds registers again
+    at its takeover."""
+    from zmqdist.core.broker import FORGET_EVERY_TTLS
+    from zmqdist.core.failover import PairedBroker
+
+    hb = HeartbeatSettings(0.1, 4)
+    settings = BrokerSettings(name="a", ha="primary", heartbeat_s=hb.heartbeat_s, liveness=4)
+    a = PairedBroker(settings, "inc-a", 0.0)
+    enc = p.Encoder()
+
+    def hello(broker, peer, role, now, services=()):
+        out: list = []
+        msg = p.Hello(role, peer.decode(), services, 1 if services else 0, 100, batch=16)
+        broker.receive_frames(peer, *enc.encode(msg), now, out)
+        return [m for _, m in out]
+
+    hello(a, b"early", p.ROLE_CLIENT, 0.0)  # not active yet: held (a vote), told to register again later
+    assert a.batching == {}
+    took_over = a.pair_receive(state(name="b", primary=0, st=PENDING, epoch=0), 0.0) + a.tick(0.01)
+    assert a.pair.state == ACTIVE and not a.standby
+    assert any(dest == b"early" and isinstance(m, p.Reconnect) for dest, m in took_over)
+    for c in (b"gone", b"live"):
+        assert any(isinstance(m, p.Welcome) for m in hello(a, c, p.ROLE_CLIENT, 0.02))
+    assert any(isinstance(m, p.Welcome) for m in hello(a, b"W", p.ROLE_WORKER, 0.02, ("echo",)))
+    assert set(a.batching) == {b"gone", b"live", b"W"}
+    a.receive_frames(b"W", *enc.encode(p.Bye("leaving")), 0.03, [])
+    at = 0.03
+    while at < FORGET_EVERY_TTLS * hb.ttl_s + 3 * hb.heartbeat_s:  # "live" beats, "gone" is silent
+        at = round(at + hb.heartbeat_s, 6)
+        a.receive_frames(b"live", *enc.encode(p.Heartbeat(p.ROLE_CLIENT, "", 0, ())), at, [])
+        a.pair_receive(state(name="b", primary=0, st=PASSIVE, epoch=a.pair.epoch), at)
+        a.tick(at)
+    assert a.pair.state == ACTIVE
+    assert set(a.batching) == {b"live"}
+    assert a.inner.batching is a.batching  # the one table, read when replies are grouped
+    # The passive backup notes nothing; the peer it holds is told to register again at its takeover.
+    b = PairedBroker(BrokerSettings(name="b", ha="backup", heartbeat_s=hb.heartbeat_s, liveness=4), "inc-b", 0.0)
+    b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 0.0)
+    assert any(isinstance(m, p.Bye) for m in hello(b, b"c2", p.ROLE_CLIENT, 0.05))
+    assert b.batching == {} and b.inner.batching is b.batching

@@ -234,7 +234,7 @@ class BrokerCore(BrokerMachine):
         d.expire_queued(now, out)
         self.life.tick(now, self._clients, out)
         if now >= self._clients_pruned + FORGET_EVERY_TTLS * self._ttl:  # next_deadline()'s sum, exactly
-            self._forget_silent_clients(now)
+            self._forget_gone_peers(now)
         self.tiers.tick(now, out)
         self.services.tick(now, out)
         self.replica.tick(now, out)
@@ -247,7 +247,7 @@ class BrokerCore(BrokerMachine):
         d = _earlier(self.d.next_deadline(), self.life.next_deadline())
         d = _earlier(d, self.replica.until)
         d = _earlier(d, self.tiers.next_deadline())
-        if self._clients:  # a broker with no member still forgets its silent clients
+        if self._clients or self.batching:  # with no member too (_forget_gone_peers)
             d = _earlier(d, self._clients_pruned + FORGET_EVERY_TTLS * self._ttl)
         return _earlier(d, self.services.next_deadline())
 
@@ -276,26 +276,27 @@ class BrokerCore(BrokerMachine):
     def _heard_client(self, peer: bytes, now: float) -> None:
         """Note a client's HELLO or HEARTBEAT (a stopping broker tells it BYE). Bounded at twice
         the queue limit: when full, the silent ones are forgotten at once (at most once per ttl,
-        :meth:`_forget_silent_clients`); a client that finds it still full gets no BYE and notices
+        :meth:`_forget_gone_peers`); a client that finds it still full gets no BYE and notices
         the silence instead."""
         clients = self._clients
         if peer not in clients and len(clients) >= 2 * self.settings.max_queue:
             if now - self._clients_pruned < self._ttl:
                 return
-            self._forget_silent_clients(now)
+            self._forget_gone_peers(now)
             clients = self._clients
             if len(clients) >= 2 * self.settings.max_queue:
                 return
         clients[peer] = now
 
-    def _forget_silent_clients(self, now: float) -> None:
-        """Forget the clients silent past the ttl (since our own last pause) that hold nothing here,
-        their batch limits and their key prefixes. A closed or killed client was kept until the
-        tables filled, at 2x and 4x --max-queue entries: with short-lived clients and a large
-        queue limit, hundreds of megabytes (and a full batch table forgot every peer's limit, the
-        live ones' too). One with requests open stays (rule 4 of core/lifecycle.py stops them).
-        One that was only stalled is noted again at its next HEARTBEAT; its replies go unbatched
-        until its next HELLO (a failover, or a RECONNECT), which is slower, never wrong."""
+    def _forget_gone_peers(self, now: float) -> None:
+        """Forget what this broker keeps of peers that are gone: the clients silent past the ttl
+        (since our own last pause) that hold nothing here, with their key prefixes; the batch
+        limits of peers neither kept nor members (such a client, a worker gone, a peer refused).
+        Each was kept until its table filled (2x and 4x --max-queue entries): with short-lived
+        peers, hundreds of megabytes, and a full table forgot the live peers too. A client with
+        requests open stays (rule 4 of core/lifecycle.py stops them). One that was only stalled is
+        noted again at its next HEARTBEAT; its replies go unbatched until its next HELLO (a
+        failover, or a RECONNECT), which is slower, never wrong."""
         self._clients_pruned = now
         d = self.d
         since, ttl, held, members = d.resumed, self._ttl, d.open_by_client, d.members
@@ -304,9 +305,11 @@ class BrokerCore(BrokerMachine):
             if now - max(t, since) <= ttl or c in held:
                 kept[c] = t
             elif c not in members:
-                self.batching.pop(c, None)
                 forget_prefix(c)
         self._clients = kept  # a new dict: one emptied in place keeps the size it grew to
+        batching = self.batching  # shared with a pair's door (PairedBroker): emptied in place
+        for b in [b for b in batching if b not in kept and b not in members]:
+            del batching[b]
 
     def _reconnect(self, peer: bytes, now: float, why: str) -> list[Out]:
         """RECONNECT for a peer we do not know, unless it was told within the ttl (:class:`Told`)."""

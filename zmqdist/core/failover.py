@@ -100,11 +100,22 @@ class PairedBroker(BrokerMachine):
             first_ticket=first_ticket,
             serving=serving,
         )
+        # One table of batch limits: our door notes them, the machine forgets its silent clients'
+        # (a table of its own was never read, and ours grew with every client ever heard). A
+        # passive broker notes none (the peers it holds register again at its takeover), and
+        # forgets the active one's at its step-down.
+        if not serving:
+            self.batching = {}
+        m.batching = self.batching
         for part in self._parts:
             m.add_status_part(part)
         if self._hist is not None:
             m.use_histograms(self._hist)
         return m
+
+    def note_batching(self, peer: bytes, limit: int) -> None:
+        if self._active:  # see _machine
+            super().note_batching(peer, limit)
 
     def _pair_status(self, now: float) -> dict[str, object]:
         return {"ha": self.pair.status(now)}
