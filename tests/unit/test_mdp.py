@@ -428,3 +428,48 @@ def test_an_mdp_worker_the_pairs_table_says_held_a_request_is_sent_it_again_on_i
     core.receive_mdp(b"X", [b"MDPW02", b"\x04", mdp.ticket_frame(7), b"", b"done"], 0.2, out)
     assert [(peer, m.status, m.payload) for peer, m in out if type(m) is p.Reply] == [(b"N", p.ST_OK, b"\xc4\x04done")]
     assert core.open_requests == 0
+
+
+def test_an_mdp_worker_that_vanished_without_disconnect_is_forgotten_by_the_bridge():
+    """The core expired it; the bridge kept it until it held 100,000 peers (a probe: 1,500 such
+    workers, +1,500 entries), then dropped its oldest peer to make room, a live worker too. At
+    the broker's forgetting, the bridge forgets the workers the core no longer has; a live one
+    stays, and so does its translation."""
+    from zmqdist.core.broker import FORGET_EVERY_TTLS
+
+    settings = BrokerSettings(name="b", heartbeat_s=0.1, liveness=4, mdp_heartbeat_s=0.1, mdp_liveness=3)
+    core = BrokerCore(settings, "inc", 0.0)
+    for w in (b"gone", b"live"):
+        mdp_round(core, w, [b"MDPW02", b"\x01", b"s"])
+    assert {b"gone", b"live"} <= core.d.members.keys()
+    at = 0.0
+    while at < FORGET_EVERY_TTLS * settings.heartbeat.ttl_s + 0.5:  # only "live" beats
+        at = round(at + 0.1, 6)
+        mdp_round(core, b"live", [b"MDPW02", b"\x05"], at)
+        core.tick(at)
+    assert b"gone" not in core.d.members
+    assert not core.mdp.speaks_mdp(b"gone") and core.mdp.speaks_mdp(b"live")
+    (task,) = mdp_round(core, b"C", [b"MDPC01", b"s", b"job"], at)[b"live"]  # still served
+    assert task[-1] == b"job"
+
+
+def test_a_pair_broker_forgets_its_vanished_mdp_workers_from_the_bridge_its_door_reads():
+    """A pair's broker translates at its door with a bridge of its own; the machine behind it
+    must forget from that one, not from a second bridge nobody reads."""
+    from zmqdist.core.broker import FORGET_EVERY_TTLS
+    from zmqdist.core.failover import PairedBroker
+    from zmqdist.core.ha import ACTIVE, PENDING
+
+    settings = BrokerSettings(name="a", ha="primary", heartbeat_s=0.1, liveness=4, mdp_heartbeat_s=0.1)
+    a = PairedBroker(settings, "inc-a", 0.0)
+    a.pair_receive(p.PairState("b", 0, PENDING, 0, "pinc", 0, 0), 0.0)  # a starting backup: we serve
+    a.tick(0.01)
+    assert a.pair.state == ACTIVE
+    a.receive_mdp(b"W", [b"MDPW02", b"\x01", b"s"], 0.02, [])
+    assert a.mdp.speaks_mdp(b"W")
+    at = 0.02
+    while at < FORGET_EVERY_TTLS * settings.heartbeat.ttl_s + 2.0:
+        at = round(at + 0.1, 6)
+        a.tick(at)
+    assert not a.mdp.speaks_mdp(b"W")
+    assert a.inner.mdp is a.mdp

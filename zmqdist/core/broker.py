@@ -247,7 +247,7 @@ class BrokerCore(BrokerMachine):
         d = _earlier(self.d.next_deadline(), self.life.next_deadline())
         d = _earlier(d, self.replica.until)
         d = _earlier(d, self.tiers.next_deadline())
-        if self._clients or self.batching:  # with no member too (_forget_gone_peers)
+        if self._clients or self.batching or self.mdp.peers:  # with no member too (_forget_gone_peers)
             d = _earlier(d, self._clients_pruned + FORGET_EVERY_TTLS * self._ttl)
         return _earlier(d, self.services.next_deadline())
 
@@ -291,7 +291,8 @@ class BrokerCore(BrokerMachine):
     def _forget_gone_peers(self, now: float) -> None:
         """Forget what this broker keeps of peers that are gone: the clients silent past the ttl
         (since our own last pause) that hold nothing here, with their key prefixes; the batch
-        limits of peers neither kept nor members (such a client, a worker gone, a peer refused).
+        limits of peers neither kept nor members (such a client, a worker gone, a peer refused);
+        the MDP workers the bridge holds that are no members (:meth:`MdpBridge.forget_workers`).
         Each was kept until its table filled (2x and 4x --max-queue entries): with short-lived
         peers, hundreds of megabytes, and a full table forgot the live peers too. A client with
         requests open stays (rule 4 of core/lifecycle.py stops them). One that was only stalled is
@@ -310,6 +311,8 @@ class BrokerCore(BrokerMachine):
         batching = self.batching  # shared with a pair's door (PairedBroker): emptied in place
         for b in [b for b in batching if b not in kept and b not in members]:
             del batching[b]
+        if self.mdp.peers:
+            self.mdp.forget_workers(members)
 
     def _reconnect(self, peer: bytes, now: float, why: str) -> list[Out]:
         """RECONNECT for a peer we do not know, unless it was told within the ttl (:class:`Told`)."""

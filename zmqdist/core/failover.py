@@ -107,6 +107,7 @@ class PairedBroker(BrokerMachine):
         if not serving:
             self.batching = {}
         m.batching = self.batching
+        m.mdp = self.mdp  # one bridge too: the door's, whose gone workers the machine forgets
         for part in self._parts:
             m.add_status_part(part)
         if self._hist is not None:

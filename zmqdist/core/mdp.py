@@ -328,6 +328,14 @@ class MdpBridge:
     def _over(self, size: int) -> str:
         return f"({size} bytes) is over this broker's limit of {self.max_bytes} bytes (--max-message-size)"
 
+    def forget_workers(self, members: dict[bytes, Any]) -> None:
+        """Forget the MDP workers the core no longer has (``members``: its table). One that died
+        without DISCONNECT was kept until the table held ``max_peers``; then the oldest peer went
+        to make room, a live worker too, whose tasks then went untranslated."""
+        peers = self.peers
+        for ident in [i for i, x in peers.items() if type(x) is _Worker and i not in members]:
+            del peers[ident]
+
     def _make_room(self) -> None:
         if len(self.peers) >= self.max_peers:
             # Forget idle clients first (nothing is lost: they have no pending request).
