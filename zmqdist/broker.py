@@ -269,7 +269,12 @@ class Broker:
         # CPU of this loop thread alone (libzmq's I/O threads excluded), for benchmarks and operators
         # (and which implementation of the per-request path runs: compiled or pure Python)
         core.add_status_part(
-            lambda now: {"loop_cpu_s": thread_cpu_time(), "mdp": dict(core.mdp.counters), "build": _native.STATE}
+            lambda now: {
+                "loop_cpu_s": thread_cpu_time(),
+                "mdp": dict(core.mdp.counters),
+                "build": _native.STATE,
+                "remembered": core.remembered(),
+            }
         )
         loop = self._loop = Loop(clock, self._mailbox)
         # The pair link is watched first: a wake-up that finds the peer's HANDOVER and a peer's HELLO

@@ -471,6 +471,9 @@ def format_status(st: dict[str, Any]) -> str:
             + (f", silent {peer['silent_s']:.2f}s" if peer["silent_s"] is not None else ", never heard")
             + (f"; {ha['replicated']} requests replicated here" if ha["replicated"] is not None else ""),
         ]
+    kept = st.get("remembered")
+    if kept:
+        lines += ["", "remembered: " + "  ".join(f"{k}={v}" for k, v in kept.items())]
     lines += ["", "counters: " + "  ".join(f"{k}={v}" for k, v in st["counters"].items() if v)]
     return "\n".join(lines)
 

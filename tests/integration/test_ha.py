@@ -489,3 +489,40 @@ def test_a_pair_whose_brokers_beat_at_different_intervals_keeps_its_live_active_
         assert b["state"] == "passive" and b["takeovers"] == 0 and b["peer"]["state"] != "silent", b
     a = t.ha("A")
     assert a["state"] == "active" and a["step_downs"] == 0, a
+
+
+@pytest.mark.timeout(90)
+def test_a_pair_forgets_the_clients_and_workers_that_came_and_went(procs, tmp_path):
+    """Short-lived clients of a backup pair, native workers that leave and Majordomo workers that
+    vanish without DISCONNECT: the active broker forgets them within 10 ttls (its status says
+    what it remembers). Before, its batch limits kept every client ever heard (the pair's door
+    noted them in a table nobody swept) and every worker gone, and the Majordomo bridge every
+    vanished worker, each until its table filled."""
+    import zmq
+
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B", "--heartbeat", "0.05")
+    t.worker("w0", "A", "B")
+    t.wait_pair("A", "B")
+    for i in range(60):
+        with t.client("A", "B", timeout=20) as c:
+            assert c.call("echo", i)[0] == i
+    gone = [t.worker(f"w{i}", "A", "B") for i in (1, 2, 3)]
+    ctx = zmq.Context.instance()
+    for i in range(20):
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(t.ep("A"))
+        s.send_multipart([b"", b"MDPW01", b"\x01", b"mdp-echo"])
+        s.close()
+    with t.client("A", timeout=5) as c:
+        wait_for(lambda: len(status(c)["workers"]) >= 24, 20, "the leaving workers registered")
+        for w in gone:
+            w.send_signal(signal.SIGKILL)
+        # one client remembered (this one), one batch limit (w0's; this client's is its own)
+        wait_for(
+            lambda: (r := status(c)["remembered"])["clients"] <= 1 and r["batch_limits"] <= 2 and r["mdp_peers"] == 0,
+            20,
+            "the gone peers forgotten",
+        )
+        assert status(c)["ha"]["state"] == "active" and c.call("echo", "still")[0] == "still"

@@ -293,6 +293,11 @@ class BrokerMachine:
         """Identities of every live member: workers and downstream brokers."""
         raise NotImplementedError
 
+    def remembered(self) -> dict[str, int]:
+        """How many peers each table that outlives them holds (status; gone peers are forgotten
+        every FORGET_EVERY_TTLS ttls): the clients heard, batch limits, Majordomo peers."""
+        raise NotImplementedError
+
     def carries_nothing(self, peer: bytes, now: float) -> list[Out]:
         """Member ``peer`` (a Majordomo worker) runs nothing the pair's table says it held when this
         broker took over: requeue that (no attempt spent)."""

@@ -439,6 +439,9 @@ class PairedBroker(BrokerMachine):
     def members(self) -> set[bytes]:
         return self.inner.members()
 
+    def remembered(self) -> dict[str, int]:
+        return self.inner.remembered()  # its tables are ours (see _machine)
+
     def carries_nothing(self, peer: bytes, now: float) -> list[Out]:
         return self.inner.carries_nothing(peer, now) if self._active else NONE
 
