@@ -501,7 +501,7 @@ def test_a_pair_forgets_the_clients_and_workers_that_came_and_went(procs, tmp_pa
     import zmq
 
     t = Pairs(procs, tmp_path)
-    t.pair("A", "B", "--heartbeat", "0.05")
+    t.pair("A", "B", "--heartbeat", "0.05", "--mdp-heartbeat", "0.2")
     t.worker("w0", "A", "B")
     t.wait_pair("A", "B")
     for i in range(60):
@@ -509,14 +509,15 @@ def test_a_pair_forgets_the_clients_and_workers_that_came_and_went(procs, tmp_pa
             assert c.call("echo", i)[0] == i
     gone = [t.worker(f"w{i}", "A", "B") for i in (1, 2, 3)]
     ctx = zmq.Context.instance()
-    for i in range(20):
-        s = ctx.socket(zmq.DEALER)
+    mdp = [ctx.socket(zmq.DEALER) for _ in range(20)]
+    for s in mdp:
         s.linger = 0
         s.connect(t.ep("A"))
         s.send_multipart([b"", b"MDPW01", b"\x01", b"mdp-echo"])
-        s.close()
     with t.client("A", timeout=5) as c:
         wait_for(lambda: len(status(c)["workers"]) >= 24, 20, "the leaving workers registered")
+        for s in mdp:
+            s.close()  # vanished, no DISCONNECT
         for w in gone:
             w.send_signal(signal.SIGKILL)
         # one client remembered (this one), one batch limit (w0's; this client's is its own)
