@@ -440,7 +440,12 @@ class PairedBroker(BrokerMachine):
         return self.inner.members()
 
     def remembered(self) -> dict[str, int]:
-        return self.inner.remembered()  # its tables are ours (see _machine)
+        # the tables our door reads (the machine shares them, see _machine) and its clients
+        return {
+            "clients": self.inner.remembered()["clients"],
+            "batch_limits": len(self.batching),
+            "mdp_peers": len(self.mdp.peers),
+        }
 
     def carries_nothing(self, peer: bytes, now: float) -> list[Out]:
         return self.inner.carries_nothing(peer, now) if self._active else NONE
