@@ -123,7 +123,9 @@ def test_status_formatting():
     }
     text = cli.format_status(st)
     assert "echo" in text and "w1" in text and "requests=10" in text and "busy=" not in text
-    assert "compiled" not in text.splitlines()[0]
+    assert "compiled" not in text.splitlines()[0] and "remembered" not in text
+    st["remembered"] = {"clients": 3, "batch_limits": 4, "mdp_peers": 0}
+    assert "remembered: clients=3  batch_limits=4  mdp_peers=0" in cli.format_status(st)
     st["build"] = "compiled"
     assert cli.format_status(st).splitlines()[0].endswith("open 0  (compiled)")
     assert "PROXY BELOW" not in text and "upstream" not in text
