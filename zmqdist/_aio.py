@@ -66,16 +66,17 @@ async def drain(agen: AsyncIterator[Any], window: int, gate: Any, post: Callable
             await aclose()
 
 
-def iterate(agen: Any) -> Iterator[Any]:
+def iterate(agen: Any, gate: Any = None) -> Iterator[Any]:
     """An async generator a handler process (or a sync handler) returned, as a generator: each
     value made on a private event loop, closed with it (``close()`` closes the async generator
-    first). A handler process has no event loop of its own: it runs one task at a time."""
+    first). A handler process has no event loop of its own: it runs one task at a time. A cancel
+    (``gate``) cancels the step that waits, as :func:`await_it` does."""
     loop = asyncio.new_event_loop()
     it = agen.__aiter__()
     try:
         while True:
             try:
-                value = loop.run_until_complete(it.__anext__())
+                value = loop.run_until_complete(await_it(it.__anext__(), gate))
             except StopAsyncIteration:
                 return
             yield value
@@ -88,9 +89,29 @@ def iterate(agen: Any) -> Iterator[Any]:
             loop.close()
 
 
-async def await_it(aw: Any) -> Any:
-    """What a sync handler returned that is awaitable, run to its end (``asyncio.run``)."""
-    return await aw
+async def await_it(aw: Any, gate: Any = None) -> Any:
+    """What a sync handler returned that is awaitable (an async handler, in a handler process),
+    run to its end on this thread's loop (``asyncio.run``). A cancel (``gate``, set from another
+    thread) cancels its task, as one on the worker's event loop is: with the flag alone, a
+    coroutine waiting 50 s held its process for the 50 s."""
+    if gate is None:
+        return await aw
+    task = asyncio.ensure_future(aw)
+    loop = asyncio.get_running_loop()
+
+    def cancel() -> None:
+        try:
+            loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:  # the loop has closed: the task is over
+            pass
+
+    if gate.cancelled:
+        task.cancel()  # before its first step: the handler never runs
+    gate.on_cancel(cancel)
+    try:
+        return await task
+    finally:
+        gate.on_cancel(None)
 
 
 async def call(submit: Callable[[], Any], on_progress: Callable[[Any], None] | None) -> Any:

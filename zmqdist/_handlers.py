@@ -93,6 +93,15 @@ class Gate:
         self.window = window
         self.acked = 0
         self.cancelled = False
+        self._on_cancel: Callable[[], None] | None = None  # see on_cancel
+
+    def on_cancel(self, fn: Callable[[], None] | None) -> None:
+        """Call ``fn`` (from the thread that cancels) at a cancel from now on, or at once if one
+        came: an async handler run here cancels its task so (``_aio.await_it``). Set before the
+        flag is read, as a cancel sets the flag before it reads this: one of the two sees the other."""
+        self._on_cancel = fn
+        if fn is not None and self.cancelled:
+            fn()
 
     def _condition(self) -> threading.Condition:
         c = self._cond
@@ -116,6 +125,9 @@ class Gate:
     def cancel(self) -> None:
         self.cancelled = True
         self._wake()
+        fn = self._on_cancel
+        if fn is not None:
+            fn()
 
     def open(self, acked: int) -> None:
         """The consumer acknowledged parts up to ``acked`` (the socket thread only)."""
@@ -256,9 +268,9 @@ def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, pos
         result = svc.fn(p.unpack_value(task.payload, codec))
         special = type(result) not in _PLAIN_RESULTS
         if special and inspect.isawaitable(result):
-            result = asyncio.run(_aio.await_it(result))
+            result = asyncio.run(_aio.await_it(result, gate))
         elif special and inspect.isasyncgen(result):  # (in a handler process: async handlers run here)
-            result = _aio.iterate(result)
+            result = _aio.iterate(result, gate)
         if special and inspect.isgenerator(result):
             result = _drain(result, task, clock, codec, post, gate)
         elif task.window:

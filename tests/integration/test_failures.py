@@ -316,6 +316,14 @@ def test_async_handlers_and_async_generators_run_in_handler_processes(procs, ipc
         assert s.cancel()
         futs = [c.submit("pid", 0.5) for _ in range(2)]  # both processes serve again, at once
         assert len({f.result(15) for f in futs}) == 2
+        # A cancel cancels an async handler's task there, as on the worker's event loop: it was a
+        # flag only, and a coroutine waiting 50 s held its process for the 50 s.
+        for service, value in (("apid", 50.0), ("acount", {"n": 2, "s": 50.0})):
+            f = c.submit(service, value)
+            wait_for(lambda: status(c)["workers"][0]["inflight"] == 1, 10, f"{service} running")
+            assert f.cancel()
+            futs = [c.submit("pid", 0.5) for _ in range(2)]
+            assert len({f.result(15) for f in futs}) == 2, service
 
 
 # A script that starts a process worker at its top level, with no ``if __name__ == "__main__":``.

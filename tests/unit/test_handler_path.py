@@ -621,3 +621,42 @@ def test_no_task_waits_while_a_thread_sleeps_under_constant_thread_switches(thre
         ex.shutdown(wait=True)
         mailbox.close()
     assert not any(t.is_alive() for t in ex._threads)
+
+
+@pytest.mark.parametrize("when", ["running", "before"])
+@pytest.mark.parametrize("kind", ["coroutine", "async generator"])
+def test_a_cancel_cancels_an_async_handler_run_by_run_task_as_a_handler_process_does(kind, when):
+    """In a handler process an async handler runs through run_task on a loop of its own; a cancel
+    came as the gate's flag alone, so a coroutine (or an async generator's step) that waited went
+    on waiting: its process stayed busy. Now the cancel cancels the task that waits, whether it
+    came while the task ran or before it started (ChildTask applies an early cancel at the start)."""
+    waiting = threading.Event()
+
+    async def coro(_x: Any) -> str:
+        waiting.set()
+        await asyncio.Event().wait()  # for ever, unless cancelled
+        return "never"
+
+    async def agen(_x: Any) -> Any:
+        yield "first"
+        waiting.set()
+        await asyncio.Event().wait()
+        yield "never"
+
+    gate = Gate(0)
+    if when == "before":
+        gate.cancel()
+    posted: list[tuple[Any, ...]] = []
+    fn = coro if kind == "coroutine" else agen
+    args = (Service(fn), task(), MonotonicClock(), None, posted.append, gate)
+    t = threading.Thread(target=run_task, args=args, daemon=True)  # (daemon: a failure must not hang the run)
+    t.start()
+    if when == "running":
+        assert waiting.wait(10)
+        gate.cancel()
+    t.join(10)
+    assert not t.is_alive(), "the handler was not cancelled"
+    (done,) = posted
+    assert done[:4] == ("done", 7, 3, False) and b"CancelledError" in done[4]
+    assert gate._on_cancel is None  # the hook went with the loop
+    assert waiting.is_set() == (when == "running")  # cancelled before it started: it never ran
