@@ -36,20 +36,22 @@ over, and the stopped one must step down when it resumes); never while the other
 pair is down or not yet in sync (then the fault is skipped). Faults stop a few seconds before the
 end so that everything in flight can end.
 
-Every request ends in one of: the right value, a wrong value, an error (counted by type), a
-cancel, or no end at all (lost); a stream or a joined request that waits out its deadline is a
-defect too (a fault here never lasts that long). A client process writes how each of its requests
-ended; at the end it is told to stop (SIGTERM) and waits for what it has open: a request of its
-last run that never ended, one that ended twice or wrong (any run) is a defect. Once every client
-is done, no broker may hold an open request (a SIGKILLed client's were stopped by its broker).
-Executions are counted per request from the workers' logs (re-execution after a kill is allowed and
-reported), and per handler mode: each must have run requests. Broker logs are read for step-downs
-of a broker that carried the pair's table (a defect, unless it was the stopped one resuming), for a
-broker taking over again within a second of stepping down (a flap), for tracebacks and for crashes
-(a process that died by itself: a libzmq assertion, a fatal Python error; faulthandler shows its
-threads) in every process. Exit status 1 if anything was lost, wrong or duplicated, left open at a
-broker, a live active broker stepped down, a broker flapped, a traceback or a crash was printed, or
-errors passed --max-error-rate.
+Every request ends in one of: the right value, a wrong value, an error (counted by type), a cancel,
+or no end at all (lost); a stream or a joined request that waits out its deadline is a defect too
+(a fault here never lasts that long). A client process writes how each of its requests ended; at
+the end it is told to stop (SIGTERM) and waits for what it has open: a request of its last run that
+never ended, one that ended twice or wrong (any run) is a defect. Once every client is done, no
+broker may hold an open request (a SIGKILLed client's were stopped by its broker), and within 15
+ttls none may remember more peers than it has (its status' `remembered`: clients, batch limits,
+Majordomo peers; gone ones are forgotten every 10 ttls). Executions are counted per request from
+the workers' logs (re-execution after a kill is allowed and reported), and per handler mode: each
+must have run requests. Broker logs are read for step-downs of a broker that carried the pair's
+table (a defect, unless it was the stopped one resuming), for a broker taking over again within a
+second of stepping down (a flap), for tracebacks and for crashes (a process that died by itself: a
+libzmq assertion, a fatal Python error; faulthandler shows its threads) in every process. Exit
+status 1 if anything was lost, wrong or duplicated, left open at a broker or remembered past the
+forgetting, a live active broker stepped down, a broker flapped, a traceback or a crash was
+printed, or errors passed --max-error-rate.
 """
 
 from __future__ import annotations
@@ -241,6 +243,33 @@ class Topology:
     def open_requests(self) -> dict[str, int | None]:
         """Each broker's count of open requests (None: it does not answer)."""
         return {name: None if (st := self.status(name)) is None else st["requests_open"] for name in sorted(BROKERS)}
+
+    def remembered(self, within: float) -> dict[str, dict[str, int]]:
+        """Each live broker whose status still remembers more peers than it has (one client, this
+        one; its members' batch limits; its Majordomo workers) ``within`` seconds after every client
+        was done: the forgetting runs every 10 ttls, and a table that keeps gone peers grows for
+        ever (a pair's batch limits and the bridge's vanished Majordomo workers did)."""
+        clients = {n: Client([self.ep(n)], timeout=1.5, **self.keys) for n in sorted(BROKERS) if self.procs[n].alive()}
+        try:
+            deadline = time.monotonic() + within
+            while True:
+                over: dict[str, dict[str, int]] = {}
+                for name, c in clients.items():
+                    try:
+                        st = c.call("zmqdist.status")
+                    except Exception:
+                        continue  # (it does not answer: the open requests' check says so)
+                    kept = st["remembered"]
+                    members = len(st["workers"]) + len(st.get("brokers") or [])
+                    mdp = sum(1 for w in st["workers"] if w["name"].startswith("mdp-"))
+                    if kept["clients"] > 1 or kept["batch_limits"] > members + 1 or kept["mdp_peers"] > mdp:
+                        over[name] = {**kept, "members": members, "mdp_workers": mdp}
+                if not over or time.monotonic() > deadline:
+                    return over
+                time.sleep(1.0)
+        finally:
+            for c in clients.values():
+                c.close()
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -881,6 +910,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if not left:
                 break
             time.sleep(0.5)
+        kept = topo.remembered(15 * 4 * args.heartbeat)  # 15 ttls (liveness 4): the forgetting runs every 10
         outcome = collections.Counter(load.outcome.values())
         never = load.issued - len(load.outcome)
         if never:
@@ -907,6 +937,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "mdp_errors": load.mdp_errors[:20],
             "mdp_resends": load.mdp_resends[:40],
             "left_open_at_brokers": left,
+            "remembered_past_the_forgetting": kept,
             "faults": dict(chaos.faults),
             "fault_count": sum(chaos.faults.values()),
             "restarts": {n: p.starts - 1 for n, p in topo.procs.items() if p.starts > 1},
@@ -954,6 +985,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"streams or joined requests that waited out their {TIMEOUT_S:.0f} s deadline: {hung}")
     if left := report.get("left_open_at_brokers"):
         bad.append(f"requests still open at brokers 20 s after every client was done: {left}")
+    if kept := report.get("remembered_past_the_forgetting"):
+        bad.append(f"brokers that remember more peers than they have, 15 ttls after every client was done: {kept}")
     for name, c in report.get("client_processes", {}).items():
         if c["ended"].get("wrong") or c["twice"] or c["never"] or c["hung"] or c["last_run_issued"] is None:
             bad.append(f"client process {name}: {c}")

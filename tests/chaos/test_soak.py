@@ -94,6 +94,7 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
             "takeover_s": {},
             "faults": {"kill handler": 1},  # a killed handler process ends one request at most
             "orphans": ["4242 (parent 1): python3 -c ...spawn_main..."],
+            "remembered_past_the_forgetting": {"MA": {"clients": 1, "batch_limits": 40, "mdp_peers": 0}},
             "client_processes": {
                 "CR1-kill": {
                     "ended": {"ok": 9, "handler-killed": 1},
@@ -115,6 +116,8 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
         "  B.log:1: 2026-12-04 12:44:19,700 B (resumed None s before): A is active with epoch 7",
         f"brokers that took over again right after stepping down: {got['flaps']}",
         "processes that outlived their parent: ['4242 (parent 1): python3 -c ...spawn_main...']",
+        "brokers that remember more peers than they have, 15 ttls after every client was done: "
+        "{'MA': {'clients': 1, 'batch_limits': 40, 'mdp_peers': 0}}",
         "handler modes that ran no request (the soak did not test them): ['inline']",
         "2 requests ended by a killed handler process, for 1 kills of one",
     ]
