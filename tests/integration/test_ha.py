@@ -520,7 +520,7 @@ def test_a_pair_forgets_the_clients_and_workers_that_came_and_went(procs, tmp_pa
             s.close()  # vanished, no DISCONNECT
         for w in gone:
             w.send_signal(signal.SIGKILL)
-        # one client remembered (this one), one batch limit (w0's; this client's is its own)
+        # what stays: one client (this one) and two batch limits (w0's and this client's)
         wait_for(
             lambda: (r := status(c)["remembered"])["clients"] <= 1 and r["batch_limits"] <= 2 and r["mdp_peers"] == 0,
             20,

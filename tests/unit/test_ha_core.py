@@ -602,6 +602,9 @@ def test_a_pair_broker_forgets_the_batch_limits_of_silent_clients_and_gone_worke
     assert a.pair.state == ACTIVE
     assert set(a.batching) == {b"live"}
     assert a.inner.batching is a.batching  # the one table, read when replies are grouped
+    # B took over while A was cut off: A steps down and forgets the table of its active days.
+    a.pair_receive(state(name="b", primary=0, st=ACTIVE, epoch=a.pair.epoch + 1, synced=7)._replace(warm=1), at)
+    assert a.pair.state == PASSIVE and a.batching == {} and a.inner.batching is a.batching
     # The passive backup notes nothing; the peer it holds is told to register again at its takeover.
     b = PairedBroker(BrokerSettings(name="b", ha="backup", heartbeat_s=hb.heartbeat_s, liveness=4), "inc-b", 0.0)
     b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 0.0)
