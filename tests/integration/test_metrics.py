@@ -70,6 +70,10 @@ def test_metrics_match_1000_calls_with_10_handler_errors(tmp_path):
         assert value(text, "zmqdist_replies_total", status="timeout") == 0
         assert value(text, "zmqdist_requeues_total") == 0
         assert value(text, "zmqdist_workers") == 1 and "zmqdist_workers_total" not in text
+        # what the broker keeps of its peers: the worker's batch limit at least, no Majordomo peer
+        assert value(text, "zmqdist_remembered_peers", table="batch_limits") >= 1
+        assert value(text, "zmqdist_remembered_peers", table="mdp_peers") == 0
+        assert value(text, "zmqdist_remembered_peers", table="clients") <= 1
         assert value(text, "zmqdist_service_capacity", service="calc") == 4
         assert value(text, "zmqdist_queue_depth") == 0
         # the failing handler is visible per worker
