@@ -610,3 +610,22 @@ def test_a_pair_broker_forgets_the_batch_limits_of_silent_clients_and_gone_worke
     b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 0.0)
     assert any(isinstance(m, p.Bye) for m in hello(b, b"c2", p.ROLE_CLIENT, 0.05))
     assert b.batching == {} and b.inner.batching is b.batching
+
+
+def test_a_passive_broker_forgets_the_peers_it_sent_away_once_a_heartbeat_has_passed():
+    """A passive broker sends a peer to the active one at most once a heartbeat, and notes when.
+    It kept every peer it had ever sent away until 100,000 of them: clients that list the passive
+    broker first, or that come and go, grew it by about 140 bytes each (a probe: +1 MB over 6,000
+    short-lived clients, rising). Now the peers told longer than a heartbeat ago are forgotten
+    once a heartbeat, from a small table on; one told within the heartbeat is not told again."""
+    b = pair("backup")
+    hb = b.hb_s
+    biggest = 0
+    for step in range(400):  # 10 new peers every 10 ms for 4 s: 4,000 in all, 16 heartbeats
+        now = step * 0.01
+        for k in range(10):
+            assert b.redirect_due(b"peer-%d-%d" % (step, k), now)
+        biggest = max(biggest, len(b.redirected))
+        if step % 50 == 1:  # told 10 ms ago, within the heartbeat: not again, a prune or not
+            assert not b.redirect_due(b"peer-%d-0" % (step - 1), now)
+    assert hb == 0.25 and biggest <= 1024 + 10 * round(hb / 0.01) + 10, biggest

@@ -54,6 +54,8 @@ STATE_NAMES: Final = {PENDING: "pending", ACTIVE: "active", PASSIVE: "passive"}
 TICKET_GAP: Final = 2**32
 # A silent peer's connection is replaced at most this often (and never before a ttl of silence).
 REDIAL_MIN_S: Final = 1.0
+# Peers a passive broker sent away that it keeps before it forgets those told a heartbeat ago
+REDIRECTS_KEPT: Final = 1024
 
 # What decide() asks the broker to do.
 TAKE_OVER: Final = "take over"
@@ -110,6 +112,7 @@ class Pair:
         self.votes: dict[bytes, float] = {}  # peers that came to us while we were not active, when
         self.held: set[bytes] = set()  # voters not answered yet (the active looked dead)
         self.redirected: dict[bytes, float] = {}  # when each peer was last sent to the active broker
+        self._redirects_pruned = now  # when redirected last forgot (see redirect_due)
         # Active side: ops since the last flush, the seq of the last REPLICATE, the last snapshot.
         self.ops: list[p.ReplicationOp] = []
         self.seq = 0
@@ -204,7 +207,11 @@ class Pair:
         last = self.redirected.get(ident)
         if last is not None and now - last < self.hb_s:
             return False
-        if len(self.redirected) > 100_000:  # a bound: forget the old ones
+        n = len(self.redirected)
+        if n >= REDIRECTS_KEPT and (now - self._redirects_pruned >= self.hb_s or n > 100 * REDIRECTS_KEPT):
+            # Forget the peers told a heartbeat ago or more, once a heartbeat: kept until 100,000,
+            # clients that came and went (or list this broker first) grew it for nothing.
+            self._redirects_pruned = now
             self.redirected = {i: t for i, t in self.redirected.items() if now - t < self.hb_s}
         self.redirected[ident] = now
         return True
