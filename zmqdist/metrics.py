@@ -120,14 +120,12 @@ class BrokerCollector(Collector):  # (explicit: an ABC in older prometheus_clien
             "zmqdist_requests_open", "Requests accepted and not yet answered", value=st["requests_open"]
         )
         yield GaugeMetricFamily("zmqdist_workers", "Workers registered", value=len(st["workers"]))
-        kept = st.get("remembered")
-        if kept:  # (a broker of an earlier release says nothing)
-            remembered = GaugeMetricFamily(
-                "zmqdist_remembered_peers", "Peers the broker keeps in a table, by table", labels=["table"]
-            )
-            for table, n in kept.items():
-                remembered.add_metric([table], n)
-            yield remembered
+        remembered = GaugeMetricFamily(
+            "zmqdist_remembered_peers", "Peers the broker keeps in a table, by table", labels=["table"]
+        )
+        for table, n in (st.get("remembered") or {}).items():
+            remembered.add_metric([table], n)
+        yield remembered
         per: dict[str, GaugeMetricFamily] = {
             "workers": GaugeMetricFamily("zmqdist_service_workers", "Members serving the service", labels=["service"]),
             "capacity": GaugeMetricFamily("zmqdist_service_capacity", "Slots of the service", labels=["service"]),
