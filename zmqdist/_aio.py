@@ -107,7 +107,8 @@ async def await_it(aw: Any, gate: Any = None) -> Any:
 
     if gate.cancelled:
         task.cancel()  # before its first step: the handler never runs
-    gate.on_cancel(cancel)
+    else:
+        gate.on_cancel(cancel)  # (calls it at once if a cancel came meanwhile)
     try:
         return await task
     finally:

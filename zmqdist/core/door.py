@@ -295,7 +295,12 @@ class BrokerMachine:
 
     def remembered(self) -> dict[str, int]:
         """How many peers each table that outlives them holds (status; gone peers are forgotten
-        every FORGET_EVERY_TTLS ttls): the clients heard, batch limits, Majordomo peers."""
+        every FORGET_EVERY_TTLS ttls): the clients heard, and the batch limits and Majordomo peers
+        this door reads (a pair's machine shares them)."""
+        return {"clients": self.clients_heard(), "batch_limits": len(self.batching), "mdp_peers": len(self.mdp.peers)}
+
+    def clients_heard(self) -> int:
+        """How many clients the machine keeps as heard (for a BYE at shutdown)."""
         raise NotImplementedError
 
     def carries_nothing(self, peer: bytes, now: float) -> list[Out]:
