@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final
 
-from prometheus_client import start_http_server
+from prometheus_client import ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -185,5 +185,8 @@ def serve_metrics(status: Callable[[], dict[str, Any]], port: int, addr: str) ->
         )
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(status))
+    # the process's CPU, memory and file descriptors (process_open_fds against process_max_fds: a
+    # broker out of descriptors accepts no more peers; see transport/fds.py)
+    ProcessCollector(registry=registry)
     server, _thread = start_http_server(port, addr, registry=registry)
     return server, int(server.server_port)

@@ -74,6 +74,10 @@ def test_metrics_match_1000_calls_with_10_handler_errors(tmp_path):
         assert value(text, "zmqdist_remembered_peers", table="batch_limits") >= 1
         assert value(text, "zmqdist_remembered_peers", table="mdp_peers") == 0
         assert value(text, "zmqdist_remembered_peers", table="clients") <= 1
+        # the process's own metrics: its file descriptors against its limit (a broker out of them
+        # accepts no more peers), its CPU and memory
+        assert 0 < value(text, "process_open_fds") < value(text, "process_max_fds")
+        assert value(text, "process_cpu_seconds_total") > 0 and value(text, "process_resident_memory_bytes") > 0
         assert value(text, "zmqdist_service_capacity", service="calc") == 4
         assert value(text, "zmqdist_queue_depth") == 0
         # the failing handler is visible per worker
