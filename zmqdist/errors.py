@@ -56,7 +56,8 @@ class RequestTimeout(RequestError, TimeoutError):
 
 class NoBroker(RequestTimeout):
     """Raised when a request's deadline passed and no broker answered on any endpoint since it was
-    submitted: none runs there, the address is wrong, or (CURVE) the keys do not match."""
+    submitted: none runs there, the address is wrong, (CURVE) the keys do not match, or the broker
+    cannot accept more connections (out of file descriptors)."""
 
     def __init__(
         self, message: str, rid: int | None = None, service: str | None = None, endpoints: tuple[str, ...] = ()

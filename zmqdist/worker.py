@@ -330,8 +330,9 @@ class Worker:
                 told[0] = True
                 log.warning(
                     "worker %s: no broker has accepted it after %.0fs (tried %s): no broker runs there, the "
-                    "address is wrong, or the keys do not match (CURVE: a plaintext worker to a CURVE broker, "
-                    "a wrong server key, or a key not in the broker's allow-list)",
+                    "address is wrong, the keys do not match (CURVE: a plaintext worker to a CURVE broker, "
+                    "a wrong server key, or a key not in the broker's allow-list), or the broker cannot accept "
+                    "more connections (out of file descriptors: its log says so)",
                     self.name,
                     now - started,
                     ", ".join(self.endpoints),

@@ -394,8 +394,9 @@ class ClientCore:
                     eps = ", ".join(self.link.endpoints)
                     why = (
                         f"no broker answered on any endpoint ({eps}) since the request was made: no broker "
-                        "runs there, the address is wrong, or the keys do not match (a plaintext client to "
-                        "a CURVE broker, or a wrong server key)"
+                        "runs there, the address is wrong, the keys do not match (a plaintext client to "
+                        "a CURVE broker, or a wrong server key), or the broker cannot accept more connections "
+                        "(out of file descriptors: its log says so)"
                     )
                     out.append(Completed(rid, NO_BROKER, why, b""))
                     continue
