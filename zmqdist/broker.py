@@ -41,7 +41,7 @@ from zmqdist.core.mdp import MAX_FRAMES, starts_mdp
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.core.rights import pair_peer
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
-from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router
+from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, fds
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
 from zmqdist.transport.wire import NB, Port, port
@@ -55,6 +55,16 @@ HANDSHAKE_FAILURES: Final[dict[int, str]] = {
 log: Final = logging.getLogger(__name__)
 
 BATCH: Final = 2000
+# File descriptors (every connection is one; see transport/fds.py): counted every FDS_S while few
+# are open (FDS_CHEAP: counting them takes under a millisecond) or half the limit or more, else
+# every FDS_IDLE_S; a warning from FDS_WARN of the limit on, again every
+# FDS_REPEAT_S while it stays there, and a word when it falls below FDS_CLEAR.
+FDS_S: Final = 1.0
+FDS_IDLE_S: Final = 10.0
+FDS_CHEAP: Final = 2048
+FDS_WARN: Final = 0.9
+FDS_CLEAR: Final = 0.8
+FDS_REPEAT_S: Final = 30.0
 FLUSH: Final = 64
 # A message read keeps at most this many frames: the routing id and an MDP message's most (a longer
 # one is refused whole by the core; a native message has 3)
@@ -141,6 +151,8 @@ class Broker:
         self._redial_logged = -60.0  # when a new connection to a silent peer was last logged at INFO
         self.ha_endpoints: list[str] = []
         self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
+        self._fds_due = 0.0  # when the loop counts its file descriptors next
+        self._fds_warned = -1.0  # when it last warned that few are left (-1: not since they were plenty)
         self._max_payload = s.max_message_size
         self._loop: Loop | None = None
 
@@ -274,6 +286,7 @@ class Broker:
                 "mdp": dict(core.mdp.counters),
                 "build": _native.STATE,
                 "remembered": core.remembered(),
+                "fds": self._fds(),
             }
         )
         loop = self._loop = Loop(clock, self._mailbox)
@@ -360,7 +373,49 @@ class Broker:
         out = core.tick(now)
         if out:
             self._send(core, out, now)
+        if now >= self._fds_due:  # (the loop wakes at least once a second)
+            self._check_fds(now)
         return core.next_deadline()
+
+    @staticmethod
+    def _fds() -> dict[str, int] | None:
+        """The file descriptors this process has open and may open (-1: no limit), for the status."""
+        use = fds.usage()
+        return None if use is None else {"open": use[0], "limit": use[1]}
+
+    def _check_fds(self, now: float) -> None:
+        """Warn when few file descriptors are left. At the limit the broker cannot accept a
+        connection, and nothing else would say so: libzmq retries the accept at once (a core's
+        CPU), tells only a socket monitor, and blocks its I/O thread on that monitor's queue when
+        it is full (so no monitor is kept for it); the peers see no broker at all."""
+        use = fds.usage()
+        if use is None or use[1] <= 0:
+            self._fds_due = now + FDS_IDLE_S
+            return
+        n, limit = use
+        self._fds_due = now + (FDS_S if n < FDS_CHEAP or 2 * n >= limit else FDS_IDLE_S)
+        name = self.settings.name
+        if n >= FDS_WARN * limit:
+            if self._fds_warned < 0 or now - self._fds_warned >= FDS_REPEAT_S:
+                self._fds_warned = now
+                held = f"all {limit}" if n >= limit else f"{n} of the {limit}"
+                log.warning(
+                    "broker %s has %s file descriptors it may open in use: at the limit it cannot accept "
+                    "connections (peers beyond it see no broker, and libzmq retries at once, at a core's CPU, "
+                    "until one frees). Raise the limit (ulimit -n, LimitNOFILE= in a systemd unit; `zmqdist "
+                    "broker` raises its soft limit to the hard one at start) or spread the peers over more brokers",
+                    name,
+                    held,
+                )
+        elif self._fds_warned >= 0 and n < FDS_CLEAR * limit:
+            self._fds_warned = -1.0
+            log.info(
+                "broker %s: %d of the %d file descriptors it may open in use, below %.0f%% again",
+                name,
+                n,
+                limit,
+                100 * FDS_CLEAR,
+            )
 
     def _close_pair(self) -> None:
         if self._pair_out is not None:

@@ -31,6 +31,7 @@ from zmqdist.broker import Broker
 from zmqdist.client import Client
 from zmqdist.config import BrokerSettings, cli_flag, did_you_mean, load_toml
 from zmqdist.errors import ConfigError, RequestError, ZmqdistError
+from zmqdist.transport import fds
 from zmqdist.worker import Worker
 
 HELP_HB = "heartbeat interval in seconds"
@@ -260,6 +261,7 @@ def broker(**params: Any) -> None:
     --ha, it is one broker of a backup pair: the passive one takes over when the active one dies
     (docs/ha.md); SIGTERM of the active one hands over at once."""
     try:
+        fds.raise_limit()  # every peer's connection is a descriptor (see transport/fds.py)
         b = Broker(**{name: params[param] for param, name, _ in BROKER_OPTIONS})
         old_hup = signal.signal(signal.SIGHUP, lambda *_: b.reload_allow_lists())
         try:
@@ -474,6 +476,10 @@ def format_status(st: dict[str, Any]) -> str:
     kept = st.get("remembered")
     if kept:
         lines += ["", "remembered: " + "  ".join(f"{k}={v}" for k, v in kept.items())]
+    fd = st.get("fds")
+    if fd:
+        limit = "no limit" if fd["limit"] < 0 else f"of {fd['limit']}"
+        lines += ["", f"file descriptors: {fd['open']} open {limit}"]
     lines += ["", "counters: " + "  ".join(f"{k}={v}" for k, v in st["counters"].items() if v)]
     return "\n".join(lines)
 

@@ -126,6 +126,11 @@ def test_status_formatting():
     assert "compiled" not in text.splitlines()[0] and "remembered" not in text
     st["remembered"] = {"clients": 3, "batch_limits": 4, "mdp_peers": 0}
     assert "remembered: clients=3  batch_limits=4  mdp_peers=0" in cli.format_status(st)
+    assert "file descriptors" not in text
+    st["fds"] = {"open": 17, "limit": 1024}
+    assert "file descriptors: 17 open of 1024" in cli.format_status(st)
+    st["fds"] = {"open": 17, "limit": -1}
+    assert "file descriptors: 17 open no limit" in cli.format_status(st)
     st["build"] = "compiled"
     assert cli.format_status(st).splitlines()[0].endswith("open 0  (compiled)")
     assert "PROXY BELOW" not in text and "upstream" not in text
