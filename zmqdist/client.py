@@ -667,7 +667,9 @@ class Client:
         self._io.acquire()  # held for good, but in an idle wait: see Loop.run
         clock = self._clock
         link = DealerLink(self._ctx, f"C-{secrets.token_hex(8)}".encode(), log, self._curve)
-        probe = self._probe = DealerLink(self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve)
+        probe = self._probe = DealerLink(
+            self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve, first_raises=False
+        )
         core = self._core = ClientCore(self.endpoints, self.name, self._hb, clock.now(), random.random)
         loop = Loop(clock, self._mailbox)
 

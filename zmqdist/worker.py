@@ -310,7 +310,9 @@ class Worker:
         finally:
             self._up.set()
         link = DealerLink(self._ctx, f"W-{secrets.token_hex(8)}".encode(), log, self._curve)
-        probe = self._probe = DealerLink(self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve)
+        probe = self._probe = DealerLink(
+            self._ctx, f"P-{secrets.token_hex(8)}".encode(), log, self._curve, first_raises=False
+        )
         core = WorkerCore(
             self.endpoints, self.services, self.concurrency, self.name, self._hb, clock.now(), random.random
         )

@@ -6,16 +6,19 @@ descriptors free. `zmqdist broker` raises its soft limit to the hard one, so the
 deliberate one rather than a distribution's default of 1,024.
 """
 
+import logging
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
 
 import pytest
+import zmq
 
 from tests.integration.helpers import ROOT, status, wait_for
-from zmqdist import Client, Worker
+from zmqdist import Broker, Client, Worker
 
 pytestmark = [
     pytest.mark.integration,
@@ -93,3 +96,51 @@ def test_a_broker_out_of_descriptors_says_so_serves_its_peers_and_accepts_again(
 def status_open(ep):
     with Client([ep], timeout=10) as c:
         return status(c)["fds"]["open"]
+
+
+@pytest.mark.timeout(90)
+def test_a_proxy_that_cannot_make_a_socket_at_a_failover_lives_and_fails_over_later(procs, caplog):
+    """A proxy's upstream failover makes a new socket. Out of sockets (or descriptors) then, the
+    proxy's loop died, and every client below it lost its broker; now it waits for the next
+    failover, and serves again once it can connect."""
+    a, b, p = (f"tcp://127.0.0.1:{free_tcp_port()}" for _ in range(3))
+    master_a = procs.spawn("broker", "--bind", a)
+    procs.spawn("broker", "--bind", b)
+    workers = []
+    for ep in (a, b):
+        w = Worker([ep], concurrency=2)
+        w.add_service("echo", lambda x: x)
+        workers.append(w.start())
+    ctx = zmq.Context()
+    proxy = Broker(bind=[p], upstream=[a, b], context=ctx).start()
+    held: list[zmq.Socket] = []
+    try:
+        with Client([p], timeout=20) as c:
+            assert c.call("echo", 1) == 1
+            while True:  # the proxy's context has no socket to spare
+                try:
+                    held.append(ctx.socket(zmq.PAIR))
+                except zmq.ZMQError:
+                    break
+            with caplog.at_level(logging.WARNING, logger="zmqdist"):
+                master_a.send_signal(signal.SIGKILL)
+                wait_for(lambda: "cannot open a socket to" in caplog.text, 20, "the failed failover", interval=0.1)
+                assert proxy.status()["upstream"]["registered"] is False  # alive, and says where it stands
+            for s in held:
+                s.close(0)
+            held.clear()
+            assert c.call("echo", 2) == 2  # through master b, once a failover could make its socket
+            wait_for(lambda: proxy.status()["upstream"]["registered"], 20, "the proxy registered again")
+    finally:
+        for s in held:
+            s.close(0)
+        proxy.stop()
+        for w in workers:
+            w.stop(drain=False)
+        ctx.term()
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

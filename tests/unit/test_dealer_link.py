@@ -63,3 +63,49 @@ def test_a_link_that_keeps_nothing_drops_a_rolled_back_message_without_raising()
     link.send(REQ)
     assert link.flush()  # nothing kept
     assert fake.frames == []
+
+
+class FullableContext:
+    """A context that can be out of sockets on demand (libzmq says EMFILE then, as it does when the
+    process is out of file descriptors or the context at its MAX_SOCKETS)."""
+
+    def __init__(self) -> None:
+        self.real = zmq.Context.instance()
+        self.full = False
+
+    def socket(self, kind: int) -> zmq.Socket:
+        if self.full:
+            raise zmq.ZMQError(errno.EMFILE)
+        return self.real.socket(kind)
+
+
+def test_a_link_without_a_socket_to_make_fails_its_first_connect_and_waits_out_later_ones(caplog):
+    ctx = FullableContext()
+    link = DealerLink(ctx, b"link", logging.getLogger("test"))  # type: ignore[arg-type]
+    ctx.full = True
+    try:
+        link.connect("tcp://127.0.0.1:1")
+        raise AssertionError("the first connect made a socket in a full context")
+    except zmq.ZMQError as exc:  # a start that cannot work says so at once
+        assert exc.errno == errno.EMFILE
+    ctx.full = False
+    try:
+        assert link.connect("tcp://127.0.0.1:1") is not None
+        ctx.full = True  # then a failover finds no socket to make
+        with caplog.at_level(logging.WARNING):
+            assert link.connect("tcp://127.0.0.1:2") is None
+        assert "cannot open a socket to tcp://127.0.0.1:2" in caplog.text
+        assert link.sock is None and link.endpoint == "tcp://127.0.0.1:2"
+        link.send(REQ)  # held, not raised
+        assert link.stuck() and link.recv_batch(0.0) == []
+        ctx.full = False  # the next failover makes one (what was held went with the old connection)
+        assert link.connect("tcp://127.0.0.1:2") is not None and not link.stuck()
+    finally:
+        link.close()
+
+
+def test_a_probe_link_waits_out_even_its_first_connect():
+    ctx = FullableContext()
+    ctx.full = True
+    link = DealerLink(ctx, b"probe", logging.getLogger("test"), first_raises=False)  # type: ignore[arg-type]
+    assert link.connect("tcp://127.0.0.1:1") is None and link.sock is None

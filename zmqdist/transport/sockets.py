@@ -214,6 +214,7 @@ class DealerLink:
         curve: Any = None,
         keep: bool = True,
         immediate: bool = False,
+        first_raises: bool = True,
     ) -> None:
         self._ctx = ctx
         self._keep = keep  # keep unsendable messages for later (False: drop them, as heartbeats)
@@ -231,15 +232,39 @@ class DealerLink:
         self.batch = 0  # the broker reads BATCH frames of up to this many (its WELCOME said so)
         self.batch_bytes = p.BATCH_BYTES  # ... and of at most this many bytes (its message limit)
         self._corked: list[tuple[bytes, bytes, bool]] | None = None  # held by cork() until uncork()
+        self._opened = not first_raises  # a socket was made once, or need not be (see connect)
 
-    def connect(self, endpoint: str) -> zmq.Socket[Any]:
+    def connect(self, endpoint: str) -> zmq.Socket[Any] | None:
         """Close the current socket (if any) and return a new one connected to ``endpoint``. What
-        was held by :meth:`cork` goes to the old connection first, as it would have uncorked."""
+        was held by :meth:`cork` goes to the old connection first, as it would have uncorked.
+
+        A process out of file descriptors, or a context out of sockets, cannot make one. The first
+        connect raises then (a start that cannot work says so at once), unless ``first_raises`` is
+        False (a probe's link, first connected while its owner runs). A later one, a failover,
+        logs it and returns None: the link stays without a socket, holds what is sent, and its
+        owner's failover tries again after a ttl of silence, as after any lost broker; the
+        owner's loop must not die of it (a proxy that did lost every client below it)."""
         if self._corked:
             self.uncork()
             self._corked = []
         self.close()
-        sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
+        try:
+            sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:
+            if not self._opened:
+                raise
+            self.endpoint = endpoint
+            self._backlog.clear()
+            self._log.warning(
+                "no-socket",
+                time.monotonic(),
+                "cannot open a socket to %s: %s; it is tried again at the next failover (the process is out of "
+                "file descriptors, ulimit -n, or its ZeroMQ context out of sockets, 1023 by default)",
+                endpoint,
+                exc.strerror,
+            )
+            return None
+        self._opened = True
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1 if self._immediate else 0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
