@@ -58,6 +58,8 @@ log: Final = logging.getLogger(__name__)
 INLINE_BUDGET_S: Final = 0.005  # an inline handler's call longer than this is a strike against it...
 INLINE_STRIKES: Final = 3  # ... this many in a row (a descheduled thread is one, rarely three) moves it to the threads,
 INLINE_LIMIT_S: Final = 0.1  # ... as does one call longer than this
+REPLACE_RETRY_S: Final = 1.0  # a handler process that could not be replaced is tried again this much later
+UNREPLACED_LOG_S: Final = 30.0  # ... and said so at most this often
 Handler = Callable[[Any], Any]
 Post = Callable[[tuple[Any, ...]], None]
 
@@ -747,17 +749,29 @@ class _Slot:
 
     def __init__(self, ctx: Any, owner: Processes) -> None:
         here, there = ctx.Pipe()
-        self.proc = ctx.Process(target=child_main, args=(there, os.getpid()), daemon=True)
-        self.proc.start()
+        try:
+            self.proc = ctx.Process(target=child_main, args=(there, os.getpid()), daemon=True)
+            self.proc.start()
+        except BaseException:  # (out of descriptors, processes or memory: nothing of it is kept)
+            here.close()
+            there.close()
+            raise
         there.close()
         self.conn = here
+        self.gone = False  # its process ended: no task is given to it (its replacement takes them)
         self.lock = threading.Lock()  # the socket thread sends; a replacement closes
         self.task: Execute | None = None
         self.sending: tuple[Service, Execute] | None = None  # a task not known to be in the pipe yet
         self.killed: Execute | None = None  # the task whose cancel killed the process on purpose
         self.ready = threading.Event()  # the process said it is ready (see Processes)
         self.reader = threading.Thread(target=owner.read, args=(self,), name="zmqdist-child", daemon=True)
-        self.reader.start()
+        try:
+            self.reader.start()
+        except BaseException:  # (no thread to be had: the process goes too)
+            self.proc.kill()
+            self.proc.join(1.0)
+            here.close()
+            raise
 
     def send(self, msg: tuple[Any, ...]) -> bool:
         """Send ``msg`` to the process. False if it is gone (its reader replaces it). Raises what
@@ -791,6 +805,7 @@ class Processes:
         self._starting = True  # a process that dies before it is ready now fails the start
         self._waiting: list[tuple[Service, Execute]] = []  # more tasks than processes (never, normally)
         self.replaced = 0
+        self._unreplaced_logged = -UNREPLACED_LOG_S  # when a replacement that failed was last logged
         self._slots: list[_Slot] = []
         # Replacements start on this thread, not on the reader thread that saw a process die: a
         # process's parent-death signal (_child_init) follows the thread that started it, and a
@@ -829,7 +844,7 @@ class Processes:
 
     def submit(self, svc: Service, task: Execute) -> None:
         with self._lock:
-            slot = next((s for s in self._slots if s.task is None and s.killed is None), None)
+            slot = next((s for s in self._slots if s.task is None and s.killed is None and not s.gone), None)
             if slot is None:
                 self._waiting.append((svc, task))
                 return
@@ -912,6 +927,7 @@ class Processes:
 
     def _died(self, slot: _Slot) -> None:
         """A slot's reader thread, its process gone: have the keeper replace it."""
+        slot.gone = True
         if not slot.ready.is_set() and slot.killed is None:
             with self._lock:
                 if self._closed or self._starting:
@@ -932,10 +948,25 @@ class Processes:
         while (slot := self._dead.get()) is not None:
             try:
                 self._replace(slot)
-            except RuntimeError:
-                if sys.is_finalizing() or not threading.main_thread().is_alive():
+            except Exception as exc:
+                if isinstance(exc, RuntimeError) and (sys.is_finalizing() or not threading.main_thread().is_alive()):
                     return
-                raise
+                # No process (or no thread) to be had now: out of file descriptors, processes or
+                # memory. The keeper tried once and died, and the slot stayed dead for good,
+                # holding its task. It tries again until it can; meanwhile the worker runs with
+                # fewer processes, and the dead one's task is reported when its replacement starts.
+                now = time.monotonic()
+                if now - self._unreplaced_logged >= UNREPLACED_LOG_S:
+                    self._unreplaced_logged = now
+                    log.error(
+                        "a handler process could not be replaced (%s: %s): tried again every %.0f s; the "
+                        "worker runs with one process less meanwhile",
+                        type(exc).__name__,
+                        exc,
+                        REPLACE_RETRY_S,
+                    )
+                time.sleep(REPLACE_RETRY_S)  # (this thread's own wait: it replaces nothing else meanwhile)
+                self._dead.put(slot)
 
     def _replace(self, slot: _Slot) -> None:
         """Start a process in place of ``slot``'s, report the task it held, and give the new one
@@ -952,8 +983,9 @@ class Processes:
             slot.proc.join(1.0)
             code = slot.proc.exitcode
             i = self._slots.index(slot)
+            fresh = _Slot(self._ctx, self)  # (may raise: nothing has changed then, see _keep)
             self.replaced += 1
-            self._slots[i] = fresh = _Slot(self._ctx, self)
+            self._slots[i] = fresh
             if unsent is not None and slot.killed is not task and slot.ready.is_set():
                 nxt: tuple[Service, Execute] | None = unsent
                 task = None  # the process died idle: nothing of it to report (one that never

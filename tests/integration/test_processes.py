@@ -195,3 +195,51 @@ def test_a_cancel_that_kills_a_process_as_its_task_ends_never_kills_the_next_tas
     assert procs.replaced == 2 and all(s.proc.is_alive() for s in procs._slots)
     time.sleep(0.5)
     assert [item for item in box.drain() if item[0] == "done"] == []
+
+
+@pytest.mark.timeout(90)
+def test_a_handler_process_that_cannot_be_replaced_yet_is_replaced_once_it_can(tmp_path):
+    """Out of file descriptors (or processes, or memory), a dead handler process's replacement
+    fails. The thread that replaces them died of it: the worker ran with a dead slot for good, and
+    the tasks given to it waited for ever. Now no task goes to the dead slot, the failure is logged,
+    and the replacement is tried again until it starts."""
+    import resource
+    import socket
+    import subprocess
+    import sys
+
+    from tests.integration.helpers import ROOT
+    from zmqdist import Broker, Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    broker = Broker(bind=[f"tcp://127.0.0.1:{port}"]).start()
+    log = tmp_path / "worker.log"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
+    cmd = [sys.executable, "-m", "zmqdist", "worker", "testworkers:echo", "--connect", broker.endpoints[0]]
+    cmd += ["--isolation", "process", "--concurrency", "2"]
+    with open(log, "wb") as err:
+        worker = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        with Client(broker.endpoints, timeout=30) as c:
+            victim = c.call("echo", 0)[1]  # (waits for the worker) the first process, which lone calls get
+            both = {f.result() for f in [c.submit("slow", 0.5), c.submit("slow", 0.5)]}
+            assert victim in both and len(both) == 2, both
+            (other,) = both - {victim}
+            limit = resource.prlimit(worker.pid, resource.RLIMIT_NOFILE)
+            held = len(os.listdir(f"/proc/{worker.pid}/fd"))
+            resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, (held, limit[1]))  # no descriptor to spare
+            try:
+                os.kill(victim, signal.SIGKILL)
+                wait_for(lambda: "could not be replaced" in log.read_text(), 20, "the failed replacement")
+                # meanwhile the live process serves every call: none waits on the dead slot
+                assert [c.call("echo", i, timeout=10) for i in range(10)] == [[i, other] for i in range(10)]
+            finally:
+                resource.prlimit(worker.pid, resource.RLIMIT_NOFILE, limit)
+            wait_for(lambda: c.call("echo", 0)[1] not in (victim, other), 30, "the replacement", interval=0.2)
+        assert worker.poll() is None
+    finally:
+        worker.kill()
+        worker.wait(10)
+        broker.stop()
