@@ -119,8 +119,7 @@ def test_a_proxy_that_cannot_make_a_socket_at_a_failover_lives_and_fails_over_la
     proxy's loop died, and every client below it lost its broker; now it waits for the next
     failover, and serves again once it can connect."""
     a, b, p = (f"tcp://127.0.0.1:{free_tcp_port()}" for _ in range(3))
-    master_a = procs.spawn("broker", "--bind", a)
-    procs.spawn("broker", "--bind", b)
+    masters = {ep: procs.spawn("broker", "--bind", ep) for ep in (a, b)}
     workers = []
     for ep in (a, b):
         w = Worker([ep], concurrency=2)
@@ -131,13 +130,16 @@ def test_a_proxy_that_cannot_make_a_socket_at_a_failover_lives_and_fails_over_la
     try:
         with Client([p], timeout=20) as c:
             assert c.call("echo", 1) == 1
+            # the master the proxy is registered with (under load a master slow to start can be
+            # passed over already, and the proxy is at the other one)
+            up = wait_for(lambda: (u := proxy.status()["upstream"])["registered"] and u["endpoint"], 20)
             ctx.full = True
             with caplog.at_level(logging.WARNING, logger="zmqdist"):
-                master_a.send_signal(signal.SIGKILL)
+                masters[up].send_signal(signal.SIGKILL)
                 wait_for(lambda: "cannot open a socket to" in caplog.text, 20, "the failed failover", interval=0.1)
                 assert proxy.status()["upstream"]["registered"] is False  # alive, and says where it stands
             ctx.full = False
-            assert c.call("echo", 2) == 2  # through master b, once a failover could make its socket
+            assert c.call("echo", 2) == 2  # through the other master, once a failover could make its socket
             wait_for(lambda: proxy.status()["upstream"]["registered"], 20, "the proxy registered again")
     finally:
         ctx.full = False
