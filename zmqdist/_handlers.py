@@ -952,9 +952,9 @@ class Processes:
                 if isinstance(exc, RuntimeError) and (sys.is_finalizing() or not threading.main_thread().is_alive()):
                     return
                 # No process (or no thread) to be had now: out of file descriptors, processes or
-                # memory. The keeper tried once and died, and the slot stayed dead for good,
-                # holding its task. It tries again until it can; meanwhile the worker runs with
-                # fewer processes, and the dead one's task is reported when its replacement starts.
+                # memory. (This thread used to die of it, and the slot stayed dead for good,
+                # holding its task.) Try again until it can; meanwhile the worker runs with fewer
+                # processes, and the dead one's task is reported when its replacement starts.
                 now = time.monotonic()
                 if now - self._unreplaced_logged >= UNREPLACED_LOG_S:
                     self._unreplaced_logged = now

@@ -48,7 +48,8 @@ def raise_limit() -> tuple[int, int]:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
         except (OSError, ValueError) as exc:
-            log.warning("cannot raise the limit of open files from %d to %d: %s", soft, want, exc)
+            # (INFO: where the system forbids it, as macOS past its OPEN_MAX, nothing is wrong yet)
+            log.info("cannot raise the limit of open files from %d to %d: %s", soft, want, exc)
             return soft, soft
         log.info("raised the limit of open files from %d to %d, the hard limit (each connection is one)", soft, want)
         return soft, want
