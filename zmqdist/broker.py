@@ -57,8 +57,8 @@ log: Final = logging.getLogger(__name__)
 BATCH: Final = 2000
 # File descriptors (every connection is one; see transport/fds.py): counted every FDS_S while few
 # are open (FDS_CHEAP: counting them takes under a millisecond) or half the limit or more, else
-# every FDS_IDLE_S; a warning from FDS_WARN of the limit on, again every
-# FDS_REPEAT_S while it stays there, and a word when it falls below FDS_CLEAR.
+# every FDS_IDLE_S; a warning from FDS_WARN of the limit on, again every FDS_REPEAT_S while it
+# stays there, and a word when it falls below FDS_CLEAR.
 FDS_S: Final = 1.0
 FDS_IDLE_S: Final = 10.0
 FDS_CHEAP: Final = 2048

@@ -8,17 +8,11 @@ import time
 
 import pytest
 
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import free_port, wait_for
 from zmqdist import Broker, Client, ConfigError, NoBroker, RequestTimeout, TransportError, Worker, ZmqdistError
 from zmqdist.config import BrokerSettings
 
 pytestmark = pytest.mark.integration
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(30)

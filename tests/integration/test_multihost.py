@@ -7,7 +7,6 @@ Only heartbeats can tell. Skipped (with the reason) where the machine cannot cre
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from tests.integration.helpers import ROOT, status, wait_for
+from tests.integration.helpers import ROOT, free_port, status, wait_for
 from zmqdist import Client
 
 pytestmark = pytest.mark.integration
@@ -147,12 +146,6 @@ def test_requests_made_while_the_clients_own_link_is_down_are_answered_once_it_i
         sh("ip", "link", "set", master_host["link"], "up")
         assert [f.result(10)[0] for f in futures] == list(range(100))
         assert c._core.counters["timeouts"] == 0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed_burst(client, n):

@@ -248,13 +248,15 @@ class DealerLink:
             self.uncork()
             self._corked = []
         self.close()
+        self.endpoint = endpoint
+        self._backlog.clear()  # a failover leaves nothing queued for the old connection
+        self.batch = 0  # until this broker's WELCOME says it reads batches
+        self.batch_bytes = p.BATCH_BYTES
         try:
             sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
         except zmq.ZMQError as exc:
             if not self._opened:
                 raise
-            self.endpoint = endpoint
-            self._backlog.clear()
             self._log.warning(
                 "no-socket",
                 time.monotonic(),
@@ -280,10 +282,6 @@ class DealerLink:
             sock.connect(endpoint)
         self.sock = sock
         self._port = port(sock)
-        self.endpoint = endpoint
-        self._backlog.clear()
-        self.batch = 0  # until this broker's WELCOME says it reads batches
-        self.batch_bytes = p.BATCH_BYTES
         return sock
 
     def cork(self) -> None:
