@@ -43,8 +43,16 @@ from zmqdist.core.rights import pair_peer
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
 from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, fds
 from zmqdist.transport.loop import DebugCheck
-from zmqdist.transport.security import ClientKeys, KeyRing, load_secret, zap_register, zap_reload, zap_unregister
-from zmqdist.transport.wire import NB, Port, port
+from zmqdist.transport.security import (
+    ClientKeys,
+    KeyRing,
+    load_secret,
+    zap_check,
+    zap_register,
+    zap_reload,
+    zap_unregister,
+)
+from zmqdist.transport.wire import NB, Port, port, prop
 
 # What a failed CURVE handshake's protocol error means, for the log (the others by number).
 HANDSHAKE_FAILURES: Final[dict[int, str]] = {
@@ -61,6 +69,7 @@ BATCH: Final = 2000
 # stays there, and a word when it falls below FDS_CLEAR.
 FDS_S: Final = 1.0
 FDS_IDLE_S: Final = 10.0
+ZAP_CHECK_S: Final = 1.0  # how often a CURVE broker makes sure its ZAP handler runs (zap_check)
 FDS_CHEAP: Final = 2048
 FDS_WARN: Final = 0.9
 FDS_CLEAR: Final = 0.8
@@ -152,6 +161,7 @@ class Broker:
         self.ha_endpoints: list[str] = []
         self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
         self._fds_due = 0.0  # when the loop counts its file descriptors next
+        self._zap_due = 0.0  # when the loop makes sure its ZAP handler runs next (CURVE)
         self._fds_warned = -1.0  # when it last warned that few are left (-1: not since they were plenty)
         self._max_payload = s.max_message_size
         self._loop: Loop | None = None
@@ -375,6 +385,9 @@ class Broker:
             self._send(core, out, now)
         if now >= self._fds_due:  # (the loop wakes at least once a second)
             self._check_fds(now)
+        if now >= self._zap_due and self._ring is not None:
+            self._zap_due = now + ZAP_CHECK_S
+            zap_check(self._ctx)  # without it libzmq would admit any peer that knows the server key
         return core.next_deadline()
 
     @staticmethod
@@ -434,7 +447,7 @@ class Broker:
                 return False
             now = self._clock.now()
             last: Any = frames[-1]  # (Any: pyzmq 25, which install_requires accepts, types Frame.get for ints only)
-            roles = str(last.get("X-Roles")) if secure else None
+            roles = prop(last, "X-Roles") if secure else None  # ("": no rights, refused)
             rest = [f.bytes for f in frames[1:]]
             head = rest[0][:4] if rest else b""
             if head in PAIR_HEADS:

@@ -428,3 +428,87 @@ def test_majordomo_peers_over_curve_get_the_rights_of_their_keys(pki, tmp_path):
         for s in socks:
             s.close(0)
         b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_whose_zap_handler_stopped_refuses_unchecked_peers_and_restarts_it(pki, tmp_path, caplog):
+    """Without its ZAP handler libzmq admits every CURVE peer that knows the server key, with no
+    rights on its connection. The first message of such a peer killed the broker's loop (reading
+    the missing rights raised); a key in no allow-list was then "in". Now every message of an
+    unchecked connection is refused with the reason, the others are served, and the broker
+    restarts the handler within about a second: keys are checked again from the next connection."""
+    from zmqdist.core.rights import UNCHECKED
+    from zmqdist.transport import security
+
+    b = secure_broker(pki, f"ipc://{tmp_path}/s.sock")
+    w = Worker(b.endpoints, server_key=pki.pub("broker"), key=pki.sec("w1"), name="w1")
+    w.add_service("echo", lambda x: x)
+    w.start()
+    keys = {"server_key": pki.pub("broker")}
+    try:
+        with Client(b.endpoints, timeout=5, key=pki.sec("alice"), **keys) as alice:
+            assert alice.call("echo", 1) == 1
+            zap = security._handlers[id(b._ctx)]
+            caplog.set_level(logging.WARNING, logger="zmqdist")
+            zap.stop()  # its thread ends, as if it had died
+            with Client(b.endpoints, timeout=5, key=pki.sec("mallory"), **keys) as mallory:
+                with pytest.raises(InvalidRequest, match="not checked against the allow-lists"):
+                    mallory.call("echo", 2)
+            assert any(UNCHECKED in r.getMessage() for r in caplog.records)
+            assert alice.call("echo", 3) == 3  # the broker lives, its checked peers are served
+            restarted = wait_for(
+                lambda: (h := security._handlers.get(id(b._ctx))) is not zap and h is not None and h.alive and h,
+                10,
+                "the ZAP handler restarted",
+            )
+            assert any("ZAP handler had stopped: restarting it" in r.getMessage() for r in caplog.records)
+            with Client(b.endpoints, timeout=1, key=pki.sec("mallory"), **keys) as mallory:
+                with pytest.raises(RequestTimeout):  # refused at the handshake again
+                    mallory.call("echo", 4)
+            assert restarted.refused >= 1
+            with Client(b.endpoints, timeout=5, key=pki.sec("alice"), **keys) as again:
+                assert again.call("echo", 5) == 5
+            assert restarted.accepted >= 1
+    finally:
+        w.stop(drain=False)
+        b.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_zap_request_whose_check_fails_is_refused_and_the_handler_answers_the_next(pki, caplog):
+    """An error while answering one ZAP request refuses that peer (500) and keeps the handler: its
+    thread ending would let libzmq admit every peer that knows the server key."""
+    import zmq
+
+    from zmqdist.transport.security import KeyRing, ZapHandler
+
+    ctx = zmq.Context()
+    h = ZapHandler(ctx)
+    ring = KeyRing({"clients": str(pki.allow["clients"])})
+    alice = zmq.utils.z85.decode(load_public(pki.pub("alice")))
+
+    class Broken:
+        def get(self, key):
+            raise RuntimeError("a bug")
+
+    req = ctx.socket(zmq.REQ)
+    req.linger = 0
+    req.connect("inproc://zeromq.zap.01")
+    try:
+        h.add("d", ring)
+        good = ring.keys
+        caplog.set_level(logging.ERROR, logger="zmqdist")
+        ring.keys = Broken()  # type: ignore[assignment]
+        req.send_multipart([b"1.0", b"1", b"d", b"127.0.0.1", b"", b"CURVE", alice])
+        assert req.poll(5000)
+        assert req.recv_multipart()[2] == b"500"
+        assert any("ZAP request failed" in r.getMessage() for r in caplog.records)
+        assert h.alive
+        ring.keys = good
+        req.send_multipart([b"1.0", b"2", b"d", b"127.0.0.1", b"", b"CURVE", alice])
+        assert req.poll(5000)
+        assert req.recv_multipart()[2:4] == [b"200", b"OK"]
+    finally:
+        req.close(0)
+        h.stop()
+        ctx.term()

@@ -3,7 +3,7 @@
 import pytest
 
 from zmqdist import protocol as p
-from zmqdist.core.rights import refusal
+from zmqdist.core.rights import UNCHECKED, pair_peer, refusal
 
 HELLO = {
     "clients": p.Hello(p.ROLE_CLIENT, "c", (), 0, 250),
@@ -54,3 +54,13 @@ def test_a_broker_key_may_come_as_a_client_the_passive_proxys_witness_asks_so():
     assert refusal("brokers", "*", p.Request(1, "zmqdist.member", 10, (), b"")) is None
     assert refusal("workers", "*", HELLO["clients"]) is not None  # the other roles stay apart
     assert refusal("clients", "*", HELLO["brokers"]) is not None
+
+
+def test_a_connection_without_rights_is_refused_everything_and_told_why():
+    """No role at all: a CURVE connection no ZAP handler checked (libzmq admits any peer that knows
+    the server key while none runs). Every message is refused, with the reason and what to do."""
+    for msg in [*HELLO.values(), *(m for ms in OTHERS.values() for m in ms)]:
+        assert refusal("", "*", msg) == UNCHECKED, msg
+    assert "connect again" in UNCHECKED
+    assert not pair_peer("")
+    assert pair_peer("brokers") and pair_peer(None)

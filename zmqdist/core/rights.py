@@ -17,6 +17,14 @@ _BROKER: Final = (p.Hello, p.Heartbeat, p.Request, p.Reply, p.Advert, p.Bye, p.C
 _HELLO_ROLE: Final = {p.ROLE_CLIENT: "clients", p.ROLE_WORKER: "workers", p.ROLE_BROKER: "brokers"}
 
 
+# The rights of a CURVE connection that no ZAP handler checked (libzmq admits any peer that knows
+# the server key while none runs): empty, and every message of it is refused with this.
+UNCHECKED: Final = (
+    "this connection was not checked against the allow-lists (the broker's ZAP handler was not running "
+    "when it connected): connect again"
+)
+
+
 def pair_peer(roles: str | None) -> bool:
     """May a connection with ``roles`` speak on a pair link? Only a broker key (None: no CURVE)."""
     return roles is None or "brokers" in roles.split(",")
@@ -25,7 +33,9 @@ def pair_peer(roles: str | None) -> bool:
 def refusal(roles: str, services: str, msg: p.Message) -> str | None:
     """Return why ``msg`` is refused for a peer with ``roles`` and ``services`` (comma-separated,
     as the ZAP handler put them in the connection's metadata), or None if it is allowed."""
-    have = roles.split(",") if roles else []
+    if not roles:  # every key of an allow-list has a role: none means no ZAP handler saw it
+        return UNCHECKED
+    have = roles.split(",")
     t = type(msg)
     if isinstance(msg, (p.Hello, p.Heartbeat)):
         need = _HELLO_ROLE.get(msg.role, "")

@@ -185,7 +185,8 @@ static int recv_frame(zmsg *m, void *sock, int flags) {
 /* recv(cap, props=None): the frames of the next message as bytes, or None if none waits.
  * At most `cap` frames are kept: a longer message comes back as cap + 1 items, the last b"" (its
  * other frames are read and dropped). With `props` (a tuple of str), returns (frames, values): the
- * value of each metadata property of the message's second frame (its first if it has one). */
+ * value of each metadata property of the message's second frame (its first if it has one), "" for
+ * one the message does not carry. */
 static PyObject *port_recv(Port *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "recv(cap, props=None)");
@@ -244,21 +245,8 @@ static PyObject *port_recv(Port *self, PyObject *const *args, Py_ssize_t nargs) 
                 if (name == NULL)
                     goto fail;
                 const char *v = z_msg_gets(&m, name);
-                if (v == NULL) { /* as pyzmq's Frame.get: the property is not there */
-                    z_msg_close(&m);
-                    while (more) { /* drop the rest of the message */
-                        z_msg_init(&m);
-                        if (recv_frame(&m, sock, 0) != 0) {
-                            z_msg_close(&m);
-                            break;
-                        }
-                        more = z_msg_more(&m);
-                        z_msg_close(&m);
-                    }
-                    Py_DECREF(out);
-                    Py_DECREF(values);
-                    return raise_errno(EINVAL);
-                }
+                if (v == NULL) /* the property is not there: "" (pyzmq's Frame.get raises EINVAL) */
+                    v = "";
                 PyObject *s = PyUnicode_DecodeUTF8(v, (Py_ssize_t)strlen(v), "replace");
                 if (s == NULL)
                     goto fail;

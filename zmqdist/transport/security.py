@@ -98,12 +98,31 @@ class KeyRing:
         self.load()
 
     def load(self) -> None:
-        """(Re)read every allow-list; the new table replaces the old one at once."""
+        """(Re)read every allow-list; the new table replaces the old one at once.
+
+        A directory that cannot be listed (gone, or not readable) leaves the whole old table in
+        place, with an ERROR: a directory replaced by a deployment, or a mistyped permission, must
+        not refuse every peer of that role at its next connection. (To revoke every key of a role,
+        empty its directory.)"""
         names: dict[bytes, str] = {}
         roles: dict[bytes, set[str]] = {}
         services: dict[bytes, set[str] | None] = {}
+        listed_dirs: dict[str, list[Path]] = {}
         for role, d in self.dirs.items():
-            for path in sorted(d.glob("*.key")):
+            try:
+                listed_dirs[role] = sorted(p for p in d.iterdir() if p.name.endswith(".key"))
+            except OSError as exc:
+                log.error(
+                    "allow-list %s: cannot read %s (%s): the allow-lists were not reloaded, the %d keys "
+                    "loaded before still apply",
+                    role,
+                    d,
+                    exc.strerror or exc,
+                    len(self.keys),
+                )
+                return
+        for role, paths in listed_dirs.items():
+            for path in paths:
                 try:
                     public = load_public(path)
                     meta = read_metadata(path)
@@ -192,22 +211,51 @@ class ZapHandler:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._mailbox.fileno(), zmq.POLLIN)
+        stopped = False
         try:
-            while True:
+            while not stopped:
                 events = dict(poller.poll())
                 if self._mailbox.fileno() in events:
-                    for cmd in self._mailbox.drain():
-                        if cmd[0] == "stop":
-                            return
-                        with self._lock:
-                            ring = self._rings.get(cmd[1])
-                        if ring is not None:
-                            ring.load()
+                    stopped = self._commands()
                 if sock in events:
-                    sock.send_multipart(self._answer(sock.recv_multipart()))
+                    request = sock.recv_multipart()
+                    sock.send_multipart(self._safe_answer(request))  # (REP: a request is always answered)
+        except zmq.ContextTerminated:
+            pass  # the context is ending: so is every broker of it
+        except BaseException:
+            # Without this thread libzmq admits every CURVE peer that knows the server key: the
+            # brokers refuse such a peer's messages (no rights), and restart this handler (zap_check).
+            log.critical("the ZAP handler stopped: CURVE peers are not checked until it restarts", exc_info=True)
+            raise
         finally:
             sock.close(0)
             self._mailbox.close()
+
+    def _commands(self) -> bool:
+        """Apply what was posted; return True on stop. A reload that fails keeps the old table."""
+        for cmd in self._mailbox.drain():
+            if cmd[0] == "stop":
+                return True
+            with self._lock:
+                ring = self._rings.get(cmd[1])
+            if ring is not None:
+                try:
+                    ring.load()
+                except Exception:
+                    log.exception("the allow-lists were not reloaded: the ones loaded before still apply")
+        return False
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _safe_answer(self, frames: list[bytes]) -> list[bytes]:
+        """The answer to one ZAP request; a refusal (500) if working it out failed."""
+        try:
+            return self._answer(frames)
+        except Exception:
+            log.exception("ZAP request failed: the peer is refused")
+            return [frames[0] if frames else b"1.0", frames[1] if len(frames) > 1 else b"", b"500", b"error", b"", b""]
 
     def _answer(self, frames: list[bytes]) -> list[bytes]:
         if len(frames) < 6:
@@ -249,6 +297,28 @@ def zap_register(ctx: zmq.Context[Any], domain: str, ring: KeyRing) -> None:
         if h is None:
             h = _handlers[id(ctx)] = ZapHandler(ctx)
         h.add(domain, ring)
+
+
+def zap_check(ctx: zmq.Context[Any]) -> bool:
+    """Restart the ZAP handler of ``ctx`` if its thread has ended (with every domain it served);
+    return False if it had. A broker asks this at its ticks: without the handler, libzmq admits
+    every CURVE peer that knows the server key."""
+    with _handlers_lock:
+        h = _handlers.get(id(ctx))
+        if h is None or h.alive:
+            return True
+        with h._lock:
+            rings = dict(h._rings)
+        log.error("the ZAP handler had stopped: restarting it (%d broker(s) of this process)", len(rings))
+        try:
+            new = ZapHandler(ctx)
+        except Exception:
+            log.exception("the ZAP handler cannot restart: CURVE peers stay refused (no rights)")
+            return False
+        for domain, ring in rings.items():
+            new.add(domain, ring)
+        _handlers[id(ctx)] = new
+        return False
 
 
 def zap_unregister(ctx: zmq.Context[Any], domain: str) -> None:

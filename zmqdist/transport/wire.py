@@ -14,7 +14,8 @@ Contract: ``recv(cap)`` returns the next message's frames as bytes, None if none
 blocks). At most ``cap`` frames are kept: a longer message comes back as ``cap + 1`` items, the last
 ``b""``, its other frames read and dropped (a peer cannot make a loop hold an unbounded list).
 ``recv(cap, props)`` returns ``(frames, values)``: the metadata properties ``props`` of the second
-frame (the ZAP handler's, on a CURVE connection); a missing one raises ``zmq.ZMQError``.
+frame (the ZAP handler's, on a CURVE connection); ``""`` for one the message does not carry (as
+on a connection admitted while no ZAP handler ran: libzmq then checks no key).
 ``send(*frames)`` sends bytes frames as one message without blocking and returns 0, or the errno of
 the frame that failed (EAGAIN, EHOSTUNREACH...): nothing of a message that failed went out.
 A closed socket (its ``close()``, or its context's ``destroy()`` from any thread) raises
@@ -67,6 +68,15 @@ _SNDMORE_NB: Final = int(zmq.SNDMORE) | NB
 _BACKEND_SEND = getattr(getattr(zmq, "backend", None), "Socket", zmq.Socket).send
 
 
+def prop(frame: Any, name: str) -> str:
+    """A metadata property of a received frame, ``""`` if the connection carries none by that name
+    (pyzmq's ``Frame.get`` raises for it)."""
+    try:
+        return str(frame.get(name))
+    except zmq.ZMQError:
+        return ""
+
+
 def fast_send(sock: zmq.Socket[Any]) -> Any:
     """Return ``sock.send`` without pyzmq's Python wrapper: ``send(data: bytes, flags: int)``."""
     return types.MethodType(_BACKEND_SEND, sock)
@@ -103,7 +113,7 @@ class PyPort:
             n += 1
         if props is None:
             return frames
-        return frames, tuple(str(meta.get(name)) for name in props)
+        return frames, tuple(prop(meta, name) for name in props)
 
     def send(self, *frames: bytes) -> int:
         send = self._send
