@@ -144,6 +144,7 @@ class Broker:
         self._ctx = context or zmq.Context.instance()
         self._mailbox = Mailbox()
         self._runner: threading.Thread | None = None
+        self._stop_asked = False  # stop() came (before start: start and run refuse, not serve nothing)
         self._ready = threading.Event()
         self._done = threading.Event()
         self._startup_error: BaseException | None = None
@@ -174,6 +175,7 @@ class Broker:
             if not self._runner.is_alive():
                 raise ZmqdistError("broker has stopped: a Broker runs once, make a new one to start again")
             raise ZmqdistError("broker already started")
+        self._refuse_if_stopped()
         self._runner = threading.Thread(target=self._main, name=f"zmqdist-broker-{self.settings.name}", daemon=True)
         self._runner.start()
         if not self._ready.wait(timeout):
@@ -186,6 +188,7 @@ class Broker:
         """Run the broker in this thread until :meth:`stop` is called (e.g. from a signal handler)."""
         if self._runner is not None:
             raise ZmqdistError("broker already started")
+        self._refuse_if_stopped()
         self._runner = threading.current_thread()
         self._main()
         if self._startup_error is not None:
@@ -193,7 +196,8 @@ class Broker:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop serving: tell workers BYE, close the socket, end the thread. Safe to call twice."""
-        self._mailbox.post(("stop",))
+        self._stop_asked = True
+        self._mailbox.post(("stop",))  # (a start racing this stops too)
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
@@ -201,6 +205,10 @@ class Broker:
         t = self._runner
         if t is not None and t is not threading.current_thread() and t.is_alive():
             t.join(timeout)
+
+    def _refuse_if_stopped(self) -> None:
+        if self._stop_asked:
+            raise ZmqdistError("broker was stopped before it started: a Broker runs once, make a new one to start")
 
     def request_stop(self) -> None:
         """Ask the loop to stop, without waiting (safe in a signal handler)."""

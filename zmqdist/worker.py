@@ -87,6 +87,7 @@ class Worker:
         self._keys: tuple[str | None, str | None] = (None, None)
         self._curve: ClientKeys | None = None
         self._runner: threading.Thread | None = None
+        self._stop_asked = False  # stop() came (before start: start and run refuse, not serve nothing)
         self.configure(
             endpoints=endpoints,
             concurrency=concurrency,
@@ -240,7 +241,8 @@ class Worker:
         """Stop taking work; with ``drain`` finish what is in flight first (at most ``timeout`` s),
         and wait for that. Called from one of this worker's own handlers, it returns at once (the
         drain waits for that handler too: waiting for the drain there would wait for itself)."""
-        self._mailbox.post(("drain", timeout) if drain else ("stop",))
+        self._stop_asked = True
+        self._mailbox.post(("drain", timeout) if drain else ("stop",))  # (a start racing this stops too)
         t = self._runner
         if t is None or t is threading.current_thread() or not t.is_alive():
             return
@@ -253,6 +255,12 @@ class Worker:
         """Wait until the worker stopped; return True if it did."""
         return self._done.wait(timeout)
 
+    def __enter__(self) -> Worker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()  # drains: what it holds is finished first
+
     def _check_startable(self) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             raise ZmqdistError(
@@ -264,6 +272,8 @@ class Worker:
             if self._done.is_set():
                 raise ZmqdistError("worker has stopped: a Worker runs once, make a new one to start again")
             raise ZmqdistError("worker already started")
+        if self._stop_asked:
+            raise ZmqdistError("worker was stopped before it started: a Worker runs once, make a new one to start")
         if not self._handlers:
             raise ConfigError("worker has no services: add one with @worker.service(NAME)")
         inline = [n for n, s in self._handlers.items() if s.inline]

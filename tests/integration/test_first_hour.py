@@ -403,6 +403,44 @@ def test_starting_a_stopped_worker_or_broker_says_it_runs_once(tmp_path):
         b.start()
 
 
+@pytest.mark.timeout(30)
+def test_a_worker_or_broker_stopped_before_it_started_refuses_to_start(tmp_path):
+    """stop() before start() (a cleanup path that ran first): start() returned as if it served,
+    and the object had stopped at once on the stop waiting in its mailbox."""
+    b = Broker(bind=[f"ipc://{tmp_path}/b.sock"])
+    b.stop()
+    with pytest.raises(ZmqdistError, match="broker was stopped before it started"):
+        b.start()
+    with pytest.raises(ZmqdistError, match="broker was stopped before it started"):
+        b.run()
+    w = Worker([f"ipc://{tmp_path}/b.sock"])
+    w.add_service("echo", lambda x: x)
+    w.stop()
+    with pytest.raises(ZmqdistError, match="worker was stopped before it started"):
+        w.start()
+    with pytest.raises(ZmqdistError, match="worker was stopped before it started"):
+        w.run()
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_is_a_context_manager_that_drains_on_exit(tmp_path):
+    """``with Worker(...) as w:`` starts it and, on leaving, drains: a request it holds is answered."""
+    import threading
+
+    with Broker(bind=[f"ipc://{tmp_path}/b.sock"]) as b:
+        running, release = threading.Event(), threading.Event()
+        w = Worker(b.endpoints)
+        w.add_service("slow", lambda x: running.set() or (release.wait(10) and x))
+        with Client(b.endpoints, timeout=10) as c:
+            with w as started:
+                assert started is w
+                fut = c.submit("slow", 7)
+                assert running.wait(10)
+                threading.Timer(0.3, release.set).start()
+            assert w.wait(0)  # __exit__ returned once the drain ended
+            assert fut.result(5) == 7
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:
