@@ -7,12 +7,18 @@ in the core, cost about 0.3 us a request). ``serve_metrics`` starts the HTTP end
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
+from socketserver import ThreadingMixIn
 from typing import Any, Final
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import ProcessCollector, start_http_server
+from prometheus_client import ProcessCollector, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -20,10 +26,20 @@ from zmqdist.core.mdp import COUNTERS as MDP_COUNTERS
 from zmqdist.core.records import COUNTER_NAMES
 from zmqdist.errors import ConfigError
 
-# start_http_server returns its server (to stop it, and to read the port 0 picked) from 0.20 on;
-# before, it returned nothing. setup.cfg asks for this version; an older one installed anyway (a
-# --no-deps install, a pinned environment) gets a clear error rather than a TypeError at start.
+log = logging.getLogger(__name__)
+
+# The lowest prometheus_client setup.cfg accepts and .ci/lowest runs the suite with (its
+# start_http_server, which the endpoint used before it had its own server below, returned
+# nothing before 0.20). An older one installed anyway (a --no-deps install, a pinned environment)
+# gets a clear error at start.
 PROMETHEUS_MIN: Final = (0, 20)
+# The endpoint's HTTP server (prometheus_client's own has neither bound): a connection that sends
+# or takes nothing for SCRAPE_TIMEOUT_S is closed, and at most SCRAPE_CONNECTIONS are served at
+# once (a thread each); more are closed at once. Without them every idle connection held a thread
+# and a file descriptor of the broker for good, and enough of them left it none to accept peers.
+SCRAPE_TIMEOUT_S: Final = 10.0
+SCRAPE_CONNECTIONS: Final = 16
+TURNED_AWAY_LOG_S: Final = 30.0  # a refused connection is logged at most this often
 
 REPLIES = (
     ("ok", "replies_ok"),
@@ -188,5 +204,76 @@ def serve_metrics(status: Callable[[], dict[str, Any]], port: int, addr: str) ->
     # the process's CPU, memory and file descriptors (process_open_fds against process_max_fds: a
     # broker out of descriptors accepts no more peers; see transport/fds.py)
     ProcessCollector(registry=registry)
-    server, _thread = start_http_server(port, addr, registry=registry)
+    family, host = _family(addr, port)
+    server = _Server((host, port), _Handler, family, SCRAPE_CONNECTIONS)
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="zmqdist-metrics", daemon=True).start()
     return server, int(server.server_port)
+
+
+def _family(addr: str, port: int) -> tuple[socket.AddressFamily, str]:
+    """The address family and host to bind ``addr`` with (an IPv6 address needs AF_INET6)."""
+    try:
+        info = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve {addr}: {exc.strerror}") from exc
+    family, _, _, _, sockaddr = info[0]
+    return family, str(sockaddr[0])
+
+
+class _Handler(WSGIRequestHandler):
+    """One scrape connection: a socket timeout (a silent peer lets go of its thread), no access log."""
+
+    timeout = SCRAPE_TIMEOUT_S
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``slots`` at once; more are closed without a thread."""
+
+    daemon_threads = True
+    request_queue_size = 64  # (socketserver's 5 held a burst of connections back at the kernel)
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[_Handler], family: socket.AddressFamily, slots: int
+    ) -> None:
+        self.address_family = family
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(slots)
+        self.turned_away = 0
+        self._logged = -TURNED_AWAY_LOG_S
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.turned_away += 1
+            now = time.monotonic()
+            if now - self._logged >= TURNED_AWAY_LOG_S:
+                self._logged = now
+                log.warning(
+                    "metrics endpoint: %d connections are open already (each waits at most %gs for its "
+                    "request): closed one from %s (%d so far)",
+                    SCRAPE_CONNECTIONS,
+                    SCRAPE_TIMEOUT_S,
+                    client_address[0],
+                    self.turned_away,
+                )
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # (starts its thread)
+        except BaseException:
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that timed out or went away is routine; socketserver printed its traceback."""
+        log.debug("metrics endpoint: a connection from %s ended early", client_address[0], exc_info=True)

@@ -110,14 +110,15 @@ def test_a_taken_metrics_port_is_a_clear_startup_error(tmp_path):
 
 
 @pytest.mark.parametrize("old", ["0.17.0", "0.19.0"])
-def test_a_prometheus_client_too_old_to_stop_its_server_is_a_clear_startup_error(tmp_path, monkeypatch, old):
-    """Before 0.20, start_http_server returned nothing (no server to stop, no port to read): the
-    broker said TypeError at start. Now it names the version it needs, and starts no server."""
+def test_a_prometheus_client_older_than_setup_cfg_accepts_is_a_clear_startup_error(tmp_path, monkeypatch, old):
+    """Installed anyway (--no-deps, a pinned environment): the broker names the version it needs
+    and starts no server. (Before 0.20 start_http_server, which the endpoint used then, returned
+    nothing, and the broker said TypeError at start.)"""
     from zmqdist import ConfigError, metrics
 
     started = []
     monkeypatch.setattr(metrics, "version", lambda name: old if name == "prometheus_client" else "?")
-    monkeypatch.setattr(metrics, "start_http_server", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(metrics, "make_wsgi_app", lambda *a, **k: started.append(a))
     with pytest.raises(ConfigError, match=rf"prometheus_client 0\.20 or later \(installed: {re.escape(old)}\)"):
         Broker(bind=[f"ipc://{tmp_path}/x.sock"], metrics_port=0).start()
     assert started == []
@@ -249,3 +250,39 @@ def test_a_reply_to_a_client_that_left_is_counted_and_logged_at_info_not_as_a_wa
     finally:
         w.stop(drain=False)
         b.stop()
+
+
+@pytest.mark.timeout(60)
+def test_idle_connections_to_the_metrics_port_are_bounded_and_closed(tmp_path, monkeypatch, caplog):
+    """prometheus_client's server gave every connection a thread and kept it open for good: idle
+    connections (a port scan, a client that hung) piled up threads and file descriptors until the
+    broker had none left to accept its peers. Now at most SCRAPE_CONNECTIONS are served at once
+    (more are closed at once, and logged), each closed after SCRAPE_TIMEOUT_S of silence, and a
+    scrape is served once they are gone."""
+    import socket
+    import threading
+
+    from zmqdist import metrics
+
+    monkeypatch.setattr(metrics._Handler, "timeout", 1.0)  # (SCRAPE_TIMEOUT_S: 10 s)
+    caplog.set_level(logging.WARNING, logger="zmqdist")
+    n = metrics.SCRAPE_CONNECTIONS + 24
+    with Broker(bind=[f"ipc://{tmp_path}/b.sock"], metrics_port=0) as b:
+        port = b.metrics_port
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+        try:
+            server = b._metrics_server
+            wait_for(lambda: server.turned_away == n - metrics.SCRAPE_CONNECTIONS, 10, "the extra connections closed")
+
+            def served():
+                return [t for t in threading.enumerate() if "process_request_thread" in t.name]
+
+            assert len(served()) <= metrics.SCRAPE_CONNECTIONS
+            assert any("connections are open already" in r.getMessage() for r in caplog.records)
+            for s in idle:  # every one is closed by the server: at once, or after its timeout
+                assert s.recv(1) == b""
+            wait_for(lambda: not served(), 10, "no connection's thread left")
+            assert value(scrape(port), "zmqdist_workers") == 0
+        finally:
+            for s in idle:
+                s.close()
