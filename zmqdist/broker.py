@@ -259,12 +259,13 @@ class Broker:
             # libzmq drops a message over its limit with the connection and says nothing: up to twice the
             # advertised limit the broker reads it itself, to answer and log it (core.oversized)
             hard = 2 * s.max_message_size
-            sock, self.endpoints = bind_router(self._ctx, self._bind, hard, self._secret, self._zap_domain)
+            keepalive = s.tcp_keepalive_s
+            sock, self.endpoints = bind_router(self._ctx, self._bind, hard, self._secret, self._zap_domain, keepalive)
             if self._ha_bind:
                 try:
                     # a REPLICATE holds one request at least (Pair._replicates), which takes twice the limit
                     self._pair_in, self.ha_endpoints = bind_router(
-                        self._ctx, self._ha_bind, hard, self._secret, self._zap_domain
+                        self._ctx, self._ha_bind, hard, self._secret, self._zap_domain, keepalive
                     )
                 except BaseException:
                     sock.close(0)

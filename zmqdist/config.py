@@ -141,6 +141,14 @@ class BrokerSettings:
         choices=("manual", "auto"),
     )
     peer_server_key: str | None = option(None, "the other broker's public certificate (pairs with --key)", path="file")
+    tcp_keepalive_s: int = option(
+        60,
+        "seconds of silence on a peer's tcp connection before the kernel probes the peer: one whose host "
+        "vanished (no FIN, no reset) is cut after about twice this (0: the system's setting, off by default)",
+        flag="--tcp-keepalive",
+        lo=0,
+        hi=7200,
+    )
     metrics_port: int | None = option(None, "serve Prometheus metrics on this port (0: any free one)", lo=0, hi=65535)
     metrics_addr: str = option("127.0.0.1", "address of the metrics endpoint")
     advert_interval_s: float = option(

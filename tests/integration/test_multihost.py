@@ -148,6 +148,67 @@ def test_requests_made_while_the_clients_own_link_is_down_are_answered_once_it_i
         assert c._core.counters["timeouts"] == 0
 
 
+def _established(port, peer_ip):
+    """This host's established tcp connections on local ``port`` from ``peer_ip``: ss lines."""
+    out = subprocess.run(
+        ["ss", "-tnoH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True, timeout=10
+    ).stdout
+    return [line for line in out.splitlines() if f"{peer_ip}:" in line]
+
+
+@pytest.mark.timeout(90)
+def test_a_vanished_client_hosts_connection_is_cut_by_tcp_keepalive(procs, master_host):
+    """A peer host that vanishes (its link cut: no FIN, no reset) left its connection established
+    at the broker for good (90 s in the probe, and nothing would ever end it): a file descriptor
+    of the broker each, until none was left to accept peers with. The broker's connections now
+    carry tcp keepalives (--tcp-keepalive, 60 s by default): a peer that answers no probe is cut."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    ns, here_ip, there_ip = master_host["ns"], master_host["here_ip"], master_host["ip"]
+    short, default = free_port(), free_port()
+    procs.spawn("broker", "--bind", f"tcp://{here_ip}:{short}", "--name", "short", "--tcp-keepalive", "1")
+    procs.spawn("broker", "--bind", f"tcp://{here_ip}:{default}", "--name", "default")
+    script = (
+        "import sys, time, zmqdist\n"
+        "for ep in sys.argv[1:]:\n"
+        "    zmqdist.Client([ep], timeout=30).call('zmqdist.status')\n"
+        "print('called', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    far = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            sys.executable,
+            "-c",
+            script,
+            f"tcp://{here_ip}:{short}",
+            f"tcp://{here_ip}:{default}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert far.stdout is not None and far.stdout.readline() == b"called\n"
+        # on by default (ss shows one timer: the retransmission's while data is unacknowledged)
+        wait_for(lambda: [x for x in _established(default, there_ip) if "timer:(keepalive" in x], 10, "keepalive")
+        assert len(_established(short, there_ip)) == 1
+        sh("ip", "link", "set", master_host["link"], "down")  # the far host vanishes: nothing more comes
+        far.kill()
+        far.wait(10)
+        wait_for(lambda: not _established(short, there_ip), 30, "the vanished client's connection cut")
+        assert len(_established(default, there_ip)) == 1  # the control: 60 s of keepalive are not over
+    finally:
+        if far.poll() is None:
+            far.kill()
+            far.wait(10)
+        if far.stdout is not None:
+            far.stdout.close()
+
+
 def timed_burst(client, n):
     """Submit ``n`` requests at once; return (latencies in ms, the pids that served them)."""
     done = {}

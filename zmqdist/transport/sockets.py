@@ -27,6 +27,7 @@ from zmqdist.transport.wire import Port, port
 
 LINGER_MS: Final = 200
 MAX_POLL_MS: Final = 1000
+KEEPALIVE_PROBES: Final = 5  # unanswered keepalive probes before the kernel closes a connection
 
 
 @contextlib.contextmanager
@@ -131,13 +132,17 @@ def bind_router(
     max_message_size: int,
     curve_secret: bytes | None = None,
     zap_domain: str = "",
+    keepalive_s: int = 0,
 ) -> tuple[zmq.Socket[Any], list[str]]:
     """Return a ROUTER bound to ``endpoints`` and the endpoints actually bound (wildcards resolved).
 
     ROUTER_MANDATORY makes unroutable sends fail loudly instead of vanishing; ROUTER_HANDOVER lets a
     peer that reconnects with its fixed identity take its place; MAXMSGSIZE drops oversized frames in
     libzmq before Python sees them. With ``curve_secret`` every connection is a CURVE server whose
-    peers are checked by the ZAP handler of ``zap_domain``.
+    peers are checked by the ZAP handler of ``zap_domain``. With ``keepalive_s`` the kernel probes a
+    tcp peer silent that long (every ``keepalive_s // 6`` s, at least 1, KEEPALIVE_PROBES times) and
+    closes the connection of one that does not answer: a peer whose host vanished (no FIN, no reset)
+    otherwise kept its connection, and a file descriptor of the broker, for good.
     """
     sock = ctx.socket(zmq.ROUTER)
     try:
@@ -147,6 +152,11 @@ def bind_router(
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_size)
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
+        if keepalive_s > 0:  # (libzmq applies them to every connection its listeners accept)
+            sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, keepalive_s)
+            sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, keepalive_s // 6))
+            sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
         if curve_secret is not None:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
             sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret)
