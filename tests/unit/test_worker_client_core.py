@@ -514,3 +514,34 @@ def test_what_a_broker_can_make_a_peer_log_at_will_is_keyed_for_the_runtimes_rat
             ("broker-input", "broker refused a message: this is the pair link of broker A"),
             ("broker-input", "unexpected PairState from broker ignored"),
         ]
+
+
+def test_a_handler_that_has_not_returned_stuck_s_after_it_was_stopped_is_said_once():
+    """A handler that ignores its stop keeps its slot; the worker said nothing of it (it served
+    less and less, and the broker only saw it busy). Now each is logged once, STUCK_S after its
+    stop, with its service, why it was stopped, how many slots are held so, and the way out; one
+    that returned in time, or was not stopped, is not."""
+    from zmqdist.core.worker import STUCK_S
+
+    def stuck_problems(out):
+        return [o for o in out if type(o) is Problem and o.key == "stuck"]
+
+    w = worker(concurrency=3)
+    hb = HB.heartbeat_s
+    (a,) = w.receive(task(1, budget_ms=500), 0.0)  # its deadline passes; it never returns
+    (b,) = w.receive(task(2, budget_ms=60_000), 0.0)  # cancelled by its caller; returns in time
+    w.receive(task(3, budget_ms=60_000), 0.0)  # runs long, never stopped: not stuck
+    assert w.receive(p.Cancel(2), 0.1) == [Abort(2, b.session, "cancelled by its caller")]
+    assert [o for o in w.tick(0.5) if type(o) is Abort] == [Abort(1, a.session, "its deadline passed")]
+    assert w.next_deadline() <= 0.1 + STUCK_S
+    w.task_done(2, b.session, False, b"", 0.1 + STUCK_S - 0.01)  # returned just in time
+    out, now = [], 0.5
+    while now < 0.5 + 3 * STUCK_S:  # the worker's ticks (heartbeats answered by the broker)
+        now += hb
+        w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), now)
+        out += w.tick(now)
+    (said,) = stuck_problems(out)
+    assert "'echo' has not returned 10 s after it was told to stop (its deadline passed)" in said.message
+    assert "1 of 3 slots are held so" in said.message and "terminate_on_cancel" in said.message
+    assert w.counters["stuck"] == 1
+    assert w.task_done(1, a.session, False, b"", now) != []  # when it returns at last, its slot frees

@@ -53,6 +53,10 @@ from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Prob
 
 MOVE_WAIT_S: Final = 10.0  # longest quiet-down before moving home (else stay and look again later)
 PROGRESS_S: Final = 0.1  # at most one progress report per task this often (the latest wins)
+# A handler told to stop (cancelled, past its deadline, running elsewhere) that has not returned
+# this long after is logged: it holds its slot until it returns, and nothing else would say so
+# (the worker serves less and less, and the broker only sees it busy).
+STUCK_S: Final = 10.0
 
 
 def _half() -> float:
@@ -97,12 +101,24 @@ class Window(NamedTuple):
 class _Run:
     """A task this worker runs: what its lifecycle needs (cancel, stream, progress)."""
 
-    __slots__ = ("acked", "cancelled", "deadline", "failed", "parts", "pending", "reported", "session", "window")
+    __slots__ = (
+        "acked",
+        "cancelled",
+        "deadline",
+        "failed",
+        "parts",
+        "pending",
+        "reported",
+        "service",
+        "session",
+        "window",
+    )
 
-    def __init__(self, session: int, deadline: float, window: int) -> None:
+    def __init__(self, session: int, deadline: float, window: int, service: str) -> None:
         self.session = session
         self.deadline = deadline
         self.window = window
+        self.service = service
         self.cancelled = False
         self.parts = 0  # parts sent
         self.acked = 0
@@ -159,6 +175,7 @@ class WorkerCore:
         self._move_until = 0.0
         self.runs: dict[int, _Run] = {}  # ticket -> its run, while its handler runs
         self._deadlines: list[tuple[float, int]] = []  # (deadline, ticket) of running tasks
+        self._stopping: list[tuple[float, int, str]] = []  # (when to look, ticket, why) of stopped runs
         self._progress_due: float | None = None  # the earliest held-back progress report
         self._abandoned: list[int] = []  # tasks of a void session (not carried): to stop
         self.counters = {
@@ -178,6 +195,7 @@ class WorkerCore:
             "parts": 0,
             "retries": 0,
             "too_large": 0,  # results over the broker's message limit, sent as a failure saying so
+            "stuck": 0,  # handlers that had not returned STUCK_S after they were told to stop
         }
         self.max_message = 0  # the broker's message limit (its WELCOME says; 0: not known)
 
@@ -229,7 +247,7 @@ class WorkerCore:
                 link.learn(msg.broker, msg.active)
                 return self._new_session(now, f"broker said bye: {msg.reason}", to=msg.active)
             case p.Cancel():
-                return self._abort(msg.id, "cancelled by its caller")
+                return self._abort(msg.id, "cancelled by its caller", now)
             case p.Ack():
                 run = self.runs.get(msg.id)
                 if run is None or msg.seq <= run.acked:
@@ -240,7 +258,7 @@ class WorkerCore:
                 return [Problem(f"broker refused a message: {msg.message}", "broker-input")]
         return [Problem(f"unexpected {type(msg).__name__} from broker ignored", "broker-input")]
 
-    def _abort(self, ticket: int, reason: str) -> list[WorkerOut]:
+    def _abort(self, ticket: int, reason: str, now: float) -> list[WorkerOut]:
         """Stop a running handler (its slot stays taken until it has stopped)."""
         run = self.runs.get(ticket)
         if run is None or run.cancelled:
@@ -249,7 +267,29 @@ class WorkerCore:
         run.pending = None
         kind = "cancelled" if reason.startswith("cancelled") else "expired" if "deadline" in reason else "abandoned"
         self.counters[kind] += 1
+        heappush(self._stopping, (now + STUCK_S, ticket, reason))
         return [Abort(ticket, run.session, reason)]
+
+    def _stuck(self, now: float, out: list[WorkerOut]) -> None:
+        """Say which handlers told to stop STUCK_S ago still run (each once): they hold their slots."""
+        stopping = self._stopping
+        while stopping and stopping[0][0] <= now:
+            _, ticket, reason = heappop(stopping)
+            run = self.runs.get(ticket)
+            if run is None or not run.cancelled:
+                continue  # returned (or its ticket runs anew)
+            self.counters["stuck"] += 1
+            held = sum(1 for r in self.runs.values() if r.cancelled)
+            out.append(
+                Problem(
+                    f"the handler of {run.service!r} has not returned {STUCK_S:g} s after it was told to stop "
+                    f"({reason}): it holds its slot until it returns ({held} of {self.concurrency} slots are "
+                    "held so). A handler thread cannot be stopped from outside: check "
+                    "current_request().cancelled now and then, or run the service with isolation='process' "
+                    "and terminate_on_cancel=True",
+                    "stuck",
+                )
+            )
 
     def part(self, ticket: int, session: int, payload: bytes, now: float) -> list[WorkerOut]:
         """A streaming handler produced its next value: the PART to send (none once its session
@@ -264,6 +304,7 @@ class WorkerCore:
             run.failed = self._too_large(f"part {run.parts + 1} of the stream", len(payload))
             run.cancelled = True  # the handler is stopped; its RESULT says why (see _result)
             run.pending = None
+            heappush(self._stopping, (now + STUCK_S, ticket, "its part was too large"))
             return [Abort(ticket, session, run.failed)]
         seq = run.parts
         run.parts = seq + 1
@@ -423,7 +464,9 @@ class WorkerCore:
             _, ticket = heappop(dl)
             run = self.runs.get(ticket)
             if run is not None and run.deadline <= now:
-                out += self._abort(ticket, "its deadline passed")
+                out += self._abort(ticket, "its deadline passed", now)
+        if self._stopping and self._stopping[0][0] <= now:
+            self._stuck(now, out)
         if self._progress_due is not None and now >= self._progress_due:
             self._progress_due = None
             for ticket, run in self.runs.items():
@@ -469,6 +512,8 @@ class WorkerCore:
             d = min(d, self._drain_deadline)
         if self._deadlines:
             d = min(d, self._deadlines[0][0])
+        if self._stopping:
+            d = min(d, self._stopping[0][0])
         if self._progress_due is not None:
             d = min(d, self._progress_due)
         h = self.homing.next_deadline(self.link) if self._moving is None else self._move_until
@@ -527,7 +572,7 @@ class WorkerCore:
         if m.ticket in self.inflight:
             return []  # the same task twice in one session: already running
         if m.ticket in self.runs:  # an earlier session's run of it still goes
-            return [*self._disown(m.ticket), *self._on_task(m, now)]
+            return [*self._disown(m.ticket, now), *self._on_task(m, now)]
         if not self.registered:
             self.counters["void_tasks"] += 1  # for the registration our latest HELLO replaces (rule 4)
             return []
@@ -538,7 +583,7 @@ class WorkerCore:
         self.counters["tasks"] += 1
         self.inflight[m.ticket] = self.session
         deadline = p.deadline_at(now, m.budget_ms)
-        self.runs[m.ticket] = _Run(self.session, deadline, m.window)
+        self.runs[m.ticket] = _Run(self.session, deadline, m.window, m.service)
         heappush(self._deadlines, (deadline, m.ticket))
         if len(self._deadlines) > 2 * len(self.runs) + 64:
             self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
@@ -546,7 +591,7 @@ class WorkerCore:
         fields = (m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
         return [p.message(EXECUTE_CLS, fields)]  # not Execute(...): see protocol.message
 
-    def _disown(self, ticket: int) -> list[WorkerOut]:
+    def _disown(self, ticket: int, now: float) -> list[WorkerOut]:
         """The broker sends again a task whose run from an earlier session still goes (carried to
         a pair, or stale): it requeued that run (it took us for dead) and no longer counts on it.
         Stop it; its slot stays taken until it has stopped, and what it returns is dropped. Left
@@ -556,7 +601,7 @@ class WorkerCore:
         if self.carry.get(ticket) == run.session:
             del self.carry[ticket]
             self.stale += 1  # counted as a stale run now: see task_done
-        out = self._abort(ticket, "its broker runs it again")
+        out = self._abort(ticket, "its broker runs it again", now)
         del self.runs[ticket]
         return out
 
@@ -593,12 +638,12 @@ class WorkerCore:
         self.inflight.clear()
         self.registered = False
 
-    def _stop_stale(self) -> list[WorkerOut]:
+    def _stop_stale(self, now: float) -> list[WorkerOut]:
         """Stop the handlers of a void session's tasks: their broker requeued them (they run
         elsewhere) and drops their results; stopping them gives the capacity back sooner."""
         out: list[WorkerOut] = []
         for ticket in self._abandoned:
-            out += self._abort(ticket, "its broker was lost: it runs elsewhere")
+            out += self._abort(ticket, "its broker was lost: it runs elsewhere", now)
         self._abandoned.clear()
         return out
 
@@ -607,16 +652,17 @@ class WorkerCore:
         self._void_session()
         self.link.incarnation = None
         if self.draining:
-            return [*self._stop_stale(), *self._finish("broker forgot us while draining")]
-        return [*self._stop_stale(), self._hello(now)]
+            return [*self._stop_stale(now), *self._finish("broker forgot us while draining")]
+        return [*self._stop_stale(now), self._hello(now)]
 
     def _new_session(self, now: float, reason: str, to: str = "") -> list[WorkerOut]:
         """A new connection: to broker ``to`` if named (a BYE sent us there), else the next one."""
         self._void_session()
         self._moving = None
         if self.draining:
-            return [*self._stop_stale(), *self._finish(f"broker lost while draining ({reason})")]
-        return [*self._stop_stale(), self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello(now)]
+            return [*self._stop_stale(now), *self._finish(f"broker lost while draining ({reason})")]
+        stop = self._stop_stale(now)
+        return [*stop, self.link.connect_named(to, now, reason), *self.homing.cancel(), self._hello(now)]
 
     def _quiet(self, now: float) -> list[WorkerOut]:
         """CREDIT(0) was answered and nothing runs: end the drain, or move home."""
