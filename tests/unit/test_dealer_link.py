@@ -109,3 +109,25 @@ def test_a_probe_link_waits_out_even_its_first_connect():
     ctx.full = True
     link = DealerLink(ctx, b"probe", logging.getLogger("test"), first_raises=False)  # type: ignore[arg-type]
     assert link.connect("tcp://127.0.0.1:1") is None and link.sock is None
+
+
+def test_a_connect_that_fails_closes_the_socket_it_made():
+    """A bad endpoint raised with the new socket left open (the caller's start failed, and the
+    socket stayed in the context until it ended)."""
+    from zmqdist.errors import TransportError
+
+    made = []
+
+    class Recording(FullableContext):
+        def socket(self, kind: int) -> zmq.Socket:
+            s = super().socket(kind)
+            made.append(s)
+            return s
+
+    link = DealerLink(Recording(), b"link", logging.getLogger("test"))  # type: ignore[arg-type]
+    try:
+        link.connect("tcp://[not an address")
+        raise AssertionError("connected to a malformed endpoint")
+    except TransportError as exc:
+        assert "cannot connect to tcp://[not an address" in str(exc)
+    assert len(made) == 1 and made[0].closed and link.sock is None

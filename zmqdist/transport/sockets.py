@@ -288,8 +288,12 @@ class DealerLink:
             self._curve.apply(sock)
         if ipv6_literal(endpoint):
             sock.setsockopt(zmq.IPV6, 1)
-        with map_zmq_errors(f"cannot connect to {endpoint}"):
-            sock.connect(endpoint)
+        try:
+            with map_zmq_errors(f"cannot connect to {endpoint}"):
+                sock.connect(endpoint)
+        except BaseException:
+            sock.close(0)  # (it was the caller's to close: a start that failed so left it open)
+            raise
         self.sock = sock
         self._port = port(sock)
         return sock
