@@ -40,8 +40,8 @@ from zmqdist.core.link import Connect, Problem
 from zmqdist.core.mdp import MAX_FRAMES, starts_mdp
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.core.rights import pair_peer
-from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, ZmqdistError
-from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, fds
+from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, TransportError, ZmqdistError
+from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, fds, map_zmq_errors
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import (
     ClientKeys,
@@ -69,7 +69,10 @@ BATCH: Final = 2000
 # stays there, and a word when it falls below FDS_CLEAR.
 FDS_S: Final = 1.0
 FDS_IDLE_S: Final = 10.0
-ZAP_CHECK_S: Final = 1.0  # how often a CURVE broker makes sure its ZAP handler runs (zap_check)
+# How often the loop makes sure of what it cannot be told of: its ZAP handler runs (CURVE), and
+# the files of its ipc endpoints are still there.
+WATCH_S: Final = 1.0
+IPC_REPEAT_S: Final = 30.0  # an ipc endpoint that cannot be bound again is logged this often
 FDS_CHEAP: Final = 2048
 FDS_WARN: Final = 0.9
 FDS_CLEAR: Final = 0.8
@@ -162,7 +165,9 @@ class Broker:
         self.ha_endpoints: list[str] = []
         self._monitor: zmq.Socket[Any] | None = None  # handshake failures of a secured ROUTER
         self._fds_due = 0.0  # when the loop counts its file descriptors next
-        self._zap_due = 0.0  # when the loop makes sure its ZAP handler runs next (CURVE)
+        self._watch_due = 0.0  # when the loop looks at its ZAP handler and ipc paths next
+        self._ipc: list[tuple[zmq.Socket[Any], str, str]] = []  # (socket, endpoint, path) bound on files
+        self._ipc_failed = -IPC_REPEAT_S  # when a lost ipc path last failed to bind again
         self._fds_warned = -1.0  # when it last warned that few are left (-1: not since they were plenty)
         self._max_payload = s.max_message_size
         self._loop: Loop | None = None
@@ -270,6 +275,13 @@ class Broker:
                 except BaseException:
                     sock.close(0)
                     raise
+            self._ipc = [
+                (on, ep, ep[len("ipc://") :])
+                for on, eps in ((sock, self.endpoints), (self._pair_in, self.ha_endpoints))
+                if on is not None
+                for ep in eps
+                if ep.startswith("ipc://") and not ep.startswith(("ipc://@", "ipc://*"))
+            ]
             try:
                 self._start_metrics()  # its scrapes wait for this loop, through the mailbox
             except BaseException:
@@ -394,10 +406,40 @@ class Broker:
             self._send(core, out, now)
         if now >= self._fds_due:  # (the loop wakes at least once a second)
             self._check_fds(now)
-        if now >= self._zap_due and self._ring is not None:
-            self._zap_due = now + ZAP_CHECK_S
-            zap_check(self._ctx)  # without it libzmq would admit any peer that knows the server key
+        if now >= self._watch_due:
+            self._watch_due = now + WATCH_S
+            if self._ring is not None:
+                zap_check(self._ctx)  # without it libzmq would admit any peer that knows the server key
+            if self._ipc:
+                self._check_ipc(now)
         return core.next_deadline()
+
+    def _check_ipc(self, now: float) -> None:
+        """Bind again an ipc endpoint whose file was removed (a cleaner of /tmp, a careless rm):
+        the socket still listens on the unlinked file, where no new peer can reach it. A second
+        listener on the path, not an unbind (which would drop the peers connected before)."""
+        for sock, ep, path in self._ipc:
+            if os.path.exists(path):
+                continue
+            try:
+                with map_zmq_errors(f"cannot bind {ep} again"):
+                    sock.bind(ep)
+            except TransportError as exc:
+                if now - self._ipc_failed >= IPC_REPEAT_S:
+                    self._ipc_failed = now
+                    log.error(
+                        "broker %s: the file of %s was removed, and %s: new peers cannot connect there",
+                        self.settings.name,
+                        ep,
+                        exc,
+                    )
+                continue
+            log.warning(
+                "broker %s: the file of %s was removed (a cleaner of /tmp?): bound it again, for new peers (those "
+                "connected before were not affected). Keep ipc endpoints where no cleaner goes (/run/zmqdist/...)",
+                self.settings.name,
+                ep,
+            )
 
     @staticmethod
     def _fds() -> dict[str, int] | None:

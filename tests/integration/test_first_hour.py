@@ -469,3 +469,26 @@ def test_an_ipv6_address_in_brackets_binds_and_connects_beside_ipv4():
     finally:
         w.stop()
         b.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_broker_whose_ipc_file_was_removed_binds_it_again_and_keeps_its_peers(tmp_path, caplog):
+    """A cleaner of /tmp (or an rm) removes a running broker's ipc file: it went on listening on
+    the unlinked file, connected peers served, and every new peer got NoBroker for good. Now the
+    broker binds the path again within about a second (a second listener: an unbind would have
+    dropped its connected peers), and says so."""
+    caplog.set_level(logging.WARNING, logger="zmqdist")
+    path = tmp_path / "b.sock"
+    with Broker(bind=[f"ipc://{path}"]) as b:
+        w = Worker(b.endpoints, name="before")
+        w.add_service("echo", lambda x: x)
+        with w, Client(b.endpoints, timeout=10) as old:
+            assert old.call("echo", 1) == 1
+            path.unlink()
+            wait_for(path.exists, 10, "the ipc file bound again")
+            with Client(b.endpoints, timeout=10) as new:
+                assert new.call("echo", 2) == 2
+            assert old.call("echo", 3) == 3
+            assert [x["name"] for x in b.status()["workers"]] == ["before"]
+            assert b.status()["counters"]["workers_registered"] == 1  # kept its connection: no new HELLO
+    assert any("was removed (a cleaner of /tmp?): bound it again" in r.getMessage() for r in caplog.records)
