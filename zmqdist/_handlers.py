@@ -387,16 +387,31 @@ class Executors:
         if isolation == "process":
             self._procs = Processes(concurrency, mailbox, clock, codec)
         else:
-            for i in range(concurrency):
-                t = threading.Thread(
-                    target=self._thread_main, args=(_Hand(),), name=f"zmqdist-handler-{i}", daemon=True
-                )
-                t.start()
-                self._threads.append(t)
-            if self._async:
-                self._loop = asyncio.new_event_loop()
-                self._loop_thread = threading.Thread(target=self._loop.run_forever, name="zmqdist-asyncio", daemon=True)
-                self._loop_thread.start()
+            try:
+                for i in range(concurrency):
+                    t = threading.Thread(
+                        target=self._thread_main, args=(_Hand(),), name=f"zmqdist-handler-{i}", daemon=True
+                    )
+                    t.start()
+                    self._threads.append(t)
+                if self._async:
+                    self._loop = asyncio.new_event_loop()
+                    self._loop_thread = threading.Thread(
+                        target=self._loop.run_forever, name="zmqdist-asyncio", daemon=True
+                    )
+                    self._loop_thread.start()
+            except RuntimeError as exc:  # "can't start new thread": out of memory, or of ulimit -u
+                total = concurrency + (1 if self._async else 0)  # (async handlers: their event loop's)
+                started = len(self._threads)
+                loop = self._loop
+                if loop is not None and self._loop_thread is not None and not self._loop_thread.is_alive():
+                    self._loop = self._loop_thread = None  # (its thread did not start: nothing to stop)
+                    loop.close()
+                self.shutdown(wait=True)  # the threads started so far end (they were left idle for good)
+                raise ZmqdistError(
+                    f"cannot start the handler threads ({exc}): {started} of {total} started. The process is "
+                    "out of threads or memory (ulimit -u, ulimit -v, the container's pids limit): lower concurrency"
+                ) from exc
 
     @property
     def pools_replaced(self) -> int:

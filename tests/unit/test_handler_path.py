@@ -660,3 +660,34 @@ def test_a_cancel_cancels_an_async_handler_run_by_run_task_as_a_handler_process_
     assert done[:4] == ("done", 7, 3, False) and b"CancelledError" in done[4]
     assert gate._on_cancel is None  # the hook went with the loop
     assert waiting.is_set() == (when == "running")  # cancelled before it started: it never ran
+
+
+@pytest.mark.parametrize("with_async", [False, True])
+def test_handler_threads_that_cannot_all_start_end_those_that_did_and_say_why(monkeypatch, with_async):
+    """Out of threads or memory (ulimit -u, a container's pids limit) the worker's start raised
+    "can't start new thread", and the handler threads started before stayed idle for good (52 of
+    them in the probe, a process under ulimit -v asking for 1000)."""
+    import zmqdist._handlers as handlers
+    from zmqdist.errors import ZmqdistError
+
+    starts = []
+
+    class Scarce(threading.Thread):
+        def start(self) -> None:
+            if len(starts) == 4:
+                raise RuntimeError("can't start new thread")
+            starts.append(self)
+            super().start()
+
+    monkeypatch.setattr(handlers.threading, "Thread", Scarce)
+
+    async def coro(x):
+        return x
+
+    services = {"s": Service(lambda x: x)} | ({"a": Service(coro)} if with_async else {})
+    n = 4 if with_async else 8  # with async: the 5th thread to start is the event loop's
+    total = n + 1 if with_async else n
+    why = rf"cannot start the handler threads \(can't start new thread\): 4 of {total} started"
+    with pytest.raises(ZmqdistError, match=why):
+        Executors(services, n, "thread", Mailbox(), MonotonicClock())
+    assert len(starts) == 4 and not any(t.is_alive() for t in starts)
