@@ -832,9 +832,17 @@ class Processes:
         # then, each new one would find its parent gone and print a traceback. Registered after
         # multiprocessing's, this runs before it.
         atexit.register(self._exiting)
-        for _ in range(n):
-            with self._lock:  # (a slot's reader may look for it in the list at once)
-                self._slots.append(_Slot(self._ctx, self))
+        try:
+            for _ in range(n):
+                with self._lock:  # (a slot's reader may look for it in the list at once)
+                    self._slots.append(_Slot(self._ctx, self))
+        except Exception as exc:  # out of processes, memory or descriptors: those started end
+            started = len(self._slots)
+            self.shutdown()
+            raise ZmqdistError(
+                f"cannot start the handler processes ({exc}): {started} of {n} started. The process is out of "
+                "processes, memory or file descriptors (ulimit -u, -v, -n; a container's limits): lower concurrency"
+            ) from exc
         self._await_ready(start_s)
         with self._lock:
             self._starting = False

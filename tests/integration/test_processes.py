@@ -239,3 +239,38 @@ def test_a_handler_process_that_cannot_be_replaced_yet_is_replaced_once_it_can(t
         worker.kill()
         worker.wait(10)
         broker.stop()
+
+
+@pytest.mark.timeout(60)
+def test_handler_processes_that_cannot_all_start_end_those_that_did_and_say_why(monkeypatch):
+    """Out of processes or memory at start (a container's pids limit, ulimit -u): the error was
+    the raw OSError, and the processes started before it, with their reader threads and the
+    keeper, were left running."""
+    import errno
+    import multiprocessing
+
+    from zmqdist.errors import ZmqdistError
+
+    real = multiprocessing.get_context
+    made = []
+
+    class Scarce:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def Pipe(self):
+            return self.ctx.Pipe()
+
+        def Process(self, **kw):
+            if len(made) == 2:
+                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+            made.append(self.ctx.Process(**kw))
+            return made[-1]
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: Scarce(real(kind)))
+    threads = {t.ident for t in threading.enumerate()}
+    with pytest.raises(ZmqdistError, match=r"cannot start the handler processes \(.*\): 2 of 3 started"):
+        Processes(3, Mailbox(), MonotonicClock(), None)
+    assert len(made) == 2
+    wait_for(lambda: not any(p.is_alive() for p in made), 10, "the started processes ended")
+    wait_for(lambda: {t.ident for t in threading.enumerate()} <= threads, 10, "their threads and the keeper ended")
