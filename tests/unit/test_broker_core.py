@@ -764,3 +764,28 @@ def test_a_full_table_of_clients_forgets_the_silent_ones_but_not_one_with_a_requ
     core.receive(b"c5", p.Hello(p.ROLE_CLIENT, "c", (), 0, 250), 2.0)  # all four silent for 2 ttls
     assert set(core._clients) == {b"c1", b"c5"}
     assert set(core.batching) == {b"c1"}
+
+
+def test_a_peer_on_a_connection_no_zap_handler_checked_is_told_bye_once_a_second():
+    """No rights on a CURVE connection: libzmq admitted it while no ZAP handler ran. The peer is
+    told BYE (it connects again, and is checked then), at most once a second: sent away again at
+    once, a peer would spin while the handler is down. Nothing it sent is answered or served."""
+    from zmqdist.core.rights import UNCHECKED
+
+    core = make()
+    unchecked = ("", "")
+    hello = p.encode(p.Hello(p.ROLE_CLIENT, "c", (), 0, 250))
+    request = p.encode(p.Request(1, "echo", 1000, (), b"x"))
+
+    def said(now, *msg):
+        out = []
+        core.receive_frames(b"C", *msg, now, out, unchecked)
+        return [m for peer, m in out if peer == b"C"]
+
+    assert said(0.0, *hello) == [p.Bye(UNCHECKED)]
+    assert said(0.5, *request) == []  # neither served nor answered: it comes again on the next connection
+    assert said(1.0, *hello) == [p.Bye(UNCHECKED)]
+    out = []
+    core.receive_frames(b"D", *hello, 1.0, out, ("clients", "*"))  # a checked peer is served
+    assert [type(m) for peer, m in out if peer == b"D"] == [p.Welcome]
+    assert core.counters.refused_by_role == 3 and core.counters.requests == 0

@@ -22,7 +22,7 @@ from zmqdist.core import batching
 from zmqdist.core.link import Problem
 from zmqdist.core.mdp import MAX_FRAMES, MdpBridge, starts_mdp
 from zmqdist.core.records import LOG, NONE, Counters, Out
-from zmqdist.core.rights import pair_peer, refusal
+from zmqdist.core.rights import UNCHECKED, pair_peer, refusal
 from zmqdist.core.services import StatusPart
 from zmqdist.core.tiers import Upstream
 from zmqdist.errors import RemoteProtocolError
@@ -33,6 +33,11 @@ Rights = tuple[str, str]  # (roles, services) a CURVE peer's key was admitted wi
 
 
 _RESULT_HEADS: Final = frozenset((p.HEAD_PREFIX[p.Result], p.HEAD_PREFIX[p.Part]))
+# A native peer on a connection no ZAP handler checked is told BYE (it connects again, and is
+# checked if the handler runs again by then), at most once this often: a peer connecting again
+# while the handler is still down waits out its ttl before the next try, instead of spinning.
+UNCHECKED_BYE_S: Final = 1.0
+UNCHECKED_MAX: Final = 10_000  # peers remembered for that; a table this full starts afresh
 
 
 class BrokerMachine:
@@ -51,6 +56,7 @@ class BrokerMachine:
         # each of them what is ready for it in one message (natural batching, docs/protocol.md).
         self.batching: dict[bytes, int] = {}
         self._batching_cap = 4 * settings.max_queue + 1024  # bound: a table this full starts afresh
+        self._unchecked: dict[bytes, float] = {}  # peers told BYE for an unchecked connection: when
 
     # --- the door ---------------------------------------------------------------------------------
 
@@ -71,7 +77,7 @@ class BrokerMachine:
             self.bad_input(peer, exc, head, out)
             return False
         if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
-            self._refuse(peer, msg, why, out)
+            self._refuse(peer, msg, why, out, now)
             return False
         if type(msg) is p.Hello:
             self.note_batching(peer, msg.batch)
@@ -190,16 +196,26 @@ class BrokerMachine:
             ticket, parts, what = msg.id, msg.seq, f"part {msg.seq + 1} of the stream"
         failed = p.too_large(ticket, f"{what} from its worker: {why}", parts)
         if rights is not None and (refused := refusal(rights[0], rights[1], failed)) is not None:
-            self._refuse(peer, failed, refused, out)
+            self._refuse(peer, failed, refused, out, now)
             return
         if type(msg) is p.Part:
             out.append((peer, p.Cancel(ticket)))  # else its handler goes on yielding parts
         out += self.receive(peer, failed, now)
 
-    def _refuse(self, peer: bytes, msg: p.Message, why: str, out: list[Out]) -> None:
-        """A secured peer sent what its key may not: count, log, answer with the reason."""
+    def _refuse(self, peer: bytes, msg: p.Message, why: str, out: list[Out], now: float = -1.0) -> None:
+        """A secured peer sent what its key may not: count, log, answer with the reason. A native
+        peer (``now`` given) whose connection no ZAP handler checked is told BYE instead, once a
+        second: it connects again and says again what it sent, and loses nothing."""
         self.counters.refused_by_role += 1
         out.append((LOG, Problem(f"refused {type(msg).__name__} from {peer.hex()}: {why}", "rights")))
+        if now >= 0 and why == UNCHECKED:
+            told = self._unchecked
+            if now - told.get(peer, -UNCHECKED_BYE_S) >= UNCHECKED_BYE_S:
+                if len(told) >= UNCHECKED_MAX:
+                    told.clear()
+                told[peer] = now
+                out.append((peer, p.Bye(UNCHECKED)))
+            return
         if type(msg) is p.Request:
             out.append((peer, p.Reply(msg.rid, p.ST_INVALID, f"refused: {why}", b"")))
         else:
