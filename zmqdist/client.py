@@ -605,9 +605,14 @@ class Client:
         self, service: str, values: Iterable[Any], *, timeout: float | None = None, window: int = 1000
     ) -> Iterator[Any]:
         """Call ``service`` on every value, keeping up to ``window`` in flight; yield in input order.
-        Closing the iterator early (or an error) cancels the requests still open."""
+        Closing the iterator early (or an error) cancels the requests still open. Bad arguments
+        (and a closed client) raise here, as the built-in ``map`` does, not at the first value."""
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"window must be a whole number of at least 1, got {window!r}")
+        self._checked(service, timeout)
+        return self._map(service, iter(values), timeout, window)
+
+    def _map(self, service: str, it: Iterator[Any], timeout: float | None, window: int) -> Iterator[Any]:
         # One queue for the whole call instead of a Future per request: outcomes arrive as
         # (rid, ok, value); every request ends (reply, local timeout or close), so get() returns.
         # Natural batching: the window is refilled only after every outcome already there was
@@ -615,7 +620,6 @@ class Client:
         sink: Outcomes = queue.SimpleQueue()
         order: deque[int] = deque()
         done: dict[int, tuple[bool, Any]] = {}
-        it = iter(values)
         exhausted = False
         get, empty, popleft = sink.get, sink.empty, order.popleft  # bound once: called per request
         try:

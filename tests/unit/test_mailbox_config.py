@@ -6,7 +6,7 @@ import pytest
 
 from zmqdist import Broker, Client, Codec, Retry, Worker
 from zmqdist.config import IPC_PATH_MAX, BrokerSettings, HeartbeatSettings, check_endpoints, load_toml
-from zmqdist.errors import ConfigError
+from zmqdist.errors import ClosedError, ConfigError
 from zmqdist.transport import Mailbox, poll_timeout_ms
 
 
@@ -151,7 +151,13 @@ def test_a_client_refuses_a_name_its_broker_would_refuse_and_a_map_window_that_i
     with Client(["tcp://127.0.0.1:1"], name="x" * 255) as c:
         for bad in (0, -1):  # (a float or True: the compiled signature refuses or converts it first)
             with pytest.raises(ConfigError, match="window must be a whole number of at least 1"):
-                next(c.map("svc", [1], window=bad))
+                c.map("svc", [1], window=bad)  # at the call, as the built-in map (it was at the first next)
+        with pytest.raises(ConfigError, match="service must be a name"):
+            c.map("", [1])
+        with pytest.raises(TypeError, match="not iterable"):
+            c.map("svc", 5)  # type: ignore[arg-type]
+    with pytest.raises(ClosedError):
+        c.map("svc", [1])  # a closed client says so at the call
 
 
 def test_a_worker_refuses_a_service_its_broker_would_refuse_a_name_added_twice_and_a_handler_taking_no_value():
