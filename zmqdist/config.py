@@ -144,7 +144,8 @@ class BrokerSettings:
     tcp_keepalive_s: int = option(
         60,
         "seconds of silence on a peer's tcp connection before the kernel probes the peer: one whose host "
-        "vanished (no FIN, no reset) is cut after about twice this (0: the system's setting, off by default)",
+        "vanished (no FIN, no reset) is cut after about twice this, idle or with data unacknowledged "
+        "(0: the system's settings, keepalives off by default)",
         flag="--tcp-keepalive",
         lo=0,
         hi=7200,

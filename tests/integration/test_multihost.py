@@ -157,49 +157,48 @@ def _established(port, peer_ip):
 
 
 @pytest.mark.timeout(90)
-def test_a_vanished_client_hosts_connection_is_cut_by_tcp_keepalive(procs, master_host):
+def test_a_vanished_client_hosts_connections_are_cut_idle_or_with_a_reply_in_flight(procs, master_host):
     """A peer host that vanishes (its link cut: no FIN, no reset) left its connection established
     at the broker for good (90 s in the probe, and nothing would ever end it): a file descriptor
     of the broker each, until none was left to accept peers with. The broker's connections now
-    carry tcp keepalives (--tcp-keepalive, 60 s by default): a peer that answers no probe is cut."""
+    carry tcp keepalives (--tcp-keepalive, 60 s by default) for an idle one, and a bound on
+    unacknowledged data (TCP_USER_TIMEOUT, the same time) for one the broker still sends to (a
+    reply, a heartbeat's answer): keepalives alone left that one to retransmit for 15 minutes
+    (a first version of this test failed so in a CI run, a heartbeat's answer in flight)."""
     if shutil.which("ss") is None:
         pytest.skip("needs ss (iproute2)")
     ns, here_ip, there_ip = master_host["ns"], master_host["here_ip"], master_host["ip"]
-    short, default = free_port(), free_port()
-    procs.spawn("broker", "--bind", f"tcp://{here_ip}:{short}", "--name", "short", "--tcp-keepalive", "1")
+    idle, busy, default = free_port(), free_port(), free_port()
+    for port, name, extra in ((idle, "idle", ["--tcp-keepalive", "1"]), (busy, "busy", ["--tcp-keepalive", "1"])):
+        procs.spawn("broker", "--bind", f"tcp://{here_ip}:{port}", "--name", name, *extra)
     procs.spawn("broker", "--bind", f"tcp://{here_ip}:{default}", "--name", "default")
+    procs.spawn("worker", "testworkers:echo", "--connect", f"tcp://{here_ip}:{busy}")
     script = (
         "import sys, time, zmqdist\n"
-        "for ep in sys.argv[1:]:\n"
+        "idle, busy, default = sys.argv[1:]\n"
+        "for ep in (idle, default):\n"
         "    zmqdist.Client([ep], timeout=30).call('zmqdist.status')\n"
+        "c = zmqdist.Client([busy], timeout=30)\n"
+        "c.call('echo', 1)\n"
+        "late = c.submit('slow', 2.0)  # its reply comes after the host has vanished\n"
         "print('called', flush=True)\n"
         "time.sleep(120)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests' / 'integration'}")
+    eps = [f"tcp://{here_ip}:{p}" for p in (idle, busy, default)]
     far = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            sys.executable,
-            "-c",
-            script,
-            f"tcp://{here_ip}:{short}",
-            f"tcp://{here_ip}:{default}",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
+        ["ip", "netns", "exec", ns, sys.executable, "-c", script, *eps], env=env, stdout=subprocess.PIPE
     )
     try:
         assert far.stdout is not None and far.stdout.readline() == b"called\n"
         # on by default (ss shows one timer: the retransmission's while data is unacknowledged)
         wait_for(lambda: [x for x in _established(default, there_ip) if "timer:(keepalive" in x], 10, "keepalive")
-        assert len(_established(short, there_ip)) == 1
+        assert len(_established(idle, there_ip)) == 1 and len(_established(busy, there_ip)) == 1
         sh("ip", "link", "set", master_host["link"], "down")  # the far host vanishes: nothing more comes
         far.kill()
         far.wait(10)
-        wait_for(lambda: not _established(short, there_ip), 30, "the vanished client's connection cut")
+        wait_for(lambda: not _established(idle, there_ip), 30, "the idle connection of the vanished host cut")
+        wait_for(lambda: not _established(busy, there_ip), 30, "the connection with a reply in flight cut")
         assert len(_established(default, there_ip)) == 1  # the control: 60 s of keepalive are not over
     finally:
         if far.poll() is None:

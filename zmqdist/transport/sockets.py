@@ -141,8 +141,9 @@ def bind_router(
     libzmq before Python sees them. With ``curve_secret`` every connection is a CURVE server whose
     peers are checked by the ZAP handler of ``zap_domain``. With ``keepalive_s`` the kernel probes a
     tcp peer silent that long (every ``keepalive_s // 6`` s, at least 1, KEEPALIVE_PROBES times) and
-    closes the connection of one that does not answer: a peer whose host vanished (no FIN, no reset)
-    otherwise kept its connection, and a file descriptor of the broker, for good.
+    closes the connection of one that does not answer, or that leaves data unacknowledged as long:
+    a peer whose host vanished (no FIN, no reset) otherwise kept its connection, and a file
+    descriptor of the broker, for good (or 15 minutes, with data in flight).
     """
     sock = ctx.socket(zmq.ROUTER)
     try:
@@ -153,10 +154,15 @@ def bind_router(
         sock.setsockopt(zmq.SNDHWM, 100_000)
         sock.setsockopt(zmq.RCVHWM, 100_000)
         if keepalive_s > 0:  # (libzmq applies them to every connection its listeners accept)
+            interval = max(1, keepalive_s // 6)
             sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
             sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, keepalive_s)
-            sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, keepalive_s // 6))
+            sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, interval)
             sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_PROBES)
+            # Keepalives probe an idle connection only: one with data unacknowledged (a reply, a
+            # heartbeat's answer sent as the peer vanished) retransmits instead, for 15 minutes
+            # by Linux's default. TCP_USER_TIMEOUT bounds that to the same time.
+            sock.setsockopt(zmq.TCP_MAXRT, 1000 * (keepalive_s + KEEPALIVE_PROBES * interval))
         if curve_secret is not None:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
             sock.setsockopt(zmq.CURVE_SECRETKEY, curve_secret)
