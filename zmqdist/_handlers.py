@@ -52,7 +52,7 @@ from zmqdist.context import REQUEST_VAR, RequestContext
 from zmqdist.core.worker import Abort, Execute, Window
 from zmqdist.errors import ZmqdistError
 from zmqdist.policy import Retry
-from zmqdist.transport import Mailbox
+from zmqdist.transport import Mailbox, RateLimitedLog
 
 log: Final = logging.getLogger(__name__)
 INLINE_BUDGET_S: Final = 0.005  # an inline handler's call longer than this is a strike against it...
@@ -820,7 +820,7 @@ class Processes:
         self._starting = True  # a process that dies before it is ready now fails the start
         self._waiting: list[tuple[Service, Execute]] = []  # more tasks than processes (never, normally)
         self.replaced = 0
-        self._unreplaced_logged = -UNREPLACED_LOG_S  # when a replacement that failed was last logged
+        self._unreplaced_log = RateLimitedLog(log, UNREPLACED_LOG_S, 1)  # replacements that failed
         self._slots: list[_Slot] = []
         # Replacements start on this thread, not on the reader thread that saw a process die: a
         # process's parent-death signal (_child_init) follows the thread that started it, and a
@@ -978,16 +978,16 @@ class Processes:
                 # memory. (This thread used to die of it, and the slot stayed dead for good,
                 # holding its task.) Try again until it can; meanwhile the worker runs with fewer
                 # processes, and the dead one's task is reported when its replacement starts.
-                now = time.monotonic()
-                if now - self._unreplaced_logged >= UNREPLACED_LOG_S:
-                    self._unreplaced_logged = now
-                    log.error(
-                        "a handler process could not be replaced (%s: %s): tried again every %.0f s; the "
-                        "worker runs with one process less meanwhile",
-                        type(exc).__name__,
-                        exc,
-                        REPLACE_RETRY_S,
-                    )
+                self._unreplaced_log.log(
+                    logging.ERROR,
+                    "unreplaced",
+                    time.monotonic(),
+                    "a handler process could not be replaced (%s: %s): tried again every %.0f s; the worker "
+                    "runs with one process less meanwhile",
+                    type(exc).__name__,
+                    exc,
+                    REPLACE_RETRY_S,
+                )
                 time.sleep(REPLACE_RETRY_S)  # (this thread's own wait: it replaces nothing else meanwhile)
                 self._dead.put(slot)
 

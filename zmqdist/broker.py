@@ -167,7 +167,7 @@ class Broker:
         self._fds_due = 0.0  # when the loop counts its file descriptors next
         self._watch_due = 0.0  # when the loop looks at its ZAP handler and ipc paths next
         self._ipc: list[tuple[zmq.Socket[Any], str, str]] = []  # (socket, endpoint, path) bound on files
-        self._ipc_failed = -IPC_REPEAT_S  # when a lost ipc path last failed to bind again
+        self._ipc_log = RateLimitedLog(log, IPC_REPEAT_S, 1)  # a lost ipc path that fails to bind again
         self._fds_warned = -1.0  # when it last warned that few are left (-1: not since they were plenty)
         self._max_payload = s.max_message_size
         self._loop: Loop | None = None
@@ -425,14 +425,8 @@ class Broker:
                 with map_zmq_errors(f"cannot bind {ep} again"):
                     sock.bind(ep)
             except TransportError as exc:
-                if now - self._ipc_failed >= IPC_REPEAT_S:
-                    self._ipc_failed = now
-                    log.error(
-                        "broker %s: the file of %s was removed, and %s: new peers cannot connect there",
-                        self.settings.name,
-                        ep,
-                        exc,
-                    )
+                msg = "broker %s: the file of %s was removed, and %s: new peers cannot connect there"
+                self._ipc_log.log(logging.ERROR, ep, now, msg, self.settings.name, ep, exc)
                 continue
             log.warning(
                 "broker %s: the file of %s was removed (a cleaner of /tmp?): bound it again, for new peers (those "

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from zmqdist.core.mdp import COUNTERS as MDP_COUNTERS
 from zmqdist.core.records import COUNTER_NAMES
 from zmqdist.errors import ConfigError
+from zmqdist.transport import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -243,22 +244,21 @@ class _Server(ThreadingMixIn, WSGIServer):
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(slots)
         self.turned_away = 0
-        self._logged = -TURNED_AWAY_LOG_S
+        self._log = RateLimitedLog(log, TURNED_AWAY_LOG_S, 1)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.turned_away += 1
-            now = time.monotonic()
-            if now - self._logged >= TURNED_AWAY_LOG_S:
-                self._logged = now
-                log.warning(
-                    "metrics endpoint: %d connections are open already (each waits at most %gs for its "
-                    "request): closed one from %s (%d so far)",
-                    SCRAPE_CONNECTIONS,
-                    SCRAPE_TIMEOUT_S,
-                    client_address[0],
-                    self.turned_away,
-                )
+            self._log.warning(
+                "turned-away",
+                time.monotonic(),
+                "metrics endpoint: %d connections are open already (each waits at most %gs for its request): "
+                "closed one from %s (%d so far)",
+                SCRAPE_CONNECTIONS,
+                SCRAPE_TIMEOUT_S,
+                client_address[0],
+                self.turned_away,
+            )
             self.shutdown_request(request)
             return
         try:

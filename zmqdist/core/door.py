@@ -127,7 +127,7 @@ class BrokerMachine:
             return
         for msg in msgs:
             if rights is not None and (why := refusal(rights[0], rights[1], msg)) is not None:
-                self._refuse(peer, msg, why, out)
+                self._refuse(peer, msg, why, out, now, native=False)
                 continue
             out += self.receive(peer, msg, now)
             if type(msg) is p.Hello:
@@ -202,13 +202,14 @@ class BrokerMachine:
             out.append((peer, p.Cancel(ticket)))  # else its handler goes on yielding parts
         out += self.receive(peer, failed, now)
 
-    def _refuse(self, peer: bytes, msg: p.Message, why: str, out: list[Out], now: float = -1.0) -> None:
+    def _refuse(self, peer: bytes, msg: p.Message, why: str, out: list[Out], now: float, native: bool = True) -> None:
         """A secured peer sent what its key may not: count, log, answer with the reason. A native
-        peer (``now`` given) whose connection no ZAP handler checked is told BYE instead, once a
-        second: it connects again and says again what it sent, and loses nothing."""
+        peer whose connection no ZAP handler checked is told BYE instead, once a second: it
+        connects again and says again what it sent, and loses nothing (a Majordomo peer, which
+        has no BYE, is refused as any other)."""
         self.counters.refused_by_role += 1
         out.append((LOG, Problem(f"refused {type(msg).__name__} from {peer.hex()}: {why}", "rights")))
-        if now >= 0 and why == UNCHECKED:
+        if native and why == UNCHECKED:
             told = self._unchecked
             if now - told.get(peer, -UNCHECKED_BYE_S) >= UNCHECKED_BYE_S:
                 if len(told) >= UNCHECKED_MAX:
