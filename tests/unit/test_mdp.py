@@ -473,3 +473,51 @@ def test_a_pair_broker_forgets_its_vanished_mdp_workers_from_the_bridge_its_door
         a.tick(at)
     assert not a.mdp.speaks_mdp(b"W")
     assert a.inner.mdp is a.mdp
+
+
+def test_a_broker_that_stepped_down_keeps_no_mdp_peer_it_does_not_hold():
+    """Seed 151 of the soak: a master that stepped down after a SIGSTOP kept a Majordomo peer for
+    good (the passive broker never forgot any). Its MDP worker, told DISCONNECT at the step-down,
+    still sends the reply it was working on and a heartbeat or two: the bridge learned it anew
+    each time as a worker it does not know, and a passive broker answers neither (the active
+    one is told). Only a peer held for an answer at a takeover (a voter) is kept."""
+    from zmqdist.core.failover import PairedBroker
+    from zmqdist.core.ha import ACTIVE, PASSIVE, PENDING
+
+    settings = BrokerSettings(name="a", ha="primary", heartbeat_s=0.1, liveness=4, mdp_heartbeat_s=0.1)
+    a = PairedBroker(settings, "inc-a", 0.0)
+    a.pair_receive(p.PairState("b", 0, PENDING, 0, "pinc", 0, 0), 0.0)
+    a.tick(0.01)
+    assert a.pair.state == ACTIVE
+    out: list = []
+    a.receive_mdp(b"W", [b"MDPW02", b"\x01", b"s"], 0.02, out)
+    a.receive_mdp(b"C", [b"MDPC02", b"\x01", b"s", b"job"], 0.02, out)
+    (task,) = [m for peer, m in out if peer == b"W" and type(m) is p.Task]
+    # B took over while A was stopped: A steps down and sends its peers away.
+    out = a.pair_receive(p.PairState("b", 0, ACTIVE, a.pair.epoch + 1, "pinc", 7, 0, 1), 0.03)
+    assert a.pair.state == PASSIVE
+    told = {peer: a.mdp_outbound(peer, m, 0.03)[0] for peer, m in out if peer in (b"W", b"C")}
+    assert told[b"W"] == [[b"MDPW02", b"\x06"]] and told[b"C"][0][:2] == [b"MDPC02", b"\x03"]
+    # What W sent before it read its DISCONNECT: its reply, then heartbeats.
+    late = []
+    a.receive_mdp(b"W", [b"MDPW02", b"\x04", mdp.ticket_frame(task.ticket), b"", b"re"], 0.04, late)
+    a.receive_mdp(b"W", [b"MDPW02", b"\x05"], 0.05, late)
+    a.receive_mdp(b"W", [b"MDPW02", b"\x05"], 0.06, late)
+    at = 0.06
+    while at < 3.0:  # B stays active and fresh
+        at = round(at + 0.1, 6)
+        a.pair_receive(p.PairState("b", 0, ACTIVE, a.pair.epoch + 1, "pinc", 7, 0, 1), at)
+        a.tick(at)
+    assert not a.mdp.peers
+    # A peer held for an answer (B is not fresh, not yet silent past its ttl) is kept until it
+    # gets one: BUSY "send it again" at the takeover.
+    at += 3 * settings.heartbeat_s
+    held: list = []
+    a.receive_mdp(b"D", [b"MDPC02", b"\x01", b"s", b"x"], at, held)
+    assert held == [] and b"D" in a.pair.held
+    a.tick(at + 0.01)
+    assert a.mdp.is_client(b"D")
+    took = a.tick(at + settings.heartbeat.ttl_s)
+    assert a.pair.state == ACTIVE
+    (end,) = [a.mdp_outbound(peer, m, at)[0] for peer, m in took if peer == b"D"]
+    assert end[0][:2] == [b"MDPC02", b"\x03"] and b"send it again" in end[0][-1]

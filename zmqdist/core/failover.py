@@ -230,8 +230,13 @@ class PairedBroker(BrokerMachine):
             out.append((PAIR, Connect(pair.peer_endpoint, f"{pair.peer_name or 'the peer'} {silent}")))
         if now >= pair.next_beat:
             out.append((PAIR, self._state(now)))
-        if not self._active and pair.held and pair.peer_state == ACTIVE and pair.peer_fresh(now):
-            self._redirect_held(out)
+        if not self._active:
+            if pair.held and pair.peer_state == ACTIVE and pair.peer_fresh(now):
+                self._redirect_held(out)
+            if self.mdp.peers:
+                # A passive broker never runs the machine's forgetting: an MDP peer it learned and
+                # did not hold (a worker's reply or heartbeat after its DISCONNECT) stayed for good.
+                self.mdp.keep_only(pair.held)
         out += self.flush(now)
         return out
 

@@ -336,6 +336,13 @@ class MdpBridge:
         for ident in [i for i, x in peers.items() if type(x) is _Worker and i not in members]:
             del peers[ident]
 
+    def keep_only(self, held: set[bytes]) -> None:
+        """Forget every peer but those in ``held``: a passive broker of a pair translates only for
+        the peers it holds for an answer at a takeover (the rest it sent to the active broker)."""
+        peers = self.peers
+        for ident in [i for i in peers if i not in held]:
+            del peers[ident]
+
     def _make_room(self) -> None:
         if len(self.peers) >= self.max_peers:
             # Forget idle clients first (nothing is lost: they have no pending request).
