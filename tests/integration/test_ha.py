@@ -527,3 +527,55 @@ def test_a_pair_forgets_the_clients_and_workers_that_came_and_went(procs, tmp_pa
             "the gone peers forgotten",
         )
         assert status(c)["ha"]["state"] == "active" and c.call("echo", "still")[0] == "still"
+
+
+@pytest.mark.timeout(120)
+def test_a_stalled_host_pausing_the_whole_pair_and_its_workers_changes_no_active_broker(procs, tmp_path):
+    """A host that stalls (a VM paused by its hypervisor) stops the brokers of a pair and the
+    workers on it at once, for longer than the ttl; a client elsewhere finds the pair silent and
+    goes to the passive broker B. When the host resumes, B (resumed a moment before A) must not
+    count the pause as A's silence and take over with that client's vote, nor a worker as its
+    broker's silence and fail over. Before the fix: B deposed the live A in 2 of 5 such pauses
+    of 5 s (and its requests ran twice); a worker failed over when the stop found it in its
+    timers instead of its wait."""
+    t = Pairs(procs, tmp_path)
+    t.pair("A", "B")
+    workers = [t.worker(f"w{i}", "A", "B") for i in range(2)]
+    t.wait_pair("A", "B")
+    with t.client("A") as c:
+        wait_for(lambda: len(status(c)["workers"]) == 2, 20, "2 workers at A")
+    stop = threading.Event()
+    results: list[tuple[int, object]] = []
+
+    def load() -> None:
+        with t.client("A", "B", timeout=60) as c:
+            i = 0
+            while not stop.is_set():
+                futs = [(j, c.submit("echo", j)) for j in range(i, i + 50)]
+                results.extend((j, f.result(60)[0]) for j, f in futs)
+                i += 50
+
+    driver = threading.Thread(target=load)
+    driver.start()
+    try:
+        host = [t.brokers["A"], t.brokers["B"], *workers]
+        orders = ([*workers, t.brokers["B"], t.brokers["A"]], [t.brokers["B"], t.brokers["A"], *workers])
+        for order in orders:
+            wait_for(lambda n=len(results): len(results) > n + 500, 30, "load served")
+            for proc in host:
+                proc.send_signal(signal.SIGSTOP)
+            time.sleep(3.0)  # the ttl is 1 s
+            for proc in order:
+                proc.send_signal(signal.SIGCONT)
+                time.sleep(0.03)
+        wait_for(lambda n=len(results): len(results) > n + 500, 30, "load served after the pauses")
+    finally:
+        stop.set()
+        driver.join(90)
+    assert all(j == v for j, v in results) and len(results) > 1500
+    a_ha, b_ha = t.ha("A"), t.ha("B")
+    assert (a_ha["state"], a_ha["takeovers"], a_ha["step_downs"]) == ("active", 1, 0), a_ha
+    assert (b_ha["state"], b_ha["takeovers"]) == ("passive", 0), b_ha
+    with t.client("A") as c:
+        st = status(c)
+        assert len(st["workers"]) == 2 and st["counters"]["workers_registered"] == 2, st["counters"]

@@ -629,3 +629,36 @@ def test_a_passive_broker_forgets_the_peers_it_sent_away_once_a_heartbeat_has_pa
         if step % 50 == 1:  # told 10 ms ago, within the heartbeat: not again, a prune or not
             assert not b.redirect_due(b"peer-%d-0" % (step - 1), now)
     assert hb == 0.25 and biggest <= 1024 + 10 * round(hb / 0.01) + 10, biggest
+
+
+def test_a_passive_broker_counts_its_peers_silence_from_its_own_resume_after_a_pause():
+    """A stalled host (a VM paused, both brokers of a pair on it) stops both brokers at once. The
+    passive one, resumed a moment before the active one, found it silent for the whole pause and
+    took over with the first peer that came to it (measured: 2 of 5 such 5-s pauses of a whole
+    topology; the live active broker stepped down, 16 requests ran twice). Silence across our own
+    pause proves nothing (as for members, core/dispatch.py): it counts from the resume."""
+    from zmqdist.core.failover import PairedBroker
+
+    settings = BrokerSettings(name="b", ha="backup", heartbeat_s=0.25, liveness=4)  # ttl 1 s
+    b = PairedBroker(settings, "inc-b", 0.0)
+    b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 0.0)
+    b.tick(0.01)
+    assert b.pair.state == PASSIVE
+    b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 1.0)
+    # Both stopped from 1.1 to 6.1; b resumes first and a client comes to it.
+    b.resumed(5.0, 6.1)
+    req = p.Request(1, "echo", 5000, (), b"x")
+    assert b.receive(b"C", req, 6.11) == [] and b"C" in b.pair.held  # held: not sent to a silent broker
+    b.tick(6.12)
+    assert b.pair.state == PASSIVE and b.pair.counters["takeovers"] == 0
+    out = b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 6.2)  # a resumed: heard
+    out += b.tick(6.21)
+    assert b.pair.state == PASSIVE and [type(m) for peer, m in out if peer == b"C"] == [p.Bye]
+    # A peer that stays silent a ttl past the resume is taken for gone, as before.
+    b.resumed(3.0, 10.0)
+    b.receive(b"C", req, 10.5)
+    b.tick(10.6)
+    assert b.pair.state == PASSIVE
+    b.receive(b"C", req, 11.0)
+    b.tick(11.01)
+    assert b.pair.state == ACTIVE and b.pair.counters["takeovers"] == 1

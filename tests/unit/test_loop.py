@@ -1,5 +1,6 @@
 """The poll loop every runtime uses: timers, ready sockets (also one replaced mid-run), the mailbox."""
 
+import pytest
 import zmq
 
 from zmqdist.clock import MonotonicClock
@@ -160,6 +161,50 @@ def test_a_turn_whose_work_took_past_the_pause_threshold_is_reported_as_a_pause_
         tick=tick, mail=lambda items, now: seen.append(("mail", now)), paused=lambda s, now: seen.append(("paused", s))
     )
     assert seen == [("tick", 0.0), ("mail", 0.0), ("paused", 2.5), ("tick", 2.5)]
+    mailbox.close()
+
+
+class SetClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def now(self):
+        return self.t
+
+
+@pytest.mark.parametrize("stopped_in", ["tick", "before_wait"])
+def test_a_stop_while_the_timers_ran_is_reported_as_a_pause_before_the_wait(stopped_in):
+    """Stopped in the tick or just before the wait (a worker wakes its handler threads there), not
+    in the wait nor in a read: nothing said so, the wait ended when asked, and the next tick took
+    the pause for the broker's silence. A worker of a whole topology SIGSTOPped for 5 s failed
+    over so, and its vote made the passive broker of the pair depose the live active one."""
+    mailbox = Mailbox()
+    mailbox.post("work")
+    clock = SetClock()
+    loop = Loop(clock, mailbox)
+    seen = []
+
+    def stop_here():
+        if not any(e[0] == "paused" for e in seen) and clock.t == 0.0:
+            clock.t = 2.5
+
+    def tick(now):
+        seen.append(("tick", now))
+        if stopped_in == "tick":
+            stop_here()
+        if len([e for e in seen if e[0] == "tick"]) > 1:
+            loop.stop()
+        return now + 0.1
+
+    loop.run(
+        tick=tick,
+        mail=lambda items, now: seen.append(("mail", now)),
+        paused=lambda s, now: seen.append(("paused", s)),
+        before_wait=stop_here if stopped_in == "before_wait" else None,
+    )
+    assert seen == [("tick", 0.0), ("paused", 2.5), ("mail", 2.5), ("tick", 2.5)]
     mailbox.close()
 
 

@@ -454,6 +454,7 @@ class PairedBroker(BrokerMachine):
         return self.inner.holds(peer, rid)
 
     def resumed(self, seconds: float, now: float) -> None:
+        self.pair.resumed = now  # the peer's silence counts from here too (Pair.silent_since)
         self.inner.resumed(seconds, now)
 
     @property

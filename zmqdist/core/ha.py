@@ -106,6 +106,7 @@ class Pair:
         self.peer_hb_s = self.hb_s
         self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
+        self.resumed = -1e9  # when this broker resumed from a pause of its own (see silent_since)
         self.peer_endpoint = settings.peer
         self.redialed = now  # when the connection to the peer was last made (see redial_due)
         self.heard_key = (0, 0)  # (epoch, order) of the last state heard from the peer's run
@@ -141,9 +142,18 @@ class Pair:
 
     # --- the peer ---------------------------------------------------------------------------------
 
+    def silent_since(self) -> float | None:
+        """Since when the peer counts as silent: since it was last heard, or since this broker's
+        own last pause ended if that is later. Silence across our own pause (SIGSTOP, a stalled
+        host) proves nothing: a stalled host stops both brokers of a pair on it, and the passive
+        one, resumed first, found the active one silent for the whole pause and took over."""
+        seen = self.peer_seen
+        return None if seen is None else max(seen, self.resumed)
+
     def peer_alive(self, now: float) -> bool:
-        """Has the peer been heard within the ttl?"""
-        return self.peer_seen is not None and now - self.peer_seen <= self.peer_ttl_s
+        """Has the peer been heard within the ttl (counted from our own resume, if later)?"""
+        since = self.silent_since()
+        return since is not None and now - since <= self.peer_ttl_s
 
     def peer_fresh(self, now: float) -> bool:
         """Has the peer been heard very recently (two heartbeats)? Then redirecting to it is safe."""
@@ -191,7 +201,8 @@ class Pair:
         30 s cut). A connect into silence backs off the same way. So the peer's connection is made
         anew after a ttl of silence (at least REDIAL_MIN_S) and again each such interval while
         the peer stays silent: the pair hears itself within about one interval of the heal."""
-        last = self.redialed if self.peer_seen is None else max(self.peer_seen, self.redialed)
+        since = self.silent_since()
+        last = self.redialed if since is None else max(since, self.redialed)
         if now - last < max(self.peer_ttl_s, REDIAL_MIN_S) or not self.peer_endpoint:
             return False
         self.redialed = now
@@ -432,8 +443,9 @@ class Pair:
         connection is to be made anew (checked at each beat: :meth:`redial_due`)."""
         d = self.next_beat
         if self.state != ACTIVE:  # silence of the peer matters only to a broker that may take over
-            if self.peer_seen is not None and self.peer_seen + self.peer_ttl_s + 1e-6 > self.decided:
-                d = min(d, self.peer_seen + self.peer_ttl_s + 1e-6)
+            since = self.silent_since()
+            if since is not None and since + self.peer_ttl_s + 1e-6 > self.decided:
+                d = min(d, since + self.peer_ttl_s + 1e-6)
             if self.state == PENDING and self.started + self.grace_s + 1e-6 > self.decided:
                 d = min(d, self.started + self.grace_s + 1e-6)
         return d

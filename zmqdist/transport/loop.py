@@ -117,7 +117,8 @@ class Loop:
         (retry soon); ``after(now)`` runs after every wake-up (a pair's replication flush);
         ``paused(seconds, now)`` is told when a wait ended much later than asked (the thread was
         stopped), before anything that arrived meanwhile is read, and when a turn's work took that
-        long (stopped while it worked, or starved), before the next ``tick``; ``before_wait()``
+        long (stopped while it worked, or starved), before the next ``tick`` (or, for the timers'
+        own work, before the wait); ``before_wait()``
         runs last before every wait (a worker wakes its handler threads there, so that they find
         the GIL free once the wait lets go of it).
 
@@ -149,9 +150,11 @@ class Loop:
             if before_wait is not None:
                 before_wait()
             if hold is not None and idle is not None and not backlog and not waiting and idle():
+                t0 = clock_now()
+                if paused is not None and t0 - now > PAUSE_S:  # stopped in the timers: see below
+                    paused(t0 - now, t0)
                 hold.release()  # a caller may drive the sockets during this wait
                 try:
-                    t0 = clock_now()
                     mail_only.poll(timeout)
                     late = clock_now() - t0 - timeout / 1000
                 finally:
@@ -163,6 +166,11 @@ class Loop:
                 continue
             poller = self._poll_set()
             t0 = clock_now() if paused is not None else now
+            if paused is not None and t0 - now > PAUSE_S:
+                # Stopped in the tick or before_wait(): neither the wait's lateness nor the next
+                # turn's start sees it (the mark moves on at the wait's end). Unsaid, the next tick
+                # took the pause for the broker's silence (a worker of a stalled host failed over).
+                paused(t0 - now, t0)
             ready = poller.poll(timeout)
             now = clock_now()
             if paused is not None and (late := now - t0 - timeout / 1000) > PAUSE_S:
