@@ -634,8 +634,8 @@ def test_a_passive_broker_forgets_the_peers_it_sent_away_once_a_heartbeat_has_pa
 def test_a_passive_broker_counts_its_peers_silence_from_its_own_resume_after_a_pause():
     """A stalled host (a VM paused, both brokers of a pair on it) stops both brokers at once. The
     passive one, resumed a moment before the active one, found it silent for the whole pause and
-    took over with the first peer that came to it (measured: 2 of 5 such 5-s pauses of a whole
-    topology; the live active broker stepped down, 16 requests ran twice). Silence across our own
+    took over with the first peer that came to it (measured: 2 of 4 such 5-s pauses of a whole
+    topology; the live active broker stepped down, 16 requests ran twice in one). Silence across our own
     pause proves nothing (as for members, core/dispatch.py): it counts from the resume."""
     from zmqdist.core.failover import PairedBroker
 
