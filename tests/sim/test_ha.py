@@ -399,3 +399,32 @@ def test_property_pair_every_request_ends_exactly_once_and_one_broker_ends_activ
     assert all(client.completed[sent + i + 1][0].status == p.ST_OK for i in range(5))
     for w in sim.workers.values():
         assert w.max_running <= w.core.concurrency
+
+
+def test_a_stalled_host_pausing_both_tiers_and_their_pairs_changes_nothing():
+    """A host that stalls stops every broker and worker on it at once, past the ttl, and they
+    resume a few milliseconds apart, the passive brokers first. Clients elsewhere (one at the
+    proxy pair, one at the master pair) find their brokers silent and go to the passive ones
+    meanwhile: votes. No broker may count its own pause as a silence: no takeover, no upstream
+    given up. (Before: the master pair's passive broker took over with the first vote, a proxy
+    paused with its master gave it up and sent its requests up again.) A request whose reply
+    went to a client that had left meanwhile may run again (at-least-once): not counted here."""
+    sim, client = proxy_pairs()
+    near = sim.add_client("cm", via=("ma", "mb"))
+    sim.run_for(0.5)
+    assert sim.active("ma", "mb", "pa", "pb") == ["ma", "pa"]
+    for n in range(1, 41):
+        client.submit("echo", n, timeout=30)
+        near.submit("echo", -n, timeout=30)
+    sim.run_for(0.02)  # some run at the workers, some wait in the master's queue
+    for name, late in (("mb", 0.0), ("pb", 0.01), ("w1", 0.02), ("ma", 0.03), ("pa", 0.04), ("w0", 0.05)):
+        sim.freeze(name, 3.0 + late)
+    sim.run_for(8)
+    assert sim.active("ma", "mb", "pa", "pb") == ["ma", "pa"]
+    for name in ("ma", "mb", "pa", "pb"):
+        assert sim.brokers[name].core.pair.counters["takeovers"] == (name in ("ma", "pa")), name
+    assert sim.brokers["pa"].core.inner.counters.upstream_losses == 0
+    for c, sign in ((client, 1), (near, -1)):
+        assert_each_ended_once(c, 40)
+        got = sorted(sign * p.unpack_value(done.payload) for (done,) in c.completed.values())
+        assert got == list(range(1, 41))

@@ -470,3 +470,25 @@ def test_a_request_its_retry_policy_runs_again_at_a_proxy_is_not_sent_up_while_w
     assert [x.status for x in c.completed[plain]] == [p.ST_OK]
     key = f"{c.ident.hex()}:{flaky}"  # the same at every broker and worker (it ran here first)
     assert (wa.executed + wm.executed).count(key) == 3
+
+
+def test_a_proxy_paused_with_its_master_does_not_take_the_pause_for_its_upstreams_silence():
+    """A stalled host stops a proxy and the master on it at once, past the ttl. The proxy judged
+    its upstream's silence across its own pause: on resuming it gave the master up, voided what it
+    had handed down and sent its requests up again (they ran twice). Silence counts from its
+    resume, as its members' does."""
+    sim = Simulation()
+    sim.add_broker("A", upstream=("broker",))
+    sim.add_worker("wm", concurrency=4, service_time=0.5, via=("broker",))
+    ca = sim.add_client("ca", via=("A",))
+    sim.run_for(0.5)
+    for i in range(8):
+        ca.submit("echo", i, timeout=30)
+    sim.run_for(0.2)  # sent up, running at the master's worker
+    for name in ("A", "broker", "wm"):
+        sim.freeze(name, 3.0)
+    sim.run_for(6)
+    assert_each_ended_once(ca, 8)
+    assert statuses(ca) == {p.ST_OK: 8}
+    assert sim.brokers["A"].core.counters.upstream_losses == 0
+    assert len(sim.workers["wm"].executed) == 8

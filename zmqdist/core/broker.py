@@ -592,6 +592,9 @@ class BrokerCore(BrokerMachine):
 
     def resumed(self, seconds: float, now: float) -> None:
         self.d.resumed = now  # members' and clients' silence counts from here
+        up = self.tiers.up
+        if up is not None:  # and the upstream's: a proxy paused with its master gave it up
+            up.link.paused(seconds, now)
 
     @property
     def standby(self) -> bool:

@@ -455,6 +455,8 @@ class PairedBroker(BrokerMachine):
 
     def resumed(self, seconds: float, now: float) -> None:
         self.pair.resumed = now  # the peer's silence counts from here too (Pair.silent_since)
+        if self._witness is not None:
+            self._witness.paused(seconds, now)
         self.inner.resumed(seconds, now)
 
     @property
