@@ -24,17 +24,20 @@ Majordomo workers, beside a native client that calls the Majordomo workers. And 
 client processes (tests/chaos/soakclient.py, 100 submits in flight each): one is SIGKILLed now and
 then (restarted with new numbers), one SIGSTOPped past the ttl.
 
-Faults, one every 2-5 s (seeded; every kind in each round of nine, in a random order): SIGKILL of
+Faults, one every 2-5 s (seeded; every kind in each round of ten, in a random order): SIGKILL of
 a worker, Majordomo workers included (restarted 0.5-2 s later), SIGSTOP of a worker for 1-3 s,
 SIGKILL of a client process (restarted 0.5-2 s later), SIGSTOP of one for 1.5-3 s (its broker
 takes it for gone and stops its requests; resumed, it is told so and sends them again), SIGKILL
 of one of WR2-1's handler processes (the worker replaces it; the request it ran, if any, ends in a
 RemoteError saying so, as docs/worker.md promises: at most one such end per kill, none otherwise),
 SIGKILL of the active broker of a regional pair (twice a round) or of the master pair (restarted
-1-3 s later), SIGSTOP of the active broker of any pair for 2-4 s (a stalled host: the other takes
-over, and the stopped one must step down when it resumes); never while the other broker of its
-pair is down or not yet in sync (then the fault is skipped). Faults stop a few seconds before the
-end so that everything in flight can end.
+1-3 s later), SIGSTOP of the active broker of any pair for 2-4 s (its host stalled: the other
+takes over, and the stopped one must step down when it resumes); a stalled host that a pair
+shares ("stall host"): SIGSTOP of both brokers of the pair and the workers of its region
+(handler processes too) for 1.5-3 s, resumed in a random order 10 ms apart (the pair must keep
+its active broker, with no takeover and no step-down: its own pause is no broker's silence);
+never while the other broker of its pair is down or not yet in sync (then the fault is skipped).
+Faults stop a few seconds before the end so that everything in flight can end.
 
 Every request ends in one of: the right value, a wrong value, an error (counted by type), a cancel,
 or no end at all (lost); a stream or a joined request that waits out its deadline is a defect too
@@ -50,8 +53,8 @@ table (a defect, unless it was the stopped one resuming), for a broker taking ov
 second of stepping down (a flap), for tracebacks and for crashes (a process that died by itself: a
 libzmq assertion, a fatal Python error; faulthandler shows its threads) in every process. Exit
 status 1 if anything was lost, wrong or duplicated, left open at a broker or remembered past the
-forgetting, a live active broker stepped down, a broker flapped, a traceback or a crash was
-printed, or errors passed --max-error-rate.
+forgetting, a live active broker stepped down, a stalled host's pair changed its active broker,
+a broker flapped, a traceback or a crash was printed, or errors passed --max-error-rate.
 """
 
 from __future__ import annotations
@@ -562,6 +565,11 @@ class Load:
             c.close()
 
 
+def _pair_record(state: dict[str, Any] | None) -> tuple[Any, ...]:
+    """What a stalled host must not change of a pair's broker: its state, takeovers, step-downs."""
+    return () if state is None else (state["state"], state["takeovers"], state["step_downs"])
+
+
 class Chaos:
     """Random faults, one every 2-5 s, restarts scheduled."""
 
@@ -575,11 +583,18 @@ class Chaos:
         self.watchers: list[threading.Thread] = []
         self.resumed: dict[str, list[float]] = collections.defaultdict(list)  # broker: wall clock of each SIGCONT
         self.resumed_first = 0  # stopped active brokers that were back before their peer took over
+        self.stalls_changed: list[str] = []  # stalled hosts whose pair changed its active broker
 
     def due(self, now: float) -> None:
         for item in [x for x in self.pending if x[0] <= now]:
             self.pending.remove(item)
             _, action, name = item
+            if action == "watched":  # (a stalled host's pair: kept from other faults until now)
+                continue
+            if action == "cont-pid":  # a handler process of a stalled host
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(name), signal.SIGCONT)
+                continue
             proc = self.topo.procs[name]
             if action == "restart":
                 if name in self.topo.clients:  # a client's new run numbers its requests afresh
@@ -597,12 +612,17 @@ class Chaos:
     def fault(self, now: float) -> None:
         if not self.kinds:
             self.kinds = ["kill worker", "stop worker", "kill proxy", "kill proxy", "kill master", "stop broker"]
-            self.kinds += ["kill client", "stop client", "kill handler"]
+            self.kinds += ["kill client", "stop client", "kill handler", "stall host"]
             self.rng.shuffle(self.kinds)
         kind = self.kinds.pop()
         if kind == "kill handler":
             procs = self.topo.procs
-            kids = [(n, pid) for n, m in WORKER_MODES.items() if m == "pworker" for pid in handler_processes(procs[n])]
+            kids = [
+                (n, pid)
+                for n, m in WORKER_MODES.items()
+                if m == "pworker" and not self.busy(n)
+                for pid in handler_processes(procs[n])
+            ]
             if not kids:  # its worker is down (restarting): at the next fault, then
                 self.kinds.append(kind)
                 return
@@ -610,6 +630,11 @@ class Chaos:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             name = f"{name} (handler process {pid})"
+        elif kind == "stall host":
+            name = self._stall(now)
+            if name is None:  # a pair not settled, or a process of the host busy: at the next fault
+                self.kinds.append(kind)
+                return
         elif kind.endswith(("worker", "client")):
             fate, who = kind.split()
             procs = self.topo.procs
@@ -658,6 +683,61 @@ class Chaos:
             self.watchers.append(t)
         self.faults[kind] += 1
         self.log.append(f"{now:8.2f} {kind} {name}")
+
+    def _stall(self, now: float) -> str | None:
+        """A stalled host (a VM paused): SIGSTOP a pair's two brokers and the workers of its region
+        (handler processes too) at once, past the ttl, then SIGCONT them in a random order 10 ms
+        apart. The clients are elsewhere: they find the pair silent and go to the passive broker
+        or up a tier. Nothing may change: the pair keeps its active broker and its epoch (a broker
+        that counted its own pause as its peer's silence took over). Returns what was stalled."""
+        region = self.rng.choice(["M", "R1", "R2"])
+        a, b = PAIRS[region]
+        procs = self.topo.procs
+        host = [a, b, *(n for n in procs if n.startswith(f"W{region}"))]  # WM also starts WMDP-k
+        if any(self.busy(n) or not procs[n].alive() for n in host):
+            return None
+        states = {a: self.topo.state(a), b: self.topo.state(b)}
+        active = [n for n, s in states.items() if s and s["state"] == "active"]
+        ready = [n for n, s in states.items() if s and s["state"] == "passive" and s["seq"] >= 0]
+        if len(active) != 1 or len(ready) != 1:
+            return None  # not settled: a takeover may be under way
+        was = {n: _pair_record(s) for n, s in states.items()}
+        kids = [str(pid) for n in host if WORKER_MODES.get(n) == "pworker" for pid in handler_processes(procs[n])]
+        order = [*host, *kids]
+        self.rng.shuffle(order)
+        for n in order:
+            if n in procs:
+                procs[n].signal(signal.SIGSTOP)
+                procs[n].stopped = True
+            else:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(n), signal.SIGSTOP)
+        self.rng.shuffle(order)
+        back = now + self.rng.uniform(1.5, 3.0)
+        for i, n in enumerate(order):
+            self.pending.append((back + 0.01 * i, "cont" if n in procs else "cont-pid", n))
+        settled = back + 0.01 * len(order) + 3.0  # 3 ttls after the last resume
+        self.pending += [(settled, "watched", a), (settled, "watched", b)]
+        t = threading.Thread(target=self._watch_stall, args=(a, b, was, time.monotonic() + settled - now), daemon=True)
+        t.start()
+        self.watchers.append(t)
+        return f"{region}: {', '.join(host)}{f' and {len(kids)} handler processes' if kids else ''}"
+
+    def _watch_stall(self, a: str, b: str, was: dict[str, tuple[Any, ...]], settled: float) -> None:
+        """Once the stalled host has run 3 ttls again: each broker of the pair in the same state,
+        with no takeover and no step-down since. (Its epoch may have risen: a client that called
+        the master pair meanwhile says the higher epoch it saw there, and the active broker moves
+        above it, as docs/ha.md says.)"""
+        time.sleep(max(0.0, settled - time.monotonic()))
+        deadline = time.monotonic() + 5
+        while True:
+            states = {n: self.topo.state(n) for n in (a, b)}
+            if all(states.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        now = {n: _pair_record(s) for n, s in states.items()}
+        if now != was:
+            self.stalls_changed.append(f"{a}/{b} (state, takeovers, step-downs): before the stall {was}, after {now}")
 
     def _watch_takeover(self, name: str, killed: float, stopped: str | None = None) -> None:
         """How long the pair had no active broker after its active one was killed or ``stopped``
@@ -943,6 +1023,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "restarts": {n: p.starts - 1 for n, p in topo.procs.items() if p.starts > 1},
             "takeover_s": takeover_figures(chaos.takeovers),
             "stopped_broker_back_before_a_takeover": chaos.resumed_first,
+            "stalls_that_changed_the_active_broker": chaos.stalls_changed,
             "executions": {
                 "never_run_but_ok": sum(1 for i in ok_ids if runs[i] == 0),
                 "ran_twice_or_more": sum(1 for i in load.outcome if runs[i] >= 2),
@@ -973,6 +1054,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad += [f"  {s['line']} {s['broker']} (resumed {s['since_resume_s']} s before): {s['why']}" for s in live]
     if report["flaps"]:
         bad.append(f"brokers that took over again right after stepping down: {report['flaps'][:5]}")
+    if changed := report.get("stalls_that_changed_the_active_broker"):
+        bad.append(f"stalled hosts whose pair changed its active broker: {changed[:5]}")
     if report["tracebacks"]:
         bad.append(f"tracebacks: {report['tracebacks'][:5]}")
     if report.get("orphans"):

@@ -39,6 +39,7 @@ def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_l
     print(f"executions by handler mode: {modes}")
     assert all(modes[m] >= 100 for m in ("threads", "async", "inline", "process")), modes
     assert rep["faults"].get("kill handler", 0) >= 1  # a handler process SIGKILLed under its worker
+    assert rep["faults"].get("stall host", 0) >= 1  # a pair and its region's workers stopped at once
     procs = rep["client_processes"]  # a SIGKILLed and a SIGSTOPped client process per region
     print(f"client processes: {procs}")
     assert len(procs) == 4 and all(c["ended"].get("ok", 0) >= 100 for c in procs.values()), procs
@@ -95,6 +96,7 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
             "faults": {"kill handler": 1},  # a killed handler process ends one request at most
             "orphans": ["4242 (parent 1): python3 -c ...spawn_main..."],
             "remembered_past_the_forgetting": {"MA": {"clients": 1, "batch_limits": 40, "mdp_peers": 0}},
+            "stalls_that_changed_the_active_broker": ["R1A/R1B: R1A was active at epoch 5; after the stall ..."],
             "client_processes": {
                 "CR1-kill": {
                     "ended": {"ok": 9, "handler-killed": 1},
@@ -115,6 +117,8 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
         "1 step-downs of a live active broker",
         "  B.log:1: 2026-12-04 12:44:19,700 B (resumed None s before): A is active with epoch 7",
         f"brokers that took over again right after stepping down: {got['flaps']}",
+        "stalled hosts whose pair changed its active broker: "
+        "['R1A/R1B: R1A was active at epoch 5; after the stall ...']",
         "processes that outlived their parent: ['4242 (parent 1): python3 -c ...spawn_main...']",
         "brokers that remember more peers than they have, 15 ttls after every client was done: "
         "{'MA': {'clients': 1, 'batch_limits': 40, 'mdp_peers': 0}}",
