@@ -545,3 +545,20 @@ def test_a_handler_that_has_not_returned_stuck_s_after_it_was_stopped_is_said_on
     assert "1 of 3 slots are held so" in said.message and "terminate_on_cancel" in said.message
     assert w.counters["stuck"] == 1
     assert w.task_done(1, a.session, False, b"", now) != []  # when it returns at last, its slot frees
+
+
+def test_a_worker_paused_itself_does_not_count_the_pause_as_a_stopped_handlers_time():
+    """The worker was stopped (SIGSTOP, a stalled host) right after it told a handler to stop: the
+    handler had no time to return. Its STUCK_S counts only time the worker ran (as its broker's
+    silence does): no warning at the resume, one STUCK_S of running later if it still runs."""
+    from zmqdist.core.worker import STUCK_S
+
+    w = worker()
+    (a,) = w.receive(task(1, budget_ms=60_000), 0.0)
+    assert w.receive(p.Cancel(1), 0.1) == [Abort(1, a.session, "cancelled by its caller")]
+    w.resumed(30.0, 30.2)  # stopped from 0.2 to 30.2
+    w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 30.2)
+    assert not [o for o in w.tick(30.2) if type(o) is Problem and o.key == "stuck"]
+    assert w.next_deadline() <= 30.1 + STUCK_S
+    w.receive(p.Heartbeat(p.ROLE_BROKER, "inc1", 0, ()), 30.1 + STUCK_S)
+    assert [o.key for o in w.tick(30.1 + STUCK_S) if type(o) is Problem] == ["stuck"]

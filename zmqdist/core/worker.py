@@ -500,8 +500,11 @@ class WorkerCore:
         return out
 
     def resumed(self, seconds: float, now: float) -> None:
-        """The worker did not run for ``seconds`` (SIGSTOP, a stall): see ``BrokerLink.paused``."""
+        """The worker did not run for ``seconds`` (SIGSTOP, a stall): see ``BrokerLink.paused``.
+        Nor did its handlers: a stopped one's STUCK_S counts on from where it was."""
         self.link.paused(seconds, now)
+        if self._stopping:  # (the same shift for all keeps the heap's order)
+            self._stopping = [(t + seconds, ticket, why) for t, ticket, why in self._stopping]
 
     def next_deadline(self) -> float | None:
         """Return when ``tick`` has something to do next."""
