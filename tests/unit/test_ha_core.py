@@ -152,6 +152,21 @@ def test_automatic_failback_waits_for_a_synced_primary_and_one_ttl():
     assert manual.decide(1.5) is None
 
 
+def test_automatic_failback_hands_over_only_to_a_primary_heard_since_its_own_pause():
+    """After its own pause the backup counts the primary's silence from its resume (a stalled host
+    is no peer's silence), so the primary still counts as alive then; but a handover is to a
+    primary heard just now, not to one that may have died while the backup was stopped: the work
+    would go to nobody until the backup took over again."""
+    b = pair("backup", failback="auto")
+    b.activate(0.0)
+    b.seq = 7
+    b.heard(state(primary=1, st=PASSIVE, synced=7), 1.0)
+    b.resumed = 5.0  # stopped from 1.1 to 5.0
+    assert b.peer_alive(5.0) and b.decide(5.0) is None
+    b.heard(state(primary=1, st=PASSIVE, synced=7), 5.05)
+    assert b.decide(5.05) == HAND_OVER
+
+
 def _ops(*ops, now=100.0):
     return p.pack_ops(now, list(ops))
 

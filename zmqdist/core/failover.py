@@ -410,7 +410,7 @@ class PairedBroker(BrokerMachine):
     def _handover_service(self, peer: bytes, rid: int, now: float) -> list[Out]:
         """``zmqdist.handover``: an operator asks the active broker of a pair to hand over."""
         pair = self.pair
-        if not pair.peer_alive(now) or pair.peer_state != PASSIVE:
+        if not pair.peer_fresh(now) or pair.peer_state != PASSIVE:  # (heard just now: see Pair.decide)
             why = f"its peer {pair.peer_name or ''} is not a live passive broker: nothing to hand over to"
         elif pair.peer_synced < 0:
             why = f"its peer {pair.peer_name} has no copy of the request table yet"

@@ -258,6 +258,7 @@ class Pair:
                 self.auto_failback
                 and not self.primary
                 and ps == PASSIVE
+                and self.peer_fresh(now)  # heard just now: alive may count from our own resume
                 and self.peer_primary
                 and self.peer_synced == self.seq
                 and not self.ops
