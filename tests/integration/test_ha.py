@@ -536,10 +536,10 @@ def test_a_stalled_host_pausing_the_whole_pair_and_its_workers_changes_no_active
     goes to the passive broker B. When the host resumes, B (resumed a moment before A) must not
     count the pause as A's silence and take over with that client's vote, nor a worker as its
     broker's silence and fail over. Before the fix: B deposed the live A in 2 of 4 such pauses
-    of 5 s (requests ran twice), and this test failed 3 runs of 3; a worker failed over when the stop found it in its
+    of 5 s (requests ran twice), and this test failed 3 runs of 3 (2 of 2 with today's ttl of 2 s); a worker failed over when the stop found it in its
     timers instead of its wait."""
     t = Pairs(procs, tmp_path)
-    t.pair("A", "B")
+    t.pair("A", "B", "--heartbeat", "0.5")  # ttl 2 s: a loaded machine's slow turn is no silence
     workers = [t.worker(f"w{i}", "A", "B") for i in range(2)]
     t.wait_pair("A", "B")
     with t.client("A") as c:
@@ -564,7 +564,7 @@ def test_a_stalled_host_pausing_the_whole_pair_and_its_workers_changes_no_active
             wait_for(lambda n=len(results): len(results) > n + 500, 30, "load served")
             for proc in host:
                 proc.send_signal(signal.SIGSTOP)
-            time.sleep(3.0)  # the ttl is 1 s
+            time.sleep(4.0)  # past the ttl (2 s)
             for proc in order:
                 proc.send_signal(signal.SIGCONT)
                 time.sleep(0.03)
