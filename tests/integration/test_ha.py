@@ -536,8 +536,8 @@ def test_a_stalled_host_pausing_the_whole_pair_and_its_workers_changes_no_active
     goes to the passive broker B. When the host resumes, B (resumed a moment before A) must not
     count the pause as A's silence and take over with that client's vote, nor a worker as its
     broker's silence and fail over. Before the fix: B deposed the live A in 2 of 4 such pauses
-    of 5 s (requests ran twice), and this test failed 3 runs of 3 (2 of 2 with today's ttl of 2 s); a worker failed over when the stop found it in its
-    timers instead of its wait."""
+    of 5 s (requests ran twice), and this test failed 3 runs of 3 (2 of 2 with its ttl of 2 s);
+    a worker failed over when the stop found it in its timers instead of its wait."""
     t = Pairs(procs, tmp_path)
     t.pair("A", "B", "--heartbeat", "0.5")  # ttl 2 s: a loaded machine's slow turn is no silence
     workers = [t.worker(f"w{i}", "A", "B") for i in range(2)]
