@@ -510,11 +510,15 @@ def test_a_pair_forgets_the_clients_and_workers_that_came_and_went(procs, tmp_pa
     gone = [t.worker(f"w{i}", "A", "B") for i in (1, 2, 3)]
     ctx = zmq.Context.instance()
     mdp = [ctx.socket(zmq.DEALER) for _ in range(20)]
-    for s in mdp:
-        s.linger = 0
-        s.connect(t.ep("A"))
-        s.send_multipart([b"", b"MDPW01", b"\x01", b"mdp-echo"])
     with t.client("A", timeout=5) as c:
+        # The Majordomo workers never heartbeat: registered, they expire within a second (their
+        # ttl), so they register only once the native ones have (a process starts slowly on a
+        # loaded machine: the test missed the moment when all 24 were there, 1 run in 5).
+        wait_for(lambda: len(status(c)["workers"]) >= 4, 20, "the leaving native workers registered")
+        for s in mdp:
+            s.linger = 0
+            s.connect(t.ep("A"))
+            s.send_multipart([b"", b"MDPW01", b"\x01", b"mdp-echo"])
         wait_for(lambda: len(status(c)["workers"]) >= 24, 20, "the leaving workers registered")
         for s in mdp:
             s.close()  # vanished, no DISCONNECT
