@@ -688,8 +688,9 @@ class Chaos:
         """A stalled host (a VM paused): SIGSTOP a pair's two brokers and the workers of its region
         (handler processes too) at once, past the ttl, then SIGCONT them in a random order 10 ms
         apart. The clients are elsewhere: they find the pair silent and go to the passive broker
-        or up a tier. Nothing may change: the pair keeps its active broker and its epoch (a broker
-        that counted its own pause as its peer's silence took over). Returns what was stalled."""
+        or up a tier. The pair must keep its active broker, with no takeover and no step-down (a
+        broker that counted its own pause as its peer's silence took over). Returns what was
+        stalled."""
         region = self.rng.choice(["M", "R1", "R2"])
         a, b = PAIRS[region]
         procs = self.topo.procs
@@ -716,7 +717,7 @@ class Chaos:
         back = now + self.rng.uniform(1.5, 3.0)
         for i, n in enumerate(order):
             self.pending.append((back + 0.01 * i, "cont" if n in procs else "cont-pid", n))
-        settled = back + 0.01 * len(order) + 3.0  # 3 ttls after the last resume
+        settled = back + 0.01 * len(order) + 3.0  # 3 s after the last resume (3 ttls by default)
         self.pending += [(settled, "watched", a), (settled, "watched", b)]
         t = threading.Thread(target=self._watch_stall, args=(a, b, was, time.monotonic() + settled - now), daemon=True)
         t.start()
