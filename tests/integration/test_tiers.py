@@ -232,3 +232,36 @@ def test_a_request_over_the_masters_limit_is_served_by_the_proxy_or_refused_at_o
         with pytest.raises(RemoteError, match=r"from proxy A, is over upstream broker M's limit of 20000"):
             cm.call("grow", 30_000)
         assert time.monotonic() - started < 5.0
+
+
+@pytest.mark.timeout(90)
+def test_a_proxy_stalled_with_its_master_keeps_its_upstream_and_sends_nothing_twice(procs, tmp_path):
+    """A host that stalls stops proxy A, the master and the master's worker at once, past the ttl;
+    the client is elsewhere. A judged the master's silence across its own pause: on resuming it
+    gave the master up ("upstream at M silent for 4.00s"), voided what it had handed down and sent
+    its requests up again (2 runs of 2 before the fix). Now: no upstream loss, and the master
+    took each request once."""
+    t = Topology(procs, tmp_path)
+    t.broker("M")
+    wait_for((tmp_path / "M.sock").exists, 20, "M bound")
+    a = t.broker("A")
+    w = t.worker("wm", ("M",))
+    t.wait_ready(proxies=("A",))
+    with t.client("M", timeout=5) as cm:
+        wait_for(lambda: len(status(cm)["workers"]) == 1, 20, "the master's worker")
+    with t.client("A") as c:
+        futs = [c.submit("echo", i) for i in range(300)]
+        time.sleep(0.05)  # some of them up at the master
+        for proc in (a, t.brokers["M"], w):
+            proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)  # the ttl is 1 s
+        for proc in (a, w, t.brokers["M"]):  # the proxy first
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.03)
+        futs += [c.submit("echo", i) for i in range(300, 400)]
+        assert [f.result(60)[0] for f in futs] == list(range(400))
+        st = status(c)
+    with t.client("M", timeout=5) as cm:
+        m = status(cm)["counters"]
+    assert st["counters"]["upstream_losses"] == 0, st["counters"]
+    assert st["counters"]["forwarded_up"] == 400 and m["requeues"] == 0, (st["counters"], m)
