@@ -235,12 +235,12 @@ def test_a_request_over_the_masters_limit_is_served_by_the_proxy_or_refused_at_o
 
 
 @pytest.mark.timeout(90)
-def test_a_proxy_stalled_with_its_master_keeps_its_upstream_and_sends_nothing_twice(procs, tmp_path):
+def test_a_proxy_stalled_with_its_master_keeps_its_upstream(procs, tmp_path):
     """A host that stalls stops proxy A, the master and the master's worker at once, past the ttl;
     the client is elsewhere. A judged the master's silence across its own pause: on resuming it
     gave the master up ("upstream at M silent for 4.00s"), voided what it had handed down and sent
-    its requests up again (2 runs of 2 before the fix). Now: no upstream loss, and the master
-    took each request once."""
+    its requests up again (2 runs of 2 before the fix). Now: no upstream loss, and nothing
+    requeued at the master."""
     t = Topology(procs, tmp_path)
     t.broker("M")
     wait_for((tmp_path / "M.sock").exists, 20, "M bound")
@@ -263,5 +263,7 @@ def test_a_proxy_stalled_with_its_master_keeps_its_upstream_and_sends_nothing_tw
         st = status(c)
     with t.client("M", timeout=5) as cm:
         m = status(cm)["counters"]
+    # (the client, not stalled, may give A up and send again what it waits for: at-least-once, and
+    # A forwards such a request up again if it had ended meanwhile; that is not what this tests)
     assert st["counters"]["upstream_losses"] == 0, st["counters"]
-    assert st["counters"]["forwarded_up"] == 400 and m["requeues"] == 0, (st["counters"], m)
+    assert m["requeues"] == 0, m
