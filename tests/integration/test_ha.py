@@ -548,8 +548,8 @@ def test_a_stalled_host_pausing_the_whole_pair_and_its_workers_changes_no_active
     t.wait_pair("A", "B")
     with t.client("A") as c:
         wait_for(lambda: len(status(c)["workers"]) == 2, 20, "2 workers at A")
-        # (counted before the stalls: a worker's HELLO that came while the pair was still deciding
-        # is counted twice on a loaded machine, 1 start in 12 of a probe beside the kill tests)
+        # (counted before the stalls: on a loaded machine a start can count a worker twice, 1 in 12
+        # of a probe beside the kill tests; most likely a HELLO while the pair was still deciding)
         registered = status(c)["counters"]["workers_registered"]
     stop = threading.Event()
     results: list[tuple[int, object]] = []
