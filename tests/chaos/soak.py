@@ -661,13 +661,10 @@ class Chaos:
             a, b = PAIRS[region]
             if self.busy(a) or self.busy(b):
                 return
-            sa, sb = self.topo.state(a), self.topo.state(b)
-            states = {a: sa, b: sb}
-            active = [n for n, s in states.items() if s and s["state"] == "active"]
-            ready = [n for n, s in states.items() if s and s["state"] == "passive" and s["seq"] >= 0]
-            if len(active) != 1 or len(ready) != 1:
+            settled = self._settled(a, b)
+            if settled is None:
                 return  # the pair is not settled: killing now could leave it with no copy of its table
-            name = active[0]
+            name, other, _ = settled
             killed = time.monotonic()
             if kind == "stop broker":
                 self.topo.procs[name].signal(signal.SIGSTOP)
@@ -676,13 +673,22 @@ class Chaos:
             else:
                 self.topo.procs[name].kill()
                 self.pending.append((now + self.rng.uniform(1.0, 3.0), "restart", name))
-            other = ready[0]
             stopped = name if kind == "stop broker" else None
             t = threading.Thread(target=self._watch_takeover, args=(other, killed, stopped), daemon=True)
             t.start()
             self.watchers.append(t)
         self.faults[kind] += 1
         self.log.append(f"{now:8.2f} {kind} {name}")
+
+    def _settled(self, a: str, b: str) -> tuple[str, str, dict[str, dict[str, Any]]] | None:
+        """(the active broker, the passive one, both states) if pair a/b has exactly one active
+        broker and one passive broker with a copy of its table; None otherwise."""
+        states = {a: self.topo.state(a), b: self.topo.state(b)}
+        active = [n for n, s in states.items() if s and s["state"] == "active"]
+        ready = [n for n, s in states.items() if s and s["state"] == "passive" and s["seq"] >= 0]
+        if len(active) != 1 or len(ready) != 1:
+            return None
+        return active[0], ready[0], {n: s for n, s in states.items() if s is not None}
 
     def _stall(self, now: float) -> str | None:
         """A stalled host (a VM paused): SIGSTOP a pair's two brokers and the workers of its region
@@ -697,12 +703,10 @@ class Chaos:
         host = [a, b, *(n for n in procs if n.startswith(f"W{region}"))]  # WM also starts WMDP-k
         if any(self.busy(n) or not procs[n].alive() for n in host):
             return None
-        states = {a: self.topo.state(a), b: self.topo.state(b)}
-        active = [n for n, s in states.items() if s and s["state"] == "active"]
-        ready = [n for n, s in states.items() if s and s["state"] == "passive" and s["seq"] >= 0]
-        if len(active) != 1 or len(ready) != 1:
-            return None  # not settled: a takeover may be under way
-        was = {n: _pair_record(s) for n, s in states.items()}
+        settled = self._settled(a, b)
+        if settled is None:
+            return None  # a takeover may be under way
+        was = {n: _pair_record(s) for n, s in settled[2].items()}
         kids = [str(pid) for n in host if WORKER_MODES.get(n) == "pworker" for pid in handler_processes(procs[n])]
         order = [*host, *kids]
         self.rng.shuffle(order)

@@ -149,10 +149,13 @@ class Loop:
                 timeout = min(timeout, RETRY_MS)
             if before_wait is not None:
                 before_wait()
+            t0 = clock_now() if paused is not None else now
+            if paused is not None and t0 - now > PAUSE_S:
+                # Stopped in the tick or before_wait(): neither the wait's lateness nor the next
+                # turn's start sees it (the mark moves on at the wait's end). Unsaid, the next tick
+                # took the pause for the broker's silence (a worker of a stalled host failed over).
+                paused(t0 - now, t0)
             if hold is not None and idle is not None and not backlog and not waiting and idle():
-                t0 = clock_now()
-                if paused is not None and t0 - now > PAUSE_S:  # stopped in the timers: see below
-                    paused(t0 - now, t0)
                 hold.release()  # a caller may drive the sockets during this wait
                 try:
                     mail_only.poll(timeout)
@@ -164,14 +167,7 @@ class Loop:
                     paused(late, now)
                 backlog = True  # read whatever came meanwhile before the next timers
                 continue
-            poller = self._poll_set()
-            t0 = clock_now() if paused is not None else now
-            if paused is not None and t0 - now > PAUSE_S:
-                # Stopped in the tick or before_wait(): neither the wait's lateness nor the next
-                # turn's start sees it (the mark moves on at the wait's end). Unsaid, the next tick
-                # took the pause for the broker's silence (a worker of a stalled host failed over).
-                paused(t0 - now, t0)
-            ready = poller.poll(timeout)
+            ready = self._poll_set().poll(timeout)
             now = clock_now()
             if paused is not None and (late := now - t0 - timeout / 1000) > PAUSE_S:
                 paused(late, now)
