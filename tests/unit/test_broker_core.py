@@ -125,6 +125,58 @@ def test_a_broker_stopped_past_the_ttl_judges_its_members_silence_only_from_its_
     assert set(core.worker_load()) == {b"A"} and core.counters.workers_expired == 1
 
 
+def test_a_broker_paused_again_and_again_still_finds_a_dead_worker_gone_and_runs_its_task_elsewhere():
+    """Pauses of the broker's own more often than once a ttl (a host stalled every half second, a
+    starved thread). Silence once counted from the last resume: a dead worker never reached its
+    ttl, kept its task for good, and the caller waited out its budget. Silence now counts the time
+    the broker ran, so the dead one goes after a ttl of it, and so does a silent client's run."""
+    core = make()
+    hello(core, b"A")  # dies now with its task
+    hello(core, b"B", capacity=2)  # lives, and has room for A's task while it runs P's
+    core.receive(b"P", p.Hello(p.ROLE_CLIENT, "p", (), 0, 250), 0.0)  # dies too, with a run open at B
+    ((dead, t),) = tasks(request(core, 1, budget_ms=600_000))
+    ((live, _),) = tasks(request(core, 1, client=b"P", budget_ms=600_000))
+    assert (dead, live) == (b"A", b"B")
+    now, moved_at, stopped_at = 0.0, None, None
+    while now < 20.0 and (moved_at is None or stopped_at is None):
+        now = round(now + 0.3, 6)
+        core.resumed(0.3, now)  # stopped 0.3 s, then runs 0.3 s: the live worker and client C beat
+        for _ in range(3):
+            core.receive(live, p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ()), now)
+            core.receive(b"C", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), now)
+            out = core.tick(now)
+            if moved_at is None and [m for peer, m in tasks(out) if m.ticket == t.ticket]:
+                moved_at = now
+            if stopped_at is None and core.counters.abandoned:
+                stopped_at = now
+            now = round(now + 0.1, 6)
+    # 1 s (the ttl) of silence while the broker ran (its 0.3-s runs from 0.3 on): in its fourth run.
+    assert moved_at is not None and 2.1 <= moved_at <= 2.3, moved_at
+    assert core.counters.workers_expired == 1 and dead not in core.worker_load()
+    assert stopped_at is not None and 2.1 <= stopped_at <= 2.3, stopped_at  # P's run (rule 4)
+
+
+def test_pauses_move_a_silence_on_by_the_time_not_run_after_it():
+    """The arithmetic of :class:`Pauses`: a spell before ``seen`` counts nothing, one ``seen``
+    falls in counts its part after it, overlapping reports are clipped, old ones dropped."""
+    from zmqdist.core.link import PAUSES_KEPT, Pauses
+
+    pauses = Pauses()
+    assert pauses.since(5.0) == 5.0
+    pauses.note(2.0, 4.0)  # not run from 2 to 4
+    pauses.note(1.0, 7.0)  # from 6 to 7
+    assert pauses.since(1.0) == 4.0 and pauses.since(3.0) == 5.0 and pauses.since(4.0) == 5.0
+    assert pauses.since(6.5) == 7.0 and pauses.since(7.0) == 7.0
+    pauses.note(3.0, 8.0)  # said again, overlapping the last: only 7 to 8 is new
+    assert pauses.spells[-1] == (8.0, 1.0) and pauses.since(1.0) == 5.0
+    pauses.note(0.5, 8.0)  # nothing new
+    assert len(pauses.spells) == 3
+    for i in range(PAUSES_KEPT):
+        pauses.note(0.5, 9.0 + i)
+    assert len(pauses.spells) == PAUSES_KEPT and pauses.spells[0][0] == 9.0
+    assert pauses.since(8.5) == 8.5 + PAUSES_KEPT * 0.5  # only the spells kept count
+
+
 def test_any_message_counts_as_a_sign_of_life():
     core = make()
     hello(core, b"A", now=0.0)

@@ -161,7 +161,7 @@ def test_automatic_failback_hands_over_only_to_a_primary_heard_since_its_own_pau
     b.activate(0.0)
     b.seq = 7
     b.heard(state(primary=1, st=PASSIVE, synced=7), 1.0)
-    b.resumed = 5.0  # stopped from 1.1 to 5.0
+    b.pauses.note(3.9, 5.0)  # stopped from 1.1 to 5.0
     assert b.peer_alive(5.0) and b.decide(5.0) is None
     b.heard(state(primary=1, st=PASSIVE, synced=7), 5.05)
     assert b.decide(5.05) == HAND_OVER
@@ -669,11 +669,38 @@ def test_a_passive_broker_counts_its_peers_silence_from_its_own_resume_after_a_p
     out = b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 6.2)  # a resumed: heard
     out += b.tick(6.21)
     assert b.pair.state == PASSIVE and [type(m) for peer, m in out if peer == b"C"] == [p.Bye]
-    # A peer that stays silent a ttl past the resume is taken for gone, as before.
+    # A peer silent a ttl of the time b ran is taken for gone: heard at 6.2, b stopped 7.0 to 10.0.
     b.resumed(3.0, 10.0)
-    b.receive(b"C", req, 10.5)
-    b.tick(10.6)
+    b.receive(b"C", req, 10.1)
+    b.tick(10.15)  # 0.8 s before the stop and 0.15 s after it: alive
     assert b.pair.state == PASSIVE
-    b.receive(b"C", req, 11.0)
-    b.tick(11.01)
+    b.receive(b"C", req, 10.25)
+    b.tick(10.25)  # 1.05 s
     assert b.pair.state == ACTIVE and b.pair.counters["takeovers"] == 1
+
+
+def test_a_passive_broker_paused_again_and_again_still_takes_over_from_a_dead_active_one():
+    """Pauses of its own more often than once a ttl (a host stalled every half second, a starved
+    thread): the peer's silence once counted from the last resume, so it never reached the ttl and
+    a dead active broker was never taken over, all work refused. It counts the time b ran."""
+    from zmqdist.core.failover import PairedBroker
+
+    settings = BrokerSettings(name="b", ha="backup", heartbeat_s=0.25, liveness=4)  # ttl 1 s
+    b = PairedBroker(settings, "inc-b", 0.0)
+    b.pair_receive(state(name="a", primary=1, st=ACTIVE, epoch=1), 0.0)
+    b.tick(0.01)
+    assert b.pair.state == PASSIVE  # a dies now: never heard again
+    req = p.Request(1, "echo", 5000, (), b"x")
+    now, took_over = 0.0, None
+    while now < 20.0 and took_over is None:
+        now = round(now + 0.3, 6)
+        b.resumed(0.3, now)  # stopped 0.3 s, then runs 0.3 s, a client coming to it
+        for _ in range(3):
+            b.receive(b"C", req, now)
+            b.tick(now)
+            if b.pair.state == ACTIVE:
+                took_over = now
+                break
+            now = round(now + 0.1, 6)
+    # 1 s of silence while b ran (its 0.3-s runs from 0.3 on): in its fourth run, not before.
+    assert took_over is not None and 2.1 <= took_over <= 2.3, took_over

@@ -290,7 +290,7 @@ class BrokerCore(BrokerMachine):
 
     def _forget_gone_peers(self, now: float) -> None:
         """Forget what this broker keeps of peers that are gone: the clients silent past the ttl
-        (since our own last pause) that hold nothing here, with their key prefixes; the batch
+        (less our own pauses) that hold nothing here, with their key prefixes; the batch
         limits of peers neither kept nor members (such a client, a worker gone, a peer refused);
         the MDP workers the bridge holds that are no members (:meth:`MdpBridge.forget_workers`).
         Each was kept until its table filled (2x and 4x --max-queue entries): with short-lived
@@ -300,10 +300,10 @@ class BrokerCore(BrokerMachine):
         failover, or a RECONNECT), which is slower, never wrong."""
         self._clients_pruned = now
         d = self.d
-        since, ttl, held, members = d.resumed, self._ttl, d.open_by_client, d.members
+        since, ttl, held, members = d.pauses.since, self._ttl, d.open_by_client, d.members
         kept: dict[bytes, float] = {}
         for c, t in self._clients.items():
-            if now - max(t, since) <= ttl or c in held:
+            if now - since(t) <= ttl or c in held:
                 kept[c] = t
             elif c not in members:
                 forget_prefix(c)
@@ -591,7 +591,7 @@ class BrokerCore(BrokerMachine):
         return (peer, rid) in self.d.by_key
 
     def resumed(self, seconds: float, now: float) -> None:
-        self.d.resumed = now  # members' and clients' silence counts from here
+        self.d.pauses.note(seconds, now)  # members' and clients' silence in it proves nothing
         up = self.tiers.up
         if up is not None:  # and the upstream's: a proxy paused with its master gave it up
             up.link.paused(seconds, now)

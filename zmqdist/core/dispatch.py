@@ -31,6 +31,7 @@ from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.heaps import heapify, heappop, heappush, heapreplace
 from zmqdist.core.hooks import EWMA, KEEP, SKIP, WAIT, Overflow, Watcher, away
+from zmqdist.core.link import Pauses
 from zmqdist.core.metrics import Hist
 from zmqdist.core.records import (
     ASSIGNED,
@@ -85,7 +86,7 @@ class Dispatcher:
         self.deadlines: list[tuple[float, int]] = []
         self.swept = 0  # deadlines that were live at the last sweep of the heap
         self.expiry: list[tuple[float, int, Member]] = []
-        self.resumed = -1e9  # when the broker resumed from a pause of its own: silence before proves nothing
+        self.pauses = Pauses()  # the broker's own: a peer's silence in them proves nothing
         self.serial = 0
         self.overflow = Overflow()
         self.watcher = Watcher()  # the request lifecycle (rule 8)
@@ -252,13 +253,14 @@ class Dispatcher:
         return out
 
     def expire_members(self, now: float, out: list[Out]) -> None:
-        """Drop members silent past their ttl since our own last pause; void adverts that outlived theirs."""
+        """Drop members silent past their ttl (less our own pauses); void adverts that outlived theirs."""
         expiry = self.expiry
+        since = self.pauses.since
         while expiry and expiry[0][0] <= now:
             _, serial, w = expiry[0]
             if not w.alive:
                 heappop(expiry)
-            elif now - max(w.seen, self.resumed) > w.ttl:
+            elif now - (seen := since(w.seen)) > w.ttl:
                 heappop(expiry)
                 self.counters.workers_expired += 1
                 out += self.drop_member(w, now, "expired", spend_attempt=True)
@@ -266,7 +268,7 @@ class Dispatcher:
                 if isinstance(w, BrokerMember) and w.spare and now - w.adv_at > w.ttl:
                     w.spare = {}  # its advert outlived its ttl: no more tasks until the next one
                     self.offer(w)
-                heapreplace(expiry, (max(w.seen, self.resumed) + w.ttl + EPSILON, serial, w))
+                heapreplace(expiry, (seen + w.ttl + EPSILON, serial, w))
 
     def reconcile(self, w: Member, seen: int, held: tuple[int, ...], now: float, out: list[Out]) -> None:
         """Requeue tasks the member has seen past (by seq) but does not hold: lost in transit.

@@ -454,7 +454,9 @@ class PairedBroker(BrokerMachine):
         return self.inner.holds(peer, rid)
 
     def resumed(self, seconds: float, now: float) -> None:
-        self.pair.resumed = now  # the peer's silence counts from here too (Pair.silent_since)
+        pair = self.pair
+        pair.pauses.note(seconds, now)  # the peer's silence in it proves nothing (Pair.silent_since)
+        pair.next_beat = now  # and ours may have looked like a death to it: say our state at once
         if self._witness is not None:
             self._witness.paused(seconds, now)
         self.inner.resumed(seconds, now)

@@ -40,6 +40,7 @@ from typing import Final
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
+from zmqdist.core.link import Pauses
 from zmqdist.core.records import Copy
 from zmqdist.errors import RemoteProtocolError
 
@@ -106,7 +107,7 @@ class Pair:
         self.peer_hb_s = self.hb_s
         self.warm = False  # we took over with a synced copy of the table (while active)
         self.peer_seen: float | None = None
-        self.resumed = -1e9  # when this broker resumed from a pause of its own (see silent_since)
+        self.pauses = Pauses()  # this broker's own (see silent_since)
         self.peer_endpoint = settings.peer
         self.redialed = now  # when the connection to the peer was last made (see redial_due)
         self.heard_key = (0, 0)  # (epoch, order) of the last state heard from the peer's run
@@ -143,15 +144,16 @@ class Pair:
     # --- the peer ---------------------------------------------------------------------------------
 
     def silent_since(self) -> float | None:
-        """Since when the peer counts as silent: since it was last heard, or since this broker's
-        own last pause ended if that is later. Silence across our own pause (SIGSTOP, a stalled
-        host) proves nothing: a stalled host stops both brokers of a pair on it, and the passive
-        one, resumed first, found the active one silent for the whole pause and took over."""
+        """Since when the peer counts as silent: since it was last heard, moved on by this
+        broker's own pauses since (:class:`Pauses`). Silence across our own pause (SIGSTOP, a
+        stalled host) proves nothing: a stalled host stops both brokers of a pair on it, and the
+        passive one, resumed first, found the active one silent for the whole pause and took over.
+        Moved on, not restarted: a broker paused again and again still takes over from a dead one."""
         seen = self.peer_seen
-        return None if seen is None else max(seen, self.resumed)
+        return None if seen is None else self.pauses.since(seen)
 
     def peer_alive(self, now: float) -> bool:
-        """Has the peer been heard within the ttl (counted from our own resume, if later)?"""
+        """Has the peer been heard within the ttl (less our own pauses)?"""
         since = self.silent_since()
         return since is not None and now - since <= self.peer_ttl_s
 

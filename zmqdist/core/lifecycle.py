@@ -246,14 +246,14 @@ class Lifecycle(Watcher):
         d = self.d
         members = d.members
         ttl = self.ttl
-        since = d.resumed  # the broker's own last pause (SIGSTOP, a stall): silence before proves nothing
+        since = d.pauses.since  # less the broker's own pauses (SIGSTOP, a stall): silence then proves nothing
         last_in = self.last_in
         first = now  # the oldest sign of life of a caller still heard (one heard later is younger)
         gone: dict[bytes, float] = {}  # -> its last sign of life
         for c in d.open_by_client:
             if type(c) is not bytes or c in members or (heard := clients.get(c)) is None:
                 continue  # a downstream broker (a member: its expiry), or not a client that beats
-            sign = max(heard, last_in.get(c, heard), since)
+            sign = since(max(heard, last_in.get(c, heard)))
             if now - sign > ttl:
                 gone[c] = sign
             elif sign < first:
@@ -265,7 +265,7 @@ class Lifecycle(Watcher):
             m = members.get(c)
             heard = m.seen if m is not None else clients.get(c)
             if heard is not None:
-                sign = max(heard, last_in.get(c, heard), since)
+                sign = since(max(heard, last_in.get(c, heard)))
                 if now - sign > ttl:
                     self.counters.cancelled += 1
                     self.cancel_run(req, now, out)

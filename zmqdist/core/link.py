@@ -28,6 +28,51 @@ from zmqdist.config import HeartbeatSettings
 EPSILON: Final = 1e-6
 
 
+PAUSES_KEPT: Final = 32  # a live peer is heard between any two of them: only older ones are dropped
+
+
+class Pauses:
+    """The spells a broker did not run (SIGSTOP, a stalled host, a starved thread), newest last.
+
+    A peer's silence in them proves nothing: the peer may have stopped with us (a stalled host),
+    and what it sent meanwhile is read only after. So a peer's silence counts the time since it was
+    last heard less the pauses since (:meth:`since`), as :meth:`BrokerLink.paused` does for a
+    link. It once counted from the last resume instead; a broker paused more often than once a ttl
+    then never found a dead peer gone (a dead worker kept its tasks, a dead active broker was never
+    taken over). Moved on by the pauses, a dead peer is gone after a ttl of time the broker ran.
+    """
+
+    __slots__ = ("spells",)
+
+    def __init__(self) -> None:
+        self.spells: list[tuple[float, float]] = []  # (end, seconds), disjoint, in order
+
+    def note(self, seconds: float, now: float) -> None:
+        """We did not run for ``seconds`` until ``now`` (clipped to the last spell's end)."""
+        spells = self.spells
+        if spells:
+            seconds = min(seconds, now - spells[-1][0])
+        if seconds <= 0.0:
+            return
+        spells.append((now, seconds))
+        if len(spells) > PAUSES_KEPT:
+            del spells[0]
+
+    def since(self, seen: float) -> float:
+        """When the silence of a peer last heard at ``seen`` counts from: ``seen`` moved on by our
+        pauses since (a spell ``seen`` falls in counts only its part after ``seen``)."""
+        spells = self.spells
+        if not spells or spells[-1][0] <= seen:
+            return seen
+        moved = 0.0
+        for i in range(len(spells) - 1, -1, -1):
+            end, seconds = spells[i]
+            if end <= seen:
+                break
+            moved += min(seconds, end - seen)
+        return seen + moved
+
+
 class Connect(NamedTuple):
     """Action: (re)create the socket to the broker and connect it to ``endpoint``."""
 
