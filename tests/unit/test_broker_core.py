@@ -156,6 +156,33 @@ def test_a_broker_paused_again_and_again_still_finds_a_dead_worker_gone_and_runs
     assert stopped_at is not None and 2.1 <= stopped_at <= 2.3, stopped_at  # P's run (rule 4)
 
 
+def test_a_broker_paused_in_its_grace_after_a_takeover_still_gives_the_members_the_whole_grace():
+    """After a takeover, a request the old active broker had sent to member X waits a grace (a ttl
+    and a heartbeat) for X to register here and carry it over. A pause of the new active broker's
+    own during the grace (a stalled host) used it up: the request was requeued as X's HELLO, sent
+    in that time, waited to be read, and X ran it twice. The grace now lasts its length of time
+    the broker ran."""
+    from zmqdist.core.records import Copy
+
+    core = make()
+    core.restore({7: Copy(p.OpAccepted(7, b"N", 1, "echo", 60.0, (), "", "", 1, b"v"), member=b"X")}, 0.0)
+    core.tick(0.5)
+    core.resumed(2.0, 2.5)  # stopped from 0.5 to 2.5: the grace (to 1.25) had 0.75 s left
+    core.tick(2.5)
+    out = hello(core, b"X", now=2.6)  # its HELLO, read after the resume: it carries ticket 7
+    assert tasks(out) == [] and core.counters.adopted == 1
+    out = core.receive(b"X", p.Result(7, p.RS_OK, b"r"), 2.7)
+    assert replies(out) == [p.Reply(1, p.ST_OK, "", b"r")] and core.counters.requeues == 0
+    # Without the member, the grace ends its length of running time later: at 1.25 + 2.0.
+    core = make()
+    core.restore({7: Copy(p.OpAccepted(7, b"N", 1, "echo", 60.0, (), "", "", 1, b"v"), member=b"X")}, 0.0)
+    core.resumed(2.0, 2.5)
+    hello(core, b"Y", now=2.5)
+    assert tasks(core.tick(3.24)) == []
+    ((peer, task),) = tasks(core.tick(3.25))
+    assert peer == b"Y" and task.ticket == 7
+
+
 def test_pauses_move_a_silence_on_by_the_time_not_run_after_it():
     """The arithmetic of :class:`Pauses`: a spell before ``seen`` counts nothing, one ``seen``
     falls in counts its part after it, overlapping reports are clipped, old ones dropped."""

@@ -592,6 +592,9 @@ class BrokerCore(BrokerMachine):
 
     def resumed(self, seconds: float, now: float) -> None:
         self.d.pauses.note(seconds, now)  # members' and clients' silence in it proves nothing
+        replica = self.replica
+        if replica.until is not None:  # nor did the members that held requests have their grace
+            replica.until += seconds
         up = self.tiers.up
         if up is not None:  # and the upstream's: a proxy paused with its master gave it up
             up.link.paused(seconds, now)
