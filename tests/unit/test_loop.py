@@ -5,6 +5,7 @@ import zmq
 
 from zmqdist.clock import MonotonicClock
 from zmqdist.transport import Loop, Mailbox
+from zmqdist.transport.loop import WATCH_MS
 
 
 def _pair(ctx, ep):
@@ -138,6 +139,26 @@ def test_a_wait_that_ends_much_later_than_asked_is_reported_as_a_pause_before_re
 
     loop.run(tick=lambda now: now + 0.1, mail=on_mail, paused=lambda s, now: seen.append(("paused", round(s, 3))))
     assert seen == [("paused", 2.4), ("mail", 2.5)]  # asked to wait 0.1 s, woke 2.5 s later: paused 2.4 s
+    mailbox.close()
+
+
+def test_a_stop_inside_a_long_wait_is_seen_the_wait_of_a_loop_that_watches_for_pauses_is_short():
+    """Nothing due for a second (a broker's next expiry): the loop waited that long, and a stop of
+    0.9 s inside the wait ended before it was over, so nothing saw it. A stall of about a ttl
+    ending just past a member's expiry so expired the member (stalled too) on the resume. A loop
+    that watches for its pauses waits at most WATCH_MS, so such a stop overruns the wait."""
+    mailbox = Mailbox()
+    mailbox.post("stop")  # the wait returns at once; the clock says 0.9 s passed meanwhile
+    clock = ScriptedClock(0.0, 0.0, 0.0, 0.9)  # the mark, turn start, before the wait, after it
+    loop = Loop(clock, mailbox)
+    seen = []
+
+    def on_mail(items, now):
+        seen.append(("mail", now))
+        loop.stop()
+
+    loop.run(tick=lambda now: now + 10.0, mail=on_mail, paused=lambda s, now: seen.append(("paused", round(s, 3))))
+    assert WATCH_MS == 250 and seen == [("paused", 0.65), ("mail", 0.9)]  # waited 0.25 s, not 1 s: 0.65 s late
     mailbox.close()
 
 

@@ -23,6 +23,10 @@ from zmqdist.transport.wire import Poller
 RETRY_MS: Final = 20  # how soon a loop with unsent messages (no connection yet) tries again
 PAUSE_S: Final = 0.2  # a wait that ends this much later than asked for, or a turn's work this long: the
 # thread did not run (SIGSTOP, or starved): its peers' silence meanwhile proves nothing
+WATCH_MS: Final = 250  # the longest wait of a loop that watches for its own pauses: a stop inside a
+# wait is seen only by how far it overran it. A broker with nothing due waited up to a second, and a
+# stall of about a ttl (a VM's live migration) that ended just past a member's expiry went unseen:
+# the member, stalled too, was expired on the resume (3 stalls in 60 of 0.7-1.3 s, its runs twice)
 DEBUG_RECHECK_S: Final = 1.0  # how often a DebugCheck asks its logger again
 
 
@@ -144,6 +148,8 @@ class Loop:
                 timeout = poll_timeout_ms(tick(now), now)
                 if self._stopped:
                     return
+                if timeout > WATCH_MS and paused is not None:
+                    timeout = WATCH_MS
             waiting = stuck is not None and stuck()
             if waiting:
                 timeout = min(timeout, RETRY_MS)
