@@ -34,8 +34,10 @@ SIGKILL of the active broker of a regional pair (twice a round) or of the master
 1-3 s later), SIGSTOP of the active broker of any pair for 2-4 s (its host stalled: the other
 takes over, and the stopped one must step down when it resumes); a stalled host that a pair
 shares ("stall host"): SIGSTOP of both brokers of the pair and the workers of its region
-(handler processes too) for 1.5-3 s, resumed in a random order 10 ms apart (the pair must keep
-its active broker, with no takeover and no step-down: its own pause is no broker's silence);
+(handler processes too) for 0.7-3 s (about a ttl, a VM's live migration, or past it), resumed in
+a random order 10 ms apart (the pair must keep its active broker, with no takeover and no
+step-down, and the active broker every native worker of the host: its own pause is no peer's
+silence);
 never while the other broker of its pair is down or not yet in sync (then the fault is skipped).
 Faults stop a few seconds before the end so that everything in flight can end.
 
@@ -53,8 +55,9 @@ table (a defect, unless it was the stopped one resuming), for a broker taking ov
 second of stepping down (a flap), for tracebacks and for crashes (a process that died by itself: a
 libzmq assertion, a fatal Python error; faulthandler shows its threads) in every process. Exit
 status 1 if anything was lost, wrong or duplicated, left open at a broker or remembered past the
-forgetting, a live active broker stepped down, a stalled host's pair changed its active broker,
-a broker flapped, a traceback or a crash was printed, or errors passed --max-error-rate.
+forgetting, a live active broker stepped down, a stalled host's pair changed its active broker
+or gave a worker of the host up, a broker flapped, a traceback or a crash was printed, or errors
+passed --max-error-rate.
 """
 
 from __future__ import annotations
@@ -584,6 +587,7 @@ class Chaos:
         self.resumed: dict[str, list[float]] = collections.defaultdict(list)  # broker: wall clock of each SIGCONT
         self.resumed_first = 0  # stopped active brokers that were back before their peer took over
         self.stalls_changed: list[str] = []  # stalled hosts whose pair changed its active broker
+        self.stalls_expired: list[str] = []  # stalled hosts whose active broker gave a worker of the host up
 
     def due(self, now: float) -> None:
         for item in [x for x in self.pending if x[0] <= now]:
@@ -707,6 +711,15 @@ class Chaos:
         if settled is None:
             return None  # a takeover may be under way
         was = {n: _pair_record(s) for n, s in settled[2].items()}
+        # What the active broker has counted served by each native worker of the host: a worker it
+        # took for gone registers again and counts from 0. (A Majordomo worker is left out: it
+        # knows nothing of pauses, and after one past its liveness it connects anew, as MDP says.)
+        st = self.topo.status(settled[0])
+        if st is None:
+            return None
+        active = settled[0]
+        native = [n for n in host if n.startswith("W") and not n.startswith("WMDP")]
+        served = {w["name"]: w["served"] for w in st["workers"] if w["name"] in native}
         kids = [str(pid) for n in host if WORKER_MODES.get(n) == "pworker" for pid in handler_processes(procs[n])]
         order = [*host, *kids]
         self.rng.shuffle(order)
@@ -718,21 +731,26 @@ class Chaos:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(n), signal.SIGSTOP)
         self.rng.shuffle(order)
-        back = now + self.rng.uniform(1.5, 3.0)
+        back = now + self.rng.uniform(0.7, 3.0)
         for i, n in enumerate(order):
             self.pending.append((back + 0.01 * i, "cont" if n in procs else "cont-pid", n))
         settled = back + 0.01 * len(order) + 3.0  # 3 s after the last resume (3 ttls by default)
-        self.pending += [(settled, "watched", a), (settled, "watched", b)]
-        t = threading.Thread(target=self._watch_stall, args=(a, b, was, time.monotonic() + settled - now), daemon=True)
+        self.pending += [(settled, "watched", n) for n in host]  # no other fault of theirs meanwhile
+        args = (a, b, was, active, served, time.monotonic() + settled - now)
+        t = threading.Thread(target=self._watch_stall, args=args, daemon=True)
         t.start()
         self.watchers.append(t)
-        return f"{region}: {', '.join(host)}{f' and {len(kids)} handler processes' if kids else ''}"
+        kids_said = f" and {len(kids)} handler processes" if kids else ""
+        return f"{region}: {', '.join(host)}{kids_said} ({len(served)} workers' counts watched at {active})"
 
-    def _watch_stall(self, a: str, b: str, was: dict[str, tuple[Any, ...]], settled: float) -> None:
+    def _watch_stall(
+        self, a: str, b: str, was: dict[str, tuple[Any, ...]], active: str, served: dict[str, int], settled: float
+    ) -> None:
         """Once the stalled host has run 3 ttls again: each broker of the pair in the same state,
-        with no takeover and no step-down since. (Its epoch may have risen: a client that called
-        the master pair meanwhile says the higher epoch it saw there, and the active broker moves
-        above it, as docs/ha.md says.)"""
+        with no takeover and no step-down since, and the active one still counting what each
+        native worker of the host served before (one it gave up registered again from 0). (Its
+        epoch may have risen: a client that called the master pair meanwhile says the higher epoch
+        it saw there, and the active broker moves above it, as docs/ha.md says.)"""
         time.sleep(max(0.0, settled - time.monotonic()))
         deadline = time.monotonic() + 5
         while True:
@@ -743,6 +761,11 @@ class Chaos:
         now = {n: _pair_record(s) for n, s in states.items()}
         if now != was:
             self.stalls_changed.append(f"{a}/{b} (state, takeovers, step-downs): before the stall {was}, after {now}")
+            return
+        st = self.topo.status(active)
+        after = {} if st is None else {w["name"]: w["served"] for w in st["workers"]}
+        if gone := {n: (k, after.get(n)) for n, k in served.items() if after.get(n, -1) < k}:
+            self.stalls_expired.append(f"{active}: workers given up (served before, after): {gone}")
 
     def _watch_takeover(self, name: str, killed: float, stopped: str | None = None) -> None:
         """How long the pair had no active broker after its active one was killed or ``stopped``
@@ -1029,6 +1052,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "takeover_s": takeover_figures(chaos.takeovers),
             "stopped_broker_back_before_a_takeover": chaos.resumed_first,
             "stalls_that_changed_the_active_broker": chaos.stalls_changed,
+            "stalls_that_gave_a_worker_up": chaos.stalls_expired,
             "executions": {
                 "never_run_but_ok": sum(1 for i in ok_ids if runs[i] == 0),
                 "ran_twice_or_more": sum(1 for i in load.outcome if runs[i] >= 2),
@@ -1061,6 +1085,8 @@ def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
         bad.append(f"brokers that took over again right after stepping down: {report['flaps'][:5]}")
     if changed := report.get("stalls_that_changed_the_active_broker"):
         bad.append(f"stalled hosts whose pair changed its active broker: {changed[:5]}")
+    if expired := report.get("stalls_that_gave_a_worker_up"):
+        bad.append(f"stalled hosts whose active broker gave a worker of the host up: {expired[:5]}")
     if report["tracebacks"]:
         bad.append(f"tracebacks: {report['tracebacks'][:5]}")
     if report.get("orphans"):

@@ -97,6 +97,7 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
             "orphans": ["4242 (parent 1): python3 -c ...spawn_main..."],
             "remembered_past_the_forgetting": {"MA": {"clients": 1, "batch_limits": 40, "mdp_peers": 0}},
             "stalls_that_changed_the_active_broker": ["R1A/R1B: R1A was active at epoch 5; after the stall ..."],
+            "stalls_that_gave_a_worker_up": ["R2A: workers given up (served before, after): {'WR2-0': (7, 0)}"],
             "client_processes": {
                 "CR1-kill": {
                     "ended": {"ok": 9, "handler-killed": 1},
@@ -119,6 +120,8 @@ def test_the_soak_reads_a_flap_and_a_live_step_down_as_defects_and_excuses_a_res
         f"brokers that took over again right after stepping down: {got['flaps']}",
         "stalled hosts whose pair changed its active broker: "
         "['R1A/R1B: R1A was active at epoch 5; after the stall ...']",
+        "stalled hosts whose active broker gave a worker of the host up: "
+        "[\"R2A: workers given up (served before, after): {'WR2-0': (7, 0)}\"]",
         "processes that outlived their parent: ['4242 (parent 1): python3 -c ...spawn_main...']",
         "brokers that remember more peers than they have, 15 ttls after every client was done: "
         "{'MA': {'clients': 1, 'batch_limits': 40, 'mdp_peers': 0}}",
