@@ -357,7 +357,7 @@ class Broker:
                 mail=lambda items, now: self._commands(core, items, now),
                 stuck=up.stuck if up is not None else None,
                 after=(lambda now: self._send(core, core.flush(now), now)) if pair_in is not None else None,
-                paused=core.resumed,
+                paused=lambda seconds, now: self._paused(core, seconds, now),
             )
         except Exception:
             log.exception("broker %s loop failed", self.settings.name)
@@ -413,6 +413,17 @@ class Broker:
             if self._ipc:
                 self._check_ipc(now)
         return core.next_deadline()
+
+    def _paused(self, core: BrokerMachine, seconds: float, now: float) -> None:
+        """The loop found this broker did not run for ``seconds``: tell the machine (its peers'
+        silence then is not counted against them) and say so, for an operator to see a host that
+        stalls (a peer's failover would otherwise be the only sign)."""
+        core.resumed(seconds, now)
+        msg = (
+            "broker %s did not run for %.2fs (stopped, a stalled host or VM, or starved of CPU): "
+            "its peers' silence then is not counted against them"
+        )
+        self._ratelog.log(logging.WARNING, "paused", now, msg, self.settings.name, seconds)
 
     def _check_ipc(self, now: float) -> None:
         """Bind again an ipc endpoint whose file was removed (a cleaner of /tmp, a careless rm):

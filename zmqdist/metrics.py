@@ -132,6 +132,16 @@ class BrokerCollector(Collector):  # (explicit: an ABC in older prometheus_clien
             "Members declared dead after missing their heartbeats",
             value=c["workers_expired"],
         )
+        yield CounterMetricFamily(
+            "zmqdist_pauses",
+            "Times the broker found it had not run for 0.2 s or more (stopped, a stalled host, starved)",
+            value=c.get("pauses", 0),
+        )
+        yield CounterMetricFamily(
+            "zmqdist_paused_seconds",
+            "Time the broker did not run in those pauses (its peers' silence then is not counted)",
+            value=c.get("paused_ms", 0) / 1000.0,
+        )
         yield GaugeMetricFamily("zmqdist_queue_depth", "Requests waiting for a worker", value=st["queued"])
         yield GaugeMetricFamily(
             "zmqdist_requests_open", "Requests accepted and not yet answered", value=st["requests_open"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -65,3 +67,18 @@ class Procs:
 
 def status(client: Any) -> dict[str, Any]:
     return client.call("zmqdist.status", timeout=5)  # type: ignore[no-any-return]
+
+
+def scrape(port: int) -> str:
+    """The text a broker's Prometheus endpoint serves."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()  # type: ignore[no-any-return]
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The value of metric ``name`` with ``labels`` in a scrape (asserts that it is there)."""
+    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pat = re.escape(name) + (r"\{" + re.escape(lab) + r"\}" if lab else "") + r" ([0-9.e+-]+)$"
+    m = re.search(pat, text, re.M)
+    assert m, f"{name} {labels} not in the scrape"
+    return float(m.group(1))

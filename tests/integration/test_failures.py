@@ -12,7 +12,7 @@ from collections import Counter
 
 import pytest
 
-from tests.integration.helpers import ROOT, status, wait_for
+from tests.integration.helpers import ROOT, free_port, scrape, status, value, wait_for
 from zmqdist import Client, RemoteError, RequestTimeout, WorkerLost
 
 pytestmark = pytest.mark.integration
@@ -227,7 +227,8 @@ def test_a_broker_stopped_again_and_again_still_gives_a_hung_worker_up(procs, ip
     broker's last resume: A never reached its ttl (2 s here) and kept its requests as long as the
     pauses went on. Silence now counts only the time the broker ran (core/link.py, Pauses). The
     ttl is longer than the stops, so they are no death to B and the client."""
-    broker = start_broker(procs, ipc_ep, "--liveness", "8")
+    metrics = free_port()
+    broker = start_broker(procs, ipc_ep, "--liveness", "8", "--metrics-port", str(metrics))
     a, b = start_workers(procs, ipc_ep, 2)
     with Client([ipc_ep], timeout=60) as c:
         wait_workers(c, 2)
@@ -247,6 +248,12 @@ def test_a_broker_stopped_again_and_again_still_gives_a_hung_worker_up(procs, ip
         assert sorted({f.result(1) for f in futs}) == [b.pid]  # A's requests ran at B
         st = status(c)
         assert st["counters"]["workers_expired"] == 1 and st["counters"]["duplicates"] == 0  # nobody else failed over
+        # Each stop is counted and timed (it overran the loop's wait of at most 0.25 s by 1.25 s or
+        # more), in the status and the metrics alike: a host that stalls shows, not only failovers.
+        stops, ms = st["counters"]["pauses"], st["counters"]["paused_ms"]
+        assert stops >= 3 and ms >= 1250 * 3, (stops, ms)
+        text = scrape(metrics)
+        assert value(text, "zmqdist_pauses_total") == stops and value(text, "zmqdist_paused_seconds_total") == ms / 1000
         a.send_signal(signal.SIGCONT)
 
 

@@ -3,29 +3,15 @@
 import logging
 import re
 import time
-import urllib.request
 
 import pytest
 import zmq
 
-from tests.integration.helpers import wait_for
+from tests.integration.helpers import scrape, value, wait_for
 from zmqdist import Broker, Client, RemoteError, Worker
 from zmqdist import protocol as p
 
 pytestmark = pytest.mark.integration
-
-
-def scrape(port):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        return r.read().decode()
-
-
-def value(text, name, **labels):
-    lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pat = re.escape(name) + (r"\{" + re.escape(lab) + r"\}" if lab else "") + r" ([0-9.e+-]+)$"
-    m = re.search(pat, text, re.M)
-    assert m, f"{name} {labels} not in the scrape"
-    return float(m.group(1))
 
 
 @pytest.mark.timeout(60)

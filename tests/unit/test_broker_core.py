@@ -137,10 +137,11 @@ def test_a_broker_paused_again_and_again_still_finds_a_dead_worker_gone_and_runs
     ((dead, t),) = tasks(request(core, 1, budget_ms=600_000))
     ((live, _),) = tasks(request(core, 1, client=b"P", budget_ms=600_000))
     assert (dead, live) == (b"A", b"B")
-    now, moved_at, stopped_at = 0.0, None, None
+    now, moved_at, stopped_at, stops = 0.0, None, None, 0
     while now < 20.0 and (moved_at is None or stopped_at is None):
         now = round(now + 0.3, 6)
         core.resumed(0.3, now)  # stopped 0.3 s, then runs 0.3 s: the live worker and client C beat
+        stops += 1
         for _ in range(3):
             core.receive(live, p.Heartbeat(p.ROLE_WORKER, "inc1", 0, ()), now)
             core.receive(b"C", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), now)
@@ -154,6 +155,7 @@ def test_a_broker_paused_again_and_again_still_finds_a_dead_worker_gone_and_runs
     assert moved_at is not None and 2.1 <= moved_at <= 2.3, moved_at
     assert core.counters.workers_expired == 1 and dead not in core.worker_load()
     assert stopped_at is not None and 2.1 <= stopped_at <= 2.3, stopped_at  # P's run (rule 4)
+    assert (core.counters.pauses, core.counters.paused_ms) == (stops, 300 * stops) and stops == 4  # for operators
 
 
 def test_a_broker_paused_in_its_grace_after_a_takeover_still_gives_the_members_the_whole_grace():

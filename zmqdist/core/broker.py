@@ -592,6 +592,9 @@ class BrokerCore(BrokerMachine):
 
     def resumed(self, seconds: float, now: float) -> None:
         self.d.pauses.note(seconds, now)  # members' and clients' silence in it proves nothing
+        c = self.counters
+        c.pauses += 1
+        c.paused_ms += round(seconds * 1000)
         replica = self.replica
         if replica.until is not None:  # nor did the members that held requests have their grace
             replica.until += seconds

@@ -121,6 +121,8 @@ class Counters:
     batched_in: int = 0  # messages received inside those
     batches_out: int = 0  # BATCH frames made for peers that read them
     batched_out: int = 0  # messages sent inside those
+    pauses: int = 0  # times the broker found it had not run for 0.2 s or more (stopped, stalled, starved)
+    paused_ms: int = 0  # how long in all: its peers' silence then is not counted (core/link.py, Pauses)
 
     def ended(self, status: int) -> None:
         """Count a request that ended with ``status`` (a ``protocol.ST_*`` code)."""
