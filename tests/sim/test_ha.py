@@ -428,3 +428,33 @@ def test_a_stalled_host_pausing_both_tiers_and_their_pairs_changes_nothing():
         assert_each_ended_once(c, 40)
         got = sorted(sign * p.unpack_value(done.payload) for (done,) in c.completed.values())
         assert got == list(range(1, 41))
+
+
+def test_brokers_paused_again_and_again_still_take_over_from_a_dead_active_one_in_both_tiers():
+    """The passive broker of each pair (master and proxy) paused 0.3 s in every 0.6 s (a host
+    stalled again and again, a throttled container), and a worker with them, while the active
+    broker of each dies. A broker's own pauses once restarted the count of its peer's silence, so
+    it never reached the ttl: no takeover, every request refused or lost. Now each pause is only
+    taken off the silence: both take over, and every request ends right."""
+    sim, client = proxy_pairs()
+    assert sim.active("ma", "mb", "pa", "pb") == ["ma", "pa"]
+    for n in range(1, 21):
+        client.submit("echo", n, timeout=60)
+    sim.run_for(0.1)
+    sim.kill("ma")
+    sim.kill("pa")
+    for n in range(21, 41):
+        client.submit("echo", n, timeout=60)
+    taken = None
+    for step in range(40):  # 24 s at most
+        for name in ("mb", "pb", "w1"):
+            sim.freeze(name, 0.3)
+        sim.run_for(0.6)
+        if taken is None and sim.active("mb", "pb") == ["mb", "pb"]:
+            taken = step
+        if taken is not None and len(client.completed) == 40:
+            break
+    # A ttl (1 s) of silence while they ran, 0.3 s of each 0.6: in the fourth cycle (step 3) here.
+    assert taken is not None and taken <= 6, taken
+    assert_each_ended_once(client, 40)
+    assert sorted(p.unpack_value(done.payload) for (done,) in client.completed.values()) == list(range(1, 41))
