@@ -35,9 +35,9 @@ SIGKILL of the active broker of a regional pair (twice a round) or of the master
 takes over, and the stopped one must step down when it resumes); a stalled host that a pair
 shares ("stall host"): SIGSTOP of both brokers of the pair and the workers of its region
 (handler processes too) for 0.7-3 s (about a ttl, a VM's live migration, or past it), resumed in
-a random order 10 ms apart (the pair must keep its active broker, with no takeover and no
-step-down, and the active broker every native worker of the host: its own pause is no peer's
-silence);
+a random order 10 ms apart, a third of the time the master's host and a proxy pair's together
+(each pair must keep its active broker, with no takeover and no step-down, and the active broker
+every native worker of the host: its own pause is no peer's silence);
 never while the other broker of its pair is down or not yet in sync (then the fault is skipped).
 Faults stop a few seconds before the end so that everything in flight can end.
 
@@ -696,30 +696,35 @@ class Chaos:
 
     def _stall(self, now: float) -> str | None:
         """A stalled host (a VM paused): SIGSTOP a pair's two brokers and the workers of its region
-        (handler processes too) at once, past the ttl, then SIGCONT them in a random order 10 ms
-        apart. The clients are elsewhere: they find the pair silent and go to the passive broker
-        or up a tier. The pair must keep its active broker, with no takeover and no step-down (a
-        broker that counted its own pause as its peer's silence took over). Returns what was
-        stalled."""
-        region = self.rng.choice(["M", "R1", "R2"])
-        a, b = PAIRS[region]
+        (handler processes too) at once, about a ttl or past it, then SIGCONT them in a random
+        order 10 ms apart; a third of the time the master pair's host and a proxy pair's together
+        (a hypervisor pausing both tiers). The clients are elsewhere: they find the pair silent
+        and go to the passive broker or up a tier. Each pair must keep its active broker, with no
+        takeover and no step-down (a broker that counted its own pause as its peer's silence took
+        over), and that broker every native worker of the host. Returns what was stalled."""
+        both = self.rng.random() < 1 / 3
+        regions = ["M", self.rng.choice(["R1", "R2"])] if both else [self.rng.choice(["M", "R1", "R2"])]
         procs = self.topo.procs
-        host = [a, b, *(n for n in procs if n.startswith(f"W{region}"))]  # WM also starts WMDP-k
-        if any(self.busy(n) or not procs[n].alive() for n in host):
-            return None
-        settled = self._settled(a, b)
-        if settled is None:
-            return None  # a takeover may be under way
-        was = {n: _pair_record(s) for n, s in settled[2].items()}
-        # What the active broker has counted served by each native worker of the host: a worker it
-        # took for gone registers again and counts from 0. (A Majordomo worker is left out: it
-        # knows nothing of pauses, and after one past its liveness it connects anew, as MDP says.)
-        st = self.topo.status(settled[0])
-        if st is None:
-            return None
-        active = settled[0]
-        native = [n for n in host if n.startswith("W") and not n.startswith("WMDP")]
-        served = {w["name"]: w["served"] for w in st["workers"] if w["name"] in native}
+        host: list[str] = []
+        watch = []  # per pair: (a, b, states before, its active broker, its workers' counts)
+        for region in regions:
+            a, b = PAIRS[region]
+            mine = [a, b, *(n for n in procs if n.startswith(f"W{region}"))]  # WM also starts WMDP-k
+            if any(self.busy(n) or not procs[n].alive() for n in mine):
+                return None
+            settled = self._settled(a, b)
+            if settled is None:
+                return None  # a takeover may be under way
+            # What the active broker has counted served by each native worker of the host: one it
+            # took for gone registers again and counts from 0. (A Majordomo worker is left out: it
+            # knows nothing of pauses, and after one past its liveness connects anew, as MDP says.)
+            st = self.topo.status(settled[0])
+            if st is None:
+                return None
+            native = [n for n in mine if n.startswith("W") and not n.startswith("WMDP")]
+            served = {w["name"]: w["served"] for w in st["workers"] if w["name"] in native}
+            watch.append((a, b, {n: _pair_record(s) for n, s in settled[2].items()}, settled[0], served))
+            host += mine
         kids = [str(pid) for n in host if WORKER_MODES.get(n) == "pworker" for pid in handler_processes(procs[n])]
         order = [*host, *kids]
         self.rng.shuffle(order)
@@ -734,14 +739,16 @@ class Chaos:
         back = now + self.rng.uniform(0.7, 3.0)
         for i, n in enumerate(order):
             self.pending.append((back + 0.01 * i, "cont" if n in procs else "cont-pid", n))
-        settled = back + 0.01 * len(order) + 3.0  # 3 s after the last resume (3 ttls by default)
-        self.pending += [(settled, "watched", n) for n in host]  # no other fault of theirs meanwhile
-        args = (a, b, was, active, served, time.monotonic() + settled - now)
-        t = threading.Thread(target=self._watch_stall, args=args, daemon=True)
-        t.start()
-        self.watchers.append(t)
+        settled_at = back + 0.01 * len(order) + 3.0  # 3 s after the last resume (3 ttls by default)
+        self.pending += [(settled_at, "watched", n) for n in host]  # no other fault of theirs meanwhile
+        for a, b, was, active, served in watch:
+            args = (a, b, was, active, served, time.monotonic() + settled_at - now)
+            t = threading.Thread(target=self._watch_stall, args=args, daemon=True)
+            t.start()
+            self.watchers.append(t)
         kids_said = f" and {len(kids)} handler processes" if kids else ""
-        return f"{region}: {', '.join(host)}{kids_said} ({len(served)} workers' counts watched at {active})"
+        counts = ", ".join(f"{len(w[4])} at {w[3]}" for w in watch)
+        return f"{'+'.join(regions)}: {', '.join(host)}{kids_said} (workers' counts watched: {counts})"
 
     def _watch_stall(
         self, a: str, b: str, was: dict[str, tuple[Any, ...]], active: str, served: dict[str, int], settled: float
