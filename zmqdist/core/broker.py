@@ -595,9 +595,7 @@ class BrokerCore(BrokerMachine):
         c = self.counters
         c.pauses += 1
         c.paused_ms += round(seconds * 1000)
-        replica = self.replica
-        if replica.until is not None:  # nor did the members that held requests have their grace
-            replica.until += seconds
+        self.replica.paused(seconds)
         up = self.tiers.up
         if up is not None:  # and the upstream's: a proxy paused with its master gave it up
             up.link.paused(seconds, now)

@@ -48,6 +48,12 @@ class Replica:
         if self.adopting:
             self.until = now + d.ttl + d.settings.heartbeat.heartbeat_s
 
+    def paused(self, seconds: float) -> None:
+        """The broker did not run for ``seconds``: the members that held requests had no grace then
+        (their HELLO waited to be read), so the grace ends that much later (rule 2)."""
+        if self.until is not None:
+            self.until += seconds
+
     def registered(self, w: Member, now: float) -> None:
         """``w`` registered with us: if it held requests at the takeover, it holds them here now
         (its first heartbeat confirms which)."""
