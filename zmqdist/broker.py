@@ -24,6 +24,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any, Final
 
@@ -32,7 +33,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from zmqdist import _native
 from zmqdist import protocol as p
-from zmqdist.clock import Clock, MonotonicClock, thread_cpu_time
+from zmqdist.clock import Clock, checked, thread_cpu_time
 from zmqdist.config import BrokerSettings, broker_endpoints, exposed
 from zmqdist.core.broker import BrokerMachine
 from zmqdist.core.failover import make_broker
@@ -41,7 +42,7 @@ from zmqdist.core.mdp import MAX_FRAMES, starts_mdp
 from zmqdist.core.records import LOG, PAIR, UPSTREAM, Channel, Out
 from zmqdist.core.rights import pair_peer
 from zmqdist.errors import ClosedError, ConfigError, RemoteProtocolError, TransportError, ZmqdistError
-from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, fds, map_zmq_errors
+from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, bind_router, context_of, fds, map_zmq_errors
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import (
     ClientKeys,
@@ -112,7 +113,7 @@ class Broker:
 
     def __init__(
         self,
-        bind: list[str] | tuple[str, ...] | str | None = None,
+        bind: str | Sequence[str] | None = None,
         *,
         settings: BrokerSettings | None = None,
         clock: Clock | None = None,
@@ -143,8 +144,8 @@ class Broker:
         self._zap_domain = f"zmqdist-{secrets.token_hex(8)}"
         self._metrics_server: Any = None
         self.metrics_port: int | None = None  # the bound port once started
-        self._clock = clock or MonotonicClock()
-        self._ctx = context or zmq.Context.instance()
+        self._clock = checked(clock, "broker")
+        self._ctx = context_of(context, "broker")
         self._mailbox = Mailbox()
         self._runner: threading.Thread | None = None
         self._stop_asked = False  # stop() came (before start: start and run refuse, not serve nothing)

@@ -22,17 +22,17 @@ import random
 import secrets
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Final
+from typing import Any, Final, SupportsFloat, TypedDict, Unpack
 
 import zmq
 
 from zmqdist import _aio
 from zmqdist import protocol as p
-from zmqdist.clock import Clock, MonotonicClock
+from zmqdist.clock import Clock, checked
 from zmqdist.codec import Codec
-from zmqdist.config import HeartbeatSettings, check_endpoints
+from zmqdist.config import HeartbeatSettings, check_endpoints, check_seconds, take_options
 from zmqdist.core.client import COMPLETED_CLS, NO_BROKER, ClientCore, ClientOut, Completed, PartIn, Progressed
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem
 from zmqdist.errors import (
@@ -49,7 +49,7 @@ from zmqdist.errors import (
     ZmqdistError,
 )
 from zmqdist.policy import Retry
-from zmqdist.transport import LINGER_MS, DealerLink, Loop, Mailbox, RateLimitedLog
+from zmqdist.transport import LINGER_MS, DealerLink, Loop, Mailbox, RateLimitedLog, context_of
 from zmqdist.transport.security import ClientKeys
 
 log: Final = logging.getLogger(__name__)
@@ -292,6 +292,83 @@ def _deliver(target: Target, rid: int, ok: bool, value: Any) -> None:
         target.put([(rid, ok, value)])
 
 
+class ClientOptions(TypedDict, total=False):
+    """The keyword options of :class:`Client` and :class:`AsyncClient` (their docstring says each)."""
+
+    timeout: float | None
+    name: str | None
+    heartbeat_s: float
+    liveness: int
+    server_key: str | None
+    key: str | None
+    backlog: int
+    codec: Codec | None
+    clock: Clock | None
+    context: zmq.Context[Any] | None
+
+
+class RequestOptions(TypedDict, total=False):
+    """The keyword options of a request: :meth:`Client.submit`, :meth:`Client.call`..."""
+
+    timeout: float | None
+    trace: str | None
+    key: str | None
+    retry: Retry | None
+
+
+class StreamOptions(RequestOptions, total=False):
+    """The keyword options of :meth:`Client.stream`: a request's, and its window."""
+
+    window: int
+
+
+class TimeoutOption(TypedDict, total=False):
+    """The one keyword option of :meth:`AsyncClient.gather`."""
+
+    timeout: float | None
+
+
+class MapOptions(TimeoutOption, total=False):
+    """The keyword options of :meth:`Client.map`."""
+
+    window: int
+
+
+class AsyncCallOptions(RequestOptions, total=False):
+    """The keyword options of :meth:`AsyncClient.call`: a request's, and a progress callback."""
+
+    on_progress: Callable[[Any], None] | None
+
+
+# Each public call takes its options as **options (zmqdist.config.take_options says why): their
+# defaults, which are also the names each call knows.
+_CLIENT_DEFAULTS: Final[dict[str, object]] = {
+    "timeout": 5.0,
+    "name": None,
+    "heartbeat_s": 0.25,
+    "liveness": 4,
+    "server_key": None,
+    "key": None,
+    "backlog": 100_000,
+    "codec": None,
+    "clock": None,
+    "context": None,
+}
+_REQUEST_DEFAULTS: Final[dict[str, object]] = {"timeout": None, "trace": None, "key": None, "retry": None}
+_STREAM_DEFAULTS: Final[dict[str, object]] = {**_REQUEST_DEFAULTS, "window": DEFAULT_WINDOW}
+_MAP_DEFAULTS: Final[dict[str, object]] = {"timeout": None, "window": 1000}
+_TIMEOUT_DEFAULTS: Final[dict[str, object]] = {"timeout": None}
+_ASYNC_CALL_DEFAULTS: Final[dict[str, object]] = {**_REQUEST_DEFAULTS, "on_progress": None}
+
+
+def _request_options(options: Mapping[str, object], what: str) -> tuple[object, object, object, object]:
+    """A request's timeout, trace, key and retry, as given (each is checked where it is used)."""
+    if not options:  # the usual call: no dict to build
+        return None, None, None, None
+    o = take_options(options, _REQUEST_DEFAULTS, what)
+    return o["timeout"], o["trace"], o["key"], o["retry"]
+
+
 class Client:
     """Sends requests to a broker; ``endpoints`` is the failover order. Thread-safe.
 
@@ -303,25 +380,19 @@ class Client:
     that is a week, the longest a request's budget can carry). A request that ends because no broker
     answered on any endpoint raises :class:`~zmqdist.errors.NoBroker` (a ``RequestTimeout``).
     ``codec`` turns values into payloads and back (:class:`~zmqdist.Codec`: the same as the
-    workers')."""
+    workers').
 
-    def __init__(
-        self,
-        endpoints: list[str] | tuple[str, ...] | str,
-        *,
-        timeout: float | None = 5.0,
-        name: str | None = None,
-        heartbeat_s: float = 0.25,
-        liveness: int = 4,
-        server_key: str | None = None,
-        key: str | None = None,
-        backlog: int = 100_000,
-        codec: Codec | None = None,
-        clock: Clock | None = None,
-        context: zmq.Context[Any] | None = None,
-    ) -> None:
+    Options (keywords; :class:`ClientOptions`), each checked here (a :class:`ConfigError` naming it):
+    ``timeout`` (5.0), ``name``, ``heartbeat_s`` (0.25) and ``liveness`` (4) until the broker's
+    WELCOME says its own, ``server_key`` and ``key`` (CURVE certificate files), ``backlog``
+    (100,000), ``codec``, ``clock`` (tests) and ``context`` (a ``zmq.Context``; default: the
+    process's shared one)."""
+
+    def __init__(self, endpoints: str | Sequence[str], **options: Unpack[ClientOptions]) -> None:
+        o = take_options(options, _CLIENT_DEFAULTS, "Client")
         self.endpoints = check_endpoints(endpoints, "client", connect=True)
-        if not isinstance(backlog, int) or backlog < 1:
+        backlog, codec, name, timeout = o["backlog"], o["codec"], o["name"], o["timeout"]
+        if isinstance(backlog, bool) or not isinstance(backlog, int) or backlog < 1:
             raise ConfigError(f"backlog must be a whole number of at least 1, got {backlog!r}")
         if codec is not None and not isinstance(codec, Codec):
             raise ConfigError(f"codec must be a zmqdist.Codec, got {codec!r}")
@@ -334,12 +405,12 @@ class Client:
         self._room = threading.Condition()  # submit waits on it while the backlog is full
         self._waiting_room = 0
         # CURVE: the broker's public certificate and our secret one (docs/security.md)
-        self._curve = ClientKeys.load(server_key, key, "client")
+        self._curve = ClientKeys.load(o["server_key"], o["key"], "client")
         self.timeout = _check_timeout(MAX_TIMEOUT_S if timeout is None else timeout)
         self.name = name or f"client-{secrets.token_hex(3)}"
-        self._hb = HeartbeatSettings(heartbeat_s, liveness)
-        self._clock = clock or MonotonicClock()
-        self._ctx = context or zmq.Context.instance()
+        self._hb = HeartbeatSettings.of(o["heartbeat_s"], o["liveness"])
+        self._clock = checked(o["clock"], "client")
+        self._ctx = context_of(o["context"], "client")
         self._mailbox = Mailbox()
         self._ratelog = RateLimitedLog(log)  # the core's problems (keyed ones: rate-limited)
         self._ids = itertools.count(1)
@@ -363,16 +434,7 @@ class Client:
 
     # --- public ---------------------------------------------------------------------------------
 
-    def submit(
-        self,
-        service: str,
-        value: Any = None,
-        *,
-        timeout: float | None = None,
-        trace: str | None = None,
-        key: str | None = None,
-        retry: Retry | None = None,
-    ) -> RequestFuture:
+    def submit(self, service: str, value: Any = None, **options: Unpack[RequestOptions]) -> RequestFuture:
         """Send a request; return a :class:`RequestFuture` of the reply value (or of its error).
 
         ``trace`` (default: generated) travels with the request through every broker and worker and
@@ -381,6 +443,12 @@ class Client:
         with ``--join-same-key`` run one request per open key and service. ``retry`` overrides the
         service's retry policy; listing :class:`~zmqdist.errors.Busy` also sends the request again
         when a full broker refuses it. All within the request's timeout."""
+        timeout, trace, key, retry = _request_options(options, "submit")
+        return self._future(service, value, timeout, trace, key, retry)
+
+    def _future(
+        self, service: str, value: Any, timeout: object, trace: object, key: object, retry: object
+    ) -> RequestFuture:
         fut = RequestFuture()
         fut._on_cancel = self._cancel
         fut.rid = self._submit(service, value, timeout, fut, trace, key, retry)
@@ -390,11 +458,11 @@ class Client:
         self,
         service: str,
         value: Any,
-        timeout: float | None,
+        timeout: object,
         target: Target,
-        trace: str | None = None,
-        key: str | None = None,
-        retry: Retry | None = None,
+        trace: object = None,
+        key: object = None,
+        retry: object = None,
         window: int = 0,
     ) -> int:
         """Send a request whose outcome goes to ``target``; return its id."""
@@ -410,11 +478,11 @@ class Client:
         self,
         service: str,
         value: Any,
-        timeout: float | None,
+        timeout: object,
         target: Target,
-        trace: str | None,
-        key: str | None,
-        retry: Retry | None,
+        trace: object,
+        key: object,
+        retry: object,
         window: int,
         wait: bool,
     ) -> tuple[Any, ...]:
@@ -438,7 +506,7 @@ class Client:
         self._futures[rid] = (target, service, tr)
         return ("submit", rid, service, payload, t, tr, options, busy)
 
-    def _checked(self, service: str, timeout: float | None) -> float:
+    def _checked(self, service: str, timeout: object) -> float:
         """Refuse a call on a closed client, on a client made before this process forked, or with
         a bad service name; return its timeout."""
         if self._closed:
@@ -452,7 +520,7 @@ class Client:
             raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
         return self.timeout if timeout is None else _check_timeout(timeout)
 
-    def _submit_many(self, service: str, values: list[Any], timeout: float | None, target: Target) -> list[int]:
+    def _submit_many(self, service: str, values: list[Any], timeout: object, target: Target) -> list[int]:
         """Send plain requests (no key, retry or stream) for ``values`` whose outcomes go to
         ``target``, checked once and posted to the socket thread as one item: what
         :meth:`map` sends per window refill. Returns their ids, in order."""
@@ -515,20 +583,13 @@ class Client:
             with self._room:
                 self._room.notify()
 
-    def call(
-        self,
-        service: str,
-        value: Any = None,
-        *,
-        timeout: float | None = None,
-        trace: str | None = None,
-        key: str | None = None,
-        retry: Retry | None = None,
-    ) -> Any:
-        """Send a request and return its reply value; raise its error (see zmqdist.errors).
+    def call(self, service: str, value: Any = None, **options: Unpack[RequestOptions]) -> Any:
+        """Send a request and return its reply value; raise its error (see zmqdist.errors). Its
+        options are :meth:`submit`'s.
 
         When the client has nothing else open, the calling thread sends the request and reads
         its reply itself (the module docstring); otherwise the socket thread does."""
+        timeout, trace, key, retry = _request_options(options, "call")
         me = threading.get_ident()
         if me in (self._driver, self._runner.ident):
             raise ZmqdistError(
@@ -568,51 +629,36 @@ class Client:
         if rid and not slot.done():
             self._cancel(rid)
 
-    def stream(
-        self,
-        service: str,
-        value: Any = None,
-        *,
-        timeout: float | None = None,
-        window: int = DEFAULT_WINDOW,
-        trace: str | None = None,
-        key: str | None = None,
-        retry: Retry | None = None,
-    ) -> Stream:
+    def stream(self, service: str, value: Any = None, **options: Unpack[StreamOptions]) -> Stream:
         """Call a streaming service (a generator handler): iterate the returned :class:`Stream`
         for its values as they come. The worker runs at most ``window`` values ahead of you (it
-        waits, the memory stays bounded); the timeout covers the whole stream."""
-        return self._stream(service, value, timeout, window, trace, key, retry, None)
+        waits, the memory stays bounded; default 64); the timeout covers the whole stream. The
+        other options are :meth:`submit`'s."""
+        return self._stream(service, value, take_options(options, _STREAM_DEFAULTS, "stream"), None)
 
-    def _stream(
-        self,
-        service: str,
-        value: Any,
-        timeout: float | None,
-        window: int,
-        trace: str | None,
-        key: str | None,
-        retry: Retry | None,
-        loop: asyncio.AbstractEventLoop | None,
-    ) -> Stream:
+    def _stream(self, service: str, value: Any, o: dict[str, object], loop: asyncio.AbstractEventLoop | None) -> Stream:
+        timeout, window, trace, key, retry = o["timeout"], o["window"], o["trace"], o["key"], o["retry"]
         if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= p.MAX_WINDOW:
             raise ConfigError(f"window must be a whole number from 1 to {p.MAX_WINDOW}, got {window!r}")
         sink = _Sink(loop)
         rid = self._submit(service, value, timeout, sink, trace, key, retry, window)
         return Stream(self, rid, sink) if loop is None else AsyncStream(self, rid, sink)
 
-    def map(
-        self, service: str, values: Iterable[Any], *, timeout: float | None = None, window: int = 1000
-    ) -> Iterator[Any]:
-        """Call ``service`` on every value, keeping up to ``window`` in flight; yield in input order.
-        Closing the iterator early (or an error) cancels the requests still open. Bad arguments
-        (and a closed client) raise here, as the built-in ``map`` does, not at the first value."""
+    def map(self, service: str, values: Iterable[Any], **options: Unpack[MapOptions]) -> Iterator[Any]:
+        """Call ``service`` on every value, keeping up to ``window`` (default 1000) in flight;
+        yield in input order. Closing the iterator early (or an error) cancels the requests still
+        open. Bad arguments (and a closed client) raise here, as the built-in ``map`` does, not at
+        the first value."""
+        o = take_options(options, _MAP_DEFAULTS, "map")
+        timeout, window = o["timeout"], o["window"]
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"window must be a whole number of at least 1, got {window!r}")
         self._checked(service, timeout)
+        if not isinstance(values, Iterable):
+            raise ConfigError(f"values must be an iterable of the values to send, got {values!r}")
         return self._map(service, iter(values), timeout, window)
 
-    def _map(self, service: str, it: Iterator[Any], timeout: float | None, window: int) -> Iterator[Any]:
+    def _map(self, service: str, it: Iterator[Any], timeout: object, window: int) -> Iterator[Any]:
         # One queue for the whole call instead of a Future per request: outcomes arrive as
         # (rid, ok, value); every request ends (reply, local timeout or close), so get() returns.
         # Natural batching: the window is refilled only after every outcome already there was
@@ -646,8 +692,10 @@ class Client:
             for rid in order:
                 self._cancel(rid)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the client; requests still pending fail with ClosedError."""
+    def close(self, timeout: SupportsFloat = 5.0) -> None:
+        """Stop the client; requests still pending fail with ClosedError. Waits at most
+        ``timeout`` seconds for its socket thread."""
+        timeout = check_seconds(timeout, "close's timeout")
         if self._closed:
             return
         self._closed = True
@@ -816,54 +864,38 @@ class AsyncClient:
     """The asyncio face of :class:`Client`: ``await ac.call(...)``; same arguments. Cancelling
     the task that awaits a call cancels the request (its handler is told to stop)."""
 
-    def __init__(self, endpoints: list[str] | tuple[str, ...] | str, **kwargs: Any) -> None:
-        self._client = Client(endpoints, **kwargs)
+    def __init__(self, endpoints: str | Sequence[str], **options: Unpack[ClientOptions]) -> None:
+        self._client = Client(endpoints, **options)
 
     # Each awaitable method returns a coroutine of zmqdist/_aio.py rather than being a compiled
     # coroutine itself: a compiled one would pass a thrown exception on in the form Python 3.12
     # deprecated (that module says why it matters).
 
-    def call(
-        self,
-        service: str,
-        value: Any = None,
-        *,
-        timeout: float | None = None,
-        trace: str | None = None,
-        key: str | None = None,
-        retry: Retry | None = None,
-        on_progress: Callable[[Any], None] | None = None,
-    ) -> Coroutine[Any, Any, Any]:
+    def call(self, service: str, value: Any = None, **options: Unpack[AsyncCallOptions]) -> Coroutine[Any, Any, Any]:
         """Send a request and await its reply value; raise its error. ``on_progress(value)`` is
-        called (on this loop) with each progress report of the handler. The request goes out
-        when the returned coroutine first runs."""
+        called (on this loop) with each progress report of the handler; the other options are
+        :meth:`Client.submit`'s. The request goes out when the returned coroutine first runs."""
+        o = take_options(options, _ASYNC_CALL_DEFAULTS, "call")
+        timeout, trace, key, retry, on_progress = o["timeout"], o["trace"], o["key"], o["retry"], o["on_progress"]
+        if on_progress is not None and not callable(on_progress):
+            raise ConfigError(f"on_progress must be a function of one value, got {on_progress!r}")
         client = self._client
-        return _aio.call(
-            lambda: client.submit(service, value, timeout=timeout, trace=trace, key=key, retry=retry), on_progress
-        )
+        return _aio.call(lambda: client._future(service, value, timeout, trace, key, retry), on_progress)
 
     def gather(
-        self, service: str, values: Iterable[Any], *, timeout: float | None = None
+        self, service: str, values: Iterable[Any], **options: Unpack[TimeoutOption]
     ) -> Coroutine[Any, Any, list[Any]]:
-        """Call ``service`` on every value concurrently; return the results in order."""
+        """Call ``service`` on every value concurrently; return the results in order. Its one
+        option is ``timeout``."""
+        timeout = take_options(options, _TIMEOUT_DEFAULTS, "gather")["timeout"]
         client = self._client
-        return _aio.gather(lambda v: client.submit(service, v, timeout=timeout), values)
+        return _aio.gather(lambda v: client._future(service, v, timeout, None, None, None), values)
 
-    def stream(
-        self,
-        service: str,
-        value: Any = None,
-        *,
-        timeout: float | None = None,
-        window: int = DEFAULT_WINDOW,
-        trace: str | None = None,
-        key: str | None = None,
-        retry: Retry | None = None,
-    ) -> AsyncStream:
+    def stream(self, service: str, value: Any = None, **options: Unpack[StreamOptions]) -> AsyncStream:
         """Call a streaming service: ``async for part in ac.stream(...)`` (see :meth:`Client.stream`).
         Call it from a coroutine: the parts arrive on the running loop."""
         loop = asyncio.get_running_loop()
-        s = self._client._stream(service, value, timeout, window, trace, key, retry, loop)
+        s = self._client._stream(service, value, take_options(options, _STREAM_DEFAULTS, "stream"), loop)
         assert isinstance(s, AsyncStream)
         return s
 

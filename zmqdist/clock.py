@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
+
+from zmqdist.errors import ConfigError
 
 
 class Clock(Protocol):
@@ -23,6 +25,16 @@ class MonotonicClock:
 
     def now(self) -> float:
         return time.monotonic()
+
+
+def checked(clock: object, what: str) -> Clock:
+    """``clock`` (the real one for None) if it has a ``now()``, else a ConfigError naming ``what``:
+    a wrong one found only by the socket thread would stop it, not the caller."""
+    if clock is None:
+        return MonotonicClock()
+    if not callable(getattr(clock, "now", None)):
+        raise ConfigError(f"{what}: clock must have a now() method returning seconds, got {clock!r}")
+    return cast(Clock, clock)
 
 
 def reader(clock: Clock) -> Callable[[], float]:

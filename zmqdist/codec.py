@@ -34,6 +34,11 @@ class Codec:
         ext_hook: Callable[[int, bytes], Any] | None = None,
         tuples: bool = False,
     ) -> None:
+        for what, fn in (("default", default), ("ext_hook", ext_hook)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"Codec's {what} must be a function, got {fn!r}")
+        if not isinstance(tuples, bool):
+            raise ConfigError(f"Codec's tuples must be True or False, got {tuples!r}")
         self.default = default
         self.ext_hook = ext_hook
         self.tuples = tuples
@@ -44,6 +49,8 @@ class Codec:
         """Carry instances of ``cls`` (subclasses too) as msgpack extension type ``code``."""
         if not isinstance(code, int) or isinstance(code, bool) or not 0 <= code <= 127:
             raise ConfigError(f"an extension type code is 0 to 127, got {code!r}")
+        if not isinstance(cls, type) or not callable(encode) or not callable(decode):
+            raise ConfigError(f"register takes a class and two functions, got {cls!r}, {encode!r} and {decode!r}")
         if code in self._by_code:
             raise ConfigError(f"extension type code {code} is registered already")
         self._by_type[cls] = (code, encode)

@@ -12,6 +12,7 @@ import difflib
 import re
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,17 @@ class HeartbeatSettings:
     liveness: int = DEFAULT_LIVENESS
 
     def __post_init__(self) -> None:
-        if not isinstance(self.heartbeat_s, (int, float)) or not 0.001 <= self.heartbeat_s <= 3600:
-            raise ConfigError(f"heartbeat must be between 0.001 and 3600 seconds, got {self.heartbeat_s!r}")
-        if not isinstance(self.liveness, int) or not 1 <= self.liveness <= 1000:
-            raise ConfigError(f"liveness must be between 1 and 1000 heartbeats, got {self.liveness!r}")
+        hb, live = self.heartbeat_s, self.liveness
+        if isinstance(hb, bool) or not isinstance(hb, (int, float)) or not 0.001 <= hb <= 3600:
+            raise ConfigError(f"heartbeat must be between 0.001 and 3600 seconds, got {hb!r}")
+        if isinstance(live, bool) or not isinstance(live, int) or not 1 <= live <= 1000:
+            raise ConfigError(f"liveness must be between 1 and 1000 heartbeats, got {live!r}")
+
+    @classmethod
+    def of(cls, heartbeat_s: object, liveness: object) -> HeartbeatSettings:
+        """Settings from a caller's values of any type: checked here (this module is not
+        compiled, so the dataclass takes them as they are and ``__post_init__`` refuses them)."""
+        return cls(heartbeat_s, liveness)  # type: ignore[arg-type]
 
     @property
     def ttl_s(self) -> float:
@@ -225,6 +233,32 @@ def option_names(cls: type) -> list[str]:
     return [f.name for f in fields(cls) if f.init]
 
 
+def take_options(given: Mapping[str, object], defaults: Mapping[str, object], what: str) -> dict[str, object]:
+    """``defaults`` overlaid with ``given``, the keyword options of a public call; a name not in
+    ``defaults`` is a ConfigError naming the nearest one. The public API takes its options this way
+    (``**options: Unpack[...]``: precise types for a type checker, none checked by a compiled
+    install at the call), so that each is checked where it is used, as a ConfigError naming it,
+    compiled or not."""
+    for k in given:
+        if k not in defaults:
+            raise ConfigError(f"{what} takes no option {k!r}{did_you_mean(k, list(defaults))}")
+    return {**defaults, **given}
+
+
+def check_seconds(value: object, what: str) -> float:
+    """``value`` as float seconds (a wait's bound: 0 or more), or a ConfigError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ConfigError(f"{what} must be a number of seconds of at least 0, got {value!r}")
+    return float(value)
+
+
+def check_flag(value: object, what: str) -> bool:
+    """``value`` if it is True or False, else a ConfigError naming ``what`` (``"no"`` is true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be True or False, got {value!r}")
+    return value
+
+
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     """``"; did you mean 'x'?"`` for the nearest of ``choices``, or ``""``."""
     near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
@@ -291,7 +325,7 @@ IPC_PATH_MAX = 103 if sys.platform == "darwin" or "bsd" in sys.platform else 107
 CONNECT_HOST = re.compile(r"[A-Za-z0-9\[:][A-Za-z0-9.\-:%;\[\]_]*\Z")
 
 
-def check_endpoint(ep: str, what: str, connect: bool = False) -> str:
+def check_endpoint(ep: object, what: str, connect: bool = False) -> str:
     """Return ``ep`` after checking it is a complete ZeroMQ endpoint (scheme, host and port, or a
     path); raise :class:`ConfigError` naming ``what`` and the problem. ``connect``: an endpoint to
     connect to, where a wildcard (``*``) that only a bind takes is refused."""
@@ -341,11 +375,15 @@ def exposed(ep: str) -> bool:
     return not host.startswith(LOOPBACK_HOSTS)
 
 
-def check_endpoints(endpoints: list[str] | tuple[str, ...] | str, what: str, connect: bool = False) -> tuple[str, ...]:
-    """Return ``endpoints`` as a tuple after checking each is a complete ZeroMQ endpoint (to connect
-    to, with ``connect``)."""
+def check_endpoints(endpoints: object, what: str, connect: bool = False) -> tuple[str, ...]:
+    """Return ``endpoints`` (one string, or a list or tuple of them) as a tuple after checking each
+    is a complete ZeroMQ endpoint (to connect to, with ``connect``)."""
     if isinstance(endpoints, str):
         endpoints = [endpoints]
+    if not isinstance(endpoints, (list, tuple)):
+        raise ConfigError(
+            f"{what}: endpoints must be a string or a list of them like ['tcp://127.0.0.1:5555'], got {endpoints!r}"
+        )
     eps = tuple(endpoints)
     if not eps:
         raise ConfigError(f"{what}: at least one endpoint is required")

@@ -17,21 +17,21 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Final, SupportsFloat, TypedDict, TypeVar, Unpack
 
 import zmq
 
 from zmqdist import protocol as p
 from zmqdist._handlers import Executors, Handler, Service
-from zmqdist.clock import Clock, MonotonicClock
+from zmqdist.clock import Clock, checked
 from zmqdist.codec import Codec
-from zmqdist.config import HeartbeatSettings, check_endpoints
+from zmqdist.config import HeartbeatSettings, check_endpoints, check_flag, check_seconds, take_options
 from zmqdist.core.link import Connect, EndProbe, Probe, Problem, Stopped
 from zmqdist.core.worker import EXECUTE_CLS, Abort, Window, WorkerCore, WorkerOut
 from zmqdist.errors import ConfigError, ZmqdistError
 from zmqdist.policy import Retry
-from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog
+from zmqdist.transport import DealerLink, Loop, Mailbox, RateLimitedLog, context_of
 from zmqdist.transport.loop import DebugCheck
 from zmqdist.transport.security import ClientKeys
 
@@ -57,25 +57,89 @@ def _check_takes_a_value(name: str, fn: Handler) -> None:
         ) from None
 
 
+def _check_service_name(name: object) -> None:
+    if not isinstance(name, str) or not 0 < len(name) <= p.MAX_NAME:
+        raise ConfigError(f"service name must be 1 to {p.MAX_NAME} characters, got {name!r}")
+    if name.startswith(p.INTERNAL_PREFIXES):  # a broker refuses the whole registration
+        reserved = " or ".join(map(repr, p.INTERNAL_PREFIXES))
+        raise ConfigError(f"service names starting with {reserved} are reserved (brokers answer them)")
+
+
+def _service_options(o: dict[str, object]) -> tuple[Retry | None, bool, bool]:
+    """A service's retry, terminate_on_cancel and inline, checked."""
+    retry = o["retry"]
+    if retry is not None and not isinstance(retry, Retry):
+        raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
+    return retry, check_flag(o["terminate_on_cancel"], "terminate_on_cancel"), check_flag(o["inline"], "inline")
+
+
+class WorkerSettings(TypedDict, total=False):
+    """The keyword options of :meth:`Worker.configure` (and of :class:`Worker`, with more)."""
+
+    endpoints: str | Sequence[str] | None
+    concurrency: int | None
+    name: str | None
+    heartbeat_s: float | None
+    liveness: int | None
+    isolation: str | None
+    server_key: str | None
+    key: str | None
+
+
+class WorkerOptions(TypedDict, total=False):
+    """The keyword options of :class:`Worker` (its docstring says each)."""
+
+    concurrency: int
+    name: str | None
+    heartbeat_s: float
+    liveness: int
+    isolation: str
+    server_key: str | None
+    key: str | None
+    clock: Clock | None
+    context: zmq.Context[Any] | None
+    codec: Codec | None
+
+
+class ServiceOptions(TypedDict, total=False):
+    """The keyword options of :meth:`Worker.add_service` and :meth:`Worker.service`."""
+
+    retry: Retry | None
+    terminate_on_cancel: bool
+    inline: bool
+
+
+# Each public call takes its options as **options (zmqdist.config.take_options says why): their
+# defaults, which are also the names each call knows.
+_WORKER_DEFAULTS: Final[dict[str, object]] = {
+    "concurrency": 4,
+    "name": None,
+    "heartbeat_s": 0.25,
+    "liveness": 4,
+    "isolation": "thread",
+    "server_key": None,
+    "key": None,
+    "clock": None,
+    "context": None,
+    "codec": None,
+}
+_SETTINGS_DEFAULTS: Final[dict[str, object]] = dict.fromkeys(WorkerSettings.__annotations__)
+_SERVICE_DEFAULTS: Final[dict[str, object]] = {"retry": None, "terminate_on_cancel": False, "inline": False}
+
+
 class Worker:
     """Serves handlers to a broker. ``endpoints`` is the failover order; ``codec`` turns payloads
-    into values and back (:class:`~zmqdist.Codec`: the same as the clients')."""
+    into values and back (:class:`~zmqdist.Codec`: the same as the clients').
 
-    def __init__(
-        self,
-        endpoints: list[str] | tuple[str, ...] | str,
-        *,
-        concurrency: int = 4,
-        name: str | None = None,
-        heartbeat_s: float = 0.25,
-        liveness: int = 4,
-        isolation: str = "thread",
-        server_key: str | None = None,
-        key: str | None = None,
-        clock: Clock | None = None,
-        context: zmq.Context[Any] | None = None,
-        codec: Codec | None = None,
-    ) -> None:
+    Options (keywords; :class:`WorkerOptions`), each checked here (a :class:`ConfigError` naming
+    it): ``concurrency`` (4 handlers at once), ``name``, ``heartbeat_s`` (0.25) and ``liveness`` (4)
+    until the broker's WELCOME says its own, ``isolation`` (``"thread"`` or ``"process"``),
+    ``server_key`` and ``key`` (CURVE certificate files), ``clock`` (tests), ``context`` (a
+    ``zmq.Context``; default: the process's shared one) and ``codec``."""
+
+    def __init__(self, endpoints: str | Sequence[str], **options: Unpack[WorkerOptions]) -> None:
+        o = take_options(options, _WORKER_DEFAULTS, "Worker")
+        codec, name = o["codec"], o["name"]
         if codec is not None and not isinstance(codec, Codec):
             raise ConfigError(f"codec must be a zmqdist.Codec, got {codec!r}")
         self.codec = codec
@@ -84,22 +148,19 @@ class Worker:
         self.name = ""
         self.isolation = ""
         self._hb = HeartbeatSettings()
-        self._keys: tuple[str | None, str | None] = (None, None)
+        self._keys: tuple[object, object] = (None, None)  # the certificate files given (ClientKeys.load checks them)
         self._curve: ClientKeys | None = None
         self._runner: threading.Thread | None = None
         self._stop_asked = False  # stop() came (before start: start and run refuse, not serve nothing)
-        self.configure(
-            endpoints=endpoints,
-            concurrency=concurrency,
-            name=name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
-            heartbeat_s=heartbeat_s,
-            liveness=liveness,
-            isolation=isolation,
-            server_key=server_key,
-            key=key,
+        self._configure(
+            {
+                **o,
+                "endpoints": check_endpoints(endpoints, "worker", connect=True),  # (None: not "as it is")
+                "name": name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
+            }
         )
-        self._clock = clock or MonotonicClock()
-        self._ctx = context or zmq.Context.instance()
+        self._clock = checked(o["clock"], "worker")
+        self._ctx = context_of(o["context"], "worker")
         self._handlers: dict[str, Service] = {}
         self._mailbox = Mailbox()
         self._ratelog = RateLimitedLog(log)  # the core's problems (keyed ones: rate-limited)
@@ -112,22 +173,17 @@ class Worker:
         self._debug = DebugCheck(log)  # asked at ticks, not per task
         self._probe: DealerLink | None = None  # a look at the first choice while away from it
 
-    def configure(
-        self,
-        *,
-        endpoints: list[str] | tuple[str, ...] | str | None = None,
-        concurrency: int | None = None,
-        name: str | None = None,
-        heartbeat_s: float | None = None,
-        liveness: int | None = None,
-        isolation: str | None = None,
-        server_key: str | None = None,
-        key: str | None = None,
-    ) -> Worker:
-        """Change settings before the worker starts; ``None`` keeps a setting as it is. The command
-        line (``zmqdist worker MODULE:OBJECT``) uses this: a flag given overrides the object's own."""
+    def configure(self, **options: Unpack[WorkerSettings]) -> Worker:
+        """Change settings before the worker starts; ``None`` (or leaving one out) keeps a setting
+        as it is. The command line (``zmqdist worker MODULE:OBJECT``) uses this: a flag given
+        overrides the object's own."""
+        return self._configure(take_options(options, _SETTINGS_DEFAULTS, "configure"))
+
+    def _configure(self, o: dict[str, object]) -> Worker:
         if self._runner is not None:
             raise ZmqdistError("configure a worker before it starts")
+        endpoints, concurrency, name, isolation = o["endpoints"], o["concurrency"], o["name"], o["isolation"]
+        heartbeat_s, liveness, server_key, key = o["heartbeat_s"], o["liveness"], o["server_key"], o["key"]
         eps = check_endpoints(endpoints, "worker", connect=True) if endpoints is not None else self.endpoints
         conc = self.concurrency if concurrency is None else concurrency
         if not isinstance(conc, int) or isinstance(conc, bool) or not 1 <= conc <= p.MAX_CAPACITY:
@@ -135,7 +191,7 @@ class Worker:
         iso = self.isolation if isolation is None else isolation
         if iso not in ISOLATIONS:
             raise ConfigError(f"isolation must be one of {ISOLATIONS}, got {iso!r}")
-        hb = HeartbeatSettings(
+        hb = HeartbeatSettings.of(
             self._hb.heartbeat_s if heartbeat_s is None else heartbeat_s,
             self._hb.liveness if liveness is None else liveness,
         )
@@ -152,26 +208,19 @@ class Worker:
 
     # --- registration of handlers ----------------------------------------------------------------
 
-    def service(
-        self, name: str, *, retry: Retry | None = None, terminate_on_cancel: bool = False, inline: bool = False
-    ) -> Callable[[F], F]:
+    def service(self, name: str, **options: Unpack[ServiceOptions]) -> Callable[[F], F]:
         """Decorator: serve the function under ``name`` (see :meth:`add_service`)."""
+        _check_service_name(name)  # (a wrong name or option: at the decorator, not the function)
+        o = take_options(options, _SERVICE_DEFAULTS, "service")
+        _service_options(o)
 
         def deco(fn: F) -> F:
-            self.add_service(name, fn, retry=retry, terminate_on_cancel=terminate_on_cancel, inline=inline)
+            self._add_service(name, fn, o)
             return fn
 
         return deco
 
-    def add_service(
-        self,
-        name: str,
-        fn: Handler,
-        *,
-        retry: Retry | None = None,
-        terminate_on_cancel: bool = False,
-        inline: bool = False,
-    ) -> None:
+    def add_service(self, name: str, fn: Handler, **options: Unpack[ServiceOptions]) -> None:
         """Serve ``fn`` under service ``name``: a function, an ``async def``, or a generator (sync
         or async) whose values stream to a caller of ``Client.stream`` (a caller of ``call`` gets
         them as one list). ``retry``: run the request again when the handler raises what the
@@ -180,21 +229,19 @@ class Worker:
         trivially fast sync handler (microseconds, never blocking) runs on the socket thread,
         without the hand-off to a handler thread and back; three calls in a row over 5 ms, or one
         over 100 ms, move the service to the threads for good (docs/worker.md)."""
-        if not isinstance(name, str) or not 0 < len(name) <= p.MAX_NAME:
-            raise ConfigError(f"service name must be 1 to {p.MAX_NAME} characters, got {name!r}")
-        if name.startswith(p.INTERNAL_PREFIXES):  # a broker refuses the whole registration
-            reserved = " or ".join(map(repr, p.INTERNAL_PREFIXES))
-            raise ConfigError(f"service names starting with {reserved} are reserved (brokers answer them)")
+        self._add_service(name, fn, take_options(options, _SERVICE_DEFAULTS, "add_service"))
+
+    def _add_service(self, name: str, fn: Handler, o: dict[str, object]) -> None:
+        retry, terminate_on_cancel, inline = _service_options(o)
+        _check_service_name(name)
         if name in self._handlers:
             raise ConfigError(f"service {name!r} is already added to this worker (by {self._handlers[name].fn!r})")
         if not callable(fn):
             raise ConfigError(f"handler for {name!r} is not callable")
         _check_takes_a_value(name, fn)
-        if retry is not None and not isinstance(retry, Retry):
-            raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
         if self._runner is not None:
             raise ZmqdistError("add services before the worker starts")
-        svc = Service(fn, retry, bool(terminate_on_cancel), bool(inline))
+        svc = Service(fn, retry, terminate_on_cancel, inline)
         if svc.inline and svc.is_async:
             raise ConfigError(f"inline is for sync handlers; {name!r} is async (it runs on the event loop already)")
         self._handlers[name] = svc
@@ -237,10 +284,11 @@ class Worker:
         if self.error is not None:
             raise self.error
 
-    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+    def stop(self, drain: bool = True, timeout: SupportsFloat = 30.0) -> None:
         """Stop taking work; with ``drain`` finish what is in flight first (at most ``timeout`` s),
         and wait for that. Called from one of this worker's own handlers, it returns at once (the
         drain waits for that handler too: waiting for the drain there would wait for itself)."""
+        timeout = check_seconds(timeout, "stop's timeout")
         self._stop_asked = True
         self._mailbox.post(("drain", timeout) if drain else ("stop",))  # (a start racing this stops too)
         t = self._runner
@@ -251,9 +299,10 @@ class Worker:
             return
         t.join(timeout + 5.0)
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the worker stopped; return True if it did."""
-        return self._done.wait(timeout)
+    def wait(self, timeout: SupportsFloat | None = None) -> bool:
+        """Wait until the worker stopped (at most ``timeout`` seconds; None: for good); return True
+        if it did."""
+        return self._done.wait(None if timeout is None else check_seconds(timeout, "wait's timeout"))
 
     def __enter__(self) -> Worker:
         return self.start()

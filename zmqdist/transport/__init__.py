@@ -11,6 +11,7 @@ from zmqdist.transport.sockets import (
     DealerLink,
     RateLimitedLog,
     bind_router,
+    context_of,
     map_zmq_errors,
     poll_timeout_ms,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Mailbox",
     "RateLimitedLog",
     "bind_router",
+    "context_of",
     "map_zmq_errors",
     "poll_timeout_ms",
 ]

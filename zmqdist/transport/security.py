@@ -349,12 +349,17 @@ class ClientKeys:
     secret: bytes
 
     @classmethod
-    def load(cls, server_key: str | Path | None, key: str | Path | None, what: str) -> ClientKeys | None:
-        """Read the certificate files (both or neither), or raise ConfigError."""
+    def load(cls, server_key: object, key: object, what: str) -> ClientKeys | None:
+        """Read the certificate files (both or neither; paths, as strings or ``Path``s), or raise
+        ConfigError."""
         if server_key is None and key is None:
             return None
         if server_key is None or key is None:
             raise ConfigError(f"{what}: CURVE needs both server_key (the broker's .key) and key (our .key_secret)")
+        if not isinstance(server_key, (str, Path)) or not isinstance(key, (str, Path)):
+            raise ConfigError(
+                f"{what}: server_key and key are the paths of certificate files, got {server_key!r} and {key!r}"
+            )
         public, secret = load_secret(key)
         return cls(load_public(server_key), public, secret)
 

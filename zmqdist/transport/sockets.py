@@ -22,7 +22,7 @@ from typing import Any, Final
 import zmq
 
 from zmqdist import protocol as p
-from zmqdist.errors import RemoteProtocolError, TransportError
+from zmqdist.errors import ConfigError, RemoteProtocolError, TransportError
 from zmqdist.transport.wire import Port, port
 
 LINGER_MS: Final = 200
@@ -37,6 +37,16 @@ def map_zmq_errors(what: str) -> Iterator[None]:
         yield
     except zmq.ZMQError as exc:
         raise TransportError(f"{what}: {exc.strerror} (errno {exc.errno})") from exc
+
+
+def context_of(context: object, what: str) -> zmq.Context[Any]:
+    """``context`` (the process's shared one for None) if it is a ZeroMQ context, else a
+    ConfigError naming ``what``: a wrong one found only by the socket thread would stop it."""
+    if context is None:
+        return zmq.Context.instance()
+    if not isinstance(context, zmq.Context):
+        raise ConfigError(f"{what}: context must be a zmq.Context, got {context!r}")
+    return context
 
 
 def poll_timeout_ms(deadline: float | None, now: float) -> int:

@@ -1,0 +1,178 @@
+"""Every keyword option of the public API, given a value of the wrong type, is refused at the call
+with a ConfigError naming it, in a compiled install as in pure Python (tests/test_pure.py runs this
+file again on the pure sources).
+
+A compiled module checks a parameter's declared type before its code runs, with a bare TypeError
+("float or None object expected; got str") that names no parameter and is not a ZmqdistError; a
+wrong clock or context was taken as it was and stopped the socket thread at its first use. The
+public calls now take their options as ``**options`` (typed for a type checker by a TypedDict) and
+check each one themselves.
+"""
+
+import asyncio
+import threading
+
+import pytest
+import zmq
+
+from zmqdist import AsyncClient, Broker, Client, Codec, ConfigError, Retry, Worker
+
+EP = "tcp://127.0.0.1:1"
+WRONG = object()  # of no type any option takes
+
+
+def _threads() -> set[str]:
+    return {t.name for t in threading.enumerate()}
+
+
+CLIENT_OPTIONS = {
+    "timeout": "timeout",
+    "name": "name",
+    "heartbeat_s": "heartbeat",
+    "liveness": "liveness",
+    "server_key": "server_key",
+    "backlog": "backlog",
+    "codec": "codec",
+    "clock": "clock",
+    "context": "context",
+}
+
+
+@pytest.mark.parametrize("option", sorted(CLIENT_OPTIONS))
+@pytest.mark.parametrize("make", [Client, AsyncClient])
+def test_a_client_refuses_each_option_of_a_wrong_type_naming_it_and_starts_no_thread(make, option):
+    before = _threads()
+    extra = {"key": "k.key_secret"} if option == "server_key" else {}
+    for bad in (WRONG, [1], True) if option in ("name", "server_key") else (WRONG, "5", [1], True):
+        with pytest.raises(ConfigError, match=CLIENT_OPTIONS[option]):
+            make(EP, **{option: bad}, **extra)
+    assert _threads() <= before
+
+
+WORKER_OPTIONS = {
+    "concurrency": "concurrency",
+    "name": "name",
+    "heartbeat_s": "heartbeat",
+    "liveness": "liveness",
+    "isolation": "isolation",
+    "server_key": "server_key",
+    "clock": "clock",
+    "context": "context",
+    "codec": "codec",
+}
+
+
+@pytest.mark.parametrize("option", sorted(WORKER_OPTIONS))
+def test_a_worker_refuses_each_option_of_a_wrong_type_naming_it(option):
+    extra = {"key": "k.key_secret"} if option == "server_key" else {}
+    for bad in (WRONG, [2], True, "x" if option in ("heartbeat_s", "concurrency", "liveness") else 2.5):
+        with pytest.raises(ConfigError, match=WORKER_OPTIONS[option]):
+            Worker(EP, **{option: bad}, **extra)
+    if option not in ("clock", "context", "codec"):  # what configure changes
+        with pytest.raises(ConfigError, match=WORKER_OPTIONS[option]):
+            Worker(EP).configure(**{option: WRONG}, **extra)
+
+
+def test_a_misspelt_option_is_refused_with_the_name_meant():
+    with pytest.raises(ConfigError, match="Client takes no option 'timout'; did you mean 'timeout'"):
+        Client(EP, timout=1)
+    with pytest.raises(ConfigError, match="Worker takes no option 'concurency'; did you mean 'concurrency'"):
+        Worker(EP, concurency=2)
+    with pytest.raises(ConfigError, match="add_service takes no option 'inlined'; did you mean 'inline'"):
+        Worker(EP).add_service("s", abs, inlined=True)
+    with pytest.raises(ConfigError, match="configure takes no option 'isolaton'"):
+        Worker(EP).configure(isolaton="thread")
+    with Client(EP) as c:
+        for call in (c.submit, c.call, c.stream):
+            with pytest.raises(ConfigError, match="takes no option 'tiemout'; did you mean 'timeout'"):
+                call("s", 1, tiemout=1)
+        with pytest.raises(ConfigError, match="map takes no option 'windw'; did you mean 'window'"):
+            c.map("s", [1], windw=3)
+        assert not c._futures  # nothing was sent
+
+
+@pytest.mark.parametrize("method", ["submit", "call", "stream", "map"])
+def test_a_request_refuses_each_option_of_a_wrong_type_naming_it_and_sends_nothing(method):
+    options = {"timeout": "timeout", "trace": "trace", "key": "key", "retry": "retry", "window": "window"}
+    if method in ("submit", "call"):
+        del options["window"]
+    if method == "map":
+        options = {"timeout": "timeout", "window": "window"}
+    with Client(EP, timeout=1) as c:
+        for option, says in options.items():
+            for bad in (WRONG, ["x"]):
+                with pytest.raises(ConfigError, match=says):
+                    getattr(c, method)("s", [1] if method == "map" else 1, **{option: bad})
+        assert not c._futures
+
+
+def test_async_calls_refuse_options_of_a_wrong_type():
+    ac = AsyncClient(EP, timeout=1)
+    try:
+        with pytest.raises(ConfigError, match="on_progress must be a function"):
+            ac.call("s", 1, on_progress=5)
+        with pytest.raises(ConfigError, match="gather takes no option 'window'"):
+            ac.gather("s", [1], window=2)
+        with pytest.raises(ConfigError, match="timeout must be a number"):  # (the request goes out as it runs)
+            asyncio.run(ac.call("s", 1, timeout="1"))
+        assert not ac._client._futures
+    finally:
+        ac._client.close()
+
+
+def test_service_options_of_a_wrong_type_are_refused_at_the_decorator():
+    w = Worker(EP)
+    for option, bad in (("inline", "no"), ("terminate_on_cancel", 1), ("retry", 3)):
+        with pytest.raises(ConfigError, match=option):
+            w.add_service("s", abs, **{option: bad})
+        with pytest.raises(ConfigError, match=option):
+            w.service("s", **{option: bad})
+    with pytest.raises(ConfigError, match="service name must be"):
+        w.service("")  # at the decorator, before any function
+    w.add_service("s", abs, inline=True, retry=Retry(attempts=2))
+    assert w.services == ("s",)
+
+
+def test_endpoints_waits_and_codecs_of_a_wrong_type_are_config_errors():
+    for make in (Client, Worker):
+        for bad in (5, None, {"tcp://127.0.0.1:1": 1}):
+            with pytest.raises(ConfigError, match="endpoints must be a string or a list"):
+                make(bad)
+    with pytest.raises(ConfigError, match="bind must be"):
+        Broker(5)
+    for option in ("clock", "context"):
+        with pytest.raises(ConfigError, match=f"broker: {option} must"):
+            Broker(EP.replace(":1", ":*"), **{option: "x"})
+    c = Client(EP)
+    with pytest.raises(ConfigError, match="close's timeout must be a number of seconds"):
+        c.close("soon")
+    c.close()
+    w = Worker(EP)
+    with pytest.raises(ConfigError, match="stop's timeout"):
+        w.stop(timeout="x")
+    with pytest.raises(ConfigError, match="wait's timeout"):
+        w.wait("x")
+    assert w.wait(0) is False
+    for kw in ({"default": 5}, {"ext_hook": "x"}, {"tuples": "yes"}):
+        with pytest.raises(ConfigError, match="Codec's"):
+            Codec(**kw)
+    with pytest.raises(ConfigError, match="register takes a class and two functions"):
+        Codec().register(int, 3, "enc", bytes)
+
+
+def test_the_options_still_take_what_they_took():
+    """The values a user passes stay accepted: ints for seconds, paths as Path, a real context."""
+    import pathlib
+
+    ctx = zmq.Context()
+    try:
+        with Client([EP], timeout=2, heartbeat_s=1, liveness=2, backlog=10, context=ctx, name="n") as c:
+            assert (c.timeout, c.backlog, c.name, c._hb.ttl_s) == (2.0, 10, "n", 2)
+        w = Worker((EP,), concurrency=3, heartbeat_s=0.5, liveness=3, isolation="process", context=ctx)
+        assert (w.concurrency, w.isolation, w._hb.ttl_s) == (3, "process", 1.5)
+        w.configure(concurrency=5, isolation=None)
+        assert (w.concurrency, w.isolation) == (5, "process")
+        with pytest.raises(ConfigError, match="cannot read certificate"):  # a Path is a path, read as one
+            Worker(EP, server_key=pathlib.Path("/nonexistent.key"), key=pathlib.Path("/nonexistent.key_secret"))
+    finally:
+        ctx.term()
