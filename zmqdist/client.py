@@ -361,12 +361,18 @@ _TIMEOUT_DEFAULTS: Final[dict[str, object]] = {"timeout": None}
 _ASYNC_CALL_DEFAULTS: Final[dict[str, object]] = {**_REQUEST_DEFAULTS, "on_progress": None}
 
 
+_REQUEST_KEYS: Final = frozenset(_REQUEST_DEFAULTS)
+
+
 def _request_options(options: Mapping[str, object], what: str) -> tuple[object, object, object, object]:
-    """A request's timeout, trace, key and retry, as given (each is checked where it is used)."""
-    if not options:  # the usual call: no dict to build
+    """A request's timeout, trace, key and retry, as given (each is checked where it is used).
+    Per request: no dict is built (a misspelt name is looked up only when there is one)."""
+    if not options:  # the usual call
         return None, None, None, None
-    o = take_options(options, _REQUEST_DEFAULTS, what)
-    return o["timeout"], o["trace"], o["key"], o["retry"]
+    if not options.keys() <= _REQUEST_KEYS:
+        take_options(options, _REQUEST_DEFAULTS, what)  # raises, naming the option meant
+    get = options.get
+    return get("timeout"), get("trace"), get("key"), get("retry")
 
 
 class Client:
