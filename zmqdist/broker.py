@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any, Final
+from typing import Any, Final, SupportsFloat
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -34,7 +34,7 @@ from zmq.utils.monitor import recv_monitor_message
 from zmqdist import _native
 from zmqdist import protocol as p
 from zmqdist.clock import Clock, checked, thread_cpu_time
-from zmqdist.config import BrokerSettings, broker_endpoints, exposed
+from zmqdist.config import BrokerSettings, broker_endpoints, check_seconds, exposed
 from zmqdist.core.broker import BrokerMachine
 from zmqdist.core.failover import make_broker
 from zmqdist.core.link import Connect, Problem
@@ -175,8 +175,9 @@ class Broker:
 
     # --- public ---------------------------------------------------------------------------------
 
-    def start(self, timeout: float = 10.0) -> Broker:
+    def start(self, timeout: SupportsFloat = 10.0) -> Broker:
         """Run the broker in a background thread; return once it is bound (or raise why not)."""
+        timeout = check_seconds(timeout, "start's timeout")
         if self._runner is not None:
             if not self._runner.is_alive():
                 raise ZmqdistError("broker has stopped: a Broker runs once, make a new one to start again")
@@ -200,8 +201,9 @@ class Broker:
         if self._startup_error is not None:
             raise self._startup_error
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: SupportsFloat = 5.0) -> None:
         """Stop serving: tell workers BYE, close the socket, end the thread. Safe to call twice."""
+        timeout = check_seconds(timeout, "stop's timeout")
         self._stop_asked = True
         self._mailbox.post(("stop",))  # (a start racing this stops too)
         if self._metrics_server is not None:
@@ -226,8 +228,9 @@ class Broker:
         if self._ring is not None:
             zap_reload(self._ctx, self._zap_domain)
 
-    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+    def status(self, timeout: SupportsFloat = 5.0) -> dict[str, Any]:
         """Return the broker's status snapshot (workers, services, queues, counters)."""
+        timeout = check_seconds(timeout, "status's timeout")
         if self._done.is_set() or self._runner is None:
             raise ClosedError("broker is not running")
         if self._runner is threading.current_thread():

@@ -143,6 +143,10 @@ def test_endpoints_waits_and_codecs_of_a_wrong_type_are_config_errors():
     for option in ("clock", "context"):
         with pytest.raises(ConfigError, match=f"broker: {option} must"):
             Broker(EP.replace(":1", ":*"), **{option: "x"})
+    b = Broker(EP.replace(":1", ":*"))
+    for call in (b.start, b.stop, b.status):
+        with pytest.raises(ConfigError, match="timeout must be a number of seconds"):
+            call("1")
     c = Client(EP)
     with pytest.raises(ConfigError, match="close's timeout must be a number of seconds"):
         c.close("soon")
