@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import zmq
+import zmq.auth
 
 from zmqdist import AsyncClient, Broker, Client, Codec, ConfigError, Retry, Worker
 
@@ -164,10 +165,20 @@ def test_endpoints_waits_and_codecs_of_a_wrong_type_are_config_errors():
         Codec().register(int, 3, "enc", bytes)
 
 
-def test_the_options_still_take_what_they_took():
-    """The values a user passes stay accepted: ints for seconds, paths as Path, a real context."""
+def test_the_options_still_take_what_they_took(tmp_path):
+    """The values a user passes stay accepted: ints for seconds, key files as ``Path``s (a compiled
+    install refused a ``Path`` with a TypeError: its signature said ``str``), a context of its own."""
     import pathlib
 
+    from zmqdist.transport.security import generate
+
+    broker_pub, _ = generate("broker", tmp_path)
+    _, own_secret = generate("own", tmp_path)
+    for make in (Client, Worker):
+        peer = make(EP, server_key=broker_pub, key=own_secret)  # Paths
+        assert peer._curve is not None and peer._curve.server_public == zmq.auth.load_certificate(broker_pub)[0]
+        if make is Client:
+            peer.close()
     ctx = zmq.Context()
     try:
         with Client([EP], timeout=2, heartbeat_s=1, liveness=2, backlog=10, context=ctx, name="n") as c:
