@@ -27,6 +27,32 @@ def test_mypy_strict_on_the_package():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+USER_CODE = """
+from zmqdist import Client, ClientOptions, Worker
+opts: ClientOptions = {"timeout": 2.0, "name": "n"}
+c = Client("tcp://127.0.0.1:5555", **opts)
+c.call("echo", 1, timeout=1.0, trace="t")
+list(c.map("echo", [1, 2], window=10))
+w = Worker(["tcp://127.0.0.1:5555"], concurrency=2)
+w.add_service("s", abs, inline=True)
+bad: ClientOptions = {"timeout": "2"}  # line 9
+c.call("echo", 1, timout=1.0)  # line 10
+Worker("tcp://127.0.0.1:5555", concurrency="3")  # line 11
+w.add_service("t", abs, inline="no")  # line 12
+"""
+
+
+def test_a_users_type_checker_sees_each_public_options_name_and_type(tmp_path):
+    """The public options are ``**options`` typed by TypedDicts (each checked at run time too,
+    tests/unit/test_public_arguments.py): a user's mypy still refuses a wrong type or name, and
+    takes the right ones."""
+    (tmp_path / "user.py").write_text(USER_CODE)
+    r = run(sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(tmp_path / "user.py"))
+    errors = sorted(line.split(":")[1] for line in r.stdout.splitlines() if ": error:" in line)
+    assert errors == ["10", "11", "12", "9"], r.stdout + r.stderr
+    assert 'did you mean "timeout"' in r.stdout
+
+
 def test_ruff_lint_and_format():
     r = run(sys.executable, "-m", "ruff", "check", "zmqdist", "tests", "examples", "benchmarks")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -6,7 +6,19 @@ _native.install()  # compiled or pure-Python hot modules: chosen before any of t
 
 from zmqdist import protocol as _protocol  # noqa: E402
 from zmqdist.broker import Broker  # noqa: E402
-from zmqdist.client import AsyncClient, AsyncStream, Client, RequestFuture, Stream  # noqa: E402
+from zmqdist.client import (  # noqa: E402
+    AsyncCallOptions,
+    AsyncClient,
+    AsyncStream,
+    Client,
+    ClientOptions,
+    MapOptions,
+    RequestFuture,
+    RequestOptions,
+    Stream,
+    StreamOptions,
+    TimeoutOption,
+)
 from zmqdist.codec import Codec  # noqa: E402
 from zmqdist.context import RequestContext, current_request  # noqa: E402
 from zmqdist.errors import (  # noqa: E402
@@ -27,7 +39,7 @@ from zmqdist.errors import (  # noqa: E402
     ZmqdistError,
 )
 from zmqdist.policy import Retry  # noqa: E402
-from zmqdist.worker import Worker  # noqa: E402
+from zmqdist.worker import ServiceOptions, Worker, WorkerOptions, WorkerSettings  # noqa: E402
 
 _native.confirm(_protocol)
 if _native.STATE == "compiled":  # heads packed and read in one C call (not built on Windows: msgpack)
@@ -41,16 +53,19 @@ if _native.STATE == "compiled":  # heads packed and read in one C call (not buil
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncCallOptions",
     "AsyncClient",
     "AsyncStream",
     "Broker",
     "Busy",
     "Client",
+    "ClientOptions",
     "ClosedError",
     "Codec",
     "ConfigError",
     "InvalidRequest",
     "LocalProtocolError",
+    "MapOptions",
     "NoBroker",
     "ProtocolError",
     "RemoteError",
@@ -58,13 +73,19 @@ __all__ = [
     "RequestContext",
     "RequestError",
     "RequestFuture",
+    "RequestOptions",
     "RequestTimeout",
     "Retry",
+    "ServiceOptions",
     "Stream",
     "StreamInterrupted",
+    "StreamOptions",
+    "TimeoutOption",
     "TransportError",
     "Worker",
     "WorkerLost",
+    "WorkerOptions",
+    "WorkerSettings",
     "ZmqdistError",
     "__version__",
     "current_request",
