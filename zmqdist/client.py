@@ -660,9 +660,11 @@ class Client:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"window must be a whole number of at least 1, got {window!r}")
         self._checked(service, timeout)
-        if not isinstance(values, Iterable):
-            raise ConfigError(f"values must be an iterable of the values to send, got {values!r}")
-        return self._map(service, iter(values), timeout, window)
+        try:
+            it = iter(values)
+        except TypeError:
+            raise ConfigError(f"values must be an iterable of the values to send, got {values!r}") from None
+        return self._map(service, it, timeout, window)
 
     def _map(self, service: str, it: Iterator[Any], timeout: object, window: int) -> Iterator[Any]:
         # One queue for the whole call instead of a Future per request: outcomes arrive as

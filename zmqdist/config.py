@@ -12,7 +12,7 @@ import difflib
 import re
 import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -376,11 +376,11 @@ def exposed(ep: str) -> bool:
 
 
 def check_endpoints(endpoints: object, what: str, connect: bool = False) -> tuple[str, ...]:
-    """Return ``endpoints`` (one string, or a list or tuple of them) as a tuple after checking each
-    is a complete ZeroMQ endpoint (to connect to, with ``connect``)."""
+    """Return ``endpoints`` (one string, or a list, tuple or other sequence of them) as a tuple
+    after checking each is a complete ZeroMQ endpoint (to connect to, with ``connect``)."""
     if isinstance(endpoints, str):
         endpoints = [endpoints]
-    if not isinstance(endpoints, (list, tuple)):
+    if isinstance(endpoints, (bytes, bytearray)) or not isinstance(endpoints, Sequence):
         raise ConfigError(
             f"{what}: endpoints must be a string or a list of them like ['tcp://127.0.0.1:5555'], got {endpoints!r}"
         )

@@ -156,7 +156,7 @@ class Worker:
             {
                 **o,
                 "endpoints": check_endpoints(endpoints, "worker", connect=True),  # (None: not "as it is")
-                "name": name or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}",
+                "name": f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}" if name in (None, "") else name,
             }
         )
         self._clock = checked(o["clock"], "worker")

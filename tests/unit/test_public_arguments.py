@@ -66,7 +66,7 @@ WORKER_OPTIONS = {
 @pytest.mark.parametrize("option", sorted(WORKER_OPTIONS))
 def test_a_worker_refuses_each_option_of_a_wrong_type_naming_it(option):
     extra = {"key": "k.key_secret"} if option == "server_key" else {}
-    for bad in (WRONG, [2], True, "x" if option in ("heartbeat_s", "concurrency", "liveness") else 2.5):
+    for bad in (WRONG, [2], True, 0, "x" if option in ("heartbeat_s", "concurrency", "liveness") else 2.5):
         with pytest.raises(ConfigError, match=WORKER_OPTIONS[option]):
             Worker(EP, **{option: bad}, **extra)
     if option not in ("clock", "context", "codec"):  # what configure changes
@@ -136,7 +136,7 @@ def test_service_options_of_a_wrong_type_are_refused_at_the_decorator():
 
 def test_endpoints_waits_and_codecs_of_a_wrong_type_are_config_errors():
     for make in (Client, Worker):
-        for bad in (5, None, {"tcp://127.0.0.1:1": 1}):
+        for bad in (5, None, {"tcp://127.0.0.1:1": 1}, b"tcp://127.0.0.1:1"):
             with pytest.raises(ConfigError, match="endpoints must be a string or a list"):
                 make(bad)
     with pytest.raises(ConfigError, match="bind must be"):
