@@ -74,6 +74,20 @@ def test_closing_a_client_cancels_what_it_has_open_at_the_broker(procs, ipc_ep, 
         assert lines(marker).count("started") == 1  # the queued one never ran
 
 
+@pytest.mark.timeout(60)
+def test_closed_clients_are_forgotten_at_once_not_ten_ttls_on(procs, ipc_ep):
+    """A closing client says BYE after its cancels, and its broker forgets it at once. Before, the
+    broker kept each closed client for 10 ttls like a silent one (here 40 s: heartbeats every
+    second), and many short-lived clients kept its table full."""
+    _, watcher = setup(procs, ipc_ep, "testworkers:lifecycle", "--heartbeat", "1")
+    with watcher:
+        for _ in range(20):
+            with Client([ipc_ep], timeout=20) as c:
+                c.call("pid", None)
+        wait_for(lambda: status(watcher)["remembered"]["clients"] == 1, 5, "the closed clients forgotten")
+        assert status(watcher)["counters"]["abandoned"] == 0
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("path", ["caller drives", "socket thread"])
 def test_a_call_interrupted_by_ctrl_c_cancels_its_request(procs, ipc_ep, tmp_path, path):

@@ -847,6 +847,25 @@ def test_a_full_table_of_clients_forgets_the_silent_ones_but_not_one_with_a_requ
     assert set(core.batching) == {b"c1"}
 
 
+def test_a_client_that_says_bye_is_forgotten_at_once_unless_a_request_of_it_is_open():
+    """A closing client says BYE after its cancels. It was kept 10 ttls like a silent one: with
+    many short-lived clients, the table stayed full of closed ones."""
+    core = make()
+    for c in (b"c1", b"c2"):
+        core.receive(c, p.Hello(p.ROLE_CLIENT, "c", (), 0, 250, batch=16), 0.0)
+        core.note_batching(c, 16)
+    request(core, 1, client=b"c2", now=0.0)  # queued: no worker
+    assert core.remembered()["clients"] == 2
+    for c in (b"c1", b"c2"):
+        assert core.receive(c, p.Bye("client closed"), 0.1) == []
+    assert set(core._clients) == {b"c2"} and set(core.batching) == {b"c2"}  # its request is open
+    assert core.counters.workers_left == 0
+    core.receive(b"c2", p.Cancel(1), 0.2)
+    core.receive(b"c2", p.Bye("client closed"), 0.2)
+    assert core.remembered()["clients"] == 0 and not core.batching
+    assert core.receive(b"c3", p.Bye("never said hello"), 0.3) == []  # nothing to forget, nothing said
+
+
 def test_a_peer_on_a_connection_no_zap_handler_checked_is_told_bye_once_a_second():
     """No rights on a CURVE connection: libzmq admitted it while no ZAP handler ran. The peer is
     told BYE (it connects again, and is checked then), at most once a second: sent away again at

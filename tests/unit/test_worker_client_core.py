@@ -271,14 +271,15 @@ def test_a_burst_before_the_first_welcome_sends_one_then_the_quota_welcome_says(
 
 def test_a_client_leaving_cancels_what_its_broker_holds_and_nothing_it_kept():
     """Close: the broker's requests are cancelled at once (it stopped them only after the client's
-    silence passed its ttl, logging it gone); what the client kept back was never sent."""
+    silence passed its ttl, logging it gone); what the client kept back was never sent. The broker
+    that registered it is told BYE last (it forgets the client at once); one that did not, not."""
     c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
     c.start(0.0)
     c.receive(p.Welcome("b", "inc1", 250, 4, 0, "", 2), 0.0)  # a quota of 2: the third waits here
     for rid in (1, 2, 3):
         c.submit(rid, "echo", b"v", 5.0, 0.0)
     c.receive(p.Reply(1, p.ST_OK, "", b"r"), 0.1)  # 3 goes in its place
-    assert c.leave() == [p.Cancel(2), p.Cancel(3)]
+    assert c.leave() == [p.Cancel(2), p.Cancel(3), p.Bye("client closed")]
     assert not c.pending and not c.waiting and c.sent == 0 and c.leave() == []
     c = ClientCore(("tcp://a:1",), "c", HB, 0.0)
     c.start(0.0)

@@ -288,6 +288,17 @@ class BrokerCore(BrokerMachine):
                 return
         clients[peer] = now
 
+    def _client_left(self, peer: bytes) -> None:
+        """A client said BYE as it closed, after a CANCEL for each of its open requests: forget
+        what is kept of it now rather than 10 ttls on (with many short-lived clients, the table
+        stayed full of closed ones). One with a request still open stays until the forgetting
+        after it ends (rule 4 of core/lifecycle.py stops it once the client is silent)."""
+        if peer in self.d.open_by_client or peer not in self._clients:
+            return
+        del self._clients[peer]
+        self.batching.pop(peer, None)
+        forget_prefix(peer)
+
     def _forget_gone_peers(self, now: float) -> None:
         """Forget what this broker keeps of peers that are gone: the clients silent past the ttl
         (less our own pauses) that hold nothing here, with their key prefixes; the batch
@@ -528,6 +539,7 @@ class BrokerCore(BrokerMachine):
 
     def _on_bye(self, peer: bytes, w: Member | None, m: p.Bye, now: float) -> list[Out]:
         if w is None:
+            self._client_left(peer)
             return NONE
         self.counters.workers_left += 1
         return self.d.drop_member(w, now, "left", spend_attempt=True)
