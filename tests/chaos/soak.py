@@ -588,13 +588,15 @@ class Chaos:
         self.resumed_first = 0  # stopped active brokers that were back before their peer took over
         self.stalls_changed: list[str] = []  # stalled hosts whose pair changed its active broker
         self.stalls_expired: list[str] = []  # stalled hosts whose active broker gave a worker of the host up
+        # A stalled host's processes, kept from other faults until its watcher has checked them: a
+        # check after the end of a fixed window once read a broker killed meanwhile as one that had
+        # given its workers up (seed 173).
+        self.watching: set[str] = set()
 
     def due(self, now: float) -> None:
         for item in [x for x in self.pending if x[0] <= now]:
             self.pending.remove(item)
             _, action, name = item
-            if action == "watched":  # (a stalled host's pair: kept from other faults until now)
-                continue
             if action == "cont-pid":  # a handler process of a stalled host
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(name), signal.SIGCONT)
@@ -611,7 +613,7 @@ class Chaos:
                 proc.stopped = False
 
     def busy(self, name: str) -> bool:
-        return any(x[2] == name for x in self.pending)
+        return name in self.watching or any(x[2] == name for x in self.pending)
 
     def fault(self, now: float) -> None:
         if not self.kinds:
@@ -706,7 +708,7 @@ class Chaos:
         regions = ["M", self.rng.choice(["R1", "R2"])] if both else [self.rng.choice(["M", "R1", "R2"])]
         procs = self.topo.procs
         host: list[str] = []
-        watch = []  # per pair: (a, b, states before, its active broker, its workers' counts)
+        watch = []  # per pair: (a, b, states before, its active broker, its workers' counts, its host's processes)
         for region in regions:
             a, b = PAIRS[region]
             mine = [a, b, *(n for n in procs if n.startswith(f"W{region}"))]  # WM also starts WMDP-k
@@ -723,7 +725,7 @@ class Chaos:
                 return None
             native = [n for n in mine if n.startswith("W") and not n.startswith("WMDP")]
             served = {w["name"]: w["served"] for w in st["workers"] if w["name"] in native}
-            watch.append((a, b, {n: _pair_record(s) for n, s in settled[2].items()}, settled[0], served))
+            watch.append((a, b, {n: _pair_record(s) for n, s in settled[2].items()}, settled[0], served, mine))
             host += mine
         kids = [str(pid) for n in host if WORKER_MODES.get(n) == "pworker" for pid in handler_processes(procs[n])]
         order = [*host, *kids]
@@ -740,17 +742,32 @@ class Chaos:
         for i, n in enumerate(order):
             self.pending.append((back + 0.01 * i, "cont" if n in procs else "cont-pid", n))
         settled_at = back + 0.01 * len(order) + 3.0  # 3 s after the last resume (3 ttls by default)
-        self.pending += [(settled_at, "watched", n) for n in host]  # no other fault of theirs meanwhile
-        for a, b, was, active, served in watch:
-            args = (a, b, was, active, served, time.monotonic() + settled_at - now)
+        self.watching.update(host)  # no other fault of theirs until their watcher has checked
+        for a, b, was, active, served, mine in watch:
+            args = (a, b, was, active, served, time.monotonic() + settled_at - now, mine)
             t = threading.Thread(target=self._watch_stall, args=args, daemon=True)
             t.start()
             self.watchers.append(t)
         kids_said = f" and {len(kids)} handler processes" if kids else ""
-        counts = ", ".join(f"{len(w[4])} at {w[3]}" for w in watch)
+        counts = ", ".join(f"{len(served)} at {active}" for _, _, _, active, served, _ in watch)
         return f"{'+'.join(regions)}: {', '.join(host)}{kids_said} (workers' counts watched: {counts})"
 
     def _watch_stall(
+        self,
+        a: str,
+        b: str,
+        was: dict[str, tuple[Any, ...]],
+        active: str,
+        served: dict[str, int],
+        settled: float,
+        mine: list[str],
+    ) -> None:
+        try:
+            self._check_stall(a, b, was, active, served, settled)
+        finally:
+            self.watching.difference_update(mine)  # their other faults may come now
+
+    def _check_stall(
         self, a: str, b: str, was: dict[str, tuple[Any, ...]], active: str, served: dict[str, int], settled: float
     ) -> None:
         """Once the stalled host has run 3 ttls again: each broker of the pair in the same state,

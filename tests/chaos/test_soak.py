@@ -167,3 +167,41 @@ def test_the_soak_finds_a_process_of_its_own_that_outlived_its_parent(tmp_path, 
         os.kill(stray, signal.SIGKILL)
         child.kill()
         child.wait()
+
+
+def test_a_stalled_hosts_processes_get_no_other_fault_until_its_watcher_has_checked_them(monkeypatch):
+    """The host stayed kept from other faults for a fixed window, but the watcher's check could
+    come later (it waits for both brokers to answer): once, the master was killed meanwhile and
+    its unanswered status read as the host's worker given up (seed 173). Now the names stay busy
+    until the check is done, and a broker that answers keeps the verdict clean."""
+    import random
+    import threading
+    import time
+
+    monkeypatch.syspath_prepend(str(SOAK.parent))
+    import soak
+
+    answer = threading.Event()
+    state = {"state": "active", "takeovers": 0, "step_downs": 0}
+
+    class Topo:
+        def state(self, name):
+            answer.wait(10)  # a broker slow to answer after the stall
+            return dict(state, state="active" if name == "MA" else "passive")
+
+        def status(self, name):
+            return {"workers": [{"name": "WM-0", "served": 7}]}
+
+    chaos = soak.Chaos(Topo(), random.Random(1))
+    was = {n: soak._pair_record(dict(state, state="active" if n == "MA" else "passive")) for n in ("MA", "MB")}
+    host = ["MA", "MB", "WM-0"]
+    chaos.watching.update(host)
+    t = threading.Thread(
+        target=chaos._watch_stall, args=("MA", "MB", was, "MA", {"WM-0": 5}, time.monotonic(), host), daemon=True
+    )
+    t.start()  # past the settled time at once, its check waiting for an answer
+    assert all(chaos.busy(n) for n in host) and not chaos.busy("WR1-0")
+    answer.set()
+    t.join(10)
+    assert not any(chaos.busy(n) for n in host)
+    assert chaos.stalls_expired == [] and chaos.stalls_changed == []
