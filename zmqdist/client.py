@@ -118,6 +118,8 @@ class RequestFuture(Future[Any]):
 
     def add_progress_callback(self, fn: Callable[[Any], object]) -> None:
         """Call ``fn(value)`` (on the client's thread: keep it short) for each progress report."""
+        if not callable(fn):  # (else found only at the first report, logged on the client's thread)
+            raise ConfigError(f"a progress callback must be a function of one value, got {fn!r}")
         self._progress_callbacks.append(fn)
 
     def _progressed(self, value: Any) -> None:

@@ -90,6 +90,8 @@ def test_a_misspelt_option_is_refused_with_the_name_meant():
         with pytest.raises(ConfigError, match="map takes no option 'windw'; did you mean 'window'"):
             c.map("s", [1], windw=3)
         assert not c._futures  # nothing was sent
+        with pytest.raises(ConfigError, match="a progress callback must be a function"):
+            c.submit("s", 1).add_progress_callback(5)
 
 
 @pytest.mark.parametrize("method", ["submit", "call", "stream", "map"])
