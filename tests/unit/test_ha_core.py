@@ -627,6 +627,28 @@ def test_a_pair_broker_forgets_the_batch_limits_of_silent_clients_and_gone_worke
     assert b.batching == {} and b.inner.batching is b.batching
 
 
+def test_an_active_pair_broker_forgets_a_client_that_says_bye_at_once():
+    """A closing client's BYE reaches the machine behind a pair's door: the client and its batch
+    limit, in the table the door shares, go at once (a pair kept them 10 ttls, as a lone broker did)."""
+    from zmqdist.core.failover import PairedBroker
+
+    settings = BrokerSettings(name="a", ha="primary", heartbeat_s=0.1, liveness=4)
+    a = PairedBroker(settings, "inc-a", 0.0)
+    enc = p.Encoder()
+    a.pair_receive(state(name="b", primary=0, st=PENDING, epoch=0), 0.0)
+    a.tick(0.01)
+    assert a.pair.state == ACTIVE
+    for c in (b"stays", b"closes"):
+        out: list = []
+        a.receive_frames(c, *enc.encode(p.Hello(p.ROLE_CLIENT, "c", (), 0, 100, batch=16)), 0.02, out)
+        assert any(isinstance(m, p.Welcome) for _, m in out)
+    assert set(a.batching) == {b"stays", b"closes"} and a.remembered()["clients"] == 2
+    out = []
+    a.receive_frames(b"closes", *enc.encode(p.Bye("client closed")), 0.03, out)
+    assert out == [] and set(a.batching) == {b"stays"} and a.remembered()["clients"] == 1
+    assert a.pair.state == ACTIVE
+
+
 def test_a_passive_broker_forgets_the_peers_it_sent_away_once_a_heartbeat_has_passed():
     """A passive broker sends a peer to the active one at most once a heartbeat, and notes when.
     It kept every peer it had ever sent away until 100,000 of them: clients that list the passive
