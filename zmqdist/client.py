@@ -366,6 +366,17 @@ _ASYNC_CALL_DEFAULTS: Final[dict[str, object]] = {**_REQUEST_DEFAULTS, "on_progr
 _REQUEST_KEYS: Final = frozenset(_REQUEST_DEFAULTS)
 
 
+def _checked_options(trace: object, key: object, retry: object) -> tuple[str | None, str | None, Retry | None]:
+    """A request's trace, key and retry, or a ConfigError naming the wrong one."""
+    if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
+        raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= p.MAX_NAME):
+        raise ConfigError(f"key must be a string of 1 to {p.MAX_NAME} characters, got {key!r}")
+    if retry is not None and not isinstance(retry, Retry):
+        raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
+    return trace, key, retry
+
+
 def _request_options(options: Mapping[str, object], what: str) -> tuple[object, object, object, object]:
     """A request's timeout, trace, key and retry, as given (each is checked where it is used).
     Per request: no dict is built (a misspelt name is looked up only when there is one)."""
@@ -498,12 +509,7 @@ class Client:
         submit item. ``wait``: block while the backlog is full (a caller driving the sockets
         checked it itself: nobody would free room while it waits)."""
         t = self._checked(service, timeout)
-        if trace is not None and (not isinstance(trace, str) or len(trace) > p.MAX_NAME):
-            raise ConfigError(f"trace must be a string of at most {p.MAX_NAME} characters, got {trace!r}")
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= p.MAX_NAME):
-            raise ConfigError(f"key must be a string of 1 to {p.MAX_NAME} characters, got {key!r}")
-        if retry is not None and not isinstance(retry, Retry):
-            raise ConfigError(f"retry must be a zmqdist.Retry, got {retry!r}")
+        trace, key, retry = _checked_options(trace, key, retry)
         payload = p.pack_value(value, self.codec)
         options = (key or "", window, retry.spec() if retry is not None else ())
         busy = (retry.attempts, retry.backoff, retry.max_backoff) if retry is not None and retry.retries_busy else None
@@ -890,6 +896,8 @@ class AsyncClient:
         if on_progress is not None and not callable(on_progress):
             raise ConfigError(f"on_progress must be a function of one value, got {on_progress!r}")
         client = self._client
+        client._checked(service, timeout)  # bad arguments raise here, not when the coroutine runs
+        _checked_options(trace, key, retry)
         return _aio.call(lambda: client._future(service, value, timeout, trace, key, retry), on_progress)
 
     def gather(
@@ -899,6 +907,7 @@ class AsyncClient:
         option is ``timeout``."""
         timeout = take_options(options, _TIMEOUT_DEFAULTS, "gather")["timeout"]
         client = self._client
+        client._checked(service, timeout)  # bad arguments raise here, not when the coroutine runs
         return _aio.gather(lambda v: client._future(service, v, timeout, None, None, None), values)
 
     def stream(self, service: str, value: Any = None, **options: Unpack[StreamOptions]) -> AsyncStream:

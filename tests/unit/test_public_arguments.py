@@ -9,7 +9,6 @@ public calls now take their options as ``**options`` (typed for a type checker b
 check each one themselves.
 """
 
-import asyncio
 import threading
 
 import pytest
@@ -116,8 +115,13 @@ def test_async_calls_refuse_options_of_a_wrong_type():
             ac.call("s", 1, on_progress=5)
         with pytest.raises(ConfigError, match="gather takes no option 'window'"):
             ac.gather("s", [1], window=2)
-        with pytest.raises(ConfigError, match="timeout must be a number"):  # (the request goes out as it runs)
-            asyncio.run(ac.call("s", 1, timeout="1"))
+        for option, bad in (("timeout", "1"), ("trace", 5), ("key", ""), ("retry", 3)):
+            with pytest.raises(ConfigError, match=option):  # at the call, as the sync calls do
+                ac.call("s", 1, **{option: bad})
+        with pytest.raises(ConfigError, match="timeout must be a number"):
+            ac.gather("s", [1], timeout=[1])
+        with pytest.raises(ConfigError, match="service must be a name"):
+            ac.gather("", [1])
         assert not ac._client._futures
     finally:
         ac._client.close()
