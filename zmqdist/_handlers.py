@@ -849,21 +849,33 @@ class Processes:
 
     def _await_ready(self, start_s: float) -> None:
         """Wait until every process is ready; raise :class:`ZmqdistError` (all stopped) if one
-        exits first or is still not ready after ``start_s``."""
+        exits first or is still not ready after ``start_s``. One killed by a signal (the OOM
+        killer, an operator) is replaced and waited for instead: that is no fault of the main
+        module, and the whole worker used to exit for it, with a message blaming the script."""
         end = time.monotonic() + start_s
-        for slot in list(self._slots):
-            while not slot.ready.wait(0.05):
-                code = slot.proc.exitcode
-                if code is None and time.monotonic() < end:
-                    continue
-                self.shutdown()
-                what = f"exited (code {code})" if code is not None else f"was not ready after {start_s:g} s"
-                raise ZmqdistError(
-                    f"isolation='process': a handler process {what} as the worker started. Each one is "
-                    "spawned and imports the main module again: a script must start its worker (and "
-                    'anything else it runs) under `if __name__ == "__main__":`; the process\'s own '
-                    "error, if it had one, is printed above it"
-                )
+        i = 0
+        while i < len(self._slots):
+            slot = self._slots[i]  # (a replacement takes the same place)
+            if slot.ready.wait(0.05):
+                i += 1
+                continue
+            code = slot.proc.exitcode
+            if code is None and time.monotonic() < end:
+                continue
+            if code is not None and code < 0 and time.monotonic() < end:
+                log.warning("a handler process was killed (signal %d) as the worker started: replaced", -code)
+                self._dead.put(slot)  # the keeper replaces it (its reader left that to this start)
+                while self._slots[i] is slot and time.monotonic() < end and not self._closed:
+                    time.sleep(0.05)
+                continue
+            self.shutdown()
+            what = f"exited (code {code})" if code is not None else f"was not ready after {start_s:g} s"
+            raise ZmqdistError(
+                f"isolation='process': a handler process {what} as the worker started. Each one is "
+                "spawned and imports the main module again: a script must start its worker (and "
+                'anything else it runs) under `if __name__ == "__main__":`; the process\'s own '
+                "error, if it had one, is printed above it"
+            )
 
     def submit(self, svc: Service, task: Execute) -> None:
         with self._lock:
@@ -953,8 +965,8 @@ class Processes:
         slot.gone = True
         if not slot.ready.is_set() and slot.killed is None:
             with self._lock:
-                if self._closed or self._starting:
-                    return  # the start fails (see _await_ready)
+                if self._closed or self._starting or slot not in self._slots:
+                    return  # the start fails or replaces it (see _await_ready)
             # A replacement that never came up would fail the same way again at once: not a loop.
             slot.proc.join(1.0)
             log.warning(

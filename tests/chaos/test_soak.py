@@ -205,3 +205,48 @@ def test_a_stalled_hosts_processes_get_no_other_fault_until_its_watcher_has_chec
     t.join(10)
     assert not any(chaos.busy(n) for n in host)
     assert chaos.stalls_expired == [] and chaos.stalls_changed == []
+
+
+def test_a_process_that_exits_by_itself_is_noted_and_started_again_and_fails_the_verdict(monkeypatch):
+    """A worker whose start failed exited by itself (seed 175): nothing noticed or restarted it,
+    and the verdict passed. One the soak killed (a restart pending) is not such an exit."""
+    import random
+
+    monkeypatch.syspath_prepend(str(SOAK.parent))
+    import soak
+
+    class Popen:
+        def __init__(self, code):
+            self.returncode = code
+
+        def poll(self):
+            return self.returncode
+
+    class Topo:
+        procs = {}
+        clients = []
+
+    for name, code in (("WR2-1", 1), ("WR1-0", -9), ("MA", None)):
+        proc = soak.Proc(name, [], Path("/nonexistent"), {})
+        proc.popen = Popen(code)
+        Topo.procs[name] = proc
+    chaos = soak.Chaos(Topo(), random.Random(1))
+    chaos.pending.append((5.0, "restart", "WR1-0"))  # killed by the soak: its restart is due
+    chaos.note_exits(3.0)
+    assert chaos.exited == ["    3.00 WR2-1 (exit code 1)"]
+    assert (3.0, "restart", "WR2-1") in chaos.pending
+    chaos.note_exits(3.05)  # its restart pending: not noted twice
+    assert len(chaos.exited) == 1
+    report = {
+        "outcomes": {},
+        "live_active_step_downs": [],
+        "flaps": [],
+        "tracebacks": [],
+        "crashes": [],
+        "takeover_s": {},
+        "executions": {"never_run_but_ok": 0, "by_handler_mode": {"threads": 1}},
+        "requests": 0,
+        "processes_that_exited_by_themselves": chaos.exited,
+    }
+    assert any("exited by themselves" in b for b in soak.verdict(report, 0.01))
+    assert soak.verdict({**report, "processes_that_exited_by_themselves": []}, 0.01) == []

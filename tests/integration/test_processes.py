@@ -274,3 +274,54 @@ def test_handler_processes_that_cannot_all_start_end_those_that_did_and_say_why(
     assert len(made) == 2
     wait_for(lambda: not any(p.is_alive() for p in made), 10, "the started processes ended")
     wait_for(lambda: {t.ident for t in threading.enumerate()} <= threads, 10, "their threads and the keeper ended")
+
+
+@pytest.mark.timeout(90)
+def test_a_handler_process_killed_as_the_worker_starts_is_replaced_not_the_end_of_the_worker(monkeypatch):
+    """A handler process SIGKILLed before it was ready (the OOM killer, an operator; the chaos soak
+    did it, seed 175) made the whole worker exit, blaming a script without a main guard, and
+    nothing restarted it. A process killed by a signal is replaced and waited for; one that exits
+    by itself still fails the start (the main-guard case)."""
+    import multiprocessing
+
+    real = multiprocessing.get_context
+    made = []
+
+    class KillsTheFirst:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def Pipe(self):
+            return self.ctx.Pipe()
+
+        def Process(self, **kw):
+            proc = self.ctx.Process(**kw)
+            made.append(proc if made else Killed(proc))
+            return made[-1]
+
+    class Killed:
+        """The first process: SIGKILLed as soon as it is started, long before it can be ready."""
+
+        def __init__(self, proc):
+            self._proc = proc
+
+        def start(self):
+            self._proc.start()
+            os.kill(self._proc.pid, signal.SIGKILL)
+
+        def __getattr__(self, name):
+            return getattr(self._proc, name)
+
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: KillsTheFirst(real(kind)))
+    box = Mailbox()
+    procs = Processes(2, box, MonotonicClock(), None)
+    try:
+        assert len(made) == 3 and made[0].exitcode == -signal.SIGKILL
+        assert procs.replaced == 1 and all(s.ready.is_set() for s in procs._slots)
+        assert made[0] not in [s.proc for s in procs._slots]
+        procs.submit(Service(abs), _task(7, "abs", -3))
+        got = _outcomes(box, {7}, 30)
+        assert got[7][3] is True and p.unpack_value(got[7][4]) == 3, got
+    finally:
+        procs.shutdown()
+        box.close()
