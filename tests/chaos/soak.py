@@ -641,7 +641,7 @@ class Chaos:
                 for pid in handler_processes(procs[n])
             ]
             if not kids:  # its worker is down (restarting): at the next fault, then
-                self.kinds.append(kind)
+                self.kinds.insert(0, kind)  # after the others of this round: none waits on it
                 return
             name, pid = self.rng.choice(kids)
             with contextlib.suppress(ProcessLookupError):
@@ -650,7 +650,7 @@ class Chaos:
         elif kind == "stall host":
             name = self._stall(now)
             if name is None:  # a pair not settled, or a process of the host busy: at the next fault
-                self.kinds.append(kind)
+                self.kinds.insert(0, kind)  # after the others of this round: none waits on it
                 return
         elif kind.endswith(("worker", "client")):
             fate, who = kind.split()
