@@ -123,7 +123,9 @@ _WORKER_DEFAULTS: Final[dict[str, object]] = {
     "context": None,
     "codec": None,
 }
-_SETTINGS_DEFAULTS: Final[dict[str, object]] = dict.fromkeys(WorkerSettings.__annotations__)
+_SETTINGS_DEFAULTS: Final[dict[str, object]] = dict.fromkeys(  # (None: keep the setting as it is)
+    ("endpoints", "concurrency", "name", "heartbeat_s", "liveness", "isolation", "server_key", "key")
+)  # (not read from WorkerSettings: a compiled TypedDict keeps its keys only for a type checker)
 _SERVICE_DEFAULTS: Final[dict[str, object]] = {"retry": None, "terminate_on_cancel": False, "inline": False}
 
 

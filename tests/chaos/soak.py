@@ -79,7 +79,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -573,6 +573,17 @@ def _pair_record(state: dict[str, Any] | None) -> tuple[Any, ...]:
     return () if state is None else (state["state"], state["takeovers"], state["step_downs"])
 
 
+class Watch(NamedTuple):
+    """What a stalled host's pair must keep: checked once the host has run 3 ttls again."""
+
+    a: str
+    b: str
+    was: dict[str, tuple[Any, ...]]  # each broker's state, takeovers and step-downs before
+    active: str  # the active broker before
+    served: dict[str, int]  # what it had counted served by each native worker of the host
+    host: list[str]  # the pair's host's processes, kept from other faults until the check
+
+
 class Chaos:
     """Random faults, one every 2-5 s, restarts scheduled."""
 
@@ -719,7 +730,7 @@ class Chaos:
         regions = ["M", self.rng.choice(["R1", "R2"])] if both else [self.rng.choice(["M", "R1", "R2"])]
         procs = self.topo.procs
         host: list[str] = []
-        watch = []  # per pair: (a, b, states before, its active broker, its workers' counts, its host's processes)
+        watch: list[Watch] = []
         for region in regions:
             a, b = PAIRS[region]
             mine = [a, b, *(n for n in procs if n.startswith(f"W{region}"))]  # WM also starts WMDP-k
@@ -736,7 +747,7 @@ class Chaos:
                 return None
             native = [n for n in mine if n.startswith("W") and not n.startswith("WMDP")]
             served = {w["name"]: w["served"] for w in st["workers"] if w["name"] in native}
-            watch.append((a, b, {n: _pair_record(s) for n, s in settled[2].items()}, settled[0], served, mine))
+            watch.append(Watch(a, b, {n: _pair_record(s) for n, s in settled[2].items()}, settled[0], served, mine))
             host += mine
         kids = [str(pid) for n in host if WORKER_MODES.get(n) == "pworker" for pid in handler_processes(procs[n])]
         order = [*host, *kids]
@@ -754,33 +765,21 @@ class Chaos:
             self.pending.append((back + 0.01 * i, "cont" if n in procs else "cont-pid", n))
         settled_at = back + 0.01 * len(order) + 3.0  # 3 s after the last resume (3 ttls by default)
         self.watching.update(host)  # no other fault of theirs until their watcher has checked
-        for a, b, was, active, served, mine in watch:
-            args = (a, b, was, active, served, time.monotonic() + settled_at - now, mine)
-            t = threading.Thread(target=self._watch_stall, args=args, daemon=True)
+        for w in watch:
+            t = threading.Thread(target=self._watch_stall, args=(w, time.monotonic() + settled_at - now), daemon=True)
             t.start()
             self.watchers.append(t)
         kids_said = f" and {len(kids)} handler processes" if kids else ""
-        counts = ", ".join(f"{len(served)} at {active}" for _, _, _, active, served, _ in watch)
+        counts = ", ".join(f"{len(w.served)} at {w.active}" for w in watch)
         return f"{'+'.join(regions)}: {', '.join(host)}{kids_said} (workers' counts watched: {counts})"
 
-    def _watch_stall(
-        self,
-        a: str,
-        b: str,
-        was: dict[str, tuple[Any, ...]],
-        active: str,
-        served: dict[str, int],
-        settled: float,
-        mine: list[str],
-    ) -> None:
+    def _watch_stall(self, w: Watch, settled: float) -> None:
         try:
-            self._check_stall(a, b, was, active, served, settled)
+            self._check_stall(w, settled)
         finally:
-            self.watching.difference_update(mine)  # their other faults may come now
+            self.watching.difference_update(w.host)  # their other faults may come now
 
-    def _check_stall(
-        self, a: str, b: str, was: dict[str, tuple[Any, ...]], active: str, served: dict[str, int], settled: float
-    ) -> None:
+    def _check_stall(self, w: Watch, settled: float) -> None:
         """Once the stalled host has run 3 ttls again: each broker of the pair in the same state,
         with no takeover and no step-down since, and the active one still counting what each
         native worker of the host served before (one it gave up registered again from 0). (Its
@@ -789,18 +788,19 @@ class Chaos:
         time.sleep(max(0.0, settled - time.monotonic()))
         deadline = time.monotonic() + 5
         while True:
-            states = {n: self.topo.state(n) for n in (a, b)}
+            states = {n: self.topo.state(n) for n in (w.a, w.b)}
             if all(states.values()) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
         now = {n: _pair_record(s) for n, s in states.items()}
-        if now != was:
-            self.stalls_changed.append(f"{a}/{b} (state, takeovers, step-downs): before the stall {was}, after {now}")
+        if now != w.was:
+            why = f"{w.a}/{w.b} (state, takeovers, step-downs): before the stall {w.was}, after {now}"
+            self.stalls_changed.append(why)
             return
-        st = self.topo.status(active)
-        after = {} if st is None else {w["name"]: w["served"] for w in st["workers"]}
-        if gone := {n: (k, after.get(n)) for n, k in served.items() if after.get(n, -1) < k}:
-            self.stalls_expired.append(f"{active}: workers given up (served before, after): {gone}")
+        st = self.topo.status(w.active)
+        after = {} if st is None else {x["name"]: x["served"] for x in st["workers"]}
+        if gone := {n: (k, after.get(n)) for n, k in w.served.items() if after.get(n, -1) < k}:
+            self.stalls_expired.append(f"{w.active}: workers given up (served before, after): {gone}")
 
     def _watch_takeover(self, name: str, killed: float, stopped: str | None = None) -> None:
         """How long the pair had no active broker after its active one was killed or ``stopped``

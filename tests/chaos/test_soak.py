@@ -196,9 +196,8 @@ def test_a_stalled_hosts_processes_get_no_other_fault_until_its_watcher_has_chec
     was = {n: soak._pair_record(dict(state, state="active" if n == "MA" else "passive")) for n in ("MA", "MB")}
     host = ["MA", "MB", "WM-0"]
     chaos.watching.update(host)
-    t = threading.Thread(
-        target=chaos._watch_stall, args=("MA", "MB", was, "MA", {"WM-0": 5}, time.monotonic(), host), daemon=True
-    )
+    watch = soak.Watch("MA", "MB", was, "MA", {"WM-0": 5}, host)
+    t = threading.Thread(target=chaos._watch_stall, args=(watch, time.monotonic()), daemon=True)
     t.start()  # past the settled time at once, its check waiting for an answer
     assert all(chaos.busy(n) for n in host) and not chaos.busy("WR1-0")
     answer.set()

@@ -241,20 +241,15 @@ def test_a_handler_process_that_cannot_be_replaced_yet_is_replaced_once_it_can(t
         broker.stop()
 
 
-@pytest.mark.timeout(60)
-def test_handler_processes_that_cannot_all_start_end_those_that_did_and_say_why(monkeypatch):
-    """Out of processes or memory at start (a container's pids limit, ulimit -u): the error was
-    the raw OSError, and the processes started before it, with their reader threads and the
-    keeper, were left running."""
-    import errno
+def _processes_made_by(monkeypatch, make):
+    """Make the handler processes' spawn context call ``make(new, made)`` for each Process, where
+    ``new()`` makes the real one and ``made`` lists those made so far; return that list."""
     import multiprocessing
-
-    from zmqdist.errors import ZmqdistError
 
     real = multiprocessing.get_context
     made = []
 
-    class Scarce:
+    class Context:
         def __init__(self, ctx):
             self.ctx = ctx
 
@@ -262,12 +257,28 @@ def test_handler_processes_that_cannot_all_start_end_those_that_did_and_say_why(
             return self.ctx.Pipe()
 
         def Process(self, **kw):
-            if len(made) == 2:
-                raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
-            made.append(self.ctx.Process(**kw))
+            made.append(make(lambda: self.ctx.Process(**kw), made))
             return made[-1]
 
-    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: Scarce(real(kind)))
+    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: Context(real(kind)))
+    return made
+
+
+@pytest.mark.timeout(60)
+def test_handler_processes_that_cannot_all_start_end_those_that_did_and_say_why(monkeypatch):
+    """Out of processes or memory at start (a container's pids limit, ulimit -u): the error was
+    the raw OSError, and the processes started before it, with their reader threads and the
+    keeper, were left running."""
+    import errno
+
+    from zmqdist.errors import ZmqdistError
+
+    def scarce(new, made):
+        if len(made) == 2:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return new()
+
+    made = _processes_made_by(monkeypatch, scarce)
     threads = {t.ident for t in threading.enumerate()}
     with pytest.raises(ZmqdistError, match=r"cannot start the handler processes \(.*\): 2 of 3 started"):
         Processes(3, Mailbox(), MonotonicClock(), None)
@@ -281,23 +292,7 @@ def test_a_handler_process_killed_as_the_worker_starts_is_replaced_not_the_end_o
     """A handler process SIGKILLed before it was ready (the OOM killer, an operator; the chaos soak
     did it, seed 175) made the whole worker exit, blaming a script without a main guard, and
     nothing restarted it. A process killed by a signal is replaced and waited for; one that exits
-    by itself still fails the start (the main-guard case)."""
-    import multiprocessing
-
-    real = multiprocessing.get_context
-    made = []
-
-    class KillsTheFirst:
-        def __init__(self, ctx):
-            self.ctx = ctx
-
-        def Pipe(self):
-            return self.ctx.Pipe()
-
-        def Process(self, **kw):
-            proc = self.ctx.Process(**kw)
-            made.append(proc if made else Killed(proc))
-            return made[-1]
+    by itself still fails the start (test_failures.py, the unguarded script)."""
 
     class Killed:
         """The first process: SIGKILLed as soon as it is started, long before it can be ready."""
@@ -312,7 +307,7 @@ def test_a_handler_process_killed_as_the_worker_starts_is_replaced_not_the_end_o
         def __getattr__(self, name):
             return getattr(self._proc, name)
 
-    monkeypatch.setattr(multiprocessing, "get_context", lambda kind: KillsTheFirst(real(kind)))
+    made = _processes_made_by(monkeypatch, lambda new, made: new() if made else Killed(new()))
     box = Mailbox()
     procs = Processes(2, box, MonotonicClock(), None)
     try:

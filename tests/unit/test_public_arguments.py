@@ -197,3 +197,43 @@ def test_the_options_still_take_what_they_took(tmp_path):
             Worker(EP, server_key=pathlib.Path("/nonexistent.key"), key=pathlib.Path("/nonexistent.key_secret"))
     finally:
         ctx.term()
+
+
+def _typeddict_keys(module):
+    """Each TypedDict of ``module``'s source with its keys, its bases' included. (Read from the
+    source: a compiled module's TypedDicts keep neither their bases' keys nor their optional
+    ones at run time, where only a type checker reads them.)"""
+    import ast
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[2] / "zmqdist" / f"{module.__name__.rsplit('.', 1)[1]}.py"
+    keys: dict[str, set[str]] = {}
+    for node in ast.parse(source.read_text()).body:
+        bases = [ast.unparse(b) for b in node.bases] if isinstance(node, ast.ClassDef) else []
+        if any(b in keys or b == "TypedDict" for b in bases):
+            own = {st.target.id for st in node.body if isinstance(st, ast.AnnAssign)}
+            keys[node.name] = own.union(*(keys.get(b, set()) for b in bases))
+    return keys
+
+
+def test_each_calls_defaults_name_exactly_the_options_its_typeddict_types():
+    """The names a call accepts at run time are its defaults' keys; a type checker reads them
+    from the TypedDict. Written twice, they must not drift: an option typed but not accepted
+    would be refused as misspelt, one accepted but not typed refused by the type checker."""
+    from zmqdist import client, worker
+
+    typed = {**_typeddict_keys(client), **_typeddict_keys(worker)}
+    pairs = {
+        "ClientOptions": client._CLIENT_DEFAULTS,
+        "RequestOptions": client._REQUEST_DEFAULTS,
+        "StreamOptions": client._STREAM_DEFAULTS,
+        "MapOptions": client._MAP_DEFAULTS,
+        "TimeoutOption": client._TIMEOUT_DEFAULTS,
+        "AsyncCallOptions": client._ASYNC_CALL_DEFAULTS,
+        "WorkerOptions": worker._WORKER_DEFAULTS,
+        "WorkerSettings": worker._SETTINGS_DEFAULTS,
+        "ServiceOptions": worker._SERVICE_DEFAULTS,
+    }
+    assert set(typed) == set(pairs)
+    for name, defaults in pairs.items():
+        assert typed[name] == set(defaults), name
