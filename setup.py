@@ -88,6 +88,8 @@ class BuildExt(build_ext):  # type: ignore[misc]
 ext_modules: list[Any] = []
 if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
     write_manifest(HERE / "zmqdist", False, f"installed with {native.PURE_ENV} set")
+elif not native.builds_extensions(sys.argv):
+    pass  # metadata or an sdist only: nothing to compile (pip asks for both before a build)
 else:
     try:
         from mypyc.build import mypycify

@@ -67,6 +67,24 @@ log = logging.getLogger("zmqdist")
 STATE = "pure Python (not installed yet)"
 
 
+# setup.py commands that only describe the project: pip runs two of them (egg_info, dist_info)
+# before it builds a wheel, and each ran mypyc's type-check and C generation (8-10 s here) for
+# nothing. Commands that build (build_ext, bdist_wheel, editable_wheel...) are not listed.
+_DESCRIBE_ONLY: frozenset[str] = frozenset({"egg_info", "dist_info", "sdist", "--version", "--name"})
+_BUILDS: frozenset[str] = frozenset(
+    {"build", "build_ext", "bdist_wheel", "bdist_egg", "bdist", "editable_wheel", "develop", "install"}
+)
+
+
+def builds_extensions(argv: Sequence[str]) -> bool:
+    """Whether ``setup.py`` run with ``argv`` builds the package's extensions (so must compile):
+    not for the metadata and source-distribution commands alone."""
+    args = list(argv[1:])
+    if not args or args[0] not in _DESCRIBE_ONLY:
+        return True
+    return any(a in _BUILDS for a in args)
+
+
 def source_path(root: Path, module: str) -> Path:
     """The source file of ``module`` under ``root`` (the directory holding the package)."""
     return root.joinpath(*module.split(".")).with_suffix(".py")

@@ -125,3 +125,25 @@ def test_every_constant_of_a_compiled_module_is_final():
     assert _plain_constants(sample) == ["AA", "BB", "_CC", "log"]
     plain = {m: _plain_constants(_native.source_path(ROOT, m).read_text()) for m in _native.MODULES}
     assert {m: names for m, names in plain.items() if names} == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "builds"),
+    [
+        # what pip runs, in order, for `pip install .` (read off `pip install -v` on 2026-12-07)
+        (["_in_process.py", "egg_info"], False),
+        (["_in_process.py", "dist_info", "--output-dir", "/tmp/m", "--keep-egg-info"], False),
+        (["_in_process.py", "bdist_wheel", "--dist-info-dir", "/tmp/m/x.dist-info", "--dist-dir", "/tmp/d"], True),
+        (["_in_process.py", "editable_wheel", "--dist-dir", "/tmp/d"], True),
+        (["setup.py", "sdist"], False),
+        (["setup.py", "sdist", "bdist_wheel"], True),  # an old habit: both in one run
+        (["setup.py", "build_ext", "--inplace"], True),
+        (["setup.py", "--version"], False),
+        (["setup.py"], True),
+        (["setup.py", "develop"], True),
+    ],
+)
+def test_setup_compiles_only_for_the_commands_that_build(argv, builds):
+    """pip asks for the metadata twice before it builds a wheel; mypyc's type-check and C
+    generation ran at each (8-10 s apiece here) for nothing."""
+    assert _native.builds_extensions(argv) is builds
