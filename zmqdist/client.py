@@ -786,8 +786,12 @@ class Client:
             return not self._futures
 
         def drive(item: tuple[Any, ...], slot: _Slot) -> None:
-            """A caller's thread, holding the sockets: send its request, turn until its outcome."""
-            mail([item], clock.now())
+            """A caller's thread, holding the sockets: send what the mailbox holds, then its request
+            (what was posted before this call goes first: a submit, a cancel of this thread's own
+            would otherwise follow it), and turn until its outcome."""
+            items = self._mailbox.drain() if self._mailbox.pending() else []  # (drain reads the pipe)
+            items.append(item)
+            mail(items, clock.now())
             loop.run(tick, mail, stuck=stuck, paused=core.resumed, until=slot.done)
 
         loop.watch(lambda: link.sock, read)

@@ -188,3 +188,25 @@ def test_a_driving_call_follows_the_takeover_of_a_pair_whose_active_broker_is_si
         assert time.monotonic() - began < 20
         assert [c.call("echo", i)[0] for i in range(50)] == list(range(50))
         assert status(c)["broker"] == "B" and c._core.counters["failovers"] >= 1
+
+
+@pytest.mark.timeout(90)
+def test_a_call_never_overtakes_what_the_same_thread_submitted_before_it(procs, ipc_ep):
+    """submit(a) then call(b) on one thread: a goes out first. A caller that found the sockets
+    free sent its own request before what was still in the mailbox (its own earlier submit, a
+    cancel), so b overtook a: the old code did so in 17 rounds of 20 here, and a test that
+    cancels right after submitting saw the later call served first."""
+    from zmqdist import Worker
+
+    procs.spawn("broker", "--bind", ipc_ep, "--name", "ord")
+    ran: list[int] = []
+    w = Worker([ipc_ep], concurrency=1)  # one slot: requests run in the order the broker got them
+    w.add_service("rec", lambda i: ran.append(i) or i)
+    with w, Client([ipc_ep], timeout=20) as c:
+        wait_for(lambda: len(status(c)["workers"]) == 1, 20, "worker registered")
+        for i in range(1, 21):
+            f = c.submit("rec", i)
+            assert c.call("rec", -i) == -i
+            assert f.result(10) == i
+        pairs = [ran[k : k + 2] for k in range(0, len(ran), 2)]
+        assert pairs == [[i, -i] for i in range(1, 21)], f"calls that overtook their submit: {pairs}"

@@ -21,6 +21,18 @@ def test_mailbox_delivers_in_order_and_ignores_posts_after_close():
     m.close()
 
 
+def test_pending_says_whether_items_wait_and_reads_nothing():
+    """A driving caller glances with pending() before it drains (a drain reads the pipe)."""
+    m = Mailbox()
+    assert not m.pending()
+    m.post("a")
+    assert m.pending()
+    assert m.pending()  # a glance takes nothing
+    assert m.drain() == ["a"]
+    assert not m.pending()
+    m.close()
+
+
 def test_post_all_queues_in_order_and_writes_one_wake_up(monkeypatch):
     m = Mailbox()
     writes: list[int] = []

@@ -71,6 +71,10 @@ class Mailbox:
         finally:
             lock.release()
 
+    def pending(self) -> bool:
+        """Whether items wait (a glance from any thread: a post may follow at once)."""
+        return bool(self._q)
+
     def drain(self) -> list[Any]:
         """Return every queued item (owner thread only)."""
         try:
