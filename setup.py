@@ -88,9 +88,7 @@ class BuildExt(build_ext):  # type: ignore[misc]
 ext_modules: list[Any] = []
 if os.environ.get(native.PURE_ENV, "") not in ("", "0"):
     write_manifest(HERE / "zmqdist", False, f"installed with {native.PURE_ENV} set")
-elif not native.builds_extensions(sys.argv):
-    pass  # metadata or an sdist only: nothing to compile (pip asks for both before a build)
-else:
+elif native.builds_extensions(sys.argv):  # (not for metadata or an sdist alone: pip asks for both first)
     try:
         from mypyc.build import mypycify
     except ImportError as exc:
