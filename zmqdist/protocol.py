@@ -912,7 +912,7 @@ class Encoder:
         cls = type(msg)
         fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
         if cls is REPLY_CLS and not fields[4]:  # the commands of every request first
-            return self._head(_HEAD_REPLY, fields[:3]), fields[3]
+            return self._head(_HEAD_REPLY, (fields[0], fields[1], fields[2])), fields[3]
         # Fields picked one by one: slicing and star-unpacking a tuple cost more in compiled code.
         if cls is TASK_CLS and not fields[9] and not fields[10]:
             f = fields

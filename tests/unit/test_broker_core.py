@@ -889,3 +889,25 @@ def test_a_peer_on_a_connection_no_zap_handler_checked_is_told_bye_once_a_second
     core.receive_frames(b"D", *hello, 1.0, out, ("clients", "*"))  # a checked peer is served
     assert [type(m) for peer, m in out if peer == b"D"] == [p.Welcome]
     assert core.counters.refused_by_role == 3 and core.counters.requests == 0
+
+
+def test_request_keys_are_per_caller_absorb_duplicates_and_leave_nothing_when_answered():
+    """The table of open requests by (caller, request id), nested by caller: two callers' equal
+    ids are two requests, the same caller's id again is a duplicate, and a key that names another
+    request now survives the end of the one it named before."""
+    core = make()
+    hello(core, b"W", capacity=4)
+    sent = tasks(request(core, 1, client=b"C")) + tasks(request(core, 1, client=b"D"))
+    assert len(sent) == 2 and sent[0][1].ticket != sent[1][1].ticket
+    assert request(core, 1, client=b"C") == [] and core.counters.duplicates == 1
+    assert core.holds(b"C", 1) and core.holds(b"D", 1) and not core.holds(b"C", 2)
+    for _, task in sent:
+        core.receive(b"W", p.Result(task.ticket, p.RS_OK, b"r"), 0.1)
+    d = core.d
+    assert d.keys == {} and d.open_by_client == {} and not core.holds(b"C", 1)
+    d.set_key(b"C", 7, 10)
+    d.set_key(b"C", 7, 11)  # the id names another request now
+    d.drop_key(b"C", 7, 10)
+    assert d.ticket_of(b"C", 7) == 11
+    d.drop_key(b"C", 7, 11)
+    assert d.ticket_of(b"C", 7) is None and d.keys == {}

@@ -37,14 +37,15 @@ def group(
     rest: list[Out] = []
     for item in out:
         peer = item[0]
-        if type(peer) is bytes and peer in peers:
-            g = groups.get(peer)
-            if g is None:
-                groups[peer] = [item[1]]
-            else:
+        if type(peer) is bytes:
+            g = groups.get(peer)  # first: one lookup, not two, for all but a peer's first message
+            if g is not None:
                 g.append(item[1])
-        else:
-            rest.append(item)
+                continue
+            if peer in peers:
+                groups[peer] = [item[1]]
+                continue
+        rest.append(item)
     batches: list[tuple[bytes, list[p.Message]]] = []
     for peer, msgs in groups.items():
         n = len(msgs)

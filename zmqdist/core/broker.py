@@ -359,13 +359,14 @@ class BrokerCore(BrokerMachine):
         for its optional fields: a caller's key, a stream's window, a retry policy)."""
         c = self.counters
         d = self.d
-        if (key := (peer, rid)) in d.by_key:
+        if (held := d.ticket_of(peer, rid)) is not None:
             c.duplicates += 1
-            if key in d.unclaimed:  # restored at a takeover and sent again by its caller: it counts now
+            # restored at a takeover and sent again by its caller: it counts now
+            if d.unclaimed and (key := (peer, rid)) in d.unclaimed:
                 d.unclaimed.discard(key)
                 d.open_by_client[peer] = d.open_by_client.get(peer, 0) + 1
                 self._last_in[peer] = now
-            req = d.reqs.get(d.by_key[key])
+            req = d.reqs.get(held)
             if req is None or not req.window or req.state not in (ASSIGNED, FORWARDED):
                 return
             # A stream sent again: its caller holds none of its parts (a zmqdist caller sends a
@@ -600,7 +601,7 @@ class BrokerCore(BrokerMachine):
         return out
 
     def holds(self, peer: bytes, rid: int) -> bool:
-        return (peer, rid) in self.d.by_key
+        return self.d.ticket_of(peer, rid) is not None
 
     def resumed(self, seconds: float, now: float) -> None:
         self.d.pauses.note(seconds, now)  # members' and clients' silence in it proves nothing
