@@ -1012,12 +1012,40 @@ def read_logs(logdir: Path, resumed: dict[str, list[float]] | None = None) -> di
     }
 
 
+def _exit_on_sigterm() -> Any:
+    """SIGTERM ends the soak through ``run``'s ``finally``, which kills every process of the
+    topology: ``timeout`` and a test runner that stops send it, and the topology outlived them
+    (its brokers, workers and clients ran on, loading the machine). Returns the handler it
+    replaced (None off the main thread, where no handler can be set)."""
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the cleanup is not interrupted again
+        raise SystemExit(f"soak: stopped by signal {signum}; every process of the topology is killed")
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _term_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies (``--stop-with-parent``), so the topology
+    is killed with it (see :func:`_exit_on_sigterm`), even when the parent was SIGKILLed."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
+        raise SystemExit(f"soak: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
+    if os.getppid() == 1:  # the parent died before the prctl
+        raise SystemExit("soak: the parent is gone already")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="zmqdist-soak-"))
     topo = Topology(tmp, args.heartbeat, args.curve)
     load = Load(topo, args.requests)
     chaos = Chaos(topo, rng)
+    before = _exit_on_sigterm()
     try:
         topo.start()
         for name in ("MA", "R1A", "R2A"):
@@ -1108,6 +1136,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         topo.stop()
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
 
 
 def verdict(report: dict[str, Any], max_error_rate: float) -> list[str]:
@@ -1166,7 +1196,10 @@ def main() -> None:
     ap.add_argument("--report", default=None, help="write the report as JSON here")
     ap.add_argument("--curve", action="store_true", help="CURVE on every link (keys made in the temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory with every log")
+    ap.add_argument("--stop-with-parent", action="store_true", help="Linux: stop (and kill all) if the parent dies")
     args = ap.parse_args()
+    if args.stop_with_parent:
+        _term_with_parent()
     report = run(args)
     bad = verdict(report, args.max_error_rate)
     report["verdict"] = bad or "passed"

@@ -2,11 +2,13 @@
 clients under random SIGKILLs and SIGSTOPs (tests/chaos/soak.py; the long run is documented in
 docs/ha.md with its figures)."""
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,47 @@ pytestmark = pytest.mark.integration
 SOAK = Path(__file__).with_name("soak.py")
 
 
+def run_soak(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run the soak (stopped if this process dies); past ``timeout``, SIGTERM it, which kills its
+    topology, before giving it up (a SIGKILL would leave the topology running)."""
+    proc = subprocess.Popen([*cmd, "--stop-with-parent"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent) of process ``pid`` from /proc, or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def children(pid: int) -> set[int]:
+    """The live (not zombie) processes whose parent is ``pid``."""
+    kids = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))) is not None and st[1] == pid and st[0] != "Z":
+            kids.add(int(d.name))
+    return kids
+
+
 @pytest.mark.timeout(200)
 def test_a_minute_of_faults_loses_nothing_answers_nothing_wrong_and_deposes_no_live_broker(tmp_path):
     report = tmp_path / "soak.json"
     # -X faulthandler: if the driver (the clients' process) dies in C, every thread's stack is shown
     cmd = [sys.executable, "-X", "faulthandler", str(SOAK), "--duration", "55", "--seed", "11", "--report", str(report)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=190)
+    r = run_soak(cmd, timeout=190)
     assert report.exists(), f"the soak ended {r.returncode} without a report:\n{r.stdout[-2000:]}{r.stderr[-12000:]}"
     rep = json.loads(report.read_text())
     print(f"\nsoak: {rep['requests']} requests, {rep['fault_count']} faults {rep['faults']}: {rep['outcomes']}")
@@ -249,3 +286,51 @@ def test_a_process_that_exits_by_itself_is_noted_and_started_again_and_fails_the
     }
     assert any("exited by themselves" in b for b in soak.verdict(report, 0.01))
     assert soak.verdict({**report, "processes_that_exited_by_themselves": []}, 0.01) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_soak_stopped_by_sigterm_kills_every_process_of_its_topology():
+    """``timeout`` and a test runner that stops send SIGTERM: the soak's brokers, workers and
+    clients outlived it and loaded the machine. Now they die with it."""
+    cmd = [sys.executable, str(SOAK), "--duration", "60", "--seed", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(kids := children(proc.pid)) < 10:  # 6 brokers, workers, client processes
+            assert proc.poll() is None and time.monotonic() < deadline, f"{len(kids)} processes started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0 and "stopped by signal 15" in err, err[-2000:]
+    deadline = time.monotonic() + 10  # SIGKILLed and waited for: gone (or a zombie)
+    while alive := {k for k in kids if (st := _stat(k)) is not None and st[0] != "Z"}:
+        assert time.monotonic() < deadline, f"the soak's processes outlived it: {alive}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+def test_a_soak_told_to_stop_with_its_parent_kills_its_topology_when_the_parent_is_sigkilled():
+    """A test runner SIGKILLed (or killed past its own timeout) cannot stop the soak it started:
+    with ``--stop-with-parent`` the kernel sends the soak SIGTERM when its parent dies."""
+    cmd = [sys.executable, str(SOAK), "--duration", "60", "--seed", "4", "--stop-with-parent"]
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])", *cmd])
+    soak: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while not (soak := children(parent.pid)) or len(kids := children(min(soak))) < 10:
+            assert parent.poll() is None and time.monotonic() < deadline, "the soak did not start its topology"
+            time.sleep(0.2)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 60
+        while alive := {k for k in soak | kids if (st := _stat(k)) is not None and st[0] != "Z"}:
+            assert time.monotonic() < deadline, f"the soak or its processes outlived its parent: {alive}"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        for pid in soak:  # the test failed: stop what it started (a pid gone is not an error)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
