@@ -79,6 +79,45 @@ def test_a_message_is_read_whole_and_none_when_nothing_waits(make, pair):
     assert port.recv(8) == [b"D", b"", big]
 
 
+def test_the_c_port_reads_a_peers_routing_id_as_the_same_object_each_time_and_never_mixes_peers(pair):
+    """The broker's tables are keyed by peer: a routing id that is the object already in a table
+    is found by identity, not compared byte by byte. The C port keeps recent ids and hands the
+    same object back; 300 peers (more than its 64 slots, so ids collide and are replaced) still
+    each read as their own bytes."""
+    native = _implementation("c", wire.NativePort, wire.PyPort, "Port")
+    r, d = pair
+    port = native(r)
+    got = []
+    for _ in range(2):
+        d.send_multipart([b"h", b"p"])
+        _wait(r)
+        got.append(port.recv(8))
+    assert got[0] == got[1] == [b"D", b"h", b"p"] and got[0][0] is got[1][0]
+    ctx = zmq.Context.instance()
+    ep = r.getsockopt(zmq.LAST_ENDPOINT).decode()
+    dealers = []
+    try:
+        for k in range(300):
+            s = ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.setsockopt(zmq.ROUTING_ID, b"peer-%d" % k)
+            s.connect(ep)
+            dealers.append(s)
+        seen = {}
+        for rnd in range(2):
+            for k, s in enumerate(dealers):
+                s.send_multipart([b"%d" % k, b"%d" % rnd])
+            for _ in dealers:
+                _wait(r)
+                ident, head, body = port.recv(8)
+                assert ident == b"peer-" + head  # each message comes with its own sender's id
+                seen.setdefault(ident, []).append(body)
+        assert len(seen) == 300 and all(v == [b"0", b"1"] for v in seen.values())
+    finally:
+        for s in dealers:
+            s.close(0)
+
+
 def test_a_longer_message_than_the_cap_is_marked_and_the_next_one_starts_clean(make, pair):
     r, d = pair
     port = make(r)

@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stddef.h>
+#include <string.h>
 
 typedef struct {
     _Alignas(8) unsigned char _[64];
@@ -136,10 +137,38 @@ static void *handle_of(PyObject *owner) {
     return sock;
 }
 
+#define IDENTS 64 /* a power of two */
+#define MAX_IDENT 255 /* libzmq's longest routing id */
+
 typedef struct {
     PyObject_HEAD void *sock;
-    PyObject *owner; /* the pyzmq socket */
+    PyObject *owner;              /* the pyzmq socket */
+    PyObject *idents[IDENTS]; /* recent routing ids read, reused: see ident_of */
 } Port;
+
+/* A message's first frame (a ROUTER's routing id: the peer) as bytes, the very object read the last
+ * time when the same bytes are still in the port's cache (direct-mapped by an FNV-1a hash). The
+ * broker keys its tables by peer: a key found by identity is not compared byte by byte, about ten
+ * lookups a request. A miss makes a new object and keeps it; correctness never depends on a hit. */
+static PyObject *ident_of(Port *self, const char *data, Py_ssize_t size) {
+    if (size > MAX_IDENT)
+        return PyBytes_FromStringAndSize(data, size);
+    unsigned int h = 2166136261u;
+    for (Py_ssize_t k = 0; k < size; k++)
+        h = (h ^ (unsigned char)data[k]) * 16777619u;
+    PyObject **slot = &self->idents[h & (IDENTS - 1)];
+    PyObject *b = *slot;
+    if (b != NULL && PyBytes_GET_SIZE(b) == size && memcmp(PyBytes_AS_STRING(b), data, (size_t)size) == 0) {
+        Py_INCREF(b);
+        return b;
+    }
+    b = PyBytes_FromStringAndSize(data, size);
+    if (b == NULL)
+        return NULL;
+    Py_INCREF(b);
+    Py_XSETREF(*slot, b);
+    return b;
+}
 
 static int port_init(Port *self, PyObject *args, PyObject *kw) {
     PyObject *owner;
@@ -160,6 +189,8 @@ static int port_init(Port *self, PyObject *args, PyObject *kw) {
 
 static void port_dealloc(Port *self) {
     Py_XDECREF(self->owner);
+    for (int k = 0; k < IDENTS; k++)
+        Py_CLEAR(self->idents[k]);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -226,8 +257,11 @@ static PyObject *port_recv(Port *self, PyObject *const *args, Py_ssize_t nargs) 
         if (out == NULL && (out = PyList_New(0)) == NULL)
             goto fail;
         if (i <= cap) {
-            PyObject *b = i < cap ? PyBytes_FromStringAndSize((const char *)z_msg_data(&m), (Py_ssize_t)z_msg_size(&m))
-                                  : PyBytes_FromStringAndSize("", 0);
+            const char *data = (const char *)z_msg_data(&m);
+            Py_ssize_t size = (Py_ssize_t)z_msg_size(&m);
+            PyObject *b = i == 0 && more   ? ident_of(self, data, size)
+                          : i < cap        ? PyBytes_FromStringAndSize(data, size)
+                                           : PyBytes_FromStringAndSize("", 0);
             if (b == NULL)
                 goto fail;
             int rc = PyList_Append(out, b);
