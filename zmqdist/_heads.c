@@ -229,12 +229,44 @@ static PyObject *read_array(reader *r, uint64_t n, int depth) {
     return t;
 }
 
+#define STRS 64     /* a power of two */
+#define MAX_KEPT 32 /* longer strings (a request's key, a message) are each new */
+
+/* Short ASCII strings read lately (service names), reused: a str that is the object already in a
+ * dict (the broker's pools, a worker's handlers) is found by identity, its hash computed once.
+ * Direct-mapped by an FNV-1a hash of the bytes; a miss decodes a new str and keeps it. The GIL
+ * guards it: every caller holds it. */
+static PyObject *strs[STRS];
+
+static PyObject *kept_str(const unsigned char *at, Py_ssize_t n) {
+    unsigned int h = 2166136261u;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (at[k] >= 0x80)
+            return NULL; /* not ASCII: decoded as UTF-8, not kept */
+        h = (h ^ at[k]) * 16777619u;
+    }
+    PyObject **slot = &strs[h & (STRS - 1)];
+    PyObject *s = *slot;
+    if (s != NULL && PyUnicode_GET_LENGTH(s) == n && memcmp(PyUnicode_DATA(s), at, (size_t)n) == 0)
+        return Py_NewRef(s);
+    s = PyUnicode_FromKindAndData(PyUnicode_1BYTE_KIND, at, n); /* ASCII: a compact ASCII str */
+    if (s == NULL)
+        return NULL;
+    Py_XSETREF(*slot, Py_NewRef(s));
+    return s;
+}
+
 static PyObject *read_str(reader *r, uint64_t n, int bin) {
     const unsigned char *at;
     if (take(r, (size_t)n, &at) < 0 || n > (uint64_t)PY_SSIZE_T_MAX)
         return NULL;
     if (bin)
         return PyBytes_FromStringAndSize((const char *)at, (Py_ssize_t)n);
+    if (n > 0 && n <= MAX_KEPT) {
+        PyObject *s = kept_str(at, (Py_ssize_t)n);
+        if (s != NULL || PyErr_Occurred())
+            return s;
+    }
     PyObject *s = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)n, NULL);
     if (s == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
         PyErr_Clear(); /* not UTF-8: msgpack raises its own error */

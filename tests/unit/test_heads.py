@@ -241,3 +241,17 @@ def test_a_damaged_head_decodes_or_fails_the_same_with_and_without_it(msg, cut, 
 def test_a_compiled_install_packs_and_reads_heads_and_makes_messages_in_c():
     compiled = _native.STATE == "compiled"
     assert (p._codec.pack is pack) == (p._codec.read is fields) == (p._codec.make is message) == compiled
+
+
+def test_a_short_ascii_string_read_again_is_the_same_object_and_no_string_reads_as_another():
+    """A service name read again is the str read before (a dict finds it by identity, its hash
+    computed once); a longer or non-ASCII one is new each time; 1,000 names over the cache's 64
+    slots (each replacing another) all read as themselves, twice over."""
+    head = msgpack.packb(("echo", "x" * 33, "éé"))
+    first, second = fields(head, 0), fields(head, 0)
+    assert first == second == ("echo", "x" * 33, "éé")
+    assert first[0] is second[0] and first[1] is not second[1] and first[2] is not second[2]
+    names = [f"svc-{k}" for k in range(1000)]
+    for _ in range(2):
+        for name in names:
+            assert fields(msgpack.packb((name, name.upper())), 0) == (name, name.upper())
