@@ -81,22 +81,27 @@ def test_a_message_is_read_whole_and_none_when_nothing_waits(make, pair):
 
 def test_the_c_port_reads_a_peers_routing_id_as_the_same_object_each_time_and_never_mixes_peers(pair):
     """The broker's tables are keyed by peer: a routing id that is the object already in a table
-    is found by identity, not compared byte by byte. The C port keeps recent ids and hands the
-    same object back; 300 peers (more than its 64 slots, so ids collide and are replaced) still
-    each read as their own bytes."""
+    is found by identity, not compared byte by byte. The C port of a ROUTER keeps recent ids and
+    hands the same object back (a DEALER's, whose first frame is a head, does not); 300 peers
+    (more than its 64 slots, so ids collide and are replaced) still each read as their own bytes."""
     native = _implementation("c", wire.NativePort, wire.PyPort, "Port")
-    r, d = pair
-    port = native(r)
-    got = []
-    for _ in range(2):
-        d.send_multipart([b"h", b"p"])
-        _wait(r)
-        got.append(port.recv(8))
-    assert got[0] == got[1] == [b"D", b"h", b"p"] and got[0][0] is got[1][0]
+    r, _ = pair
     ctx = zmq.Context.instance()
     ep = r.getsockopt(zmq.LAST_ENDPOINT).decode()
+    d = ctx.socket(zmq.DEALER)
+    d.linger = 0
+    d.setsockopt(zmq.ROUTING_ID, b"a-peer")  # (not the pair's b"D": CPython shares 1-byte bytes)
+    d.connect(ep)
     dealers = []
     try:
+        for port, keeps in ((wire.port(r), True), (native(r, False), False)):  # kept: a ROUTER's (wire.port)
+            got = []
+            for _ in range(2):
+                d.send_multipart([b"h", b"p"])
+                _wait(r)
+                got.append(port.recv(8))
+            assert got[0] == got[1] == [b"a-peer", b"h", b"p"] and (got[0][0] is got[1][0]) == keeps
+        port = wire.port(r)
         for k in range(300):
             s = ctx.socket(zmq.DEALER)
             s.linger = 0
@@ -114,6 +119,7 @@ def test_the_c_port_reads_a_peers_routing_id_as_the_same_object_each_time_and_ne
                 seen.setdefault(ident, []).append(body)
         assert len(seen) == 300 and all(v == [b"0", b"1"] for v in seen.values())
     finally:
+        d.close(0)
         for s in dealers:
             s.close(0)
 

@@ -143,6 +143,7 @@ static void *handle_of(PyObject *owner) {
 typedef struct {
     PyObject_HEAD void *sock;
     PyObject *owner;              /* the pyzmq socket */
+    int ids;                      /* a ROUTER's: its first frames are routing ids, kept */
     PyObject *idents[IDENTS]; /* recent routing ids read, reused: see ident_of */
 } Port;
 
@@ -172,7 +173,8 @@ static PyObject *ident_of(Port *self, const char *data, Py_ssize_t size) {
 
 static int port_init(Port *self, PyObject *args, PyObject *kw) {
     PyObject *owner;
-    if (!PyArg_ParseTuple(args, "O:Port", &owner))
+    int ids = 0;
+    if (!PyArg_ParseTuple(args, "O|p:Port", &owner, &ids))
         return -1;
     if (!loaded) {
         PyErr_SetString(PyExc_RuntimeError, "zmqdist.transport._wire: load() was not called");
@@ -184,6 +186,7 @@ static int port_init(Port *self, PyObject *args, PyObject *kw) {
     Py_INCREF(owner);
     Py_XSETREF(self->owner, owner);
     self->sock = sock;
+    self->ids = ids;
     return 0;
 }
 
@@ -259,7 +262,7 @@ static PyObject *port_recv(Port *self, PyObject *const *args, Py_ssize_t nargs) 
         if (i <= cap) {
             const char *data = (const char *)z_msg_data(&m);
             Py_ssize_t size = (Py_ssize_t)z_msg_size(&m);
-            PyObject *b = i == 0 && more   ? ident_of(self, data, size)
+            PyObject *b = i == 0 && more && self->ids ? ident_of(self, data, size)
                           : i < cap        ? PyBytes_FromStringAndSize(data, size)
                                            : PyBytes_FromStringAndSize("", 0);
             if (b == NULL)

@@ -85,7 +85,7 @@ def fast_send(sock: zmq.Socket[Any]) -> Any:
 class PyPort:
     """The contract above over pyzmq calls (a frame at a time)."""
 
-    def __init__(self, sock: zmq.Socket[Any]) -> None:
+    def __init__(self, sock: zmq.Socket[Any], ids: bool = False) -> None:
         self._recv: Any = sock.recv
         self._send: Any = fast_send(sock)
 
@@ -206,7 +206,9 @@ NATIVE = NativePort is not None
 def port(sock: zmq.Socket[Any]) -> Port:
     """A Port for ``sock``: the C one where it loaded, else :class:`PyPort`."""
     if NativePort is not None:
-        p: Port = NativePort(sock)
+        # A ROUTER's routing ids are kept and read as the same objects (the broker's tables are
+        # keyed by them); a DEALER's first frame is a head, most of them read once.
+        p: Port = NativePort(sock, sock.type == zmq.ROUTER)
         return p
     return PyPort(sock)
 
