@@ -137,13 +137,13 @@ static void *handle_of(PyObject *owner) {
     return sock;
 }
 
-#define IDENTS 64 /* a power of two */
+#define IDENTS 64     /* a power of two */
 #define MAX_IDENT 255 /* libzmq's longest routing id */
 
 typedef struct {
     PyObject_HEAD void *sock;
-    PyObject *owner;              /* the pyzmq socket */
-    int ids;                      /* a ROUTER's: its first frames are routing ids, kept */
+    PyObject *owner;          /* the pyzmq socket */
+    int ids;                  /* a ROUTER's: its first frames are routing ids, kept */
     PyObject *idents[IDENTS]; /* recent routing ids read, reused: see ident_of */
 } Port;
 
@@ -263,8 +263,8 @@ static PyObject *port_recv(Port *self, PyObject *const *args, Py_ssize_t nargs) 
             const char *data = (const char *)z_msg_data(&m);
             Py_ssize_t size = (Py_ssize_t)z_msg_size(&m);
             PyObject *b = i == 0 && more && self->ids ? ident_of(self, data, size)
-                          : i < cap        ? PyBytes_FromStringAndSize(data, size)
-                                           : PyBytes_FromStringAndSize("", 0);
+                          : i < cap                   ? PyBytes_FromStringAndSize(data, size)
+                                                      : PyBytes_FromStringAndSize("", 0);
             if (b == NULL)
                 goto fail;
             int rc = PyList_Append(out, b);
