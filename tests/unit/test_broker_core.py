@@ -904,10 +904,10 @@ def test_request_keys_are_per_caller_absorb_duplicates_and_leave_nothing_when_an
     for _, task in sent:
         core.receive(b"W", p.Result(task.ticket, p.RS_OK, b"r"), 0.1)
     d = core.d
-    assert d.keys == {} and d.open_by_client == {} and not core.holds(b"C", 1)
-    d.set_key(b"C", 7, 10)
-    d.set_key(b"C", 7, 11)  # the id names another request now
-    d.drop_key(b"C", 7, 10)
-    assert d.ticket_of(b"C", 7) == 11
-    d.drop_key(b"C", 7, 11)
-    assert d.ticket_of(b"C", 7) is None and d.keys == {}
+    assert d.keys.by_origin == {} and d.open_by_client == {} and not core.holds(b"C", 1)
+    d.keys.put(b"C", 7, 10)
+    d.keys.put(b"C", 7, 11)  # the id names another request now
+    d.keys.drop(b"C", 7, 10)
+    assert d.keys.ticket(b"C", 7) == 11
+    d.keys.drop(b"C", 7, 11)
+    assert d.keys.ticket(b"C", 7) is None and d.keys.by_origin == {}

@@ -359,7 +359,7 @@ class BrokerCore(BrokerMachine):
         for its optional fields: a caller's key, a stream's window, a retry policy)."""
         c = self.counters
         d = self.d
-        if (held := d.ticket_of(peer, rid)) is not None:
+        if (held := d.keys.ticket(peer, rid)) is not None:
             c.duplicates += 1
             # restored at a takeover and sent again by its caller: it counts now
             if d.unclaimed and (key := (peer, rid)) in d.unclaimed:
@@ -601,7 +601,7 @@ class BrokerCore(BrokerMachine):
         return out
 
     def holds(self, peer: bytes, rid: int) -> bool:
-        return self.d.ticket_of(peer, rid) is not None
+        return self.d.keys.ticket(peer, rid) is not None
 
     def resumed(self, seconds: float, now: float) -> None:
         self.d.pauses.note(seconds, now)  # members' and clients' silence in it proves nothing

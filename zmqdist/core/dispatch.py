@@ -42,6 +42,7 @@ from zmqdist.core.records import (
     Counters,
     Dest,
     HeapEntry,
+    Keys,
     Member,
     Out,
     Pool,
@@ -75,9 +76,7 @@ class Dispatcher:
         self.brokers = 0  # members that are downstream brokers
         self.pools: dict[str, Pool] = {}
         self.reqs: dict[int, Req] = {}
-        # origin -> its request id -> ticket. Nested, not keyed by (origin, rid): a tuple key is
-        # built, hashed and compared item by item at each of a request's four lookups.
-        self.keys: dict[Dest, dict[int, int]] = {}
+        self.keys = Keys()  # (origin, its request id) -> ticket
         self.next_ticket = first_ticket
         self.seq = 0
         self.queued = 0
@@ -327,7 +326,7 @@ class Dispatcher:
             req.via = via  # counted in what we offer that member until it ends (a downstream broker)
             via.requests_held(service, 1)
         self.reqs[ticket] = req
-        self.set_key(peer, rid, ticket)
+        self.keys.put(peer, rid, ticket)
         ops = self.ops
         if ops is not None:
             ops.append(p.OpAccepted(ticket, peer, rid, service, deadline, hops, trace, key, 0, payload, window, retry))
@@ -714,36 +713,14 @@ class Dispatcher:
             self.watcher.opened(req)
 
     def enter_key(self, req: Req) -> None:
-        self.set_key(req.client, req.rid, req.ticket)
-
-    def ticket_of(self, origin: Dest, rid: int) -> int | None:
-        """The ticket of ``origin``'s open request ``rid`` (its key), or None."""
-        rids = self.keys.get(origin)
-        return None if rids is None else rids.get(rid)
-
-    def set_key(self, origin: Dest, rid: int, ticket: int) -> None:
-        """``origin``'s request ``rid`` is ``ticket`` now."""
-        rids = self.keys.get(origin)
-        if rids is None:
-            self.keys[origin] = {rid: ticket}
-        else:
-            rids[rid] = ticket
-
-    def drop_key(self, origin: Dest, rid: int, ticket: int) -> None:
-        """``origin``'s request ``rid`` is no longer ``ticket`` (a key that names another request
-        now stays). An origin with no key left goes from the table."""
-        rids = self.keys.get(origin)
-        if rids is not None and (held := rids.get(rid)) is not None and held == ticket:
-            del rids[rid]
-            if not rids:
-                del self.keys[origin]
+        self.keys.put(req.client, req.rid, req.ticket)
 
     def add_caller(self, req: Req, caller: Dest, rid: int) -> None:
         """Request ``rid`` of ``caller`` joins ``req``'s run: it gets the same reply."""
         if req.also is None:
             req.also = []
         req.also.append((caller, rid))
-        self.set_key(caller, rid, req.ticket)
+        self.keys.put(caller, rid, req.ticket)
 
     def restored(self, req: Req, held: bool) -> None:
         """Put a request of a replicated table in (after a takeover): queued, or ``held`` by a
@@ -752,7 +729,7 @@ class Dispatcher:
         self.reqs[ticket] = req
         if req.window or (req.key and self.join_same_key):
             self.watcher.opened(req)
-        self.set_key(req.client, req.rid, ticket)
+        self.keys.put(req.client, req.rid, ticket)
         # in no quota until its caller sends it again: the old active one may have answered it since
         self.unclaimed.add((req.client, req.rid))
         pool = self.pools.get(req.service)
@@ -768,7 +745,7 @@ class Dispatcher:
 
     def release_caller(self, client: Dest, rid: int, ticket: int) -> None:
         """Caller ``client`` no longer waits for ``rid``: its quota count and its key go."""
-        self.drop_key(client, rid, ticket)
+        self.keys.drop(client, rid, ticket)
         if self.unclaimed and (key := (client, rid)) in self.unclaimed:  # (empty but after a takeover)
             self.unclaimed.discard(key)
             return

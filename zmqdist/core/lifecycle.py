@@ -111,8 +111,8 @@ class Lifecycle(Watcher):
         """End everything ``callers`` have open as if each had cancelled it: nobody takes the replies
         (``left``: remember each caller until the latest deadline of what was stopped)."""
         d = self.d
-        for c, rid in [(c, rid) for c, rids in d.keys.items() if c in callers for rid in rids]:
-            ticket = d.ticket_of(c, rid)  # gone already if leaving an earlier one ended it
+        for c, rid in d.keys.of(callers):
+            ticket = d.keys.ticket(c, rid)  # gone already if leaving an earlier one ended it
             req = d.reqs.get(ticket) if ticket is not None else None
             if req is not None:
                 self.counters.abandoned += 1
@@ -125,7 +125,7 @@ class Lifecycle(Watcher):
     def cancel(self, origin: Dest, rid: int, now: float, out: list[Out]) -> None:
         """Caller ``origin`` cancels its request ``rid`` (unknown or ended: nothing to do)."""
         d = self.d
-        ticket = d.ticket_of(origin, rid)
+        ticket = d.keys.ticket(origin, rid)
         req = d.reqs.get(ticket) if ticket is not None else None
         if req is None:
             return
@@ -208,7 +208,7 @@ class Lifecycle(Watcher):
     def ack(self, origin: Dest, rid: int, seq: int, out: list[Out]) -> None:
         """The caller of stream ``rid`` has taken ``seq`` parts: tell whoever runs it."""
         d = self.d
-        ticket = d.ticket_of(origin, rid)
+        ticket = d.keys.ticket(origin, rid)
         req = d.reqs.get(ticket) if ticket is not None else None
         if req is None or req.cancelled or not req.window:
             return

@@ -13,6 +13,7 @@ Rules of this module:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, fields
 from typing import Final
 
@@ -445,6 +446,43 @@ class Req:
         self.avoid: bytes | None = None  # the member whose run failed: another one is preferred
         self.cancelled = False  # cancelled while a member (or the upstream) held it: no one to answer
         self.also: list[tuple[Dest, int]] | None = None  # callers that joined it (same key): (origin, rid)
+
+
+class Keys:
+    """The open requests by origin, then the origin's request id: their tickets. Nested, not keyed
+    by ``(origin, rid)``: a tuple key is built, hashed and compared item by item at each of a
+    request's four lookups. An origin with no key left goes."""
+
+    __slots__ = ("by_origin",)
+
+    def __init__(self) -> None:
+        self.by_origin: dict[Dest, dict[int, int]] = {}
+
+    def ticket(self, origin: Dest, rid: int) -> int | None:
+        """The ticket of ``origin``'s open request ``rid``, or None."""
+        rids = self.by_origin.get(origin)
+        return None if rids is None else rids.get(rid)
+
+    def put(self, origin: Dest, rid: int, ticket: int) -> None:
+        """``origin``'s request ``rid`` is ``ticket`` now."""
+        rids = self.by_origin.get(origin)
+        if rids is None:
+            self.by_origin[origin] = {rid: ticket}
+        else:
+            rids[rid] = ticket
+
+    def drop(self, origin: Dest, rid: int, ticket: int) -> None:
+        """``origin``'s request ``rid`` is no longer ``ticket`` (a key that names another request
+        now stays)."""
+        rids = self.by_origin.get(origin)
+        if rids is not None and (held := rids.get(rid)) is not None and held == ticket:
+            del rids[rid]
+            if not rids:
+                del self.by_origin[origin]
+
+    def of(self, origins: Container[Dest]) -> list[tuple[Dest, int]]:
+        """Every (origin, rid) of ``origins``, taken now (ending them changes the table)."""
+        return [(c, rid) for c, rids in self.by_origin.items() if c in origins for rid in rids]
 
 
 class Pool:

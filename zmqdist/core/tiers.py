@@ -444,7 +444,7 @@ class Tiers(Overflow):
             return
         self.counters.tasks_from_up += 1
         d = self.d
-        if d.ticket_of(UPSTREAM, m.ticket) is not None:
+        if d.keys.ticket(UPSTREAM, m.ticket) is not None:
             self.counters.duplicates += 1
             return
         ticket = d.new_ticket()
@@ -514,7 +514,7 @@ class Tiers(Overflow):
         for req in list(self.from_up.values()):
             if req.window and req.state == ASSIGNED and not req.cancelled:
                 self.life.cancel_run(req, now, out)  # a stream nobody acknowledges any more: stop it
-            d.drop_key(UPSTREAM, req.rid, req.ticket)
+            d.keys.drop(UPSTREAM, req.rid, req.ticket)
             if req.state == QUEUED:
                 d.dequeued(req)
                 d.forget(req)

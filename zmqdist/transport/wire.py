@@ -85,7 +85,7 @@ def fast_send(sock: zmq.Socket[Any]) -> Any:
 class PyPort:
     """The contract above over pyzmq calls (a frame at a time)."""
 
-    def __init__(self, sock: zmq.Socket[Any], ids: bool = False) -> None:
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
         self._recv: Any = sock.recv
         self._send: Any = fast_send(sock)
 
