@@ -48,7 +48,7 @@ if _native.STATE == "compiled":  # heads packed and read in one C call (not buil
     except ImportError:
         pass
     else:
-        _protocol.use_head_codec(_heads.pack, _heads.fields, _heads.message)
+        _protocol.use_head_codec(_heads.pack, _heads.fields, _heads.message, _heads.key)
 
 __version__ = "0.1.0"
 

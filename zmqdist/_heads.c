@@ -300,7 +300,8 @@ static PyObject *read_item(reader *r, int depth) {
     case 0xcf:
         if (take_be(r, 1 << (c - 0xcc), &v) < 0)
             return NULL;
-        return PyLong_FromUnsignedLongLong(v);
+        /* PyLong_FromLong has a fast path for one-digit values (below 2**30: tickets, ids, budgets) */
+        return v <= (uint64_t)LONG_MAX ? PyLong_FromLong((long)v) : PyLong_FromUnsignedLongLong(v);
     case 0xd0:
     case 0xd1:
     case 0xd2:
@@ -369,6 +370,52 @@ static PyObject *h_fields(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return t;
 }
 
+/* key(client, rid) -> "<client's bytes in hex>:<rid>": a request's default key (the TASK's key
+ * when its caller gave none), in one allocation. Made in Python, the hex, the decimal and their
+ * concatenation cost about 850 instructions at every dispatch. A negative rid or one past 64 bits
+ * (never a valid id) is formatted by Python. */
+static PyObject *h_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "key(client: bytes, rid: int)");
+        return NULL;
+    }
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+    if (v == -1 && PyErr_Occurred())
+        return NULL;
+    if (overflow != 0 || v < 0) {
+        PyObject *hex = PyObject_CallMethod(args[0], "hex", NULL);
+        if (hex == NULL)
+            return NULL;
+        PyObject *out = PyUnicode_FromFormat("%U:%S", hex, args[1]);
+        Py_DECREF(hex);
+        return out;
+    }
+    static const char digits_of[] = "0123456789abcdef";
+    char dec[24];
+    int k = 0;
+    unsigned long long u = (unsigned long long)v;
+    do {
+        dec[k++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u != 0);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    PyObject *out = PyUnicode_New(2 * n + 1 + k, 127);
+    if (out == NULL)
+        return NULL;
+    Py_UCS1 *d = PyUnicode_1BYTE_DATA(out);
+    const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        d[2 * i] = (Py_UCS1)digits_of[b[i] >> 4];
+        d[2 * i + 1] = (Py_UCS1)digits_of[b[i] & 15];
+    }
+    d[2 * n] = ':';
+    for (int j = 0; j < k; j++)
+        d[2 * n + 1 + j] = (Py_UCS1)dec[k - 1 - j];
+    return out;
+}
+
 /* message(cls, fields) -> cls: what tuple.__new__(cls, fields) makes, for a tuple subclass (a
  * NamedTuple message) and a tuple of its fields, without the method lookup and the call through
  * tuple's __new__ wrapper (about 1,300 instructions a message from compiled code). */
@@ -407,6 +454,8 @@ static PyMethodDef methods[] = {
      "fields(data, start): the msgpack array at data[start:] as a tuple, or None for what only msgpack reads."},
     {"message", (PyCFunction)(void (*)(void))h_message, METH_FASTCALL,
      "message(cls, fields): tuple.__new__(cls, fields), in one C call."},
+    {"key", (PyCFunction)(void (*)(void))h_key, METH_FASTCALL,
+     "key(client, rid): client.hex() + ':' + str(rid), in one C call."},
     {NULL, NULL, 0, NULL},
 };
 

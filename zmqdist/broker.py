@@ -678,13 +678,15 @@ class Broker:
         what the machine does about those that could not go (as for single messages)."""
         port = self._port
         assert port is not None
-        encode = self._enc.encode
+        enc = self._enc  # enc.encode(...): a native call, its two frames not made a tuple (see _drain)
         failed: list[Out] = []
         frames: list[bytes] = []
         for msg in msgs:
             if debug:
                 self._trace(peer, msg)
-            frames += encode(msg)
+            head, payload = enc.encode(msg)
+            frames.append(head)
+            frames.append(payload)
         for a, b in p.batch_spans(frames):
             if b - a == 1:
                 rc = port.send(peer, frames[2 * a], frames[2 * a + 1])

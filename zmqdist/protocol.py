@@ -18,7 +18,7 @@ build, which matters on the broker's per-request path (measured: 0.25 us against
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple, Protocol, TypeGuard, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeAlias, TypeGuard, TypeVar
 
 import msgpack
 
@@ -27,6 +27,13 @@ from zmqdist.errors import LocalProtocolError, RemoteProtocolError
 MAGIC: Final = b"ZD"
 VERSION: Final = 1
 PREFIX: Final = MAGIC + bytes([VERSION])
+
+# An int that compiled code keeps as its Python object. Compiled, an ``int`` is held unboxed and
+# boxed again (a large one allocated anew) each time it becomes a dict key, a heap or queue entry
+# or a message field: a request's ticket was boxed about a dozen times through the broker. A union
+# is held as the object, so a ticket or request id typed ``Boxed`` is boxed once. Only ints (never
+# a bool) go in: to the type checker it is an int.
+Boxed: TypeAlias = int | bool
 
 # Roles a peer announces in HELLO and HEARTBEAT.
 ROLE_BROKER: Final = 0
@@ -383,7 +390,9 @@ MAX_BATCH: Final = 1024  # messages in one batch (a writer closes a batch at thi
 BATCH_BYTES: Final = 256 * 1024  # ... or before it would pass this many bytes (or the reader's limit)
 BATCH_OVERHEAD: Final = 5  # msgpack's most for an array's or a bin's header in a BATCH payload
 CMD_REQUEST: Final = 3  # CMD_OF[Request], as a constant for the per-request path
+CMD_TASK: Final = 4  # CMD_OF[Task]
 CMD_RESULT: Final = 5  # CMD_OF[Result]
+CMD_REPLY: Final = 6  # CMD_OF[Reply]
 # Types with a field that travels in the payload frame (the field after the required header fields;
 # optional header fields follow it in the tuple and are sent after the required ones).
 _WITH_PAYLOAD: Final = frozenset({Request, Task, Result, Reply, Replicate, Part, Progress})
@@ -579,6 +588,9 @@ _OPTIONAL: Final[dict[type, tuple[Any, ...]]] = {
     Reply: (_is_count,),
 }
 _SPEC_BY_CMD: Final = {CMD_OF[t]: (t, *s) for t, s in _SPEC.items()}
+_P0: Final = PREFIX[0]
+_P1: Final = PREFIX[1]
+_P2: Final = PREFIX[2]
 _HEAD_REQUEST: Final = HEAD_PREFIX[Request]
 _HEAD_RESULT: Final = HEAD_PREFIX[Result]
 _HEAD_REPLY: Final = HEAD_PREFIX[Reply]
@@ -616,7 +628,7 @@ def _trace_after(f: tuple[Any, ...], n: int) -> str | None:
 
 def request_rid(head: bytes) -> int | None:
     """The rid of a valid REQUEST head (any hops, fields and payload), else None."""
-    if head[:4] != _HEAD_REQUEST:
+    if command_of(head) != CMD_REQUEST:
         return None
     try:
         msg = decode(head, b"")
@@ -632,13 +644,13 @@ def _is_id(v: object) -> TypeGuard[int]:
     return type(v) is int and v >= 0 and (v <= _SHORT_MAX or v <= MAX_ID)
 
 
-def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
+def plain_request(head: bytes) -> tuple[Boxed, str, Boxed, str] | None:
     """Return (rid, service, budget_ms, trace) of a valid REQUEST head without hops, else None.
 
     The broker's per-request path reads the common case with this; anything else (hops, extra
     fields, any invalid field) returns None and goes through :func:`decode`, which names the problem.
     """
-    if head[:4] != _HEAD_REQUEST:
+    if command_of(head) != CMD_REQUEST:
         return None
     f = _head_fields(head)
     trace = _trace_after(f, 4) if f is not None else None
@@ -647,28 +659,30 @@ def plain_request(head: bytes) -> tuple[int, str, int, str] | None:
     rid: object = f[0]
     service: object = f[1]
     budget: object = f[2]
+    hops: object = f[3]
     if (
         _is_id(rid)
         and type(service) is str
         and 0 < len(service) <= MAX_NAME
         and type(budget) is int
         and 0 <= budget <= MAX_BUDGET_MS
-        and f[3] == ()
+        and type(hops) is tuple
+        and not hops
     ):
-        return rid, service, budget, trace
+        return f[0], service, f[2], trace  # the objects read, not the narrowed ints boxed again
     return None
 
 
-def plain_result(head: bytes) -> tuple[int, int] | None:
+def plain_result(head: bytes) -> tuple[Boxed, int] | None:
     """Return (ticket, status) of a valid RESULT head, else None (see :func:`plain_request`)."""
-    if head[:4] != _HEAD_RESULT:
+    if command_of(head) != CMD_RESULT:
         return None
     f = _head_fields(head)
     if f is not None and len(f) == 2:
         ticket: object = f[0]
         status: object = f[1]
         if _is_id(ticket) and type(status) is int and status in RESULT_STATUSES:
-            return ticket, status
+            return f[0], status  # (see plain_request)
     return None
 
 
@@ -760,7 +774,7 @@ def unpack_batch(payload: bytes, limit: int = MAX_BATCH) -> list[bytes]:
     if type(frames) is not list or len(frames) % 2 or not 0 < len(frames) <= 2 * limit:
         raise RemoteProtocolError(f"BATCH: payload must be an array of 2 to {2 * limit} frames, in pairs", E_FRAMES)
     for i, f in enumerate(frames):
-        if type(f) is not bytes or (not i % 2 and f[:4] == BATCH_HEAD):
+        if type(f) is not bytes or (not i % 2 and command_of(f) == CMD_BATCH):
             raise RemoteProtocolError("BATCH: frames must be byte strings, heads not BATCH", E_FRAMES)
     return frames
 
@@ -768,7 +782,7 @@ def unpack_batch(payload: bytes, limit: int = MAX_BATCH) -> list[bytes]:
 def frames_of(head: bytes, payload: bytes) -> list[tuple[bytes, bytes]]:
     """The (head, payload) of each message a frame pair carries: itself, or a BATCH's messages
     (raises :class:`RemoteProtocolError` for a bad BATCH, see :func:`unpack_batch`)."""
-    if head[:4] != BATCH_HEAD:
+    if command_of(head) != CMD_BATCH:
         return [(head, payload)]
     frames = unpack_batch(payload)
     return [(frames[i], frames[i + 1]) for i in range(0, len(frames), 2)]
@@ -782,20 +796,20 @@ def decode(head: bytes, payload: bytes) -> Message:
     """
     # Fast paths for the two commands on every request (same checks, fewer calls); anything
     # unusual falls through to the general path, which names the problem.
-    cmd = head[:4]
-    if cmd == _HEAD_REQUEST:
+    cmd = command_of(head)
+    if cmd == CMD_REQUEST:
         r = plain_request(head)
         if r is not None:
             return message(REQUEST_CLS, (r[0], r[1], r[2], (), payload, r[3], "", 0, ()))
-    elif cmd == _HEAD_RESULT:
+    elif cmd == CMD_RESULT:
         t = plain_result(head)
         if t is not None:
             return message(RESULT_CLS, (t[0], t[1], payload, 0, 0))
-    elif cmd == _HEAD_REPLY:
+    elif cmd == CMD_REPLY:
         y = plain_reply(head, payload)
         if y is not None:
             return y
-    elif cmd == _HEAD_TASK:
+    elif cmd == CMD_TASK:
         k = plain_task(head, payload)
         if k is not None:
             return k
@@ -852,18 +866,20 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
 HeadPacker = Callable[[bytes, "tuple[Any, ...] | list[Any]"], "bytes | None"]
 HeadReader = Callable[[bytes, int], "tuple[Any, ...] | None"]
 Maker = Callable[[Any, tuple[Any, ...]], Any]
+KeyMaker = Callable[[bytes, int], str]
 
 
 class _Codec:
     """The head codec in use (:func:`use_head_codec`). One Final instance: compiled code reads a
     Final from a C static, a plain global from the module's dict at every use."""
 
-    __slots__ = ("make", "pack", "read")
+    __slots__ = ("key", "make", "pack", "read")
 
     def __init__(self) -> None:
         self.pack: HeadPacker | None = None
         self.read: HeadReader | None = None
         self.make: Maker = tuple.__new__
+        self.key: KeyMaker | None = None
 
 
 _codec: Final = _Codec()
@@ -879,14 +895,27 @@ def message(cls: type[M], fields: tuple[Any, ...]) -> M:
     return made
 
 
-def use_head_codec(pack: HeadPacker | None, read: HeadReader | None, make: Maker | None) -> None:
+def use_head_codec(
+    pack: HeadPacker | None, read: HeadReader | None, make: Maker | None, key: KeyMaker | None = None
+) -> None:
     """Pack heads with ``pack(prefix, fields)`` in Encoders made from now on, read the fields of
-    the heads of every request with ``read(head, 4)``, and make messages with ``make(cls, fields)``
-    (as ``tuple.__new__``). ``pack`` and ``read`` return what msgpack would, or None to leave the
-    head to msgpack: zmqdist._heads, set by a compiled install, does each in one C call
-    (docs/performance.md). None: msgpack alone, and ``tuple.__new__``."""
-    _codec.pack, _codec.read = pack, read
+    the heads of every request with ``read(head, 4)``, make messages with ``make(cls, fields)``
+    (as ``tuple.__new__``) and default keys with ``key(client, rid)`` (as :func:`default_key`).
+    ``pack`` and ``read`` return what msgpack would, or None to leave the head to msgpack:
+    zmqdist._heads, set by a compiled install, does each in one C call (docs/performance.md).
+    None: msgpack alone, ``tuple.__new__``, and Python's own hex and decimal."""
+    _codec.pack, _codec.read, _codec.key = pack, read, key
     _codec.make = tuple.__new__ if make is None else make
+
+
+def default_key(client: bytes, rid: Boxed) -> str:
+    """A request's key when its caller gave none: ``"<client identity in hex>:<rid>"``, the same
+    at every broker and on every attempt (``b""`` for a request from no peer: ``":<rid>"``)."""
+    key = _codec.key
+    if key is not None:
+        made: str = key(client, rid)
+        return made
+    return client.hex() + ":" + str(rid)
 
 
 class Encoder:
@@ -1078,8 +1107,11 @@ def budget_ms_left(deadline: float, now: float, margin_ms: int = 0, floor: int =
 
 
 def command_of(head: bytes) -> int:
-    """The command number of a native head of this version, or 0 (another protocol or version)."""
-    return head[3] if len(head) > 3 and head[:3] == PREFIX else 0
+    """The command number of a native head of this version, or 0 (another protocol or version).
+    Byte by byte: compiled, an index is a machine int where a slice is a new bytes object."""
+    if len(head) > 3 and head[0] == _P0 and head[1] == _P1 and head[2] == _P2:
+        return head[3]
+    return 0
 
 
 def encode(msg: Message) -> tuple[bytes, bytes]:

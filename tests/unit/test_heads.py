@@ -22,7 +22,7 @@ if importlib.util.find_spec("zmqdist._heads") is None:
         pytest.fail("a compiled install without zmqdist._heads", pytrace=False)
     pytest.skip("zmqdist._heads is not built here", allow_module_level=True)
 
-from zmqdist._heads import fields, message, pack
+from zmqdist._heads import fields, key, message, pack
 
 PREFIX = b"ZD\x01\x05"
 LEAVES = (
@@ -163,8 +163,8 @@ def test_it_leaves_malformed_and_other_heads_to_msgpack():
 def _codec(pack_with, read_with, make_with=None):
     """protocol's head codec set to these functions (None: msgpack, and tuple.__new__ to make
     messages) for the block, then restored."""
-    saved = (p._codec.pack, p._codec.read, p._codec.make)
-    p.use_head_codec(pack_with, read_with, make_with)
+    saved = (p._codec.pack, p._codec.read, p._codec.make, p._codec.key)
+    p.use_head_codec(pack_with, read_with, make_with, saved[3])
     try:
         yield
     finally:
@@ -241,6 +241,7 @@ def test_a_damaged_head_decodes_or_fails_the_same_with_and_without_it(msg, cut, 
 def test_a_compiled_install_packs_and_reads_heads_and_makes_messages_in_c():
     compiled = _native.STATE == "compiled"
     assert (p._codec.pack is pack) == (p._codec.read is fields) == (p._codec.make is message) == compiled
+    assert (p._codec.key is key) == compiled
 
 
 def test_a_short_ascii_string_read_again_is_the_same_object_and_no_string_reads_as_another():
@@ -255,3 +256,25 @@ def test_a_short_ascii_string_read_again_is_the_same_object_and_no_string_reads_
     for _ in range(2):
         for name in names:
             assert fields(msgpack.packb((name, name.upper())), 0) == (name, name.upper())
+
+
+KEY_RIDS = [0, 1, 9, 10, 99, 100, 2**31, 2**62 - 1, 2**62, 2**63 - 1, 2**63, 2**64 + 5, -1, -(2**70)]
+
+
+@pytest.mark.parametrize("ident", [b"", b"\x00", b"\xff\x00\x10", bytes(range(256)), b"\x00k\x8b\x45\x67"])
+@pytest.mark.parametrize("rid", KEY_RIDS)
+def test_a_default_key_is_the_identity_in_hex_and_the_rid_in_decimal_at_every_edge(ident, rid):
+    """What Python's hex and decimal make (a negative rid or one past 64 bits is never an id, but
+    still formats as Python would), and protocol.default_key makes the same with it or without."""
+    expected = ident.hex() + ":" + str(rid)
+    assert key(ident, rid) == expected
+    assert key(ident, rid).isascii()
+    with _codec(None, None):
+        p.use_head_codec(None, None, None, None)
+        assert p.default_key(ident, rid) == expected
+
+
+def test_a_default_key_refuses_what_is_not_bytes_and_an_int():
+    for args in [("ab", 1), (b"ab", "1"), (b"ab", 1.0), (b"ab",), (b"ab", 1, 2), (bytearray(b"ab"), 1)]:
+        with pytest.raises(TypeError, match="key"):
+            key(*args)

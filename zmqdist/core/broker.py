@@ -38,7 +38,6 @@ from zmqdist.core.records import (
     Out,
     Told,
     WorkerMember,
-    forget_prefix,
 )
 from zmqdist.core.replica import Replica
 from zmqdist.core.services import Services, StatusPart
@@ -297,18 +296,17 @@ class BrokerCore(BrokerMachine):
             return
         del self._clients[peer]
         self.batching.pop(peer, None)
-        forget_prefix(peer)
 
     def _forget_gone_peers(self, now: float) -> None:
         """Forget what this broker keeps of peers that are gone: the clients silent past the ttl
-        (less our own pauses) that hold nothing here, with their key prefixes; the batch
-        limits of peers neither kept nor members (such a client, a worker gone, a peer refused);
-        the MDP workers the bridge holds that are no members (:meth:`MdpBridge.forget_workers`).
-        Each was kept until its table filled (2x and 4x --max-queue entries): with short-lived
-        peers, hundreds of megabytes, and a full table forgot the live peers too. A client with
-        requests open stays (rule 4 of core/lifecycle.py stops them). One that was only stalled is
-        noted again at its next HEARTBEAT; its replies go unbatched until its next HELLO (a
-        failover, or a RECONNECT), which is slower, never wrong."""
+        (less our own pauses) that hold nothing here; the batch limits of peers neither kept nor
+        members (such a client, a worker gone, a peer refused); the MDP workers the bridge holds
+        that are no members (:meth:`MdpBridge.forget_workers`). Each was kept until its table
+        filled (2x and 4x --max-queue entries): with short-lived peers, hundreds of megabytes, and
+        a full table forgot the live peers too. A client with requests open stays (rule 4 of
+        core/lifecycle.py stops them). One that was only stalled is noted again at its next
+        HEARTBEAT; its replies go unbatched until its next HELLO (a failover, or a RECONNECT),
+        which is slower, never wrong."""
         self._clients_pruned = now
         d = self.d
         since, ttl, held, members = d.pauses.since, self._ttl, d.open_by_client, d.members
@@ -316,8 +314,6 @@ class BrokerCore(BrokerMachine):
         for c, t in self._clients.items():
             if now - since(t) <= ttl or c in held:
                 kept[c] = t
-            elif c not in members:
-                forget_prefix(c)
         self._clients = kept  # a new dict: one emptied in place keeps the size it grew to
         batching = self.batching  # shared with a pair's door (PairedBroker): emptied in place
         for b in [b for b in batching if b not in kept and b not in members]:
@@ -344,7 +340,7 @@ class BrokerCore(BrokerMachine):
         self,
         peer: bytes,
         w: Member | None,
-        rid: int,
+        rid: p.Boxed,
         service: str,
         budget_ms: int,
         hops: tuple[str, ...],
@@ -435,7 +431,7 @@ class BrokerCore(BrokerMachine):
         self,
         peer: bytes,
         w: Member | None,
-        ticket: int,
+        ticket: p.Boxed,
         status: int,
         message: str,
         payload: bytes,

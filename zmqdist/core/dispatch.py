@@ -48,7 +48,6 @@ from zmqdist.core.records import (
     Pool,
     Req,
     WorkerMember,
-    key_prefix,
 )
 
 
@@ -84,7 +83,7 @@ class Dispatcher:
         self.open_by_client: dict[Dest, int] = {}  # open requests per client (quota)
         self.unclaimed: set[tuple[Dest, int]] = set()  # restored at a takeover, not yet sent again: see restored
         self.changes = 0  # bumped whenever spare capacity may have changed
-        self.deadlines: list[tuple[float, int]] = []
+        self.deadlines: list[tuple[float, p.Boxed]] = []
         self.swept = 0  # deadlines that were live at the last sweep of the heap
         self.expiry: list[tuple[float, int, Member]] = []
         self.pauses = Pauses()  # the broker's own: a peer's silence in them proves nothing
@@ -297,7 +296,7 @@ class Dispatcher:
         self,
         peer: bytes,
         via: Member | None,
-        rid: int,
+        rid: p.Boxed,
         service: str,
         deadline: float,
         hops: tuple[str, ...],
@@ -314,8 +313,9 @@ class Dispatcher:
         join the open run of the same service and caller ``key``."""
         if key and self.join_same_key and not window and self.watcher.join(peer, rid, service, key):
             return
-        ticket = self.next_ticket
-        self.next_ticket = ticket + 1
+        n = self.next_ticket
+        self.next_ticket = n + 1
+        ticket: p.Boxed = n  # boxed here, once (see p.Boxed)
         req = Req(ticket, peer, rid, service, payload, deadline, hops)
         req.t_in = now
         req.trace = trace
@@ -490,7 +490,7 @@ class Dispatcher:
             self.pump(pool, now, out)
         return True
 
-    def drop_ended(self, queue: deque[int]) -> None:
+    def drop_ended(self, queue: deque[p.Boxed]) -> None:
         """Drop the tickets at the head of ``queue`` whose requests ended while queued."""
         reqs = self.reqs
         while queue and ((r := reqs.get(queue[0])) is None or r.state != QUEUED):
@@ -515,12 +515,13 @@ class Dispatcher:
         req.worker = w
         req.attempt += 1
         w.seq += 1
-        seq = w.seq
+        seq: p.Boxed = w.seq
         w.hold(req.ticket, seq, req.service)
         w.last_used = self.seq
         self.seq += 1
         if not req.key:
-            req.key = key_prefix(req.client) + str(req.rid)
+            client = req.client
+            req.key = p.default_key(client if type(client) is bytes else b"", req.rid)
         task = w.task(req, seq, now, self.name)
         self.offer(w)
         out.append((w.ident, task))
@@ -563,7 +564,7 @@ class Dispatcher:
         self,
         peer: bytes,
         w: Member | None,
-        ticket: int,
+        ticket: p.Boxed,
         status: int,
         message: str,
         payload: bytes,
@@ -743,7 +744,7 @@ class Dispatcher:
             self.queued_bytes += len(req.payload)
             heappush(self.deadlines, (req.deadline, ticket))
 
-    def release_caller(self, client: Dest, rid: int, ticket: int) -> None:
+    def release_caller(self, client: Dest, rid: p.Boxed, ticket: p.Boxed) -> None:
         """Caller ``client`` no longer waits for ``rid``: its quota count and its key go."""
         self.keys.drop(client, rid, ticket)
         if self.unclaimed and (key := (client, rid)) in self.unclaimed:  # (empty but after a takeover)

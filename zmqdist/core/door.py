@@ -68,7 +68,7 @@ class BrokerMachine:
         returns True when the fast path took it (the simulation counts those)."""
         if rights is None and self.receive_plain(peer, head, payload, now, out):
             return True
-        if head[:4] == p.BATCH_HEAD:
+        if p.command_of(head) == p.CMD_BATCH:
             self.receive_batch(peer, payload, now, out, rights)
             return False
         try:

@@ -51,28 +51,6 @@ Dest = bytes | Channel
 Out = tuple[Dest, p.Message | Connect | Problem]
 NONE: Final[list[Out]] = []  # a shared empty result; callers never mutate returned lists
 
-_PREFIXES: Final[dict[bytes, str]] = {}  # key_prefix's: a pure function of the identity
-MAX_PREFIXES: Final = 4096
-
-
-def key_prefix(client: Dest) -> str:
-    """``client``'s part of a request's default key, ``"<identity in hex>:"`` (the rid follows),
-    cached: its hex cost about 760 instructions at every dispatch of a request without a caller
-    key. The cache forgets everything at ``MAX_PREFIXES`` clients."""
-    if type(client) is not bytes:
-        return ":"
-    got = _PREFIXES.get(client)
-    if got is None:
-        if len(_PREFIXES) >= MAX_PREFIXES:
-            _PREFIXES.clear()
-        got = _PREFIXES[client] = client.hex() + ":"
-    return got
-
-
-def forget_prefix(client: bytes) -> None:
-    """Drop ``client``'s cached key prefix (a client its broker has forgotten)."""
-    _PREFIXES.pop(client, None)
-
 
 @dataclass(slots=True)
 class Counters:
@@ -211,7 +189,7 @@ class Member:
         """May it take a request that has passed the brokers ``hops``?"""
         return True
 
-    def hold(self, ticket: int, seq: int, service: str) -> None:
+    def hold(self, ticket: p.Boxed, seq: p.Boxed, service: str) -> None:
         """It now holds ``ticket`` (of ``service``), sent with task number ``seq``."""
         raise NotImplementedError
 
@@ -219,7 +197,7 @@ class Member:
         """It holds ``ticket`` from before a takeover (its first heartbeat confirms it)."""
         raise NotImplementedError
 
-    def release(self, ticket: int) -> None:
+    def release(self, ticket: p.Boxed) -> None:
         """It no longer holds ``ticket``."""
         raise NotImplementedError
 
@@ -227,7 +205,7 @@ class Member:
         """It holds nothing (it died)."""
         self.inflight.clear()
 
-    def task(self, req: Req, seq: int, now: float, broker: str) -> p.Task:
+    def task(self, req: Req, seq: p.Boxed, now: float, broker: str) -> p.Task:
         """The TASK that sends ``req`` to it from broker ``broker``."""
         raise NotImplementedError
 
@@ -262,14 +240,14 @@ class WorkerMember(Member):
             return None
         return (n / self.capacity, self.last_used, self.serial, self.version, self)
 
-    def hold(self, ticket: int, seq: int, service: str) -> None:
+    def hold(self, ticket: p.Boxed, seq: p.Boxed, service: str) -> None:
         self.inflight[ticket] = seq
 
     def adopt(self, ticket: int, service: str) -> None:
         self.inflight[ticket] = 0  # seq 0: reconciled by its first heartbeat
         self.carried.add(ticket)
 
-    def release(self, ticket: int) -> None:
+    def release(self, ticket: p.Boxed) -> None:
         del self.inflight[ticket]
         if self.carried:
             self.carried.discard(ticket)
@@ -278,7 +256,7 @@ class WorkerMember(Member):
         self.inflight.clear()
         self.carried.clear()
 
-    def task(self, req: Req, seq: int, now: float, broker: str) -> p.Task:
+    def task(self, req: Req, seq: p.Boxed, now: float, broker: str) -> p.Task:
         budget = p.budget_ms_left(req.deadline, now)
         return p.message(
             p.TASK_CLS,
@@ -340,7 +318,7 @@ class BrokerMember(Member):
     def may_take(self, hops: tuple[str, ...]) -> bool:
         return self.name not in hops  # never back to a broker the request has passed
 
-    def hold(self, ticket: int, seq: int, service: str) -> None:
+    def hold(self, ticket: p.Boxed, seq: p.Boxed, service: str) -> None:
         self.inflight[ticket] = seq
         self.svc_of[ticket] = service
         self.load[service] = self.load.get(service, 0) + 1
@@ -348,7 +326,7 @@ class BrokerMember(Member):
     def adopt(self, ticket: int, service: str) -> None:
         self.hold(ticket, 0, service)
 
-    def release(self, ticket: int) -> None:
+    def release(self, ticket: p.Boxed) -> None:
         del self.inflight[ticket]
         self.load[self.svc_of.pop(ticket)] -= 1
 
@@ -357,7 +335,7 @@ class BrokerMember(Member):
         self.svc_of.clear()
         self.load.clear()
 
-    def task(self, req: Req, seq: int, now: float, broker: str) -> p.Task:
+    def task(self, req: Req, seq: p.Boxed, now: float, broker: str) -> p.Task:
         budget = p.budget_ms_left(req.deadline, now, HOP_MARGIN_MS)
         hops = (*req.hops, broker)
         return p.Task(
@@ -412,15 +390,15 @@ class Req:
 
     def __init__(
         self,
-        ticket: int,
+        ticket: p.Boxed,
         client: Dest,
-        rid: int,
+        rid: p.Boxed,
         service: str,
         payload: bytes,
         deadline: float,
         hops: tuple[str, ...] = (),
     ) -> None:
-        self.ticket = ticket
+        self.ticket = ticket  # (both Boxed: each goes into several tables and messages)
         self.client = client  # a peer's identity, or UPSTREAM for work handed down by our upstream
         self.rid = rid
         self.service = service
@@ -458,12 +436,12 @@ class Keys:
     def __init__(self) -> None:
         self.by_origin: dict[Dest, dict[int, int]] = {}
 
-    def ticket(self, origin: Dest, rid: int) -> int | None:
+    def ticket(self, origin: Dest, rid: p.Boxed) -> int | None:
         """The ticket of ``origin``'s open request ``rid``, or None."""
         rids = self.by_origin.get(origin)
         return None if rids is None else rids.get(rid)
 
-    def put(self, origin: Dest, rid: int, ticket: int) -> None:
+    def put(self, origin: Dest, rid: p.Boxed, ticket: p.Boxed) -> None:
         """``origin``'s request ``rid`` is ``ticket`` now."""
         rids = self.by_origin.get(origin)
         if rids is None:
@@ -471,7 +449,7 @@ class Keys:
         else:
             rids[rid] = ticket
 
-    def drop(self, origin: Dest, rid: int, ticket: int) -> None:
+    def drop(self, origin: Dest, rid: p.Boxed, ticket: p.Boxed) -> None:
         """``origin``'s request ``rid`` is no longer ``ticket`` (a key that names another request
         now stays)."""
         rids = self.by_origin.get(origin)
@@ -493,7 +471,7 @@ class Pool:
     def __init__(self, name: str) -> None:
         self.name = name
         self.heap: list[HeapEntry] = []
-        self.queue: deque[int] = deque()
+        self.queue: deque[p.Boxed] = deque()
         self.members: set[Member] = set()
         self.idle_since: float | None = None  # its last member left, nothing queued: forgotten later
         # For latency-aware overflow (docs/tiers.md): the slots of its workers (not brokers), the
