@@ -229,7 +229,7 @@ def _context(task: Execute, clock: Clock, flag: Gate | AsyncGate, report: Callab
 
 def _reporter(task: Execute, codec: Codec | None, post: Post) -> Callable[[Any], None]:
     """What ``current_request().progress(value)`` calls: post the report for the socket thread."""
-    ticket, session = task.ticket, task.session
+    ticket, session = _run_key(task)
 
     def report(value: Any) -> None:
         post(("progress", ticket, session, p.pack_value(value, codec)))
@@ -261,9 +261,17 @@ _Task: Final = asyncio.Task
 _EAGER: Final = sys.version_info >= (3, 12)
 
 
+def _run_key(task: Execute) -> tuple[Any, Any]:
+    """(ticket, session) of ``task`` as the objects it holds: compiled, reading them as its int
+    fields unboxes them, and each use as a key or message field boxes them again (see
+    protocol.Boxed)."""
+    fields: tuple[Any, ...] = task
+    return fields[0], fields[1]
+
+
 def run_task(svc: Service, task: Execute, clock: Clock, codec: Codec | None, post: Post, gate: Gate) -> None:
     """Run a sync handler (decode, call, stream or encode) and post what it produced. Never raises."""
-    ticket, session = task.ticket, task.session
+    ticket, session = _run_key(task)
     token = _set_request((_DEFERRED, (task, clock, gate, codec, post)))
     retry: int | None = None
     try:
@@ -430,10 +438,10 @@ class Executors:
         elif svc.inline and not task.window and task.service not in self._demoted:
             self._run_inline(svc, task)
         elif self._loop is not None and task.service in self._async:
-            live = self._live[(task.ticket, task.session)] = _Live(AsyncGate(task.window))
+            live = self._live[_run_key(task)] = _Live(AsyncGate(task.window))
             self._starting.append((svc, task, live))
         else:
-            gate = self._gates[(task.ticket, task.session)] = Gate(task.window)
+            gate = self._gates[_run_key(task)] = Gate(task.window)
             self._turn.append((task, gate))  # handed to a thread by start(), with the rest of this turn
 
     def runs_here(self) -> bool:
@@ -587,13 +595,13 @@ class Executors:
                 return
             task, gate = item
             if gate.cancelled:  # cancelled before a thread was free to start it
-                self._gates.pop((task.ticket, task.session), None)
+                self._gates.pop(_run_key(task), None)
                 post(("done", task.ticket, task.session, False, b"", None))
                 continue
             try:
                 run_task(self._services[task.service], task, self._clock, self._codec, post, gate)
             finally:
-                self._gates.pop((task.ticket, task.session), None)
+                self._gates.pop(_run_key(task), None)
 
     def _begin_async(self, svc: Service, task: Execute, live: _Live) -> Any:
         """On the event loop, as an async task's first step (zmqdist/_aio.py's run_handler):
@@ -610,7 +618,8 @@ class Executors:
 
     def _post_part(self, task: Execute) -> Callable[[Any], None]:
         """What posts an async stream's parts, one value each."""
-        codec, post, ticket, session = self._codec, self._mailbox.post, task.ticket, task.session
+        codec, post = self._codec, self._mailbox.post
+        ticket, session = _run_key(task)
         return lambda value: post(("part", ticket, session, p.pack_value(value, codec)))
 
     def _end_async(self, svc: Service, task: Execute, live: _Live, result: Any, error: BaseException | None) -> None:
@@ -634,7 +643,7 @@ class Executors:
 
     def _ended(self, task: Execute, ok: bool, payload: bytes, retry: int | None) -> None:
         """An async task's one outcome: it leaves the live tasks and goes to the socket thread."""
-        self._live.pop((task.ticket, task.session), None)
+        self._live.pop(_run_key(task), None)
         self._outcomes.append(("done", task.ticket, task.session, ok, payload, retry))
         if not self._flush_due and self._loop is not None:
             self._flush_due = True

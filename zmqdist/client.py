@@ -256,7 +256,7 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 _WAKE: Final = ("wake",)  # a mailbox item that only wakes the socket thread (to read what a caller left open)
-Outcomes = queue.SimpleQueue[list[tuple[int, bool, Any]]]  # a map call's: (rid, ok, value) lists
+Outcomes = queue.SimpleQueue[list[tuple[p.Boxed, bool, Any]]]  # a map call's: (rid, ok, value) lists
 Target = Future[Any] | Outcomes | _Sink | _Slot
 MAX_TIMEOUT_S: Final = p.MAX_BUDGET_MS / 1000  # a week: the longest budget a request can carry ("no deadline")
 # Builtins every request calls, as C statics: compiled, a builtin without a primitive of its own is
@@ -437,7 +437,7 @@ class Client:
         # Outcomes for map calls' queues made in this turn of the socket thread, handed over
         # together as it ends (_hand_held): a map caller woken by a turn's first outcome fought
         # the socket thread for the GIL over the rest of the turn.
-        self._held: dict[Outcomes, list[tuple[int, bool, Any]]] = {}
+        self._held: dict[Outcomes, list[tuple[p.Boxed, bool, Any]]] = {}
         self._trace_prefix = f"{secrets.token_hex(6)}-"  # trace ids: prefix + rid, unique without a syscall
         self._closed = False
         self._failed = ""  # why the socket thread stopped, if it failed (said in every ClosedError)
@@ -534,7 +534,7 @@ class Client:
             raise ConfigError(f"service must be a name of 1 to {p.MAX_NAME} characters, got {service!r}")
         return self.timeout if timeout is None else _check_timeout(timeout)
 
-    def _submit_many(self, service: str, values: list[Any], timeout: object, target: Target) -> list[int]:
+    def _submit_many(self, service: str, values: list[Any], timeout: object, target: Target) -> list[p.Boxed]:
         """Send plain requests (no key, retry or stream) for ``values`` whose outcomes go to
         ``target``, checked once and posted to the socket thread as one item: what
         :meth:`map` sends per window refill. Returns their ids, in order."""
@@ -546,9 +546,9 @@ class Client:
         ids = self._ids
         futures = self._futures
         prefix = self._trace_prefix
-        batch: list[tuple[int, bytes, str]] = []
+        batch: list[tuple[p.Boxed, bytes, str]] = []
         for payload in payloads:
-            rid = _next(ids)
+            rid: p.Boxed = _next(ids)  # boxed once: it goes into two tables and the request
             tr = prefix + _hex(rid)[2:]  # not f"{rid:x}": compiled, a str.format call at 3x the cost
             futures[rid] = (target, service, tr)
             batch.append((rid, payload, tr))
@@ -680,8 +680,8 @@ class Client:
         # Natural batching: the window is refilled only after every outcome already there was
         # yielded, so the requests of one refill go to the socket thread as one item.
         sink: Outcomes = queue.SimpleQueue()
-        order: deque[int] = deque()
-        done: dict[int, tuple[bool, Any]] = {}
+        order: deque[p.Boxed] = deque()  # (ids as objects: see protocol.Boxed)
+        done: dict[p.Boxed, tuple[bool, Any]] = {}
         exhausted = False
         get, empty, popleft = sink.get, sink.empty, order.popleft  # bound once: called per request
         try:
@@ -836,18 +836,20 @@ class Client:
                 link.send(o)  # type: ignore[arg-type]
                 continue
             if type(o) is COMPLETED_CLS:  # a request ended (one per request)
-                entry = self._futures.pop(o.rid, None)
+                fields: tuple[Any, ...] = o
+                rid: p.Boxed = fields[0]  # the object (p.Boxed), not o.rid: read as an int, boxed again
+                entry = self._futures.pop(rid, None)
                 if entry is not None:
                     target, service, trace = entry
                     ok, value = outcome(o, service, trace, self.endpoints, self.codec)
                     if type(target) is _OUTCOMES:  # a map call's: handed over as the turn ends
                         held = self._held.get(target)
                         if held is None:
-                            self._held[target] = [(o.rid, ok, value)]
+                            self._held[target] = [(rid, ok, value)]
                         else:
-                            held.append((o.rid, ok, value))
+                            held.append((rid, ok, value))
                     else:
-                        _deliver(target, o.rid, ok, value)
+                        _deliver(target, rid, ok, value)
                     self._room_freed()
                 continue
             match o:

@@ -32,7 +32,8 @@ PREFIX: Final = MAGIC + bytes([VERSION])
 # boxed again (a large one allocated anew) each time it becomes a dict key, a heap or queue entry
 # or a message field: a request's ticket was boxed about a dozen times through the broker. A union
 # is held as the object, so a ticket or request id typed ``Boxed`` is boxed once. Only ints (never
-# a bool) go in: to the type checker it is an int.
+# a bool) go in: to the type checker it is an int. (Not as a NamedTuple's field: mypy makes that an
+# int. A message's id is read as ``fields[i]`` of the message seen as ``tuple[Any, ...]``.)
 Boxed: TypeAlias = int | bool
 
 # Roles a peer announces in HELLO and HEARTBEAT.
@@ -695,7 +696,7 @@ def plain_reply(head: bytes, payload: bytes) -> Reply | None:
         status: object = f[1]
         text: object = f[2]
         if _is_id(rid) and type(status) is int and status in REPLY_STATUSES and type(text) is str:
-            return message(REPLY_CLS, (rid, status, text, payload, 0))
+            return message(REPLY_CLS, (f[0], status, text, payload, 0))  # (see plain_request)
     return None
 
 
@@ -712,6 +713,7 @@ def plain_task(head: bytes, payload: bytes) -> Task | None:
     attempt: object = f[3]
     key: object = f[4]
     seq: object = f[5]
+    hops: object = f[6]
     if (
         _is_id(ticket)
         and type(service) is str
@@ -722,9 +724,10 @@ def plain_task(head: bytes, payload: bytes) -> Task | None:
         and 1 <= attempt <= 1000
         and type(key) is str
         and _is_id(seq)
-        and f[6] == ()
-    ):
-        return message(TASK_CLS, (ticket, service, budget, attempt, key, seq, (), payload, trace, 0, ()))
+        and type(hops) is tuple
+        and not hops
+    ):  # the objects read, not the narrowed ints boxed again (see plain_request)
+        return message(TASK_CLS, (f[0], service, f[2], f[3], key, f[5], (), payload, trace, 0, ()))
     return None
 
 

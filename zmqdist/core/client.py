@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
@@ -152,7 +152,7 @@ class ClientCore:
         self.batch = p.MAX_BATCH  # BATCH frames this client reads (said in HELLO; 0: none)
         self.link = BrokerLink(endpoints, hb, now)
         self.pending: dict[int, _Pending] = {}
-        self.waiting: deque[int] = deque()  # submitted, not sent yet (pacing, or a move home)
+        self.waiting: deque[p.Boxed] = deque()  # submitted, not sent yet (pacing, or a move home)
         self.sent = 0  # requests at the broker now
         # Until the first WELCOME says the broker's quota, one request may go ahead of it (every
         # quota allows one): a burst right after start must not trip a quota not yet known.
@@ -164,7 +164,7 @@ class ClientCore:
         self.homing = Homing(rng)
         self._moving: int | None = None  # the home endpoint we are moving to once nothing is in flight
         self._move_until = 0.0
-        self._deadlines: list[tuple[float, int]] = []
+        self._deadlines: list[tuple[float, p.Boxed]] = []
         self._again: list[tuple[float, int]] = []  # (when, rid): Busy requests to send again
         self._rng = rng
         self.counters = {
@@ -191,7 +191,7 @@ class ClientCore:
 
     def submit(
         self,
-        rid: int,
+        rid: p.Boxed,
         service: str,
         payload: bytes,
         timeout_s: float,
@@ -348,7 +348,9 @@ class ClientCore:
 
     def _on_reply(self, msg: p.Reply, now: float) -> list[ClientOut]:
         """A REPLY ends its request (its Completed), unless a BUSY sends it again."""
-        pend = self.pending.pop(msg.rid, None)
+        fields: tuple[Any, ...] = msg
+        rid: p.Boxed = fields[0]  # the object read (p.Boxed: a NamedTuple's field is read as an int)
+        pend = self.pending.pop(rid, None)
         if pend is None:
             self.counters["duplicates"] += 1
             return []
@@ -356,15 +358,15 @@ class ClientCore:
         if pend.sent:
             self.sent -= 1
         if msg.status == p.ST_BUSY and msg.payload == p.OVER_QUOTA and pend.sent:
-            self._over_quota(msg.rid, pend)
-        elif msg.status == p.ST_BUSY and pend.busy is not None and self._send_again(msg.rid, pend, now):
+            self._over_quota(rid, pend)
+        elif msg.status == p.ST_BUSY and pend.busy is not None and self._send_again(rid, pend, now):
             pass
         elif pend.options[1] and msg.parts != pend.parts and msg.status in (p.ST_OK, p.ST_FAILED):
             gap = f"the stream ended after {msg.parts} parts but {pend.parts} arrived"
             self.counters["interrupted"] += 1
-            out.append(Completed(msg.rid, p.ST_INTERRUPTED, gap, b""))
+            out.append(Completed(rid, p.ST_INTERRUPTED, gap, b""))
         else:
-            out.append(p.message(COMPLETED_CLS, (msg.rid, msg.status, msg.message, msg.payload)))
+            out.append(p.message(COMPLETED_CLS, (rid, msg.status, msg.message, msg.payload)))
         if self.waiting:
             self._fill(now, out)
         return out
@@ -488,13 +490,13 @@ class ClientCore:
         hb_ms = round(self.link.hb_s * 1000)
         return p.Hello(p.ROLE_CLIENT, self.name, (), 0, hb_ms, self.link.top_epoch, self.batch, self._hellos)
 
-    def _request(self, rid: int, pend: _Pending, now: float, margin: float) -> p.Request:
+    def _request(self, rid: p.Boxed, pend: _Pending, now: float, margin: float) -> p.Request:
         budget_ms = min(p.MAX_BUDGET_MS, p.budget_ms_left(pend.deadline - margin, now, floor=0))
         key, window, retry = pend.options
         fields = (rid, pend.service, budget_ms, (), pend.payload, pend.trace, key, window, retry)
         return p.message(p.REQUEST_CLS, fields)
 
-    def _send(self, rid: int, pend: _Pending, now: float) -> p.Request:
+    def _send(self, rid: p.Boxed, pend: _Pending, now: float) -> p.Request:
         pend.sent = True
         self.sent += 1
         if pend.again:  # taken back from a broker that lost it: the budget it has left

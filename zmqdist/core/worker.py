@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
@@ -174,7 +174,7 @@ class WorkerCore:
         self._moving: int | None = None  # the home endpoint we quiet down for
         self._move_until = 0.0
         self.runs: dict[int, _Run] = {}  # ticket -> its run, while its handler runs
-        self._deadlines: list[tuple[float, int]] = []  # (deadline, ticket) of running tasks
+        self._deadlines: list[tuple[float, p.Boxed]] = []  # (deadline, ticket) of running tasks
         self._stopping: list[tuple[float, int, str]] = []  # (when to look, ticket, why) of stopped runs
         self._progress_due: float | None = None  # the earliest held-back progress report
         self._abandoned: list[int] = []  # tasks of a void session (not carried): to stop
@@ -371,7 +371,7 @@ class WorkerCore:
         return out
 
     def task_done(
-        self, ticket: int, session: int, ok: bool, payload: bytes, now: float, retry_ms: int | None = None
+        self, ticket: p.Boxed, session: int, ok: bool, payload: bytes, now: float, retry_ms: int | None = None
     ) -> list[WorkerOut]:
         """A handler finished (``retry_ms``: it raised what its retry policy retries, run it again
         after that long). Return the RESULT to send (if its session is still current)."""
@@ -408,7 +408,7 @@ class WorkerCore:
             out.append(self._credit())  # rule 4: what the broker now counts may be less than the truth
         return out
 
-    def _result(self, ticket: int, session: int, ok: bool, payload: bytes, retry_ms: int | None) -> p.Result:
+    def _result(self, ticket: p.Boxed, session: int, ok: bool, payload: bytes, retry_ms: int | None) -> p.Result:
         """The RESULT of a finished handler: CANCELLED if it was stopped; RETRY if its policy says
         so and no part of it went out; a stream's end says how many parts went before it."""
         run = self.runs.get(ticket)
@@ -571,28 +571,31 @@ class WorkerCore:
         return out
 
     def _on_task(self, m: p.Task, now: float) -> list[WorkerOut]:
+        fields: tuple[Any, ...] = m
+        ticket: p.Boxed = fields[0]  # the object read (p.Boxed): it goes into three tables and the Execute
         self.seq_seen = max(self.seq_seen, m.seq)
-        if m.ticket in self.inflight:
+        if ticket in self.inflight:
             return []  # the same task twice in one session: already running
-        if m.ticket in self.runs:  # an earlier session's run of it still goes
-            return [*self._disown(m.ticket, now), *self._on_task(m, now)]
+        if ticket in self.runs:  # an earlier session's run of it still goes
+            return [*self._disown(ticket, now), *self._on_task(m, now)]
         if not self.registered:
             self.counters["void_tasks"] += 1  # for the registration our latest HELLO replaces (rule 4)
             return []
         if len(self.inflight) + self.stale + len(self.carry) >= self.concurrency:
             self.counters["refused"] += 1
             self._refused = True
-            return [p.Result(m.ticket, p.RS_REFUSED, b"")]
+            return [p.Result(ticket, p.RS_REFUSED, b"")]
         self.counters["tasks"] += 1
-        self.inflight[m.ticket] = self.session
+        session = self.session
+        self.inflight[ticket] = session
         deadline = p.deadline_at(now, m.budget_ms)
-        self.runs[m.ticket] = _Run(self.session, deadline, m.window, m.service)
-        heappush(self._deadlines, (deadline, m.ticket))
+        self.runs[ticket] = _Run(session, deadline, m.window, m.service)
+        heappush(self._deadlines, (deadline, ticket))
         if len(self._deadlines) > 2 * len(self.runs) + 64:
             self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
             heapify(self._deadlines)
-        fields = (m.ticket, self.session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
-        return [p.message(EXECUTE_CLS, fields)]  # not Execute(...): see protocol.message
+        run = (ticket, session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
+        return [p.message(EXECUTE_CLS, run)]  # not Execute(...): see protocol.message
 
     def _disown(self, ticket: int, now: float) -> list[WorkerOut]:
         """The broker sends again a task whose run from an earlier session still goes (carried to
