@@ -23,12 +23,17 @@
 typedef struct {
     char *p;
     Py_ssize_t n, cap;
+    int fixed; /* p is storage sized exactly (pack_frames): it never grows */
     char local[256];
 } buf;
 
 static int grow(buf *b, Py_ssize_t more) {
     if (b->n + more <= b->cap)
         return 0;
+    if (b->fixed) {
+        PyErr_SetString(PyExc_SystemError, "pack: a batch's size was miscounted");
+        return -1;
+    }
     Py_ssize_t cap = b->cap * 2;
     while (cap < b->n + more)
         cap *= 2;
@@ -42,28 +47,37 @@ static int grow(buf *b, Py_ssize_t more) {
     return 0;
 }
 
-static int put(buf *b, const void *data, Py_ssize_t len) {
-    if (grow(b, len) < 0)
+static inline int put(buf *b, const void *data, Py_ssize_t len) {
+    if (b->n + len > b->cap && grow(b, len) < 0)
         return -1;
     memcpy(b->p + b->n, data, (size_t)len);
     b->n += len;
     return 0;
 }
 
-static int put_be(buf *b, unsigned char tag, uint64_t v, int width) {
-    unsigned char out[9];
+/* One byte (most of a head is one-byte items: a tag, a small int, a short string's length). */
+static inline int put1(buf *b, unsigned char c) {
+    if (b->n + 1 > b->cap && grow(b, 1) < 0)
+        return -1;
+    b->p[b->n++] = (char)c;
+    return 0;
+}
+
+static inline int put_be(buf *b, unsigned char tag, uint64_t v, int width) {
+    if (b->n + 1 + width > b->cap && grow(b, 1 + width) < 0)
+        return -1;
+    unsigned char *out = (unsigned char *)b->p + b->n;
     out[0] = tag;
     for (int i = 0; i < width; i++)
         out[1 + i] = (unsigned char)(v >> (8 * (width - 1 - i)));
-    return put(b, out, 1 + width);
+    b->n += 1 + width;
+    return 0;
 }
 
 static int put_len(buf *b, Py_ssize_t len, unsigned char fix, Py_ssize_t fix_max, unsigned char t8,
                    unsigned char t16, unsigned char t32) {
-    if (len <= fix_max) {
-        unsigned char c = (unsigned char)(fix | len);
-        return put(b, &c, 1);
-    }
+    if (len <= fix_max)
+        return put1(b, (unsigned char)(fix | len));
     if (t8 != 0 && len < 256)
         return put_be(b, t8, (uint64_t)len, 1);
     if (len < 65536)
@@ -75,14 +89,10 @@ static int put_len(buf *b, Py_ssize_t len, unsigned char fix, Py_ssize_t fix_max
 
 /* 0 packed, 1 not a head's type (the caller packs with msgpack), -1 out of memory */
 static int pack_one(buf *b, PyObject *o, int depth) {
-    if (o == Py_None) {
-        unsigned char c = 0xc0;
-        return put(b, &c, 1);
-    }
-    if (PyBool_Check(o)) {
-        unsigned char c = o == Py_True ? 0xc3 : 0xc2;
-        return put(b, &c, 1);
-    }
+    if (o == Py_None)
+        return put1(b, 0xc0);
+    if (PyBool_Check(o))
+        return put1(b, o == Py_True ? 0xc3 : 0xc2);
     if (PyLong_Check(o)) {
         int overflow;
         long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
@@ -101,10 +111,8 @@ static int pack_one(buf *b, PyObject *o, int depth) {
             return put_be(b, 0xcf, u, 8);
         }
         if (v >= 0) {
-            if (v < 128) {
-                unsigned char c = (unsigned char)v;
-                return put(b, &c, 1);
-            }
+            if (v < 128)
+                return put1(b, (unsigned char)v);
             if (v < 256)
                 return put_be(b, 0xcc, (uint64_t)v, 1);
             if (v < 65536)
@@ -113,10 +121,8 @@ static int pack_one(buf *b, PyObject *o, int depth) {
                 return put_be(b, 0xce, (uint64_t)v, 4);
             return put_be(b, 0xcf, (uint64_t)v, 8);
         }
-        if (v >= -32) {
-            unsigned char c = (unsigned char)(int8_t)v;
-            return put(b, &c, 1);
-        }
+        if (v >= -32)
+            return put1(b, (unsigned char)(int8_t)v);
         if (v >= -128)
             return put_be(b, 0xd0, (uint64_t)v, 1);
         if (v >= -32768)
@@ -159,6 +165,50 @@ static int pack_one(buf *b, PyObject *o, int depth) {
     return 1;
 }
 
+/* A list of byte strings (a BATCH's frames), sized first and written once into the bytes object
+ * returned: no buffer grown by copies, and none copied out at the end. NULL with no error set
+ * when an item is not bytes (or over msgpack's limits): the general path packs (or refuses) it. */
+static PyObject *pack_frames(PyObject *prefix, PyObject *list) {
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    if ((uint64_t)n > 0xffffffffULL)
+        return NULL;
+    Py_ssize_t total = PyBytes_GET_SIZE(prefix) + (n <= 15 ? 1 : n < 65536 ? 3 : 5);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (!PyBytes_Check(item))
+            return NULL;
+        Py_ssize_t len = PyBytes_GET_SIZE(item);
+        if ((uint64_t)len > 0xffffffffULL)
+            return NULL;
+        total += (len < 256 ? 2 : len < 65536 ? 3 : 5) + len;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL)
+        return NULL;
+    buf b; /* over the new object's storage, sized exactly: nothing grows */
+    b.p = PyBytes_AS_STRING(out);
+    b.n = 0;
+    b.cap = total;
+    b.fixed = 1;
+    memcpy(b.p, PyBytes_AS_STRING(prefix), (size_t)PyBytes_GET_SIZE(prefix));
+    b.n = PyBytes_GET_SIZE(prefix);
+    int rc = put_len(&b, n, 0x90, 15, 0, 0xdc, 0xdd);
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        Py_ssize_t len = PyBytes_GET_SIZE(item);
+        rc = put_len(&b, len, 0xc4, -1, 0xc4, 0xc5, 0xc6);
+        if (rc == 0)
+            rc = put(&b, PyBytes_AS_STRING(item), len);
+    }
+    if (rc != 0 || b.n != total) { /* cannot happen: sized above */
+        Py_DECREF(out);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_SystemError, "pack: a batch's size was miscounted");
+        return NULL;
+    }
+    return out;
+}
+
 /* pack(prefix: bytes, fields: tuple | list) -> bytes | None (a list: a BATCH's frames) */
 static PyObject *h_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
@@ -166,10 +216,16 @@ static PyObject *h_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "pack(prefix: bytes, fields: tuple | list)");
         return NULL;
     }
+    if (PyList_Check(args[1])) {
+        PyObject *frames = pack_frames(args[0], args[1]);
+        if (frames != NULL || PyErr_Occurred())
+            return frames;
+    }
     buf b;
     b.p = b.local;
     b.n = 0;
     b.cap = (Py_ssize_t)sizeof b.local;
+    b.fixed = 0;
     int rc = put(&b, PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]));
     if (rc == 0)
         rc = pack_one(&b, args[1], 0);

@@ -97,6 +97,15 @@ def test_a_batch_packs_as_msgpack_packs_it(frames, big):
     assert fast == slow == msgpack.packb(frames)
 
 
+@given(st.lists(st.binary(max_size=20) | LEAVES, max_size=20), st.integers(min_value=0, max_value=20))
+def test_a_list_with_any_item_not_bytes_packs_as_msgpack_packs_it(items, at):
+    """A list is sized and written in one pass when every item is bytes (a BATCH's frames);
+    anything else in it (here put at any place) packs through the general path, the same."""
+    items = [*items[:at], "not bytes", *items[at:]]
+    assert pack(b"", items) == msgpack.packb(items)
+    assert pack(b"", [b"x"] * 16) == msgpack.packb([b"x"] * 16)  # past a fixarray: array16
+
+
 @given(st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=5) | st.tuples(inner, inner), max_leaves=30))
 def test_it_reads_what_msgpack_reads(value):
     data = PREFIX + msgpack.packb((value,))
