@@ -684,6 +684,8 @@ class Client:
         done: dict[p.Boxed, tuple[bool, Any]] = {}
         exhausted = False
         get, empty, popleft = sink.get, sink.empty, order.popleft  # bound once: called per request
+        rid: p.Boxed  # (annotated: inferred from a call, a Boxed is an int, boxed again at each use)
+        first: p.Boxed
         try:
             while True:
                 if not exhausted and len(order) < window:
@@ -693,14 +695,16 @@ class Client:
                         order.extend(self._submit_many(service, chunk, timeout, sink))
                 if not order:
                     return
-                while order[0] not in done:
+                first = order[0]
+                while first not in done:
                     for rid, ok, value in get():
                         done[rid] = (ok, value)
                 while not empty():  # whatever else arrived meanwhile: no wait
                     for rid, ok, value in get():
                         done[rid] = (ok, value)
-                while order and order[0] in done:
-                    ok, value = done.pop(popleft())
+                while order and (first := order[0]) in done:
+                    popleft()
+                    ok, value = done.pop(first)
                     if not ok:
                         raise value
                     yield value

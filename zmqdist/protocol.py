@@ -32,8 +32,9 @@ PREFIX: Final = MAGIC + bytes([VERSION])
 # boxed again (a large one allocated anew) each time it becomes a dict key, a heap or queue entry
 # or a message field: a request's ticket was boxed about a dozen times through the broker. A union
 # is held as the object, so a ticket or request id typed ``Boxed`` is boxed once. Only ints (never
-# a bool) go in: to the type checker it is an int. (Not as a NamedTuple's field: mypy makes that an
-# int. A message's id is read as ``fields[i]`` of the message seen as ``tuple[Any, ...]``.)
+# a bool) go in: to the type checker it is an int. Where mypy simplifies the union it is an int
+# again: a NamedTuple's field (a message's id is read as ``fields[i]`` of the message seen as
+# ``tuple[Any, ...]``) and a local inferred from a call (``t: Boxed = queue.first()`` is annotated).
 Boxed: TypeAlias = int | bool
 
 # Roles a peer announces in HELLO and HEARTBEAT.

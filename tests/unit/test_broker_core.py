@@ -2,6 +2,8 @@
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings, HeartbeatSettings
@@ -904,3 +906,46 @@ def test_request_keys_are_per_caller_absorb_duplicates_and_leave_nothing_when_an
     assert d.keys.ticket(b"C", 7) == 11
     d.keys.drop(b"C", 7, 11)
     assert d.keys.ticket(b"C", 7) is None and d.keys.by_origin == {}
+
+
+_QUEUE_OPS = st.lists(
+    st.tuples(st.sampled_from(["append", "popleft", "pop", "appendleft", "put_back"]), st.integers(0, 300)),
+    max_size=400,
+)
+
+
+@given(_QUEUE_OPS)
+def test_a_pools_queue_behaves_as_a_deque_of_its_tickets(ops):
+    """records.Queue (a list and the index of its head, the front cut off as it grows) holds,
+    yields and gives up its tickets as a deque does, through every operation the dispatcher uses,
+    including runs of popleft long enough to cut the front off and empty ones that raise."""
+    from collections import deque
+
+    from zmqdist.core.records import Queue
+
+    q, ref = Queue(), deque()
+    for op, n in ops:
+        if op == "append":
+            for i in range(n % 100):
+                q.append(n + i)
+                ref.append(n + i)
+        elif op == "appendleft":
+            q.appendleft(n)
+            ref.appendleft(n)
+        elif op == "put_back":
+            q.put_back([n, n + 1, n + 2])
+            ref.extendleft(reversed([n, n + 1, n + 2]))
+        else:
+            for _ in range(n % 70):
+                if not ref:
+                    with pytest.raises(IndexError):
+                        getattr(q, op)()
+                    break
+                assert getattr(q, op)() == getattr(ref, op)()
+        assert len(q) == len(ref) and bool(q) == bool(ref) and list(q) == list(ref)
+        if ref:
+            assert (q.first(), q.last()) == (ref[0], ref[-1])
+        else:
+            for peek in (q.first, q.last):
+                with pytest.raises(IndexError):
+                    peek()

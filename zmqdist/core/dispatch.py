@@ -25,8 +25,6 @@ Rules of this module:
 
 from __future__ import annotations
 
-from collections import deque
-
 from zmqdist import protocol as p
 from zmqdist.config import BrokerSettings
 from zmqdist.core.heaps import heapify, heappop, heappush, heapreplace
@@ -46,6 +44,7 @@ from zmqdist.core.records import (
     Member,
     Out,
     Pool,
+    Queue,
     Req,
     WorkerMember,
 )
@@ -366,9 +365,9 @@ class Dispatcher:
         queue = pool.queue
         reqs = self.reqs
         overflow = self.overflow
-        aside: list[int] | None = None
+        aside: list[p.Boxed] | None = None
         while queue:
-            ticket = queue[0]
+            ticket: p.Boxed = queue.first()  # (annotated: inferred, a Boxed is an int, boxed again)
             req = reqs.get(ticket)
             if req is None or req.state != QUEUED:
                 queue.popleft()
@@ -383,7 +382,8 @@ class Dispatcher:
                         heappush(pool.heap, entry)
                     w = None
                 elif last:
-                    tail = reqs.get(queue[-1])
+                    last_ticket: p.Boxed = queue.last()
+                    tail = reqs.get(last_ticket)
                     if (
                         tail is not None
                         and tail.state == QUEUED
@@ -419,7 +419,7 @@ class Dispatcher:
                 continue
             self.assign(req, w, now, out)
         if aside:
-            queue.extendleft(reversed(aside))
+            queue.put_back(aside)
 
     def send_on_last(self, pool: Pool, now: float, out: list[Out]) -> None:
         """The head of ``pool``'s queue is served sooner here (KEEP): offer the overflow hook the
@@ -428,7 +428,8 @@ class Dispatcher:
         reqs = self.reqs
         overflow = self.overflow
         while len(queue) > 1:
-            req = reqs.get(queue[-1])
+            last: p.Boxed = queue.last()
+            req = reqs.get(last)
             if req is None or req.state != QUEUED:
                 queue.pop()
                 continue
@@ -455,7 +456,7 @@ class Dispatcher:
         longest-waiting first: tickets count arrivals, so a busy service never starves another."""
         pools = [pool for s in w.services if (pool := self.pools[s]).queue]
         if len(pools) > 1:
-            pools.sort(key=lambda q: q.queue[0])
+            pools.sort(key=lambda q: q.queue.first())
         for pool in pools:
             self.pump(pool, now, out)
 
@@ -474,7 +475,8 @@ class Dispatcher:
         if pool is None or not pool.queue:
             return False
         queue = pool.queue
-        req = self.reqs.get(queue[0])
+        head: p.Boxed = queue.first()  # (annotated: see pump)
+        req = self.reqs.get(head)
         if req is None or req.state != QUEUED or req.deadline <= now:
             return False  # (the pump skips or expires these)
         if live_top(pool.heap) is not None:
@@ -490,10 +492,14 @@ class Dispatcher:
             self.pump(pool, now, out)
         return True
 
-    def drop_ended(self, queue: deque[p.Boxed]) -> None:
+    def drop_ended(self, queue: Queue) -> None:
         """Drop the tickets at the head of ``queue`` whose requests ended while queued."""
         reqs = self.reqs
-        while queue and ((r := reqs.get(queue[0])) is None or r.state != QUEUED):
+        while queue:
+            head: p.Boxed = queue.first()  # (annotated: see pump)
+            r = reqs.get(head)
+            if r is not None and r.state == QUEUED:
+                return
             queue.popleft()
 
     def pump_all(self, now: float, out: list[Out]) -> None:
