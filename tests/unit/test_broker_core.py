@@ -764,9 +764,9 @@ def test_the_deadline_heap_of_a_proxy_with_thousands_forwarded_is_swept_now_and_
     for t in range(1, 5001):
         req = d.reqs[t] = Req(t, b"c", t, "echo", b"", 30.0 + t)
         req.state = FORWARDED
-        before = d.deadlines
+        before = d.deadlines.sweeps
         d.push_deadline(req)
-        heaps += d.deadlines is not before  # a sweep makes a new heap
+        heaps += d.deadlines.sweeps != before
     assert len(d.deadlines) == 5000 and 1 <= heaps <= 3
     for t in range(1, 4001):  # answered: their entries are dead; the next sweep drops them
         del d.reqs[t]
@@ -949,3 +949,62 @@ def test_a_pools_queue_behaves_as_a_deque_of_its_tickets(ops):
             for peek in (q.first, q.last):
                 with pytest.raises(IndexError):
                     peek()
+
+
+@given(st.lists(st.tuples(st.floats(0, 50), st.booleans()), max_size=300), st.lists(st.floats(0, 60), max_size=30))
+def test_deadlines_come_due_in_order_whichever_way_they_were_pushed(pushes, clocks):
+    """records.Deadlines keeps requests with in-order deadlines in a list and earlier ones in a
+    heap: what falls due by each time is what a sorted list of every waiting request says,
+    earliest first, whatever the mix; a sweep keeps exactly the requests that still wait."""
+    from zmqdist.core.records import ASSIGNED, FORWARDED, Deadlines, Req
+
+    reqs: dict = {}
+    dl, ref, last = Deadlines(reqs), [], 0.0
+    for i, (at, in_order) in enumerate(pushes):
+        d = max(at, last) if in_order else at  # runs of in-order deadlines, and others earlier
+        last = max(last, d)
+        reqs[i] = Req(i, b"c", i, "s", b"", d)
+        dl.push(reqs[i])
+        ref.append((d, i))
+    assert len(dl) == len(ref) and sorted(dl) == sorted(ref)
+    if len(ref) > 10:  # every third request ended, one in nine of the rest is forwarded, another assigned
+        for t in range(len(ref)):
+            if t % 3 == 0:
+                del reqs[t]
+            elif t % 9 == 2:
+                reqs[t].state = FORWARDED
+            elif t % 9 == 5:
+                reqs[t].state = ASSIGNED
+        dl.sweep()
+        ref = [e for e in ref if e[1] % 3 != 0 and e[1] % 9 != 5]
+        assert len(dl) == len(ref) == dl.swept and sorted(dl) == sorted(ref)
+    for now in [*sorted(clocks), 100.0]:
+        due = sorted(e for e in ref if e[0] <= now)
+        got = []
+        while (t := dl.pop_due(now)) is not None:
+            got.append(t)
+        deadline_of = {t: d for d, t in ref}
+        assert [deadline_of[t] for t in got] == [d for d, _ in due]  # earliest first
+        assert set(got) == {t for _, t in due}
+        ref = [e for e in ref if e[0] > now]
+        assert dl.first() == (min(ref)[0] if ref else None)
+    assert len(dl) == 0
+
+
+def test_requests_that_stopped_waiting_leave_the_deadlines_as_new_ones_come_without_a_sweep():
+    """Requests dispatched soon after they came (the common case) are dropped from the head of
+    the in-order list as the next ones are pushed: it stays short with no sweep; one that still
+    waits at the head keeps its place (and what is behind it waits for the sweep)."""
+    from zmqdist.core.records import ASSIGNED, Deadlines, Req
+
+    reqs: dict = {}
+    dl = Deadlines(reqs)
+    for t in range(10_000):
+        reqs[t] = Req(t, b"c", t, "s", b"", 30.0 + t / 1000)
+        dl.push(reqs[t])
+        if t >= 3:
+            reqs[t - 3].state = ASSIGNED  # dispatched three arrivals later
+    assert len(dl) <= 6 and dl.sweeps == 0 and dl.first() == pytest.approx(30.0 + 9_996 / 1000, abs=0.002)
+    reqs[10_000] = Req(10_000, b"c", 10_000, "s", b"", 50.0)
+    dl.push(reqs[10_000])  # waits, then the rest ahead of it ends: still there
+    assert dl.pop_due(49.9) is not None and 10_000 in {t for _, t in dl}

@@ -38,6 +38,7 @@ from zmqdist.core.records import (
     QUEUED,
     BrokerMember,
     Counters,
+    Deadlines,
     Dest,
     HeapEntry,
     Keys,
@@ -82,8 +83,7 @@ class Dispatcher:
         self.open_by_client: dict[Dest, int] = {}  # open requests per client (quota)
         self.unclaimed: set[tuple[Dest, int]] = set()  # restored at a takeover, not yet sent again: see restored
         self.changes = 0  # bumped whenever spare capacity may have changed
-        self.deadlines: list[tuple[float, p.Boxed]] = []
-        self.swept = 0  # deadlines that were live at the last sweep of the heap
+        self.deadlines = Deadlines(self.reqs)
         self.expiry: list[tuple[float, int, Member]] = []
         self.pauses = Pauses()  # the broker's own: a peer's silence in them proves nothing
         self.serial = 0
@@ -351,14 +351,10 @@ class Dispatcher:
 
     def push_deadline(self, req: Req) -> None:
         """Watch ``req``'s deadline (queued or forwarded up); sweep out dead ones once the heap doubled."""
-        heappush(self.deadlines, (req.deadline, req.ticket))
-        if len(self.deadlines) > 2 * self.swept + 1024:  # (not the queue: a proxy's forwarded ones live here too)
-            reqs = self.reqs
-            self.deadlines = [
-                (d, t) for d, t in self.deadlines if (r := reqs.get(t)) is not None and r.state in (QUEUED, FORWARDED)
-            ]
-            heapify(self.deadlines)
-            self.swept = len(self.deadlines)
+        dl = self.deadlines
+        dl.push(req)
+        if len(dl) > 2 * dl.swept + 1024:  # (not the queue: a proxy's forwarded ones live here too)
+            dl.sweep()
 
     def pump(self, pool: Pool, now: float, out: list[Out]) -> None:
         """Dispatch ``pool``'s queue to its members' free slots; ask the overflow hook about what none can take."""
@@ -547,7 +543,7 @@ class Dispatcher:
         self.queued += 1
         self.queued_bytes += len(req.payload)
         self.changes += 1
-        heappush(self.deadlines, (req.deadline, req.ticket))
+        self.deadlines.push(req)
 
     def retry(self, req: Req, lost: str, last: str, now: float, out: list[Out], touched: set[str]) -> None:
         """Requeue ``req`` after its holder was lost, or end it LOST at the attempt cap (runs ended
@@ -662,8 +658,7 @@ class Dispatcher:
         forwarded ones (their answer was lost with a connection)."""
         dl = self.deadlines
         reqs = self.reqs
-        while dl and dl[0][0] <= now:
-            _, ticket = heappop(dl)
+        while (ticket := dl.pop_due(now)) is not None:
             req = reqs.get(ticket)
             if req is None or req.deadline > now:
                 continue
@@ -748,7 +743,7 @@ class Dispatcher:
             pool.queue.append(ticket)
             self.queued += 1
             self.queued_bytes += len(req.payload)
-            heappush(self.deadlines, (req.deadline, ticket))
+            self.deadlines.push(req)
 
     def release_caller(self, client: Dest, rid: p.Boxed, ticket: p.Boxed) -> None:
         """Caller ``client`` no longer waits for ``rid``: its quota count and its key go."""
@@ -788,8 +783,9 @@ class Dispatcher:
         d: float | None = None
         if self.expiry:
             d = self.expiry[0][0]
-        if self.deadlines and (d is None or self.deadlines[0][0] < d):
-            d = self.deadlines[0][0]
+        due = self.deadlines.first()
+        if due is not None and (d is None or due < d):
+            d = due
         if self.idle:
             t = min(self.idle.values()) + self.settings.forget_service_s
             d = t if d is None or t < d else d

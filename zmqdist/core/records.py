@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Final
 
 from zmqdist import protocol as p
+from zmqdist.core.heaps import heapify, heappop, heappush
 from zmqdist.core.link import Connect, Problem
 
 # Module constants are Final: compiled code inlines a Final literal and keeps any other Final in a
@@ -460,6 +461,97 @@ class Keys:
     def of(self, origins: Container[Dest]) -> list[tuple[Dest, int]]:
         """Every (origin, rid) of ``origins``, taken now (ending them changes the table)."""
         return [(c, rid) for c, rids in self.by_origin.items() if c in origins for rid in rids]
+
+
+def _waits(reqs: dict[int, Req], req: Req) -> bool:
+    """``req`` is still in the table, queued or forwarded: its deadline still matters."""
+    return reqs.get(req.ticket) is req and req.state in (QUEUED, FORWARDED)
+
+
+class Deadlines:
+    """When the deadline of each queued or forwarded request of ``reqs`` (the dispatcher's table)
+    comes. Most requests come with their deadlines in order (one budget for all): such a request
+    goes at the end of a list, itself (no entry is made for it), and as each comes, up to two at
+    the head that no longer wait are dropped. One with an earlier deadline than the last goes in
+    a heap of (deadline, ticket), whose push and compares cost about 650 instructions. What no
+    longer waits stays until its deadline or a :meth:`sweep` (its owner sweeps when they pile up)."""
+
+    __slots__ = ("_fifo", "_head", "_heap", "_last", "_reqs", "sweeps", "swept")
+
+    def __init__(self, reqs: dict[int, Req]) -> None:
+        self._reqs = reqs
+        self._fifo: list[Req] = []  # from _head on: in order of deadline
+        self._head = 0
+        self._last = -1.0  # the latest deadline in _fifo (deadlines are clock times: >= 0)
+        self._heap: list[tuple[float, p.Boxed]] = []
+        self.swept = 0  # entries kept by the last sweep
+        self.sweeps = 0
+
+    def __len__(self) -> int:
+        return len(self._fifo) - self._head + len(self._heap)
+
+    def __iter__(self) -> Iterator[tuple[float, p.Boxed]]:
+        return iter([(r.deadline, r.ticket) for r in self._fifo[self._head :]] + self._heap)
+
+    def push(self, req: Req) -> None:
+        deadline = req.deadline
+        if deadline < self._last:
+            heappush(self._heap, (deadline, req.ticket))
+            return
+        fifo = self._fifo
+        fifo.append(req)
+        self._last = deadline
+        head = self._head
+        reqs = self._reqs
+        if not _waits(reqs, fifo[head]):
+            head += 1
+            if head < len(fifo) and not _waits(reqs, fifo[head]):
+                head += 1
+            self._take(head)
+
+    def _take(self, head: int) -> None:
+        """The list's entries before ``head`` are gone: cut them off once they are half of it."""
+        fifo = self._fifo
+        if head == len(fifo):
+            fifo.clear()
+            head = 0
+            self._last = -1.0
+        elif head >= 64 and 2 * head >= len(fifo):
+            del fifo[:head]
+            head = 0
+        self._head = head
+
+    def first(self) -> float | None:
+        """The earliest deadline, or None."""
+        heap, fifo, head = self._heap, self._fifo, self._head
+        d = heap[0][0] if heap else None
+        if head < len(fifo) and (d is None or fifo[head].deadline < d):
+            d = fifo[head].deadline
+        return d
+
+    def pop_due(self, now: float) -> Any:
+        """Take out the earliest entry whose deadline is at or before ``now``: its ticket (a
+        ``p.Boxed``: Any, see :meth:`Queue.first`), or None when none is due."""
+        heap, fifo, head = self._heap, self._fifo, self._head
+        if head < len(fifo):
+            req = fifo[head]
+            if req.deadline <= now and not (heap and heap[0][0] < req.deadline):
+                self._take(head + 1)
+                return req.ticket
+        if heap and heap[0][0] <= now:
+            return heappop(heap)[1]
+        return None
+
+    def sweep(self) -> None:
+        """Keep only the entries of requests that still wait."""
+        reqs = self._reqs
+        self._fifo = [r for r in self._fifo[self._head :] if _waits(reqs, r)]
+        self._head = 0
+        self._last = self._fifo[-1].deadline if self._fifo else -1.0
+        self._heap = [e for e in self._heap if (r := reqs.get(e[1])) is not None and _waits(reqs, r)]
+        heapify(self._heap)
+        self.swept = len(self)
+        self.sweeps += 1
 
 
 class Queue:
