@@ -646,18 +646,25 @@ def _is_id(v: object) -> TypeGuard[int]:
     return type(v) is int and v >= 0 and (v <= _SHORT_MAX or v <= MAX_ID)
 
 
-def plain_request(head: bytes) -> tuple[Boxed, str, Boxed, str] | None:
-    """Return (rid, service, budget_ms, trace) of a valid REQUEST head without hops, else None.
+# What plain_request and plain_result return for a head they do not take: no service, no status.
+NOT_PLAIN_REQUEST: Final[tuple[Boxed, str, Boxed, str]] = (0, "", 0, "")
+NOT_PLAIN_RESULT: Final[tuple[Boxed, int]] = (0, -1)
+
+
+def plain_request(head: bytes) -> tuple[Boxed, str, Boxed, str]:
+    """Return (rid, service, budget_ms, trace) of a valid REQUEST head without hops, else
+    NOT_PLAIN_REQUEST (its service is "": a valid one never is). Not None: compiled, a tuple that
+    is never None is returned as a C struct, where an optional one is a tuple object made and freed.
 
     The broker's per-request path reads the common case with this; anything else (hops, extra
-    fields, any invalid field) returns None and goes through :func:`decode`, which names the problem.
+    fields, any invalid field) goes through :func:`decode`, which names the problem.
     """
     if command_of(head) != CMD_REQUEST:
-        return None
+        return NOT_PLAIN_REQUEST
     f = _head_fields(head)
     trace = _trace_after(f, 4) if f is not None else None
     if f is None or trace is None:
-        return None
+        return NOT_PLAIN_REQUEST
     rid: object = f[0]
     service: object = f[1]
     budget: object = f[2]
@@ -672,20 +679,21 @@ def plain_request(head: bytes) -> tuple[Boxed, str, Boxed, str] | None:
         and not hops
     ):
         return f[0], service, f[2], trace  # the objects read, not the narrowed ints boxed again
-    return None
+    return NOT_PLAIN_REQUEST
 
 
-def plain_result(head: bytes) -> tuple[Boxed, int] | None:
-    """Return (ticket, status) of a valid RESULT head, else None (see :func:`plain_request`)."""
+def plain_result(head: bytes) -> tuple[Boxed, int]:
+    """Return (ticket, status) of a valid RESULT head, else NOT_PLAIN_RESULT (its status is -1:
+    a valid one never is; see :func:`plain_request`)."""
     if command_of(head) != CMD_RESULT:
-        return None
+        return NOT_PLAIN_RESULT
     f = _head_fields(head)
     if f is not None and len(f) == 2:
         ticket: object = f[0]
         status: object = f[1]
         if _is_id(ticket) and type(status) is int and status in RESULT_STATUSES:
             return f[0], status  # (see plain_request)
-    return None
+    return NOT_PLAIN_RESULT
 
 
 def plain_reply(head: bytes, payload: bytes) -> Reply | None:
@@ -803,11 +811,11 @@ def decode(head: bytes, payload: bytes) -> Message:
     cmd = command_of(head)
     if cmd == CMD_REQUEST:
         r = plain_request(head)
-        if r is not None:
+        if r[1]:
             return message(REQUEST_CLS, (r[0], r[1], r[2], (), payload, r[3], "", 0, ()))
     elif cmd == CMD_RESULT:
         t = plain_result(head)
-        if t is not None:
+        if t[1] >= 0:
             return message(RESULT_CLS, (t[0], t[1], payload, 0, 0))
     elif cmd == CMD_REPLY:
         y = plain_reply(head, payload)

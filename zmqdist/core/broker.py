@@ -180,10 +180,9 @@ class BrokerCore(BrokerMachine):
         and compares every output.)"""
         cmd = p.command_of(head)
         if cmd == p.CMD_REQUEST:
-            r = p.plain_request(head)
-            if r is None:
+            rid, service, budget_ms, trace = p.plain_request(head)
+            if not service:
                 return False
-            rid, service, budget_ms, trace = r
             if service.startswith(p.INTERNAL_PREFIXES):
                 return False
             d = self.d
@@ -195,15 +194,14 @@ class BrokerCore(BrokerMachine):
             self._admit(peer, w, rid, service, budget_ms, (), trace, payload, now, out)
             return True
         if cmd == p.CMD_RESULT:
-            f = p.plain_result(head)
-            if f is None:
+            ticket, rstatus = p.plain_result(head)
+            if rstatus < 0:
                 return False
             d = self.d
             d.now = now
             w = d.members.get(peer)
             if w is not None:
                 w.seen = now
-            ticket, rstatus = f
             if rstatus in (p.RS_OK, p.RS_FAILED):
                 status = p.ST_OK if rstatus == p.RS_OK else p.ST_FAILED
                 self._settle(peer, w, ticket, status, "", payload, False, now, out)
