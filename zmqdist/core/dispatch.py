@@ -350,7 +350,7 @@ class Dispatcher:
             self.push_deadline(req)
 
     def push_deadline(self, req: Req) -> None:
-        """Watch ``req``'s deadline (queued or forwarded up); sweep out dead ones once the heap doubled."""
+        """Watch ``req``'s deadline (queued or forwarded up); sweep out dead entries once they doubled."""
         dl = self.deadlines
         dl.push(req)
         if len(dl) > 2 * dl.swept + 1024:  # (not the queue: a proxy's forwarded ones live here too)
