@@ -463,6 +463,19 @@ class Keys:
         return [(c, rid) for c, rids in self.by_origin.items() if c in origins for rid in rids]
 
 
+def _taken(items: list[Any], head: int) -> int:
+    """``items`` before ``head`` have been taken (a list used from the index of its head on, as
+    :class:`Queue` and :class:`Deadlines` use theirs): the new head, once the front is cut off when
+    it is at least half the list, or the whole list cleared when nothing is left."""
+    if head == len(items):
+        items.clear()
+        return 0
+    if head >= 64 and 2 * head >= len(items):
+        del items[:head]
+        return 0
+    return head
+
+
 def _waits(reqs: dict[int, Req], req: Req) -> bool:
     """``req`` is still in the table, queued or forwarded: its deadline still matters."""
     return reqs.get(req.ticket) is req and req.state in (QUEUED, FORWARDED)
@@ -510,16 +523,10 @@ class Deadlines:
             self._take(head)
 
     def _take(self, head: int) -> None:
-        """The list's entries before ``head`` are gone: cut them off once they are half of it."""
-        fifo = self._fifo
-        if head == len(fifo):
-            fifo.clear()
-            head = 0
+        """The list's entries before ``head`` are gone."""
+        self._head = _taken(self._fifo, head)
+        if not self._fifo:
             self._last = -1.0
-        elif head >= 64 and 2 * head >= len(fifo):
-            del fifo[:head]
-            head = 0
-        self._head = head
 
     def first(self) -> float | None:
         """The earliest deadline, or None."""
@@ -548,7 +555,7 @@ class Deadlines:
         self._fifo = [r for r in self._fifo[self._head :] if _waits(reqs, r)]
         self._head = 0
         self._last = self._fifo[-1].deadline if self._fifo else -1.0
-        self._heap = [e for e in self._heap if (r := reqs.get(e[1])) is not None and _waits(reqs, r)]
+        self._heap = [e for e in self._heap if (r := reqs.get(e[1])) is not None and r.state in (QUEUED, FORWARDED)]
         heapify(self._heap)
         self.swept = len(self)
         self.sweeps += 1
@@ -597,14 +604,7 @@ class Queue:
         if head >= len(items):
             raise IndexError("the queue is empty")
         ticket = items[head]
-        head += 1
-        if head == len(items):
-            items.clear()
-            head = 0
-        elif head >= 64 and 2 * head >= len(items):
-            del items[:head]
-            head = 0
-        self._head = head
+        self._head = _taken(items, head + 1)
         return ticket
 
     def pop(self) -> p.Boxed:
@@ -612,9 +612,7 @@ class Queue:
         if self._head >= len(self._items):
             raise IndexError("the queue is empty")
         ticket = self._items.pop()
-        if self._head == len(self._items):
-            self._items.clear()
-            self._head = 0
+        self._head = _taken(self._items, self._head)
         return ticket
 
     def appendleft(self, ticket: p.Boxed) -> None:
