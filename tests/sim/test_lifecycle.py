@@ -52,7 +52,7 @@ def test_a_request_cancelled_while_queued_never_runs_and_frees_its_quota_at_once
     sim.run_for(5)
     assert key_of(c, b) not in w.executed and b not in c.completed  # it never ran; no outcome but the cancel
     assert [x.status for x in c.completed[a]] == [p.ST_OK]
-    assert sim.broker.open_requests == 0 and sim.broker.d.open_by_client == {}
+    assert sim.broker.open_requests == 0 and sim.broker.d.callers == {}
 
 
 def test_a_running_request_cancelled_stops_its_handler_and_its_slot_frees_when_the_handler_stops():
@@ -152,7 +152,7 @@ def test_a_dead_clients_requests_stop_at_the_ttl_and_a_live_callers_request_runs
     assert d.completed_at[other] < t_kill + 1.0 + 2 * 0.5 + 0.1
     st = sim.broker.status(sim.clock.now())["counters"]
     assert st["abandoned"] == len(mine) - (len(ran) - 1) and st["cancelled"] == 0
-    assert sim.broker.open_requests == 0 and sim.broker.d.open_by_client == {}
+    assert sim.broker.open_requests == 0 and sim.broker.d.callers == {}
 
 
 def test_a_client_frozen_past_the_ttl_is_told_to_send_again_and_every_request_ends_right_once():
@@ -186,7 +186,7 @@ def test_a_silent_joiner_leaves_the_run_which_goes_on_for_its_first_caller_and_t
         assert w.aborted == [] and w.executed == ["order-42"]  # one run, never stopped
         assert [x.status for x in live.completed[rid]] == [p.ST_OK]
         assert sim.broker.status(sim.clock.now())["counters"]["abandoned"] == 1
-        assert sim.broker.open_requests == 0 and sim.broker.d.open_by_client == {}
+        assert sim.broker.open_requests == 0 and sim.broker.d.callers == {}
 
 
 def test_a_dead_clients_requests_a_proxy_sent_up_are_stopped_at_the_master():
@@ -295,7 +295,7 @@ def test_requests_with_the_same_key_join_one_run_and_each_caller_gets_the_reply(
     c.cancel(a)
     sim.run_for(2)
     assert w.aborted == [] and [x.status for x in d.completed[b]] == [p.ST_OK]
-    assert sim.broker.open_requests == 0 and sim.broker.d.open_by_client == {}
+    assert sim.broker.open_requests == 0 and sim.broker.d.callers == {}
 
 
 def test_without_join_same_key_the_same_key_runs_twice_and_every_attempt_sees_the_callers_key():

@@ -23,6 +23,12 @@ from zmqdist.testing import Simulation, assert_each_ended_once
 REGION = ("pa", "pb", "m")
 
 
+def _open_of(d, client):
+    """``client``'s quota count at dispatcher ``d`` (0 when it has nothing open there)."""
+    rec = d.callers.get(client)
+    return 0 if rec is None else rec.open
+
+
 def region(seed=0):
     sim = Simulation(seed=seed)
     sim.add_broker("m")
@@ -222,7 +228,7 @@ def test_a_client_over_its_quota_fails_over_with_its_pair_and_every_request_ends
         counts = []  # b's count of the client's open requests: its copies count once sent again
         for _ in range(100):
             sim.run_for(0.05)
-            counts.append(sim.brokers["b"].core.inner.d.open_by_client.get(c.ident, 0))
+            counts.append(_open_of(sim.brokers["b"].core.inner.d, c.ident))
         assert max(counts) == 100 and counts[-1] == 0
         sim.run_for(35)
         assert_each_ended_once(c, 3000, p.ST_OK)
@@ -278,7 +284,7 @@ def test_copies_a_new_active_broker_restored_count_in_no_quota_until_their_clien
     b = sim.brokers["b"].core
     assert b.counters.busy == 0 and b.counters.over_quota == 0
     d = b.inner.d
-    assert len(w.executed) == 24 and b.open_requests == 0 and d.open_by_client == {} and d.unclaimed == set()
+    assert len(w.executed) == 24 and b.open_requests == 0 and d.callers == {} and d.unclaimed == set()
 
 
 def test_a_caller_that_joined_a_proxys_request_at_the_master_waits_for_its_run_when_its_worker_dies():
@@ -519,6 +525,6 @@ def test_property_the_lifecycle_across_a_proxy_pair_and_its_master_under_faults(
     for b in sim.brokers.values():
         assert b.core.open_requests == 0, (b.name, b.core.status(sim.clock.now())["counters"])
         d = getattr(b.core, "inner", b.core).d
-        assert d.open_by_client == {} and d.unclaimed == set(), (b.name, d.open_by_client, d.unclaimed)
+        assert d.callers == {} and d.unclaimed == set(), (b.name, d.callers, d.unclaimed)
     for w in sim.workers.values():
         assert not w.alive or (w.runs == {} and w.core.inflight == {}), (w.core.name, w.runs, w.core.inflight)

@@ -530,7 +530,7 @@ def test_a_client_is_taken_for_gone_only_by_its_own_silence_never_by_the_brokers
     out += run(core, 0.55, 1.55, send=[b"R"])  # H is silent from 0.5: past the ttl at 1.55
     assert [(peer, m) for peer, m in out if type(m) is p.Cancel] == [(b"A", p.Cancel(1))]  # H's run
     assert core.counters.abandoned == 2 and core.counters.cancelled == 0
-    assert set(core.d.open_by_client) == {b"R", b"M"}  # R keeps sending, M is not judged
+    assert set(core.d.callers) == {b"R", b"M"}  # R keeps sending, M is not judged
     assert not replies(out) or all(m.status == p.ST_BUSY for m in replies(out))  # nothing told to H
     (back,) = core.receive(b"H", p.Heartbeat(p.ROLE_CLIENT, "", 0, ()), 1.6)
     assert back == (b"H", p.Reconnect(GONE_SILENT))  # it sends again what it still waits for
@@ -557,7 +557,8 @@ def frames(msg):
 
 def state(core):
     """What a refused fast-path attempt must leave untouched."""
-    return core.counters.as_dict(), core.open_requests, core.queued, dict(core.d.open_by_client), core.d.next_ticket
+    opened = {c: r.open for c, r in core.d.callers.items()}
+    return core.counters.as_dict(), core.open_requests, core.queued, opened, core.d.next_ticket
 
 
 def test_fast_path_takes_a_plain_request_and_dispatches_it_like_the_general_path():
@@ -899,7 +900,7 @@ def test_request_keys_are_per_caller_absorb_duplicates_and_leave_nothing_when_an
     for _, task in sent:
         core.receive(b"W", p.Result(task.ticket, p.RS_OK, b"r"), 0.1)
     d = core.d
-    assert d.keys.by_origin == {} and d.open_by_client == {} and not core.holds(b"C", 1)
+    assert d.keys.by_origin == {} and d.callers == {} and not core.holds(b"C", 1)
     d.keys.put(b"C", 7, 10)
     d.keys.put(b"C", 7, 11)  # the id names another request now
     d.keys.drop(b"C", 7, 10)

@@ -59,7 +59,8 @@ def picture(core):
     d = core.d
     held = {w.ident: dict(w.inflight) for w in d.members.values()}
     queues = {name: list(pool.queue) for name, pool in d.pools.items()}
-    return core.counters.as_dict(), held, queues, core.open_requests, core.queued, dict(d.open_by_client)
+    opened = {c: r.open for c, r in d.callers.items()}
+    return core.counters.as_dict(), held, queues, core.open_requests, core.queued, opened
 
 
 # Ten times the profile's count (400 in the suite): a head past its deadline is a rare case to reach.

@@ -32,6 +32,7 @@ from zmqdist.core.records import (
     FORWARDED,
     NONE,
     BrokerMember,
+    Caller,
     Copy,
     Counters,
     Member,
@@ -106,7 +107,6 @@ class BrokerCore(BrokerMachine):
         self.d = d = Dispatcher(settings, self.counters, now, first_ticket)
         d.ops = ops
         self.life = life = Lifecycle(d)
-        self._last_in = life.last_in
         self.replica = Replica(d)
         self.tiers = tiers = Tiers(settings, d, life, self.counters, now, rng, serving)
         d.overflow = tiers
@@ -290,7 +290,7 @@ class BrokerCore(BrokerMachine):
         what is kept of it now rather than 10 ttls on (with many short-lived clients, the table
         stayed full of closed ones). One with a request still open stays until the forgetting
         after it ends (rule 4 of core/lifecycle.py stops it once the client is silent)."""
-        if peer in self.d.open_by_client or peer not in self._clients:
+        if peer in self.d.callers or peer not in self._clients:
             return
         del self._clients[peer]
         self.batching.pop(peer, None)
@@ -307,7 +307,7 @@ class BrokerCore(BrokerMachine):
         which is slower, never wrong."""
         self._clients_pruned = now
         d = self.d
-        since, ttl, held, members = d.pauses.since, self._ttl, d.open_by_client, d.members
+        since, ttl, held, members = d.pauses.since, self._ttl, d.callers, d.members
         kept: dict[bytes, float] = {}
         for c, t in self._clients.items():
             if now - since(t) <= ttl or c in held:
@@ -358,8 +358,11 @@ class BrokerCore(BrokerMachine):
             # restored at a takeover and sent again by its caller: it counts now
             if d.unclaimed and (key := (peer, rid)) in d.unclaimed:
                 d.unclaimed.discard(key)
-                d.open_by_client[peer] = d.open_by_client.get(peer, 0) + 1
-                self._last_in[peer] = now
+                rec = d.callers.get(peer)
+                if rec is None:
+                    rec = d.callers[peer] = Caller(now)
+                rec.open += 1
+                rec.last_in = now
             req = d.reqs.get(held)
             if req is None or not req.window or req.state not in (ASSIGNED, FORWARDED):
                 return
@@ -378,8 +381,8 @@ class BrokerCore(BrokerMachine):
             c.invalid += 1
             out.append((peer, p.Reply(rid, p.ST_INVALID, f"request looped: it has passed {self.name} already", b"")))
             return
-        by_client = d.open_by_client
-        mine = by_client.get(peer, 0)
+        rec = d.callers.get(peer)
+        mine = 0 if rec is None else rec.open
         if mine >= self._max_inflight and not isinstance(w, BrokerMember):
             c.busy += 1
             c.over_quota += 1
@@ -394,8 +397,10 @@ class BrokerCore(BrokerMachine):
             )
             out.append((peer, p.Reply(rid, p.ST_BUSY, why, b"")))
             return
-        by_client[peer] = mine + 1
-        self._last_in[peer] = now  # a sign of life (lifecycle rule 4)
+        if rec is None:
+            rec = d.callers[peer] = Caller(now)
+        rec.open = mine + 1
+        rec.last_in = now  # a sign of life (lifecycle rule 4)
         deadline = p.deadline_at(now, budget_ms)
         if m is None or not (m.key or m.window or m.retry):
             d.accept(peer, w, rid, service, deadline, hops, trace, payload, now, out)

@@ -37,6 +37,7 @@ from zmqdist.core.records import (
     FORWARDED,
     QUEUED,
     BrokerMember,
+    Caller,
     Counters,
     Deadlines,
     Dest,
@@ -80,7 +81,7 @@ class Dispatcher:
         self.seq = 0
         self.queued = 0
         self.queued_bytes = 0
-        self.open_by_client: dict[Dest, int] = {}  # open requests per client (quota)
+        self.callers: dict[Dest, Caller] = {}  # callers with requests open: their quota counts
         self.unclaimed: set[tuple[Dest, int]] = set()  # restored at a takeover, not yet sent again: see restored
         self.changes = 0  # bumped whenever spare capacity may have changed
         self.deadlines = Deadlines(self.reqs)
@@ -751,11 +752,12 @@ class Dispatcher:
         if self.unclaimed and (key := (client, rid)) in self.unclaimed:  # (empty but after a takeover)
             self.unclaimed.discard(key)
             return
-        n = self.open_by_client.get(client, 0) - 1
-        if n > 0:
-            self.open_by_client[client] = n
-        else:
-            self.open_by_client.pop(client, None)
+        callers = self.callers
+        rec = callers.get(client)
+        if rec is not None:
+            rec.open -= 1
+            if rec.open <= 0:
+                del callers[client]
 
     def finish(self, req: Req, status: int, message: str, payload: bytes, out: list[Out], parts: int = 0) -> None:
         """End ``req``: forget it and append its one reply (to each caller that joined it too). A

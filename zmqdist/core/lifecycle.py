@@ -52,7 +52,6 @@ class Lifecycle(Watcher):
         self.by_caller: dict[tuple[str, str], int] = {}  # (service, caller key) -> ticket
         # When a caller may first have been silent past the ttl (rule 4): none heard before now is.
         self.callers_due = dispatcher.now + self.ttl + EPSILON
-        self.last_in: dict[Dest, float] = {}  # when a client's latest request was accepted: a sign of life
         self.left: dict[Dest, float] = {}  # clients whose requests rule 4 stopped -> their latest deadline
         dispatcher.watcher = self
 
@@ -224,7 +223,7 @@ class Lifecycle(Watcher):
         open (rule 4; ``clients``: when each client last said HELLO or HEARTBEAT)."""
         if self.delayed and self.delayed[0][0] <= now:
             self._release_delayed(now, out)
-        if now >= self.callers_due and (self.streams or self.d.open_by_client):
+        if now >= self.callers_due and (self.streams or self.d.callers):
             self._silent_callers(now, clients, out)
 
     def _release_delayed(self, now: float, out: list[Out]) -> None:
@@ -247,13 +246,13 @@ class Lifecycle(Watcher):
         members = d.members
         ttl = self.ttl
         since = d.pauses.since  # less the broker's own pauses (SIGSTOP, a stall): silence then proves nothing
-        last_in = self.last_in
+        callers = d.callers
         first = now  # the oldest sign of life of a caller still heard (one heard later is younger)
         gone: dict[bytes, float] = {}  # -> its last sign of life
-        for c in d.open_by_client:
+        for c, rec in callers.items():
             if type(c) is not bytes or c in members or (heard := clients.get(c)) is None:
                 continue  # a downstream broker (a member: its expiry), or not a client that beats
-            sign = since(max(heard, last_in.get(c, heard)))
+            sign = since(max(heard, rec.last_in))
             if now - sign > ttl:
                 gone[c] = sign
             elif sign < first:
@@ -265,7 +264,8 @@ class Lifecycle(Watcher):
             m = members.get(c)
             heard = m.seen if m is not None else clients.get(c)
             if heard is not None:
-                sign = since(max(heard, last_in.get(c, heard)))
+                r = callers.get(c)
+                sign = since(heard if r is None else max(heard, r.last_in))
                 if now - sign > ttl:
                     self.counters.cancelled += 1
                     self.cancel_run(req, now, out)
@@ -277,15 +277,13 @@ class Lifecycle(Watcher):
             for c, sign in gone.items():
                 why = f"client {c.hex()} silent for {now - sign:.2f}s: taken for gone, its open requests stopped"
                 out.append((LOG, Problem(f"{why} (it sends them again if it is back)", "gone")))
-        for c in [c for c in last_in if c not in d.open_by_client]:
-            del last_in[c]
         for c in [c for c, t in self.left.items() if t <= now]:
             del self.left[c]
 
     def next_deadline(self) -> float | None:
         """The end of the earliest retry's delay, or the next check of the callers' silence (rule 4)."""
         d: float | None = self.delayed[0][0] if self.delayed else None
-        if self.streams or self.d.open_by_client:
+        if self.streams or self.d.callers:
             check = self.callers_due
             d = check if d is None or check < d else d
         return d
