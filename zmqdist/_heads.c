@@ -88,6 +88,8 @@ static int put_len(buf *b, Py_ssize_t len, unsigned char fix, Py_ssize_t fix_max
 }
 
 /* 0 packed, 1 not a head's type (the caller packs with msgpack), -1 out of memory */
+static int pack_items(buf *b, PyObject *o, Py_ssize_t n, int depth);
+
 static int pack_one(buf *b, PyObject *o, int depth) {
     if (o == Py_None)
         return put1(b, 0xc0);
@@ -155,14 +157,18 @@ static int pack_one(buf *b, PyObject *o, int depth) {
     if (PyTuple_Check(o) || PyList_Check(o)) {
         if (depth >= MAX_DEPTH)
             return 1;
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-        int rc = put_len(b, n, 0x90, 15, 0, 0xdc, 0xdd);
-        /* (no conversion here runs Python code: a list cannot change while it is packed) */
-        for (Py_ssize_t i = 0; rc == 0 && i < n; i++)
-            rc = pack_one(b, PySequence_Fast_GET_ITEM(o, i), depth + 1);
-        return rc;
+        return pack_items(b, o, PySequence_Fast_GET_SIZE(o), depth);
     }
     return 1;
+}
+
+/* The first n items of tuple or list o, as a msgpack array of n. */
+static int pack_items(buf *b, PyObject *o, Py_ssize_t n, int depth) {
+    int rc = put_len(b, n, 0x90, 15, 0, 0xdc, 0xdd);
+    /* (no conversion here runs Python code: a list cannot change while it is packed) */
+    for (Py_ssize_t i = 0; rc == 0 && i < n; i++)
+        rc = pack_one(b, PySequence_Fast_GET_ITEM(o, i), depth + 1);
+    return rc;
 }
 
 /* A list of byte strings (a BATCH's frames), sized first and written once into the bytes object
@@ -209,14 +215,27 @@ static PyObject *pack_frames(PyObject *prefix, PyObject *list) {
     return out;
 }
 
-/* pack(prefix: bytes, fields: tuple | list) -> bytes | None (a list: a BATCH's frames) */
+/* pack(prefix: bytes, fields: tuple | list, n: int = -1) -> bytes | None (a list: a BATCH's
+ * frames). n >= 0: only the first n items of a tuple, as an array of n (a message's leading
+ * fields, without a tuple of them made and freed). */
 static PyObject *h_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 2 || !PyBytes_Check(args[0]) || !(PyTuple_Check(args[1]) || PyList_Check(args[1]))) {
-        PyErr_SetString(PyExc_TypeError, "pack(prefix: bytes, fields: tuple | list)");
+    if (nargs < 2 || nargs > 3 || !PyBytes_Check(args[0]) || !(PyTuple_Check(args[1]) || PyList_Check(args[1]))
+        || (nargs == 3 && !PyLong_Check(args[2]))) {
+        PyErr_SetString(PyExc_TypeError, "pack(prefix: bytes, fields: tuple | list, n: int = -1)");
         return NULL;
     }
-    if (PyList_Check(args[1])) {
+    Py_ssize_t count = -1;
+    if (nargs == 3) {
+        count = PyLong_AsSsize_t(args[2]);
+        if (count == -1 && PyErr_Occurred())
+            return NULL;
+        if (count < -1 || (count >= 0 && (!PyTuple_Check(args[1]) || count > PyTuple_GET_SIZE(args[1])))) {
+            PyErr_SetString(PyExc_ValueError, "pack: n is -1 (all) or 0 to len(fields) of a tuple");
+            return NULL;
+        }
+    }
+    if (count < 0 && PyList_Check(args[1])) {
         PyObject *frames = pack_frames(args[0], args[1]);
         if (frames != NULL || PyErr_Occurred())
             return frames;
@@ -228,7 +247,7 @@ static PyObject *h_pack(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     b.fixed = 0;
     int rc = put(&b, PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]));
     if (rc == 0)
-        rc = pack_one(&b, args[1], 0);
+        rc = count < 0 ? pack_one(&b, args[1], 0) : pack_items(&b, args[1], count, 0);
     PyObject *out = NULL;
     if (rc == 0)
         out = PyBytes_FromStringAndSize(b.p, b.n);
@@ -505,7 +524,7 @@ static PyObject *h_message(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyMethodDef methods[] = {
     {"pack", (PyCFunction)(void (*)(void))h_pack, METH_FASTCALL,
-     "pack(prefix, fields): prefix + msgpack of fields, or None for what only msgpack packs."},
+     "pack(prefix, fields, n=-1): prefix + msgpack of fields (n >= 0: of its first n), or None for what only msgpack packs."},
     {"fields", (PyCFunction)(void (*)(void))h_fields, METH_FASTCALL,
      "fields(data, start): the msgpack array at data[start:] as a tuple, or None for what only msgpack reads."},
     {"message", (PyCFunction)(void (*)(void))h_message, METH_FASTCALL,

@@ -86,6 +86,12 @@ MMI_PREFIX: Final = "mmi."  # Majordomo's service discovery namespace (RFC 8/MMI
 INTERNAL_PREFIXES: Final = (RESERVED_PREFIX, MMI_PREFIX)
 
 
+def internal(service: str) -> bool:
+    """``service`` is a broker's own (answered by brokers, never dispatched). Two calls rather than
+    ``startswith(INTERNAL_PREFIXES)``: compiled, that tuple is built anew at each call."""
+    return service.startswith(RESERVED_PREFIX) or service.startswith(MMI_PREFIX)
+
+
 class Hello(NamedTuple):
     """Peer -> broker: register (workers name services and capacity; clients send none)."""
 
@@ -745,7 +751,7 @@ def pack_batch(frames: list[bytes]) -> bytes:
     Packed by the head packer when there is one (msgpack.packb makes a Packer at every call)."""
     fast = _codec.pack
     if fast is not None:
-        packed = fast(b"", frames)
+        packed = fast(b"", frames, -1)
         if packed is not None:
             return packed
     slow: bytes = _packb(frames)
@@ -875,7 +881,7 @@ def _decode_general(head: bytes, payload: bytes) -> Message:
     return tuple.__new__(cls, fields)
 
 
-HeadPacker = Callable[[bytes, "tuple[Any, ...] | list[Any]"], "bytes | None"]
+HeadPacker = Callable[[bytes, "tuple[Any, ...] | list[Any]", int], "bytes | None"]
 HeadReader = Callable[[bytes, int], "tuple[Any, ...] | None"]
 Maker = Callable[[Any, tuple[Any, ...]], Any]
 KeyMaker = Callable[[bytes, int], str]
@@ -910,12 +916,13 @@ def message(cls: type[M], fields: tuple[Any, ...]) -> M:
 def use_head_codec(
     pack: HeadPacker | None, read: HeadReader | None, make: Maker | None, key: KeyMaker | None = None
 ) -> None:
-    """Pack heads with ``pack(prefix, fields)`` in Encoders made from now on, read the fields of
-    the heads of every request with ``read(head, 4)``, make messages with ``make(cls, fields)``
-    (as ``tuple.__new__``) and default keys with ``key(client, rid)`` (as :func:`default_key`).
-    ``pack`` and ``read`` return what msgpack would, or None to leave the head to msgpack:
-    zmqdist._heads, set by a compiled install, does each in one C call (docs/performance.md).
-    None: msgpack alone, ``tuple.__new__``, and Python's own hex and decimal."""
+    """Pack heads with ``pack(prefix, fields, n)`` (the first ``n`` of a tuple; -1: all) in
+    Encoders made from now on, read the fields of the heads of every request with ``read(head,
+    4)``, make messages with ``make(cls, fields)`` (as ``tuple.__new__``) and default keys with
+    ``key(client, rid)`` (as :func:`default_key`). ``pack`` and ``read`` return what msgpack
+    would, or None to leave the head to msgpack: zmqdist._heads, set by a compiled install, does
+    each in one C call (docs/performance.md). None: msgpack alone, ``tuple.__new__``, and
+    Python's own hex and decimal."""
     _codec.pack, _codec.read, _codec.key = pack, read, key
     _codec.make = tuple.__new__ if make is None else make
 
@@ -939,34 +946,38 @@ class Encoder:
         self._pack = msgpack.Packer().pack
         self._fast = _codec.pack
 
-    def _head(self, prefix: bytes, fields: tuple[Any, ...]) -> bytes:
+    def _head(self, prefix: bytes, fields: tuple[Any, ...], n: int) -> bytes:
+        """``prefix`` and the first ``n`` of ``fields`` packed (the head packer takes the count:
+        no tuple of them is made and freed)."""
         fast = self._fast
         if fast is not None:
-            head = fast(prefix, fields)
+            head = fast(prefix, fields, n)
             if head is not None:
                 return head
-        packed: bytes = self._pack(fields)
+        packed: bytes = self._pack(fields[:n] if n < len(fields) else fields)
         return prefix + packed
 
     def encode(self, msg: Message) -> tuple[bytes, bytes]:
         """Return the two frames of ``msg``. Raises :class:`LocalProtocolError` for a non-message."""
         cls = type(msg)
         fields: tuple[Any, ...] = msg  # a NamedTuple is a tuple: no copy
-        if cls is REPLY_CLS and not fields[4]:  # the commands of every request first
-            return self._head(_HEAD_REPLY, (fields[0], fields[1], fields[2])), fields[3]
+        # The commands of every request first: their heads are their leading fields (a field that
+        # would follow the payload's place is packed from a tuple made of them).
+        if cls is REPLY_CLS and not fields[4]:
+            return self._head(_HEAD_REPLY, fields, 3), fields[3]
         # Fields picked one by one: slicing and star-unpacking a tuple cost more in compiled code.
         if cls is TASK_CLS and not fields[9] and not fields[10]:
             f = fields
             if f[8]:
-                return self._head(_HEAD_TASK, (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[8])), f[7]
-            return self._head(_HEAD_TASK, (f[0], f[1], f[2], f[3], f[4], f[5], f[6])), f[7]
+                return self._head(_HEAD_TASK, (f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[8]), 8), f[7]
+            return self._head(_HEAD_TASK, f, 7), f[7]
         if cls is RESULT_CLS and not fields[3] and not fields[4]:
-            return self._head(_HEAD_RESULT, (fields[0], fields[1])), fields[2]
+            return self._head(_HEAD_RESULT, fields, 2), fields[2]
         if cls is REQUEST_CLS and not fields[6] and not fields[7] and not fields[8]:
             f = fields
             if f[5]:
-                return self._head(_HEAD_REQUEST, (f[0], f[1], f[2], f[3], f[5])), f[4]
-            return self._head(_HEAD_REQUEST, (f[0], f[1], f[2], f[3])), f[4]
+                return self._head(_HEAD_REQUEST, (f[0], f[1], f[2], f[3], f[5]), 5), f[4]
+            return self._head(_HEAD_REQUEST, f, 4), f[4]
         prefix = HEAD_PREFIX.get(cls)
         if prefix is None:
             raise LocalProtocolError(f"not a zmqdist message: {msg!r}")
@@ -982,7 +993,7 @@ class Encoder:
                 k -= 1  # trailing optional fields at their defaults are not sent
             if k:
                 head = (*head, *tail[:k])
-        return self._head(prefix, head), payload
+        return self._head(prefix, head, len(head)), payload
 
 
 # The defaults of the optional trailing fields, in order (decode fills in the ones not sent).

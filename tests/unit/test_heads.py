@@ -68,9 +68,36 @@ def test_what_it_does_not_pack_is_left_to_msgpack(fields):
         expected = PREFIX + msgpack.packb(fields)
     except Exception as exc:  # msgpack raises for some: the Encoder raises the same
         with pytest.raises(type(exc)):
-            p.Encoder()._head(PREFIX, fields)
+            p.Encoder()._head(PREFIX, fields, len(fields))
     else:
-        assert p.Encoder()._head(PREFIX, fields) == expected
+        assert p.Encoder()._head(PREFIX, fields, len(fields)) == expected
+
+
+@given(st.lists(LEAVES, max_size=20), st.data())
+def test_the_first_n_fields_pack_as_msgpack_packs_them(items, data):
+    """``pack(prefix, fields, n)``: the first n items of a tuple (a message's leading fields), the
+    same bytes as msgpack packs of the tuple cut there; -1 is the whole; with or without C."""
+    t = tuple(items)
+    n = data.draw(st.integers(min_value=0, max_value=len(t)))
+    assert pack(PREFIX, t, n) == PREFIX + msgpack.packb(t[:n])
+    assert pack(PREFIX, t, -1) == pack(PREFIX, t) == PREFIX + msgpack.packb(t)
+    with _codec(None, None):
+        assert p.Encoder()._head(PREFIX, t, n) == PREFIX + msgpack.packb(t[:n])
+
+
+def test_a_count_past_the_fields_or_for_a_list_is_refused():
+    with pytest.raises(ValueError):
+        pack(PREFIX, (1, 2), 3)
+    with pytest.raises(ValueError):
+        pack(PREFIX, (1, 2), -2)
+    with pytest.raises(ValueError):
+        pack(PREFIX, [b"a", b"b"], 1)  # a list is a BATCH's frames: packed whole
+    with pytest.raises(TypeError):
+        pack(PREFIX, (1, 2), "1")
+    with pytest.raises(TypeError):
+        pack(PREFIX, (1, 2), 1, 2)
+    with pytest.raises(OverflowError):
+        pack(PREFIX, (1, 2), 2**70)
 
 
 def test_bad_arguments_raise_type_error():

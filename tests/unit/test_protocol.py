@@ -398,3 +398,11 @@ def test_a_failure_cut_to_the_limit_keeps_its_type_the_messages_start_and_the_tr
     assert k == kind
     assert message.startswith(m.removesuffix(mark)) and (m == message or m.endswith(mark))
     assert tb.endswith(t.removeprefix(mark)) and (t == tb or t.startswith(mark))
+
+
+@pytest.mark.parametrize(
+    "service",
+    ["zmqdist.status", "mmi.service", "zmqdist.", "mmi.", "zmqdist", "mmi", "echo", "", "Zmqdist.x", "xmmi.x"],
+)
+def test_internal_is_what_the_internal_prefixes_say(service):
+    assert p.internal(service) is service.startswith(p.INTERNAL_PREFIXES)

@@ -183,7 +183,7 @@ class BrokerCore(BrokerMachine):
             rid, service, budget_ms, trace = p.plain_request(head)
             if not service:
                 return False
-            if service.startswith(p.INTERNAL_PREFIXES):
+            if p.internal(service):
                 return False
             d = self.d
             d.now = now
@@ -328,7 +328,7 @@ class BrokerCore(BrokerMachine):
     def _on_request(self, peer: bytes, w: Member | None, m: p.Request, now: float) -> list[Out]:
         self.counters.requests += 1
         out: list[Out] = []
-        if m.service.startswith(p.INTERNAL_PREFIXES):
+        if p.internal(m.service):
             self.services.answer(peer, 0, m.rid, m.service, m.budget_ms, m.hops, m.payload, now, out)
         else:
             self._admit(peer, w, m.rid, m.service, m.budget_ms, m.hops, m.trace, m.payload, now, out, m)

@@ -55,7 +55,7 @@ def refusal(roles: str, services: str, msg: p.Message) -> str | None:
         return f"{t.__name__} is not allowed to a key in the {'/'.join(have) or 'no'} allow-list"
     if isinstance(msg, p.Request) and "brokers" not in have:
         service = msg.service
-        if not service.startswith(p.INTERNAL_PREFIXES):
+        if not p.internal(service):
             return _services_refusal(services, (service,))
     return None
 

@@ -438,7 +438,7 @@ class Tiers(Overflow):
         if not up.registered:
             return  # from a registration we replaced: the upstream has requeued it
         up.seq_seen = max(up.seq_seen, m.seq)
-        if m.service.startswith(p.INTERNAL_PREFIXES):  # answered here, never dispatched
+        if p.internal(m.service):  # answered here, never dispatched
             if self.internal is not None:
                 self.internal(m, up.session, now, out)
             return
