@@ -1156,6 +1156,11 @@ class ValueCodec(Protocol):
 _Packer: Final = msgpack.Packer  # its defaults are packb's with use_bin_type=True
 
 
+# msgpack's bin 8 heads, by length: one is picked, not made (bytes((0xC4, n)) built a tuple and
+# two ints each time).
+_BIN8: Final[tuple[bytes, ...]] = tuple(bytes((0xC4, n)) for n in range(0x100))
+
+
 def pack_value(value: Any, codec: ValueCodec | None = None) -> bytes:
     """Return ``value`` as msgpack bytes (through ``codec`` if given). Raises :class:`TypeError`
     if it cannot be encoded."""
@@ -1164,7 +1169,7 @@ def pack_value(value: Any, codec: ValueCodec | None = None) -> bytes:
     if type(value) is bytes:  # msgpack's bin format, as the Packer writes it, without making one
         n = len(value)
         if n < 0x100:
-            return bytes((0xC4, n)) + value
+            return _BIN8[n] + value
         if n < 0x10000:
             return bytes((0xC5, n >> 8, n & 0xFF)) + value
         if n < 0x100000000:

@@ -155,13 +155,13 @@ class WorkerCore:
         self._drain_deadline: float | None = None
         self._unanswered = 0  # heartbeats sent this session and not yet answered (answers are FIFO)
         self._drain_wait = 0  # answers due until the drain heartbeat's own (<= 0: drain answered)
-        self.inflight: dict[int, int] = {}  # ticket -> session, current session only
+        self.inflight: dict[p.Boxed, int] = {}  # ticket -> session, current session only
         self.stale = 0  # tasks still running from earlier sessions
         self._told = concurrency  # the capacity the last HELLO said
         self._hellos = 0  # HELLOs said in this worker's life (numbered: rule 4)
         self._hello_at = now  # when the last one was said
         self._refused = False  # a task was refused since the last CREDIT: tell the next free slot
-        self.carry: dict[int, int] = {}  # ticket -> session: running tasks of a pair's earlier session
+        self.carry: dict[p.Boxed, int] = {}  # ticket -> session: running tasks of a pair's earlier session
         self.parked: list[p.Result] = []  # results of carried tasks finished while unregistered
         self._pair: tuple[str, ...] = ()  # the last broker's name and its pair peer's (if paired)
         # Results sent to a paired broker and not yet confirmed: (heartbeats sent before, result).
@@ -173,7 +173,7 @@ class WorkerCore:
         self.homing = Homing(rng)
         self._moving: int | None = None  # the home endpoint we quiet down for
         self._move_until = 0.0
-        self.runs: dict[int, _Run] = {}  # ticket -> its run, while its handler runs
+        self.runs: dict[p.Boxed, _Run] = {}  # ticket -> its run, while its handler runs
         self._deadlines: list[tuple[float, p.Boxed]] = []  # (deadline, ticket) of running tasks
         self._stopping: list[tuple[float, int, str]] = []  # (when to look, ticket, why) of stopped runs
         self._progress_due: float | None = None  # the earliest held-back progress report
@@ -377,7 +377,9 @@ class WorkerCore:
         after that long). Return the RESULT to send (if its session is still current)."""
         out: list[WorkerOut] = []
         result = self._result(ticket, session, ok, payload, retry_ms)
-        if self.carry.get(ticket) == session and self.inflight.get(ticket) != session:
+        held = self.inflight.get(ticket)
+        current = held is not None and held == session  # (compiled: two ints compared, none boxed)
+        if self.carry and not current and self.carry.get(ticket) == session:
             del self.carry[ticket]
             if not self.registered:
                 self.parked.append(result)  # for the next broker of the pair
@@ -389,7 +391,7 @@ class WorkerCore:
             if self.draining or self._moving is not None:
                 out += self._quiet(now)
             return out
-        if session != self.session or self.inflight.get(ticket) != session:
+        if session != self.session or not current:
             self.counters["void_results"] += 1
             if session != self.session and self.stale > 0:
                 self.stale -= 1
