@@ -424,15 +424,17 @@ class Worker:
 
         def apply(items: list[Any], now: float) -> None:
             for item in items:
-                kind = item[0]
+                fields: tuple[Any, ...] = item  # (compiled: indexed natively, not through Python)
+                kind: str = fields[0]
                 if kind == "done":
-                    self._handle(link, executors, core.task_done(item[1], item[2], item[3], item[4], now, item[5]))
+                    done = core.task_done(fields[1], fields[2], fields[3], fields[4], now, fields[5])
+                    self._handle(link, executors, done)
                 elif kind == "part":
-                    self._handle(link, executors, core.part(item[1], item[2], item[3], now))
+                    self._handle(link, executors, core.part(fields[1], fields[2], fields[3], now))
                 elif kind == "progress":
-                    self._handle(link, executors, core.progress(item[1], item[2], item[3], now))
+                    self._handle(link, executors, core.progress(fields[1], fields[2], fields[3], now))
                 elif kind == "drain":
-                    self._handle(link, executors, core.drain(now, item[1]))
+                    self._handle(link, executors, core.drain(now, fields[1]))
                 elif kind == "stop":
                     self._handle(link, executors, core.stop())
 
