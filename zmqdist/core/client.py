@@ -40,7 +40,7 @@ from typing import Any, Final, NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
-from zmqdist.core.heaps import heappop, heappush
+from zmqdist.core.heaps import Due, heappop, heappush
 from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem
 
 DEFAULT_QUOTA: Final = 2500  # open requests at a broker that did not say its quota (a broker's default)
@@ -151,7 +151,7 @@ class ClientCore:
         self.name = name
         self.batch = p.MAX_BATCH  # BATCH frames this client reads (said in HELLO; 0: none)
         self.link = BrokerLink(endpoints, hb, now)
-        self.pending: dict[int, _Pending] = {}
+        self.pending: dict[p.Boxed, _Pending] = {}
         self.waiting: deque[p.Boxed] = deque()  # submitted, not sent yet (pacing, or a move home)
         self.sent = 0  # requests at the broker now
         # Until the first WELCOME says the broker's quota, one request may go ahead of it (every
@@ -164,7 +164,7 @@ class ClientCore:
         self.homing = Homing(rng)
         self._moving: int | None = None  # the home endpoint we are moving to once nothing is in flight
         self._move_until = 0.0
-        self._deadlines: list[tuple[float, p.Boxed]] = []
+        self._deadlines = Due(self.pending, 1024)  # of pending requests, by id
         self._again: list[tuple[float, int]] = []  # (when, rid): Busy requests to send again
         self._rng = rng
         self.counters = {
@@ -215,10 +215,7 @@ class ClientCore:
         pend = self.pending[rid] = _Pending(
             service, payload, deadline, budget_margin(timeout_s), trace, now, options, busy
         )
-        heappush(self._deadlines, (deadline, rid))
-        if len(self._deadlines) > 2 * len(self.pending) + 1024:
-            self._deadlines = [(d, r) for d, r in self._deadlines if r in self.pending]
-            self._deadlines.sort()
+        self._deadlines.push(deadline, rid)
         # Before a broker's WELCOME has said its quota and limit: one small request at most.
         fits = self.registered or (not self.sent and len(payload) <= EARLY_BYTES)
         if self.sent < self.quota and self._moving is None and not self.waiting and fits:
@@ -385,8 +382,10 @@ class ClientCore:
         """Time out pending requests, heartbeat, fail over from a silent broker, look home."""
         out: list[ClientOut] = []
         dl = self._deadlines
-        while dl and dl[0][0] <= now:
-            _, rid = heappop(dl)
+        while True:
+            rid: p.Boxed | None = dl.pop_due(now)
+            if rid is None:
+                break
             pend = self.pending.get(rid)
             if pend is not None and pend.deadline <= now:
                 del self.pending[rid]
@@ -473,8 +472,9 @@ class ClientCore:
     def next_deadline(self) -> float | None:
         """Return when ``tick`` has something to do next."""
         d = self.link.next_deadline()
-        if self._deadlines:
-            d = min(d, self._deadlines[0][0])
+        due = self._deadlines.first()
+        if due is not None:
+            d = min(d, due)
         h = self.homing.next_deadline(self.link) if self._moving is None else self._move_until
         if h is not None:
             d = min(d, h)

@@ -48,7 +48,7 @@ from typing import Any, Final, NamedTuple
 
 from zmqdist import protocol as p
 from zmqdist.config import HeartbeatSettings
-from zmqdist.core.heaps import heapify, heappop, heappush
+from zmqdist.core.heaps import Due, heappop, heappush
 from zmqdist.core.link import BrokerLink, Connect, EndProbe, Homing, Probe, Problem, Stopped
 
 MOVE_WAIT_S: Final = 10.0  # longest quiet-down before moving home (else stay and look again later)
@@ -174,7 +174,7 @@ class WorkerCore:
         self._moving: int | None = None  # the home endpoint we quiet down for
         self._move_until = 0.0
         self.runs: dict[p.Boxed, _Run] = {}  # ticket -> its run, while its handler runs
-        self._deadlines: list[tuple[float, p.Boxed]] = []  # (deadline, ticket) of running tasks
+        self._deadlines = Due(self.runs, 64)  # of running tasks, by ticket
         self._stopping: list[tuple[float, int, str]] = []  # (when to look, ticket, why) of stopped runs
         self._progress_due: float | None = None  # the earliest held-back progress report
         self._abandoned: list[int] = []  # tasks of a void session (not carried): to stop
@@ -462,8 +462,10 @@ class WorkerCore:
             return []
         out: list[WorkerOut] = []
         dl = self._deadlines
-        while dl and dl[0][0] <= now:
-            _, ticket = heappop(dl)
+        while True:
+            ticket: p.Boxed | None = dl.pop_due(now)
+            if ticket is None:
+                break
             run = self.runs.get(ticket)
             if run is not None and run.deadline <= now:
                 out += self._abort(ticket, "its deadline passed", now)
@@ -515,8 +517,9 @@ class WorkerCore:
         d = self.link.next_deadline()
         if self._drain_deadline is not None:
             d = min(d, self._drain_deadline)
-        if self._deadlines:
-            d = min(d, self._deadlines[0][0])
+        due = self._deadlines.first()
+        if due is not None:
+            d = min(d, due)
         if self._stopping:
             d = min(d, self._stopping[0][0])
         if self._progress_due is not None:
@@ -592,10 +595,7 @@ class WorkerCore:
         self.inflight[ticket] = session
         deadline = p.deadline_at(now, m.budget_ms)
         self.runs[ticket] = _Run(session, deadline, m.window, m.service)
-        heappush(self._deadlines, (deadline, ticket))
-        if len(self._deadlines) > 2 * len(self.runs) + 64:
-            self._deadlines = [(d, t) for d, t in self._deadlines if t in self.runs]
-            heapify(self._deadlines)
+        self._deadlines.push(deadline, ticket)
         run = (ticket, session, m.service, m.payload, m.key, m.attempt, deadline, m.trace, m.window, m.retry)
         return [p.message(EXECUTE_CLS, run)]  # not Execute(...): see protocol.message
 
