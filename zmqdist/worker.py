@@ -286,10 +286,14 @@ class Worker:
         if self.error is not None:
             raise self.error
 
-    def stop(self, drain: bool = True, timeout: SupportsFloat = 30.0) -> None:
-        """Stop taking work; with ``drain`` finish what is in flight first (at most ``timeout`` s),
-        and wait for that. Called from one of this worker's own handlers, it returns at once (the
-        drain waits for that handler too: waiting for the drain there would wait for itself)."""
+    def stop(self, drain: object = True, timeout: SupportsFloat = 30.0) -> None:
+        """Stop taking work; with ``drain`` (True or False) finish what is in flight first (at most
+        ``timeout`` s), and wait for that. Called from one of this worker's own handlers, it
+        returns at once (the drain waits for that handler too: waiting for the drain there would
+        wait for itself). ``drain`` is typed ``object`` and checked here: compiled, a ``bool``
+        parameter refused anything else with a bare TypeError, and pure Python took ``"no"`` as
+        true."""
+        drain = check_flag(drain, "stop's drain")
         timeout = check_seconds(timeout, "stop's timeout")
         self._stop_asked = True
         self._mailbox.post(("drain", timeout) if drain else ("stop",))  # (a start racing this stops too)

@@ -161,6 +161,9 @@ def test_endpoints_waits_and_codecs_of_a_wrong_type_are_config_errors():
     w = Worker(EP)
     with pytest.raises(ConfigError, match="stop's timeout"):
         w.stop(timeout="x")
+    for bad in ("no", 0, None, WRONG):  # not taken for true or false, compiled or not
+        with pytest.raises(ConfigError, match="stop's drain must be True or False"):
+            w.stop(bad)
     with pytest.raises(ConfigError, match="wait's timeout"):
         w.wait("x")
     assert w.wait(0) is False
