@@ -17,6 +17,20 @@ heappush: Final = heapq.heappush
 heapreplace: Final = heapq.heapreplace
 
 
+def taken(items: list[Any], head: int) -> int:
+    """``items`` before ``head`` have been taken (a list used from the index of its head on, as
+    :class:`Due`, ``records.Queue`` and ``records.Deadlines`` use theirs): the new head, once the
+    front is cut off when it is at least half the list, or the whole list cleared when nothing is
+    left."""
+    if head == len(items):
+        items.clear()
+        return 0
+    if head >= 64 and 2 * head >= len(items):
+        del items[:head]
+        return 0
+    return head
+
+
 class Due:
     """When each entry of ``live`` (a table by key: a worker's runs, a client's pending requests)
     is due, earliest first. Most entries come with their deadlines in order (one timeout for
@@ -60,18 +74,15 @@ class Due:
             self.sweep()
 
     def _take(self, head: int) -> None:
-        """The lists' entries before ``head`` are gone: cut off once they are half the lists."""
-        keys = self._keys
-        if head == len(keys):
-            keys.clear()
-            self._when.clear()
-            self._last = float("-inf")
-            head = 0
-        elif head * 2 >= len(keys):
-            del keys[:head]
-            del self._when[:head]
-            head = 0
-        self._head = head
+        """The lists' entries before ``head`` are gone (cut off as :func:`taken` says)."""
+        new = taken(self._keys, head)
+        if new != head:  # the keys' front was cut off, or the list cleared: the deadlines' too
+            if self._keys:
+                del self._when[:head]
+            else:
+                self._when.clear()
+                self._last = float("-inf")
+        self._head = new
 
     def first(self) -> float | None:
         """The earliest deadline, or None."""

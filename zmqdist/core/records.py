@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Final
 
 from zmqdist import protocol as p
-from zmqdist.core.heaps import heapify, heappop, heappush
+from zmqdist.core.heaps import heapify, heappop, heappush, taken
 from zmqdist.core.link import Connect, Problem
 
 # Module constants are Final: compiled code inlines a Final literal and keeps any other Final in a
@@ -475,19 +475,6 @@ class Keys:
         return [(c, rid) for c, rids in self.by_origin.items() if c in origins for rid in rids]
 
 
-def _taken(items: list[Any], head: int) -> int:
-    """``items`` before ``head`` have been taken (a list used from the index of its head on, as
-    :class:`Queue` and :class:`Deadlines` use theirs): the new head, once the front is cut off when
-    it is at least half the list, or the whole list cleared when nothing is left."""
-    if head == len(items):
-        items.clear()
-        return 0
-    if head >= 64 and 2 * head >= len(items):
-        del items[:head]
-        return 0
-    return head
-
-
 def _waits(reqs: dict[int, Req], req: Req) -> bool:
     """``req`` is still in the table, queued or forwarded: its deadline still matters."""
     return reqs.get(req.ticket) is req and req.state in (QUEUED, FORWARDED)
@@ -536,7 +523,7 @@ class Deadlines:
 
     def _take(self, head: int) -> None:
         """The list's entries before ``head`` are gone."""
-        self._head = _taken(self._fifo, head)
+        self._head = taken(self._fifo, head)
         if not self._fifo:
             self._last = -1.0
 
@@ -616,7 +603,7 @@ class Queue:
         if head >= len(items):
             raise IndexError("the queue is empty")
         ticket = items[head]
-        self._head = _taken(items, head + 1)
+        self._head = taken(items, head + 1)
         return ticket
 
     def pop(self) -> p.Boxed:
@@ -624,7 +611,7 @@ class Queue:
         if self._head >= len(self._items):
             raise IndexError("the queue is empty")
         ticket = self._items.pop()
-        self._head = _taken(self._items, self._head)
+        self._head = taken(self._items, self._head)
         return ticket
 
     def appendleft(self, ticket: p.Boxed) -> None:
